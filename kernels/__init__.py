@@ -1,0 +1,18 @@
+"""selfpo kernels: fused sequence log-likelihoods (policy + reference) and pair losses.
+
+    from kernels import sequence_logps, pair_loss, causal_lm_logps
+"""
+
+from .losses import KINDS, pair_loss, pair_margin
+from .ops import causal_lm_logps, decoder_hidden_states, lm_head_config, resolve_impl, sequence_logps
+
+__all__ = [
+    "KINDS",
+    "causal_lm_logps",
+    "decoder_hidden_states",
+    "lm_head_config",
+    "pair_loss",
+    "pair_margin",
+    "resolve_impl",
+    "sequence_logps",
+]

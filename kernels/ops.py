@@ -1,0 +1,214 @@
+"""Public entry points: sequence log-likelihoods from hidden states, and from a transformers LM."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .logps import HAVE_TRITON, triton_token_logps
+from .torch_ref import chunked_token_logps
+
+IMPLS = ("auto", "triton", "torch")
+REDUCTIONS = ("sum", "mean", "none")
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """'auto' -> KERNELS_IMPL if set, else 'triton' on CUDA with Triton installed, else 'torch'."""
+    if impl not in IMPLS:
+        raise ValueError(f"sequence_logps: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = os.environ.get("KERNELS_IMPL", "auto")
+        if impl not in IMPLS:
+            raise ValueError(f"environment variable KERNELS_IMPL must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "triton" if (device.type == "cuda" and HAVE_TRITON) else "torch"
+    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(f"impl='triton' needs CUDA tensors (got {device.type}); use impl='torch' on CPU, "
+                         "or set TRITON_INTERPRET=1 to run the Triton kernels in the interpreter")
+    return impl
+
+
+def _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, reduction):
+    if hidden.dim() != 3:
+        raise ValueError(f"sequence_logps: 'hidden' must be [B, T, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"sequence_logps: 'weight' must be [V, H={hidden.shape[2]}], got shape {tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:2]:
+        raise ValueError(f"sequence_logps: 'labels' must be [B, T]={tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"sequence_logps: 'labels' must be an integer tensor, got {labels.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"sequence_logps: 'hidden' ({hidden.dtype}) and 'weight' ({weight.dtype}) must share a dtype")
+    if (ref_hidden is None) != (ref_weight is None):
+        raise ValueError("sequence_logps: pass both 'ref_hidden' and 'ref_weight', or neither")
+    if ref_hidden is not None:
+        if ref_hidden.shape[:2] != hidden.shape[:2]:
+            raise ValueError(f"sequence_logps: 'ref_hidden' must be [B, T, H'] with B, T = {tuple(hidden.shape[:2])}, "
+                             f"got {tuple(ref_hidden.shape)}")
+        if ref_weight.shape != (weight.shape[0], ref_hidden.shape[2]):
+            raise ValueError(f"sequence_logps: 'ref_weight' must be [V={weight.shape[0]}, {ref_hidden.shape[2]}], "
+                             f"got {tuple(ref_weight.shape)}")
+        if ref_hidden.dtype != ref_weight.dtype:
+            raise ValueError("sequence_logps: 'ref_hidden' and 'ref_weight' must share a dtype")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"sequence_logps: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _reduce(token_logps, scored, batch, length, reduction):
+    per_token = token_logps.new_zeros(batch * length).index_put((scored,), token_logps).view(batch, length)
+    if reduction == "none":
+        return per_token
+    total = per_token.sum(dim=1)
+    if reduction == "sum":
+        return total
+    counts = torch.zeros(batch * length, dtype=torch.float32, device=scored.device)
+    counts[scored] = 1.0
+    return total / counts.view(batch, length).sum(dim=1).clamp(min=1.0)
+
+
+def sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    reduction: str = "sum",
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sequence log-likelihoods of `labels` under `softcap(hidden @ weight^T) / temperature`.
+
+    hidden [B, T, H] (policy final hidden states, may require grad), weight [V, H] (may require
+    grad), labels [B, T] aligned so that labels[b, t] is predicted from hidden[b, t]; positions
+    equal to `ignore_index` are not scored. The optional reference (ref_hidden, ref_weight) is
+    scored in the same pass and never receives gradients.
+
+    reduction: "sum" -> [B]; "mean" -> [B] divided by the number of scored tokens (0 where none);
+    "none" -> [B, T] with 0 at ignored positions. Returns fp32 (policy, reference or None).
+    """
+    _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, reduction)
+    impl = resolve_impl(impl, hidden.device)
+    batch, length, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    flat_labels = labels.reshape(-1).long()
+    scored = (flat_labels != ignore_index).nonzero().squeeze(1)
+    targets = flat_labels.index_select(0, scored)
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        bad = targets[(targets < 0) | (targets >= vocab)][0].item()
+        raise ValueError(f"sequence_logps: label {bad} is outside the vocabulary [0, {vocab}) "
+                         f"and is not ignore_index={ignore_index}")
+    # Compact the scored rows first: ignored tokens (prompt, padding) cost nothing below.
+    rows = hidden.reshape(-1, hidden_size).index_select(0, scored)
+    ref_rows = None
+    if ref_hidden is not None:
+        ref_rows = ref_hidden.detach().reshape(-1, ref_hidden.shape[2]).index_select(0, scored)
+        ref_weight = ref_weight.detach()
+
+    if impl == "triton":
+        token_logps, ref_token_logps = triton_token_logps(rows, weight, targets, ref_rows, ref_weight, temperature, softcap)
+    else:
+        token_logps = chunked_token_logps(rows, weight, targets, temperature, softcap)
+        ref_token_logps = None
+        if ref_rows is not None:
+            with torch.no_grad():
+                ref_token_logps = chunked_token_logps(ref_rows, ref_weight, targets, temperature, softcap)
+
+    policy = _reduce(token_logps, scored, batch, length, reduction)
+    ref = None if ref_token_logps is None else _reduce(ref_token_logps, scored, batch, length, reduction)
+    return policy, ref
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers causal LMs: run the decoder body, then score with the output embedding.
+
+
+def lm_head_config(model) -> dict:
+    """Output embedding weight/bias and the logit transform a transformers causal LM applies.
+
+    Handles tied embeddings (the shared weight is returned), `final_logit_softcapping`
+    (Gemma-2/3), `logit_scale` (Cohere: logits * scale) and `logits_scaling` (Granite:
+    logits / scale). Raises for models whose output head is not a plain linear layer.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        raise NotImplementedError(
+            f"causal_lm_logps: {type(model).__name__} has no plain nn.Linear output embedding "
+            f"(got {type(head).__name__}); score it with model(...).logits instead")
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = 1.0
+    if getattr(text_config, "logit_scale", None) is not None:
+        scale *= float(text_config.logit_scale)
+    if getattr(text_config, "logits_scaling", None) is not None:
+        scale /= float(text_config.logits_scaling)
+    if softcap is not None and scale != 1.0:
+        raise NotImplementedError(f"causal_lm_logps: {type(model).__name__} combines logit scaling with "
+                                  "soft-capping; this combination is not supported")
+    return {"weight": head.weight, "bias": head.bias, "softcap": softcap, "scale": scale}
+
+
+def decoder_hidden_states(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
+    """Final hidden states (after the final norm) from the model's decoder body."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if body is None or body is model:
+        body = getattr(model, model.base_model_prefix, None)
+    if body is None or body is model:
+        raise NotImplementedError(f"causal_lm_logps: cannot find the decoder body of {type(model).__name__}")
+    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def causal_lm_logps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    ref_model=None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "sum",
+    impl: str = "auto",
+    ref_hidden: torch.Tensor | None = None,
+    **forward_kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sequence log-likelihoods of a causal LM (and its reference) without materialising logits.
+
+    `labels` are unshifted, as for `model(..., labels=labels)`: labels[:, t] is the token at t,
+    -100 where not scored; the causal shift is applied here. The reference model, when given,
+    runs its decoder under no_grad and is scored in the same kernel call. `ref_hidden` may pass
+    precomputed reference hidden states instead (already [B, T-1, H]).
+    """
+    head = lm_head_config(model)
+    hidden = decoder_hidden_states(model, input_ids, attention_mask, **forward_kwargs)[:, :-1]
+    shifted = labels[:, 1:]
+    weight = head["weight"]
+    ref_weight = None
+    if ref_model is not None:
+        ref_head = lm_head_config(ref_model)
+        if (ref_head["softcap"], ref_head["scale"]) != (head["softcap"], head["scale"]):
+            raise ValueError("causal_lm_logps: policy and reference apply different logit transforms")
+        with torch.no_grad():
+            if ref_hidden is None:
+                ref_hidden = decoder_hidden_states(ref_model, input_ids, attention_mask, **forward_kwargs)[:, :-1]
+        ref_weight = ref_head["weight"]
+        if ref_head["bias"] is not None:
+            ref_hidden, ref_weight = _fold_bias(ref_hidden, ref_weight, ref_head["bias"])
+    if head["bias"] is not None:
+        hidden, weight = _fold_bias(hidden, weight, head["bias"])
+    if hidden.dtype != weight.dtype:  # e.g. autocast: score in the weight's dtype
+        hidden = hidden.to(weight.dtype)
+    if ref_hidden is not None and ref_hidden.dtype != ref_weight.dtype:
+        ref_hidden = ref_hidden.to(ref_weight.dtype)
+    return sequence_logps(hidden, weight, shifted, ref_hidden, ref_weight,
+                          temperature=temperature / head["scale"], softcap=head["softcap"],
+                          ignore_index=ignore_index, reduction=reduction, impl=impl)
+
+
+def _fold_bias(hidden, weight, bias):
+    """h @ W^T + b == [h, 1] @ [W, b]^T: the bias becomes one more hidden column (copies W once)."""
+    ones = hidden.new_ones(hidden.shape[:-1] + (1,))
+    return torch.cat([hidden, ones], dim=-1), torch.cat([weight, bias[:, None].to(weight.dtype)], dim=1)

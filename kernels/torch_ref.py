@@ -1,0 +1,110 @@
+"""Pure-PyTorch token log-likelihoods from hidden states and an lm_head weight.
+
+Two implementations:
+* `chunked_token_logps` — the CPU path (and the fallback where Triton is absent): an
+  autograd.Function that walks the scored tokens in chunks and recomputes each chunk's
+  logits in backward, so extra memory is bounded by `chunk x V`, never `N x V`.
+* `naive_token_logps` — `logits -> log_softmax -> gather` with autograd, in any dtype; the
+  test oracle in float64 and the "naive" row of the benchmark.
+
+Logit transform shared by every path (ALGORITHMS.md §0.1): z = h @ W^T, then Gemma-2
+soft-capping `cap * tanh(z / cap)` when `softcap` is set, then division by `temperature`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Target size of one chunk's fp32 logits; the backward holds about four such buffers.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22  # 4M floats = 16 MB
+
+
+def transform_logits(logits: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits
+
+
+def naive_token_logps(hidden, weight, targets, temperature=1.0, softcap=None, dtype=None):
+    """log softmax(transform(hidden @ weight^T))[targets]; `dtype` upcasts first (oracle: float64)."""
+    if dtype is not None:
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    logits = transform_logits(hidden @ weight.T, temperature, softcap)
+    logits = logits.float() if dtype is None else logits
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _chunk_rows(num_rows: int, vocab: int, chunk_elements: int) -> int:
+    return max(1, min(num_rows, chunk_elements // max(vocab, 1)))
+
+
+@torch.no_grad()
+def _forward_chunks(hidden, weight, targets, temperature, softcap, chunk_elements):
+    rows = hidden.shape[0]
+    logps = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    step = _chunk_rows(rows, weight.shape[0], chunk_elements)
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        logits = transform_logits((hidden[start:end] @ weight.T).float(), temperature, softcap)
+        chunk_lse = torch.logsumexp(logits, dim=-1)
+        logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - chunk_lse
+        lse[start:end] = chunk_lse
+    return logps, lse
+
+
+class ChunkedTokenLogps(torch.autograd.Function):
+    """Token log-likelihoods [M] fp32 for M scored rows; gradients w.r.t. hidden and weight."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, softcap, chunk_elements):
+        logps, lse = _forward_chunks(hidden, weight, targets, temperature, softcap, chunk_elements)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.config = (temperature, softcap, chunk_elements)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        temperature, softcap, chunk_elements = ctx.config
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # dW accumulates over chunks: keep it in fp32 so low-precision weights do not lose sums.
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_logps = grad_logps.float()
+        rows = hidden.shape[0]
+        step = _chunk_rows(rows, weight.shape[0], chunk_elements)
+        for start in range(0, rows, step):
+            end = min(start + step, rows)
+            h = hidden[start:end]
+            raw = (h @ weight.T).float()
+            # d logp / d z = onehot - softmax(z), chained through temperature and soft-cap.
+            if softcap is not None:
+                tanh = torch.tanh(raw / softcap)
+                logits = softcap * tanh
+            else:
+                logits = raw
+            if temperature != 1.0:
+                logits = logits / temperature
+            grad = torch.exp(logits - lse[start:end, None]).neg_()
+            idx = torch.arange(end - start, device=h.device)
+            grad[idx, targets[start:end]] += 1.0
+            grad *= grad_logps[start:end, None] / temperature
+            if softcap is not None:
+                grad *= 1.0 - tanh * tanh
+            grad = grad.to(hidden.dtype)
+            if need_hidden:
+                grad_hidden[start:end] = grad @ weight
+            if need_weight:
+                grad_weight += (grad.T @ h).float()
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def chunked_token_logps(hidden, weight, targets, temperature=1.0, softcap=None, chunk_elements=DEFAULT_CHUNK_ELEMENTS):
+    if hidden.requires_grad or weight.requires_grad:
+        return ChunkedTokenLogps.apply(hidden, weight, targets, temperature, softcap, chunk_elements)
+    return _forward_chunks(hidden, weight, targets, temperature, softcap, chunk_elements)[0]

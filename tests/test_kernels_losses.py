@@ -1,0 +1,305 @@
+"""pair_loss against the invariants of ALGORITHMS.md §7.2-7.6 and §7.10 (items 1, 4, 5, 7)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import pair_loss
+
+LOG2 = math.log(2.0)
+
+
+def loss_and_grad_h(kind, h, **kw):
+    """Loss per pair and dL/dh, where h enters as policy_chosen - policy_rejected."""
+    h = torch.as_tensor(h, dtype=torch.float32).reshape(-1).clone().requires_grad_()
+    zeros = torch.zeros_like(h)
+    losses = pair_loss(h, zeros, zeros, zeros, kind=kind, reduction="none", **kw)
+    (grad,) = torch.autograd.grad(losses.sum(), [h])
+    return losses.detach(), grad
+
+
+def random_logps(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(-10 * torch.rand(n, generator=g) - 1).requires_grad_() for _ in range(4)]
+
+
+# ---- 7.2 DPO / cDPO --------------------------------------------------------------------
+
+
+def test_dpo_policy_equals_reference():
+    logps = -5 * torch.rand(8)
+    pw = logps.clone().requires_grad_()
+    pl = (logps - 1).clone().requires_grad_()
+    loss = pair_loss(pw, pl, logps, logps - 1, kind="dpo", beta=0.3, reduction="none")
+    torch.testing.assert_close(loss, torch.full((8,), LOG2))
+    _, grad = loss_and_grad_h("dpo", torch.zeros(8), beta=1.0)  # beta = 1: dL/dz = dL/dh
+    torch.testing.assert_close(grad, torch.full((8,), -0.5))
+
+
+def test_dpo_is_softplus_and_swap_identity():
+    beta = 0.2
+    h = torch.linspace(-30, 30, 41)
+    loss, _ = loss_and_grad_h("dpo", h, beta=beta)
+    torch.testing.assert_close(loss, F.softplus(-beta * h))
+    swapped, _ = loss_and_grad_h("dpo", -h, beta=beta)
+    torch.testing.assert_close(swapped - loss, beta * h, atol=1e-5, rtol=1e-5)  # L(-z) - L(z) = z
+
+
+def test_dpo_monotone_and_gradient_finite_difference():
+    beta = 0.5
+    h = torch.linspace(-8, 8, 33, dtype=torch.float64)
+    loss, grad = loss_and_grad_h("dpo", h, beta=beta)
+    assert (loss[1:] < loss[:-1]).all()
+    torch.testing.assert_close(grad, -beta * torch.sigmoid(-beta * h.float()), atol=1e-6, rtol=1e-5)
+    eps = 1e-3
+    up, _ = loss_and_grad_h("dpo", h + eps, beta=beta)
+    down, _ = loss_and_grad_h("dpo", h - eps, beta=beta)
+    torch.testing.assert_close((up - down) / (2 * eps), grad, atol=2e-3, rtol=1e-2)
+
+
+def test_dpo_no_overflow():
+    loss, grad = loss_and_grad_h("dpo", torch.tensor([100.0, -100.0]), beta=1.0)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, torch.tensor([0.0, 100.0]), atol=1e-6, rtol=1e-6)
+
+
+def test_cdpo():
+    h = torch.linspace(-5, 5, 21)
+    dpo, _ = loss_and_grad_h("dpo", h, beta=1.0)
+    cdpo0, _ = loss_and_grad_h("cdpo", h, beta=1.0, label_smoothing=0.0)
+    torch.testing.assert_close(dpo, cdpo0)
+    eps = 0.2
+    _, grad = loss_and_grad_h("dpo", h, beta=1.0, label_smoothing=eps)
+    torch.testing.assert_close(grad, torch.sigmoid(h) - (1 - eps), atol=1e-6, rtol=1e-5)
+    # eps -> 0.5 (limit): minimiser at z = 0; just below, the minimiser is log((1-eps)/eps)
+    eps = 0.3
+    zstar = math.log((1 - eps) / eps)
+    _, grad_star = loss_and_grad_h("dpo", torch.tensor([zstar]), beta=1.0, label_smoothing=eps)
+    assert abs(grad_star.item()) < 1e-6
+    with pytest.raises(ValueError, match="label_smoothing"):
+        loss_and_grad_h("dpo", h, label_smoothing=0.5)
+
+
+# ---- 7.3 IPO --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau", [0.1, 1.0, 2.5])
+def test_ipo(tau):
+    target = 1 / (2 * tau)
+    loss, grad = loss_and_grad_h("ipo", torch.tensor([target, 0.0, 3.0]), beta=tau)
+    assert abs(loss[0].item()) < 1e-6 and abs(grad[0].item()) < 1e-5
+    torch.testing.assert_close(loss[1], torch.tensor(1 / (4 * tau**2)))
+    torch.testing.assert_close(grad, 2 * (torch.tensor([target, 0.0, 3.0]) - target), atol=1e-5, rtol=1e-5)
+
+
+def test_ipo_tau_one_is_seras_form():
+    h = torch.linspace(-2, 2, 9)
+    loss, _ = loss_and_grad_h("ipo", h, beta=1.0)
+    torch.testing.assert_close(loss, (h - 0.5) ** 2)
+
+
+def test_ipo_average_convention():
+    """§7.3.3: with equal lengths L, the averaged-log-prob margin is the summed margin / L."""
+    L = 7
+    pw, pl, rw, rl = [t.detach() for t in random_logps(5, seed=1)]
+    h_sum = (pw - rw) - (pl - rl)
+    h_avg = (pw / L - rw / L) - (pl / L - rl / L)
+    torch.testing.assert_close(h_avg, h_sum / L)
+    loss = pair_loss(pw / L, pl / L, rw / L, rl / L, kind="ipo", beta=0.5, reduction="none")
+    torch.testing.assert_close(loss, (h_sum / L - 1.0) ** 2)
+
+
+# ---- 7.4 SLiC hinge --------------------------------------------------------------------
+
+
+def test_hinge():
+    beta = 0.5
+    h = torch.tensor([2.0, 3.0, 0.0, -1.0, 1.0])
+    loss, grad = loss_and_grad_h("hinge", h, beta=beta)
+    torch.testing.assert_close(loss, torch.relu(1 - beta * h))
+    assert loss[0] == 0 and loss[1] == 0 and grad[1] == 0
+    torch.testing.assert_close(loss[2], torch.tensor(1.0))
+    torch.testing.assert_close(grad[2:], torch.full((3,), -beta))
+
+
+# ---- 7.5 SimPO -------------------------------------------------------------------------
+
+
+def test_simpo_ignores_reference():
+    pw, pl, rw, rl = random_logps(6, seed=2)
+    a = pair_loss(pw, pl, rw, rl, kind="simpo", beta=2.0, gamma=1.6, reduction="none")
+    b = pair_loss(pw, pl, rw * 3 + 1, rl - 7, kind="simpo", beta=2.0, gamma=1.6, reduction="none")
+    c = pair_loss(pw, pl, kind="simpo", beta=2.0, gamma=1.6, reduction="none")
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+    ga = torch.autograd.grad(a.sum(), [pw, pl])
+    gc = torch.autograd.grad(c.sum(), [pw, pl])
+    for x, y in zip(ga, gc):
+        torch.testing.assert_close(x, y)
+
+
+def test_simpo_equal_averages():
+    avg = torch.full((3,), -1.3)
+    torch.testing.assert_close(pair_loss(avg, avg, kind="simpo", beta=2.0, gamma=1.6, reduction="none"),
+                               F.softplus(torch.full((3,), 1.6)))
+    torch.testing.assert_close(pair_loss(avg, avg, kind="simpo", beta=2.0, gamma=0.0), torch.tensor(LOG2))
+
+
+def test_simpo_length_normalisation():
+    """§7.5.3: repeating a response's tokens (doubling length, same average) keeps the SimPO reward."""
+    token_logps = -torch.rand(9)
+    doubled = torch.cat([token_logps, token_logps])
+    assert math.isclose(doubled.mean().item(), token_logps.mean().item(), rel_tol=1e-6)
+    assert math.isclose(doubled.sum().item(), 2 * token_logps.sum().item(), rel_tol=1e-6)
+    other = torch.tensor([-0.9])
+    short = pair_loss(token_logps.mean().reshape(1), other, kind="simpo", beta=2.0, gamma=1.6)
+    long = pair_loss(doubled.mean().reshape(1), other, kind="simpo", beta=2.0, gamma=1.6)
+    torch.testing.assert_close(short, long)
+
+
+def test_simpo_official_form():
+    pw, pl, _, _ = [t.detach() for t in random_logps(8, seed=3)]
+    beta, gamma_beta_ratio = 2.0, 0.8
+    official = -F.logsigmoid(beta * ((pw - pl) - gamma_beta_ratio))
+    ours = pair_loss(pw, pl, kind="simpo", beta=beta, gamma=beta * gamma_beta_ratio, reduction="none")
+    torch.testing.assert_close(ours, official)
+    torch.testing.assert_close(ours, F.softplus(-beta * ((pw - pl) - 1.6 / beta)))
+
+
+# ---- 7.6 SPCE --------------------------------------------------------------------------
+
+
+def test_spce_reduces_to_dpo_and_cdpo():
+    h = torch.linspace(-6, 6, 13)
+    dpo, gd = loss_and_grad_h("dpo", h, beta=0.7)
+    spce, gs = loss_and_grad_h("spce", h, beta=0.7, soft_label=torch.ones(13))
+    torch.testing.assert_close(spce, dpo)
+    torch.testing.assert_close(gs, gd)
+    cdpo, _ = loss_and_grad_h("dpo", h, beta=0.7, label_smoothing=0.15)
+    spce, _ = loss_and_grad_h("spce", h, beta=0.7, soft_label=torch.full((13,), 0.85))
+    torch.testing.assert_close(spce, cdpo)
+
+
+@pytest.mark.parametrize("q", [0.1, 0.35, 0.5, 0.8, 0.97])
+def test_spce_stationary_point_and_entropy(q):
+    z = torch.linspace(-5, 5, 11)
+    _, grad = loss_and_grad_h("spce", z, beta=1.0, soft_label=torch.full((11,), q))
+    torch.testing.assert_close(grad, torch.sigmoid(z) - q, atol=1e-6, rtol=1e-5)
+    zstar = torch.tensor([math.log(q / (1 - q))])
+    loss_star, grad_star = loss_and_grad_h("spce", zstar, beta=1.0, soft_label=torch.tensor([q]))
+    assert abs(grad_star.item()) < 1e-6
+    entropy = -q * math.log(q) - (1 - q) * math.log(1 - q)
+    assert math.isclose(loss_star.item(), entropy, rel_tol=1e-5)
+
+
+def test_spce_half_at_reference():
+    loss, grad = loss_and_grad_h("spce", torch.zeros(4), beta=0.1, soft_label=torch.full((4,), 0.5))
+    torch.testing.assert_close(loss, torch.full((4,), LOG2))
+    assert (grad == 0).all()
+
+
+def test_spce_symmetry_and_pushback():
+    z = torch.linspace(-4, 4, 9)
+    q = torch.rand(9, generator=torch.Generator().manual_seed(4))
+    a, _ = loss_and_grad_h("spce", z, beta=1.0, soft_label=q)
+    b, _ = loss_and_grad_h("spce", -z, beta=1.0, soft_label=1 - q)
+    torch.testing.assert_close(a, b)
+    # sigma(z) > q -> positive gradient w.r.t. h (the optimiser lowers the margin); DPO never does that
+    _, grad = loss_and_grad_h("spce", torch.tensor([3.0]), beta=1.0, soft_label=torch.tensor([0.6]))
+    assert grad.item() > 0
+    _, grad_dpo = loss_and_grad_h("dpo", torch.tensor([3.0]), beta=1.0)
+    assert grad_dpo.item() < 0
+
+
+def test_spce_rejects_bad_labels():
+    with pytest.raises(ValueError, match="soft_label"):
+        loss_and_grad_h("spce", torch.zeros(2))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        loss_and_grad_h("spce", torch.zeros(2), soft_label=torch.tensor([0.5, 1.2]))
+
+
+# ---- 7.10 Sr-DPO / Sr-IPO -------------------------------------------------------------
+
+
+def test_sr_lambda_zero_is_dpo_ipo():
+    pw, pl, rw, rl = random_logps(10, seed=5)
+    zero = torch.zeros(10)
+    for sr, base in (("sr_dpo", "dpo"), ("sr_ipo", "ipo")):
+        a = pair_loss(pw, pl, rw, rl, kind=sr, beta=0.1, offset=zero, reduction="none")
+        b = pair_loss(pw, pl, rw, rl, kind=base, beta=0.1, reduction="none")
+        torch.testing.assert_close(a, b)
+        ga = torch.autograd.grad(a.sum(), [pw, pl])
+        gb = torch.autograd.grad(b.sum(), [pw, pl])
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y)
+
+
+def test_sr_policy_equals_reference():
+    logps = -torch.rand(5) * 10
+    zero = torch.zeros(5)
+    torch.testing.assert_close(pair_loss(logps, logps - 2, logps, logps - 2, kind="sr_dpo", beta=0.1, offset=zero,
+                                         reduction="none"), torch.full((5,), LOG2))
+    torch.testing.assert_close(pair_loss(logps, logps - 2, logps, logps - 2, kind="sr_ipo", beta=0.1, offset=zero,
+                                         reduction="none"), torch.full((5,), 1 / (4 * 0.1**2)))
+
+
+def test_sr_ipo_zero_at_shifted_target():
+    beta, lam = 0.1, 0.5
+    h_aug = torch.tensor([-3.0, 0.0, 4.0])
+    offset = lam * beta * h_aug  # lambda * Delta with Delta = beta * h(p (+) x)
+    target = offset + 1 / (2 * beta)
+    loss, grad = loss_and_grad_h("sr_ipo", target, beta=beta, offset=offset)
+    assert loss.abs().max().item() < 1e-6 and grad.abs().max().item() < 1e-4
+
+
+def test_sr_dpo_monotone_in_delta_and_stop_gradient():
+    h = torch.full((5,), 1.5)
+    offsets = torch.linspace(-1, 1, 5)
+    loss, _ = loss_and_grad_h("sr_dpo", h, beta=0.1, offset=offsets)
+    assert (loss[1:] > loss[:-1]).all()
+    # an offset that requires grad is still a constant for the loss
+    off = offsets.clone().requires_grad_()
+    out = pair_loss(h, torch.zeros(5), torch.zeros(5), torch.zeros(5), kind="sr_dpo", beta=0.1, offset=off)
+    assert not out.requires_grad or torch.autograd.grad(out, [off], allow_unused=True)[0] is None
+
+
+def test_sr_naive_delta():
+    """§7.10.3: Delta = beta*h: Sr-DPO value = DPO with beta*(1-lambda), gradient keeps the factor beta."""
+    beta, lam = 0.1, 0.5
+    h = torch.linspace(-20, 20, 9)
+    loss, grad = loss_and_grad_h("sr_dpo", h, beta=beta, offset=lam * beta * h)
+    torch.testing.assert_close(loss, F.softplus(-beta * (1 - lam) * h))
+    torch.testing.assert_close(grad, -beta * torch.sigmoid(-beta * (1 - lam) * h), atol=1e-6, rtol=1e-5)
+    loss_ipo, _ = loss_and_grad_h("sr_ipo", h, beta=beta, offset=lam * beta * h)
+    torch.testing.assert_close(loss_ipo, ((1 - lam * beta) * h - 1 / (2 * beta)) ** 2, atol=1e-4, rtol=1e-5)
+
+
+# ---- API ---------------------------------------------------------------------------------
+
+
+def test_mean_reduction_and_fp32():
+    pw, pl, rw, rl = [t.detach().half() for t in random_logps(6, seed=6)]
+    per_pair = pair_loss(pw, pl, rw, rl, kind="dpo", reduction="none")
+    assert per_pair.dtype == torch.float32
+    torch.testing.assert_close(pair_loss(pw, pl, rw, rl, kind="dpo"), per_pair.mean())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(kind="kto"), "unknown kind 'kto'"),
+        (dict(ref_chosen=None), "needs 'ref_chosen'"),
+        (dict(kind="sr_dpo"), "needs 'offset'"),
+        (dict(beta=0.0), "beta must be > 0"),
+        (dict(reduction="sum"), "reduction must be"),
+        (dict(policy_rejected=torch.zeros(3)), "'policy_rejected' has shape"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    args = dict(policy_chosen=torch.zeros(4), policy_rejected=torch.zeros(4), ref_chosen=torch.zeros(4),
+                ref_rejected=torch.zeros(4))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        pair_loss(**args)
