@@ -152,10 +152,23 @@ def lm_head_config(model) -> dict:
 
 
 def decoder_hidden_states(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
-    """Final hidden states (after the final norm) from the model's decoder body."""
+    """Final hidden states [B, T, H] (after the final norm).
+
+    Runs the model's own forward, so the hooks of FSDP2, PEFT or DDP wrappers fire as usual,
+    with `output_hidden_states=True` and `logits_to_keep=1`: the lm_head sees one position only.
+    (Under no_grad this keeps every layer's output alive until return; with grad they are
+    saved for backward anyway.) Models without `logits_to_keep` fall back to the decoder body.
+    """
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                    logits_to_keep=1, use_cache=False, **kwargs)
+        return out.hidden_states[-1]
+    except TypeError as err:
+        if "logits_to_keep" not in str(err):
+            raise
     body = model.get_decoder() if hasattr(model, "get_decoder") else None
     if body is None or body is model:
-        body = getattr(model, model.base_model_prefix, None)
+        body = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if body is None or body is model:
         raise NotImplementedError(f"causal_lm_logps: cannot find the decoder body of {type(model).__name__}")
     out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
