@@ -195,8 +195,8 @@ def causal_lm_logps(
     runs its decoder under no_grad and is scored in the same kernel call. `ref_hidden` may pass
     precomputed reference hidden states instead (already [B, T-1, H]).
     """
-    head = lm_head_config(model)
     hidden = decoder_hidden_states(model, input_ids, attention_mask, **forward_kwargs)[:, :-1]
+    head = lm_head_config(model)  # after the forward: FSDP2 has gathered the weight by now
     shifted = labels[:, 1:]
     weight = head["weight"]
     ref_weight = None

@@ -1,0 +1,925 @@
+"""SeRA: Self-Reviewing and Alignment of LLMs using Implicit Reward Margins.
+
+Ko et al., ICLR 2025, arXiv 2410.09362 (ALGORITHMS.md §3). An iterative direct-alignment run
+that reviews its own data: iteration 1 is a plain DPO/IPO/SLiC-HF/SimPO epoch on the offline
+pairs; from iteration 2 on, the previous model keeps only the offline pairs it separates most
+confidently by implicit reward margin (IRM, eq. 5, ensembled over iterations by eq. 7) and adds
+self-generated pairs labelled by the same implicit reward; the reference is refreshed to the
+previous iteration's model.
+
+    python sera.py                                    # toy world on CPU, a few minutes
+    python sera.py --model mistral-7b                 # paper settings (zephyr SFT, UltraFeedback, LoRA r=8)
+    python sera.py --model tinyllama --loss ipo       # paper settings for TinyLlama-1.1B
+    python sera.py --model ./my-sft --dataset ./pairs.jsonl --loss simpo --iterations 3
+    torchrun --nproc-per-node 8 sera.py --model mistral-7b --output_dir runs/m7
+
+Under torchrun, full fine-tuning shards the policy with FSDP2 (`fully_shard`); with LoRA the
+frozen base is replicated and the adapter gradients are averaged across ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import tyro
+from tqdm import tqdm
+
+from kernels import causal_lm_logps, pair_loss
+
+HERE = Path(__file__).resolve().parent
+TOY = HERE / "assets" / "toy"
+
+# Human/Assistant format for base models without a chat template (HH-RLHF style) [ours].
+HH_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] + eos_token }}"
+    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
+)
+
+# Per-model settings (ALGORITHMS.md §3.3). beta is per loss; None fields of Args are filled from here.
+MODELS = {
+    "toy": dict(  # the shipped tiny model; learning rate and beta scaled to it [ours]
+        path=str(TOY / "model"), dataset="toy", beta=dict(dpo=0.1, ipo=1.0, hinge=0.2, simpo=2.0), gamma=1.0,
+        lr=2e-5, batch_size=16, grad_accum=1, lora_r=0, max_length=96, max_prompt_length=64, max_new_tokens=24,
+        scheduler="constant", long_prompts="error", num_eval=200),
+    "tinyllama": dict(  # the paper SFTs TinyLlama on UltraChat itself; this public chat SFT is our stand-in
+        path="TinyLlama/TinyLlama-1.1B-Chat-v1.0", dataset="ultrafeedback",
+        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-7, batch_size=8, grad_accum=2,
+        lora_r=0, max_length=1024, max_prompt_length=512, max_new_tokens=512, scheduler="cosine",
+        long_prompts="skip", num_eval=500),
+    "pythia-2.8b": dict(  # base model: give it the HH format; the paper SFTs it first (pass --model ./sft)
+        path="EleutherAI/pythia-2.8b", dataset="hh-rlhf", chat_template=HH_TEMPLATE,
+        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-7, batch_size=4, grad_accum=4,
+        lora_r=0, max_length=1024, max_prompt_length=512, max_new_tokens=512, scheduler="cosine",
+        long_prompts="skip", num_eval=500),
+    "mistral-7b": dict(  # alignment-handbook Zephyr DPO LoRA recipe with rank 8 (SeRA App. B.2, Table 4)
+        path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback",
+        beta=dict(dpo=0.01, hinge=0.01, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-6, batch_size=4, grad_accum=4,
+        lora_r=8, lora_alpha=128, lora_dropout=0.05, max_length=1024, max_prompt_length=512, max_new_tokens=512,
+        scheduler="cosine", long_prompts="skip", num_eval=500),
+}
+
+DATASETS = {
+    "ultrafeedback": dict(path="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs"),
+    "hh-rlhf": dict(path="Anthropic/hh-rlhf", split="train"),
+    "tldr": dict(path="openai/summarize_from_feedback", name="comparisons", split="train"),
+    "toy": dict(path=str(TOY / "data" / "prefs.jsonl"), eval=str(TOY / "data" / "eval.jsonl"),
+                reward_fn=f"{TOY / 'oracle.py'}:score"),
+}
+
+
+@dataclass
+class Args:
+    model: str = "toy"
+    """preset (toy, tinyllama, pythia-2.8b, mistral-7b), hub id or local path"""
+    dataset: str | None = None
+    """preset (ultrafeedback, hh-rlhf, tldr, toy) or a local jsonl/json/parquet file or save_to_disk folder"""
+    loss: Literal["dpo", "ipo", "hinge", "simpo"] = "dpo"
+    """direct alignment loss: DPO, IPO, SLiC-HF hinge or SimPO (SeRA eq. 6, 8, 9, 18)"""
+    iterations: int = 3
+    """T, one epoch per iteration (SeRA Table 4)"""
+    rho_1: float = 0.7
+    """fraction of offline pairs kept by IRM selection, k1 = ceil(rho_1 * N)"""
+    rho_2: float | None = None
+    """fraction of generated pairs, k2 = ceil(rho_2 * N); default k2 = N - k1 ("SeRA"); larger = best-SeRA"""
+    n_cand: int = 4
+    """samples per prompt for preference bootstrapping (App. B.2)"""
+    sample_temperature: float = 0.7
+    sample_top_p: float = 0.95
+    gamma_e: float = 0.3
+    """ensemble weight on the older model's reward, eq. 7 [ours: 0.3 in the paper's best range]"""
+    irm_reference: Literal["previous", "sft"] = "previous"
+    """which model defines each model's implicit reward (ALGORITHMS.md §3.4.10)"""
+    beta: float | None = None
+    gamma: float | None = None
+    """SimPO target margin"""
+    length_norm: Literal["sum", "avg"] = "sum"
+    """log-prob convention for DPO/IPO/hinge and the IRM (SimPO always averages)"""
+    lr: float | None = None
+    batch_size: int | None = None
+    """pairs per device per micro-batch"""
+    grad_accum: int | None = None
+    scheduler: Literal["cosine", "constant"] | None = None
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    max_new_tokens: int | None = None
+    long_prompts: Literal["error", "skip", "truncate"] | None = None
+    """prompts over max_prompt_length: fail, drop the pair (counted), or keep the prompt's end"""
+    num_pairs: int | None = None
+    """use only the first N offline pairs"""
+    lora_r: int | None = None
+    """0 = full fine-tuning; > 0 trains a fresh LoRA adapter each iteration (merged at its end; needs peft)"""
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    gradient_checkpointing: bool = False
+    sampler: Literal["hf", "vllm"] = "hf"
+    chat_template: str | None = None
+    """jinja file for tokenizers without a chat template"""
+    reward_fn: str | None = None
+    """path/to/file.py:function(prompt, response) -> float, the evaluation score (toy oracle by default)"""
+    eval_prompts: str | None = None
+    """jsonl with a 'prompt' column; default: the dataset preset's held-out prompts"""
+    num_eval: int | None = None
+    eval_temperature: float = 1.0
+    """SeRA App. B.3 evaluates with temperature 1.0"""
+    output_dir: str | None = None
+    seed: int = 0
+    resume: bool = False
+    """continue the run in --output_dir from its last completed iteration / saved step"""
+    save_every: int = 0
+    """also save a resumable checkpoint every N optimizer steps (0 = only at iteration ends)"""
+    stop_after_steps: int | None = None
+    """stop (as if interrupted) after this many optimizer steps in this process; for testing --resume"""
+    track: bool = False
+    """log to wandb"""
+    scoring_batch_size: int = 32
+
+
+class InputError(ValueError):
+    """Bad user input: printed as one line, no traceback, nothing written."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+def resolve(args: Args) -> tuple[Args, dict]:
+    if args.model in MODELS:
+        preset = dict(MODELS[args.model])
+    elif args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
+        raise InputError(f"--model: path {args.model!r} not found (or use a preset: {', '.join(MODELS)})")
+    else:
+        preset = dict(MODELS["toy"], path=args.model, dataset=None, chat_template=None, long_prompts="skip")
+    filled = {k: preset[k] for k in ("lr", "batch_size", "grad_accum", "lora_r", "max_length", "max_prompt_length",
+                                      "max_new_tokens", "scheduler", "long_prompts", "num_eval")
+              if getattr(args, k) is None}
+    if args.beta is None:
+        filled["beta"] = preset["beta"][args.loss]
+    if args.gamma is None:
+        filled["gamma"] = preset.get("gamma", 1.0)
+    if args.dataset is None:
+        if preset["dataset"] is None:
+            raise InputError("--dataset is required with a custom --model")
+        filled["dataset"] = preset["dataset"]
+    if args.lora_r is None and preset.get("lora_alpha"):
+        filled.update(lora_alpha=preset["lora_alpha"], lora_dropout=preset["lora_dropout"])
+    args = dataclasses.replace(args, **filled)
+    checks = [
+        (args.iterations >= 1, f"--iterations must be >= 1, got {args.iterations}"),
+        (0 < args.rho_1 <= 1, f"--rho_1 must be in (0, 1], got {args.rho_1}"),
+        (args.rho_2 is None or args.rho_2 >= 0, f"--rho_2 must be >= 0, got {args.rho_2}"),
+        (0 <= args.gamma_e <= 1, f"--gamma_e must be in [0, 1], got {args.gamma_e}"),
+        (args.n_cand >= 2, f"--n_cand must be >= 2, got {args.n_cand}"),
+        (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
+        (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+        (args.batch_size >= 1 and args.grad_accum >= 1, "--batch_size and --grad_accum must be >= 1"),
+        (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
+        (args.num_pairs is None or args.num_pairs >= 2, "--num_pairs must be >= 2"),
+        (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
+        (args.save_every == 0 or args.lora_r == 0, "--save_every is not supported with LoRA (checkpoints are per iteration)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+    return args, preset
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: every supported schema becomes {"prompt": [messages], "chosen": str, "rejected": str}
+
+
+def load_rows(spec: str) -> tuple[list[dict], str]:
+    import datasets
+
+    if spec in DATASETS:
+        info = DATASETS[spec]
+        spec = info["path"]
+        if not spec.endswith(".jsonl"):
+            return list(datasets.load_dataset(spec, info.get("name"), split=info["split"])), spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/", "~")):
+            raise InputError(f"--dataset: path {spec!r} not found (or use a preset: {', '.join(DATASETS)})")
+        raise InputError(f"--dataset: unknown preset or path {spec!r}; presets: {', '.join(DATASETS)}")
+    if path.is_dir():
+        data = datasets.load_from_disk(str(path))
+        data = data["train"] if isinstance(data, datasets.DatasetDict) else data
+    elif path.suffix in (".jsonl", ".json"):
+        data = datasets.load_dataset("json", data_files=str(path), split="train")
+    elif path.suffix == ".parquet":
+        data = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    else:
+        raise InputError(f"--dataset: {spec!r} is not a .jsonl, .json, .parquet file or a save_to_disk folder")
+    return list(data), str(path)
+
+
+def _text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{where} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InputError(f"{where} is empty")
+    return value
+
+
+def _messages(value, where: str) -> list[dict]:
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+        raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
+    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content")}
+            for i, m in enumerate(value)]
+
+
+def _hh_turns(text: str, where: str) -> list[dict]:
+    parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where))
+    if len(parts) < 3 or parts[0].strip():
+        raise InputError(f"{where} is not in HH-RLHF format ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
+    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def parse_pair(row: dict, where: str) -> dict:
+    """UltraFeedback messages, HH-RLHF raw text, TL;DR comparisons, or prompt/chosen/rejected strings."""
+    if "summaries" in row and "choice" in row:  # openai/summarize_from_feedback, comparisons
+        info = row.get("info") or {}
+        post = _text(info.get("post"), f"{where}: 'info.post'")
+        prompt = f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {post}\n\nTL;DR:"
+        if row["choice"] not in (0, 1) or len(row["summaries"]) != 2:
+            raise InputError(f"{where}: 'choice' must be 0 or 1 with two 'summaries'")
+        texts = [_text(s.get("text"), f"{where}: 'summaries[{i}].text'").strip() for i, s in enumerate(row["summaries"])]
+        out = {"prompt": [{"role": "user", "content": prompt}], "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]}
+    else:
+        for column in ("chosen", "rejected"):
+            if column not in row:
+                raise InputError(f"{where}: missing column '{column}' (columns: {', '.join(sorted(row))})")
+        if isinstance(row["chosen"], list):  # UltraFeedback: full conversations
+            chosen = _messages(row["chosen"], f"{where}: 'chosen'")
+            rejected = _messages(row["rejected"], f"{where}: 'rejected'")
+            if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+                raise InputError(f"{where}: the last message of 'chosen' and 'rejected' must be the assistant's")
+            prompt = chosen[:-1]
+            out = {"prompt": prompt, "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+        elif isinstance(row["chosen"], str) and "\n\nHuman:" in row["chosen"]:  # Anthropic/hh-rlhf
+            chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
+            rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
+            if chosen[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1]:
+                raise InputError(f"{where}: 'chosen' and 'rejected' must share the conversation up to the last Assistant turn")
+            out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+        else:  # plain strings
+            if "prompt" not in row:
+                raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
+            out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
+                   "chosen": _text(row["chosen"], f"{where}: 'chosen'"), "rejected": _text(row["rejected"], f"{where}: 'rejected'")}
+        if not out["prompt"] or out["prompt"][-1]["role"] != "user":
+            raise InputError(f"{where}: the prompt must end with a user message")
+    for side in ("chosen", "rejected"):
+        _text(out[side], f"{where}: '{side}' response")
+    if out["chosen"].strip() == out["rejected"].strip():
+        raise InputError(f"{where}: 'chosen' and 'rejected' responses are identical")
+    if "flipped" in row:  # toy data: which labels were deliberately swapped
+        out["flipped"] = bool(row["flipped"])
+    return out
+
+
+def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of the templated prompt (ending with the assistant header) and of the response
+    (the rest of the templated conversation, ending with the end-of-turn token)."""
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if response is None:
+        return prompt_ids, []
+    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+    if not full.startswith(prompt_text):
+        raise InputError("the chat template renders the prompt differently with and without the assistant turn")
+    response_ids = tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"]
+    if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
+        response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
+    return prompt_ids, response_ids
+
+
+def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple[list[int], list[int]] | None:
+    """Apply the length limits: long prompts per --long_prompts, long responses truncated (counted)."""
+    if len(prompt_ids) > args.max_prompt_length:
+        if args.long_prompts == "error":
+            raise InputError(f"{where}: prompt has {len(prompt_ids)} tokens, over --max_prompt_length "
+                             f"{args.max_prompt_length} (see --long_prompts skip|truncate)")
+        if args.long_prompts == "skip":
+            counts["long_prompt_skipped"] = counts.get("long_prompt_skipped", 0) + 1
+            return None
+        counts["long_prompt_truncated"] = counts.get("long_prompt_truncated", 0) + 1
+        prompt_ids = prompt_ids[-args.max_prompt_length:]
+    budget = args.max_length - len(prompt_ids)
+    if len(response_ids) > budget:
+        counts["response_truncated"] = counts.get("response_truncated", 0) + 1
+        response_ids = response_ids[:budget]
+    return prompt_ids, response_ids
+
+
+def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple[list[dict], dict]:
+    pairs, counts = [], {}
+    for index, row in enumerate(rows[: args.num_pairs] if args.num_pairs else rows):
+        where = f"dataset {source} row {index}"
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected an object, got {type(row).__name__}")
+        pair = parse_pair(row, where)
+        sides = []
+        for side in ("chosen", "rejected"):
+            prompt_ids, response_ids = encode(tokenizer, pair["prompt"], pair[side])
+            sides.append(fit(prompt_ids, response_ids, args, where, counts))
+        if sides[0] is None:
+            continue
+        pairs.append(dict(pair, index=index, prompt_ids=sides[0][0], chosen_ids=sides[0][1], rejected_ids=sides[1][1]))
+    if len(pairs) < 2:
+        raise InputError(f"dataset {source}: {len(pairs)} usable pairs, need at least 2 ({counts})")
+    return pairs, counts
+
+
+def load_reward_fn(spec: str):
+    path, _, name = spec.rpartition(":")
+    if not path or not name:
+        raise InputError(f"--reward_fn must look like path/to/file.py:function, got {spec!r}")
+    if not Path(path).exists():
+        raise InputError(f"--reward_fn: file {path!r} not found")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem + "_reward", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, name, None)):
+        raise InputError(f"--reward_fn: {path!r} has no function {name!r}")
+    return getattr(module, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers (single process unless launched by torchrun)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def shard(items: list) -> tuple[list, int]:
+    """This rank's share, padded (with its last item) so every rank runs the same number of batches."""
+    per_rank = math.ceil(len(items) / world())
+    mine = items[rank() * per_rank: (rank() + 1) * per_rank]
+    real = len(mine)
+    return mine + [items[-1]] * (per_rank - real), real
+
+
+def gather(values: list) -> list:
+    if world() == 1:
+        return values
+    out = [None] * world()
+    dist.all_gather_object(out, values)
+    return [v for part in out for v in part]
+
+
+def all_sum(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if world() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def load_model(path: str, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+
+
+def prepare_for_training(model, args: Args):
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora_r > 0:
+        try:
+            import peft
+        except ImportError:
+            raise InputError("--lora_r > 0 needs peft: pip install 'selfpo[lora]'") from None
+        config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, config)
+    elif world() > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        layer_types = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in layer_types:
+                fully_shard(module)
+        # The root keeps embeddings, final norm and lm_head gathered from forward until backward:
+        # the fused log-prob kernel reads lm_head.weight after the model's forward returns.
+        fully_shard(model, reshard_after_forward=False)
+    model.train()
+    return model
+
+
+def full_state_dict(model) -> dict:
+    if world() > 1 and not hasattr(model, "peft_config"):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict()
+
+
+def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
+    """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint."""
+    if hasattr(model, "peft_config"):
+        model = model.merge_and_unload()
+    state = full_state_dict(model)
+    if rank() == 0:
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / name)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    if world() > 1:
+        dist.barrier()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs: chosen and rejected concatenated in one forward, through the fused kernel
+
+
+def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
+    """Right-padded input_ids / attention_mask / labels (-100 on prompt and padding)."""
+    length = max(len(p) + len(r) for p, r in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, (prompt, response) in enumerate(sequences):
+        n = len(prompt) + len(response)
+        ids[i, :n] = torch.tensor(prompt + response)
+        labels[i, len(prompt):n] = torch.tensor(response)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+@torch.no_grad()
+def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_id: int, device, desc: str):
+    """Summed log-probs and response lengths [n] of (prompt_ids, response_ids) under `model`, all ranks."""
+    model.eval()
+    mine, real = shard(list(enumerate(sequences)))
+    logps, counts = [], []
+    for start in tqdm(range(0, len(mine), args.scoring_batch_size), desc=desc, disable=rank() != 0, leave=False):
+        batch = collate([s for _, s in mine[start:start + args.scoring_batch_size]], pad_id, device)
+        out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logps += out.tolist()
+        counts += (batch["labels"][:, 1:] != -100).sum(1).tolist()
+    model.train()
+    merged = {i: (lp, c) for i, lp, c in gather([(i, lp, c) for (i, _), lp, c in zip(mine[:real], logps, counts)])}
+    order = [merged[i] for i in range(len(sequences))]
+    return (torch.tensor([o[0] for o in order], dtype=torch.float64),
+            torch.tensor([o[1] for o in order], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# ALGO LOGIC: implicit rewards, IRM selection and preference bootstrapping (SeRA §3.1-3.4)
+
+
+def reward_models(j: int, args: Args) -> set[int]:
+    """Models whose log-probs r~_j needs: j, its reference, and j-1 (with its reference) for eq. 7."""
+    needed = {j} if args.loss == "simpo" else {j, j - 1 if args.irm_reference == "previous" else 0}
+    if j >= 2 and args.gamma_e > 0:
+        needed |= reward_models(j - 1, dataclasses.replace(args, gamma_e=0.0))
+    return needed
+
+
+def implicit_reward(j: int, logps: dict, counts: torch.Tensor, args: Args) -> torch.Tensor:
+    """r_j(x, y) = beta * [S(theta_j) - S(ref_j)] (eq. 5); SimPO: beta * A(theta_j) (App. C.3 eq. 17)."""
+    if args.loss == "simpo":
+        return args.beta * logps[j] / counts
+    ref = j - 1 if args.irm_reference == "previous" else 0
+    ratio = logps[j] - logps[ref]
+    return args.beta * (ratio / counts if args.length_norm == "avg" else ratio)
+
+
+def ensemble_reward(j: int, logps: dict, counts: torch.Tensor, args: Args) -> torch.Tensor:
+    """r~_j = (1 - gamma_e) r_j + gamma_e r_{j-1} for j >= 2, r~_1 = r_1 (eq. 7)."""
+    reward = implicit_reward(j, logps, counts, args)
+    if j >= 2 and args.gamma_e > 0:
+        reward = (1 - args.gamma_e) * reward + args.gamma_e * implicit_reward(j - 1, logps, counts, args)
+    return reward
+
+
+def top_k(margins: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest margins; ties broken by original index (stable, deterministic)."""
+    order = sorted(range(len(margins)), key=lambda i: (-float(margins[i]), i))
+    return sorted(order[:k])
+
+
+def bootstrap_pairs(prompt_keys: list, candidates: list[list[str]], rewards: list[torch.Tensor]) -> list[dict]:
+    """Per prompt: argmax / argmin implicit reward among distinct samples, g = r(y+) - r(y-) >= 0."""
+    pairs = []
+    for key, texts, reward in zip(prompt_keys, candidates, rewards):
+        if len(texts) < 2:
+            continue
+        best, worst = int(torch.argmax(reward)), int(torch.argmin(reward))
+        pairs.append({"key": key, "chosen": texts[best], "rejected": texts[worst], "margin": float(reward[best] - reward[worst])})
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
+             device, seed: int, model_path: str | None = None, desc: str = "generate") -> list[list[tuple[str, bool]]]:
+    """n samples per prompt as (text, finished) where finished = ended with EOS within max_new_tokens."""
+    if args.sampler == "vllm":
+        return generate_vllm(model_path, tokenizer, prompts, n, temperature, top_p, args, seed)
+    model.eval()
+    torch.manual_seed(seed + rank())
+    mine, real = shard(prompts)
+    outputs = []
+    batch_size = max(1, args.scoring_batch_size // n)
+    for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=rank() != 0, leave=False):
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine[start:start + batch_size]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out = model.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                             top_p=top_p if temperature > 0 else None, max_new_tokens=args.max_new_tokens,
+                             num_return_sequences=n, pad_token_id=tokenizer.pad_token_id, synced_gpus=False)
+        for row in out[:, enc["input_ids"].shape[1]:].tolist():
+            finished = tokenizer.eos_token_id in row
+            outputs.append((tokenizer.decode(row, skip_special_tokens=True).strip(), finished))
+    model.train()
+    grouped = [outputs[i * n:(i + 1) * n] for i in range(real)]
+    return gather(grouped)
+
+
+def generate_vllm(model_path, tokenizer, prompts, n, temperature, top_p, args, seed):
+    try:
+        import vllm
+    except ImportError:
+        raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
+    llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3)
+    params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens)
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    results = llm.generate(texts, params)
+    del llm
+    torch.cuda.empty_cache()
+    return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
+
+
+def evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, model_path) -> float:
+    samples = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in eval_prompts], 1,
+                       args.eval_temperature, 1.0, args, device, seed=args.seed + 10_000, model_path=model_path, desc="eval")
+    return sum(reward_fn(p, s[0][0]) for p, s in zip(eval_prompts, samples)) / len(eval_prompts)
+
+
+# ---------------------------------------------------------------------------------------------
+# One DAA epoch on D_t (reference log-probs precomputed, so no reference model in memory)
+
+
+def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id: int, log, save_step, start_step=0,
+                    trainer_state=None):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + t)).tolist()
+    per_step = args.batch_size * args.grad_accum * world()
+    n_steps = max(1, len(pairs) // per_step)
+    used = order[: n_steps * per_step] if len(pairs) >= per_step else order
+    dropped = len(pairs) - len(used)
+    local = used[rank()::world()]
+    micro = max(1, math.ceil(len(local) / (n_steps * args.grad_accum)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    warmup = int(args.warmup_ratio * n_steps)
+    scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, n_steps) if args.scheduler == "cosine"
+                 else get_constant_schedule_with_warmup(optimizer, warmup))
+    if trainer_state is not None:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        torch.set_rng_state(trainer_state["rng"])
+    log({"iteration": t, "train/pairs": len(pairs), "train/pairs_dropped_remainder": dropped, "train/steps": n_steps})
+    use_avg = args.loss == "simpo" or args.length_norm == "avg"
+    bar = tqdm(range(start_step, n_steps), desc=f"iteration {t}", disable=rank() != 0)
+    for step in bar:
+        tic, sums = time.perf_counter(), [0.0] * 9
+        for accum in range(args.grad_accum):
+            offset = (step * args.grad_accum + accum) * micro
+            batch_pairs = [pairs[i] for i in local[offset: offset + micro]]
+            if not batch_pairs:
+                continue
+            n = len(batch_pairs)
+            batch = collate([(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
+                            + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs], pad_id, device)
+            logps, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            counts = (batch["labels"][:, 1:] != -100).sum(1).float()
+            ref = torch.tensor([p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
+                               device=device, dtype=torch.float32)
+            if use_avg:
+                logps, ref = logps / counts, ref / counts
+            kind = {"dpo": "dpo", "ipo": "ipo", "hinge": "hinge", "simpo": "simpo"}[args.loss]
+            losses = pair_loss(logps[:n], logps[n:], ref[:n], ref[n:], kind=kind, beta=args.beta, gamma=args.gamma,
+                               reduction="none")
+            (losses.sum() / (micro * args.grad_accum)).backward()
+            with torch.no_grad():
+                if args.loss == "simpo":
+                    chosen_reward, rejected_reward = args.beta * logps[:n], args.beta * logps[n:]
+                else:
+                    chosen_reward, rejected_reward = args.beta * (logps[:n] - ref[:n]), args.beta * (logps[n:] - ref[n:])
+                margin = chosen_reward - rejected_reward
+                sums = [a + b for a, b in zip(sums, [losses.sum().item(), chosen_reward.sum().item(),
+                        rejected_reward.sum().item(), margin.sum().item(), (margin > 0).float().sum().item(),
+                        logps[:n].sum().item(), logps[n:].sum().item(), float(n), batch["attention_mask"].sum().item()])]
+        if world() > 1 and args.lora_r > 0:  # replicated base: average the adapter gradients
+            for p in trainable:
+                dist.all_reduce(p.grad)
+                p.grad /= world()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
+        total = all_sum(sums)
+        if not math.isfinite(total[0]):
+            raise RuntimeError(f"non-finite loss ({total[0]}) at iteration {t} step {step + 1}; stopping")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        pairs_seen = total[7]
+        metrics = {"iteration": t, "step": step + 1, "loss": total[0] / pairs_seen,
+                   "rewards/chosen": total[1] / pairs_seen, "rewards/rejected": total[2] / pairs_seen,
+                   "rewards/margins": total[3] / pairs_seen, "rewards/accuracies": total[4] / pairs_seen,
+                   "logps/chosen": total[5] / pairs_seen, "logps/rejected": total[6] / pairs_seen,
+                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_sec": total[8] / (time.perf_counter() - tic)}
+        log(metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+        save_step(step + 1, n_steps, optimizer, scheduler)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> dict:
+    args, preset = resolve(args)
+    if args.resume:
+        saved = Path(args.output_dir) / "resolved_config.json"
+        if not saved.exists():
+            raise InputError(f"--resume: {saved} not found; nothing to resume")
+        stored = json.loads(saved.read_text())
+        changed = {k for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
+        if changed:
+            raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
+    from transformers import AutoTokenizer
+
+    # Everything that can fail on bad input is checked before anything is written.
+    model_path = preset["path"]
+    if model_path.startswith((".", "/", "~")) and not Path(model_path).exists():
+        raise InputError(f"--model: {model_path!r} not found")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    template = args.chat_template or preset.get("chat_template")
+    if template:
+        tokenizer.chat_template = Path(template).read_text() if Path(template).suffix == ".jinja" else template
+    if not tokenizer.chat_template:
+        raise InputError(f"tokenizer of {model_path!r} has no chat template; pass --chat_template file.jinja")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # for generation; training batches are padded by collate()
+    rows, source = load_rows(args.dataset)
+    pairs, length_counts = build_dataset(rows, source, tokenizer, args)
+    dataset_preset = DATASETS.get(args.dataset, {})
+    reward_fn = load_reward_fn(args.reward_fn or dataset_preset.get("reward_fn")) if (args.reward_fn or dataset_preset.get("reward_fn")) else None
+    eval_file = args.eval_prompts or dataset_preset.get("eval")
+    eval_prompts = [json.loads(line)["prompt"] for line in open(eval_file)][: args.num_eval] if eval_file else []
+
+    # Runtime set-up
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    run_name = f"sera__{Path(args.model).name}__{args.seed}__{int(time.time())}"
+    out_dir = Path(args.output_dir or f"runs/{run_name}")
+    state_file = out_dir / "state.json"
+    state = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {"completed": 0, "eval": {}}
+    if rank() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "resolved_config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    if rank() == 0:
+        print(json.dumps(dataclasses.asdict(args), indent=2))
+    writer = None
+    if rank() == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tb"))
+        if args.track:
+            import wandb
+
+            wandb.init(project="selfpo", name=run_name, config=dataclasses.asdict(args))
+    global_step = [0]
+
+    def log(metrics: dict):
+        if rank() != 0:
+            return
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        step = global_step[0]
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key not in ("iteration", "step"):
+                writer.add_scalar(key, value, step)
+        if args.track:
+            import wandb
+
+            wandb.log(metrics, step=step)
+
+    log({"data/pairs": len(pairs), **{f"data/{k}": v for k, v in length_counts.items()}})
+    model_paths = {0: model_path}
+    for j in range(1, state["completed"] + 1):
+        model_paths[j] = str(out_dir / f"iter_{j}")
+    model = load_model(model_paths[state["completed"]], device)
+    cache_file = out_dir / "offline_logps.pt"
+    # offline_logps[j] = (S(theta_j, y_w), S(theta_j, y_l)) for every offline pair, computed while
+    # theta_j is the current model; they are the IRM inputs and the training reference.
+    offline_logps = torch.load(cache_file) if args.resume and cache_file.exists() else {}
+    offline_counts = torch.tensor([len(p["chosen_ids"]) for p in pairs] + [len(p["rejected_ids"]) for p in pairs], dtype=torch.float64)
+    n_pairs = len(pairs)
+    k1 = math.ceil(args.rho_1 * n_pairs)
+    k2 = n_pairs - k1 if args.rho_2 is None else math.ceil(args.rho_2 * n_pairs)
+
+    if reward_fn and eval_prompts and "0" not in state["eval"]:
+        state["eval"]["0"] = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, model_paths[0])
+        log({"iteration": 0, "eval/reward": state["eval"]["0"]})
+        if rank() == 0:
+            print(f"iteration 0 (start): eval reward {state['eval']['0']:.3f} on {len(eval_prompts)} prompts")
+
+    steps_this_process = [0]
+    for t in range(state["completed"] + 1, args.iterations + 1):
+        prev = t - 1
+        # Log-probs of every offline pair under the current model theta_{t-1}, once per iteration.
+        if prev not in offline_logps:
+            sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+            logps, _ = score(model, sequences, args, tokenizer.pad_token_id, device, desc=f"score D under theta_{prev}")
+            offline_logps[prev] = logps
+            if rank() == 0:
+                torch.save(offline_logps, cache_file.with_suffix(".tmp"))
+                os.replace(cache_file.with_suffix(".tmp"), cache_file)
+        pairs_file = out_dir / f"pairs_iter_{t}.jsonl"
+        if args.resume and pairs_file.exists():  # the selection of an interrupted iteration, as it was
+            d_t = [json.loads(line) for line in open(pairs_file)]
+        elif t == 1:
+            # ALGO LOGIC: iteration 1 is a plain DAA epoch on all of D with the SFT reference (§3.4.9)
+            d_t = [dict(p, source="offline", margin=None, ref_chosen=float(offline_logps[0][i]),
+                        ref_rejected=float(offline_logps[0][n_pairs + i])) for i, p in enumerate(pairs)]
+        else:
+            # ALGO LOGIC: IRM-based off-policy selection (Algorithm 1 lines 7-8): keep the k1 pairs with
+            # the largest ensembled implicit reward margin m~_{t-1}(x, y_w, y_l) (eq. 5, 7)
+            rewards = ensemble_reward(prev, offline_logps, offline_counts, args)
+            irm = rewards[:n_pairs] - rewards[n_pairs:]
+            kept = top_k(irm, k1)
+            d_off = [dict(pairs[i], source="offline", margin=float(irm[i]), ref_chosen=float(offline_logps[prev][i]),
+                          ref_rejected=float(offline_logps[prev][n_pairs + i])) for i in kept]
+            stats = {"iteration": t, "irm/mean": float(irm.mean()), "irm/std": float(irm.std()),
+                     "irm/min": float(irm.min()), "irm/max": float(irm.max()),
+                     "irm/negative_fraction": float((irm < 0).double().mean()),
+                     "irm/kept_threshold": float(min(irm[i] for i in kept)), "data/offline_kept": len(d_off)}
+            if "flipped" in pairs[0]:
+                flipped = torch.tensor([p["flipped"] for p in pairs])
+                kept_mask = torch.zeros(n_pairs, dtype=torch.bool)
+                kept_mask[kept] = True
+                stats["data/flipped_kept_fraction"] = float(kept_mask[flipped].double().mean()) if flipped.any() else 0.0
+                stats["data/clean_kept_fraction"] = float(kept_mask[~flipped].double().mean())
+            # ALGO LOGIC: IRM-based preference bootstrapping (lines 9-16): n_cand samples per distinct
+            # prompt from theta_{t-1}; chosen = argmax, rejected = argmin of r~_{t-1}; top k2 by margin
+            prompts, seen = [], set()
+            for p in pairs:
+                key = json.dumps(p["prompt"])
+                if key not in seen:
+                    seen.add(key)
+                    prompts.append(p["prompt"])
+            samples = generate(model, tokenizer, prompts, args.n_cand, args.sample_temperature, args.sample_top_p,
+                               args, device, seed=args.seed * 1000 + t, model_path=model_paths[prev], desc="bootstrap samples")
+            candidates, unfinished = [], 0
+            for prompt_samples in samples:
+                texts = []
+                for text, finished in prompt_samples:
+                    unfinished += not finished
+                    if finished and text and text not in texts:  # distinct, complete samples only
+                        texts.append(text)
+                candidates.append(texts)
+            flat = [(pi, text) for pi, texts in enumerate(candidates) if len(texts) >= 2 for text in texts]
+            sequences, keep = [], []
+            for pi, text in flat:
+                fitted = fit(*encode(tokenizer, prompts[pi], text), args, "generated sample", length_counts)
+                if fitted is not None:
+                    sequences.append(fitted)
+                    keep.append((pi, text))
+            cand_logps = {}
+            for j in sorted(reward_models(prev, args)):
+                scorer = model if j == prev else load_model(model_paths[j], device)
+                cand_logps[j], cand_counts = score(scorer, sequences, args, tokenizer.pad_token_id, device, desc=f"score samples under theta_{j}")
+                if scorer is not model:
+                    del scorer
+            if sequences:
+                cand_rewards = ensemble_reward(prev, cand_logps, cand_counts, args)
+            per_prompt: dict[int, list] = {}
+            for idx, (pi, text) in enumerate(keep):
+                per_prompt.setdefault(pi, []).append((text, idx))
+            boot = bootstrap_pairs(list(per_prompt), [[t_ for t_, _ in v] for v in per_prompt.values()],
+                                   [cand_rewards[[i for _, i in v]] for v in per_prompt.values()])
+            index_of = {(pi, text): idx for idx, (pi, text) in enumerate(keep)}
+            chosen_gen = top_k(torch.tensor([b["margin"] for b in boot]), min(k2, len(boot))) if boot else []
+            d_gen = []
+            for b in (boot[i] for i in chosen_gen):
+                ic, ir = index_of[(b["key"], b["chosen"])], index_of[(b["key"], b["rejected"])]
+                d_gen.append(dict(prompt=prompts[b["key"]], chosen=b["chosen"], rejected=b["rejected"], source="generated",
+                                  margin=b["margin"], prompt_ids=sequences[ic][0], chosen_ids=sequences[ic][1],
+                                  rejected_ids=sequences[ir][1], ref_chosen=float(cand_logps[prev][ic]),
+                                  ref_rejected=float(cand_logps[prev][ir])))
+            d_t = d_off + d_gen
+            gen_margins = torch.tensor([p["margin"] for p in d_gen] or [0.0])
+            stats.update({"data/generated_pairs": len(d_gen), "data/prompts_with_pair": len(boot),
+                          "data/samples_unfinished": unfinished, "bootstrap/margin_mean": float(gen_margins.mean())})
+            log(stats)
+            if rank() == 0:
+                print(f"iteration {t}: kept {len(d_off)}/{n_pairs} offline pairs (IRM >= {stats['irm/kept_threshold']:.3f}), "
+                      f"{len(d_gen)} generated pairs from {len(boot)} prompts"
+                      + (f"; flipped kept {stats['data/flipped_kept_fraction']:.2f} vs clean {stats['data/clean_kept_fraction']:.2f}"
+                         if "data/flipped_kept_fraction" in stats else ""))
+        if rank() == 0 and not (args.resume and pairs_file.exists()):
+            with open(pairs_file.with_suffix(".tmp"), "w") as f:
+                for p in d_t:
+                    f.write(json.dumps(p) + "\n")
+            os.replace(pairs_file.with_suffix(".tmp"), pairs_file)
+
+        # Resume inside the iteration from the last step checkpoint, if any.
+        partial = out_dir / f"iter_{t}_partial"
+        start_step, trainer_state = 0, None
+        if args.resume and partial.exists():
+            del model
+            model = load_model(str(partial), device)
+            trainer_state = torch.load(partial / f"trainer_state_rank{rank()}.pt", weights_only=False)
+            start_step = trainer_state["step"]
+        model = prepare_for_training(model, args)
+
+        def save_step(step, n_steps, optimizer, scheduler):
+            global_step[0] += 1
+            steps_this_process[0] += 1
+            if args.save_every and step % args.save_every == 0 and step < n_steps:
+                state_obj = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "step": step, "rng": torch.get_rng_state()}
+                tmp_state = out_dir / f".trainer_state_rank{rank()}.pt"
+                torch.save(state_obj, tmp_state)
+                save_atomic(model, tokenizer, partial)
+                if world() > 1:
+                    dist.barrier()
+                os.replace(tmp_state, partial / f"trainer_state_rank{rank()}.pt")
+            if args.stop_after_steps is not None and steps_this_process[0] >= args.stop_after_steps:
+                raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
+
+        model = train_iteration(model, d_t, t, args, device, tokenizer.pad_token_id, log, save_step, start_step, trainer_state)
+        model = save_atomic(model, tokenizer, out_dir / f"iter_{t}")
+        shutil.rmtree(partial, ignore_errors=True)
+        model_paths[t] = str(out_dir / f"iter_{t}")
+        if world() > 1 and args.lora_r == 0:  # an unsharded copy per rank for generation and scoring
+            del model
+            model = load_model(model_paths[t], device)
+        # The reference of iteration t+1 is theta_t: its log-probs are computed at the top of the loop.
+        if reward_fn and eval_prompts:
+            state["eval"][str(t)] = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, model_paths[t])
+            log({"iteration": t, "eval/reward": state["eval"][str(t)]})
+            if rank() == 0:
+                print(f"iteration {t}: eval reward {state['eval'][str(t)]:.3f}")
+        state["completed"] = t
+        if rank() == 0:
+            state_file.with_suffix(".tmp").write_text(json.dumps(state))
+            os.replace(state_file.with_suffix(".tmp"), state_file)
+    if writer is not None:
+        writer.close()
+    return state
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except InputError as err:
+        sys.exit(f"sera.py: error: {err}")
+    except KeyboardInterrupt as err:
+        sys.exit(f"sera.py: interrupted ({err}); continue with --resume --output_dir <same dir>")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
