@@ -162,8 +162,9 @@ class InputError(ValueError):
 def resolve(args: Args) -> tuple[Args, dict]:
     if args.model in MODELS:
         preset = dict(MODELS[args.model])
-    elif args.model.startswith((".", "/", "~")) and not Path(args.model).expanduser().exists():
-        raise InputError(f"--model: path {args.model!r} not found (or use a preset: {', '.join(MODELS)})")
+    elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
+        raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(MODELS)}), "
+                         "an existing local path, nor a hub id of the form org/name")
     else:
         preset = dict(MODELS["toy"], path=args.model, dataset=None, chat_template=None, long_prompts="skip")
     filled = {k: preset[k] for k in ("lr", "batch_size", "grad_accum", "lora_r", "max_length", "max_prompt_length",
@@ -524,6 +525,25 @@ def ensemble_reward(j: int, logps: dict, counts: torch.Tensor, args: Args) -> to
     return reward
 
 
+def selection_sizes(n_pairs: int, rho_1: float, rho_2: float | None) -> tuple[int, int]:
+    """k1 = ceil(rho_1 N) offline pairs; k2 = N - k1 generated ("SeRA", k1 + k2 = N) or ceil(rho_2 N)."""
+    k1 = math.ceil(rho_1 * n_pairs)
+    return k1, (n_pairs - k1 if rho_2 is None else math.ceil(rho_2 * n_pairs))
+
+
+def distinct_samples(samples: list[list[tuple[str, bool]]]) -> tuple[list[list[str]], int]:
+    """Per prompt, the distinct non-empty samples that ended with EOS (§3.4.6); and the count of unfinished ones."""
+    candidates, unfinished = [], 0
+    for prompt_samples in samples:
+        texts = []
+        for text, finished in prompt_samples:
+            unfinished += not finished
+            if finished and text and text not in texts:
+                texts.append(text)
+        candidates.append(texts)
+    return candidates, unfinished
+
+
 def top_k(margins: torch.Tensor, k: int) -> list[int]:
     """Indices of the k largest margins; ties broken by original index (stable, deterministic)."""
     order = sorted(range(len(margins)), key=lambda i: (-float(margins[i]), i))
@@ -590,6 +610,22 @@ def evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, model_path
     return sum(reward_fn(p, s[0][0]) for p, s in zip(eval_prompts, samples)) / len(eval_prompts)
 
 
+def daa_losses(logps, ref_logps, counts, args: Args):
+    """Per-pair DAA loss and implicit rewards for [chosen; rejected] summed log-probs (SeRA eq. 6, 8, 9, 18).
+
+    DPO softplus(-beta h), IPO (h - 1/(2 beta))^2, SLiC-HF max(0, 1 - beta h), SimPO on averaged log-probs.
+    """
+    n = len(logps) // 2
+    if args.loss == "simpo" or args.length_norm == "avg":
+        logps, ref_logps = logps / counts, ref_logps / counts
+    losses = pair_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], kind=args.loss, beta=args.beta,
+                       gamma=args.gamma, reduction="none")
+    with torch.no_grad():
+        if args.loss == "simpo":
+            return losses, args.beta * logps[:n], args.beta * logps[n:]
+        return losses, args.beta * (logps[:n] - ref_logps[:n]), args.beta * (logps[n:] - ref_logps[n:])
+
+
 # ---------------------------------------------------------------------------------------------
 # One DAA epoch on D_t (reference log-probs precomputed, so no reference model in memory)
 
@@ -631,17 +667,11 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id
             counts = (batch["labels"][:, 1:] != -100).sum(1).float()
             ref = torch.tensor([p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
                                device=device, dtype=torch.float32)
-            if use_avg:
-                logps, ref = logps / counts, ref / counts
-            kind = {"dpo": "dpo", "ipo": "ipo", "hinge": "hinge", "simpo": "simpo"}[args.loss]
-            losses = pair_loss(logps[:n], logps[n:], ref[:n], ref[n:], kind=kind, beta=args.beta, gamma=args.gamma,
-                               reduction="none")
+            losses, chosen_reward, rejected_reward = daa_losses(logps, ref, counts, args)
             (losses.sum() / (micro * args.grad_accum)).backward()
             with torch.no_grad():
-                if args.loss == "simpo":
-                    chosen_reward, rejected_reward = args.beta * logps[:n], args.beta * logps[n:]
-                else:
-                    chosen_reward, rejected_reward = args.beta * (logps[:n] - ref[:n]), args.beta * (logps[n:] - ref[n:])
+                if use_avg:
+                    logps = logps / counts
                 margin = chosen_reward - rejected_reward
                 sums = [a + b for a, b in zip(sums, [losses.sum().item(), chosen_reward.sum().item(),
                         rejected_reward.sum().item(), margin.sum().item(), (margin > 0).float().sum().item(),
@@ -758,8 +788,7 @@ def main(args: Args) -> dict:
     offline_logps = torch.load(cache_file) if args.resume and cache_file.exists() else {}
     offline_counts = torch.tensor([len(p["chosen_ids"]) for p in pairs] + [len(p["rejected_ids"]) for p in pairs], dtype=torch.float64)
     n_pairs = len(pairs)
-    k1 = math.ceil(args.rho_1 * n_pairs)
-    k2 = n_pairs - k1 if args.rho_2 is None else math.ceil(args.rho_2 * n_pairs)
+    k1, k2 = selection_sizes(n_pairs, args.rho_1, args.rho_2)
 
     if reward_fn and eval_prompts and "0" not in state["eval"]:
         state["eval"]["0"] = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, model_paths[0])
@@ -805,22 +834,11 @@ def main(args: Args) -> dict:
                 stats["data/clean_kept_fraction"] = float(kept_mask[~flipped].double().mean())
             # ALGO LOGIC: IRM-based preference bootstrapping (lines 9-16): n_cand samples per distinct
             # prompt from theta_{t-1}; chosen = argmax, rejected = argmin of r~_{t-1}; top k2 by margin
-            prompts, seen = [], set()
-            for p in pairs:
-                key = json.dumps(p["prompt"])
-                if key not in seen:
-                    seen.add(key)
-                    prompts.append(p["prompt"])
+            prompts = list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values()) if k2 > 0 else []
             samples = generate(model, tokenizer, prompts, args.n_cand, args.sample_temperature, args.sample_top_p,
-                               args, device, seed=args.seed * 1000 + t, model_path=model_paths[prev], desc="bootstrap samples")
-            candidates, unfinished = [], 0
-            for prompt_samples in samples:
-                texts = []
-                for text, finished in prompt_samples:
-                    unfinished += not finished
-                    if finished and text and text not in texts:  # distinct, complete samples only
-                        texts.append(text)
-                candidates.append(texts)
+                               args, device, seed=args.seed * 1000 + t, model_path=model_paths[prev],
+                               desc="bootstrap samples") if prompts else []
+            candidates, unfinished = distinct_samples(samples)
             flat = [(pi, text) for pi, texts in enumerate(candidates) if len(texts) >= 2 for text in texts]
             sequences, keep = [], []
             for pi, text in flat:
@@ -829,7 +847,7 @@ def main(args: Args) -> dict:
                     sequences.append(fitted)
                     keep.append((pi, text))
             cand_logps = {}
-            for j in sorted(reward_models(prev, args)):
+            for j in sorted(reward_models(prev, args)) if sequences else []:
                 scorer = model if j == prev else load_model(model_paths[j], device)
                 cand_logps[j], cand_counts = score(scorer, sequences, args, tokenizer.pad_token_id, device, desc=f"score samples under theta_{j}")
                 if scorer is not model:
