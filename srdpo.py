@@ -1,0 +1,804 @@
+"""Sr-DPO / Sr-IPO: direct alignment with quality-aware self-refinement.
+
+Yu, Wang, Jiao, Zhang, Kwok, "Direct Alignment of Language Models via Quality-Aware
+Self-Refinement", arXiv 2405.21040 (ALGORITHMS.md §5). Offline DPO / IPO in which each pair's
+required margin is shifted by the policy's own, gradient-free estimate of how much better the
+chosen answer is: the same pair re-scored, with the current weights, after a "usefulness 100 out
+of 100" instruction is prepended to the query (eq. 12-15, Algorithms 1-2).
+
+    python srdpo.py                                         # toy world on CPU, minutes
+    python srdpo.py --model pythia-2.8b --dataset hh-rlhf   # setting A (pass your HH SFT with --model ./sft)
+    python srdpo.py --model zephyr-7b --loss sr_ipo         # setting B: zephyr-7b-sft-full on UltraFeedback
+    python srdpo.py --lam 0                                 # exactly plain DPO / IPO (the ablation baseline)
+    torchrun --nproc-per-node 8 srdpo.py --model zephyr-7b --output_dir runs/srdpo-z7
+
+Under torchrun, full fine-tuning shards the policy with FSDP2 (`fully_shard`); with LoRA the
+frozen base is replicated and the adapter gradients are averaged across ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import tyro
+from tqdm import tqdm
+
+from kernels import causal_lm_logps, pair_loss
+
+HERE = Path(__file__).resolve().parent
+TOY = HERE / "assets" / "toy"
+
+# The paper's refinement prompt p, verbatim (§3.2.2). The augmented query is p, one space, x [ours].
+REFINE_PROMPT = (
+    "Please generate a response with a usefulness rating of 100 out of 100 for the following query. "
+    "Note that the response should be harmless. The term 100 indicates the level of usefulness, "
+    "where 100 is the maximum and 1 is the minimum. Query:"
+)
+
+# Human/Assistant format for base models without a chat template (HH-RLHF style) [ours].
+HH_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] + eos_token }}"
+    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
+)
+
+# §4.1 of the paper: beta 0.1, lr 5e-7, RMSprop, batch 64, gradient-norm clipping, max input 512.
+# Epochs, schedule and warmup are not stated: 1 epoch, constant after 10% linear warmup [ours].
+MODELS = {
+    "toy": dict(  # the shipped tiny model; learning rate scaled to it [ours]
+        path=str(TOY / "model"), dataset="toy", lr=1e-4, optimizer="rmsprop", global_batch=16, batch_size=16,
+        max_length=96, max_prompt_length=64, max_new_tokens=24, long_prompts="error", num_eval=200, eval_pairs=200),
+    "pythia-2.8b": dict(  # setting A: the paper SFTs Pythia-2.8B on HH-RLHF first (pass it with --model ./sft)
+        path="EleutherAI/pythia-2.8b", dataset="hh-rlhf", chat_template=HH_TEMPLATE, lr=5e-7, optimizer="rmsprop",
+        global_batch=64, batch_size=4, max_length=512, max_prompt_length=256, max_new_tokens=256,
+        long_prompts="skip", num_eval=0, eval_pairs=0),
+    "zephyr-7b": dict(  # setting B
+        path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback", lr=5e-7, optimizer="rmsprop",
+        global_batch=64, batch_size=4, max_length=512, max_prompt_length=256, max_new_tokens=256,
+        long_prompts="skip", num_eval=0, eval_pairs=0),
+}
+
+DATASETS = {
+    "ultrafeedback": dict(path="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs"),
+    "hh-rlhf": dict(path="Anthropic/hh-rlhf", split="train"),
+    "tldr": dict(path="openai/summarize_from_feedback", name="comparisons", split="train"),
+    "toy": dict(path=str(TOY / "data" / "prefs.jsonl"), eval=str(TOY / "data" / "eval.jsonl"),
+                reward_fn=f"{TOY / 'oracle.py'}:score"),
+}
+
+
+@dataclass
+class Args:
+    model: str = "toy"
+    """preset (toy, pythia-2.8b, zephyr-7b), hub id or local path"""
+    dataset: str | None = None
+    """preset (ultrafeedback, hh-rlhf, tldr, toy) or a local jsonl/json/parquet file or save_to_disk folder"""
+    loss: Literal["sr_dpo", "sr_ipo"] = "sr_dpo"
+    """Sr-DPO (eq. 13) or Sr-IPO (eq. 15)"""
+    lam: float = 0.5
+    """lambda, weight of the refinement margin; 0 gives plain DPO / IPO [ours: middle of the paper's grid]"""
+    beta: float = 0.1
+    refine_prompt: str = REFINE_PROMPT
+    """the refinement prompt p (the paper's text by default)"""
+    length_norm: Literal["sum", "avg"] = "sum"
+    """log-prob convention; the paper sums for both losses"""
+    lr: float | None = None
+    optimizer: Literal["rmsprop", "adamw"] | None = None
+    global_batch: int | None = None
+    """pairs per optimizer step over all ranks (the paper: 64)"""
+    batch_size: int | None = None
+    """pairs per device per micro-batch; gradient accumulation = global_batch / (batch_size * ranks)"""
+    epochs: int = 1
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int | None = None
+    """prompt + response tokens; the refinement prompt's tokens come on top"""
+    max_prompt_length: int | None = None
+    max_new_tokens: int | None = None
+    long_prompts: Literal["error", "skip", "truncate"] | None = None
+    """prompts over max_prompt_length: fail, drop the pair (counted), or keep the prompt's end"""
+    num_pairs: int | None = None
+    """use only the first N pairs (after the held-out ones)"""
+    eval_pairs: int | None = None
+    """hold out the first N pairs: their final margin h is correlated with the data's score gap"""
+    lora_r: int = 0
+    """> 0 trains a LoRA adapter (merged into the saved checkpoint; needs peft)"""
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    gradient_checkpointing: bool = False
+    chat_template: str | None = None
+    """jinja file for tokenizers without a chat template"""
+    reward_fn: str | None = None
+    """path/to/file.py:function(prompt, response) -> float, the evaluation score (toy oracle by default)"""
+    eval_prompts: str | None = None
+    """jsonl with a 'prompt' column; default: the dataset preset's held-out prompts"""
+    num_eval: int | None = None
+    eval_temperature: float = 1.0
+    output_dir: str | None = None
+    seed: int = 0
+    resume: bool = False
+    """continue the run in --output_dir from its last saved step"""
+    save_every: int = 0
+    """save a resumable checkpoint every N optimizer steps (0 = only at the end)"""
+    stop_after_steps: int | None = None
+    """stop (as if interrupted) after this many optimizer steps in this process; for testing --resume"""
+    track: bool = False
+    """log to wandb"""
+    scoring_batch_size: int = 32
+
+
+class InputError(ValueError):
+    """Bad user input: printed as one line, no traceback, nothing written."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+def resolve(args: Args) -> tuple[Args, dict]:
+    if args.model in MODELS:
+        preset = dict(MODELS[args.model])
+    elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
+        raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(MODELS)}), "
+                         "an existing local path, nor a hub id of the form org/name")
+    else:
+        preset = dict(MODELS["toy"], path=args.model, dataset=None, long_prompts="skip", num_eval=0, eval_pairs=0)
+    filled = {k: preset[k] for k in ("lr", "optimizer", "global_batch", "batch_size", "max_length", "max_prompt_length",
+                                      "max_new_tokens", "long_prompts", "num_eval", "eval_pairs")
+              if getattr(args, k) is None}
+    if args.dataset is None:
+        if preset["dataset"] is None:
+            raise InputError("--dataset is required with a custom --model")
+        filled["dataset"] = preset["dataset"]
+    args = dataclasses.replace(args, **filled)
+    checks = [
+        (args.lam >= 0, f"--lam must be >= 0, got {args.lam}"),
+        (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
+        (args.refine_prompt.strip() != "", "--refine_prompt is empty; use --lam 0 for plain DPO / IPO"),
+        (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+        (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
+        (args.batch_size >= 1 and args.global_batch >= args.batch_size,
+         f"--global_batch ({args.global_batch}) must be >= --batch_size ({args.batch_size}) >= 1"),
+        (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
+        (args.num_pairs is None or args.num_pairs >= 2, "--num_pairs must be >= 2"),
+        (args.eval_pairs >= 0, "--eval_pairs must be >= 0"),
+        (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
+        (args.save_every == 0 or args.lora_r == 0, "--save_every is not supported with LoRA"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+    return args, preset
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: every supported schema becomes {"prompt": [messages], "chosen": str, "rejected": str}
+
+
+def load_rows(spec: str) -> tuple[list[dict], str]:
+    import datasets
+
+    if spec in DATASETS:
+        info = DATASETS[spec]
+        spec = info["path"]
+        if not spec.endswith(".jsonl"):
+            return list(datasets.load_dataset(spec, info.get("name"), split=info["split"])), spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/", "~")):
+            raise InputError(f"--dataset: path {spec!r} not found (or use a preset: {', '.join(DATASETS)})")
+        raise InputError(f"--dataset: unknown preset or path {spec!r}; presets: {', '.join(DATASETS)}")
+    if path.is_dir():
+        data = datasets.load_from_disk(str(path))
+        data = data["train"] if isinstance(data, datasets.DatasetDict) else data
+    elif path.suffix in (".jsonl", ".json"):
+        data = datasets.load_dataset("json", data_files=str(path), split="train")
+    elif path.suffix == ".parquet":
+        data = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    else:
+        raise InputError(f"--dataset: {spec!r} is not a .jsonl, .json, .parquet file or a save_to_disk folder")
+    return list(data), str(path)
+
+
+def _text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{where} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InputError(f"{where} is empty")
+    return value
+
+
+def _messages(value, where: str) -> list[dict]:
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+        raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
+    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content")}
+            for i, m in enumerate(value)]
+
+
+def _hh_turns(text: str, where: str) -> list[dict]:
+    parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where))
+    if len(parts) < 3 or parts[0].strip():
+        raise InputError(f"{where} is not in HH-RLHF format ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
+    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def parse_pair(row: dict, where: str) -> dict:
+    """UltraFeedback messages, HH-RLHF raw text, TL;DR comparisons, or prompt/chosen/rejected strings."""
+    if "summaries" in row and "choice" in row:  # openai/summarize_from_feedback, comparisons
+        info = row.get("info") or {}
+        post = _text(info.get("post"), f"{where}: 'info.post'")
+        prompt = f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {post}\n\nTL;DR:"
+        if row["choice"] not in (0, 1) or len(row["summaries"]) != 2:
+            raise InputError(f"{where}: 'choice' must be 0 or 1 with two 'summaries'")
+        texts = [_text(s.get("text"), f"{where}: 'summaries[{i}].text'").strip() for i, s in enumerate(row["summaries"])]
+        out = {"prompt": [{"role": "user", "content": prompt}], "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]}
+    else:
+        for column in ("chosen", "rejected"):
+            if column not in row:
+                raise InputError(f"{where}: missing column '{column}' (columns: {', '.join(sorted(row))})")
+        if isinstance(row["chosen"], list):  # UltraFeedback: full conversations
+            chosen = _messages(row["chosen"], f"{where}: 'chosen'")
+            rejected = _messages(row["rejected"], f"{where}: 'rejected'")
+            if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+                raise InputError(f"{where}: the last message of 'chosen' and 'rejected' must be the assistant's")
+            prompt = chosen[:-1]
+            out = {"prompt": prompt, "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+        elif isinstance(row["chosen"], str) and "\n\nHuman:" in row["chosen"]:  # Anthropic/hh-rlhf
+            chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
+            rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
+            if chosen[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1]:
+                raise InputError(f"{where}: 'chosen' and 'rejected' must share the conversation up to the last Assistant turn")
+            out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+        else:  # plain strings
+            if "prompt" not in row:
+                raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
+            out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
+                   "chosen": _text(row["chosen"], f"{where}: 'chosen'"), "rejected": _text(row["rejected"], f"{where}: 'rejected'")}
+        if not out["prompt"] or out["prompt"][-1]["role"] != "user":
+            raise InputError(f"{where}: the prompt must end with a user message")
+    for side in ("chosen", "rejected"):
+        _text(out[side], f"{where}: '{side}' response")
+    if out["chosen"].strip() == out["rejected"].strip():
+        raise InputError(f"{where}: 'chosen' and 'rejected' responses are identical")
+    if "flipped" in row:  # toy data: which labels were deliberately swapped
+        out["flipped"] = bool(row["flipped"])
+    return out
+
+
+def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of the templated prompt (ending with the assistant header) and of the response
+    (the rest of the templated conversation, ending with the end-of-turn token)."""
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if response is None:
+        return prompt_ids, []
+    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+    if not full.startswith(prompt_text):
+        raise InputError("the chat template renders the prompt differently with and without the assistant turn")
+    response_ids = tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"]
+    if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
+        response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
+    return prompt_ids, response_ids
+
+
+def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple[list[int], list[int]] | None:
+    """Apply the length limits: long prompts per --long_prompts, long responses truncated (counted)."""
+    if len(prompt_ids) > args.max_prompt_length:
+        if args.long_prompts == "error":
+            raise InputError(f"{where}: prompt has {len(prompt_ids)} tokens, over --max_prompt_length "
+                             f"{args.max_prompt_length} (see --long_prompts skip|truncate)")
+        if args.long_prompts == "skip":
+            counts["long_prompt_skipped"] = counts.get("long_prompt_skipped", 0) + 1
+            return None
+        counts["long_prompt_truncated"] = counts.get("long_prompt_truncated", 0) + 1
+        prompt_ids = prompt_ids[-args.max_prompt_length:]
+    budget = args.max_length - len(prompt_ids)
+    if len(response_ids) > budget:
+        counts["response_truncated"] = counts.get("response_truncated", 0) + 1
+        response_ids = response_ids[:budget]
+    return prompt_ids, response_ids
+
+
+def augment(prompt: list[dict], refine_prompt: str) -> list[dict]:
+    """p (+) x: the refinement prompt, one space, then the last user turn (§5.1; separator ours)."""
+    last = prompt[-1]
+    return prompt[:-1] + [{"role": last["role"], "content": f"{refine_prompt} {last['content']}"}]
+
+
+def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple[list[dict], dict]:
+    """Token ids of each pair on the plain context x and the augmented context p (+) x."""
+    pairs, counts = [], {}
+    refine_tokens = len(tokenizer(args.refine_prompt + " ", add_special_tokens=False)["input_ids"])
+    # The refinement prompt's tokens are added to the length budget instead of cutting the query (§5.5.3).
+    aug_args = dataclasses.replace(args, max_prompt_length=args.max_prompt_length + refine_tokens + 4,
+                                   max_length=args.max_length + refine_tokens + 4, long_prompts="truncate")
+    limit = args.eval_pairs + args.num_pairs if args.num_pairs else None
+    for index, row in enumerate(rows[:limit]):
+        where = f"dataset {source} row {index}"
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected an object, got {type(row).__name__}")
+        pair = parse_pair(row, where)
+        encoded = {}
+        for side in ("chosen", "rejected"):
+            plain = fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, counts)
+            if plain is None:
+                break
+            aug = fit(*encode(tokenizer, augment(pair["prompt"], args.refine_prompt), pair[side]), aug_args,
+                      where + " (with the refinement prompt)", counts)
+            encoded[side] = (plain, aug)
+        if len(encoded) < 2:
+            continue
+        gap = row.get("score_chosen", 0) - row.get("score_rejected", 0) if "score_chosen" in row else None
+        pairs.append(dict(pair, index=index, score_gap=gap, prompt_ids=encoded["chosen"][0][0],
+                          chosen_ids=encoded["chosen"][0][1], rejected_ids=encoded["rejected"][0][1],
+                          aug_prompt_ids=encoded["chosen"][1][0], aug_chosen_ids=encoded["chosen"][1][1],
+                          aug_rejected_ids=encoded["rejected"][1][1]))
+    if len(pairs) < args.eval_pairs + 2:
+        raise InputError(f"dataset {source}: {len(pairs)} usable pairs, need at least --eval_pairs + 2 = "
+                         f"{args.eval_pairs + 2} ({counts})")
+    return pairs, counts
+
+
+def load_reward_fn(spec: str):
+    path, _, name = spec.rpartition(":")
+    if not path or not name:
+        raise InputError(f"--reward_fn must look like path/to/file.py:function, got {spec!r}")
+    if not Path(path).exists():
+        raise InputError(f"--reward_fn: file {path!r} not found")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem + "_reward", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, name, None)):
+        raise InputError(f"--reward_fn: {path!r} has no function {name!r}")
+    return getattr(module, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers (single process unless launched by torchrun)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def shard(items: list) -> tuple[list, int]:
+    """This rank's share, padded (with its last item) so every rank runs the same number of batches."""
+    per_rank = math.ceil(len(items) / world())
+    mine = items[rank() * per_rank: (rank() + 1) * per_rank]
+    real = len(mine)
+    return mine + [items[-1]] * (per_rank - real), real
+
+
+def gather(values: list) -> list:
+    if world() == 1:
+        return values
+    out = [None] * world()
+    dist.all_gather_object(out, values)
+    return [v for part in out for v in part]
+
+
+def all_sum(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if world() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def load_model(path: str, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+
+
+def prepare_for_training(model, args: Args):
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora_r > 0:
+        try:
+            import peft
+        except ImportError:
+            raise InputError("--lora_r > 0 needs peft: pip install 'selfpo[lora]'") from None
+        config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, config)
+    elif world() > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        layer_types = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in layer_types:
+                fully_shard(module)
+        # The root keeps embeddings, final norm and lm_head gathered from forward until backward:
+        # the fused log-prob kernel reads lm_head.weight after the model's forward returns.
+        fully_shard(model, reshard_after_forward=False)
+    model.train()
+    return model
+
+
+def full_state_dict(model) -> dict:
+    if world() > 1 and not hasattr(model, "peft_config"):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict()
+
+
+def save_atomic(model, tokenizer, directory: Path):
+    """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint."""
+    if hasattr(model, "peft_config"):
+        model = model.merge_and_unload()
+    state = full_state_dict(model)
+    if rank() == 0:
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    if world() > 1:
+        dist.barrier()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs: chosen and rejected concatenated in one forward, through the fused kernel
+
+
+def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
+    """Right-padded input_ids / attention_mask / labels (-100 on prompt and padding)."""
+    length = max(len(p) + len(r) for p, r in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, (prompt, response) in enumerate(sequences):
+        n = len(prompt) + len(response)
+        ids[i, :n] = torch.tensor(prompt + response)
+        labels[i, len(prompt):n] = torch.tensor(response)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+@torch.no_grad()
+def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_id: int, device, desc: str):
+    """Summed log-probs and response lengths [n] of (prompt_ids, response_ids) under `model`, all ranks."""
+    model.eval()
+    mine, real = shard(list(enumerate(sequences)))
+    logps, counts = [], []
+    for start in tqdm(range(0, len(mine), args.scoring_batch_size), desc=desc, disable=rank() != 0, leave=False):
+        batch = collate([s for _, s in mine[start:start + args.scoring_batch_size]], pad_id, device)
+        out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logps += out.tolist()
+        counts += (batch["labels"][:, 1:] != -100).sum(1).tolist()
+    model.train()
+    merged = {i: (lp, c) for i, lp, c in gather([(i, lp, c) for (i, _), lp, c in zip(mine[:real], logps, counts)])}
+    order = [merged[i] for i in range(len(sequences))]
+    return (torch.tensor([o[0] for o in order], dtype=torch.float64),
+            torch.tensor([o[1] for o in order], dtype=torch.float64))
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: sample one answer per held-out prompt and score it with the reward function
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, eval_prompts: list[str], reward_fn, args: Args, device) -> float:
+    model.eval()
+    torch.manual_seed(args.seed + 10_000 + rank())
+    mine, real = shard(eval_prompts)
+    scores = []
+    for start in tqdm(range(0, len(mine), args.scoring_batch_size), desc="eval", disable=rank() != 0, leave=False):
+        prompts = mine[start:start + args.scoring_batch_size]
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                 for p in prompts]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out = model.generate(**enc, do_sample=args.eval_temperature > 0, temperature=args.eval_temperature or None,
+                             top_p=1.0, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        for prompt, row in zip(prompts, out[:, enc["input_ids"].shape[1]:].tolist()):
+            scores.append(reward_fn(prompt, tokenizer.decode(row, skip_special_tokens=True).strip()))
+    model.train()
+    scores = gather(scores[:real])
+    return sum(scores) / len(scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# ALGO LOGIC: one Sr-DPO / Sr-IPO step (Algorithms 1-2, lines 4-7)
+
+
+def sr_losses(model, batch_pairs: list[dict], args: Args, device, pad_id: int) -> dict:
+    """Per-pair losses (with grad) and the step's diagnostics for a micro-batch of pairs."""
+    n = len(batch_pairs)
+    ref = torch.tensor([p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
+                       dtype=torch.float32, device=device)
+    tic = time.perf_counter()
+    aug_h = torch.zeros(n, device=device)
+    if args.lam > 0:
+        # lines 4-5: S(pi_t, y | p (+) x) with the CURRENT weights, no grad, eval mode (never cached);
+        # Delta = beta * [(a_w - S_ref(y_w | p(+)x)) - (a_l - S_ref(y_l | p(+)x))]   (eq. 12)
+        model.eval()
+        with torch.no_grad():
+            aug_batch = collate([(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in batch_pairs]
+                                + [(p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in batch_pairs], pad_id, device)
+            aug, _ = causal_lm_logps(model, aug_batch["input_ids"], aug_batch["attention_mask"], aug_batch["labels"])
+            aug_ref = torch.tensor([p["ref_aug_chosen"] for p in batch_pairs] + [p["ref_aug_rejected"] for p in batch_pairs],
+                                   dtype=torch.float32, device=device)
+            if args.length_norm == "avg":
+                aug_counts = (aug_batch["labels"][:, 1:] != -100).sum(1)
+                aug, aug_ref = aug / aug_counts, aug_ref / aug_counts
+            aug_h = (aug[:n] - aug_ref[:n]) - (aug[n:] - aug_ref[n:])
+        model.train()
+    refine_seconds = time.perf_counter() - tic
+    delta = args.beta * aug_h
+    # line 6: h(x) on the plain context, with grad (chosen and rejected in one forward)
+    batch = collate([(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
+                    + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs], pad_id, device)
+    logps, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    if args.length_norm == "avg":
+        counts = (batch["labels"][:, 1:] != -100).sum(1)
+        logps, ref = logps / counts, ref / counts
+    # line 7: Sr-DPO softplus(-(beta h - lambda Delta)) / Sr-IPO (h - lambda Delta - 1/(2 beta))^2, Delta constant
+    losses = pair_loss(logps[:n], logps[n:], ref[:n], ref[n:], kind=args.loss, beta=args.beta,
+                       offset=args.lam * delta, reduction="none")
+    h = ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:])).detach()
+    return {"losses": losses, "h": h, "delta": delta, "aug_h": aug_h, "logps": logps.detach(),
+            "refine_seconds": refine_seconds, "tokens": int(batch["attention_mask"].sum())}
+
+
+def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_step, start_step=0, trainer_state=None):
+    from transformers import get_constant_schedule_with_warmup
+
+    local_batch = args.batch_size * world()
+    grad_accum = max(1, args.global_batch // local_batch)
+    per_step = args.batch_size * grad_accum * world()
+    order = []
+    for epoch in range(args.epochs):
+        order += torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
+    n_steps = max(1, len(order) // per_step)
+    used = order[: n_steps * per_step]
+    local = used[rank()::world()]
+    micro = max(1, math.ceil(len(local) / (n_steps * grad_accum)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (torch.optim.RMSprop(trainable, lr=args.lr) if args.optimizer == "rmsprop"
+                 else torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0))
+    scheduler = get_constant_schedule_with_warmup(optimizer, int(args.warmup_ratio * n_steps))
+    if trainer_state is not None:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+    log({"train/pairs": len(pairs), "train/steps": n_steps, "train/grad_accum": grad_accum,
+         "train/pairs_dropped_remainder": len(order) - len(used)})
+    bar = tqdm(range(start_step, n_steps), desc="train", disable=rank() != 0)
+    for step in bar:
+        tic, sums = time.perf_counter(), [0.0] * 14
+        for accum in range(grad_accum):
+            offset = (step * grad_accum + accum) * micro
+            batch_pairs = [pairs[i] for i in local[offset: offset + micro]]
+            if not batch_pairs:
+                continue
+            out = sr_losses(model, batch_pairs, args, device, pad_id)
+            (out["losses"].sum() / (micro * grad_accum)).backward()
+            n, h, logps = len(batch_pairs), out["h"], out["logps"]
+            chosen_reward = args.beta * (logps[:n] - torch.tensor([p["ref_chosen"] for p in batch_pairs], device=device))
+            rejected_reward = chosen_reward - args.beta * h
+            sums = [a + b for a, b in zip(sums, [
+                out["losses"].sum().item(), chosen_reward.sum().item(), rejected_reward.sum().item(),
+                (args.beta * h).sum().item(), (h > 0).float().sum().item(), logps[:n].sum().item(),
+                logps[n:].sum().item(), h.sum().item(), out["delta"].sum().item(), (out["aug_h"] > 0).float().sum().item(),
+                float(n), float(out["tokens"]), out["refine_seconds"], 0.0])]
+        if world() > 1 and args.lora_r > 0:  # replicated base: average the adapter gradients
+            for p in trainable:
+                dist.all_reduce(p.grad)
+                p.grad /= world()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)  # "gradient normalization" (§4.1)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        step_seconds = time.perf_counter() - tic
+        total = all_sum(sums)
+        if not math.isfinite(total[0]):
+            raise RuntimeError(f"non-finite loss ({total[0]}) at step {step + 1}; stopping")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        count = total[10]
+        metrics = {"step": step + 1, "loss": total[0] / count, "rewards/chosen": total[1] / count,
+                   "rewards/rejected": total[2] / count, "rewards/margins": total[3] / count,
+                   "rewards/accuracies": total[4] / count, "logps/chosen": total[5] / count,
+                   "logps/rejected": total[6] / count, "h": total[7] / count, "delta": total[8] / count,
+                   "aug_accuracy": total[9] / count if args.lam > 0 else float("nan"),
+                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_sec": total[11] / step_seconds, "time/step_s": step_seconds,
+                   "time/refine_s": total[12] / world()}
+        log(metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+        save_step(step + 1, n_steps, optimizer, scheduler)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> dict:
+    args, preset = resolve(args)
+    if args.resume:
+        saved = Path(args.output_dir) / "resolved_config.json"
+        if not saved.exists():
+            raise InputError(f"--resume: {saved} not found; nothing to resume")
+        stored = json.loads(saved.read_text())
+        changed = {k for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
+        if changed:
+            raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
+    from transformers import AutoTokenizer
+
+    # Everything that can fail on bad input is checked before anything is written.
+    model_path = preset["path"]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    template = args.chat_template or preset.get("chat_template")
+    if template:
+        tokenizer.chat_template = Path(template).read_text() if Path(template).suffix == ".jinja" else template
+    if not tokenizer.chat_template:
+        raise InputError(f"tokenizer of {model_path!r} has no chat template; pass --chat_template file.jinja")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # for generation; training batches are padded by collate()
+    rows, source = load_rows(args.dataset)
+    pairs, length_counts = build_dataset(rows, source, tokenizer, args)
+    held_out, pairs = pairs[: args.eval_pairs], pairs[args.eval_pairs:]
+    dataset_preset = DATASETS.get(args.dataset, {})
+    reward_spec = args.reward_fn or dataset_preset.get("reward_fn")
+    reward_fn = load_reward_fn(reward_spec) if reward_spec else None
+    eval_file = args.eval_prompts or dataset_preset.get("eval")
+    eval_prompts = [json.loads(line)["prompt"] for line in open(eval_file)][: args.num_eval] if eval_file else []
+
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    run_name = f"srdpo__{Path(args.model).name}__{args.seed}__{int(time.time())}"
+    out_dir = Path(args.output_dir or f"runs/{run_name}")
+    state_file = out_dir / "state.json"
+    state = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {"done": False, "eval": {}}
+    if state["done"]:
+        if rank() == 0:
+            print(f"{out_dir} is complete: {state}")
+        return state
+    writer = None
+    if rank() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "resolved_config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        print(json.dumps(dataclasses.asdict(args), indent=2))
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tb"))
+        if args.track:
+            import wandb
+
+            wandb.init(project="selfpo", name=run_name, config=dataclasses.asdict(args))
+    counter = [0]
+
+    def log(metrics: dict):
+        if rank() != 0:
+            return
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                writer.add_scalar(key, value, counter[0])
+        if args.track:
+            import wandb
+
+            wandb.log(metrics, step=counter[0])
+
+    log({"data/pairs": len(pairs), "data/held_out_pairs": len(held_out), **{f"data/{k}": v for k, v in length_counts.items()}})
+    model = load_model(model_path, device)
+
+    # Reference log-probs on both contexts are fixed for the whole run: one pass, cached (Alg. 1 line 2).
+    cache_file = out_dir / "ref_logps.pt"
+    everything = held_out + pairs
+    if args.resume and cache_file.exists():
+        ref = torch.load(cache_file)
+    else:
+        sequences = ([(p["prompt_ids"], p["chosen_ids"]) for p in everything] + [(p["prompt_ids"], p["rejected_ids"]) for p in everything]
+                     + [(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in everything]
+                     + [(p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in everything])
+        ref, _ = score(model, sequences, args, tokenizer.pad_token_id, device, desc="reference log-probs")
+        if rank() == 0:
+            torch.save(ref, cache_file.with_suffix(".tmp"))
+            os.replace(cache_file.with_suffix(".tmp"), cache_file)
+    n = len(everything)
+    for i, p in enumerate(everything):
+        p.update(ref_chosen=float(ref[i]), ref_rejected=float(ref[n + i]),
+                 ref_aug_chosen=float(ref[2 * n + i]), ref_aug_rejected=float(ref[3 * n + i]))
+
+    if reward_fn and eval_prompts and "start" not in state["eval"]:
+        state["eval"]["start"] = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device)
+        log({"eval/reward_start": state["eval"]["start"]})
+        if rank() == 0:
+            print(f"start: eval reward {state['eval']['start']:.3f} on {len(eval_prompts)} prompts")
+
+    checkpoint = out_dir / "checkpoint"
+    start_step, trainer_state = 0, None
+    if args.resume and checkpoint.exists():
+        del model
+        model = load_model(str(checkpoint), device)
+        trainer_state = torch.load(checkpoint / f"trainer_state_rank{rank()}.pt", weights_only=False)
+        start_step = trainer_state["step"]
+        torch.set_rng_state(trainer_state["rng"])
+    model = prepare_for_training(model, args)
+    steps_this_process = [0]
+
+    def save_step(step, n_steps, optimizer, scheduler):
+        counter[0] += 1
+        steps_this_process[0] += 1
+        if args.save_every and step % args.save_every == 0 and step < n_steps:
+            tmp_state = out_dir / f".trainer_state_rank{rank()}.pt"
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                        "rng": torch.get_rng_state()}, tmp_state)
+            save_atomic(model, tokenizer, checkpoint)
+            os.replace(tmp_state, checkpoint / f"trainer_state_rank{rank()}.pt")
+            if world() > 1:
+                dist.barrier()
+        if args.stop_after_steps is not None and steps_this_process[0] >= args.stop_after_steps:
+            raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
+
+    model = train(model, pairs, args, device, tokenizer.pad_token_id, log, save_step, start_step, trainer_state)
+    model = save_atomic(model, tokenizer, out_dir / "final")
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    if world() > 1 and args.lora_r == 0:  # an unsharded copy per rank for evaluation
+        del model
+        model = load_model(str(out_dir / "final"), device)
+
+    # Held-out pairs: final margin h vs the data's score gap (the paper's Table 4 analogue).
+    if held_out:
+        sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in held_out] + [(p["prompt_ids"], p["rejected_ids"]) for p in held_out]
+        final, _ = score(model, sequences, args, tokenizer.pad_token_id, device, desc="held-out margins")
+        m = len(held_out)
+        h = (final[:m] - torch.tensor([p["ref_chosen"] for p in held_out], dtype=torch.float64)) - \
+            (final[m:] - torch.tensor([p["ref_rejected"] for p in held_out], dtype=torch.float64))
+        state["eval"]["held_out_accuracy"] = float((h > 0).double().mean())
+        if held_out[0]["score_gap"] is not None:
+            gap = torch.tensor([p["score_gap"] for p in held_out], dtype=torch.float64)
+            state["eval"]["margin_score_corr"] = float(torch.corrcoef(torch.stack([h, gap]))[0, 1])
+    if reward_fn and eval_prompts:
+        state["eval"]["final"] = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device)
+    log({f"eval/{k}": v for k, v in state["eval"].items()})
+    if rank() == 0:
+        print("final: " + ", ".join(f"{k} {v:.3f}" for k, v in state["eval"].items()))
+    state["done"] = True
+    if rank() == 0:
+        state_file.with_suffix(".tmp").write_text(json.dumps(state))
+        os.replace(state_file.with_suffix(".tmp"), state_file)
+        writer.close()
+    return state
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except InputError as err:
+        sys.exit(f"srdpo.py: error: {err}")
+    except KeyboardInterrupt as err:
+        sys.exit(f"srdpo.py: interrupted ({err}); continue with --resume --output_dir <same dir>")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
