@@ -55,22 +55,22 @@ MODELS = {
     "toy": dict(  # the shipped tiny model; learning rate and beta scaled to it [ours]
         path=str(TOY / "model"), dataset="toy", beta=dict(dpo=0.1, ipo=1.0, hinge=0.2, simpo=2.0), gamma=1.0,
         lr=2e-5, batch_size=16, grad_accum=1, lora_r=0, max_length=96, max_prompt_length=64, max_new_tokens=24,
-        scheduler="constant", long_prompts="error", num_eval=200),
+        scheduler="constant", long_prompts="error", num_eval=200, scoring_batch_size=128, generation_batch_size=256),
     "tinyllama": dict(  # the paper SFTs TinyLlama on UltraChat itself; this public chat SFT is our stand-in
         path="TinyLlama/TinyLlama-1.1B-Chat-v1.0", dataset="ultrafeedback",
         beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-7, batch_size=8, grad_accum=2,
         lora_r=0, max_length=1024, max_prompt_length=512, max_new_tokens=512, scheduler="cosine",
-        long_prompts="skip", num_eval=500),
+        long_prompts="skip", num_eval=500, scoring_batch_size=16, generation_batch_size=64),
     "pythia-2.8b": dict(  # base model: give it the HH format; the paper SFTs it first (pass --model ./sft)
         path="EleutherAI/pythia-2.8b", dataset="hh-rlhf", chat_template=HH_TEMPLATE,
         beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-7, batch_size=4, grad_accum=4,
         lora_r=0, max_length=1024, max_prompt_length=512, max_new_tokens=512, scheduler="cosine",
-        long_prompts="skip", num_eval=500),
+        long_prompts="skip", num_eval=500, scoring_batch_size=16, generation_batch_size=64),
     "mistral-7b": dict(  # alignment-handbook Zephyr DPO LoRA recipe with rank 8 (SeRA App. B.2, Table 4)
         path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback",
         beta=dict(dpo=0.01, hinge=0.01, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-6, batch_size=4, grad_accum=4,
         lora_r=8, lora_alpha=128, lora_dropout=0.05, max_length=1024, max_prompt_length=512, max_new_tokens=512,
-        scheduler="cosine", long_prompts="skip", num_eval=500),
+        scheduler="cosine", long_prompts="skip", num_eval=500, scoring_batch_size=8, generation_batch_size=64),
 }
 
 DATASETS = {
@@ -148,7 +148,10 @@ class Args:
     """stop (as if interrupted) after this many optimizer steps in this process; for testing --resume"""
     track: bool = False
     """log to wandb"""
-    scoring_batch_size: int = 32
+    scoring_batch_size: int | None = None
+    """sequences per no-grad scoring forward"""
+    generation_batch_size: int | None = None
+    """sequences (prompts x samples) per generate call"""
 
 
 class InputError(ValueError):
@@ -166,9 +169,11 @@ def resolve(args: Args) -> tuple[Args, dict]:
         raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(MODELS)}), "
                          "an existing local path, nor a hub id of the form org/name")
     else:
-        preset = dict(MODELS["toy"], path=args.model, dataset=None, chat_template=None, long_prompts="skip")
+        # a custom model gets the 1B-scale settings; every one can be overridden on the command line
+        preset = dict(MODELS["tinyllama"], path=args.model, dataset=None)
     filled = {k: preset[k] for k in ("lr", "batch_size", "grad_accum", "lora_r", "max_length", "max_prompt_length",
-                                      "max_new_tokens", "scheduler", "long_prompts", "num_eval")
+                                      "max_new_tokens", "scheduler", "long_prompts", "num_eval", "scoring_batch_size",
+                                      "generation_batch_size")
               if getattr(args, k) is None}
     if args.beta is None:
         filled["beta"] = preset["beta"][args.loss]
@@ -264,7 +269,7 @@ def parse_pair(row: dict, where: str) -> dict:
         out = {"prompt": [{"role": "user", "content": prompt}], "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]}
     else:
         for column in ("chosen", "rejected"):
-            if column not in row:
+            if row.get(column) is None:  # absent, or null (datasets fills columns other rows have)
                 raise InputError(f"{where}: missing column '{column}' (columns: {', '.join(sorted(row))})")
         if isinstance(row["chosen"], list):  # UltraFeedback: full conversations
             chosen = _messages(row["chosen"], f"{where}: 'chosen'")
@@ -280,7 +285,7 @@ def parse_pair(row: dict, where: str) -> dict:
                 raise InputError(f"{where}: 'chosen' and 'rejected' must share the conversation up to the last Assistant turn")
             out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
         else:  # plain strings
-            if "prompt" not in row:
+            if row.get("prompt") is None:
                 raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
             out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
                    "chosen": _text(row["chosen"], f"{where}: 'chosen'"), "rejected": _text(row["rejected"], f"{where}: 'rejected'")}
@@ -575,7 +580,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     torch.manual_seed(seed + rank())
     mine, real = shard(prompts)
     outputs = []
-    batch_size = max(1, args.scoring_batch_size // n)
+    batch_size = max(1, args.generation_batch_size // n)
     for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=rank() != 0, leave=False):
         texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine[start:start + batch_size]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)

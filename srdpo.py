@@ -61,15 +61,15 @@ HH_TEMPLATE = (
 MODELS = {
     "toy": dict(  # the shipped tiny model; learning rate scaled to it [ours]
         path=str(TOY / "model"), dataset="toy", lr=1e-4, optimizer="rmsprop", global_batch=16, batch_size=16,
-        max_length=96, max_prompt_length=64, max_new_tokens=24, long_prompts="error", num_eval=200, eval_pairs=200),
+        max_length=96, max_prompt_length=64, max_new_tokens=24, long_prompts="error", num_eval=200, eval_pairs=200, scoring_batch_size=128),
     "pythia-2.8b": dict(  # setting A: the paper SFTs Pythia-2.8B on HH-RLHF first (pass it with --model ./sft)
         path="EleutherAI/pythia-2.8b", dataset="hh-rlhf", chat_template=HH_TEMPLATE, lr=5e-7, optimizer="rmsprop",
         global_batch=64, batch_size=4, max_length=512, max_prompt_length=256, max_new_tokens=256,
-        long_prompts="skip", num_eval=0, eval_pairs=0),
+        long_prompts="skip", num_eval=0, eval_pairs=0, scoring_batch_size=16),
     "zephyr-7b": dict(  # setting B
         path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback", lr=5e-7, optimizer="rmsprop",
         global_batch=64, batch_size=4, max_length=512, max_prompt_length=256, max_new_tokens=256,
-        long_prompts="skip", num_eval=0, eval_pairs=0),
+        long_prompts="skip", num_eval=0, eval_pairs=0, scoring_batch_size=8),
 }
 
 DATASETS = {
@@ -138,7 +138,8 @@ class Args:
     """stop (as if interrupted) after this many optimizer steps in this process; for testing --resume"""
     track: bool = False
     """log to wandb"""
-    scoring_batch_size: int = 32
+    scoring_batch_size: int | None = None
+    """sequences per no-grad forward (reference scoring, evaluation)"""
 
 
 class InputError(ValueError):
@@ -156,9 +157,10 @@ def resolve(args: Args) -> tuple[Args, dict]:
         raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(MODELS)}), "
                          "an existing local path, nor a hub id of the form org/name")
     else:
-        preset = dict(MODELS["toy"], path=args.model, dataset=None, long_prompts="skip", num_eval=0, eval_pairs=0)
+        # a custom model gets the paper's settings (setting B); every one can be overridden
+        preset = dict(MODELS["zephyr-7b"], path=args.model, dataset=None)
     filled = {k: preset[k] for k in ("lr", "optimizer", "global_batch", "batch_size", "max_length", "max_prompt_length",
-                                      "max_new_tokens", "long_prompts", "num_eval", "eval_pairs")
+                                      "max_new_tokens", "long_prompts", "num_eval", "eval_pairs", "scoring_batch_size")
               if getattr(args, k) is None}
     if args.dataset is None:
         if preset["dataset"] is None:
@@ -248,7 +250,7 @@ def parse_pair(row: dict, where: str) -> dict:
         out = {"prompt": [{"role": "user", "content": prompt}], "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]}
     else:
         for column in ("chosen", "rejected"):
-            if column not in row:
+            if row.get(column) is None:  # absent, or null (datasets fills columns other rows have)
                 raise InputError(f"{where}: missing column '{column}' (columns: {', '.join(sorted(row))})")
         if isinstance(row["chosen"], list):  # UltraFeedback: full conversations
             chosen = _messages(row["chosen"], f"{where}: 'chosen'")
@@ -264,7 +266,7 @@ def parse_pair(row: dict, where: str) -> dict:
                 raise InputError(f"{where}: 'chosen' and 'rejected' must share the conversation up to the last Assistant turn")
             out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
         else:  # plain strings
-            if "prompt" not in row:
+            if row.get("prompt") is None:
                 raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
             out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
                    "chosen": _text(row["chosen"], f"{where}: 'chosen'"), "rejected": _text(row["rejected"], f"{where}: 'rejected'")}
