@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
 
 # Shared small SeRA setting: 2 iterations on 256 toy pairs.
-SERA = ["--iterations", "2", "--num_pairs", "256", "--num_eval", "100", "--save_every", "4"]
+SERA = ["--iterations", "2", "--num_pairs", "256", "--num_eval", "100", "--save_every", "4", "--lr", "1e-4"]
 SRDPO = ["--num_pairs", "384", "--eval_pairs", "100", "--num_eval", "100", "--save_every", "4"]
 
 
@@ -103,7 +103,7 @@ def test_sera_learns_and_filters_noisy_pairs(sera_run):
     state = json.loads((sera_run / "state.json").read_text())
     start, end = state["eval"]["0"], state["eval"]["2"]
     print(f"SeRA toy eval reward: start {start:.3f}, iteration 1 {state['eval']['1']:.3f}, end {end:.3f}")
-    assert end > start + 0.5, state["eval"]
+    assert end > start + 0.8, state["eval"]
     stats = next(m for m in metrics(sera_run) if m.get("iteration") == 2 and "data/flipped_kept_fraction" in m)
     print(f"kept: flipped {stats['data/flipped_kept_fraction']:.2f}, clean {stats['data/clean_kept_fraction']:.2f}")
     assert stats["data/flipped_kept_fraction"] < stats["data/clean_kept_fraction"] - 0.2
