@@ -215,3 +215,15 @@ def test_srdpo_resume_finishes_identically(srdpo_run, tmp_path):
     a, b = weights(srdpo_run / "final"), weights(out / "final")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-6)
+
+
+def test_sera_lora_merges_into_plain_checkpoints(tmp_path):
+    """--lora_r trains a fresh adapter per iteration and saves merged, adapter-free weights."""
+    pytest.importorskip("peft")
+    run("sera.py", "--iterations", "2", "--num_pairs", "32", "--num_eval", "0", "--lora_r", "4", "--lr", "1e-3",
+        "--output_dir", str(tmp_path / "lora"))
+    start = weights(ROOT / "assets" / "toy" / "model")
+    for t in (1, 2):
+        merged = weights(tmp_path / "lora" / f"iter_{t}")
+        assert sorted(merged) == sorted(start)  # no adapter tensors: loadable by from_pretrained / vLLM as is
+        assert max((merged[k] - start[k]).abs().max().item() for k in merged) > 0
