@@ -217,3 +217,17 @@ def test_cli_error_is_one_line(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1] == "srdpo.py: error: --lam must be >= 0, got -1.0"
+
+
+def test_shared_prefix_pass_equals_full_forward(toy):
+    """The prompted pass shares the refinement prompt's KV cache; log-probs equal a full forward."""
+    from kernels import causal_lm_logps
+
+    model, tokenizer, pairs = toy
+    sequences = [(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in pairs] + [(p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in pairs]
+    shared = srdpo.shared_prefix_logps(model, sequences, tokenizer.pad_token_id, torch.device("cpu"))
+    batch = srdpo.collate(sequences, tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        full, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-5)
+    assert len(pairs[0]["aug_prompt_ids"]) - len(pairs[0]["prompt_ids"]) > 20  # there was a prefix to share
