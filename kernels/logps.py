@@ -201,7 +201,9 @@ def _backward(hidden, weight, targets, lse, grad_logps, temperature, softcap, ne
         if need_hidden:
             torch.mm(dz, weight, out=grad_hidden[start:end])
         if need_weight:
-            if multi_chunk:
+            if multi_chunk and dz.dtype == torch.float32:
+                grad_weight.addmm_(dz.T, h)  # in place: no [V, H] temporary per chunk
+            elif multi_chunk:  # bf16/fp16: an fp32 accumulator; per-chunk temporary (to tune on GPU)
                 grad_weight += (dz.T @ h).float()
             else:
                 grad_weight = dz.T @ h
