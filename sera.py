@@ -446,7 +446,7 @@ def full_state_dict(model) -> dict:
     return model.state_dict()
 
 
-def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
+def save_atomic(model, tokenizer, directory: Path):
     """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint."""
     if hasattr(model, "peft_config"):
         model = model.merge_and_unload()
@@ -456,8 +456,6 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        for name, obj in (extra or {}).items():
-            torch.save(obj, tmp / name)
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
     if world() > 1:
