@@ -1,0 +1,849 @@
+"""OPSR: Only-Prompting Self-Rewarding online preference optimisation.
+
+Xu et al., "Just Say What You Want: Only-prompting Self-rewarding Online Preference
+Optimization", arXiv 2409.17534 (ALGORITHMS.md §2). No judge: each iteration the current policy
+answers every prompt twice, once told to aim for a perfect 10/10 ("chosen") and once for a lower
+score s ("rejected"; s = 3, 5, 7 over the iterations, harder negatives each time); pairs that
+talk about the requested score are filtered out, and the policy is trained with SimPO on the
+pairs under the *plain* prompt, one epoch per iteration, with a decaying learning rate.
+
+    python opsr.py                                        # toy world on CPU: SimPO init + 3 iterations
+    python opsr.py --model mistral-7b                     # zephyr SFT start, UltraFeedback, SimPO Mistral-Base settings
+    python opsr.py --model mistral-7b-instruct            # Mistral-7B-Instruct-v0.2 + mistral-instruct-ultrafeedback
+    python opsr.py --rejected_scores 3 3 3                # the paper's "no arithmetic control" ablation
+    python opsr.py --init_checkpoint ./simpo-ckpt         # skip the SimPO initialisation phase
+    python opsr.py --sampler vllm                         # vLLM generation when the extra is installed
+    torchrun --nproc-per-node 8 opsr.py --model mistral-7b --output_dir runs/opsr-m7
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import tyro
+from tqdm import tqdm
+
+from kernels import causal_lm_logps, pair_loss
+
+HERE = Path(__file__).resolve().parent
+TOY = HERE / "assets" / "toy"
+
+# The paper's prefixes, verbatim (§3.3); "[prompt]" is the raw instruction, one space after the prefix [ours].
+CHOSEN_PREFIX = "Please produce a top-notch response that merits a perfect score of 10 out of 10."
+REJECTED_PREFIX = "Please produce a good response that merits a perfect score of {score} out of 10."
+
+# Score-leak filter (§2.3, our patterns; the paper removes such generations with regexes it does not list).
+LEAK_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
+    r"\b(?:10|[1-9])\s*-?\s*score\b",
+    r"\bscore\s+of\s+(?:10|[1-9])\b",
+    r"\b(?:10|[1-9])\s*(?:/|out\s+of)\s*10\b",
+    r"\bperfect\s+score\b",
+    r"\btop-notch\s+(?:response|answer)\b",
+    r"\bmerits?\b[^.\n]{0,40}\bscore\b",
+)]
+
+# SimPO settings (ALGORITHMS.md §1.6, §2.4): beta, gamma, first-iteration lr; then 1e-7, 1e-8 (paper §4.1).
+MODELS = {
+    "toy": dict(  # the shipped tiny model: the paper's shape (init + 3 iterations, decaying lr), lr scaled [ours]
+        path=str(TOY / "model"), dataset="toy", prompts=str(TOY / "data" / "prompts.jsonl"), beta=2.0, gamma=0.5,
+        lrs=(1e-4, 5e-5, 2.5e-5), batch_size=16, grad_accum=1, lora_r=0, max_length=96, max_prompt_length=64,
+        max_new_tokens=24, scheduler="cosine", long_prompts="error", num_eval=200, scoring_batch_size=128,
+        generation_batch_size=256),
+    "mistral-7b": dict(  # Mistral-Base: zephyr-7b-sft-full + UltraFeedback binarized
+        path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback", prompts=None, beta=2.0, gamma=1.6,
+        lrs=(3e-7, 1e-7, 1e-8), batch_size=2, grad_accum=64, lora_r=0, max_length=1024, max_prompt_length=512,
+        max_new_tokens=512, scheduler="cosine", long_prompts="skip", num_eval=0, scoring_batch_size=16,
+        generation_batch_size=64),
+    "mistral-7b-instruct": dict(  # Mistral-Instruct: gamma 0.25 (an older SimPO config used 0.3)
+        path="mistralai/Mistral-7B-Instruct-v0.2", dataset="mistral-instruct-ultrafeedback", prompts=None, beta=2.5,
+        gamma=0.25, lrs=(5e-7, 1e-7, 1e-8), batch_size=2, grad_accum=64, lora_r=0, max_length=2048,
+        max_prompt_length=1800, max_new_tokens=248, scheduler="cosine", long_prompts="skip", num_eval=0,
+        scoring_batch_size=8, generation_batch_size=64),
+}
+
+DATASETS = {
+    "ultrafeedback": dict(path="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs"),
+    "mistral-instruct-ultrafeedback": dict(path="princeton-nlp/mistral-instruct-ultrafeedback", split="train"),
+    "hh-rlhf": dict(path="Anthropic/hh-rlhf", split="train"),
+    "tldr": dict(path="openai/summarize_from_feedback", name="comparisons", split="train"),
+    "toy": dict(path=str(TOY / "data" / "prefs.jsonl"), eval=str(TOY / "data" / "eval.jsonl"),
+                reward_fn=f"{TOY / 'oracle.py'}:score"),
+}
+
+
+@dataclass
+class Args:
+    model: str = "toy"
+    """preset (toy, mistral-7b, mistral-7b-instruct), hub id or local path"""
+    dataset: str | None = None
+    """offline preference set for the SimPO initialisation (and the prompt pool unless --prompts)"""
+    prompts: str | None = None
+    """jsonl with a 'prompt' column: the online prompt pool (default: the distinct prompts of --dataset)"""
+    num_prompts: int | None = None
+    """use only the first N prompts of the pool"""
+    iterations: int = 3
+    rejected_scores: list[int] = field(default_factory=lambda: [3, 5, 7])
+    """s_m for m = 1..M (paper: 3, 5, 7)"""
+    lrs: list[float] | None = None
+    """learning rate per iteration (paper: SimPO's lr, 1e-7, 1e-8); the init phase uses the first"""
+    loss: Literal["simpo", "dpo"] = "simpo"
+    """SimPO (the paper's experiments) or DPO with the previous iteration's model as reference"""
+    beta: float | None = None
+    gamma: float | None = None
+    """SimPO target margin"""
+    init_checkpoint: str | None = None
+    """skip the SimPO initialisation phase and start from this checkpoint (e.g. a released SimPO model)"""
+    prompt_split: Literal["full", "thirds"] = "full"
+    """reuse the whole pool each iteration, or disjoint thirds"""
+    sample_temperature: float = 0.8
+    sample_top_p: float = 0.95
+    length_norm: Literal["sum", "avg"] = "sum"
+    """log-prob convention for --loss dpo (SimPO always averages)"""
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    scheduler: Literal["cosine", "constant"] | None = None
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    max_new_tokens: int | None = None
+    long_prompts: Literal["error", "skip", "truncate"] | None = None
+    num_pairs: int | None = None
+    """use only the first N offline pairs for the initialisation phase"""
+    lora_r: int | None = None
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    gradient_checkpointing: bool = False
+    sampler: Literal["hf", "vllm"] = "hf"
+    chat_template: str | None = None
+    reward_fn: str | None = None
+    """path/to/file.py:function(prompt, response) -> float, the evaluation score (toy oracle by default)"""
+    eval_prompts: str | None = None
+    num_eval: int | None = None
+    eval_temperature: float = 1.0
+    output_dir: str | None = None
+    seed: int = 0
+    resume: bool = False
+    """continue the run in --output_dir from its last completed iteration"""
+    track: bool = False
+    scoring_batch_size: int | None = None
+    generation_batch_size: int | None = None
+    save_every: int = 0
+    stop_after_steps: int | None = None
+
+
+class InputError(ValueError):
+    """Bad user input: printed as one line, no traceback, nothing written."""
+
+
+def resolve(args: Args) -> tuple[Args, dict]:
+    if args.model in MODELS:
+        preset = dict(MODELS[args.model])
+    elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
+        raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(MODELS)}), "
+                         "an existing local path, nor a hub id of the form org/name")
+    else:
+        preset = dict(MODELS["mistral-7b"], path=args.model, dataset=None)
+    filled = {k: preset[k] for k in ("batch_size", "grad_accum", "lora_r", "max_length", "max_prompt_length", "max_new_tokens",
+                                      "scheduler", "long_prompts", "num_eval", "scoring_batch_size", "generation_batch_size",
+                                      "beta", "gamma") if getattr(args, k) is None}
+    if args.dataset is None:
+        if preset["dataset"] is None:
+            raise InputError("--dataset is required with a custom --model")
+        filled["dataset"] = preset["dataset"]
+        if args.prompts is None and preset.get("prompts"):
+            filled["prompts"] = preset["prompts"]
+    if args.lrs is None:
+        lrs = list(preset["lrs"])
+        filled["lrs"] = (lrs + [lrs[-1]] * args.iterations)[: max(args.iterations, 1)]
+    args = dataclasses.replace(args, **filled)
+    checks = [
+        (args.iterations >= 1, f"--iterations must be >= 1, got {args.iterations}"),
+        (len(args.rejected_scores) >= args.iterations, f"--rejected_scores needs {args.iterations} values, got {args.rejected_scores}"),
+        (all(isinstance(s, int) and 0 <= s < 10 for s in args.rejected_scores), f"--rejected_scores must be integers in [0, 10), got {args.rejected_scores}"),
+        (len(args.lrs) >= args.iterations and all(lr > 0 for lr in args.lrs), f"--lrs needs {args.iterations} positive values, got {args.lrs}"),
+        (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
+        (args.batch_size >= 1 and args.grad_accum >= 1, "--batch_size and --grad_accum must be >= 1"),
+        (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
+        (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
+        (args.init_checkpoint is None or Path(args.init_checkpoint).expanduser().exists()
+         or ("/" in args.init_checkpoint and not args.init_checkpoint.startswith((".", "/", "~"))),
+         f"--init_checkpoint: {args.init_checkpoint!r} not found"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+    return args, preset
+
+
+# ---------------------------------------------------------------------------------------------
+# ALGO LOGIC: prompts, score-leak filter and pair construction (§2.1-2.3)
+
+
+def fill(prefix: str, instruction: str) -> str:
+    """The prefix, one space, the raw instruction (§2.1; separator ours)."""
+    return f"{prefix} {instruction}"
+
+
+def prefixed(prompt: list[dict], prefix: str) -> list[dict]:
+    """The prefix goes into the last user turn; the model's chat template wraps it (§2.5.4)."""
+    return prompt[:-1] + [{"role": prompt[-1]["role"], "content": fill(prefix, prompt[-1]["content"])}]
+
+
+def leaks_score(text: str) -> bool:
+    return any(pattern.search(text) for pattern in LEAK_PATTERNS)
+
+
+def build_pairs(prompts: list[list[dict]], chosen: list[tuple[str, bool]], rejected: list[tuple[str, bool]],
+                counts: dict) -> list[dict]:
+    """(x, y_c, y_r) under the PLAIN prompt x; a pair is dropped whole if either side leaks the
+    score, is empty or hit the token limit, or if both texts are identical (counted per reason)."""
+    pairs = []
+    for prompt, (y_c, done_c), (y_r, done_r) in zip(prompts, chosen, rejected):
+        reason = ("empty" if not y_c.strip() or not y_r.strip() else
+                  "truncated" if not (done_c and done_r) else
+                  "score_leak" if leaks_score(y_c) or leaks_score(y_r) else
+                  "identical" if y_c.strip() == y_r.strip() else None)
+        if reason:
+            counts[reason] = counts.get(reason, 0) + 1
+        else:
+            pairs.append({"prompt": prompt, "chosen": y_c, "rejected": y_r})
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: every supported schema becomes {"prompt": [messages], "chosen": str, "rejected": str}
+
+
+def load_rows(spec: str) -> tuple[list[dict], str]:
+    import datasets
+
+    if spec in DATASETS:
+        info = DATASETS[spec]
+        spec = info["path"]
+        if not spec.endswith(".jsonl"):
+            return list(datasets.load_dataset(spec, info.get("name"), split=info["split"])), spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/", "~")):
+            raise InputError(f"--dataset: path {spec!r} not found (or use a preset: {', '.join(DATASETS)})")
+        raise InputError(f"--dataset: unknown preset or path {spec!r}; presets: {', '.join(DATASETS)}")
+    if path.is_dir():
+        data = datasets.load_from_disk(str(path))
+        data = data["train"] if isinstance(data, datasets.DatasetDict) else data
+    elif path.suffix in (".jsonl", ".json"):
+        data = datasets.load_dataset("json", data_files=str(path), split="train")
+    elif path.suffix == ".parquet":
+        data = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    else:
+        raise InputError(f"--dataset: {spec!r} is not a .jsonl, .json, .parquet file or a save_to_disk folder")
+    return list(data), str(path)
+
+
+def _text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{where} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InputError(f"{where} is empty")
+    return value
+
+
+def _messages(value, where: str) -> list[dict]:
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+        raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
+    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content")}
+            for i, m in enumerate(value)]
+
+
+def _hh_turns(text: str, where: str) -> list[dict]:
+    parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where))
+    if len(parts) < 3 or parts[0].strip():
+        raise InputError(f"{where} is not in HH-RLHF format ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
+    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def parse_pair(row: dict, where: str) -> dict:
+    """UltraFeedback messages, HH-RLHF raw text, TL;DR comparisons, or prompt/chosen/rejected strings."""
+    if "summaries" in row and "choice" in row:  # openai/summarize_from_feedback, comparisons
+        info = row.get("info") or {}
+        post = _text(info.get("post"), f"{where}: 'info.post'")
+        prompt = f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {post}\n\nTL;DR:"
+        if row["choice"] not in (0, 1) or len(row["summaries"]) != 2:
+            raise InputError(f"{where}: 'choice' must be 0 or 1 with two 'summaries'")
+        texts = [_text(s.get("text"), f"{where}: 'summaries[{i}].text'").strip() for i, s in enumerate(row["summaries"])]
+        out = {"prompt": [{"role": "user", "content": prompt}], "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]}
+    else:
+        for column in ("chosen", "rejected"):
+            if row.get(column) is None:  # absent, or null (datasets fills columns other rows have)
+                raise InputError(f"{where}: missing column '{column}' (columns: {', '.join(sorted(row))})")
+        if isinstance(row["chosen"], list):  # UltraFeedback: full conversations
+            chosen = _messages(row["chosen"], f"{where}: 'chosen'")
+            rejected = _messages(row["rejected"], f"{where}: 'rejected'")
+            if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+                raise InputError(f"{where}: the last message of 'chosen' and 'rejected' must be the assistant's")
+            prompt = chosen[:-1]
+            out = {"prompt": prompt, "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+        elif isinstance(row["chosen"], str) and "\n\nHuman:" in row["chosen"]:  # Anthropic/hh-rlhf
+            chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
+            rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
+            if chosen[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1]:
+                raise InputError(f"{where}: 'chosen' and 'rejected' must share the conversation up to the last Assistant turn")
+            out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+        else:  # plain strings
+            if row.get("prompt") is None:
+                raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
+            out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
+                   "chosen": _text(row["chosen"], f"{where}: 'chosen'"), "rejected": _text(row["rejected"], f"{where}: 'rejected'")}
+        if not out["prompt"] or out["prompt"][-1]["role"] != "user":
+            raise InputError(f"{where}: the prompt must end with a user message")
+    for side in ("chosen", "rejected"):
+        _text(out[side], f"{where}: '{side}' response")
+    if out["chosen"].strip() == out["rejected"].strip():
+        raise InputError(f"{where}: 'chosen' and 'rejected' responses are identical")
+    if "flipped" in row:  # toy data: which labels were deliberately swapped
+        out["flipped"] = bool(row["flipped"])
+    return out
+
+
+def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of the templated prompt (ending with the assistant header) and of the response
+    (the rest of the templated conversation, ending with the end-of-turn token)."""
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if response is None:
+        return prompt_ids, []
+    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+    if not full.startswith(prompt_text):
+        raise InputError("the chat template renders the prompt differently with and without the assistant turn")
+    response_ids = tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"]
+    if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
+        response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
+    return prompt_ids, response_ids
+
+
+def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple[list[int], list[int]] | None:
+    """Apply the length limits: long prompts per --long_prompts, long responses truncated (counted)."""
+    if len(prompt_ids) > args.max_prompt_length:
+        if args.long_prompts == "error":
+            raise InputError(f"{where}: prompt has {len(prompt_ids)} tokens, over --max_prompt_length "
+                             f"{args.max_prompt_length} (see --long_prompts skip|truncate)")
+        if args.long_prompts == "skip":
+            counts["long_prompt_skipped"] = counts.get("long_prompt_skipped", 0) + 1
+            return None
+        counts["long_prompt_truncated"] = counts.get("long_prompt_truncated", 0) + 1
+        prompt_ids = prompt_ids[-args.max_prompt_length:]
+    budget = args.max_length - len(prompt_ids)
+    if len(response_ids) > budget:
+        counts["response_truncated"] = counts.get("response_truncated", 0) + 1
+        response_ids = response_ids[:budget]
+    return prompt_ids, response_ids
+
+
+def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple[list[dict], dict]:
+    pairs, counts = [], {}
+    for index, row in enumerate(rows[: args.num_pairs] if args.num_pairs else rows):
+        where = f"dataset {source} row {index}"
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected an object, got {type(row).__name__}")
+        pair = parse_pair(row, where)
+        sides = []
+        for side in ("chosen", "rejected"):
+            prompt_ids, response_ids = encode(tokenizer, pair["prompt"], pair[side])
+            sides.append(fit(prompt_ids, response_ids, args, where, counts))
+        if sides[0] is None:
+            continue
+        pairs.append(dict(pair, index=index, prompt_ids=sides[0][0], chosen_ids=sides[0][1], rejected_ids=sides[1][1]))
+    if len(pairs) < 2:
+        raise InputError(f"dataset {source}: {len(pairs)} usable pairs, need at least 2 ({counts})")
+    return pairs, counts
+
+
+def load_reward_fn(spec: str):
+    path, _, name = spec.rpartition(":")
+    if not path or not name:
+        raise InputError(f"--reward_fn must look like path/to/file.py:function, got {spec!r}")
+    if not Path(path).exists():
+        raise InputError(f"--reward_fn: file {path!r} not found")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem + "_reward", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, name, None)):
+        raise InputError(f"--reward_fn: {path!r} has no function {name!r}")
+    return getattr(module, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers (single process unless launched by torchrun)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def shard(items: list) -> tuple[list, int]:
+    """This rank's share, padded (with its last item) so every rank runs the same number of batches."""
+    per_rank = math.ceil(len(items) / world())
+    mine = items[rank() * per_rank: (rank() + 1) * per_rank]
+    real = len(mine)
+    return mine + [items[-1]] * (per_rank - real), real
+
+
+def gather(values: list) -> list:
+    if world() == 1:
+        return values
+    out = [None] * world()
+    dist.all_gather_object(out, values)
+    return [v for part in out for v in part]
+
+
+def all_sum(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if world() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def load_model(path: str, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+
+
+def prepare_for_training(model, args: Args):
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora_r > 0:
+        try:
+            import peft
+        except ImportError:
+            raise InputError("--lora_r > 0 needs peft: pip install 'selfpo[lora]'") from None
+        config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, config)
+    elif world() > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        layer_types = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in layer_types:
+                fully_shard(module)
+        # The root keeps embeddings, final norm and lm_head gathered from forward until backward:
+        # the fused log-prob kernel reads lm_head.weight after the model's forward returns.
+        fully_shard(model, reshard_after_forward=False)
+    model.train()
+    return model
+
+
+def full_state_dict(model) -> dict:
+    if world() > 1 and not hasattr(model, "peft_config"):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict()
+
+
+def save_atomic(model, tokenizer, directory: Path):
+    """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint."""
+    if hasattr(model, "peft_config"):
+        model = model.merge_and_unload()
+    state = full_state_dict(model)
+    if rank() == 0:
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    if world() > 1:
+        dist.barrier()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs: chosen and rejected concatenated in one forward, through the fused kernel
+
+
+def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
+    """Right-padded input_ids / attention_mask / labels (-100 on prompt and padding)."""
+    length = max(len(p) + len(r) for p, r in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, (prompt, response) in enumerate(sequences):
+        n = len(prompt) + len(response)
+        ids[i, :n] = torch.tensor(prompt + response)
+        labels[i, len(prompt):n] = torch.tensor(response)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+@torch.no_grad()
+def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_id: int, device, desc: str):
+    """Summed log-probs and response lengths [n] of (prompt_ids, response_ids) under `model`, all ranks."""
+    model.eval()
+    mine, real = shard(list(enumerate(sequences)))
+    logps, counts = [], []
+    for start in tqdm(range(0, len(mine), args.scoring_batch_size), desc=desc, disable=rank() != 0, leave=False):
+        batch = collate([s for _, s in mine[start:start + args.scoring_batch_size]], pad_id, device)
+        out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logps += out.tolist()
+        counts += (batch["labels"][:, 1:] != -100).sum(1).tolist()
+    model.train()
+    merged = {i: (lp, c) for i, lp, c in gather([(i, lp, c) for (i, _), lp, c in zip(mine[:real], logps, counts)])}
+    order = [merged[i] for i in range(len(sequences))]
+    return (torch.tensor([o[0] for o in order], dtype=torch.float64),
+            torch.tensor([o[1] for o in order], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
+             device, seed: int, model_path: str | None = None, desc: str = "generate") -> list[list[tuple[str, bool]]]:
+    """n samples per prompt as (text, finished) where finished = ended with EOS within max_new_tokens."""
+    if args.sampler == "vllm":
+        return generate_vllm(model_path, tokenizer, prompts, n, temperature, top_p, args, seed)
+    model.eval()
+    torch.manual_seed(seed + rank())
+    mine, real = shard(prompts)
+    outputs = []
+    batch_size = max(1, args.generation_batch_size // n)
+    for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=rank() != 0, leave=False):
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine[start:start + batch_size]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out = model.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                             top_p=top_p if temperature > 0 else None, max_new_tokens=args.max_new_tokens,
+                             num_return_sequences=n, pad_token_id=tokenizer.pad_token_id, synced_gpus=False)
+        for row in out[:, enc["input_ids"].shape[1]:].tolist():
+            finished = tokenizer.eos_token_id in row
+            outputs.append((tokenizer.decode(row, skip_special_tokens=True).strip(), finished))
+    model.train()
+    grouped = [outputs[i * n:(i + 1) * n] for i in range(real)]
+    return gather(grouped)
+
+
+def generate_vllm(model_path, tokenizer, prompts, n, temperature, top_p, args, seed):
+    try:
+        import vllm
+    except ImportError:
+        raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
+    llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3)
+    params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens)
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    results = llm.generate(texts, params)
+    del llm
+    torch.cuda.empty_cache()
+    return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
+
+
+def evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, model_path) -> float:
+    samples = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in eval_prompts], 1,
+                       args.eval_temperature, 1.0, args, device, seed=args.seed + 10_000, model_path=model_path, desc="eval")
+    return sum(reward_fn(p, s[0][0]) for p, s in zip(eval_prompts, samples)) / len(eval_prompts)
+
+
+def daa_losses(logps, ref_logps, counts, args: Args):
+    """Per-pair DAA loss and implicit rewards for [chosen; rejected] summed log-probs (SeRA eq. 6, 8, 9, 18).
+
+    DPO softplus(-beta h), IPO (h - 1/(2 beta))^2, SLiC-HF max(0, 1 - beta h), SimPO on averaged log-probs.
+    """
+    n = len(logps) // 2
+    if args.loss == "simpo" or args.length_norm == "avg":
+        logps, ref_logps = logps / counts, ref_logps / counts
+    losses = pair_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], kind=args.loss, beta=args.beta,
+                       gamma=args.gamma, reduction="none")
+    with torch.no_grad():
+        if args.loss == "simpo":
+            return losses, args.beta * logps[:n], args.beta * logps[n:]
+        return losses, args.beta * (logps[:n] - ref_logps[:n]), args.beta * (logps[n:] - ref_logps[n:])
+
+
+# ---------------------------------------------------------------------------------------------
+# One DAA epoch on D_t (reference log-probs precomputed, so no reference model in memory)
+
+
+def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id: int, log, save_step, lr: float,
+                    start_step=0, trainer_state=None):
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + t)).tolist()
+    per_step = args.batch_size * args.grad_accum * world()
+    n_steps = max(1, len(pairs) // per_step)
+    used = order[: n_steps * per_step] if len(pairs) >= per_step else order
+    dropped = len(pairs) - len(used)
+    local = used[rank()::world()]
+    micro = max(1, math.ceil(len(local) / (n_steps * args.grad_accum)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    warmup = int(args.warmup_ratio * n_steps)
+    scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, n_steps) if args.scheduler == "cosine"
+                 else get_constant_schedule_with_warmup(optimizer, warmup))
+    if trainer_state is not None:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        torch.set_rng_state(trainer_state["rng"])
+    log({"iteration": t, "train/pairs": len(pairs), "train/pairs_dropped_remainder": dropped, "train/steps": n_steps})
+    use_avg = args.loss == "simpo" or args.length_norm == "avg"
+    bar = tqdm(range(start_step, n_steps), desc=f"iteration {t}", disable=rank() != 0)
+    for step in bar:
+        tic, sums = time.perf_counter(), [0.0] * 9
+        for accum in range(args.grad_accum):
+            offset = (step * args.grad_accum + accum) * micro
+            batch_pairs = [pairs[i] for i in local[offset: offset + micro]]
+            if not batch_pairs:
+                continue
+            n = len(batch_pairs)
+            batch = collate([(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
+                            + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs], pad_id, device)
+            logps, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            counts = (batch["labels"][:, 1:] != -100).sum(1).float()
+            ref = torch.tensor([p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
+                               device=device, dtype=torch.float32)
+            losses, chosen_reward, rejected_reward = daa_losses(logps, ref, counts, args)
+            (losses.sum() / (micro * args.grad_accum)).backward()
+            with torch.no_grad():
+                if use_avg:
+                    logps = logps / counts
+                margin = chosen_reward - rejected_reward
+                sums = [a + b for a, b in zip(sums, [losses.sum().item(), chosen_reward.sum().item(),
+                        rejected_reward.sum().item(), margin.sum().item(), (margin > 0).float().sum().item(),
+                        logps[:n].sum().item(), logps[n:].sum().item(), float(n), batch["attention_mask"].sum().item()])]
+        if world() > 1 and args.lora_r > 0:  # replicated base: average the adapter gradients
+            for p in trainable:
+                dist.all_reduce(p.grad)
+                p.grad /= world()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
+        total = all_sum(sums)
+        if not math.isfinite(total[0]):
+            raise RuntimeError(f"non-finite loss ({total[0]}) at iteration {t} step {step + 1}; stopping")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        pairs_seen = total[7]
+        metrics = {"iteration": t, "step": step + 1, "loss": total[0] / pairs_seen,
+                   "rewards/chosen": total[1] / pairs_seen, "rewards/rejected": total[2] / pairs_seen,
+                   "rewards/margins": total[3] / pairs_seen, "rewards/accuracies": total[4] / pairs_seen,
+                   "logps/chosen": total[5] / pairs_seen, "logps/rejected": total[6] / pairs_seen,
+                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_sec": total[8] / (time.perf_counter() - tic)}
+        log(metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+        save_step(step + 1, n_steps, optimizer, scheduler)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def load_prompt_pool(args: Args, pairs: list[dict]) -> list[list[dict]]:
+    """The online prompt pool X: a jsonl of prompts, or the distinct prompts of the offline set."""
+    if args.prompts:
+        if not Path(args.prompts).exists():
+            raise InputError(f"--prompts: file {args.prompts!r} not found")
+        pool = []
+        for index, line in enumerate(open(args.prompts)):
+            row = json.loads(line)
+            value = row.get("prompt") if isinstance(row, dict) else None
+            pool.append([{"role": "user", "content": _text(value, f"--prompts {args.prompts} row {index}: 'prompt'")}])
+    else:
+        pool = list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values())
+    pool = pool[: args.num_prompts] if args.num_prompts else pool
+    if not pool:
+        raise InputError("the online prompt pool is empty")
+    return pool
+
+
+def main(args: Args) -> dict:
+    args, preset = resolve(args)
+    if args.resume:
+        saved = Path(args.output_dir) / "resolved_config.json"
+        if not saved.exists():
+            raise InputError(f"--resume: {saved} not found; nothing to resume")
+        stored = json.loads(saved.read_text())
+        changed = {k for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
+                   if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
+        if changed:
+            raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
+    from transformers import AutoTokenizer
+
+    # Everything that can fail on bad input is checked before anything is written.
+    model_path = preset["path"]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if args.chat_template:
+        tokenizer.chat_template = Path(args.chat_template).read_text()
+    if not tokenizer.chat_template:
+        raise InputError(f"tokenizer of {model_path!r} has no chat template; pass --chat_template file.jinja")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # for generation; training batches are padded by collate()
+    rows, source = load_rows(args.dataset)
+    offline, length_counts = build_dataset(rows, source, tokenizer, args)
+    pool = load_prompt_pool(args, offline)
+    dataset_preset = DATASETS.get(args.dataset, {})
+    reward_spec = args.reward_fn or dataset_preset.get("reward_fn")
+    reward_fn = load_reward_fn(reward_spec) if reward_spec else None
+    eval_file = args.eval_prompts or dataset_preset.get("eval")
+    eval_prompts = [json.loads(line)["prompt"] for line in open(eval_file)][: args.num_eval] if eval_file else []
+
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    run_name = f"opsr__{Path(args.model).name}__{args.seed}__{int(time.time())}"
+    out_dir = Path(args.output_dir or f"runs/{run_name}")
+    state_file = out_dir / "state.json"
+    state = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {"completed": -1, "eval": {}}
+    writer = None
+    if rank() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "resolved_config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        print(json.dumps(dataclasses.asdict(args), indent=2))
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tb"))
+        if args.track:
+            import wandb
+
+            wandb.init(project="selfpo", name=run_name, config=dataclasses.asdict(args))
+    counter = [0]
+
+    def log(metrics: dict):
+        if rank() != 0:
+            return
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key not in ("iteration", "step"):
+                writer.add_scalar(key, value, counter[0])
+        if args.track:
+            import wandb
+
+            wandb.log(metrics, step=counter[0])
+
+    def save_step(step, n_steps, optimizer, scheduler):
+        counter[0] += 1
+        if args.stop_after_steps is not None and counter[0] >= args.stop_after_steps:
+            raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
+
+    def finish_iteration(model, m: int):
+        model = save_atomic(model, tokenizer, out_dir / f"iter_{m}")
+        if world() > 1 and args.lora_r == 0:  # an unsharded copy per rank for generation
+            del model
+            model = load_model(str(out_dir / f"iter_{m}"), device)
+        if reward_fn and eval_prompts:
+            state["eval"][str(m)] = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, str(out_dir / f"iter_{m}"))
+            log({"iteration": m, "eval/reward": state["eval"][str(m)]})
+            if rank() == 0:
+                print(f"iteration {m}: eval reward {state['eval'][str(m)]:.3f}")
+        state["completed"] = m
+        if rank() == 0:
+            state_file.with_suffix(".tmp").write_text(json.dumps(state))
+            os.replace(state_file.with_suffix(".tmp"), state_file)
+        return model
+
+    log({"data/offline_pairs": len(offline), "data/prompt_pool": len(pool), **{f"data/{k}": v for k, v in length_counts.items()}})
+    start = args.init_checkpoint or model_path
+    model = load_model(str(out_dir / f"iter_{state['completed']}") if state["completed"] >= 0 and not
+                       (state["completed"] == 0 and args.init_checkpoint) else start, device)
+    if reward_fn and eval_prompts and "sft" not in state["eval"] and state["completed"] < 0:
+        state["eval"]["sft"] = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, start)
+        log({"iteration": -1, "eval/reward": state["eval"]["sft"]})
+        if rank() == 0:
+            print(f"start ({start}): eval reward {state['eval']['sft']:.3f} on {len(eval_prompts)} prompts")
+
+    if state["completed"] < 0:
+        if args.init_checkpoint:
+            state["completed"] = 0
+        else:
+            # ALGO LOGIC: initialisation phase 2 (§2.2 step 2): one epoch of SimPO on the offline pairs
+            init = [dict(p, ref_chosen=0.0, ref_rejected=0.0) for p in offline]
+            model = prepare_for_training(model, args)
+            model = train_iteration(model, init, 0, dataclasses.replace(args, loss="simpo"), device,
+                                    tokenizer.pad_token_id, log, save_step, lr=args.lrs[0])
+            model = finish_iteration(model, 0)
+
+    for m in range(state["completed"] + 1, args.iterations + 1):
+        # ALGO LOGIC: iteration m (§2.2 steps 3-11) from pi_{m-1}
+        s_m = args.rejected_scores[m - 1]
+        prompts = pool if args.prompt_split == "full" else pool[(m - 1) * len(pool) // 3: m * len(pool) // 3]
+        seed = args.seed * 1000 + m
+        chosen = generate(model, tokenizer, [prefixed(p, CHOSEN_PREFIX) for p in prompts], 1, args.sample_temperature,
+                          args.sample_top_p, args, device, seed, model_path=str(out_dir / f"iter_{m - 1}"), desc="chosen (10/10)")
+        rejected = generate(model, tokenizer, [prefixed(p, REJECTED_PREFIX.format(score=s_m)) for p in prompts], 1,
+                            args.sample_temperature, args.sample_top_p, args, device, seed + 500,
+                            model_path=str(out_dir / f"iter_{m - 1}"), desc=f"rejected ({s_m}/10)")
+        dropped: dict = {}
+        raw_pairs = build_pairs(prompts, [c[0] for c in chosen], [r[0] for r in rejected], dropped)
+        pairs = []
+        for index, pair in enumerate(raw_pairs):  # trained on the plain prompt x (never the prefixed one)
+            sides = [fit(*encode(tokenizer, pair["prompt"], pair[side]), args, f"generated pair {index}", dropped)
+                     for side in ("chosen", "rejected")]
+            if sides[0] is not None:
+                pairs.append(dict(pair, iteration=m, rejected_score=s_m, prompt_ids=sides[0][0], chosen_ids=sides[0][1],
+                                  rejected_ids=sides[1][1], ref_chosen=0.0, ref_rejected=0.0))
+        if not pairs:
+            raise RuntimeError(f"iteration {m}: every generated pair was filtered out ({dropped})")
+        if args.loss == "dpo":  # §2.5.2: the reference is pi_{m-1}, the model that generated the pairs
+            sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+            ref, _ = score(model, sequences, args, tokenizer.pad_token_id, device, desc="reference log-probs")
+            for i, p in enumerate(pairs):
+                p.update(ref_chosen=float(ref[i]), ref_rejected=float(ref[len(pairs) + i]))
+        stats = {"iteration": m, "opsr/rejected_score": s_m, "data/pairs": len(pairs), "data/prompts": len(prompts),
+                 **{f"data/dropped_{k}": v for k, v in dropped.items()}}
+        if reward_fn and prompts[0][-1]["role"] == "user":
+            try:  # how well the two prefixes separate, as the oracle sees it (toy world)
+                stats["opsr/chosen_reward"] = sum(reward_fn(p["prompt"][-1]["content"], p["chosen"]) for p in pairs) / len(pairs)
+                stats["opsr/rejected_reward"] = sum(reward_fn(p["prompt"][-1]["content"], p["rejected"]) for p in pairs) / len(pairs)
+            except ValueError:
+                pass
+        log(stats)
+        if rank() == 0:
+            print(f"iteration {m}: {len(pairs)} pairs from {len(prompts)} prompts (rejected score {s_m}; dropped {dropped})")
+            with open(out_dir / f"pairs_iter_{m}.jsonl", "w") as f:
+                for p in pairs:
+                    f.write(json.dumps({k: p[k] for k in ("prompt", "chosen", "rejected", "rejected_score", "iteration")}) + "\n")
+        model = prepare_for_training(model, args)
+        model = train_iteration(model, pairs, m, args, device, tokenizer.pad_token_id, log, save_step, lr=args.lrs[m - 1])
+        model = finish_iteration(model, m)
+    if writer is not None:
+        writer.close()
+    return state
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except InputError as err:
+        sys.exit(f"opsr.py: error: {err}")
+    except KeyboardInterrupt as err:
+        sys.exit(f"opsr.py: interrupted ({err}); continue with --resume --output_dir <same dir>")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
