@@ -173,7 +173,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
     checks = [
         (args.iterations >= 1, f"--iterations must be >= 1, got {args.iterations}"),
         (len(args.rejected_scores) >= args.iterations, f"--rejected_scores needs {args.iterations} values, got {args.rejected_scores}"),
-        (all(isinstance(s, int) and 0 <= s < 10 for s in args.rejected_scores), f"--rejected_scores must be integers in [0, 10), got {args.rejected_scores}"),
+        (all(isinstance(s, int) and 1 <= s <= 9 for s in args.rejected_scores), f"--rejected_scores must be integers in 1..9, got {args.rejected_scores}"),
         (len(args.lrs) >= args.iterations and all(lr > 0 for lr in args.lrs), f"--lrs needs {args.iterations} positive values, got {args.lrs}"),
         (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
         (args.batch_size >= 1 and args.grad_accum >= 1, "--batch_size and --grad_accum must be >= 1"),
@@ -660,7 +660,7 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id
 # ---------------------------------------------------------------------------------------------
 
 
-def load_prompt_pool(args: Args, pairs: list[dict]) -> list[list[dict]]:
+def load_prompt_pool(args: Args, pairs: list[dict], tokenizer, counts: dict) -> list[list[dict]]:
     """The online prompt pool X: a jsonl of prompts, or the distinct prompts of the offline set."""
     if args.prompts:
         if not Path(args.prompts).exists():
@@ -673,6 +673,17 @@ def load_prompt_pool(args: Args, pairs: list[dict]) -> list[list[dict]]:
     else:
         pool = list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values())
     pool = pool[: args.num_prompts] if args.num_prompts else pool
+    kept = []
+    for index, prompt in enumerate(pool):  # the plain prompt must fit: pairs are trained on it
+        length = len(encode(tokenizer, prompt)[0])
+        if length <= args.max_prompt_length:
+            kept.append(prompt)
+        elif args.long_prompts == "error":
+            raise InputError(f"prompt pool row {index}: prompt has {length} tokens, over --max_prompt_length "
+                             f"{args.max_prompt_length} (see --long_prompts skip)")
+        else:
+            counts["pool_long_prompt_skipped"] = counts.get("pool_long_prompt_skipped", 0) + 1
+    pool = kept
     if not pool:
         raise InputError("the online prompt pool is empty")
     return pool
@@ -703,7 +714,7 @@ def main(args: Args) -> dict:
     tokenizer.padding_side = "left"  # for generation; training batches are padded by collate()
     rows, source = load_rows(args.dataset)
     offline, length_counts = build_dataset(rows, source, tokenizer, args)
-    pool = load_prompt_pool(args, offline)
+    pool = load_prompt_pool(args, offline, tokenizer, length_counts)
     dataset_preset = DATASETS.get(args.dataset, {})
     reward_spec = args.reward_fn or dataset_preset.get("reward_fn")
     reward_fn = load_reward_fn(reward_spec) if reward_spec else None
@@ -794,11 +805,16 @@ def main(args: Args) -> dict:
         s_m = args.rejected_scores[m - 1]
         prompts = pool if args.prompt_split == "full" else pool[(m - 1) * len(pool) // 3: m * len(pool) // 3]
         seed = args.seed * 1000 + m
+        previous = args.init_checkpoint if (m == 1 and args.init_checkpoint) else str(out_dir / f"iter_{m - 1}")
+        tic = time.perf_counter()
         chosen = generate(model, tokenizer, [prefixed(p, CHOSEN_PREFIX) for p in prompts], 1, args.sample_temperature,
-                          args.sample_top_p, args, device, seed, model_path=str(out_dir / f"iter_{m - 1}"), desc="chosen (10/10)")
+                          args.sample_top_p, args, device, seed, model_path=previous, desc="chosen (10/10)")
         rejected = generate(model, tokenizer, [prefixed(p, REJECTED_PREFIX.format(score=s_m)) for p in prompts], 1,
                             args.sample_temperature, args.sample_top_p, args, device, seed + 500,
-                            model_path=str(out_dir / f"iter_{m - 1}"), desc=f"rejected ({s_m}/10)")
+                            model_path=previous, desc=f"rejected ({s_m}/10)")
+        generation_seconds = time.perf_counter() - tic
+        generated_tokens = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+                               for (text, _), in chosen + rejected)
         dropped: dict = {}
         raw_pairs = build_pairs(prompts, [c[0] for c in chosen], [r[0] for r in rejected], dropped)
         pairs = []
@@ -815,22 +831,29 @@ def main(args: Args) -> dict:
             ref, _ = score(model, sequences, args, tokenizer.pad_token_id, device, desc="reference log-probs")
             for i, p in enumerate(pairs):
                 p.update(ref_chosen=float(ref[i]), ref_rejected=float(ref[len(pairs) + i]))
-        stats = {"iteration": m, "opsr/rejected_score": s_m, "data/pairs": len(pairs), "data/prompts": len(prompts),
-                 **{f"data/dropped_{k}": v for k, v in dropped.items()}}
-        if reward_fn and prompts[0][-1]["role"] == "user":
-            try:  # how well the two prefixes separate, as the oracle sees it (toy world)
-                stats["opsr/chosen_reward"] = sum(reward_fn(p["prompt"][-1]["content"], p["chosen"]) for p in pairs) / len(pairs)
-                stats["opsr/rejected_reward"] = sum(reward_fn(p["prompt"][-1]["content"], p["rejected"]) for p in pairs) / len(pairs)
-            except ValueError:
-                pass
-        log(stats)
+        stats = {"iteration": m, "opsr/rejected_score": s_m, "data/pairs_generated": len(prompts), "data/pairs": len(pairs),
+                 **{f"data/dropped_{k}": v for k, v in dropped.items()}, "time/generation_s": generation_seconds,
+                 "generation/tokens_per_sec": generated_tokens / generation_seconds}
+        if reward_fn:  # the paper's Fig. 4: how well the two prefixes separate, as the reward function sees it
+            for p in pairs:
+                p["chosen_reward"] = reward_fn(p["prompt"][-1]["content"], p["chosen"])
+                p["rejected_reward"] = reward_fn(p["prompt"][-1]["content"], p["rejected"])
+            stats["opsr/chosen_reward"] = sum(p["chosen_reward"] for p in pairs) / len(pairs)
+            stats["opsr/rejected_reward"] = sum(p["rejected_reward"] for p in pairs) / len(pairs)
         if rank() == 0:
-            print(f"iteration {m}: {len(pairs)} pairs from {len(prompts)} prompts (rejected score {s_m}; dropped {dropped})")
-            with open(out_dir / f"pairs_iter_{m}.jsonl", "w") as f:
+            print(f"iteration {m}: {len(pairs)} pairs kept of {len(prompts)} (rejected score {s_m}; dropped {dropped})"
+                  + (f"; oracle chosen {stats['opsr/chosen_reward']:.2f} vs rejected {stats['opsr/rejected_reward']:.2f}"
+                     if reward_fn else ""))
+            with open(out_dir / f"pairs_{m}.jsonl", "w") as f:
                 for p in pairs:
-                    f.write(json.dumps({k: p[k] for k in ("prompt", "chosen", "rejected", "rejected_score", "iteration")}) + "\n")
+                    f.write(json.dumps({k: p[k] for k in ("prompt", "chosen", "rejected", "rejected_score", "iteration",
+                                                          "chosen_reward", "rejected_reward") if k in p}) + "\n")
         model = prepare_for_training(model, args)
+        tic = time.perf_counter()
         model = train_iteration(model, pairs, m, args, device, tokenizer.pad_token_id, log, save_step, lr=args.lrs[m - 1])
+        stats["time/training_s"] = time.perf_counter() - tic
+        stats["time/generation_share"] = generation_seconds / (generation_seconds + stats["time/training_s"])
+        log(stats)
         model = finish_iteration(model, m)
     if writer is not None:
         writer.close()

@@ -91,7 +91,7 @@ def test_mocked_iteration_equals_plain_simpo(tmp_path, monkeypatch):
     monkeypatch.setattr(opsr, "generate", fake_generate)
     a = args(iterations=1, init_checkpoint=str(TOY_MODEL), num_prompts=40, num_eval=0, num_pairs=8, output_dir=str(tmp_path / "o"))
     opsr.main(a)
-    saved = json.loads((tmp_path / "o" / "pairs_iter_1.jsonl").read_text().splitlines()[0])
+    saved = json.loads((tmp_path / "o" / "pairs_1.jsonl").read_text().splitlines()[0])
     assert saved["prompt"] == [{"role": "user", "content": pool[0]}]  # §7.7.3: the plain prompt is stored
     tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL)
     policy = AutoModelForCausalLM.from_pretrained(TOY_MODEL, dtype=torch.float32)
@@ -135,7 +135,10 @@ def write(path, text):
     "make,match",
     [
         (lambda d: dict(rejected_scores=[3, 5]), "--rejected_scores needs 3 values"),
-        (lambda d: dict(rejected_scores=[3, 5, 12]), "--rejected_scores must be integers in \\[0, 10\\)"),
+        (lambda d: dict(rejected_scores=[3, 5, 12]), "--rejected_scores must be integers in 1..9"),
+        (lambda d: dict(rejected_scores=[0, 5, 7]), "--rejected_scores must be integers in 1..9"),
+        (lambda d: dict(prompts=write(d / "e.jsonl", "")), "the online prompt pool is empty"),
+        (lambda d: dict(prompts=write(d / "l.jsonl", json.dumps({"prompt": "Sort these letters: " + "a " * 90}) + "\n"), num_pairs=4), "prompt has \\d+ tokens, over --max_prompt_length"),
         (lambda d: dict(lrs=[1e-4, -1.0, 1e-5]), "--lrs needs 3 positive values"),
         (lambda d: dict(iterations=0), "--iterations must be >= 1"),
         (lambda d: dict(model="mistral"), "'mistral' is neither a preset"),
@@ -173,7 +176,7 @@ def test_opsr_run_learns(opsr_run):
     for m in per_iteration:  # the prefixes really separate the answers, as the oracle sees it
         assert m["opsr/chosen_reward"] > m["opsr/rejected_reward"] + 2
     for m in (1, 2):
-        for line in open(opsr_run / f"pairs_iter_{m}.jsonl"):
+        for line in open(opsr_run / f"pairs_{m}.jsonl"):
             assert "merits a perfect score" not in json.dumps(json.loads(line)["prompt"])
 
 
