@@ -577,20 +577,22 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     model.eval()
     torch.manual_seed(seed + rank())
     mine, real = shard(prompts)
-    outputs = []
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: little padding
+    outputs = {}
     batch_size = max(1, args.generation_batch_size // n)
-    for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=rank() != 0, leave=False):
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine[start:start + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=rank() != 0, leave=False):
+        indices = order[start:start + batch_size]
+        enc = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         out = model.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
                              top_p=top_p if temperature > 0 else None, max_new_tokens=args.max_new_tokens,
                              num_return_sequences=n, pad_token_id=tokenizer.pad_token_id, synced_gpus=False)
-        for row in out[:, enc["input_ids"].shape[1]:].tolist():
-            finished = tokenizer.eos_token_id in row
-            outputs.append((tokenizer.decode(row, skip_special_tokens=True).strip(), finished))
+        rows = out[:, enc["input_ids"].shape[1]:].tolist()
+        for k, i in enumerate(indices):  # num_return_sequences rows per prompt, consecutive
+            outputs[i] = [(tokenizer.decode(row, skip_special_tokens=True).strip(), tokenizer.eos_token_id in row)
+                          for row in rows[k * n:(k + 1) * n]]
     model.train()
-    grouped = [outputs[i * n:(i + 1) * n] for i in range(real)]
-    return gather(grouped)
+    return gather([outputs[i] for i in range(real)])
 
 
 def generate_vllm(model_path, tokenizer, prompts, n, temperature, top_p, args, seed):
