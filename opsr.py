@@ -141,8 +141,8 @@ class Args:
     track: bool = False
     scoring_batch_size: int | None = None
     generation_batch_size: int | None = None
-    save_every: int = 0
     stop_after_steps: int | None = None
+    """stop (as if interrupted) after this many optimizer steps in this process; for testing --resume"""
 
 
 class InputError(ValueError):
@@ -588,8 +588,7 @@ def daa_losses(logps, ref_logps, counts, args: Args):
 # One DAA epoch on D_t (reference log-probs precomputed, so no reference model in memory)
 
 
-def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id: int, log, save_step, lr: float,
-                    start_step=0, trainer_state=None):
+def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id: int, log, save_step, lr: float):
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + t)).tolist()
@@ -604,13 +603,9 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id
     warmup = int(args.warmup_ratio * n_steps)
     scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, n_steps) if args.scheduler == "cosine"
                  else get_constant_schedule_with_warmup(optimizer, warmup))
-    if trainer_state is not None:
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        torch.set_rng_state(trainer_state["rng"])
     log({"iteration": t, "train/pairs": len(pairs), "train/pairs_dropped_remainder": dropped, "train/steps": n_steps})
     use_avg = args.loss == "simpo" or args.length_norm == "avg"
-    bar = tqdm(range(start_step, n_steps), desc=f"iteration {t}", disable=rank() != 0)
+    bar = tqdm(range(n_steps), desc=f"iteration {t}", disable=rank() != 0)
     for step in bar:
         tic, sums = time.perf_counter(), [0.0] * 9
         for accum in range(args.grad_accum):

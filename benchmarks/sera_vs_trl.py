@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
-import dataclasses
 import datetime
 import io
 import math
