@@ -43,6 +43,9 @@ SEED = 1234
 N_EVAL, N_POOL, N_PREFS, N_SFT = 200, 500, 1500, 24000
 N_SFT_SHIPPED = 3000  # sft.jsonl keeps the first rows; the rest are regenerated from the seed
 FLIP_FRACTION = 0.25
+# osp.py's toy human-preference set: the judge seed set and held-out judge labels. A 994k-parameter
+# model learns to judge from scratch only with mostly clean labels (25% flipped: chance after 8 epochs).
+JUDGE_FLIP_FRACTION = 0.10
 
 # Literal prompt texts of the methods (ALGORITHMS.md 2.1, 4.2, 5.1), verbatim.
 CHOSEN_PREFIX = "Please produce a top-notch response that merits a perfect score of 10 out of 10."
@@ -183,9 +186,9 @@ def sft_rows(prompts: list[str], rng: random.Random) -> list[dict]:
     return rows
 
 
-def pref_rows(prompts: list[str], rng: random.Random) -> list[dict]:
+def pref_rows(prompts: list[str], rng: random.Random, flip_fraction: float = FLIP_FRACTION) -> list[dict]:
     """UltraFeedback-binarized pairs: two answers at random error levels, scored by the oracle;
-    exactly FLIP_FRACTION of the rows have chosen/rejected swapped (label noise, `flipped`)."""
+    exactly `flip_fraction` of the rows have chosen/rejected swapped (label noise, `flipped`)."""
     rows = []
     for instruction in prompts:
         answer = oracle.perfect_answer(instruction)
@@ -199,7 +202,7 @@ def pref_rows(prompts: list[str], rng: random.Random) -> list[dict]:
             first, second, first_score, second_score = second, first, second_score, first_score
         rows.append({"instruction": instruction, "better": first, "worse": second,
                      "better_score": first_score, "worse_score": second_score})
-    flipped = set(rng.sample(range(len(rows)), round(FLIP_FRACTION * len(rows))))
+    flipped = set(rng.sample(range(len(rows)), round(flip_fraction * len(rows))))
     out = []
     for index, row in enumerate(rows):
         is_flipped = index in flipped
@@ -229,6 +232,7 @@ def build_data(seed: int) -> dict[str, list[dict]]:
         "prompts": [{"prompt": p, "prompt_id": prompt_id(p)} for p in splits["prompts"]],
         "prefs": pref_rows(splits["prefs"], random.Random(seed + 1)),
         "sft": sft_rows(splits["sft"], random.Random(seed + 2)),
+        "judge_prefs": pref_rows(splits["prefs"], random.Random(seed + 5), JUDGE_FLIP_FRACTION),  # same prompts, new answers
     }
 
 
@@ -437,6 +441,7 @@ evaluation prompts come from `assets/toy/data/eval.jsonl`.
 | `model/` | `LlamaForCausalLM`: hidden {hidden}, {layers} layers, {heads} heads, untied embeddings, {params:,} parameters, fp32 safetensors; `generation_config.json` (eos/pad) |
 | `model/tokenizer*.json` | byte-level BPE with {vocab} tokens and a chat template (below) |
 | `data/prefs.jsonl` | {n_prefs} pairs, UltraFeedback-binarized schema + `flipped` ({flip:.0%} of rows swapped on purpose: `score_chosen < score_rejected`) |
+| `data/judge_prefs.jsonl` | {n_prefs} pairs on the same prompts with new answers, {judge_flip:.0%} flipped: `osp.py`'s human-preference set (judge seed set, held-out judge labels) |
 | `data/prompts.jsonl` | {n_pool} prompts for online methods (`prompt`, `prompt_id`) |
 | `data/eval.jsonl` | {n_eval} held-out prompts, disjoint from all other files |
 | `data/sft.jsonl` | first {n_sft_shipped} of the {n_sft} UltraChat-schema SFT conversations the model was trained on |
@@ -479,7 +484,7 @@ def write_readme(out: Path, stats: dict, args) -> None:
                       for name in EVAL_CONDITIONS)
     (out / "README.md").write_text(README.format(
         hidden=args.hidden, layers=args.layers, heads=args.heads, params=stats["params"], vocab=stats["vocab_size"],
-        n_prefs=N_PREFS, flip=FLIP_FRACTION, n_pool=N_POOL, n_eval=N_EVAL, n_sft_shipped=N_SFT_SHIPPED, n_sft=N_SFT,
+        n_prefs=N_PREFS, flip=FLIP_FRACTION, judge_flip=JUDGE_FLIP_FRACTION, n_pool=N_POOL, n_eval=N_EVAL, n_sft_shipped=N_SFT_SHIPPED, n_sft=N_SFT,
         table=table, minutes=stats["build_seconds"] / 60, cpu_minutes=stats["build_cpu_seconds"] / 60,
         threads=args.threads, torch=stats["torch"]))
 
@@ -515,7 +520,7 @@ def main():
     start, start_cpu = time.time(), time.process_time()
 
     data = build_data(args.seed)
-    for name in ("prefs", "prompts", "eval"):
+    for name in ("prefs", "judge_prefs", "prompts", "eval"):
         write_jsonl(args.out / "data" / f"{name}.jsonl", data[name])
     write_jsonl(args.out / "data" / "sft.jsonl", data["sft"][:N_SFT_SHIPPED])
     tok = save_tokenizer(build_tokenizer(tokenizer_corpus(data, args.seed)), args.out / "model")

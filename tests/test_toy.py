@@ -213,8 +213,9 @@ def test_refinement_prompt_improves_answers(behaviour):
 # Data
 
 
-def test_preference_data_schema_scores_and_flips():
-    rows = read_jsonl(DATA / "prefs.jsonl")
+@pytest.mark.parametrize("name, flip", [("prefs.jsonl", build.FLIP_FRACTION), ("judge_prefs.jsonl", build.JUDGE_FLIP_FRACTION)])
+def test_preference_data_schema_scores_and_flips(name, flip):
+    rows = read_jsonl(DATA / name)
     assert 1000 <= len(rows) <= 2000
     keys = {"prompt", "prompt_id", "chosen", "rejected", "messages", "score_chosen", "score_rejected", "flipped"}
     for index, row in enumerate(rows):
@@ -230,7 +231,7 @@ def test_preference_data_schema_scores_and_flips():
         assert (row["score_chosen"] < row["score_rejected"]) == row["flipped"], index
         assert row["score_chosen"] != row["score_rejected"]
     flipped = sum(row["flipped"] for row in rows) / len(rows)
-    assert abs(flipped - build.FLIP_FRACTION) < 0.005
+    assert abs(flipped - flip) < 0.005
 
 
 def test_prompt_sets_have_schema_and_are_disjoint():
@@ -331,7 +332,7 @@ def test_data_and_tokenizer_rebuild_byte_identical(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "assets" / "build_toy.py"), "--data_only", "--out", str(tmp_path)],
                    check=True, capture_output=True)
     rebuilt = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert rebuilt == ["data/eval.jsonl", "data/prefs.jsonl", "data/prompts.jsonl", "data/sft.jsonl",
+    assert rebuilt == ["data/eval.jsonl", "data/judge_prefs.jsonl", "data/prefs.jsonl", "data/prompts.jsonl", "data/sft.jsonl",
                        "model/tokenizer.json", "model/tokenizer_config.json"]
     if not same_versions("tokenizers", "transformers"):
         rebuilt = [p for p in rebuilt if p.startswith("data/")]
