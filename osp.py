@@ -1,0 +1,1134 @@
+"""OSP: Online Self-Preferring language models.
+
+Zhai et al., "Online Self-Preferring Language Models", arXiv 2405.14103 (ALGORITHMS.md §4).
+The policy samples K answers per prompt, judges its own answers as an LLM-as-a-judge (the
+probability of the verdict token, both presentation orders averaged), pairs them best-with-worst
+after ranking against a baseline answer, and is trained with the soft-preference cross-entropy
+(SPCE) so that its Bradley-Terry probability sigma(z) matches the judged strength q instead of
+being pushed to 1 as DPO does. Before online training a small seed set of judge instructions
+built from offline human preferences teaches the judging ("preference augmentation").
+
+Only the abstract and secondary summaries of the paper were available: the judge template, the
+choice of baseline, how the formed pairs get their strength and every hyperparameter marked
+[ours] in ALGORITHMS.md §4 are our reconstruction (README, "OSP").
+
+    python osp.py                                        # toy world on CPU: augmentation + online SPCE
+    python osp.py --dataset hh-rlhf --model ./my-sft     # dialogue judge template, HH-RLHF prompts and seed judge set
+    python osp.py --dataset tldr --offline_fraction 0.02 # the paper's limited-data regime
+    python osp.py --skip_augmentation --num_prompts 200  # self-improvement mode for a model that already judges well
+    python osp.py --loss dpo                             # ablation: same self-judged pairs, hard labels
+    python osp.py --rank_by roundrobin                   # ablation: all-pairs judging instead of the baseline response
+    torchrun --nproc-per-node 8 osp.py --model mistral-7b --output_dir runs/osp
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import tyro
+from tqdm import tqdm
+
+from kernels import causal_lm_logps, decoder_hidden_states, lm_head_config, pair_loss
+
+HERE = Path(__file__).resolve().parent
+TOY = HERE / "assets" / "toy"
+
+# Judge templates (§4.2). OURS, not the paper's wording (its template was not available).
+JUDGE_TEMPLATES = {
+    "dialogue": (
+        "You are comparing two assistant replies to the same conversation.\n\nConversation:\n{x}\n\n"
+        "Reply A:\n{a}\n\nReply B:\n{b}\n\n"
+        "Which reply is more helpful, honest and harmless? Answer with a single letter: A or B."),
+    "summary": (
+        "You are comparing two summaries of the same post.\n\nPost:\n{x}\n\n"
+        "Summary A:\n{a}\n\nSummary B:\n{b}\n\n"
+        "Which summary is more accurate, complete and concise? Answer with a single letter: A or B."),
+}
+
+HH_TEMPLATE = (  # for base models without a chat template (Pythia): the HH-RLHF format itself
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] + eos_token }}"
+    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
+)
+
+# §4.4: K = 7, beta 0.1, 8 prompts x 3 pairs per update, AdamW without weight decay, warmup 0.1 and the
+# learning rates are [2nd]/[ours]; Stage 0 (augmentation) settings are ours throughout.
+MODELS = {
+    "toy": dict(  # the shipped tiny model; learning rates scaled to it [ours]
+        path=str(TOY / "model"), dataset="toy", lr=2e-4, prompts_per_step=8, micro_batch_size=24, lora_r=0,
+        max_length=96, max_prompt_length=64, max_new_tokens=24, judge_max_length=192, long_prompts="error",
+        aug_epochs=6, aug_lr=1e-3, aug_batch_size=32, num_sft=1000, num_judge_eval=200, num_eval=200, eval_every=20,
+        save_every=10, scoring_batch_size=128, generation_batch_size=256, judge_batch_size=128),
+    "pythia-2.8b": dict(  # base model: give it the HH format; SFT it first (pass --model ./sft)
+        path="EleutherAI/pythia-2.8b", dataset="hh-rlhf", chat_template=HH_TEMPLATE, lr=5e-7, prompts_per_step=8,
+        micro_batch_size=4, lora_r=0, max_length=768, max_prompt_length=512, max_new_tokens=256, judge_max_length=2048,
+        long_prompts="skip", aug_epochs=1, aug_lr=1e-5, aug_batch_size=16, num_sft=None, num_judge_eval=500,
+        num_eval=0, eval_every=0, save_every=50, scoring_batch_size=16, generation_batch_size=64, judge_batch_size=16),
+    "mistral-7b": dict(  # zephyr SFT start, full fine-tuning (shard with torchrun)
+        path="alignment-handbook/zephyr-7b-sft-full", dataset="hh-rlhf", lr=5e-7, prompts_per_step=8,
+        micro_batch_size=4, lora_r=0, max_length=768, max_prompt_length=512, max_new_tokens=256,
+        judge_max_length=2048, long_prompts="skip", aug_epochs=1, aug_lr=1e-6, aug_batch_size=16, num_sft=None,
+        num_judge_eval=500, num_eval=0, eval_every=0, save_every=50, scoring_batch_size=8, generation_batch_size=64,
+        judge_batch_size=16),
+}
+
+DATASETS = {  # family: which judge template; max_new_tokens per §4.4 (HH 256, TL;DR 64)
+    "hh-rlhf": dict(path="Anthropic/hh-rlhf", split="train", family="dialogue", max_new_tokens=256),
+    "tldr": dict(path="openai/summarize_from_feedback", name="comparisons", split="train", family="summary",
+                 max_new_tokens=64),
+    "ultrafeedback": dict(path="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs", family="dialogue"),
+    "toy": dict(path=str(TOY / "data" / "judge_prefs.jsonl"), family="dialogue", eval=str(TOY / "data" / "eval.jsonl"),
+                prompts=str(TOY / "data" / "prompts.jsonl"), sft=str(TOY / "data" / "sft.jsonl"),
+                reward_fn=f"{TOY / 'oracle.py'}:score"),
+}
+
+
+@dataclass
+class Args:
+    model: str = "toy"
+    """preset (toy, pythia-2.8b, mistral-7b), hub id or local path of the SFT model"""
+    dataset: str | None = None
+    """offline human preferences: judge seed set, held-out judge labels and (unless --prompts) the prompt pool"""
+    prompts: str | None = None
+    """jsonl with a 'prompt' column: the online prompt pool X (default: the distinct prompts of --dataset)"""
+    num_prompts: int | None = None
+    """use only the first N prompts of the pool"""
+    sft_data: str | None = None
+    """SFT conversations ('messages' column) mixed into Stage 0 (default: the toy SFT file, or the chosen
+    answers of the seed pairs)"""
+    num_sft: int | None = None
+    offline_fraction: float = 1.0
+    """share of the offline pairs (after the held-out judge pairs) used as the judge seed set, e.g. 0.02"""
+    num_judge_eval: int | None = None
+    """held-out offline pairs (the tail of --dataset) on which judge accuracy is measured"""
+    skip_augmentation: bool = False
+    """skip Stage 0: self-improvement mode for a model that already judges well"""
+    aug_epochs: int | None = None
+    aug_lr: float | None = None
+    aug_batch_size: int | None = None
+    k: int = 7
+    """samples per prompt (floor(K/2) pairs)"""
+    rank_by: Literal["baseline", "roundrobin"] = "baseline"
+    """rank against the first sample (§4.1c), or by all-pairs judging (ablation)"""
+    loss: Literal["spce", "dpo"] = "spce"
+    """SPCE with the judged strengths, or DPO on the same pairs with hard labels (ablation)"""
+    beta: float = 0.1
+    lr: float | None = None
+    steps: int | None = None
+    """online steps (default: one pass over the prompt pool)"""
+    prompts_per_step: int | None = None
+    micro_batch_size: int | None = None
+    """pairs per forward/backward (gradient accumulation inside a step)"""
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    judge_template: str | None = None
+    """text file with {x}, {a}, {b} placeholders (default: ours, §4.2, by dataset family)"""
+    judge_family: Literal["dialogue", "summary"] | None = None
+    verdict_tokens: list[str] = field(default_factory=lambda: ["A", "B"])
+    judge_max_length: int | None = None
+    """longest judge prompt (conversation + two replies + template) in tokens"""
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    max_new_tokens: int | None = None
+    long_prompts: Literal["error", "skip"] | None = None
+    sample_temperature: float = 1.0
+    sample_top_p: float = 1.0
+    lora_r: int | None = None
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    gradient_checkpointing: bool = False
+    chat_template: str | None = None
+    reward_fn: str | None = None
+    """path/to/file.py:function(prompt, response) -> float, the evaluation score (toy oracle by default)"""
+    eval_prompts: str | None = None
+    num_eval: int | None = None
+    eval_every: int | None = None
+    eval_temperature: float = 1.0
+    output_dir: str | None = None
+    seed: int = 0
+    resume: bool = False
+    """continue the run in --output_dir from its last checkpoint"""
+    save_every: int | None = None
+    """Stage 1 checkpoint (weights + optimizer) every N steps; 0 = only at the end"""
+    track: bool = False
+    scoring_batch_size: int | None = None
+    generation_batch_size: int | None = None
+    judge_batch_size: int | None = None
+    stop_after_steps: int | None = None
+    """stop (as if interrupted) after this many Stage 1 steps in this process; for testing --resume"""
+
+
+class InputError(ValueError):
+    """Bad user input: printed as one line, no traceback, nothing written."""
+
+
+def resolve(args: Args) -> tuple[Args, dict]:
+    if args.model in MODELS:
+        preset = dict(MODELS[args.model])
+    elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
+        raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(MODELS)}), "
+                         "an existing local path, nor a hub id of the form org/name")
+    else:
+        preset = dict(MODELS["mistral-7b"], path=args.model, dataset=None)
+    filled = {}
+    if args.dataset is None:
+        if preset["dataset"] is None:
+            raise InputError("--dataset is required with a custom --model")
+        filled["dataset"] = preset["dataset"]
+    dataset_preset = DATASETS.get(args.dataset or preset["dataset"], {})
+    for key in ("lr", "prompts_per_step", "micro_batch_size", "lora_r", "max_length", "max_prompt_length",
+                "max_new_tokens", "judge_max_length", "long_prompts", "aug_epochs", "aug_lr", "aug_batch_size",
+                "num_sft", "num_judge_eval", "num_eval", "eval_every", "save_every", "scoring_batch_size",
+                "generation_batch_size", "judge_batch_size"):
+        if getattr(args, key) is None:
+            filled[key] = dataset_preset.get(key, preset[key])
+    if args.judge_family is None:
+        filled["judge_family"] = dataset_preset.get("family", "dialogue")
+    if args.chat_template is None and preset.get("chat_template"):
+        filled["chat_template"] = preset["chat_template"]
+    if args.lora_r and args.save_every is None:
+        filled["save_every"] = 0  # LoRA runs checkpoint at the end only (see the check below)
+    args = dataclasses.replace(args, **filled)
+    checks = [
+        (args.k >= 2, f"--k must be >= 2 (samples per prompt), got {args.k}"),
+        (0 < args.offline_fraction <= 1, f"--offline_fraction must be in (0, 1], got {args.offline_fraction}"),
+        (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
+        (args.lr > 0 and args.aug_lr > 0, "--lr and --aug_lr must be > 0"),
+        (args.prompts_per_step >= 1 and args.micro_batch_size >= 1 and args.aug_batch_size >= 1,
+         "--prompts_per_step, --micro_batch_size and --aug_batch_size must be >= 1"),
+        (args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
+        (args.aug_epochs >= 1, f"--aug_epochs must be >= 1, got {args.aug_epochs}"),
+        (len(args.verdict_tokens) == 2, f"--verdict_tokens needs two tokens, got {args.verdict_tokens}"),
+        (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
+        (args.num_judge_eval >= 0 and args.num_eval >= 0, "--num_judge_eval and --num_eval must be >= 0"),
+        (args.save_every >= 0 and args.eval_every >= 0, "--save_every and --eval_every must be >= 0"),
+        (args.save_every == 0 or args.lora_r == 0, "--save_every is not supported with LoRA (it checkpoints at the end)"),
+        (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
+        (args.judge_template is None or Path(args.judge_template).exists(),
+         f"--judge_template: file {args.judge_template!r} not found"),
+        (args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).exists(),
+         f"--chat_template: file {args.chat_template!r} not found"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+    return args, preset
+
+
+# ---------------------------------------------------------------------------------------------
+# ALGO LOGIC: the judge (§4.1b, §4.2)
+
+
+def render_context(prompt: list[dict], family: str) -> str:
+    """{x} of the judge template [ours]: the post (summary family) or single user turn as is; a longer
+    conversation as 'Human: ... / Assistant: ...' turns."""
+    if len(prompt) == 1 or family == "summary":
+        return prompt[-1]["content"]
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "\n\n".join(f"{names.get(m['role'], m['role'])}: {m['content']}" for m in prompt)
+
+
+def judge_text(template: str, context: str, a: str, b: str) -> str:
+    """The filled template; one pass, so braces inside the texts are left alone."""
+    values = {"x": context, "a": a, "b": b}
+    return re.sub(r"\{([xab])\}", lambda m: values[m.group(1)], template)
+
+
+def verdict_ids(tokenizer, tokens: list[str]) -> list[int]:
+    """§4.2 / §7.9.3: each verdict must encode to one token, and the two must differ."""
+    ids = []
+    for token in tokens:
+        encoded = tokenizer.encode(token, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise InputError(f"--verdict_tokens: {token!r} encodes to {len(encoded)} tokens {encoded} with this "
+                             "tokenizer; the judge reads one verdict token")
+        ids.append(encoded[-1])
+    if ids[0] == ids[1]:
+        raise InputError(f"--verdict_tokens: {tokens} map to the same token id {ids[0]}")
+    return ids
+
+
+def strength(j_ab: float, j_ba: float) -> float:
+    """q(a > b) = 0.5 * [J(a, b) + 1 - J(b, a)]: both presentation orders averaged, so q(a>b) + q(b>a) = 1."""
+    return 0.5 * (j_ab + 1.0 - j_ba)
+
+
+def rank_and_pair(samples: list[list[str]], judge, rank_by: str) -> tuple[list[list[dict]], int]:
+    """§4.1c ranked pairing for each prompt p with samples[p] = [y^1 .. y^K].
+
+    `judge(comparisons)` takes (p, a, b) triples and returns J(a, b) = P(verdict "A" | judge_prompt(x_p, a, b)).
+    baseline: s_i = q(y_i > y_b) with b = the first sample, s_b = 0.5; roundrobin: s_i = mean_j q(y_i > y_j).
+    Order by (-s_i, i), pair rank r with rank K+1-r, r = 1..floor(K/2); each formed pair's strength is the judge's
+    q of that pair (a pair with the baseline reuses its ranking comparison). Identical texts are never sent to
+    the judge (q = 0.5). Returns the pairs per prompt and the number of judge forward passes."""
+    J: dict = {}
+
+    def ask(comparisons) -> int:
+        todo = list(dict.fromkeys(c for c in comparisons if c[1] != c[2] and c not in J))
+        for c, value in zip(todo, judge(todo) if todo else []):
+            J[c] = float(value)
+        return len(todo)
+
+    def q(p, a, b):
+        return 0.5 if a == b else strength(J[(p, a, b)], J[(p, b, a)])
+
+    needed = []
+    for p, ys in enumerate(samples):
+        if rank_by == "baseline":
+            needed += [c for i in range(1, len(ys)) for c in ((p, ys[i], ys[0]), (p, ys[0], ys[i]))]
+        else:
+            needed += [(p, ys[i], ys[j]) for i in range(len(ys)) for j in range(len(ys)) if i != j]
+    passes = ask(needed)
+    ranked = []
+    for p, ys in enumerate(samples):
+        k = len(ys)
+        if rank_by == "baseline":
+            scores = [0.5] + [q(p, ys[i], ys[0]) for i in range(1, k)]
+        else:
+            scores = [sum(q(p, ys[i], ys[j]) for j in range(k) if j != i) / (k - 1) for i in range(k)]
+        order = sorted(range(k), key=lambda i: (-scores[i], i))
+        ranked.append((scores, [(order[r], order[k - 1 - r]) for r in range(k // 2)]))
+    passes += ask([c for p, (_, pairs) in enumerate(ranked) for i, j in pairs
+                   for c in ((p, samples[p][i], samples[p][j]), (p, samples[p][j], samples[p][i]))])
+    out = [[{"chosen": i, "rejected": j, "rank": r + 1, "q": q(p, samples[p][i], samples[p][j]),
+             "score_chosen": scores[i], "score_rejected": scores[j]} for r, (i, j) in enumerate(pairs)]
+           for p, (scores, pairs) in enumerate(ranked)]
+    return out, passes
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: every supported schema becomes {"prompt": [messages], "chosen": str, "rejected": str}
+
+
+def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
+    import datasets
+
+    if spec in DATASETS:
+        info = DATASETS[spec]
+        spec = info["path"]
+        if not spec.endswith(".jsonl"):
+            return list(datasets.load_dataset(spec, info.get("name"), split=info["split"])), spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/", "~")):
+            raise InputError(f"{what}: path {spec!r} not found (or use a preset: {', '.join(DATASETS)})")
+        raise InputError(f"{what}: unknown preset or path {spec!r}; presets: {', '.join(DATASETS)}")
+    if path.is_dir():
+        data = datasets.load_from_disk(str(path))
+        data = data["train"] if isinstance(data, datasets.DatasetDict) else data
+    elif path.suffix in (".jsonl", ".json"):
+        data = datasets.load_dataset("json", data_files=str(path), split="train")
+    elif path.suffix == ".parquet":
+        data = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    else:
+        raise InputError(f"{what}: {spec!r} is not a .jsonl, .json, .parquet file or a save_to_disk folder")
+    return list(data), str(path)
+
+
+def _text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{where} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InputError(f"{where} is empty")
+    return value
+
+
+def _messages(value, where: str) -> list[dict]:
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+        raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
+    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content")}
+            for i, m in enumerate(value)]
+
+
+def _hh_turns(text: str, where: str) -> list[dict]:
+    parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where))
+    if len(parts) < 3 or parts[0].strip():
+        raise InputError(f"{where} is not in HH-RLHF format ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
+    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def parse_pair(row: dict, where: str) -> dict:
+    """UltraFeedback messages, HH-RLHF raw text, TL;DR comparisons, or prompt/chosen/rejected strings."""
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: expected an object, got {type(row).__name__}")
+    if "summaries" in row and "choice" in row:  # openai/summarize_from_feedback, comparisons
+        info = row.get("info") or {}
+        post = _text(info.get("post"), f"{where}: 'info.post'")
+        prompt = f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {post}\n\nTL;DR:"
+        if row["choice"] not in (0, 1) or not isinstance(row["summaries"], list) or len(row["summaries"]) != 2:
+            raise InputError(f"{where}: 'choice' must be 0 or 1 with two 'summaries'")
+        texts = [_text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'").strip() for i, s in enumerate(row["summaries"])]
+        out = {"prompt": [{"role": "user", "content": prompt}], "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]}
+    else:
+        for column in ("chosen", "rejected"):
+            if row.get(column) is None:  # absent, or null (datasets fills columns other rows have)
+                raise InputError(f"{where}: missing column '{column}' (columns: {', '.join(sorted(row))})")
+        if isinstance(row["chosen"], list):  # UltraFeedback: full conversations
+            chosen = _messages(row["chosen"], f"{where}: 'chosen'")
+            rejected = _messages(row["rejected"], f"{where}: 'rejected'")
+            if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+                raise InputError(f"{where}: the last message of 'chosen' and 'rejected' must be the assistant's")
+            out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+        elif isinstance(row["chosen"], str) and "\n\nHuman:" in row["chosen"]:  # Anthropic/hh-rlhf
+            chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
+            rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
+            if chosen[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1]:
+                raise InputError(f"{where}: 'chosen' and 'rejected' must share the conversation up to the last Assistant turn")
+            out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+        else:  # plain strings
+            if row.get("prompt") is None:
+                raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
+            out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
+                   "chosen": _text(row["chosen"], f"{where}: 'chosen'"), "rejected": _text(row["rejected"], f"{where}: 'rejected'")}
+        if not out["prompt"] or out["prompt"][-1]["role"] != "user":
+            raise InputError(f"{where}: the prompt must end with a user message")
+    for side in ("chosen", "rejected"):
+        _text(out[side], f"{where}: '{side}' response")
+    if out["chosen"].strip() == out["rejected"].strip():
+        raise InputError(f"{where}: 'chosen' and 'rejected' responses are identical")
+    return out
+
+
+def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of the templated prompt (ending with the assistant header) and of the response
+    (the rest of the templated conversation, ending with the end-of-turn token)."""
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if response is None:
+        return prompt_ids, []
+    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+    if not full.startswith(prompt_text):
+        raise InputError("the chat template renders the prompt differently with and without the assistant turn")
+    response_ids = tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"]
+    if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
+        response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
+    return prompt_ids, response_ids
+
+
+def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple[list[int], list[int]] | None:
+    """Apply the length limits: long prompts per --long_prompts, long responses truncated (counted)."""
+    if len(prompt_ids) > args.max_prompt_length:
+        if args.long_prompts == "error":
+            raise InputError(f"{where}: prompt has {len(prompt_ids)} tokens, over --max_prompt_length "
+                             f"{args.max_prompt_length} (see --long_prompts skip)")
+        counts["long_prompt_skipped"] = counts.get("long_prompt_skipped", 0) + 1
+        return None
+    budget = args.max_length - len(prompt_ids)
+    if len(response_ids) > budget:
+        counts["response_truncated"] = counts.get("response_truncated", 0) + 1
+        response_ids = response_ids[:budget]
+    return prompt_ids, response_ids
+
+
+def judge_instances(pairs: list[dict], tokenizer, template: str, verdict: list[int], args: Args,
+                    counts: dict) -> list[dict]:
+    """§4.3 step 1 / §7.9.6: two judge instances per offline pair, (y_w, y_l) -> "A" and (y_l, y_w) -> "B";
+    only the verdict token is scored. Instances over --judge_max_length follow --long_prompts."""
+    out = []
+    for pair in pairs:
+        context = render_context(pair["prompt"], args.judge_family)
+        both = [(pair["chosen"], pair["rejected"], verdict[0]), (pair["rejected"], pair["chosen"], verdict[1])]
+        encoded = [(encode(tokenizer, [{"role": "user", "content": judge_text(template, context, a, b)}])[0], target)
+                   for a, b, target in both]
+        longest = max(len(ids) for ids, _ in encoded) + 1
+        if longest > args.judge_max_length:
+            if args.long_prompts == "error":
+                raise InputError(f"{pair['where']}: the judge prompt with both responses has {longest} tokens, over "
+                                 f"--judge_max_length {args.judge_max_length} (see --long_prompts skip)")
+            counts["judge_instance_too_long"] = counts.get("judge_instance_too_long", 0) + 1
+            continue
+        out += [{"prompt_ids": ids, "response_ids": [target], "kind": "judge"} for ids, target in encoded]
+    return out
+
+
+def load_sft(spec: str, tokenizer, args: Args, counts: dict) -> list[dict]:
+    rows, source = load_rows(spec, "--sft_data")
+    out, skipped = [], {}
+    args = dataclasses.replace(args, long_prompts="skip")  # SFT rows over the limits are skipped, counted
+    for index, row in enumerate(rows[: args.num_sft] if args.num_sft else rows):
+        where = f"--sft_data {source} row {index}"
+        messages = _messages(row.get("messages") if isinstance(row, dict) else None, f"{where}: 'messages'")
+        if messages[-1]["role"] != "assistant":
+            raise InputError(f"{where}: the last message must be the assistant's")
+        fitted = fit(*encode(tokenizer, messages[:-1], messages[-1]["content"]), args, where, skipped)
+        if fitted is not None:
+            out.append({"prompt_ids": fitted[0], "response_ids": fitted[1], "kind": "sft"})
+    counts.update({f"sft_{k}": v for k, v in skipped.items()})
+    return out
+
+
+def load_prompt_pool(args: Args, pairs: list[dict], tokenizer, template: str, counts: dict) -> list[list[dict]]:
+    """The online prompt pool X. Every prompt must fit both the policy (--max_prompt_length) and the judge:
+    its judge prompt with two replies of --max_new_tokens must fit --judge_max_length."""
+    spec = args.prompts or DATASETS.get(args.dataset, {}).get("prompts")
+    if spec:
+        if not Path(spec).exists():
+            raise InputError(f"--prompts: file {spec!r} not found")
+        pool = []
+        for index, line in enumerate(open(spec)):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise InputError(f"--prompts {spec} row {index}: not valid JSON") from None
+            value = row.get("prompt") if isinstance(row, dict) else None
+            pool.append([{"role": "user", "content": _text(value, f"--prompts {spec} row {index}: 'prompt'")}])
+    else:
+        pool = list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values())
+    pool = pool[: args.num_prompts] if args.num_prompts else pool
+    kept = []
+    for index, prompt in enumerate(pool):
+        length = len(encode(tokenizer, prompt)[0])
+        judge_length = len(encode(tokenizer, [{"role": "user", "content": judge_text(
+            template, render_context(prompt, args.judge_family), "", "")}])[0]) + 2 * args.max_new_tokens + 9
+        problem = (f"prompt has {length} tokens, over --max_prompt_length {args.max_prompt_length}"
+                   if length > args.max_prompt_length else
+                   f"its judge prompt with two replies of --max_new_tokens {args.max_new_tokens} can reach "
+                   f"{judge_length} tokens, over --judge_max_length {args.judge_max_length}"
+                   if judge_length > args.judge_max_length else None)
+        if problem is None:
+            kept.append(prompt)
+        elif args.long_prompts == "error":
+            raise InputError(f"prompt pool row {index}: {problem} (see --long_prompts skip)")
+        else:
+            counts["pool_prompt_too_long"] = counts.get("pool_prompt_too_long", 0) + 1
+    if not kept:
+        raise InputError(f"the online prompt pool is empty ({len(pool)} prompts before the length checks)")
+    return kept
+
+
+def load_reward_fn(spec: str):
+    path, _, name = spec.rpartition(":")
+    if not path or not name:
+        raise InputError(f"--reward_fn must look like path/to/file.py:function, got {spec!r}")
+    if not Path(path).exists():
+        raise InputError(f"--reward_fn: file {path!r} not found")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem + "_reward", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, name, None)):
+        raise InputError(f"--reward_fn: {path!r} has no function {name!r}")
+    return getattr(module, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers (single process unless launched by torchrun)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def shard(items: list) -> tuple[list, int]:
+    """This rank's share, padded (with its last item) so every rank runs the same number of batches."""
+    per_rank = math.ceil(len(items) / world())
+    mine = items[rank() * per_rank: (rank() + 1) * per_rank]
+    real = len(mine)
+    return mine + [items[-1]] * (per_rank - real), real
+
+
+def gather(values: list) -> list:
+    if world() == 1:
+        return values
+    out = [None] * world()
+    dist.all_gather_object(out, values)
+    return [v for part in out for v in part]
+
+
+def all_sum(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if world() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def load_model(path: str, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+
+
+def shard_model(model, reshard_root: bool = False):
+    """FSDP2 under torchrun: each decoder layer, then the root. The root keeps embeddings, final norm and
+    lm_head gathered from forward to backward: the fused log-prob kernel and the judge read lm_head.weight
+    after the model's forward returns."""
+    from torch.distributed.fsdp import fully_shard
+
+    layer_types = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in layer_types:
+            fully_shard(module)
+    fully_shard(model, reshard_after_forward=reshard_root)
+    return model
+
+
+def prepare_for_training(model, args: Args, lora: bool):
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        try:
+            import peft
+        except ImportError:
+            raise InputError("--lora_r > 0 needs peft: pip install 'selfpo[lora]'") from None
+        config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, config)
+    elif world() > 1:
+        model = shard_model(model)
+    model.train()
+    return model
+
+
+def full_state_dict(model) -> dict:
+    if world() > 1 and not hasattr(model, "peft_config"):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict()
+
+
+def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
+    """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint.
+    `extra` = {file name: object} is torch.save'd into the same folder (per-rank trainer state)."""
+    if hasattr(model, "peft_config"):
+        model = model.merge_and_unload()
+    state = full_state_dict(model)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    if world() > 1:
+        dist.barrier()
+    for name, obj in (extra or {}).items():
+        torch.save(obj, tmp / name)
+    if world() > 1:
+        dist.barrier()
+    if rank() == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    if world() > 1:
+        dist.barrier()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching, sampling, judging
+
+
+def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
+    """Right-padded input_ids / attention_mask / labels (-100 on prompt and padding)."""
+    length = max(len(p) + len(r) for p, r in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, (prompt, response) in enumerate(sequences):
+        n = len(prompt) + len(response)
+        ids[i, :n] = torch.tensor(prompt + response)
+        labels[i, len(prompt):n] = torch.tensor(response)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+@torch.no_grad()
+def verdict_logits(model, sequences: list[list[int]], verdict: list[int], args: Args, pad_id: int, device,
+                   desc: str = "judge") -> torch.Tensor:
+    """logit["A"] - logit["B"] of the next token after each judge prompt, all ranks.
+
+    The decoder body runs once per batch (sorted by length); only the last hidden state of each row is
+    projected, onto the two verdict rows of the output embedding: no vocabulary-wide softmax (§6)."""
+    model.eval()
+    mine, _ = shard(list(enumerate(sequences)))
+    mine.sort(key=lambda item: len(item[1]))
+    results = []
+    for start in tqdm(range(0, len(mine), args.judge_batch_size), desc=desc, disable=rank() != 0, leave=False):
+        chunk = mine[start:start + args.judge_batch_size]
+        batch = collate([(s, []) for _, s in chunk], pad_id, device)
+        hidden = decoder_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        last = hidden[torch.arange(len(chunk), device=device), batch["attention_mask"].sum(1) - 1]
+        head = lm_head_config(model)  # after the forward: FSDP2 has gathered the weight by now
+        weight = head["weight"][verdict]
+        logits = last.to(weight.dtype) @ weight.T
+        if head["bias"] is not None:
+            logits = logits + head["bias"][verdict]
+        logits = logits.float() * head["scale"]
+        if head["softcap"] is not None:
+            logits = head["softcap"] * torch.tanh(logits / head["softcap"])
+        results += [(index, float(value)) for (index, _), value in zip(chunk, logits[:, 0] - logits[:, 1])]
+    model.train()
+    merged = dict(gather(results))
+    return torch.tensor([merged[i] for i in range(len(sequences))], dtype=torch.float64)
+
+
+def make_judge(model, tokenizer, prompts: list[list[dict]], template: str, verdict: list[int], args: Args, device,
+               desc: str = "judge"):
+    """J(a, b) for (p, a, b) comparisons: sigma(logit["A"] - logit["B"]) after judge_prompt(x_p, a, b) (§4.1b)."""
+    contexts = [render_context(p, args.judge_family) for p in prompts]
+
+    def judge(comparisons):
+        sequences = [encode(tokenizer, [{"role": "user", "content": judge_text(template, contexts[p], a, b)}])[0]
+                     for p, a, b in comparisons]
+        return torch.sigmoid(verdict_logits(model, sequences, verdict, args, tokenizer.pad_token_id, device, desc)).tolist()
+
+    return judge
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
+             device, seed: int, desc: str = "generate") -> list[list[tuple[str, bool]]]:
+    """n samples per prompt as (text, finished) where finished = ended with EOS within max_new_tokens."""
+    model.eval()
+    torch.manual_seed(seed + rank())
+    mine, real = shard(prompts)
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: little padding
+    outputs = {}
+    batch_size = max(1, args.generation_batch_size // n)
+    sharded = world() > 1 and not hasattr(model, "peft_config")  # FSDP2: every rank must run every forward
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=rank() != 0, leave=False):
+        indices = order[start:start + batch_size]
+        enc = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out = model.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                             top_p=top_p if temperature > 0 else None, max_new_tokens=args.max_new_tokens,
+                             num_return_sequences=n, pad_token_id=tokenizer.pad_token_id, synced_gpus=sharded)
+        rows = out[:, enc["input_ids"].shape[1]:].tolist()
+        for k, i in enumerate(indices):  # num_return_sequences rows per prompt, consecutive
+            outputs[i] = [(tokenizer.decode(row, skip_special_tokens=True).strip(), tokenizer.eos_token_id in row)
+                          for row in rows[k * n:(k + 1) * n]]
+    model.train()
+    return gather([outputs[i] for i in range(real)])
+
+
+def evaluate(model, tokenizer, eval_prompts, reward_fn, args, device) -> tuple[float, float]:
+    """Held-out mean reward of one sample per prompt, and the mean response length in words."""
+    samples = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in eval_prompts], 1,
+                       args.eval_temperature, 1.0, args, device, seed=args.seed + 10_000, desc="eval")
+    rewards = [reward_fn(p, s[0][0]) for p, s in zip(eval_prompts, samples)]
+    return sum(rewards) / len(rewards), sum(len(s[0][0].split()) for s in samples) / len(samples)
+
+
+def judge_report(model, tokenizer, pairs: list[dict], template, verdict, args, device, reward_fn) -> dict:
+    """Judge quality on held-out offline pairs: agreement with the human label, with the reward function
+    (pairs it scores differently) and position consistency (the verdict survives swapping A and B)."""
+    if not pairs:
+        return {}
+    judge = make_judge(model, tokenizer, [p["prompt"] for p in pairs], template, verdict, args, device, "judge eval")
+    values = judge([c for i, p in enumerate(pairs) for c in ((i, p["chosen"], p["rejected"]), (i, p["rejected"], p["chosen"]))])
+    j_wl, j_lw = values[0::2], values[1::2]
+    q = [strength(a, b) for a, b in zip(j_wl, j_lw)]
+    report = {"judge/human_accuracy": sum((x > 0.5) + 0.5 * (x == 0.5) for x in q) / len(q),
+              "judge/position_consistency": sum((a > 0.5) == (b < 0.5) for a, b in zip(j_wl, j_lw)) / len(q),
+              "judge/q_mean": sum(q) / len(q), "judge/pairs": len(q)}
+    if reward_fn:
+        scored = [(x, reward_fn(p["prompt"][-1]["content"], p["chosen"]) - reward_fn(p["prompt"][-1]["content"], p["rejected"]))
+                  for x, p in zip(q, pairs)]
+        scored = [(x, gap) for x, gap in scored if gap != 0]
+        if scored:
+            report["judge/oracle_accuracy"] = sum((x > 0.5) == (gap > 0) for x, gap in scored) / len(scored)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 0: SFT + preference augmentation (§4.3 steps 1-3)
+
+
+def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
+    """L_SFT on SFT data + judge instances, each example weighted equally (its mean token log-likelihood;
+    a judge instance scores its verdict token only) [ours]. One optimizer step per --aug_batch_size examples."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    per_epoch = max(1, len(examples) // args.aug_batch_size)
+    n_steps = per_epoch * args.aug_epochs
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.aug_lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup_ratio * n_steps), n_steps)
+    bar = tqdm(total=n_steps, desc="stage 0 (augmentation)", disable=rank() != 0)
+    for epoch in range(args.aug_epochs):
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
+        for step in range(per_epoch):
+            batch_examples = [examples[i] for i in order[step * args.aug_batch_size:(step + 1) * args.aug_batch_size]]
+            local, real = shard(batch_examples)
+            batch = collate([(e["prompt_ids"], e["response_ids"]) for e in local], pad_id, device)
+            logps, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="mean")
+            weights = torch.tensor([1.0] * real + [0.0] * (len(local) - real), device=device)
+            (-(logps * weights).sum() * world() / len(batch_examples)).backward()  # FSDP averages over ranks
+            if world() > 1 and hasattr(model, "peft_config"):
+                for p in trainable:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                judge_mask = torch.tensor([e["kind"] == "judge" for e in local[:real]], device=device)
+                nll = -logps[:real].detach()
+                total = all_sum([nll.sum().item(), real, nll[judge_mask].sum().item(), judge_mask.sum().item()])
+            metrics = {"stage": 0, "aug_step": epoch * per_epoch + step + 1, "aug/loss": total[0] / total[1],
+                       "aug/judge_nll": total[2] / max(total[3], 1), "aug/sft_nll": (total[0] - total[2]) / max(total[1] - total[3], 1),
+                       "aug/grad_norm": float(grad_norm), "aug/lr": scheduler.get_last_lr()[0]}
+            log(metrics)
+            bar.update()
+            bar.set_postfix(judge_nll=f"{metrics['aug/judge_nll']:.3f}", sft_nll=f"{metrics['aug/sft_nll']:.3f}")
+    bar.close()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: the SPCE update on a step's self-judged tuples (x, y_h, y_l, q) (§1.7, §4.1d)
+
+
+def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_id: int) -> list[float]:
+    """Accumulate d(mean loss)/d(theta) over this step's tuples; returns summed statistics.
+
+    z = beta * [S(pi,y_h) - S(ref,y_h) - S(pi,y_l) + S(ref,y_l)] with summed log-probs; the reference is scored
+    in the same fused kernel call (a frozen copy, or the same weights with the LoRA adapter switched off).
+    SPCE: -[q log sigma(z) + (1-q) log sigma(-z)]; --loss dpo: -log sigma(z) on the same pairs."""
+    local, real = shard(tuples)
+    sums = [0.0] * 10
+    for start in range(0, len(local), args.micro_batch_size):
+        chunk = local[start:start + args.micro_batch_size]
+        n = len(chunk)
+        batch = collate([(t["prompt_ids"], t["chosen_ids"]) for t in chunk] + [(t["prompt_ids"], t["rejected_ids"]) for t in chunk],
+                        pad_id, device)
+        if ref_model is None:  # LoRA: the reference is the base weights
+            with torch.no_grad(), model.disable_adapter():
+                ref_hidden = decoder_hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+            logps, ref = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                         ref_model=model, ref_hidden=ref_hidden)
+        else:
+            logps, ref = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], ref_model=ref_model)
+        q = torch.tensor([t["q"] for t in chunk], device=device, dtype=torch.float32)
+        losses = pair_loss(logps[:n], logps[n:], ref[:n], ref[n:], kind=args.loss, beta=args.beta,
+                           soft_label=q if args.loss == "spce" else None, reduction="none")
+        weights = torch.tensor([1.0 if start + i < real else 0.0 for i in range(n)], device=device)
+        ((losses * weights).sum() * world() / len(tuples)).backward()  # FSDP averages over ranks
+        with torch.no_grad():
+            chosen_reward = args.beta * (logps[:n] - ref[:n]).float()
+            rejected_reward = args.beta * (logps[n:] - ref[n:]).float()
+            z = chosen_reward - rejected_reward
+            gap = (torch.sigmoid(z) - q).abs()
+            sums = [a + (b * weights).sum().item() for a, b in zip(sums, [
+                losses.detach(), chosen_reward, rejected_reward, z, (z > 0).float(), logps[:n].detach().float(),
+                logps[n:].detach().float(), gap, torch.sigmoid(z), torch.ones_like(z)])]
+    return all_sum(sums)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> dict:
+    args, preset = resolve(args)
+    if args.resume:
+        saved = Path(args.output_dir) / "resolved_config.json"
+        if not saved.exists():
+            raise InputError(f"--resume: {saved} not found; nothing to resume")
+        stored = json.loads(saved.read_text())
+        changed = {k for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
+                   if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
+        if changed:
+            raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
+    from transformers import AutoConfig, AutoTokenizer
+
+    # Everything that can fail on bad input is checked before anything is written.
+    model_path = preset["path"]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if args.chat_template:
+        tokenizer.chat_template = args.chat_template if "{%" in args.chat_template else Path(args.chat_template).read_text()
+    if not tokenizer.chat_template:
+        raise InputError(f"tokenizer of {model_path!r} has no chat template; pass --chat_template file.jinja")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # for generation; training and judge batches are padded by collate()
+    verdict = verdict_ids(tokenizer, args.verdict_tokens)
+    template = Path(args.judge_template).read_text() if args.judge_template else JUDGE_TEMPLATES[args.judge_family]
+    missing = [f"{{{name}}}" for name in "xab" if f"{{{name}}}" not in template]
+    if missing:
+        raise InputError(f"--judge_template: the template has no {', '.join(missing)} placeholder")
+    context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    if context is not None and args.judge_max_length > context:
+        raise InputError(f"--judge_max_length {args.judge_max_length} is over the model's context of {context} tokens")
+    counts: dict = {}
+    rows, source = load_rows(args.dataset)
+    offline = [dict(parse_pair(row, f"dataset {source} row {i}"), where=f"dataset {source} row {i}") for i, row in enumerate(rows)]
+    held_out = offline[len(offline) - args.num_judge_eval:] if args.num_judge_eval else []
+    seed_pool = offline[: len(offline) - len(held_out)]
+    generator = torch.Generator().manual_seed(args.seed)
+    seed_pairs = [seed_pool[i] for i in sorted(torch.randperm(len(seed_pool), generator=generator)
+                                               [: math.ceil(args.offline_fraction * len(seed_pool))].tolist())]
+    examples = []
+    if not args.skip_augmentation:
+        if not seed_pairs:
+            raise InputError(f"dataset {source}: no pairs left for the judge seed set after holding out "
+                             f"--num_judge_eval {args.num_judge_eval} of {len(offline)}")
+        examples = judge_instances(seed_pairs, tokenizer, template, verdict, args, counts)
+        sft_spec = args.sft_data or DATASETS.get(args.dataset, {}).get("sft")
+        if sft_spec:
+            examples += load_sft(sft_spec, tokenizer, args, counts)
+        else:  # [ours] the chosen conversations of the seed pairs are the SFT part
+            for pair in seed_pairs[: args.num_sft]:
+                fitted = fit(*encode(tokenizer, pair["prompt"], pair["chosen"]), args, pair["where"], counts)
+                if fitted is not None:
+                    examples.append({"prompt_ids": fitted[0], "response_ids": fitted[1], "kind": "sft"})
+        if not any(e["kind"] == "judge" for e in examples):
+            raise InputError(f"dataset {source}: every judge instance is over --judge_max_length {args.judge_max_length}")
+    pool = load_prompt_pool(args, offline, tokenizer, template, counts)
+    dataset_preset = DATASETS.get(args.dataset, {})
+    reward_spec = args.reward_fn or dataset_preset.get("reward_fn")
+    reward_fn = load_reward_fn(reward_spec) if reward_spec else None
+    eval_file = args.eval_prompts or dataset_preset.get("eval")
+    if eval_file and not Path(eval_file).exists():
+        raise InputError(f"--eval_prompts: file {eval_file!r} not found")
+    eval_prompts = [json.loads(line)["prompt"] for line in open(eval_file)][: args.num_eval] if eval_file else []
+    n_steps = args.steps or max(1, len(pool) // args.prompts_per_step)
+
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    run_name = f"osp__{Path(args.model).name}__{args.seed}__{int(time.time())}"
+    out_dir = Path(args.output_dir or f"runs/{run_name}")
+    state_file = out_dir / "state.json"
+    state = (json.loads(state_file.read_text()) if args.resume and state_file.exists()
+             else {"stage0_done": False, "step": 0, "eval": {}, "judge": {}})
+    if state.get("done"):
+        print(f"{out_dir}: this run is complete (final/); nothing to resume")
+        return state
+    checkpoint = out_dir / "checkpoint"
+    trainer_state = None
+    if args.resume and state["stage0_done"] and (checkpoint / f"trainer_state_rank{rank()}.pt").exists():
+        trainer_state = torch.load(checkpoint / f"trainer_state_rank{rank()}.pt", weights_only=False)
+        state["step"] = trainer_state["step"]
+    writer = None
+    if rank() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "resolved_config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        print(json.dumps(dataclasses.asdict(args), indent=2))
+        if args.resume and (out_dir / "metrics.jsonl").exists():  # steps after the checkpoint are redone
+            lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+            keep = [line for line in lines if json.loads(line).get("step", 0) <= state["step"]
+                    and (state["stage0_done"] or json.loads(line).get("stage") != 0)]
+            (out_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in keep))
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tb"))
+        if args.track:
+            import wandb
+
+            wandb.init(project="selfpo", name=run_name, config=dataclasses.asdict(args))
+    counter = [0]
+
+    def log(metrics: dict):
+        counter[0] += 1
+        if rank() != 0:
+            return
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key not in ("stage", "step", "aug_step"):
+                writer.add_scalar(key, value, counter[0])
+        if args.track:
+            import wandb
+
+            wandb.log(metrics, step=counter[0])
+
+    def save_state():
+        if rank() == 0:
+            state_file.with_suffix(".tmp").write_text(json.dumps(state))
+            os.replace(state_file.with_suffix(".tmp"), state_file)
+
+    def report(name: str, model):
+        """Judge accuracy on held-out human labels (and the reward function) + held-out policy reward."""
+        if held_out and name not in state["judge"]:
+            state["judge"][name] = judge_report(model, tokenizer, held_out, template, verdict, args, device, reward_fn)
+            log({"stage": name, **state["judge"][name]})
+        if reward_fn and eval_prompts and name not in state["eval"]:
+            state["eval"][name], length = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device)
+            log({"stage": name, "eval/reward": state["eval"][name], "eval/response_words": length})
+        if rank() == 0:
+            judge = state["judge"].get(name, {})
+            print(f"{name}: " + ", ".join(
+                [f"judge accuracy {judge['judge/human_accuracy']:.3f} (human labels)"] * bool(judge)
+                + [f"{judge['judge/oracle_accuracy']:.3f} (reward fn)"] * ("judge/oracle_accuracy" in judge)
+                + [f"position consistency {judge['judge/position_consistency']:.3f}"] * bool(judge)
+                + [f"eval reward {state['eval'][name]:.3f}"] * (name in state["eval"])))
+        save_state()
+
+    log({"stage": "data", "data/offline_pairs": len(offline), "data/judge_eval_pairs": len(held_out),
+         "data/seed_pairs": len(seed_pairs) * (not args.skip_augmentation), "data/prompt_pool": len(pool),
+         "data/stage0_examples": len(examples), **{f"data/{k}": v for k, v in counts.items()}})
+    lora = args.lora_r > 0
+
+    # ALGO LOGIC: Stage 0 — SFT + preference augmentation (§4.3 steps 1-3); pi_0 is also the frozen reference
+    stage0 = out_dir / "stage0"
+    if not state["stage0_done"]:
+        model = load_model(model_path, device)
+        report("sft", model)
+        if not args.skip_augmentation:
+            model = prepare_for_training(model, args, lora)
+            model = augment(model, examples, args, device, tokenizer.pad_token_id, log)
+            model = save_atomic(model, tokenizer, stage0)
+            if world() > 1 and not lora:  # an unsharded copy per rank to judge and evaluate with
+                del model
+                model = load_model(str(stage0), device)
+            report("augmented", model)
+        state["stage0_done"] = True
+        save_state()
+    start = str(stage0) if (stage0 / "config.json").exists() else model_path
+    model = load_model(str(checkpoint) if trainer_state else start, device)
+    ref_model = None
+    if not lora:  # frozen copy; with LoRA the base weights under the adapter are the reference
+        ref_model = load_model(start, device).eval().requires_grad_(False)
+        if world() > 1:
+            ref_model = shard_model(ref_model)
+
+    # ALGO LOGIC: Stage 1 — online self-preferring (§4.3 steps 4-11)
+    model = prepare_for_training(model, args, lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    from transformers import get_constant_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    scheduler = get_constant_schedule_with_warmup(optimizer, int(args.warmup_ratio * n_steps))
+    if trainer_state:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+    per_epoch = max(1, len(pool) // args.prompts_per_step)
+    bar = tqdm(range(state["step"], n_steps), desc="stage 1 (online)", disable=rank() != 0)
+    steps_this_process = 0
+    for step in bar:  # step is 0-based here, 1-based in logs and file names
+        epoch, offset = divmod(step, per_epoch)
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
+        prompts = [pool[i] for i in order[offset * args.prompts_per_step:(offset + 1) * args.prompts_per_step]]
+        tic = time.perf_counter()
+        # step 6: K samples per prompt from the current policy
+        samples = generate(model, tokenizer, prompts, args.k, args.sample_temperature, args.sample_top_p, args, device,
+                           seed=args.seed * 100_003 + step, desc="sample")
+        generation_s, tic = time.perf_counter() - tic, time.perf_counter()
+        # steps 7-9: the current policy judges; rank, pair best-with-worst, strength q of each formed pair
+        texts = [[text for text, _ in group] for group in samples]
+        judge = make_judge(model, tokenizer, prompts, template, verdict, args, device)
+        formed, passes = rank_and_pair(texts, judge, args.rank_by)
+        judging_s, tic = time.perf_counter() - tic, time.perf_counter()
+        tuples, dropped, truncated = [], {}, {}
+        for p, pairs in enumerate(formed):
+            for pair in pairs:
+                (y_h, done_h), (y_l, done_l) = samples[p][pair["chosen"]], samples[p][pair["rejected"]]
+                reason = ("empty" if not y_h or not y_l else "unfinished" if not (done_h and done_l) else
+                          "identical" if y_h == y_l else None)
+                if reason:
+                    dropped[reason] = dropped.get(reason, 0) + 1
+                    continue
+                sides = [fit(*encode(tokenizer, prompts[p], y), args, f"step {step + 1} sample", truncated) for y in (y_h, y_l)]
+                tuples.append(dict(pair, prompt=prompts[p], chosen_text=y_h, rejected_text=y_l, prompt_ids=sides[0][0],
+                                   chosen_ids=sides[0][1], rejected_ids=sides[1][1]))
+        stats = {"stage": 1, "step": step + 1, "data/pairs": len(tuples), **{f"data/dropped_{k}": v for k, v in dropped.items()},
+                 **{f"data/{k}": v for k, v in truncated.items()},
+                 "judge/forward_passes": passes, "judge/comparisons_per_sec": passes / judging_s if judging_s else 0.0,
+                 "gen/response_tokens_mean": sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1
+                                                 for g in texts for t in g) / sum(len(g) for g in texts)}
+        if tuples:
+            qs = torch.tensor([t["q"] for t in tuples], dtype=torch.float64)
+            stats.update({"osp/q_mean": float(qs.mean()), "osp/q_std": float(qs.std()) if len(qs) > 1 else 0.0,
+                          "osp/q_hist": torch.histc(qs, bins=5, min=0, max=1).int().tolist(),
+                          "gen/chosen_tokens_mean": sum(len(t["chosen_ids"]) for t in tuples) / len(tuples),
+                          "gen/rejected_tokens_mean": sum(len(t["rejected_ids"]) for t in tuples) / len(tuples)})
+            if reward_fn:  # does the self-judge agree with the reward function on the pairs it formed?
+                for t in tuples:
+                    t["chosen_reward"] = reward_fn(t["prompt"][-1]["content"], t["chosen_text"])
+                    t["rejected_reward"] = reward_fn(t["prompt"][-1]["content"], t["rejected_text"])
+                distinct = [t for t in tuples if t["chosen_reward"] != t["rejected_reward"]]
+                stats.update({"osp/chosen_reward": sum(t["chosen_reward"] for t in tuples) / len(tuples),
+                              "osp/rejected_reward": sum(t["rejected_reward"] for t in tuples) / len(tuples),
+                              "judge/online_oracle_agreement": (sum(t["chosen_reward"] > t["rejected_reward"] for t in distinct)
+                                                                / len(distinct)) if distinct else float("nan")})
+            # steps 10-11: SPCE (or DPO) against the frozen pi_0, one optimizer step
+            model.train()
+            total = spce_backward(model, ref_model, tuples, args, device, tokenizer.pad_token_id)
+            if world() > 1 and lora:  # replicated base: average the adapter gradients
+                for p in trainable:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            if not math.isfinite(total[0]):
+                raise RuntimeError(f"non-finite loss ({total[0]}) at step {step + 1}; stopping")
+            n = total[9]
+            stats.update({"loss": total[0] / n, "rewards/chosen": total[1] / n, "rewards/rejected": total[2] / n,
+                          "rewards/margins": total[3] / n, "rewards/accuracies": total[4] / n,
+                          "logps/chosen": total[5] / n, "logps/rejected": total[6] / n,
+                          "osp/abs_sigma_z_minus_q": total[7] / n, "osp/sigma_z_mean": total[8] / n,
+                          "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]})
+        optimizer.step()  # (no gradients when every pair was dropped: a no-op, the schedule still advances)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats.update({"time/generation_s": generation_s, "time/judging_s": judging_s,
+                      "time/training_s": time.perf_counter() - tic})
+        log(stats)
+        if rank() == 0:
+            pairs_dir = out_dir / "pairs"
+            pairs_dir.mkdir(exist_ok=True)
+            with open(pairs_dir / f"step_{step + 1:05d}.jsonl", "w") as f:
+                for t in tuples:
+                    f.write(json.dumps({k: t[k] for k in ("prompt", "chosen_text", "rejected_text", "q", "rank", "score_chosen",
+                                                          "score_rejected", "chosen_reward", "rejected_reward") if k in t}) + "\n")
+        bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4f}", q=f"{stats.get('osp/q_mean', float('nan')):.2f}",
+                        gap=f"{stats.get('osp/abs_sigma_z_minus_q', float('nan')):.3f}")
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < n_steps:
+            report(f"step_{step + 1}", model)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < n_steps:
+            model = save_atomic(model, tokenizer, checkpoint, {f"trainer_state_rank{rank()}.pt": {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step + 1}})
+            state["step"] = step + 1
+            save_state()
+        steps_this_process += 1
+        if args.stop_after_steps is not None and steps_this_process >= args.stop_after_steps:
+            raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
+    model = save_atomic(model, tokenizer, out_dir / "final")
+    if world() > 1 and not lora:
+        del model
+        model = load_model(str(out_dir / "final"), device)
+    state["step"] = n_steps
+    report("final", model)
+    state["done"] = True
+    save_state()
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    if writer is not None:
+        writer.close()
+    return state
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except InputError as err:
+        sys.exit(f"osp.py: error: {err}")
+    except KeyboardInterrupt as err:
+        sys.exit(f"osp.py: interrupted ({err}); continue with --resume --output_dir <same dir>")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
