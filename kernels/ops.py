@@ -201,12 +201,12 @@ def causal_lm_logps(
     weight = head["weight"]
     ref_weight = None
     if ref_model is not None:
-        ref_head = lm_head_config(ref_model)
-        if (ref_head["softcap"], ref_head["scale"]) != (head["softcap"], head["scale"]):
-            raise ValueError("causal_lm_logps: policy and reference apply different logit transforms")
         with torch.no_grad():
             if ref_hidden is None:
                 ref_hidden = decoder_hidden_states(ref_model, input_ids, attention_mask, **forward_kwargs)[:, :-1]
+        ref_head = lm_head_config(ref_model)  # after its forward too: an FSDP2-sharded reference is gathered now
+        if (ref_head["softcap"], ref_head["scale"]) != (head["softcap"], head["scale"]):
+            raise ValueError("causal_lm_logps: policy and reference apply different logit transforms")
         ref_weight = ref_head["weight"]
         if ref_head["bias"] is not None:
             ref_hidden, ref_weight = _fold_bias(ref_hidden, ref_weight, ref_head["bias"])

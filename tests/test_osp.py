@@ -363,3 +363,32 @@ def test_osp_resume_after_interrupt_finishes_identically(tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
     lines = [json.loads(line) for line in open(tmp_path / "cut" / "metrics.jsonl")]
     assert [m["step"] for m in lines if m.get("stage") == 1] == [1, 2, 3, 4, 5]  # redone steps are not duplicated
+
+
+def test_osp_torchrun_two_ranks_with_augmentation(tmp_path):
+    """FSDP2 on 2 CPU ranks (gloo): Stage 0, sharded sampling and judging (every rank runs every forward),
+    the SPCE step with a sharded reference, step checkpoints; the checkpoints reload as plain models."""
+    from transformers import AutoModelForCausalLM
+
+    argv = ["--aug_epochs", "1", "--num_sft", "64", "--offline_fraction", "0.05", "--steps", "2", "--save_every", "1",
+            "--num_eval", "16", "--num_judge_eval", "16", "--eval_every", "0", "--output_dir", str(tmp_path / "two")]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "osp.py"), *argv],
+                         capture_output=True, text=True, cwd=ROOT, env=ENV)
+    assert res.returncode == 0, res.stderr[-5000:]
+    state = json.loads((tmp_path / "two" / "state.json").read_text())
+    assert state["done"] and set(state["judge"]) == {"sft", "augmented", "final"}
+    start, stage0, final = (load_file(str(d / "model.safetensors")) for d in (TOY_MODEL, tmp_path / "two" / "stage0", tmp_path / "two" / "final"))
+    assert max((stage0[k] - start[k]).abs().max().item() for k in start) > 1e-3
+    assert max((final[k] - stage0[k]).abs().max().item() for k in start) > 1e-5
+    AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final")
+
+
+def test_osp_lora_merges_into_plain_checkpoints(tmp_path):
+    """LoRA: Stage 0 adapter merged into stage0/, a fresh adapter for Stage 1 whose reference is the base
+    under it (adapter switched off); final/ is a plain merged model."""
+    run("--lora_r", "8", "--aug_epochs", "1", "--num_sft", "64", "--offline_fraction", "0.05", "--steps", "3",
+        "--num_eval", "16", "--num_judge_eval", "16", "--eval_every", "0", "--output_dir", str(tmp_path / "lora"))
+    start, stage0, final = (load_file(str(d / "model.safetensors")) for d in (TOY_MODEL, tmp_path / "lora" / "stage0", tmp_path / "lora" / "final"))
+    assert sorted(final) == sorted(start)  # no adapter tensors left
+    assert max((stage0[k] - start[k]).abs().max().item() for k in start) > 1e-4
+    assert max((final[k] - stage0[k]).abs().max().item() for k in start) > 1e-5
