@@ -194,7 +194,15 @@ def test_spce_step_matches_dpo_at_q1_and_is_symmetric(toy):
     soft = make_tuples(tokenizer, [0.8, 0.3, 0.6])
     swapped = [dict(t, chosen_ids=t["rejected_ids"], rejected_ids=t["chosen_ids"], q=1 - t["q"]) for t in soft]
     torch.testing.assert_close(grads(policy, ref, soft)[0], grads(policy, ref, swapped)[0], atol=1e-7, rtol=1e-5)
-    # sign: pick q below the current sigma(z) of every pair; a small step along -grad must lower the margins
+    # §7.6.2: with q = sigma(z) of each pair the gradient vanishes and the loss is the binary entropy H(q)
+    at_fixed_point = []
+    for t in soft:
+        z = grads(policy, ref, [t])[1][3]
+        at_fixed_point.append(dict(t, q=1 / (1 + math.exp(-z))))
+    g_zero, totals = grads(policy, ref, at_fixed_point)
+    entropy = sum(-t["q"] * math.log(t["q"]) - (1 - t["q"]) * math.log(1 - t["q"]) for t in at_fixed_point)
+    assert g_zero.abs().max() < 1e-5 * grads(policy, ref, soft)[0].abs().max() and totals[0] == pytest.approx(entropy, rel=1e-5)
+    # §7.6.5 sign: pick q below the current sigma(z) of every pair; a small step along -grad must lower the margins
     _, totals = grads(policy, ref, soft)
     low = [dict(t, q=0.0) for t in soft]
     g, before = grads(policy, ref, low)
