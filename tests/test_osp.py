@@ -203,7 +203,6 @@ def test_spce_step_matches_dpo_at_q1_and_is_symmetric(toy):
     entropy = sum(-t["q"] * math.log(t["q"]) - (1 - t["q"]) * math.log(1 - t["q"]) for t in at_fixed_point)
     assert g_zero.abs().max() < 1e-5 * grads(policy, ref, soft)[0].abs().max() and totals[0] == pytest.approx(entropy, rel=1e-5)
     # §7.6.5 sign: pick q below the current sigma(z) of every pair; a small step along -grad must lower the margins
-    _, totals = grads(policy, ref, soft)
     low = [dict(t, q=0.0) for t in soft]
     g, before = grads(policy, ref, low)
     with torch.no_grad():
