@@ -207,9 +207,10 @@ def resolve(args: Args) -> tuple[Args, dict]:
         (args.k >= 2, f"--k must be >= 2 (samples per prompt), got {args.k}"),
         (0 < args.offline_fraction <= 1, f"--offline_fraction must be in (0, 1], got {args.offline_fraction}"),
         (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
-        (args.lr > 0 and args.aug_lr > 0, "--lr and --aug_lr must be > 0"),
+        (args.lr > 0 and args.aug_lr > 0, f"--lr and --aug_lr must be > 0, got {args.lr} and {args.aug_lr}"),
         (args.prompts_per_step >= 1 and args.micro_batch_size >= 1 and args.aug_batch_size >= 1,
-         "--prompts_per_step, --micro_batch_size and --aug_batch_size must be >= 1"),
+         f"--prompts_per_step, --micro_batch_size and --aug_batch_size must be >= 1, got {args.prompts_per_step}, "
+         f"{args.micro_batch_size} and {args.aug_batch_size}"),
         (args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
         (args.aug_epochs >= 1, f"--aug_epochs must be >= 1, got {args.aug_epochs}"),
         (len(args.verdict_tokens) == 2, f"--verdict_tokens needs two tokens, got {args.verdict_tokens}"),
@@ -902,7 +903,15 @@ def main(args: Args) -> dict:
     eval_file = args.eval_prompts or dataset_preset.get("eval")
     if eval_file and not Path(eval_file).exists():
         raise InputError(f"--eval_prompts: file {eval_file!r} not found")
-    eval_prompts = [json.loads(line)["prompt"] for line in open(eval_file)][: args.num_eval] if eval_file else []
+    eval_prompts = []
+    for index, line in enumerate(open(eval_file) if eval_file else []):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(f"--eval_prompts {eval_file} row {index}: not valid JSON") from None
+        value = row.get("prompt") if isinstance(row, dict) else None
+        eval_prompts.append(_text(value, f"--eval_prompts {eval_file} row {index}: 'prompt'"))
+    eval_prompts = eval_prompts[: args.num_eval]
     n_steps = args.steps or max(1, len(pool) // args.prompts_per_step)
 
     if "RANK" in os.environ and not dist.is_initialized():

@@ -251,8 +251,7 @@ def test_hh_and_tldr_fixtures_parse_and_pick_their_judge_family(toy):
     assert args(dataset="hh-rlhf").judge_family == "dialogue" and args(dataset="hh-rlhf").max_new_tokens == 256
     rows, _ = osp.load_rows(str(FIXTURES / "hh_rlhf.jsonl"))
     multi = [osp.parse_pair(r, "r") for r in rows if r["chosen"].count("\n\nHuman:") > 1]
-    if multi:
-        assert osp.render_context(multi[0]["prompt"], "dialogue").startswith("Human: ")
+    assert multi and all(osp.render_context(m["prompt"], "dialogue").startswith("Human: ") for m in multi)
 
 
 def write(path, text):
@@ -281,6 +280,9 @@ def write(path, text):
         (lambda d: dict(sft_data=write(d / "s.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n')),
          "the last message must be the assistant's"),
         (lambda d: dict(lora_r=8, save_every=5), "--save_every is not supported with LoRA"),
+        (lambda d: dict(eval_prompts=write(d / "ev.jsonl", '{"text": "Sort these letters: a b"}\n')),
+         "--eval_prompts .* row 0: 'prompt' must be a string"),
+        (lambda d: dict(lr=-1.0), "--lr and --aug_lr must be > 0, got -1.0"),
     ],
 )
 def test_bad_input(tmp_path, make, match):
