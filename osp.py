@@ -560,6 +560,38 @@ def all_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+class _LogLines:
+    """tqdm's output as whole lines (no carriage returns), for log files."""
+
+    def write(self, text: str):
+        text = text.strip("\r\n")
+        if text:
+            sys.stderr.write(text + "\n")
+
+    def flush(self):
+        sys.stderr.flush()
+
+
+def progress(iterable=None, total: int | None = None, desc: str = "", inner: bool = False):
+    """A progress bar on rank 0. On a terminal: tqdm bars (inner loops' bars vanish when done). When stderr
+    is not a terminal (a cluster log): outer loops only, one plain line at most every 60 s and at the end."""
+    if rank() != 0 or (inner and not sys.stderr.isatty()):
+        return tqdm(iterable, total=total, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, leave=not inner)
+    return tqdm(iterable, total=total, desc=desc, file=_LogLines(), mininterval=60, ascii=True, ncols=100)
+
+
+def quiet_library_bars():
+    """In a log file the libraries' own bars (dataset preparation, weight loading and saving) are off too."""
+    if not sys.stderr.isatty():
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
 # ---------------------------------------------------------------------------------------------
 # Models
 
@@ -664,7 +696,7 @@ def verdict_logits(model, sequences: list[list[int]], verdict: list[int], args: 
     mine, _ = shard(list(enumerate(sequences)))
     mine.sort(key=lambda item: len(item[1]))
     results = []
-    for start in tqdm(range(0, len(mine), args.judge_batch_size), desc=desc, disable=rank() != 0, leave=False):
+    for start in progress(range(0, len(mine), args.judge_batch_size), desc=desc, inner=True):
         chunk = mine[start:start + args.judge_batch_size]
         batch = collate([(s, []) for _, s in chunk], pad_id, device)
         hidden = decoder_hidden_states(model, batch["input_ids"], batch["attention_mask"])
@@ -708,7 +740,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     outputs = {}
     batch_size = max(1, args.generation_batch_size // n)
     sharded = world() > 1 and not hasattr(model, "peft_config")  # FSDP2: every rank must run every forward
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=rank() != 0, leave=False):
+    for start in progress(range(0, len(order), batch_size), desc=desc, inner=True):
         indices = order[start:start + batch_size]
         enc = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         out = model.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
@@ -765,7 +797,7 @@ def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.aug_lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup_ratio * n_steps), n_steps)
-    bar = tqdm(total=n_steps, desc="stage 0 (augmentation)", disable=rank() != 0)
+    bar = progress(total=n_steps, desc="stage 0 (augmentation)")
     for epoch in range(args.aug_epochs):
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
         for step in range(per_epoch):
@@ -793,7 +825,7 @@ def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
                        "aug/grad_norm": float(grad_norm), "aug/lr": scheduler.get_last_lr()[0]}
             log(metrics)
             bar.update()
-            bar.set_postfix(judge_nll=f"{metrics['aug/judge_nll']:.3f}", sft_nll=f"{metrics['aug/sft_nll']:.3f}")
+            bar.set_postfix(judge_nll=f"{metrics['aug/judge_nll']:.3f}", sft_nll=f"{metrics['aug/sft_nll']:.3f}", refresh=False)
     bar.close()
     return model
 
@@ -843,6 +875,7 @@ def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_
 
 def main(args: Args) -> dict:
     args, preset = resolve(args)
+    quiet_library_bars()
     if args.resume:
         saved = Path(args.output_dir) / "resolved_config.json"
         if not saved.exists():
@@ -1027,7 +1060,7 @@ def main(args: Args) -> dict:
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
     per_epoch = max(1, len(pool) // args.prompts_per_step)
-    bar = tqdm(range(state["step"], n_steps), desc="stage 1 (online)", disable=rank() != 0)
+    bar = progress(range(state["step"], n_steps), desc="stage 1 (online)")
     steps_this_process = 0
     for step in bar:  # step is 0-based here, 1-based in logs and file names
         epoch, offset = divmod(step, per_epoch)
@@ -1106,7 +1139,7 @@ def main(args: Args) -> dict:
                     f.write(json.dumps({k: t[k] for k in ("prompt", "chosen_text", "rejected_text", "q", "rank", "score_chosen",
                                                           "score_rejected", "chosen_reward", "rejected_reward") if k in t}) + "\n")
         bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4f}", q=f"{stats.get('osp/q_mean', float('nan')):.2f}",
-                        gap=f"{stats.get('osp/abs_sigma_z_minus_q', float('nan')):.3f}")
+                        gap=f"{stats.get('osp/abs_sigma_z_minus_q', float('nan')):.3f}", refresh=False)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < n_steps:
             report(f"step_{step + 1}", model)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < n_steps:

@@ -402,6 +402,38 @@ def all_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+class _LogLines:
+    """tqdm's output as whole lines (no carriage returns), for log files."""
+
+    def write(self, text: str):
+        text = text.strip("\r\n")
+        if text:
+            sys.stderr.write(text + "\n")
+
+    def flush(self):
+        sys.stderr.flush()
+
+
+def progress(iterable=None, total: int | None = None, desc: str = "", inner: bool = False):
+    """A progress bar on rank 0. On a terminal: tqdm bars (inner loops' bars vanish when done). When stderr
+    is not a terminal (a cluster log): outer loops only, one plain line at most every 60 s and at the end."""
+    if rank() != 0 or (inner and not sys.stderr.isatty()):
+        return tqdm(iterable, total=total, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, leave=not inner)
+    return tqdm(iterable, total=total, desc=desc, file=_LogLines(), mininterval=60, ascii=True, ncols=100)
+
+
+def quiet_library_bars():
+    """In a log file the libraries' own bars (dataset preparation, weight loading and saving) are off too."""
+    if not sys.stderr.isatty():
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
 # ---------------------------------------------------------------------------------------------
 # Models
 
@@ -487,7 +519,7 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
     model.eval()
     mine, real = shard(list(enumerate(sequences)))
     logps, counts = [], []
-    for start in tqdm(range(0, len(mine), args.scoring_batch_size), desc=desc, disable=rank() != 0, leave=False):
+    for start in progress(range(0, len(mine), args.scoring_batch_size), desc=desc, inner=True):
         batch = collate([s for _, s in mine[start:start + args.scoring_batch_size]], pad_id, device)
         out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         logps += out.tolist()
@@ -581,7 +613,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: little padding
     outputs = {}
     batch_size = max(1, args.generation_batch_size // n)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=rank() != 0, leave=False):
+    for start in progress(range(0, len(order), batch_size), desc=desc, inner=True):
         indices = order[start:start + batch_size]
         enc = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         out = model.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
@@ -657,7 +689,7 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id
         torch.set_rng_state(trainer_state["rng"])
     log({"iteration": t, "train/pairs": len(pairs), "train/pairs_dropped_remainder": dropped, "train/steps": n_steps})
     use_avg = args.loss == "simpo" or args.length_norm == "avg"
-    bar = tqdm(range(start_step, n_steps), desc=f"iteration {t}", disable=rank() != 0)
+    bar = progress(range(start_step, n_steps), desc=f"iteration {t}")
     for step in bar:
         tic, sums = time.perf_counter(), [0.0] * 9
         for accum in range(args.grad_accum):
@@ -701,7 +733,7 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id
                    "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                    "tokens_per_sec": total[8] / (time.perf_counter() - tic)}
         log(metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}", refresh=False)
         save_step(step + 1, n_steps, optimizer, scheduler)
     return model
 
@@ -711,6 +743,7 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id
 
 def main(args: Args) -> dict:
     args, preset = resolve(args)
+    quiet_library_bars()
     if args.resume:
         saved = Path(args.output_dir) / "resolved_config.json"
         if not saved.exists():

@@ -404,6 +404,38 @@ def all_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+class _LogLines:
+    """tqdm's output as whole lines (no carriage returns), for log files."""
+
+    def write(self, text: str):
+        text = text.strip("\r\n")
+        if text:
+            sys.stderr.write(text + "\n")
+
+    def flush(self):
+        sys.stderr.flush()
+
+
+def progress(iterable=None, total: int | None = None, desc: str = "", inner: bool = False):
+    """A progress bar on rank 0. On a terminal: tqdm bars (inner loops' bars vanish when done). When stderr
+    is not a terminal (a cluster log): outer loops only, one plain line at most every 60 s and at the end."""
+    if rank() != 0 or (inner and not sys.stderr.isatty()):
+        return tqdm(iterable, total=total, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, leave=not inner)
+    return tqdm(iterable, total=total, desc=desc, file=_LogLines(), mininterval=60, ascii=True, ncols=100)
+
+
+def quiet_library_bars():
+    """In a log file the libraries' own bars (dataset preparation, weight loading and saving) are off too."""
+    if not sys.stderr.isatty():
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
 # ---------------------------------------------------------------------------------------------
 # Models
 
@@ -489,7 +521,7 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
     model.eval()
     mine, real = shard(list(enumerate(sequences)))
     logps, counts = [], []
-    for start in tqdm(range(0, len(mine), args.scoring_batch_size), desc=desc, disable=rank() != 0, leave=False):
+    for start in progress(range(0, len(mine), args.scoring_batch_size), desc=desc, inner=True):
         batch = collate([s for _, s in mine[start:start + args.scoring_batch_size]], pad_id, device)
         out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         logps += out.tolist()
@@ -510,7 +542,7 @@ def evaluate(model, tokenizer, eval_prompts: list[str], reward_fn, args: Args, d
     torch.manual_seed(args.seed + 10_000 + rank())
     mine, real = shard(eval_prompts)
     scores = []
-    for start in tqdm(range(0, len(mine), args.scoring_batch_size), desc="eval", disable=rank() != 0, leave=False):
+    for start in progress(range(0, len(mine), args.scoring_batch_size), desc="eval", inner=True):
         prompts = mine[start:start + args.scoring_batch_size]
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                  for p in prompts]
@@ -613,7 +645,7 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
         scheduler.load_state_dict(trainer_state["scheduler"])
     log({"train/pairs": len(pairs), "train/steps": n_steps, "train/grad_accum": grad_accum,
          "train/pairs_dropped_remainder": len(order) - len(used)})
-    bar = tqdm(range(start_step, n_steps), desc="train", disable=rank() != 0)
+    bar = progress(range(start_step, n_steps), desc="train")
     for step in bar:
         tic, sums = time.perf_counter(), [0.0] * 14
         for accum in range(grad_accum):
@@ -654,7 +686,7 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
                    "tokens_per_sec": total[11] / step_seconds, "time/step_s": step_seconds,
                    "time/refine_s": total[12] / world()}
         log(metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}", refresh=False)
         save_step(step + 1, n_steps, optimizer, scheduler)
     return model
 
@@ -664,6 +696,7 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
 
 def main(args: Args) -> dict:
     args, preset = resolve(args)
+    quiet_library_bars()
     if args.resume:
         saved = Path(args.output_dir) / "resolved_config.json"
         if not saved.exists():

@@ -44,7 +44,8 @@ def weights(directory):
 @pytest.fixture(scope="session")
 def sera_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sera") / "run"
-    run("sera.py", *SERA, "--output_dir", str(out))
+    res = run("sera.py", *SERA, "--output_dir", str(out))
+    (out.parent / "stderr.log").write_text(res.stderr)
     return out
 
 
@@ -77,6 +78,17 @@ def test_sera_outputs_and_sizes(sera_run):
     step_metrics = [m for m in metrics(sera_run) if "rewards/accuracies" in m]
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "tokens_per_sec"):
         assert all(math.isfinite(m[key]) for m in step_metrics), key
+
+
+def test_progress_in_a_log_file_is_plain_lines(sera_run):
+    """stderr is not a terminal here (as in a cluster job): no carriage-return updates, no inner bars
+    (scoring, generation, eval), one line when each iteration's bar opens and one when it closes."""
+    log = (sera_run.parent / "stderr.log").read_text()
+    assert "\r" not in log and "\x1b[" not in log
+    bars = [line for line in log.splitlines() if "%|" in line]
+    assert bars and all(line.startswith("iteration ") for line in bars), bars
+    assert sum("  0%|" in line for line in bars) == 2 and sum("100%|" in line for line in bars) == 2, bars
+    assert len(bars) <= 2 + 2 + 4, bars  # 2 iterations x (open, close), plus a line per 60 s of training
 
 
 def test_sera_reference_is_previous_checkpoint(sera_run):
