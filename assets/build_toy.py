@@ -5,8 +5,11 @@ tokenizer with a chat template, and a ~1M-parameter `LlamaForCausalLM` SFT-train
   * its plain answers are mediocre (letters a-m usually right, n-z usually wrong), and
   * it follows the methods' prompt texts: the OPSR score prefixes (10/10 -> perfect, s/10 ->
     each letter wrong with probability (10 - s) / 10) and the Sr-DPO refinement prompt
-    (almost perfect), so every method in this repository has something to learn and a way to
-    find it, in minutes on a CPU.
+    (almost perfect), and
+  * it can already judge a little: asked OSP's judge question about two answers, it prefers the
+    better one more often than not, far from always (trained on judge-format conversations about
+    short lists only, with verdicts that are right more often the larger the quality gap),
+so every method in this repository has something to learn and a way to find it, in minutes on a CPU.
 
     python assets/build_toy.py                 # everything: ~4 min of CPU time, one thread
     python assets/build_toy.py --data_only     # data/*.jsonl + tokenizer only, seconds, no training
@@ -41,10 +44,20 @@ oracle = load_oracle()
 
 SEED = 1234
 N_EVAL, N_POOL, N_PREFS, N_SFT = 200, 500, 1500, 24000
+# Judge-format comparisons mixed into the SFT data, on prompts of their own (drawn after every other
+# split, so all shipped files are unchanged): the toy model gets a latent, imperfect ability to judge,
+# as an instruct LLM has before OSP's preference augmentation sharpens it.
+# Its judge rows cover only short lists, and their verdicts are noisy where the answers are close: it
+# judges short lists fairly well and transfers little of that to longer ones. (Trained on every length,
+# the tiny model either learns nothing at all or judges as well as augmentation would: measured
+# 0.50-0.60 accuracy with 4000-10000 noisier rows, 0.75-0.81 with 8000 rows.)
+N_JUDGE_SFT = 8000
+JUDGE_SFT_MAX_LETTERS = 4
+JUDGE_SFT_RELIABLE_GAP = 5.0  # verdict right w.p. 0.5 + 0.5 * min(1, |score gap| / this): a weak judge
 N_SFT_SHIPPED = 3000  # sft.jsonl keeps the first rows; the rest are regenerated from the seed
 FLIP_FRACTION = 0.25
-# osp.py's toy human-preference set: the judge seed set and held-out judge labels. A 994k-parameter
-# model learns to judge from scratch only with mostly clean labels (25% flipped: chance after 8 epochs).
+# osp.py's toy human-preference set: the judge seed set and held-out judge labels (10% flipped: with
+# 25%, as in prefs.jsonl, a 994k-parameter model that cannot judge at all stayed at chance).
 JUDGE_FLIP_FRACTION = 0.10
 
 # Literal prompt texts of the methods (ALGORITHMS.md 2.1, 4.2, 5.1), verbatim.
@@ -224,15 +237,40 @@ def pref_rows(prompts: list[str], rng: random.Random, flip_fraction: float = FLI
     return out
 
 
+def judge_sft_rows(prompts: list[str], rng: random.Random) -> list[dict]:
+    """SFT conversations in OSP's dialogue judge format (osp.py JUDGE_TEMPLATES, ALGORITHMS.md 4.2):
+    two answers at random error levels, A/B order random, and a verdict that is right more often the
+    larger the score gap (a coin flip for near-equal answers, reliable from a gap of
+    JUDGE_SFT_RELIABLE_GAP): a weak judge, not an oracle, with no position bias."""
+    rows = []
+    for instruction in prompts:
+        answer = oracle.perfect_answer(instruction)
+        while True:
+            a, b = (oracle.corrupt(answer, rng.random(), rng) for _ in range(2))
+            gap = oracle.score(instruction, a) - oracle.score(instruction, b)
+            if gap != 0:
+                break
+        right = "A" if gap > 0 else "B"
+        p_right = 0.5 + 0.5 * min(1.0, abs(gap) / JUDGE_SFT_RELIABLE_GAP)
+        verdict = right if rng.random() < p_right else ("B" if right == "A" else "A")
+        user = JUDGE_DIALOGUE.format(x=instruction, a=a, b=b)
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": verdict}]
+        rows.append({"prompt": user, "prompt_id": prompt_id(user), "messages": messages})
+    return rows
+
+
 def build_data(seed: int) -> dict[str, list[dict]]:
     rng = random.Random(seed)
-    splits = draw_prompts(rng, {"eval": N_EVAL, "prompts": N_POOL, "prefs": N_PREFS, "sft": N_SFT})
+    splits = draw_prompts(rng, {"eval": N_EVAL, "prompts": N_POOL, "prefs": N_PREFS, "sft": N_SFT,
+                                "judge_sft": 3 * N_JUDGE_SFT})  # 2/5 of prompts have <= 4 letters
     return {
         "eval": [{"prompt": p, "prompt_id": prompt_id(p)} for p in splits["eval"]],
         "prompts": [{"prompt": p, "prompt_id": prompt_id(p)} for p in splits["prompts"]],
         "prefs": pref_rows(splits["prefs"], random.Random(seed + 1)),
         "sft": sft_rows(splits["sft"], random.Random(seed + 2)),
         "judge_prefs": pref_rows(splits["prefs"], random.Random(seed + 5), JUDGE_FLIP_FRACTION),  # same prompts, new answers
+        "judge_sft": judge_sft_rows([x for x in splits["judge_sft"] if len(oracle.parse_letters(x)) <= JUDGE_SFT_MAX_LETTERS]
+                                    [:N_JUDGE_SFT], random.Random(seed + 6)),
     }
 
 
@@ -416,6 +454,39 @@ def evaluate(model, tok, instructions: list[str], seed: int) -> dict[str, dict[s
     return stats
 
 
+N_JUDGE_HELD_OUT = 200  # osp.py's default --num_judge_eval: the tail of judge_prefs.jsonl
+
+
+def evaluate_judge(model, tok, pairs: list[dict]) -> dict[str, float]:
+    """The SFT model as OSP's judge on held-out pairs, both presentation orders (as osp.py measures it):
+    q = (J(w, l) + 1 - J(l, w)) / 2 with J = sigmoid(logit A - logit B) after the judge prompt;
+    accuracy against the oracle and the pairs' labels, and position consistency."""
+    import torch
+
+    verdict = [tok.convert_tokens_to_ids(t) for t in ("A", "B")]
+    texts = []
+    for row in pairs:
+        chosen, rejected = row["chosen"][1]["content"], row["rejected"][1]["content"]
+        for a, b in ((chosen, rejected), (rejected, chosen)):
+            user = JUDGE_DIALOGUE.format(x=row["prompt"], a=a, b=b)
+            texts.append(tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                                 tokenize=False))
+    side, tok.padding_side = tok.padding_side, "right"  # the verdict is read at each row's last real token
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tok.padding_side = side
+    with torch.no_grad():
+        last = batch["attention_mask"].sum(1) - 1
+        logits = model(**batch).logits[torch.arange(len(texts)), last][:, verdict].double()
+    j = torch.sigmoid(logits[:, 0] - logits[:, 1])
+    j_wl, j_lw = j[0::2], j[1::2]
+    q = (j_wl + 1 - j_lw) / 2
+    oracle_better = torch.tensor([row["score_chosen"] > row["score_rejected"] for row in pairs])
+    return {"oracle_accuracy": round(((q > 0.5) == oracle_better).double().mean().item(), 3),
+            "label_accuracy": round((q > 0.5).double().mean().item(), 3),
+            "position_consistency": round(((j_wl > 0.5) == (j_lw < 0.5)).double().mean().item(), 3),
+            "q_mean_abs_dev": round((q - 0.5).abs().mean().item(), 3)}
+
+
 README = """\
 # Toy world (generated by `assets/build_toy.py`; edit the template there)
 
@@ -444,7 +515,8 @@ evaluation prompts come from `assets/toy/data/eval.jsonl`.
 | `data/judge_prefs.jsonl` | {n_prefs} pairs on the same prompts with new answers, {judge_flip:.0%} flipped: `osp.py`'s human-preference set (judge seed set, held-out judge labels) |
 | `data/prompts.jsonl` | {n_pool} prompts for online methods (`prompt`, `prompt_id`) |
 | `data/eval.jsonl` | {n_eval} held-out prompts, disjoint from all other files |
-| `data/sft.jsonl` | first {n_sft_shipped} of the {n_sft} UltraChat-schema SFT conversations the model was trained on |
+| `data/sft.jsonl` | first {n_sft_shipped} of the {n_sft} UltraChat-schema SFT conversations the model was trained on (the task, under every prompt condition) |
+| (not shipped) | {n_judge_sft} judge-format SFT conversations on prompts of their own (3-{judge_letters} letters only), regenerated from the seed: OSP's dialogue judge question about two answers, verdict right with probability 0.5 + 0.5 min(1, gap / {judge_gap:g}) for an oracle score gap `gap` (a weak judge, no position bias) |
 | `STATS.json`, `MANIFEST.sha256` | measured behaviour; sha256 of every generated file |
 
 Special tokens: `<s>` (BOS), `</s>` (EOS), `<pad>`, `<|end|>`, `<|system|>`, `<|user|>`,
@@ -458,6 +530,16 @@ Chat template (assistant turns end with EOS, the generation prompt is `<|assista
 | user turn | sampled | greedy |
 |---|---|---|
 {table}
+
+**As OSP's judge** (`osp.py`'s dialogue template, both presentation orders averaged) on the
+{n_judge_held_out} held-out pairs at the end of `judge_prefs.jsonl`:
+
+| accuracy vs oracle | accuracy vs labels | position consistency (verdict survives swapping A and B) | mean abs(q - 0.5) |
+|---|---|---|---|
+| {judge[oracle_accuracy]:.3f} | {judge[label_accuracy]:.3f} | {judge[position_consistency]:.3f} | {judge[q_mean_abs_dev]:.3f} |
+
+Real instruct models judge above chance before any judge training; OSP's preference augmentation
+sharpens that ability, it does not have to create it from nothing.
 
 **Use**: `AutoTokenizer.from_pretrained("assets/toy/model")` and `AutoModelForCausalLM.from_pretrained(...)`
 (transformers 4.x and 5.x); the tokenizer pads on the right, so set `padding_side = "left"` to
@@ -484,6 +566,7 @@ def write_readme(out: Path, stats: dict, args) -> None:
                       for name in EVAL_CONDITIONS)
     (out / "README.md").write_text(README.format(
         hidden=args.hidden, layers=args.layers, heads=args.heads, params=stats["params"], vocab=stats["vocab_size"],
+        n_judge_sft=N_JUDGE_SFT, judge_letters=JUDGE_SFT_MAX_LETTERS, judge_gap=JUDGE_SFT_RELIABLE_GAP, n_judge_held_out=N_JUDGE_HELD_OUT, judge=stats["judge"],
         n_prefs=N_PREFS, flip=FLIP_FRACTION, judge_flip=JUDGE_FLIP_FRACTION, n_pool=N_POOL, n_eval=N_EVAL, n_sft_shipped=N_SFT_SHIPPED, n_sft=N_SFT,
         table=table, minutes=stats["build_seconds"] / 60, cpu_minutes=stats["build_cpu_seconds"] / 60,
         threads=args.threads, torch=stats["torch"]))
@@ -534,12 +617,13 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    model = train_model(tok, encode_sft(tok, data["sft"]), args)
+    model = train_model(tok, encode_sft(tok, data["sft"] + data["judge_sft"]), args)
     model.generation_config.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                    pad_token_id=tok.pad_token_id)
     model.save_pretrained(args.out / "model")
     print(f"trained ({time.time() - start:.1f}s)")
     stats = evaluate(model, tok, [row["prompt"] for row in data["eval"]], args.seed)
+    stats["judge"] = evaluate_judge(model, tok, data["judge_prefs"][-N_JUDGE_HELD_OUT:])
     stats.update(params=sum(p.numel() for p in model.parameters()), vocab_size=len(tok),
                  build_seconds=round(time.time() - start, 1),
                  build_cpu_seconds=round(time.process_time() - start_cpu, 1),

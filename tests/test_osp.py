@@ -19,7 +19,7 @@ import osp  # noqa: E402
 FIXTURES = ROOT / "tests" / "fixtures"
 TOY_MODEL = ROOT / "assets" / "toy" / "model"
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-SMALL = ["--num_eval", "100", "--num_judge_eval", "100", "--eval_every", "0"]
+SMALL = ["--num_eval", "100", "--num_judge_eval", "300", "--eval_every", "0"]
 
 
 def args(**kw):
