@@ -221,44 +221,10 @@ def build_pairs(prompts: list[list[dict]], chosen: list[tuple[str, bool]], rejec
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: every supported schema becomes {"prompt": [messages], "chosen": str, "rejected": str}
+# ALGO LOGIC: one SimPO (or DPO) epoch on the iteration's pairs, as in sera.py
 
 
-def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple[list[dict], dict]:
-    pairs, counts = [], {}
-    for index, row in enumerate(rows[: args.num_pairs] if args.num_pairs else rows):
-        where = f"dataset {source} row {index}"
-        if not isinstance(row, dict):
-            raise InputError(f"{where}: expected an object, got {type(row).__name__}")
-        pair = parse_pair(row, where)
-        sides = []
-        for side in ("chosen", "rejected"):
-            prompt_ids, response_ids = encode(tokenizer, pair["prompt"], pair[side])
-            sides.append(fit(prompt_ids, response_ids, args, where, counts))
-        if sides[0] is None:
-            continue
-        pairs.append(dict(pair, index=index, prompt_ids=sides[0][0], chosen_ids=sides[0][1], rejected_ids=sides[1][1]))
-    if len(pairs) < 2:
-        raise InputError(f"dataset {source}: {len(pairs)} usable pairs, need at least 2 ({counts})")
-    return pairs, counts
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers (single process unless launched by torchrun)
-
-
-# ---------------------------------------------------------------------------------------------
-# Models
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-probs: chosen and rejected concatenated in one forward, through the fused kernel
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling
-
-
+# Copied from sera.daa_losses
 def daa_losses(logps, ref_logps, counts, args: Args):
     """Per-pair DAA loss and implicit rewards for [chosen; rejected] summed log-probs (SeRA eq. 6, 8, 9, 18).
 
@@ -275,11 +241,9 @@ def daa_losses(logps, ref_logps, counts, args: Args):
         return losses, args.beta * (logps[:n] - ref_logps[:n]), args.beta * (logps[n:] - ref_logps[n:])
 
 
-# ---------------------------------------------------------------------------------------------
-# One DAA epoch on D_t (reference log-probs precomputed, so no reference model in memory)
-
-
-def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id: int, log, save_step, lr: float):
+# Copied from sera.train_iteration
+def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, device, pad_id: int, log, save_step,
+                    start_step=0, trainer_state=None):
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + t)).tolist()
@@ -294,9 +258,13 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id
     warmup = int(args.warmup_ratio * n_steps)
     scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, n_steps) if args.scheduler == "cosine"
                  else get_constant_schedule_with_warmup(optimizer, warmup))
+    if trainer_state is not None:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        torch.set_rng_state(trainer_state["rng"])
     log({"iteration": t, "train/pairs": len(pairs), "train/pairs_dropped_remainder": dropped, "train/steps": n_steps})
     use_avg = args.loss == "simpo" or args.length_norm == "avg"
-    bar = progress(range(n_steps), desc=f"iteration {t}")
+    bar = progress(range(start_step, n_steps), desc=f"iteration {t}")
     for step in bar:
         tic, sums = time.perf_counter(), [0.0] * 9
         for accum in range(args.grad_accum):
@@ -320,24 +288,13 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id
                 sums = [a + b for a, b in zip(sums, [losses.sum().item(), chosen_reward.sum().item(),
                         rejected_reward.sum().item(), margin.sum().item(), (margin > 0).float().sum().item(),
                         logps[:n].sum().item(), logps[n:].sum().item(), float(n), batch["attention_mask"].sum().item()])]
-        if world() > 1 and args.lora_r > 0:  # replicated base: average the adapter gradients
-            for p in trainable:
-                dist.all_reduce(p.grad)
-                p.grad /= world()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
-        total = all_sum(sums)
-        if not math.isfinite(total[0]):
-            raise RuntimeError(f"non-finite loss ({total[0]}) at iteration {t} step {step + 1}; stopping")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        total, grad_norm = optimizer_step(trainable, optimizer, scheduler, sums, args, f"iteration {t} step {step + 1}")
         pairs_seen = total[7]
         metrics = {"iteration": t, "step": step + 1, "loss": total[0] / pairs_seen,
                    "rewards/chosen": total[1] / pairs_seen, "rewards/rejected": total[2] / pairs_seen,
                    "rewards/margins": total[3] / pairs_seen, "rewards/accuracies": total[4] / pairs_seen,
                    "logps/chosen": total[5] / pairs_seen, "logps/rejected": total[6] / pairs_seen,
-                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                    "tokens_per_sec": total[8] / (time.perf_counter() - tic)}
         log(metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}", refresh=False)
@@ -346,18 +303,28 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id
 
 
 # ---------------------------------------------------------------------------------------------
+# The offline pairs (initialisation and the default prompt pool)
+
+
+# Copied from sera.build_dataset
+def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple[list[dict], dict]:
+    pairs, counts = [], {}
+    for index, row in enumerate(rows[: args.num_pairs] if args.num_pairs else rows):
+        where = f"dataset {source} row {index}"
+        pair = parse_pair(row, where)
+        sides = [fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, counts) for side in ("chosen", "rejected")]
+        if sides[0] is None:
+            continue
+        pairs.append(dict(pair, index=index, prompt_ids=sides[0][0], chosen_ids=sides[0][1], rejected_ids=sides[1][1]))
+    if len(pairs) < 2:
+        raise InputError(f"dataset {source}: {len(pairs)} usable pairs, need at least 2 ({counts})")
+    return pairs, counts
 
 
 def load_prompt_pool(args: Args, pairs: list[dict], tokenizer, counts: dict) -> list[list[dict]]:
     """The online prompt pool X: a jsonl of prompts, or the distinct prompts of the offline set."""
     if args.prompts:
-        if not Path(args.prompts).exists():
-            raise InputError(f"--prompts: file {args.prompts!r} not found")
-        pool = []
-        for index, line in enumerate(open(args.prompts)):
-            row = json.loads(line)
-            value = row.get("prompt") if isinstance(row, dict) else None
-            pool.append([{"role": "user", "content": _text(value, f"--prompts {args.prompts} row {index}: 'prompt'")}])
+        pool = [[{"role": "user", "content": prompt}] for prompt in load_prompts(args.prompts, "--prompts")]
     else:
         pool = list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values())
     pool = pool[: args.num_prompts] if args.num_prompts else pool
@@ -380,77 +347,36 @@ def load_prompt_pool(args: Args, pairs: list[dict], tokenizer, counts: dict) -> 
 def main(args: Args) -> dict:
     args, preset = resolve(args)
     quiet_library_bars()
-    if args.resume:
-        saved = Path(args.output_dir) / "resolved_config.json"
-        if not saved.exists():
-            raise InputError(f"--resume: {saved} not found; nothing to resume")
-        stored = json.loads(saved.read_text())
-        changed = {k for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
-                   if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
-        if changed:
-            raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
-    from transformers import AutoTokenizer
-
+    check_resume(args)
     # Everything that can fail on bad input is checked before anything is written.
     model_path = preset["path"]
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if args.chat_template:
-        tokenizer.chat_template = Path(args.chat_template).read_text()
-    if not tokenizer.chat_template:
-        raise InputError(f"tokenizer of {model_path!r} has no chat template; pass --chat_template file.jinja")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # for generation; training batches are padded by collate()
+    tokenizer = load_tokenizer(model_path, args.chat_template)
     rows, source = load_rows(args.dataset)
     offline, length_counts = build_dataset(rows, source, tokenizer, args)
     pool = load_prompt_pool(args, offline, tokenizer, length_counts)
     dataset_preset = DATASETS.get(args.dataset, {})
-    reward_spec = args.reward_fn or dataset_preset.get("reward_fn")
-    reward_fn = load_reward_fn(reward_spec) if reward_spec else None
+    reward_fn = load_reward_fn(args.reward_fn or dataset_preset.get("reward_fn"))
     eval_file = args.eval_prompts or dataset_preset.get("eval")
-    eval_prompts = [json.loads(line)["prompt"] for line in open(eval_file)][: args.num_eval] if eval_file else []
+    eval_prompts = load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
 
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)
+    device = init_device(args.seed)
     run_name = f"opsr__{Path(args.model).name}__{args.seed}__{int(time.time())}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
     state_file = out_dir / "state.json"
     state = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {"completed": -1, "eval": {}}
-    writer = None
-    if rank() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "resolved_config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        print(json.dumps(dataclasses.asdict(args), indent=2))
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_dir / "tb"))
-        if args.track:
-            import wandb
-
-            wandb.init(project="selfpo", name=run_name, config=dataclasses.asdict(args))
-    counter = [0]
-
-    def log(metrics: dict):
-        if rank() != 0:
-            return
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key not in ("iteration", "step"):
-                writer.add_scalar(key, value, counter[0])
-        if args.track:
-            import wandb
-
-            wandb.log(metrics, step=counter[0])
+    log = Logs(args, out_dir, run_name)
 
     def save_step(step, n_steps, optimizer, scheduler):
-        counter[0] += 1
-        if args.stop_after_steps is not None and counter[0] >= args.stop_after_steps:
+        log.step += 1
+        if args.stop_after_steps is not None and log.step >= args.stop_after_steps:
             raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
+
+    def evaluate_and_log(name: str, model, path: str):
+        state["eval"][name], words = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, path)
+        log({"iteration": int(name) if name.isdigit() else -1, "eval/reward": state["eval"][name], "eval/response_words": words})
+        if rank() == 0:
+            print((f"iteration {name}" if name.isdigit() else f"start ({path})") + f": eval reward {state['eval'][name]:.3f}"
+                  + f" on {len(eval_prompts)} prompts" * (not name.isdigit()))
 
     def finish_iteration(model, m: int):
         model = save_atomic(model, tokenizer, out_dir / f"iter_{m}")
@@ -458,14 +384,9 @@ def main(args: Args) -> dict:
             del model
             model = load_model(str(out_dir / f"iter_{m}"), device)
         if reward_fn and eval_prompts:
-            state["eval"][str(m)] = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, str(out_dir / f"iter_{m}"))
-            log({"iteration": m, "eval/reward": state["eval"][str(m)]})
-            if rank() == 0:
-                print(f"iteration {m}: eval reward {state['eval'][str(m)]:.3f}")
+            evaluate_and_log(str(m), model, str(out_dir / f"iter_{m}"))
         state["completed"] = m
-        if rank() == 0:
-            state_file.with_suffix(".tmp").write_text(json.dumps(state))
-            os.replace(state_file.with_suffix(".tmp"), state_file)
+        write_atomic(state_file, state)
         return model
 
     log({"data/offline_pairs": len(offline), "data/prompt_pool": len(pool), **{f"data/{k}": v for k, v in length_counts.items()}})
@@ -473,10 +394,7 @@ def main(args: Args) -> dict:
     model = load_model(str(out_dir / f"iter_{state['completed']}") if state["completed"] >= 0 and not
                        (state["completed"] == 0 and args.init_checkpoint) else start, device)
     if reward_fn and eval_prompts and "sft" not in state["eval"] and state["completed"] < 0:
-        state["eval"]["sft"] = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, start)
-        log({"iteration": -1, "eval/reward": state["eval"]["sft"]})
-        if rank() == 0:
-            print(f"start ({start}): eval reward {state['eval']['sft']:.3f} on {len(eval_prompts)} prompts")
+        evaluate_and_log("sft", model, start)
 
     if state["completed"] < 0:
         if args.init_checkpoint:
@@ -485,8 +403,8 @@ def main(args: Args) -> dict:
             # ALGO LOGIC: initialisation phase 2 (§2.2 step 2): one epoch of SimPO on the offline pairs
             init = [dict(p, ref_chosen=0.0, ref_rejected=0.0) for p in offline]
             model = prepare_for_training(model, args)
-            model = train_iteration(model, init, 0, dataclasses.replace(args, loss="simpo"), device,
-                                    tokenizer.pad_token_id, log, save_step, lr=args.lrs[0])
+            model = train_iteration(model, init, 0, dataclasses.replace(args, loss="simpo"), args.lrs[0], device,
+                                    tokenizer.pad_token_id, log, save_step)
             model = finish_iteration(model, 0)
 
     for m in range(state["completed"] + 1, args.iterations + 1):
@@ -502,8 +420,6 @@ def main(args: Args) -> dict:
                             args.sample_temperature, args.sample_top_p, args, device, seed + 500,
                             model_path=previous, desc=f"rejected ({s_m}/10)")
         generation_seconds = time.perf_counter() - tic
-        generated_tokens = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
-                               for (text, _), in chosen + rejected)
         dropped: dict = {}
         raw_pairs = build_pairs(prompts, [c[0] for c in chosen], [r[0] for r in rejected], dropped)
         pairs = []
@@ -521,8 +437,7 @@ def main(args: Args) -> dict:
             for i, p in enumerate(pairs):
                 p.update(ref_chosen=float(ref[i]), ref_rejected=float(ref[len(pairs) + i]))
         stats = {"iteration": m, "opsr/rejected_score": s_m, "data/pairs_generated": len(prompts), "data/pairs": len(pairs),
-                 **{f"data/dropped_{k}": v for k, v in dropped.items()}, "time/generation_s": generation_seconds,
-                 "generation/tokens_per_sec": generated_tokens / generation_seconds}
+                 **{f"data/dropped_{k}": v for k, v in dropped.items()}, "time/generation_s": generation_seconds}
         if reward_fn:  # the paper's Fig. 4: how well the two prefixes separate, as the reward function sees it
             for p in pairs:
                 p["chosen_reward"] = reward_fn(p["prompt"][-1]["content"], p["chosen"])
@@ -533,19 +448,16 @@ def main(args: Args) -> dict:
             print(f"iteration {m}: {len(pairs)} pairs kept of {len(prompts)} (rejected score {s_m}; dropped {dropped})"
                   + (f"; oracle chosen {stats['opsr/chosen_reward']:.2f} vs rejected {stats['opsr/rejected_reward']:.2f}"
                      if reward_fn else ""))
-            with open(out_dir / f"pairs_{m}.jsonl", "w") as f:
-                for p in pairs:
-                    f.write(json.dumps({k: p[k] for k in ("prompt", "chosen", "rejected", "rejected_score", "iteration",
-                                                          "chosen_reward", "rejected_reward") if k in p}) + "\n")
+        write_jsonl(out_dir / f"pairs_{m}.jsonl", [{k: p[k] for k in ("prompt", "chosen", "rejected", "rejected_score",
+                    "iteration", "chosen_reward", "rejected_reward") if k in p} for p in pairs])
         model = prepare_for_training(model, args)
         tic = time.perf_counter()
-        model = train_iteration(model, pairs, m, args, device, tokenizer.pad_token_id, log, save_step, lr=args.lrs[m - 1])
+        model = train_iteration(model, pairs, m, args, args.lrs[m - 1], device, tokenizer.pad_token_id, log, save_step)
         stats["time/training_s"] = time.perf_counter() - tic
         stats["time/generation_share"] = generation_seconds / (generation_seconds + stats["time/training_s"])
         log(stats)
         model = finish_iteration(model, m)
-    if writer is not None:
-        writer.close()
+    log.close()
     return state
 
 
@@ -893,6 +805,15 @@ def write_atomic(path: Path, obj):
             tmp.write_text(json.dumps(obj))
         else:
             torch.save(obj, tmp)
+        os.replace(tmp, path)
+
+
+# Copied from sera.write_jsonl
+def write_jsonl(path: Path, rows: list[dict]):
+    """Rank 0 writes one JSON object per line to a temporary file, then renames it."""
+    if rank() == 0:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
         os.replace(tmp, path)
 
 

@@ -217,8 +217,6 @@ def resolve(args: Args) -> tuple[Args, dict]:
         (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
         (args.judge_template is None or Path(args.judge_template).exists(),
          f"--judge_template: file {args.judge_template!r} not found"),
-        (args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).exists(),
-         f"--chat_template: file {args.chat_template!r} not found"),
     ]
     for ok, message in checks:
         if not ok:
@@ -308,7 +306,7 @@ def rank_and_pair(samples: list[list[str]], judge, rank_by: str) -> tuple[list[l
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: every supported schema becomes {"prompt": [messages], "chosen": str, "rejected": str}
+# ALGO LOGIC: the Stage 0 examples (judge instances + SFT) and the online prompt pool
 
 
 def judge_instances(pairs: list[dict], tokenizer, template: str, verdict: list[int], args: Args,
@@ -353,16 +351,7 @@ def load_prompt_pool(args: Args, pairs: list[dict], tokenizer, template: str, co
     its judge prompt with two replies of --max_new_tokens must fit --judge_max_length."""
     spec = args.prompts or DATASETS.get(args.dataset, {}).get("prompts")
     if spec:
-        if not Path(spec).exists():
-            raise InputError(f"--prompts: file {spec!r} not found")
-        pool = []
-        for index, line in enumerate(open(spec)):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise InputError(f"--prompts {spec} row {index}: not valid JSON") from None
-            value = row.get("prompt") if isinstance(row, dict) else None
-            pool.append([{"role": "user", "content": _text(value, f"--prompts {spec} row {index}: 'prompt'")}])
+        pool = [[{"role": "user", "content": prompt}] for prompt in load_prompts(spec, "--prompts")]
     else:
         pool = list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values())
     pool = pool[: args.num_prompts] if args.num_prompts else pool
@@ -388,15 +377,7 @@ def load_prompt_pool(args: Args, pairs: list[dict], tokenizer, template: str, co
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed helpers (single process unless launched by torchrun)
-
-
-# ---------------------------------------------------------------------------------------------
-# Models
-
-
-# ---------------------------------------------------------------------------------------------
-# Batching, sampling, judging
+# ALGO LOGIC: judging with the policy itself (one forward, two verdict logits)
 
 
 @torch.no_grad()
@@ -487,22 +468,13 @@ def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
             logps, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="mean")
             weights = torch.tensor([1.0] * real + [0.0] * (len(local) - real), device=device)
             (-(logps * weights).sum() * world() / len(batch_examples)).backward()  # FSDP averages over ranks
-            if world() > 1 and hasattr(model, "peft_config"):
-                for p in trainable:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                judge_mask = torch.tensor([e["kind"] == "judge" for e in local[:real]], device=device)
-                nll = -logps[:real].detach()
-                total = all_sum([nll.sum().item(), real, nll[judge_mask].sum().item(), judge_mask.sum().item()])
+            judge_mask = torch.tensor([e["kind"] == "judge" for e in local[:real]], device=device)
+            nll = -logps[:real].detach()
+            total, grad_norm = optimizer_step(trainable, optimizer, scheduler, [
+                nll.sum().item(), real, nll[judge_mask].sum().item(), judge_mask.sum().item()], args, "stage 0")
             metrics = {"stage": 0, "aug_step": epoch * per_epoch + step + 1, "aug/loss": total[0] / total[1],
                        "aug/judge_nll": total[2] / max(total[3], 1), "aug/sft_nll": (total[0] - total[2]) / max(total[1] - total[3], 1),
-                       "aug/grad_norm": float(grad_norm), "aug/lr": scheduler.get_last_lr()[0]}
+                       "aug/grad_norm": grad_norm, "aug/lr": scheduler.get_last_lr()[0]}
             log(metrics)
             bar.update()
             bar.set_postfix(judge_nll=f"{metrics['aug/judge_nll']:.3f}", sft_nll=f"{metrics['aug/sft_nll']:.3f}", refresh=False)
@@ -556,27 +528,12 @@ def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_
 def main(args: Args) -> dict:
     args, preset = resolve(args)
     quiet_library_bars()
-    if args.resume:
-        saved = Path(args.output_dir) / "resolved_config.json"
-        if not saved.exists():
-            raise InputError(f"--resume: {saved} not found; nothing to resume")
-        stored = json.loads(saved.read_text())
-        changed = {k for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
-                   if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
-        if changed:
-            raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
-    from transformers import AutoConfig, AutoTokenizer
+    check_resume(args)
+    from transformers import AutoConfig
 
     # Everything that can fail on bad input is checked before anything is written.
     model_path = preset["path"]
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if args.chat_template:
-        tokenizer.chat_template = args.chat_template if "{%" in args.chat_template else Path(args.chat_template).read_text()
-    if not tokenizer.chat_template:
-        raise InputError(f"tokenizer of {model_path!r} has no chat template; pass --chat_template file.jinja")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # for generation; training and judge batches are padded by collate()
+    tokenizer = load_tokenizer(model_path, args.chat_template)
     verdict = verdict_ids(tokenizer, args.verdict_tokens)
     template = Path(args.judge_template).read_text() if args.judge_template else JUDGE_TEMPLATES[args.judge_family]
     missing = [f"{{{name}}}" for name in "xab" if f"{{{name}}}" not in template]
@@ -611,28 +568,12 @@ def main(args: Args) -> dict:
             raise InputError(f"dataset {source}: every judge instance is over --judge_max_length {args.judge_max_length}")
     pool = load_prompt_pool(args, offline, tokenizer, template, counts)
     dataset_preset = DATASETS.get(args.dataset, {})
-    reward_spec = args.reward_fn or dataset_preset.get("reward_fn")
-    reward_fn = load_reward_fn(reward_spec) if reward_spec else None
+    reward_fn = load_reward_fn(args.reward_fn or dataset_preset.get("reward_fn"))
     eval_file = args.eval_prompts or dataset_preset.get("eval")
-    if eval_file and not Path(eval_file).exists():
-        raise InputError(f"--eval_prompts: file {eval_file!r} not found")
-    eval_prompts = []
-    for index, line in enumerate(open(eval_file) if eval_file else []):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"--eval_prompts {eval_file} row {index}: not valid JSON") from None
-        value = row.get("prompt") if isinstance(row, dict) else None
-        eval_prompts.append(_text(value, f"--eval_prompts {eval_file} row {index}: 'prompt'"))
-    eval_prompts = eval_prompts[: args.num_eval]
+    eval_prompts = load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
     n_steps = args.steps or max(1, len(pool) // args.prompts_per_step)
 
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)
+    device = init_device(args.seed)
     run_name = f"osp__{Path(args.model).name}__{args.seed}__{int(time.time())}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
     state_file = out_dir / "state.json"
@@ -646,43 +587,19 @@ def main(args: Args) -> dict:
     if args.resume and state["stage0_done"] and (checkpoint / f"trainer_state_rank{rank()}.pt").exists():
         trainer_state = torch.load(checkpoint / f"trainer_state_rank{rank()}.pt", weights_only=False)
         state["step"] = trainer_state["step"]
-    writer = None
-    if rank() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "resolved_config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        print(json.dumps(dataclasses.asdict(args), indent=2))
-        if args.resume and (out_dir / "metrics.jsonl").exists():  # steps after the checkpoint are redone
-            lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-            keep = [line for line in lines if json.loads(line).get("step", 0) <= state["step"]
-                    and (state["stage0_done"] or json.loads(line).get("stage") != 0)]
-            (out_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in keep))
-        from torch.utils.tensorboard import SummaryWriter
+    if rank() == 0 and args.resume and (out_dir / "metrics.jsonl").exists():  # steps after the checkpoint are redone
+        lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+        keep = [line for line in lines if json.loads(line).get("step", 0) <= state["step"]
+                and (state["stage0_done"] or json.loads(line).get("stage") != 0)]
+        (out_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in keep))
+    logs = Logs(args, out_dir, run_name)
 
-        writer = SummaryWriter(str(out_dir / "tb"))
-        if args.track:
-            import wandb
-
-            wandb.init(project="selfpo", name=run_name, config=dataclasses.asdict(args))
-    counter = [0]
-
-    def log(metrics: dict):
-        counter[0] += 1
-        if rank() != 0:
-            return
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key not in ("stage", "step", "aug_step"):
-                writer.add_scalar(key, value, counter[0])
-        if args.track:
-            import wandb
-
-            wandb.log(metrics, step=counter[0])
+    def log(metrics: dict):  # one TensorBoard step per logged record
+        logs.step += 1
+        logs(metrics)
 
     def save_state():
-        if rank() == 0:
-            state_file.with_suffix(".tmp").write_text(json.dumps(state))
-            os.replace(state_file.with_suffix(".tmp"), state_file)
+        write_atomic(state_file, state)
 
     def report(name: str, model):
         """Judge accuracy on held-out human labels (and the reward function) + held-out policy reward."""
@@ -712,7 +629,7 @@ def main(args: Args) -> dict:
         model = load_model(model_path, device)
         report("sft", model)
         if not args.skip_augmentation:
-            model = prepare_for_training(model, args, lora)
+            model = prepare_for_training(model, args)
             model = augment(model, examples, args, device, tokenizer.pad_token_id, log)
             model = save_atomic(model, tokenizer, stage0)
             if world() > 1 and not lora:  # an unsharded copy per rank to judge and evaluate with
@@ -730,7 +647,7 @@ def main(args: Args) -> dict:
             ref_model = shard_model(ref_model)
 
     # ALGO LOGIC: Stage 1 — online self-preferring (§4.3 steps 4-11)
-    model = prepare_for_training(model, args, lora)
+    model = prepare_for_training(model, args)
     trainable = [p for p in model.parameters() if p.requires_grad]
     from transformers import get_constant_schedule_with_warmup
 
@@ -811,13 +728,10 @@ def main(args: Args) -> dict:
         stats.update({"time/generation_s": generation_s, "time/judging_s": judging_s,
                       "time/training_s": time.perf_counter() - tic})
         log(stats)
-        if rank() == 0:
-            pairs_dir = out_dir / "pairs"
-            pairs_dir.mkdir(exist_ok=True)
-            with open(pairs_dir / f"step_{step + 1:05d}.jsonl", "w") as f:
-                for t in tuples:
-                    f.write(json.dumps({k: t[k] for k in ("prompt", "chosen_text", "rejected_text", "q", "rank", "score_chosen",
-                                                          "score_rejected", "chosen_reward", "rejected_reward") if k in t}) + "\n")
+        (out_dir / "pairs").mkdir(exist_ok=True)
+        write_jsonl(out_dir / "pairs" / f"step_{step + 1:05d}.jsonl", [{k: t[k] for k in (
+            "prompt", "chosen_text", "rejected_text", "q", "rank", "score_chosen", "score_rejected", "chosen_reward",
+            "rejected_reward") if k in t} for t in tuples])
         bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4f}", q=f"{stats.get('osp/q_mean', float('nan')):.2f}",
                         gap=f"{stats.get('osp/abs_sigma_z_minus_q', float('nan')):.3f}", refresh=False)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < n_steps:
@@ -839,8 +753,7 @@ def main(args: Args) -> dict:
     state["done"] = True
     save_state()
     shutil.rmtree(checkpoint, ignore_errors=True)
-    if writer is not None:
-        writer.close()
+    logs.close()
     return state
 
 
@@ -1188,6 +1101,15 @@ def write_atomic(path: Path, obj):
             tmp.write_text(json.dumps(obj))
         else:
             torch.save(obj, tmp)
+        os.replace(tmp, path)
+
+
+# Copied from sera.write_jsonl
+def write_jsonl(path: Path, rows: list[dict]):
+    """Rank 0 writes one JSON object per line to a temporary file, then renames it."""
+    if rank() == 0:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
         os.replace(tmp, path)
 
 

@@ -142,10 +142,6 @@ class Args:
     """sequences per no-grad forward (reference scoring, evaluation)"""
 
 
-# ---------------------------------------------------------------------------------------------
-# Configuration
-
-
 def resolve(args: Args) -> tuple[Args, dict]:
     if args.model in MODELS:
         preset = dict(MODELS[args.model])
@@ -184,7 +180,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: every supported schema becomes {"prompt": [messages], "chosen": str, "rejected": str}
+# ALGO LOGIC: every pair on the plain context x and the augmented context p (+) x (§5.2)
 
 
 def augment(prompt: list[dict], refine_prompt: str) -> list[dict]:
@@ -203,8 +199,6 @@ def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple
     limit = args.eval_pairs + args.num_pairs if args.num_pairs else None
     for index, row in enumerate(rows[:limit]):
         where = f"dataset {source} row {index}"
-        if not isinstance(row, dict):
-            raise InputError(f"{where}: expected an object, got {type(row).__name__}")
         pair = parse_pair(row, where)
         encoded = {}
         for side in ("chosen", "rejected"):
@@ -225,18 +219,6 @@ def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple
         raise InputError(f"dataset {source}: {len(pairs)} usable pairs, need at least --eval_pairs + 2 = "
                          f"{args.eval_pairs + 2} ({counts})")
     return pairs, counts
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers (single process unless launched by torchrun)
-
-
-# ---------------------------------------------------------------------------------------------
-# Models
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-probs: chosen and rejected concatenated in one forward, through the fused kernel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,26 +352,15 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
                 (args.beta * h).sum().item(), (h > 0).float().sum().item(), logps[:n].sum().item(),
                 logps[n:].sum().item(), h.sum().item(), out["delta"].sum().item(), (out["aug_h"] > 0).float().sum().item(),
                 float(n), float(out["tokens"]), out["refine_seconds"], 0.0])]
-        if world() > 1 and args.lora_r > 0:  # replicated base: average the adapter gradients
-            for p in trainable:
-                dist.all_reduce(p.grad)
-                p.grad /= world()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)  # "gradient normalization" (§4.1)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        step_seconds = time.perf_counter() - tic
-        total = all_sum(sums)
-        if not math.isfinite(total[0]):
-            raise RuntimeError(f"non-finite loss ({total[0]}) at step {step + 1}; stopping")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_seconds = time.perf_counter() - tic  # "gradient normalization" (§4.1) is the clipping in optimizer_step
+        total, grad_norm = optimizer_step(trainable, optimizer, scheduler, sums, args, f"step {step + 1}")
         count = total[10]
         metrics = {"step": step + 1, "loss": total[0] / count, "rewards/chosen": total[1] / count,
                    "rewards/rejected": total[2] / count, "rewards/margins": total[3] / count,
                    "rewards/accuracies": total[4] / count, "logps/chosen": total[5] / count,
                    "logps/rejected": total[6] / count, "h": total[7] / count, "delta": total[8] / count,
                    "aug_accuracy": total[9] / count if args.lam > 0 else float("nan"),
-                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                    "tokens_per_sec": total[11] / step_seconds, "time/step_s": step_seconds,
                    "time/refine_s": total[12] / world()}
         log(metrics)
@@ -404,42 +375,19 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
 def main(args: Args) -> dict:
     args, preset = resolve(args)
     quiet_library_bars()
-    if args.resume:
-        saved = Path(args.output_dir) / "resolved_config.json"
-        if not saved.exists():
-            raise InputError(f"--resume: {saved} not found; nothing to resume")
-        stored = json.loads(saved.read_text())
-        changed = {k for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
-        if changed:
-            raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
-    from transformers import AutoTokenizer
-
+    check_resume(args)
     # Everything that can fail on bad input is checked before anything is written.
     model_path = preset["path"]
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    template = args.chat_template or preset.get("chat_template")
-    if template:
-        tokenizer.chat_template = Path(template).read_text() if Path(template).suffix == ".jinja" else template
-    if not tokenizer.chat_template:
-        raise InputError(f"tokenizer of {model_path!r} has no chat template; pass --chat_template file.jinja")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # for generation; training batches are padded by collate()
+    tokenizer = load_tokenizer(model_path, args.chat_template or preset.get("chat_template"))
     rows, source = load_rows(args.dataset)
     pairs, length_counts = build_dataset(rows, source, tokenizer, args)
     held_out, pairs = pairs[: args.eval_pairs], pairs[args.eval_pairs:]
     dataset_preset = DATASETS.get(args.dataset, {})
-    reward_spec = args.reward_fn or dataset_preset.get("reward_fn")
-    reward_fn = load_reward_fn(reward_spec) if reward_spec else None
+    reward_fn = load_reward_fn(args.reward_fn or dataset_preset.get("reward_fn"))
     eval_file = args.eval_prompts or dataset_preset.get("eval")
-    eval_prompts = [json.loads(line)["prompt"] for line in open(eval_file)][: args.num_eval] if eval_file else []
+    eval_prompts = load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
 
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)
+    device = init_device(args.seed)
     run_name = f"srdpo__{Path(args.model).name}__{args.seed}__{int(time.time())}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
     state_file = out_dir / "state.json"
@@ -448,32 +396,7 @@ def main(args: Args) -> dict:
         if rank() == 0:
             print(f"{out_dir} is complete: {state}")
         return state
-    writer = None
-    if rank() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "resolved_config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        print(json.dumps(dataclasses.asdict(args), indent=2))
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_dir / "tb"))
-        if args.track:
-            import wandb
-
-            wandb.init(project="selfpo", name=run_name, config=dataclasses.asdict(args))
-    counter = [0]
-
-    def log(metrics: dict):
-        if rank() != 0:
-            return
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                writer.add_scalar(key, value, counter[0])
-        if args.track:
-            import wandb
-
-            wandb.log(metrics, step=counter[0])
+    log = Logs(args, out_dir, run_name)
 
     log({"data/pairs": len(pairs), "data/held_out_pairs": len(held_out), **{f"data/{k}": v for k, v in length_counts.items()}})
     model = load_model(model_path, device)
@@ -488,9 +411,7 @@ def main(args: Args) -> dict:
                      + [(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in everything]
                      + [(p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in everything])
         ref, _ = score(model, sequences, args, tokenizer.pad_token_id, device, desc="reference log-probs")
-        if rank() == 0:
-            torch.save(ref, cache_file.with_suffix(".tmp"))
-            os.replace(cache_file.with_suffix(".tmp"), cache_file)
+        write_atomic(cache_file, ref)
     n = len(everything)
     for i, p in enumerate(everything):
         p.update(ref_chosen=float(ref[i]), ref_rejected=float(ref[n + i]),
@@ -514,16 +435,12 @@ def main(args: Args) -> dict:
     steps_this_process = [0]
 
     def save_step(step, n_steps, optimizer, scheduler):
-        counter[0] += 1
+        log.step += 1
         steps_this_process[0] += 1
         if args.save_every and step % args.save_every == 0 and step < n_steps:
-            tmp_state = out_dir / f".trainer_state_rank{rank()}.pt"
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                        "rng": torch.get_rng_state()}, tmp_state)
-            save_atomic(model, tokenizer, checkpoint)
-            os.replace(tmp_state, checkpoint / f"trainer_state_rank{rank()}.pt")
-            if world() > 1:
-                dist.barrier()
+            save_atomic(model, tokenizer, checkpoint, {f"trainer_state_rank{rank()}.pt": {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "rng": torch.get_rng_state()}})
         if args.stop_after_steps is not None and steps_this_process[0] >= args.stop_after_steps:
             raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
 
@@ -551,10 +468,8 @@ def main(args: Args) -> dict:
     if rank() == 0:
         print("final: " + ", ".join(f"{k} {v:.3f}" for k, v in state["eval"].items()))
     state["done"] = True
-    if rank() == 0:
-        state_file.with_suffix(".tmp").write_text(json.dumps(state))
-        os.replace(state_file.with_suffix(".tmp"), state_file)
-        writer.close()
+    write_atomic(state_file, state)
+    log.close()
     return state
 
 
@@ -902,6 +817,15 @@ def write_atomic(path: Path, obj):
             tmp.write_text(json.dumps(obj))
         else:
             torch.save(obj, tmp)
+        os.replace(tmp, path)
+
+
+# Copied from sera.write_jsonl
+def write_jsonl(path: Path, rows: list[dict]):
+    """Rank 0 writes one JSON object per line to a temporary file, then renames it."""
+    if rank() == 0:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
         os.replace(tmp, path)
 
 
