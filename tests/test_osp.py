@@ -283,6 +283,7 @@ def write(path, text):
         (lambda d: dict(eval_prompts=write(d / "ev.jsonl", '{"text": "Sort these letters: a b"}\n')),
          "--eval_prompts .* row 0: 'prompt' must be a string"),
         (lambda d: dict(lr=-1.0), "--lr and --aug_lr must be > 0, got -1.0"),
+        (lambda d: dict(chat_template=str(d / "none.jinja")), "--chat_template: file .* not found"),
     ],
 )
 def test_bad_input(tmp_path, make, match):
