@@ -448,7 +448,7 @@ def main(args: Args) -> dict:
             print(f"iteration {m}: {len(pairs)} pairs kept of {len(prompts)} (rejected score {s_m}; dropped {dropped})"
                   + (f"; oracle chosen {stats['opsr/chosen_reward']:.2f} vs rejected {stats['opsr/rejected_reward']:.2f}"
                      if reward_fn else ""))
-        write_jsonl(out_dir / f"pairs_{m}.jsonl", [{k: p[k] for k in ("prompt", "chosen", "rejected", "rejected_score",
+        write_atomic(out_dir / f"pairs_{m}.jsonl", [{k: p[k] for k in ("prompt", "chosen", "rejected", "rejected_score",
                     "iteration", "chosen_reward", "rejected_reward") if k in p} for p in pairs])
         model = prepare_for_training(model, args)
         tic = time.perf_counter()
@@ -798,22 +798,15 @@ class Logs:
 
 # Copied from sera.write_atomic
 def write_atomic(path: Path, obj):
-    """Rank 0 writes JSON (or torch.save's a tensor dict) to a temporary file, then renames it."""
+    """Rank 0 writes .json, .jsonl (a list of rows) or torch.save's (.pt) to a temporary file, then renames it."""
     if rank() == 0:
         tmp = path.with_name(path.name + ".tmp")
         if path.suffix == ".json":
             tmp.write_text(json.dumps(obj))
+        elif path.suffix == ".jsonl":
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in obj))
         else:
             torch.save(obj, tmp)
-        os.replace(tmp, path)
-
-
-# Copied from sera.write_jsonl
-def write_jsonl(path: Path, rows: list[dict]):
-    """Rank 0 writes one JSON object per line to a temporary file, then renames it."""
-    if rank() == 0:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
         os.replace(tmp, path)
 
 
@@ -826,7 +819,7 @@ def load_model(path: str, device: torch.device):
 
 
 # Copied from sera.shard_model
-def shard_model(model, reshard_root: bool = False):
+def shard_model(model):
     """FSDP2 under torchrun: each decoder layer, then the root. The root keeps embeddings, final norm and
     lm_head gathered from forward to backward: the fused log-prob kernel reads lm_head.weight after the
     model's forward returns."""
@@ -836,7 +829,7 @@ def shard_model(model, reshard_root: bool = False):
     for module in model.modules():
         if type(module).__name__ in layer_types:
             fully_shard(module)
-    fully_shard(model, reshard_after_forward=reshard_root)
+    fully_shard(model, reshard_after_forward=False)
     return model
 
 
@@ -878,22 +871,19 @@ def optimizer_step(trainable: list, optimizer, scheduler, sums: list[float], arg
     return total, float(grad_norm)
 
 
-# Copied from sera.full_state_dict
-def full_state_dict(model) -> dict:
-    if world() > 1 and not hasattr(model, "peft_config"):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict()
-
-
 # Copied from sera.save_atomic
 def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
     """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint.
     `extra` = {file name: object} is torch.save'd into the same folder (per-rank trainer state)."""
     if hasattr(model, "peft_config"):
         model = model.merge_and_unload()
-    state = full_state_dict(model)
+        state = model.state_dict()
+    elif world() > 1:  # FSDP2: gather the full weights (to the CPU)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = model.state_dict()
     tmp = directory.with_name(directory.name + ".tmp")
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -958,7 +948,17 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     """n samples per prompt as (text, finished) where finished = ended with EOS within max_new_tokens.
     With --sampler vllm (and a saved model_path) vLLM samples instead of HF generate."""
     if model_path is not None and args.sampler == "vllm":
-        return generate_vllm(model_path, tokenizer, prompts, n, temperature, top_p, args, seed)
+        try:
+            import vllm
+        except ImportError:
+            raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
+        llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3)
+        params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens)
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        results = llm.generate(texts, params)
+        del llm
+        torch.cuda.empty_cache()
+        return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
     from torch.distributed.fsdp import FSDPModule
 
     model.eval()
@@ -981,21 +981,6 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
                           for row in rows[k * n:(k + 1) * n]]
     model.train()
     return gather([outputs[i] for i in range(real)])
-
-
-# Copied from sera.generate_vllm
-def generate_vllm(model_path, tokenizer, prompts, n, temperature, top_p, args, seed):
-    try:
-        import vllm
-    except ImportError:
-        raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
-    llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3)
-    params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens)
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    results = llm.generate(texts, params)
-    del llm
-    torch.cuda.empty_cache()
-    return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
 
 
 # Copied from sera.evaluate

@@ -487,7 +487,7 @@ def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
 
 
 def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_id: int) -> list[float]:
-    """Accumulate d(mean loss)/d(theta) over this step's tuples; returns summed statistics.
+    """Accumulate d(mean loss)/d(theta) over this step's tuples; returns this rank's summed statistics.
 
     z = beta * [S(pi,y_h) - S(ref,y_h) - S(pi,y_l) + S(ref,y_l)] with summed log-probs; the reference is scored
     in the same fused kernel call (a frozen copy, or the same weights with the LoRA adapter switched off).
@@ -519,7 +519,7 @@ def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_
             sums = [a + (b * weights).sum().item() for a, b in zip(sums, [
                 losses.detach(), chosen_reward, rejected_reward, z, (z > 0).float(), logps[:n].detach().float(),
                 logps[n:].detach().float(), gap, torch.sigmoid(z), torch.ones_like(z)])]
-    return all_sum(sums)
+    return sums
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,7 +529,7 @@ def main(args: Args) -> dict:
     args, preset = resolve(args)
     quiet_library_bars()
     check_resume(args)
-    from transformers import AutoConfig
+    from transformers import AutoConfig, get_constant_schedule_with_warmup
 
     # Everything that can fail on bad input is checked before anything is written.
     model_path = preset["path"]
@@ -598,9 +598,6 @@ def main(args: Args) -> dict:
         logs.step += 1
         logs(metrics)
 
-    def save_state():
-        write_atomic(state_file, state)
-
     def report(name: str, model):
         """Judge accuracy on held-out human labels (and the reward function) + held-out policy reward."""
         if held_out and name not in state["judge"]:
@@ -616,7 +613,7 @@ def main(args: Args) -> dict:
                 + [f"{judge['judge/oracle_accuracy']:.3f} (reward fn)"] * ("judge/oracle_accuracy" in judge)
                 + [f"position consistency {judge['judge/position_consistency']:.3f}"] * bool(judge)
                 + [f"eval reward {state['eval'][name]:.3f}"] * (name in state["eval"])))
-        save_state()
+        write_atomic(state_file, state)
 
     log({"stage": "data", "data/offline_pairs": len(offline), "data/judge_eval_pairs": len(held_out),
          "data/seed_pairs": len(seed_pairs) * (not args.skip_augmentation), "data/prompt_pool": len(pool),
@@ -637,7 +634,7 @@ def main(args: Args) -> dict:
                 model = load_model(str(stage0), device)
             report("augmented", model)
         state["stage0_done"] = True
-        save_state()
+        write_atomic(state_file, state)
     start = str(stage0) if (stage0 / "config.json").exists() else model_path
     model = load_model(str(checkpoint) if trainer_state else start, device)
     ref_model = None
@@ -649,8 +646,6 @@ def main(args: Args) -> dict:
     # ALGO LOGIC: Stage 1 — online self-preferring (§4.3 steps 4-11)
     model = prepare_for_training(model, args)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    from transformers import get_constant_schedule_with_warmup
-
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     scheduler = get_constant_schedule_with_warmup(optimizer, int(args.warmup_ratio * n_steps))
     if trainer_state:
@@ -687,9 +682,7 @@ def main(args: Args) -> dict:
                                    chosen_ids=sides[0][1], rejected_ids=sides[1][1]))
         stats = {"stage": 1, "step": step + 1, "data/pairs": len(tuples), **{f"data/dropped_{k}": v for k, v in dropped.items()},
                  **{f"data/{k}": v for k, v in truncated.items()},
-                 "judge/forward_passes": passes, "judge/comparisons_per_sec": passes / judging_s if judging_s else 0.0,
-                 "gen/response_tokens_mean": sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1
-                                                 for g in texts for t in g) / sum(len(g) for g in texts)}
+                 "judge/forward_passes": passes, "judge/comparisons_per_sec": passes / judging_s if judging_s else 0.0}
         if tuples:
             qs = torch.tensor([t["q"] for t in tuples], dtype=torch.float64)
             stats.update({"osp/q_mean": float(qs.mean()), "osp/q_std": float(qs.std()) if len(qs) > 1 else 0.0,
@@ -705,31 +698,24 @@ def main(args: Args) -> dict:
                               "osp/rejected_reward": sum(t["rejected_reward"] for t in tuples) / len(tuples),
                               "judge/online_oracle_agreement": (sum(t["chosen_reward"] > t["rejected_reward"] for t in distinct)
                                                                 / len(distinct)) if distinct else float("nan")})
-            # steps 10-11: SPCE (or DPO) against the frozen pi_0, one optimizer step
-            model.train()
-            total = spce_backward(model, ref_model, tuples, args, device, tokenizer.pad_token_id)
-            if world() > 1 and lora:  # replicated base: average the adapter gradients
-                for p in trainable:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            if not math.isfinite(total[0]):
-                raise RuntimeError(f"non-finite loss ({total[0]}) at step {step + 1}; stopping")
+        # steps 10-11: SPCE (or DPO) against the frozen pi_0, one optimizer step (no gradients when every pair
+        # was dropped: the step is a no-op, the schedule still advances)
+        model.train()
+        sums = spce_backward(model, ref_model, tuples, args, device, tokenizer.pad_token_id) if tuples else [0.0] * 10
+        lr = scheduler.get_last_lr()[0]  # this step's
+        total, grad_norm = optimizer_step(trainable, optimizer, scheduler, sums, args, f"step {step + 1}")
+        if tuples:
             n = total[9]
             stats.update({"loss": total[0] / n, "rewards/chosen": total[1] / n, "rewards/rejected": total[2] / n,
                           "rewards/margins": total[3] / n, "rewards/accuracies": total[4] / n,
                           "logps/chosen": total[5] / n, "logps/rejected": total[6] / n,
                           "osp/abs_sigma_z_minus_q": total[7] / n, "osp/sigma_z_mean": total[8] / n,
-                          "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]})
-        optimizer.step()  # (no gradients when every pair was dropped: a no-op, the schedule still advances)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+                          "grad_norm": grad_norm, "lr": lr})
         stats.update({"time/generation_s": generation_s, "time/judging_s": judging_s,
                       "time/training_s": time.perf_counter() - tic})
         log(stats)
         (out_dir / "pairs").mkdir(exist_ok=True)
-        write_jsonl(out_dir / "pairs" / f"step_{step + 1:05d}.jsonl", [{k: t[k] for k in (
+        write_atomic(out_dir / "pairs" / f"step_{step + 1:05d}.jsonl", [{k: t[k] for k in (
             "prompt", "chosen_text", "rejected_text", "q", "rank", "score_chosen", "score_rejected", "chosen_reward",
             "rejected_reward") if k in t} for t in tuples])
         bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4f}", q=f"{stats.get('osp/q_mean', float('nan')):.2f}",
@@ -740,7 +726,7 @@ def main(args: Args) -> dict:
             model = save_atomic(model, tokenizer, checkpoint, {f"trainer_state_rank{rank()}.pt": {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step + 1}})
             state["step"] = step + 1
-            save_state()
+            write_atomic(state_file, state)
         steps_this_process += 1
         if args.stop_after_steps is not None and steps_this_process >= args.stop_after_steps:
             raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
@@ -751,7 +737,7 @@ def main(args: Args) -> dict:
     state["step"] = n_steps
     report("final", model)
     state["done"] = True
-    save_state()
+    write_atomic(state_file, state)
     shutil.rmtree(checkpoint, ignore_errors=True)
     logs.close()
     return state
@@ -1094,22 +1080,15 @@ class Logs:
 
 # Copied from sera.write_atomic
 def write_atomic(path: Path, obj):
-    """Rank 0 writes JSON (or torch.save's a tensor dict) to a temporary file, then renames it."""
+    """Rank 0 writes .json, .jsonl (a list of rows) or torch.save's (.pt) to a temporary file, then renames it."""
     if rank() == 0:
         tmp = path.with_name(path.name + ".tmp")
         if path.suffix == ".json":
             tmp.write_text(json.dumps(obj))
+        elif path.suffix == ".jsonl":
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in obj))
         else:
             torch.save(obj, tmp)
-        os.replace(tmp, path)
-
-
-# Copied from sera.write_jsonl
-def write_jsonl(path: Path, rows: list[dict]):
-    """Rank 0 writes one JSON object per line to a temporary file, then renames it."""
-    if rank() == 0:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
         os.replace(tmp, path)
 
 
@@ -1122,7 +1101,7 @@ def load_model(path: str, device: torch.device):
 
 
 # Copied from sera.shard_model
-def shard_model(model, reshard_root: bool = False):
+def shard_model(model):
     """FSDP2 under torchrun: each decoder layer, then the root. The root keeps embeddings, final norm and
     lm_head gathered from forward to backward: the fused log-prob kernel reads lm_head.weight after the
     model's forward returns."""
@@ -1132,7 +1111,7 @@ def shard_model(model, reshard_root: bool = False):
     for module in model.modules():
         if type(module).__name__ in layer_types:
             fully_shard(module)
-    fully_shard(model, reshard_after_forward=reshard_root)
+    fully_shard(model, reshard_after_forward=False)
     return model
 
 
@@ -1174,22 +1153,19 @@ def optimizer_step(trainable: list, optimizer, scheduler, sums: list[float], arg
     return total, float(grad_norm)
 
 
-# Copied from sera.full_state_dict
-def full_state_dict(model) -> dict:
-    if world() > 1 and not hasattr(model, "peft_config"):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict()
-
-
 # Copied from sera.save_atomic
 def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
     """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint.
     `extra` = {file name: object} is torch.save'd into the same folder (per-rank trainer state)."""
     if hasattr(model, "peft_config"):
         model = model.merge_and_unload()
-    state = full_state_dict(model)
+        state = model.state_dict()
+    elif world() > 1:  # FSDP2: gather the full weights (to the CPU)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = model.state_dict()
     tmp = directory.with_name(directory.name + ".tmp")
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1235,7 +1211,17 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     """n samples per prompt as (text, finished) where finished = ended with EOS within max_new_tokens.
     With --sampler vllm (and a saved model_path) vLLM samples instead of HF generate."""
     if model_path is not None and args.sampler == "vllm":
-        return generate_vllm(model_path, tokenizer, prompts, n, temperature, top_p, args, seed)
+        try:
+            import vllm
+        except ImportError:
+            raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
+        llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3)
+        params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens)
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        results = llm.generate(texts, params)
+        del llm
+        torch.cuda.empty_cache()
+        return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
     from torch.distributed.fsdp import FSDPModule
 
     model.eval()
@@ -1258,21 +1244,6 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
                           for row in rows[k * n:(k + 1) * n]]
     model.train()
     return gather([outputs[i] for i in range(real)])
-
-
-# Copied from sera.generate_vllm
-def generate_vllm(model_path, tokenizer, prompts, n, temperature, top_p, args, seed):
-    try:
-        import vllm
-    except ImportError:
-        raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
-    llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3)
-    params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens)
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    results = llm.generate(texts, params)
-    del llm
-    torch.cuda.empty_cache()
-    return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
 
 
 # Copied from sera.evaluate

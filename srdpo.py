@@ -315,8 +315,7 @@ def sr_losses(model, batch_pairs: list[dict], args: Args, device, pad_id: int) -
 def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_step, start_step=0, trainer_state=None):
     from transformers import get_constant_schedule_with_warmup
 
-    local_batch = args.batch_size * world()
-    grad_accum = max(1, args.global_batch // local_batch)
+    grad_accum = max(1, args.global_batch // (args.batch_size * world()))
     per_step = args.batch_size * grad_accum * world()
     order = []
     for epoch in range(args.epochs):
@@ -336,7 +335,7 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
          "train/pairs_dropped_remainder": len(order) - len(used)})
     bar = progress(range(start_step, n_steps), desc="train")
     for step in bar:
-        tic, sums = time.perf_counter(), [0.0] * 14
+        tic, sums = time.perf_counter(), [0.0] * 13
         for accum in range(grad_accum):
             offset = (step * grad_accum + accum) * micro
             batch_pairs = [pairs[i] for i in local[offset: offset + micro]]
@@ -351,7 +350,7 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
                 out["losses"].sum().item(), chosen_reward.sum().item(), rejected_reward.sum().item(),
                 (args.beta * h).sum().item(), (h > 0).float().sum().item(), logps[:n].sum().item(),
                 logps[n:].sum().item(), h.sum().item(), out["delta"].sum().item(), (out["aug_h"] > 0).float().sum().item(),
-                float(n), float(out["tokens"]), out["refine_seconds"], 0.0])]
+                float(n), float(out["tokens"]), out["refine_seconds"]])]
         step_seconds = time.perf_counter() - tic  # "gradient normalization" (§4.1) is the clipping in optimizer_step
         total, grad_norm = optimizer_step(trainable, optimizer, scheduler, sums, args, f"step {step + 1}")
         count = total[10]
@@ -419,7 +418,6 @@ def main(args: Args) -> dict:
 
     if reward_fn and eval_prompts and "start" not in state["eval"]:
         state["eval"]["start"] = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device)
-        log({"eval/reward_start": state["eval"]["start"]})
         if rank() == 0:
             print(f"start: eval reward {state['eval']['start']:.3f} on {len(eval_prompts)} prompts")
 
@@ -810,22 +808,15 @@ class Logs:
 
 # Copied from sera.write_atomic
 def write_atomic(path: Path, obj):
-    """Rank 0 writes JSON (or torch.save's a tensor dict) to a temporary file, then renames it."""
+    """Rank 0 writes .json, .jsonl (a list of rows) or torch.save's (.pt) to a temporary file, then renames it."""
     if rank() == 0:
         tmp = path.with_name(path.name + ".tmp")
         if path.suffix == ".json":
             tmp.write_text(json.dumps(obj))
+        elif path.suffix == ".jsonl":
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in obj))
         else:
             torch.save(obj, tmp)
-        os.replace(tmp, path)
-
-
-# Copied from sera.write_jsonl
-def write_jsonl(path: Path, rows: list[dict]):
-    """Rank 0 writes one JSON object per line to a temporary file, then renames it."""
-    if rank() == 0:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
         os.replace(tmp, path)
 
 
@@ -838,7 +829,7 @@ def load_model(path: str, device: torch.device):
 
 
 # Copied from sera.shard_model
-def shard_model(model, reshard_root: bool = False):
+def shard_model(model):
     """FSDP2 under torchrun: each decoder layer, then the root. The root keeps embeddings, final norm and
     lm_head gathered from forward to backward: the fused log-prob kernel reads lm_head.weight after the
     model's forward returns."""
@@ -848,7 +839,7 @@ def shard_model(model, reshard_root: bool = False):
     for module in model.modules():
         if type(module).__name__ in layer_types:
             fully_shard(module)
-    fully_shard(model, reshard_after_forward=reshard_root)
+    fully_shard(model, reshard_after_forward=False)
     return model
 
 
@@ -890,22 +881,19 @@ def optimizer_step(trainable: list, optimizer, scheduler, sums: list[float], arg
     return total, float(grad_norm)
 
 
-# Copied from sera.full_state_dict
-def full_state_dict(model) -> dict:
-    if world() > 1 and not hasattr(model, "peft_config"):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict()
-
-
 # Copied from sera.save_atomic
 def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
     """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint.
     `extra` = {file name: object} is torch.save'd into the same folder (per-rank trainer state)."""
     if hasattr(model, "peft_config"):
         model = model.merge_and_unload()
-    state = full_state_dict(model)
+        state = model.state_dict()
+    elif world() > 1:  # FSDP2: gather the full weights (to the CPU)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = model.state_dict()
     tmp = directory.with_name(directory.name + ".tmp")
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,7 @@ def check(*argv):
 def test_copies_are_identical_to_their_originals():
     res = check()
     assert res.returncode == 0, res.stdout + res.stderr
-    assert int(res.stdout.split()[0]) >= 100  # the runtime is checked in every script, not an empty pass
+    assert int(res.stdout.split()[0]) >= 90  # the runtime is checked in every script, not an empty pass
 
 
 def test_every_script_ends_with_the_same_runtime():
