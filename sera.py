@@ -154,14 +154,6 @@ class Args:
     """sequences (prompts x samples) per generate call"""
 
 
-class InputError(ValueError):
-    """Bad user input: printed as one line, no traceback, nothing written."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration
-
-
 def resolve(args: Args) -> tuple[Args, dict]:
     if args.model in MODELS:
         preset = dict(MODELS[args.model])
@@ -204,331 +196,6 @@ def resolve(args: Args) -> tuple[Args, dict]:
         if not ok:
             raise InputError(message)
     return args, preset
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: every supported schema becomes {"prompt": [messages], "chosen": str, "rejected": str}
-
-
-def load_rows(spec: str) -> tuple[list[dict], str]:
-    import datasets
-
-    if spec in DATASETS:
-        info = DATASETS[spec]
-        spec = info["path"]
-        if not spec.endswith(".jsonl"):
-            return list(datasets.load_dataset(spec, info.get("name"), split=info["split"])), spec
-    path = Path(spec).expanduser()
-    if not path.exists():
-        if spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/", "~")):
-            raise InputError(f"--dataset: path {spec!r} not found (or use a preset: {', '.join(DATASETS)})")
-        raise InputError(f"--dataset: unknown preset or path {spec!r}; presets: {', '.join(DATASETS)}")
-    if path.is_dir():
-        data = datasets.load_from_disk(str(path))
-        data = data["train"] if isinstance(data, datasets.DatasetDict) else data
-    elif path.suffix in (".jsonl", ".json"):
-        data = datasets.load_dataset("json", data_files=str(path), split="train")
-    elif path.suffix == ".parquet":
-        data = datasets.load_dataset("parquet", data_files=str(path), split="train")
-    else:
-        raise InputError(f"--dataset: {spec!r} is not a .jsonl, .json, .parquet file or a save_to_disk folder")
-    return list(data), str(path)
-
-
-def _text(value, where: str) -> str:
-    if not isinstance(value, str):
-        raise InputError(f"{where} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise InputError(f"{where} is empty")
-    return value
-
-
-def _messages(value, where: str) -> list[dict]:
-    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
-        raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
-    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content")}
-            for i, m in enumerate(value)]
-
-
-def _hh_turns(text: str, where: str) -> list[dict]:
-    parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where))
-    if len(parts) < 3 or parts[0].strip():
-        raise InputError(f"{where} is not in HH-RLHF format ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
-    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
-
-
-def parse_pair(row: dict, where: str) -> dict:
-    """UltraFeedback messages, HH-RLHF raw text, TL;DR comparisons, or prompt/chosen/rejected strings."""
-    if "summaries" in row and "choice" in row:  # openai/summarize_from_feedback, comparisons
-        info = row.get("info") or {}
-        post = _text(info.get("post"), f"{where}: 'info.post'")
-        prompt = f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {post}\n\nTL;DR:"
-        if row["choice"] not in (0, 1) or len(row["summaries"]) != 2:
-            raise InputError(f"{where}: 'choice' must be 0 or 1 with two 'summaries'")
-        texts = [_text(s.get("text"), f"{where}: 'summaries[{i}].text'").strip() for i, s in enumerate(row["summaries"])]
-        out = {"prompt": [{"role": "user", "content": prompt}], "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]}
-    else:
-        for column in ("chosen", "rejected"):
-            if row.get(column) is None:  # absent, or null (datasets fills columns other rows have)
-                raise InputError(f"{where}: missing column '{column}' (columns: {', '.join(sorted(row))})")
-        if isinstance(row["chosen"], list):  # UltraFeedback: full conversations
-            chosen = _messages(row["chosen"], f"{where}: 'chosen'")
-            rejected = _messages(row["rejected"], f"{where}: 'rejected'")
-            if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-                raise InputError(f"{where}: the last message of 'chosen' and 'rejected' must be the assistant's")
-            prompt = chosen[:-1]
-            out = {"prompt": prompt, "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
-        elif isinstance(row["chosen"], str) and "\n\nHuman:" in row["chosen"]:  # Anthropic/hh-rlhf
-            chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
-            rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
-            if chosen[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1]:
-                raise InputError(f"{where}: 'chosen' and 'rejected' must share the conversation up to the last Assistant turn")
-            out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
-        else:  # plain strings
-            if row.get("prompt") is None:
-                raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
-            out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
-                   "chosen": _text(row["chosen"], f"{where}: 'chosen'"), "rejected": _text(row["rejected"], f"{where}: 'rejected'")}
-        if not out["prompt"] or out["prompt"][-1]["role"] != "user":
-            raise InputError(f"{where}: the prompt must end with a user message")
-    for side in ("chosen", "rejected"):
-        _text(out[side], f"{where}: '{side}' response")
-    if out["chosen"].strip() == out["rejected"].strip():
-        raise InputError(f"{where}: 'chosen' and 'rejected' responses are identical")
-    if "flipped" in row:  # toy data: which labels were deliberately swapped
-        out["flipped"] = bool(row["flipped"])
-    return out
-
-
-def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[list[int], list[int]]:
-    """Token ids of the templated prompt (ending with the assistant header) and of the response
-    (the rest of the templated conversation, ending with the end-of-turn token)."""
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    if response is None:
-        return prompt_ids, []
-    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
-    if not full.startswith(prompt_text):
-        raise InputError("the chat template renders the prompt differently with and without the assistant turn")
-    response_ids = tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"]
-    if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
-        response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
-    return prompt_ids, response_ids
-
-
-def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple[list[int], list[int]] | None:
-    """Apply the length limits: long prompts per --long_prompts, long responses truncated (counted)."""
-    if len(prompt_ids) > args.max_prompt_length:
-        if args.long_prompts == "error":
-            raise InputError(f"{where}: prompt has {len(prompt_ids)} tokens, over --max_prompt_length "
-                             f"{args.max_prompt_length} (see --long_prompts skip|truncate)")
-        if args.long_prompts == "skip":
-            counts["long_prompt_skipped"] = counts.get("long_prompt_skipped", 0) + 1
-            return None
-        counts["long_prompt_truncated"] = counts.get("long_prompt_truncated", 0) + 1
-        prompt_ids = prompt_ids[-args.max_prompt_length:]
-    budget = args.max_length - len(prompt_ids)
-    if len(response_ids) > budget:
-        counts["response_truncated"] = counts.get("response_truncated", 0) + 1
-        response_ids = response_ids[:budget]
-    return prompt_ids, response_ids
-
-
-def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple[list[dict], dict]:
-    pairs, counts = [], {}
-    for index, row in enumerate(rows[: args.num_pairs] if args.num_pairs else rows):
-        where = f"dataset {source} row {index}"
-        if not isinstance(row, dict):
-            raise InputError(f"{where}: expected an object, got {type(row).__name__}")
-        pair = parse_pair(row, where)
-        sides = []
-        for side in ("chosen", "rejected"):
-            prompt_ids, response_ids = encode(tokenizer, pair["prompt"], pair[side])
-            sides.append(fit(prompt_ids, response_ids, args, where, counts))
-        if sides[0] is None:
-            continue
-        pairs.append(dict(pair, index=index, prompt_ids=sides[0][0], chosen_ids=sides[0][1], rejected_ids=sides[1][1]))
-    if len(pairs) < 2:
-        raise InputError(f"dataset {source}: {len(pairs)} usable pairs, need at least 2 ({counts})")
-    return pairs, counts
-
-
-def load_reward_fn(spec: str):
-    path, _, name = spec.rpartition(":")
-    if not path or not name:
-        raise InputError(f"--reward_fn must look like path/to/file.py:function, got {spec!r}")
-    if not Path(path).exists():
-        raise InputError(f"--reward_fn: file {path!r} not found")
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem + "_reward", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not callable(getattr(module, name, None)):
-        raise InputError(f"--reward_fn: {path!r} has no function {name!r}")
-    return getattr(module, name)
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers (single process unless launched by torchrun)
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def shard(items: list) -> tuple[list, int]:
-    """This rank's share, padded (with its last item) so every rank runs the same number of batches."""
-    per_rank = math.ceil(len(items) / world())
-    mine = items[rank() * per_rank: (rank() + 1) * per_rank]
-    real = len(mine)
-    return mine + [items[-1]] * (per_rank - real), real
-
-
-def gather(values: list) -> list:
-    if world() == 1:
-        return values
-    out = [None] * world()
-    dist.all_gather_object(out, values)
-    return [v for part in out for v in part]
-
-
-def all_sum(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if world() > 1:
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-class _LogLines:
-    """tqdm's output as whole lines (no carriage returns), for log files."""
-
-    def write(self, text: str):
-        text = text.strip("\r\n")
-        if text:
-            sys.stderr.write(text + "\n")
-
-    def flush(self):
-        sys.stderr.flush()
-
-
-def progress(iterable=None, total: int | None = None, desc: str = "", inner: bool = False):
-    """A progress bar on rank 0. On a terminal: tqdm bars (inner loops' bars vanish when done). When stderr
-    is not a terminal (a cluster log): outer loops only, one plain line at most every 60 s and at the end."""
-    if rank() != 0 or (inner and not sys.stderr.isatty()):
-        return tqdm(iterable, total=total, disable=True)
-    if sys.stderr.isatty():
-        return tqdm(iterable, total=total, desc=desc, leave=not inner)
-    return tqdm(iterable, total=total, desc=desc, file=_LogLines(), mininterval=60, ascii=True, ncols=100)
-
-
-def quiet_library_bars():
-    """In a log file the libraries' own bars (dataset preparation, weight loading and saving) are off too."""
-    if not sys.stderr.isatty():
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-
-
-# ---------------------------------------------------------------------------------------------
-# Models
-
-
-def load_model(path: str, device: torch.device):
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-
-
-def prepare_for_training(model, args: Args):
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.lora_r > 0:
-        try:
-            import peft
-        except ImportError:
-            raise InputError("--lora_r > 0 needs peft: pip install 'selfpo[lora]'") from None
-        config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
-        model = peft.get_peft_model(model, config)
-    elif world() > 1:
-        from torch.distributed.fsdp import fully_shard
-
-        layer_types = set(getattr(model, "_no_split_modules", None) or [])
-        for module in model.modules():
-            if type(module).__name__ in layer_types:
-                fully_shard(module)
-        # The root keeps embeddings, final norm and lm_head gathered from forward until backward:
-        # the fused log-prob kernel reads lm_head.weight after the model's forward returns.
-        fully_shard(model, reshard_after_forward=False)
-    model.train()
-    return model
-
-
-def full_state_dict(model) -> dict:
-    if world() > 1 and not hasattr(model, "peft_config"):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict()
-
-
-def save_atomic(model, tokenizer, directory: Path):
-    """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint."""
-    if hasattr(model, "peft_config"):
-        model = model.merge_and_unload()
-    state = full_state_dict(model)
-    if rank() == 0:
-        tmp = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
-    if world() > 1:
-        dist.barrier()
-    return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-probs: chosen and rejected concatenated in one forward, through the fused kernel
-
-
-def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
-    """Right-padded input_ids / attention_mask / labels (-100 on prompt and padding)."""
-    length = max(len(p) + len(r) for p, r in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    mask = torch.zeros_like(ids)
-    for i, (prompt, response) in enumerate(sequences):
-        n = len(prompt) + len(response)
-        ids[i, :n] = torch.tensor(prompt + response)
-        labels[i, len(prompt):n] = torch.tensor(response)
-        mask[i, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-
-
-@torch.no_grad()
-def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_id: int, device, desc: str):
-    """Summed log-probs and response lengths [n] of (prompt_ids, response_ids) under `model`, all ranks."""
-    model.eval()
-    mine, real = shard(list(enumerate(sequences)))
-    logps, counts = [], []
-    for start in progress(range(0, len(mine), args.scoring_batch_size), desc=desc, inner=True):
-        batch = collate([s for _, s in mine[start:start + args.scoring_batch_size]], pad_id, device)
-        out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        logps += out.tolist()
-        counts += (batch["labels"][:, 1:] != -100).sum(1).tolist()
-    model.train()
-    merged = {i: (lp, c) for i, lp, c in gather([(i, lp, c) for (i, _), lp, c in zip(mine[:real], logps, counts)])}
-    order = [merged[i] for i in range(len(sequences))]
-    return (torch.tensor([o[0] for o in order], dtype=torch.float64),
-            torch.tensor([o[1] for o in order], dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,54 +264,7 @@ def bootstrap_pairs(prompt_keys: list, candidates: list[list[str]], rewards: lis
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
-             device, seed: int, model_path: str | None = None, desc: str = "generate") -> list[list[tuple[str, bool]]]:
-    """n samples per prompt as (text, finished) where finished = ended with EOS within max_new_tokens."""
-    if args.sampler == "vllm":
-        return generate_vllm(model_path, tokenizer, prompts, n, temperature, top_p, args, seed)
-    model.eval()
-    torch.manual_seed(seed + rank())
-    mine, real = shard(prompts)
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: little padding
-    outputs = {}
-    batch_size = max(1, args.generation_batch_size // n)
-    for start in progress(range(0, len(order), batch_size), desc=desc, inner=True):
-        indices = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out = model.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                             top_p=top_p if temperature > 0 else None, max_new_tokens=args.max_new_tokens,
-                             num_return_sequences=n, pad_token_id=tokenizer.pad_token_id, synced_gpus=False)
-        rows = out[:, enc["input_ids"].shape[1]:].tolist()
-        for k, i in enumerate(indices):  # num_return_sequences rows per prompt, consecutive
-            outputs[i] = [(tokenizer.decode(row, skip_special_tokens=True).strip(), tokenizer.eos_token_id in row)
-                          for row in rows[k * n:(k + 1) * n]]
-    model.train()
-    return gather([outputs[i] for i in range(real)])
-
-
-def generate_vllm(model_path, tokenizer, prompts, n, temperature, top_p, args, seed):
-    try:
-        import vllm
-    except ImportError:
-        raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
-    llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3)
-    params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens)
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    results = llm.generate(texts, params)
-    del llm
-    torch.cuda.empty_cache()
-    return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
-
-
-def evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, model_path) -> float:
-    samples = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in eval_prompts], 1,
-                       args.eval_temperature, 1.0, args, device, seed=args.seed + 10_000, model_path=model_path, desc="eval")
-    return sum(reward_fn(p, s[0][0]) for p, s in zip(eval_prompts, samples)) / len(eval_prompts)
+# ALGO LOGIC: one DAA epoch on D_t (reference log-probs precomputed: no reference model in memory)
 
 
 def daa_losses(logps, ref_logps, counts, args: Args):
@@ -663,12 +283,8 @@ def daa_losses(logps, ref_logps, counts, args: Args):
         return losses, args.beta * (logps[:n] - ref_logps[:n]), args.beta * (logps[n:] - ref_logps[n:])
 
 
-# ---------------------------------------------------------------------------------------------
-# One DAA epoch on D_t (reference log-probs precomputed, so no reference model in memory)
-
-
-def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id: int, log, save_step, start_step=0,
-                    trainer_state=None):
+def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, device, pad_id: int, log, save_step,
+                    start_step=0, trainer_state=None):
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + t)).tolist()
@@ -679,7 +295,7 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id
     local = used[rank()::world()]
     micro = max(1, math.ceil(len(local) / (n_steps * args.grad_accum)))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     warmup = int(args.warmup_ratio * n_steps)
     scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, n_steps) if args.scheduler == "cosine"
                  else get_constant_schedule_with_warmup(optimizer, warmup))
@@ -713,24 +329,13 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id
                 sums = [a + b for a, b in zip(sums, [losses.sum().item(), chosen_reward.sum().item(),
                         rejected_reward.sum().item(), margin.sum().item(), (margin > 0).float().sum().item(),
                         logps[:n].sum().item(), logps[n:].sum().item(), float(n), batch["attention_mask"].sum().item()])]
-        if world() > 1 and args.lora_r > 0:  # replicated base: average the adapter gradients
-            for p in trainable:
-                dist.all_reduce(p.grad)
-                p.grad /= world()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
-        total = all_sum(sums)
-        if not math.isfinite(total[0]):
-            raise RuntimeError(f"non-finite loss ({total[0]}) at iteration {t} step {step + 1}; stopping")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        total, grad_norm = optimizer_step(trainable, optimizer, scheduler, sums, args, f"iteration {t} step {step + 1}")
         pairs_seen = total[7]
         metrics = {"iteration": t, "step": step + 1, "loss": total[0] / pairs_seen,
                    "rewards/chosen": total[1] / pairs_seen, "rewards/rejected": total[2] / pairs_seen,
                    "rewards/margins": total[3] / pairs_seen, "rewards/accuracies": total[4] / pairs_seen,
                    "logps/chosen": total[5] / pairs_seen, "logps/rejected": total[6] / pairs_seen,
-                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                    "tokens_per_sec": total[8] / (time.perf_counter() - tic)}
         log(metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}", refresh=False)
@@ -739,82 +344,43 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, device, pad_id
 
 
 # ---------------------------------------------------------------------------------------------
+# The offline pairs D, tokenized (parse_pair reads every supported schema)
+
+
+def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple[list[dict], dict]:
+    pairs, counts = [], {}
+    for index, row in enumerate(rows[: args.num_pairs] if args.num_pairs else rows):
+        where = f"dataset {source} row {index}"
+        pair = parse_pair(row, where)
+        sides = [fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, counts) for side in ("chosen", "rejected")]
+        if sides[0] is None:
+            continue
+        pairs.append(dict(pair, index=index, prompt_ids=sides[0][0], chosen_ids=sides[0][1], rejected_ids=sides[1][1]))
+    if len(pairs) < 2:
+        raise InputError(f"dataset {source}: {len(pairs)} usable pairs, need at least 2 ({counts})")
+    return pairs, counts
 
 
 def main(args: Args) -> dict:
     args, preset = resolve(args)
     quiet_library_bars()
-    if args.resume:
-        saved = Path(args.output_dir) / "resolved_config.json"
-        if not saved.exists():
-            raise InputError(f"--resume: {saved} not found; nothing to resume")
-        stored = json.loads(saved.read_text())
-        changed = {k for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
-        if changed:
-            raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
-    from transformers import AutoTokenizer
-
+    check_resume(args)
     # Everything that can fail on bad input is checked before anything is written.
     model_path = preset["path"]
-    if model_path.startswith((".", "/", "~")) and not Path(model_path).exists():
-        raise InputError(f"--model: {model_path!r} not found")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    template = args.chat_template or preset.get("chat_template")
-    if template:
-        tokenizer.chat_template = Path(template).read_text() if Path(template).suffix == ".jinja" else template
-    if not tokenizer.chat_template:
-        raise InputError(f"tokenizer of {model_path!r} has no chat template; pass --chat_template file.jinja")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # for generation; training batches are padded by collate()
+    tokenizer = load_tokenizer(model_path, args.chat_template or preset.get("chat_template"))
     rows, source = load_rows(args.dataset)
     pairs, length_counts = build_dataset(rows, source, tokenizer, args)
     dataset_preset = DATASETS.get(args.dataset, {})
-    reward_fn = load_reward_fn(args.reward_fn or dataset_preset.get("reward_fn")) if (args.reward_fn or dataset_preset.get("reward_fn")) else None
+    reward_fn = load_reward_fn(args.reward_fn or dataset_preset.get("reward_fn"))
     eval_file = args.eval_prompts or dataset_preset.get("eval")
-    eval_prompts = [json.loads(line)["prompt"] for line in open(eval_file)][: args.num_eval] if eval_file else []
+    eval_prompts = load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
 
-    # Runtime set-up
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)
+    device = init_device(args.seed)
     run_name = f"sera__{Path(args.model).name}__{args.seed}__{int(time.time())}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
     state_file = out_dir / "state.json"
     state = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {"completed": 0, "eval": {}}
-    if rank() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "resolved_config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    if rank() == 0:
-        print(json.dumps(dataclasses.asdict(args), indent=2))
-    writer = None
-    if rank() == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_dir / "tb"))
-        if args.track:
-            import wandb
-
-            wandb.init(project="selfpo", name=run_name, config=dataclasses.asdict(args))
-    global_step = [0]
-
-    def log(metrics: dict):
-        if rank() != 0:
-            return
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        step = global_step[0]
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key not in ("iteration", "step"):
-                writer.add_scalar(key, value, step)
-        if args.track:
-            import wandb
-
-            wandb.log(metrics, step=step)
-
+    log = Logs(args, out_dir, run_name)
     log({"data/pairs": len(pairs), **{f"data/{k}": v for k, v in length_counts.items()}})
     model_paths = {0: model_path}
     for j in range(1, state["completed"] + 1):
@@ -828,11 +394,15 @@ def main(args: Args) -> dict:
     n_pairs = len(pairs)
     k1, k2 = selection_sizes(n_pairs, args.rho_1, args.rho_2)
 
-    if reward_fn and eval_prompts and "0" not in state["eval"]:
-        state["eval"]["0"] = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, model_paths[0])
-        log({"iteration": 0, "eval/reward": state["eval"]["0"]})
+    def evaluate_and_log(t: int, model, path: str):
+        state["eval"][str(t)], words = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, path)
+        log({"iteration": t, "eval/reward": state["eval"][str(t)], "eval/response_words": words})
         if rank() == 0:
-            print(f"iteration 0 (start): eval reward {state['eval']['0']:.3f} on {len(eval_prompts)} prompts")
+            print(f"iteration {t}" + " (start)" * (t == 0) + f": eval reward {state['eval'][str(t)]:.3f}"
+                  + f" on {len(eval_prompts)} prompts" * (t == 0))
+
+    if reward_fn and eval_prompts and "0" not in state["eval"]:
+        evaluate_and_log(0, model, model_paths[0])
 
     steps_this_process = [0]
     for t in range(state["completed"] + 1, args.iterations + 1):
@@ -840,11 +410,8 @@ def main(args: Args) -> dict:
         # Log-probs of every offline pair under the current model theta_{t-1}, once per iteration.
         if prev not in offline_logps:
             sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
-            logps, _ = score(model, sequences, args, tokenizer.pad_token_id, device, desc=f"score D under theta_{prev}")
-            offline_logps[prev] = logps
-            if rank() == 0:
-                torch.save(offline_logps, cache_file.with_suffix(".tmp"))
-                os.replace(cache_file.with_suffix(".tmp"), cache_file)
+            offline_logps[prev] = score(model, sequences, args, tokenizer.pad_token_id, device, desc=f"score D under theta_{prev}")[0]
+            write_atomic(cache_file, offline_logps)
         pairs_file = out_dir / f"pairs_iter_{t}.jsonl"
         if args.resume and pairs_file.exists():  # the selection of an interrupted iteration, as it was
             d_t = [json.loads(line) for line in open(pairs_file)]
@@ -916,11 +483,8 @@ def main(args: Args) -> dict:
                       f"{len(d_gen)} generated pairs from {len(boot)} prompts"
                       + (f"; flipped kept {stats['data/flipped_kept_fraction']:.2f} vs clean {stats['data/clean_kept_fraction']:.2f}"
                          if "data/flipped_kept_fraction" in stats else ""))
-        if rank() == 0 and not (args.resume and pairs_file.exists()):
-            with open(pairs_file.with_suffix(".tmp"), "w") as f:
-                for p in d_t:
-                    f.write(json.dumps(p) + "\n")
-            os.replace(pairs_file.with_suffix(".tmp"), pairs_file)
+        if not (args.resume and pairs_file.exists()):
+            write_atomic(pairs_file, d_t)
 
         # Resume inside the iteration from the last step checkpoint, if any.
         partial = out_dir / f"iter_{t}_partial"
@@ -933,21 +497,17 @@ def main(args: Args) -> dict:
         model = prepare_for_training(model, args)
 
         def save_step(step, n_steps, optimizer, scheduler):
-            global_step[0] += 1
+            log.step += 1
             steps_this_process[0] += 1
             if args.save_every and step % args.save_every == 0 and step < n_steps:
-                state_obj = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "step": step, "rng": torch.get_rng_state()}
-                tmp_state = out_dir / f".trainer_state_rank{rank()}.pt"
-                torch.save(state_obj, tmp_state)
-                save_atomic(model, tokenizer, partial)
-                if world() > 1:
-                    dist.barrier()
-                os.replace(tmp_state, partial / f"trainer_state_rank{rank()}.pt")
+                save_atomic(model, tokenizer, partial, {f"trainer_state_rank{rank()}.pt": {
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                    "rng": torch.get_rng_state()}})
             if args.stop_after_steps is not None and steps_this_process[0] >= args.stop_after_steps:
                 raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
 
-        model = train_iteration(model, d_t, t, args, device, tokenizer.pad_token_id, log, save_step, start_step, trainer_state)
+        model = train_iteration(model, d_t, t, args, args.lr, device, tokenizer.pad_token_id, log, save_step, start_step,
+                                trainer_state)
         model = save_atomic(model, tokenizer, out_dir / f"iter_{t}")
         shutil.rmtree(partial, ignore_errors=True)
         model_paths[t] = str(out_dir / f"iter_{t}")
@@ -956,17 +516,510 @@ def main(args: Args) -> dict:
             model = load_model(model_paths[t], device)
         # The reference of iteration t+1 is theta_t: its log-probs are computed at the top of the loop.
         if reward_fn and eval_prompts:
-            state["eval"][str(t)] = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, model_paths[t])
-            log({"iteration": t, "eval/reward": state["eval"][str(t)]})
-            if rank() == 0:
-                print(f"iteration {t}: eval reward {state['eval'][str(t)]:.3f}")
+            evaluate_and_log(t, model, model_paths[t])
         state["completed"] = t
-        if rank() == 0:
-            state_file.with_suffix(".tmp").write_text(json.dumps(state))
-            os.replace(state_file.with_suffix(".tmp"), state_file)
-    if writer is not None:
-        writer.close()
+        write_atomic(state_file, state)
+    log.close()
     return state
+
+
+# =============================================================================================
+# RUNTIME: data, distributed helpers, run files, models, batching. The same in all four scripts:
+# each function below is a checked copy of sera.py's ("# Copied from sera.<name>"). Change it in
+# sera.py, then `python tests/check_copies.py --fix` rewrites the copies (the tests fail on drift).
+# =============================================================================================
+
+
+class InputError(ValueError):
+    """Bad user input: printed as one line, no traceback, nothing written."""
+
+
+def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
+    import datasets
+
+    if spec in DATASETS:
+        info = DATASETS[spec]
+        spec = info["path"]
+        if not spec.endswith(".jsonl"):
+            return list(datasets.load_dataset(spec, info.get("name"), split=info["split"])), spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/", "~")):
+            raise InputError(f"{what}: path {spec!r} not found (or use a preset: {', '.join(DATASETS)})")
+        raise InputError(f"{what}: unknown preset or path {spec!r}; presets: {', '.join(DATASETS)}")
+    if path.is_dir():
+        data = datasets.load_from_disk(str(path))
+        data = data["train"] if isinstance(data, datasets.DatasetDict) else data
+    elif path.suffix in (".jsonl", ".json"):
+        data = datasets.load_dataset("json", data_files=str(path), split="train")
+    elif path.suffix == ".parquet":
+        data = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    else:
+        raise InputError(f"{what}: {spec!r} is not a .jsonl, .json, .parquet file or a save_to_disk folder")
+    return list(data), str(path)
+
+
+def load_prompts(spec: str, what: str) -> list[str]:
+    """The 'prompt' column of a jsonl file (--eval_prompts, --prompts), every row checked."""
+    if not Path(spec).exists():
+        raise InputError(f"{what}: file {spec!r} not found")
+    prompts = []
+    for index, line in enumerate(open(spec)):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(f"{what} {spec} row {index}: not valid JSON") from None
+        prompts.append(_text(row.get("prompt") if isinstance(row, dict) else None, f"{what} {spec} row {index}: 'prompt'"))
+    return prompts
+
+
+def _text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{where} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InputError(f"{where} is empty")
+    return value
+
+
+def _messages(value, where: str) -> list[dict]:
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+        raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
+    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content")}
+            for i, m in enumerate(value)]
+
+
+def _hh_turns(text: str, where: str) -> list[dict]:
+    parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where))
+    if len(parts) < 3 or parts[0].strip():
+        raise InputError(f"{where} is not in HH-RLHF format ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
+    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def parse_pair(row: dict, where: str) -> dict:
+    """UltraFeedback messages, HH-RLHF raw text, TL;DR comparisons, or prompt/chosen/rejected strings:
+    {"prompt": [messages], "chosen": str, "rejected": str}."""
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: expected an object, got {type(row).__name__}")
+    if "summaries" in row and "choice" in row:  # openai/summarize_from_feedback, comparisons
+        info = row.get("info") or {}
+        post = _text(info.get("post"), f"{where}: 'info.post'")
+        prompt = f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {post}\n\nTL;DR:"
+        if row["choice"] not in (0, 1) or not isinstance(row["summaries"], list) or len(row["summaries"]) != 2:
+            raise InputError(f"{where}: 'choice' must be 0 or 1 with two 'summaries'")
+        texts = [_text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'").strip() for i, s in enumerate(row["summaries"])]
+        out = {"prompt": [{"role": "user", "content": prompt}], "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]}
+    else:
+        for column in ("chosen", "rejected"):
+            if row.get(column) is None:  # absent, or null (datasets fills columns other rows have)
+                raise InputError(f"{where}: missing column '{column}' (columns: {', '.join(sorted(row))})")
+        if isinstance(row["chosen"], list):  # UltraFeedback: full conversations
+            chosen = _messages(row["chosen"], f"{where}: 'chosen'")
+            rejected = _messages(row["rejected"], f"{where}: 'rejected'")
+            if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+                raise InputError(f"{where}: the last message of 'chosen' and 'rejected' must be the assistant's")
+            out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+        elif isinstance(row["chosen"], str) and "\n\nHuman:" in row["chosen"]:  # Anthropic/hh-rlhf
+            chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
+            rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
+            if chosen[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1]:
+                raise InputError(f"{where}: 'chosen' and 'rejected' must share the conversation up to the last Assistant turn")
+            out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+        else:  # plain strings
+            if row.get("prompt") is None:
+                raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
+            out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
+                   "chosen": _text(row["chosen"], f"{where}: 'chosen'"), "rejected": _text(row["rejected"], f"{where}: 'rejected'")}
+        if not out["prompt"] or out["prompt"][-1]["role"] != "user":
+            raise InputError(f"{where}: the prompt must end with a user message")
+    for side in ("chosen", "rejected"):
+        _text(out[side], f"{where}: '{side}' response")
+    if out["chosen"].strip() == out["rejected"].strip():
+        raise InputError(f"{where}: 'chosen' and 'rejected' responses are identical")
+    if "flipped" in row:  # toy data: which labels were deliberately swapped
+        out["flipped"] = bool(row["flipped"])
+    return out
+
+
+def load_tokenizer(model_path: str, chat_template: str | None):
+    """The tokenizer with --chat_template (a jinja file, or the template itself) and a pad token."""
+    from transformers import AutoTokenizer
+
+    if model_path.startswith((".", "/", "~")) and not Path(model_path).expanduser().exists():
+        raise InputError(f"--model: {model_path!r} not found")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if chat_template and "{%" not in chat_template and not Path(chat_template).exists():
+        raise InputError(f"--chat_template: file {chat_template!r} not found")
+    if chat_template:
+        tokenizer.chat_template = chat_template if "{%" in chat_template else Path(chat_template).read_text()
+    if not tokenizer.chat_template:
+        raise InputError(f"tokenizer of {model_path!r} has no chat template; pass --chat_template file.jinja")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # for generation; training and scoring batches are padded by collate()
+    return tokenizer
+
+
+def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of the templated prompt (ending with the assistant header) and of the response
+    (the rest of the templated conversation, ending with the end-of-turn token)."""
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if response is None:
+        return prompt_ids, []
+    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+    if not full.startswith(prompt_text):
+        raise InputError("the chat template renders the prompt differently with and without the assistant turn")
+    response_ids = tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"]
+    if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
+        response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
+    return prompt_ids, response_ids
+
+
+def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple[list[int], list[int]] | None:
+    """Apply the length limits: long prompts per --long_prompts, long responses truncated (counted)."""
+    if len(prompt_ids) > args.max_prompt_length:
+        if args.long_prompts == "error":
+            raise InputError(f"{where}: prompt has {len(prompt_ids)} tokens, over --max_prompt_length "
+                             f"{args.max_prompt_length} (see --long_prompts)")
+        if args.long_prompts == "skip":
+            counts["long_prompt_skipped"] = counts.get("long_prompt_skipped", 0) + 1
+            return None
+        counts["long_prompt_truncated"] = counts.get("long_prompt_truncated", 0) + 1
+        prompt_ids = prompt_ids[-args.max_prompt_length:]
+    budget = args.max_length - len(prompt_ids)
+    if len(response_ids) > budget:
+        counts["response_truncated"] = counts.get("response_truncated", 0) + 1
+        response_ids = response_ids[:budget]
+    return prompt_ids, response_ids
+
+
+def load_reward_fn(spec: str | None):
+    """path/to/file.py:function -> the function; None -> None."""
+    if spec is None:
+        return None
+    path, _, name = spec.rpartition(":")
+    if not path or not name:
+        raise InputError(f"--reward_fn must look like path/to/file.py:function, got {spec!r}")
+    if not Path(path).exists():
+        raise InputError(f"--reward_fn: file {path!r} not found")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem + "_reward", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, name, None)):
+        raise InputError(f"--reward_fn: {path!r} has no function {name!r}")
+    return getattr(module, name)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def init_device(seed: int) -> torch.device:
+    """Joins the process group under torchrun; this rank's GPU, else the CPU; seeds torch."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(seed)
+    return device
+
+
+def shard(items: list) -> tuple[list, int]:
+    """This rank's share, padded (with its last item) so every rank runs the same number of batches."""
+    per_rank = math.ceil(len(items) / world())
+    mine = items[rank() * per_rank: (rank() + 1) * per_rank]
+    real = len(mine)
+    return mine + [items[-1]] * (per_rank - real), real
+
+
+def gather(values: list) -> list:
+    if world() == 1:
+        return values
+    out = [None] * world()
+    dist.all_gather_object(out, values)
+    return [v for part in out for v in part]
+
+
+def all_sum(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if world() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+class _LogLines:
+    """tqdm's output as whole lines (no carriage returns), for log files."""
+
+    def write(self, text: str):
+        text = text.strip("\r\n")
+        if text:
+            sys.stderr.write(text + "\n")
+
+    def flush(self):
+        sys.stderr.flush()
+
+
+def progress(iterable=None, total: int | None = None, desc: str = "", inner: bool = False):
+    """A progress bar on rank 0. On a terminal: tqdm bars (inner loops' bars vanish when done). When stderr
+    is not a terminal (a cluster log): outer loops only, one plain line at most every 60 s and at the end."""
+    if rank() != 0 or (inner and not sys.stderr.isatty()):
+        return tqdm(iterable, total=total, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, leave=not inner)
+    return tqdm(iterable, total=total, desc=desc, file=_LogLines(), mininterval=60, ascii=True, ncols=100)
+
+
+def quiet_library_bars():
+    """In a log file the libraries' own bars (dataset preparation, weight loading and saving) are off too."""
+    if not sys.stderr.isatty():
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def check_resume(args: Args):
+    """--resume continues the run in --output_dir only with the arguments it was started with."""
+    if not args.resume:
+        return
+    saved = Path(args.output_dir) / "resolved_config.json"
+    if not saved.exists():
+        raise InputError(f"--resume: {saved} not found; nothing to resume")
+    stored = json.loads(saved.read_text())
+    changed = {k for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
+               if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
+    if changed:
+        raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
+
+
+class Logs:
+    """Rank 0 prints and saves the resolved config, then logs to metrics.jsonl, TensorBoard (tb/) and, with
+    --track, wandb. `step` is the TensorBoard/wandb step; counters and non-finite values stay in the jsonl."""
+
+    def __init__(self, args: Args, out_dir: Path, run_name: str):
+        self.out_dir, self.track, self.step, self.writer = out_dir, args.track, 0, None
+        if rank() == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            config = json.dumps(dataclasses.asdict(args), indent=2)
+            (out_dir / "resolved_config.json").write_text(config)
+            print(config)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tb"))
+            if args.track:
+                import wandb
+
+                wandb.init(project="selfpo", name=run_name, config=dataclasses.asdict(args))
+
+    def __call__(self, metrics: dict):
+        if rank() != 0:
+            return
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for key, value in metrics.items():
+            if (isinstance(value, (int, float)) and key not in ("iteration", "stage", "step", "aug_step")
+                    and math.isfinite(value)):
+                self.writer.add_scalar(key, value, self.step)
+        if self.track:
+            import wandb
+
+            wandb.log(metrics, step=self.step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def write_atomic(path: Path, obj):
+    """Rank 0 writes .json, .jsonl (a list of rows) or torch.save's (.pt) to a temporary file, then renames it."""
+    if rank() == 0:
+        tmp = path.with_name(path.name + ".tmp")
+        if path.suffix == ".json":
+            tmp.write_text(json.dumps(obj))
+        elif path.suffix == ".jsonl":
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in obj))
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+
+
+def load_model(path: str, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+
+
+def shard_model(model):
+    """FSDP2 under torchrun: each decoder layer, then the root. The root keeps embeddings, final norm and
+    lm_head gathered from forward to backward: the fused log-prob kernel reads lm_head.weight after the
+    model's forward returns."""
+    from torch.distributed.fsdp import fully_shard
+
+    layer_types = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in layer_types:
+            fully_shard(module)
+    fully_shard(model, reshard_after_forward=False)
+    return model
+
+
+def prepare_for_training(model, args: Args):
+    """LoRA adapter (--lora_r > 0), else FSDP2 under torchrun; gradient checkpointing on request."""
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora_r > 0:
+        try:
+            import peft
+        except ImportError:
+            raise InputError("--lora_r > 0 needs peft: pip install 'selfpo[lora]'") from None
+        config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, config)
+    elif world() > 1:
+        model = shard_model(model)
+    model.train()
+    return model
+
+
+def optimizer_step(trainable: list, optimizer, scheduler, sums: list[float], args: Args, where: str):
+    """Average LoRA gradients over ranks (replicated base), clip, sum the step's statistics over ranks,
+    stop on a non-finite loss (sums[0]), step. Returns (summed statistics, gradient norm)."""
+    if world() > 1 and args.lora_r > 0:
+        for p in trainable:
+            dist.all_reduce(p.grad)
+            p.grad /= world()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
+    total = all_sum(sums)
+    if not math.isfinite(total[0]):
+        raise RuntimeError(f"non-finite loss ({total[0]}) at {where}; stopping")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, float(grad_norm)
+
+
+def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
+    """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint.
+    `extra` = {file name: object} is torch.save'd into the same folder (per-rank trainer state)."""
+    if hasattr(model, "peft_config"):
+        model = model.merge_and_unload()
+        state = model.state_dict()
+    elif world() > 1:  # FSDP2: gather the full weights (to the CPU)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = model.state_dict()
+    tmp = directory.with_name(directory.name + ".tmp")
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    if world() > 1:
+        dist.barrier()
+    for name, obj in (extra or {}).items():
+        torch.save(obj, tmp / name)
+    if world() > 1:
+        dist.barrier()
+    if rank() == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    if world() > 1:
+        dist.barrier()
+    return model
+
+
+def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
+    """Right-padded input_ids / attention_mask / labels (-100 on prompt and padding)."""
+    length = max(len(p) + len(r) for p, r in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, (prompt, response) in enumerate(sequences):
+        n = len(prompt) + len(response)
+        ids[i, :n] = torch.tensor(prompt + response)
+        labels[i, len(prompt):n] = torch.tensor(response)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime that only some of the scripts use (checked copies too)
+
+
+@torch.no_grad()
+def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_id: int, device, desc: str):
+    """Summed log-probs and response lengths [n] of (prompt_ids, response_ids) under `model`, all ranks."""
+    model.eval()
+    mine, real = shard(list(enumerate(sequences)))
+    logps, counts = [], []
+    for start in progress(range(0, len(mine), args.scoring_batch_size), desc=desc, inner=True):
+        batch = collate([s for _, s in mine[start:start + args.scoring_batch_size]], pad_id, device)
+        out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logps += out.tolist()
+        counts += (batch["labels"][:, 1:] != -100).sum(1).tolist()
+    model.train()
+    merged = {i: (lp, c) for i, lp, c in gather([(i, lp, c) for (i, _), lp, c in zip(mine[:real], logps, counts)])}
+    order = [merged[i] for i in range(len(sequences))]
+    return (torch.tensor([o[0] for o in order], dtype=torch.float64),
+            torch.tensor([o[1] for o in order], dtype=torch.float64))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
+             device, seed: int, model_path: str | None = None, desc: str = "generate") -> list[list[tuple[str, bool]]]:
+    """n samples per prompt as (text, finished) where finished = ended with EOS within max_new_tokens.
+    With --sampler vllm (and a saved model_path) vLLM samples instead of HF generate."""
+    if model_path is not None and args.sampler == "vllm":
+        try:
+            import vllm
+        except ImportError:
+            raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
+        llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3)
+        params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens)
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        results = llm.generate(texts, params)
+        del llm
+        torch.cuda.empty_cache()
+        return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
+    from torch.distributed.fsdp import FSDPModule
+
+    model.eval()
+    torch.manual_seed(seed + rank())
+    mine, real = shard(prompts)
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: little padding
+    outputs = {}
+    batch_size = max(1, args.generation_batch_size // n)
+    for start in progress(range(0, len(order), batch_size), desc=desc, inner=True):
+        indices = order[start:start + batch_size]
+        enc = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out = model.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                             top_p=top_p if temperature > 0 else None, max_new_tokens=args.max_new_tokens,
+                             num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
+                             synced_gpus=isinstance(model, FSDPModule))  # sharded: every rank runs every forward
+        rows = out[:, enc["input_ids"].shape[1]:].tolist()
+        for k, i in enumerate(indices):  # num_return_sequences rows per prompt, consecutive
+            outputs[i] = [(tokenizer.decode(row, skip_special_tokens=True).strip(), tokenizer.eos_token_id in row)
+                          for row in rows[k * n:(k + 1) * n]]
+    model.train()
+    return gather([outputs[i] for i in range(real)])
+
+
+def evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, model_path=None) -> tuple[float, float]:
+    """Held-out mean reward of one sample per prompt, and the mean response length in words."""
+    samples = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in eval_prompts], 1,
+                       args.eval_temperature, 1.0, args, device, seed=args.seed + 10_000, model_path=model_path, desc="eval")
+    rewards = [reward_fn(p, s[0][0]) for p, s in zip(eval_prompts, samples)]
+    return sum(rewards) / len(rewards), sum(len(s[0][0].split()) for s in samples) / len(samples)
 
 
 if __name__ == "__main__":

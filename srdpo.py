@@ -142,14 +142,6 @@ class Args:
     """sequences per no-grad forward (reference scoring, evaluation)"""
 
 
-class InputError(ValueError):
-    """Bad user input: printed as one line, no traceback, nothing written."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration
-
-
 def resolve(args: Args) -> tuple[Args, dict]:
     if args.model in MODELS:
         preset = dict(MODELS[args.model])
@@ -188,131 +180,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: every supported schema becomes {"prompt": [messages], "chosen": str, "rejected": str}
-
-
-def load_rows(spec: str) -> tuple[list[dict], str]:
-    import datasets
-
-    if spec in DATASETS:
-        info = DATASETS[spec]
-        spec = info["path"]
-        if not spec.endswith(".jsonl"):
-            return list(datasets.load_dataset(spec, info.get("name"), split=info["split"])), spec
-    path = Path(spec).expanduser()
-    if not path.exists():
-        if spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/", "~")):
-            raise InputError(f"--dataset: path {spec!r} not found (or use a preset: {', '.join(DATASETS)})")
-        raise InputError(f"--dataset: unknown preset or path {spec!r}; presets: {', '.join(DATASETS)}")
-    if path.is_dir():
-        data = datasets.load_from_disk(str(path))
-        data = data["train"] if isinstance(data, datasets.DatasetDict) else data
-    elif path.suffix in (".jsonl", ".json"):
-        data = datasets.load_dataset("json", data_files=str(path), split="train")
-    elif path.suffix == ".parquet":
-        data = datasets.load_dataset("parquet", data_files=str(path), split="train")
-    else:
-        raise InputError(f"--dataset: {spec!r} is not a .jsonl, .json, .parquet file or a save_to_disk folder")
-    return list(data), str(path)
-
-
-def _text(value, where: str) -> str:
-    if not isinstance(value, str):
-        raise InputError(f"{where} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise InputError(f"{where} is empty")
-    return value
-
-
-def _messages(value, where: str) -> list[dict]:
-    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
-        raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
-    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content")}
-            for i, m in enumerate(value)]
-
-
-def _hh_turns(text: str, where: str) -> list[dict]:
-    parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where))
-    if len(parts) < 3 or parts[0].strip():
-        raise InputError(f"{where} is not in HH-RLHF format ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
-    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
-
-
-def parse_pair(row: dict, where: str) -> dict:
-    """UltraFeedback messages, HH-RLHF raw text, TL;DR comparisons, or prompt/chosen/rejected strings."""
-    if "summaries" in row and "choice" in row:  # openai/summarize_from_feedback, comparisons
-        info = row.get("info") or {}
-        post = _text(info.get("post"), f"{where}: 'info.post'")
-        prompt = f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {post}\n\nTL;DR:"
-        if row["choice"] not in (0, 1) or len(row["summaries"]) != 2:
-            raise InputError(f"{where}: 'choice' must be 0 or 1 with two 'summaries'")
-        texts = [_text(s.get("text"), f"{where}: 'summaries[{i}].text'").strip() for i, s in enumerate(row["summaries"])]
-        out = {"prompt": [{"role": "user", "content": prompt}], "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]}
-    else:
-        for column in ("chosen", "rejected"):
-            if row.get(column) is None:  # absent, or null (datasets fills columns other rows have)
-                raise InputError(f"{where}: missing column '{column}' (columns: {', '.join(sorted(row))})")
-        if isinstance(row["chosen"], list):  # UltraFeedback: full conversations
-            chosen = _messages(row["chosen"], f"{where}: 'chosen'")
-            rejected = _messages(row["rejected"], f"{where}: 'rejected'")
-            if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-                raise InputError(f"{where}: the last message of 'chosen' and 'rejected' must be the assistant's")
-            prompt = chosen[:-1]
-            out = {"prompt": prompt, "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
-        elif isinstance(row["chosen"], str) and "\n\nHuman:" in row["chosen"]:  # Anthropic/hh-rlhf
-            chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
-            rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
-            if chosen[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1]:
-                raise InputError(f"{where}: 'chosen' and 'rejected' must share the conversation up to the last Assistant turn")
-            out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
-        else:  # plain strings
-            if row.get("prompt") is None:
-                raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
-            out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
-                   "chosen": _text(row["chosen"], f"{where}: 'chosen'"), "rejected": _text(row["rejected"], f"{where}: 'rejected'")}
-        if not out["prompt"] or out["prompt"][-1]["role"] != "user":
-            raise InputError(f"{where}: the prompt must end with a user message")
-    for side in ("chosen", "rejected"):
-        _text(out[side], f"{where}: '{side}' response")
-    if out["chosen"].strip() == out["rejected"].strip():
-        raise InputError(f"{where}: 'chosen' and 'rejected' responses are identical")
-    if "flipped" in row:  # toy data: which labels were deliberately swapped
-        out["flipped"] = bool(row["flipped"])
-    return out
-
-
-def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[list[int], list[int]]:
-    """Token ids of the templated prompt (ending with the assistant header) and of the response
-    (the rest of the templated conversation, ending with the end-of-turn token)."""
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    if response is None:
-        return prompt_ids, []
-    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
-    if not full.startswith(prompt_text):
-        raise InputError("the chat template renders the prompt differently with and without the assistant turn")
-    response_ids = tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"]
-    if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
-        response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
-    return prompt_ids, response_ids
-
-
-def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple[list[int], list[int]] | None:
-    """Apply the length limits: long prompts per --long_prompts, long responses truncated (counted)."""
-    if len(prompt_ids) > args.max_prompt_length:
-        if args.long_prompts == "error":
-            raise InputError(f"{where}: prompt has {len(prompt_ids)} tokens, over --max_prompt_length "
-                             f"{args.max_prompt_length} (see --long_prompts skip|truncate)")
-        if args.long_prompts == "skip":
-            counts["long_prompt_skipped"] = counts.get("long_prompt_skipped", 0) + 1
-            return None
-        counts["long_prompt_truncated"] = counts.get("long_prompt_truncated", 0) + 1
-        prompt_ids = prompt_ids[-args.max_prompt_length:]
-    budget = args.max_length - len(prompt_ids)
-    if len(response_ids) > budget:
-        counts["response_truncated"] = counts.get("response_truncated", 0) + 1
-        response_ids = response_ids[:budget]
-    return prompt_ids, response_ids
+# ALGO LOGIC: every pair on the plain context x and the augmented context p (+) x (§5.2)
 
 
 def augment(prompt: list[dict], refine_prompt: str) -> list[dict]:
@@ -331,8 +199,6 @@ def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple
     limit = args.eval_pairs + args.num_pairs if args.num_pairs else None
     for index, row in enumerate(rows[:limit]):
         where = f"dataset {source} row {index}"
-        if not isinstance(row, dict):
-            raise InputError(f"{where}: expected an object, got {type(row).__name__}")
         pair = parse_pair(row, where)
         encoded = {}
         for side in ("chosen", "rejected"):
@@ -354,183 +220,6 @@ def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple
                          f"{args.eval_pairs + 2} ({counts})")
     return pairs, counts
 
-
-def load_reward_fn(spec: str):
-    path, _, name = spec.rpartition(":")
-    if not path or not name:
-        raise InputError(f"--reward_fn must look like path/to/file.py:function, got {spec!r}")
-    if not Path(path).exists():
-        raise InputError(f"--reward_fn: file {path!r} not found")
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem + "_reward", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not callable(getattr(module, name, None)):
-        raise InputError(f"--reward_fn: {path!r} has no function {name!r}")
-    return getattr(module, name)
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers (single process unless launched by torchrun)
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def shard(items: list) -> tuple[list, int]:
-    """This rank's share, padded (with its last item) so every rank runs the same number of batches."""
-    per_rank = math.ceil(len(items) / world())
-    mine = items[rank() * per_rank: (rank() + 1) * per_rank]
-    real = len(mine)
-    return mine + [items[-1]] * (per_rank - real), real
-
-
-def gather(values: list) -> list:
-    if world() == 1:
-        return values
-    out = [None] * world()
-    dist.all_gather_object(out, values)
-    return [v for part in out for v in part]
-
-
-def all_sum(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if world() > 1:
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-class _LogLines:
-    """tqdm's output as whole lines (no carriage returns), for log files."""
-
-    def write(self, text: str):
-        text = text.strip("\r\n")
-        if text:
-            sys.stderr.write(text + "\n")
-
-    def flush(self):
-        sys.stderr.flush()
-
-
-def progress(iterable=None, total: int | None = None, desc: str = "", inner: bool = False):
-    """A progress bar on rank 0. On a terminal: tqdm bars (inner loops' bars vanish when done). When stderr
-    is not a terminal (a cluster log): outer loops only, one plain line at most every 60 s and at the end."""
-    if rank() != 0 or (inner and not sys.stderr.isatty()):
-        return tqdm(iterable, total=total, disable=True)
-    if sys.stderr.isatty():
-        return tqdm(iterable, total=total, desc=desc, leave=not inner)
-    return tqdm(iterable, total=total, desc=desc, file=_LogLines(), mininterval=60, ascii=True, ncols=100)
-
-
-def quiet_library_bars():
-    """In a log file the libraries' own bars (dataset preparation, weight loading and saving) are off too."""
-    if not sys.stderr.isatty():
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-
-
-# ---------------------------------------------------------------------------------------------
-# Models
-
-
-def load_model(path: str, device: torch.device):
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-
-
-def prepare_for_training(model, args: Args):
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.lora_r > 0:
-        try:
-            import peft
-        except ImportError:
-            raise InputError("--lora_r > 0 needs peft: pip install 'selfpo[lora]'") from None
-        config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
-        model = peft.get_peft_model(model, config)
-    elif world() > 1:
-        from torch.distributed.fsdp import fully_shard
-
-        layer_types = set(getattr(model, "_no_split_modules", None) or [])
-        for module in model.modules():
-            if type(module).__name__ in layer_types:
-                fully_shard(module)
-        # The root keeps embeddings, final norm and lm_head gathered from forward until backward:
-        # the fused log-prob kernel reads lm_head.weight after the model's forward returns.
-        fully_shard(model, reshard_after_forward=False)
-    model.train()
-    return model
-
-
-def full_state_dict(model) -> dict:
-    if world() > 1 and not hasattr(model, "peft_config"):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict()
-
-
-def save_atomic(model, tokenizer, directory: Path):
-    """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint."""
-    if hasattr(model, "peft_config"):
-        model = model.merge_and_unload()
-    state = full_state_dict(model)
-    if rank() == 0:
-        tmp = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
-    if world() > 1:
-        dist.barrier()
-    return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-probs: chosen and rejected concatenated in one forward, through the fused kernel
-
-
-def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
-    """Right-padded input_ids / attention_mask / labels (-100 on prompt and padding)."""
-    length = max(len(p) + len(r) for p, r in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    mask = torch.zeros_like(ids)
-    for i, (prompt, response) in enumerate(sequences):
-        n = len(prompt) + len(response)
-        ids[i, :n] = torch.tensor(prompt + response)
-        labels[i, len(prompt):n] = torch.tensor(response)
-        mask[i, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-
-
-@torch.no_grad()
-def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_id: int, device, desc: str):
-    """Summed log-probs and response lengths [n] of (prompt_ids, response_ids) under `model`, all ranks."""
-    model.eval()
-    mine, real = shard(list(enumerate(sequences)))
-    logps, counts = [], []
-    for start in progress(range(0, len(mine), args.scoring_batch_size), desc=desc, inner=True):
-        batch = collate([s for _, s in mine[start:start + args.scoring_batch_size]], pad_id, device)
-        out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        logps += out.tolist()
-        counts += (batch["labels"][:, 1:] != -100).sum(1).tolist()
-    model.train()
-    merged = {i: (lp, c) for i, lp, c in gather([(i, lp, c) for (i, _), lp, c in zip(mine[:real], logps, counts)])}
-    order = [merged[i] for i in range(len(sequences))]
-    return (torch.tensor([o[0] for o in order], dtype=torch.float64),
-            torch.tensor([o[1] for o in order], dtype=torch.float64))
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation: sample one answer per held-out prompt and score it with the reward function
@@ -626,8 +315,7 @@ def sr_losses(model, batch_pairs: list[dict], args: Args, device, pad_id: int) -
 def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_step, start_step=0, trainer_state=None):
     from transformers import get_constant_schedule_with_warmup
 
-    local_batch = args.batch_size * world()
-    grad_accum = max(1, args.global_batch // local_batch)
+    grad_accum = max(1, args.global_batch // (args.batch_size * world()))
     per_step = args.batch_size * grad_accum * world()
     order = []
     for epoch in range(args.epochs):
@@ -647,7 +335,7 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
          "train/pairs_dropped_remainder": len(order) - len(used)})
     bar = progress(range(start_step, n_steps), desc="train")
     for step in bar:
-        tic, sums = time.perf_counter(), [0.0] * 14
+        tic, sums = time.perf_counter(), [0.0] * 13
         for accum in range(grad_accum):
             offset = (step * grad_accum + accum) * micro
             batch_pairs = [pairs[i] for i in local[offset: offset + micro]]
@@ -662,27 +350,16 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
                 out["losses"].sum().item(), chosen_reward.sum().item(), rejected_reward.sum().item(),
                 (args.beta * h).sum().item(), (h > 0).float().sum().item(), logps[:n].sum().item(),
                 logps[n:].sum().item(), h.sum().item(), out["delta"].sum().item(), (out["aug_h"] > 0).float().sum().item(),
-                float(n), float(out["tokens"]), out["refine_seconds"], 0.0])]
-        if world() > 1 and args.lora_r > 0:  # replicated base: average the adapter gradients
-            for p in trainable:
-                dist.all_reduce(p.grad)
-                p.grad /= world()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)  # "gradient normalization" (§4.1)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        step_seconds = time.perf_counter() - tic
-        total = all_sum(sums)
-        if not math.isfinite(total[0]):
-            raise RuntimeError(f"non-finite loss ({total[0]}) at step {step + 1}; stopping")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+                float(n), float(out["tokens"]), out["refine_seconds"]])]
+        step_seconds = time.perf_counter() - tic  # "gradient normalization" (§4.1) is the clipping in optimizer_step
+        total, grad_norm = optimizer_step(trainable, optimizer, scheduler, sums, args, f"step {step + 1}")
         count = total[10]
         metrics = {"step": step + 1, "loss": total[0] / count, "rewards/chosen": total[1] / count,
                    "rewards/rejected": total[2] / count, "rewards/margins": total[3] / count,
                    "rewards/accuracies": total[4] / count, "logps/chosen": total[5] / count,
                    "logps/rejected": total[6] / count, "h": total[7] / count, "delta": total[8] / count,
                    "aug_accuracy": total[9] / count if args.lam > 0 else float("nan"),
-                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                    "tokens_per_sec": total[11] / step_seconds, "time/step_s": step_seconds,
                    "time/refine_s": total[12] / world()}
         log(metrics)
@@ -697,42 +374,19 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
 def main(args: Args) -> dict:
     args, preset = resolve(args)
     quiet_library_bars()
-    if args.resume:
-        saved = Path(args.output_dir) / "resolved_config.json"
-        if not saved.exists():
-            raise InputError(f"--resume: {saved} not found; nothing to resume")
-        stored = json.loads(saved.read_text())
-        changed = {k for k, v in dataclasses.asdict(args).items() if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
-        if changed:
-            raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
-    from transformers import AutoTokenizer
-
+    check_resume(args)
     # Everything that can fail on bad input is checked before anything is written.
     model_path = preset["path"]
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    template = args.chat_template or preset.get("chat_template")
-    if template:
-        tokenizer.chat_template = Path(template).read_text() if Path(template).suffix == ".jinja" else template
-    if not tokenizer.chat_template:
-        raise InputError(f"tokenizer of {model_path!r} has no chat template; pass --chat_template file.jinja")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # for generation; training batches are padded by collate()
+    tokenizer = load_tokenizer(model_path, args.chat_template or preset.get("chat_template"))
     rows, source = load_rows(args.dataset)
     pairs, length_counts = build_dataset(rows, source, tokenizer, args)
     held_out, pairs = pairs[: args.eval_pairs], pairs[args.eval_pairs:]
     dataset_preset = DATASETS.get(args.dataset, {})
-    reward_spec = args.reward_fn or dataset_preset.get("reward_fn")
-    reward_fn = load_reward_fn(reward_spec) if reward_spec else None
+    reward_fn = load_reward_fn(args.reward_fn or dataset_preset.get("reward_fn"))
     eval_file = args.eval_prompts or dataset_preset.get("eval")
-    eval_prompts = [json.loads(line)["prompt"] for line in open(eval_file)][: args.num_eval] if eval_file else []
+    eval_prompts = load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
 
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)
+    device = init_device(args.seed)
     run_name = f"srdpo__{Path(args.model).name}__{args.seed}__{int(time.time())}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
     state_file = out_dir / "state.json"
@@ -741,32 +395,7 @@ def main(args: Args) -> dict:
         if rank() == 0:
             print(f"{out_dir} is complete: {state}")
         return state
-    writer = None
-    if rank() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "resolved_config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        print(json.dumps(dataclasses.asdict(args), indent=2))
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_dir / "tb"))
-        if args.track:
-            import wandb
-
-            wandb.init(project="selfpo", name=run_name, config=dataclasses.asdict(args))
-    counter = [0]
-
-    def log(metrics: dict):
-        if rank() != 0:
-            return
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                writer.add_scalar(key, value, counter[0])
-        if args.track:
-            import wandb
-
-            wandb.log(metrics, step=counter[0])
+    log = Logs(args, out_dir, run_name)
 
     log({"data/pairs": len(pairs), "data/held_out_pairs": len(held_out), **{f"data/{k}": v for k, v in length_counts.items()}})
     model = load_model(model_path, device)
@@ -781,9 +410,7 @@ def main(args: Args) -> dict:
                      + [(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in everything]
                      + [(p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in everything])
         ref, _ = score(model, sequences, args, tokenizer.pad_token_id, device, desc="reference log-probs")
-        if rank() == 0:
-            torch.save(ref, cache_file.with_suffix(".tmp"))
-            os.replace(cache_file.with_suffix(".tmp"), cache_file)
+        write_atomic(cache_file, ref)
     n = len(everything)
     for i, p in enumerate(everything):
         p.update(ref_chosen=float(ref[i]), ref_rejected=float(ref[n + i]),
@@ -791,7 +418,6 @@ def main(args: Args) -> dict:
 
     if reward_fn and eval_prompts and "start" not in state["eval"]:
         state["eval"]["start"] = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device)
-        log({"eval/reward_start": state["eval"]["start"]})
         if rank() == 0:
             print(f"start: eval reward {state['eval']['start']:.3f} on {len(eval_prompts)} prompts")
 
@@ -807,16 +433,12 @@ def main(args: Args) -> dict:
     steps_this_process = [0]
 
     def save_step(step, n_steps, optimizer, scheduler):
-        counter[0] += 1
+        log.step += 1
         steps_this_process[0] += 1
         if args.save_every and step % args.save_every == 0 and step < n_steps:
-            tmp_state = out_dir / f".trainer_state_rank{rank()}.pt"
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                        "rng": torch.get_rng_state()}, tmp_state)
-            save_atomic(model, tokenizer, checkpoint)
-            os.replace(tmp_state, checkpoint / f"trainer_state_rank{rank()}.pt")
-            if world() > 1:
-                dist.barrier()
+            save_atomic(model, tokenizer, checkpoint, {f"trainer_state_rank{rank()}.pt": {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "rng": torch.get_rng_state()}})
         if args.stop_after_steps is not None and steps_this_process[0] >= args.stop_after_steps:
             raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
 
@@ -844,13 +466,492 @@ def main(args: Args) -> dict:
     if rank() == 0:
         print("final: " + ", ".join(f"{k} {v:.3f}" for k, v in state["eval"].items()))
     state["done"] = True
-    if rank() == 0:
-        state_file.with_suffix(".tmp").write_text(json.dumps(state))
-        os.replace(state_file.with_suffix(".tmp"), state_file)
-        writer.close()
+    write_atomic(state_file, state)
+    log.close()
     return state
 
 
+# =============================================================================================
+# RUNTIME: data, distributed helpers, run files, models, batching. The same in all four scripts:
+# each function below is a checked copy of sera.py's ("# Copied from sera.<name>"). Change it in
+# sera.py, then `python tests/check_copies.py --fix` rewrites the copies (the tests fail on drift).
+# =============================================================================================
+
+
+# Copied from sera.InputError
+class InputError(ValueError):
+    """Bad user input: printed as one line, no traceback, nothing written."""
+
+
+# Copied from sera.load_rows
+def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
+    import datasets
+
+    if spec in DATASETS:
+        info = DATASETS[spec]
+        spec = info["path"]
+        if not spec.endswith(".jsonl"):
+            return list(datasets.load_dataset(spec, info.get("name"), split=info["split"])), spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/", "~")):
+            raise InputError(f"{what}: path {spec!r} not found (or use a preset: {', '.join(DATASETS)})")
+        raise InputError(f"{what}: unknown preset or path {spec!r}; presets: {', '.join(DATASETS)}")
+    if path.is_dir():
+        data = datasets.load_from_disk(str(path))
+        data = data["train"] if isinstance(data, datasets.DatasetDict) else data
+    elif path.suffix in (".jsonl", ".json"):
+        data = datasets.load_dataset("json", data_files=str(path), split="train")
+    elif path.suffix == ".parquet":
+        data = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    else:
+        raise InputError(f"{what}: {spec!r} is not a .jsonl, .json, .parquet file or a save_to_disk folder")
+    return list(data), str(path)
+
+
+# Copied from sera.load_prompts
+def load_prompts(spec: str, what: str) -> list[str]:
+    """The 'prompt' column of a jsonl file (--eval_prompts, --prompts), every row checked."""
+    if not Path(spec).exists():
+        raise InputError(f"{what}: file {spec!r} not found")
+    prompts = []
+    for index, line in enumerate(open(spec)):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(f"{what} {spec} row {index}: not valid JSON") from None
+        prompts.append(_text(row.get("prompt") if isinstance(row, dict) else None, f"{what} {spec} row {index}: 'prompt'"))
+    return prompts
+
+
+# Copied from sera._text
+def _text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{where} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InputError(f"{where} is empty")
+    return value
+
+
+# Copied from sera._messages
+def _messages(value, where: str) -> list[dict]:
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+        raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
+    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content")}
+            for i, m in enumerate(value)]
+
+
+# Copied from sera._hh_turns
+def _hh_turns(text: str, where: str) -> list[dict]:
+    parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where))
+    if len(parts) < 3 or parts[0].strip():
+        raise InputError(f"{where} is not in HH-RLHF format ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
+    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+# Copied from sera.parse_pair
+def parse_pair(row: dict, where: str) -> dict:
+    """UltraFeedback messages, HH-RLHF raw text, TL;DR comparisons, or prompt/chosen/rejected strings:
+    {"prompt": [messages], "chosen": str, "rejected": str}."""
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: expected an object, got {type(row).__name__}")
+    if "summaries" in row and "choice" in row:  # openai/summarize_from_feedback, comparisons
+        info = row.get("info") or {}
+        post = _text(info.get("post"), f"{where}: 'info.post'")
+        prompt = f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {post}\n\nTL;DR:"
+        if row["choice"] not in (0, 1) or not isinstance(row["summaries"], list) or len(row["summaries"]) != 2:
+            raise InputError(f"{where}: 'choice' must be 0 or 1 with two 'summaries'")
+        texts = [_text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'").strip() for i, s in enumerate(row["summaries"])]
+        out = {"prompt": [{"role": "user", "content": prompt}], "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]}
+    else:
+        for column in ("chosen", "rejected"):
+            if row.get(column) is None:  # absent, or null (datasets fills columns other rows have)
+                raise InputError(f"{where}: missing column '{column}' (columns: {', '.join(sorted(row))})")
+        if isinstance(row["chosen"], list):  # UltraFeedback: full conversations
+            chosen = _messages(row["chosen"], f"{where}: 'chosen'")
+            rejected = _messages(row["rejected"], f"{where}: 'rejected'")
+            if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+                raise InputError(f"{where}: the last message of 'chosen' and 'rejected' must be the assistant's")
+            out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+        elif isinstance(row["chosen"], str) and "\n\nHuman:" in row["chosen"]:  # Anthropic/hh-rlhf
+            chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
+            rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
+            if chosen[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1]:
+                raise InputError(f"{where}: 'chosen' and 'rejected' must share the conversation up to the last Assistant turn")
+            out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+        else:  # plain strings
+            if row.get("prompt") is None:
+                raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
+            out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
+                   "chosen": _text(row["chosen"], f"{where}: 'chosen'"), "rejected": _text(row["rejected"], f"{where}: 'rejected'")}
+        if not out["prompt"] or out["prompt"][-1]["role"] != "user":
+            raise InputError(f"{where}: the prompt must end with a user message")
+    for side in ("chosen", "rejected"):
+        _text(out[side], f"{where}: '{side}' response")
+    if out["chosen"].strip() == out["rejected"].strip():
+        raise InputError(f"{where}: 'chosen' and 'rejected' responses are identical")
+    if "flipped" in row:  # toy data: which labels were deliberately swapped
+        out["flipped"] = bool(row["flipped"])
+    return out
+
+
+# Copied from sera.load_tokenizer
+def load_tokenizer(model_path: str, chat_template: str | None):
+    """The tokenizer with --chat_template (a jinja file, or the template itself) and a pad token."""
+    from transformers import AutoTokenizer
+
+    if model_path.startswith((".", "/", "~")) and not Path(model_path).expanduser().exists():
+        raise InputError(f"--model: {model_path!r} not found")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if chat_template and "{%" not in chat_template and not Path(chat_template).exists():
+        raise InputError(f"--chat_template: file {chat_template!r} not found")
+    if chat_template:
+        tokenizer.chat_template = chat_template if "{%" in chat_template else Path(chat_template).read_text()
+    if not tokenizer.chat_template:
+        raise InputError(f"tokenizer of {model_path!r} has no chat template; pass --chat_template file.jinja")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # for generation; training and scoring batches are padded by collate()
+    return tokenizer
+
+
+# Copied from sera.encode
+def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of the templated prompt (ending with the assistant header) and of the response
+    (the rest of the templated conversation, ending with the end-of-turn token)."""
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if response is None:
+        return prompt_ids, []
+    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+    if not full.startswith(prompt_text):
+        raise InputError("the chat template renders the prompt differently with and without the assistant turn")
+    response_ids = tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"]
+    if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
+        response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
+    return prompt_ids, response_ids
+
+
+# Copied from sera.fit
+def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple[list[int], list[int]] | None:
+    """Apply the length limits: long prompts per --long_prompts, long responses truncated (counted)."""
+    if len(prompt_ids) > args.max_prompt_length:
+        if args.long_prompts == "error":
+            raise InputError(f"{where}: prompt has {len(prompt_ids)} tokens, over --max_prompt_length "
+                             f"{args.max_prompt_length} (see --long_prompts)")
+        if args.long_prompts == "skip":
+            counts["long_prompt_skipped"] = counts.get("long_prompt_skipped", 0) + 1
+            return None
+        counts["long_prompt_truncated"] = counts.get("long_prompt_truncated", 0) + 1
+        prompt_ids = prompt_ids[-args.max_prompt_length:]
+    budget = args.max_length - len(prompt_ids)
+    if len(response_ids) > budget:
+        counts["response_truncated"] = counts.get("response_truncated", 0) + 1
+        response_ids = response_ids[:budget]
+    return prompt_ids, response_ids
+
+
+# Copied from sera.load_reward_fn
+def load_reward_fn(spec: str | None):
+    """path/to/file.py:function -> the function; None -> None."""
+    if spec is None:
+        return None
+    path, _, name = spec.rpartition(":")
+    if not path or not name:
+        raise InputError(f"--reward_fn must look like path/to/file.py:function, got {spec!r}")
+    if not Path(path).exists():
+        raise InputError(f"--reward_fn: file {path!r} not found")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem + "_reward", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, name, None)):
+        raise InputError(f"--reward_fn: {path!r} has no function {name!r}")
+    return getattr(module, name)
+
+
+# Copied from sera.rank
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+# Copied from sera.world
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+# Copied from sera.init_device
+def init_device(seed: int) -> torch.device:
+    """Joins the process group under torchrun; this rank's GPU, else the CPU; seeds torch."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(seed)
+    return device
+
+
+# Copied from sera.shard
+def shard(items: list) -> tuple[list, int]:
+    """This rank's share, padded (with its last item) so every rank runs the same number of batches."""
+    per_rank = math.ceil(len(items) / world())
+    mine = items[rank() * per_rank: (rank() + 1) * per_rank]
+    real = len(mine)
+    return mine + [items[-1]] * (per_rank - real), real
+
+
+# Copied from sera.gather
+def gather(values: list) -> list:
+    if world() == 1:
+        return values
+    out = [None] * world()
+    dist.all_gather_object(out, values)
+    return [v for part in out for v in part]
+
+
+# Copied from sera.all_sum
+def all_sum(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if world() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# Copied from sera._LogLines
+class _LogLines:
+    """tqdm's output as whole lines (no carriage returns), for log files."""
+
+    def write(self, text: str):
+        text = text.strip("\r\n")
+        if text:
+            sys.stderr.write(text + "\n")
+
+    def flush(self):
+        sys.stderr.flush()
+
+
+# Copied from sera.progress
+def progress(iterable=None, total: int | None = None, desc: str = "", inner: bool = False):
+    """A progress bar on rank 0. On a terminal: tqdm bars (inner loops' bars vanish when done). When stderr
+    is not a terminal (a cluster log): outer loops only, one plain line at most every 60 s and at the end."""
+    if rank() != 0 or (inner and not sys.stderr.isatty()):
+        return tqdm(iterable, total=total, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, leave=not inner)
+    return tqdm(iterable, total=total, desc=desc, file=_LogLines(), mininterval=60, ascii=True, ncols=100)
+
+
+# Copied from sera.quiet_library_bars
+def quiet_library_bars():
+    """In a log file the libraries' own bars (dataset preparation, weight loading and saving) are off too."""
+    if not sys.stderr.isatty():
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
+# Copied from sera.check_resume
+def check_resume(args: Args):
+    """--resume continues the run in --output_dir only with the arguments it was started with."""
+    if not args.resume:
+        return
+    saved = Path(args.output_dir) / "resolved_config.json"
+    if not saved.exists():
+        raise InputError(f"--resume: {saved} not found; nothing to resume")
+    stored = json.loads(saved.read_text())
+    changed = {k for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
+               if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
+    if changed:
+        raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
+
+
+# Copied from sera.Logs
+class Logs:
+    """Rank 0 prints and saves the resolved config, then logs to metrics.jsonl, TensorBoard (tb/) and, with
+    --track, wandb. `step` is the TensorBoard/wandb step; counters and non-finite values stay in the jsonl."""
+
+    def __init__(self, args: Args, out_dir: Path, run_name: str):
+        self.out_dir, self.track, self.step, self.writer = out_dir, args.track, 0, None
+        if rank() == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            config = json.dumps(dataclasses.asdict(args), indent=2)
+            (out_dir / "resolved_config.json").write_text(config)
+            print(config)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tb"))
+            if args.track:
+                import wandb
+
+                wandb.init(project="selfpo", name=run_name, config=dataclasses.asdict(args))
+
+    def __call__(self, metrics: dict):
+        if rank() != 0:
+            return
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for key, value in metrics.items():
+            if (isinstance(value, (int, float)) and key not in ("iteration", "stage", "step", "aug_step")
+                    and math.isfinite(value)):
+                self.writer.add_scalar(key, value, self.step)
+        if self.track:
+            import wandb
+
+            wandb.log(metrics, step=self.step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+# Copied from sera.write_atomic
+def write_atomic(path: Path, obj):
+    """Rank 0 writes .json, .jsonl (a list of rows) or torch.save's (.pt) to a temporary file, then renames it."""
+    if rank() == 0:
+        tmp = path.with_name(path.name + ".tmp")
+        if path.suffix == ".json":
+            tmp.write_text(json.dumps(obj))
+        elif path.suffix == ".jsonl":
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in obj))
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+
+
+# Copied from sera.load_model
+def load_model(path: str, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+
+
+# Copied from sera.shard_model
+def shard_model(model):
+    """FSDP2 under torchrun: each decoder layer, then the root. The root keeps embeddings, final norm and
+    lm_head gathered from forward to backward: the fused log-prob kernel reads lm_head.weight after the
+    model's forward returns."""
+    from torch.distributed.fsdp import fully_shard
+
+    layer_types = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in layer_types:
+            fully_shard(module)
+    fully_shard(model, reshard_after_forward=False)
+    return model
+
+
+# Copied from sera.prepare_for_training
+def prepare_for_training(model, args: Args):
+    """LoRA adapter (--lora_r > 0), else FSDP2 under torchrun; gradient checkpointing on request."""
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora_r > 0:
+        try:
+            import peft
+        except ImportError:
+            raise InputError("--lora_r > 0 needs peft: pip install 'selfpo[lora]'") from None
+        config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, config)
+    elif world() > 1:
+        model = shard_model(model)
+    model.train()
+    return model
+
+
+# Copied from sera.optimizer_step
+def optimizer_step(trainable: list, optimizer, scheduler, sums: list[float], args: Args, where: str):
+    """Average LoRA gradients over ranks (replicated base), clip, sum the step's statistics over ranks,
+    stop on a non-finite loss (sums[0]), step. Returns (summed statistics, gradient norm)."""
+    if world() > 1 and args.lora_r > 0:
+        for p in trainable:
+            dist.all_reduce(p.grad)
+            p.grad /= world()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
+    total = all_sum(sums)
+    if not math.isfinite(total[0]):
+        raise RuntimeError(f"non-finite loss ({total[0]}) at {where}; stopping")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, float(grad_norm)
+
+
+# Copied from sera.save_atomic
+def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
+    """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint.
+    `extra` = {file name: object} is torch.save'd into the same folder (per-rank trainer state)."""
+    if hasattr(model, "peft_config"):
+        model = model.merge_and_unload()
+        state = model.state_dict()
+    elif world() > 1:  # FSDP2: gather the full weights (to the CPU)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = model.state_dict()
+    tmp = directory.with_name(directory.name + ".tmp")
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    if world() > 1:
+        dist.barrier()
+    for name, obj in (extra or {}).items():
+        torch.save(obj, tmp / name)
+    if world() > 1:
+        dist.barrier()
+    if rank() == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    if world() > 1:
+        dist.barrier()
+    return model
+
+
+# Copied from sera.collate
+def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
+    """Right-padded input_ids / attention_mask / labels (-100 on prompt and padding)."""
+    length = max(len(p) + len(r) for p, r in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, (prompt, response) in enumerate(sequences):
+        n = len(prompt) + len(response)
+        ids[i, :n] = torch.tensor(prompt + response)
+        labels[i, len(prompt):n] = torch.tensor(response)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime that only some of the scripts use (checked copies too)
+
+
+# Copied from sera.score
+@torch.no_grad()
+def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_id: int, device, desc: str):
+    """Summed log-probs and response lengths [n] of (prompt_ids, response_ids) under `model`, all ranks."""
+    model.eval()
+    mine, real = shard(list(enumerate(sequences)))
+    logps, counts = [], []
+    for start in progress(range(0, len(mine), args.scoring_batch_size), desc=desc, inner=True):
+        batch = collate([s for _, s in mine[start:start + args.scoring_batch_size]], pad_id, device)
+        out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logps += out.tolist()
+        counts += (batch["labels"][:, 1:] != -100).sum(1).tolist()
+    model.train()
+    merged = {i: (lp, c) for i, lp, c in gather([(i, lp, c) for (i, _), lp, c in zip(mine[:real], logps, counts)])}
+    order = [merged[i] for i in range(len(sequences))]
+    return (torch.tensor([o[0] for o in order], dtype=torch.float64),
+            torch.tensor([o[1] for o in order], dtype=torch.float64))
+
+
+# Copied from sera.__main__ with sera->srdpo
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args))

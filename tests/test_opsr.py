@@ -145,6 +145,9 @@ def write(path, text):
         (lambda d: dict(prompts=str(d / "none.jsonl")), "--prompts: file .* not found"),
         (lambda d: dict(prompts=write(d / "p.jsonl", '{"prompt": "Sort these letters: a b"}\n{"prompt": ""}\n')), "--prompts .* row 1: 'prompt' is empty"),
         (lambda d: dict(init_checkpoint=str(d / "nockpt")), "--init_checkpoint: .* not found"),
+        (lambda d: dict(eval_prompts=str(d / "none.jsonl")), "--eval_prompts: file .* not found"),
+        (lambda d: dict(eval_prompts=write(d / "e.jsonl", "not json\n")), "--eval_prompts .* row 0: not valid JSON"),
+        (lambda d: dict(chat_template=str(d / "none.jinja")), "--chat_template: file .* not found"),
     ],
 )
 def test_bad_input(tmp_path, make, match):

@@ -283,6 +283,7 @@ def write(path, text):
         (lambda d: dict(eval_prompts=write(d / "ev.jsonl", '{"text": "Sort these letters: a b"}\n')),
          "--eval_prompts .* row 0: 'prompt' must be a string"),
         (lambda d: dict(lr=-1.0), "--lr and --aug_lr must be > 0, got -1.0"),
+        (lambda d: dict(chat_template=str(d / "none.jinja")), "--chat_template: file .* not found"),
     ],
 )
 def test_bad_input(tmp_path, make, match):
@@ -327,7 +328,7 @@ def test_osp_run_judge_and_policy_learn(osp_run):
     steps = [json.loads(line) for line in open(osp_run / "metrics.jsonl")]
     steps = [m for m in steps if m.get("stage") == 1]
     assert all(m["data/pairs"] + sum(v for k, v in m.items() if k.startswith("data/dropped_")) == 24 for m in steps)
-    for key in ("osp/q_mean", "osp/q_hist", "osp/abs_sigma_z_minus_q", "gen/response_tokens_mean", "time/judging_s",
+    for key in ("osp/q_mean", "osp/q_hist", "osp/abs_sigma_z_minus_q", "gen/chosen_tokens_mean", "time/judging_s",
                 "judge/comparisons_per_sec", "rewards/accuracies", "logps/chosen", "judge/online_oracle_agreement"):
         assert key in steps[-1], key
     assert all(m["judge/forward_passes"] <= 8 * 18 for m in steps)

@@ -192,6 +192,9 @@ GOOD = {"prompt": "Sort these letters: c a b", "chosen": "a b c", "rejected": "b
         (lambda d: dict(rho_1=1.5), "--rho_1 must be in \\(0, 1\\]"),
         (lambda d: dict(iterations=-1), "--iterations must be >= 1"),
         (lambda d: dict(reward_fn="nofile.py:score"), "--reward_fn: file 'nofile.py' not found"),
+        (lambda d: dict(eval_prompts=str(d / "none.jsonl")), "--eval_prompts: file .* not found"),
+        (lambda d: dict(eval_prompts=write_jsonl(d / "e.jsonl", [{"text": "a b"}])), "--eval_prompts .* row 0: 'prompt' must be a string"),
+        (lambda d: dict(chat_template=str(d / "none.jinja")), "--chat_template: file .* not found"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, make, match):

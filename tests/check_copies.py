@@ -1,0 +1,148 @@
+"""Checked copies between the four scripts (the idea of transformers' `utils/check_copies.py`).
+
+Each script stands alone, so the code they share is copied into each of them. A copy is a
+top-level function, class or `if __name__ == "__main__":` block directly under a marker
+
+    # Copied from sera.load_rows
+    # Copied from sera.__main__ with sera->osp          (renames: plain text, applied in order)
+
+and must equal its original in sera.py (or the module the marker names) after the renames.
+
+    python tests/check_copies.py          # report drift (exit 1) and each script's line figures
+    python tests/check_copies.py --fix    # rewrite every drifted copy from its original
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+SCRIPTS = ("sera", "srdpo", "opsr", "osp")
+MARKER = re.compile(r"^# Copied from (\w+)\.(\w+)(?: with (.+))?\s*$")
+
+
+@dataclass
+class Block:
+    name: str
+    start: int  # 0-based index of the first line (decorators included)
+    end: int  # exclusive
+
+
+def blocks(lines: list[str]) -> dict[str, Block]:
+    """Top-level definitions by name; `if __name__ == "__main__":` is called __main__."""
+    out = {}
+    for node in ast.parse("".join(lines)).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            name = node.name
+        elif isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+            name = "__main__"
+        else:
+            continue
+        start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]) - 1
+        out[name] = Block(name, start, node.end_lineno)
+    return out
+
+
+def renamed(text: str, renames: str | None) -> str:
+    for rule in (renames or "").split(","):
+        if rule.strip():
+            old, new = (part.strip() for part in rule.split("->"))
+            text = text.replace(old, new)
+    return text
+
+
+@dataclass
+class Copy:
+    script: str
+    marker: int  # 0-based line of the marker
+    block: Block
+    home: str
+    name: str
+    expected: str
+    actual: str
+
+
+def find_copies(root: Path, scripts=SCRIPTS) -> tuple[list[Copy], dict[str, list[str]], list[str]]:
+    sources = {s: (root / f"{s}.py").read_text().splitlines(keepends=True) for s in scripts}
+    defs = {s: blocks(lines) for s, lines in sources.items()}
+    copies, errors = [], []
+    for script, lines in sources.items():
+        by_start = {b.start: b for b in defs[script].values()}
+        for i, line in enumerate(lines):
+            match = MARKER.match(line)
+            if not match:
+                continue
+            home, name, renames = match.groups()
+            where = f"{script}.py:{i + 1}"
+            block = by_start.get(i + 1)
+            if block is None or block.name != name:
+                errors.append(f"{where}: '# Copied from {home}.{name}' is not directly above a top-level {name}")
+                continue
+            if home not in defs:
+                errors.append(f"{where}: unknown module {home!r} (one of {', '.join(scripts)})")
+                continue
+            original = defs[home].get(name)
+            if original is None:
+                errors.append(f"{where}: {home}.py has no top-level {name}")
+                continue
+            expected = renamed("".join(sources[home][original.start:original.end]), renames)
+            actual = "".join(lines[block.start:block.end])
+            copies.append(Copy(script, i, block, home, name, expected, actual))
+    return copies, sources, errors
+
+
+def line_figures(copies: list[Copy], sources: dict[str, list[str]]) -> dict[str, tuple[int, int]]:
+    """(total lines, method-specific lines): method-specific = total minus the lines of marked copies
+    (marker, body and the blank lines after it) and of the originals those copies are taken from."""
+    shared = {s: set() for s in sources}
+    homes = {s: blocks(lines) for s, lines in sources.items()}
+
+    def add(script, start, end):
+        lines = sources[script]
+        while end < len(lines) and not lines[end].strip():
+            end += 1
+        shared[script].update(range(start, end))
+
+    for c in copies:
+        add(c.script, c.marker, c.block.end)
+        original = homes[c.home][c.name]
+        add(c.home, original.start, original.end)
+    return {s: (len(lines), len(lines) - len(shared[s])) for s, lines in sources.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fix", action="store_true", help="rewrite drifted copies from their originals")
+    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="folder with the scripts")
+    args = parser.parse_args(argv)
+    copies, sources, errors = find_copies(args.root)
+    drifted = [c for c in copies if c.actual != c.expected]
+    if args.fix and drifted:
+        for script in {c.script for c in drifted}:
+            lines = sources[script]
+            for c in sorted((c for c in drifted if c.script == script), key=lambda c: -c.block.start):
+                lines[c.block.start:c.block.end] = c.expected.splitlines(keepends=True)
+            (args.root / f"{script}.py").write_text("".join(lines))
+            print(f"{script}.py: rewrote {', '.join(c.name for c in drifted if c.script == script)}")
+        copies, sources, errors = find_copies(args.root)
+        drifted = [c for c in copies if c.actual != c.expected]
+    for c in drifted:
+        diff = difflib.unified_diff(c.expected.splitlines(keepends=True), c.actual.splitlines(keepends=True),
+                                    f"{c.home}.{c.name}", f"{c.script}.py:{c.block.start + 1}")
+        errors.append(f"{c.script}.py:{c.marker + 1}: {c.name} differs from {c.home}.{c.name} "
+                      f"(run python tests/check_copies.py --fix)\n" + "".join(diff))
+    print(f"{len(copies)} checked copies")
+    for script, (total, own) in line_figures(copies, sources).items():
+        print(f"{script}.py: {total} lines, {own} method-specific, {total - own} copied")
+    for error in errors:
+        print(error, file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

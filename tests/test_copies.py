@@ -1,0 +1,59 @@
+"""The checked copies between the scripts (tests/check_copies.py): no drift, and drift is caught and fixed."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKER = ROOT / "tests" / "check_copies.py"
+SCRIPTS = ("sera", "srdpo", "opsr", "osp")
+
+
+def check(*argv):
+    return subprocess.run([sys.executable, str(CHECKER), *argv], capture_output=True, text=True)
+
+
+def test_copies_are_identical_to_their_originals():
+    res = check()
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert int(res.stdout.split()[0]) >= 90  # the runtime is checked in every script, not an empty pass
+
+
+def test_every_script_ends_with_the_same_runtime():
+    """The fenced runtime section is one text in all four scripts once the copies' markers are taken out."""
+    sections = set()
+    for script in SCRIPTS:
+        text = (ROOT / f"{script}.py").read_text()
+        section = text[text.index("# RUNTIME: "):text.index("# Runtime that only some")]
+        sections.add("".join(line for line in section.splitlines(keepends=True) if not line.startswith("# Copied from ")))
+    assert len(sections) == 1
+
+
+def test_drift_is_reported_and_fixed(tmp_path):
+    for script in SCRIPTS:
+        shutil.copy(ROOT / f"{script}.py", tmp_path / f"{script}.py")
+    path = tmp_path / "osp.py"
+    original = path.read_text()
+    line = '        raise InputError(f"{where} is empty")\n'
+    assert original.count(line) == 1
+    path.write_text(original.replace(line, line.replace("is empty", "is blank")))
+    res = check("--root", str(tmp_path))
+    assert res.returncode == 1 and "osp.py" in res.stderr and "_text differs from sera._text" in res.stderr
+    assert "is blank" in res.stderr
+    res = check("--root", str(tmp_path), "--fix")
+    assert res.returncode == 0, res.stderr
+    assert path.read_text() == original
+
+
+def test_renames_and_misplaced_markers(tmp_path):
+    for script in SCRIPTS:
+        shutil.copy(ROOT / f"{script}.py", tmp_path / f"{script}.py")
+    path = tmp_path / "srdpo.py"
+    text = path.read_text()
+    assert "# Copied from sera.__main__ with sera->srdpo\n" in text and 'sys.exit(f"srdpo.py: error: {err}")' in text
+    path.write_text(text.replace('sys.exit(f"srdpo.py: error: {err}")', 'sys.exit(f"sera.py: error: {err}")'))
+    assert check("--root", str(tmp_path)).returncode == 1  # the rename is part of the expected text
+    path.write_text(text.replace("# Copied from sera.load_rows\n", "# Copied from sera.load_rowz\n"))
+    res = check("--root", str(tmp_path))
+    assert res.returncode == 1 and "is not directly above a top-level load_rowz" in res.stderr
