@@ -47,19 +47,19 @@ def _metrics(out: Path) -> list[dict]:
 def sera_checks(out: Path) -> list[tuple[str, float, float]]:
     state = json.loads((out / "state.json").read_text())
     kept = next(m for m in _metrics(out) if m.get("iteration") == 2 and "data/flipped_kept_fraction" in m)
-    return [("eval gain (iter 2 - SFT)", state["eval"]["2"] - state["eval"]["0"], 0.8),
+    return [("eval gain (iter 2 - SFT)", state["eval"]["2"] - state["eval"]["0"], 1.2),
             ("clean kept - flipped kept", kept["data/clean_kept_fraction"] - kept["data/flipped_kept_fraction"], 0.2)]
 
 
 def srdpo_checks(out: Path) -> list[tuple[str, float, float]]:
     state = json.loads((out / "state.json").read_text())
-    return [("eval gain (final - start)", state["eval"]["final"] - state["eval"]["start"], 0.5)]
+    return [("eval gain (final - start)", state["eval"]["final"] - state["eval"]["start"], 1.5)]
 
 
 def opsr_checks(out: Path) -> list[tuple[str, float, float]]:
     state = json.loads((out / "state.json").read_text())
     per_iteration = [m for m in _metrics(out) if "opsr/rejected_score" in m]
-    return [("eval gain (iter 2 - SFT)", state["eval"]["2"] - state["eval"]["sft"], 0.4),
+    return [("eval gain (iter 2 - SFT)", state["eval"]["2"] - state["eval"]["sft"], 0.6),
             ("min chosen - rejected reward", min(m["opsr/chosen_reward"] - m["opsr/rejected_reward"] for m in per_iteration), 2.0)]
 
 
@@ -68,8 +68,7 @@ def osp_checks(out: Path, default_run: bool = False) -> list[tuple[str, float, f
     judge, reward = state["judge"], state["eval"]
     sft, aug = judge["sft"], judge["augmented"]
     checks = [("judge oracle accuracy after augmentation", aug["judge/oracle_accuracy"], 0.65),
-              ("judge accuracy gain over SFT judge", aug["judge/oracle_accuracy"] - sft["judge/oracle_accuracy"],
-               0.0 if default_run else 0.1),
+              ("judge accuracy gain over SFT judge", aug["judge/oracle_accuracy"] - sft["judge/oracle_accuracy"], 0.0),
               ("eval gain (final - SFT)", reward["final"] - reward["sft"], 0.3)]
     if not default_run:
         checks.insert(2, ("position consistency gain", aug["judge/position_consistency"] - sft["judge/position_consistency"], 0.2))

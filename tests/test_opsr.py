@@ -172,7 +172,9 @@ def test_opsr_run_learns(opsr_run):
     state = json.loads((opsr_run / "state.json").read_text())
     print(f"OPSR toy eval: {state['eval']}")
     assert state["completed"] == 2 and all((opsr_run / f"iter_{m}" / "model.safetensors").exists() for m in (0, 1, 2))
-    assert state["eval"]["2"] > state["eval"]["sft"] + 0.4, state["eval"]  # measured +0.78
+    # seeds 0-4, 1 and 2 threads (benchmarks/learning_sweep.py, identical per thread count): +1.207 +1.124 +1.478
+    # +1.492 +1.327; chosen - rejected oracle reward per iteration at least 5.588 4.910 5.157 5.055 4.862
+    assert state["eval"]["2"] > state["eval"]["sft"] + 0.6, state["eval"]
     metrics = [json.loads(line) for line in open(opsr_run / "metrics.jsonl")]
     per_iteration = [m for m in metrics if "opsr/rejected_score" in m]
     assert [m["opsr/rejected_score"] for m in per_iteration] == [3, 5]

@@ -115,7 +115,9 @@ def test_sera_learns_and_filters_noisy_pairs(sera_run):
     state = json.loads((sera_run / "state.json").read_text())
     start, end = state["eval"]["0"], state["eval"]["2"]
     print(f"SeRA toy eval reward: start {start:.3f}, iteration 1 {state['eval']['1']:.3f}, end {end:.3f}")
-    assert end > start + 0.8, state["eval"]
+    # seeds 0-4 at 1 and 2 threads (benchmarks/learning_sweep.py): +2.316 +2.056 +2.211 +2.422 +2.173;
+    # clean kept - flipped kept 0.844 0.903 0.883 0.883 0.863
+    assert end > start + 1.2, state["eval"]
     stats = next(m for m in metrics(sera_run) if m.get("iteration") == 2 and "data/flipped_kept_fraction" in m)
     print(f"kept: flipped {stats['data/flipped_kept_fraction']:.2f}, clean {stats['data/clean_kept_fraction']:.2f}")
     assert stats["data/flipped_kept_fraction"] < stats["data/clean_kept_fraction"] - 0.2
@@ -201,7 +203,8 @@ def test_srdpo_outputs_reload_and_learning(srdpo_run):
     assert step_metrics and all(math.isfinite(m["loss"]) and math.isfinite(m["aug_accuracy"]) for m in step_metrics)
     assert all(m["time/refine_s"] > 0 for m in step_metrics)
     print(f"Sr-DPO toy eval: {state['eval']}")
-    assert state["eval"]["final"] > state["eval"]["start"] + 0.5, state["eval"]
+    # seeds 0-4 at 1 and 2 threads (benchmarks/learning_sweep.py): +2.630 +2.943 +3.325 +2.974 +2.751
+    assert state["eval"]["final"] > state["eval"]["start"] + 1.5, state["eval"]
     # the checkpoint reloads with from_pretrained and scores like the trained weights: its held-out
     # accuracy recomputed here equals the one the run logged
     import srdpo
