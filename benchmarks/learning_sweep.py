@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -99,8 +100,6 @@ def run_one(config: str, seed: int, threads: int, args: Args) -> tuple[str, int,
     if (out / "sweep_done").exists():
         return config, seed, threads, out, 0.0
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            **dict(kv.split("=", 1) for kv in args.extra_env)}

@@ -221,6 +221,15 @@ def test_sft_model_judges_above_chance_but_far_from_perfect(model, tok):
     assert judge["position_consistency"] >= 0.1, judge  # it reads the answers: 0.13 (0.03 before judge-format SFT)
 
 
+def test_build_judge_templates_are_osp_templates():
+    """The toy model learned to judge in osp.py's own judge format; the two must not drift apart."""
+    sys.path.insert(0, str(ROOT))
+    import osp
+
+    assert build.JUDGE_DIALOGUE == osp.JUDGE_TEMPLATES["dialogue"]
+    assert build.JUDGE_SUMMARY == osp.JUDGE_TEMPLATES["summary"]
+
+
 def test_judge_sft_rows_are_weak_judge_verdicts_on_their_own_prompts():
     data = build.build_data(build.SEED)
     rows = data["judge_sft"]
