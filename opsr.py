@@ -146,22 +146,13 @@ class Args:
 
 
 def resolve(args: Args) -> tuple[Args, dict]:
-    if args.model in MODELS:
-        preset = dict(MODELS[args.model])
-    elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
-        raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(MODELS)}), "
-                         "an existing local path, nor a hub id of the form org/name")
-    else:
-        preset = dict(MODELS["mistral-7b"], path=args.model, dataset=None)
+    preset = model_preset(args, MODELS, "mistral-7b")  # a custom model: mistral-7b's settings
     filled = {k: preset[k] for k in ("batch_size", "grad_accum", "lora_r", "max_length", "max_prompt_length", "max_new_tokens",
                                       "scheduler", "long_prompts", "num_eval", "scoring_batch_size", "generation_batch_size",
                                       "beta", "gamma") if getattr(args, k) is None}
-    if args.dataset is None:
-        if preset["dataset"] is None:
-            raise InputError("--dataset is required with a custom --model")
-        filled["dataset"] = preset["dataset"]
-        if args.prompts is None and preset.get("prompts"):
-            filled["prompts"] = preset["prompts"]
+    filled["dataset"] = preset["dataset"]
+    if args.dataset is None and args.prompts is None and preset.get("prompts"):
+        filled["prompts"] = preset["prompts"]
     if args.lrs is None:
         lrs = list(preset["lrs"])
         filled["lrs"] = (lrs + [lrs[-1]] * args.iterations)[: max(args.iterations, 1)]
@@ -471,6 +462,23 @@ def main(args: Args) -> dict:
 # Copied from sera.InputError
 class InputError(ValueError):
     """Bad user input: printed as one line, no traceback, nothing written."""
+
+
+# Copied from sera.model_preset
+def model_preset(args, models: dict, custom: str) -> dict:
+    """--model's preset, with "dataset" set to --dataset or the preset's. Any other hub id or local path gets
+    the settings of preset `custom` (each one can be overridden on the command line) and needs --dataset."""
+    if args.model in models:
+        preset = dict(models[args.model])
+    elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
+        raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(models)}), "
+                         "an existing local path, nor a hub id of the form org/name")
+    else:
+        preset = dict(models[custom], path=args.model, dataset=None)
+    preset["dataset"] = args.dataset or preset["dataset"]
+    if preset["dataset"] is None:
+        raise InputError("--dataset is required with a custom --model")
+    return preset
 
 
 # Copied from sera.load_rows

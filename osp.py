@@ -58,7 +58,9 @@ JUDGE_TEMPLATES = {
         "Which summary is more accurate, complete and concise? Answer with a single letter: A or B."),
 }
 
-HH_TEMPLATE = (  # for base models without a chat template (Pythia): the HH-RLHF format itself
+# Human/Assistant format for base models without a chat template (HH-RLHF style) [ours].
+# Copied from sera.HH_TEMPLATE
+HH_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
     "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] + eos_token }}"
     "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
@@ -173,19 +175,9 @@ class Args:
 
 
 def resolve(args: Args) -> tuple[Args, dict]:
-    if args.model in MODELS:
-        preset = dict(MODELS[args.model])
-    elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
-        raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(MODELS)}), "
-                         "an existing local path, nor a hub id of the form org/name")
-    else:
-        preset = dict(MODELS["mistral-7b"], path=args.model, dataset=None)
-    filled = {}
-    if args.dataset is None:
-        if preset["dataset"] is None:
-            raise InputError("--dataset is required with a custom --model")
-        filled["dataset"] = preset["dataset"]
-    dataset_preset = DATASETS.get(args.dataset or preset["dataset"], {})
+    preset = model_preset(args, MODELS, "mistral-7b")  # a custom model: mistral-7b's settings
+    filled = {"dataset": preset["dataset"]}
+    dataset_preset = DATASETS.get(preset["dataset"], {})
     for key in ("lr", "prompts_per_step", "micro_batch_size", "lora_r", "max_length", "max_prompt_length",
                 "max_new_tokens", "judge_max_length", "long_prompts", "aug_epochs", "aug_lr", "aug_batch_size",
                 "num_sft", "num_judge_eval", "num_eval", "eval_every", "save_every", "scoring_batch_size",
@@ -753,6 +745,23 @@ def main(args: Args) -> dict:
 # Copied from sera.InputError
 class InputError(ValueError):
     """Bad user input: printed as one line, no traceback, nothing written."""
+
+
+# Copied from sera.model_preset
+def model_preset(args, models: dict, custom: str) -> dict:
+    """--model's preset, with "dataset" set to --dataset or the preset's. Any other hub id or local path gets
+    the settings of preset `custom` (each one can be overridden on the command line) and needs --dataset."""
+    if args.model in models:
+        preset = dict(models[args.model])
+    elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
+        raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(models)}), "
+                         "an existing local path, nor a hub id of the form org/name")
+    else:
+        preset = dict(models[custom], path=args.model, dataset=None)
+    preset["dataset"] = args.dataset or preset["dataset"]
+    if preset["dataset"] is None:
+        raise InputError("--dataset is required with a custom --model")
+    return preset
 
 
 # Copied from sera.load_rows

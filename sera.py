@@ -155,14 +155,7 @@ class Args:
 
 
 def resolve(args: Args) -> tuple[Args, dict]:
-    if args.model in MODELS:
-        preset = dict(MODELS[args.model])
-    elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
-        raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(MODELS)}), "
-                         "an existing local path, nor a hub id of the form org/name")
-    else:
-        # a custom model gets the 1B-scale settings; every one can be overridden on the command line
-        preset = dict(MODELS["tinyllama"], path=args.model, dataset=None)
+    preset = model_preset(args, MODELS, "tinyllama")  # a custom model: tinyllama's settings
     filled = {k: preset[k] for k in ("lr", "batch_size", "grad_accum", "lora_r", "max_length", "max_prompt_length",
                                       "max_new_tokens", "scheduler", "long_prompts", "num_eval", "scoring_batch_size",
                                       "generation_batch_size")
@@ -171,10 +164,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
         filled["beta"] = preset["beta"][args.loss]
     if args.gamma is None:
         filled["gamma"] = preset.get("gamma", 1.0)
-    if args.dataset is None:
-        if preset["dataset"] is None:
-            raise InputError("--dataset is required with a custom --model")
-        filled["dataset"] = preset["dataset"]
+    filled["dataset"] = preset["dataset"]
     if args.lora_r is None and preset.get("lora_alpha"):
         filled.update(lora_alpha=preset["lora_alpha"], lora_dropout=preset["lora_dropout"])
     args = dataclasses.replace(args, **filled)
@@ -532,6 +522,22 @@ def main(args: Args) -> dict:
 
 class InputError(ValueError):
     """Bad user input: printed as one line, no traceback, nothing written."""
+
+
+def model_preset(args, models: dict, custom: str) -> dict:
+    """--model's preset, with "dataset" set to --dataset or the preset's. Any other hub id or local path gets
+    the settings of preset `custom` (each one can be overridden on the command line) and needs --dataset."""
+    if args.model in models:
+        preset = dict(models[args.model])
+    elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
+        raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(models)}), "
+                         "an existing local path, nor a hub id of the form org/name")
+    else:
+        preset = dict(models[custom], path=args.model, dataset=None)
+    preset["dataset"] = args.dataset or preset["dataset"]
+    if preset["dataset"] is None:
+        raise InputError("--dataset is required with a custom --model")
+    return preset
 
 
 def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:

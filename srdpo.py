@@ -49,6 +49,7 @@ REFINE_PROMPT = (
 )
 
 # Human/Assistant format for base models without a chat template (HH-RLHF style) [ours].
+# Copied from sera.HH_TEMPLATE
 HH_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
     "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] + eos_token }}"
@@ -61,17 +62,19 @@ HH_TEMPLATE = (
 MODELS = {
     "toy": dict(  # the shipped tiny model; learning rate scaled to it [ours]
         path=str(TOY / "model"), dataset="toy", lr=1e-4, optimizer="rmsprop", global_batch=16, batch_size=16,
-        max_length=96, max_prompt_length=64, max_new_tokens=24, long_prompts="error", num_eval=200, eval_pairs=200, scoring_batch_size=128),
+        max_length=96, max_prompt_length=64, max_new_tokens=24, long_prompts="error", num_eval=200, eval_pairs=200, scoring_batch_size=128,
+        generation_batch_size=256),
     "pythia-2.8b": dict(  # setting A: the paper SFTs Pythia-2.8B on HH-RLHF first (pass it with --model ./sft)
         path="EleutherAI/pythia-2.8b", dataset="hh-rlhf", chat_template=HH_TEMPLATE, lr=5e-7, optimizer="rmsprop",
         global_batch=64, batch_size=4, max_length=512, max_prompt_length=256, max_new_tokens=256,
-        long_prompts="skip", num_eval=0, eval_pairs=0, scoring_batch_size=16),
+        long_prompts="skip", num_eval=0, eval_pairs=0, scoring_batch_size=16, generation_batch_size=64),
     "zephyr-7b": dict(  # setting B
         path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback", lr=5e-7, optimizer="rmsprop",
         global_batch=64, batch_size=4, max_length=512, max_prompt_length=256, max_new_tokens=256,
-        long_prompts="skip", num_eval=0, eval_pairs=0, scoring_batch_size=8),
+        long_prompts="skip", num_eval=0, eval_pairs=0, scoring_batch_size=8, generation_batch_size=64),
 }
 
+# Copied from sera.DATASETS
 DATASETS = {
     "ultrafeedback": dict(path="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs"),
     "hh-rlhf": dict(path="Anthropic/hh-rlhf", split="train"),
@@ -139,25 +142,18 @@ class Args:
     track: bool = False
     """log to wandb"""
     scoring_batch_size: int | None = None
-    """sequences per no-grad forward (reference scoring, evaluation)"""
+    """sequences per no-grad forward (reference scoring)"""
+    generation_batch_size: int | None = None
+    """sequences per generate call (evaluation)"""
 
 
 def resolve(args: Args) -> tuple[Args, dict]:
-    if args.model in MODELS:
-        preset = dict(MODELS[args.model])
-    elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
-        raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(MODELS)}), "
-                         "an existing local path, nor a hub id of the form org/name")
-    else:
-        # a custom model gets the paper's settings (setting B); every one can be overridden
-        preset = dict(MODELS["zephyr-7b"], path=args.model, dataset=None)
+    preset = model_preset(args, MODELS, "zephyr-7b")  # a custom model: zephyr-7b's settings
     filled = {k: preset[k] for k in ("lr", "optimizer", "global_batch", "batch_size", "max_length", "max_prompt_length",
-                                      "max_new_tokens", "long_prompts", "num_eval", "eval_pairs", "scoring_batch_size")
+                                      "max_new_tokens", "long_prompts", "num_eval", "eval_pairs", "scoring_batch_size",
+                                      "generation_batch_size")
               if getattr(args, k) is None}
-    if args.dataset is None:
-        if preset["dataset"] is None:
-            raise InputError("--dataset is required with a custom --model")
-        filled["dataset"] = preset["dataset"]
+    filled["dataset"] = preset["dataset"]
     args = dataclasses.replace(args, **filled)
     checks = [
         (args.lam >= 0, f"--lam must be >= 0, got {args.lam}"),
@@ -219,30 +215,6 @@ def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple
         raise InputError(f"dataset {source}: {len(pairs)} usable pairs, need at least --eval_pairs + 2 = "
                          f"{args.eval_pairs + 2} ({counts})")
     return pairs, counts
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation: sample one answer per held-out prompt and score it with the reward function
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, eval_prompts: list[str], reward_fn, args: Args, device) -> float:
-    model.eval()
-    torch.manual_seed(args.seed + 10_000 + rank())
-    mine, real = shard(eval_prompts)
-    scores = []
-    for start in progress(range(0, len(mine), args.scoring_batch_size), desc="eval", inner=True):
-        prompts = mine[start:start + args.scoring_batch_size]
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                 for p in prompts]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out = model.generate(**enc, do_sample=args.eval_temperature > 0, temperature=args.eval_temperature or None,
-                             top_p=1.0, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        for prompt, row in zip(prompts, out[:, enc["input_ids"].shape[1]:].tolist()):
-            scores.append(reward_fn(prompt, tokenizer.decode(row, skip_special_tokens=True).strip()))
-    model.train()
-    scores = gather(scores[:real])
-    return sum(scores) / len(scores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +389,7 @@ def main(args: Args) -> dict:
                  ref_aug_chosen=float(ref[2 * n + i]), ref_aug_rejected=float(ref[3 * n + i]))
 
     if reward_fn and eval_prompts and "start" not in state["eval"]:
-        state["eval"]["start"] = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device)
+        state["eval"]["start"], _ = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device)
         if rank() == 0:
             print(f"start: eval reward {state['eval']['start']:.3f} on {len(eval_prompts)} prompts")
 
@@ -461,7 +433,7 @@ def main(args: Args) -> dict:
             gap = torch.tensor([p["score_gap"] for p in held_out], dtype=torch.float64)
             state["eval"]["margin_score_corr"] = float(torch.corrcoef(torch.stack([h, gap]))[0, 1])
     if reward_fn and eval_prompts:
-        state["eval"]["final"] = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device)
+        state["eval"]["final"], _ = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device)
     log({f"eval/{k}": v for k, v in state["eval"].items()})
     if rank() == 0:
         print("final: " + ", ".join(f"{k} {v:.3f}" for k, v in state["eval"].items()))
@@ -481,6 +453,23 @@ def main(args: Args) -> dict:
 # Copied from sera.InputError
 class InputError(ValueError):
     """Bad user input: printed as one line, no traceback, nothing written."""
+
+
+# Copied from sera.model_preset
+def model_preset(args, models: dict, custom: str) -> dict:
+    """--model's preset, with "dataset" set to --dataset or the preset's. Any other hub id or local path gets
+    the settings of preset `custom` (each one can be overridden on the command line) and needs --dataset."""
+    if args.model in models:
+        preset = dict(models[args.model])
+    elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
+        raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(models)}), "
+                         "an existing local path, nor a hub id of the form org/name")
+    else:
+        preset = dict(models[custom], path=args.model, dataset=None)
+    preset["dataset"] = args.dataset or preset["dataset"]
+    if preset["dataset"] is None:
+        raise InputError("--dataset is required with a custom --model")
+    return preset
 
 
 # Copied from sera.load_rows
@@ -949,6 +938,57 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
     order = [merged[i] for i in range(len(sequences))]
     return (torch.tensor([o[0] for o in order], dtype=torch.float64),
             torch.tensor([o[1] for o in order], dtype=torch.float64))
+
+
+# Copied from sera.generate
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
+             device, seed: int, model_path: str | None = None, desc: str = "generate") -> list[list[tuple[str, bool]]]:
+    """n samples per prompt as (text, finished) where finished = ended with EOS within max_new_tokens.
+    With --sampler vllm (and a saved model_path) vLLM samples instead of HF generate."""
+    if model_path is not None and args.sampler == "vllm":
+        try:
+            import vllm
+        except ImportError:
+            raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
+        llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3)
+        params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens)
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        results = llm.generate(texts, params)
+        del llm
+        torch.cuda.empty_cache()
+        return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
+    from torch.distributed.fsdp import FSDPModule
+
+    model.eval()
+    torch.manual_seed(seed + rank())
+    mine, real = shard(prompts)
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: little padding
+    outputs = {}
+    batch_size = max(1, args.generation_batch_size // n)
+    for start in progress(range(0, len(order), batch_size), desc=desc, inner=True):
+        indices = order[start:start + batch_size]
+        enc = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out = model.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                             top_p=top_p if temperature > 0 else None, max_new_tokens=args.max_new_tokens,
+                             num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
+                             synced_gpus=isinstance(model, FSDPModule))  # sharded: every rank runs every forward
+        rows = out[:, enc["input_ids"].shape[1]:].tolist()
+        for k, i in enumerate(indices):  # num_return_sequences rows per prompt, consecutive
+            outputs[i] = [(tokenizer.decode(row, skip_special_tokens=True).strip(), tokenizer.eos_token_id in row)
+                          for row in rows[k * n:(k + 1) * n]]
+    model.train()
+    return gather([outputs[i] for i in range(real)])
+
+
+# Copied from sera.evaluate
+def evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, model_path=None) -> tuple[float, float]:
+    """Held-out mean reward of one sample per prompt, and the mean response length in words."""
+    samples = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in eval_prompts], 1,
+                       args.eval_temperature, 1.0, args, device, seed=args.seed + 10_000, model_path=model_path, desc="eval")
+    rewards = [reward_fn(p, s[0][0]) for p, s in zip(eval_prompts, samples)]
+    return sum(rewards) / len(rewards), sum(len(s[0][0].split()) for s in samples) / len(samples)
 
 
 # Copied from sera.__main__ with sera->srdpo

@@ -1,12 +1,14 @@
 """Checked copies between the four scripts (the idea of transformers' `utils/check_copies.py`).
 
 Each script stands alone, so the code they share is copied into each of them. A copy is a
-top-level function, class or `if __name__ == "__main__":` block directly under a marker
+top-level function, class, constant (`NAME = ...`) or `if __name__ == "__main__":` block directly under a marker
 
     # Copied from sera.load_rows
     # Copied from sera.__main__ with sera->osp          (renames: plain text, applied in order)
 
-and must equal its original in sera.py (or the module the marker names) after the renames.
+and must equal its original in sera.py (or the module the marker names) after the renames. A top-level
+definition that stands, to the letter and under the same name, in two scripts without a marker is an
+error too: every repeat between the scripts is a checked copy.
 
     python tests/check_copies.py          # report drift (exit 1) and each script's line figures
     python tests/check_copies.py --fix    # rewrite every drifted copy from its original
@@ -39,6 +41,8 @@ def blocks(lines: list[str]) -> dict[str, Block]:
     for node in ast.parse("".join(lines)).body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             name = node.name
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
         elif isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
             name = "__main__"
         else:
@@ -93,6 +97,16 @@ def find_copies(root: Path, scripts=SCRIPTS) -> tuple[list[Copy], dict[str, list
             expected = renamed("".join(sources[home][original.start:original.end]), renames)
             actual = "".join(lines[block.start:block.end])
             copies.append(Copy(script, i, block, home, name, expected, actual))
+    marked = {(c.script, c.name) for c in copies}  # one-line constants (HERE, TOY) are not worth a marker
+    for i, a in enumerate(scripts):
+        for b in scripts[i + 1:]:
+            for name in defs[a].keys() & defs[b].keys():
+                text = ["".join(sources[s][defs[s][name].start:defs[s][name].end]) for s in (a, b)]
+                if text[0] == text[1] and text[0].count("\n") > 1 and not marked & {(a, name), (b, name)}:
+                    copy = b if a == "sera" else a
+                    errors.append(f"{copy}.py:{defs[copy][name].start + 1}: {name} is the same as in "
+                                  f"{b if copy == a else a}.py but has no '# Copied from' marker")
+                    marked.add((copy, name))
     return copies, sources, errors
 
 

@@ -57,3 +57,13 @@ def test_renames_and_misplaced_markers(tmp_path):
     path.write_text(text.replace("# Copied from sera.load_rows\n", "# Copied from sera.load_rowz\n"))
     res = check("--root", str(tmp_path))
     assert res.returncode == 1 and "is not directly above a top-level load_rowz" in res.stderr
+
+
+def test_an_unmarked_repeat_is_an_error(tmp_path):
+    """A definition repeated to the letter without a marker would drift unseen: the checker refuses it."""
+    for script in SCRIPTS:
+        shutil.copy(ROOT / f"{script}.py", tmp_path / f"{script}.py")
+    path = tmp_path / "osp.py"
+    path.write_text(path.read_text().replace("# Copied from sera.HH_TEMPLATE\n", ""))
+    res = check("--root", str(tmp_path))
+    assert res.returncode == 1 and "osp.py" in res.stderr and "HH_TEMPLATE is the same as in" in res.stderr
