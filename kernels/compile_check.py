@@ -1,0 +1,223 @@
+"""`python -m kernels.compile_check`: compile every Triton kernel ahead of time for sm_90 and sm_80, no GPU needed.
+
+Each kernel is compiled exactly as the launcher would launch it (same tile table, same argument
+list and so the same specialisation: dtypes, 16-byte alignment, divisibility), through Triton's
+own compiler and the `ptxas` its wheel ships, for every combination of architecture, dtype,
+policy / policy+reference, soft-cap on/off and shape. Per row: registers and spills (`ptxas -v`),
+shared memory, the MMA instruction (wgmma / mma.sync / FMA), 16-byte `cp.async` copies, and
+offset*stride products computed in int32 (`arith.muli` on an i32 tensor in the TTIR; all are
+int64 since V*H and N*H can pass 2^31).
+Exits non-zero on a compile failure, a spill at a default configuration, a 16-bit kernel on sm_90
+without wgmma, or an int32 offset*stride product. Static analysis only: no timing.
+
+    python -m kernels.compile_check                     # the full table (a few minutes on 2 cores)
+    python -m kernels.compile_check --archs 90 --dtypes bf16 --shapes llama3-8b
+    python -m kernels.compile_check --extra-tiles 128,128,64,8,3   # also try a candidate tile
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import tyro
+
+from . import logps
+from .ops import folded_width
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# name -> (N scored rows, H, V). "bias-fold" is what `_fold_bias` makes of H=4096 (padded to a
+# multiple of 64); "unpadded-4097" is the same fold without padding, for comparison (not a default).
+SHAPES = {
+    "llama3-8b": (8192, 4096, 128256),
+    "bias-fold": (8192, folded_width(4096), 128256),
+    "unpadded-4097": (8192, 4097, 128256),
+    "vh>2^31": (8192, 16384, 131072),  # V*H = 2^31: a 405B-class head
+    "nh>2^31": (262144, 8192, 32000),  # N*H = 2^31: long contexts
+}
+KINDS = ("fwd", "fwd_ref", "bwd")
+
+
+@dataclasses.dataclass
+class Args:
+    archs: tuple[int, ...] = (90, 80)
+    """compute capabilities to compile for (90 = H100/H200, 80 = A100)"""
+    dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")
+    kinds: tuple[str, ...] = KINDS
+    """fwd = policy forward, fwd_ref = policy + reference forward (one launch), bwd = gradient kernel"""
+    softcaps: tuple[bool, ...] = (False, True)
+    shapes: tuple[str, ...] = tuple(SHAPES)
+    extra_tiles: tuple[str, ...] = ()
+    """candidate tiles BLOCK_M,BLOCK_V,BLOCK_K,warps,stages compiled besides the launcher's (never failing the run)"""
+    sms: int = 132
+    """streaming multiprocessors assumed for the forward's vocabulary split (H100 SXM: 132)"""
+
+
+class FakeTensor:
+    """A CUDA tensor as Triton's binder sees it: dtype, shape, strides and a 16-byte-aligned address."""
+
+    def __init__(self, shape, dtype, offset_bytes=0):
+        self.shape, self.dtype, self._ptr = tuple(shape), dtype, (1 << 32) + offset_bytes
+        self._strides = tuple(int(torch.tensor(shape[i + 1:]).prod()) for i in range(len(shape)))
+
+    def stride(self, dim):
+        return self._strides[dim]
+
+    def data_ptr(self):
+        return self._ptr
+
+
+def launch(kind, dtype, softcap, shape, arch, sms, tile=None):
+    """(kernel, args, meta, grid) exactly as kernels.logps builds them for this shape."""
+    rows, hidden, vocab = shape
+    if tile is not None:
+        saved = dict(logps.TILES)
+        logps.TILES.update({key: tile for key in logps.TILES})
+    try:
+        if kind == "bwd":
+            plan = logps.backward_plan(rows, vocab, dtype, arch, logps.WORKSPACE_BYTES)
+            chunk = plan["chunk"]
+            h = FakeTensor((chunk, hidden), dtype)
+            args = logps.backward_args(h, FakeTensor((vocab, hidden), dtype), FakeTensor((chunk,), torch.int64),
+                                       FakeTensor((chunk,), torch.float32), FakeTensor((chunk,), torch.float32),
+                                       FakeTensor((chunk, vocab), dtype), 1.0, softcap)
+            return logps._grad_logits_kernel, args, plan["meta"], logps.backward_grid(plan, chunk, vocab)
+        models = 2 if kind == "fwd_ref" else 1
+        plan = logps.forward_plan(rows, vocab, models, dtype, arch, sms)
+        stat_bytes = 4 * models * plan["n_splits"] * rows  # stats[1] follows stats[0] in one buffer
+        h, w = FakeTensor((rows, hidden), dtype), FakeTensor((vocab, hidden), dtype)
+        args = logps.forward_args(plan, h, w, h, w, FakeTensor((rows,), torch.int64), FakeTensor((), torch.int64),
+                                  FakeTensor((rows,), torch.float32), FakeTensor((rows,), torch.float32, stat_bytes),
+                                  FakeTensor((models, rows), torch.float32), 1.0, softcap)
+        return logps._forward_kernel, args, plan["meta"], plan["grid"]
+    finally:
+        if tile is not None:
+            logps.TILES.clear()
+            logps.TILES.update(saved)
+
+
+def compile_one(fn, args, meta, arch, softcap):
+    """Compile for sm_<arch> and return the measurements of one row."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    kwargs = dict(meta, HAS_SOFTCAP=softcap is not None, debug=False)
+    bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    ptx, ttir = kernel.asm["ptx"], kernel.asm["ttir"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", f.name,
+                              "-o", os.devnull], capture_output=True, text=True, check=True).stderr
+    finally:
+        os.unlink(f.name)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    mma = sorted(set(re.findall(r"(wgmma\.mma_async\.sync|mma\.sync)\.aligned\.(m\d+n\d+k\d+)", ptx)))
+    return dict(regs=int(re.search(r"Used (\d+) registers", log).group(1)),
+                spill=int(spills.group(1)) + int(spills.group(2)),
+                smem=kernel.metadata.shared,
+                mma=" ".join(f"{'wgmma' if a.startswith('wgmma') else 'mma'}.{s}" for a, s in mma) or "FMA",
+                cp16=ptx.count("], 0x10"),
+                i32_offs=len(re.findall(r"arith\.muli [^\n]*: tensor<[0-9x]+xi32>", ttir)))
+
+
+def _specialisation(arg):
+    """What Triton specialises a launch argument on (dtype; 16-byte alignment; int value 1, %16, 64-bit)."""
+    if isinstance(arg, FakeTensor):
+        return str(arg.dtype), arg.data_ptr() % 16 == 0
+    if isinstance(arg, int):
+        return "int", arg == 1, arg % 16 == 0, abs(arg) >= 1 << 31
+    return type(arg).__name__
+
+
+def check_row(row, default) -> str:
+    """'' if the row is acceptable, else the reason it fails the check."""
+    if "error" in row:
+        return "compile failed"
+    problems = []
+    if default and row["spill"]:
+        problems.append("spills at a default tile")
+    if row["arch"] >= 90 and row["dtype"] != "fp32" and "wgmma" not in row["mma"]:
+        problems.append("16-bit kernel without wgmma on sm_90")
+    if row["i32_offs"]:
+        problems.append("int32 offset*stride products")
+    return "; ".join(problems)
+
+
+def run(args: Args) -> list[dict]:
+    if not isinstance(logps._forward_kernel, __import__("triton").runtime.jit.JITFunction):
+        raise SystemExit("kernels.compile_check: error: the kernels were built for Triton's interpreter "
+                         "(TRITON_INTERPRET=1 is set); unset it to compile them")
+    for name in args.shapes:
+        if name not in SHAPES:
+            raise SystemExit(f"kernels.compile_check: error: --shapes: unknown {name!r}; known: {list(SHAPES)}")
+    tiles = [None] + [tuple(int(x) for x in t.split(",")) for t in args.extra_tiles]
+    cache, rows = {}, []
+    for arch in args.archs:
+        for kind in args.kinds:
+            for dtype_name in args.dtypes:
+                for softcap in args.softcaps:
+                    for shape_name in args.shapes:
+                        for tile in tiles:
+                            dtype = DTYPES[dtype_name]
+                            cap = 30.0 if softcap else None
+                            fn, kargs, meta, grid = launch(kind, dtype, cap, SHAPES[shape_name], arch, args.sms, tile)
+                            row = dict(kernel=kind, arch=arch, dtype=dtype_name, softcap=int(softcap), shape=shape_name,
+                                       tile="x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K"))
+                                       + f"/{meta['num_warps']}w/{meta['num_stages']}s",
+                                       grid="x".join(map(str, grid)))
+                            # the binary depends on the specialisation only, not on the shape's values
+                            key = (fn.__name__, arch, str(meta), cap is not None, tuple(map(_specialisation, kargs)))
+                            if key not in cache:
+                                try:
+                                    cache[key] = compile_one(fn, kargs, meta, arch, cap)
+                                except Exception as err:  # report, keep going
+                                    cache[key] = dict(error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                            row.update(cache[key])
+                            default = tile is None and shape_name != "unpadded-4097"
+                            row["default"] = int(default)
+                            problem = check_row(row, default) if tile is None else ("compile failed" if "error" in row else "")
+                            row["status"] = "FAIL: " + problem if problem else "ok"
+                            rows.append(row)
+                            print(format_row(row), flush=True)
+    return rows
+
+
+COLUMNS = ("kernel", "arch", "dtype", "softcap", "shape", "tile", "grid", "regs", "spill", "smem", "mma", "cp16",
+           "i32_offs", "default", "status")
+
+
+def format_row(row) -> str:
+    if "error" in row:
+        return "| " + " | ".join(str(row.get(c, "")) for c in COLUMNS[:7]) + f" | {row['error']} | {row['status']} |"
+    return "| " + " | ".join(str(row.get(c, "")) for c in COLUMNS) + " |"
+
+
+def main(args: Args) -> int:
+    import triton
+    from triton import knobs
+
+    print(f"triton {triton.__version__}, ptxas {knobs.nvidia.ptxas.version} / {knobs.nvidia.ptxas_blackwell.version}, "
+          f"SMs assumed {args.sms}, workspace {logps.WORKSPACE_BYTES >> 20} MB")
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    rows = run(args)
+    failed = [r for r in rows if r["status"] != "ok"]
+    print(f"{len(rows)} rows, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(tyro.cli(Args)))
