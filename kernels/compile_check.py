@@ -54,8 +54,12 @@ class Args:
     shapes: tuple[str, ...] = tuple(SHAPES)
     extra_tiles: tuple[str, ...] = ()
     """candidate tiles BLOCK_M,BLOCK_V,BLOCK_K,warps,stages compiled besides the launcher's (never failing the run)"""
+    fp32_dot: str = logps.FP32_DOT
+    """tl.dot input precision for fp32 inputs: ieee or tf32x3 (tensor cores, three tf32 products)"""
     sms: int = 132
     """streaming multiprocessors assumed for the forward's vocabulary split (H100 SXM: 132)"""
+    estimate: bool = True
+    """also print the static FLOP / DRAM-byte estimate per kernel (bf16, sm_90 tiles) for --shapes"""
 
 
 class FakeTensor:
@@ -81,12 +85,12 @@ def launch(kind, dtype, softcap, shape, arch, sms, tile=None):
     try:
         if kind == "bwd":
             plan = logps.backward_plan(rows, vocab, dtype, arch, logps.WORKSPACE_BYTES)
-            chunk = plan["chunk"]
+            chunk, part = plan["chunk_rows"], plan["chunk_vocab"]  # one workspace block
             h = FakeTensor((chunk, hidden), dtype)
-            args = logps.backward_args(h, FakeTensor((vocab, hidden), dtype), FakeTensor((chunk,), torch.int64),
+            args = logps.backward_args(h, FakeTensor((part, hidden), dtype), FakeTensor((chunk,), torch.int64),
                                        FakeTensor((chunk,), torch.float32), FakeTensor((chunk,), torch.float32),
-                                       FakeTensor((chunk, vocab), dtype), 1.0, softcap)
-            return logps._grad_logits_kernel, args, plan["meta"], logps.backward_grid(plan, chunk, vocab)
+                                       FakeTensor((chunk, part), dtype), 1.0, softcap)
+            return logps._grad_logits_kernel, args, plan["meta"], logps.backward_grid(plan, chunk, part)
         models = 2 if kind == "fwd_ref" else 1
         plan = logps.forward_plan(rows, vocab, models, dtype, arch, sms)
         stat_bytes = 4 * models * plan["n_splits"] * rows  # stats[1] follows stats[0] in one buffer
@@ -163,6 +167,7 @@ def run(args: Args) -> list[dict]:
     for name in args.shapes:
         if name not in SHAPES:
             raise SystemExit(f"kernels.compile_check: error: --shapes: unknown {name!r}; known: {list(SHAPES)}")
+    logps.FP32_DOT = args.fp32_dot
     tiles = [None] + [tuple(int(x) for x in t.split(",")) for t in args.extra_tiles]
     cache, rows = {}, []
     for arch in args.archs:
@@ -195,6 +200,46 @@ def run(args: Args) -> list[dict]:
     return rows
 
 
+TFLOPS, TBPS = 790.0, 3.35  # H100 SXM: achievable dense bf16 (PERF.md), HBM3 bandwidth
+
+
+def estimate(shape, sms: int, dtype=torch.bfloat16, arch: int = 90) -> list[tuple[str, float, float]]:
+    """(step, FLOPs, DRAM bytes) of one policy fwd+bwd + reference fwd, from the launch plans. A model,
+    not a measurement: one CTA per SM; a forward program's h rows and the W tiles its wave shares
+    stay in L2 (so W is read once per wave of SMs/splits row blocks); the backward kernel reads W
+    once per GROUP_M row blocks; cuBLAS reads each GEMM operand once per call."""
+    rows, hidden, vocab = shape
+    es, hv = dtype.itemsize, hidden * vocab
+    plan = logps.forward_plan(rows, vocab, 2, dtype, arch, sms)
+    waves = -(-plan["grid"][1] // max(1, sms // plan["n_splits"]))
+    fwd = (2.0 * rows * hv, waves * hv * es + rows * hidden * es)
+    back = logps.backward_plan(rows, vocab, dtype, arch, logps.WORKSPACE_BYTES)
+    row_chunks, vocab_chunks = -(-rows // back["chunk_rows"]), -(-vocab // back["chunk_vocab"])
+    row_groups = -(-rows // (back["block_m"] * logps.GROUP_M))
+    dz, h_reads = rows * vocab * es, vocab_chunks * rows * hidden * es
+    kernel = (2.0 * rows * hv, row_groups * hv * es + h_reads + dz)
+    # the gradient split across workspace blocks accumulates in fp32: read + written per block
+    d_hidden = (2.0 * rows * hv, dz + row_chunks * hv * es
+                + (vocab_chunks * 2 * rows * hidden * 4 if vocab_chunks > 1 else rows * hidden * es))
+    d_weight = (2.0 * rows * hv, dz + h_reads + (row_chunks * 2 * hv * 4 if row_chunks > 1 else hv * es))
+    return [("forward, policy", *fwd), ("forward, reference (same launch)", *fwd),
+            ("backward: dZ kernel (recomputes logits)", *kernel), ("backward: dH = dZ W (cuBLAS)", *d_hidden),
+            ("backward: dW = dZ^T H (cuBLAS)", *d_weight)]
+
+
+def print_estimate(name, shape, sms):
+    print(f"\nStatic estimate (not a measurement), {name} N={shape[0]} H={shape[1]} V={shape[2]} bf16, sm_90 tiles, "
+          f"{sms} SMs; bounds at {TFLOPS:.0f} TFLOP/s and {TBPS} TB/s")
+    print("| step | GFLOP | DRAM GB (model) | FLOP/byte | compute-bound ms | memory-bound ms |")
+    print("|---|---|---|---|---|---|")
+    total = [0.0, 0.0, 0.0]
+    for step, flops, nbytes in estimate(shape, sms):
+        ms_c, ms_m = flops / TFLOPS / 1e9, nbytes / TBPS / 1e9
+        total = [total[0] + ms_c, total[1] + ms_m, total[2] + max(ms_c, ms_m)]
+        print(f"| {step} | {flops / 1e9:.0f} | {nbytes / 1e9:.2f} | {flops / nbytes:.0f} | {ms_c:.2f} | {ms_m:.2f} |")
+    print(f"| total (sum of per-step max) | | | | | {total[2]:.1f} |")
+
+
 COLUMNS = ("kernel", "arch", "dtype", "softcap", "shape", "tile", "grid", "regs", "spill", "smem", "mma", "cp16",
            "i32_offs", "default", "status")
 
@@ -216,6 +261,10 @@ def main(args: Args) -> int:
     rows = run(args)
     failed = [r for r in rows if r["status"] != "ok"]
     print(f"{len(rows)} rows, {len(failed)} failed")
+    if args.estimate:
+        for name in args.shapes:
+            if name in ("llama3-8b", "vh>2^31"):
+                print_estimate(name, SHAPES[name], args.sms)
     return 1 if failed else 0
 
 

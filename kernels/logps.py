@@ -10,13 +10,14 @@ The per-split statistics are merged on the host (a [models, splits, M] tensor). 
 never built. Rows at or past `count` (a device scalar) are skipped, so the caller can pass rows
 sorted scored-first without reading the number of scored rows on the host.
 
-Backward (policy only, the reference gets no gradient): for a bounded chunk of rows, a Triton
-kernel recomputes each logit tile and writes `g * (onehot - softmax)` (chained through
-temperature and soft-cap) into a workspace of at most `WORKSPACE_BYTES`; two cuBLAS GEMMs then
-give dH = dZ @ W and dW += dZ^T @ H for the chunk (accumulated in fp32 across chunks). Its 1-D
-grid is swizzled in groups of GROUP_M row blocks, for the same L2 reason.
+Backward (policy only, the reference gets no gradient): for a block of rows x vocabulary columns
+bounded by `WORKSPACE_BYTES`, a Triton kernel recomputes each logit tile and writes
+`g * (onehot - softmax)` (chained through temperature and soft-cap) into the workspace; two cuBLAS
+GEMMs then give the block's share of dH = dZ @ W and dW = dZ^T @ H. The blocks split the longer of
+rows and vocabulary, so the gradient accumulated (in fp32) across blocks is the smaller one (see
+`backward_plan`). The kernel's 1-D grid is swizzled in groups of GROUP_M row blocks, for L2 reuse.
 
-bf16/fp16 inputs are multiplied with fp32 accumulation; fp32 inputs use IEEE fp32 dots
+bf16/fp16 inputs are multiplied with fp32 accumulation; fp32 inputs use tf32x3 tensor-core dots
 (`FP32_DOT`). Address arithmetic is int64: V*H passes 2^31 near Llama-405B's head, N*H at long
 contexts. Every tile configuration below is compiled for sm_90 and sm_80 by
 `python -m kernels.compile_check` (registers, spills, MMA instructions).
@@ -27,6 +28,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from .torch_ref import add_matmul_fp32_
 
 try:
     import triton
@@ -39,7 +42,9 @@ except ImportError:  # pragma: no cover - triton is a Linux dependency
 WORKSPACE_BYTES = 256 << 20  # bound on the backward's dZ chunk
 VOCAB_SPLITS = 16  # forward: at least this many vocabulary splits per row block (fastest grid axis)
 GROUP_M = 8  # backward: row blocks per swizzle group
-FP32_DOT = "ieee"  # tl.dot input precision for fp32 inputs; see benchmarks/README.md on tf32x3
+# fp32 inputs: three tf32 tensor-core products (hi*hi + hi*lo + lo*hi), within the float64-oracle rule
+# in emulation (tests/test_kernels_launch.py); "ieee" uses FMA and spills on sm_80 (compile check).
+FP32_DOT = "tf32x3"
 
 # (BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) by (arch, kernel, 16-bit inputs?). Chosen with
 # `python -m kernels.compile_check` (no spills; wgmma on sm_90); timing them needs a GPU.
@@ -48,8 +53,8 @@ TILES = {
     (90, "bwd", True): (128, 128, 64, 8, 3),
     (80, "fwd", True): (64, 128, 64, 8, 3),
     (80, "bwd", True): (64, 128, 64, 8, 3),
-    (90, "fwd", False): (64, 64, 32, 4, 3),
-    (90, "bwd", False): (64, 64, 32, 4, 3),
+    (90, "fwd", False): (128, 128, 32, 8, 3),
+    (90, "bwd", False): (64, 128, 32, 8, 3),
     (80, "fwd", False): (64, 64, 32, 4, 3),
     (80, "bwd", False): (64, 64, 32, 4, 3),
 }
@@ -217,10 +222,18 @@ def forward_args(plan, hidden, weight, ref_hidden, ref_weight, targets, count, s
 
 
 def backward_plan(rows: int, vocab: int, dtype: torch.dtype, arch: int | None, workspace_bytes: int) -> dict:
-    """Tile, row chunk (bounded by the workspace) and grid of the backward launch."""
+    """Tile and workspace block (chunk_rows x chunk_vocab) of the backward. When dZ [rows, vocab] does
+    not fit the workspace it is split along the longer side, so that the gradient accumulated across
+    chunks (in fp32, read and written once per chunk) is the smaller one: along the vocabulary when
+    rows < vocab (dH [rows, H] accumulates, each dW slice is written once), else along the rows."""
     block_m, block_v, block_k, num_warps, num_stages = tile_config(arch, "bwd", dtype)
-    chunk = max(block_m, min(rows, workspace_bytes // (vocab * dtype.itemsize)) // block_m * block_m)
-    return dict(chunk=min(chunk, max(rows, 1)), block_m=block_m, block_v=block_v,
+    elements = workspace_bytes // dtype.itemsize
+    chunk_rows, chunk_vocab = max(rows, 1), vocab
+    if rows * vocab > elements and rows < vocab:
+        chunk_vocab = min(vocab, max(block_v, elements // rows // block_v * block_v))
+    elif rows * vocab > elements:
+        chunk_rows = min(rows, max(block_m, elements // vocab // block_m * block_m))
+    return dict(chunk_rows=chunk_rows, chunk_vocab=chunk_vocab, block_m=block_m, block_v=block_v,
                 meta=dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
                           num_stages=num_stages, DOT_PRECISION=_dot_precision(dtype), GROUP=GROUP_M))
 
@@ -263,62 +276,45 @@ def _forward(hidden, weight, ref_hidden, ref_weight, targets, temperature, softc
     return logps[0], lse[0], (logps[1] if n_models == 2 else None)
 
 
-def add_matmul_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b. bf16/fp16 on CUDA: one GEMM accumulating into acc (`addmm(out_dtype=float32)`,
-    torch >= 2.8), no [V, H] low-precision temporary; elsewhere (CPU, older torch) via a temporary."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif a.is_cuda and _ADDMM_OUT_DTYPE:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc += (a @ b).float()
-
-
-def _addmm_has_out_dtype() -> bool:
-    try:  # the meta kernel checks the signature without a GPU
-        acc = torch.empty(2, 2, device="meta")
-        x = torch.empty(2, 2, dtype=torch.bfloat16, device="meta")
-        torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
-        return True
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-
-
-_ADDMM_OUT_DTYPE = _addmm_has_out_dtype()
-
-
 def _backward(hidden, weight, targets, lse, grad_logps, temperature, softcap, need_hidden, need_weight, rows,
               workspace_bytes=None):
     """Gradients for the first `rows` rows (the scored ones); later rows get a zero gradient."""
     vocab = weight.shape[0]
     plan = backward_plan(rows, vocab, hidden.dtype, device_arch(hidden.device),
                          WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes)
-    grad_hidden = None
+    step_rows, step_vocab = plan["chunk_rows"], plan["chunk_vocab"]
+    by_rows, by_vocab = step_rows < rows, step_vocab < vocab
+    # A gradient summed over chunks accumulates in fp32; one written once per chunk stays in its dtype.
+    grad_hidden = grad_weight = None
     if need_hidden:
-        grad_hidden = torch.empty_like(hidden)
-        grad_hidden[rows:].zero_()
-    chunk = plan["chunk"]
-    workspace = torch.empty((min(chunk, rows), vocab), dtype=hidden.dtype, device=hidden.device)
-    multi_chunk = chunk < rows
-    grad_weight = None
-    if need_weight and (multi_chunk or rows == 0):
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32 if by_vocab else hidden.dtype,
+                                  device=hidden.device)
+    if need_weight:
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32 if by_rows else weight.dtype,
+                                  device=weight.device)
+    workspace = torch.empty((min(step_rows, rows), step_vocab), dtype=hidden.dtype, device=hidden.device)
     grad_logps = grad_logps.float().contiguous()
-    for start in range(0, rows, chunk):
-        end = min(start + chunk, rows)
+    for start in range(0, rows, step_rows):
+        end = min(start + step_rows, rows)
         h = hidden[start:end]
-        dz = workspace[: end - start]
-        args = backward_args(h, weight, targets[start:end], lse[start:end], grad_logps[start:end], dz,
-                             temperature, softcap)
-        _grad_logits_kernel[backward_grid(plan, end - start, vocab)](*args, HAS_SOFTCAP=softcap is not None,
-                                                                      **plan["meta"])
-        if need_hidden:
-            torch.mm(dz, weight, out=grad_hidden[start:end])
-        if need_weight:
-            if multi_chunk:
-                add_matmul_fp32_(grad_weight, dz.T, h)
-            else:
-                grad_weight = dz.T @ h  # one chunk: one GEMM, rounded once
+        for v0 in range(0, vocab, step_vocab):
+            v1 = min(v0 + step_vocab, vocab)
+            w = weight[v0:v1]
+            dz = workspace[: end - start, : v1 - v0]
+            args = backward_args(h, w, targets[start:end] - v0, lse[start:end], grad_logps[start:end], dz,
+                                 temperature, softcap)
+            _grad_logits_kernel[backward_grid(plan, end - start, v1 - v0)](*args, HAS_SOFTCAP=softcap is not None,
+                                                                            **plan["meta"])
+            if need_hidden and by_vocab:
+                add_matmul_fp32_(grad_hidden[start:end], dz, w)
+            elif need_hidden:
+                torch.mm(dz, w, out=grad_hidden[start:end])
+            if need_weight and by_rows:
+                add_matmul_fp32_(grad_weight[v0:v1], dz.T, h)
+            elif need_weight:
+                torch.mm(dz.T, h, out=grad_weight[v0:v1])
+    if grad_hidden is not None:
+        grad_hidden = grad_hidden.to(hidden.dtype)
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
     return grad_hidden, grad_weight

@@ -191,7 +191,8 @@ def self_check(device: torch.device, dtype: torch.dtype) -> None:
         return triton_token_logps(h, w, targets, rh, rw, temperature, softcap, count=count,
                                   workspace_bytes=16 * vocab * dtype.itemsize)
 
-    with torch.inference_mode(False), torch.enable_grad():  # callers may score under no_grad
+    # callers may score under no_grad or autocast; the check needs gradients and exact dtypes
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
         oracle = run(naive, torch.float64)
         got, budget = run(fused, dtype), run(naive, dtype)
     floor = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 2e-2)

@@ -11,6 +11,7 @@ from torch.overrides import TorchFunctionMode
 
 import kernels.logps as triton_logps
 import kernels.ops as ops
+import kernels.torch_ref as torch_ref
 from kernels import causal_lm_logps, sequence_logps
 from kernels.torch_ref import naive_token_logps
 
@@ -173,18 +174,80 @@ def test_weight_grad_accumulates_in_fp32(monkeypatch):
     parts = [(torch.randn(64, 96, generator=gen).half(), torch.randn(64, 40, generator=gen).half()) for _ in range(8)]
     acc = torch.zeros(96, 40)
     for a, b in parts:
-        triton_logps.add_matmul_fp32_(acc, a.T, b)
+        torch_ref.add_matmul_fp32_(acc, a.T, b)
     want = sum(a.T.double() @ b.double() for a, b in parts)
     assert (acc.double() - want).abs().max() < 1e-3 * want.abs().max()
-    assert triton_logps._ADDMM_OUT_DTYPE == hasattr(torch.ops.aten.addmm, "dtype_out")
-    if triton_logps._ADDMM_OUT_DTYPE:  # the CUDA branch's call, shape- and dtype-checked on meta tensors
+    assert torch_ref._ADDMM_OUT_DTYPE == hasattr(torch.ops.aten.addmm, "dtype_out")
+    if torch_ref._ADDMM_OUT_DTYPE:  # the CUDA branch's call, shape- and dtype-checked on meta tensors
         calls = []
         real_addmm = torch.addmm
         monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(k) or real_addmm(*a, **k))
         monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
         meta_acc = torch.zeros(96, 40, device="meta")
-        triton_logps.add_matmul_fp32_(meta_acc, parts[0][0].to("meta").T, parts[0][1].to("meta"))
+        torch_ref.add_matmul_fp32_(meta_acc, parts[0][0].to("meta").T, parts[0][1].to("meta"))
         assert calls and calls[0]["out_dtype"] == torch.float32 and calls[0]["out"] is meta_acc
+
+
+def _round_tf32(x):  # to 10 mantissa bits, nearest with ties away, as PTX cvt.rna.tf32.f32
+    return ((x.contiguous().view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _emulated_dot(a, b, precision):
+    """a @ b as a GPU tl.dot computes it from fp32 inputs with `input_precision=precision`."""
+    if precision == "ieee":
+        return a @ b
+    a_hi, b_hi = _round_tf32(a), _round_tf32(b)
+    if precision == "tf32":
+        return a_hi @ b_hi
+    a_lo, b_lo = _round_tf32(a - a_hi), _round_tf32(b - b_hi)  # tf32x3: hi*hi + hi*lo + lo*hi
+    return a_hi @ b_lo + a_lo @ b_hi + a_hi @ b_hi
+
+
+@pytest.mark.parametrize("shape", [(10, 16, 33), (34, 64, 200), (64, 4096, 2048)])
+def test_fp32_dot_precision_meets_the_oracle_rule(shape):
+    """The interpreter ignores input_precision, so FP32_DOT (tf32x3) is checked in emulation: its
+    log-probs stay within 2x naive fp32's error vs float64 plus the fp32 floor (plain tf32 does not).
+    On a GPU, the fp32 self-check applies the same rule to the real kernels."""
+    rows, hidden_size, vocab = shape
+    gen = torch.Generator().manual_seed(7)
+    hidden, weight = torch.randn(rows, hidden_size, generator=gen), torch.randn(vocab, hidden_size, generator=gen)
+    weight = weight / hidden_size**0.5 * 3
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    exact = torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(1, targets[:, None])
+
+    def error(precision):
+        logits = _emulated_dot(hidden, weight.T, precision)
+        return (torch.log_softmax(logits, -1).gather(1, targets[:, None]).double() - exact).abs().max().item()
+
+    assert error(triton_logps.FP32_DOT) <= 2 * error("ieee") + 2e-5
+    assert error("tf32") > 2 * error("ieee") + 2e-5  # the rule can fail
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,vocab,split", [(40, 300, "vocab"), (150, 70, "rows")])
+def test_backward_workspace_blocks(rows, vocab, split, dtype):
+    """A workspace of ~16 x 32 entries splits dZ along the longer side (vocabulary when rows < vocab:
+    dH accumulates in fp32, each dW slice is written once; rows otherwise: dW accumulates); the
+    gradients equal float64's, as with one block."""
+    workspace = 16 * 32 * dtype.itemsize
+    plan = triton_logps.backward_plan(rows, vocab, dtype, None, workspace)
+    assert (plan["chunk_vocab"] < vocab) == (split == "vocab") and (plan["chunk_rows"] < rows) == (split == "rows")
+    gen = torch.Generator().manual_seed(8)
+    hidden = torch.randn(rows, 24, generator=gen).to(dtype)
+    weight = (torch.randn(vocab, 24, generator=gen) / 3).to(dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    cotangent = torch.randn(rows, generator=gen)
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    oracle = naive_token_logps(h64, w64, targets, 0.8, 3.0, torch.float64)
+    want = torch.autograd.grad((oracle * cotangent.double()).sum(), [h64, w64])
+    _, lse, _ = triton_logps._forward(hidden, weight, None, None, targets, 0.8, 3.0, torch.tensor(rows))
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    for workspace_bytes in (workspace, None):  # blocks, then one block
+        got = triton_logps._backward(hidden, weight, targets, lse, cotangent, 0.8, 3.0, True, True, rows,
+                                     workspace_bytes)
+        for g, w in zip(got, want):
+            assert g.dtype == dtype
+            torch.testing.assert_close(g.double(), w, atol=tol * max(1.0, w.abs().max().item()), rtol=0)
 
 
 def test_swizzled_backward_grid_covers_every_tile():
