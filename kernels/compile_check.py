@@ -37,8 +37,8 @@ SHAPES = {
     "llama3-8b": (8192, 4096, 128256),
     "bias-fold": (8192, folded_width(4096), 128256),
     "unpadded-4097": (8192, 4097, 128256),
-    "vh>2^31": (8192, 16384, 131072),  # V*H = 2^31: a 405B-class head
-    "nh>2^31": (262144, 8192, 32000),  # N*H = 2^31: long contexts
+    "vh>2^31": (8192, 16384, 152064),  # V*H = 2.5e9: a 405B-class width with a Qwen-size vocabulary
+    "nh>2^31": (300001, 8192, 32000),  # N*H = 2.5e9: long contexts (and N not a multiple of 16)
 }
 KINDS = ("fwd", "fwd_ref", "bwd")
 

@@ -62,10 +62,11 @@ INTERPRETER_TILE = (16, 32, 32, 1, 1)
 
 
 def tile_config(arch: int | None, kind: str, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """The TILES entry for a compute capability (90 = Hopper and later, else the sm_80 row); None = interpreter."""
+    """The TILES entry for a compute capability: the sm_90 row on Hopper (9.x), the sm_80 row (48 KB of
+    shared memory at most) elsewhere, Blackwell included, until tiles are checked there; None = interpreter."""
     if arch is None:
         return INTERPRETER_TILE
-    return TILES[(90 if arch >= 90 else 80, kind, dtype != torch.float32)]
+    return TILES[(90 if 90 <= arch < 100 else 80, kind, dtype != torch.float32)]
 
 
 def _interpreting() -> bool:

@@ -191,19 +191,24 @@ def self_check(device: torch.device, dtype: torch.dtype) -> None:
         return triton_token_logps(h, w, targets, rh, rw, temperature, softcap, count=count,
                                   workspace_bytes=16 * vocab * dtype.itemsize)
 
+    name_dev = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    way_out = "Set KERNELS_IMPL=torch to use the PyTorch path instead."
     # callers may score under no_grad or autocast; the check needs gradients and exact dtypes
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-        oracle = run(naive, torch.float64)
-        got, budget = run(fused, dtype), run(naive, dtype)
+        oracle, budget = run(naive, torch.float64), run(naive, dtype)
+        try:
+            got = run(fused, dtype)
+        except Exception as err:  # e.g. a compiler error for this GPU
+            raise RuntimeError(f"kernels: self-check failed: the Triton kernels do not run on {name_dev} ({dtype}): "
+                               f"{type(err).__name__}: {err}. {way_out}") from err
     floor = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 2e-2)
     for name, g, b, o in zip(("policy logps", "reference logps", "grad hidden", "grad weight"), got, budget, oracle):
         err, allowed = (g.double() - o).abs().max().item(), 2 * (b.double() - o).abs().max().item() + floor
         if not err <= allowed:
-            name_dev = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
             raise RuntimeError(
                 f"kernels: self-check failed: the Triton kernels' {name} on {name_dev} ({dtype}) are off by "
                 f"{err:.3g} from float64 (allowed {allowed:.3g}); this Triton/GPU combination is not supported. "
-                "Set KERNELS_IMPL=torch to use the PyTorch path instead.")
+                + way_out)
     _SELF_CHECKED.add(key)
 
 

@@ -279,6 +279,13 @@ def test_self_check_passes_and_names_the_way_out(monkeypatch):
     monkeypatch.setattr(ops, "triton_token_logps", off_by_a_bit)
     with pytest.raises(RuntimeError, match="self-check failed.*KERNELS_IMPL=torch"):
         ops.self_check(torch.device(DEVICE), torch.float32)
+
+    def broken(*args, **kwargs):
+        raise ValueError("no kernel image for this device")
+
+    monkeypatch.setattr(ops, "triton_token_logps", broken)
+    with pytest.raises(RuntimeError, match="do not run on.*no kernel image.*KERNELS_IMPL=torch"):
+        ops.self_check(torch.device(DEVICE), torch.float32)
     assert not ops._SELF_CHECKED
 
 
