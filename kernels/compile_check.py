@@ -18,13 +18,17 @@ without wgmma, or an int32 offset*stride product. Static analysis only: no timin
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 import subprocess
 import sys
 import tempfile
 
+from typing import Literal
+
 import torch
+import triton
 import tyro
 
 from . import logps
@@ -47,14 +51,15 @@ KINDS = ("fwd", "fwd_ref", "bwd")
 class Args:
     archs: tuple[int, ...] = (90, 80)
     """compute capabilities to compile for (90 = H100/H200, 80 = A100)"""
-    dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")
-    kinds: tuple[str, ...] = KINDS
+    dtypes: tuple[Literal["bf16", "fp16", "fp32"], ...] = ("bf16", "fp16", "fp32")
+    kinds: tuple[Literal["fwd", "fwd_ref", "bwd"], ...] = KINDS
     """fwd = policy forward, fwd_ref = policy + reference forward (one launch), bwd = gradient kernel"""
     softcaps: tuple[bool, ...] = (False, True)
-    shapes: tuple[str, ...] = tuple(SHAPES)
+    shapes: tuple[Literal["llama3-8b", "bias-fold", "unpadded-4097", "vh>2^31", "nh>2^31"], ...] = tuple(SHAPES)
     extra_tiles: tuple[str, ...] = ()
-    """candidate tiles BLOCK_M,BLOCK_V,BLOCK_K,warps,stages compiled besides the launcher's (never failing the run)"""
-    fp32_dot: str = logps.FP32_DOT
+    """candidate tiles BLOCK_M,BLOCK_V,BLOCK_K,warps,stages compiled besides the launcher's (reported; they
+    fail the run only if they do not compile)"""
+    fp32_dot: Literal["tf32x3", "ieee", "tf32"] = logps.FP32_DOT
     """tl.dot input precision for fp32 inputs: ieee or tf32x3 (tensor cores, three tf32 products)"""
     sms: int = 132
     """streaming multiprocessors assumed for the forward's vocabulary split (H100 SXM: 132)"""
@@ -107,7 +112,6 @@ def launch(kind, dtype, softcap, shape, arch, sms, tile=None):
 
 def compile_one(fn, args, meta, arch, softcap):
     """Compile for sm_<arch> and return the measurements of one row."""
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     from triton.compiler import ASTSource, make_backend
@@ -160,43 +164,49 @@ def check_row(row, default) -> str:
     return "; ".join(problems)
 
 
+def _parse_tile(text: str) -> tuple[int, ...]:
+    try:
+        tile = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        tile = ()
+    if len(tile) != 5:
+        raise SystemExit(f"kernels.compile_check: error: --extra-tiles: {text!r} is not "
+                         "BLOCK_M,BLOCK_V,BLOCK_K,num_warps,num_stages (five integers)")
+    return tile
+
+
 def run(args: Args) -> list[dict]:
-    if not isinstance(logps._forward_kernel, __import__("triton").runtime.jit.JITFunction):
+    if not isinstance(logps._forward_kernel, triton.runtime.jit.JITFunction):
         raise SystemExit("kernels.compile_check: error: the kernels were built for Triton's interpreter "
                          "(TRITON_INTERPRET=1 is set); unset it to compile them")
-    for name in args.shapes:
-        if name not in SHAPES:
-            raise SystemExit(f"kernels.compile_check: error: --shapes: unknown {name!r}; known: {list(SHAPES)}")
     logps.FP32_DOT = args.fp32_dot
-    tiles = [None] + [tuple(int(x) for x in t.split(",")) for t in args.extra_tiles]
+    tiles = [None] + [_parse_tile(t) for t in args.extra_tiles]
     cache, rows = {}, []
-    for arch in args.archs:
-        for kind in args.kinds:
-            for dtype_name in args.dtypes:
-                for softcap in args.softcaps:
-                    for shape_name in args.shapes:
-                        for tile in tiles:
-                            dtype = DTYPES[dtype_name]
-                            cap = 30.0 if softcap else None
-                            fn, kargs, meta, grid = launch(kind, dtype, cap, SHAPES[shape_name], arch, args.sms, tile)
-                            row = dict(kernel=kind, arch=arch, dtype=dtype_name, softcap=int(softcap), shape=shape_name,
-                                       tile="x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K"))
-                                       + f"/{meta['num_warps']}w/{meta['num_stages']}s",
-                                       grid="x".join(map(str, grid)))
-                            # the binary depends on the specialisation only, not on the shape's values
-                            key = (fn.__name__, arch, str(meta), cap is not None, tuple(map(_specialisation, kargs)))
-                            if key not in cache:
-                                try:
-                                    cache[key] = compile_one(fn, kargs, meta, arch, cap)
-                                except Exception as err:  # report, keep going
-                                    cache[key] = dict(error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
-                            row.update(cache[key])
-                            default = tile is None and shape_name != "unpadded-4097"
-                            row["default"] = int(default)
-                            problem = check_row(row, default) if tile is None else ("compile failed" if "error" in row else "")
-                            row["status"] = "FAIL: " + problem if problem else "ok"
-                            rows.append(row)
-                            print(format_row(row), flush=True)
+    for arch, kind, dtype_name, softcap, shape_name, tile in itertools.product(
+            args.archs, args.kinds, args.dtypes, args.softcaps, args.shapes, tiles):
+        cap = 30.0 if softcap else None
+        fn, kargs, meta, grid = launch(kind, DTYPES[dtype_name], cap, SHAPES[shape_name], arch, args.sms, tile)
+        row = dict(kernel=kind, arch=arch, dtype=dtype_name, softcap=int(softcap), shape=shape_name,
+                   tile="x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K"))
+                   + f"/{meta['num_warps']}w/{meta['num_stages']}s",
+                   grid="x".join(map(str, grid)))
+        # the binary depends on the specialisation only, not on the shape's values
+        key = (fn.__name__, arch, str(meta), cap is not None, tuple(map(_specialisation, kargs)))
+        if key not in cache:
+            try:
+                cache[key] = compile_one(fn, kargs, meta, arch, cap)
+            except Exception as err:  # report, keep going
+                cache[key] = dict(error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        row.update(cache[key])
+        default = tile is None and shape_name != "unpadded-4097"
+        row["default"] = int(default)
+        if tile is None:
+            problem = check_row(row, default)
+        else:  # a candidate: reported, fails the run only if it does not compile
+            problem = "compile failed" if "error" in row else ""
+        row["status"] = "FAIL: " + problem if problem else "ok"
+        rows.append(row)
+        print(format_row(row), flush=True)
     return rows
 
 
@@ -251,7 +261,6 @@ def format_row(row) -> str:
 
 
 def main(args: Args) -> int:
-    import triton
     from triton import knobs
 
     print(f"triton {triton.__version__}, ptxas {knobs.nvidia.ptxas.version} / {knobs.nvidia.ptxas_blackwell.version}, "

@@ -287,9 +287,11 @@ def _backward(hidden, weight, targets, lse, grad_logps, temperature, softcap, ne
     by_rows, by_vocab = step_rows < rows, step_vocab < vocab
     # A gradient summed over chunks accumulates in fp32; one written once per chunk stays in its dtype.
     grad_hidden = grad_weight = None
-    if need_hidden:
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32 if by_vocab else hidden.dtype,
-                                  device=hidden.device)
+    if need_hidden:  # unscored rows (past `rows`) keep a zero gradient
+        grad_hidden = torch.zeros_like(hidden)
+        hidden_acc = None
+        if by_vocab:
+            hidden_acc = torch.zeros((rows, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
     if need_weight:
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32 if by_rows else weight.dtype,
                                   device=weight.device)
@@ -307,15 +309,15 @@ def _backward(hidden, weight, targets, lse, grad_logps, temperature, softcap, ne
             _grad_logits_kernel[backward_grid(plan, end - start, v1 - v0)](*args, HAS_SOFTCAP=softcap is not None,
                                                                             **plan["meta"])
             if need_hidden and by_vocab:
-                add_matmul_fp32_(grad_hidden[start:end], dz, w)
+                add_matmul_fp32_(hidden_acc[start:end], dz, w)
             elif need_hidden:
                 torch.mm(dz, w, out=grad_hidden[start:end])
             if need_weight and by_rows:
                 add_matmul_fp32_(grad_weight[v0:v1], dz.T, h)
             elif need_weight:
                 torch.mm(dz.T, h, out=grad_weight[v0:v1])
-    if grad_hidden is not None:
-        grad_hidden = grad_hidden.to(hidden.dtype)
+    if need_hidden and by_vocab:
+        grad_hidden[:rows] = hidden_acc
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
     return grad_hidden, grad_weight
