@@ -301,3 +301,21 @@ def test_self_check_runs_once_per_device_and_dtype(monkeypatch):
             sequence_logps(hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE), impl="triton")
     assert len(calls) == 1 + 3  # one self-check, then the three calls
     ops._SELF_CHECKED.clear()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_host_sync_on_cuda():
+    """On a GPU, torch's sync debug mode turns any synchronising call of the forward into an error."""
+    hidden = torch.randn(2, 64, 128, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(1000, 128, device="cuda", dtype=torch.bfloat16) / 8
+    labels = torch.randint(0, 1000, (2, 64), device="cuda")
+    labels[:, :10] = -100
+    sequence_logps(hidden, weight, labels, impl="triton")  # compiles, runs the self-check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, _ = sequence_logps(hidden, weight, labels, ref_hidden=hidden, ref_weight=weight, impl="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all()
