@@ -7,7 +7,7 @@ import os
 import torch
 
 from .logps import HAVE_TRITON, triton_token_logps
-from .torch_ref import chunked_token_logps
+from .torch_ref import chunked_token_logps, naive_token_logps
 
 IMPLS = ("auto", "triton", "torch")
 REDUCTIONS = ("sum", "mean", "none")
@@ -55,16 +55,15 @@ def _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, reduction):
         raise ValueError(f"sequence_logps: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _reduce(token_logps, scored, batch, length, reduction):
-    per_token = token_logps.new_zeros(batch * length).index_put((scored,), token_logps).view(batch, length)
+def _reduce(token_logps, positions, mask, batch, length, reduction):
+    """token_logps[i] belongs at flat position positions[i]; entries at unscored positions are 0."""
+    per_token = token_logps.new_zeros(batch * length).scatter(0, positions, token_logps).view(batch, length)
     if reduction == "none":
         return per_token
     total = per_token.sum(dim=1)
     if reduction == "sum":
         return total
-    counts = torch.zeros(batch * length, dtype=torch.float32, device=scored.device)
-    counts[scored] = 1.0
-    return total / counts.view(batch, length).sum(dim=1).clamp(min=1.0)
+    return total / mask.view(batch, length).sum(dim=1).clamp(min=1).float()
 
 
 def sequence_logps(
@@ -94,21 +93,37 @@ def sequence_logps(
     batch, length, hidden_size = hidden.shape
     vocab = weight.shape[0]
     flat_labels = labels.reshape(-1).long()
-    scored = (flat_labels != ignore_index).nonzero().squeeze(1)
-    targets = flat_labels.index_select(0, scored)
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
-        bad = targets[(targets < 0) | (targets >= vocab)][0].item()
-        raise ValueError(f"sequence_logps: label {bad} is outside the vocabulary [0, {vocab}) "
-                         f"and is not ignore_index={ignore_index}")
-    # Compact the scored rows first: ignored tokens (prompt, padding) cost nothing below.
-    rows = hidden.reshape(-1, hidden_size).index_select(0, scored)
+    mask = flat_labels != ignore_index
+    out_of_range = mask & ((flat_labels < 0) | (flat_labels >= vocab))
+    bad_label = (f"sequence_logps: a label is outside the vocabulary [0, {vocab}) "
+                 f"and is not ignore_index={ignore_index}")
+    if impl == "triton":
+        # No host synchronisation on this path: scored rows are sorted first (not compacted by
+        # `nonzero`) and the kernels skip rows past their count, a device scalar; labels are
+        # checked on the device (KERNELS_DEBUG=1: on the host, naming the label).
+        if _device_side_checks(hidden.device):
+            torch._assert_async(~out_of_range.any(), bad_label)
+        else:
+            _check_labels_on_host(flat_labels, out_of_range, bad_label)
+        if _needs_self_check(hidden.device):
+            self_check(hidden.device, hidden.dtype)
+        positions = torch.argsort((~mask).to(torch.uint8), stable=True)  # scored first, in order
+        count = mask.sum()
+        targets = flat_labels.index_select(0, positions).clamp(0, vocab - 1)  # unscored rows: any valid index
+    else:
+        _check_labels_on_host(flat_labels, out_of_range, bad_label)
+        # Compact the scored rows first: ignored tokens (prompt, padding) cost nothing below.
+        positions = mask.nonzero().squeeze(1)
+        targets = flat_labels.index_select(0, positions)
+    rows = hidden.reshape(-1, hidden_size).index_select(0, positions)
     ref_rows = None
     if ref_hidden is not None:
-        ref_rows = ref_hidden.detach().reshape(-1, ref_hidden.shape[2]).index_select(0, scored)
+        ref_rows = ref_hidden.detach().reshape(-1, ref_hidden.shape[2]).index_select(0, positions)
         ref_weight = ref_weight.detach()
 
     if impl == "triton":
-        token_logps, ref_token_logps = triton_token_logps(rows, weight, targets, ref_rows, ref_weight, temperature, softcap)
+        token_logps, ref_token_logps = triton_token_logps(rows, weight, targets, ref_rows, ref_weight, temperature,
+                                                          softcap, count=count)
     else:
         token_logps = chunked_token_logps(rows, weight, targets, temperature, softcap)
         ref_token_logps = None
@@ -116,9 +131,85 @@ def sequence_logps(
             with torch.no_grad():
                 ref_token_logps = chunked_token_logps(ref_rows, ref_weight, targets, temperature, softcap)
 
-    policy = _reduce(token_logps, scored, batch, length, reduction)
-    ref = None if ref_token_logps is None else _reduce(ref_token_logps, scored, batch, length, reduction)
+    policy = _reduce(token_logps, positions, mask, batch, length, reduction)
+    ref = None if ref_token_logps is None else _reduce(ref_token_logps, positions, mask, batch, length, reduction)
     return policy, ref
+
+
+def _device_side_checks(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("KERNELS_DEBUG", "0") != "1"
+
+
+def _check_labels_on_host(flat_labels, out_of_range, message):
+    if out_of_range.any():
+        bad = flat_labels[out_of_range][0].item()
+        raise ValueError(message.replace("a label", f"label {bad}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# One-time check of the compiled kernels against the torch path, per (device, dtype).
+
+_SELF_CHECKED: set = set()
+
+
+def _needs_self_check(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def self_check(device: torch.device, dtype: torch.dtype) -> None:
+    """Score a small problem (policy + reference, soft-cap, a multi-chunk backward) with the Triton
+    kernels and check values and gradients against float64 by the tests' rule: error at most twice
+    that of naive torch at the same dtype, plus a small floor. Raises RuntimeError on a mismatch."""
+    key = (str(device), dtype)
+    if key in _SELF_CHECKED:
+        return
+    gen = torch.Generator().manual_seed(0)
+    rows, hidden_size, vocab = 40, 64, 300
+    hidden = torch.randn(rows, hidden_size, generator=gen).to(device, dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=gen) / 2).to(device, dtype)
+    ref_hidden = torch.randn(rows, hidden_size, generator=gen).to(device, dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=gen).to(device)
+    cotangent = torch.randn(rows, generator=gen).to(device)
+    count = torch.tensor(rows - 3, device=device)  # the last rows are unscored
+    scored = torch.arange(rows, device=device) < count
+    softcap, temperature = 5.0, 0.9
+
+    def run(fn, dtype_):
+        h = hidden.to(dtype_).requires_grad_()
+        w = weight.to(dtype_).requires_grad_()
+        policy, ref = fn(h, w, ref_hidden.to(dtype_), w.detach())
+        policy = torch.where(scored, policy.to(torch.float64), 0.0)
+        return [policy, torch.where(scored, ref.to(torch.float64), 0.0),
+                *torch.autograd.grad((policy * cotangent.to(torch.float64)).sum(), [h, w])]
+
+    def naive(h, w, rh, rw):  # float64 inputs: the oracle; otherwise naive torch at that dtype
+        upcast = torch.float64 if h.dtype == torch.float64 else None
+        return (naive_token_logps(h, w, targets, temperature, softcap, upcast),
+                naive_token_logps(rh, rw, targets, temperature, softcap, upcast))
+
+    def fused(h, w, rh, rw):  # a workspace of 16 rows: several backward chunks
+        return triton_token_logps(h, w, targets, rh, rw, temperature, softcap, count=count,
+                                  workspace_bytes=16 * vocab * dtype.itemsize)
+
+    name_dev = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    way_out = "Set KERNELS_IMPL=torch to use the PyTorch path instead."
+    # callers may score under no_grad or autocast; the check needs gradients and exact dtypes
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        oracle, budget = run(naive, torch.float64), run(naive, dtype)
+        try:
+            got = run(fused, dtype)
+        except Exception as err:  # e.g. a compiler error for this GPU
+            raise RuntimeError(f"kernels: self-check failed: the Triton kernels do not run on {name_dev} ({dtype}): "
+                               f"{type(err).__name__}: {err}. {way_out}") from err
+    floor = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 2e-2)
+    for name, g, b, o in zip(("policy logps", "reference logps", "grad hidden", "grad weight"), got, budget, oracle):
+        err, allowed = (g.double() - o).abs().max().item(), 2 * (b.double() - o).abs().max().item() + floor
+        if not err <= allowed:
+            raise RuntimeError(
+                f"kernels: self-check failed: the Triton kernels' {name} on {name_dev} ({dtype}) are off by "
+                f"{err:.3g} from float64 (allowed {allowed:.3g}); this Triton/GPU combination is not supported. "
+                + way_out)
+    _SELF_CHECKED.add(key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +312,17 @@ def causal_lm_logps(
                           ignore_index=ignore_index, reduction=reduction, impl=impl)
 
 
+def folded_width(hidden_size: int) -> int:
+    """Hidden width once the bias is folded in: H + 1 rounded up to a multiple of 64. Odd widths
+    (4097) lose 16-byte row alignment in the kernels: no cp.async, no vectorised loads."""
+    return -(-(hidden_size + 1) // 64) * 64
+
+
 def _fold_bias(hidden, weight, bias):
-    """h @ W^T + b == [h, 1] @ [W, b]^T: the bias becomes one more hidden column (copies W once)."""
+    """h @ W^T + b == [h, 1, 0..] @ [W, b, 0..]^T: the bias becomes one more hidden column, zero-padded
+    to `folded_width` (copies W once)."""
+    pad = folded_width(hidden.shape[-1]) - hidden.shape[-1] - 1
     ones = hidden.new_ones(hidden.shape[:-1] + (1,))
-    return torch.cat([hidden, ones], dim=-1), torch.cat([weight, bias[:, None].to(weight.dtype)], dim=1)
+    hidden = torch.nn.functional.pad(torch.cat([hidden, ones], dim=-1), (0, pad))
+    weight = torch.nn.functional.pad(torch.cat([weight, bias[:, None].to(weight.dtype)], dim=1), (0, pad))
+    return hidden, weight

@@ -38,6 +38,30 @@ def naive_token_logps(hidden, weight, targets, temperature=1.0, softcap=None, dt
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def add_matmul_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b. bf16/fp16 on CUDA: one GEMM accumulating into acc (`addmm(out_dtype=float32)`,
+    torch >= 2.8), no [V, H] low-precision temporary; elsewhere (CPU, older torch) via a temporary."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _ADDMM_OUT_DTYPE:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += (a @ b).float()
+
+
+def _addmm_has_out_dtype() -> bool:
+    try:  # the meta kernel checks the signature without a GPU
+        acc = torch.empty(2, 2, device="meta")
+        x = torch.empty(2, 2, dtype=torch.bfloat16, device="meta")
+        torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
+        return True
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+_ADDMM_OUT_DTYPE = _addmm_has_out_dtype()
+
+
 def _chunk_rows(num_rows: int, vocab: int, chunk_elements: int) -> int:
     return max(1, min(num_rows, chunk_elements // max(vocab, 1)))
 
@@ -97,10 +121,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
             if need_hidden:
                 torch.mm(grad, weight, out=grad_hidden[start:end])
             if need_weight:
-                if grad.dtype == torch.float32:
-                    grad_weight.addmm_(grad.T, h)  # no [V, H] temporary per chunk
-                else:
-                    grad_weight += (grad.T @ h).float()
+                add_matmul_fp32_(grad_weight, grad.T, h)
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None
