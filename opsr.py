@@ -19,6 +19,7 @@ pairs under the *plain* prompt, one epoch per iteration, with a decaying learnin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -127,6 +128,8 @@ class Args:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     gradient_checkpointing: bool = False
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """compute dtype; master weights and optimizer state stay fp32. auto = bfloat16 on CUDA, float32 on CPU"""
     sampler: Literal["hf", "vllm"] = "hf"
     chat_template: str | None = None
     reward_fn: str | None = None
@@ -165,6 +168,8 @@ def resolve(args: Args) -> tuple[Args, dict]:
     if args.lrs is None:
         lrs = list(preset["lrs"])
         filled["lrs"] = (lrs + [lrs[-1]] * args.iterations)[: max(args.iterations, 1)]
+    if args.dtype == "auto":
+        filled["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
     args = dataclasses.replace(args, **filled)
     checks = [
         (args.iterations >= 1, f"--iterations must be >= 1, got {args.iterations}"),
@@ -382,7 +387,7 @@ def main(args: Args) -> dict:
         model = save_atomic(model, tokenizer, out_dir / f"iter_{m}")
         if world() > 1 and args.lora_r == 0:  # an unsharded copy per rank for generation
             del model
-            model = load_model(str(out_dir / f"iter_{m}"), device)
+            model = load_model(str(out_dir / f"iter_{m}"), device, args)
         if reward_fn and eval_prompts:
             evaluate_and_log(str(m), model, str(out_dir / f"iter_{m}"))
         state["completed"] = m
@@ -392,7 +397,7 @@ def main(args: Args) -> dict:
     log({"data/offline_pairs": len(offline), "data/prompt_pool": len(pool), **{f"data/{k}": v for k, v in length_counts.items()}})
     start = args.init_checkpoint or model_path
     model = load_model(str(out_dir / f"iter_{state['completed']}") if state["completed"] >= 0 and not
-                       (state["completed"] == 0 and args.init_checkpoint) else start, device)
+                       (state["completed"] == 0 and args.init_checkpoint) else start, device, args)
     if reward_fn and eval_prompts and "sft" not in state["eval"] and state["completed"] < 0:
         evaluate_and_log("sft", model, start)
 
@@ -811,18 +816,31 @@ def write_atomic(path: Path, obj):
 
 
 # Copied from sera.load_model
-def load_model(path: str, device: torch.device):
-    from transformers import AutoModelForCausalLM
+def load_model(path: str, device: torch.device, args: Args | None = None):
+    """fp32 master weights; --dtype bfloat16 computes in bf16 by autocast around the forward. With LoRA the
+    frozen base is held in the compute dtype (peft keeps the adapters fp32). Checkpoints keep `path`'s dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    bf16 = args is not None and args.dtype == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 and args.lora_r > 0 else torch.float32)
+    model.checkpoint_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32  # what save_atomic writes
+    if bf16:
+        forward = model.forward
+
+        @functools.wraps(forward)
+        def autocast_forward(*a, **k):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return forward(*a, **k)
+
+        model.forward = autocast_forward
+    return model.to(device)
 
 
 # Copied from sera.shard_model
 def shard_model(model):
     """FSDP2 under torchrun: each decoder layer, then the root. The root keeps embeddings, final norm and
     lm_head gathered from forward to backward: the fused log-prob kernel reads lm_head.weight after the
-    model's forward returns."""
+    model's forward returns. Parameters stay fp32 (masters); bf16 compute comes from load_model's autocast."""
     from torch.distributed.fsdp import fully_shard
 
     layer_types = set(getattr(model, "_no_split_modules", None) or [])
@@ -884,10 +902,14 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = model.state_dict()
+    dtype = getattr(model, "checkpoint_dtype", torch.float32)  # the loaded checkpoint's, not the masters'
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = directory.with_name(directory.name + ".tmp")
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        model.config.dtype = dtype
+        model.config.save_pretrained(tmp)  # save_pretrained recorded the masters' dtype
         tokenizer.save_pretrained(tmp)
     if world() > 1:
         dist.barrier()

@@ -24,6 +24,7 @@ choice of baseline, how the formed pairs get their strength and every hyperparam
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -151,6 +152,8 @@ class Args:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     gradient_checkpointing: bool = False
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """compute dtype; master weights and optimizer state stay fp32. auto = bfloat16 on CUDA, float32 on CPU"""
     chat_template: str | None = None
     reward_fn: str | None = None
     """path/to/file.py:function(prompt, response) -> float, the evaluation score (toy oracle by default)"""
@@ -198,6 +201,8 @@ def resolve(args: Args) -> tuple[Args, dict]:
         filled["chat_template"] = preset["chat_template"]
     if args.lora_r and args.save_every is None:
         filled["save_every"] = 0  # LoRA runs checkpoint at the end only (see the check below)
+    if args.dtype == "auto":
+        filled["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
     args = dataclasses.replace(args, **filled)
     checks = [
         (args.k >= 2, f"--k must be >= 2 (samples per prompt), got {args.k}"),
@@ -623,7 +628,7 @@ def main(args: Args) -> dict:
     # ALGO LOGIC: Stage 0 — SFT + preference augmentation (§4.3 steps 1-3); pi_0 is also the frozen reference
     stage0 = out_dir / "stage0"
     if not state["stage0_done"]:
-        model = load_model(model_path, device)
+        model = load_model(model_path, device, args)
         report("sft", model)
         if not args.skip_augmentation:
             model = prepare_for_training(model, args)
@@ -631,15 +636,15 @@ def main(args: Args) -> dict:
             model = save_atomic(model, tokenizer, stage0)
             if world() > 1 and not lora:  # an unsharded copy per rank to judge and evaluate with
                 del model
-                model = load_model(str(stage0), device)
+                model = load_model(str(stage0), device, args)
             report("augmented", model)
         state["stage0_done"] = True
         write_atomic(state_file, state)
     start = str(stage0) if (stage0 / "config.json").exists() else model_path
-    model = load_model(str(checkpoint) if trainer_state else start, device)
+    model = load_model(str(checkpoint) if trainer_state else start, device, args)
     ref_model = None
     if not lora:  # frozen copy; with LoRA the base weights under the adapter are the reference
-        ref_model = load_model(start, device).eval().requires_grad_(False)
+        ref_model = load_model(start, device, args).eval().requires_grad_(False)
         if world() > 1:
             ref_model = shard_model(ref_model)
 
@@ -733,7 +738,7 @@ def main(args: Args) -> dict:
     model = save_atomic(model, tokenizer, out_dir / "final")
     if world() > 1 and not lora:
         del model
-        model = load_model(str(out_dir / "final"), device)
+        model = load_model(str(out_dir / "final"), device, args)
     state["step"] = n_steps
     report("final", model)
     state["done"] = True
@@ -1093,18 +1098,31 @@ def write_atomic(path: Path, obj):
 
 
 # Copied from sera.load_model
-def load_model(path: str, device: torch.device):
-    from transformers import AutoModelForCausalLM
+def load_model(path: str, device: torch.device, args: Args | None = None):
+    """fp32 master weights; --dtype bfloat16 computes in bf16 by autocast around the forward. With LoRA the
+    frozen base is held in the compute dtype (peft keeps the adapters fp32). Checkpoints keep `path`'s dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    bf16 = args is not None and args.dtype == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 and args.lora_r > 0 else torch.float32)
+    model.checkpoint_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32  # what save_atomic writes
+    if bf16:
+        forward = model.forward
+
+        @functools.wraps(forward)
+        def autocast_forward(*a, **k):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return forward(*a, **k)
+
+        model.forward = autocast_forward
+    return model.to(device)
 
 
 # Copied from sera.shard_model
 def shard_model(model):
     """FSDP2 under torchrun: each decoder layer, then the root. The root keeps embeddings, final norm and
     lm_head gathered from forward to backward: the fused log-prob kernel reads lm_head.weight after the
-    model's forward returns."""
+    model's forward returns. Parameters stay fp32 (masters); bf16 compute comes from load_model's autocast."""
     from torch.distributed.fsdp import fully_shard
 
     layer_types = set(getattr(model, "_no_split_modules", None) or [])
@@ -1166,10 +1184,14 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = model.state_dict()
+    dtype = getattr(model, "checkpoint_dtype", torch.float32)  # the loaded checkpoint's, not the masters'
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = directory.with_name(directory.name + ".tmp")
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        model.config.dtype = dtype
+        model.config.save_pretrained(tmp)  # save_pretrained recorded the masters' dtype
         tokenizer.save_pretrained(tmp)
     if world() > 1:
         dist.barrier()

@@ -20,6 +20,7 @@ frozen base is replicated and the adapter gradients are averaged across ranks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -128,6 +129,8 @@ class Args:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     gradient_checkpointing: bool = False
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """compute dtype; master weights and optimizer state stay fp32. auto = bfloat16 on CUDA, float32 on CPU"""
     sampler: Literal["hf", "vllm"] = "hf"
     chat_template: str | None = None
     """jinja file for tokenizers without a chat template"""
@@ -177,6 +180,8 @@ def resolve(args: Args) -> tuple[Args, dict]:
         filled["dataset"] = preset["dataset"]
     if args.lora_r is None and preset.get("lora_alpha"):
         filled.update(lora_alpha=preset["lora_alpha"], lora_dropout=preset["lora_dropout"])
+    if args.dtype == "auto":
+        filled["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
     args = dataclasses.replace(args, **filled)
     checks = [
         (args.iterations >= 1, f"--iterations must be >= 1, got {args.iterations}"),
@@ -385,7 +390,7 @@ def main(args: Args) -> dict:
     model_paths = {0: model_path}
     for j in range(1, state["completed"] + 1):
         model_paths[j] = str(out_dir / f"iter_{j}")
-    model = load_model(model_paths[state["completed"]], device)
+    model = load_model(model_paths[state["completed"]], device, args)
     cache_file = out_dir / "offline_logps.pt"
     # offline_logps[j] = (S(theta_j, y_w), S(theta_j, y_l)) for every offline pair, computed while
     # theta_j is the current model; they are the IRM inputs and the training reference.
@@ -453,7 +458,7 @@ def main(args: Args) -> dict:
                     keep.append((pi, text))
             cand_logps = {}
             for j in sorted(reward_models(prev, args)) if sequences else []:
-                scorer = model if j == prev else load_model(model_paths[j], device)
+                scorer = model if j == prev else load_model(model_paths[j], device, args)
                 cand_logps[j], cand_counts = score(scorer, sequences, args, tokenizer.pad_token_id, device, desc=f"score samples under theta_{j}")
                 if scorer is not model:
                     del scorer
@@ -491,7 +496,7 @@ def main(args: Args) -> dict:
         start_step, trainer_state = 0, None
         if args.resume and partial.exists():
             del model
-            model = load_model(str(partial), device)
+            model = load_model(str(partial), device, args)
             trainer_state = torch.load(partial / f"trainer_state_rank{rank()}.pt", weights_only=False)
             start_step = trainer_state["step"]
         model = prepare_for_training(model, args)
@@ -513,7 +518,7 @@ def main(args: Args) -> dict:
         model_paths[t] = str(out_dir / f"iter_{t}")
         if world() > 1 and args.lora_r == 0:  # an unsharded copy per rank for generation and scoring
             del model
-            model = load_model(model_paths[t], device)
+            model = load_model(model_paths[t], device, args)
         # The reference of iteration t+1 is theta_t: its log-probs are computed at the top of the loop.
         if reward_fn and eval_prompts:
             evaluate_and_log(t, model, model_paths[t])
@@ -849,17 +854,30 @@ def write_atomic(path: Path, obj):
         os.replace(tmp, path)
 
 
-def load_model(path: str, device: torch.device):
-    from transformers import AutoModelForCausalLM
+def load_model(path: str, device: torch.device, args: Args | None = None):
+    """fp32 master weights; --dtype bfloat16 computes in bf16 by autocast around the forward. With LoRA the
+    frozen base is held in the compute dtype (peft keeps the adapters fp32). Checkpoints keep `path`'s dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    bf16 = args is not None and args.dtype == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 and args.lora_r > 0 else torch.float32)
+    model.checkpoint_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32  # what save_atomic writes
+    if bf16:
+        forward = model.forward
+
+        @functools.wraps(forward)
+        def autocast_forward(*a, **k):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return forward(*a, **k)
+
+        model.forward = autocast_forward
+    return model.to(device)
 
 
 def shard_model(model):
     """FSDP2 under torchrun: each decoder layer, then the root. The root keeps embeddings, final norm and
     lm_head gathered from forward to backward: the fused log-prob kernel reads lm_head.weight after the
-    model's forward returns."""
+    model's forward returns. Parameters stay fp32 (masters); bf16 compute comes from load_model's autocast."""
     from torch.distributed.fsdp import fully_shard
 
     layer_types = set(getattr(model, "_no_split_modules", None) or [])
@@ -918,10 +936,14 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = model.state_dict()
+    dtype = getattr(model, "checkpoint_dtype", torch.float32)  # the loaded checkpoint's, not the masters'
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = directory.with_name(directory.name + ".tmp")
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        model.config.dtype = dtype
+        model.config.save_pretrained(tmp)  # save_pretrained recorded the masters' dtype
         tokenizer.save_pretrained(tmp)
     if world() > 1:
         dist.barrier()
