@@ -60,17 +60,17 @@ LEAK_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
 MODELS = {
     "toy": dict(  # the shipped tiny model: the paper's shape (init + 3 iterations, decaying lr), lr scaled [ours]
         path=str(TOY / "model"), dataset="toy", prompts=str(TOY / "data" / "prompts.jsonl"), beta=2.0, gamma=0.5,
-        lrs=(1e-4, 5e-5, 2.5e-5), batch_size=16, grad_accum=1, lora_r=0, max_length=96, max_prompt_length=64,
+        lrs=(1e-4, 5e-5, 2.5e-5), batch_size=16, global_batch=16, lora_r=0, max_length=96, max_prompt_length=64,
         max_new_tokens=24, scheduler="cosine", long_prompts="error", num_eval=200, scoring_batch_size=128,
         generation_batch_size=256),
     "mistral-7b": dict(  # Mistral-Base: zephyr-7b-sft-full + UltraFeedback binarized
         path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback", prompts=None, beta=2.0, gamma=1.6,
-        lrs=(3e-7, 1e-7, 1e-8), batch_size=2, grad_accum=64, lora_r=0, max_length=1024, max_prompt_length=512,
+        lrs=(3e-7, 1e-7, 1e-8), batch_size=2, global_batch=128, lora_r=0, max_length=1024, max_prompt_length=512,
         max_new_tokens=512, scheduler="cosine", long_prompts="skip", num_eval=0, scoring_batch_size=16,
         generation_batch_size=64),
     "mistral-7b-instruct": dict(  # Mistral-Instruct: gamma 0.25 (an older SimPO config used 0.3)
         path="mistralai/Mistral-7B-Instruct-v0.2", dataset="mistral-instruct-ultrafeedback", prompts=None, beta=2.5,
-        gamma=0.25, lrs=(5e-7, 1e-7, 1e-8), batch_size=2, grad_accum=64, lora_r=0, max_length=2048,
+        gamma=0.25, lrs=(5e-7, 1e-7, 1e-8), batch_size=2, global_batch=128, lora_r=0, max_length=2048,
         max_prompt_length=1800, max_new_tokens=248, scheduler="cosine", long_prompts="skip", num_eval=0,
         scoring_batch_size=8, generation_batch_size=64),
 }
@@ -114,7 +114,8 @@ class Args:
     length_norm: Literal["sum", "avg"] = "sum"
     """log-prob convention for --loss dpo (SimPO always averages)"""
     batch_size: int | None = None
-    grad_accum: int | None = None
+    global_batch: int | None = None
+    """pairs per optimizer step over all ranks: batch_size x ranks x micro-batches (the paper's at any world size)"""
     scheduler: Literal["cosine", "constant"] | None = None
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -156,7 +157,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
                          "an existing local path, nor a hub id of the form org/name")
     else:
         preset = dict(MODELS["mistral-7b"], path=args.model, dataset=None)
-    filled = {k: preset[k] for k in ("batch_size", "grad_accum", "lora_r", "max_length", "max_prompt_length", "max_new_tokens",
+    filled = {k: preset[k] for k in ("batch_size", "global_batch", "lora_r", "max_length", "max_prompt_length", "max_new_tokens",
                                       "scheduler", "long_prompts", "num_eval", "scoring_batch_size", "generation_batch_size",
                                       "beta", "gamma") if getattr(args, k) is None}
     if args.dataset is None:
@@ -177,7 +178,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
         (all(isinstance(s, int) and 1 <= s <= 9 for s in args.rejected_scores), f"--rejected_scores must be integers in 1..9, got {args.rejected_scores}"),
         (len(args.lrs) >= args.iterations and all(lr > 0 for lr in args.lrs), f"--lrs needs {args.iterations} positive values, got {args.lrs}"),
         (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
-        (args.batch_size >= 1 and args.grad_accum >= 1, "--batch_size and --grad_accum must be >= 1"),
+        (args.batch_size >= 1 and accumulation(args.global_batch, args.batch_size) >= 1, "--batch_size must be >= 1"),
         (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
         (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
         (args.init_checkpoint is None or Path(args.init_checkpoint).expanduser().exists()
@@ -252,12 +253,13 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, dev
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + t)).tolist()
-    per_step = args.batch_size * args.grad_accum * world()
+    grad_accum, per_step = accumulation(args.global_batch, args.batch_size), args.global_batch
     n_steps = max(1, len(pairs) // per_step)
-    used = order[: n_steps * per_step] if len(pairs) >= per_step else order
+    # every rank runs the same micro-batches (FSDP collectives): the remainder is dropped, counted
+    used = order[: n_steps * per_step] if len(pairs) >= per_step else order[: len(pairs) - len(pairs) % world()]
     dropped = len(pairs) - len(used)
     local = used[rank()::world()]
-    micro = max(1, math.ceil(len(local) / (n_steps * args.grad_accum)))
+    micro = max(1, math.ceil(len(local) / (n_steps * grad_accum)))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     warmup = int(args.warmup_ratio * n_steps)
@@ -267,13 +269,14 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, dev
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
         torch.set_rng_state(trainer_state["rng"])
-    log({"iteration": t, "train/pairs": len(pairs), "train/pairs_dropped_remainder": dropped, "train/steps": n_steps})
+    log({"iteration": t, "train/pairs": len(pairs), "train/pairs_dropped_remainder": dropped, "train/steps": n_steps,
+         "train/grad_accum": grad_accum})
     use_avg = args.loss == "simpo" or args.length_norm == "avg"
     bar = progress(range(start_step, n_steps), desc=f"iteration {t}")
     for step in bar:
         tic, sums = time.perf_counter(), [0.0] * 9
-        for accum in range(args.grad_accum):
-            offset = (step * args.grad_accum + accum) * micro
+        for accum in range(grad_accum):
+            offset = (step * grad_accum + accum) * micro
             batch_pairs = [pairs[i] for i in local[offset: offset + micro]]
             if not batch_pairs:
                 continue
@@ -285,7 +288,7 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, dev
             ref = torch.tensor([p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
                                device=device, dtype=torch.float32)
             losses, chosen_reward, rejected_reward = daa_losses(logps, ref, counts, args)
-            (losses.sum() / (micro * args.grad_accum)).backward()
+            (losses.sum() / (micro * grad_accum)).backward()
             with torch.no_grad():
                 if use_avg:
                     logps = logps / counts
@@ -365,7 +368,7 @@ def main(args: Args) -> dict:
     eval_prompts = load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
 
     device = init_device(args.seed)
-    run_name = f"opsr__{Path(args.model).name}__{args.seed}__{int(time.time())}"
+    run_name = f"opsr__{Path(args.model).name}__{args.seed}__{now()}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
     state_file = out_dir / "state.json"
     state = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {"completed": -1, "eval": {}}
@@ -664,6 +667,16 @@ def load_reward_fn(spec: str | None):
     return getattr(module, name)
 
 
+# Copied from sera.accumulation
+def accumulation(global_batch: int, batch_size: int) -> int:
+    """Micro-batches per optimizer step, so that a step sees global_batch examples at any number of ranks."""
+    ranks = int(os.environ.get("WORLD_SIZE", 1))  # known before the process group is joined
+    if global_batch < 1 or batch_size < 1 or global_batch % (batch_size * ranks):
+        raise InputError(f"--global_batch {global_batch} must be a positive multiple of --batch_size {batch_size} "
+                         f"x {ranks} ranks")
+    return global_batch // (batch_size * ranks)
+
+
 # Copied from sera.rank
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -684,6 +697,15 @@ def init_device(seed: int) -> torch.device:
         torch.cuda.set_device(device)
     torch.manual_seed(seed)
     return device
+
+
+# Copied from sera.now
+def now() -> int:
+    """Rank 0's clock in seconds: every rank names the same run folder."""
+    stamp = [int(time.time())]
+    if world() > 1:
+        dist.broadcast_object_list(stamp, 0)
+    return stamp[0]
 
 
 # Copied from sera.shard
@@ -756,6 +778,10 @@ def check_resume(args: Args):
     if not saved.exists():
         raise InputError(f"--resume: {saved} not found; nothing to resume")
     stored = json.loads(saved.read_text())
+    ranks = int(os.environ.get("WORLD_SIZE", 1))
+    if stored.get("world_size", 1) != ranks:  # per-rank data shards and trainer states
+        raise InputError(f"--resume: the run in {args.output_dir} was started on {stored.get('world_size', 1)} ranks, "
+                         f"this launch has {ranks}; resume with the same number of ranks")
     changed = {k for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
                if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
     if changed:
@@ -771,7 +797,7 @@ class Logs:
         self.out_dir, self.track, self.step, self.writer = out_dir, args.track, 0, None
         if rank() == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-            config = json.dumps(dataclasses.asdict(args), indent=2)
+            config = json.dumps({**dataclasses.asdict(args), "world_size": world()}, indent=2)
             (out_dir / "resolved_config.json").write_text(config)
             print(config)
             from torch.utils.tensorboard import SummaryWriter
@@ -864,6 +890,9 @@ def prepare_for_training(model, args: Args):
         config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
         model = peft.get_peft_model(model, config)
+        for p in model.parameters() if world() > 1 else []:  # ranks' RNGs differ (generate): rank 0's adapter
+            if p.requires_grad:
+                dist.broadcast(p.data, 0)
     elif world() > 1:
         model = shard_model(model)
     model.train()
@@ -874,8 +903,10 @@ def prepare_for_training(model, args: Args):
 def optimizer_step(trainable: list, optimizer, scheduler, sums: list[float], args: Args, where: str):
     """Average LoRA gradients over ranks (replicated base), clip, sum the step's statistics over ranks,
     stop on a non-finite loss (sums[0]), step. Returns (summed statistics, gradient norm)."""
-    if world() > 1 and args.lora_r > 0:
+    if world() > 1 and args.lora_r > 0 and all_sum([sum(p.grad is not None for p in trainable)])[0]:
         for p in trainable:
+            if p.grad is None:  # a rank without this gradient contributes zeros
+                p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
             p.grad /= world()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)

@@ -102,7 +102,7 @@ class Args:
     global_batch: int | None = None
     """pairs per optimizer step over all ranks (the paper: 64)"""
     batch_size: int | None = None
-    """pairs per device per micro-batch; gradient accumulation = global_batch / (batch_size * ranks)"""
+    """pairs per device per micro-batch; gradient accumulation = global_batch / (batch_size x ranks), must divide"""
     epochs: int = 1
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -170,8 +170,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
         (args.refine_prompt.strip() != "", "--refine_prompt is empty; use --lam 0 for plain DPO / IPO"),
         (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
         (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
-        (args.batch_size >= 1 and args.global_batch >= args.batch_size,
-         f"--global_batch ({args.global_batch}) must be >= --batch_size ({args.batch_size}) >= 1"),
+        (accumulation(args.global_batch, args.batch_size) >= 1, "--global_batch must be >= 1"),
         (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
         (args.num_pairs is None or args.num_pairs >= 2, "--num_pairs must be >= 2"),
         (args.eval_pairs >= 0, "--eval_pairs must be >= 0"),
@@ -267,7 +266,10 @@ def shared_prefix_logps(model, sequences: list[tuple[list[int], list[int]]], pad
         while k < min(len(prefix), len(prompt) - 1) and prefix[k] == prompt[k]:
             k += 1
         prefix = prefix[:k]  # at least one prompt token stays in each rest: it predicts the response
-    if len(prefix) < 8:  # nothing worth sharing
+    short = len(prefix) < 8  # nothing worth sharing
+    if world() > 1:  # decided together: FSDP ranks must run the same forwards (multi-turn prompts share less)
+        short = all_sum([float(short)])[0] > 0
+    if short:
         batch = collate(sequences, pad_id, device)
         return causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
     cache = DynamicCache()
@@ -320,13 +322,13 @@ def sr_losses(model, batch_pairs: list[dict], args: Args, device, pad_id: int) -
 def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_step, start_step=0, trainer_state=None):
     from transformers import get_constant_schedule_with_warmup
 
-    grad_accum = max(1, args.global_batch // (args.batch_size * world()))
-    per_step = args.batch_size * grad_accum * world()
+    grad_accum, per_step = accumulation(args.global_batch, args.batch_size), args.global_batch
     order = []
     for epoch in range(args.epochs):
         order += torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
     n_steps = max(1, len(order) // per_step)
-    used = order[: n_steps * per_step]
+    # every rank runs the same micro-batches (FSDP collectives): the remainder is dropped, counted
+    used = order[: n_steps * per_step] if len(order) >= per_step else order[: len(order) - len(order) % world()]
     local = used[rank()::world()]
     micro = max(1, math.ceil(len(local) / (n_steps * grad_accum)))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -392,7 +394,7 @@ def main(args: Args) -> dict:
     eval_prompts = load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
 
     device = init_device(args.seed)
-    run_name = f"srdpo__{Path(args.model).name}__{args.seed}__{int(time.time())}"
+    run_name = f"srdpo__{Path(args.model).name}__{args.seed}__{now()}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
     state_file = out_dir / "state.json"
     state = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {"done": False, "eval": {}}
@@ -674,6 +676,16 @@ def load_reward_fn(spec: str | None):
     return getattr(module, name)
 
 
+# Copied from sera.accumulation
+def accumulation(global_batch: int, batch_size: int) -> int:
+    """Micro-batches per optimizer step, so that a step sees global_batch examples at any number of ranks."""
+    ranks = int(os.environ.get("WORLD_SIZE", 1))  # known before the process group is joined
+    if global_batch < 1 or batch_size < 1 or global_batch % (batch_size * ranks):
+        raise InputError(f"--global_batch {global_batch} must be a positive multiple of --batch_size {batch_size} "
+                         f"x {ranks} ranks")
+    return global_batch // (batch_size * ranks)
+
+
 # Copied from sera.rank
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -694,6 +706,15 @@ def init_device(seed: int) -> torch.device:
         torch.cuda.set_device(device)
     torch.manual_seed(seed)
     return device
+
+
+# Copied from sera.now
+def now() -> int:
+    """Rank 0's clock in seconds: every rank names the same run folder."""
+    stamp = [int(time.time())]
+    if world() > 1:
+        dist.broadcast_object_list(stamp, 0)
+    return stamp[0]
 
 
 # Copied from sera.shard
@@ -766,6 +787,10 @@ def check_resume(args: Args):
     if not saved.exists():
         raise InputError(f"--resume: {saved} not found; nothing to resume")
     stored = json.loads(saved.read_text())
+    ranks = int(os.environ.get("WORLD_SIZE", 1))
+    if stored.get("world_size", 1) != ranks:  # per-rank data shards and trainer states
+        raise InputError(f"--resume: the run in {args.output_dir} was started on {stored.get('world_size', 1)} ranks, "
+                         f"this launch has {ranks}; resume with the same number of ranks")
     changed = {k for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
                if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
     if changed:
@@ -781,7 +806,7 @@ class Logs:
         self.out_dir, self.track, self.step, self.writer = out_dir, args.track, 0, None
         if rank() == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-            config = json.dumps(dataclasses.asdict(args), indent=2)
+            config = json.dumps({**dataclasses.asdict(args), "world_size": world()}, indent=2)
             (out_dir / "resolved_config.json").write_text(config)
             print(config)
             from torch.utils.tensorboard import SummaryWriter
@@ -874,6 +899,9 @@ def prepare_for_training(model, args: Args):
         config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
         model = peft.get_peft_model(model, config)
+        for p in model.parameters() if world() > 1 else []:  # ranks' RNGs differ (generate): rank 0's adapter
+            if p.requires_grad:
+                dist.broadcast(p.data, 0)
     elif world() > 1:
         model = shard_model(model)
     model.train()
@@ -884,8 +912,10 @@ def prepare_for_training(model, args: Args):
 def optimizer_step(trainable: list, optimizer, scheduler, sums: list[float], args: Args, where: str):
     """Average LoRA gradients over ranks (replicated base), clip, sum the step's statistics over ranks,
     stop on a non-finite loss (sums[0]), step. Returns (summed statistics, gradient norm)."""
-    if world() > 1 and args.lora_r > 0:
+    if world() > 1 and args.lora_r > 0 and all_sum([sum(p.grad is not None for p in trainable)])[0]:
         for p in trainable:
+            if p.grad is None:  # a rank without this gradient contributes zeros
+                p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
             p.grad /= world()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)

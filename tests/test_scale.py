@@ -96,3 +96,111 @@ def test_lora_bf16_base_fp32_adapters(toy_pairs):
     assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
     assert all(p.dtype == torch.bfloat16 for p in frozen.values())
     assert (one_step(model, args, toy_pairs) != 0).any()
+
+
+def test_final_hidden_state_from_a_hook():
+    """causal_lm_logps takes the final hidden state from a forward hook on the decoder body (equal to
+    hidden_states[-1]) without asking the model for every layer's output."""
+    from transformers import AutoModelForCausalLM
+
+    from kernels.ops import decoder_hidden_states
+
+    model = AutoModelForCausalLM.from_pretrained(TOY_MODEL, dtype=torch.float32)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(dict(kwargs)), with_kwargs=True)
+    ids = torch.randint(3, 30, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = decoder_hidden_states(model, ids, torch.ones_like(ids))
+        expected = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert not seen[0].get("output_hidden_states") and seen[0]["logits_to_keep"] == 1
+    assert torch.equal(hidden, expected)
+
+
+# ---- gloo runs on 2 and 3 CPU ranks (slow): pools that do not divide, a timeout turns a hang into a failure
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def launch(script, ranks, *argv, cwd=ROOT, env=ENV, timeout=600):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks)] if ranks > 1 else [sys.executable]
+    try:
+        res = subprocess.run([*command, str(ROOT / script), *argv], capture_output=True, text=True, cwd=cwd, env=env,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"{script} on {ranks} ranks hung (no exit in {timeout} s):\n{(err.stderr or b'')[-3000:]}")
+    return res
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+
+
+def skewed_clock_env(tmp_path):
+    """Rank 1's clock runs 5 s ahead (a sitecustomize on its path): run folders named by each rank's time differ."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('RANK') == '1':\n    _time = time.time\n    time.time = lambda: _time() + 5\n")
+    return {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT), ENV.get("PYTHONPATH", "")])}
+
+
+@pytest.mark.slow
+def test_sera_three_ranks_uneven_pool_bf16_one_folder_and_resume_world_check(tmp_path):
+    """3 ranks, FSDP2, --dtype bfloat16: 14 pairs for a global batch of 24 in micro-batches of 2 (4 per rank per
+    step). Before, ranks held 5, 5 and 4 pairs and ran 3, 3 and 4 micro-batches: FSDP hung. Now the remainder is
+    dropped (counted), the run finishes with one process's number of steps. Without --output_dir and with rank 1's
+    clock ahead, all ranks use rank 0's folder (each reloads iter_1 from it). A resume on 1 rank is refused."""
+    argv = ["--iterations", "1", "--num_pairs", "14", "--num_eval", "0", "--global_batch", "24", "--dtype", "bfloat16"]
+    res = launch("sera.py", 3, *argv, "--batch_size", "2", cwd=tmp_path, env=skewed_clock_env(tmp_path))
+    assert res.returncode == 0, res.stderr[-5000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, runs
+    runs[0].rename(tmp_path / "three")
+    config = json.loads((tmp_path / "three" / "resolved_config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["world_size"] == 3 and config["global_batch"] == 24
+    train = next(m for m in metrics(tmp_path / "three") if "train/steps" in m)
+    assert (train["train/steps"], train["train/grad_accum"], train["train/pairs_dropped_remainder"]) == (1, 4, 2)
+    assert len([m for m in metrics(tmp_path / "three") if "loss" in m]) == 1  # one process: 14 // 24 -> 1 step too
+    saved = load_file(str(tmp_path / "three" / "iter_1" / "model.safetensors"))
+    start = load_file(str(TOY_MODEL / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in saved.values()) and any((saved[k] != start[k]).any() for k in start)
+    res = launch("sera.py", 1, *argv, "--batch_size", "2", "--output_dir", str(tmp_path / "three"), "--resume")
+    assert res.returncode != 0 and "started on 3 ranks, this launch has 1" in res.stderr.strip().splitlines()[-1]
+    res = launch("sera.py", 1, *argv, "--batch_size", "5")  # 24 pairs per step do not split into micro-batches of 5
+    assert res.returncode != 0 and "--global_batch 24 must be a positive multiple of --batch_size 5" in res.stderr
+
+
+@pytest.mark.slow
+def test_sera_two_ranks_lora_one_adapter(tmp_path):
+    """2 ranks, LoRA, 33 pairs: both ranks start from rank 0's adapter (generate seeds each rank differently
+    before it), so after iteration 1 every rank holds the saved theta_1: the offline log-probs that the ranks
+    computed under theta_1 (each its share) equal theta_1's, recomputed here."""
+    res = launch("sera.py", 2, "--iterations", "2", "--num_pairs", "33", "--num_eval", "8", "--lora_r", "4", "--lr", "1e-3",
+                 "--batch_size", "8", "--n_cand", "2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-5000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "iter_2" / "model.safetensors").exists(), runs
+    train = [m for m in metrics(runs[0]) if "train/steps" in m]
+    assert train[0]["train/steps"] == 2 and train[0]["train/grad_accum"] == 1  # 33 // 16, as on one process
+    from transformers import AutoModelForCausalLM
+
+    pairs = [json.loads(line) for line in open(runs[0] / "pairs_iter_1.jsonl")]
+    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+    model = AutoModelForCausalLM.from_pretrained(runs[0] / "iter_1", dtype=torch.float32)
+    args = sera.resolve(sera.Args(scoring_batch_size=16))[0]
+    logps = sera.score(model, sequences, args, 0, CPU, "test")[0]
+    stored = torch.load(runs[0] / "offline_logps.pt")[1]
+    torch.testing.assert_close(stored, logps, atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_srdpo_three_ranks_uneven_pool(tmp_path):
+    """3 ranks, FSDP2: 13 training pairs for a global batch of 24 in micro-batches of 2; the shared-prefix
+    refinement pass decides its branch on all ranks together."""
+    res = launch("srdpo.py", 3, "--num_pairs", "22", "--eval_pairs", "8", "--num_eval", "0", "--global_batch", "24",
+                 "--batch_size", "2", "--output_dir", str(tmp_path / "three"))
+    assert res.returncode == 0, res.stderr[-5000:]
+    train = next(m for m in metrics(tmp_path / "three") if "train/steps" in m)
+    assert train["train/pairs"] < 24 and train["train/pairs"] % 3  # uneven, fewer than a step
+    assert (train["train/steps"], train["train/grad_accum"], train["train/pairs_dropped_remainder"]) == (1, 4, train["train/pairs"] % 3)
+    assert json.loads((tmp_path / "three" / "state.json").read_text())["done"]
