@@ -67,12 +67,12 @@ MODELS = {
         path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback", prompts=None, beta=2.0, gamma=1.6,
         lrs=(3e-7, 1e-7, 1e-8), batch_size=2, global_batch=128, lora_r=0, max_length=1024, max_prompt_length=512,
         max_new_tokens=512, scheduler="cosine", long_prompts="skip", num_eval=0, scoring_batch_size=16,
-        generation_batch_size=64),
+        generation_batch_size=64, gradient_checkpointing=True),
     "mistral-7b-instruct": dict(  # Mistral-Instruct: gamma 0.25 (an older SimPO config used 0.3)
         path="mistralai/Mistral-7B-Instruct-v0.2", dataset="mistral-instruct-ultrafeedback", prompts=None, beta=2.5,
         gamma=0.25, lrs=(5e-7, 1e-7, 1e-8), batch_size=2, global_batch=128, lora_r=0, max_length=2048,
         max_prompt_length=1800, max_new_tokens=248, scheduler="cosine", long_prompts="skip", num_eval=0,
-        scoring_batch_size=8, generation_batch_size=64),
+        scoring_batch_size=8, generation_batch_size=64, gradient_checkpointing=True),
 }
 
 DATASETS = {
@@ -128,7 +128,8 @@ class Args:
     lora_r: int | None = None
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
+    """recompute activations in the backward pass (default: on in the 7B presets)"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """compute dtype; master weights and optimizer state stay fp32. auto = bfloat16 on CUDA, float32 on CPU"""
     sampler: Literal["hf", "vllm"] = "hf"
@@ -169,6 +170,8 @@ def resolve(args: Args) -> tuple[Args, dict]:
     if args.lrs is None:
         lrs = list(preset["lrs"])
         filled["lrs"] = (lrs + [lrs[-1]] * args.iterations)[: max(args.iterations, 1)]
+    if args.gradient_checkpointing is None:
+        filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
     if args.dtype == "auto":
         filled["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
     args = dataclasses.replace(args, **filled)
@@ -268,7 +271,7 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, dev
     if trainer_state is not None:
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
-        torch.set_rng_state(trainer_state["rng"])
+        set_rng_state(trainer_state["rng"])
     log({"iteration": t, "train/pairs": len(pairs), "train/pairs_dropped_remainder": dropped, "train/steps": n_steps,
          "train/grad_accum": grad_accum})
     use_avg = args.loss == "simpo" or args.length_norm == "avg"
@@ -954,6 +957,19 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
     if world() > 1:
         dist.barrier()
     return model
+
+
+# Copied from sera.rng_state
+def rng_state() -> dict:
+    """This rank's random number generators, CUDA's included (sampling draws from them), for step checkpoints."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+# Copied from sera.set_rng_state
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # Copied from sera.collate

@@ -80,7 +80,7 @@ MODELS = {
         long_prompts="skip", aug_epochs=1, aug_lr=1e-5, aug_batch_size=16, num_sft=None, num_judge_eval=500,
         num_eval=0, eval_every=0, save_every=50, scoring_batch_size=16, generation_batch_size=64, judge_batch_size=16),
     "mistral-7b": dict(  # zephyr SFT start, full fine-tuning (shard with torchrun)
-        path="alignment-handbook/zephyr-7b-sft-full", dataset="hh-rlhf", lr=5e-7, prompts_per_step=8,
+        path="alignment-handbook/zephyr-7b-sft-full", dataset="hh-rlhf", lr=5e-7, prompts_per_step=8, gradient_checkpointing=True,
         micro_batch_size=4, lora_r=0, max_length=768, max_prompt_length=512, max_new_tokens=256,
         judge_max_length=2048, long_prompts="skip", aug_epochs=1, aug_lr=1e-6, aug_batch_size=16, num_sft=None,
         num_judge_eval=500, num_eval=0, eval_every=0, save_every=50, scoring_batch_size=8, generation_batch_size=64,
@@ -151,7 +151,8 @@ class Args:
     lora_r: int | None = None
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
+    """recompute activations in the backward pass (default: on in the 7B presets)"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """compute dtype; master weights and optimizer state stay fp32. auto = bfloat16 on CUDA, float32 on CPU"""
     chat_template: str | None = None
@@ -201,6 +202,8 @@ def resolve(args: Args) -> tuple[Args, dict]:
         filled["chat_template"] = preset["chat_template"]
     if args.lora_r and args.save_every is None:
         filled["save_every"] = 0  # LoRA runs checkpoint at the end only (see the check below)
+    if args.gradient_checkpointing is None:
+        filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
     if args.dtype == "auto":
         filled["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
     args = dataclasses.replace(args, **filled)
@@ -656,6 +659,7 @@ def main(args: Args) -> dict:
     if trainer_state:
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
+        set_rng_state(trainer_state["rng"])
     per_epoch = max(1, len(pool) // args.prompts_per_step)
     bar = progress(range(state["step"], n_steps), desc="stage 1 (online)")
     steps_this_process = 0
@@ -729,7 +733,8 @@ def main(args: Args) -> dict:
             report(f"step_{step + 1}", model)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < n_steps:
             model = save_atomic(model, tokenizer, checkpoint, {f"trainer_state_rank{rank()}.pt": {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step + 1}})
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step + 1,
+                "rng": rng_state()}})
             state["step"] = step + 1
             write_atomic(state_file, state)
         steps_this_process += 1
@@ -1233,6 +1238,19 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
     if world() > 1:
         dist.barrier()
     return model
+
+
+# Copied from sera.rng_state
+def rng_state() -> dict:
+    """This rank's random number generators, CUDA's included (sampling draws from them), for step checkpoints."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+# Copied from sera.set_rng_state
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # Copied from sera.collate

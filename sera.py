@@ -11,7 +11,7 @@ previous iteration's model.
     python sera.py --model mistral-7b                 # paper settings (zephyr SFT, UltraFeedback, LoRA r=8)
     python sera.py --model tinyllama --loss ipo       # paper settings for TinyLlama-1.1B
     python sera.py --model ./my-sft --dataset ./pairs.jsonl --loss simpo --iterations 3
-    torchrun --nproc-per-node 8 sera.py --model mistral-7b --output_dir runs/m7
+    torchrun --nproc-per-node 4 sera.py --model mistral-7b --output_dir runs/m7
 
 Under torchrun, full fine-tuning shards the policy with FSDP2 (`fully_shard`); with LoRA the
 frozen base is replicated and the adapter gradients are averaged across ranks.
@@ -68,7 +68,7 @@ MODELS = {
         lora_r=0, max_length=1024, max_prompt_length=512, max_new_tokens=512, scheduler="cosine",
         long_prompts="skip", num_eval=500, scoring_batch_size=16, generation_batch_size=64),
     "mistral-7b": dict(  # alignment-handbook Zephyr DPO LoRA recipe with rank 8 (SeRA App. B.2, Table 4)
-        path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback",
+        path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback", gradient_checkpointing=True,
         beta=dict(dpo=0.01, hinge=0.01, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-6, batch_size=4, global_batch=16,
         lora_r=8, lora_alpha=128, lora_dropout=0.05, max_length=1024, max_prompt_length=512, max_new_tokens=512,
         scheduler="cosine", long_prompts="skip", num_eval=500, scoring_batch_size=8, generation_batch_size=64),
@@ -129,7 +129,8 @@ class Args:
     """0 = full fine-tuning; > 0 trains a fresh LoRA adapter each iteration (merged at its end; needs peft)"""
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
+    """recompute activations in the backward pass (default: on in the 7B presets)"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """compute dtype; master weights and optimizer state stay fp32. auto = bfloat16 on CUDA, float32 on CPU"""
     sampler: Literal["hf", "vllm"] = "hf"
@@ -181,6 +182,8 @@ def resolve(args: Args) -> tuple[Args, dict]:
         filled["dataset"] = preset["dataset"]
     if args.lora_r is None and preset.get("lora_alpha"):
         filled.update(lora_alpha=preset["lora_alpha"], lora_dropout=preset["lora_dropout"])
+    if args.gradient_checkpointing is None:
+        filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
     if args.dtype == "auto":
         filled["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
     args = dataclasses.replace(args, **filled)
@@ -309,7 +312,7 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, dev
     if trainer_state is not None:
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
-        torch.set_rng_state(trainer_state["rng"])
+        set_rng_state(trainer_state["rng"])
     log({"iteration": t, "train/pairs": len(pairs), "train/pairs_dropped_remainder": dropped, "train/steps": n_steps,
          "train/grad_accum": grad_accum})
     use_avg = args.loss == "simpo" or args.length_norm == "avg"
@@ -510,7 +513,7 @@ def main(args: Args) -> dict:
             if args.save_every and step % args.save_every == 0 and step < n_steps:
                 save_atomic(model, tokenizer, partial, {f"trainer_state_rank{rank()}.pt": {
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "rng": torch.get_rng_state()}})
+                    "rng": rng_state()}})
             if args.stop_after_steps is not None and steps_this_process[0] >= args.stop_after_steps:
                 raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
 
@@ -986,6 +989,17 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
     if world() > 1:
         dist.barrier()
     return model
+
+
+def rng_state() -> dict:
+    """This rank's random number generators, CUDA's included (sampling draws from them), for step checkpoints."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:

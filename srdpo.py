@@ -68,7 +68,7 @@ MODELS = {
         global_batch=64, batch_size=4, max_length=512, max_prompt_length=256, max_new_tokens=256,
         long_prompts="skip", num_eval=0, eval_pairs=0, scoring_batch_size=16),
     "zephyr-7b": dict(  # setting B
-        path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback", lr=5e-7, optimizer="rmsprop",
+        path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback", lr=5e-7, optimizer="rmsprop", gradient_checkpointing=True,
         global_batch=64, batch_size=4, max_length=512, max_prompt_length=256, max_new_tokens=256,
         long_prompts="skip", num_eval=0, eval_pairs=0, scoring_batch_size=8),
 }
@@ -120,7 +120,8 @@ class Args:
     """> 0 trains a LoRA adapter (merged into the saved checkpoint; needs peft)"""
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
+    """recompute activations in the backward pass (default: on in the 7B presets)"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """compute dtype; master weights and optimizer state stay fp32. auto = bfloat16 on CUDA, float32 on CPU"""
     chat_template: str | None = None
@@ -161,6 +162,8 @@ def resolve(args: Args) -> tuple[Args, dict]:
         if preset["dataset"] is None:
             raise InputError("--dataset is required with a custom --model")
         filled["dataset"] = preset["dataset"]
+    if args.gradient_checkpointing is None:
+        filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
     if args.dtype == "auto":
         filled["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
     args = dataclasses.replace(args, **filled)
@@ -435,7 +438,7 @@ def main(args: Args) -> dict:
         model = load_model(str(checkpoint), device, args)
         trainer_state = torch.load(checkpoint / f"trainer_state_rank{rank()}.pt", weights_only=False)
         start_step = trainer_state["step"]
-        torch.set_rng_state(trainer_state["rng"])
+        set_rng_state(trainer_state["rng"])
     model = prepare_for_training(model, args)
     steps_this_process = [0]
 
@@ -445,7 +448,7 @@ def main(args: Args) -> dict:
         if args.save_every and step % args.save_every == 0 and step < n_steps:
             save_atomic(model, tokenizer, checkpoint, {f"trainer_state_rank{rank()}.pt": {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "rng": torch.get_rng_state()}})
+                "rng": rng_state()}})
         if args.stop_after_steps is not None and steps_this_process[0] >= args.stop_after_steps:
             raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
 
@@ -963,6 +966,19 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
     if world() > 1:
         dist.barrier()
     return model
+
+
+# Copied from sera.rng_state
+def rng_state() -> dict:
+    """This rank's random number generators, CUDA's included (sampling draws from them), for step checkpoints."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+# Copied from sera.set_rng_state
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # Copied from sera.collate

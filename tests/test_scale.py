@@ -204,3 +204,78 @@ def test_srdpo_three_ranks_uneven_pool(tmp_path):
     assert train["train/pairs"] < 24 and train["train/pairs"] % 3  # uneven, fewer than a step
     assert (train["train/steps"], train["train/grad_accum"], train["train/pairs_dropped_remainder"]) == (1, 4, train["train/pairs"] % 3)
     assert json.loads((tmp_path / "three" / "state.json").read_text())["done"]
+
+
+def test_step_checkpoint_rng_state_round_trip():
+    """Step checkpoints carry every generator this rank draws from (CPU, and each CUDA device where present)."""
+    state = sera.rng_state()
+    assert set(state) == {"cpu", "cuda"} and len(state["cuda"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    expected = torch.rand(4)
+    torch.rand(7)
+    sera.set_rng_state(state)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def _lora_step_worker(rank, port, results):
+    import types
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from transformers import get_constant_schedule
+
+        params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)]
+        params[0].grad = torch.full((3,), 1.0 + rank)
+        if rank == 0:  # rank 1 holds no gradient for the second parameter (a micro-batch that did not reach it)
+            params[1].grad = torch.full((3,), 4.0)
+        optimizer = torch.optim.SGD(params, lr=1.0)
+        args = types.SimpleNamespace(lora_r=4, max_grad_norm=1e9)
+        sera.optimizer_step(params, optimizer, get_constant_schedule(optimizer), [0.0], args, "test")
+        nothing = [torch.nn.Parameter(torch.zeros(2))]  # no rank has a gradient: the step changes nothing
+        optimizer = torch.optim.SGD(nothing, lr=1.0)
+        sera.optimizer_step(nothing, optimizer, get_constant_schedule(optimizer), [0.0], args, "test")
+        results[rank] = [p.detach().tolist() for p in params + nothing]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_lora_gradient_average_with_a_missing_gradient():
+    """LoRA under torchrun averages adapter gradients itself; a rank whose gradient is None contributes zeros
+    (before: all_reduce(None) raised), and a step where no rank has one is skipped on all ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_lora_step_worker, args=(port, results), nprocs=2, join=True)
+    expected = [[-1.5] * 3, [-2.0] * 3, [0.0] * 3, [0.0] * 2]  # SGD lr 1: -(mean gradient over ranks)
+    assert results[0] == results[1] == expected
+
+
+def test_7b_presets_checkpoint_activations_and_it_changes_nothing(toy_pairs):
+    """The 7B presets turn gradient checkpointing on (README: memory at 7B); it is overridable, and a step
+    with it equals a step without it (full fine-tuning and LoRA)."""
+    import opsr
+    import osp
+    import srdpo
+
+    for module, name in ((sera, "mistral-7b"), (opsr, "mistral-7b"), (opsr, "mistral-7b-instruct"), (srdpo, "zephyr-7b"),
+                         (osp, "mistral-7b")):
+        assert module.resolve(module.Args(model=name))[0].gradient_checkpointing is True, (module.__name__, name)
+        assert module.resolve(module.Args(model=name, gradient_checkpointing=False))[0].gradient_checkpointing is False
+        assert module.resolve(module.Args())[0].gradient_checkpointing is False
+    for lora_r in (0, 4):
+        deltas = []
+        for checkpointing in (False, True):
+            args = sera.resolve(sera.Args(lr=1e-3, lora_r=lora_r, gradient_checkpointing=checkpointing))[0]
+            torch.manual_seed(0)
+            model = sera.prepare_for_training(sera.load_model(str(TOY_MODEL), CPU, args), args)
+            assert model.is_gradient_checkpointing == checkpointing
+            deltas.append(one_step(model, args, toy_pairs))
+        torch.testing.assert_close(deltas[0], deltas[1], atol=1e-7, rtol=1e-5)
