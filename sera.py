@@ -1038,6 +1038,11 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
             torch.tensor([o[1] for o in order], dtype=torch.float64))
 
 
+class VLLMEngine:
+    """--sampler vllm: this process's engine for the whole run, and the checkpoint it holds."""
+    llm, path = None, None
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
              device, seed: int, model_path: str | None = None, desc: str = "generate") -> list[list[tuple[str, bool]]]:
@@ -1048,13 +1053,33 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
             import vllm
         except ImportError:
             raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
-        llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3)
+
+        def load_checkpoint(worker, path):  # runs in vLLM's worker: the saved weights, in place
+            from safetensors.torch import load_file
+
+            for file in sorted(Path(path).glob("*.safetensors")):
+                worker.model_runner.model.load_weights(weights=load_file(str(file)).items())
+
+        # One engine per process for the whole run, asleep (weights in CPU RAM, no KV cache) between calls
+        # so that training has the GPU; a new checkpoint is loaded into it in place. Untested here (no GPU).
+        llm = VLLMEngine.llm
+        if llm is None:
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
+            llm = VLLMEngine.llm = vllm.LLM(model=model_path, seed=seed + rank(), gpu_memory_utilization=0.3,
+                                            enable_sleep_mode=True)
+        else:
+            llm.wake_up(tags=["weights"])
+            if VLLMEngine.path != model_path:
+                llm.collective_rpc(load_checkpoint, args=(model_path,))
+            llm.wake_up(tags=["kv_cache"])
+        VLLMEngine.path = model_path
+        mine, real = shard(prompts)  # each rank samples its share
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # token ids, as HF generate gets them: one BOS
         params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens)
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        results = llm.generate(texts, params)
-        del llm
-        torch.cuda.empty_cache()
-        return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
+        results = llm.generate([{"prompt_token_ids": row} for row in ids], params, use_tqdm=False)
+        llm.sleep(level=1)
+        return gather([[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results[:real]])
     from torch.distributed.fsdp import FSDPModule
 
     model.eval()

@@ -306,3 +306,55 @@ def test_osp_three_ranks_lora(tmp_path):
     assert [m["step"] for m in metrics(tmp_path / "three") if m.get("stage") == 1 and "step" in m] == [1, 2]
     final, start = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "three" / "final", TOY_MODEL))
     assert sorted(final) == sorted(start) and any((final[k] != start[k]).any() for k in start)
+
+
+def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch):
+    """--sampler vllm, against a stand-in `vllm` module (vLLM is not installed here; the real engine is untested):
+    one engine for the run, the prompts passed as the token ids HF generate gets (no second BOS from re-tokenizing
+    text), the engine asleep between calls, a new checkpoint loaded into it in place, samples in prompt order."""
+    import types
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    events = []
+
+    class LLM:
+        def __init__(self, model, seed, gpu_memory_utilization, enable_sleep_mode):
+            events.append(("engine", model))
+
+        def generate(self, prompts, params, use_tqdm):
+            events.append(("generate", [p["prompt_token_ids"] for p in prompts]))
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f" {i}.{k} ", finish_reason=["stop", "length"][k % 2])
+                                                   for k in range(params.n)]) for i in range(len(prompts))]
+
+        def sleep(self, level):
+            events.append(("sleep", level))
+
+        def wake_up(self, tags):
+            events.append(("wake", tags[0]))
+
+        def collective_rpc(self, method, args):
+            loaded = []
+            model = types.SimpleNamespace(load_weights=lambda weights: loaded.extend(name for name, _ in weights))
+            method(types.SimpleNamespace(model_runner=types.SimpleNamespace(model=model)), *args)  # as a worker runs it
+            events.append(("load", args[0], len(loaded)))
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **k: types.SimpleNamespace(**k)))
+    monkeypatch.setattr(sera.VLLMEngine, "llm", None)
+    tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL)
+    args = sera.resolve(sera.Args(sampler="vllm"))[0]
+    prompts = [[{"role": "user", "content": "Sort these letters: b a c"}], [{"role": "user", "content": "Sort these letters: z y"}]]
+    first = sera.generate(None, tokenizer, prompts, 2, 1.0, 1.0, args, CPU, seed=0, model_path=str(TOY_MODEL))
+    again = sera.generate(None, tokenizer, prompts[:1], 2, 1.0, 1.0, args, CPU, seed=1, model_path=str(TOY_MODEL))
+    sera.generate(None, tokenizer, prompts, 1, 1.0, 1.0, args, CPU, seed=2, model_path="/new/checkpoint/none")
+    assert first == [[("0.0", True), ("0.1", False)], [("1.0", True), ("1.1", False)]] and again == [[("0.0", True), ("0.1", False)]]
+    n_weights = len(AutoModelForCausalLM.from_pretrained(TOY_MODEL).state_dict())
+    kinds = [e[0] for e in events]
+    assert kinds == ["engine", "generate", "sleep", "wake", "wake", "generate", "sleep", "wake", "load", "wake", "generate", "sleep"]
+    assert events[8] == ("load", "/new/checkpoint/none", 0)  # no such folder: nothing loaded; the toy's folder:
+    expected = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True) for p in prompts]
+    expected = [e if isinstance(e, list) else e["input_ids"] for e in expected]
+    assert events[1][1] == expected
+    monkeypatch.setattr(sera.VLLMEngine, "path", "elsewhere")
+    sera.generate(None, tokenizer, prompts[:1], 1, 1.0, 1.0, args, CPU, seed=3, model_path=str(TOY_MODEL))
+    assert events[-4] == ("load", str(TOY_MODEL), n_weights)
