@@ -405,11 +405,11 @@ def verdict_logits(model, sequences: list[list[int]], verdict: list[int], args: 
         hidden = decoder_hidden_states(model, batch["input_ids"], batch["attention_mask"])
         last = hidden[torch.arange(len(chunk), device=device), batch["attention_mask"].sum(1) - 1]
         head = lm_head_config(model)  # after the forward: FSDP2 has gathered the weight by now
-        weight = head["weight"][verdict]
-        logits = last.to(weight.dtype) @ weight.T
+        weight = head["weight"][verdict].float()  # fp32: a bf16 (LoRA base) A-B difference of two logits is coarse
+        logits = last.float() @ weight.T
         if head["bias"] is not None:
-            logits = logits + head["bias"][verdict]
-        logits = logits.float() * head["scale"]
+            logits = logits + head["bias"][verdict].float()
+        logits = logits * head["scale"]
         if head["softcap"] is not None:
             logits = head["softcap"] * torch.tanh(logits / head["softcap"])
         results += [(index, float(value)) for (index, _), value in zip(chunk, logits[:, 0] - logits[:, 1])]
@@ -649,7 +649,7 @@ def main(args: Args) -> dict:
     if not lora:  # frozen copy; with LoRA the base weights under the adapter are the reference
         ref_model = load_model(start, device, args).eval().requires_grad_(False)
         if world() > 1:
-            ref_model = shard_model(ref_model)
+            ref_model = shard_model(ref_model, args)
 
     # ALGO LOGIC: Stage 1 — online self-preferring (§4.3 steps 4-11)
     model = prepare_for_training(model, args)
@@ -1147,17 +1147,20 @@ def load_model(path: str, device: torch.device, args: Args | None = None):
 
 
 # Copied from sera.shard_model
-def shard_model(model):
+def shard_model(model, args: Args):
     """FSDP2 under torchrun: each decoder layer, then the root. The root keeps embeddings, final norm and
     lm_head gathered from forward to backward: the fused log-prob kernel reads lm_head.weight after the
-    model's forward returns. Parameters stay fp32 (masters); bf16 compute comes from load_model's autocast."""
-    from torch.distributed.fsdp import fully_shard
+    model's forward returns. The shards are the fp32 masters; --dtype bfloat16 gathers them in bf16 and
+    reduces gradients in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    bf16 = args.dtype == "bfloat16"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
     layer_types = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in layer_types:
-            fully_shard(module)
-    fully_shard(model, reshard_after_forward=False)
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, reshard_after_forward=False, mp_policy=policy)
     return model
 
 
@@ -1178,7 +1181,7 @@ def prepare_for_training(model, args: Args):
             if p.requires_grad:
                 dist.broadcast(p.data, 0)
     elif world() > 1:
-        model = shard_model(model)
+        model = shard_model(model, args)
     model.train()
     return model
 
