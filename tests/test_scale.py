@@ -358,3 +358,26 @@ def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch):
     monkeypatch.setattr(sera.VLLMEngine, "path", "elsewhere")
     sera.generate(None, tokenizer, prompts[:1], 1, 1.0, 1.0, args, CPU, seed=3, model_path=str(TOY_MODEL))
     assert events[-4] == ("load", str(TOY_MODEL), n_weights)
+
+
+def test_srdpo_shared_prefix_branch_is_decided_on_all_ranks(monkeypatch):
+    """Sr-DPO's refinement pass runs two forwards (shared prefix, then the rest) when a micro-batch's prompts
+    share >= 8 tokens and one otherwise; under FSDP every rank must take the same branch. Here this rank's
+    prompts share a long prefix, another rank's (all_sum says so) do not: this rank runs one forward too."""
+    import srdpo
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(TOY_MODEL, dtype=torch.float32).eval()
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    prefix = list(range(5, 17))
+    sequences = [(prefix + [20, 21], [22, 23, 24]), (prefix + [25], [26, 27])]
+    with torch.no_grad():
+        alone = srdpo.shared_prefix_logps(model, sequences, 0, CPU)
+        assert len(forwards) == 2
+        forwards.clear()
+        monkeypatch.setattr(srdpo, "world", lambda: 2)
+        monkeypatch.setattr(srdpo, "all_sum", lambda values: [values[0] + 1.0])  # the other rank's prefix is short
+        together = srdpo.shared_prefix_logps(model, sequences, 0, CPU)
+    assert len(forwards) == 1
+    torch.testing.assert_close(alone, together, atol=1e-4, rtol=1e-5)
