@@ -1068,8 +1068,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
         llm = VLLMEngine.llm
         if llm is None:
             os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
-            llm = VLLMEngine.llm = vllm.LLM(model=model_path, seed=seed + rank(), gpu_memory_utilization=0.3,
-                                            enable_sleep_mode=True)
+            llm = VLLMEngine.llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3, enable_sleep_mode=True)
         else:
             llm.wake_up(tags=["weights"])
             if VLLMEngine.path != model_path:
@@ -1079,7 +1078,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
         mine, real = shard(prompts)  # each rank samples its share
         texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine]
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # token ids, as HF generate gets them: one BOS
-        params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens)
+        params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens,
+                                      seed=seed * 1_000_003 + rank() * len(mine) + i) for i in range(len(mine))]  # per prompt
         results = llm.generate([{"prompt_token_ids": row} for row in ids], params, use_tqdm=False)
         llm.sleep(level=1)
         return gather([[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results[:real]])

@@ -316,7 +316,7 @@ def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    events = []
+    events, seeds = [], []
 
     class LLM:
         def __init__(self, model, seed, gpu_memory_utilization, enable_sleep_mode):
@@ -324,8 +324,9 @@ def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch):
 
         def generate(self, prompts, params, use_tqdm):
             events.append(("generate", [p["prompt_token_ids"] for p in prompts]))
+            seeds.append([p.seed for p in params])
             return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f" {i}.{k} ", finish_reason=["stop", "length"][k % 2])
-                                                   for k in range(params.n)]) for i in range(len(prompts))]
+                                                   for k in range(p.n)]) for i, p in enumerate(params)]
 
         def sleep(self, level):
             events.append(("sleep", level))
@@ -355,6 +356,7 @@ def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch):
     expected = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True) for p in prompts]
     expected = [e if isinstance(e, list) else e["input_ids"] for e in expected]
     assert events[1][1] == expected
+    assert seeds[:2] == [[0, 1], [1_000_003]]  # one seed per prompt and call: sampling does not depend on history
     monkeypatch.setattr(sera.VLLMEngine, "path", "elsewhere")
     sera.generate(None, tokenizer, prompts[:1], 1, 1.0, 1.0, args, CPU, seed=3, model_path=str(TOY_MODEL))
     assert events[-4] == ("load", str(TOY_MODEL), n_weights)
