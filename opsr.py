@@ -19,6 +19,7 @@ pairs under the *plain* prompt, one epoch per iteration, with a decaying learnin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -59,19 +60,19 @@ LEAK_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
 MODELS = {
     "toy": dict(  # the shipped tiny model: the paper's shape (init + 3 iterations, decaying lr), lr scaled [ours]
         path=str(TOY / "model"), dataset="toy", prompts=str(TOY / "data" / "prompts.jsonl"), beta=2.0, gamma=0.5,
-        lrs=(1e-4, 5e-5, 2.5e-5), batch_size=16, grad_accum=1, lora_r=0, max_length=96, max_prompt_length=64,
+        lrs=(1e-4, 5e-5, 2.5e-5), batch_size=16, global_batch=16, lora_r=0, max_length=96, max_prompt_length=64,
         max_new_tokens=24, scheduler="cosine", long_prompts="error", num_eval=200, scoring_batch_size=128,
         generation_batch_size=256),
     "mistral-7b": dict(  # Mistral-Base: zephyr-7b-sft-full + UltraFeedback binarized
         path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback", prompts=None, beta=2.0, gamma=1.6,
-        lrs=(3e-7, 1e-7, 1e-8), batch_size=2, grad_accum=64, lora_r=0, max_length=1024, max_prompt_length=512,
+        lrs=(3e-7, 1e-7, 1e-8), batch_size=2, global_batch=128, lora_r=0, max_length=1024, max_prompt_length=512,
         max_new_tokens=512, scheduler="cosine", long_prompts="skip", num_eval=0, scoring_batch_size=16,
-        generation_batch_size=64),
+        generation_batch_size=64, gradient_checkpointing=True),
     "mistral-7b-instruct": dict(  # Mistral-Instruct: gamma 0.25 (an older SimPO config used 0.3)
         path="mistralai/Mistral-7B-Instruct-v0.2", dataset="mistral-instruct-ultrafeedback", prompts=None, beta=2.5,
-        gamma=0.25, lrs=(5e-7, 1e-7, 1e-8), batch_size=2, grad_accum=64, lora_r=0, max_length=2048,
+        gamma=0.25, lrs=(5e-7, 1e-7, 1e-8), batch_size=2, global_batch=128, lora_r=0, max_length=2048,
         max_prompt_length=1800, max_new_tokens=248, scheduler="cosine", long_prompts="skip", num_eval=0,
-        scoring_batch_size=8, generation_batch_size=64),
+        scoring_batch_size=8, generation_batch_size=64, gradient_checkpointing=True),
 }
 
 DATASETS = {
@@ -113,7 +114,8 @@ class Args:
     length_norm: Literal["sum", "avg"] = "sum"
     """log-prob convention for --loss dpo (SimPO always averages)"""
     batch_size: int | None = None
-    grad_accum: int | None = None
+    global_batch: int | None = None
+    """pairs per optimizer step over all ranks: batch_size x ranks x micro-batches (the paper's at any world size)"""
     scheduler: Literal["cosine", "constant"] | None = None
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -126,7 +128,10 @@ class Args:
     lora_r: int | None = None
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
+    """recompute activations in the backward pass (default: on in the 7B presets)"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """compute dtype; master weights and optimizer state stay fp32. auto = bfloat16 on CUDA, float32 on CPU"""
     sampler: Literal["hf", "vllm"] = "hf"
     chat_template: str | None = None
     reward_fn: str | None = None
@@ -147,7 +152,7 @@ class Args:
 
 def resolve(args: Args) -> tuple[Args, dict]:
     preset = model_preset(args, MODELS, "mistral-7b")  # a custom model: mistral-7b's settings
-    filled = {k: preset[k] for k in ("batch_size", "grad_accum", "lora_r", "max_length", "max_prompt_length", "max_new_tokens",
+    filled = {k: preset[k] for k in ("batch_size", "global_batch", "lora_r", "max_length", "max_prompt_length", "max_new_tokens",
                                       "scheduler", "long_prompts", "num_eval", "scoring_batch_size", "generation_batch_size",
                                       "beta", "gamma") if getattr(args, k) is None}
     filled["dataset"] = preset["dataset"]
@@ -156,6 +161,10 @@ def resolve(args: Args) -> tuple[Args, dict]:
     if args.lrs is None:
         lrs = list(preset["lrs"])
         filled["lrs"] = (lrs + [lrs[-1]] * args.iterations)[: max(args.iterations, 1)]
+    if args.gradient_checkpointing is None:
+        filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
+    if args.dtype == "auto":
+        filled["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
     args = dataclasses.replace(args, **filled)
     checks = [
         (args.iterations >= 1, f"--iterations must be >= 1, got {args.iterations}"),
@@ -163,7 +172,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
         (all(isinstance(s, int) and 1 <= s <= 9 for s in args.rejected_scores), f"--rejected_scores must be integers in 1..9, got {args.rejected_scores}"),
         (len(args.lrs) >= args.iterations and all(lr > 0 for lr in args.lrs), f"--lrs needs {args.iterations} positive values, got {args.lrs}"),
         (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
-        (args.batch_size >= 1 and args.grad_accum >= 1, "--batch_size and --grad_accum must be >= 1"),
+        (args.batch_size >= 1 and accumulation(args.global_batch, args.batch_size) >= 1, "--batch_size must be >= 1"),
         (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
         (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
         (args.init_checkpoint is None or Path(args.init_checkpoint).expanduser().exists()
@@ -238,12 +247,13 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, dev
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + t)).tolist()
-    per_step = args.batch_size * args.grad_accum * world()
+    grad_accum, per_step = accumulation(args.global_batch, args.batch_size), args.global_batch
     n_steps = max(1, len(pairs) // per_step)
-    used = order[: n_steps * per_step] if len(pairs) >= per_step else order
+    # every rank runs the same micro-batches (FSDP collectives): the remainder is dropped, counted
+    used = order[: n_steps * per_step] if len(pairs) >= per_step else order[: len(pairs) - len(pairs) % world()]
     dropped = len(pairs) - len(used)
     local = used[rank()::world()]
-    micro = max(1, math.ceil(len(local) / (n_steps * args.grad_accum)))
+    micro = max(1, math.ceil(len(local) / (n_steps * grad_accum)))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     warmup = int(args.warmup_ratio * n_steps)
@@ -252,14 +262,15 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, dev
     if trainer_state is not None:
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
-        torch.set_rng_state(trainer_state["rng"])
-    log({"iteration": t, "train/pairs": len(pairs), "train/pairs_dropped_remainder": dropped, "train/steps": n_steps})
+        set_rng_state(trainer_state["rng"])
+    log({"iteration": t, "train/pairs": len(pairs), "train/pairs_dropped_remainder": dropped, "train/steps": n_steps,
+         "train/grad_accum": grad_accum})
     use_avg = args.loss == "simpo" or args.length_norm == "avg"
     bar = progress(range(start_step, n_steps), desc=f"iteration {t}")
     for step in bar:
         tic, sums = time.perf_counter(), [0.0] * 9
-        for accum in range(args.grad_accum):
-            offset = (step * args.grad_accum + accum) * micro
+        for accum in range(grad_accum):
+            offset = (step * grad_accum + accum) * micro
             batch_pairs = [pairs[i] for i in local[offset: offset + micro]]
             if not batch_pairs:
                 continue
@@ -271,7 +282,7 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, dev
             ref = torch.tensor([p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
                                device=device, dtype=torch.float32)
             losses, chosen_reward, rejected_reward = daa_losses(logps, ref, counts, args)
-            (losses.sum() / (micro * args.grad_accum)).backward()
+            (losses.sum() / (micro * grad_accum)).backward()
             with torch.no_grad():
                 if use_avg:
                     logps = logps / counts
@@ -351,7 +362,7 @@ def main(args: Args) -> dict:
     eval_prompts = load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
 
     device = init_device(args.seed)
-    run_name = f"opsr__{Path(args.model).name}__{args.seed}__{int(time.time())}"
+    run_name = f"opsr__{Path(args.model).name}__{args.seed}__{now()}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
     state_file = out_dir / "state.json"
     state = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {"completed": -1, "eval": {}}
@@ -373,7 +384,7 @@ def main(args: Args) -> dict:
         model = save_atomic(model, tokenizer, out_dir / f"iter_{m}")
         if world() > 1 and args.lora_r == 0:  # an unsharded copy per rank for generation
             del model
-            model = load_model(str(out_dir / f"iter_{m}"), device)
+            model = load_model(str(out_dir / f"iter_{m}"), device, args)
         if reward_fn and eval_prompts:
             evaluate_and_log(str(m), model, str(out_dir / f"iter_{m}"))
         state["completed"] = m
@@ -383,7 +394,7 @@ def main(args: Args) -> dict:
     log({"data/offline_pairs": len(offline), "data/prompt_pool": len(pool), **{f"data/{k}": v for k, v in length_counts.items()}})
     start = args.init_checkpoint or model_path
     model = load_model(str(out_dir / f"iter_{state['completed']}") if state["completed"] >= 0 and not
-                       (state["completed"] == 0 and args.init_checkpoint) else start, device)
+                       (state["completed"] == 0 and args.init_checkpoint) else start, device, args)
     if reward_fn and eval_prompts and "sft" not in state["eval"] and state["completed"] < 0:
         evaluate_and_log("sft", model, start)
 
@@ -667,6 +678,16 @@ def load_reward_fn(spec: str | None):
     return getattr(module, name)
 
 
+# Copied from sera.accumulation
+def accumulation(global_batch: int, batch_size: int) -> int:
+    """Micro-batches per optimizer step, so that a step sees global_batch examples at any number of ranks."""
+    ranks = int(os.environ.get("WORLD_SIZE", 1))  # known before the process group is joined
+    if global_batch < 1 or batch_size < 1 or global_batch % (batch_size * ranks):
+        raise InputError(f"--global_batch {global_batch} must be a positive multiple of --batch_size {batch_size} "
+                         f"x {ranks} ranks")
+    return global_batch // (batch_size * ranks)
+
+
 # Copied from sera.rank
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -687,6 +708,15 @@ def init_device(seed: int) -> torch.device:
         torch.cuda.set_device(device)
     torch.manual_seed(seed)
     return device
+
+
+# Copied from sera.now
+def now() -> int:
+    """Rank 0's clock in seconds: every rank names the same run folder."""
+    stamp = [int(time.time())]
+    if world() > 1:
+        dist.broadcast_object_list(stamp, 0)
+    return stamp[0]
 
 
 # Copied from sera.shard
@@ -759,6 +789,10 @@ def check_resume(args: Args):
     if not saved.exists():
         raise InputError(f"--resume: {saved} not found; nothing to resume")
     stored = json.loads(saved.read_text())
+    ranks = int(os.environ.get("WORLD_SIZE", 1))
+    if stored.get("world_size", 1) != ranks:  # per-rank data shards and trainer states
+        raise InputError(f"--resume: the run in {args.output_dir} was started on {stored.get('world_size', 1)} ranks, "
+                         f"this launch has {ranks}; resume with the same number of ranks")
     changed = {k for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
                if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
     if changed:
@@ -774,7 +808,7 @@ class Logs:
         self.out_dir, self.track, self.step, self.writer = out_dir, args.track, 0, None
         if rank() == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-            config = json.dumps(dataclasses.asdict(args), indent=2)
+            config = json.dumps({**dataclasses.asdict(args), "world_size": world()}, indent=2)
             (out_dir / "resolved_config.json").write_text(config)
             print(config)
             from torch.utils.tensorboard import SummaryWriter
@@ -819,25 +853,41 @@ def write_atomic(path: Path, obj):
 
 
 # Copied from sera.load_model
-def load_model(path: str, device: torch.device):
-    from transformers import AutoModelForCausalLM
+def load_model(path: str, device: torch.device, args: Args | None = None):
+    """fp32 master weights; --dtype bfloat16 computes in bf16 by autocast around the forward. With LoRA the
+    frozen base is held in the compute dtype (peft keeps the adapters fp32). Checkpoints keep `path`'s dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    bf16 = args is not None and args.dtype == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 and args.lora_r > 0 else torch.float32)
+    model.checkpoint_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32  # what save_atomic writes
+    if bf16:
+        forward = model.forward
+
+        @functools.wraps(forward)
+        def autocast_forward(*a, **k):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return forward(*a, **k)
+
+        model.forward = autocast_forward
+    return model.to(device)
 
 
 # Copied from sera.shard_model
-def shard_model(model):
+def shard_model(model, args: Args):
     """FSDP2 under torchrun: each decoder layer, then the root. The root keeps embeddings, final norm and
     lm_head gathered from forward to backward: the fused log-prob kernel reads lm_head.weight after the
-    model's forward returns."""
-    from torch.distributed.fsdp import fully_shard
+    model's forward returns. The shards are the fp32 masters; --dtype bfloat16 gathers them in bf16 and
+    reduces gradients in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    bf16 = args.dtype == "bfloat16"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
     layer_types = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in layer_types:
-            fully_shard(module)
-    fully_shard(model, reshard_after_forward=False)
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, reshard_after_forward=False, mp_policy=policy)
     return model
 
 
@@ -854,8 +904,11 @@ def prepare_for_training(model, args: Args):
         config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
         model = peft.get_peft_model(model, config)
+        for p in model.parameters() if world() > 1 else []:  # ranks' RNGs differ (generate): rank 0's adapter
+            if p.requires_grad:
+                dist.broadcast(p.data, 0)
     elif world() > 1:
-        model = shard_model(model)
+        model = shard_model(model, args)
     model.train()
     return model
 
@@ -864,8 +917,10 @@ def prepare_for_training(model, args: Args):
 def optimizer_step(trainable: list, optimizer, scheduler, sums: list[float], args: Args, where: str):
     """Average LoRA gradients over ranks (replicated base), clip, sum the step's statistics over ranks,
     stop on a non-finite loss (sums[0]), step. Returns (summed statistics, gradient norm)."""
-    if world() > 1 and args.lora_r > 0:
+    if world() > 1 and args.lora_r > 0 and all_sum([sum(p.grad is not None for p in trainable)])[0]:
         for p in trainable:
+            if p.grad is None:  # a rank without this gradient contributes zeros
+                p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
             p.grad /= world()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -892,10 +947,14 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = model.state_dict()
+    dtype = getattr(model, "checkpoint_dtype", torch.float32)  # the loaded checkpoint's, not the masters'
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = directory.with_name(directory.name + ".tmp")
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        model.config.dtype = dtype
+        model.config.save_pretrained(tmp)  # save_pretrained recorded the masters' dtype
         tokenizer.save_pretrained(tmp)
     if world() > 1:
         dist.barrier()
@@ -909,6 +968,19 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
     if world() > 1:
         dist.barrier()
     return model
+
+
+# Copied from sera.rng_state
+def rng_state() -> dict:
+    """This rank's random number generators, CUDA's included (sampling draws from them), for step checkpoints."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+# Copied from sera.set_rng_state
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # Copied from sera.collate
@@ -949,6 +1021,12 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
             torch.tensor([o[1] for o in order], dtype=torch.float64))
 
 
+# Copied from sera.VLLMEngine
+class VLLMEngine:
+    """--sampler vllm: this process's engine for the whole run, and the checkpoint it holds."""
+    llm, path = None, None
+
+
 # Copied from sera.generate
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
@@ -960,13 +1038,33 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
             import vllm
         except ImportError:
             raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
-        llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3)
-        params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens)
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        results = llm.generate(texts, params)
-        del llm
-        torch.cuda.empty_cache()
-        return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
+
+        def load_checkpoint(worker, path):  # runs in vLLM's worker: the saved weights, in place
+            from safetensors.torch import load_file
+
+            for file in sorted(Path(path).glob("*.safetensors")):
+                worker.model_runner.model.load_weights(weights=load_file(str(file)).items())
+
+        # One engine per process for the whole run, asleep (weights in CPU RAM, no KV cache) between calls
+        # so that training has the GPU; a new checkpoint is loaded into it in place. Untested here (no GPU).
+        llm = VLLMEngine.llm
+        if llm is None:
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
+            llm = VLLMEngine.llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3, enable_sleep_mode=True)
+        else:
+            llm.wake_up(tags=["weights"])
+            if VLLMEngine.path != model_path:
+                llm.collective_rpc(load_checkpoint, args=(model_path,))
+            llm.wake_up(tags=["kv_cache"])
+        VLLMEngine.path = model_path
+        mine, real = shard(prompts)  # each rank samples its share
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # token ids, as HF generate gets them: one BOS
+        params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens,
+                                      seed=seed * 1_000_003 + rank() * len(mine) + i) for i in range(len(mine))]  # per prompt
+        results = llm.generate([{"prompt_token_ids": row} for row in ids], params, use_tqdm=False)
+        llm.sleep(level=1)
+        return gather([[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results[:real]])
     from torch.distributed.fsdp import FSDPModule
 
     model.eval()

@@ -24,6 +24,7 @@ choice of baseline, how the formed pairs get their strength and every hyperparam
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -81,7 +82,7 @@ MODELS = {
         long_prompts="skip", aug_epochs=1, aug_lr=1e-5, aug_batch_size=16, num_sft=None, num_judge_eval=500,
         num_eval=0, eval_every=0, save_every=50, scoring_batch_size=16, generation_batch_size=64, judge_batch_size=16),
     "mistral-7b": dict(  # zephyr SFT start, full fine-tuning (shard with torchrun)
-        path="alignment-handbook/zephyr-7b-sft-full", dataset="hh-rlhf", lr=5e-7, prompts_per_step=8,
+        path="alignment-handbook/zephyr-7b-sft-full", dataset="hh-rlhf", lr=5e-7, prompts_per_step=8, gradient_checkpointing=True,
         micro_batch_size=4, lora_r=0, max_length=768, max_prompt_length=512, max_new_tokens=256,
         judge_max_length=2048, long_prompts="skip", aug_epochs=1, aug_lr=1e-6, aug_batch_size=16, num_sft=None,
         num_judge_eval=500, num_eval=0, eval_every=0, save_every=50, scoring_batch_size=8, generation_batch_size=64,
@@ -152,7 +153,10 @@ class Args:
     lora_r: int | None = None
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
+    """recompute activations in the backward pass (default: on in the 7B presets)"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """compute dtype; master weights and optimizer state stay fp32. auto = bfloat16 on CUDA, float32 on CPU"""
     chat_template: str | None = None
     reward_fn: str | None = None
     """path/to/file.py:function(prompt, response) -> float, the evaluation score (toy oracle by default)"""
@@ -190,6 +194,10 @@ def resolve(args: Args) -> tuple[Args, dict]:
         filled["chat_template"] = preset["chat_template"]
     if args.lora_r and args.save_every is None:
         filled["save_every"] = 0  # LoRA runs checkpoint at the end only (see the check below)
+    if args.gradient_checkpointing is None:
+        filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
+    if args.dtype == "auto":
+        filled["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
     args = dataclasses.replace(args, **filled)
     checks = [
         (args.k >= 2, f"--k must be >= 2 (samples per prompt), got {args.k}"),
@@ -389,11 +397,11 @@ def verdict_logits(model, sequences: list[list[int]], verdict: list[int], args: 
         hidden = decoder_hidden_states(model, batch["input_ids"], batch["attention_mask"])
         last = hidden[torch.arange(len(chunk), device=device), batch["attention_mask"].sum(1) - 1]
         head = lm_head_config(model)  # after the forward: FSDP2 has gathered the weight by now
-        weight = head["weight"][verdict]
-        logits = last.to(weight.dtype) @ weight.T
+        weight = head["weight"][verdict].float()  # fp32: a bf16 (LoRA base) A-B difference of two logits is coarse
+        logits = last.float() @ weight.T
         if head["bias"] is not None:
-            logits = logits + head["bias"][verdict]
-        logits = logits.float() * head["scale"]
+            logits = logits + head["bias"][verdict].float()
+        logits = logits * head["scale"]
         if head["softcap"] is not None:
             logits = head["softcap"] * torch.tanh(logits / head["softcap"])
         results += [(index, float(value)) for (index, _), value in zip(chunk, logits[:, 0] - logits[:, 1])]
@@ -566,7 +574,7 @@ def main(args: Args) -> dict:
     n_steps = args.steps or max(1, len(pool) // args.prompts_per_step)
 
     device = init_device(args.seed)
-    run_name = f"osp__{Path(args.model).name}__{args.seed}__{int(time.time())}"
+    run_name = f"osp__{Path(args.model).name}__{args.seed}__{now()}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
     state_file = out_dir / "state.json"
     state = (json.loads(state_file.read_text()) if args.resume and state_file.exists()
@@ -615,7 +623,7 @@ def main(args: Args) -> dict:
     # ALGO LOGIC: Stage 0 — SFT + preference augmentation (§4.3 steps 1-3); pi_0 is also the frozen reference
     stage0 = out_dir / "stage0"
     if not state["stage0_done"]:
-        model = load_model(model_path, device)
+        model = load_model(model_path, device, args)
         report("sft", model)
         if not args.skip_augmentation:
             model = prepare_for_training(model, args)
@@ -623,17 +631,17 @@ def main(args: Args) -> dict:
             model = save_atomic(model, tokenizer, stage0)
             if world() > 1 and not lora:  # an unsharded copy per rank to judge and evaluate with
                 del model
-                model = load_model(str(stage0), device)
+                model = load_model(str(stage0), device, args)
             report("augmented", model)
         state["stage0_done"] = True
         write_atomic(state_file, state)
     start = str(stage0) if (stage0 / "config.json").exists() else model_path
-    model = load_model(str(checkpoint) if trainer_state else start, device)
+    model = load_model(str(checkpoint) if trainer_state else start, device, args)
     ref_model = None
     if not lora:  # frozen copy; with LoRA the base weights under the adapter are the reference
-        ref_model = load_model(start, device).eval().requires_grad_(False)
+        ref_model = load_model(start, device, args).eval().requires_grad_(False)
         if world() > 1:
-            ref_model = shard_model(ref_model)
+            ref_model = shard_model(ref_model, args)
 
     # ALGO LOGIC: Stage 1 — online self-preferring (§4.3 steps 4-11)
     model = prepare_for_training(model, args)
@@ -643,6 +651,7 @@ def main(args: Args) -> dict:
     if trainer_state:
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
+        set_rng_state(trainer_state["rng"])
     per_epoch = max(1, len(pool) // args.prompts_per_step)
     bar = progress(range(state["step"], n_steps), desc="stage 1 (online)")
     steps_this_process = 0
@@ -716,7 +725,8 @@ def main(args: Args) -> dict:
             report(f"step_{step + 1}", model)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < n_steps:
             model = save_atomic(model, tokenizer, checkpoint, {f"trainer_state_rank{rank()}.pt": {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step + 1}})
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step + 1,
+                "rng": rng_state()}})
             state["step"] = step + 1
             write_atomic(state_file, state)
         steps_this_process += 1
@@ -725,7 +735,7 @@ def main(args: Args) -> dict:
     model = save_atomic(model, tokenizer, out_dir / "final")
     if world() > 1 and not lora:
         del model
-        model = load_model(str(out_dir / "final"), device)
+        model = load_model(str(out_dir / "final"), device, args)
     state["step"] = n_steps
     report("final", model)
     state["done"] = True
@@ -950,6 +960,16 @@ def load_reward_fn(spec: str | None):
     return getattr(module, name)
 
 
+# Copied from sera.accumulation
+def accumulation(global_batch: int, batch_size: int) -> int:
+    """Micro-batches per optimizer step, so that a step sees global_batch examples at any number of ranks."""
+    ranks = int(os.environ.get("WORLD_SIZE", 1))  # known before the process group is joined
+    if global_batch < 1 or batch_size < 1 or global_batch % (batch_size * ranks):
+        raise InputError(f"--global_batch {global_batch} must be a positive multiple of --batch_size {batch_size} "
+                         f"x {ranks} ranks")
+    return global_batch // (batch_size * ranks)
+
+
 # Copied from sera.rank
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -970,6 +990,15 @@ def init_device(seed: int) -> torch.device:
         torch.cuda.set_device(device)
     torch.manual_seed(seed)
     return device
+
+
+# Copied from sera.now
+def now() -> int:
+    """Rank 0's clock in seconds: every rank names the same run folder."""
+    stamp = [int(time.time())]
+    if world() > 1:
+        dist.broadcast_object_list(stamp, 0)
+    return stamp[0]
 
 
 # Copied from sera.shard
@@ -1042,6 +1071,10 @@ def check_resume(args: Args):
     if not saved.exists():
         raise InputError(f"--resume: {saved} not found; nothing to resume")
     stored = json.loads(saved.read_text())
+    ranks = int(os.environ.get("WORLD_SIZE", 1))
+    if stored.get("world_size", 1) != ranks:  # per-rank data shards and trainer states
+        raise InputError(f"--resume: the run in {args.output_dir} was started on {stored.get('world_size', 1)} ranks, "
+                         f"this launch has {ranks}; resume with the same number of ranks")
     changed = {k for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
                if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
     if changed:
@@ -1057,7 +1090,7 @@ class Logs:
         self.out_dir, self.track, self.step, self.writer = out_dir, args.track, 0, None
         if rank() == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-            config = json.dumps(dataclasses.asdict(args), indent=2)
+            config = json.dumps({**dataclasses.asdict(args), "world_size": world()}, indent=2)
             (out_dir / "resolved_config.json").write_text(config)
             print(config)
             from torch.utils.tensorboard import SummaryWriter
@@ -1102,25 +1135,41 @@ def write_atomic(path: Path, obj):
 
 
 # Copied from sera.load_model
-def load_model(path: str, device: torch.device):
-    from transformers import AutoModelForCausalLM
+def load_model(path: str, device: torch.device, args: Args | None = None):
+    """fp32 master weights; --dtype bfloat16 computes in bf16 by autocast around the forward. With LoRA the
+    frozen base is held in the compute dtype (peft keeps the adapters fp32). Checkpoints keep `path`'s dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    bf16 = args is not None and args.dtype == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 and args.lora_r > 0 else torch.float32)
+    model.checkpoint_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32  # what save_atomic writes
+    if bf16:
+        forward = model.forward
+
+        @functools.wraps(forward)
+        def autocast_forward(*a, **k):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return forward(*a, **k)
+
+        model.forward = autocast_forward
+    return model.to(device)
 
 
 # Copied from sera.shard_model
-def shard_model(model):
+def shard_model(model, args: Args):
     """FSDP2 under torchrun: each decoder layer, then the root. The root keeps embeddings, final norm and
     lm_head gathered from forward to backward: the fused log-prob kernel reads lm_head.weight after the
-    model's forward returns."""
-    from torch.distributed.fsdp import fully_shard
+    model's forward returns. The shards are the fp32 masters; --dtype bfloat16 gathers them in bf16 and
+    reduces gradients in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    bf16 = args.dtype == "bfloat16"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
     layer_types = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in layer_types:
-            fully_shard(module)
-    fully_shard(model, reshard_after_forward=False)
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, reshard_after_forward=False, mp_policy=policy)
     return model
 
 
@@ -1137,8 +1186,11 @@ def prepare_for_training(model, args: Args):
         config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
         model = peft.get_peft_model(model, config)
+        for p in model.parameters() if world() > 1 else []:  # ranks' RNGs differ (generate): rank 0's adapter
+            if p.requires_grad:
+                dist.broadcast(p.data, 0)
     elif world() > 1:
-        model = shard_model(model)
+        model = shard_model(model, args)
     model.train()
     return model
 
@@ -1147,8 +1199,10 @@ def prepare_for_training(model, args: Args):
 def optimizer_step(trainable: list, optimizer, scheduler, sums: list[float], args: Args, where: str):
     """Average LoRA gradients over ranks (replicated base), clip, sum the step's statistics over ranks,
     stop on a non-finite loss (sums[0]), step. Returns (summed statistics, gradient norm)."""
-    if world() > 1 and args.lora_r > 0:
+    if world() > 1 and args.lora_r > 0 and all_sum([sum(p.grad is not None for p in trainable)])[0]:
         for p in trainable:
+            if p.grad is None:  # a rank without this gradient contributes zeros
+                p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
             p.grad /= world()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -1175,10 +1229,14 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = model.state_dict()
+    dtype = getattr(model, "checkpoint_dtype", torch.float32)  # the loaded checkpoint's, not the masters'
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = directory.with_name(directory.name + ".tmp")
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        model.config.dtype = dtype
+        model.config.save_pretrained(tmp)  # save_pretrained recorded the masters' dtype
         tokenizer.save_pretrained(tmp)
     if world() > 1:
         dist.barrier()
@@ -1192,6 +1250,19 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
     if world() > 1:
         dist.barrier()
     return model
+
+
+# Copied from sera.rng_state
+def rng_state() -> dict:
+    """This rank's random number generators, CUDA's included (sampling draws from them), for step checkpoints."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+# Copied from sera.set_rng_state
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # Copied from sera.collate
@@ -1213,6 +1284,12 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 # Runtime that only some of the scripts use (checked copies too)
 
 
+# Copied from sera.VLLMEngine
+class VLLMEngine:
+    """--sampler vllm: this process's engine for the whole run, and the checkpoint it holds."""
+    llm, path = None, None
+
+
 # Copied from sera.generate
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
@@ -1224,13 +1301,33 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
             import vllm
         except ImportError:
             raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
-        llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3)
-        params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens)
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        results = llm.generate(texts, params)
-        del llm
-        torch.cuda.empty_cache()
-        return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
+
+        def load_checkpoint(worker, path):  # runs in vLLM's worker: the saved weights, in place
+            from safetensors.torch import load_file
+
+            for file in sorted(Path(path).glob("*.safetensors")):
+                worker.model_runner.model.load_weights(weights=load_file(str(file)).items())
+
+        # One engine per process for the whole run, asleep (weights in CPU RAM, no KV cache) between calls
+        # so that training has the GPU; a new checkpoint is loaded into it in place. Untested here (no GPU).
+        llm = VLLMEngine.llm
+        if llm is None:
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
+            llm = VLLMEngine.llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3, enable_sleep_mode=True)
+        else:
+            llm.wake_up(tags=["weights"])
+            if VLLMEngine.path != model_path:
+                llm.collective_rpc(load_checkpoint, args=(model_path,))
+            llm.wake_up(tags=["kv_cache"])
+        VLLMEngine.path = model_path
+        mine, real = shard(prompts)  # each rank samples its share
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # token ids, as HF generate gets them: one BOS
+        params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens,
+                                      seed=seed * 1_000_003 + rank() * len(mine) + i) for i in range(len(mine))]  # per prompt
+        results = llm.generate([{"prompt_token_ids": row} for row in ids], params, use_tqdm=False)
+        llm.sleep(level=1)
+        return gather([[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results[:real]])
     from torch.distributed.fsdp import FSDPModule
 
     model.eval()

@@ -11,7 +11,7 @@ previous iteration's model.
     python sera.py --model mistral-7b                 # paper settings (zephyr SFT, UltraFeedback, LoRA r=8)
     python sera.py --model tinyllama --loss ipo       # paper settings for TinyLlama-1.1B
     python sera.py --model ./my-sft --dataset ./pairs.jsonl --loss simpo --iterations 3
-    torchrun --nproc-per-node 8 sera.py --model mistral-7b --output_dir runs/m7
+    torchrun --nproc-per-node 4 sera.py --model mistral-7b --output_dir runs/m7
 
 Under torchrun, full fine-tuning shards the policy with FSDP2 (`fully_shard`); with LoRA the
 frozen base is replicated and the adapter gradients are averaged across ranks.
@@ -20,6 +20,7 @@ frozen base is replicated and the adapter gradients are averaged across ranks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -54,21 +55,21 @@ HH_TEMPLATE = (
 MODELS = {
     "toy": dict(  # the shipped tiny model; learning rate and beta scaled to it [ours]
         path=str(TOY / "model"), dataset="toy", beta=dict(dpo=0.1, ipo=1.0, hinge=0.2, simpo=2.0), gamma=1.0,
-        lr=2e-5, batch_size=16, grad_accum=1, lora_r=0, max_length=96, max_prompt_length=64, max_new_tokens=24,
+        lr=2e-5, batch_size=16, global_batch=16, lora_r=0, max_length=96, max_prompt_length=64, max_new_tokens=24,
         scheduler="constant", long_prompts="error", num_eval=200, scoring_batch_size=128, generation_batch_size=256),
     "tinyllama": dict(  # the paper SFTs TinyLlama on UltraChat itself; this public chat SFT is our stand-in
         path="TinyLlama/TinyLlama-1.1B-Chat-v1.0", dataset="ultrafeedback",
-        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-7, batch_size=8, grad_accum=2,
+        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-7, batch_size=8, global_batch=16,
         lora_r=0, max_length=1024, max_prompt_length=512, max_new_tokens=512, scheduler="cosine",
         long_prompts="skip", num_eval=500, scoring_batch_size=16, generation_batch_size=64),
     "pythia-2.8b": dict(  # base model: give it the HH format; the paper SFTs it first (pass --model ./sft)
         path="EleutherAI/pythia-2.8b", dataset="hh-rlhf", chat_template=HH_TEMPLATE,
-        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-7, batch_size=4, grad_accum=4,
+        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-7, batch_size=4, global_batch=16,
         lora_r=0, max_length=1024, max_prompt_length=512, max_new_tokens=512, scheduler="cosine",
         long_prompts="skip", num_eval=500, scoring_batch_size=16, generation_batch_size=64),
     "mistral-7b": dict(  # alignment-handbook Zephyr DPO LoRA recipe with rank 8 (SeRA App. B.2, Table 4)
-        path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback",
-        beta=dict(dpo=0.01, hinge=0.01, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-6, batch_size=4, grad_accum=4,
+        path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback", gradient_checkpointing=True,
+        beta=dict(dpo=0.01, hinge=0.01, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-6, batch_size=4, global_batch=16,
         lora_r=8, lora_alpha=128, lora_dropout=0.05, max_length=1024, max_prompt_length=512, max_new_tokens=512,
         scheduler="cosine", long_prompts="skip", num_eval=500, scoring_batch_size=8, generation_batch_size=64),
 }
@@ -112,7 +113,8 @@ class Args:
     lr: float | None = None
     batch_size: int | None = None
     """pairs per device per micro-batch"""
-    grad_accum: int | None = None
+    global_batch: int | None = None
+    """pairs per optimizer step over all ranks: batch_size x ranks x micro-batches (the paper's at any world size)"""
     scheduler: Literal["cosine", "constant"] | None = None
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -127,7 +129,10 @@ class Args:
     """0 = full fine-tuning; > 0 trains a fresh LoRA adapter each iteration (merged at its end; needs peft)"""
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
+    """recompute activations in the backward pass (default: on in the 7B presets)"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """compute dtype; master weights and optimizer state stay fp32. auto = bfloat16 on CUDA, float32 on CPU"""
     sampler: Literal["hf", "vllm"] = "hf"
     chat_template: str | None = None
     """jinja file for tokenizers without a chat template"""
@@ -156,7 +161,7 @@ class Args:
 
 def resolve(args: Args) -> tuple[Args, dict]:
     preset = model_preset(args, MODELS, "tinyllama")  # a custom model: tinyllama's settings
-    filled = {k: preset[k] for k in ("lr", "batch_size", "grad_accum", "lora_r", "max_length", "max_prompt_length",
+    filled = {k: preset[k] for k in ("lr", "batch_size", "global_batch", "lora_r", "max_length", "max_prompt_length",
                                       "max_new_tokens", "scheduler", "long_prompts", "num_eval", "scoring_batch_size",
                                       "generation_batch_size")
               if getattr(args, k) is None}
@@ -167,6 +172,10 @@ def resolve(args: Args) -> tuple[Args, dict]:
     filled["dataset"] = preset["dataset"]
     if args.lora_r is None and preset.get("lora_alpha"):
         filled.update(lora_alpha=preset["lora_alpha"], lora_dropout=preset["lora_dropout"])
+    if args.gradient_checkpointing is None:
+        filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
+    if args.dtype == "auto":
+        filled["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
     args = dataclasses.replace(args, **filled)
     checks = [
         (args.iterations >= 1, f"--iterations must be >= 1, got {args.iterations}"),
@@ -176,7 +185,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
         (args.n_cand >= 2, f"--n_cand must be >= 2, got {args.n_cand}"),
         (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
         (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
-        (args.batch_size >= 1 and args.grad_accum >= 1, "--batch_size and --grad_accum must be >= 1"),
+        (args.batch_size >= 1 and accumulation(args.global_batch, args.batch_size) >= 1, "--batch_size must be >= 1"),
         (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
         (args.num_pairs is None or args.num_pairs >= 2, "--num_pairs must be >= 2"),
         (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
@@ -278,12 +287,13 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, dev
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + t)).tolist()
-    per_step = args.batch_size * args.grad_accum * world()
+    grad_accum, per_step = accumulation(args.global_batch, args.batch_size), args.global_batch
     n_steps = max(1, len(pairs) // per_step)
-    used = order[: n_steps * per_step] if len(pairs) >= per_step else order
+    # every rank runs the same micro-batches (FSDP collectives): the remainder is dropped, counted
+    used = order[: n_steps * per_step] if len(pairs) >= per_step else order[: len(pairs) - len(pairs) % world()]
     dropped = len(pairs) - len(used)
     local = used[rank()::world()]
-    micro = max(1, math.ceil(len(local) / (n_steps * args.grad_accum)))
+    micro = max(1, math.ceil(len(local) / (n_steps * grad_accum)))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     warmup = int(args.warmup_ratio * n_steps)
@@ -292,14 +302,15 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, dev
     if trainer_state is not None:
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
-        torch.set_rng_state(trainer_state["rng"])
-    log({"iteration": t, "train/pairs": len(pairs), "train/pairs_dropped_remainder": dropped, "train/steps": n_steps})
+        set_rng_state(trainer_state["rng"])
+    log({"iteration": t, "train/pairs": len(pairs), "train/pairs_dropped_remainder": dropped, "train/steps": n_steps,
+         "train/grad_accum": grad_accum})
     use_avg = args.loss == "simpo" or args.length_norm == "avg"
     bar = progress(range(start_step, n_steps), desc=f"iteration {t}")
     for step in bar:
         tic, sums = time.perf_counter(), [0.0] * 9
-        for accum in range(args.grad_accum):
-            offset = (step * args.grad_accum + accum) * micro
+        for accum in range(grad_accum):
+            offset = (step * grad_accum + accum) * micro
             batch_pairs = [pairs[i] for i in local[offset: offset + micro]]
             if not batch_pairs:
                 continue
@@ -311,7 +322,7 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, dev
             ref = torch.tensor([p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
                                device=device, dtype=torch.float32)
             losses, chosen_reward, rejected_reward = daa_losses(logps, ref, counts, args)
-            (losses.sum() / (micro * args.grad_accum)).backward()
+            (losses.sum() / (micro * grad_accum)).backward()
             with torch.no_grad():
                 if use_avg:
                     logps = logps / counts
@@ -366,7 +377,7 @@ def main(args: Args) -> dict:
     eval_prompts = load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
 
     device = init_device(args.seed)
-    run_name = f"sera__{Path(args.model).name}__{args.seed}__{int(time.time())}"
+    run_name = f"sera__{Path(args.model).name}__{args.seed}__{now()}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
     state_file = out_dir / "state.json"
     state = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {"completed": 0, "eval": {}}
@@ -375,7 +386,7 @@ def main(args: Args) -> dict:
     model_paths = {0: model_path}
     for j in range(1, state["completed"] + 1):
         model_paths[j] = str(out_dir / f"iter_{j}")
-    model = load_model(model_paths[state["completed"]], device)
+    model = load_model(model_paths[state["completed"]], device, args)
     cache_file = out_dir / "offline_logps.pt"
     # offline_logps[j] = (S(theta_j, y_w), S(theta_j, y_l)) for every offline pair, computed while
     # theta_j is the current model; they are the IRM inputs and the training reference.
@@ -443,7 +454,7 @@ def main(args: Args) -> dict:
                     keep.append((pi, text))
             cand_logps = {}
             for j in sorted(reward_models(prev, args)) if sequences else []:
-                scorer = model if j == prev else load_model(model_paths[j], device)
+                scorer = model if j == prev else load_model(model_paths[j], device, args)
                 cand_logps[j], cand_counts = score(scorer, sequences, args, tokenizer.pad_token_id, device, desc=f"score samples under theta_{j}")
                 if scorer is not model:
                     del scorer
@@ -481,7 +492,7 @@ def main(args: Args) -> dict:
         start_step, trainer_state = 0, None
         if args.resume and partial.exists():
             del model
-            model = load_model(str(partial), device)
+            model = load_model(str(partial), device, args)
             trainer_state = torch.load(partial / f"trainer_state_rank{rank()}.pt", weights_only=False)
             start_step = trainer_state["step"]
         model = prepare_for_training(model, args)
@@ -492,7 +503,7 @@ def main(args: Args) -> dict:
             if args.save_every and step % args.save_every == 0 and step < n_steps:
                 save_atomic(model, tokenizer, partial, {f"trainer_state_rank{rank()}.pt": {
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "rng": torch.get_rng_state()}})
+                    "rng": rng_state()}})
             if args.stop_after_steps is not None and steps_this_process[0] >= args.stop_after_steps:
                 raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
 
@@ -503,7 +514,7 @@ def main(args: Args) -> dict:
         model_paths[t] = str(out_dir / f"iter_{t}")
         if world() > 1 and args.lora_r == 0:  # an unsharded copy per rank for generation and scoring
             del model
-            model = load_model(model_paths[t], device)
+            model = load_model(model_paths[t], device, args)
         # The reference of iteration t+1 is theta_t: its log-probs are computed at the top of the loop.
         if reward_fn and eval_prompts:
             evaluate_and_log(t, model, model_paths[t])
@@ -716,6 +727,15 @@ def load_reward_fn(spec: str | None):
     return getattr(module, name)
 
 
+def accumulation(global_batch: int, batch_size: int) -> int:
+    """Micro-batches per optimizer step, so that a step sees global_batch examples at any number of ranks."""
+    ranks = int(os.environ.get("WORLD_SIZE", 1))  # known before the process group is joined
+    if global_batch < 1 or batch_size < 1 or global_batch % (batch_size * ranks):
+        raise InputError(f"--global_batch {global_batch} must be a positive multiple of --batch_size {batch_size} "
+                         f"x {ranks} ranks")
+    return global_batch // (batch_size * ranks)
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -733,6 +753,14 @@ def init_device(seed: int) -> torch.device:
         torch.cuda.set_device(device)
     torch.manual_seed(seed)
     return device
+
+
+def now() -> int:
+    """Rank 0's clock in seconds: every rank names the same run folder."""
+    stamp = [int(time.time())]
+    if world() > 1:
+        dist.broadcast_object_list(stamp, 0)
+    return stamp[0]
 
 
 def shard(items: list) -> tuple[list, int]:
@@ -798,6 +826,10 @@ def check_resume(args: Args):
     if not saved.exists():
         raise InputError(f"--resume: {saved} not found; nothing to resume")
     stored = json.loads(saved.read_text())
+    ranks = int(os.environ.get("WORLD_SIZE", 1))
+    if stored.get("world_size", 1) != ranks:  # per-rank data shards and trainer states
+        raise InputError(f"--resume: the run in {args.output_dir} was started on {stored.get('world_size', 1)} ranks, "
+                         f"this launch has {ranks}; resume with the same number of ranks")
     changed = {k for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
                if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
     if changed:
@@ -812,7 +844,7 @@ class Logs:
         self.out_dir, self.track, self.step, self.writer = out_dir, args.track, 0, None
         if rank() == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-            config = json.dumps(dataclasses.asdict(args), indent=2)
+            config = json.dumps({**dataclasses.asdict(args), "world_size": world()}, indent=2)
             (out_dir / "resolved_config.json").write_text(config)
             print(config)
             from torch.utils.tensorboard import SummaryWriter
@@ -855,24 +887,40 @@ def write_atomic(path: Path, obj):
         os.replace(tmp, path)
 
 
-def load_model(path: str, device: torch.device):
-    from transformers import AutoModelForCausalLM
+def load_model(path: str, device: torch.device, args: Args | None = None):
+    """fp32 master weights; --dtype bfloat16 computes in bf16 by autocast around the forward. With LoRA the
+    frozen base is held in the compute dtype (peft keeps the adapters fp32). Checkpoints keep `path`'s dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    bf16 = args is not None and args.dtype == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 and args.lora_r > 0 else torch.float32)
+    model.checkpoint_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32  # what save_atomic writes
+    if bf16:
+        forward = model.forward
+
+        @functools.wraps(forward)
+        def autocast_forward(*a, **k):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return forward(*a, **k)
+
+        model.forward = autocast_forward
+    return model.to(device)
 
 
-def shard_model(model):
+def shard_model(model, args: Args):
     """FSDP2 under torchrun: each decoder layer, then the root. The root keeps embeddings, final norm and
     lm_head gathered from forward to backward: the fused log-prob kernel reads lm_head.weight after the
-    model's forward returns."""
-    from torch.distributed.fsdp import fully_shard
+    model's forward returns. The shards are the fp32 masters; --dtype bfloat16 gathers them in bf16 and
+    reduces gradients in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    bf16 = args.dtype == "bfloat16"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
     layer_types = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in layer_types:
-            fully_shard(module)
-    fully_shard(model, reshard_after_forward=False)
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, reshard_after_forward=False, mp_policy=policy)
     return model
 
 
@@ -888,8 +936,11 @@ def prepare_for_training(model, args: Args):
         config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
         model = peft.get_peft_model(model, config)
+        for p in model.parameters() if world() > 1 else []:  # ranks' RNGs differ (generate): rank 0's adapter
+            if p.requires_grad:
+                dist.broadcast(p.data, 0)
     elif world() > 1:
-        model = shard_model(model)
+        model = shard_model(model, args)
     model.train()
     return model
 
@@ -897,8 +948,10 @@ def prepare_for_training(model, args: Args):
 def optimizer_step(trainable: list, optimizer, scheduler, sums: list[float], args: Args, where: str):
     """Average LoRA gradients over ranks (replicated base), clip, sum the step's statistics over ranks,
     stop on a non-finite loss (sums[0]), step. Returns (summed statistics, gradient norm)."""
-    if world() > 1 and args.lora_r > 0:
+    if world() > 1 and args.lora_r > 0 and all_sum([sum(p.grad is not None for p in trainable)])[0]:
         for p in trainable:
+            if p.grad is None:  # a rank without this gradient contributes zeros
+                p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
             p.grad /= world()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -924,10 +977,14 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = model.state_dict()
+    dtype = getattr(model, "checkpoint_dtype", torch.float32)  # the loaded checkpoint's, not the masters'
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = directory.with_name(directory.name + ".tmp")
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        model.config.dtype = dtype
+        model.config.save_pretrained(tmp)  # save_pretrained recorded the masters' dtype
         tokenizer.save_pretrained(tmp)
     if world() > 1:
         dist.barrier()
@@ -941,6 +998,17 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
     if world() > 1:
         dist.barrier()
     return model
+
+
+def rng_state() -> dict:
+    """This rank's random number generators, CUDA's included (sampling draws from them), for step checkpoints."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
@@ -979,6 +1047,11 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
             torch.tensor([o[1] for o in order], dtype=torch.float64))
 
 
+class VLLMEngine:
+    """--sampler vllm: this process's engine for the whole run, and the checkpoint it holds."""
+    llm, path = None, None
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
              device, seed: int, model_path: str | None = None, desc: str = "generate") -> list[list[tuple[str, bool]]]:
@@ -989,13 +1062,33 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
             import vllm
         except ImportError:
             raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
-        llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3)
-        params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens)
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        results = llm.generate(texts, params)
-        del llm
-        torch.cuda.empty_cache()
-        return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
+
+        def load_checkpoint(worker, path):  # runs in vLLM's worker: the saved weights, in place
+            from safetensors.torch import load_file
+
+            for file in sorted(Path(path).glob("*.safetensors")):
+                worker.model_runner.model.load_weights(weights=load_file(str(file)).items())
+
+        # One engine per process for the whole run, asleep (weights in CPU RAM, no KV cache) between calls
+        # so that training has the GPU; a new checkpoint is loaded into it in place. Untested here (no GPU).
+        llm = VLLMEngine.llm
+        if llm is None:
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
+            llm = VLLMEngine.llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3, enable_sleep_mode=True)
+        else:
+            llm.wake_up(tags=["weights"])
+            if VLLMEngine.path != model_path:
+                llm.collective_rpc(load_checkpoint, args=(model_path,))
+            llm.wake_up(tags=["kv_cache"])
+        VLLMEngine.path = model_path
+        mine, real = shard(prompts)  # each rank samples its share
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # token ids, as HF generate gets them: one BOS
+        params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens,
+                                      seed=seed * 1_000_003 + rank() * len(mine) + i) for i in range(len(mine))]  # per prompt
+        results = llm.generate([{"prompt_token_ids": row} for row in ids], params, use_tqdm=False)
+        llm.sleep(level=1)
+        return gather([[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results[:real]])
     from torch.distributed.fsdp import FSDPModule
 
     model.eval()

@@ -19,6 +19,7 @@ frozen base is replicated and the adapter gradients are averaged across ranks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -69,7 +70,7 @@ MODELS = {
         global_batch=64, batch_size=4, max_length=512, max_prompt_length=256, max_new_tokens=256,
         long_prompts="skip", num_eval=0, eval_pairs=0, scoring_batch_size=16, generation_batch_size=64),
     "zephyr-7b": dict(  # setting B
-        path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback", lr=5e-7, optimizer="rmsprop",
+        path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback", lr=5e-7, optimizer="rmsprop", gradient_checkpointing=True,
         global_batch=64, batch_size=4, max_length=512, max_prompt_length=256, max_new_tokens=256,
         long_prompts="skip", num_eval=0, eval_pairs=0, scoring_batch_size=8, generation_batch_size=64),
 }
@@ -104,7 +105,7 @@ class Args:
     global_batch: int | None = None
     """pairs per optimizer step over all ranks (the paper: 64)"""
     batch_size: int | None = None
-    """pairs per device per micro-batch; gradient accumulation = global_batch / (batch_size * ranks)"""
+    """pairs per device per micro-batch; gradient accumulation = global_batch / (batch_size x ranks), must divide"""
     epochs: int = 1
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -122,7 +123,10 @@ class Args:
     """> 0 trains a LoRA adapter (merged into the saved checkpoint; needs peft)"""
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
+    """recompute activations in the backward pass (default: on in the 7B presets)"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """compute dtype; master weights and optimizer state stay fp32. auto = bfloat16 on CUDA, float32 on CPU"""
     chat_template: str | None = None
     """jinja file for tokenizers without a chat template"""
     reward_fn: str | None = None
@@ -154,6 +158,10 @@ def resolve(args: Args) -> tuple[Args, dict]:
                                       "generation_batch_size")
               if getattr(args, k) is None}
     filled["dataset"] = preset["dataset"]
+    if args.gradient_checkpointing is None:
+        filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
+    if args.dtype == "auto":
+        filled["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
     args = dataclasses.replace(args, **filled)
     checks = [
         (args.lam >= 0, f"--lam must be >= 0, got {args.lam}"),
@@ -161,8 +169,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
         (args.refine_prompt.strip() != "", "--refine_prompt is empty; use --lam 0 for plain DPO / IPO"),
         (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
         (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
-        (args.batch_size >= 1 and args.global_batch >= args.batch_size,
-         f"--global_batch ({args.global_batch}) must be >= --batch_size ({args.batch_size}) >= 1"),
+        (accumulation(args.global_batch, args.batch_size) >= 1, "--global_batch must be >= 1"),
         (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
         (args.num_pairs is None or args.num_pairs >= 2, "--num_pairs must be >= 2"),
         (args.eval_pairs >= 0, "--eval_pairs must be >= 0"),
@@ -234,7 +241,10 @@ def shared_prefix_logps(model, sequences: list[tuple[list[int], list[int]]], pad
         while k < min(len(prefix), len(prompt) - 1) and prefix[k] == prompt[k]:
             k += 1
         prefix = prefix[:k]  # at least one prompt token stays in each rest: it predicts the response
-    if len(prefix) < 8:  # nothing worth sharing
+    short = len(prefix) < 8  # nothing worth sharing
+    if world() > 1:  # decided together: FSDP ranks must run the same forwards (multi-turn prompts share less)
+        short = all_sum([float(short)])[0] > 0
+    if short:
         batch = collate(sequences, pad_id, device)
         return causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
     cache = DynamicCache()
@@ -287,13 +297,13 @@ def sr_losses(model, batch_pairs: list[dict], args: Args, device, pad_id: int) -
 def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_step, start_step=0, trainer_state=None):
     from transformers import get_constant_schedule_with_warmup
 
-    grad_accum = max(1, args.global_batch // (args.batch_size * world()))
-    per_step = args.batch_size * grad_accum * world()
+    grad_accum, per_step = accumulation(args.global_batch, args.batch_size), args.global_batch
     order = []
     for epoch in range(args.epochs):
         order += torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
     n_steps = max(1, len(order) // per_step)
-    used = order[: n_steps * per_step]
+    # every rank runs the same micro-batches (FSDP collectives): the remainder is dropped, counted
+    used = order[: n_steps * per_step] if len(order) >= per_step else order[: len(order) - len(order) % world()]
     local = used[rank()::world()]
     micro = max(1, math.ceil(len(local) / (n_steps * grad_accum)))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -359,7 +369,7 @@ def main(args: Args) -> dict:
     eval_prompts = load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
 
     device = init_device(args.seed)
-    run_name = f"srdpo__{Path(args.model).name}__{args.seed}__{int(time.time())}"
+    run_name = f"srdpo__{Path(args.model).name}__{args.seed}__{now()}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
     state_file = out_dir / "state.json"
     state = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {"done": False, "eval": {}}
@@ -370,7 +380,7 @@ def main(args: Args) -> dict:
     log = Logs(args, out_dir, run_name)
 
     log({"data/pairs": len(pairs), "data/held_out_pairs": len(held_out), **{f"data/{k}": v for k, v in length_counts.items()}})
-    model = load_model(model_path, device)
+    model = load_model(model_path, device, args)
 
     # Reference log-probs on both contexts are fixed for the whole run: one pass, cached (Alg. 1 line 2).
     cache_file = out_dir / "ref_logps.pt"
@@ -397,10 +407,10 @@ def main(args: Args) -> dict:
     start_step, trainer_state = 0, None
     if args.resume and checkpoint.exists():
         del model
-        model = load_model(str(checkpoint), device)
+        model = load_model(str(checkpoint), device, args)
         trainer_state = torch.load(checkpoint / f"trainer_state_rank{rank()}.pt", weights_only=False)
         start_step = trainer_state["step"]
-        torch.set_rng_state(trainer_state["rng"])
+        set_rng_state(trainer_state["rng"])
     model = prepare_for_training(model, args)
     steps_this_process = [0]
 
@@ -410,7 +420,7 @@ def main(args: Args) -> dict:
         if args.save_every and step % args.save_every == 0 and step < n_steps:
             save_atomic(model, tokenizer, checkpoint, {f"trainer_state_rank{rank()}.pt": {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "rng": torch.get_rng_state()}})
+                "rng": rng_state()}})
         if args.stop_after_steps is not None and steps_this_process[0] >= args.stop_after_steps:
             raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
 
@@ -419,7 +429,7 @@ def main(args: Args) -> dict:
     shutil.rmtree(checkpoint, ignore_errors=True)
     if world() > 1 and args.lora_r == 0:  # an unsharded copy per rank for evaluation
         del model
-        model = load_model(str(out_dir / "final"), device)
+        model = load_model(str(out_dir / "final"), device, args)
 
     # Held-out pairs: final margin h vs the data's score gap (the paper's Table 4 analogue).
     if held_out:
@@ -658,6 +668,16 @@ def load_reward_fn(spec: str | None):
     return getattr(module, name)
 
 
+# Copied from sera.accumulation
+def accumulation(global_batch: int, batch_size: int) -> int:
+    """Micro-batches per optimizer step, so that a step sees global_batch examples at any number of ranks."""
+    ranks = int(os.environ.get("WORLD_SIZE", 1))  # known before the process group is joined
+    if global_batch < 1 or batch_size < 1 or global_batch % (batch_size * ranks):
+        raise InputError(f"--global_batch {global_batch} must be a positive multiple of --batch_size {batch_size} "
+                         f"x {ranks} ranks")
+    return global_batch // (batch_size * ranks)
+
+
 # Copied from sera.rank
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -678,6 +698,15 @@ def init_device(seed: int) -> torch.device:
         torch.cuda.set_device(device)
     torch.manual_seed(seed)
     return device
+
+
+# Copied from sera.now
+def now() -> int:
+    """Rank 0's clock in seconds: every rank names the same run folder."""
+    stamp = [int(time.time())]
+    if world() > 1:
+        dist.broadcast_object_list(stamp, 0)
+    return stamp[0]
 
 
 # Copied from sera.shard
@@ -750,6 +779,10 @@ def check_resume(args: Args):
     if not saved.exists():
         raise InputError(f"--resume: {saved} not found; nothing to resume")
     stored = json.loads(saved.read_text())
+    ranks = int(os.environ.get("WORLD_SIZE", 1))
+    if stored.get("world_size", 1) != ranks:  # per-rank data shards and trainer states
+        raise InputError(f"--resume: the run in {args.output_dir} was started on {stored.get('world_size', 1)} ranks, "
+                         f"this launch has {ranks}; resume with the same number of ranks")
     changed = {k for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
                if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
     if changed:
@@ -765,7 +798,7 @@ class Logs:
         self.out_dir, self.track, self.step, self.writer = out_dir, args.track, 0, None
         if rank() == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-            config = json.dumps(dataclasses.asdict(args), indent=2)
+            config = json.dumps({**dataclasses.asdict(args), "world_size": world()}, indent=2)
             (out_dir / "resolved_config.json").write_text(config)
             print(config)
             from torch.utils.tensorboard import SummaryWriter
@@ -810,25 +843,41 @@ def write_atomic(path: Path, obj):
 
 
 # Copied from sera.load_model
-def load_model(path: str, device: torch.device):
-    from transformers import AutoModelForCausalLM
+def load_model(path: str, device: torch.device, args: Args | None = None):
+    """fp32 master weights; --dtype bfloat16 computes in bf16 by autocast around the forward. With LoRA the
+    frozen base is held in the compute dtype (peft keeps the adapters fp32). Checkpoints keep `path`'s dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    bf16 = args is not None and args.dtype == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 and args.lora_r > 0 else torch.float32)
+    model.checkpoint_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32  # what save_atomic writes
+    if bf16:
+        forward = model.forward
+
+        @functools.wraps(forward)
+        def autocast_forward(*a, **k):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return forward(*a, **k)
+
+        model.forward = autocast_forward
+    return model.to(device)
 
 
 # Copied from sera.shard_model
-def shard_model(model):
+def shard_model(model, args: Args):
     """FSDP2 under torchrun: each decoder layer, then the root. The root keeps embeddings, final norm and
     lm_head gathered from forward to backward: the fused log-prob kernel reads lm_head.weight after the
-    model's forward returns."""
-    from torch.distributed.fsdp import fully_shard
+    model's forward returns. The shards are the fp32 masters; --dtype bfloat16 gathers them in bf16 and
+    reduces gradients in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    bf16 = args.dtype == "bfloat16"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
     layer_types = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in layer_types:
-            fully_shard(module)
-    fully_shard(model, reshard_after_forward=False)
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, reshard_after_forward=False, mp_policy=policy)
     return model
 
 
@@ -845,8 +894,11 @@ def prepare_for_training(model, args: Args):
         config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
         model = peft.get_peft_model(model, config)
+        for p in model.parameters() if world() > 1 else []:  # ranks' RNGs differ (generate): rank 0's adapter
+            if p.requires_grad:
+                dist.broadcast(p.data, 0)
     elif world() > 1:
-        model = shard_model(model)
+        model = shard_model(model, args)
     model.train()
     return model
 
@@ -855,8 +907,10 @@ def prepare_for_training(model, args: Args):
 def optimizer_step(trainable: list, optimizer, scheduler, sums: list[float], args: Args, where: str):
     """Average LoRA gradients over ranks (replicated base), clip, sum the step's statistics over ranks,
     stop on a non-finite loss (sums[0]), step. Returns (summed statistics, gradient norm)."""
-    if world() > 1 and args.lora_r > 0:
+    if world() > 1 and args.lora_r > 0 and all_sum([sum(p.grad is not None for p in trainable)])[0]:
         for p in trainable:
+            if p.grad is None:  # a rank without this gradient contributes zeros
+                p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
             p.grad /= world()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -883,10 +937,14 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = model.state_dict()
+    dtype = getattr(model, "checkpoint_dtype", torch.float32)  # the loaded checkpoint's, not the masters'
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = directory.with_name(directory.name + ".tmp")
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        model.config.dtype = dtype
+        model.config.save_pretrained(tmp)  # save_pretrained recorded the masters' dtype
         tokenizer.save_pretrained(tmp)
     if world() > 1:
         dist.barrier()
@@ -900,6 +958,19 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
     if world() > 1:
         dist.barrier()
     return model
+
+
+# Copied from sera.rng_state
+def rng_state() -> dict:
+    """This rank's random number generators, CUDA's included (sampling draws from them), for step checkpoints."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+# Copied from sera.set_rng_state
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # Copied from sera.collate
@@ -940,6 +1011,12 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
             torch.tensor([o[1] for o in order], dtype=torch.float64))
 
 
+# Copied from sera.VLLMEngine
+class VLLMEngine:
+    """--sampler vllm: this process's engine for the whole run, and the checkpoint it holds."""
+    llm, path = None, None
+
+
 # Copied from sera.generate
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
@@ -951,13 +1028,33 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
             import vllm
         except ImportError:
             raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
-        llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3)
-        params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens)
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        results = llm.generate(texts, params)
-        del llm
-        torch.cuda.empty_cache()
-        return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
+
+        def load_checkpoint(worker, path):  # runs in vLLM's worker: the saved weights, in place
+            from safetensors.torch import load_file
+
+            for file in sorted(Path(path).glob("*.safetensors")):
+                worker.model_runner.model.load_weights(weights=load_file(str(file)).items())
+
+        # One engine per process for the whole run, asleep (weights in CPU RAM, no KV cache) between calls
+        # so that training has the GPU; a new checkpoint is loaded into it in place. Untested here (no GPU).
+        llm = VLLMEngine.llm
+        if llm is None:
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
+            llm = VLLMEngine.llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3, enable_sleep_mode=True)
+        else:
+            llm.wake_up(tags=["weights"])
+            if VLLMEngine.path != model_path:
+                llm.collective_rpc(load_checkpoint, args=(model_path,))
+            llm.wake_up(tags=["kv_cache"])
+        VLLMEngine.path = model_path
+        mine, real = shard(prompts)  # each rank samples its share
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # token ids, as HF generate gets them: one BOS
+        params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens,
+                                      seed=seed * 1_000_003 + rank() * len(mine) + i) for i in range(len(mine))]  # per prompt
+        results = llm.generate([{"prompt_token_ids": row} for row in ids], params, use_tqdm=False)
+        llm.sleep(level=1)
+        return gather([[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results[:real]])
     from torch.distributed.fsdp import FSDPModule
 
     model.eval()

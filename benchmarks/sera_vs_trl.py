@@ -8,7 +8,7 @@ Everything runs in one process on the same B preference pairs (the first B usabl
 dataset), tokenized once by `sera.build_dataset`, in fp32 with `torch.set_num_threads(--threads)`:
 
   ours         the body of `sera.train_iteration` for one optimizer step (batch_size = B,
-               grad_accum = 1), replicated here with a persistent AdamW and constant schedule:
+               global_batch = batch_size), replicated here with a persistent AdamW and constant schedule:
                `sera.collate` of chosen + rejected, `kernels.causal_lm_logps`, `sera.daa_losses`,
                backward, sera's per-step metric reductions, `clip_grad_norm_`, AdamW, scheduler,
                zero_grad. Reference log-probs are precomputed once with `sera.score`, as sera does
@@ -126,7 +126,7 @@ def _peak_growth_mib(base_kb: int | None) -> float | None:
 
 
 def sera_step(model, batch_pairs, optimizer, scheduler, trainable, args: sera.Args, pad_id: int) -> dict:
-    """One optimizer step of `sera.train_iteration` (grad_accum = 1, one process), line for line."""
+    """One optimizer step of `sera.train_iteration` (one micro-batch per step, one process), line for line."""
     device = torch.device("cpu")
     n = len(batch_pairs)
     batch = sera.collate([(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
@@ -302,7 +302,7 @@ def main(cli: Args) -> dict:
 
     # Data and models exactly as sera.main prepares them.
     args, _ = sera.resolve(sera.Args(model=cli.model, dataset=cli.dataset, loss="dpo", batch_size=cli.batch_size,
-                                     grad_accum=1))
+                                     global_batch=cli.batch_size))
     tokenizer = AutoTokenizer.from_pretrained(cli.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

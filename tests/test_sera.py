@@ -125,10 +125,10 @@ def test_daa_losses(loss):
 
 def test_presets_fill_paper_settings():
     mistral = args(model="mistral-7b")
-    assert (mistral.beta, mistral.lora_r, mistral.lr, mistral.batch_size, mistral.grad_accum) == (0.01, 8, 5e-6, 4, 4)
+    assert (mistral.beta, mistral.lora_r, mistral.lr, mistral.batch_size, mistral.global_batch) == (0.01, 8, 5e-6, 4, 16)
     assert (mistral.lora_alpha, mistral.lora_dropout) == (128, 0.05)
     tiny = args(model="tinyllama", loss="ipo")
-    assert tiny.beta == 1.0 and tiny.batch_size == 8 and tiny.grad_accum == 2
+    assert tiny.beta == 1.0 and tiny.batch_size == 8 and tiny.global_batch == 16
     assert args(model="tinyllama").beta == 0.2 and args(model="pythia-2.8b", loss="hinge").beta == 0.2
     assert args(model="mistral-7b", beta=0.05).beta == 0.05  # every preset value can be overridden
 

@@ -202,7 +202,7 @@ def write_jsonl(path, rows):
         (lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD] * 3 + [dict(GOOD, rejected=GOOD["chosen"])]), eval_pairs=0), "row 3: 'chosen' and 'rejected' responses are identical"),
         (lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD] * 3 + [dict(GOOD, prompt="Sort these letters: " + "q " * 90)]), eval_pairs=0), "row 3: prompt has \\d+ tokens, over --max_prompt_length"),
         (lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD] * 3), eval_pairs=5), "need at least --eval_pairs \\+ 2"),
-        (lambda d: dict(global_batch=4, batch_size=8), "--global_batch \\(4\\) must be >= --batch_size \\(8\\)"),
+        (lambda d: dict(global_batch=4, batch_size=8), "--global_batch 4 must be a positive multiple of --batch_size 8"),
         (lambda d: dict(eval_prompts=str(d / "none.jsonl")), "--eval_prompts: file .* not found"),
         (lambda d: dict(eval_prompts=write_jsonl(d / "e.jsonl", [{"prompt": ""}])), "--eval_prompts .* row 0: 'prompt' is empty"),
         (lambda d: dict(chat_template=str(d / "none.jinja")), "--chat_template: file .* not found"),

@@ -1,0 +1,385 @@
+"""Settings for GPUs and many ranks, tested on CPU: fp32 master weights under bf16 compute (--dtype),
+checkpoint dtypes, and (slow) gloo runs of every script on 2 and 3 ranks with work that does not divide."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import sera  # noqa: E402
+
+from kernels import causal_lm_logps  # noqa: E402
+
+TOY_MODEL = ROOT / "assets" / "toy" / "model"
+CPU = torch.device("cpu")
+
+
+def one_step(model, args, pairs):
+    """One DPO step of the script's pieces (collate, fused log-probs, daa_losses, optimizer_step); returns
+    the change of every trainable parameter, flattened."""
+    from transformers import get_constant_schedule
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in trainable]
+    batch = sera.collate([(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs],
+                         0, CPU)
+    logps, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    counts = (batch["labels"][:, 1:] != -100).sum(1).float()
+    ref = logps.detach().float() - torch.linspace(-1, 1, len(logps))  # a reference that differs from the policy
+    losses = sera.daa_losses(logps.float(), ref, counts, args)[0]
+    losses.mean().backward()
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    sera.optimizer_step(trainable, optimizer, get_constant_schedule(optimizer), [losses.sum().item()], args, "test")
+    return torch.cat([(p.detach().float() - s.float()).flatten() for p, s in zip(trainable, start)])
+
+
+@pytest.fixture(scope="module")
+def toy_pairs():
+    from transformers import AutoTokenizer
+
+    args = sera.resolve(sera.Args(num_pairs=8))[0]
+    rows, source = sera.load_rows("toy")
+    return sera.build_dataset(rows, source, AutoTokenizer.from_pretrained(TOY_MODEL), args)[0]
+
+
+def test_bf16_compute_moves_fp32_masters_like_fp32(toy_pairs):
+    """Issue: bf16 weights updated by AdamW at lr ~1e-6 barely move (bf16 spacing near |w| = 0.02 is 1.2e-4).
+    --dtype bfloat16 computes in bf16 (autocast, here on CPU) on fp32 masters: one step at lr 2e-6 moves the
+    masters like the fp32 step does (direction and size), while weights held in bf16 stay put."""
+    deltas = {}
+    for dtype in ("float32", "bfloat16"):
+        args = sera.resolve(sera.Args(dtype=dtype, lr=2e-6))[0]
+        model = sera.prepare_for_training(sera.load_model(str(TOY_MODEL), CPU, args), args)
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # masters
+        deltas[dtype] = one_step(model, args, toy_pairs)
+    full, half = deltas["float32"], deltas["bfloat16"]
+    cosine = float(torch.nn.functional.cosine_similarity(full, half, dim=0))
+    ratio = float(half.norm() / full.norm())
+    moved = [float((d != 0).double().mean()) for d in (full, half)]  # unused token embeddings get no gradient
+    assert moved[1] > 0.95 * moved[0] and cosine > 0.9 and 0.8 < ratio < 1.25, (moved, cosine, ratio)
+    # the failure the issue describes: the same step on bf16-held weights changes almost nothing
+    args = sera.resolve(sera.Args(dtype="float32", lr=2e-6))[0]
+    held_in_bf16 = sera.prepare_for_training(sera.load_model(str(TOY_MODEL), CPU, args).to(torch.bfloat16), args)
+    assert (one_step(held_in_bf16, args, toy_pairs) != 0).double().mean() < 0.1 * moved[0]
+
+
+def test_checkpoint_keeps_the_loaded_dtype(tmp_path, toy_pairs):
+    """fp32 masters are saved in the dtype of the loaded model's config: bf16 for a bf16 checkpoint, fp32 for the toy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL)
+    AutoModelForCausalLM.from_pretrained(TOY_MODEL, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    args = sera.resolve(sera.Args(dtype="bfloat16", lr=1e-4))[0]
+    for source, expected in ((tmp_path / "bf16", torch.bfloat16), (TOY_MODEL, torch.float32)):
+        model = sera.prepare_for_training(sera.load_model(str(source), CPU, args), args)
+        one_step(model, args, toy_pairs)
+        sera.save_atomic(model, tokenizer, tmp_path / "out")
+        saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+        assert {v.dtype for v in saved.values()} == {expected}, source
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == str(expected).split(".")[1]
+
+
+def test_lora_bf16_base_fp32_adapters(toy_pairs):
+    """--dtype bfloat16 with LoRA: the frozen base is held in bf16, the trained adapters in fp32."""
+    pytest.importorskip("peft")
+    args = sera.resolve(sera.Args(dtype="bfloat16", lora_r=4, lr=1e-3))[0]
+    model = sera.prepare_for_training(sera.load_model(str(TOY_MODEL), CPU, args), args)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    assert all(p.dtype == torch.bfloat16 for p in frozen.values())
+    assert (one_step(model, args, toy_pairs) != 0).any()
+
+
+def test_final_hidden_state_from_a_hook():
+    """causal_lm_logps takes the final hidden state from a forward hook on the decoder body (equal to
+    hidden_states[-1]) without asking the model for every layer's output."""
+    from transformers import AutoModelForCausalLM
+
+    from kernels.ops import decoder_hidden_states
+
+    model = AutoModelForCausalLM.from_pretrained(TOY_MODEL, dtype=torch.float32)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(dict(kwargs)), with_kwargs=True)
+    ids = torch.randint(3, 30, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = decoder_hidden_states(model, ids, torch.ones_like(ids))
+        expected = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert not seen[0].get("output_hidden_states") and seen[0]["logits_to_keep"] == 1
+    assert torch.equal(hidden, expected)
+
+
+# ---- gloo runs on 2 and 3 CPU ranks (slow): pools that do not divide, a timeout turns a hang into a failure
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def launch(script, ranks, *argv, cwd=ROOT, env=ENV, timeout=600):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks)] if ranks > 1 else [sys.executable]
+    try:
+        res = subprocess.run([*command, str(ROOT / script), *argv], capture_output=True, text=True, cwd=cwd, env=env,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"{script} on {ranks} ranks hung (no exit in {timeout} s):\n{(err.stderr or b'')[-3000:]}")
+    return res
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+
+
+def skewed_clock_env(tmp_path):
+    """Rank 1's clock runs 5 s ahead (a sitecustomize on its path): run folders named by each rank's time differ."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('RANK') == '1':\n    _time = time.time\n    time.time = lambda: _time() + 5\n")
+    return {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT), ENV.get("PYTHONPATH", "")])}
+
+
+@pytest.mark.slow
+def test_sera_three_ranks_uneven_pool_bf16_one_folder_and_resume_world_check(tmp_path):
+    """3 ranks, FSDP2, --dtype bfloat16: 14 pairs for a global batch of 24 in micro-batches of 2 (4 per rank per
+    step). Before, ranks held 5, 5 and 4 pairs and ran 3, 3 and 4 micro-batches: FSDP hung. Now the remainder is
+    dropped (counted), the run finishes with one process's number of steps. Without --output_dir and with rank 1's
+    clock ahead, all ranks use rank 0's folder (each reloads iter_1 from it). A resume on 1 rank is refused."""
+    argv = ["--iterations", "1", "--num_pairs", "14", "--num_eval", "0", "--global_batch", "24", "--dtype", "bfloat16"]
+    res = launch("sera.py", 3, *argv, "--batch_size", "2", cwd=tmp_path, env=skewed_clock_env(tmp_path))
+    assert res.returncode == 0, res.stderr[-5000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, runs
+    runs[0].rename(tmp_path / "three")
+    config = json.loads((tmp_path / "three" / "resolved_config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["world_size"] == 3 and config["global_batch"] == 24
+    train = next(m for m in metrics(tmp_path / "three") if "train/steps" in m)
+    assert (train["train/steps"], train["train/grad_accum"], train["train/pairs_dropped_remainder"]) == (1, 4, 2)
+    assert len([m for m in metrics(tmp_path / "three") if "loss" in m]) == 1  # one process: 14 // 24 -> 1 step too
+    saved = load_file(str(tmp_path / "three" / "iter_1" / "model.safetensors"))
+    start = load_file(str(TOY_MODEL / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in saved.values()) and any((saved[k] != start[k]).any() for k in start)
+    res = launch("sera.py", 1, *argv, "--batch_size", "2", "--output_dir", str(tmp_path / "three"), "--resume")
+    assert res.returncode != 0 and "started on 3 ranks, this launch has 1" in res.stderr.strip().splitlines()[-1]
+    res = launch("sera.py", 1, *argv, "--batch_size", "5")  # 24 pairs per step do not split into micro-batches of 5
+    assert res.returncode != 0 and "--global_batch 24 must be a positive multiple of --batch_size 5" in res.stderr
+
+
+@pytest.mark.slow
+def test_sera_two_ranks_lora_one_adapter(tmp_path):
+    """2 ranks, LoRA, 33 pairs: both ranks start from rank 0's adapter (generate seeds each rank differently
+    before it), so after iteration 1 every rank holds the saved theta_1: the offline log-probs that the ranks
+    computed under theta_1 (each its share) equal theta_1's, recomputed here."""
+    res = launch("sera.py", 2, "--iterations", "2", "--num_pairs", "33", "--num_eval", "8", "--lora_r", "4", "--lr", "1e-3",
+                 "--batch_size", "8", "--n_cand", "2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-5000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "iter_2" / "model.safetensors").exists(), runs
+    train = [m for m in metrics(runs[0]) if "train/steps" in m]
+    assert train[0]["train/steps"] == 2 and train[0]["train/grad_accum"] == 1  # 33 // 16, as on one process
+    from transformers import AutoModelForCausalLM
+
+    pairs = [json.loads(line) for line in open(runs[0] / "pairs_iter_1.jsonl")]
+    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+    model = AutoModelForCausalLM.from_pretrained(runs[0] / "iter_1", dtype=torch.float32)
+    args = sera.resolve(sera.Args(scoring_batch_size=16))[0]
+    logps = sera.score(model, sequences, args, 0, CPU, "test")[0]
+    stored = torch.load(runs[0] / "offline_logps.pt")[1]
+    torch.testing.assert_close(stored, logps, atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_srdpo_three_ranks_uneven_pool(tmp_path):
+    """3 ranks, FSDP2: 13 training pairs for a global batch of 24 in micro-batches of 2; the shared-prefix
+    refinement pass decides its branch on all ranks together."""
+    res = launch("srdpo.py", 3, "--num_pairs", "22", "--eval_pairs", "8", "--num_eval", "0", "--global_batch", "24",
+                 "--batch_size", "2", "--output_dir", str(tmp_path / "three"))
+    assert res.returncode == 0, res.stderr[-5000:]
+    train = next(m for m in metrics(tmp_path / "three") if "train/steps" in m)
+    assert train["train/pairs"] < 24 and train["train/pairs"] % 3  # uneven, fewer than a step
+    assert (train["train/steps"], train["train/grad_accum"], train["train/pairs_dropped_remainder"]) == (1, 4, train["train/pairs"] % 3)
+    assert json.loads((tmp_path / "three" / "state.json").read_text())["done"]
+
+
+def test_step_checkpoint_rng_state_round_trip():
+    """Step checkpoints carry every generator this rank draws from (CPU, and each CUDA device where present)."""
+    state = sera.rng_state()
+    assert set(state) == {"cpu", "cuda"} and len(state["cuda"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    expected = torch.rand(4)
+    torch.rand(7)
+    sera.set_rng_state(state)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def _lora_step_worker(rank, port, results):
+    import types
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from transformers import get_constant_schedule
+
+        params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)]
+        params[0].grad = torch.full((3,), 1.0 + rank)
+        if rank == 0:  # rank 1 holds no gradient for the second parameter (a micro-batch that did not reach it)
+            params[1].grad = torch.full((3,), 4.0)
+        optimizer = torch.optim.SGD(params, lr=1.0)
+        args = types.SimpleNamespace(lora_r=4, max_grad_norm=1e9)
+        sera.optimizer_step(params, optimizer, get_constant_schedule(optimizer), [0.0], args, "test")
+        nothing = [torch.nn.Parameter(torch.zeros(2))]  # no rank has a gradient: the step changes nothing
+        optimizer = torch.optim.SGD(nothing, lr=1.0)
+        sera.optimizer_step(nothing, optimizer, get_constant_schedule(optimizer), [0.0], args, "test")
+        results[rank] = [p.detach().tolist() for p in params + nothing]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_lora_gradient_average_with_a_missing_gradient():
+    """LoRA under torchrun averages adapter gradients itself; a rank whose gradient is None contributes zeros
+    (before: all_reduce(None) raised), and a step where no rank has one is skipped on all ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_lora_step_worker, args=(port, results), nprocs=2, join=True)
+    expected = [[-1.5] * 3, [-2.0] * 3, [0.0] * 3, [0.0] * 2]  # SGD lr 1: -(mean gradient over ranks)
+    assert results[0] == results[1] == expected
+
+
+def test_7b_presets_checkpoint_activations_and_it_changes_nothing(toy_pairs):
+    """The 7B presets turn gradient checkpointing on (README: memory at 7B); it is overridable, and a step
+    with it equals a step without it (full fine-tuning and LoRA)."""
+    import opsr
+    import osp
+    import srdpo
+
+    for module, name in ((sera, "mistral-7b"), (opsr, "mistral-7b"), (opsr, "mistral-7b-instruct"), (srdpo, "zephyr-7b"),
+                         (osp, "mistral-7b")):
+        assert module.resolve(module.Args(model=name))[0].gradient_checkpointing is True, (module.__name__, name)
+        assert module.resolve(module.Args(model=name, gradient_checkpointing=False))[0].gradient_checkpointing is False
+        assert module.resolve(module.Args())[0].gradient_checkpointing is False
+    for lora_r in (0, 4):
+        deltas = []
+        for checkpointing in (False, True):
+            args = sera.resolve(sera.Args(lr=1e-3, lora_r=lora_r, gradient_checkpointing=checkpointing))[0]
+            torch.manual_seed(0)
+            model = sera.prepare_for_training(sera.load_model(str(TOY_MODEL), CPU, args), args)
+            assert model.is_gradient_checkpointing == checkpointing
+            deltas.append(one_step(model, args, toy_pairs))
+        torch.testing.assert_close(deltas[0], deltas[1], atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_opsr_two_ranks_uneven_pools(tmp_path):
+    """2 ranks, FSDP2: SimPO initialisation on 27 pairs and one iteration on 21 prompts (sharded sampling and
+    scoring, filtered pairs), global batch 16 in micro-batches of 4: one process's number of steps."""
+    res = launch("opsr.py", 2, "--iterations", "1", "--num_pairs", "27", "--num_prompts", "21", "--num_eval", "0",
+                 "--global_batch", "16", "--batch_size", "4", "--output_dir", str(tmp_path / "two"))
+    assert res.returncode == 0, res.stderr[-5000:]
+    train = [m for m in metrics(tmp_path / "two") if "train/steps" in m]
+    assert len(train) == 2 and all(m["train/grad_accum"] == 2 for m in train)
+    assert all(m["train/steps"] == max(1, m["train/pairs"] // 16) for m in train)
+    assert json.loads((tmp_path / "two" / "state.json").read_text())["completed"] == 1
+
+
+@pytest.mark.slow
+def test_osp_three_ranks_lora(tmp_path):
+    """3 ranks, LoRA (replicated base, adapter gradients averaged by hand): Stage 0 on 64 SFT rows plus the judge
+    instances, then 2 online steps of 8 prompts (sharded over 3 ranks); the merged checkpoints are plain models."""
+    res = launch("osp.py", 3, "--lora_r", "4", "--aug_epochs", "1", "--num_sft", "64", "--offline_fraction", "0.05",
+                 "--steps", "2", "--num_eval", "7", "--num_judge_eval", "13", "--eval_every", "0",
+                 "--output_dir", str(tmp_path / "three"))
+    assert res.returncode == 0, res.stderr[-5000:]
+    assert json.loads((tmp_path / "three" / "state.json").read_text())["done"]
+    assert [m["step"] for m in metrics(tmp_path / "three") if m.get("stage") == 1 and "step" in m] == [1, 2]
+    final, start = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "three" / "final", TOY_MODEL))
+    assert sorted(final) == sorted(start) and any((final[k] != start[k]).any() for k in start)
+
+
+def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch):
+    """--sampler vllm, against a stand-in `vllm` module (vLLM is not installed here; the real engine is untested):
+    one engine for the run, the prompts passed as the token ids HF generate gets (no second BOS from re-tokenizing
+    text), the engine asleep between calls, a new checkpoint loaded into it in place, samples in prompt order."""
+    import types
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    events, seeds = [], []
+
+    class LLM:
+        def __init__(self, model, seed, gpu_memory_utilization, enable_sleep_mode):
+            events.append(("engine", model))
+
+        def generate(self, prompts, params, use_tqdm):
+            events.append(("generate", [p["prompt_token_ids"] for p in prompts]))
+            seeds.append([p.seed for p in params])
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f" {i}.{k} ", finish_reason=["stop", "length"][k % 2])
+                                                   for k in range(p.n)]) for i, p in enumerate(params)]
+
+        def sleep(self, level):
+            events.append(("sleep", level))
+
+        def wake_up(self, tags):
+            events.append(("wake", tags[0]))
+
+        def collective_rpc(self, method, args):
+            loaded = []
+            model = types.SimpleNamespace(load_weights=lambda weights: loaded.extend(name for name, _ in weights))
+            method(types.SimpleNamespace(model_runner=types.SimpleNamespace(model=model)), *args)  # as a worker runs it
+            events.append(("load", args[0], len(loaded)))
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **k: types.SimpleNamespace(**k)))
+    monkeypatch.setattr(sera.VLLMEngine, "llm", None)
+    tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL)
+    args = sera.resolve(sera.Args(sampler="vllm"))[0]
+    prompts = [[{"role": "user", "content": "Sort these letters: b a c"}], [{"role": "user", "content": "Sort these letters: z y"}]]
+    first = sera.generate(None, tokenizer, prompts, 2, 1.0, 1.0, args, CPU, seed=0, model_path=str(TOY_MODEL))
+    again = sera.generate(None, tokenizer, prompts[:1], 2, 1.0, 1.0, args, CPU, seed=1, model_path=str(TOY_MODEL))
+    sera.generate(None, tokenizer, prompts, 1, 1.0, 1.0, args, CPU, seed=2, model_path="/new/checkpoint/none")
+    assert first == [[("0.0", True), ("0.1", False)], [("1.0", True), ("1.1", False)]] and again == [[("0.0", True), ("0.1", False)]]
+    n_weights = len(AutoModelForCausalLM.from_pretrained(TOY_MODEL).state_dict())
+    kinds = [e[0] for e in events]
+    assert kinds == ["engine", "generate", "sleep", "wake", "wake", "generate", "sleep", "wake", "load", "wake", "generate", "sleep"]
+    assert events[8] == ("load", "/new/checkpoint/none", 0)  # no such folder: nothing loaded; the toy's folder:
+    expected = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True) for p in prompts]
+    expected = [e if isinstance(e, list) else e["input_ids"] for e in expected]
+    assert events[1][1] == expected
+    assert seeds[:2] == [[0, 1], [1_000_003]]  # one seed per prompt and call: sampling does not depend on history
+    monkeypatch.setattr(sera.VLLMEngine, "path", "elsewhere")
+    sera.generate(None, tokenizer, prompts[:1], 1, 1.0, 1.0, args, CPU, seed=3, model_path=str(TOY_MODEL))
+    assert events[-4] == ("load", str(TOY_MODEL), n_weights)
+
+
+def test_srdpo_shared_prefix_branch_is_decided_on_all_ranks(monkeypatch):
+    """Sr-DPO's refinement pass runs two forwards (shared prefix, then the rest) when a micro-batch's prompts
+    share >= 8 tokens and one otherwise; under FSDP every rank must take the same branch. Here this rank's
+    prompts share a long prefix, another rank's (all_sum says so) do not: this rank runs one forward too."""
+    import srdpo
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(TOY_MODEL, dtype=torch.float32).eval()
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    prefix = list(range(5, 17))
+    sequences = [(prefix + [20, 21], [22, 23, 24]), (prefix + [25], [26, 27])]
+    with torch.no_grad():
+        alone = srdpo.shared_prefix_logps(model, sequences, 0, CPU)
+        assert len(forwards) == 2
+        forwards.clear()
+        monkeypatch.setattr(srdpo, "world", lambda: 2)
+        monkeypatch.setattr(srdpo, "all_sum", lambda values: [values[0] + 1.0])  # the other rank's prefix is short
+        together = srdpo.shared_prefix_logps(model, sequences, 0, CPU)
+    assert len(forwards) == 1
+    torch.testing.assert_close(alone, together, atol=1e-4, rtol=1e-5)
