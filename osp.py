@@ -606,13 +606,9 @@ def main(args: Args) -> dict:
         if reward_fn and eval_prompts and name not in state["eval"]:
             state["eval"][name], length = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device)
             log({"stage": name, "eval/reward": state["eval"][name], "eval/response_words": length})
-        if rank() == 0:
-            judge = state["judge"].get(name, {})
-            print(f"{name}: " + ", ".join(
-                [f"judge accuracy {judge['judge/human_accuracy']:.3f} (human labels)"] * bool(judge)
-                + [f"{judge['judge/oracle_accuracy']:.3f} (reward fn)"] * ("judge/oracle_accuracy" in judge)
-                + [f"position consistency {judge['judge/position_consistency']:.3f}"] * bool(judge)
-                + [f"eval reward {state['eval'][name]:.3f}"] * (name in state["eval"])))
+        if rank() == 0:  # what was measured: nothing of the judge without --num_judge_eval, no reward without --num_eval
+            shown = {**state["judge"].get(name, {}), **({"eval/reward": state["eval"][name]} if name in state["eval"] else {})}
+            print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if k != "judge/pairs"))
         write_atomic(state_file, state)
 
     log({"stage": "data", "data/offline_pairs": len(offline), "data/judge_eval_pairs": len(held_out),

@@ -383,6 +383,13 @@ def test_osp_resume_after_interrupt_finishes_identically(tmp_path):
     assert [m["step"] for m in lines if m.get("stage") == 1] == [1, 2, 3, 4, 5]  # redone steps are not duplicated
 
 
+def test_osp_without_judge_or_reward_evaluation_finishes(tmp_path):
+    """--num_judge_eval 0 --num_eval 0: nothing to report, and the run still ends (the summary line once crashed)."""
+    res = run("--skip_augmentation", "--steps", "1", "--num_eval", "0", "--num_judge_eval", "0", "--output_dir", str(tmp_path / "r"))
+    state = json.loads((tmp_path / "r" / "state.json").read_text())
+    assert state["done"] and state["judge"] == {} and state["eval"] == {} and "final: " in res.stdout
+
+
 def test_osp_torchrun_two_ranks_with_augmentation(tmp_path):
     """FSDP2 on 2 CPU ranks (gloo): Stage 0, sharded sampling and judging (every rank runs every forward),
     the SPCE step with a sharded reference, step checkpoints; the checkpoints reload as plain models."""
