@@ -60,7 +60,7 @@ JUDGE_TEMPLATES = {
 
 HH_TEMPLATE = (  # for base models without a chat template (Pythia): the HH-RLHF format itself
     "{% for m in messages %}{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] + eos_token }}"
+    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] }}"
     "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
 )
@@ -243,15 +243,18 @@ def judge_text(template: str, context: str, a: str, b: str) -> str:
     return re.sub(r"\{([xab])\}", lambda m: values[m.group(1)], template)
 
 
-def verdict_ids(tokenizer, tokens: list[str]) -> list[int]:
-    """§4.2 / §7.9.3: each verdict must encode to one token, and the two must differ."""
+def verdict_ids(tokenizer, tokens: list[str], template: str) -> list[int]:
+    """§4.2 / §7.9.3: the id the model produces for each verdict right after the judge prompt's assistant header
+    (judge prompt + verdict tokenized as one conversation, as encode() does; SentencePiece gives 'A', not the
+    word-initial '▁A' of encode("A")). Each verdict must be one token before the end of turn; the two must differ."""
+    judge_prompt = [{"role": "user", "content": judge_text(template, "x", "a", "b")}]
     ids = []
     for token in tokens:
-        encoded = tokenizer.encode(token, add_special_tokens=False)
-        if len(encoded) != 1:
-            raise InputError(f"--verdict_tokens: {token!r} encodes to {len(encoded)} tokens {encoded} with this "
-                             "tokenizer; the judge reads one verdict token")
-        ids.append(encoded[-1])
+        response = encode(tokenizer, judge_prompt, token)[1]
+        if len(response) < 1 or any(i not in tokenizer.all_special_ids for i in response[1:]):
+            raise InputError(f"--verdict_tokens: {token!r} is {tokenizer.convert_ids_to_tokens(response)} after the judge "
+                             "prompt with this tokenizer; the judge reads one verdict token")
+        ids.append(response[0])
     if ids[0] == ids[1]:
         raise InputError(f"--verdict_tokens: {tokens} map to the same token id {ids[0]}")
     return ids
@@ -534,11 +537,11 @@ def main(args: Args) -> dict:
     # Everything that can fail on bad input is checked before anything is written.
     model_path = preset["path"]
     tokenizer = load_tokenizer(model_path, args.chat_template)
-    verdict = verdict_ids(tokenizer, args.verdict_tokens)
     template = Path(args.judge_template).read_text() if args.judge_template else JUDGE_TEMPLATES[args.judge_family]
     missing = [f"{{{name}}}" for name in "xab" if f"{{{name}}}" not in template]
     if missing:
         raise InputError(f"--judge_template: the template has no {', '.join(missing)} placeholder")
+    verdict = verdict_ids(tokenizer, args.verdict_tokens, template)
     context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
     if context is not None and args.judge_max_length > context:
         raise InputError(f"--judge_max_length {args.judge_max_length} is over the model's context of {context} tokens")
@@ -680,6 +683,9 @@ def main(args: Args) -> dict:
                 sides = [fit(*encode(tokenizer, prompts[p], y), args, f"step {step + 1} sample", truncated) for y in (y_h, y_l)]
                 tuples.append(dict(pair, prompt=prompts[p], chosen_text=y_h, rejected_text=y_l, prompt_ids=sides[0][0],
                                    chosen_ids=sides[0][1], rejected_ids=sides[1][1]))
+        if not tuples:
+            raise InputError(f"step {step + 1}: all {sum(dropped.values())} formed pairs were filtered ({dropped}); raise "
+                             "--max_new_tokens if samples are 'unfinished', or use --k > 2 / a model whose samples differ")
         stats = {"stage": 1, "step": step + 1, "data/pairs": len(tuples), **{f"data/dropped_{k}": v for k, v in dropped.items()},
                  **{f"data/{k}": v for k, v in truncated.items()},
                  "judge/forward_passes": passes, "judge/comparisons_per_sec": passes / judging_s if judging_s else 0.0}
@@ -887,18 +893,36 @@ def load_tokenizer(model_path: str, chat_template: str | None):
     return tokenizer
 
 
+# Copied from sera.tokenize
+def tokenize(tokenizer, text: str) -> list[int]:
+    """Ids of rendered chat text. BOS exactly once when the tokenizer's own encoding starts with it, whether
+    the template writes it (toy, Llama-3) or not (zephyr): never missing, never twice."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    while bos is not None and ids[:2] == [bos, bos]:
+        ids = ids[1:]
+    if bos is not None and ids[:1] != [bos] and tokenizer("a")["input_ids"][:1] == [bos]:
+        ids = [bos] + ids
+    return ids
+
+
 # Copied from sera.encode
 def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the templated prompt (ending with the assistant header) and of the response
     (the rest of the templated conversation, ending with the end-of-turn token)."""
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenize(tokenizer, prompt_text)
     if response is None:
         return prompt_ids, []
     full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
     if not full.startswith(prompt_text):
         raise InputError("the chat template renders the prompt differently with and without the assistant turn")
-    response_ids = tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"]
+    # The whole conversation tokenized once and split at the prompt's length: the response tokens a sampler
+    # would produce after prompt_ids (SentencePiece: 'A' after a newline, not the word-initial '▁A'). Where a
+    # merge crosses the boundary the prompt ids are no prefix, and the response is tokenized on its own.
+    full_ids = tokenize(tokenizer, full.rstrip())
+    response_ids = (full_ids[len(prompt_ids):] if full_ids[:len(prompt_ids)] == prompt_ids else
+                    tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"])
     if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
         response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
     return prompt_ids, response_ids
@@ -1204,21 +1228,32 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 # Runtime that only some of the scripts use (checked copies too)
 
 
+# Copied from sera.stop_ids
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a turn: generation_config.eos_token_id (often a list: Llama-3 <|eot_id|>, Gemma
+    <end_of_turn>, Qwen <|im_end|>) and the tokenizer's EOS."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return sorted({i for i in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id] if i is not None})
+
+
 # Copied from sera.generate
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
              device, seed: int, model_path: str | None = None, desc: str = "generate") -> list[list[tuple[str, bool]]]:
-    """n samples per prompt as (text, finished) where finished = ended with EOS within max_new_tokens.
-    With --sampler vllm (and a saved model_path) vLLM samples instead of HF generate."""
+    """n samples per prompt as (text, finished) where finished = stopped on a stop_ids token within
+    max_new_tokens. Prompts are encode()'s ids. Sampling is exactly temperature / top-p: top-k off (transformers
+    would fill 50) and no repetition penalty from the model's generation_config. With --sampler vllm (and a
+    saved model_path) vLLM samples instead of HF generate, with the same settings and stop ids."""
+    stop = stop_ids(model, tokenizer)
     if model_path is not None and args.sampler == "vllm":
         try:
             import vllm
         except ImportError:
             raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
         llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3)
-        params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens)
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        results = llm.generate(texts, params)
+        params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0,
+                                     max_tokens=args.max_new_tokens, stop_token_ids=stop)
+        results = llm.generate([{"prompt_token_ids": encode(tokenizer, p)[0]} for p in prompts], params)
         del llm
         torch.cuda.empty_cache()
         return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
@@ -1227,21 +1262,23 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     model.eval()
     torch.manual_seed(seed + rank())
     mine, real = shard(prompts)
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: little padding
+    prompt_ids = [encode(tokenizer, p)[0] for p in mine]
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together: little padding
+    sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
+                if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
     outputs = {}
     batch_size = max(1, args.generation_batch_size // n)
     for start in progress(range(0, len(order), batch_size), desc=desc, inner=True):
         indices = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out = model.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                             top_p=top_p if temperature > 0 else None, max_new_tokens=args.max_new_tokens,
-                             num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
+        enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in indices]}, return_tensors="pt").to(device)
+        out = model.generate(**enc, **sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=n,
+                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
                              synced_gpus=isinstance(model, FSDPModule))  # sharded: every rank runs every forward
         rows = out[:, enc["input_ids"].shape[1]:].tolist()
         for k, i in enumerate(indices):  # num_return_sequences rows per prompt, consecutive
-            outputs[i] = [(tokenizer.decode(row, skip_special_tokens=True).strip(), tokenizer.eos_token_id in row)
-                          for row in rows[k * n:(k + 1) * n]]
+            ends = [next((j for j, token in enumerate(row) if token in stop), None) for row in rows[k * n:(k + 1) * n]]
+            outputs[i] = [(tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None)
+                          for row, end in zip(rows[k * n:(k + 1) * n], ends)]
     model.train()
     return gather([outputs[i] for i in range(real)])
 

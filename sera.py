@@ -45,7 +45,7 @@ TOY = HERE / "assets" / "toy"
 # Human/Assistant format for base models without a chat template (HH-RLHF style) [ours].
 HH_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] + eos_token }}"
+    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] }}"
     "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
 )
@@ -659,17 +659,34 @@ def load_tokenizer(model_path: str, chat_template: str | None):
     return tokenizer
 
 
+def tokenize(tokenizer, text: str) -> list[int]:
+    """Ids of rendered chat text. BOS exactly once when the tokenizer's own encoding starts with it, whether
+    the template writes it (toy, Llama-3) or not (zephyr): never missing, never twice."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    while bos is not None and ids[:2] == [bos, bos]:
+        ids = ids[1:]
+    if bos is not None and ids[:1] != [bos] and tokenizer("a")["input_ids"][:1] == [bos]:
+        ids = [bos] + ids
+    return ids
+
+
 def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the templated prompt (ending with the assistant header) and of the response
     (the rest of the templated conversation, ending with the end-of-turn token)."""
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenize(tokenizer, prompt_text)
     if response is None:
         return prompt_ids, []
     full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
     if not full.startswith(prompt_text):
         raise InputError("the chat template renders the prompt differently with and without the assistant turn")
-    response_ids = tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"]
+    # The whole conversation tokenized once and split at the prompt's length: the response tokens a sampler
+    # would produce after prompt_ids (SentencePiece: 'A' after a newline, not the word-initial '▁A'). Where a
+    # merge crosses the boundary the prompt ids are no prefix, and the response is tokenized on its own.
+    full_ids = tokenize(tokenizer, full.rstrip())
+    response_ids = (full_ids[len(prompt_ids):] if full_ids[:len(prompt_ids)] == prompt_ids else
+                    tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"])
     if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
         response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
     return prompt_ids, response_ids
@@ -973,20 +990,30 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
             torch.tensor([o[1] for o in order], dtype=torch.float64))
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a turn: generation_config.eos_token_id (often a list: Llama-3 <|eot_id|>, Gemma
+    <end_of_turn>, Qwen <|im_end|>) and the tokenizer's EOS."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return sorted({i for i in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id] if i is not None})
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
              device, seed: int, model_path: str | None = None, desc: str = "generate") -> list[list[tuple[str, bool]]]:
-    """n samples per prompt as (text, finished) where finished = ended with EOS within max_new_tokens.
-    With --sampler vllm (and a saved model_path) vLLM samples instead of HF generate."""
+    """n samples per prompt as (text, finished) where finished = stopped on a stop_ids token within
+    max_new_tokens. Prompts are encode()'s ids. Sampling is exactly temperature / top-p: top-k off (transformers
+    would fill 50) and no repetition penalty from the model's generation_config. With --sampler vllm (and a
+    saved model_path) vLLM samples instead of HF generate, with the same settings and stop ids."""
+    stop = stop_ids(model, tokenizer)
     if model_path is not None and args.sampler == "vllm":
         try:
             import vllm
         except ImportError:
             raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
         llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3)
-        params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens)
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        results = llm.generate(texts, params)
+        params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0,
+                                     max_tokens=args.max_new_tokens, stop_token_ids=stop)
+        results = llm.generate([{"prompt_token_ids": encode(tokenizer, p)[0]} for p in prompts], params)
         del llm
         torch.cuda.empty_cache()
         return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
@@ -995,21 +1022,23 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     model.eval()
     torch.manual_seed(seed + rank())
     mine, real = shard(prompts)
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: little padding
+    prompt_ids = [encode(tokenizer, p)[0] for p in mine]
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together: little padding
+    sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
+                if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
     outputs = {}
     batch_size = max(1, args.generation_batch_size // n)
     for start in progress(range(0, len(order), batch_size), desc=desc, inner=True):
         indices = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out = model.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                             top_p=top_p if temperature > 0 else None, max_new_tokens=args.max_new_tokens,
-                             num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
+        enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in indices]}, return_tensors="pt").to(device)
+        out = model.generate(**enc, **sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=n,
+                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
                              synced_gpus=isinstance(model, FSDPModule))  # sharded: every rank runs every forward
         rows = out[:, enc["input_ids"].shape[1]:].tolist()
         for k, i in enumerate(indices):  # num_return_sequences rows per prompt, consecutive
-            outputs[i] = [(tokenizer.decode(row, skip_special_tokens=True).strip(), tokenizer.eos_token_id in row)
-                          for row in rows[k * n:(k + 1) * n]]
+            ends = [next((j for j, token in enumerate(row) if token in stop), None) for row in rows[k * n:(k + 1) * n]]
+            outputs[i] = [(tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None)
+                          for row, end in zip(rows[k * n:(k + 1) * n], ends)]
     model.train()
     return gather([outputs[i] for i in range(real)])
 

@@ -51,7 +51,7 @@ REFINE_PROMPT = (
 # Human/Assistant format for base models without a chat template (HH-RLHF style) [ours].
 HH_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] + eos_token }}"
+    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] }}"
     "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
 )
@@ -615,18 +615,36 @@ def load_tokenizer(model_path: str, chat_template: str | None):
     return tokenizer
 
 
+# Copied from sera.tokenize
+def tokenize(tokenizer, text: str) -> list[int]:
+    """Ids of rendered chat text. BOS exactly once when the tokenizer's own encoding starts with it, whether
+    the template writes it (toy, Llama-3) or not (zephyr): never missing, never twice."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    while bos is not None and ids[:2] == [bos, bos]:
+        ids = ids[1:]
+    if bos is not None and ids[:1] != [bos] and tokenizer("a")["input_ids"][:1] == [bos]:
+        ids = [bos] + ids
+    return ids
+
+
 # Copied from sera.encode
 def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the templated prompt (ending with the assistant header) and of the response
     (the rest of the templated conversation, ending with the end-of-turn token)."""
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenize(tokenizer, prompt_text)
     if response is None:
         return prompt_ids, []
     full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
     if not full.startswith(prompt_text):
         raise InputError("the chat template renders the prompt differently with and without the assistant turn")
-    response_ids = tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"]
+    # The whole conversation tokenized once and split at the prompt's length: the response tokens a sampler
+    # would produce after prompt_ids (SentencePiece: 'A' after a newline, not the word-initial '▁A'). Where a
+    # merge crosses the boundary the prompt ids are no prefix, and the response is tokenized on its own.
+    full_ids = tokenize(tokenizer, full.rstrip())
+    response_ids = (full_ids[len(prompt_ids):] if full_ids[:len(prompt_ids)] == prompt_ids else
+                    tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"])
     if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
         response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
     return prompt_ids, response_ids
