@@ -87,6 +87,9 @@ class Args:
     """preset (toy, pythia-2.8b, zephyr-7b), hub id or local path"""
     dataset: str | None = None
     """preset (ultrafeedback, hh-rlhf, tldr, toy) or a local jsonl/json/parquet file or save_to_disk folder"""
+    max_bad_fraction: float = 0.05
+    """stop when more of --dataset's rows than this are degenerate (identical or empty replies, conversations
+    that differ before the last turn or do not end with the assistant); fewer are skipped and counted"""
     loss: Literal["sr_dpo", "sr_ipo"] = "sr_dpo"
     """Sr-DPO (eq. 13) or Sr-IPO (eq. 15)"""
     lam: float = 0.5
@@ -160,6 +163,11 @@ def resolve(args: Args) -> tuple[Args, dict]:
         filled["dataset"] = preset["dataset"]
     args = dataclasses.replace(args, **filled)
     checks = [
+        (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
+        (not (args.output_dir and Path(args.output_dir).is_file()), f"--output_dir: {args.output_dir!r} is a file; expected a folder"),
+        (args.eval_prompts is None or Path(args.eval_prompts).is_file(), f"--eval_prompts: file {args.eval_prompts!r} not found"),
+        (args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
+         f"--chat_template: file {args.chat_template!r} not found"),
         (args.lam >= 0, f"--lam must be >= 0, got {args.lam}"),
         (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
         (args.refine_prompt.strip() != "", "--refine_prompt is empty; use --lam 0 for plain DPO / IPO"),
@@ -197,9 +205,8 @@ def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple
     aug_args = dataclasses.replace(args, max_prompt_length=args.max_prompt_length + refine_tokens + 4,
                                    max_length=args.max_length + refine_tokens + 4, long_prompts="truncate")
     limit = args.eval_pairs + args.num_pairs if args.num_pairs else None
-    for index, row in enumerate(rows[:limit]):
-        where = f"dataset {source} row {index}"
-        pair = parse_pair(row, where)
+    for index, pair in parse_rows(rows[:limit], source, args, counts):
+        where, row = f"dataset {source} row {index}", rows[index]
         encoded = {}
         for side in ("chosen", "rejected"):
             plain = fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, counts)
@@ -382,7 +389,7 @@ def main(args: Args) -> dict:
     pairs, length_counts = build_dataset(rows, source, tokenizer, args)
     held_out, pairs = pairs[: args.eval_pairs], pairs[args.eval_pairs:]
     dataset_preset = DATASETS.get(args.dataset, {})
-    reward_fn = load_reward_fn(args.reward_fn or dataset_preset.get("reward_fn"))
+    reward_fn = load_reward_fn(args.reward_fn or dataset_preset.get("reward_fn"), pairs[0])
     eval_file = args.eval_prompts or dataset_preset.get("eval")
     eval_prompts = load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
 
@@ -483,6 +490,15 @@ class InputError(ValueError):
     """Bad user input: printed as one line, no traceback, nothing written."""
 
 
+# Copied from sera.BadRow
+class BadRow(InputError):
+    """A degenerate row of real data (HH-RLHF has some): skipped and counted per reason by parse_rows."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 # Copied from sera.load_rows
 def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
     import datasets
@@ -499,51 +515,73 @@ def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
         raise InputError(f"{what}: unknown preset or path {spec!r}; presets: {', '.join(DATASETS)}")
     if path.is_dir():
         data = datasets.load_from_disk(str(path))
-        data = data["train"] if isinstance(data, datasets.DatasetDict) else data
+        data = list(data["train"] if isinstance(data, datasets.DatasetDict) else data)
     elif path.suffix in (".jsonl", ".json"):
-        data = datasets.load_dataset("json", data_files=str(path), split="train")
+        data = read_jsonl(path, what)
     elif path.suffix == ".parquet":
-        data = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        data = list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
     else:
         raise InputError(f"{what}: {spec!r} is not a .jsonl, .json, .parquet file or a save_to_disk folder")
-    return list(data), str(path)
+    if not data:
+        raise InputError(f"{what}: {spec} has no rows")
+    return data, str(path)
+
+
+# Copied from sera.read_jsonl
+def read_jsonl(path: Path, what: str) -> list[dict]:
+    """JSON objects, one a line (or a .json list of them); not UTF-8, not JSON or not an object names the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{what}: {path} is not UTF-8 text (byte {err.start}); expected JSON lines") from None
+    rows, line_number = [], 0
+    try:
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            for line_number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+    except json.JSONDecodeError as err:
+        raise InputError(f"{what}: {path} line {line_number or err.lineno}: not valid JSON ({err.msg})") from None
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise InputError(f"{what}: {path} row {index}: expected a JSON object, got {type(row).__name__}")
+    return rows
 
 
 # Copied from sera.load_prompts
 def load_prompts(spec: str, what: str) -> list[str]:
     """The 'prompt' column of a jsonl file (--eval_prompts, --prompts), every row checked."""
-    if not Path(spec).exists():
+    if not Path(spec).is_file():
         raise InputError(f"{what}: file {spec!r} not found")
-    prompts = []
-    for index, line in enumerate(open(spec)):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"{what} {spec} row {index}: not valid JSON") from None
-        prompts.append(_text(row.get("prompt") if isinstance(row, dict) else None, f"{what} {spec} row {index}: 'prompt'"))
-    return prompts
+    rows = read_jsonl(Path(spec), what)
+    if not rows:
+        raise InputError(f"{what}: {spec} has no rows; expected JSON lines with a 'prompt'")
+    return [_text(row.get("prompt"), f"{what} {spec} row {index}: 'prompt'") for index, row in enumerate(rows)]
 
 
 # Copied from sera._text
-def _text(value, where: str) -> str:
+def _text(value, where: str, empty: str | None = None) -> str:
+    """A non-empty string; an empty one is a BadRow(`empty`) when it is a known quirk of real data."""
     if not isinstance(value, str):
         raise InputError(f"{where} must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise InputError(f"{where} is empty")
+        raise BadRow(empty, f"{where} is empty") if empty else InputError(f"{where} is empty")
     return value
 
 
 # Copied from sera._messages
-def _messages(value, where: str) -> list[dict]:
+def _messages(value, where: str, empty: str | None = None) -> list[dict]:
     if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
         raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
-    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content")}
+    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content", empty)}
             for i, m in enumerate(value)]
 
 
 # Copied from sera._hh_turns
 def _hh_turns(text: str, where: str) -> list[dict]:
-    parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where))
+    parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where, "empty_response"))
     if len(parts) < 3 or parts[0].strip():
         raise InputError(f"{where} is not in HH-RLHF format ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
     return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
@@ -552,7 +590,9 @@ def _hh_turns(text: str, where: str) -> list[dict]:
 # Copied from sera.parse_pair
 def parse_pair(row: dict, where: str) -> dict:
     """UltraFeedback messages, HH-RLHF raw text, TL;DR comparisons, or prompt/chosen/rejected strings:
-    {"prompt": [messages], "chosen": str, "rejected": str}."""
+    {"prompt": [messages], "chosen": str, "rejected": str}. Malformed rows raise InputError; the quirks
+    of real data raise BadRow (identical or empty replies, conversations that differ before the last
+    turn or do not end with the assistant, prompts not ending with the user)."""
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected an object, got {type(row).__name__}")
     if "summaries" in row and "choice" in row:  # openai/summarize_from_feedback, comparisons
@@ -561,38 +601,80 @@ def parse_pair(row: dict, where: str) -> dict:
         prompt = f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {post}\n\nTL;DR:"
         if row["choice"] not in (0, 1) or not isinstance(row["summaries"], list) or len(row["summaries"]) != 2:
             raise InputError(f"{where}: 'choice' must be 0 or 1 with two 'summaries'")
-        texts = [_text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'").strip() for i, s in enumerate(row["summaries"])]
+        texts = [_text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'", "empty_response").strip()
+                 for i, s in enumerate(row["summaries"])]
         out = {"prompt": [{"role": "user", "content": prompt}], "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]}
     else:
         for column in ("chosen", "rejected"):
             if row.get(column) is None:  # absent, or null (datasets fills columns other rows have)
                 raise InputError(f"{where}: missing column '{column}' (columns: {', '.join(sorted(row))})")
-        if isinstance(row["chosen"], list):  # UltraFeedback: full conversations
-            chosen = _messages(row["chosen"], f"{where}: 'chosen'")
-            rejected = _messages(row["rejected"], f"{where}: 'rejected'")
+        if isinstance(row["chosen"], list) or "\n\nHuman:" in str(row["chosen"]):  # UltraFeedback / Anthropic/hh-rlhf
+            if isinstance(row["chosen"], list):
+                chosen = _messages(row["chosen"], f"{where}: 'chosen'", "empty_message")
+                rejected = _messages(row["rejected"], f"{where}: 'rejected'", "empty_message")
+            else:
+                chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
+                rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
             if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-                raise InputError(f"{where}: the last message of 'chosen' and 'rejected' must be the assistant's")
-            out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
-        elif isinstance(row["chosen"], str) and "\n\nHuman:" in row["chosen"]:  # Anthropic/hh-rlhf
-            chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
-            rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
-            if chosen[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1]:
-                raise InputError(f"{where}: 'chosen' and 'rejected' must share the conversation up to the last Assistant turn")
+                raise BadRow("not_ending_with_assistant", f"{where}: 'chosen' and 'rejected' must end with an assistant turn")
+            if chosen[:-1] != rejected[:-1]:
+                raise BadRow("differ_before_last_turn", f"{where}: 'chosen' and 'rejected' differ before the last assistant turn")
             out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
         else:  # plain strings
             if row.get("prompt") is None:
                 raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
             out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
-                   "chosen": _text(row["chosen"], f"{where}: 'chosen'"), "rejected": _text(row["rejected"], f"{where}: 'rejected'")}
+                   "chosen": _text(row["chosen"], f"{where}: 'chosen'", "empty_response"),
+                   "rejected": _text(row["rejected"], f"{where}: 'rejected'", "empty_response")}
         if not out["prompt"] or out["prompt"][-1]["role"] != "user":
-            raise InputError(f"{where}: the prompt must end with a user message")
+            raise BadRow("prompt_not_ending_with_user", f"{where}: the prompt must end with a user message")
     for side in ("chosen", "rejected"):
-        _text(out[side], f"{where}: '{side}' response")
+        _text(out[side], f"{where}: '{side}' response", "empty_response")
     if out["chosen"].strip() == out["rejected"].strip():
-        raise InputError(f"{where}: 'chosen' and 'rejected' responses are identical")
+        raise BadRow("identical", f"{where}: 'chosen' and 'rejected' responses are identical")
     if "flipped" in row:  # toy data: which labels were deliberately swapped
         out["flipped"] = bool(row["flipped"])
     return out
+
+
+# Copied from sera.parse_rows
+def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[tuple[int, dict]]:
+    """(row index, parse_pair) of every usable row. Degenerate rows (BadRow) are skipped and counted per
+    reason in counts['skipped_<reason>']; over --max_bad_fraction of them stops with the first examples."""
+    pairs, bad = [], []
+    for index, row in enumerate(rows):
+        try:
+            pairs.append((index, parse_pair(row, f"dataset {source} row {index}")))
+        except BadRow as err:
+            counts[f"skipped_{err.reason}"] = counts.get(f"skipped_{err.reason}", 0) + 1
+            bad.append(str(err))
+    if len(bad) > args.max_bad_fraction * len(rows) or not pairs:
+        reasons = ", ".join(f"{k[8:]} {v}" for k, v in counts.items() if k.startswith("skipped_"))
+        raise InputError(f"dataset {source}: {len(bad)} of {len(rows)} rows are degenerate ({reasons}), over "
+                         f"--max_bad_fraction {args.max_bad_fraction}; first: {' | '.join(bad[:3])}")
+    return pairs
+
+
+# Copied from sera.check_model_dir
+def check_model_dir(path: Path):
+    """A local model folder has a config, tokenizer files and complete safetensors (each file's header
+    declares its data size), so a bad folder fails before anything is written."""
+    missing = [name for name, found in (("config.json", (path / "config.json").is_file()), (
+        "tokenizer files", any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))))
+        if not found]
+    if missing:
+        raise InputError(f"--model: {path} has no {' or '.join(missing)}; expected a save_pretrained folder")
+    for file in sorted(path.glob("*.safetensors")):
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            try:
+                header = json.loads(f.read(header_size)) if 0 < header_size <= size - 8 else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                header = None
+        ends = [v["data_offsets"][1] for k, v in (header or {}).items() if k != "__metadata__"]
+        if header is None or 8 + header_size + max(ends, default=0) > size:
+            raise InputError(f"--model: {file} is truncated or not safetensors ({size} bytes)")
 
 
 # Copied from sera.load_tokenizer
@@ -602,7 +684,12 @@ def load_tokenizer(model_path: str, chat_template: str | None):
 
     if model_path.startswith((".", "/", "~")) and not Path(model_path).expanduser().exists():
         raise InputError(f"--model: {model_path!r} not found")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if Path(model_path).expanduser().is_dir():
+        check_model_dir(Path(model_path).expanduser())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as err:
+        raise InputError(f"--model: no tokenizer could be loaded from {model_path!r} ({str(err).splitlines()[0]})") from None
     if chat_template and "{%" not in chat_template and not Path(chat_template).exists():
         raise InputError(f"--chat_template: file {chat_template!r} not found")
     if chat_template:
@@ -670,8 +757,9 @@ def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple
 
 
 # Copied from sera.load_reward_fn
-def load_reward_fn(spec: str | None):
-    """path/to/file.py:function -> the function; None -> None."""
+def load_reward_fn(spec: str | None, example: dict | None = None):
+    """path/to/file.py:function -> the function, checked on every call (an exception, a non-number or
+    NaN/inf stops the run naming the input) and tried once on `example` (a pair) now; None -> None."""
     if spec is None:
         return None
     path, _, name = spec.rpartition(":")
@@ -684,7 +772,21 @@ def load_reward_fn(spec: str | None):
     module_spec.loader.exec_module(module)
     if not callable(getattr(module, name, None)):
         raise InputError(f"--reward_fn: {path!r} has no function {name!r}")
-    return getattr(module, name)
+    function = getattr(module, name)
+
+    def reward_fn(prompt: str, response: str) -> float:
+        where = f"--reward_fn {spec} on prompt {prompt[:60]!r}, response {response[:60]!r}"
+        try:
+            value = function(prompt, response)
+        except Exception as err:
+            raise InputError(f"{where}: raised {type(err).__name__}: {err}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(f"{where}: returned {value!r}; expected a finite number")
+        return float(value)
+
+    if example is not None:
+        reward_fn(example["prompt"][-1]["content"], example["chosen"])
+    return reward_fn
 
 
 # Copied from sera.rank

@@ -267,7 +267,7 @@ def write(path, text):
         (lambda d: dict(verdict_tokens=["A", "A"]), "map to the same token id"),
         (lambda d: dict(offline_fraction=0.0), "--offline_fraction must be in \\(0, 1\\]"),
         (lambda d: dict(offline_fraction=1.5), "--offline_fraction must be in \\(0, 1\\]"),
-        (lambda d: dict(prompts=write(d / "e.jsonl", "")), "the online prompt pool is empty"),
+        (lambda d: dict(prompts=write(d / "e.jsonl", "")), "--prompts: .*e.jsonl has no rows"),
         (lambda d: dict(judge_max_length=70), "judge prompt with both responses has \\d+ tokens, over --judge_max_length 70"),
         (lambda d: dict(skip_augmentation=True, judge_max_length=120), "prompt pool row 0: its judge prompt with two replies"),
         (lambda d: dict(judge_max_length=4096), "--judge_max_length 4096 is over the model's context of 512"),
