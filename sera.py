@@ -128,8 +128,10 @@ class Args:
     """use only the first N offline pairs"""
     lora_r: int | None = None
     """0 = full fine-tuning; > 0 trains a fresh LoRA adapter each iteration (merged at its end; needs peft)"""
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
+    lora_alpha: int | None = None
+    """LoRA scaling numerator; default: the preset's, else 16 (a value given here always wins)"""
+    lora_dropout: float | None = None
+    """default: the preset's, else 0.0"""
     gradient_checkpointing: bool = False
     sampler: Literal["hf", "vllm"] = "hf"
     chat_template: str | None = None
@@ -178,8 +180,9 @@ def resolve(args: Args) -> tuple[Args, dict]:
         if preset["dataset"] is None:
             raise InputError("--dataset is required with a custom --model")
         filled["dataset"] = preset["dataset"]
-    if args.lora_r is None and preset.get("lora_alpha"):
-        filled.update(lora_alpha=preset["lora_alpha"], lora_dropout=preset["lora_dropout"])
+    for key, default in (("lora_alpha", 16), ("lora_dropout", 0.0)):
+        if getattr(args, key) is None:
+            filled[key] = preset.get(key, default)
     args = dataclasses.replace(args, **filled)
     checks = [
         (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
