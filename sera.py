@@ -56,13 +56,14 @@ MODELS = {
         path=str(TOY / "model"), dataset="toy", beta=dict(dpo=0.1, ipo=1.0, hinge=0.2, simpo=2.0), gamma=1.0,
         lr=2e-5, batch_size=16, grad_accum=1, lora_r=0, max_length=96, max_prompt_length=64, max_new_tokens=24,
         scheduler="constant", long_prompts="error", num_eval=200, scoring_batch_size=128, generation_batch_size=256),
-    "tinyllama": dict(  # the paper SFTs TinyLlama on UltraChat itself; this public chat SFT is our stand-in
+    "tinyllama": dict(  # [ours] public stand-in, already DPO-aligned on UltraFeedback; the paper SFTs TinyLlama on
+        # UltraChat itself (pass that SFT checkpoint with --model ./sft)
         path="TinyLlama/TinyLlama-1.1B-Chat-v1.0", dataset="ultrafeedback",
         beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-7, batch_size=8, grad_accum=2,
         lora_r=0, max_length=1024, max_prompt_length=512, max_new_tokens=512, scheduler="cosine",
         long_prompts="skip", num_eval=500, scoring_batch_size=16, generation_batch_size=64),
-    "pythia-2.8b": dict(  # base model: give it the HH format; the paper SFTs it first (pass --model ./sft)
-        path="EleutherAI/pythia-2.8b", dataset="hh-rlhf", chat_template=HH_TEMPLATE,
+    "pythia-2.8b": dict(  # base model: give it the HH format [ours]; the paper SFTs it first (pass --model ./sft)
+        path="EleutherAI/pythia-2.8b", dataset="ultrafeedback", chat_template=HH_TEMPLATE,
         beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-7, batch_size=4, grad_accum=4,
         lora_r=0, max_length=1024, max_prompt_length=512, max_new_tokens=512, scheduler="cosine",
         long_prompts="skip", num_eval=500, scoring_batch_size=16, generation_batch_size=64),
@@ -693,10 +694,12 @@ def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[
         except BadRow as err:
             counts[f"skipped_{err.reason}"] = counts.get(f"skipped_{err.reason}", 0) + 1
             bad.append(str(err))
+    reasons = ", ".join(f"{k[8:]} {v}" for k, v in counts.items() if k.startswith("skipped_"))
     if len(bad) > args.max_bad_fraction * len(rows) or not pairs:
-        reasons = ", ".join(f"{k[8:]} {v}" for k, v in counts.items() if k.startswith("skipped_"))
         raise InputError(f"dataset {source}: {len(bad)} of {len(rows)} rows are degenerate ({reasons}), over "
                          f"--max_bad_fraction {args.max_bad_fraction}; first: {' | '.join(bad[:3])}")
+    if bad and rank() == 0:
+        print(f"dataset {source}: skipped {len(bad)} of {len(rows)} rows as degenerate ({reasons})")
     return pairs
 
 

@@ -648,10 +648,12 @@ def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[
         except BadRow as err:
             counts[f"skipped_{err.reason}"] = counts.get(f"skipped_{err.reason}", 0) + 1
             bad.append(str(err))
+    reasons = ", ".join(f"{k[8:]} {v}" for k, v in counts.items() if k.startswith("skipped_"))
     if len(bad) > args.max_bad_fraction * len(rows) or not pairs:
-        reasons = ", ".join(f"{k[8:]} {v}" for k, v in counts.items() if k.startswith("skipped_"))
         raise InputError(f"dataset {source}: {len(bad)} of {len(rows)} rows are degenerate ({reasons}), over "
                          f"--max_bad_fraction {args.max_bad_fraction}; first: {' | '.join(bad[:3])}")
+    if bad and rank() == 0:
+        print(f"dataset {source}: skipped {len(bad)} of {len(rows)} rows as degenerate ({reasons})")
     return pairs
 
 
