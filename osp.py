@@ -1000,11 +1000,16 @@ def tokenize(tokenizer, text: str) -> list[int]:
 def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the templated prompt (ending with the assistant header) and of the response
     (the rest of the templated conversation, ending with the end-of-turn token)."""
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    from jinja2 import TemplateError
+
+    try:  # templates may refuse a conversation (mistral-instruct: no system role)
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response or "x"}], tokenize=False)
+    except TemplateError as err:
+        raise InputError(f"the chat template refuses a conversation with roles {[m['role'] for m in prompt]}: {err}") from None
     prompt_ids = tokenize(tokenizer, prompt_text)
     if response is None:
         return prompt_ids, []
-    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
     if not full.startswith(prompt_text):
         raise InputError("the chat template renders the prompt differently with and without the assistant turn")
     # The whole conversation tokenized once and split at the prompt's length: the response tokens a sampler

@@ -115,7 +115,7 @@ def test_sentencepiece_response_is_tokenized_as_generated(tokenizers):
 
 
 def test_mistral_template_rejects_a_system_role(tokenizers):
-    with pytest.raises(Exception, match="Only user and assistant roles"):
+    with pytest.raises(sera.InputError, match=r"refuses a conversation with roles \['system', 'user'\]: Only user and assistant"):
         sera.encode(tokenizers["mistral"], [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
 
 
