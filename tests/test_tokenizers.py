@@ -187,3 +187,17 @@ def test_sampling_has_no_top_k(tokenizers):
     handle.remove()
     distinct = {text for text, _ in samples[0]}
     assert len(distinct) > 60  # 256 draws from 94 equally likely characters: ~88 distinct; top-k 50 allows 50 at most
+
+
+def test_hh_template_ends_only_the_response_with_eos(tokenizers):
+    """Pythia's EOS is its document separator: none mid-conversation, exactly one after the response."""
+    tokenizer = tokenizers["llama3"]
+    saved, tokenizer.chat_template = tokenizer.chat_template, sera.HH_TEMPLATE
+    try:
+        prompt, reply = CONVERSATIONS[1]
+        prompt_ids, response_ids = sera.encode(tokenizer, prompt, reply)
+    finally:
+        tokenizer.chat_template = saved
+    assert tokenizer.eos_token_id not in prompt_ids and response_ids.count(tokenizer.eos_token_id) == 1
+    assert response_ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(prompt_ids, skip_special_tokens=False).endswith("\n\nAssistant:")
