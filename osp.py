@@ -941,7 +941,7 @@ def check_model_dir(path: Path):
     """A local model folder has a config, tokenizer files and complete safetensors (each file's header
     declares its data size), so a bad folder fails before anything is written."""
     missing = [name for name, found in (("config.json", (path / "config.json").is_file()), (
-        "tokenizer files", any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))))
+        "tokenizer files", any(path.glob("tokenizer*")) or any(path.glob("vocab*"))))
         if not found]
     if missing:
         raise InputError(f"--model: {path} has no {' or '.join(missing)}; expected a save_pretrained folder")
