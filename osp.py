@@ -63,7 +63,7 @@ JUDGE_TEMPLATES = {
 # Copied from sera.HH_TEMPLATE
 HH_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] + eos_token }}"
+    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] }}"
     "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
 )
@@ -106,6 +106,9 @@ class Args:
     """preset (toy, pythia-2.8b, mistral-7b), hub id or local path of the SFT model"""
     dataset: str | None = None
     """offline human preferences: judge seed set, held-out judge labels and (unless --prompts) the prompt pool"""
+    max_bad_fraction: float = 0.05
+    """stop when more of --dataset's rows than this are degenerate (identical or empty replies, conversations
+    that differ before the last turn or do not end with the assistant); fewer are skipped and counted"""
     prompts: str | None = None
     """jsonl with a 'prompt' column: the online prompt pool X (default: the distinct prompts of --dataset)"""
     num_prompts: int | None = None
@@ -200,6 +203,11 @@ def resolve(args: Args) -> tuple[Args, dict]:
         filled["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
     args = dataclasses.replace(args, **filled)
     checks = [
+        (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
+        (not (args.output_dir and Path(args.output_dir).is_file()), f"--output_dir: {args.output_dir!r} is a file; expected a folder"),
+        (args.eval_prompts is None or Path(args.eval_prompts).is_file(), f"--eval_prompts: file {args.eval_prompts!r} not found"),
+        (args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
+         f"--chat_template: file {args.chat_template!r} not found"),
         (args.k >= 2, f"--k must be >= 2 (samples per prompt), got {args.k}"),
         (0 < args.offline_fraction <= 1, f"--offline_fraction must be in (0, 1], got {args.offline_fraction}"),
         (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
@@ -243,15 +251,18 @@ def judge_text(template: str, context: str, a: str, b: str) -> str:
     return re.sub(r"\{([xab])\}", lambda m: values[m.group(1)], template)
 
 
-def verdict_ids(tokenizer, tokens: list[str]) -> list[int]:
-    """§4.2 / §7.9.3: each verdict must encode to one token, and the two must differ."""
+def verdict_ids(tokenizer, tokens: list[str], template: str) -> list[int]:
+    """§4.2 / §7.9.3: the id the model produces for each verdict right after the judge prompt's assistant header
+    (judge prompt + verdict tokenized as one conversation, as encode() does; SentencePiece gives 'A', not the
+    word-initial '▁A' of encode("A")). Each verdict must be one token before the end of turn; the two must differ."""
+    judge_prompt = [{"role": "user", "content": judge_text(template, "x", "a", "b")}]
     ids = []
     for token in tokens:
-        encoded = tokenizer.encode(token, add_special_tokens=False)
-        if len(encoded) != 1:
-            raise InputError(f"--verdict_tokens: {token!r} encodes to {len(encoded)} tokens {encoded} with this "
-                             "tokenizer; the judge reads one verdict token")
-        ids.append(encoded[-1])
+        response = encode(tokenizer, judge_prompt, token)[1]
+        if len(response) < 1 or any(i not in tokenizer.all_special_ids for i in response[1:]):
+            raise InputError(f"--verdict_tokens: {token!r} is {tokenizer.convert_ids_to_tokens(response)} after the judge "
+                             "prompt with this tokenizer; the judge reads one verdict token")
+        ids.append(response[0])
     if ids[0] == ids[1]:
         raise InputError(f"--verdict_tokens: {tokens} map to the same token id {ids[0]}")
     return ids
@@ -534,17 +545,17 @@ def main(args: Args) -> dict:
     # Everything that can fail on bad input is checked before anything is written.
     model_path = preset["path"]
     tokenizer = load_tokenizer(model_path, args.chat_template)
-    verdict = verdict_ids(tokenizer, args.verdict_tokens)
     template = Path(args.judge_template).read_text() if args.judge_template else JUDGE_TEMPLATES[args.judge_family]
     missing = [f"{{{name}}}" for name in "xab" if f"{{{name}}}" not in template]
     if missing:
         raise InputError(f"--judge_template: the template has no {', '.join(missing)} placeholder")
+    verdict = verdict_ids(tokenizer, args.verdict_tokens, template)
     context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
     if context is not None and args.judge_max_length > context:
         raise InputError(f"--judge_max_length {args.judge_max_length} is over the model's context of {context} tokens")
     counts: dict = {}
     rows, source = load_rows(args.dataset)
-    offline = [dict(parse_pair(row, f"dataset {source} row {i}"), where=f"dataset {source} row {i}") for i, row in enumerate(rows)]
+    offline = [dict(pair, where=f"dataset {source} row {i}") for i, pair in parse_rows(rows, source, args, counts)]
     held_out = offline[len(offline) - args.num_judge_eval:] if args.num_judge_eval else []
     seed_pool = offline[: len(offline) - len(held_out)]
     generator = torch.Generator().manual_seed(args.seed)
@@ -568,7 +579,7 @@ def main(args: Args) -> dict:
             raise InputError(f"dataset {source}: every judge instance is over --judge_max_length {args.judge_max_length}")
     pool = load_prompt_pool(args, offline, tokenizer, template, counts)
     dataset_preset = DATASETS.get(args.dataset, {})
-    reward_fn = load_reward_fn(args.reward_fn or dataset_preset.get("reward_fn"))
+    reward_fn = load_reward_fn(args.reward_fn or dataset_preset.get("reward_fn"), offline[0])
     eval_file = args.eval_prompts or dataset_preset.get("eval")
     eval_prompts = load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
     n_steps = args.steps or max(1, len(pool) // args.prompts_per_step)
@@ -677,6 +688,9 @@ def main(args: Args) -> dict:
                 sides = [fit(*encode(tokenizer, prompts[p], y), args, f"step {step + 1} sample", truncated) for y in (y_h, y_l)]
                 tuples.append(dict(pair, prompt=prompts[p], chosen_text=y_h, rejected_text=y_l, prompt_ids=sides[0][0],
                                    chosen_ids=sides[0][1], rejected_ids=sides[1][1]))
+        if not tuples:
+            raise InputError(f"step {step + 1}: all {sum(dropped.values())} formed pairs were filtered ({dropped}); raise "
+                             "--max_new_tokens if samples are 'unfinished', or use --k > 2 / a model whose samples differ")
         stats = {"stage": 1, "step": step + 1, "data/pairs": len(tuples), **{f"data/dropped_{k}": v for k, v in dropped.items()},
                  **{f"data/{k}": v for k, v in truncated.items()},
                  "judge/forward_passes": passes, "judge/comparisons_per_sec": passes / judging_s if judging_s else 0.0}
@@ -770,6 +784,15 @@ def model_preset(args, models: dict, custom: str) -> dict:
     return preset
 
 
+# Copied from sera.BadRow
+class BadRow(InputError):
+    """A degenerate row of real data (HH-RLHF has some): skipped and counted per reason by parse_rows."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 # Copied from sera.load_rows
 def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
     import datasets
@@ -786,51 +809,73 @@ def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
         raise InputError(f"{what}: unknown preset or path {spec!r}; presets: {', '.join(DATASETS)}")
     if path.is_dir():
         data = datasets.load_from_disk(str(path))
-        data = data["train"] if isinstance(data, datasets.DatasetDict) else data
+        data = list(data["train"] if isinstance(data, datasets.DatasetDict) else data)
     elif path.suffix in (".jsonl", ".json"):
-        data = datasets.load_dataset("json", data_files=str(path), split="train")
+        data = read_jsonl(path, what)
     elif path.suffix == ".parquet":
-        data = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        data = list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
     else:
         raise InputError(f"{what}: {spec!r} is not a .jsonl, .json, .parquet file or a save_to_disk folder")
-    return list(data), str(path)
+    if not data:
+        raise InputError(f"{what}: {spec} has no rows")
+    return data, str(path)
+
+
+# Copied from sera.read_jsonl
+def read_jsonl(path: Path, what: str) -> list[dict]:
+    """JSON objects, one a line (or a .json list of them); not UTF-8, not JSON or not an object names the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{what}: {path} is not UTF-8 text (byte {err.start}); expected JSON lines") from None
+    rows, line_number = [], 0
+    try:
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            for line_number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+    except json.JSONDecodeError as err:
+        raise InputError(f"{what}: {path} line {line_number or err.lineno}: not valid JSON ({err.msg})") from None
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise InputError(f"{what}: {path} row {index}: expected a JSON object, got {type(row).__name__}")
+    return rows
 
 
 # Copied from sera.load_prompts
 def load_prompts(spec: str, what: str) -> list[str]:
     """The 'prompt' column of a jsonl file (--eval_prompts, --prompts), every row checked."""
-    if not Path(spec).exists():
+    if not Path(spec).is_file():
         raise InputError(f"{what}: file {spec!r} not found")
-    prompts = []
-    for index, line in enumerate(open(spec)):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"{what} {spec} row {index}: not valid JSON") from None
-        prompts.append(_text(row.get("prompt") if isinstance(row, dict) else None, f"{what} {spec} row {index}: 'prompt'"))
-    return prompts
+    rows = read_jsonl(Path(spec), what)
+    if not rows:
+        raise InputError(f"{what}: {spec} has no rows; expected JSON lines with a 'prompt'")
+    return [_text(row.get("prompt"), f"{what} {spec} row {index}: 'prompt'") for index, row in enumerate(rows)]
 
 
 # Copied from sera._text
-def _text(value, where: str) -> str:
+def _text(value, where: str, empty: str | None = None) -> str:
+    """A non-empty string; an empty one is a BadRow(`empty`) when it is a known quirk of real data."""
     if not isinstance(value, str):
         raise InputError(f"{where} must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise InputError(f"{where} is empty")
+        raise BadRow(empty, f"{where} is empty") if empty else InputError(f"{where} is empty")
     return value
 
 
 # Copied from sera._messages
-def _messages(value, where: str) -> list[dict]:
+def _messages(value, where: str, empty: str | None = None) -> list[dict]:
     if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
         raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
-    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content")}
+    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content", empty)}
             for i, m in enumerate(value)]
 
 
 # Copied from sera._hh_turns
 def _hh_turns(text: str, where: str) -> list[dict]:
-    parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where))
+    parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where, "empty_response"))
     if len(parts) < 3 or parts[0].strip():
         raise InputError(f"{where} is not in HH-RLHF format ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
     return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
@@ -839,7 +884,9 @@ def _hh_turns(text: str, where: str) -> list[dict]:
 # Copied from sera.parse_pair
 def parse_pair(row: dict, where: str) -> dict:
     """UltraFeedback messages, HH-RLHF raw text, TL;DR comparisons, or prompt/chosen/rejected strings:
-    {"prompt": [messages], "chosen": str, "rejected": str}."""
+    {"prompt": [messages], "chosen": str, "rejected": str}. Malformed rows raise InputError; the quirks
+    of real data raise BadRow (identical or empty replies, conversations that differ before the last
+    turn or do not end with the assistant, prompts not ending with the user)."""
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected an object, got {type(row).__name__}")
     if "summaries" in row and "choice" in row:  # openai/summarize_from_feedback, comparisons
@@ -848,38 +895,82 @@ def parse_pair(row: dict, where: str) -> dict:
         prompt = f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {post}\n\nTL;DR:"
         if row["choice"] not in (0, 1) or not isinstance(row["summaries"], list) or len(row["summaries"]) != 2:
             raise InputError(f"{where}: 'choice' must be 0 or 1 with two 'summaries'")
-        texts = [_text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'").strip() for i, s in enumerate(row["summaries"])]
+        texts = [_text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'", "empty_response").strip()
+                 for i, s in enumerate(row["summaries"])]
         out = {"prompt": [{"role": "user", "content": prompt}], "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]}
     else:
         for column in ("chosen", "rejected"):
             if row.get(column) is None:  # absent, or null (datasets fills columns other rows have)
                 raise InputError(f"{where}: missing column '{column}' (columns: {', '.join(sorted(row))})")
-        if isinstance(row["chosen"], list):  # UltraFeedback: full conversations
-            chosen = _messages(row["chosen"], f"{where}: 'chosen'")
-            rejected = _messages(row["rejected"], f"{where}: 'rejected'")
+        if isinstance(row["chosen"], list) or "\n\nHuman:" in str(row["chosen"]):  # UltraFeedback / Anthropic/hh-rlhf
+            if isinstance(row["chosen"], list):
+                chosen = _messages(row["chosen"], f"{where}: 'chosen'", "empty_message")
+                rejected = _messages(row["rejected"], f"{where}: 'rejected'", "empty_message")
+            else:
+                chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
+                rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
             if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-                raise InputError(f"{where}: the last message of 'chosen' and 'rejected' must be the assistant's")
-            out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
-        elif isinstance(row["chosen"], str) and "\n\nHuman:" in row["chosen"]:  # Anthropic/hh-rlhf
-            chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
-            rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
-            if chosen[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1]:
-                raise InputError(f"{where}: 'chosen' and 'rejected' must share the conversation up to the last Assistant turn")
+                raise BadRow("not_ending_with_assistant", f"{where}: 'chosen' and 'rejected' must end with an assistant turn")
+            if chosen[:-1] != rejected[:-1]:
+                raise BadRow("differ_before_last_turn", f"{where}: 'chosen' and 'rejected' differ before the last assistant turn")
             out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
         else:  # plain strings
             if row.get("prompt") is None:
                 raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
             out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
-                   "chosen": _text(row["chosen"], f"{where}: 'chosen'"), "rejected": _text(row["rejected"], f"{where}: 'rejected'")}
+                   "chosen": _text(row["chosen"], f"{where}: 'chosen'", "empty_response"),
+                   "rejected": _text(row["rejected"], f"{where}: 'rejected'", "empty_response")}
         if not out["prompt"] or out["prompt"][-1]["role"] != "user":
-            raise InputError(f"{where}: the prompt must end with a user message")
+            raise BadRow("prompt_not_ending_with_user", f"{where}: the prompt must end with a user message")
     for side in ("chosen", "rejected"):
-        _text(out[side], f"{where}: '{side}' response")
+        _text(out[side], f"{where}: '{side}' response", "empty_response")
     if out["chosen"].strip() == out["rejected"].strip():
-        raise InputError(f"{where}: 'chosen' and 'rejected' responses are identical")
+        raise BadRow("identical", f"{where}: 'chosen' and 'rejected' responses are identical")
     if "flipped" in row:  # toy data: which labels were deliberately swapped
         out["flipped"] = bool(row["flipped"])
     return out
+
+
+# Copied from sera.parse_rows
+def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[tuple[int, dict]]:
+    """(row index, parse_pair) of every usable row. Degenerate rows (BadRow) are skipped and counted per
+    reason in counts['skipped_<reason>']; over --max_bad_fraction of them stops with the first examples."""
+    pairs, bad = [], []
+    for index, row in enumerate(rows):
+        try:
+            pairs.append((index, parse_pair(row, f"dataset {source} row {index}")))
+        except BadRow as err:
+            counts[f"skipped_{err.reason}"] = counts.get(f"skipped_{err.reason}", 0) + 1
+            bad.append(str(err))
+    reasons = ", ".join(f"{k[8:]} {v}" for k, v in counts.items() if k.startswith("skipped_"))
+    if len(bad) > args.max_bad_fraction * len(rows) or not pairs:
+        raise InputError(f"dataset {source}: {len(bad)} of {len(rows)} rows are degenerate ({reasons}), over "
+                         f"--max_bad_fraction {args.max_bad_fraction}; first: {' | '.join(bad[:3])}")
+    if bad and rank() == 0:
+        print(f"dataset {source}: skipped {len(bad)} of {len(rows)} rows as degenerate ({reasons})")
+    return pairs
+
+
+# Copied from sera.check_model_dir
+def check_model_dir(path: Path):
+    """A local model folder has a config, tokenizer files and complete safetensors (each file's header
+    declares its data size), so a bad folder fails before anything is written."""
+    missing = [name for name, found in (("config.json", (path / "config.json").is_file()), (
+        "tokenizer files", any(path.glob("tokenizer*")) or any(path.glob("vocab*"))))
+        if not found]
+    if missing:
+        raise InputError(f"--model: {path} has no {' or '.join(missing)}; expected a save_pretrained folder")
+    for file in sorted(path.glob("*.safetensors")):
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            try:
+                header = json.loads(f.read(header_size)) if 0 < header_size <= size - 8 else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                header = None
+        ends = [v["data_offsets"][1] for k, v in (header or {}).items() if k != "__metadata__"]
+        if header is None or 8 + header_size + max(ends, default=0) > size:
+            raise InputError(f"--model: {file} is truncated or not safetensors ({size} bytes)")
 
 
 # Copied from sera.load_tokenizer
@@ -889,7 +980,12 @@ def load_tokenizer(model_path: str, chat_template: str | None):
 
     if model_path.startswith((".", "/", "~")) and not Path(model_path).expanduser().exists():
         raise InputError(f"--model: {model_path!r} not found")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if Path(model_path).expanduser().is_dir():
+        check_model_dir(Path(model_path).expanduser())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as err:
+        raise InputError(f"--model: no tokenizer could be loaded from {model_path!r} ({str(err).splitlines()[0]})") from None
     if chat_template and "{%" not in chat_template and not Path(chat_template).exists():
         raise InputError(f"--chat_template: file {chat_template!r} not found")
     if chat_template:
@@ -902,18 +998,41 @@ def load_tokenizer(model_path: str, chat_template: str | None):
     return tokenizer
 
 
+# Copied from sera.tokenize
+def tokenize(tokenizer, text: str) -> list[int]:
+    """Ids of rendered chat text. BOS exactly once when the tokenizer's own encoding starts with it, whether
+    the template writes it (toy, Llama-3) or not (zephyr): never missing, never twice."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    while bos is not None and ids[:2] == [bos, bos]:
+        ids = ids[1:]
+    if bos is not None and ids[:1] != [bos] and tokenizer("a")["input_ids"][:1] == [bos]:
+        ids = [bos] + ids
+    return ids
+
+
 # Copied from sera.encode
 def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the templated prompt (ending with the assistant header) and of the response
     (the rest of the templated conversation, ending with the end-of-turn token)."""
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    from jinja2 import TemplateError
+
+    try:  # templates may refuse a conversation (mistral-instruct: no system role)
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response or "x"}], tokenize=False)
+    except TemplateError as err:
+        raise InputError(f"the chat template refuses a conversation with roles {[m['role'] for m in prompt]}: {err}") from None
+    prompt_ids = tokenize(tokenizer, prompt_text)
     if response is None:
         return prompt_ids, []
-    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
     if not full.startswith(prompt_text):
         raise InputError("the chat template renders the prompt differently with and without the assistant turn")
-    response_ids = tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"]
+    # The whole conversation tokenized once and split at the prompt's length: the response tokens a sampler
+    # would produce after prompt_ids (SentencePiece: 'A' after a newline, not the word-initial '▁A'). Where a
+    # merge crosses the boundary the prompt ids are no prefix, and the response is tokenized on its own.
+    full_ids = tokenize(tokenizer, full.rstrip())
+    response_ids = (full_ids[len(prompt_ids):] if full_ids[:len(prompt_ids)] == prompt_ids else
+                    tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"])
     if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
         response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
     return prompt_ids, response_ids
@@ -939,8 +1058,9 @@ def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple
 
 
 # Copied from sera.load_reward_fn
-def load_reward_fn(spec: str | None):
-    """path/to/file.py:function -> the function; None -> None."""
+def load_reward_fn(spec: str | None, example: dict | None = None):
+    """path/to/file.py:function -> the function, checked on every call (an exception, a non-number or
+    NaN/inf stops the run naming the input) and tried once on `example` (a pair) now; None -> None."""
     if spec is None:
         return None
     path, _, name = spec.rpartition(":")
@@ -953,7 +1073,21 @@ def load_reward_fn(spec: str | None):
     module_spec.loader.exec_module(module)
     if not callable(getattr(module, name, None)):
         raise InputError(f"--reward_fn: {path!r} has no function {name!r}")
-    return getattr(module, name)
+    function = getattr(module, name)
+
+    def reward_fn(prompt: str, response: str) -> float:
+        where = f"--reward_fn {spec} on prompt {prompt[:60]!r}, response {response[:60]!r}"
+        try:
+            value = function(prompt, response)
+        except Exception as err:
+            raise InputError(f"{where}: raised {type(err).__name__}: {err}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(f"{where}: returned {value!r}; expected a finite number")
+        return float(value)
+
+    if example is not None:
+        reward_fn(example["prompt"][-1]["content"], example["chosen"])
+    return reward_fn
 
 
 # Copied from sera.accumulation
@@ -1286,12 +1420,23 @@ class VLLMEngine:
     llm, path = None, None
 
 
+# Copied from sera.stop_ids
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a turn: generation_config.eos_token_id (often a list: Llama-3 <|eot_id|>, Gemma
+    <end_of_turn>, Qwen <|im_end|>) and the tokenizer's EOS."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return sorted({i for i in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id] if i is not None})
+
+
 # Copied from sera.generate
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
              device, seed: int, model_path: str | None = None, desc: str = "generate") -> list[list[tuple[str, bool]]]:
-    """n samples per prompt as (text, finished) where finished = ended with EOS within max_new_tokens.
-    With --sampler vllm (and a saved model_path) vLLM samples instead of HF generate."""
+    """n samples per prompt as (text, finished) where finished = stopped on a stop_ids token within
+    max_new_tokens. Prompts are encode()'s ids. Sampling is exactly temperature / top-p: top-k off (transformers
+    would fill 50) and no repetition penalty from the model's generation_config. With --sampler vllm (and a
+    saved model_path) vLLM samples instead of HF generate, with the same settings and stop ids."""
+    stop = stop_ids(model, tokenizer)
     if model_path is not None and args.sampler == "vllm":
         try:
             import vllm
@@ -1317,11 +1462,10 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
             llm.wake_up(tags=["kv_cache"])
         VLLMEngine.path = model_path
         mine, real = shard(prompts)  # each rank samples its share
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # token ids, as HF generate gets them: one BOS
-        params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens,
+        params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0,
+                                      max_tokens=args.max_new_tokens, stop_token_ids=stop,
                                       seed=seed * 1_000_003 + rank() * len(mine) + i) for i in range(len(mine))]  # per prompt
-        results = llm.generate([{"prompt_token_ids": row} for row in ids], params, use_tqdm=False)
+        results = llm.generate([{"prompt_token_ids": encode(tokenizer, p)[0]} for p in mine], params, use_tqdm=False)
         llm.sleep(level=1)
         return gather([[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results[:real]])
     from torch.distributed.fsdp import FSDPModule
@@ -1329,21 +1473,23 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     model.eval()
     torch.manual_seed(seed + rank())
     mine, real = shard(prompts)
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: little padding
+    prompt_ids = [encode(tokenizer, p)[0] for p in mine]
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together: little padding
+    sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
+                if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
     outputs = {}
     batch_size = max(1, args.generation_batch_size // n)
     for start in progress(range(0, len(order), batch_size), desc=desc, inner=True):
         indices = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out = model.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                             top_p=top_p if temperature > 0 else None, max_new_tokens=args.max_new_tokens,
-                             num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
+        enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in indices]}, return_tensors="pt").to(device)
+        out = model.generate(**enc, **sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=n,
+                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
                              synced_gpus=isinstance(model, FSDPModule))  # sharded: every rank runs every forward
         rows = out[:, enc["input_ids"].shape[1]:].tolist()
         for k, i in enumerate(indices):  # num_return_sequences rows per prompt, consecutive
-            outputs[i] = [(tokenizer.decode(row, skip_special_tokens=True).strip(), tokenizer.eos_token_id in row)
-                          for row in rows[k * n:(k + 1) * n]]
+            ends = [next((j for j, token in enumerate(row) if token in stop), None) for row in rows[k * n:(k + 1) * n]]
+            outputs[i] = [(tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None)
+                          for row, end in zip(rows[k * n:(k + 1) * n], ends)]
     model.train()
     return gather([outputs[i] for i in range(real)])
 

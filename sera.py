@@ -46,7 +46,7 @@ TOY = HERE / "assets" / "toy"
 # Human/Assistant format for base models without a chat template (HH-RLHF style) [ours].
 HH_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] + eos_token }}"
+    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] }}"
     "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
 )
@@ -57,13 +57,14 @@ MODELS = {
         path=str(TOY / "model"), dataset="toy", beta=dict(dpo=0.1, ipo=1.0, hinge=0.2, simpo=2.0), gamma=1.0,
         lr=2e-5, batch_size=16, global_batch=16, lora_r=0, max_length=96, max_prompt_length=64, max_new_tokens=24,
         scheduler="constant", long_prompts="error", num_eval=200, scoring_batch_size=128, generation_batch_size=256),
-    "tinyllama": dict(  # the paper SFTs TinyLlama on UltraChat itself; this public chat SFT is our stand-in
+    "tinyllama": dict(  # [ours] public stand-in, already DPO-aligned on UltraFeedback; the paper SFTs TinyLlama on
+        # UltraChat itself (pass that SFT checkpoint with --model ./sft)
         path="TinyLlama/TinyLlama-1.1B-Chat-v1.0", dataset="ultrafeedback",
         beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-7, batch_size=8, global_batch=16,
         lora_r=0, max_length=1024, max_prompt_length=512, max_new_tokens=512, scheduler="cosine",
         long_prompts="skip", num_eval=500, scoring_batch_size=16, generation_batch_size=64),
-    "pythia-2.8b": dict(  # base model: give it the HH format; the paper SFTs it first (pass --model ./sft)
-        path="EleutherAI/pythia-2.8b", dataset="hh-rlhf", chat_template=HH_TEMPLATE,
+    "pythia-2.8b": dict(  # base model: give it the HH format [ours]; the paper SFTs it first (pass --model ./sft)
+        path="EleutherAI/pythia-2.8b", dataset="ultrafeedback", chat_template=HH_TEMPLATE,
         beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-7, batch_size=4, global_batch=16,
         lora_r=0, max_length=1024, max_prompt_length=512, max_new_tokens=512, scheduler="cosine",
         long_prompts="skip", num_eval=500, scoring_batch_size=16, generation_batch_size=64),
@@ -89,6 +90,9 @@ class Args:
     """preset (toy, tinyllama, pythia-2.8b, mistral-7b), hub id or local path"""
     dataset: str | None = None
     """preset (ultrafeedback, hh-rlhf, tldr, toy) or a local jsonl/json/parquet file or save_to_disk folder"""
+    max_bad_fraction: float = 0.05
+    """stop when more of --dataset's rows than this are degenerate (identical or empty replies, conversations
+    that differ before the last turn or do not end with the assistant); fewer are skipped and counted"""
     loss: Literal["dpo", "ipo", "hinge", "simpo"] = "dpo"
     """direct alignment loss: DPO, IPO, SLiC-HF hinge or SimPO (SeRA eq. 6, 8, 9, 18)"""
     iterations: int = 3
@@ -127,8 +131,10 @@ class Args:
     """use only the first N offline pairs"""
     lora_r: int | None = None
     """0 = full fine-tuning; > 0 trains a fresh LoRA adapter each iteration (merged at its end; needs peft)"""
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
+    lora_alpha: int | None = None
+    """LoRA scaling numerator; default: the preset's, else 16 (a value given here always wins)"""
+    lora_dropout: float | None = None
+    """default: the preset's, else 0.0"""
     gradient_checkpointing: bool | None = None
     """recompute activations in the backward pass (default: on in the 7B presets)"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -170,14 +176,20 @@ def resolve(args: Args) -> tuple[Args, dict]:
     if args.gamma is None:
         filled["gamma"] = preset.get("gamma", 1.0)
     filled["dataset"] = preset["dataset"]
-    if args.lora_r is None and preset.get("lora_alpha"):
-        filled.update(lora_alpha=preset["lora_alpha"], lora_dropout=preset["lora_dropout"])
+    for key, default in (("lora_alpha", 16), ("lora_dropout", 0.0)):
+        if getattr(args, key) is None:
+            filled[key] = preset.get(key, default)
     if args.gradient_checkpointing is None:
         filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
     if args.dtype == "auto":
         filled["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
     args = dataclasses.replace(args, **filled)
     checks = [
+        (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
+        (not (args.output_dir and Path(args.output_dir).is_file()), f"--output_dir: {args.output_dir!r} is a file; expected a folder"),
+        (args.eval_prompts is None or Path(args.eval_prompts).is_file(), f"--eval_prompts: file {args.eval_prompts!r} not found"),
+        (args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
+         f"--chat_template: file {args.chat_template!r} not found"),
         (args.iterations >= 1, f"--iterations must be >= 1, got {args.iterations}"),
         (0 < args.rho_1 <= 1, f"--rho_1 must be in (0, 1], got {args.rho_1}"),
         (args.rho_2 is None or args.rho_2 >= 0, f"--rho_2 must be >= 0, got {args.rho_2}"),
@@ -350,9 +362,8 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, dev
 
 def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple[list[dict], dict]:
     pairs, counts = [], {}
-    for index, row in enumerate(rows[: args.num_pairs] if args.num_pairs else rows):
+    for index, pair in parse_rows(rows[: args.num_pairs] if args.num_pairs else rows, source, args, counts):
         where = f"dataset {source} row {index}"
-        pair = parse_pair(row, where)
         sides = [fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, counts) for side in ("chosen", "rejected")]
         if sides[0] is None:
             continue
@@ -372,7 +383,7 @@ def main(args: Args) -> dict:
     rows, source = load_rows(args.dataset)
     pairs, length_counts = build_dataset(rows, source, tokenizer, args)
     dataset_preset = DATASETS.get(args.dataset, {})
-    reward_fn = load_reward_fn(args.reward_fn or dataset_preset.get("reward_fn"))
+    reward_fn = load_reward_fn(args.reward_fn or dataset_preset.get("reward_fn"), pairs[0])
     eval_file = args.eval_prompts or dataset_preset.get("eval")
     eval_prompts = load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
 
@@ -551,6 +562,14 @@ def model_preset(args, models: dict, custom: str) -> dict:
     return preset
 
 
+class BadRow(InputError):
+    """A degenerate row of real data (HH-RLHF has some): skipped and counted per reason by parse_rows."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
     import datasets
 
@@ -566,47 +585,68 @@ def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
         raise InputError(f"{what}: unknown preset or path {spec!r}; presets: {', '.join(DATASETS)}")
     if path.is_dir():
         data = datasets.load_from_disk(str(path))
-        data = data["train"] if isinstance(data, datasets.DatasetDict) else data
+        data = list(data["train"] if isinstance(data, datasets.DatasetDict) else data)
     elif path.suffix in (".jsonl", ".json"):
-        data = datasets.load_dataset("json", data_files=str(path), split="train")
+        data = read_jsonl(path, what)
     elif path.suffix == ".parquet":
-        data = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        data = list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
     else:
         raise InputError(f"{what}: {spec!r} is not a .jsonl, .json, .parquet file or a save_to_disk folder")
-    return list(data), str(path)
+    if not data:
+        raise InputError(f"{what}: {spec} has no rows")
+    return data, str(path)
+
+
+def read_jsonl(path: Path, what: str) -> list[dict]:
+    """JSON objects, one a line (or a .json list of them); not UTF-8, not JSON or not an object names the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{what}: {path} is not UTF-8 text (byte {err.start}); expected JSON lines") from None
+    rows, line_number = [], 0
+    try:
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            for line_number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+    except json.JSONDecodeError as err:
+        raise InputError(f"{what}: {path} line {line_number or err.lineno}: not valid JSON ({err.msg})") from None
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise InputError(f"{what}: {path} row {index}: expected a JSON object, got {type(row).__name__}")
+    return rows
 
 
 def load_prompts(spec: str, what: str) -> list[str]:
     """The 'prompt' column of a jsonl file (--eval_prompts, --prompts), every row checked."""
-    if not Path(spec).exists():
+    if not Path(spec).is_file():
         raise InputError(f"{what}: file {spec!r} not found")
-    prompts = []
-    for index, line in enumerate(open(spec)):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"{what} {spec} row {index}: not valid JSON") from None
-        prompts.append(_text(row.get("prompt") if isinstance(row, dict) else None, f"{what} {spec} row {index}: 'prompt'"))
-    return prompts
+    rows = read_jsonl(Path(spec), what)
+    if not rows:
+        raise InputError(f"{what}: {spec} has no rows; expected JSON lines with a 'prompt'")
+    return [_text(row.get("prompt"), f"{what} {spec} row {index}: 'prompt'") for index, row in enumerate(rows)]
 
 
-def _text(value, where: str) -> str:
+def _text(value, where: str, empty: str | None = None) -> str:
+    """A non-empty string; an empty one is a BadRow(`empty`) when it is a known quirk of real data."""
     if not isinstance(value, str):
         raise InputError(f"{where} must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise InputError(f"{where} is empty")
+        raise BadRow(empty, f"{where} is empty") if empty else InputError(f"{where} is empty")
     return value
 
 
-def _messages(value, where: str) -> list[dict]:
+def _messages(value, where: str, empty: str | None = None) -> list[dict]:
     if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
         raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
-    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content")}
+    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content", empty)}
             for i, m in enumerate(value)]
 
 
 def _hh_turns(text: str, where: str) -> list[dict]:
-    parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where))
+    parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where, "empty_response"))
     if len(parts) < 3 or parts[0].strip():
         raise InputError(f"{where} is not in HH-RLHF format ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
     return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
@@ -614,7 +654,9 @@ def _hh_turns(text: str, where: str) -> list[dict]:
 
 def parse_pair(row: dict, where: str) -> dict:
     """UltraFeedback messages, HH-RLHF raw text, TL;DR comparisons, or prompt/chosen/rejected strings:
-    {"prompt": [messages], "chosen": str, "rejected": str}."""
+    {"prompt": [messages], "chosen": str, "rejected": str}. Malformed rows raise InputError; the quirks
+    of real data raise BadRow (identical or empty replies, conversations that differ before the last
+    turn or do not end with the assistant, prompts not ending with the user)."""
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected an object, got {type(row).__name__}")
     if "summaries" in row and "choice" in row:  # openai/summarize_from_feedback, comparisons
@@ -623,38 +665,80 @@ def parse_pair(row: dict, where: str) -> dict:
         prompt = f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {post}\n\nTL;DR:"
         if row["choice"] not in (0, 1) or not isinstance(row["summaries"], list) or len(row["summaries"]) != 2:
             raise InputError(f"{where}: 'choice' must be 0 or 1 with two 'summaries'")
-        texts = [_text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'").strip() for i, s in enumerate(row["summaries"])]
+        texts = [_text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'", "empty_response").strip()
+                 for i, s in enumerate(row["summaries"])]
         out = {"prompt": [{"role": "user", "content": prompt}], "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]}
     else:
         for column in ("chosen", "rejected"):
             if row.get(column) is None:  # absent, or null (datasets fills columns other rows have)
                 raise InputError(f"{where}: missing column '{column}' (columns: {', '.join(sorted(row))})")
-        if isinstance(row["chosen"], list):  # UltraFeedback: full conversations
-            chosen = _messages(row["chosen"], f"{where}: 'chosen'")
-            rejected = _messages(row["rejected"], f"{where}: 'rejected'")
+        if isinstance(row["chosen"], list) or "\n\nHuman:" in str(row["chosen"]):  # UltraFeedback / Anthropic/hh-rlhf
+            if isinstance(row["chosen"], list):
+                chosen = _messages(row["chosen"], f"{where}: 'chosen'", "empty_message")
+                rejected = _messages(row["rejected"], f"{where}: 'rejected'", "empty_message")
+            else:
+                chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
+                rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
             if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-                raise InputError(f"{where}: the last message of 'chosen' and 'rejected' must be the assistant's")
-            out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
-        elif isinstance(row["chosen"], str) and "\n\nHuman:" in row["chosen"]:  # Anthropic/hh-rlhf
-            chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
-            rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
-            if chosen[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1]:
-                raise InputError(f"{where}: 'chosen' and 'rejected' must share the conversation up to the last Assistant turn")
+                raise BadRow("not_ending_with_assistant", f"{where}: 'chosen' and 'rejected' must end with an assistant turn")
+            if chosen[:-1] != rejected[:-1]:
+                raise BadRow("differ_before_last_turn", f"{where}: 'chosen' and 'rejected' differ before the last assistant turn")
             out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
         else:  # plain strings
             if row.get("prompt") is None:
                 raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
             out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
-                   "chosen": _text(row["chosen"], f"{where}: 'chosen'"), "rejected": _text(row["rejected"], f"{where}: 'rejected'")}
+                   "chosen": _text(row["chosen"], f"{where}: 'chosen'", "empty_response"),
+                   "rejected": _text(row["rejected"], f"{where}: 'rejected'", "empty_response")}
         if not out["prompt"] or out["prompt"][-1]["role"] != "user":
-            raise InputError(f"{where}: the prompt must end with a user message")
+            raise BadRow("prompt_not_ending_with_user", f"{where}: the prompt must end with a user message")
     for side in ("chosen", "rejected"):
-        _text(out[side], f"{where}: '{side}' response")
+        _text(out[side], f"{where}: '{side}' response", "empty_response")
     if out["chosen"].strip() == out["rejected"].strip():
-        raise InputError(f"{where}: 'chosen' and 'rejected' responses are identical")
+        raise BadRow("identical", f"{where}: 'chosen' and 'rejected' responses are identical")
     if "flipped" in row:  # toy data: which labels were deliberately swapped
         out["flipped"] = bool(row["flipped"])
     return out
+
+
+def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[tuple[int, dict]]:
+    """(row index, parse_pair) of every usable row. Degenerate rows (BadRow) are skipped and counted per
+    reason in counts['skipped_<reason>']; over --max_bad_fraction of them stops with the first examples."""
+    pairs, bad = [], []
+    for index, row in enumerate(rows):
+        try:
+            pairs.append((index, parse_pair(row, f"dataset {source} row {index}")))
+        except BadRow as err:
+            counts[f"skipped_{err.reason}"] = counts.get(f"skipped_{err.reason}", 0) + 1
+            bad.append(str(err))
+    reasons = ", ".join(f"{k[8:]} {v}" for k, v in counts.items() if k.startswith("skipped_"))
+    if len(bad) > args.max_bad_fraction * len(rows) or not pairs:
+        raise InputError(f"dataset {source}: {len(bad)} of {len(rows)} rows are degenerate ({reasons}), over "
+                         f"--max_bad_fraction {args.max_bad_fraction}; first: {' | '.join(bad[:3])}")
+    if bad and rank() == 0:
+        print(f"dataset {source}: skipped {len(bad)} of {len(rows)} rows as degenerate ({reasons})")
+    return pairs
+
+
+def check_model_dir(path: Path):
+    """A local model folder has a config, tokenizer files and complete safetensors (each file's header
+    declares its data size), so a bad folder fails before anything is written."""
+    missing = [name for name, found in (("config.json", (path / "config.json").is_file()), (
+        "tokenizer files", any(path.glob("tokenizer*")) or any(path.glob("vocab*"))))
+        if not found]
+    if missing:
+        raise InputError(f"--model: {path} has no {' or '.join(missing)}; expected a save_pretrained folder")
+    for file in sorted(path.glob("*.safetensors")):
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            try:
+                header = json.loads(f.read(header_size)) if 0 < header_size <= size - 8 else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                header = None
+        ends = [v["data_offsets"][1] for k, v in (header or {}).items() if k != "__metadata__"]
+        if header is None or 8 + header_size + max(ends, default=0) > size:
+            raise InputError(f"--model: {file} is truncated or not safetensors ({size} bytes)")
 
 
 def load_tokenizer(model_path: str, chat_template: str | None):
@@ -663,7 +747,12 @@ def load_tokenizer(model_path: str, chat_template: str | None):
 
     if model_path.startswith((".", "/", "~")) and not Path(model_path).expanduser().exists():
         raise InputError(f"--model: {model_path!r} not found")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if Path(model_path).expanduser().is_dir():
+        check_model_dir(Path(model_path).expanduser())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as err:
+        raise InputError(f"--model: no tokenizer could be loaded from {model_path!r} ({str(err).splitlines()[0]})") from None
     if chat_template and "{%" not in chat_template and not Path(chat_template).exists():
         raise InputError(f"--chat_template: file {chat_template!r} not found")
     if chat_template:
@@ -676,17 +765,39 @@ def load_tokenizer(model_path: str, chat_template: str | None):
     return tokenizer
 
 
+def tokenize(tokenizer, text: str) -> list[int]:
+    """Ids of rendered chat text. BOS exactly once when the tokenizer's own encoding starts with it, whether
+    the template writes it (toy, Llama-3) or not (zephyr): never missing, never twice."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    while bos is not None and ids[:2] == [bos, bos]:
+        ids = ids[1:]
+    if bos is not None and ids[:1] != [bos] and tokenizer("a")["input_ids"][:1] == [bos]:
+        ids = [bos] + ids
+    return ids
+
+
 def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the templated prompt (ending with the assistant header) and of the response
     (the rest of the templated conversation, ending with the end-of-turn token)."""
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    from jinja2 import TemplateError
+
+    try:  # templates may refuse a conversation (mistral-instruct: no system role)
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response or "x"}], tokenize=False)
+    except TemplateError as err:
+        raise InputError(f"the chat template refuses a conversation with roles {[m['role'] for m in prompt]}: {err}") from None
+    prompt_ids = tokenize(tokenizer, prompt_text)
     if response is None:
         return prompt_ids, []
-    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
     if not full.startswith(prompt_text):
         raise InputError("the chat template renders the prompt differently with and without the assistant turn")
-    response_ids = tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"]
+    # The whole conversation tokenized once and split at the prompt's length: the response tokens a sampler
+    # would produce after prompt_ids (SentencePiece: 'A' after a newline, not the word-initial '▁A'). Where a
+    # merge crosses the boundary the prompt ids are no prefix, and the response is tokenized on its own.
+    full_ids = tokenize(tokenizer, full.rstrip())
+    response_ids = (full_ids[len(prompt_ids):] if full_ids[:len(prompt_ids)] == prompt_ids else
+                    tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"])
     if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
         response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
     return prompt_ids, response_ids
@@ -710,8 +821,9 @@ def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple
     return prompt_ids, response_ids
 
 
-def load_reward_fn(spec: str | None):
-    """path/to/file.py:function -> the function; None -> None."""
+def load_reward_fn(spec: str | None, example: dict | None = None):
+    """path/to/file.py:function -> the function, checked on every call (an exception, a non-number or
+    NaN/inf stops the run naming the input) and tried once on `example` (a pair) now; None -> None."""
     if spec is None:
         return None
     path, _, name = spec.rpartition(":")
@@ -724,7 +836,21 @@ def load_reward_fn(spec: str | None):
     module_spec.loader.exec_module(module)
     if not callable(getattr(module, name, None)):
         raise InputError(f"--reward_fn: {path!r} has no function {name!r}")
-    return getattr(module, name)
+    function = getattr(module, name)
+
+    def reward_fn(prompt: str, response: str) -> float:
+        where = f"--reward_fn {spec} on prompt {prompt[:60]!r}, response {response[:60]!r}"
+        try:
+            value = function(prompt, response)
+        except Exception as err:
+            raise InputError(f"{where}: raised {type(err).__name__}: {err}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(f"{where}: returned {value!r}; expected a finite number")
+        return float(value)
+
+    if example is not None:
+        reward_fn(example["prompt"][-1]["content"], example["chosen"])
+    return reward_fn
 
 
 def accumulation(global_batch: int, batch_size: int) -> int:
@@ -1052,11 +1178,21 @@ class VLLMEngine:
     llm, path = None, None
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a turn: generation_config.eos_token_id (often a list: Llama-3 <|eot_id|>, Gemma
+    <end_of_turn>, Qwen <|im_end|>) and the tokenizer's EOS."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return sorted({i for i in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id] if i is not None})
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
              device, seed: int, model_path: str | None = None, desc: str = "generate") -> list[list[tuple[str, bool]]]:
-    """n samples per prompt as (text, finished) where finished = ended with EOS within max_new_tokens.
-    With --sampler vllm (and a saved model_path) vLLM samples instead of HF generate."""
+    """n samples per prompt as (text, finished) where finished = stopped on a stop_ids token within
+    max_new_tokens. Prompts are encode()'s ids. Sampling is exactly temperature / top-p: top-k off (transformers
+    would fill 50) and no repetition penalty from the model's generation_config. With --sampler vllm (and a
+    saved model_path) vLLM samples instead of HF generate, with the same settings and stop ids."""
+    stop = stop_ids(model, tokenizer)
     if model_path is not None and args.sampler == "vllm":
         try:
             import vllm
@@ -1082,11 +1218,10 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
             llm.wake_up(tags=["kv_cache"])
         VLLMEngine.path = model_path
         mine, real = shard(prompts)  # each rank samples its share
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # token ids, as HF generate gets them: one BOS
-        params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=args.max_new_tokens,
+        params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0,
+                                      max_tokens=args.max_new_tokens, stop_token_ids=stop,
                                       seed=seed * 1_000_003 + rank() * len(mine) + i) for i in range(len(mine))]  # per prompt
-        results = llm.generate([{"prompt_token_ids": row} for row in ids], params, use_tqdm=False)
+        results = llm.generate([{"prompt_token_ids": encode(tokenizer, p)[0]} for p in mine], params, use_tqdm=False)
         llm.sleep(level=1)
         return gather([[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results[:real]])
     from torch.distributed.fsdp import FSDPModule
@@ -1094,21 +1229,23 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     model.eval()
     torch.manual_seed(seed + rank())
     mine, real = shard(prompts)
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in mine]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: little padding
+    prompt_ids = [encode(tokenizer, p)[0] for p in mine]
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together: little padding
+    sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
+                if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
     outputs = {}
     batch_size = max(1, args.generation_batch_size // n)
     for start in progress(range(0, len(order), batch_size), desc=desc, inner=True):
         indices = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out = model.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                             top_p=top_p if temperature > 0 else None, max_new_tokens=args.max_new_tokens,
-                             num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
+        enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in indices]}, return_tensors="pt").to(device)
+        out = model.generate(**enc, **sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=n,
+                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
                              synced_gpus=isinstance(model, FSDPModule))  # sharded: every rank runs every forward
         rows = out[:, enc["input_ids"].shape[1]:].tolist()
         for k, i in enumerate(indices):  # num_return_sequences rows per prompt, consecutive
-            outputs[i] = [(tokenizer.decode(row, skip_special_tokens=True).strip(), tokenizer.eos_token_id in row)
-                          for row in rows[k * n:(k + 1) * n]]
+            ends = [next((j for j, token in enumerate(row) if token in stop), None) for row in rows[k * n:(k + 1) * n]]
+            outputs[i] = [(tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None)
+                          for row, end in zip(rows[k * n:(k + 1) * n], ends)]
     model.train()
     return gather([outputs[i] for i in range(real)])
 

@@ -35,12 +35,12 @@ def test_drift_is_reported_and_fixed(tmp_path):
         shutil.copy(ROOT / f"{script}.py", tmp_path / f"{script}.py")
     path = tmp_path / "osp.py"
     original = path.read_text()
-    line = '        raise InputError(f"{where} is empty")\n'
+    line = '        raise InputError(f"{where} must be a string, got {type(value).__name__}")\n'
     assert original.count(line) == 1
-    path.write_text(original.replace(line, line.replace("is empty", "is blank")))
+    path.write_text(original.replace(line, line.replace("must be a string", "must be text")))
     res = check("--root", str(tmp_path))
     assert res.returncode == 1 and "osp.py" in res.stderr and "_text differs from sera._text" in res.stderr
-    assert "is blank" in res.stderr
+    assert "must be text" in res.stderr
     res = check("--root", str(tmp_path), "--fix")
     assert res.returncode == 0, res.stderr
     assert path.read_text() == original

@@ -137,7 +137,7 @@ def write(path, text):
         (lambda d: dict(rejected_scores=[3, 5]), "--rejected_scores needs 3 values"),
         (lambda d: dict(rejected_scores=[3, 5, 12]), "--rejected_scores must be integers in 1..9"),
         (lambda d: dict(rejected_scores=[0, 5, 7]), "--rejected_scores must be integers in 1..9"),
-        (lambda d: dict(prompts=write(d / "e.jsonl", "")), "the online prompt pool is empty"),
+        (lambda d: dict(prompts=write(d / "e.jsonl", "")), "--prompts: .*e.jsonl has no rows"),
         (lambda d: dict(prompts=write(d / "l.jsonl", json.dumps({"prompt": "Sort these letters: " + "a " * 90}) + "\n"), num_pairs=4), "prompt has \\d+ tokens, over --max_prompt_length"),
         (lambda d: dict(lrs=[1e-4, -1.0, 1e-5]), "--lrs needs 3 positive values"),
         (lambda d: dict(iterations=0), "--iterations must be >= 1"),
@@ -146,7 +146,7 @@ def write(path, text):
         (lambda d: dict(prompts=write(d / "p.jsonl", '{"prompt": "Sort these letters: a b"}\n{"prompt": ""}\n')), "--prompts .* row 1: 'prompt' is empty"),
         (lambda d: dict(init_checkpoint=str(d / "nockpt")), "--init_checkpoint: .* not found"),
         (lambda d: dict(eval_prompts=str(d / "none.jsonl")), "--eval_prompts: file .* not found"),
-        (lambda d: dict(eval_prompts=write(d / "e.jsonl", "not json\n")), "--eval_prompts .* row 0: not valid JSON"),
+        (lambda d: dict(eval_prompts=write(d / "e.jsonl", "not json\n")), "--eval_prompts: .* line 1: not valid JSON"),
         (lambda d: dict(chat_template=str(d / "none.jinja")), "--chat_template: file .* not found"),
     ],
 )

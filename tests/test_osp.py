@@ -61,19 +61,19 @@ def test_judge_template_filled_once_and_context_rendering():
 
 def test_verdict_tokens_single_and_distinct(toy):
     _, tokenizer = toy
-    ids = osp.verdict_ids(tokenizer, ["A", "B"])  # §7.9.3
+    ids = osp.verdict_ids(tokenizer, ["A", "B"], osp.JUDGE_TEMPLATES["dialogue"])  # §7.9.3
     assert len(set(ids)) == 2 and all(len(tokenizer.encode(t, add_special_tokens=False)) == 1 for t in "AB")
-    with pytest.raises(osp.InputError, match="encodes to .* tokens"):
-        osp.verdict_ids(tokenizer, ["Reply A", "B"])
+    with pytest.raises(osp.InputError, match="the judge reads one verdict token"):
+        osp.verdict_ids(tokenizer, ["Reply A", "B"], osp.JUDGE_TEMPLATES["dialogue"])
     with pytest.raises(osp.InputError, match="map to the same token id"):
-        osp.verdict_ids(tokenizer, ["A", "A"])
+        osp.verdict_ids(tokenizer, ["A", "A"], osp.JUDGE_TEMPLATES["dialogue"])
 
 
 def test_verdict_logits_equal_full_logits_and_strength_is_antisymmetric(toy):
     """The judge's two-row projection equals the full model's last-position logits; §7.9.1."""
     model, tokenizer = toy
     a = args()
-    verdict = osp.verdict_ids(tokenizer, ["A", "B"])
+    verdict = osp.verdict_ids(tokenizer, ["A", "B"], osp.JUDGE_TEMPLATES["dialogue"])
     texts = [("a d m q", "b d m q"), ("b k z", "b k"), ("a d", "a d m q r")]
     sequences = [osp.encode(tokenizer, [{"role": "user", "content": osp.judge_text(osp.JUDGE_TEMPLATES["dialogue"], "x", y, w)}])[0]
                  for y, w in texts]
@@ -91,7 +91,7 @@ def test_equal_label_logits_give_half(toy):
     """§7.9.2: if the two label rows of the output embedding are equal, J = 0.5 in both orders and q = 0.5."""
     model, tokenizer = toy
     model = copy.deepcopy(model)
-    verdict = osp.verdict_ids(tokenizer, ["A", "B"])
+    verdict = osp.verdict_ids(tokenizer, ["A", "B"], osp.JUDGE_TEMPLATES["dialogue"])
     with torch.no_grad():
         model.lm_head.weight[verdict[1]] = model.lm_head.weight[verdict[0]]
     judge = osp.make_judge(model, tokenizer, PROMPTS, osp.JUDGE_TEMPLATES["dialogue"], verdict, args(), "cpu")
@@ -220,7 +220,7 @@ def test_spce_step_matches_dpo_at_q1_and_is_symmetric(toy):
 def test_augmentation_builds_two_balanced_instances_scoring_only_the_verdict(toy):
     _, tokenizer = toy
     a = args()
-    verdict = osp.verdict_ids(tokenizer, ["A", "B"])
+    verdict = osp.verdict_ids(tokenizer, ["A", "B"], osp.JUDGE_TEMPLATES["dialogue"])
     pairs = [{"prompt": PROMPTS[i % 2], "chosen": f"good {i}", "rejected": f"bad {i}", "where": f"row {i}"} for i in range(5)]
     instances = osp.judge_instances(pairs, tokenizer, osp.JUDGE_TEMPLATES["dialogue"], verdict, a, {})
     assert len(instances) == 2 * len(pairs)
@@ -263,11 +263,11 @@ def write(path, text):
     "make,match",
     [
         (lambda d: dict(k=1), "--k must be >= 2"),
-        (lambda d: dict(verdict_tokens=["Reply A", "B"]), "--verdict_tokens: 'Reply A' encodes to"),
+        (lambda d: dict(verdict_tokens=["Reply A", "B"]), "--verdict_tokens: 'Reply A' is \\["),
         (lambda d: dict(verdict_tokens=["A", "A"]), "map to the same token id"),
         (lambda d: dict(offline_fraction=0.0), "--offline_fraction must be in \\(0, 1\\]"),
         (lambda d: dict(offline_fraction=1.5), "--offline_fraction must be in \\(0, 1\\]"),
-        (lambda d: dict(prompts=write(d / "e.jsonl", "")), "the online prompt pool is empty"),
+        (lambda d: dict(prompts=write(d / "e.jsonl", "")), "--prompts: .*e.jsonl has no rows"),
         (lambda d: dict(judge_max_length=70), "judge prompt with both responses has \\d+ tokens, over --judge_max_length 70"),
         (lambda d: dict(skip_augmentation=True, judge_max_length=120), "prompt pool row 0: its judge prompt with two replies"),
         (lambda d: dict(judge_max_length=4096), "--judge_max_length 4096 is over the model's context of 512"),

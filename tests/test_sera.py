@@ -127,6 +127,9 @@ def test_presets_fill_paper_settings():
     mistral = args(model="mistral-7b")
     assert (mistral.beta, mistral.lora_r, mistral.lr, mistral.batch_size, mistral.global_batch) == (0.01, 8, 5e-6, 4, 16)
     assert (mistral.lora_alpha, mistral.lora_dropout) == (128, 0.05)
+    given = args(model="mistral-7b", lora_alpha=64, lora_dropout=0.0)  # a value on the command line wins
+    assert (given.lora_alpha, given.lora_dropout) == (64, 0.0)
+    assert (args().lora_alpha, args().lora_dropout) == (16, 0.0)
     tiny = args(model="tinyllama", loss="ipo")
     assert tiny.beta == 1.0 and tiny.batch_size == 8 and tiny.global_batch == 16
     assert args(model="tinyllama").beta == 0.2 and args(model="pythia-2.8b", loss="hinge").beta == 0.2
