@@ -58,6 +58,8 @@ class Args:
     srdpo_lams: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 1.0])
     """Sr-DPO's lambda grid (the paper's), each compared with --lam 0"""
     budget: Literal["full", "tiny"] = "full"
+    run: bool = True
+    """--no-run: only summarise the runs already finished under --out (missing ones are listed, not run)"""
     out: Path = ROOT / "runs" / "claims"
     """run folders (reused when finished)"""
     results: Path = ROOT / "benchmarks" / "results"
@@ -205,9 +207,8 @@ def plot(summary: list[dict], path: Path) -> None:
             ax.plot([0, 1], [a, b], color="0.8", lw=0.8, zorder=0)
         ax.set_xticks([0, 1], [r["a"].replace(":", "\n"), r["b"].replace(":", "\n")], fontsize=7)
         ax.set_xlim(-0.4, 1.6)
-        ax.set_title(f"{r['claim']}: {r['what']}", fontsize=7, wrap=True)
-        ax.text(0.02, 0.02, f"A-B {r['diff']:+.3f} ± {r['ci95']:.3f}\n{r['verdict']}", transform=ax.transAxes,
-                fontsize=8, color=colors[r["verdict"]], va="bottom")
+        ax.set_title(f"{r['claim']}: {r['what']}\nA - B = {r['diff']:+.3f} ± {r['ci95']:.3f} (95% CI, {r['seeds']} seeds): "
+                     f"{r['verdict']}", fontsize=7, color=colors[r["verdict"]])
     for ax in list(axes.flat)[len(summary):]:
         ax.axis("off")
     fig.suptitle("Paper claims on the toy world: per-seed values (points, paired by lines), mean and 95% CI (black)", fontsize=10)
@@ -238,19 +239,24 @@ def main(args: Args) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
 
-    def one(job: tuple[str, int]) -> tuple[str, int, float]:
+    def one(job: tuple[str, int]) -> tuple[str, int, float | None]:
         arm, seed = job
         _, script, argv = todo[arm]
         out = args.out / args.budget / f"{arm}__seed{seed}"
+        if not args.run and not (out / "sweep_done").exists():
+            return arm, seed, None
         seconds = run_script(script, argv, seed, out, args.threads)
         if seconds or not (out / "claims_run.json").exists():  # the run's own provenance, kept when reused
             command = f"OMP_NUM_THREADS={args.threads} python {script} {' '.join(argv)} --seed {seed}".replace("  ", " ")
             (out / "claims_run.json").write_text(json.dumps({**here, "command": command, "seconds": round(seconds, 1)}))
         return arm, seed, seconds
 
-    values, csv_rows = {}, []
+    values, csv_rows, missing = {}, [], []
     with ThreadPoolExecutor(args.jobs) as pool:
         for arm, seed, seconds in pool.map(one, [(a, s) for s in args.seeds for a in todo]):
+            if seconds is None:
+                missing.append(f"{arm} seed {seed}")
+                continue
             out = args.out / args.budget / f"{arm}__seed{seed}"
             info = json.loads((out / "claims_run.json").read_text())
             metrics = read_metrics(todo[arm][1], out)
@@ -260,6 +266,8 @@ def main(args: Args) -> list[dict]:
                 values[(arm, seed, metric)] = value
                 csv_rows.append(dict(claim=todo[arm][0], arm=arm, seed=seed, metric=metric, value=round(value, 5),
                                      budget=args.budget, **info))
+    if not csv_rows:
+        raise SystemExit(f"claims: error: no finished runs under {args.out / args.budget} for these --claims and --seeds")
     with open(args.results / "claims.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
         writer.writeheader()
@@ -271,7 +279,7 @@ def main(args: Args) -> list[dict]:
     table = markdown(summary)
     (args.results / "claims.md").write_text(table)
     plot(summary, args.results / "claims.png")
-    print("\n" + table)
+    print("\n" + table + (f"\nnot run yet ({len(missing)}): {', '.join(missing)}\n" if missing else ""))
     return summary
 
 
