@@ -137,7 +137,7 @@ def comparisons(args: Args, iterations: dict[str, list[int]]) -> list[Comparison
         c += [Comparison("osp", "SPCE beats hard-label DPO (held-out score)", ("osp", "score"), ("osp-dpo", "score"))]
         c += [Comparison("osp", f"SPCE keeps the judge better (judge accuracy, {k.replace('_', ' ')})",
                          ("osp", f"judge_accuracy_{k}"), ("osp-dpo", f"judge_accuracy_{k}")) for k in iterations.get("osp", [])]
-        c += [Comparison("osp", "SPCE over-fits less: mean |sigma(z) - q| lower", ("osp", "abs_sigma_z_minus_q"),
+        c += [Comparison("osp", "SPCE over-fits less: mean abs(sigma(z) - q) lower", ("osp", "abs_sigma_z_minus_q"),
                          ("osp-dpo", "abs_sigma_z_minus_q"), higher_is_better=False)]
     method_arm = {"sera": "sera", "srdpo": "srdpo-lam0.5" if 0.5 in args.srdpo_lams else None, "opsr": "opsr", "osp": "osp"}
     c += [Comparison(k, "beats its SFT start (held-out score)", (arm, "score"), (arm, "sft_score"))
