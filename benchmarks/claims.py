@@ -212,7 +212,7 @@ def plot(summary: list[dict], path: Path) -> None:
     for ax in list(axes.flat)[len(summary):]:
         ax.axis("off")
     fig.suptitle("Paper claims on the toy world: per-seed values (points, paired by lines), mean and 95% CI (black)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
