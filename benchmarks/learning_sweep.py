@@ -94,22 +94,27 @@ class Args:
     """KEY=VALUE pairs for every run, e.g. ATEN_CPU_CAPABILITY=avx2 to take the AVX2 kernels on an AVX-512 CPU"""
 
 
-def run_one(config: str, seed: int, threads: int, args: Args) -> tuple[str, int, int, Path, float]:
-    script, argv = _test_argv()[config]
-    out = args.out / f"{config}__seed{seed}__threads{threads}"
+def run_script(script: str, argv: list[str], seed: int, out: Path, threads: int, extra_env: list[str] = ()) -> float:
+    """Run `script argv --seed --output_dir out` unless out holds a finished run; its seconds (0.0 when reused)."""
     if (out / "sweep_done").exists():
-        return config, seed, threads, out, 0.0
+        return 0.0
     if out.exists():
         shutil.rmtree(out)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
-           **dict(kv.split("=", 1) for kv in args.extra_env)}
+           **dict(kv.split("=", 1) for kv in extra_env)}
     start = time.time()
     res = subprocess.run([sys.executable, str(ROOT / script), *argv, "--seed", str(seed), "--output_dir", str(out)],
                          capture_output=True, text=True, cwd=ROOT, env=env)
     if res.returncode != 0:
-        raise RuntimeError(f"{config} seed {seed} threads {threads} failed:\n{res.stderr[-3000:]}")
+        raise RuntimeError(f"{script} {' '.join(argv)} --seed {seed} (threads {threads}) failed:\n{res.stderr[-3000:]}")
     (out / "sweep_done").write_text(f"{time.time() - start:.1f}\n")
-    return config, seed, threads, out, time.time() - start
+    return time.time() - start
+
+
+def run_one(config: str, seed: int, threads: int, args: Args) -> tuple[str, int, int, Path, float]:
+    script, argv = _test_argv()[config]
+    out = args.out / f"{config}__seed{seed}__threads{threads}"
+    return config, seed, threads, out, run_script(script, argv, seed, out, threads, args.extra_env)
 
 
 def main(args: Args) -> None:
