@@ -99,6 +99,8 @@ class Args:
     num_prompts: int | None = None
     """use only the first N prompts of the pool"""
     iterations: int = 3
+    epochs: int = 1
+    """passes over each iteration's pairs"""
     rejected_scores: list[int] = field(default_factory=lambda: [3, 5, 7])
     """s_m for m = 1..M (paper: 3, 5, 7)"""
     lrs: list[float] | None = None
@@ -175,7 +177,8 @@ def resolve(args: Args) -> tuple[Args, dict]:
         (args.eval_prompts is None or Path(args.eval_prompts).is_file(), f"--eval_prompts: file {args.eval_prompts!r} not found"),
         (args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
          f"--chat_template: file {args.chat_template!r} not found"),
-        (args.iterations >= 1, f"--iterations must be >= 1, got {args.iterations}"),
+        (args.iterations >= 1 and args.epochs >= 1,
+         f"--iterations and --epochs must be >= 1, got {args.iterations} and {args.epochs}"),
         (len(args.rejected_scores) >= args.iterations, f"--rejected_scores needs {args.iterations} values, got {args.rejected_scores}"),
         (all(isinstance(s, int) and 1 <= s <= 9 for s in args.rejected_scores), f"--rejected_scores must be integers in 1..9, got {args.rejected_scores}"),
         (len(args.lrs) >= args.iterations and all(lr > 0 for lr in args.lrs), f"--lrs needs {args.iterations} positive values, got {args.lrs}"),
@@ -254,12 +257,14 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, dev
                     start_step=0, trainer_state=None):
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + t)).tolist()
+    order = [i for epoch in range(args.epochs)  # a fresh permutation of D_t per epoch
+             for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(
+                 args.seed * 1000 + t + 100_000 * epoch)).tolist()]
     grad_accum, per_step = accumulation(args.global_batch, args.batch_size), args.global_batch
-    n_steps = max(1, len(pairs) // per_step)
+    n_steps = max(1, len(order) // per_step)
     # every rank runs the same micro-batches (FSDP collectives): the remainder is dropped, counted
-    used = order[: n_steps * per_step] if len(pairs) >= per_step else order[: len(pairs) - len(pairs) % world()]
-    dropped = len(pairs) - len(used)
+    used = order[: n_steps * per_step] if len(order) >= per_step else order[: len(order) - len(order) % world()]
+    dropped = len(order) - len(used)
     local = used[rank()::world()]
     micro = max(1, math.ceil(len(local) / (n_steps * grad_accum)))
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -97,6 +97,8 @@ class Args:
     """direct alignment loss: DPO, IPO, SLiC-HF hinge or SimPO (SeRA eq. 6, 8, 9, 18)"""
     iterations: int = 3
     """T, one epoch per iteration (SeRA Table 4)"""
+    epochs: int = 1
+    """passes over each iteration's pairs (the paper: 1; --iterations 1 --epochs 3 is plain offline DPO)"""
     rho_1: float = 0.7
     """fraction of offline pairs kept by IRM selection, k1 = ceil(rho_1 * N)"""
     rho_2: float | None = None
@@ -190,7 +192,8 @@ def resolve(args: Args) -> tuple[Args, dict]:
         (args.eval_prompts is None or Path(args.eval_prompts).is_file(), f"--eval_prompts: file {args.eval_prompts!r} not found"),
         (args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
          f"--chat_template: file {args.chat_template!r} not found"),
-        (args.iterations >= 1, f"--iterations must be >= 1, got {args.iterations}"),
+        (args.iterations >= 1 and args.epochs >= 1,
+         f"--iterations and --epochs must be >= 1, got {args.iterations} and {args.epochs}"),
         (0 < args.rho_1 <= 1, f"--rho_1 must be in (0, 1], got {args.rho_1}"),
         (args.rho_2 is None or args.rho_2 >= 0, f"--rho_2 must be >= 0, got {args.rho_2}"),
         (0 <= args.gamma_e <= 1, f"--gamma_e must be in [0, 1], got {args.gamma_e}"),
@@ -298,12 +301,14 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, dev
                     start_step=0, trainer_state=None):
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + t)).tolist()
+    order = [i for epoch in range(args.epochs)  # a fresh permutation of D_t per epoch
+             for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(
+                 args.seed * 1000 + t + 100_000 * epoch)).tolist()]
     grad_accum, per_step = accumulation(args.global_batch, args.batch_size), args.global_batch
-    n_steps = max(1, len(pairs) // per_step)
+    n_steps = max(1, len(order) // per_step)
     # every rank runs the same micro-batches (FSDP collectives): the remainder is dropped, counted
-    used = order[: n_steps * per_step] if len(pairs) >= per_step else order[: len(pairs) - len(pairs) % world()]
-    dropped = len(pairs) - len(used)
+    used = order[: n_steps * per_step] if len(order) >= per_step else order[: len(order) - len(order) % world()]
+    dropped = len(order) - len(used)
     local = used[rank()::world()]
     micro = max(1, math.ceil(len(local) / (n_steps * grad_accum)))
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -72,6 +72,10 @@ def arms(args: Args) -> dict[str, tuple[str, str, list[str]]]:
     out = {"sera": ("sera", "sera.py", b["sera.py"]),
            # iterative DPO: every offline pair kept, nothing generated, no ensemble (ALGORITHMS.md §3)
            "sera-iterative-dpo": ("sera", "sera.py", b["sera.py"] + ["--rho_1", "1", "--rho_2", "0", "--gamma_e", "0"])}
+    # plain offline DPO: one iteration (all of D, SFT reference) for as many epochs as SeRA has iterations
+    iterations = int(dict(zip(b["sera.py"], b["sera.py"][1:])).get("--iterations", 3))
+    plain = [a for a, prev in zip(b["sera.py"], [None, *b["sera.py"]]) if "--iterations" not in (a, prev)]
+    out["sera-plain-dpo"] = ("sera", "sera.py", plain + ["--iterations", "1", "--epochs", str(iterations)])
     for lam in [0.0, *args.srdpo_lams]:
         out[f"srdpo-lam{lam:g}"] = ("srdpo", "srdpo.py", b["srdpo.py"] + ["--lam", f"{lam:g}"])
     out["opsr"] = ("opsr", "opsr.py", b["opsr.py"])
@@ -123,6 +127,8 @@ def comparisons(args: Args, iterations: dict[str, list[int]]) -> list[Comparison
     if "sera" in args.claims:
         c += [Comparison("sera", "IRM selection + bootstrapping beats iterative DPO (held-out score)",
                          ("sera", "score"), ("sera-iterative-dpo", "score")),
+              Comparison("sera", "SeRA beats plain offline DPO, same number of epochs (held-out score)",
+                         ("sera", "score"), ("sera-plain-dpo", "score")),
               Comparison("sera", "IRM selection keeps clean pairs over flipped ones (kept fraction)",
                          ("sera", "clean_kept"), ("sera", "flipped_kept"))]
     for lam in args.srdpo_lams if "srdpo" in args.claims else []:
