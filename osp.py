@@ -694,34 +694,31 @@ def main(args: Args) -> dict:
         stats = {"stage": 1, "step": step + 1, "data/pairs": len(tuples), **{f"data/dropped_{k}": v for k, v in dropped.items()},
                  **{f"data/{k}": v for k, v in truncated.items()},
                  "judge/forward_passes": passes, "judge/comparisons_per_sec": passes / judging_s if judging_s else 0.0}
-        if tuples:
-            qs = torch.tensor([t["q"] for t in tuples], dtype=torch.float64)
-            stats.update({"osp/q_mean": float(qs.mean()), "osp/q_std": float(qs.std()) if len(qs) > 1 else 0.0,
-                          "osp/q_hist": torch.histc(qs, bins=5, min=0, max=1).int().tolist(),
-                          "gen/chosen_tokens_mean": sum(len(t["chosen_ids"]) for t in tuples) / len(tuples),
-                          "gen/rejected_tokens_mean": sum(len(t["rejected_ids"]) for t in tuples) / len(tuples)})
-            if reward_fn:  # does the self-judge agree with the reward function on the pairs it formed?
-                for t in tuples:
-                    t["chosen_reward"] = reward_fn(t["prompt"][-1]["content"], t["chosen_text"])
-                    t["rejected_reward"] = reward_fn(t["prompt"][-1]["content"], t["rejected_text"])
-                distinct = [t for t in tuples if t["chosen_reward"] != t["rejected_reward"]]
-                stats.update({"osp/chosen_reward": sum(t["chosen_reward"] for t in tuples) / len(tuples),
-                              "osp/rejected_reward": sum(t["rejected_reward"] for t in tuples) / len(tuples),
-                              "judge/online_oracle_agreement": (sum(t["chosen_reward"] > t["rejected_reward"] for t in distinct)
-                                                                / len(distinct)) if distinct else float("nan")})
-        # steps 10-11: SPCE (or DPO) against the frozen pi_0, one optimizer step (no gradients when every pair
-        # was dropped: the step is a no-op, the schedule still advances)
+        qs = torch.tensor([t["q"] for t in tuples], dtype=torch.float64)
+        stats.update({"osp/q_mean": float(qs.mean()), "osp/q_std": float(qs.std()) if len(qs) > 1 else 0.0,
+                      "osp/q_hist": torch.histc(qs, bins=5, min=0, max=1).int().tolist(),
+                      "gen/chosen_tokens_mean": sum(len(t["chosen_ids"]) for t in tuples) / len(tuples),
+                      "gen/rejected_tokens_mean": sum(len(t["rejected_ids"]) for t in tuples) / len(tuples)})
+        if reward_fn:  # does the self-judge agree with the reward function on the pairs it formed?
+            for t in tuples:
+                t["chosen_reward"] = reward_fn(t["prompt"][-1]["content"], t["chosen_text"])
+                t["rejected_reward"] = reward_fn(t["prompt"][-1]["content"], t["rejected_text"])
+            distinct = [t for t in tuples if t["chosen_reward"] != t["rejected_reward"]]
+            stats.update({"osp/chosen_reward": sum(t["chosen_reward"] for t in tuples) / len(tuples),
+                          "osp/rejected_reward": sum(t["rejected_reward"] for t in tuples) / len(tuples),
+                          "judge/online_oracle_agreement": (sum(t["chosen_reward"] > t["rejected_reward"] for t in distinct)
+                                                            / len(distinct)) if distinct else float("nan")})
+        # steps 10-11: SPCE (or DPO) against the frozen pi_0, one optimizer step
         model.train()
-        sums = spce_backward(model, ref_model, tuples, args, device, tokenizer.pad_token_id) if tuples else [0.0] * 10
+        sums = spce_backward(model, ref_model, tuples, args, device, tokenizer.pad_token_id)
         lr = scheduler.get_last_lr()[0]  # this step's
         total, grad_norm = optimizer_step(trainable, optimizer, scheduler, sums, args, f"step {step + 1}")
-        if tuples:
-            n = total[9]
-            stats.update({"loss": total[0] / n, "rewards/chosen": total[1] / n, "rewards/rejected": total[2] / n,
-                          "rewards/margins": total[3] / n, "rewards/accuracies": total[4] / n,
-                          "logps/chosen": total[5] / n, "logps/rejected": total[6] / n,
-                          "osp/abs_sigma_z_minus_q": total[7] / n, "osp/sigma_z_mean": total[8] / n,
-                          "grad_norm": grad_norm, "lr": lr})
+        n = total[9]
+        stats.update({"loss": total[0] / n, "rewards/chosen": total[1] / n, "rewards/rejected": total[2] / n,
+                      "rewards/margins": total[3] / n, "rewards/accuracies": total[4] / n,
+                      "logps/chosen": total[5] / n, "logps/rejected": total[6] / n,
+                      "osp/abs_sigma_z_minus_q": total[7] / n, "osp/sigma_z_mean": total[8] / n,
+                      "grad_norm": grad_norm, "lr": lr})
         stats.update({"time/generation_s": generation_s, "time/judging_s": judging_s,
                       "time/training_s": time.perf_counter() - tic})
         log(stats)
@@ -729,8 +726,8 @@ def main(args: Args) -> dict:
         write_atomic(out_dir / "pairs" / f"step_{step + 1:05d}.jsonl", [{k: t[k] for k in (
             "prompt", "chosen_text", "rejected_text", "q", "rank", "score_chosen", "score_rejected", "chosen_reward",
             "rejected_reward") if k in t} for t in tuples])
-        bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4f}", q=f"{stats.get('osp/q_mean', float('nan')):.2f}",
-                        gap=f"{stats.get('osp/abs_sigma_z_minus_q', float('nan')):.3f}", refresh=False)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", q=f"{stats['osp/q_mean']:.2f}",
+                        gap=f"{stats['osp/abs_sigma_z_minus_q']:.3f}", refresh=False)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < n_steps:
             report(f"step_{step + 1}", model)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < n_steps:
@@ -1339,7 +1336,8 @@ def optimizer_step(trainable: list, optimizer, scheduler, sums: list[float], arg
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
     total = all_sum(sums)
     if not math.isfinite(total[0]):
-        raise RuntimeError(f"non-finite loss ({total[0]}) at {where}; stopping")
+        raise InputError(f"non-finite loss ({total[0]}) at {where}: stopping before the update (the last checkpoint "
+                         "is intact); lower --lr or --beta, or check that step's data")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

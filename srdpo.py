@@ -1044,7 +1044,8 @@ def optimizer_step(trainable: list, optimizer, scheduler, sums: list[float], arg
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
     total = all_sum(sums)
     if not math.isfinite(total[0]):
-        raise RuntimeError(f"non-finite loss ({total[0]}) at {where}; stopping")
+        raise InputError(f"non-finite loss ({total[0]}) at {where}: stopping before the update (the last checkpoint "
+                         "is intact); lower --lr or --beta, or check that step's data")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -146,3 +146,18 @@ def test_reward_fn_checked_on_every_call(tmp_path):
     with pytest.raises(sera.InputError, match=r"response 'bad answer': returned inf; expected a finite number"):
         reward_fn("x", "bad answer")
     assert math.isfinite(reward_fn("x", "ok"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_non_finite_loss_stops_with_one_line_before_the_update(script):
+    import torch
+
+    mod = importlib.import_module(script)
+    weight = torch.nn.Parameter(torch.ones(3))
+    weight.grad = torch.ones(3)
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    args = mod.resolve(mod.Args())[0]
+    with pytest.raises(mod.InputError, match=r"non-finite loss \(nan\) at step 7: stopping before the update"):
+        mod.optimizer_step([weight], optimizer, scheduler, [float("nan"), 1.0], args, "step 7")
+    assert torch.equal(weight.detach(), torch.ones(3))  # nothing was applied

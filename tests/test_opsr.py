@@ -140,7 +140,7 @@ def write(path, text):
         (lambda d: dict(prompts=write(d / "e.jsonl", "")), "--prompts: .*e.jsonl has no rows"),
         (lambda d: dict(prompts=write(d / "l.jsonl", json.dumps({"prompt": "Sort these letters: " + "a " * 90}) + "\n"), num_pairs=4), "prompt has \\d+ tokens, over --max_prompt_length"),
         (lambda d: dict(lrs=[1e-4, -1.0, 1e-5]), "--lrs needs 3 positive values"),
-        (lambda d: dict(iterations=0), "--iterations must be >= 1"),
+        (lambda d: dict(iterations=0), "--iterations and --epochs must be >= 1"),
         (lambda d: dict(model="mistral"), "'mistral' is neither a preset"),
         (lambda d: dict(prompts=str(d / "none.jsonl")), "--prompts: file .* not found"),
         (lambda d: dict(prompts=write(d / "p.jsonl", '{"prompt": "Sort these letters: a b"}\n{"prompt": ""}\n')), "--prompts .* row 1: 'prompt' is empty"),

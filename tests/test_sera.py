@@ -193,7 +193,7 @@ GOOD = {"prompt": "Sort these letters: c a b", "chosen": "a b c", "rejected": "b
         (lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD, dict(GOOD, prompt="Sort these letters: " + "a " * 80)])), "row 1: prompt has \\d+ tokens, over --max_prompt_length 64"),
         (lambda d: dict(rho_1=0.0), "--rho_1 must be in \\(0, 1\\]"),
         (lambda d: dict(rho_1=1.5), "--rho_1 must be in \\(0, 1\\]"),
-        (lambda d: dict(iterations=-1), "--iterations must be >= 1"),
+        (lambda d: dict(iterations=-1), "--iterations and --epochs must be >= 1"),
         (lambda d: dict(reward_fn="nofile.py:score"), "--reward_fn: file 'nofile.py' not found"),
         (lambda d: dict(eval_prompts=str(d / "none.jsonl")), "--eval_prompts: file .* not found"),
         (lambda d: dict(eval_prompts=write_jsonl(d / "e.jsonl", [{"text": "a b"}])), "--eval_prompts .* row 0: 'prompt' must be a string"),
