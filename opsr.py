@@ -156,20 +156,15 @@ class Args:
 
 
 def resolve(args: Args) -> tuple[Args, dict]:
-    preset = model_preset(args, MODELS, "mistral-7b")  # a custom model: mistral-7b's settings
-    filled = {k: preset[k] for k in ("batch_size", "global_batch", "lora_r", "max_length", "max_prompt_length", "max_new_tokens",
+    preset, filled = model_preset(args, MODELS, "mistral-7b")  # a custom model: mistral-7b's settings
+    filled |= {k: preset[k] for k in ("batch_size", "global_batch", "lora_r", "max_length", "max_prompt_length", "max_new_tokens",
                                       "scheduler", "long_prompts", "num_eval", "scoring_batch_size", "generation_batch_size",
                                       "beta", "gamma") if getattr(args, k) is None}
-    filled["dataset"] = preset["dataset"]
     if args.dataset is None and args.prompts is None and preset.get("prompts"):
         filled["prompts"] = preset["prompts"]
     if args.lrs is None:
         lrs = list(preset["lrs"])
         filled["lrs"] = (lrs + [lrs[-1]] * args.iterations)[: max(args.iterations, 1)]
-    if args.gradient_checkpointing is None:
-        filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
-    if args.dtype == "auto":
-        filled["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
     args = dataclasses.replace(args, **filled)
     checks = [
         (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
@@ -490,9 +485,10 @@ class InputError(ValueError):
 
 
 # Copied from sera.model_preset
-def model_preset(args, models: dict, custom: str) -> dict:
-    """--model's preset, with "dataset" set to --dataset or the preset's. Any other hub id or local path gets
-    the settings of preset `custom` (each one can be overridden on the command line) and needs --dataset."""
+def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
+    """--model's preset, with "dataset" set to --dataset or the preset's, and the runtime's Args it fills (dataset,
+    compute dtype, gradient checkpointing). Any other hub id or local path gets the settings of preset `custom`
+    (each one can be overridden on the command line) and needs --dataset."""
     if args.model in models:
         preset = dict(models[args.model])
     elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
@@ -503,7 +499,11 @@ def model_preset(args, models: dict, custom: str) -> dict:
     preset["dataset"] = args.dataset or preset["dataset"]
     if preset["dataset"] is None:
         raise InputError("--dataset is required with a custom --model")
-    return preset
+    filled = {"dataset": preset["dataset"], "dtype": args.dtype if args.dtype != "auto" else  # masters stay fp32
+              "bfloat16" if torch.cuda.is_available() else "float32"}
+    if args.gradient_checkpointing is None:
+        filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
+    return preset, filled
 
 
 # Copied from sera.BadRow

@@ -182,8 +182,7 @@ class Args:
 
 
 def resolve(args: Args) -> tuple[Args, dict]:
-    preset = model_preset(args, MODELS, "mistral-7b")  # a custom model: mistral-7b's settings
-    filled = {"dataset": preset["dataset"]}
+    preset, filled = model_preset(args, MODELS, "mistral-7b")  # a custom model: mistral-7b's settings
     dataset_preset = DATASETS.get(preset["dataset"], {})
     for key in ("lr", "prompts_per_step", "micro_batch_size", "lora_r", "max_length", "max_prompt_length",
                 "max_new_tokens", "judge_max_length", "long_prompts", "aug_epochs", "aug_lr", "aug_batch_size",
@@ -197,10 +196,6 @@ def resolve(args: Args) -> tuple[Args, dict]:
         filled["chat_template"] = preset["chat_template"]
     if args.lora_r and args.save_every is None:
         filled["save_every"] = 0  # LoRA runs checkpoint at the end only (see the check below)
-    if args.gradient_checkpointing is None:
-        filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
-    if args.dtype == "auto":
-        filled["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
     args = dataclasses.replace(args, **filled)
     checks = [
         (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
@@ -765,9 +760,10 @@ class InputError(ValueError):
 
 
 # Copied from sera.model_preset
-def model_preset(args, models: dict, custom: str) -> dict:
-    """--model's preset, with "dataset" set to --dataset or the preset's. Any other hub id or local path gets
-    the settings of preset `custom` (each one can be overridden on the command line) and needs --dataset."""
+def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
+    """--model's preset, with "dataset" set to --dataset or the preset's, and the runtime's Args it fills (dataset,
+    compute dtype, gradient checkpointing). Any other hub id or local path gets the settings of preset `custom`
+    (each one can be overridden on the command line) and needs --dataset."""
     if args.model in models:
         preset = dict(models[args.model])
     elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
@@ -778,7 +774,11 @@ def model_preset(args, models: dict, custom: str) -> dict:
     preset["dataset"] = args.dataset or preset["dataset"]
     if preset["dataset"] is None:
         raise InputError("--dataset is required with a custom --model")
-    return preset
+    filled = {"dataset": preset["dataset"], "dtype": args.dtype if args.dtype != "auto" else  # masters stay fp32
+              "bfloat16" if torch.cuda.is_available() else "float32"}
+    if args.gradient_checkpointing is None:
+        filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
+    return preset, filled
 
 
 # Copied from sera.BadRow

@@ -168,8 +168,8 @@ class Args:
 
 
 def resolve(args: Args) -> tuple[Args, dict]:
-    preset = model_preset(args, MODELS, "tinyllama")  # a custom model: tinyllama's settings
-    filled = {k: preset[k] for k in ("lr", "batch_size", "global_batch", "lora_r", "max_length", "max_prompt_length",
+    preset, filled = model_preset(args, MODELS, "tinyllama")  # a custom model: tinyllama's settings
+    filled |= {k: preset[k] for k in ("lr", "batch_size", "global_batch", "lora_r", "max_length", "max_prompt_length",
                                       "max_new_tokens", "scheduler", "long_prompts", "num_eval", "scoring_batch_size",
                                       "generation_batch_size")
               if getattr(args, k) is None}
@@ -177,14 +177,9 @@ def resolve(args: Args) -> tuple[Args, dict]:
         filled["beta"] = preset["beta"][args.loss]
     if args.gamma is None:
         filled["gamma"] = preset.get("gamma", 1.0)
-    filled["dataset"] = preset["dataset"]
     for key, default in (("lora_alpha", 16), ("lora_dropout", 0.0)):
         if getattr(args, key) is None:
             filled[key] = preset.get(key, default)
-    if args.gradient_checkpointing is None:
-        filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
-    if args.dtype == "auto":
-        filled["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
     args = dataclasses.replace(args, **filled)
     checks = [
         (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
@@ -551,9 +546,10 @@ class InputError(ValueError):
     """Bad user input: printed as one line, no traceback, nothing written."""
 
 
-def model_preset(args, models: dict, custom: str) -> dict:
-    """--model's preset, with "dataset" set to --dataset or the preset's. Any other hub id or local path gets
-    the settings of preset `custom` (each one can be overridden on the command line) and needs --dataset."""
+def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
+    """--model's preset, with "dataset" set to --dataset or the preset's, and the runtime's Args it fills (dataset,
+    compute dtype, gradient checkpointing). Any other hub id or local path gets the settings of preset `custom`
+    (each one can be overridden on the command line) and needs --dataset."""
     if args.model in models:
         preset = dict(models[args.model])
     elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
@@ -564,7 +560,11 @@ def model_preset(args, models: dict, custom: str) -> dict:
     preset["dataset"] = args.dataset or preset["dataset"]
     if preset["dataset"] is None:
         raise InputError("--dataset is required with a custom --model")
-    return preset
+    filled = {"dataset": preset["dataset"], "dtype": args.dtype if args.dtype != "auto" else  # masters stay fp32
+              "bfloat16" if torch.cuda.is_available() else "float32"}
+    if args.gradient_checkpointing is None:
+        filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
+    return preset, filled
 
 
 class BadRow(InputError):
