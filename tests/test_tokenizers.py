@@ -2,10 +2,13 @@
 prefix of the conversation's tokens, the verdict token as it follows the judge prompt, every EOS id
 of the generation config, and sampling with top-k off.
 
-Two tokenizer families: Mistral's SentencePiece model (shipped inside the `mistral-common` package)
-and a byte-level BPE trained here with `tokenizers` (GPT-2 / Llama-3 / Qwen style). Templates:
-zephyr (writes no BOS), mistral-instruct (writes BOS, rejects a system role), Llama-3 style
-(writes <|begin_of_text|>, turns end with <|eot_id|>) and ChatML (no BOS, <|im_end|>)."""
+Real tokenizer files of two families, both shipped inside the `mistral-common` package: Mistral-7B's
+SentencePiece model and Mistral NeMo's byte-level BPE "tekken" (131072 ids, tiktoken-style ranks,
+converted to a fast tokenizer here and checked against mistral-common's own encoder). Two more
+byte-level BPEs are trained here with `tokenizers` only to carry the Llama-3 and ChatML control
+tokens, which no shipped file has. Templates: zephyr (writes no BOS), mistral-instruct (writes BOS,
+rejects a system role), NeMo's [INST] format (no spaces around the content), Llama-3 style (writes
+<|begin_of_text|>, turns end with <|eot_id|>) and ChatML (no BOS, <|im_end|>)."""
 
 import importlib.util
 from pathlib import Path
@@ -24,6 +27,9 @@ MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
           " + m['content'] | trim }}{{ '<|eot_id|>' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+NEMO = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST]' + m['content'] + '[/INST]' }}"
+        "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}"
+        "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 CONVERSATIONS = [
@@ -38,17 +44,68 @@ def sentencepiece_tokenizer(folder: Path, template: str):
     """Mistral-7B v0.1's SentencePiece model (32000 pieces), shipped in mistral-common."""
     from transformers import AutoTokenizer
 
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None:
-        pytest.skip("needs mistral-common (pip install 'selfpo[dev]')")
     folder.mkdir()
-    (folder / "tokenizer.model").write_bytes((Path(spec.origin).parent / "data" / "tokenizer.model.v1").read_bytes())
+    (folder / "tokenizer.model").write_bytes(mistral_common_file("tokenizer.model.v1").read_bytes())
     (folder / "tokenizer_config.json").write_text(
         '{"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", '
         '"legacy": false, "add_bos_token": true}')
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.chat_template = template
     return tokenizer
+
+
+def mistral_common_file(name: str) -> Path:
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None:
+        pytest.skip("needs mistral-common (pip install 'selfpo[dev]')")
+    return Path(spec.origin).parent / "data" / name
+
+
+@pytest.fixture(scope="session")
+def tekken():
+    """Mistral NeMo's tekken file as a fast tokenizer: ids 0-999 are control tokens, byte sequence of rank r is
+    id 1000 + r; BPE merges rebuilt from the ranks (a token merges from any two-piece split that is itself in the
+    vocabulary, in the order of the merged token's rank), the file's split pattern, and BOS from the post-processor."""
+    import base64
+    import json
+
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    path = mistral_common_file("tekken_240718.json")
+    data = json.loads(path.read_text())
+    config, byte_to_char = data["config"], bytes_to_unicode()
+    n_special = config["default_num_special_tokens"]
+    specials = [t["token_str"] for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
+    specials += [Tekkenizer.SPECIAL_TOKEN_TEMPLATE.format(id=i) for i in range(len(specials), n_special)]
+    ranks = {base64.b64decode(t["token_bytes"]): t["rank"] for t in data["vocab"][:config["default_vocab_size"] - n_special]}
+    text = lambda b: "".join(byte_to_char[c] for c in b)  # noqa: E731
+    merges = sorted((r, text(b[:i]), text(b[i:])) for b, r in ranks.items() for i in range(1, len(b))
+                    if b[:i] in ranks and b[i:] in ranks)
+    vocab = {**{t: i for i, t in enumerate(specials)}, **{text(b): n_special + r for b, r in ranks.items()}}
+    tok = Tokenizer(models.BPE(vocab, [(a, b) for _, a, b in merges], ignore_merges=True))
+    tok.add_special_tokens(specials)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(config["pattern"]), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>")
+    tokenizer.chat_template = NEMO
+    return tokenizer, Tekkenizer.from_file(str(path))
+
+
+def test_tekken_conversion_matches_mistral_common(tekken):
+    tokenizer, reference = tekken
+    assert len(tokenizer) == reference.n_words == 131072
+    texts = [m["content"] for prompt, reply in CONVERSATIONS for m in prompt] + [reply for _, reply in CONVERSATIONS]
+    for text in texts + ["def f(x):\n    return x**2  # 12345\n\n", "naïve café — 東京 🙂🙂"]:
+        ids = tokenizer(text)["input_ids"]
+        assert ids == reference.encode(text, bos=True, eos=False)
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert tokenizer.convert_ids_to_tokens(tokenizer("Hello world")["input_ids"]) == ["<s>", "Hello", "Ġworld"]
 
 
 def byte_bpe_tokenizer(specials: list[str], bos: str | None, eos: str, template: str):
@@ -73,16 +130,17 @@ def byte_bpe_tokenizer(specials: list[str], bos: str | None, eos: str, template:
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
+def tokenizers(tmp_path_factory, tekken):
     folder = tmp_path_factory.mktemp("tokenizers")
     llama3 = byte_bpe_tokenizer(["<|end_of_text|>", "<|eot_id|>", "<|begin_of_text|>", "<|start_header_id|>",
                                  "<|end_header_id|>", "<|finetune_right_pad_id|>"], "<|begin_of_text|>", "<|end_of_text|>", LLAMA3)
     chatml = byte_bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", CHATML)
     return {"zephyr": sentencepiece_tokenizer(folder / "zephyr", ZEPHYR),
-            "mistral": sentencepiece_tokenizer(folder / "mistral", MISTRAL), "llama3": llama3, "chatml": chatml}
+            "mistral": sentencepiece_tokenizer(folder / "mistral", MISTRAL), "llama3": llama3, "chatml": chatml,
+            "tekken": tekken[0]}
 
 
-@pytest.mark.parametrize("name", ["zephyr", "mistral", "llama3", "chatml"])
+@pytest.mark.parametrize("name", ["zephyr", "mistral", "llama3", "chatml", "tekken"])
 def test_bos_once_and_prompt_tokens_are_a_prefix(tokenizers, name):
     tokenizer = tokenizers[name]
     wants_bos = tokenizer.bos_token_id is not None and tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id
@@ -114,9 +172,10 @@ def test_sentencepiece_response_is_tokenized_as_generated(tokenizers):
         osp.verdict_ids(tokenizer, ["Answer A", "B"], osp.JUDGE_TEMPLATES["dialogue"])
 
 
-def test_mistral_template_rejects_a_system_role(tokenizers):
+@pytest.mark.parametrize("name", ["mistral", "tekken"])
+def test_mistral_template_rejects_a_system_role(tokenizers, name):
     with pytest.raises(sera.InputError, match=r"refuses a conversation with roles \['system', 'user'\]: Only user and assistant"):
-        sera.encode(tokenizers["mistral"], [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+        sera.encode(tokenizers[name], [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
 
 
 def tiny_model(kind: str, tokenizer, eos_ids):
@@ -145,7 +204,8 @@ def scripted(model, tokens: list[int]):
     return model.lm_head.register_forward_hook(hook)
 
 
-@pytest.mark.parametrize("name,kind", [("llama3", "llama"), ("chatml", "qwen2"), ("zephyr", "mistral")])
+@pytest.mark.parametrize("name,kind", [("llama3", "llama"), ("chatml", "qwen2"), ("zephyr", "mistral"),
+                                       ("tekken", "mistral")])
 def test_generation_stops_on_every_eos_id(tokenizers, name, kind):
     """Finished = stopped on any generation_config.eos_token_id (Llama-3 <|eot_id|>, Qwen <|im_end|>), not only
     the tokenizer's EOS; the text ends before it."""
@@ -153,9 +213,9 @@ def test_generation_stops_on_every_eos_id(tokenizers, name, kind):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    end_of_turn = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "zephyr": "</s>"}[name]
+    end_of_turn = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "zephyr": "</s>", "tekken": "</s>"}[name]
     eos_ids = sorted({tokenizer.convert_tokens_to_ids(end_of_turn), tokenizer.convert_tokens_to_ids(
-        {"llama3": "<|end_of_text|>", "chatml": "<|endoftext|>", "zephyr": "</s>"}[name])})
+        {"llama3": "<|end_of_text|>", "chatml": "<|endoftext|>", "zephyr": "</s>", "tekken": "</s>"}[name])})
     model = tiny_model(kind, tokenizer, eos_ids)
     word = tokenizer("ok", add_special_tokens=False)["input_ids"]
     args = sera.Args(max_new_tokens=8, generation_batch_size=8)
