@@ -741,7 +741,8 @@ def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[
 
     try:  # templates may refuse a conversation (mistral-instruct: no system role)
         prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response or "x"}], tokenize=False)
+        full = None if response is None else tokenizer.apply_chat_template(
+            prompt + [{"role": "assistant", "content": response}], tokenize=False)
     except TemplateError as err:
         raise InputError(f"the chat template refuses a conversation with roles {[m['role'] for m in prompt]}: {err}") from None
     prompt_ids = tokenize(tokenizer, prompt_text)
