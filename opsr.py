@@ -91,9 +91,6 @@ class Args:
     """preset (toy, mistral-7b, mistral-7b-instruct), hub id or local path"""
     dataset: str | None = None
     """offline preference set for the SimPO initialisation (and the prompt pool unless --prompts)"""
-    max_bad_fraction: float = 0.05
-    """stop when more of --dataset's rows than this are degenerate (identical or empty replies, conversations
-    that differ before the last turn or do not end with the assistant); fewer are skipped and counted"""
     prompts: str | None = None
     """jsonl with a 'prompt' column: the online prompt pool (default: the distinct prompts of --dataset)"""
     num_prompts: int | None = None
@@ -122,42 +119,57 @@ class Args:
     global_batch: int | None = None
     """pairs per optimizer step over all ranks: batch_size x ranks x micro-batches (the paper's at any world size)"""
     scheduler: Literal["cosine", "constant"] | None = None
+    long_prompts: Literal["error", "skip", "truncate"] | None = None
+    num_pairs: int | None = None
+    """use only the first N offline pairs for the initialisation phase"""
+    sampler: Literal["hf", "vllm"] = "hf"
+    # Options all four scripts share (checked copies of sera.Args's; tests/check_copies.py)
+    max_bad_fraction: float = 0.05
+    """stop when more of --dataset's rows than this are degenerate (identical or empty replies, conversations
+    that differ before the last turn or do not end with the assistant); fewer are skipped and counted"""
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     max_length: int | None = None
     max_prompt_length: int | None = None
     max_new_tokens: int | None = None
-    long_prompts: Literal["error", "skip", "truncate"] | None = None
-    num_pairs: int | None = None
-    """use only the first N offline pairs for the initialisation phase"""
     lora_r: int | None = None
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
+    """0 = full fine-tuning; > 0 trains a LoRA adapter, merged into every saved checkpoint (needs peft)"""
+    lora_alpha: int | None = None
+    """LoRA scaling numerator; default: the preset's, else 16 (a value given here always wins)"""
+    lora_dropout: float | None = None
+    """default: the preset's, else 0.0"""
     gradient_checkpointing: bool | None = None
     """recompute activations in the backward pass (default: on in the 7B presets)"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """compute dtype; master weights and optimizer state stay fp32. auto = bfloat16 on CUDA, float32 on CPU"""
-    sampler: Literal["hf", "vllm"] = "hf"
     chat_template: str | None = None
+    """jinja file (or the template itself) for tokenizers without a chat template"""
     reward_fn: str | None = None
     """path/to/file.py:function(prompt, response) -> float, the evaluation score (toy oracle by default)"""
     eval_prompts: str | None = None
+    """jsonl with a 'prompt' column; default: the dataset preset's held-out prompts"""
     num_eval: int | None = None
+    """evaluate on the first N of them (0 = no evaluation)"""
     eval_temperature: float = 1.0
+    """sampling temperature of the evaluation samples"""
     output_dir: str | None = None
+    """the run's folder (default: runs/<script>__<model>__<seed>__<time>)"""
     seed: int = 0
     resume: bool = False
-    """continue the run in --output_dir from its last completed iteration"""
-    track: bool = False
-    scoring_batch_size: int | None = None
-    generation_batch_size: int | None = None
+    """continue the run in --output_dir from its last checkpoint (same arguments, same number of ranks)"""
     stop_after_steps: int | None = None
-    """stop (as if interrupted) after this many optimizer steps in this process; for testing --resume"""
+    """stop (as if interrupted) after this many training steps in this process; for testing --resume"""
+    track: bool = False
+    """log to wandb"""
+    scoring_batch_size: int | None = None
+    """sequences per no-grad scoring forward"""
+    generation_batch_size: int | None = None
+    """sequences (prompts x samples) per generate call"""
 
 
 def resolve(args: Args) -> tuple[Args, dict]:
     preset, filled = model_preset(args, MODELS, "mistral-7b")  # a custom model: mistral-7b's settings
-    filled |= {k: preset[k] for k in ("batch_size", "global_batch", "lora_r", "max_length", "max_prompt_length", "max_new_tokens",
+    filled |= {k: preset[k] for k in ("batch_size", "global_batch", "max_length", "max_prompt_length", "max_new_tokens",
                                       "scheduler", "long_prompts", "num_eval", "scoring_batch_size", "generation_batch_size",
                                       "beta", "gamma") if getattr(args, k) is None}
     if args.dataset is None and args.prompts is None and preset.get("prompts"):
@@ -166,12 +178,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
         lrs = list(preset["lrs"])
         filled["lrs"] = (lrs + [lrs[-1]] * args.iterations)[: max(args.iterations, 1)]
     args = dataclasses.replace(args, **filled)
-    checks = [
-        (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
-        (not (args.output_dir and Path(args.output_dir).is_file()), f"--output_dir: {args.output_dir!r} is a file; expected a folder"),
-        (args.eval_prompts is None or Path(args.eval_prompts).is_file(), f"--eval_prompts: file {args.eval_prompts!r} not found"),
-        (args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
-         f"--chat_template: file {args.chat_template!r} not found"),
+    check_args(args, [
         (args.iterations >= 1 and args.epochs >= 1,
          f"--iterations and --epochs must be >= 1, got {args.iterations} and {args.epochs}"),
         (len(args.rejected_scores) >= args.iterations, f"--rejected_scores needs {args.iterations} values, got {args.rejected_scores}"),
@@ -179,15 +186,10 @@ def resolve(args: Args) -> tuple[Args, dict]:
         (len(args.lrs) >= args.iterations and all(lr > 0 for lr in args.lrs), f"--lrs needs {args.iterations} positive values, got {args.lrs}"),
         (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
         (args.batch_size >= 1 and accumulation(args.global_batch, args.batch_size) >= 1, "--batch_size must be >= 1"),
-        (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
-        (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
         (args.init_checkpoint is None or Path(args.init_checkpoint).expanduser().exists()
          or ("/" in args.init_checkpoint and not args.init_checkpoint.startswith((".", "/", "~"))),
          f"--init_checkpoint: {args.init_checkpoint!r} not found"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise InputError(message)
+    ])
     return args, preset
 
 
@@ -249,9 +251,7 @@ def daa_losses(logps, ref_logps, counts, args: Args):
 
 # Copied from sera.train_iteration
 def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, device, pad_id: int, log, save_step,
-                    start_step=0, trainer_state=None):
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
+                    start_step=0, saved=None):
     order = [i for epoch in range(args.epochs)  # a fresh permutation of D_t per epoch
              for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(
                  args.seed * 1000 + t + 100_000 * epoch)).tolist()]
@@ -262,15 +262,7 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, dev
     dropped = len(order) - len(used)
     local = used[rank()::world()]
     micro = max(1, math.ceil(len(local) / (n_steps * grad_accum)))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    warmup = int(args.warmup_ratio * n_steps)
-    scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, n_steps) if args.scheduler == "cosine"
-                 else get_constant_schedule_with_warmup(optimizer, warmup))
-    if trainer_state is not None:
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        set_rng_state(trainer_state["rng"])
+    trainable, optimizer, scheduler = make_optimizer(model, lr, n_steps, args, args.scheduler, saved)
     log({"iteration": t, "train/pairs": len(pairs), "train/pairs_dropped_remainder": dropped, "train/steps": n_steps,
          "train/grad_accum": grad_accum})
     use_avg = args.loss == "simpo" or args.length_norm == "avg"
@@ -330,27 +322,28 @@ def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple
     return pairs, counts
 
 
-def load_prompt_pool(args: Args, pairs: list[dict], tokenizer, counts: dict) -> list[list[dict]]:
-    """The online prompt pool X: a jsonl of prompts, or the distinct prompts of the offline set."""
-    if args.prompts:
-        pool = [[{"role": "user", "content": prompt}] for prompt in load_prompts(args.prompts, "--prompts")]
-    else:
-        pool = list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values())
+def load_prompt_pool(spec: str | None, pairs: list[dict], tokenizer, args: Args, counts: dict,
+                     problem=None) -> list[list[dict]]:
+    """The online prompt pool X: the 'prompt' rows of `spec` (--prompts), else the distinct prompts of the offline
+    pairs; the first --num_prompts. A prompt over --max_prompt_length (pairs are trained on it), or one for which
+    `problem(prompt)` names another limit, stops the run, or with --long_prompts skip is dropped and counted."""
+    pool = ([[{"role": "user", "content": prompt}] for prompt in load_prompts(spec, "--prompts")] if spec else
+            list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values()))
     pool = pool[: args.num_prompts] if args.num_prompts else pool
     kept = []
-    for index, prompt in enumerate(pool):  # the plain prompt must fit: pairs are trained on it
+    for index, prompt in enumerate(pool):
         length = len(encode(tokenizer, prompt)[0])
-        if length <= args.max_prompt_length:
+        issue = (f"prompt has {length} tokens, over --max_prompt_length {args.max_prompt_length}"
+                 if length > args.max_prompt_length else problem(prompt) if problem else None)
+        if issue is None:
             kept.append(prompt)
         elif args.long_prompts == "error":
-            raise InputError(f"prompt pool row {index}: prompt has {length} tokens, over --max_prompt_length "
-                             f"{args.max_prompt_length} (see --long_prompts skip)")
+            raise InputError(f"prompt pool row {index}: {issue} (see --long_prompts skip)")
         else:
-            counts["pool_long_prompt_skipped"] = counts.get("pool_long_prompt_skipped", 0) + 1
-    pool = kept
-    if not pool:
-        raise InputError("the online prompt pool is empty")
-    return pool
+            counts["pool_prompt_too_long"] = counts.get("pool_prompt_too_long", 0) + 1
+    if not kept:
+        raise InputError(f"the online prompt pool is empty ({len(pool)} prompts before the length checks)")
+    return kept
 
 
 def main(args: Args) -> dict:
@@ -362,11 +355,8 @@ def main(args: Args) -> dict:
     tokenizer = load_tokenizer(model_path, args.chat_template)
     rows, source = load_rows(args.dataset)
     offline, length_counts = build_dataset(rows, source, tokenizer, args)
-    pool = load_prompt_pool(args, offline, tokenizer, length_counts)
-    dataset_preset = DATASETS.get(args.dataset, {})
-    reward_fn = load_reward_fn(args.reward_fn or dataset_preset.get("reward_fn"), offline[0])
-    eval_file = args.eval_prompts or dataset_preset.get("eval")
-    eval_prompts = load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
+    pool = load_prompt_pool(args.prompts, offline, tokenizer, args, length_counts)
+    reward_fn, eval_prompts = load_evaluation(args, offline[0])
 
     device = init_device(args.seed)
     run_name = f"opsr__{Path(args.model).name}__{args.seed}__{now()}"
@@ -486,9 +476,9 @@ class InputError(ValueError):
 
 # Copied from sera.model_preset
 def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
-    """--model's preset, with "dataset" set to --dataset or the preset's, and the runtime's Args it fills (dataset,
-    compute dtype, gradient checkpointing). Any other hub id or local path gets the settings of preset `custom`
-    (each one can be overridden on the command line) and needs --dataset."""
+    """--model's preset, with "dataset" set to --dataset or the preset's, and the shared Args it fills (dataset,
+    compute dtype, LoRA, gradient checkpointing, chat template). Any other hub id or local path gets the settings
+    of preset `custom` (each one can be overridden on the command line) and needs --dataset."""
     if args.model in models:
         preset = dict(models[args.model])
     elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
@@ -501,9 +491,29 @@ def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
         raise InputError("--dataset is required with a custom --model")
     filled = {"dataset": preset["dataset"], "dtype": args.dtype if args.dtype != "auto" else  # masters stay fp32
               "bfloat16" if torch.cuda.is_available() else "float32"}
-    if args.gradient_checkpointing is None:
-        filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
+    for key, default in (("lora_r", 0), ("lora_alpha", 16), ("lora_dropout", 0.0), ("gradient_checkpointing", False),
+                         ("chat_template", None)):
+        if getattr(args, key) is None:
+            filled[key] = preset.get(key, default)
     return preset, filled
+
+
+# Copied from sera.check_args
+def check_args(args, checks: list[tuple[bool, str]]):
+    """One InputError for the first failed (ok, message): the checks of the options every script shares, then `checks`."""
+    checks = [
+        (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
+        (not (args.output_dir and Path(args.output_dir).is_file()), f"--output_dir: {args.output_dir!r} is a file; expected a folder"),
+        (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
+        (args.eval_prompts is None or Path(args.eval_prompts).is_file(), f"--eval_prompts: file {args.eval_prompts!r} not found"),
+        (args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
+         f"--chat_template: file {args.chat_template!r} not found"),
+        (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
+        (args.lora_r >= 0, f"--lora_r must be >= 0, got {args.lora_r}"),
+    ] + checks
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
 
 
 # Copied from sera.BadRow
@@ -813,6 +823,16 @@ def load_reward_fn(spec: str | None, example: dict | None = None):
     return reward_fn
 
 
+# Copied from sera.load_evaluation
+def load_evaluation(args: Args, example: dict) -> tuple:
+    """(reward function, held-out prompts): --reward_fn and --eval_prompts, else the dataset preset's; the reward
+    function is tried on `example`, the prompts are the first --num_eval. (None, []) when there are none."""
+    preset = DATASETS.get(args.dataset, {})
+    eval_file = args.eval_prompts or preset.get("eval")
+    return (load_reward_fn(args.reward_fn or preset.get("reward_fn"), example),
+            load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else [])
+
+
 # Copied from sera.accumulation
 def accumulation(global_batch: int, batch_size: int) -> int:
     """Micro-batches per optimizer step, so that a step sees global_batch examples at any number of ranks."""
@@ -1046,6 +1066,27 @@ def prepare_for_training(model, args: Args):
         model = shard_model(model, args)
     model.train()
     return model
+
+
+# Copied from sera.make_optimizer
+def make_optimizer(model, lr: float, n_steps: int, args: Args, schedule: str = "constant", state: dict | None = None,
+                   kind: str = "adamw"):
+    """AdamW without weight decay (or RMSprop) over the trainable parameters; linear warmup over --warmup_ratio of
+    n_steps, then constant or cosine. `state` (a step checkpoint's trainer_state) restores the optimizer, the
+    scheduler and the random number generators. Returns (trainable parameters, optimizer, scheduler)."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (torch.optim.RMSprop(trainable, lr=lr) if kind == "rmsprop"
+                 else torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0))
+    warmup = int(args.warmup_ratio * n_steps)
+    scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, n_steps) if schedule == "cosine"
+                 else get_constant_schedule_with_warmup(optimizer, warmup))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+    return trainable, optimizer, scheduler
 
 
 # Copied from sera.optimizer_step

@@ -42,7 +42,7 @@ import torch.distributed as dist
 import tyro
 from tqdm import tqdm
 
-from kernels import causal_lm_logps, decoder_hidden_states, lm_head_config, pair_loss
+from kernels import causal_lm_logps, decoder_hidden_states, head_logits, pair_loss
 
 HERE = Path(__file__).resolve().parent
 TOY = HERE / "assets" / "toy"
@@ -106,9 +106,6 @@ class Args:
     """preset (toy, pythia-2.8b, mistral-7b), hub id or local path of the SFT model"""
     dataset: str | None = None
     """offline human preferences: judge seed set, held-out judge labels and (unless --prompts) the prompt pool"""
-    max_bad_fraction: float = 0.05
-    """stop when more of --dataset's rows than this are degenerate (identical or empty replies, conversations
-    that differ before the last turn or do not end with the assistant); fewer are skipped and counted"""
     prompts: str | None = None
     """jsonl with a 'prompt' column: the online prompt pool X (default: the distinct prompts of --dataset)"""
     num_prompts: int | None = None
@@ -139,52 +136,67 @@ class Args:
     prompts_per_step: int | None = None
     micro_batch_size: int | None = None
     """pairs per forward/backward (gradient accumulation inside a step)"""
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
     judge_template: str | None = None
     """text file with {x}, {a}, {b} placeholders (default: ours, §4.2, by dataset family)"""
     judge_family: Literal["dialogue", "summary"] | None = None
     verdict_tokens: list[str] = field(default_factory=lambda: ["A", "B"])
     judge_max_length: int | None = None
     """longest judge prompt (conversation + two replies + template) in tokens"""
-    max_length: int | None = None
-    max_prompt_length: int | None = None
-    max_new_tokens: int | None = None
     long_prompts: Literal["error", "skip"] | None = None
     sample_temperature: float = 1.0
     sample_top_p: float = 1.0
+    eval_every: int | None = None
+    save_every: int | None = None
+    """Stage 1 checkpoint (weights + optimizer) every N steps; 0 = only at the end"""
+    judge_batch_size: int | None = None
+    # Options all four scripts share (checked copies of sera.Args's; tests/check_copies.py)
+    max_bad_fraction: float = 0.05
+    """stop when more of --dataset's rows than this are degenerate (identical or empty replies, conversations
+    that differ before the last turn or do not end with the assistant); fewer are skipped and counted"""
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    max_new_tokens: int | None = None
     lora_r: int | None = None
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
+    """0 = full fine-tuning; > 0 trains a LoRA adapter, merged into every saved checkpoint (needs peft)"""
+    lora_alpha: int | None = None
+    """LoRA scaling numerator; default: the preset's, else 16 (a value given here always wins)"""
+    lora_dropout: float | None = None
+    """default: the preset's, else 0.0"""
     gradient_checkpointing: bool | None = None
     """recompute activations in the backward pass (default: on in the 7B presets)"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """compute dtype; master weights and optimizer state stay fp32. auto = bfloat16 on CUDA, float32 on CPU"""
     chat_template: str | None = None
+    """jinja file (or the template itself) for tokenizers without a chat template"""
     reward_fn: str | None = None
     """path/to/file.py:function(prompt, response) -> float, the evaluation score (toy oracle by default)"""
     eval_prompts: str | None = None
+    """jsonl with a 'prompt' column; default: the dataset preset's held-out prompts"""
     num_eval: int | None = None
-    eval_every: int | None = None
+    """evaluate on the first N of them (0 = no evaluation)"""
     eval_temperature: float = 1.0
+    """sampling temperature of the evaluation samples"""
     output_dir: str | None = None
+    """the run's folder (default: runs/<script>__<model>__<seed>__<time>)"""
     seed: int = 0
     resume: bool = False
-    """continue the run in --output_dir from its last checkpoint"""
-    save_every: int | None = None
-    """Stage 1 checkpoint (weights + optimizer) every N steps; 0 = only at the end"""
-    track: bool = False
-    scoring_batch_size: int | None = None
-    generation_batch_size: int | None = None
-    judge_batch_size: int | None = None
+    """continue the run in --output_dir from its last checkpoint (same arguments, same number of ranks)"""
     stop_after_steps: int | None = None
-    """stop (as if interrupted) after this many Stage 1 steps in this process; for testing --resume"""
+    """stop (as if interrupted) after this many training steps in this process; for testing --resume"""
+    track: bool = False
+    """log to wandb"""
+    scoring_batch_size: int | None = None
+    """sequences per no-grad scoring forward"""
+    generation_batch_size: int | None = None
+    """sequences (prompts x samples) per generate call"""
 
 
 def resolve(args: Args) -> tuple[Args, dict]:
     preset, filled = model_preset(args, MODELS, "mistral-7b")  # a custom model: mistral-7b's settings
     dataset_preset = DATASETS.get(preset["dataset"], {})
-    for key in ("lr", "prompts_per_step", "micro_batch_size", "lora_r", "max_length", "max_prompt_length",
+    for key in ("lr", "prompts_per_step", "micro_batch_size", "max_length", "max_prompt_length",
                 "max_new_tokens", "judge_max_length", "long_prompts", "aug_epochs", "aug_lr", "aug_batch_size",
                 "num_sft", "num_judge_eval", "num_eval", "eval_every", "save_every", "scoring_batch_size",
                 "generation_batch_size", "judge_batch_size"):
@@ -192,17 +204,10 @@ def resolve(args: Args) -> tuple[Args, dict]:
             filled[key] = dataset_preset.get(key, preset[key])
     if args.judge_family is None:
         filled["judge_family"] = dataset_preset.get("family", "dialogue")
-    if args.chat_template is None and preset.get("chat_template"):
-        filled["chat_template"] = preset["chat_template"]
     if args.lora_r and args.save_every is None:
         filled["save_every"] = 0  # LoRA runs checkpoint at the end only (see the check below)
     args = dataclasses.replace(args, **filled)
-    checks = [
-        (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
-        (not (args.output_dir and Path(args.output_dir).is_file()), f"--output_dir: {args.output_dir!r} is a file; expected a folder"),
-        (args.eval_prompts is None or Path(args.eval_prompts).is_file(), f"--eval_prompts: file {args.eval_prompts!r} not found"),
-        (args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
-         f"--chat_template: file {args.chat_template!r} not found"),
+    check_args(args, [
         (args.k >= 2, f"--k must be >= 2 (samples per prompt), got {args.k}"),
         (0 < args.offline_fraction <= 1, f"--offline_fraction must be in (0, 1], got {args.offline_fraction}"),
         (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
@@ -213,17 +218,12 @@ def resolve(args: Args) -> tuple[Args, dict]:
         (args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
         (args.aug_epochs >= 1, f"--aug_epochs must be >= 1, got {args.aug_epochs}"),
         (len(args.verdict_tokens) == 2, f"--verdict_tokens needs two tokens, got {args.verdict_tokens}"),
-        (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
         (args.num_judge_eval >= 0 and args.num_eval >= 0, "--num_judge_eval and --num_eval must be >= 0"),
         (args.save_every >= 0 and args.eval_every >= 0, "--save_every and --eval_every must be >= 0"),
         (args.save_every == 0 or args.lora_r == 0, "--save_every is not supported with LoRA (it checkpoints at the end)"),
-        (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
         (args.judge_template is None or Path(args.judge_template).exists(),
          f"--judge_template: file {args.judge_template!r} not found"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise InputError(message)
+    ])
     return args, preset
 
 
@@ -336,8 +336,11 @@ def judge_instances(pairs: list[dict], tokenizer, template: str, verdict: list[i
     return out
 
 
-def load_sft(spec: str, tokenizer, args: Args, counts: dict) -> list[dict]:
-    rows, source = load_rows(spec, "--sft_data")
+def load_sft(spec: str | None, seed_pairs: list[dict], tokenizer, args: Args, counts: dict) -> list[dict]:
+    """Stage 0's SFT examples: the 'messages' conversations of --sft_data, else [ours] the seed pairs' chosen
+    conversations; the first --num_sft, those over the length limits skipped and counted."""
+    rows, source = (load_rows(spec, "--sft_data") if spec else ([
+        {"messages": p["prompt"] + [{"role": "assistant", "content": p["chosen"]}]} for p in seed_pairs], "(seed pairs)"))
     out, skipped = [], {}
     args = dataclasses.replace(args, long_prompts="skip")  # SFT rows over the limits are skipped, counted
     for index, row in enumerate(rows[: args.num_sft] if args.num_sft else rows):
@@ -352,79 +355,33 @@ def load_sft(spec: str, tokenizer, args: Args, counts: dict) -> list[dict]:
     return out
 
 
-def load_prompt_pool(args: Args, pairs: list[dict], tokenizer, template: str, counts: dict) -> list[list[dict]]:
-    """The online prompt pool X. Every prompt must fit both the policy (--max_prompt_length) and the judge:
-    its judge prompt with two replies of --max_new_tokens must fit --judge_max_length."""
-    spec = args.prompts or DATASETS.get(args.dataset, {}).get("prompts")
-    if spec:
-        pool = [[{"role": "user", "content": prompt}] for prompt in load_prompts(spec, "--prompts")]
-    else:
-        pool = list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values())
-    pool = pool[: args.num_prompts] if args.num_prompts else pool
-    kept = []
-    for index, prompt in enumerate(pool):
-        length = len(encode(tokenizer, prompt)[0])
-        judge_length = len(encode(tokenizer, [{"role": "user", "content": judge_text(
-            template, render_context(prompt, args.judge_family), "", "")}])[0]) + 2 * args.max_new_tokens + 9
-        problem = (f"prompt has {length} tokens, over --max_prompt_length {args.max_prompt_length}"
-                   if length > args.max_prompt_length else
-                   f"its judge prompt with two replies of --max_new_tokens {args.max_new_tokens} can reach "
-                   f"{judge_length} tokens, over --judge_max_length {args.judge_max_length}"
-                   if judge_length > args.judge_max_length else None)
-        if problem is None:
-            kept.append(prompt)
-        elif args.long_prompts == "error":
-            raise InputError(f"prompt pool row {index}: {problem} (see --long_prompts skip)")
-        else:
-            counts["pool_prompt_too_long"] = counts.get("pool_prompt_too_long", 0) + 1
-    if not kept:
-        raise InputError(f"the online prompt pool is empty ({len(pool)} prompts before the length checks)")
-    return kept
-
-
 # ---------------------------------------------------------------------------------------------
 # ALGO LOGIC: judging with the policy itself (one forward, two verdict logits)
 
 
-@torch.no_grad()
-def verdict_logits(model, sequences: list[list[int]], verdict: list[int], args: Args, pad_id: int, device,
-                   desc: str = "judge") -> torch.Tensor:
-    """logit["A"] - logit["B"] of the next token after each judge prompt, all ranks.
-
-    The decoder body runs once per batch (sorted by length); only the last hidden state of each row is
-    projected, onto the two verdict rows of the output embedding: no vocabulary-wide softmax (§6)."""
-    model.eval()
-    mine, _ = shard(list(enumerate(sequences)))
-    mine.sort(key=lambda item: len(item[1]))
-    results = []
-    for start in progress(range(0, len(mine), args.judge_batch_size), desc=desc, inner=True):
-        chunk = mine[start:start + args.judge_batch_size]
-        batch = collate([(s, []) for _, s in chunk], pad_id, device)
-        hidden = decoder_hidden_states(model, batch["input_ids"], batch["attention_mask"])
-        last = hidden[torch.arange(len(chunk), device=device), batch["attention_mask"].sum(1) - 1]
-        head = lm_head_config(model)  # after the forward: FSDP2 has gathered the weight by now
-        weight = head["weight"][verdict].float()  # fp32: a bf16 (LoRA base) A-B difference of two logits is coarse
-        logits = last.float() @ weight.T
-        if head["bias"] is not None:
-            logits = logits + head["bias"][verdict].float()
-        logits = logits * head["scale"]
-        if head["softcap"] is not None:
-            logits = head["softcap"] * torch.tanh(logits / head["softcap"])
-        results += [(index, float(value)) for (index, _), value in zip(chunk, logits[:, 0] - logits[:, 1])]
-    model.train()
-    merged = dict(gather(results))
-    return torch.tensor([merged[i] for i in range(len(sequences))], dtype=torch.float64)
-
-
 def make_judge(model, tokenizer, prompts: list[list[dict]], template: str, verdict: list[int], args: Args, device,
                desc: str = "judge"):
-    """J(a, b) for (p, a, b) comparisons: sigma(logit["A"] - logit["B"]) after judge_prompt(x_p, a, b) (§4.1b)."""
+    """J(a, b) for (p, a, b) comparisons: sigma(logit["A"] - logit["B"]) of the policy's next token after
+    judge_prompt(x_p, a, b) (§4.1b), all ranks. The decoder body runs once per batch (sorted by length); only the
+    last hidden state of each row is projected, onto the two verdict rows: no vocabulary-wide softmax (§6)."""
     contexts = [render_context(p, args.judge_family) for p in prompts]
 
-    def judge(comparisons):
-        sequences = [encode(tokenizer, [{"role": "user", "content": judge_text(template, contexts[p], a, b)}])[0]
-                     for p, a, b in comparisons]
-        return torch.sigmoid(verdict_logits(model, sequences, verdict, args, tokenizer.pad_token_id, device, desc)).tolist()
+    @torch.no_grad()
+    def judge(comparisons) -> list[float]:
+        model.eval()
+        mine, _ = shard(list(enumerate(comparisons)))
+        mine = sorted(((i, encode(tokenizer, [{"role": "user", "content": judge_text(template, contexts[p], a, b)}])[0])
+                       for i, (p, a, b) in mine), key=lambda item: len(item[1]))
+        results = []
+        for start in progress(range(0, len(mine), args.judge_batch_size), desc=desc, inner=True):
+            chunk = mine[start:start + args.judge_batch_size]
+            batch = collate([(ids, []) for _, ids in chunk], tokenizer.pad_token_id, device)
+            hidden = decoder_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+            logits = head_logits(model, hidden[torch.arange(len(chunk), device=device), batch["attention_mask"].sum(1) - 1], verdict)
+            results += [(i, float(value)) for (i, _), value in zip(chunk, logits[:, 0] - logits[:, 1])]
+        model.train()
+        merged = dict(gather(results))
+        return torch.sigmoid(torch.tensor([merged[i] for i in range(len(comparisons))], dtype=torch.float64)).tolist()
 
     return judge
 
@@ -457,13 +414,9 @@ def judge_report(model, tokenizer, pairs: list[dict], template, verdict, args, d
 def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
     """L_SFT on SFT data + judge instances, each example weighted equally (its mean token log-likelihood;
     a judge instance scores its verdict token only) [ours]. One optimizer step per --aug_batch_size examples."""
-    from transformers import get_cosine_schedule_with_warmup
-
     per_epoch = max(1, len(examples) // args.aug_batch_size)
     n_steps = per_epoch * args.aug_epochs
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.aug_lr, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup_ratio * n_steps), n_steps)
+    trainable, optimizer, scheduler = make_optimizer(model, args.aug_lr, n_steps, args, "cosine")
     bar = progress(total=n_steps, desc="stage 0 (augmentation)")
     for epoch in range(args.aug_epochs):
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
@@ -490,6 +443,10 @@ def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
 
 # ---------------------------------------------------------------------------------------------
 # Stage 1: the SPCE update on a step's self-judged tuples (x, y_h, y_l, q) (§1.7, §4.1d)
+
+
+SPCE_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+              "logps/rejected", "osp/abs_sigma_z_minus_q", "osp/sigma_z_mean")  # spce_backward's sums, then the count
 
 
 def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_id: int) -> list[float]:
@@ -535,7 +492,7 @@ def main(args: Args) -> dict:
     args, preset = resolve(args)
     quiet_library_bars()
     check_resume(args)
-    from transformers import AutoConfig, get_constant_schedule_with_warmup
+    from transformers import AutoConfig
 
     # Everything that can fail on bad input is checked before anything is written.
     model_path = preset["path"]
@@ -562,21 +519,19 @@ def main(args: Args) -> dict:
             raise InputError(f"dataset {source}: no pairs left for the judge seed set after holding out "
                              f"--num_judge_eval {args.num_judge_eval} of {len(offline)}")
         examples = judge_instances(seed_pairs, tokenizer, template, verdict, args, counts)
-        sft_spec = args.sft_data or DATASETS.get(args.dataset, {}).get("sft")
-        if sft_spec:
-            examples += load_sft(sft_spec, tokenizer, args, counts)
-        else:  # [ours] the chosen conversations of the seed pairs are the SFT part
-            for pair in seed_pairs[: args.num_sft]:
-                fitted = fit(*encode(tokenizer, pair["prompt"], pair["chosen"]), args, pair["where"], counts)
-                if fitted is not None:
-                    examples.append({"prompt_ids": fitted[0], "response_ids": fitted[1], "kind": "sft"})
+        examples += load_sft(args.sft_data or DATASETS.get(args.dataset, {}).get("sft"), seed_pairs, tokenizer, args, counts)
         if not any(e["kind"] == "judge" for e in examples):
             raise InputError(f"dataset {source}: every judge instance is over --judge_max_length {args.judge_max_length}")
-    pool = load_prompt_pool(args, offline, tokenizer, template, counts)
-    dataset_preset = DATASETS.get(args.dataset, {})
-    reward_fn = load_reward_fn(args.reward_fn or dataset_preset.get("reward_fn"), offline[0])
-    eval_file = args.eval_prompts or dataset_preset.get("eval")
-    eval_prompts = load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
+
+    def judge_problem(prompt):  # its judge prompt with two replies of --max_new_tokens must fit the judge too
+        length = len(encode(tokenizer, [{"role": "user", "content": judge_text(
+            template, render_context(prompt, args.judge_family), "", "")}])[0]) + 2 * args.max_new_tokens + 9
+        return (f"its judge prompt with two replies of --max_new_tokens {args.max_new_tokens} can reach {length} "
+                f"tokens, over --judge_max_length {args.judge_max_length}" if length > args.judge_max_length else None)
+
+    pool = load_prompt_pool(args.prompts or DATASETS.get(args.dataset, {}).get("prompts"), offline, tokenizer, args,
+                            counts, judge_problem)
+    reward_fn, eval_prompts = load_evaluation(args, offline[0])
     n_steps = args.steps or max(1, len(pool) // args.prompts_per_step)
 
     device = init_device(args.seed)
@@ -589,10 +544,8 @@ def main(args: Args) -> dict:
         print(f"{out_dir}: this run is complete (final/); nothing to resume")
         return state
     checkpoint = out_dir / "checkpoint"
-    trainer_state = None
-    if args.resume and state["stage0_done"] and (checkpoint / f"trainer_state_rank{rank()}.pt").exists():
-        trainer_state = torch.load(checkpoint / f"trainer_state_rank{rank()}.pt", weights_only=False)
-        state["step"] = trainer_state["step"]
+    saved = trainer_state(checkpoint) if args.resume and state["stage0_done"] else None
+    state["step"] = saved["step"] if saved else state["step"]
     if rank() == 0 and args.resume and (out_dir / "metrics.jsonl").exists():  # steps after the checkpoint are redone
         lines = (out_dir / "metrics.jsonl").read_text().splitlines()
         keep = [line for line in lines if json.loads(line).get("step", 0) <= state["step"]
@@ -638,7 +591,7 @@ def main(args: Args) -> dict:
         state["stage0_done"] = True
         write_atomic(state_file, state)
     start = str(stage0) if (stage0 / "config.json").exists() else model_path
-    model = load_model(str(checkpoint) if trainer_state else start, device, args)
+    model = load_model(str(checkpoint) if saved else start, device, args)
     ref_model = None
     if not lora:  # frozen copy; with LoRA the base weights under the adapter are the reference
         ref_model = load_model(start, device, args).eval().requires_grad_(False)
@@ -647,13 +600,7 @@ def main(args: Args) -> dict:
 
     # ALGO LOGIC: Stage 1 — online self-preferring (§4.3 steps 4-11)
     model = prepare_for_training(model, args)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    scheduler = get_constant_schedule_with_warmup(optimizer, int(args.warmup_ratio * n_steps))
-    if trainer_state:
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        set_rng_state(trainer_state["rng"])
+    trainable, optimizer, scheduler = make_optimizer(model, args.lr, n_steps, args, "constant", saved)
     per_epoch = max(1, len(pool) // args.prompts_per_step)
     bar = progress(range(state["step"], n_steps), desc="stage 1 (online)")
     steps_this_process = 0
@@ -661,61 +608,49 @@ def main(args: Args) -> dict:
         epoch, offset = divmod(step, per_epoch)
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
         prompts = [pool[i] for i in order[offset * args.prompts_per_step:(offset + 1) * args.prompts_per_step]]
-        tic = time.perf_counter()
+        times = [time.perf_counter()]
         # step 6: K samples per prompt from the current policy
         samples = generate(model, tokenizer, prompts, args.k, args.sample_temperature, args.sample_top_p, args, device,
                            seed=args.seed * 100_003 + step, desc="sample")
-        generation_s, tic = time.perf_counter() - tic, time.perf_counter()
+        times.append(time.perf_counter())
         # steps 7-9: the current policy judges; rank, pair best-with-worst, strength q of each formed pair
-        texts = [[text for text, _ in group] for group in samples]
         judge = make_judge(model, tokenizer, prompts, template, verdict, args, device)
-        formed, passes = rank_and_pair(texts, judge, args.rank_by)
-        judging_s, tic = time.perf_counter() - tic, time.perf_counter()
+        formed, passes = rank_and_pair([[text for text, _ in group] for group in samples], judge, args.rank_by)
+        times.append(time.perf_counter())
         tuples, dropped, truncated = [], {}, {}
-        for p, pairs in enumerate(formed):
-            for pair in pairs:
-                (y_h, done_h), (y_l, done_l) = samples[p][pair["chosen"]], samples[p][pair["rejected"]]
-                reason = ("empty" if not y_h or not y_l else "unfinished" if not (done_h and done_l) else
-                          "identical" if y_h == y_l else None)
-                if reason:
-                    dropped[reason] = dropped.get(reason, 0) + 1
-                    continue
-                sides = [fit(*encode(tokenizer, prompts[p], y), args, f"step {step + 1} sample", truncated) for y in (y_h, y_l)]
-                tuples.append(dict(pair, prompt=prompts[p], chosen_text=y_h, rejected_text=y_l, prompt_ids=sides[0][0],
-                                   chosen_ids=sides[0][1], rejected_ids=sides[1][1]))
+        for p, pair in ((p, pair) for p, pairs in enumerate(formed) for pair in pairs):
+            (y_h, done_h), (y_l, done_l) = samples[p][pair["chosen"]], samples[p][pair["rejected"]]
+            reason = "empty" if not y_h or not y_l else "unfinished" if not (done_h and done_l) else "identical" if y_h == y_l else None
+            if reason:
+                dropped[reason] = dropped.get(reason, 0) + 1
+                continue
+            sides = [fit(*encode(tokenizer, prompts[p], y), args, f"step {step + 1} sample", truncated) for y in (y_h, y_l)]
+            tuples.append(dict(pair, prompt=prompts[p], chosen_text=y_h, rejected_text=y_l, prompt_ids=sides[0][0],
+                               chosen_ids=sides[0][1], rejected_ids=sides[1][1]))
         if not tuples:
             raise InputError(f"step {step + 1}: all {sum(dropped.values())} formed pairs were filtered ({dropped}); raise "
                              "--max_new_tokens if samples are 'unfinished', or use --k > 2 / a model whose samples differ")
-        stats = {"stage": 1, "step": step + 1, "data/pairs": len(tuples), **{f"data/dropped_{k}": v for k, v in dropped.items()},
-                 **{f"data/{k}": v for k, v in truncated.items()},
-                 "judge/forward_passes": passes, "judge/comparisons_per_sec": passes / judging_s if judging_s else 0.0}
         qs = torch.tensor([t["q"] for t in tuples], dtype=torch.float64)
-        stats.update({"osp/q_mean": float(qs.mean()), "osp/q_std": float(qs.std()) if len(qs) > 1 else 0.0,
-                      "osp/q_hist": torch.histc(qs, bins=5, min=0, max=1).int().tolist(),
-                      "gen/chosen_tokens_mean": sum(len(t["chosen_ids"]) for t in tuples) / len(tuples),
-                      "gen/rejected_tokens_mean": sum(len(t["rejected_ids"]) for t in tuples) / len(tuples)})
+        stats = {"stage": 1, "step": step + 1, "data/pairs": len(tuples), **{f"data/dropped_{k}": v for k, v in dropped.items()},
+                 **{f"data/{k}": v for k, v in truncated.items()}, "judge/forward_passes": passes,
+                 "osp/q_mean": float(qs.mean()), "osp/q_std": float(qs.std()) if len(qs) > 1 else 0.0,
+                 "osp/q_hist": torch.histc(qs, bins=5, min=0, max=1).int().tolist(),
+                 "gen/chosen_tokens_mean": sum(len(t["chosen_ids"]) for t in tuples) / len(tuples),
+                 "gen/rejected_tokens_mean": sum(len(t["rejected_ids"]) for t in tuples) / len(tuples)}
         if reward_fn:  # does the self-judge agree with the reward function on the pairs it formed?
             for t in tuples:
-                t["chosen_reward"] = reward_fn(t["prompt"][-1]["content"], t["chosen_text"])
-                t["rejected_reward"] = reward_fn(t["prompt"][-1]["content"], t["rejected_text"])
-            distinct = [t for t in tuples if t["chosen_reward"] != t["rejected_reward"]]
-            stats.update({"osp/chosen_reward": sum(t["chosen_reward"] for t in tuples) / len(tuples),
-                          "osp/rejected_reward": sum(t["rejected_reward"] for t in tuples) / len(tuples),
-                          "judge/online_oracle_agreement": (sum(t["chosen_reward"] > t["rejected_reward"] for t in distinct)
-                                                            / len(distinct)) if distinct else float("nan")})
+                t["chosen_reward"], t["rejected_reward"] = (reward_fn(t["prompt"][-1]["content"], t[k]) for k in ("chosen_text", "rejected_text"))
+            agree = [t["chosen_reward"] > t["rejected_reward"] for t in tuples if t["chosen_reward"] != t["rejected_reward"]]
+            stats.update({f"osp/{k}": sum(t[k] for t in tuples) / len(tuples) for k in ("chosen_reward", "rejected_reward")},
+                         **{"judge/online_oracle_agreement": sum(agree) / len(agree) if agree else float("nan")})
         # steps 10-11: SPCE (or DPO) against the frozen pi_0, one optimizer step
         model.train()
         sums = spce_backward(model, ref_model, tuples, args, device, tokenizer.pad_token_id)
         lr = scheduler.get_last_lr()[0]  # this step's
         total, grad_norm = optimizer_step(trainable, optimizer, scheduler, sums, args, f"step {step + 1}")
-        n = total[9]
-        stats.update({"loss": total[0] / n, "rewards/chosen": total[1] / n, "rewards/rejected": total[2] / n,
-                      "rewards/margins": total[3] / n, "rewards/accuracies": total[4] / n,
-                      "logps/chosen": total[5] / n, "logps/rejected": total[6] / n,
-                      "osp/abs_sigma_z_minus_q": total[7] / n, "osp/sigma_z_mean": total[8] / n,
-                      "grad_norm": grad_norm, "lr": lr})
-        stats.update({"time/generation_s": generation_s, "time/judging_s": judging_s,
-                      "time/training_s": time.perf_counter() - tic})
+        stats.update({name: value / total[-1] for name, value in zip(SPCE_STATS, total)}, grad_norm=grad_norm, lr=lr)
+        stats.update({"time/generation_s": times[1] - times[0], "time/judging_s": times[2] - times[1],
+                      "time/training_s": time.perf_counter() - times[2]})
         log(stats)
         (out_dir / "pairs").mkdir(exist_ok=True)
         write_atomic(out_dir / "pairs" / f"step_{step + 1:05d}.jsonl", [{k: t[k] for k in (
@@ -726,9 +661,7 @@ def main(args: Args) -> dict:
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < n_steps:
             report(f"step_{step + 1}", model)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < n_steps:
-            model = save_atomic(model, tokenizer, checkpoint, {f"trainer_state_rank{rank()}.pt": {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step + 1,
-                "rng": rng_state()}})
+            model = save_checkpoint(model, tokenizer, checkpoint, optimizer, scheduler, step + 1)
             state["step"] = step + 1
             write_atomic(state_file, state)
         steps_this_process += 1
@@ -761,9 +694,9 @@ class InputError(ValueError):
 
 # Copied from sera.model_preset
 def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
-    """--model's preset, with "dataset" set to --dataset or the preset's, and the runtime's Args it fills (dataset,
-    compute dtype, gradient checkpointing). Any other hub id or local path gets the settings of preset `custom`
-    (each one can be overridden on the command line) and needs --dataset."""
+    """--model's preset, with "dataset" set to --dataset or the preset's, and the shared Args it fills (dataset,
+    compute dtype, LoRA, gradient checkpointing, chat template). Any other hub id or local path gets the settings
+    of preset `custom` (each one can be overridden on the command line) and needs --dataset."""
     if args.model in models:
         preset = dict(models[args.model])
     elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
@@ -776,9 +709,29 @@ def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
         raise InputError("--dataset is required with a custom --model")
     filled = {"dataset": preset["dataset"], "dtype": args.dtype if args.dtype != "auto" else  # masters stay fp32
               "bfloat16" if torch.cuda.is_available() else "float32"}
-    if args.gradient_checkpointing is None:
-        filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
+    for key, default in (("lora_r", 0), ("lora_alpha", 16), ("lora_dropout", 0.0), ("gradient_checkpointing", False),
+                         ("chat_template", None)):
+        if getattr(args, key) is None:
+            filled[key] = preset.get(key, default)
     return preset, filled
+
+
+# Copied from sera.check_args
+def check_args(args, checks: list[tuple[bool, str]]):
+    """One InputError for the first failed (ok, message): the checks of the options every script shares, then `checks`."""
+    checks = [
+        (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
+        (not (args.output_dir and Path(args.output_dir).is_file()), f"--output_dir: {args.output_dir!r} is a file; expected a folder"),
+        (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
+        (args.eval_prompts is None or Path(args.eval_prompts).is_file(), f"--eval_prompts: file {args.eval_prompts!r} not found"),
+        (args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
+         f"--chat_template: file {args.chat_template!r} not found"),
+        (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
+        (args.lora_r >= 0, f"--lora_r must be >= 0, got {args.lora_r}"),
+    ] + checks
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
 
 
 # Copied from sera.BadRow
@@ -1088,6 +1041,16 @@ def load_reward_fn(spec: str | None, example: dict | None = None):
     return reward_fn
 
 
+# Copied from sera.load_evaluation
+def load_evaluation(args: Args, example: dict) -> tuple:
+    """(reward function, held-out prompts): --reward_fn and --eval_prompts, else the dataset preset's; the reward
+    function is tried on `example`, the prompts are the first --num_eval. (None, []) when there are none."""
+    preset = DATASETS.get(args.dataset, {})
+    eval_file = args.eval_prompts or preset.get("eval")
+    return (load_reward_fn(args.reward_fn or preset.get("reward_fn"), example),
+            load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else [])
+
+
 # Copied from sera.accumulation
 def accumulation(global_batch: int, batch_size: int) -> int:
     """Micro-batches per optimizer step, so that a step sees global_batch examples at any number of ranks."""
@@ -1323,6 +1286,27 @@ def prepare_for_training(model, args: Args):
     return model
 
 
+# Copied from sera.make_optimizer
+def make_optimizer(model, lr: float, n_steps: int, args: Args, schedule: str = "constant", state: dict | None = None,
+                   kind: str = "adamw"):
+    """AdamW without weight decay (or RMSprop) over the trainable parameters; linear warmup over --warmup_ratio of
+    n_steps, then constant or cosine. `state` (a step checkpoint's trainer_state) restores the optimizer, the
+    scheduler and the random number generators. Returns (trainable parameters, optimizer, scheduler)."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (torch.optim.RMSprop(trainable, lr=lr) if kind == "rmsprop"
+                 else torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0))
+    warmup = int(args.warmup_ratio * n_steps)
+    scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, n_steps) if schedule == "cosine"
+                 else get_constant_schedule_with_warmup(optimizer, warmup))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+    return trainable, optimizer, scheduler
+
+
 # Copied from sera.optimizer_step
 def optimizer_step(trainable: list, optimizer, scheduler, sums: list[float], args: Args, where: str):
     """Average LoRA gradients over ranks (replicated base), clip, sum the step's statistics over ranks,
@@ -1411,6 +1395,46 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 
 # ---------------------------------------------------------------------------------------------
 # Runtime that only some of the scripts use (checked copies too)
+
+
+# Copied from opsr.load_prompt_pool
+def load_prompt_pool(spec: str | None, pairs: list[dict], tokenizer, args: Args, counts: dict,
+                     problem=None) -> list[list[dict]]:
+    """The online prompt pool X: the 'prompt' rows of `spec` (--prompts), else the distinct prompts of the offline
+    pairs; the first --num_prompts. A prompt over --max_prompt_length (pairs are trained on it), or one for which
+    `problem(prompt)` names another limit, stops the run, or with --long_prompts skip is dropped and counted."""
+    pool = ([[{"role": "user", "content": prompt}] for prompt in load_prompts(spec, "--prompts")] if spec else
+            list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values()))
+    pool = pool[: args.num_prompts] if args.num_prompts else pool
+    kept = []
+    for index, prompt in enumerate(pool):
+        length = len(encode(tokenizer, prompt)[0])
+        issue = (f"prompt has {length} tokens, over --max_prompt_length {args.max_prompt_length}"
+                 if length > args.max_prompt_length else problem(prompt) if problem else None)
+        if issue is None:
+            kept.append(prompt)
+        elif args.long_prompts == "error":
+            raise InputError(f"prompt pool row {index}: {issue} (see --long_prompts skip)")
+        else:
+            counts["pool_prompt_too_long"] = counts.get("pool_prompt_too_long", 0) + 1
+    if not kept:
+        raise InputError(f"the online prompt pool is empty ({len(pool)} prompts before the length checks)")
+    return kept
+
+
+# Copied from sera.save_checkpoint
+def save_checkpoint(model, tokenizer, directory: Path, optimizer, scheduler, step: int):
+    """A resumable step checkpoint: the weights, and this rank's optimizer, scheduler, step and random number
+    generators, in one atomically renamed folder (read back by trainer_state)."""
+    return save_atomic(model, tokenizer, directory, {f"trainer_state_rank{rank()}.pt": {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state()}})
+
+
+# Copied from sera.trainer_state
+def trainer_state(directory: Path) -> dict | None:
+    """This rank's trainer state from save_checkpoint's folder, or None when there is none."""
+    file = directory / f"trainer_state_rank{rank()}.pt"
+    return torch.load(file, weights_only=False) if file.exists() else None
 
 
 # Copied from sera.VLLMEngine

@@ -91,9 +91,6 @@ class Args:
     """preset (toy, pythia-2.8b, zephyr-7b), hub id or local path"""
     dataset: str | None = None
     """preset (ultrafeedback, hh-rlhf, tldr, toy) or a local jsonl/json/parquet file or save_to_disk folder"""
-    max_bad_fraction: float = 0.05
-    """stop when more of --dataset's rows than this are degenerate (identical or empty replies, conversations
-    that differ before the last turn or do not end with the assistant); fewer are skipped and counted"""
     loss: Literal["sr_dpo", "sr_ipo"] = "sr_dpo"
     """Sr-DPO (eq. 13) or Sr-IPO (eq. 15)"""
     lam: float = 0.5
@@ -110,48 +107,56 @@ class Args:
     batch_size: int | None = None
     """pairs per device per micro-batch; gradient accumulation = global_batch / (batch_size x ranks), must divide"""
     epochs: int = 1
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    max_length: int | None = None
-    """prompt + response tokens; the refinement prompt's tokens come on top"""
-    max_prompt_length: int | None = None
-    max_new_tokens: int | None = None
     long_prompts: Literal["error", "skip", "truncate"] | None = None
     """prompts over max_prompt_length: fail, drop the pair (counted), or keep the prompt's end"""
     num_pairs: int | None = None
     """use only the first N pairs (after the held-out ones)"""
     eval_pairs: int | None = None
     """hold out the first N pairs: their final margin h is correlated with the data's score gap"""
-    lora_r: int = 0
-    """> 0 trains a LoRA adapter (merged into the saved checkpoint; needs peft)"""
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
+    save_every: int = 0
+    """save a resumable checkpoint every N optimizer steps (0 = only at the end)"""
+    # Options all four scripts share (checked copies of sera.Args's; tests/check_copies.py)
+    max_bad_fraction: float = 0.05
+    """stop when more of --dataset's rows than this are degenerate (identical or empty replies, conversations
+    that differ before the last turn or do not end with the assistant); fewer are skipped and counted"""
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    max_new_tokens: int | None = None
+    lora_r: int | None = None
+    """0 = full fine-tuning; > 0 trains a LoRA adapter, merged into every saved checkpoint (needs peft)"""
+    lora_alpha: int | None = None
+    """LoRA scaling numerator; default: the preset's, else 16 (a value given here always wins)"""
+    lora_dropout: float | None = None
+    """default: the preset's, else 0.0"""
     gradient_checkpointing: bool | None = None
     """recompute activations in the backward pass (default: on in the 7B presets)"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """compute dtype; master weights and optimizer state stay fp32. auto = bfloat16 on CUDA, float32 on CPU"""
     chat_template: str | None = None
-    """jinja file for tokenizers without a chat template"""
+    """jinja file (or the template itself) for tokenizers without a chat template"""
     reward_fn: str | None = None
     """path/to/file.py:function(prompt, response) -> float, the evaluation score (toy oracle by default)"""
     eval_prompts: str | None = None
     """jsonl with a 'prompt' column; default: the dataset preset's held-out prompts"""
     num_eval: int | None = None
+    """evaluate on the first N of them (0 = no evaluation)"""
     eval_temperature: float = 1.0
+    """sampling temperature of the evaluation samples"""
     output_dir: str | None = None
+    """the run's folder (default: runs/<script>__<model>__<seed>__<time>)"""
     seed: int = 0
     resume: bool = False
-    """continue the run in --output_dir from its last saved step"""
-    save_every: int = 0
-    """save a resumable checkpoint every N optimizer steps (0 = only at the end)"""
+    """continue the run in --output_dir from its last checkpoint (same arguments, same number of ranks)"""
     stop_after_steps: int | None = None
-    """stop (as if interrupted) after this many optimizer steps in this process; for testing --resume"""
+    """stop (as if interrupted) after this many training steps in this process; for testing --resume"""
     track: bool = False
     """log to wandb"""
     scoring_batch_size: int | None = None
-    """sequences per no-grad forward (reference scoring)"""
+    """sequences per no-grad scoring forward"""
     generation_batch_size: int | None = None
-    """sequences per generate call (evaluation)"""
+    """sequences (prompts x samples) per generate call"""
 
 
 def resolve(args: Args) -> tuple[Args, dict]:
@@ -161,27 +166,17 @@ def resolve(args: Args) -> tuple[Args, dict]:
                                       "generation_batch_size")
               if getattr(args, k) is None}
     args = dataclasses.replace(args, **filled)
-    checks = [
-        (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
-        (not (args.output_dir and Path(args.output_dir).is_file()), f"--output_dir: {args.output_dir!r} is a file; expected a folder"),
-        (args.eval_prompts is None or Path(args.eval_prompts).is_file(), f"--eval_prompts: file {args.eval_prompts!r} not found"),
-        (args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
-         f"--chat_template: file {args.chat_template!r} not found"),
+    check_args(args, [
         (args.lam >= 0, f"--lam must be >= 0, got {args.lam}"),
         (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
         (args.refine_prompt.strip() != "", "--refine_prompt is empty; use --lam 0 for plain DPO / IPO"),
         (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
         (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
         (accumulation(args.global_batch, args.batch_size) >= 1, "--global_batch must be >= 1"),
-        (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
         (args.num_pairs is None or args.num_pairs >= 2, "--num_pairs must be >= 2"),
         (args.eval_pairs >= 0, "--eval_pairs must be >= 0"),
-        (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
         (args.save_every == 0 or args.lora_r == 0, "--save_every is not supported with LoRA"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise InputError(message)
+    ])
     return args, preset
 
 
@@ -296,9 +291,7 @@ def sr_losses(model, batch_pairs: list[dict], args: Args, device, pad_id: int) -
             "refine_seconds": refine_seconds, "tokens": int(batch["attention_mask"].sum())}
 
 
-def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_step, start_step=0, trainer_state=None):
-    from transformers import get_constant_schedule_with_warmup
-
+def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_step, start_step=0, saved=None):
     grad_accum, per_step = accumulation(args.global_batch, args.batch_size), args.global_batch
     order = []
     for epoch in range(args.epochs):
@@ -308,13 +301,7 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
     used = order[: n_steps * per_step] if len(order) >= per_step else order[: len(order) - len(order) % world()]
     local = used[rank()::world()]
     micro = max(1, math.ceil(len(local) / (n_steps * grad_accum)))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (torch.optim.RMSprop(trainable, lr=args.lr) if args.optimizer == "rmsprop"
-                 else torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0))
-    scheduler = get_constant_schedule_with_warmup(optimizer, int(args.warmup_ratio * n_steps))
-    if trainer_state is not None:
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
+    trainable, optimizer, scheduler = make_optimizer(model, args.lr, n_steps, args, "constant", saved, args.optimizer)
     log({"train/pairs": len(pairs), "train/steps": n_steps, "train/grad_accum": grad_accum,
          "train/pairs_dropped_remainder": len(order) - len(used)})
     bar = progress(range(start_step, n_steps), desc="train")
@@ -361,14 +348,11 @@ def main(args: Args) -> dict:
     check_resume(args)
     # Everything that can fail on bad input is checked before anything is written.
     model_path = preset["path"]
-    tokenizer = load_tokenizer(model_path, args.chat_template or preset.get("chat_template"))
+    tokenizer = load_tokenizer(model_path, args.chat_template)
     rows, source = load_rows(args.dataset)
     pairs, length_counts = build_dataset(rows, source, tokenizer, args)
     held_out, pairs = pairs[: args.eval_pairs], pairs[args.eval_pairs:]
-    dataset_preset = DATASETS.get(args.dataset, {})
-    reward_fn = load_reward_fn(args.reward_fn or dataset_preset.get("reward_fn"), pairs[0])
-    eval_file = args.eval_prompts or dataset_preset.get("eval")
-    eval_prompts = load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
+    reward_fn, eval_prompts = load_evaluation(args, pairs[0])
 
     device = init_device(args.seed)
     run_name = f"srdpo__{Path(args.model).name}__{args.seed}__{now()}"
@@ -406,13 +390,10 @@ def main(args: Args) -> dict:
             print(f"start: eval reward {state['eval']['start']:.3f} on {len(eval_prompts)} prompts")
 
     checkpoint = out_dir / "checkpoint"
-    start_step, trainer_state = 0, None
-    if args.resume and checkpoint.exists():
+    saved = trainer_state(checkpoint) if args.resume else None
+    if saved is not None:
         del model
         model = load_model(str(checkpoint), device, args)
-        trainer_state = torch.load(checkpoint / f"trainer_state_rank{rank()}.pt", weights_only=False)
-        start_step = trainer_state["step"]
-        set_rng_state(trainer_state["rng"])
     model = prepare_for_training(model, args)
     steps_this_process = [0]
 
@@ -420,13 +401,11 @@ def main(args: Args) -> dict:
         log.step += 1
         steps_this_process[0] += 1
         if args.save_every and step % args.save_every == 0 and step < n_steps:
-            save_atomic(model, tokenizer, checkpoint, {f"trainer_state_rank{rank()}.pt": {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "rng": rng_state()}})
+            save_checkpoint(model, tokenizer, checkpoint, optimizer, scheduler, step)
         if args.stop_after_steps is not None and steps_this_process[0] >= args.stop_after_steps:
             raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
 
-    model = train(model, pairs, args, device, tokenizer.pad_token_id, log, save_step, start_step, trainer_state)
+    model = train(model, pairs, args, device, tokenizer.pad_token_id, log, save_step, saved["step"] if saved else 0, saved)
     model = save_atomic(model, tokenizer, out_dir / "final")
     shutil.rmtree(checkpoint, ignore_errors=True)
     if world() > 1 and args.lora_r == 0:  # an unsharded copy per rank for evaluation
@@ -469,9 +448,9 @@ class InputError(ValueError):
 
 # Copied from sera.model_preset
 def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
-    """--model's preset, with "dataset" set to --dataset or the preset's, and the runtime's Args it fills (dataset,
-    compute dtype, gradient checkpointing). Any other hub id or local path gets the settings of preset `custom`
-    (each one can be overridden on the command line) and needs --dataset."""
+    """--model's preset, with "dataset" set to --dataset or the preset's, and the shared Args it fills (dataset,
+    compute dtype, LoRA, gradient checkpointing, chat template). Any other hub id or local path gets the settings
+    of preset `custom` (each one can be overridden on the command line) and needs --dataset."""
     if args.model in models:
         preset = dict(models[args.model])
     elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
@@ -484,9 +463,29 @@ def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
         raise InputError("--dataset is required with a custom --model")
     filled = {"dataset": preset["dataset"], "dtype": args.dtype if args.dtype != "auto" else  # masters stay fp32
               "bfloat16" if torch.cuda.is_available() else "float32"}
-    if args.gradient_checkpointing is None:
-        filled["gradient_checkpointing"] = preset.get("gradient_checkpointing", False)
+    for key, default in (("lora_r", 0), ("lora_alpha", 16), ("lora_dropout", 0.0), ("gradient_checkpointing", False),
+                         ("chat_template", None)):
+        if getattr(args, key) is None:
+            filled[key] = preset.get(key, default)
     return preset, filled
+
+
+# Copied from sera.check_args
+def check_args(args, checks: list[tuple[bool, str]]):
+    """One InputError for the first failed (ok, message): the checks of the options every script shares, then `checks`."""
+    checks = [
+        (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
+        (not (args.output_dir and Path(args.output_dir).is_file()), f"--output_dir: {args.output_dir!r} is a file; expected a folder"),
+        (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
+        (args.eval_prompts is None or Path(args.eval_prompts).is_file(), f"--eval_prompts: file {args.eval_prompts!r} not found"),
+        (args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
+         f"--chat_template: file {args.chat_template!r} not found"),
+        (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
+        (args.lora_r >= 0, f"--lora_r must be >= 0, got {args.lora_r}"),
+    ] + checks
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
 
 
 # Copied from sera.BadRow
@@ -796,6 +795,16 @@ def load_reward_fn(spec: str | None, example: dict | None = None):
     return reward_fn
 
 
+# Copied from sera.load_evaluation
+def load_evaluation(args: Args, example: dict) -> tuple:
+    """(reward function, held-out prompts): --reward_fn and --eval_prompts, else the dataset preset's; the reward
+    function is tried on `example`, the prompts are the first --num_eval. (None, []) when there are none."""
+    preset = DATASETS.get(args.dataset, {})
+    eval_file = args.eval_prompts or preset.get("eval")
+    return (load_reward_fn(args.reward_fn or preset.get("reward_fn"), example),
+            load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else [])
+
+
 # Copied from sera.accumulation
 def accumulation(global_batch: int, batch_size: int) -> int:
     """Micro-batches per optimizer step, so that a step sees global_batch examples at any number of ranks."""
@@ -1031,6 +1040,27 @@ def prepare_for_training(model, args: Args):
     return model
 
 
+# Copied from sera.make_optimizer
+def make_optimizer(model, lr: float, n_steps: int, args: Args, schedule: str = "constant", state: dict | None = None,
+                   kind: str = "adamw"):
+    """AdamW without weight decay (or RMSprop) over the trainable parameters; linear warmup over --warmup_ratio of
+    n_steps, then constant or cosine. `state` (a step checkpoint's trainer_state) restores the optimizer, the
+    scheduler and the random number generators. Returns (trainable parameters, optimizer, scheduler)."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (torch.optim.RMSprop(trainable, lr=lr) if kind == "rmsprop"
+                 else torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0))
+    warmup = int(args.warmup_ratio * n_steps)
+    scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, n_steps) if schedule == "cosine"
+                 else get_constant_schedule_with_warmup(optimizer, warmup))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+    return trainable, optimizer, scheduler
+
+
 # Copied from sera.optimizer_step
 def optimizer_step(trainable: list, optimizer, scheduler, sums: list[float], args: Args, where: str):
     """Average LoRA gradients over ranks (replicated base), clip, sum the step's statistics over ranks,
@@ -1119,6 +1149,21 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 
 # ---------------------------------------------------------------------------------------------
 # Runtime that only some of the scripts use (checked copies too)
+
+
+# Copied from sera.save_checkpoint
+def save_checkpoint(model, tokenizer, directory: Path, optimizer, scheduler, step: int):
+    """A resumable step checkpoint: the weights, and this rank's optimizer, scheduler, step and random number
+    generators, in one atomically renamed folder (read back by trainer_state)."""
+    return save_atomic(model, tokenizer, directory, {f"trainer_state_rank{rank()}.pt": {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state()}})
+
+
+# Copied from sera.trainer_state
+def trainer_state(directory: Path) -> dict | None:
+    """This rank's trainer state from save_checkpoint's folder, or None when there is none."""
+    file = directory / f"trainer_state_rank{rank()}.pt"
+    return torch.load(file, weights_only=False) if file.exists() else None
 
 
 # Copied from sera.score

@@ -4,12 +4,13 @@
 """
 
 from .losses import KINDS, pair_loss, pair_margin
-from .ops import causal_lm_logps, decoder_hidden_states, lm_head_config, resolve_impl, sequence_logps
+from .ops import causal_lm_logps, decoder_hidden_states, head_logits, lm_head_config, resolve_impl, sequence_logps
 
 __all__ = [
     "KINDS",
     "causal_lm_logps",
     "decoder_hidden_states",
+    "head_logits",
     "lm_head_config",
     "pair_loss",
     "pair_margin",

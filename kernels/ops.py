@@ -242,6 +242,23 @@ def lm_head_config(model) -> dict:
     return {"weight": head.weight, "bias": head.bias, "softcap": softcap, "scale": scale}
 
 
+def head_logits(model, hidden: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+    """fp32 logits of final hidden states [N, H] for the vocabulary ids `rows` (all when None), with the
+    head's bias, scale and soft-cap applied as the model applies them. A few rows (a judge's verdict tokens)
+    cost N x len(rows) dot products, not a vocabulary-wide matmul. Read after the model's forward: an
+    FSDP2-sharded head is gathered only then."""
+    head = lm_head_config(model)
+    weight, bias = head["weight"], head["bias"]
+    if rows is not None:
+        weight, bias = weight[rows], None if bias is None else bias[rows]
+    logits = hidden.float() @ weight.float().T  # fp32: a bf16 difference of two logits is coarse
+    if bias is not None:
+        logits = logits + bias.float()
+    logits = logits * head["scale"]
+    if head["softcap"] is not None:
+        logits = head["softcap"] * torch.tanh(logits / head["softcap"])
+    return logits
+
 def decoder_hidden_states(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
     """Final hidden states [B, T, H] (after the final norm).
 

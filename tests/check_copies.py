@@ -6,9 +6,10 @@ top-level function, class, constant (`NAME = ...`) or `if __name__ == "__main__"
     # Copied from sera.load_rows
     # Copied from sera.__main__ with sera->osp          (renames: plain text, applied in order)
 
-and must equal its original in sera.py (or the module the marker names) after the renames. A top-level
-definition that stands, to the letter and under the same name, in two scripts without a marker is an
-error too: every repeat between the scripts is a checked copy.
+and must equal its original in sera.py (or the module the marker names) after the renames. The options
+all four scripts share close each script's Args: from the line ARGS_TAIL to the end of the class, they must
+equal sera.Args's. A top-level definition that stands, to the letter and under the same name, in two
+scripts without a marker is an error too: every repeat between the scripts is a checked copy.
 
     python tests/check_copies.py          # report drift (exit 1) and each script's line figures
     python tests/check_copies.py --fix    # rewrite every drifted copy from its original
@@ -26,6 +27,7 @@ from pathlib import Path
 
 SCRIPTS = ("sera", "srdpo", "opsr", "osp")
 MARKER = re.compile(r"^# Copied from (\w+)\.(\w+)(?: with (.+))?\s*$")
+ARGS_TAIL = "    # Options all four scripts share (checked copies of sera.Args's; tests/check_copies.py)\n"
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Copy:
     name: str
     expected: str
     actual: str
+    original: tuple[int, int]  # the original's lines in its home script
 
 
 def find_copies(root: Path, scripts=SCRIPTS) -> tuple[list[Copy], dict[str, list[str]], list[str]]:
@@ -96,7 +99,24 @@ def find_copies(root: Path, scripts=SCRIPTS) -> tuple[list[Copy], dict[str, list
                 continue
             expected = renamed("".join(sources[home][original.start:original.end]), renames)
             actual = "".join(lines[block.start:block.end])
-            copies.append(Copy(script, i, block, home, name, expected, actual))
+            copies.append(Copy(script, i, block, home, name, expected, actual, (original.start, original.end)))
+    tails = {}  # script -> (first line, end) of the runtime options in its Args
+    for script, lines in sources.items():
+        args = defs[script].get("Args")
+        anchor = next((i for i in range(args.start, args.end) if lines[i] == ARGS_TAIL), None) if args else None
+        if anchor is not None:
+            tails[script] = (anchor, args.end)
+    if "sera" in tails:
+        home = sources["sera"][slice(*tails["sera"])]
+        for script in scripts:
+            if script == "sera":
+                continue
+            if script not in tails:
+                errors.append(f"{script}.py: Args has no line {ARGS_TAIL.strip()!r} (the runtime options of sera.Args)")
+                continue
+            start, end = tails[script]
+            copies.append(Copy(script, start, Block("Args", start, end), "sera", "Args's runtime options", "".join(home),
+                               "".join(sources[script][start:end]), tails["sera"]))
     marked = {(c.script, c.name) for c in copies}  # one-line constants (HERE, TOY) are not worth a marker
     for i, a in enumerate(scripts):
         for b in scripts[i + 1:]:
@@ -114,8 +134,6 @@ def line_figures(copies: list[Copy], sources: dict[str, list[str]]) -> dict[str,
     """(total lines, method-specific lines): method-specific = total minus the lines of marked copies
     (marker, body and the blank lines after it) and of the originals those copies are taken from."""
     shared = {s: set() for s in sources}
-    homes = {s: blocks(lines) for s, lines in sources.items()}
-
     def add(script, start, end):
         lines = sources[script]
         while end < len(lines) and not lines[end].strip():
@@ -124,8 +142,7 @@ def line_figures(copies: list[Copy], sources: dict[str, list[str]]) -> dict[str,
 
     for c in copies:
         add(c.script, c.marker, c.block.end)
-        original = homes[c.home][c.name]
-        add(c.home, original.start, original.end)
+        add(c.home, *c.original)
     return {s: (len(lines), len(lines) - len(shared[s])) for s, lines in sources.items()}
 
 

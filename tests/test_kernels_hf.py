@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from kernels import causal_lm_logps
+from kernels import causal_lm_logps, decoder_hidden_states, head_logits
 
 VOCAB = 97
 
@@ -67,6 +67,20 @@ def test_matches_model_logits(arch):
     got, ref = causal_lm_logps(model, input_ids, attention_mask, labels, temperature=0.8, impl="torch")
     assert ref is None
     torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_head_logits_match_model_logits(arch):
+    """head_logits on the decoder's hidden states: the model's own logits (bias, scale, soft-cap), all rows or a few."""
+    model = tiny(arch)
+    input_ids, attention_mask, _ = batch()
+    with torch.no_grad():
+        want = model(input_ids=input_ids, attention_mask=attention_mask).logits.double()
+        hidden = decoder_hidden_states(model, input_ids, attention_mask)
+        every = head_logits(model, hidden.reshape(-1, hidden.shape[-1])).reshape(want.shape)
+        some = head_logits(model, hidden[:, -1], [5, 2])
+    torch.testing.assert_close(every.double(), want, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(some.double(), want[:, -1, [5, 2]], atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2_tied", "phi_bias"])

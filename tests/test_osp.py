@@ -74,14 +74,15 @@ def test_verdict_logits_equal_full_logits_and_strength_is_antisymmetric(toy):
     model, tokenizer = toy
     a = args()
     verdict = osp.verdict_ids(tokenizer, ["A", "B"], osp.JUDGE_TEMPLATES["dialogue"])
-    texts = [("a d m q", "b d m q"), ("b k z", "b k"), ("a d", "a d m q r")]
-    sequences = [osp.encode(tokenizer, [{"role": "user", "content": osp.judge_text(osp.JUDGE_TEMPLATES["dialogue"], "x", y, w)}])[0]
-                 for y, w in texts]
-    ours = osp.verdict_logits(model, sequences, verdict, a, tokenizer.pad_token_id, "cpu")
+    texts = [("a d m q", "b d m q"), ("b k z", "b k"), ("a d", "a d m q r")]  # judged in one batch: padded
+    sequences = [osp.encode(tokenizer, [{"role": "user", "content": osp.judge_text(
+        osp.JUDGE_TEMPLATES["dialogue"], osp.render_context(PROMPTS[0], "dialogue"), y, w)}])[0] for y, w in texts]
+    judge = osp.make_judge(model, tokenizer, PROMPTS, osp.JUDGE_TEMPLATES["dialogue"], verdict, a, "cpu")
+    ours = torch.tensor(judge([(0, y, w) for y, w in texts]), dtype=torch.float64)
     with torch.no_grad():
         full = [model(torch.tensor([s])).logits[0, -1] for s in sequences]
-    torch.testing.assert_close(ours, torch.stack([f[verdict[0]] - f[verdict[1]] for f in full]).double(), atol=1e-5, rtol=1e-5)
-    judge = osp.make_judge(model, tokenizer, PROMPTS, osp.JUDGE_TEMPLATES["dialogue"], verdict, a, "cpu")
+    torch.testing.assert_close(ours, torch.sigmoid(torch.stack([f[verdict[0]] - f[verdict[1]] for f in full]).double()),
+                               atol=1e-6, rtol=1e-5)
     j = judge([(0, "a d m q", "b d m r"), (0, "b d m r", "a d m q")])
     assert osp.strength(j[0], j[1]) + osp.strength(j[1], j[0]) == pytest.approx(1.0, abs=1e-15)
     assert 0 < j[0] < 1 and j[0] != j[1]
@@ -337,7 +338,7 @@ def test_osp_run_judge_and_policy_learn(osp_run):
     steps = [m for m in steps if m.get("stage") == 1]
     assert all(m["data/pairs"] + sum(v for k, v in m.items() if k.startswith("data/dropped_")) == 24 for m in steps)
     for key in ("osp/q_mean", "osp/q_hist", "osp/abs_sigma_z_minus_q", "gen/chosen_tokens_mean", "time/judging_s",
-                "judge/comparisons_per_sec", "rewards/accuracies", "logps/chosen", "judge/online_oracle_agreement"):
+                "judge/forward_passes", "rewards/accuracies", "logps/chosen", "judge/online_oracle_agreement"):
         assert key in steps[-1], key
     assert all(m["judge/forward_passes"] <= 8 * 18 for m in steps)
 
