@@ -196,12 +196,10 @@ class Args:
 def resolve(args: Args) -> tuple[Args, dict]:
     preset, filled = model_preset(args, MODELS, "mistral-7b")  # a custom model: mistral-7b's settings
     dataset_preset = DATASETS.get(preset["dataset"], {})
-    for key in ("lr", "prompts_per_step", "micro_batch_size", "max_length", "max_prompt_length",
-                "max_new_tokens", "judge_max_length", "long_prompts", "aug_epochs", "aug_lr", "aug_batch_size",
-                "num_sft", "num_judge_eval", "num_eval", "eval_every", "save_every", "scoring_batch_size",
-                "generation_batch_size", "judge_batch_size"):
-        if getattr(args, key) is None:
-            filled[key] = dataset_preset.get(key, preset[key])
+    filled |= {k: dataset_preset.get(k, preset[k]) for k in (
+        "lr", "prompts_per_step", "micro_batch_size", "max_length", "max_prompt_length", "max_new_tokens", "judge_max_length",
+        "long_prompts", "aug_epochs", "aug_lr", "aug_batch_size", "num_sft", "num_judge_eval", "num_eval", "eval_every",
+        "save_every", "scoring_batch_size", "generation_batch_size", "judge_batch_size") if getattr(args, k) is None}
     if args.judge_family is None:
         filled["judge_family"] = dataset_preset.get("family", "dialogue")
     if args.lora_r and args.save_every is None:
