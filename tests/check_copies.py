@@ -100,7 +100,7 @@ def find_copies(root: Path, scripts=SCRIPTS) -> tuple[list[Copy], dict[str, list
             expected = renamed("".join(sources[home][original.start:original.end]), renames)
             actual = "".join(lines[block.start:block.end])
             copies.append(Copy(script, i, block, home, name, expected, actual, (original.start, original.end)))
-    tails = {}  # script -> (first line, end) of the runtime options in its Args
+    tails = {}  # script -> (first line, end) of the shared options in its Args
     for script, lines in sources.items():
         args = defs[script].get("Args")
         anchor = next((i for i in range(args.start, args.end) if lines[i] == ARGS_TAIL), None) if args else None
@@ -112,10 +112,10 @@ def find_copies(root: Path, scripts=SCRIPTS) -> tuple[list[Copy], dict[str, list
             if script == "sera":
                 continue
             if script not in tails:
-                errors.append(f"{script}.py: Args has no line {ARGS_TAIL.strip()!r} (the runtime options of sera.Args)")
+                errors.append(f"{script}.py: Args has no line {ARGS_TAIL.strip()!r} (the options all four scripts share, copied from sera.Args)")
                 continue
             start, end = tails[script]
-            copies.append(Copy(script, start, Block("Args", start, end), "sera", "Args's runtime options", "".join(home),
+            copies.append(Copy(script, start, Block("Args", start, end), "sera", "Args's shared options", "".join(home),
                                "".join(sources[script][start:end]), tails["sera"]))
     marked = {(c.script, c.name) for c in copies}  # one-line constants (HERE, TOY) are not worth a marker
     for i, a in enumerate(scripts):

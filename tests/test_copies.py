@@ -67,3 +67,21 @@ def test_an_unmarked_repeat_is_an_error(tmp_path):
     path.write_text(path.read_text().replace("# Copied from sera.HH_TEMPLATE\n", ""))
     res = check("--root", str(tmp_path))
     assert res.returncode == 1 and "osp.py" in res.stderr and "HH_TEMPLATE is the same as in" in res.stderr
+
+
+def test_shared_options_in_args_are_checked(tmp_path):
+    """The options every script shares close each Args: drift there is reported and fixed like any copy."""
+    for script in SCRIPTS:
+        shutil.copy(ROOT / f"{script}.py", tmp_path / f"{script}.py")
+    path = tmp_path / "opsr.py"
+    original = path.read_text()
+    line = "    max_grad_norm: float = 1.0\n"
+    head, tail = original.split("    # Options all four scripts share", 1)
+    assert tail.count(line) == 1
+    path.write_text(head + "    # Options all four scripts share" + tail.replace(line, "    max_grad_norm: float = 10.0\n"))
+    res = check("--root", str(tmp_path))
+    assert res.returncode == 1 and "opsr.py" in res.stderr and "Args's shared options differs" in res.stderr
+    assert check("--root", str(tmp_path), "--fix").returncode == 0 and path.read_text() == original
+    path.write_text(original.replace("    # Options all four scripts share", "    # Options"))
+    res = check("--root", str(tmp_path))
+    assert res.returncode == 1 and "opsr.py: Args has no line" in res.stderr
