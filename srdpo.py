@@ -1102,8 +1102,9 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        model.config.dtype = dtype
-        model.config.save_pretrained(tmp)  # save_pretrained recorded the masters' dtype
+        live, model.config.dtype = model.config.dtype, dtype  # save_pretrained recorded the masters' dtype
+        model.config.save_pretrained(tmp)
+        model.config.dtype = live  # the weights in memory are still the masters
         tokenizer.save_pretrained(tmp)
     if world() > 1:
         dist.barrier()

@@ -80,10 +80,12 @@ def test_checkpoint_keeps_the_loaded_dtype(tmp_path, toy_pairs):
     for source, expected in ((tmp_path / "bf16", torch.bfloat16), (TOY_MODEL, torch.float32)):
         model = sera.prepare_for_training(sera.load_model(str(source), CPU, args), args)
         one_step(model, args, toy_pairs)
+        live = model.config.dtype
         sera.save_atomic(model, tokenizer, tmp_path / "out")
         saved = load_file(str(tmp_path / "out" / "model.safetensors"))
         assert {v.dtype for v in saved.values()} == {expected}, source
         assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == str(expected).split(".")[1]
+        assert str(model.config.dtype).removeprefix("torch.") == str(live).removeprefix("torch.") == "float32"  # the masters'
 
 
 def test_lora_bf16_base_fp32_adapters(toy_pairs):
