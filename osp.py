@@ -343,7 +343,11 @@ def load_sft(spec: str | None, seed_pairs: list[dict], tokenizer, args: Args, co
     args = dataclasses.replace(args, long_prompts="skip")  # SFT rows over the limits are skipped, counted
     for index, row in enumerate(rows[: args.num_sft] if args.num_sft else rows):
         where = f"--sft_data {source} row {index}"
-        messages = _messages(row.get("messages") if isinstance(row, dict) else None, f"{where}: 'messages'")
+        try:  # an empty message is a quirk of real SFT data: skipped, counted
+            messages = _messages(row.get("messages") if isinstance(row, dict) else None, f"{where}: 'messages'", "empty_message")
+        except BadRow as err:
+            skipped[err.reason] = skipped.get(err.reason, 0) + 1
+            continue
         if messages[-1]["role"] != "assistant":
             raise InputError(f"{where}: the last message must be the assistant's")
         fitted = fit(*encode(tokenizer, messages[:-1], messages[-1]["content"]), args, where, skipped)

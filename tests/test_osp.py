@@ -280,6 +280,8 @@ def write(path, text):
         (lambda d: dict(num_judge_eval=1500), "no pairs left for the judge seed set"),
         (lambda d: dict(sft_data=write(d / "s.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n')),
          "the last message must be the assistant's"),
+        (lambda d: dict(sft_data=write(d / "s.jsonl", '{"messages": [{"role": "user", "content": 3}]}\n')),
+         "'messages'\\[0\\].content must be a string"),
         (lambda d: dict(lora_r=8, save_every=5), "--save_every is not supported with LoRA"),
         (lambda d: dict(eval_prompts=write(d / "ev.jsonl", '{"text": "Sort these letters: a b"}\n')),
          "--eval_prompts .* row 0: 'prompt' must be a string"),
@@ -293,6 +295,22 @@ def test_bad_input(tmp_path, make, match):
         osp.main(osp.Args(**make(tmp_path), output_dir=str(out)))
     assert not out.exists()
 
+
+def test_sft_rows_with_an_empty_message_are_skipped_and_counted(tmp_path, toy):
+    """Stage 0's SFT part: a real-data quirk (an empty message) is skipped and counted; the seed pairs' chosen
+    conversations stand in when there is no SFT file."""
+    _, tokenizer = toy
+    turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    rows = [[turn("user", "Sort these letters: b a"), turn("assistant", "a b")],
+            [turn("user", "Sort these letters: c a"), turn("assistant", " ")],
+            [turn("user", "Sort these letters: d a"), turn("assistant", "a d")]]
+    spec = write(tmp_path / "sft.jsonl", "".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    counts = {}
+    examples = osp.load_sft(spec, [], tokenizer, args(), counts)
+    assert len(examples) == 2 and counts == {"sft_empty_message": 1} and all(e["kind"] == "sft" for e in examples)
+    pairs = [{"prompt": m[:1], "chosen": m[1]["content"], "rejected": "x"} for m in (rows[0], rows[2])]
+    from_pairs = osp.load_sft(None, pairs, tokenizer, args(), counts)
+    assert [e["response_ids"] for e in from_pairs] == [e["response_ids"] for e in examples]
 
 def test_bad_input_from_the_command_line_is_one_line(tmp_path):
     res = run("--k", "1", "--output_dir", str(tmp_path / "o"), check=False)
