@@ -548,11 +548,6 @@ def main(args: Args) -> dict:
     checkpoint = out_dir / "checkpoint"
     saved = trainer_state(checkpoint) if args.resume and state["stage0_done"] else None
     state["step"] = saved["step"] if saved else state["step"]
-    if rank() == 0 and args.resume and (out_dir / "metrics.jsonl").exists():  # steps after the checkpoint are redone
-        lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-        keep = [line for line in lines if json.loads(line).get("step", 0) <= state["step"]
-                and (state["stage0_done"] or json.loads(line).get("stage") != 0)]
-        (out_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in keep))
     logs = Logs(args, out_dir, run_name)
 
     def log(metrics: dict):  # one TensorBoard step per logged record
@@ -1179,6 +1174,8 @@ class Logs:
     """Rank 0 prints and saves the resolved config, then logs to metrics.jsonl, TensorBoard (tb/) and, with
     --track, wandb. `step` is the TensorBoard/wandb step; counters and non-finite values stay in the jsonl."""
 
+    POSITION = ("iteration", "stage", "step", "aug_step")  # where in the run a record was logged
+
     def __init__(self, args: Args, out_dir: Path, run_name: str):
         self.out_dir, self.track, self.step, self.writer = out_dir, args.track, 0, None
         if rank() == 0:
@@ -1200,8 +1197,7 @@ class Logs:
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         for key, value in metrics.items():
-            if (isinstance(value, (int, float)) and key not in ("iteration", "stage", "step", "aug_step")
-                    and math.isfinite(value)):
+            if isinstance(value, (int, float)) and key not in self.POSITION and math.isfinite(value):
                 self.writer.add_scalar(key, value, self.step)
         if self.track:
             import wandb
@@ -1209,8 +1205,17 @@ class Logs:
             wandb.log(metrics, step=self.step)
 
     def close(self):
-        if self.writer is not None:
-            self.writer.close()
+        """At the end of the run, metrics.jsonl keeps one record per position and kind (its first metric): a resumed
+        run logs what it redoes after its checkpoint again, and the newer record replaces the older in its place."""
+        if self.writer is None:
+            return
+        self.writer.close()
+        records, path = {}, self.out_dir / "metrics.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            record = json.loads(line)
+            kind = next((k for k in record if k not in self.POSITION), None)
+            records[json.dumps([record.get(k) for k in self.POSITION] + [kind])] = record
+        write_atomic(path, list(records.values()))
 
 
 # Copied from sera.write_atomic

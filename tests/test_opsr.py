@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_records
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,3 +195,4 @@ def test_opsr_resume_finishes_identically(opsr_run, tmp_path):
     a, b = load_file(str(opsr_run / "iter_2" / "model.safetensors")), load_file(str(out / "iter_2" / "model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-6)
+    assert_same_records(out, opsr_run)

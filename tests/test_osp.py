@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_records
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -400,6 +401,7 @@ def test_osp_resume_after_interrupt_finishes_identically(tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
     lines = [json.loads(line) for line in open(tmp_path / "cut" / "metrics.jsonl")]
     assert [m["step"] for m in lines if m.get("stage") == 1] == [1, 2, 3, 4, 5]  # redone steps are not duplicated
+    assert_same_records(tmp_path / "cut", tmp_path / "full")
 
 
 def test_osp_without_judge_or_reward_evaluation_finishes(tmp_path):

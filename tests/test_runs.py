@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_records
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +135,7 @@ def test_sera_resume_finishes_identically(sera_run, tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-6)
     assert json.loads((out / "state.json").read_text())["eval"] == json.loads((sera_run / "state.json").read_text())["eval"]
+    assert_same_records(out, sera_run)
 
 
 def test_sera_torchrun_two_ranks_matches_one_process(tmp_path):
@@ -230,6 +232,7 @@ def test_srdpo_resume_finishes_identically(srdpo_run, tmp_path):
     a, b = weights(srdpo_run / "final"), weights(out / "final")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-6)
+    assert_same_records(out, srdpo_run)
 
 
 def test_sera_lora_merges_into_plain_checkpoints(tmp_path):
@@ -242,3 +245,16 @@ def test_sera_lora_merges_into_plain_checkpoints(tmp_path):
         merged = weights(tmp_path / "lora" / f"iter_{t}")
         assert sorted(merged) == sorted(start)  # no adapter tensors: loadable by from_pretrained / vLLM as is
         assert max((merged[k] - start[k]).abs().max().item() for k in merged) > 0
+
+
+def test_logs_keep_one_record_per_position_and_kind(tmp_path):
+    """What a resumed run logs again replaces the earlier record in its place; other records stay as logged."""
+    log = sera.Logs(sera.resolve(sera.Args())[0], tmp_path, "test")
+    for record in ({"data/pairs": 8}, {"iteration": 1, "step": 1, "loss": 0.7}, {"iteration": 1, "step": 2, "loss": 0.6},
+                   {"iteration": 1, "eval/reward": 5.0}, {"data/pairs": 8}, {"iteration": 1, "step": 2, "loss": 0.5},
+                   {"iteration": 2, "step": 1, "loss": float("nan")}):
+        log(record)
+    log.close()
+    assert [json.dumps(r) for r in metrics(tmp_path)] == [json.dumps(r) for r in (
+        {"data/pairs": 8}, {"iteration": 1, "step": 1, "loss": 0.7}, {"iteration": 1, "step": 2, "loss": 0.5},
+        {"iteration": 1, "eval/reward": 5.0}, {"iteration": 2, "step": 1, "loss": float("nan")})]
