@@ -85,3 +85,13 @@ def test_shared_options_in_args_are_checked(tmp_path):
     path.write_text(original.replace("    # Options all four scripts share", "    # Options"))
     res = check("--root", str(tmp_path))
     assert res.returncode == 1 and "opsr.py: Args has no line" in res.stderr
+
+
+def test_readme_line_figures_are_the_checkers():
+    """README "How the code is organised" states each script's figures as the checker prints them."""
+    import re
+
+    printed = dict(re.findall(r"(\w+)\.py: (\d+ lines, \d+) method-specific", check().stdout))
+    readme = (ROOT / "README.md").read_text()
+    stated = {name: f"{total} lines, {own}" for name, total, own in re.findall(r"`(\w+)\.py` (\d+) / (\d+)", readme)}
+    assert stated == printed
