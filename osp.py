@@ -244,6 +244,12 @@ def judge_text(template: str, context: str, a: str, b: str) -> str:
     return re.sub(r"\{([xab])\}", lambda m: values[m.group(1)], template)
 
 
+def judge_ids(tokenizer, template: str, context: str, a: str, b: str) -> list[int]:
+    """Token ids of the judge prompt (one user turn, up to the assistant header): the same for the seed judge
+    instances, the online judge and the pool's length check."""
+    return encode(tokenizer, [{"role": "user", "content": judge_text(template, context, a, b)}])[0]
+
+
 def verdict_ids(tokenizer, tokens: list[str], template: str) -> list[int]:
     """§4.2 / §7.9.3: the id the model produces for each verdict right after the judge prompt's assistant header
     (judge prompt + verdict tokenized as one conversation, as encode() does; SentencePiece gives 'A', not the
@@ -321,8 +327,7 @@ def judge_instances(pairs: list[dict], tokenizer, template: str, verdict: list[i
     for pair in pairs:
         context = render_context(pair["prompt"], args.judge_family)
         both = [(pair["chosen"], pair["rejected"], verdict[0]), (pair["rejected"], pair["chosen"], verdict[1])]
-        encoded = [(encode(tokenizer, [{"role": "user", "content": judge_text(template, context, a, b)}])[0], target)
-                   for a, b, target in both]
+        encoded = [(judge_ids(tokenizer, template, context, a, b), target) for a, b, target in both]
         longest = max(len(ids) for ids, _ in encoded) + 1
         if longest > args.judge_max_length:
             if args.long_prompts == "error":
@@ -372,8 +377,8 @@ def make_judge(model, tokenizer, prompts: list[list[dict]], template: str, verdi
     def judge(comparisons) -> list[float]:
         model.eval()
         mine, _ = shard(list(enumerate(comparisons)))
-        mine = sorted(((i, encode(tokenizer, [{"role": "user", "content": judge_text(template, contexts[p], a, b)}])[0])
-                       for i, (p, a, b) in mine), key=lambda item: len(item[1]))
+        mine = sorted(((i, judge_ids(tokenizer, template, contexts[p], a, b)) for i, (p, a, b) in mine),
+                      key=lambda item: len(item[1]))
         results = []
         for start in progress(range(0, len(mine), args.judge_batch_size), desc=desc, inner=True):
             chunk = mine[start:start + args.judge_batch_size]
@@ -526,8 +531,8 @@ def main(args: Args) -> dict:
             raise InputError(f"dataset {source}: every judge instance is over --judge_max_length {args.judge_max_length}")
 
     def judge_problem(prompt):  # its judge prompt with two replies of --max_new_tokens must fit the judge too
-        length = len(encode(tokenizer, [{"role": "user", "content": judge_text(
-            template, render_context(prompt, args.judge_family), "", "")}])[0]) + 2 * args.max_new_tokens + 9
+        context = render_context(prompt, args.judge_family)
+        length = len(judge_ids(tokenizer, template, context, "", "")) + 2 * args.max_new_tokens + 9
         return (f"its judge prompt with two replies of --max_new_tokens {args.max_new_tokens} can reach {length} "
                 f"tokens, over --judge_max_length {args.judge_max_length}" if length > args.judge_max_length else None)
 
