@@ -161,6 +161,8 @@ class Args:
     """stop (as if interrupted) after this many training steps in this process; for testing --resume"""
     track: bool = False
     """log to wandb"""
+    dist_timeout_minutes: int = 180
+    """how long a rank waits in a collective for the others (ranks sample and judge at different speeds)"""
     scoring_batch_size: int | None = None
     """sequences per no-grad scoring forward"""
     generation_batch_size: int | None = None
@@ -249,6 +251,11 @@ def daa_losses(logps, ref_logps, counts, args: Args):
         return losses, args.beta * (logps[:n] - ref_logps[:n]), args.beta * (logps[n:] - ref_logps[n:])
 
 
+# Copied from sera.DAA_STATS
+DAA_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+             "logps/rejected", "pairs", "tokens")  # train_iteration's sums per step; the first seven are per-pair means
+
+
 # Copied from sera.train_iteration
 def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, device, pad_id: int, log, save_step,
                     start_step=0, saved=None):
@@ -268,12 +275,9 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, dev
     use_avg = args.loss == "simpo" or args.length_norm == "avg"
     bar = progress(range(start_step, n_steps), desc=f"iteration {t}")
     for step in bar:
-        tic, sums = time.perf_counter(), [0.0] * 9
-        for accum in range(grad_accum):
-            offset = (step * grad_accum + accum) * micro
-            batch_pairs = [pairs[i] for i in local[offset: offset + micro]]
-            if not batch_pairs:
-                continue
+        tic, stats = time.perf_counter(), StepStats(DAA_STATS, device)
+        offsets = [(step * grad_accum + accum) * micro for accum in range(grad_accum)]
+        for batch_pairs in micro_batches(model, [[pairs[i] for i in local[o: o + micro]] for o in offsets]):
             n = len(batch_pairs)
             batch = collate([(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
                             + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs], pad_id, device)
@@ -287,17 +291,13 @@ def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, dev
                 if use_avg:
                     logps = logps / counts
                 margin = chosen_reward - rejected_reward
-                sums = [a + b for a, b in zip(sums, [losses.sum().item(), chosen_reward.sum().item(),
-                        rejected_reward.sum().item(), margin.sum().item(), (margin > 0).float().sum().item(),
-                        logps[:n].sum().item(), logps[n:].sum().item(), float(n), batch["attention_mask"].sum().item()])]
-        total, grad_norm = optimizer_step(trainable, optimizer, scheduler, sums, args, f"iteration {t} step {step + 1}")
-        pairs_seen = total[7]
-        metrics = {"iteration": t, "step": step + 1, "loss": total[0] / pairs_seen,
-                   "rewards/chosen": total[1] / pairs_seen, "rewards/rejected": total[2] / pairs_seen,
-                   "rewards/margins": total[3] / pairs_seen, "rewards/accuracies": total[4] / pairs_seen,
-                   "logps/chosen": total[5] / pairs_seen, "logps/rejected": total[6] / pairs_seen,
+                stats.add(**{"loss": losses, "rewards/chosen": chosen_reward, "rewards/rejected": rejected_reward,
+                             "rewards/margins": margin, "rewards/accuracies": margin > 0, "logps/chosen": logps[:n],
+                             "logps/rejected": logps[n:], "pairs": n, "tokens": batch["attention_mask"]})
+        total, grad_norm = optimizer_step(trainable, optimizer, scheduler, stats, args, f"iteration {t} step {step + 1}")
+        metrics = {"iteration": t, "step": step + 1, **{name: total[name] / total["pairs"] for name in DAA_STATS[:7]},
                    "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_sec": total[8] / (time.perf_counter() - tic)}
+                   "tokens_per_sec": total["tokens"] / (time.perf_counter() - tic)}
         log(metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}", refresh=False)
         save_step(step + 1, n_steps, optimizer, scheduler)
@@ -358,7 +358,7 @@ def main(args: Args) -> dict:
     pool = load_prompt_pool(args.prompts, offline, tokenizer, args, length_counts)
     reward_fn, eval_prompts = load_evaluation(args, offline[0])
 
-    device = init_device(args.seed)
+    device = init_device(args.seed, args.dist_timeout_minutes)
     run_name = f"opsr__{Path(args.model).name}__{args.seed}__{now()}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
     state_file = out_dir / "state.json"
@@ -377,11 +377,8 @@ def main(args: Args) -> dict:
             print((f"iteration {name}" if name.isdigit() else f"start ({path})") + f": eval reward {state['eval'][name]:.3f}"
                   + f" on {len(eval_prompts)} prompts" * (not name.isdigit()))
 
-    def finish_iteration(model, m: int):
+    def finish_iteration(model, m: int):  # the policy stays in memory: its fp32 (shards) are the masters
         model = save_atomic(model, tokenizer, out_dir / f"iter_{m}")
-        if world() > 1 and args.lora_r == 0:  # an unsharded copy per rank for generation
-            del model
-            model = load_model(str(out_dir / f"iter_{m}"), device, args)
         if reward_fn and eval_prompts:
             evaluate_and_log(str(m), model, str(out_dir / f"iter_{m}"))
         state["completed"] = m
@@ -432,6 +429,7 @@ def main(args: Args) -> dict:
             raise InputError(f"iteration {m}: all {len(prompts)} generated pairs were filtered ({dropped}); raise "
                              "--max_new_tokens if samples are unfinished ('truncated'), or start from a model that follows "
                              "the score prompts")
+        model = prepare_for_training(model, args)  # sharded once; the reference below is scored as the policy trains
         if args.loss == "dpo":  # §2.5.2: the reference is pi_{m-1}, the model that generated the pairs
             sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
             ref, _ = score(model, sequences, args, tokenizer.pad_token_id, device, desc="reference log-probs")
@@ -451,7 +449,6 @@ def main(args: Args) -> dict:
                      if reward_fn else ""))
         write_atomic(out_dir / f"pairs_{m}.jsonl", [{k: p[k] for k in ("prompt", "chosen", "rejected", "rejected_score",
                     "iteration", "chosen_reward", "rejected_reward") if k in p} for p in pairs])
-        model = prepare_for_training(model, args)
         tic = time.perf_counter()
         model = train_iteration(model, pairs, m, args, args.lrs[m - 1], device, tokenizer.pad_token_id, log, save_step)
         stats["time/training_s"] = time.perf_counter() - tic
@@ -510,6 +507,7 @@ def check_args(args, checks: list[tuple[bool, str]]):
          f"--chat_template: file {args.chat_template!r} not found"),
         (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
         (args.lora_r >= 0, f"--lora_r must be >= 0, got {args.lora_r}"),
+        (args.dist_timeout_minutes >= 1, f"--dist_timeout_minutes must be >= 1, got {args.dist_timeout_minutes}"),
     ] + checks
     for ok, message in checks:
         if not ok:
@@ -854,15 +852,25 @@ def world() -> int:
 
 
 # Copied from sera.init_device
-def init_device(seed: int) -> torch.device:
-    """Joins the process group under torchrun; this rank's GPU, else the CPU; seeds torch."""
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+def init_device(seed: int, timeout_minutes: int = 180) -> torch.device:
+    """This rank's GPU (else the CPU), then the process group under torchrun (NCCL on GPUs: every tensor handed
+    to a collective must be on this device, see comm_device); seeds torch."""
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if "RANK" in os.environ and not dist.is_initialized():
+        import datetime
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device if device.type == "cuda" else None)
     torch.manual_seed(seed)
     return device
+
+
+# Copied from sera.comm_device
+def comm_device() -> torch.device:
+    """Where the tensors of collectives live: NCCL has no CPU backend, so this rank's GPU; the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 # Copied from sera.now
@@ -894,10 +902,37 @@ def gather(values: list) -> list:
 
 # Copied from sera.all_sum
 def all_sum(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=comm_device())
     if world() > 1:
         dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+# Copied from sera.StepStats
+class StepStats:
+    """One optimizer step's statistics as a device tensor with named slots, summed over micro-batches on the
+    device: one all-reduce and one host copy per step (optimizer_step), no `.item()` behind every backward."""
+
+    def __init__(self, names, device):
+        self.names = list(names)
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=device)
+
+    def add(self, **values):
+        for name, value in values.items():  # a device tensor (summed) or a number
+            self.sums[self.names.index(name)] += value.detach().sum() if torch.is_tensor(value) else value
+
+
+# Copied from sera.micro_batches
+def micro_batches(model, batches: list) -> list:
+    """The micro-batches of one optimizer step. FSDP2 reduce-scatters gradients after the last one only
+    (every rank has the same number, so the collectives match)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    batches = [batch for batch in batches if batch]
+    for index, batch in enumerate(batches):
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(index == len(batches) - 1)
+        yield batch
 
 
 # Copied from sera._LogLines
@@ -1018,14 +1053,27 @@ def write_atomic(path: Path, obj):
 
 
 # Copied from sera.load_model
-def load_model(path: str, device: torch.device, args: Args | None = None):
+def load_model(path: str, device: torch.device, args: Args | None = None, frozen: bool = False):
     """fp32 master weights; --dtype bfloat16 computes in bf16 by autocast around the forward. With LoRA the
-    frozen base is held in the compute dtype (peft keeps the adapters fp32). Checkpoints keep `path`'s dtype."""
+    frozen base is held in the compute dtype (peft keeps the adapters fp32). Checkpoints keep `path`'s dtype.
+
+    frozen=True: a copy that never trains (a reference, an older model), computing exactly as the policy does
+    at half the memory: no gradients (autocast caches a cast of every weight that requires grad). Under FSDP2
+    it is held in the compute dtype and sharded like the policy, whose shards are gathered in that dtype; on
+    one process its linear layers are held in the compute dtype, as autocast casts the policy's, and the rest
+    (embeddings, norms: the residual stream) stays fp32 as the policy's does."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     bf16 = args is not None and args.dtype == "bfloat16"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 and args.lora_r > 0 else torch.float32)
+    sharded = frozen and world() > 1 and args.lora_r == 0
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded)
+                                                 else torch.float32)
     model.checkpoint_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32  # what save_atomic writes
+    if frozen:
+        model.requires_grad_(False).eval()
+        for module in model.modules() if bf16 and not sharded else []:
+            if isinstance(module, torch.nn.Linear):
+                module.to(torch.bfloat16)
     if bf16:
         forward = model.forward
 
@@ -1035,7 +1083,8 @@ def load_model(path: str, device: torch.device, args: Args | None = None):
                 return forward(*a, **k)
 
         model.forward = autocast_forward
-    return model.to(device)
+    model = model.to(device)
+    return shard_model(model, args) if sharded else model
 
 
 # Copied from sera.shard_model
@@ -1058,7 +1107,10 @@ def shard_model(model, args: Args):
 
 # Copied from sera.prepare_for_training
 def prepare_for_training(model, args: Args):
-    """LoRA adapter (--lora_r > 0), else FSDP2 under torchrun; gradient checkpointing on request."""
+    """LoRA adapter (--lora_r > 0), else FSDP2 under torchrun (once: a sharded policy stays sharded, its fp32
+    shards are the masters for the whole run); gradient checkpointing on request."""
+    from torch.distributed.fsdp import FSDPModule
+
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_r > 0:
@@ -1072,7 +1124,7 @@ def prepare_for_training(model, args: Args):
         for p in model.parameters() if world() > 1 else []:  # ranks' RNGs differ (generate): rank 0's adapter
             if p.requires_grad:
                 dist.broadcast(p.data, 0)
-    elif world() > 1:
+    elif world() > 1 and not isinstance(model, FSDPModule):
         model = shard_model(model, args)
     model.train()
     return model
@@ -1100,25 +1152,29 @@ def make_optimizer(model, lr: float, n_steps: int, args: Args, schedule: str = "
 
 
 # Copied from sera.optimizer_step
-def optimizer_step(trainable: list, optimizer, scheduler, sums: list[float], args: Args, where: str):
-    """Average LoRA gradients over ranks (replicated base), clip, sum the step's statistics over ranks,
-    stop on a non-finite loss (sums[0]), step. Returns (summed statistics, gradient norm)."""
-    if world() > 1 and args.lora_r > 0 and all_sum([sum(p.grad is not None for p in trainable)])[0]:
-        for p in trainable:
-            if p.grad is None:  # a rank without this gradient contributes zeros
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= world()
+def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args: Args, where: str):
+    """Average LoRA gradients over ranks (replicated base: one flat all-reduce, a rank without a gradient adds
+    zeros), clip, sum the step's statistics over ranks (one all-reduce, one host copy with the gradient norm),
+    stop on a non-finite loss (stats' first slot), step. Returns (summed statistics by name, gradient norm)."""
+    if world() > 1 and args.lora_r > 0:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        for p, g in zip(trainable, torch.split(flat / world(), [g.numel() for g in grads])):
+            p.grad = g.view_as(p)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
-    total = all_sum(sums)
-    if not math.isfinite(total[0]):
-        raise InputError(f"non-finite loss ({total[0]}) at {where}: stopping before the update (the last checkpoint "
+    if world() > 1:
+        dist.all_reduce(stats.sums)
+    *values, grad_norm = torch.cat([stats.sums, grad_norm.reshape(1).to(stats.sums)]).tolist()
+    total = dict(zip(stats.names, values))
+    if not math.isfinite(values[0]):
+        raise InputError(f"non-finite loss ({values[0]}) at {where}: stopping before the update (the last checkpoint "
                          "is intact); lower --lr or --beta, or check that step's data")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return total, float(grad_norm)
+    return total, grad_norm
 
 
 # Copied from sera.save_atomic
@@ -1193,8 +1249,9 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 # Copied from sera.score
 @torch.no_grad()
 def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_id: int, device, desc: str):
-    """Summed log-probs and response lengths [n] of (prompt_ids, response_ids) under `model`, all ranks."""
-    model.eval()
+    """Summed log-probs and response lengths [n] of (prompt_ids, response_ids) under `model`, all ranks. A
+    sharded policy scores as it trains (the same FSDP2 precision): a reference from it matches at step 0."""
+    training, _ = model.training, model.eval()
     mine, real = shard(list(enumerate(sequences)))
     logps, counts = [], []
     for start in progress(range(0, len(mine), args.scoring_batch_size), desc=desc, inner=True):
@@ -1202,7 +1259,7 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
         out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         logps += out.tolist()
         counts += (batch["labels"][:, 1:] != -100).sum(1).tolist()
-    model.train()
+    model.train(training)
     merged = {i: (lp, c) for i, lp, c in gather([(i, lp, c) for (i, _), lp, c in zip(mine[:real], logps, counts)])}
     order = [merged[i] for i in range(len(sequences))]
     return (torch.tensor([o[0] for o in order], dtype=torch.float64),
@@ -1265,7 +1322,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
         return gather([[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results[:real]])
     from torch.distributed.fsdp import FSDPModule
 
-    model.eval()
+    sampler = unsharded_copy(model, args) if isinstance(model, FSDPModule) else model
+    training, _ = sampler.training, sampler.eval()
     torch.manual_seed(seed + rank())
     mine, real = shard(prompts)
     prompt_ids = [encode(tokenizer, p)[0] for p in mine]
@@ -1277,16 +1335,38 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     for start in progress(range(0, len(order), batch_size), desc=desc, inner=True):
         indices = order[start:start + batch_size]
         enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in indices]}, return_tensors="pt").to(device)
-        out = model.generate(**enc, **sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=n,
-                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
-                             synced_gpus=isinstance(model, FSDPModule))  # sharded: every rank runs every forward
+        # one autocast around the whole call: the bf16 casts of trainable fp32 weights are made once, not per token
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+            out = sampler.generate(**enc, **sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=n,
+                                   eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
         rows = out[:, enc["input_ids"].shape[1]:].tolist()
         for k, i in enumerate(indices):  # num_return_sequences rows per prompt, consecutive
             ends = [next((j for j, token in enumerate(row) if token in stop), None) for row in rows[k * n:(k + 1) * n]]
             outputs[i] = [(tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None)
                           for row, end in zip(rows[k * n:(k + 1) * n], ends)]
-    model.train()
+    sampler.train(training)
     return gather([outputs[i] for i in range(real)])
+
+
+# Copied from sera.unsharded_copy
+def unsharded_copy(model, args: Args):
+    """An FSDP2-sharded policy as one plain frozen model per rank in the compute dtype, for sampling: HF generate
+    on the sharded model would gather every layer for every decoded token. Gathered one tensor at a time (one
+    fp32 tensor beyond the copy at the peak); the policy's fp32 shards stay the masters."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    with torch.device("meta"):
+        copy = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+    state = {name: (value.full_tensor() if hasattr(value, "full_tensor") else value).to(dtype)
+             for name, value in model.state_dict().items()}
+    copy.load_state_dict(state, assign=True)
+    for name, buffer in model.named_buffers():  # non-persistent buffers (rotary frequencies) are not in the state
+        module, _, attr = name.rpartition(".")
+        copy.get_submodule(module).register_buffer(attr, buffer, persistent=False)
+    copy.tie_weights()
+    copy.generation_config = model.generation_config
+    return copy.requires_grad_(False).eval()
 
 
 # Copied from sera.evaluate

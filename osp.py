@@ -187,6 +187,8 @@ class Args:
     """stop (as if interrupted) after this many training steps in this process; for testing --resume"""
     track: bool = False
     """log to wandb"""
+    dist_timeout_minutes: int = 180
+    """how long a rank waits in a collective for the others (ranks sample and judge at different speeds)"""
     scoring_batch_size: int | None = None
     """sequences per no-grad scoring forward"""
     generation_batch_size: int | None = None
@@ -375,7 +377,7 @@ def make_judge(model, tokenizer, prompts: list[list[dict]], template: str, verdi
 
     @torch.no_grad()
     def judge(comparisons) -> list[float]:
-        model.eval()
+        training, _ = model.training, model.eval()
         mine, _ = shard(list(enumerate(comparisons)))
         mine = sorted(((i, judge_ids(tokenizer, template, contexts[p], a, b)) for i, (p, a, b) in mine),
                       key=lambda item: len(item[1]))
@@ -385,8 +387,8 @@ def make_judge(model, tokenizer, prompts: list[list[dict]], template: str, verdi
             batch = collate([(ids, []) for _, ids in chunk], tokenizer.pad_token_id, device)
             hidden = decoder_hidden_states(model, batch["input_ids"], batch["attention_mask"])
             logits = head_logits(model, hidden[torch.arange(len(chunk), device=device), batch["attention_mask"].sum(1) - 1], verdict)
-            results += [(i, float(value)) for (i, _), value in zip(chunk, logits[:, 0] - logits[:, 1])]
-        model.train()
+            results += [(i, value) for (i, _), value in zip(chunk, (logits[:, 0] - logits[:, 1]).tolist())]
+        model.train(training)
         merged = dict(gather(results))
         return torch.sigmoid(torch.tensor([merged[i] for i in range(len(comparisons))], dtype=torch.float64)).tolist()
 
@@ -435,9 +437,10 @@ def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
             weights = torch.tensor([1.0] * real + [0.0] * (len(local) - real), device=device)
             (-(logps * weights).sum() * world() / len(batch_examples)).backward()  # FSDP averages over ranks
             judge_mask = torch.tensor([e["kind"] == "judge" for e in local[:real]], device=device)
-            nll = -logps[:real].detach()
-            total, grad_norm = optimizer_step(trainable, optimizer, scheduler, [
-                nll.sum().item(), real, nll[judge_mask].sum().item(), judge_mask.sum().item()], args, "stage 0")
+            nll, stats = -logps[:real].detach(), StepStats(("nll", "examples", "judge_nll", "judge_examples"), device)
+            stats.add(nll=nll, examples=real, judge_nll=nll * judge_mask, judge_examples=judge_mask)
+            total, grad_norm = optimizer_step(trainable, optimizer, scheduler, stats, args, "stage 0")
+            total = list(total.values())
             metrics = {"stage": 0, "aug_step": epoch * per_epoch + step + 1, "aug/loss": total[0] / total[1],
                        "aug/judge_nll": total[2] / max(total[3], 1), "aug/sft_nll": (total[0] - total[2]) / max(total[1] - total[3], 1),
                        "aug/grad_norm": grad_norm, "aug/lr": scheduler.get_last_lr()[0]}
@@ -453,19 +456,20 @@ def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
 
 
 SPCE_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-              "logps/rejected", "osp/abs_sigma_z_minus_q", "osp/sigma_z_mean")  # spce_backward's sums, then the count
+              "logps/rejected", "osp/abs_sigma_z_minus_q", "osp/sigma_z_mean")  # spce_backward's means (and the count)
 
 
-def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_id: int) -> list[float]:
+def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_id: int) -> StepStats:
     """Accumulate d(mean loss)/d(theta) over this step's tuples; returns this rank's summed statistics.
 
     z = beta * [S(pi,y_h) - S(ref,y_h) - S(pi,y_l) + S(ref,y_l)] with summed log-probs; the reference is scored
     in the same fused kernel call (a frozen copy, or the same weights with the LoRA adapter switched off).
     SPCE: -[q log sigma(z) + (1-q) log sigma(-z)]; --loss dpo: -log sigma(z) on the same pairs."""
     local, real = shard(tuples)
-    sums = [0.0] * 10
-    for start in range(0, len(local), args.micro_batch_size):
-        chunk = local[start:start + args.micro_batch_size]
+    stats = StepStats(SPCE_STATS + ("pairs",), device)
+    chunks = [list(enumerate(local))[start:start + args.micro_batch_size] for start in range(0, len(local), args.micro_batch_size)]
+    for indexed in micro_batches(model, chunks):
+        chunk, start = [t for _, t in indexed], indexed[0][0]
         n = len(chunk)
         batch = collate([(t["prompt_ids"], t["chosen_ids"]) for t in chunk] + [(t["prompt_ids"], t["rejected_ids"]) for t in chunk],
                         pad_id, device)
@@ -486,10 +490,10 @@ def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_
             rejected_reward = args.beta * (logps[n:] - ref[n:]).float()
             z = chosen_reward - rejected_reward
             gap = (torch.sigmoid(z) - q).abs()
-            sums = [a + (b * weights).sum().item() for a, b in zip(sums, [
-                losses.detach(), chosen_reward, rejected_reward, z, (z > 0).float(), logps[:n].detach().float(),
-                logps[n:].detach().float(), gap, torch.sigmoid(z), torch.ones_like(z)])]
-    return sums
+            stats.add(**{name: value * weights for name, value in zip(stats.names, [
+                losses, chosen_reward, rejected_reward, z, (z > 0).float(), logps[:n].float(), logps[n:].float(), gap,
+                torch.sigmoid(z), torch.ones_like(z)])})
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,7 +545,7 @@ def main(args: Args) -> dict:
     reward_fn, eval_prompts = load_evaluation(args, offline[0])
     n_steps = args.steps or max(1, len(pool) // args.prompts_per_step)
 
-    device = init_device(args.seed)
+    device = init_device(args.seed, args.dist_timeout_minutes)
     run_name = f"osp__{Path(args.model).name}__{args.seed}__{now()}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
     state_file = out_dir / "state.json"
@@ -579,26 +583,24 @@ def main(args: Args) -> dict:
 
     # ALGO LOGIC: Stage 0 — SFT + preference augmentation (§4.3 steps 1-3); pi_0 is also the frozen reference
     stage0 = out_dir / "stage0"
+    model = None
     if not state["stage0_done"]:
         model = load_model(model_path, device, args)
         report("sft", model)
         if not args.skip_augmentation:
             model = prepare_for_training(model, args)
             model = augment(model, examples, args, device, tokenizer.pad_token_id, log)
-            model = save_atomic(model, tokenizer, stage0)
-            if world() > 1 and not lora:  # an unsharded copy per rank to judge and evaluate with
-                del model
-                model = load_model(str(stage0), device, args)
+            model = save_atomic(model, tokenizer, stage0)  # the policy goes on in memory: its fp32 are the masters
             report("augmented", model)
         state["stage0_done"] = True
         write_atomic(state_file, state)
     start = str(stage0) if (stage0 / "config.json").exists() else model_path
-    model = load_model(str(checkpoint) if saved else start, device, args)
+    if model is None or saved:  # a resumed run: from the step checkpoint, else from pi_0's
+        del model
+        model = load_model(str(checkpoint) if saved else start, device, args)
     ref_model = None
-    if not lora:  # frozen copy; with LoRA the base weights under the adapter are the reference
-        ref_model = load_model(start, device, args).eval().requires_grad_(False)
-        if world() > 1:
-            ref_model = shard_model(ref_model, args)
+    if not lora:  # frozen copy, computing as the policy does; with LoRA the base weights under the adapter are the reference
+        ref_model = load_model(start, device, args, frozen=True)
 
     # ALGO LOGIC: Stage 1 — online self-preferring (§4.3 steps 4-11)
     model = prepare_for_training(model, args)
@@ -650,7 +652,7 @@ def main(args: Args) -> dict:
         sums = spce_backward(model, ref_model, tuples, args, device, tokenizer.pad_token_id)
         lr = scheduler.get_last_lr()[0]  # this step's
         total, grad_norm = optimizer_step(trainable, optimizer, scheduler, sums, args, f"step {step + 1}")
-        stats.update({name: value / total[-1] for name, value in zip(SPCE_STATS, total)}, grad_norm=grad_norm, lr=lr)
+        stats.update({name: total[name] / total["pairs"] for name in SPCE_STATS}, grad_norm=grad_norm, lr=lr)
         stats.update({"time/generation_s": times[1] - times[0], "time/judging_s": times[2] - times[1],
                       "time/training_s": time.perf_counter() - times[2]})
         log(stats)
@@ -670,9 +672,6 @@ def main(args: Args) -> dict:
         if args.stop_after_steps is not None and steps_this_process >= args.stop_after_steps:
             raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
     model = save_atomic(model, tokenizer, out_dir / "final")
-    if world() > 1 and not lora:
-        del model
-        model = load_model(str(out_dir / "final"), device, args)
     state["step"] = n_steps
     report("final", model)
     state["done"] = True
@@ -730,6 +729,7 @@ def check_args(args, checks: list[tuple[bool, str]]):
          f"--chat_template: file {args.chat_template!r} not found"),
         (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
         (args.lora_r >= 0, f"--lora_r must be >= 0, got {args.lora_r}"),
+        (args.dist_timeout_minutes >= 1, f"--dist_timeout_minutes must be >= 1, got {args.dist_timeout_minutes}"),
     ] + checks
     for ok, message in checks:
         if not ok:
@@ -1074,15 +1074,25 @@ def world() -> int:
 
 
 # Copied from sera.init_device
-def init_device(seed: int) -> torch.device:
-    """Joins the process group under torchrun; this rank's GPU, else the CPU; seeds torch."""
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+def init_device(seed: int, timeout_minutes: int = 180) -> torch.device:
+    """This rank's GPU (else the CPU), then the process group under torchrun (NCCL on GPUs: every tensor handed
+    to a collective must be on this device, see comm_device); seeds torch."""
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if "RANK" in os.environ and not dist.is_initialized():
+        import datetime
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device if device.type == "cuda" else None)
     torch.manual_seed(seed)
     return device
+
+
+# Copied from sera.comm_device
+def comm_device() -> torch.device:
+    """Where the tensors of collectives live: NCCL has no CPU backend, so this rank's GPU; the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 # Copied from sera.now
@@ -1114,10 +1124,37 @@ def gather(values: list) -> list:
 
 # Copied from sera.all_sum
 def all_sum(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=comm_device())
     if world() > 1:
         dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+# Copied from sera.StepStats
+class StepStats:
+    """One optimizer step's statistics as a device tensor with named slots, summed over micro-batches on the
+    device: one all-reduce and one host copy per step (optimizer_step), no `.item()` behind every backward."""
+
+    def __init__(self, names, device):
+        self.names = list(names)
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=device)
+
+    def add(self, **values):
+        for name, value in values.items():  # a device tensor (summed) or a number
+            self.sums[self.names.index(name)] += value.detach().sum() if torch.is_tensor(value) else value
+
+
+# Copied from sera.micro_batches
+def micro_batches(model, batches: list) -> list:
+    """The micro-batches of one optimizer step. FSDP2 reduce-scatters gradients after the last one only
+    (every rank has the same number, so the collectives match)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    batches = [batch for batch in batches if batch]
+    for index, batch in enumerate(batches):
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(index == len(batches) - 1)
+        yield batch
 
 
 # Copied from sera._LogLines
@@ -1238,14 +1275,27 @@ def write_atomic(path: Path, obj):
 
 
 # Copied from sera.load_model
-def load_model(path: str, device: torch.device, args: Args | None = None):
+def load_model(path: str, device: torch.device, args: Args | None = None, frozen: bool = False):
     """fp32 master weights; --dtype bfloat16 computes in bf16 by autocast around the forward. With LoRA the
-    frozen base is held in the compute dtype (peft keeps the adapters fp32). Checkpoints keep `path`'s dtype."""
+    frozen base is held in the compute dtype (peft keeps the adapters fp32). Checkpoints keep `path`'s dtype.
+
+    frozen=True: a copy that never trains (a reference, an older model), computing exactly as the policy does
+    at half the memory: no gradients (autocast caches a cast of every weight that requires grad). Under FSDP2
+    it is held in the compute dtype and sharded like the policy, whose shards are gathered in that dtype; on
+    one process its linear layers are held in the compute dtype, as autocast casts the policy's, and the rest
+    (embeddings, norms: the residual stream) stays fp32 as the policy's does."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     bf16 = args is not None and args.dtype == "bfloat16"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 and args.lora_r > 0 else torch.float32)
+    sharded = frozen and world() > 1 and args.lora_r == 0
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded)
+                                                 else torch.float32)
     model.checkpoint_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32  # what save_atomic writes
+    if frozen:
+        model.requires_grad_(False).eval()
+        for module in model.modules() if bf16 and not sharded else []:
+            if isinstance(module, torch.nn.Linear):
+                module.to(torch.bfloat16)
     if bf16:
         forward = model.forward
 
@@ -1255,7 +1305,8 @@ def load_model(path: str, device: torch.device, args: Args | None = None):
                 return forward(*a, **k)
 
         model.forward = autocast_forward
-    return model.to(device)
+    model = model.to(device)
+    return shard_model(model, args) if sharded else model
 
 
 # Copied from sera.shard_model
@@ -1278,7 +1329,10 @@ def shard_model(model, args: Args):
 
 # Copied from sera.prepare_for_training
 def prepare_for_training(model, args: Args):
-    """LoRA adapter (--lora_r > 0), else FSDP2 under torchrun; gradient checkpointing on request."""
+    """LoRA adapter (--lora_r > 0), else FSDP2 under torchrun (once: a sharded policy stays sharded, its fp32
+    shards are the masters for the whole run); gradient checkpointing on request."""
+    from torch.distributed.fsdp import FSDPModule
+
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_r > 0:
@@ -1292,7 +1346,7 @@ def prepare_for_training(model, args: Args):
         for p in model.parameters() if world() > 1 else []:  # ranks' RNGs differ (generate): rank 0's adapter
             if p.requires_grad:
                 dist.broadcast(p.data, 0)
-    elif world() > 1:
+    elif world() > 1 and not isinstance(model, FSDPModule):
         model = shard_model(model, args)
     model.train()
     return model
@@ -1320,25 +1374,29 @@ def make_optimizer(model, lr: float, n_steps: int, args: Args, schedule: str = "
 
 
 # Copied from sera.optimizer_step
-def optimizer_step(trainable: list, optimizer, scheduler, sums: list[float], args: Args, where: str):
-    """Average LoRA gradients over ranks (replicated base), clip, sum the step's statistics over ranks,
-    stop on a non-finite loss (sums[0]), step. Returns (summed statistics, gradient norm)."""
-    if world() > 1 and args.lora_r > 0 and all_sum([sum(p.grad is not None for p in trainable)])[0]:
-        for p in trainable:
-            if p.grad is None:  # a rank without this gradient contributes zeros
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= world()
+def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args: Args, where: str):
+    """Average LoRA gradients over ranks (replicated base: one flat all-reduce, a rank without a gradient adds
+    zeros), clip, sum the step's statistics over ranks (one all-reduce, one host copy with the gradient norm),
+    stop on a non-finite loss (stats' first slot), step. Returns (summed statistics by name, gradient norm)."""
+    if world() > 1 and args.lora_r > 0:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        for p, g in zip(trainable, torch.split(flat / world(), [g.numel() for g in grads])):
+            p.grad = g.view_as(p)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
-    total = all_sum(sums)
-    if not math.isfinite(total[0]):
-        raise InputError(f"non-finite loss ({total[0]}) at {where}: stopping before the update (the last checkpoint "
+    if world() > 1:
+        dist.all_reduce(stats.sums)
+    *values, grad_norm = torch.cat([stats.sums, grad_norm.reshape(1).to(stats.sums)]).tolist()
+    total = dict(zip(stats.names, values))
+    if not math.isfinite(values[0]):
+        raise InputError(f"non-finite loss ({values[0]}) at {where}: stopping before the update (the last checkpoint "
                          "is intact); lower --lr or --beta, or check that step's data")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return total, float(grad_norm)
+    return total, grad_norm
 
 
 # Copied from sera.save_atomic
@@ -1506,7 +1564,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
         return gather([[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results[:real]])
     from torch.distributed.fsdp import FSDPModule
 
-    model.eval()
+    sampler = unsharded_copy(model, args) if isinstance(model, FSDPModule) else model
+    training, _ = sampler.training, sampler.eval()
     torch.manual_seed(seed + rank())
     mine, real = shard(prompts)
     prompt_ids = [encode(tokenizer, p)[0] for p in mine]
@@ -1518,16 +1577,38 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     for start in progress(range(0, len(order), batch_size), desc=desc, inner=True):
         indices = order[start:start + batch_size]
         enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in indices]}, return_tensors="pt").to(device)
-        out = model.generate(**enc, **sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=n,
-                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
-                             synced_gpus=isinstance(model, FSDPModule))  # sharded: every rank runs every forward
+        # one autocast around the whole call: the bf16 casts of trainable fp32 weights are made once, not per token
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+            out = sampler.generate(**enc, **sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=n,
+                                   eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
         rows = out[:, enc["input_ids"].shape[1]:].tolist()
         for k, i in enumerate(indices):  # num_return_sequences rows per prompt, consecutive
             ends = [next((j for j, token in enumerate(row) if token in stop), None) for row in rows[k * n:(k + 1) * n]]
             outputs[i] = [(tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None)
                           for row, end in zip(rows[k * n:(k + 1) * n], ends)]
-    model.train()
+    sampler.train(training)
     return gather([outputs[i] for i in range(real)])
+
+
+# Copied from sera.unsharded_copy
+def unsharded_copy(model, args: Args):
+    """An FSDP2-sharded policy as one plain frozen model per rank in the compute dtype, for sampling: HF generate
+    on the sharded model would gather every layer for every decoded token. Gathered one tensor at a time (one
+    fp32 tensor beyond the copy at the peak); the policy's fp32 shards stay the masters."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    with torch.device("meta"):
+        copy = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+    state = {name: (value.full_tensor() if hasattr(value, "full_tensor") else value).to(dtype)
+             for name, value in model.state_dict().items()}
+    copy.load_state_dict(state, assign=True)
+    for name, buffer in model.named_buffers():  # non-persistent buffers (rotary frequencies) are not in the state
+        module, _, attr = name.rpartition(".")
+        copy.get_submodule(module).register_buffer(attr, buffer, persistent=False)
+    copy.tie_weights()
+    copy.generation_config = model.generation_config
+    return copy.requires_grad_(False).eval()
 
 
 # Copied from sera.evaluate

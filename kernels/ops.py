@@ -324,17 +324,27 @@ def causal_lm_logps(
         if (ref_head["softcap"], ref_head["scale"]) != (head["softcap"], head["scale"]):
             raise ValueError("causal_lm_logps: policy and reference apply different logit transforms")
         ref_weight = ref_head["weight"]
+    # Mixed precision (autocast, or bf16 hidden states from an fp32 master head): the product runs in the narrower
+    # of the two dtypes, as autocast runs every other matmul; the kernels accumulate in fp32 and the head's
+    # gradient flows back to the fp32 weight through the cast.
+    hidden, weight = _common_dtype(hidden, weight)
+    if ref_model is not None:
+        ref_hidden, ref_weight = _common_dtype(ref_hidden, ref_weight)
         if ref_head["bias"] is not None:
             ref_hidden, ref_weight = _fold_bias(ref_hidden, ref_weight, ref_head["bias"])
     if head["bias"] is not None:
         hidden, weight = _fold_bias(hidden, weight, head["bias"])
-    if hidden.dtype != weight.dtype:  # e.g. autocast: score in the weight's dtype
-        hidden = hidden.to(weight.dtype)
-    if ref_hidden is not None and ref_hidden.dtype != ref_weight.dtype:
-        ref_hidden = ref_hidden.to(ref_weight.dtype)
     return sequence_logps(hidden, weight, shifted, ref_hidden, ref_weight,
                           temperature=temperature / head["scale"], softcap=head["softcap"],
                           ignore_index=ignore_index, reduction=reduction, impl=impl)
+
+
+def _common_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both in the narrower floating dtype (bf16/fp16 over fp32)."""
+    if hidden.dtype == weight.dtype:
+        return hidden, weight
+    dtype = hidden.dtype if hidden.element_size() < weight.element_size() else weight.dtype
+    return hidden.to(dtype), weight.to(dtype)
 
 
 def folded_width(hidden_size: int) -> int:

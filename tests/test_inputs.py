@@ -159,5 +159,7 @@ def test_non_finite_loss_stops_with_one_line_before_the_update(script):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     args = mod.resolve(mod.Args())[0]
     with pytest.raises(mod.InputError, match=r"non-finite loss \(nan\) at step 7: stopping before the update"):
-        mod.optimizer_step([weight], optimizer, scheduler, [float("nan"), 1.0], args, "step 7")
+        stats = mod.StepStats(("loss", "pairs"), torch.device("cpu"))
+        stats.add(loss=float("nan"), pairs=1)
+        mod.optimizer_step([weight], optimizer, scheduler, stats, args, "step 7")
     assert torch.equal(weight.detach(), torch.ones(3))  # nothing was applied

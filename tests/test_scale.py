@@ -36,7 +36,9 @@ def one_step(model, args, pairs):
     losses = sera.daa_losses(logps.float(), ref, counts, args)[0]
     losses.mean().backward()
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    sera.optimizer_step(trainable, optimizer, get_constant_schedule(optimizer), [losses.sum().item()], args, "test")
+    stats = sera.StepStats(["loss"], CPU)
+    stats.add(loss=losses)
+    sera.optimizer_step(trainable, optimizer, get_constant_schedule(optimizer), stats, args, "test")
     return torch.cat([(p.detach().float() - s.float()).flatten() for p, s in zip(trainable, start)])
 
 
@@ -234,10 +236,10 @@ def _lora_step_worker(rank, port, results):
             params[1].grad = torch.full((3,), 4.0)
         optimizer = torch.optim.SGD(params, lr=1.0)
         args = types.SimpleNamespace(lora_r=4, max_grad_norm=1e9)
-        sera.optimizer_step(params, optimizer, get_constant_schedule(optimizer), [0.0], args, "test")
-        nothing = [torch.nn.Parameter(torch.zeros(2))]  # no rank has a gradient: the step changes nothing
+        sera.optimizer_step(params, optimizer, get_constant_schedule(optimizer), sera.StepStats(["loss"], CPU), args, "test")
+        nothing = [torch.nn.Parameter(torch.zeros(2))]  # no rank has a gradient: zeros, SGD changes nothing
         optimizer = torch.optim.SGD(nothing, lr=1.0)
-        sera.optimizer_step(nothing, optimizer, get_constant_schedule(optimizer), [0.0], args, "test")
+        sera.optimizer_step(nothing, optimizer, get_constant_schedule(optimizer), sera.StepStats(["loss"], CPU), args, "test")
         results[rank] = [p.detach().tolist() for p in params + nothing]
     finally:
         dist.destroy_process_group()
@@ -246,7 +248,7 @@ def _lora_step_worker(rank, port, results):
 @pytest.mark.slow
 def test_lora_gradient_average_with_a_missing_gradient():
     """LoRA under torchrun averages adapter gradients itself; a rank whose gradient is None contributes zeros
-    (before: all_reduce(None) raised), and a step where no rank has one is skipped on all ranks."""
+    (before: all_reduce(None) raised); all adapter gradients go through one flat all-reduce."""
     import socket
 
     import torch.multiprocessing as mp
