@@ -125,7 +125,8 @@ def test_reloading_weights_changes_samples_and_reloading_the_old_ones_restores_t
 @pytest.mark.parametrize("script, budget", [
     ("sera.py", ["--num_pairs", "64", "--num_eval", "16", "--iterations", "2"]),
     ("opsr.py", ["--num_eval", "16", "--iterations", "2", "--num_pairs", "64"]),
-    ("osp.py", ["--num_eval", "16", "--num_prompts", "16", "--steps", "2", "--num_judge_eval", "16"]),
+    ("osp.py", ["--num_eval", "16", "--num_prompts", "16", "--steps", "2", "--num_judge_eval", "16", "--aug_epochs", "1",
+                "--num_sft", "64", "--offline_fraction", "0.25"]),
 ])
 def test_script_runs_with_the_vllm_sampler(script, budget, tmp_path):
     """The script's toy run, tiny budget, sampling with vLLM (its own engine, in its own process) to the end."""
