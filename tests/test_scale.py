@@ -402,3 +402,13 @@ def test_srdpo_shared_prefix_branch_is_decided_on_all_ranks(monkeypatch):
         together = srdpo.shared_prefix_logps(model, sequences, 0, CPU)
     assert len(forwards) == 1
     torch.testing.assert_close(alone, together, atol=1e-4, rtol=1e-5)
+
+
+def test_osp_vllm_sampler_refuses_lora():
+    """OSP's vLLM sampler reloads full checkpoints each step; a LoRA policy would need its adapter merged into a
+    copy every step, which osp does not do: refused up front, not silently sampled from the base model."""
+    import osp
+
+    with pytest.raises(osp.InputError, match="--sampler vllm is not supported with LoRA"):
+        osp.resolve(osp.Args(sampler="vllm", lora_r=8))
+    assert osp.resolve(osp.Args(sampler="vllm"))[0].sampler == "vllm"
