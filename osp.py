@@ -145,6 +145,8 @@ class Args:
     long_prompts: Literal["error", "skip"] | None = None
     sample_temperature: float = 1.0
     sample_top_p: float = 1.0
+    sampler: Literal["hf", "vllm"] = "hf"
+    """who samples the K answers: HF generate on the policy, or a vLLM engine holding the policy's current weights"""
     eval_every: int | None = None
     save_every: int | None = None
     """Stage 1 checkpoint (weights + optimizer) every N steps; 0 = only at the end"""
@@ -221,6 +223,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
         (args.num_judge_eval >= 0 and args.num_eval >= 0, "--num_judge_eval and --num_eval must be >= 0"),
         (args.save_every >= 0 and args.eval_every >= 0, "--save_every and --eval_every must be >= 0"),
         (args.save_every == 0 or args.lora_r == 0, "--save_every is not supported with LoRA (it checkpoints at the end)"),
+        (args.sampler == "hf" or args.lora_r == 0, "--sampler vllm is not supported with LoRA in osp (use --sampler hf)"),
         (args.judge_template is None or Path(args.judge_template).exists(),
          f"--judge_template: file {args.judge_template!r} not found"),
     ])
@@ -614,8 +617,12 @@ def main(args: Args) -> dict:
         prompts = [pool[i] for i in order[offset * args.prompts_per_step:(offset + 1) * args.prompts_per_step]]
         times = [time.perf_counter()]
         # step 6: K samples per prompt from the current policy
+        sampler_weights = None
+        if args.sampler == "vllm":  # vLLM takes no weights in memory from another process: they go through the run folder
+            model = save_atomic(model, tokenizer, out_dir / "sampler")
+            sampler_weights, VLLMEngine.path = str(out_dir / "sampler"), None  # new weights under the same path
         samples = generate(model, tokenizer, prompts, args.k, args.sample_temperature, args.sample_top_p, args, device,
-                           seed=args.seed * 100_003 + step, desc="sample")
+                           seed=args.seed * 100_003 + step, model_path=sampler_weights, desc="sample")
         times.append(time.perf_counter())
         # steps 7-9: the current policy judges; rank, pair best-with-worst, strength q of each formed pair
         judge = make_judge(model, tokenizer, prompts, template, verdict, args, device)
@@ -677,6 +684,7 @@ def main(args: Args) -> dict:
     state["done"] = True
     write_atomic(state_file, state)
     shutil.rmtree(checkpoint, ignore_errors=True)
+    shutil.rmtree(out_dir / "sampler", ignore_errors=True)
     logs.close()
     return state
 
@@ -1510,8 +1518,46 @@ def trainer_state(directory: Path) -> dict | None:
 
 # Copied from sera.VLLMEngine
 class VLLMEngine:
-    """--sampler vllm: this process's engine for the whole run, and the checkpoint it holds."""
-    llm, path = None, None
+    """--sampler vllm: this process's engine for the whole run, the checkpoint it holds, its longest sequence."""
+    llm, path, max_model_len = None, None, None
+
+
+# Copied from sera.vllm_devices
+def vllm_devices() -> str | None:
+    """CUDA_VISIBLE_DEVICES for this rank's vLLM engine: its own GPU alone. A single-GPU engine takes device 0 of
+    what it sees, so under torchrun every rank's engine would otherwise land on GPU 0. None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return ids[int(os.environ.get("LOCAL_RANK", 0))]
+
+
+# Copied from sera.start_vllm
+def start_vllm(vllm, model_path: str, args: Args, seed: int, sleeps: bool, longest_prompt: int):
+    """The engine, started once per process in its own processes (so CUDA_VISIBLE_DEVICES set around the
+    constructor pins it to this rank's GPU and leaves the trainer's view alone). It reserves KV cache for
+    --max_prompt_length + --max_new_tokens tokens, not the model's whole context, and computes in the HF
+    sampler's dtype."""
+    from vllm.platforms import current_platform
+
+    max_model_len = max(args.max_prompt_length, longest_prompt) + args.max_new_tokens
+    kwargs = dict(model=model_path, seed=seed, gpu_memory_utilization=0.3, max_model_len=max_model_len,
+                  dtype={"auto": "bfloat16" if torch.cuda.is_available() else "float32"}.get(args.dtype, args.dtype))
+    if sleeps:
+        kwargs["enable_sleep_mode"] = True  # refused where the platform has none (CPU)
+    if current_platform.is_cpu():
+        kwargs["enable_chunked_prefill"] = False  # a seeded request's prefill split across steps crashes on CPU
+    devices, before = vllm_devices(), dict(os.environ)
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    try:
+        llm = vllm.LLM(**kwargs)
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
+    VLLMEngine.llm, VLLMEngine.max_model_len = llm, max_model_len
+    return llm
 
 
 # Copied from sera.stop_ids
@@ -1534,33 +1580,41 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     if model_path is not None and args.sampler == "vllm":
         try:
             import vllm
+            from vllm.platforms import current_platform
         except ImportError:
             raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
-
-        def load_checkpoint(worker, path):  # runs in vLLM's worker: the saved weights, in place
-            from safetensors.torch import load_file
-
-            for file in sorted(Path(path).glob("*.safetensors")):
-                worker.model_runner.model.load_weights(weights=load_file(str(file)).items())
-
-        # One engine per process for the whole run, asleep (weights in CPU RAM, no KV cache) between calls
-        # so that training has the GPU; a new checkpoint is loaded into it in place. Untested here (no GPU).
+        # One engine per process for the whole run. Where the platform has sleep mode (CUDA) it sleeps between
+        # calls so that training has the GPU, at level 2 (weights dropped, not copied to CPU RAM): every wake-up
+        # reloads the checkpoint in place. Elsewhere (CPU) a new checkpoint is reloaded in place when it changes.
+        sleeps = current_platform.is_sleep_mode_available()
+        mine, real = shard(prompts)  # each rank samples its share
+        prompt_ids = [encode(tokenizer, p)[0] for p in mine]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # vLLM checks the free memory against gpu_memory_utilization
         llm = VLLMEngine.llm
         if llm is None:
-            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
-            llm = VLLMEngine.llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3, enable_sleep_mode=True)
+            llm = start_vllm(vllm, model_path, args, seed, sleeps, max(map(len, prompt_ids)))
         else:
-            llm.wake_up(tags=["weights"])
-            if VLLMEngine.path != model_path:
-                llm.collective_rpc(load_checkpoint, args=(model_path,))
-            llm.wake_up(tags=["kv_cache"])
+            if sleeps:
+                llm.wake_up(tags=["weights"])
+            if sleeps or VLLMEngine.path != model_path:
+                llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
+            if sleeps:
+                llm.wake_up(tags=["kv_cache"])
         VLLMEngine.path = model_path
-        mine, real = shard(prompts)  # each rank samples its share
+        longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        if len(prompt_ids[longest]) + args.max_new_tokens > VLLMEngine.max_model_len:
+            raise InputError(f"{desc}: a prompt of {len(prompt_ids[longest])} tokens + --max_new_tokens "
+                             f"{args.max_new_tokens} is over the vLLM engine's max_model_len {VLLMEngine.max_model_len} "
+                             "(--max_prompt_length + --max_new_tokens when it started); raise --max_prompt_length")
+        # vLLM seeds sample j of a request seed + j: one seed per prompt, n apart, so that no two samples share a
+        # random stream, and from the call's seed and the prompt's index (not the engine's history)
         params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0,
                                       max_tokens=args.max_new_tokens, stop_token_ids=stop,
-                                      seed=seed * 1_000_003 + rank() * len(mine) + i) for i in range(len(mine))]  # per prompt
-        results = llm.generate([{"prompt_token_ids": encode(tokenizer, p)[0]} for p in mine], params, use_tqdm=False)
-        llm.sleep(level=1)
+                                      seed=seed * 1_000_003 + (rank() * len(mine) + i) * n) for i in range(len(mine))]
+        results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        if sleeps:
+            llm.sleep(level=2)
         return gather([[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results[:real]])
     from torch.distributed.fsdp import FSDPModule
 

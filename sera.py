@@ -1282,8 +1282,44 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
 
 
 class VLLMEngine:
-    """--sampler vllm: this process's engine for the whole run, and the checkpoint it holds."""
-    llm, path = None, None
+    """--sampler vllm: this process's engine for the whole run, the checkpoint it holds, its longest sequence."""
+    llm, path, max_model_len = None, None, None
+
+
+def vllm_devices() -> str | None:
+    """CUDA_VISIBLE_DEVICES for this rank's vLLM engine: its own GPU alone. A single-GPU engine takes device 0 of
+    what it sees, so under torchrun every rank's engine would otherwise land on GPU 0. None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return ids[int(os.environ.get("LOCAL_RANK", 0))]
+
+
+def start_vllm(vllm, model_path: str, args: Args, seed: int, sleeps: bool, longest_prompt: int):
+    """The engine, started once per process in its own processes (so CUDA_VISIBLE_DEVICES set around the
+    constructor pins it to this rank's GPU and leaves the trainer's view alone). It reserves KV cache for
+    --max_prompt_length + --max_new_tokens tokens, not the model's whole context, and computes in the HF
+    sampler's dtype."""
+    from vllm.platforms import current_platform
+
+    max_model_len = max(args.max_prompt_length, longest_prompt) + args.max_new_tokens
+    kwargs = dict(model=model_path, seed=seed, gpu_memory_utilization=0.3, max_model_len=max_model_len,
+                  dtype={"auto": "bfloat16" if torch.cuda.is_available() else "float32"}.get(args.dtype, args.dtype))
+    if sleeps:
+        kwargs["enable_sleep_mode"] = True  # refused where the platform has none (CPU)
+    if current_platform.is_cpu():
+        kwargs["enable_chunked_prefill"] = False  # a seeded request's prefill split across steps crashes on CPU
+    devices, before = vllm_devices(), dict(os.environ)
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    try:
+        llm = vllm.LLM(**kwargs)
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
+    VLLMEngine.llm, VLLMEngine.max_model_len = llm, max_model_len
+    return llm
 
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -1304,33 +1340,41 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     if model_path is not None and args.sampler == "vllm":
         try:
             import vllm
+            from vllm.platforms import current_platform
         except ImportError:
             raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
-
-        def load_checkpoint(worker, path):  # runs in vLLM's worker: the saved weights, in place
-            from safetensors.torch import load_file
-
-            for file in sorted(Path(path).glob("*.safetensors")):
-                worker.model_runner.model.load_weights(weights=load_file(str(file)).items())
-
-        # One engine per process for the whole run, asleep (weights in CPU RAM, no KV cache) between calls
-        # so that training has the GPU; a new checkpoint is loaded into it in place. Untested here (no GPU).
+        # One engine per process for the whole run. Where the platform has sleep mode (CUDA) it sleeps between
+        # calls so that training has the GPU, at level 2 (weights dropped, not copied to CPU RAM): every wake-up
+        # reloads the checkpoint in place. Elsewhere (CPU) a new checkpoint is reloaded in place when it changes.
+        sleeps = current_platform.is_sleep_mode_available()
+        mine, real = shard(prompts)  # each rank samples its share
+        prompt_ids = [encode(tokenizer, p)[0] for p in mine]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # vLLM checks the free memory against gpu_memory_utilization
         llm = VLLMEngine.llm
         if llm is None:
-            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
-            llm = VLLMEngine.llm = vllm.LLM(model=model_path, seed=seed, gpu_memory_utilization=0.3, enable_sleep_mode=True)
+            llm = start_vllm(vllm, model_path, args, seed, sleeps, max(map(len, prompt_ids)))
         else:
-            llm.wake_up(tags=["weights"])
-            if VLLMEngine.path != model_path:
-                llm.collective_rpc(load_checkpoint, args=(model_path,))
-            llm.wake_up(tags=["kv_cache"])
+            if sleeps:
+                llm.wake_up(tags=["weights"])
+            if sleeps or VLLMEngine.path != model_path:
+                llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
+            if sleeps:
+                llm.wake_up(tags=["kv_cache"])
         VLLMEngine.path = model_path
-        mine, real = shard(prompts)  # each rank samples its share
+        longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        if len(prompt_ids[longest]) + args.max_new_tokens > VLLMEngine.max_model_len:
+            raise InputError(f"{desc}: a prompt of {len(prompt_ids[longest])} tokens + --max_new_tokens "
+                             f"{args.max_new_tokens} is over the vLLM engine's max_model_len {VLLMEngine.max_model_len} "
+                             "(--max_prompt_length + --max_new_tokens when it started); raise --max_prompt_length")
+        # vLLM seeds sample j of a request seed + j: one seed per prompt, n apart, so that no two samples share a
+        # random stream, and from the call's seed and the prompt's index (not the engine's history)
         params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0,
                                       max_tokens=args.max_new_tokens, stop_token_ids=stop,
-                                      seed=seed * 1_000_003 + rank() * len(mine) + i) for i in range(len(mine))]  # per prompt
-        results = llm.generate([{"prompt_token_ids": encode(tokenizer, p)[0]} for p in mine], params, use_tqdm=False)
-        llm.sleep(level=1)
+                                      seed=seed * 1_000_003 + (rank() * len(mine) + i) * n) for i in range(len(mine))]
+        results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        if sleeps:
+            llm.sleep(level=2)
         return gather([[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results[:real]])
     from torch.distributed.fsdp import FSDPModule
 

@@ -312,19 +312,24 @@ def test_osp_three_ranks_lora(tmp_path):
     assert sorted(final) == sorted(start) and any((final[k] != start[k]).any() for k in start)
 
 
-def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch):
-    """--sampler vllm, against a stand-in `vllm` module (vLLM is not installed here; the real engine is untested):
-    one engine for the run, the prompts passed as the token ids HF generate gets (no second BOS from re-tokenizing
-    text), the engine asleep between calls, a new checkpoint loaded into it in place, samples in prompt order."""
+@pytest.mark.parametrize("gpu", [True, False])
+def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch, gpu):
+    """--sampler vllm's calls into vLLM, against a stand-in module (real vLLM on CPU: tests/test_vllm.py; the GPU
+    side of this, sleep mode and placement, is run nowhere): one engine for the run, started on this rank's GPU
+    alone (CUDA_VISIBLE_DEVICES for the engine only; torchrun's LOCAL_RANK 2 of GPUs 4-7 = GPU 6), the cache
+    emptied before the engine starts or wakes, KV cache for --max_prompt_length + --max_new_tokens; with sleep
+    mode (GPU) asleep at level 2 between calls and every wake-up reloading the checkpoint in place, without it
+    (CPU) no sleep, chunked prefill off and a reload only when the checkpoint changes; the prompts passed as the
+    token ids HF generate gets; one seed per prompt, n apart; samples in prompt order."""
     import types
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     events, seeds = [], []
 
     class LLM:
-        def __init__(self, model, seed, gpu_memory_utilization, enable_sleep_mode):
-            events.append(("engine", model))
+        def __init__(self, **kwargs):
+            events.append(("engine", kwargs, os.environ.get("CUDA_VISIBLE_DEVICES")))
 
         def generate(self, prompts, params, use_tqdm):
             events.append(("generate", [p["prompt_token_ids"] for p in prompts]))
@@ -338,32 +343,44 @@ def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch):
         def wake_up(self, tags):
             events.append(("wake", tags[0]))
 
-        def collective_rpc(self, method, args):
-            loaded = []
-            model = types.SimpleNamespace(load_weights=lambda weights: loaded.extend(name for name, _ in weights))
-            method(types.SimpleNamespace(model_runner=types.SimpleNamespace(model=model)), *args)  # as a worker runs it
-            events.append(("load", args[0], len(loaded)))
+        def collective_rpc(self, method, kwargs):
+            events.append((method, kwargs["weights_path"]))
 
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **k: types.SimpleNamespace(**k)))
+    platform = types.SimpleNamespace(is_sleep_mode_available=lambda: gpu, is_cpu=lambda: not gpu)
+    stand_in = types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **k: types.SimpleNamespace(**k))
+    monkeypatch.setitem(sys.modules, "vllm", stand_in)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", types.SimpleNamespace(current_platform=platform))
     monkeypatch.setattr(sera.VLLMEngine, "llm", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append(("empty_cache",)))
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL)
     args = sera.resolve(sera.Args(sampler="vllm"))[0]
     prompts = [[{"role": "user", "content": "Sort these letters: b a c"}], [{"role": "user", "content": "Sort these letters: z y"}]]
     first = sera.generate(None, tokenizer, prompts, 2, 1.0, 1.0, args, CPU, seed=0, model_path=str(TOY_MODEL))
     again = sera.generate(None, tokenizer, prompts[:1], 2, 1.0, 1.0, args, CPU, seed=1, model_path=str(TOY_MODEL))
-    sera.generate(None, tokenizer, prompts, 1, 1.0, 1.0, args, CPU, seed=2, model_path="/new/checkpoint/none")
+    sera.generate(None, tokenizer, prompts, 3, 1.0, 1.0, args, CPU, seed=2, model_path="/new/checkpoint")
     assert first == [[("0.0", True), ("0.1", False)], [("1.0", True), ("1.1", False)]] and again == [[("0.0", True), ("0.1", False)]]
-    n_weights = len(AutoModelForCausalLM.from_pretrained(TOY_MODEL).state_dict())
-    kinds = [e[0] for e in events]
-    assert kinds == ["engine", "generate", "sleep", "wake", "wake", "generate", "sleep", "wake", "load", "wake", "generate", "sleep"]
-    assert events[8] == ("load", "/new/checkpoint/none", 0)  # no such folder: nothing loaded; the toy's folder:
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"  # the trainer's view, restored after the engine started
+    engine, kwargs = events[1 if gpu else 0], events[1 if gpu else 0][1]
+    assert kwargs["max_model_len"] == args.max_prompt_length + args.max_new_tokens
+    assert kwargs["model"] == str(TOY_MODEL) and kwargs["dtype"] == ("bfloat16" if gpu else "float32")  # the HF sampler's
+    if gpu:
+        assert engine[2] == "6" and kwargs["enable_sleep_mode"] is True and "enable_chunked_prefill" not in kwargs
+        reload = lambda path: [("empty_cache",), ("wake", "weights"), ("reload_weights", path), ("wake", "kv_cache")]  # noqa: E731
+        assert [e if e[0] != "engine" else ("engine",) for e in events if e[0] != "generate"] == [
+            ("empty_cache",), ("engine",), ("sleep", 2), *reload(str(TOY_MODEL)), ("sleep", 2),
+            *reload("/new/checkpoint"), ("sleep", 2)]
+    else:
+        assert engine[2] == "4,5,6,7" and "enable_sleep_mode" not in kwargs and kwargs["enable_chunked_prefill"] is False
+        assert [e[0] for e in events] == ["engine", "generate", "generate", "reload_weights", "generate"]
+        assert events[3] == ("reload_weights", "/new/checkpoint")
     expected = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True) for p in prompts]
     expected = [e if isinstance(e, list) else e["input_ids"] for e in expected]
-    assert events[1][1] == expected
-    assert seeds[:2] == [[0, 1], [1_000_003]]  # one seed per prompt and call: sampling does not depend on history
-    monkeypatch.setattr(sera.VLLMEngine, "path", "elsewhere")
-    sera.generate(None, tokenizer, prompts[:1], 1, 1.0, 1.0, args, CPU, seed=3, model_path=str(TOY_MODEL))
-    assert events[-4] == ("load", str(TOY_MODEL), n_weights)
+    assert next(e for e in events if e[0] == "generate")[1] == expected
+    assert seeds == [[0, 2], [1_000_003], [2_000_006, 2_000_009]]  # n apart: vLLM seeds sample j with seed + j
 
 
 def test_srdpo_shared_prefix_branch_is_decided_on_all_ranks(monkeypatch):
@@ -387,3 +404,13 @@ def test_srdpo_shared_prefix_branch_is_decided_on_all_ranks(monkeypatch):
         together = srdpo.shared_prefix_logps(model, sequences, 0, CPU)
     assert len(forwards) == 1
     torch.testing.assert_close(alone, together, atol=1e-4, rtol=1e-5)
+
+
+def test_osp_vllm_sampler_refuses_lora():
+    """OSP's vLLM sampler reloads full checkpoints each step; a LoRA policy would need its adapter merged into a
+    copy every step, which osp does not do: refused up front, not silently sampled from the base model."""
+    import osp
+
+    with pytest.raises(osp.InputError, match="--sampler vllm is not supported with LoRA"):
+        osp.resolve(osp.Args(sampler="vllm", lora_r=8))
+    assert osp.resolve(osp.Args(sampler="vllm"))[0].sampler == "vllm"
