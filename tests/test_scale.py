@@ -2,6 +2,7 @@
 checkpoint dtypes, and (slow) gloo runs of every script on 2 and 3 ranks with work that does not divide."""
 
 import json
+import types
 import os
 import subprocess
 import sys
@@ -414,3 +415,137 @@ def test_osp_vllm_sampler_refuses_lora():
     with pytest.raises(osp.InputError, match="--sampler vllm is not supported with LoRA"):
         osp.resolve(osp.Args(sampler="vllm", lora_r=8))
     assert osp.resolve(osp.Args(sampler="vllm"))[0].sampler == "vllm"
+
+
+# ---- the first run on GPUs: what only NCCL, a bf16 checkpoint or a real GPU shows, pinned on CPU
+
+
+def test_frozen_copy_computes_as_the_policy():
+    """A copy that never trains (reference, older model) has no gradients (autocast would cache a bf16 cast of
+    every weight that requires grad) and, under bf16 autocast on one process, gives the fp32-master policy's
+    log-probs exactly."""
+    args = sera.resolve(sera.Args(dtype="bfloat16"))[0]
+    policy = sera.load_model(str(TOY_MODEL), CPU, args)
+    frozen = sera.load_model(str(TOY_MODEL), CPU, args, frozen=True)
+    assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
+    ids = torch.randint(3, 30, (3, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    with torch.no_grad():
+        expected = causal_lm_logps(policy.eval(), ids, torch.ones_like(ids), labels)[0]
+        got = causal_lm_logps(frozen, ids, torch.ones_like(ids), labels)[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_fused_head_scores_in_the_compute_dtype():
+    """One process, full fine-tuning, bf16: the final hidden states are bf16 and the head's master weight fp32;
+    the head runs in bf16 (as autocast runs every other matmul; before: in fp32, ~3x the cost), accumulates in
+    fp32, its gradient reaches the fp32 weight, and the log-probs stay within bf16 rounding of fp32's."""
+    import kernels.ops as ops
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(2, 9, 64, generator=generator) * 0.5).to(torch.bfloat16).requires_grad_()
+    weight = torch.nn.Parameter(torch.randn(50, 64, generator=generator) * 0.1)
+    labels = torch.randint(0, 50, (2, 9), generator=generator)
+    seen = []
+    original = ops.sequence_logps
+
+    def spy(h, w, *a, **k):
+        seen.append((h.dtype, w.dtype))
+        return original(h, w, *a, **k)
+
+    model = types_model(hidden, weight)
+    ops.sequence_logps, old = spy, ops.sequence_logps
+    try:
+        logps = ops.causal_lm_logps(model, torch.zeros(2, 10, dtype=torch.long), torch.ones(2, 10, dtype=torch.long),
+                                    torch.cat([labels[:, :1], labels], 1))[0]
+    finally:
+        ops.sequence_logps = old
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    logps.sum().backward()
+    assert weight.grad is not None and weight.grad.dtype == torch.float32
+    exact = torch.log_softmax(hidden.detach().double() @ weight.detach().double().T, -1).gather(-1, labels[..., None]).sum((1, 2))
+    assert (logps.double() - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def types_model(hidden, weight):
+    """A stand-in causal LM whose decoder returns `hidden` (plus one position) and whose head is `weight`."""
+    class Body(torch.nn.Module):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            return (torch.cat([hidden, hidden[:, -1:]], 1),)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.lm_head = Body(), torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            self.lm_head.weight = weight
+            self.config = types.SimpleNamespace()
+
+        def get_decoder(self):
+            return self.model
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            return self.model(input_ids)
+
+    return Model()
+
+
+def test_fsdp_gradient_sync_on_the_last_micro_batch_only(monkeypatch):
+    """FSDP2 reduce-scatters after every backward unless told otherwise: micro_batches turns the sync off for all
+    but the last micro-batch of a step (empty micro-batches are skipped, so the last real one syncs)."""
+    calls = []
+    model = types.SimpleNamespace(set_requires_gradient_sync=calls.append)  # an FSDPModule's switch
+    assert list(sera.micro_batches(model, [[1], [2], [3], []])) == [[1], [2], [3]]
+    assert calls == [False, False, True]
+    assert list(sera.micro_batches(torch.nn.Linear(1, 1), [[1], [2]])) == [[1], [2]]  # not sharded: nothing to switch
+
+
+def test_process_group_timeout_and_device(monkeypatch):
+    """--dist_timeout_minutes reaches the process group (the 10-minute default fires while ranks sample at
+    different speeds); collectives' tensors live on comm_device (the CPU under gloo, this rank's GPU under NCCL)."""
+    import datetime
+
+    seen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(sera.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(sera.dist, "init_process_group", lambda backend, **k: seen.update(backend=backend, **k))
+    assert sera.init_device(0, 240) == CPU
+    assert seen["backend"] == "gloo" and seen["timeout"] == datetime.timedelta(minutes=240)
+    assert sera.resolve(sera.Args())[0].dist_timeout_minutes == 180 and sera.comm_device() == CPU
+    with pytest.raises(sera.InputError, match="--dist_timeout_minutes must be >= 1, got 0"):
+        sera.resolve(sera.Args(dist_timeout_minutes=0))
+
+
+def test_step_statistics_stay_on_the_device_until_the_step(monkeypatch):
+    """No host copy per micro-batch: a step's statistics are summed on the device by name, and the training loops
+    read them once per optimizer step (a spy counts the host reads made from the scripts' own lines)."""
+    stats = sera.StepStats(["loss", "pairs"], CPU)
+    stats.add(loss=torch.tensor([1.0, 2.0]), pairs=2)
+    stats.add(loss=torch.tensor(0.5), pairs=1)
+    assert stats.sums.tolist() == [3.5, 3.0]
+    reads = []
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _original=original, _name=name, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.endswith(("sera.py", "opsr.py", "srdpo.py", "osp.py")):
+                reads.append((_name, sys._getframe(1).f_code.co_name))
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    source = "".join(open(ROOT / f"{s}.py").read() for s in ("sera", "srdpo", "osp"))
+    assert ".item()\n" not in source and ".item(), " not in source  # and the loops below read once per step
+    args = sera.resolve(sera.Args(num_pairs=16, global_batch=16, batch_size=4, lr=1e-5))[0]
+    from transformers import AutoTokenizer
+
+    rows, source_name = sera.load_rows("toy")
+    pairs = sera.build_dataset(rows, source_name, AutoTokenizer.from_pretrained(TOY_MODEL), args)[0]
+    pairs = [dict(p, ref_chosen=0.0, ref_rejected=0.0) for p in pairs]
+    model = sera.prepare_for_training(sera.load_model(str(TOY_MODEL), CPU, args), args)
+    sera.train_iteration(model, pairs, 1, args, args.lr, CPU, 0, lambda m: None, lambda *a: None)
+    in_loop = [r for r in reads if r[1] in ("train_iteration", "add")]
+    assert len(in_loop) <= 1, in_loop  # 4 micro-batches, one step: at most the permutation's tolist
