@@ -1241,6 +1241,8 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
         out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         logps += out.tolist()
         counts += (batch["labels"][:, 1:] != -100).sum(1).tolist()
+    if hasattr(model, "reshard"):  # FSDP2: the root stays gathered after a forward without backward; reshard it, or
+        model.reshard()  # training would read those gathered copies after the optimizer has stepped the shards
     model.train(training)
     merged = {i: (lp, c) for i, lp, c in gather([(i, lp, c) for (i, _), lp, c in zip(mine[:real], logps, counts)])}
     order = [merged[i] for i in range(len(sequences))]
