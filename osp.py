@@ -1627,7 +1627,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
         indices = order[start:start + batch_size]
         enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in indices]}, return_tensors="pt").to(device)
         # one autocast around the whole call: the bf16 casts of trainable fp32 weights are made once, not per token
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
             out = sampler.generate(**enc, **sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=n,
                                    eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
         rows = out[:, enc["input_ids"].shape[1]:].tolist()
