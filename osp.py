@@ -1153,7 +1153,7 @@ class StepStats:
 
 
 # Copied from sera.micro_batches
-def micro_batches(model, batches: list) -> list:
+def micro_batches(model, batches: list):
     """The micro-batches of one optimizer step. FSDP2 reduce-scatters gradients after the last one only
     (every rank has the same number, so the collectives match)."""
     batches = [batch for batch in batches if batch]
@@ -1285,9 +1285,10 @@ def load_model(path: str, device: torch.device, args: Args | None = None, frozen
     """fp32 master weights; --dtype bfloat16 computes in bf16 by autocast around the forward. With LoRA the
     frozen base is held in the compute dtype (peft keeps the adapters fp32). Checkpoints keep `path`'s dtype.
 
-    frozen=True: a copy that never trains (a reference, an older model), computing exactly as the policy does
-    at half the memory: no gradients (autocast caches a cast of every weight that requires grad). Under FSDP2
-    it is held in the compute dtype and sharded like the policy, whose shards are gathered in that dtype; on
+    frozen=True: a copy that never trains (a reference, an older model), computing exactly as the policy does:
+    no gradients (autocast caches a cast of every weight that requires grad). Under FSDP2
+    it is held in the compute dtype (half the memory) and sharded like the policy, whose shards are gathered in
+    that dtype; on
     one process it stays fp32 under autocast like the policy (bf16 linear layers alone did not give the same
     log-probs on the toy: 0.11 nats per sequence)."""
     from transformers import AutoConfig, AutoModelForCausalLM

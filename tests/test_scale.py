@@ -454,7 +454,7 @@ def test_fused_head_scores_in_the_compute_dtype():
         seen.append((h.dtype, w.dtype))
         return original(h, w, *a, **k)
 
-    model = types_model(hidden, weight)
+    model = stub_lm(hidden, weight)
     ops.sequence_logps, old = spy, ops.sequence_logps
     try:
         logps = ops.causal_lm_logps(model, torch.zeros(2, 10, dtype=torch.long), torch.ones(2, 10, dtype=torch.long),
@@ -468,7 +468,7 @@ def test_fused_head_scores_in_the_compute_dtype():
     assert (logps.double() - exact).abs().max() < 0.05 * exact.abs().max()
 
 
-def types_model(hidden, weight):
+def stub_lm(hidden, weight):
     """A stand-in causal LM whose decoder returns `hidden` (plus one position) and whose head is `weight`."""
     class Body(torch.nn.Module):
         def forward(self, input_ids=None, attention_mask=None, **kwargs):
