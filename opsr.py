@@ -1,7 +1,7 @@
 """OPSR: Only-Prompting Self-Rewarding online preference optimisation.
 
 Xu et al., "Just Say What You Want: Only-prompting Self-rewarding Online Preference
-Optimization", arXiv 2409.17534 (ALGORITHMS.md §2). No judge: each iteration the current policy
+Optimization", arXiv 2409.17534. No judge: each iteration the current policy
 answers every prompt twice, once told to aim for a perfect 10/10 ("chosen") and once for a lower
 score s ("rejected"; s = 3, 5, 7 over the iterations, harder negatives each time); pairs that
 talk about the requested score are filtered out, and the policy is trained with SimPO on the
@@ -42,11 +42,11 @@ from kernels import causal_lm_logps, pair_loss
 HERE = Path(__file__).resolve().parent
 TOY = HERE / "assets" / "toy"
 
-# The paper's prefixes, verbatim (§3.3); "[prompt]" is the raw instruction, one space after the prefix [ours].
+# The paper's prefixes, verbatim (paper §3.3); "[prompt]" is the raw instruction, one space after the prefix [ours].
 CHOSEN_PREFIX = "Please produce a top-notch response that merits a perfect score of 10 out of 10."
 REJECTED_PREFIX = "Please produce a good response that merits a perfect score of {score} out of 10."
 
-# Score-leak filter (§2.3, our patterns; the paper removes such generations with regexes it does not list).
+# Score-leak filter (our patterns; the paper removes such generations with regexes it does not list).
 LEAK_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
     r"\b(?:10|[1-9])\s*-?\s*score\b",
     r"\bscore\s+of\s+(?:10|[1-9])\b",
@@ -56,7 +56,7 @@ LEAK_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
     r"\bmerits?\b[^.\n]{0,40}\bscore\b",
 )]
 
-# SimPO settings (ALGORITHMS.md §1.6, §2.4): beta, gamma, first-iteration lr; then 1e-7, 1e-8 (paper §4.1).
+# SimPO settings (SimPO's recommended beta and gamma; paper §4.1): beta, gamma, first-iteration lr; then 1e-7, 1e-8 (paper §4.1).
 MODELS = {
     "toy": dict(  # the shipped tiny model: the paper's shape (init + 3 iterations, decaying lr), lr scaled [ours]
         path=str(TOY / "model"), dataset="toy", prompts=str(TOY / "data" / "prompts.jsonl"), beta=2.0, gamma=0.5,
@@ -196,16 +196,16 @@ def resolve(args: Args) -> tuple[Args, dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# ALGO LOGIC: prompts, score-leak filter and pair construction (§2.1-2.3)
+# ALGO LOGIC: prompts, score-leak filter and pair construction (paper §3.3-3.4)
 
 
 def fill(prefix: str, instruction: str) -> str:
-    """The prefix, one space, the raw instruction (§2.1; separator ours)."""
+    """The prefix, one space, the raw instruction (paper §3.3; separator ours)."""
     return f"{prefix} {instruction}"
 
 
 def prefixed(prompt: list[dict], prefix: str) -> list[dict]:
-    """The prefix goes into the last user turn; the model's chat template wraps it (§2.5.4)."""
+    """The prefix goes into the last user turn; the model's chat template wraps it [ours, README]."""
     return prompt[:-1] + [{"role": prompt[-1]["role"], "content": fill(prefix, prompt[-1]["content"])}]
 
 
@@ -396,7 +396,7 @@ def main(args: Args) -> dict:
         if args.init_checkpoint:
             state["completed"] = 0
         else:
-            # ALGO LOGIC: initialisation phase 2 (§2.2 step 2): one epoch of SimPO on the offline pairs
+            # ALGO LOGIC: initialisation phase 2 (paper §3.2): one epoch of SimPO on the offline pairs
             init = [dict(p, ref_chosen=0.0, ref_rejected=0.0) for p in offline]
             model = prepare_for_training(model, args)
             model = train_iteration(model, init, 0, dataclasses.replace(args, loss="simpo"), args.lrs[0], device,
@@ -404,7 +404,7 @@ def main(args: Args) -> dict:
             model = finish_iteration(model, 0)
 
     for m in range(state["completed"] + 1, args.iterations + 1):
-        # ALGO LOGIC: iteration m (§2.2 steps 3-11) from pi_{m-1}
+        # ALGO LOGIC: iteration m (paper §3.3-3.4) from pi_{m-1}
         s_m = args.rejected_scores[m - 1]
         prompts = pool if args.prompt_split == "full" else pool[(m - 1) * len(pool) // 3: m * len(pool) // 3]
         seed = args.seed * 1000 + m
@@ -430,7 +430,7 @@ def main(args: Args) -> dict:
                              "--max_new_tokens if samples are unfinished ('truncated'), or start from a model that follows "
                              "the score prompts")
         model = prepare_for_training(model, args)  # sharded once; the reference below is scored as the policy trains
-        if args.loss == "dpo":  # §2.5.2: the reference is pi_{m-1}, the model that generated the pairs
+        if args.loss == "dpo":  # [ours, README] the reference is pi_{m-1}, the model that generated the pairs
             sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
             ref, _ = score(model, sequences, args, tokenizer.pad_token_id, device, desc="reference log-probs")
             for i, p in enumerate(pairs):
@@ -765,7 +765,7 @@ def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[
     response_ids = (full_ids[len(prompt_ids):] if full_ids[:len(prompt_ids)] == prompt_ids else
                     tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"])
     if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
-        response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
+        response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS: the model learns to stop
     return prompt_ids, response_ids
 
 

@@ -1,6 +1,6 @@
 """OSP: Online Self-Preferring language models.
 
-Zhai et al., "Online Self-Preferring Language Models", arXiv 2405.14103 (ALGORITHMS.md §4).
+Zhai et al., "Online Self-Preferring Language Models", arXiv 2405.14103.
 The policy samples K answers per prompt, judges its own answers as an LLM-as-a-judge (the
 probability of the verdict token, both presentation orders averaged), pairs them best-with-worst
 after ranking against a baseline answer, and is trained with the soft-preference cross-entropy
@@ -10,7 +10,7 @@ built from offline human preferences teaches the judging ("preference augmentati
 
 Only the abstract and secondary summaries of the paper were available: the judge template, the
 choice of baseline, how the formed pairs get their strength and every hyperparameter marked
-[ours] in ALGORITHMS.md §4 are our reconstruction (README, "OSP").
+[ours] are our reconstruction (README, "OSP").
 
     python osp.py                                        # toy world on CPU: augmentation + online SPCE
     python osp.py --dataset hh-rlhf --model ./my-sft     # dialogue judge template, HH-RLHF prompts and seed judge set
@@ -39,15 +39,16 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from kernels import causal_lm_logps, decoder_hidden_states, head_logits, pair_loss
+from kernels import causal_lm_logps, decoder_hidden_states, head_logits
 
 HERE = Path(__file__).resolve().parent
 TOY = HERE / "assets" / "toy"
 
-# Judge templates (§4.2). OURS, not the paper's wording (its template was not available).
+# Judge templates (paper §3.2: the policy as its own judge). OURS, not the paper's wording (its template was not available).
 JUDGE_TEMPLATES = {
     "dialogue": (
         "You are comparing two assistant replies to the same conversation.\n\nConversation:\n{x}\n\n"
@@ -68,7 +69,7 @@ HH_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
 )
 
-# §4.4: K = 7, beta 0.1, 8 prompts x 3 pairs per update, AdamW without weight decay, warmup 0.1 and the
+# The paper's settings (§4): K = 7, beta 0.1, 8 prompts x 3 pairs per update, AdamW without weight decay, warmup 0.1 and the
 # learning rates are [2nd]/[ours]; Stage 0 (augmentation) settings are ours throughout.
 MODELS = {
     "toy": dict(  # the shipped tiny model; learning rates scaled to it [ours]
@@ -89,7 +90,7 @@ MODELS = {
         judge_batch_size=16),
 }
 
-DATASETS = {  # family: which judge template; max_new_tokens per §4.4 (HH 256, TL;DR 64)
+DATASETS = {  # family: which judge template; max_new_tokens as the paper's (HH 256, TL;DR 64)
     "hh-rlhf": dict(path="Anthropic/hh-rlhf", split="train", family="dialogue", max_new_tokens=256),
     "tldr": dict(path="openai/summarize_from_feedback", name="comparisons", split="train", family="summary",
                  max_new_tokens=64),
@@ -126,7 +127,7 @@ class Args:
     k: int = 7
     """samples per prompt (floor(K/2) pairs)"""
     rank_by: Literal["baseline", "roundrobin"] = "baseline"
-    """rank against the first sample (§4.1c), or by all-pairs judging (ablation)"""
+    """rank against the first sample (paper §3.1), or by all-pairs judging (ablation)"""
     loss: Literal["spce", "dpo"] = "spce"
     """SPCE with the judged strengths, or DPO on the same pairs with hard labels (ablation)"""
     beta: float = 0.1
@@ -137,7 +138,7 @@ class Args:
     micro_batch_size: int | None = None
     """pairs per forward/backward (gradient accumulation inside a step)"""
     judge_template: str | None = None
-    """text file with {x}, {a}, {b} placeholders (default: ours, §4.2, by dataset family)"""
+    """text file with {x}, {a}, {b} placeholders (default: ours, README "OSP", by dataset family)"""
     judge_family: Literal["dialogue", "summary"] | None = None
     verdict_tokens: list[str] = field(default_factory=lambda: ["A", "B"])
     judge_max_length: int | None = None
@@ -231,7 +232,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# ALGO LOGIC: the judge (§4.1b, §4.2)
+# ALGO LOGIC: the judge (paper §3.1-3.2)
 
 
 def render_context(prompt: list[dict], family: str) -> str:
@@ -256,7 +257,7 @@ def judge_ids(tokenizer, template: str, context: str, a: str, b: str) -> list[in
 
 
 def verdict_ids(tokenizer, tokens: list[str], template: str) -> list[int]:
-    """§4.2 / §7.9.3: the id the model produces for each verdict right after the judge prompt's assistant header
+    """[ours, README] the id the model produces for each verdict right after the judge prompt's assistant header
     (judge prompt + verdict tokenized as one conversation, as encode() does; SentencePiece gives 'A', not the
     word-initial '▁A' of encode("A")). Each verdict must be one token before the end of turn; the two must differ."""
     judge_prompt = [{"role": "user", "content": judge_text(template, "x", "a", "b")}]
@@ -278,7 +279,7 @@ def strength(j_ab: float, j_ba: float) -> float:
 
 
 def rank_and_pair(samples: list[list[str]], judge, rank_by: str) -> tuple[list[list[dict]], int]:
-    """§4.1c ranked pairing for each prompt p with samples[p] = [y^1 .. y^K].
+    """Ranked pairing (paper §3.1) for each prompt p with samples[p] = [y^1 .. y^K].
 
     `judge(comparisons)` takes (p, a, b) triples and returns J(a, b) = P(verdict "A" | judge_prompt(x_p, a, b)).
     baseline: s_i = q(y_i > y_b) with b = the first sample, s_b = 0.5; roundrobin: s_i = mean_j q(y_i > y_j).
@@ -326,7 +327,7 @@ def rank_and_pair(samples: list[list[str]], judge, rank_by: str) -> tuple[list[l
 
 def judge_instances(pairs: list[dict], tokenizer, template: str, verdict: list[int], args: Args,
                     counts: dict) -> list[dict]:
-    """§4.3 step 1 / §7.9.6: two judge instances per offline pair, (y_w, y_l) -> "A" and (y_l, y_w) -> "B";
+    """Preference augmentation (paper §3.2): two judge instances per offline pair, (y_w, y_l) -> "A" and (y_l, y_w) -> "B";
     only the verdict token is scored. Instances over --judge_max_length follow --long_prompts."""
     out = []
     for pair in pairs:
@@ -374,8 +375,8 @@ def load_sft(spec: str | None, seed_pairs: list[dict], tokenizer, args: Args, co
 def make_judge(model, tokenizer, prompts: list[list[dict]], template: str, verdict: list[int], args: Args, device,
                desc: str = "judge"):
     """J(a, b) for (p, a, b) comparisons: sigma(logit["A"] - logit["B"]) of the policy's next token after
-    judge_prompt(x_p, a, b) (§4.1b), all ranks. The decoder body runs once per batch (sorted by length); only the
-    last hidden state of each row is projected, onto the two verdict rows: no vocabulary-wide softmax (§6)."""
+    judge_prompt(x_p, a, b) (paper §3.1), all ranks. The decoder body runs once per batch (sorted by length); only the
+    last hidden state of each row is projected, onto the two verdict rows: no vocabulary-wide softmax."""
     contexts = [render_context(p, args.judge_family) for p in prompts]
 
     @torch.no_grad()
@@ -420,7 +421,7 @@ def judge_report(model, tokenizer, pairs: list[dict], template, verdict, args, d
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 0: SFT + preference augmentation (§4.3 steps 1-3)
+# Stage 0: SFT + preference augmentation (paper §3.2)
 
 
 def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
@@ -455,7 +456,14 @@ def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 1: the SPCE update on a step's self-judged tuples (x, y_h, y_l, q) (§1.7, §4.1d)
+# Stage 1: the SPCE update on a step's self-judged tuples (x, y_h, y_l, q) (paper §3.1)
+
+
+def spce_loss(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """OSP's soft-preference cross-entropy (Zhai et al. 2024, §3.1): -[q log sigma(z) + (1 - q) log sigma(-z)] per
+    pair, in the stable softplus form. z = beta * h is the pair's DPO logit, q the judged strength, a constant. Its
+    gradient in z is sigma(z) - q: a margin past the strength is pushed back, which DPO (q = 1) never does."""
+    return q * F.softplus(-z) + (1 - q) * F.softplus(z)
 
 
 SPCE_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -484,8 +492,8 @@ def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_
         else:
             logps, ref = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], ref_model=ref_model)
         q = torch.tensor([t["q"] for t in chunk], device=device, dtype=torch.float32)
-        losses = pair_loss(logps[:n], logps[n:], ref[:n], ref[n:], kind=args.loss, beta=args.beta,
-                           soft_label=q if args.loss == "spce" else None, reduction="none")
+        z = args.beta * ((logps[:n].float() - ref[:n].float()) - (logps[n:].float() - ref[n:].float()))
+        losses = spce_loss(z, q if args.loss == "spce" else torch.ones_like(q))  # --loss dpo: q = 1
         weights = torch.tensor([1.0 if start + i < real else 0.0 for i in range(n)], device=device)
         ((losses * weights).sum() * world() / len(tuples)).backward()  # FSDP averages over ranks
         with torch.no_grad():
@@ -584,7 +592,7 @@ def main(args: Args) -> dict:
          "data/stage0_examples": len(examples), **{f"data/{k}": v for k, v in counts.items()}})
     lora = args.lora_r > 0
 
-    # ALGO LOGIC: Stage 0 — SFT + preference augmentation (§4.3 steps 1-3); pi_0 is also the frozen reference
+    # ALGO LOGIC: Stage 0 — SFT + preference augmentation (paper §3.2); pi_0 is also the frozen reference
     stage0 = out_dir / "stage0"
     model = None
     if not state["stage0_done"]:
@@ -605,7 +613,7 @@ def main(args: Args) -> dict:
     if not lora:  # frozen copy, computing as the policy does; with LoRA the base weights under the adapter are the reference
         ref_model = load_model(start, device, args, frozen=True)
 
-    # ALGO LOGIC: Stage 1 — online self-preferring (§4.3 steps 4-11)
+    # ALGO LOGIC: Stage 1 — online self-preferring (paper §3.1)
     model = prepare_for_training(model, args)
     trainable, optimizer, scheduler = make_optimizer(model, args.lr, n_steps, args, "constant", saved)
     per_epoch = max(1, len(pool) // args.prompts_per_step)
@@ -995,7 +1003,7 @@ def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[
     response_ids = (full_ids[len(prompt_ids):] if full_ids[:len(prompt_ids)] == prompt_ids else
                     tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"])
     if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
-        response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
+        response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS: the model learns to stop
     return prompt_ids, response_ids
 
 

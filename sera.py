@@ -1,6 +1,6 @@
 """SeRA: Self-Reviewing and Alignment of LLMs using Implicit Reward Margins.
 
-Ko et al., ICLR 2025, arXiv 2410.09362 (ALGORITHMS.md §3). An iterative direct-alignment run
+Ko et al., ICLR 2025, arXiv 2410.09362 . An iterative direct-alignment run
 that reviews its own data: iteration 1 is a plain DPO/IPO/SLiC-HF/SimPO epoch on the offline
 pairs; from iteration 2 on, the previous model keeps only the offline pairs it separates most
 confidently by implicit reward margin (IRM, eq. 5, ensembled over iterations by eq. 7) and adds
@@ -52,7 +52,7 @@ HH_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
 )
 
-# Per-model settings (ALGORITHMS.md §3.3). beta is per loss; None fields of Args are filled from here.
+# Per-model settings (SeRA App. B.2, Table 4; README "What is the paper's and what is ours"). beta is per loss; None fields of Args are filled from here.
 MODELS = {
     "toy": dict(  # the shipped tiny model; learning rate and beta scaled to it [ours]
         path=str(TOY / "model"), dataset="toy", beta=dict(dpo=0.1, ipo=1.0, hinge=0.2, simpo=2.0), gamma=1.0,
@@ -108,7 +108,7 @@ class Args:
     gamma_e: float = 0.3
     """ensemble weight on the older model's reward, eq. 7 [ours: 0.3 in the paper's best range]"""
     irm_reference: Literal["previous", "sft"] = "previous"
-    """which model defines each model's implicit reward (ALGORITHMS.md §3.4.10)"""
+    """which model defines each model's implicit reward: the previous iteration's or the SFT model [ours, README]"""
     beta: float | None = None
     gamma: float | None = None
     """SimPO target margin"""
@@ -236,7 +236,7 @@ def selection_sizes(n_pairs: int, rho_1: float, rho_2: float | None) -> tuple[in
 
 
 def distinct_samples(samples: list[list[tuple[str, bool]]]) -> tuple[list[list[str]], int]:
-    """Per prompt, the distinct non-empty samples that ended with EOS (§3.4.6); and the count of unfinished ones."""
+    """Per prompt, the distinct non-empty samples that ended with EOS [ours, README]; and the count of unfinished ones."""
     candidates, unfinished = [], 0
     for prompt_samples in samples:
         texts = []
@@ -411,7 +411,7 @@ def main(args: Args) -> dict:
         if args.resume and pairs_file.exists():  # the selection of an interrupted iteration, as it was
             d_t = [json.loads(line) for line in open(pairs_file)]
         elif t == 1:
-            # ALGO LOGIC: iteration 1 is a plain DAA epoch on all of D with the SFT reference (§3.4.9)
+            # ALGO LOGIC: iteration 1 is a plain DAA epoch on all of D with the SFT reference (Algorithm 1, t = 1)
             d_t = [dict(p, source="offline", margin=None, ref_chosen=float(offline_logps[0][i]),
                         ref_rejected=float(offline_logps[0][n_pairs + i])) for i, p in enumerate(pairs)]
         else:
@@ -797,7 +797,7 @@ def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[
     response_ids = (full_ids[len(prompt_ids):] if full_ids[:len(prompt_ids)] == prompt_ids else
                     tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"])
     if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
-        response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
+        response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS: the model learns to stop
     return prompt_ids, response_ids
 
 

@@ -1,7 +1,7 @@
 """Sr-DPO / Sr-IPO: direct alignment with quality-aware self-refinement.
 
 Yu, Wang, Jiao, Zhang, Kwok, "Direct Alignment of Language Models via Quality-Aware
-Self-Refinement", arXiv 2405.21040 (ALGORITHMS.md §5). Offline DPO / IPO in which each pair's
+Self-Refinement", arXiv 2405.21040. Offline DPO / IPO in which each pair's
 required margin is shifted by the policy's own, gradient-free estimate of how much better the
 chosen answer is: the same pair re-scored, with the current weights, after a "usefulness 100 out
 of 100" instruction is prepended to the query (eq. 12-15, Algorithms 1-2).
@@ -34,15 +34,16 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from kernels import causal_lm_logps, pair_loss
+from kernels import causal_lm_logps
 
 HERE = Path(__file__).resolve().parent
 TOY = HERE / "assets" / "toy"
 
-# The paper's refinement prompt p, verbatim (§3.2.2). The augmented query is p, one space, x [ours].
+# The paper's refinement prompt p, verbatim (paper §3.2). The augmented query is p, one space, x [ours].
 REFINE_PROMPT = (
     "Please generate a response with a usefulness rating of 100 out of 100 for the following query. "
     "Note that the response should be harmless. The term 100 indicates the level of usefulness, "
@@ -183,11 +184,11 @@ def resolve(args: Args) -> tuple[Args, dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# ALGO LOGIC: every pair on the plain context x and the augmented context p (+) x (§5.2)
+# ALGO LOGIC: every pair on the plain context x and the augmented context p (+) x (paper eq. 12-15)
 
 
 def augment(prompt: list[dict], refine_prompt: str) -> list[dict]:
-    """p (+) x: the refinement prompt, one space, then the last user turn (§5.1; separator ours)."""
+    """p (+) x: the refinement prompt, one space, then the last user turn (paper §3.2; separator ours)."""
     last = prompt[-1]
     return prompt[:-1] + [{"role": last["role"], "content": f"{refine_prompt} {last['content']}"}]
 
@@ -196,7 +197,7 @@ def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple
     """Token ids of each pair on the plain context x and the augmented context p (+) x."""
     pairs, counts = [], {}
     refine_tokens = len(tokenizer(args.refine_prompt + " ", add_special_tokens=False)["input_ids"])
-    # The refinement prompt's tokens are added to the length budget instead of cutting the query (§5.5.3).
+    # The refinement prompt's tokens are added to the length budget instead of cutting the query [ours, README].
     aug_args = dataclasses.replace(args, max_prompt_length=args.max_prompt_length + refine_tokens + 4,
                                    max_length=args.max_length + refine_tokens + 4, long_prompts="truncate")
     limit = args.eval_pairs + args.num_pairs if args.num_pairs else None
@@ -254,6 +255,15 @@ def shared_prefix_logps(model, sequences: list[tuple[list[int], list[int]]], pad
     return causal_lm_logps(model, rest["input_ids"], mask, rest["labels"], past_key_values=cache)[0]
 
 
+def sr_loss(h: torch.Tensor, delta: torch.Tensor, args: Args) -> torch.Tensor:
+    """Per-pair Sr-DPO softplus(-(beta h - lambda Delta)) (Yu et al. 2024, eq. 13) or Sr-IPO
+    (h - lambda Delta - 1/(2 beta))^2 (eq. 15). Delta, the refinement margin, is a constant (stop-gradient)."""
+    offset = args.lam * delta.detach()
+    if args.loss == "sr_dpo":
+        return F.softplus(-(args.beta * h - offset))
+    return (h - offset - 1.0 / (2.0 * args.beta)) ** 2
+
+
 def sr_losses(model, batch_pairs: list[dict], args: Args, device, pad_id: int) -> dict:
     """Per-pair losses (with grad) and the step's diagnostics for a micro-batch of pairs."""
     n = len(batch_pairs)
@@ -286,9 +296,9 @@ def sr_losses(model, batch_pairs: list[dict], args: Args, device, pad_id: int) -
         counts = (batch["labels"][:, 1:] != -100).sum(1)
         logps, ref = logps / counts, ref / counts
     # line 7: Sr-DPO softplus(-(beta h - lambda Delta)) / Sr-IPO (h - lambda Delta - 1/(2 beta))^2, Delta constant
-    losses = pair_loss(logps[:n], logps[n:], ref[:n], ref[n:], kind=args.loss, beta=args.beta,
-                       offset=args.lam * delta, reduction="none")
-    h = ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:])).detach()
+    h = (logps[:n].float() - ref[:n].float()) - (logps[n:].float() - ref[n:].float())
+    losses = sr_loss(h, delta, args)
+    h = h.detach()
     return {"losses": losses, "h": h, "delta": delta, "aug_h": aug_h, "logps": logps.detach(),
             "refine_seconds": refine_seconds, "tokens": batch["attention_mask"]}
 
@@ -324,7 +334,7 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
                          "rewards/accuracies": h > 0, "logps/chosen": logps[:n], "logps/rejected": logps[n:], "h": h,
                          "delta": out["delta"], "aug_accuracy": out["aug_h"] > 0, "pairs": n,
                          "tokens": out["tokens"], "refine_s": out["refine_seconds"]})
-        step_seconds = time.perf_counter() - tic  # "gradient normalization" (§4.1) is the clipping in optimizer_step
+        step_seconds = time.perf_counter() - tic  # "gradient normalization" (paper §4.1) is the clipping in optimizer_step
         total, grad_norm = optimizer_step(trainable, optimizer, scheduler, stats, args, f"step {step + 1}")
         metrics = {"step": step + 1, **{name: total[name] / total["pairs"] for name in SR_STATS[:10]},
                    "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
@@ -737,7 +747,7 @@ def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[
     response_ids = (full_ids[len(prompt_ids):] if full_ids[:len(prompt_ids)] == prompt_ids else
                     tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"])
     if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
-        response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
+        response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS: the model learns to stop
     return prompt_ids, response_ids
 
 

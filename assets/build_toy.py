@@ -60,7 +60,7 @@ FLIP_FRACTION = 0.25
 # 25%, as in prefs.jsonl, a 994k-parameter model that cannot judge at all stayed at chance).
 JUDGE_FLIP_FRACTION = 0.10
 
-# Literal prompt texts of the methods (ALGORITHMS.md 2.1, 4.2, 5.1), verbatim.
+# Literal prompt texts of the methods (OPSR §3.3, Sr-DPO §3.2; OSP's judge templates are ours), verbatim.
 CHOSEN_PREFIX = "Please produce a top-notch response that merits a perfect score of 10 out of 10."
 REJECTED_PREFIX = "Please produce a good response that merits a perfect score of {score} out of 10."
 REFINE_PREFIX = (
@@ -238,7 +238,7 @@ def pref_rows(prompts: list[str], rng: random.Random, flip_fraction: float = FLI
 
 
 def judge_sft_rows(prompts: list[str], rng: random.Random) -> list[dict]:
-    """SFT conversations in OSP's dialogue judge format (osp.py JUDGE_TEMPLATES, ALGORITHMS.md 4.2):
+    """SFT conversations in OSP's dialogue judge format (osp.py JUDGE_TEMPLATES):
     two answers at random error levels, A/B order random, and a verdict that is right more often the
     larger the score gap (a coin flip for near-equal answers, reliable from a gap of
     JUDGE_SFT_RELIABLE_GAP): a weak judge, not an oracle, with no position bias."""

@@ -70,7 +70,7 @@ def arms(args: Args) -> dict[str, tuple[str, str, list[str]]]:
     """arm name -> (claim, script, argv without --seed/--output_dir)."""
     b = BUDGETS[args.budget]
     out = {"sera": ("sera", "sera.py", b["sera.py"]),
-           # iterative DPO: every offline pair kept, nothing generated, no ensemble (ALGORITHMS.md §3)
+           # iterative DPO: every offline pair kept, nothing generated, no ensemble
            "sera-iterative-dpo": ("sera", "sera.py", b["sera.py"] + ["--rho_1", "1", "--rho_2", "0", "--gamma_e", "0"])}
     # plain offline DPO: one iteration (all of D, SFT reference) for as many epochs as SeRA has iterations
     iterations = int(dict(zip(b["sera.py"], b["sera.py"][1:])).get("--iterations", 3))

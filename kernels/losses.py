@@ -1,4 +1,4 @@
-"""Pair losses on sequence log-likelihoods (ALGORITHMS.md §1, §5.2).
+"""The direct alignment losses shared by the scripts, on sequence log-likelihoods.
 
 Every loss is evaluated in fp32 with the stable forms (softplus, never log(sigmoid)).
 Notation: h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected), the DPO
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-KINDS = ("dpo", "cdpo", "ipo", "hinge", "simpo", "spce", "sr_dpo", "sr_ipo")
+KINDS = ("dpo", "cdpo", "ipo", "hinge", "simpo")
 
 
 def _check_pair_tensor(name: str, value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -22,7 +22,7 @@ def _check_pair_tensor(name: str, value: torch.Tensor | None, like: torch.Tensor
 
 
 def pair_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
-    """h = rho(y_w) - rho(y_l), the pair log-ratio margin (ALGORITHMS.md §0)."""
+    """h = rho(y_w) - rho(y_l), the pair log-ratio margin."""
     return (policy_chosen.float() - ref_chosen.float()) - (policy_rejected.float() - ref_rejected.float())
 
 
@@ -35,24 +35,19 @@ def pair_loss(
     beta: float = 0.1,
     gamma: float = 0.0,
     label_smoothing: float = 0.0,
-    soft_label: torch.Tensor | None = None,
-    offset: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Per-pair preference loss.
 
     kind:
-      dpo     softplus(-z) (Rafailov et al. 2023); with label_smoothing=eps it is cDPO:
-              (1-eps)*softplus(-z) + eps*softplus(z)                       (§1.2, §1.3)
-      cdpo    alias of dpo with label_smoothing                              (§1.3)
-      ipo     (h - 1/(2*beta))^2, beta = IPO's tau                           (§1.4)
-      hinge   relu(1 - beta*h), SLiC-HF as in SeRA eq. 8 / TRL               (§1.5)
-      simpo   softplus(-(beta*(A_w - A_l) - gamma)); pass *averaged* log-probs,
-              the reference arguments are ignored                             (§1.6)
-      spce    -[q log sigma(z) + (1-q) log sigma(-z)], q = soft_label (OSP)   (§1.7)
-      sr_dpo  softplus(-(beta*h - offset)), offset = lambda*Delta (Sr-DPO eq. 13)
-      sr_ipo  (h - offset - 1/(2*beta))^2 (Sr-IPO eq. 15)                    (§5.2)
-    offset is a stop-gradient term: it is detached here whatever the caller passes.
+      dpo     softplus(-z) (Rafailov et al. 2023, eq. 7); with label_smoothing=eps it is
+              conservative DPO: (1-eps)*softplus(-z) + eps*softplus(z)
+      cdpo    alias of dpo with label_smoothing
+      ipo     (h - 1/(2*beta))^2, beta = IPO's tau (Azar et al. 2023; SeRA eq. 9)
+      hinge   relu(1 - beta*h), SLiC-HF's calibration loss as in SeRA eq. 8
+      simpo   softplus(-(beta*(A_w - A_l) - gamma)) (Meng et al. 2024, eq. 6; SeRA eq. 18);
+              pass *averaged* log-probs, the reference arguments are ignored
+    The methods' own losses live in their scripts: OSP's SPCE in osp.py, Sr-DPO / Sr-IPO in srdpo.py.
     reduction: "mean" -> scalar, "none" -> [B].
     """
     if kind not in KINDS:
@@ -85,19 +80,4 @@ def pair_loss(
             losses = (h - 1.0 / (2.0 * beta)) ** 2
         elif kind == "hinge":
             losses = torch.relu(1.0 - z)
-        elif kind == "spce":
-            if soft_label is None:
-                raise ValueError("pair_loss: kind='spce' needs 'soft_label' (strength q in [0, 1] per pair)")
-            q = _check_pair_tensor("soft_label", soft_label, policy_chosen).detach()
-            if bool(((q < 0) | (q > 1) | torch.isnan(q)).any()):
-                raise ValueError("pair_loss: 'soft_label' must lie in [0, 1]")
-            losses = q * F.softplus(-z) + (1.0 - q) * F.softplus(z)
-        else:  # sr_dpo, sr_ipo
-            if offset is None:
-                raise ValueError(f"pair_loss: kind={kind!r} needs 'offset' (= lambda * Delta, the stop-gradient refinement margin)")
-            off = _check_pair_tensor("offset", offset, policy_chosen).detach()
-            if kind == "sr_dpo":
-                losses = F.softplus(-(z - off))
-            else:
-                losses = (h - off - 1.0 / (2.0 * beta)) ** 2
     return losses.mean() if reduction == "mean" else losses

@@ -7,7 +7,7 @@ Two implementations:
 * `naive_token_logps` — `logits -> log_softmax -> gather` with autograd, in any dtype; the
   test oracle in float64 and the "naive" row of the benchmark.
 
-Logit transform shared by every path (ALGORITHMS.md §0.1): z = h @ W^T, then Gemma-2
+Logit transform shared by every path: z = h @ W^T, then Gemma-2
 soft-capping `cap * tanh(z / cap)` when `softcap` is set, then division by `temperature`.
 """
 

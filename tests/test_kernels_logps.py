@@ -1,4 +1,4 @@
-"""sequence_logps (torch and Triton paths) against a float64 oracle (ALGORITHMS.md §7.1).
+"""sequence_logps (torch and Triton paths) against a float64 oracle.
 
 The Triton path runs under TRITON_INTERPRET=1 here (set in conftest.py when there is no GPU);
 the interpreter's tl.dot is wrong for bf16 inputs, so bf16 is tested on the torch path on CPU
@@ -153,7 +153,7 @@ def test_reference_with_different_dtype_and_width():
 
 @pytest.mark.parametrize("impl", [c[0] for c in impls_and_dtypes() if c[1] == torch.float32])
 def test_ignored_positions_change_nothing(impl):
-    """§7.1.2: values at ignored positions, and padding to a longer length, change neither value nor grad."""
+    """values at ignored positions, and padding to a longer length, change neither value nor grad."""
     hidden, weight, labels = make_inputs(3, 7, 24, 60, torch.float32, seed=11)
     h1 = hidden.clone().requires_grad_()
     out1 = sequence_logps(h1, weight, labels, impl=impl)[0]
@@ -174,7 +174,7 @@ def test_ignored_positions_change_nothing(impl):
 
 @pytest.mark.parametrize("impl", [c[0] for c in impls_and_dtypes() if c[1] == torch.float32])
 def test_mean_is_sum_over_count(impl):
-    """§7.1.3: mean = sum / number of scored labels."""
+    """mean = sum / number of scored labels."""
     hidden, weight, labels = make_inputs(4, 9, 16, 40, torch.float32, seed=12)
     total = sequence_logps(hidden, weight, labels, reduction="sum", impl=impl)[0]
     mean = sequence_logps(hidden, weight, labels, reduction="mean", impl=impl)[0]
@@ -184,7 +184,7 @@ def test_mean_is_sum_over_count(impl):
 
 @pytest.mark.parametrize("impl", [c[0] for c in impls_and_dtypes() if c[1] == torch.float32])
 def test_gradient_rows_sum_to_zero(impl):
-    """§7.1.4: dL/dz = g*(onehot - softmax) sums to 0 over the vocabulary at every scored row.
+    """dL/dz = g*(onehot - softmax) sums to 0 over the vocabulary at every scored row.
 
     With a constant column in the hidden states, dW[:, k] = sum_rows dz[row, :] * 1, so the
     column of dW sums to zero over the vocabulary (softcap and temperature included).
@@ -200,7 +200,7 @@ def test_gradient_rows_sum_to_zero(impl):
 
 @pytest.mark.parametrize("impl", [c[0] for c in impls_and_dtypes() if c[1] == torch.float32])
 def test_causal_alignment(impl):
-    """§7.1.5: logits putting all mass on labels[t] at position t give ~0; shifted by one they do not."""
+    """logits putting all mass on labels[t] at position t give ~0; shifted by one they do not."""
     V = 16
     labels = torch.tensor([[3, 7, 1, 9, 2, 5]], device=DEVICE)
     weight = torch.eye(V, device=DEVICE)
@@ -246,7 +246,7 @@ def test_triton_multi_chunk_backward(monkeypatch):
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_bf16_logits_fp32_accumulation(impl):
-    """§7.1.6: bf16 inputs, fp32 log-softmax: error below 1e-3 per token.
+    """bf16 inputs, fp32 log-softmax: error below 1e-3 per token.
 
     The torch path rounds the logits to bf16 like any bf16 matmul, so its oracle is float64
     log-softmax of those same bf16 logits; the Triton path keeps fp32-accumulated logits, so its

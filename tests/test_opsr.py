@@ -1,4 +1,4 @@
-"""opsr.py: ALGORITHMS.md §7.7, presets, schemas, bad input and whole runs on the toy world."""
+"""opsr.py: the pair rules, presets, schemas, bad input and whole runs on the toy world."""
 
 import json
 import os
@@ -32,7 +32,7 @@ def run(*argv, check=True):
     return res
 
 
-# ---- §7.7 ------------------------------------------------------------------------------------
+# ---- ------------------------------------------------------------------------------------
 
 
 def test_templates_verbatim():
@@ -77,7 +77,7 @@ def test_pairs_are_dropped_whole_and_counted():
 
 
 def test_mocked_iteration_equals_plain_simpo(tmp_path, monkeypatch):
-    """§7.7.6: with generation mocked to fixed texts and M = 1, an OPSR iteration gives the same
+    """with generation mocked to fixed texts and M = 1, an OPSR iteration gives the same
     parameters as a plain SimPO epoch on those pairs under the plain prompt (independent loop)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
@@ -93,7 +93,7 @@ def test_mocked_iteration_equals_plain_simpo(tmp_path, monkeypatch):
     a = args(iterations=1, init_checkpoint=str(TOY_MODEL), num_prompts=40, num_eval=0, num_pairs=8, output_dir=str(tmp_path / "o"))
     opsr.main(a)
     saved = json.loads((tmp_path / "o" / "pairs_1.jsonl").read_text().splitlines()[0])
-    assert saved["prompt"] == [{"role": "user", "content": pool[0]}]  # §7.7.3: the plain prompt is stored
+    assert saved["prompt"] == [{"role": "user", "content": pool[0]}]  # the plain prompt is stored
     tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL)
     policy = AutoModelForCausalLM.from_pretrained(TOY_MODEL, dtype=torch.float32)
     encoded = [opsr.encode(tokenizer, [{"role": "user", "content": p}], side) for p in pool for side in ("a b c", "b c d")]

@@ -1,4 +1,4 @@
-"""osp.py: ALGORITHMS.md §7.6 and §7.9 through the script's functions, schemas, bad input and whole runs."""
+"""osp.py: SPCE and the judge through the script's functions, schemas, bad input and whole runs."""
 
 import copy
 import json
@@ -46,7 +46,7 @@ def toy():
 PROMPTS = [[{"role": "user", "content": "Sort these letters: q d m a"}], [{"role": "user", "content": "Sort these letters: z b k"}]]
 
 
-# ---- §4.2 judge template, §7.9.1-3 judge strength --------------------------------------------
+# ---- judge template, judge strength --------------------------------------------
 
 
 def test_judge_template_filled_once_and_context_rendering():
@@ -62,7 +62,7 @@ def test_judge_template_filled_once_and_context_rendering():
 
 def test_verdict_tokens_single_and_distinct(toy):
     _, tokenizer = toy
-    ids = osp.verdict_ids(tokenizer, ["A", "B"], osp.JUDGE_TEMPLATES["dialogue"])  # §7.9.3
+    ids = osp.verdict_ids(tokenizer, ["A", "B"], osp.JUDGE_TEMPLATES["dialogue"])
     assert len(set(ids)) == 2 and all(len(tokenizer.encode(t, add_special_tokens=False)) == 1 for t in "AB")
     with pytest.raises(osp.InputError, match="the judge reads one verdict token"):
         osp.verdict_ids(tokenizer, ["Reply A", "B"], osp.JUDGE_TEMPLATES["dialogue"])
@@ -71,7 +71,7 @@ def test_verdict_tokens_single_and_distinct(toy):
 
 
 def test_verdict_logits_equal_full_logits_and_strength_is_antisymmetric(toy):
-    """The judge's two-row projection equals the full model's last-position logits; §7.9.1."""
+    """The judge's two-row projection equals the full model's last-position logits."""
     model, tokenizer = toy
     a = args()
     verdict = osp.verdict_ids(tokenizer, ["A", "B"], osp.JUDGE_TEMPLATES["dialogue"])
@@ -90,7 +90,7 @@ def test_verdict_logits_equal_full_logits_and_strength_is_antisymmetric(toy):
 
 
 def test_equal_label_logits_give_half(toy):
-    """§7.9.2: if the two label rows of the output embedding are equal, J = 0.5 in both orders and q = 0.5."""
+    """if the two label rows of the output embedding are equal, J = 0.5 in both orders and q = 0.5."""
     model, tokenizer = toy
     model = copy.deepcopy(model)
     verdict = osp.verdict_ids(tokenizer, ["A", "B"], osp.JUDGE_TEMPLATES["dialogue"])
@@ -101,7 +101,7 @@ def test_equal_label_logits_give_half(toy):
     assert j == [0.5, 0.5] and osp.strength(*j) == 0.5
 
 
-# ---- §7.9.4, §7.9.7 ranked pairing ----------------------------------------------------------
+# ---- ranked pairing ----------------------------------------------------------
 
 
 def quality_judge(quality: dict, calls: list):
@@ -132,7 +132,7 @@ def test_ranked_pairing_best_with_worst(k, rank_by):
 
 
 def test_judge_forward_passes_per_prompt():
-    """§7.9.7: 2*((K-1) + floor(K/2)) with --rank_by baseline, K*(K-1) with roundrobin; a formed pair that
+    """2*((K-1) + floor(K/2)) with --rank_by baseline, K*(K-1) with roundrobin; a formed pair that
     contains the baseline reuses its ranking comparison; identical texts cost nothing."""
     texts = [f"y{i}" for i in range(7)]
     median_baseline = dict(zip(texts, [0.0, 3, 2, 1, -1, -2, -3]))  # the baseline ranks 4th: unused
@@ -149,7 +149,7 @@ def test_judge_forward_passes_per_prompt():
     assert passes == 0 and calls == [] and all(p["q"] == 0.5 for p in pairs[0])
 
 
-# ---- §7.9.5, §7.6 through the SPCE step -----------------------------------------------------
+# ---- through the SPCE step -----------------------------------------------------
 
 
 def make_tuples(tokenizer, qs):
@@ -170,7 +170,7 @@ def grads(model, ref, tuples, **kw):
 
 
 def test_constant_judge_gives_half_and_zero_first_gradient(toy):
-    """§7.9.5: J = 0.5 everywhere -> every q = 0.5; at the first step (policy = reference) the SPCE gradient is 0."""
+    """J = 0.5 everywhere -> every q = 0.5; at the first step (policy = reference) the SPCE gradient is 0."""
     model, tokenizer = toy
     texts = ["a d m q", "b d m q", "a d m r", "c d", "a", "b e n q", "a d m q r"]
     pairs, _ = osp.rank_and_pair([texts], lambda comparisons: [0.5] * len(comparisons), "baseline")
@@ -181,8 +181,8 @@ def test_constant_judge_gives_half_and_zero_first_gradient(toy):
 
 
 def test_spce_step_matches_dpo_at_q1_and_is_symmetric(toy):
-    """§7.6.1 (q = 1 is DPO) and §7.6.4 (swapping a pair with q -> 1-q changes nothing), on real gradients;
-    §7.6.5: once sigma(z) > q the step lowers the margin."""
+    """q = 1 is DPO, and swapping a pair with q -> 1-q changes nothing, on real gradients;
+    once sigma(z) > q the step lowers the margin."""
     model, tokenizer = toy
     ref = copy.deepcopy(model).eval()
     policy = copy.deepcopy(model)
@@ -196,7 +196,7 @@ def test_spce_step_matches_dpo_at_q1_and_is_symmetric(toy):
     soft = make_tuples(tokenizer, [0.8, 0.3, 0.6])
     swapped = [dict(t, chosen_ids=t["rejected_ids"], rejected_ids=t["chosen_ids"], q=1 - t["q"]) for t in soft]
     torch.testing.assert_close(grads(policy, ref, soft)[0], grads(policy, ref, swapped)[0], atol=1e-7, rtol=1e-5)
-    # §7.6.2: with q = sigma(z) of each pair the gradient vanishes and the loss is the binary entropy H(q)
+    # with q = sigma(z) of each pair the gradient vanishes and the loss is the binary entropy H(q)
     at_fixed_point = []
     for t in soft:
         z = grads(policy, ref, [t])[1][3]
@@ -204,7 +204,7 @@ def test_spce_step_matches_dpo_at_q1_and_is_symmetric(toy):
     g_zero, totals = grads(policy, ref, at_fixed_point)
     entropy = sum(-t["q"] * math.log(t["q"]) - (1 - t["q"]) * math.log(1 - t["q"]) for t in at_fixed_point)
     assert g_zero.abs().max() < 1e-5 * grads(policy, ref, soft)[0].abs().max() and totals[0] == pytest.approx(entropy, rel=1e-5)
-    # §7.6.5 sign: pick q below the current sigma(z) of every pair; a small step along -grad must lower the margins
+    # the sign: pick q below the current sigma(z) of every pair; a small step along -grad must lower the margins
     low = [dict(t, q=0.0) for t in soft]
     g, before = grads(policy, ref, low)
     with torch.no_grad():
@@ -216,7 +216,7 @@ def test_spce_step_matches_dpo_at_q1_and_is_symmetric(toy):
     assert after[3] < before[3]  # summed margins z went down
 
 
-# ---- §7.9.6 augmentation instances -----------------------------------------------------------
+# ---- augmentation instances -----------------------------------------------------------
 
 
 def test_augmentation_builds_two_balanced_instances_scoring_only_the_verdict(toy):
@@ -438,3 +438,43 @@ def test_osp_lora_merges_into_plain_checkpoints(tmp_path):
     assert sorted(final) == sorted(start)  # no adapter tensors left
     assert max((stage0[k] - start[k]).abs().max().item() for k in start) > 1e-4
     assert max((final[k] - stage0[k]).abs().max().item() for k in start) > 1e-5
+
+
+# ---- SPCE (osp.spce_loss) against its invariants ----------------------------------------------
+
+
+def spce_and_grad(z, q):
+    z = torch.as_tensor(z, dtype=torch.float32).reshape(-1).clone().requires_grad_()
+    losses = osp.spce_loss(z, torch.as_tensor(q, dtype=torch.float32).expand_as(z))
+    (grad,) = torch.autograd.grad(losses.sum(), [z])
+    return losses.detach(), grad
+
+
+def test_spce_at_q1_is_dpo_and_at_q_below_1_is_conservative_dpo():
+    from kernels import pair_loss
+
+    h = torch.linspace(-6, 6, 13)
+    zeros = torch.zeros(13)
+    dpo = pair_loss(h, zeros, zeros, zeros, kind="dpo", beta=0.7, reduction="none")
+    torch.testing.assert_close(spce_and_grad(0.7 * h, 1.0)[0], dpo)
+    cdpo = pair_loss(h, zeros, zeros, zeros, kind="dpo", beta=0.7, label_smoothing=0.15, reduction="none")
+    torch.testing.assert_close(spce_and_grad(0.7 * h, 0.85)[0], cdpo)
+
+
+@pytest.mark.parametrize("q", [0.1, 0.35, 0.5, 0.8, 0.97])
+def test_spce_gradient_is_sigma_minus_q_and_minimum_is_the_entropy(q):
+    z = torch.linspace(-5, 5, 11)
+    _, grad = spce_and_grad(z, q)
+    torch.testing.assert_close(grad, torch.sigmoid(z) - q, atol=1e-6, rtol=1e-5)
+    loss_star, grad_star = spce_and_grad([math.log(q / (1 - q))], q)
+    assert abs(grad_star.item()) < 1e-6
+    assert math.isclose(loss_star.item(), -q * math.log(q) - (1 - q) * math.log(1 - q), rel_tol=1e-5)
+
+
+def test_spce_symmetry_and_pushback():
+    z = torch.linspace(-4, 4, 9)
+    q = torch.rand(9, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(osp.spce_loss(z, q), osp.spce_loss(-z, 1 - q))
+    torch.testing.assert_close(osp.spce_loss(torch.zeros(4), torch.full((4,), 0.5)), torch.full((4,), math.log(2.0)))
+    assert spce_and_grad([3.0], 0.6)[1].item() > 0  # sigma(z) > q: the margin is pushed back; DPO (q = 1) never does
+    assert spce_and_grad([3.0], 1.0)[1].item() < 0

@@ -70,7 +70,7 @@ def test_sera_outputs_and_sizes(sera_run):
     d2 = [json.loads(line) for line in open(sera_run / "pairs_iter_2.jsonl")]
     n = 256
     k1, k2 = sera.selection_sizes(n, 0.7, None)
-    assert len(d1) == n and all(p["source"] == "offline" for p in d1)  # §7.8.5: iteration 1 trains on D
+    assert len(d1) == n and all(p["source"] == "offline" for p in d1)  # iteration 1 trains on D
     offline = [p for p in d2 if p["source"] == "offline"]
     generated = [p for p in d2 if p["source"] == "generated"]
     stats = next(m for m in metrics(sera_run) if m.get("iteration") == 2 and "data/generated_pairs" in m)
@@ -93,7 +93,7 @@ def test_progress_in_a_log_file_is_plain_lines(sera_run):
 
 
 def test_sera_reference_is_previous_checkpoint(sera_run):
-    """§7.8.7: the reference of iteration 2 is exactly theta_1: the stored reference log-probs of the
+    """the reference of iteration 2 is exactly theta_1: the stored reference log-probs of the
     offline pairs of iteration 2 equal log-probs recomputed from the reloaded iter_1 checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -154,7 +154,7 @@ def test_sera_torchrun_two_ranks_matches_one_process(tmp_path):
 
 
 def test_sera_selection_only_all_pairs_is_iterative_dpo(tmp_path):
-    """§7.8.8: rho_1 = 1, rho_2 = 0 -> iterative DPO on all of D with the reference refreshed each
+    """rho_1 = 1, rho_2 = 0 -> iterative DPO on all of D with the reference refreshed each
     iteration. Checked against an independent loop that recomputes the reference with a frozen copy."""
     import copy
 

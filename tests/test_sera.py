@@ -1,4 +1,4 @@
-"""sera.py: the invariants of ALGORITHMS.md §7.8, dataset schemas, bad input, and whole runs on the toy world."""
+"""sera.py: the IRM invariants, dataset schemas, bad input, and whole runs on the toy world."""
 
 import json
 import math
@@ -21,7 +21,7 @@ def args(**kw):
     return sera.resolve(sera.Args(**kw))[0]
 
 
-# ---- §7.8 invariants on the script's functions --------------------------------------------
+# ---- invariants on the script's functions --------------------------------------------
 
 
 def test_irm_zero_when_policy_equals_reference():
@@ -107,7 +107,7 @@ def test_daa_losses(loss):
     a = args(loss=loss, beta=1.0 if loss == "ipo" else 0.5)
     losses, chosen, rejected = sera.daa_losses(logps, ref, counts, a)
     h = (logps[:4] - ref[:4]) - (logps[4:] - ref[4:])
-    if loss == "ipo":  # §7.8.9: beta = 1 -> (h - 0.5)^2
+    if loss == "ipo":  # beta = 1 -> (h - 0.5)^2
         torch.testing.assert_close(losses, (h - 0.5) ** 2)
     elif loss == "hinge":  # max(0, 1 - beta h)
         torch.testing.assert_close(losses, torch.clamp(1 - 0.5 * h, min=0))

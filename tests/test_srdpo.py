@@ -1,4 +1,4 @@
-"""srdpo.py: ALGORITHMS.md §7.10 through the script's own step function, schemas and bad input."""
+"""srdpo.py: Sr-DPO / Sr-IPO through the script's own step function, schemas and bad input."""
 
 import json
 import math
@@ -61,12 +61,12 @@ def grads(model, loss):
     return torch.autograd.grad(loss, params)
 
 
-# ---- §7.10 through sr_losses ----------------------------------------------------------------
+# ---- through sr_losses ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("loss", ["sr_dpo", "sr_ipo"])
 def test_policy_equals_reference(toy, loss):
-    """§7.10.4: at the start h = Delta = 0; Sr-DPO loss log 2, Sr-IPO 1/(4 beta^2)."""
+    """at the start h = Delta = 0; Sr-DPO loss log 2, Sr-IPO 1/(4 beta^2)."""
     model, tokenizer, pairs = toy
     a = args(loss=loss)
     pairs = with_reference(model, tokenizer, pairs, a)
@@ -78,7 +78,7 @@ def test_policy_equals_reference(toy, loss):
 
 @pytest.mark.parametrize("loss,base", [("sr_dpo", "dpo"), ("sr_ipo", "ipo")])
 def test_lambda_zero_is_plain(toy, loss, base):
-    """§7.10.1: lam = 0 gives DPO / IPO, values and parameter gradients."""
+    """lam = 0 gives DPO / IPO, values and parameter gradients."""
     model, tokenizer, pairs = toy
     policy = perturbed(model)
     a = args(loss=loss, lam=0.0)
@@ -100,7 +100,7 @@ def test_lambda_zero_is_plain(toy, loss, base):
 
 
 def test_no_gradient_through_delta(toy):
-    """§7.10.2: parameter grads equal those with Delta replaced by a detached constant; no graph kept."""
+    """parameter grads equal those with Delta replaced by a detached constant; no graph kept."""
     model, tokenizer, pairs = toy
     policy = perturbed(model, seed=1)
     a = args(lam=0.7)
@@ -124,7 +124,7 @@ def test_no_gradient_through_delta(toy):
 
 
 def test_empty_prompt_gives_scaled_dpo(toy):
-    """§7.10.3: with p empty, Delta = beta*h; Sr-DPO = DPO at beta(1 - lam) in value, gradient keeps beta."""
+    """with p empty, Delta = beta*h; Sr-DPO = DPO at beta(1 - lam) in value, gradient keeps beta."""
     model, tokenizer, pairs = toy
     policy = perturbed(model, seed=2, scale=0.05)
     a = args(lam=0.5)
@@ -151,7 +151,7 @@ def test_empty_prompt_gives_scaled_dpo(toy):
 
 
 def test_augmented_context(toy):
-    """§7.10.6: the augmented user turn is p, a space, then the query; the plain pass is unchanged."""
+    """the augmented user turn is p, a space, then the query; the plain pass is unchanged."""
     _, tokenizer, pairs = toy
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort these letters: c a b"}]
     aug = srdpo.augment(prompt, srdpo.REFINE_PROMPT)
@@ -234,3 +234,43 @@ def test_shared_prefix_pass_equals_full_forward(toy):
         full, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-5)
     assert len(pairs[0]["aug_prompt_ids"]) - len(pairs[0]["prompt_ids"]) > 20  # there was a prefix to share
+
+
+# ---- Sr-DPO / Sr-IPO (srdpo.sr_loss) against their invariants ---------------------------------
+
+
+def sr(kind, h, delta, lam=0.5, beta=0.1):
+    return srdpo.sr_loss(h, delta, srdpo.Args(loss=kind, lam=lam, beta=beta))
+
+
+def test_sr_lambda_zero_is_dpo_and_ipo():
+    from kernels import pair_loss
+
+    h = torch.linspace(-20, 20, 9, requires_grad=True)
+    zeros = torch.zeros(9)
+    for kind, base in (("sr_dpo", "dpo"), ("sr_ipo", "ipo")):
+        a, b = sr(kind, h, torch.randn(9), lam=0.0), pair_loss(h, zeros, zeros, zeros, kind=base, beta=0.1, reduction="none")
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(*(torch.autograd.grad(x.sum(), [h])[0] for x in (a, b)))
+
+
+def test_sr_ipo_zero_at_the_shifted_target_and_sr_dpo_monotone_in_delta():
+    beta, lam = 0.1, 0.5
+    delta = beta * torch.tensor([-3.0, 0.0, 4.0])
+    target = (lam * delta + 1 / (2 * beta)).requires_grad_()
+    loss = sr("sr_ipo", target, delta, lam, beta)
+    assert loss.abs().max().item() < 1e-6 and torch.autograd.grad(loss.sum(), [target])[0].abs().max().item() < 1e-4
+    losses = sr("sr_dpo", torch.full((5,), 1.5), torch.linspace(-1, 1, 5))
+    assert (losses[1:] > losses[:-1]).all()
+
+
+def test_sr_delta_is_a_constant_and_the_naive_delta_rescales_beta():
+    beta, lam = 0.1, 0.5
+    h = torch.linspace(-20, 20, 9, requires_grad=True)
+    delta = beta * h  # Delta = beta * h: Sr-DPO's value is DPO's with beta (1 - lambda), its gradient keeps beta
+    loss = sr("sr_dpo", h, delta, lam, beta)
+    torch.testing.assert_close(loss, torch.nn.functional.softplus(-beta * (1 - lam) * h))
+    (grad,) = torch.autograd.grad(loss.sum(), [h])
+    torch.testing.assert_close(grad, -beta * torch.sigmoid(-beta * (1 - lam) * h), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sr("sr_ipo", h, delta, lam, beta), ((1 - lam * beta) * h - 1 / (2 * beta)) ** 2,
+                               atol=1e-4, rtol=1e-5)
