@@ -52,36 +52,97 @@ HH_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
 )
 
-# Per-model settings (SeRA App. B.2, Table 4; README "What is the paper's and what is ours"). beta is per loss; None fields of Args are filled from here.
+# Per-model settings (SeRA App. B.2, Table 4; README "What is the paper's and what is ours"). beta is per loss;
+# None fields of Args are filled from here.
 MODELS = {
     "toy": dict(  # the shipped tiny model; learning rate and beta scaled to it [ours]
-        path=str(TOY / "model"), dataset="toy", beta=dict(dpo=0.1, ipo=1.0, hinge=0.2, simpo=2.0), gamma=1.0,
-        lr=2e-5, batch_size=16, global_batch=16, lora_r=0, max_length=96, max_prompt_length=64, max_new_tokens=24,
-        scheduler="constant", long_prompts="error", num_eval=200, scoring_batch_size=128, generation_batch_size=256),
+        path=str(TOY / "model"),
+        dataset="toy",
+        beta=dict(dpo=0.1, ipo=1.0, hinge=0.2, simpo=2.0),
+        gamma=1.0,
+        lr=2e-5,
+        batch_size=16,
+        global_batch=16,
+        lora_r=0,
+        max_length=96,
+        max_prompt_length=64,
+        max_new_tokens=24,
+        scheduler="constant",
+        long_prompts="error",
+        num_eval=200,
+        scoring_batch_size=128,
+        generation_batch_size=256,
+    ),
     "tinyllama": dict(  # [ours] public stand-in, already DPO-aligned on UltraFeedback; the paper SFTs TinyLlama on
         # UltraChat itself (pass that SFT checkpoint with --model ./sft)
-        path="TinyLlama/TinyLlama-1.1B-Chat-v1.0", dataset="ultrafeedback",
-        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-7, batch_size=8, global_batch=16,
-        lora_r=0, max_length=1024, max_prompt_length=512, max_new_tokens=512, scheduler="cosine",
-        long_prompts="skip", num_eval=500, scoring_batch_size=16, generation_batch_size=64),
+        path="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        dataset="ultrafeedback",
+        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0),
+        gamma=1.6,
+        lr=5e-7,
+        batch_size=8,
+        global_batch=16,
+        lora_r=0,
+        max_length=1024,
+        max_prompt_length=512,
+        max_new_tokens=512,
+        scheduler="cosine",
+        long_prompts="skip",
+        num_eval=500,
+        scoring_batch_size=16,
+        generation_batch_size=64,
+    ),
     "pythia-2.8b": dict(  # base model: give it the HH format [ours]; the paper SFTs it first (pass --model ./sft)
-        path="EleutherAI/pythia-2.8b", dataset="ultrafeedback", chat_template=HH_TEMPLATE,
-        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-7, batch_size=4, global_batch=16,
-        lora_r=0, max_length=1024, max_prompt_length=512, max_new_tokens=512, scheduler="cosine",
-        long_prompts="skip", num_eval=500, scoring_batch_size=16, generation_batch_size=64),
+        path="EleutherAI/pythia-2.8b",
+        dataset="ultrafeedback",
+        chat_template=HH_TEMPLATE,
+        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0),
+        gamma=1.6,
+        lr=5e-7,
+        batch_size=4,
+        global_batch=16,
+        lora_r=0,
+        max_length=1024,
+        max_prompt_length=512,
+        max_new_tokens=512,
+        scheduler="cosine",
+        long_prompts="skip",
+        num_eval=500,
+        scoring_batch_size=16,
+        generation_batch_size=64,
+    ),
     "mistral-7b": dict(  # alignment-handbook Zephyr DPO LoRA recipe with rank 8 (SeRA App. B.2, Table 4)
-        path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback", gradient_checkpointing=True,
-        beta=dict(dpo=0.01, hinge=0.01, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-6, batch_size=4, global_batch=16,
-        lora_r=8, lora_alpha=128, lora_dropout=0.05, max_length=1024, max_prompt_length=512, max_new_tokens=512,
-        scheduler="cosine", long_prompts="skip", num_eval=500, scoring_batch_size=8, generation_batch_size=64),
+        path="alignment-handbook/zephyr-7b-sft-full",
+        dataset="ultrafeedback",
+        gradient_checkpointing=True,
+        beta=dict(dpo=0.01, hinge=0.01, ipo=1.0, simpo=2.0),
+        gamma=1.6,
+        lr=5e-6,
+        batch_size=4,
+        global_batch=16,
+        lora_r=8,
+        lora_alpha=128,
+        lora_dropout=0.05,
+        max_length=1024,
+        max_prompt_length=512,
+        max_new_tokens=512,
+        scheduler="cosine",
+        long_prompts="skip",
+        num_eval=500,
+        scoring_batch_size=8,
+        generation_batch_size=64,
+    ),
 }
 
 DATASETS = {
     "ultrafeedback": dict(path="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs"),
     "hh-rlhf": dict(path="Anthropic/hh-rlhf", split="train"),
     "tldr": dict(path="openai/summarize_from_feedback", name="comparisons", split="train"),
-    "toy": dict(path=str(TOY / "data" / "prefs.jsonl"), eval=str(TOY / "data" / "eval.jsonl"),
-                reward_fn=f"{TOY / 'oracle.py'}:score"),
+    "toy": dict(
+        path=str(TOY / "data" / "prefs.jsonl"),
+        eval=str(TOY / "data" / "eval.jsonl"),
+        reward_fn=f"{TOY / 'oracle.py'}:score",
+    ),
 }
 
 
@@ -175,28 +236,52 @@ class Args:
 
 def resolve(args: Args) -> tuple[Args, dict]:
     preset, filled = model_preset(args, MODELS, "tinyllama")  # a custom model: tinyllama's settings
-    filled |= {k: preset[k] for k in ("lr", "batch_size", "global_batch", "max_length", "max_prompt_length",
-                                      "max_new_tokens", "scheduler", "long_prompts", "num_eval", "scoring_batch_size",
-                                      "generation_batch_size")
-              if getattr(args, k) is None}
+    filled |= {
+        k: preset[k]
+        for k in (
+            "lr",
+            "batch_size",
+            "global_batch",
+            "max_length",
+            "max_prompt_length",
+            "max_new_tokens",
+            "scheduler",
+            "long_prompts",
+            "num_eval",
+            "scoring_batch_size",
+            "generation_batch_size",
+        )
+        if getattr(args, k) is None
+    }
     if args.beta is None:
         filled["beta"] = preset["beta"][args.loss]
     if args.gamma is None:
         filled["gamma"] = preset.get("gamma", 1.0)
     args = dataclasses.replace(args, **filled)
-    check_args(args, [
-        (args.iterations >= 1 and args.epochs >= 1,
-         f"--iterations and --epochs must be >= 1, got {args.iterations} and {args.epochs}"),
-        (0 < args.rho_1 <= 1, f"--rho_1 must be in (0, 1], got {args.rho_1}"),
-        (args.rho_2 is None or args.rho_2 >= 0, f"--rho_2 must be >= 0, got {args.rho_2}"),
-        (0 <= args.gamma_e <= 1, f"--gamma_e must be in [0, 1], got {args.gamma_e}"),
-        (args.n_cand >= 2, f"--n_cand must be >= 2, got {args.n_cand}"),
-        (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
-        (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
-        (args.batch_size >= 1 and accumulation(args.global_batch, args.batch_size) >= 1, "--batch_size must be >= 1"),
-        (args.num_pairs is None or args.num_pairs >= 2, "--num_pairs must be >= 2"),
-        (args.save_every == 0 or args.lora_r == 0, "--save_every is not supported with LoRA (checkpoints are per iteration)"),
-    ])
+    check_args(
+        args,
+        [
+            (
+                args.iterations >= 1 and args.epochs >= 1,
+                f"--iterations and --epochs must be >= 1, got {args.iterations} and {args.epochs}",
+            ),
+            (0 < args.rho_1 <= 1, f"--rho_1 must be in (0, 1], got {args.rho_1}"),
+            (args.rho_2 is None or args.rho_2 >= 0, f"--rho_2 must be >= 0, got {args.rho_2}"),
+            (0 <= args.gamma_e <= 1, f"--gamma_e must be in [0, 1], got {args.gamma_e}"),
+            (args.n_cand >= 2, f"--n_cand must be >= 2, got {args.n_cand}"),
+            (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
+            (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+            (
+                args.batch_size >= 1 and accumulation(args.global_batch, args.batch_size) >= 1,
+                "--batch_size must be >= 1",
+            ),
+            (args.num_pairs is None or args.num_pairs >= 2, "--num_pairs must be >= 2"),
+            (
+                args.save_every == 0 or args.lora_r == 0,
+                "--save_every is not supported with LoRA (checkpoints are per iteration)",
+            ),
+        ],
+    )
     return args, preset
 
 
@@ -236,7 +321,7 @@ def selection_sizes(n_pairs: int, rho_1: float, rho_2: float | None) -> tuple[in
 
 
 def distinct_samples(samples: list[list[tuple[str, bool]]]) -> tuple[list[list[str]], int]:
-    """Per prompt, the distinct non-empty samples that ended with EOS [ours, README]; and the count of unfinished ones."""
+    """Per prompt, the distinct non-empty samples that ended with EOS [ours, README]; and how many did not end."""
     candidates, unfinished = [], 0
     for prompt_samples in samples:
         texts = []
@@ -261,7 +346,9 @@ def bootstrap_pairs(prompt_keys: list, candidates: list[list[str]], rewards: lis
         if len(texts) < 2:
             continue
         best, worst = int(torch.argmax(reward)), int(torch.argmin(reward))
-        pairs.append({"key": key, "chosen": texts[best], "rejected": texts[worst], "margin": float(reward[best] - reward[worst])})
+        pairs.append(
+            {"key": key, "chosen": texts[best], "rejected": texts[worst], "margin": float(reward[best] - reward[worst])}
+        )
     return pairs
 
 
@@ -277,59 +364,122 @@ def daa_losses(logps, ref_logps, counts, args: Args):
     n = len(logps) // 2
     if args.loss == "simpo" or args.length_norm == "avg":
         logps, ref_logps = logps / counts, ref_logps / counts
-    losses = pair_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], kind=args.loss, beta=args.beta,
-                       gamma=args.gamma, reduction="none")
+    losses = pair_loss(
+        logps[:n],
+        logps[n:],
+        ref_logps[:n],
+        ref_logps[n:],
+        kind=args.loss,
+        beta=args.beta,
+        gamma=args.gamma,
+        reduction="none",
+    )
     with torch.no_grad():
         if args.loss == "simpo":
             return losses, args.beta * logps[:n], args.beta * logps[n:]
         return losses, args.beta * (logps[:n] - ref_logps[:n]), args.beta * (logps[n:] - ref_logps[n:])
 
 
-DAA_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-             "logps/rejected", "pairs", "tokens")  # train_iteration's sums per step; the first seven are per-pair means
+DAA_STATS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "pairs",
+    "tokens",
+)  # train_iteration's sums per step; the first seven are per-pair means
 
 
-def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, device, pad_id: int, log, save_step,
-                    start_step=0, saved=None):
-    order = [i for epoch in range(args.epochs)  # a fresh permutation of D_t per epoch
-             for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(
-                 args.seed * 1000 + t + 100_000 * epoch)).tolist()]
+def train_iteration(
+    model,
+    pairs: list[dict],
+    t: int,
+    args: Args,
+    lr: float,
+    device,
+    pad_id: int,
+    log,
+    save_step,
+    start_step=0,
+    saved=None,
+):
+    order = [
+        i
+        for epoch in range(args.epochs)  # a fresh permutation of D_t per epoch
+        for i in torch.randperm(
+            len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + t + 100_000 * epoch)
+        ).tolist()
+    ]
     grad_accum, per_step = accumulation(args.global_batch, args.batch_size), args.global_batch
     n_steps = max(1, len(order) // per_step)
     # every rank runs the same micro-batches (FSDP collectives): the remainder is dropped, counted
     used = order[: n_steps * per_step] if len(order) >= per_step else order[: len(order) - len(order) % world()]
     dropped = len(order) - len(used)
-    local = used[rank()::world()]
+    local = used[rank() :: world()]
     micro = max(1, math.ceil(len(local) / (n_steps * grad_accum)))
     trainable, optimizer, scheduler = make_optimizer(model, lr, n_steps, args, args.scheduler, saved)
-    log({"iteration": t, "train/pairs": len(pairs), "train/pairs_dropped_remainder": dropped, "train/steps": n_steps,
-         "train/grad_accum": grad_accum})
+    log(
+        {
+            "iteration": t,
+            "train/pairs": len(pairs),
+            "train/pairs_dropped_remainder": dropped,
+            "train/steps": n_steps,
+            "train/grad_accum": grad_accum,
+        }
+    )
     use_avg = args.loss == "simpo" or args.length_norm == "avg"
     bar = progress(range(start_step, n_steps), desc=f"iteration {t}")
     for step in bar:
         tic, stats = time.perf_counter(), StepStats(DAA_STATS, device)
         offsets = [(step * grad_accum + accum) * micro for accum in range(grad_accum)]
-        for batch_pairs in micro_batches(model, [[pairs[i] for i in local[o: o + micro]] for o in offsets]):
+        for batch_pairs in micro_batches(model, [[pairs[i] for i in local[o : o + micro]] for o in offsets]):
             n = len(batch_pairs)
-            batch = collate([(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
-                            + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs], pad_id, device)
+            batch = collate(
+                [(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
+                + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs],
+                pad_id,
+                device,
+            )
             logps, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             counts = (batch["labels"][:, 1:] != -100).sum(1).float()
-            ref = torch.tensor([p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
-                               device=device, dtype=torch.float32)
+            ref = torch.tensor(
+                [p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
+                device=device,
+                dtype=torch.float32,
+            )
             losses, chosen_reward, rejected_reward = daa_losses(logps, ref, counts, args)
             (losses.sum() / (micro * grad_accum)).backward()
             with torch.no_grad():
                 if use_avg:
                     logps = logps / counts
                 margin = chosen_reward - rejected_reward
-                stats.add(**{"loss": losses, "rewards/chosen": chosen_reward, "rewards/rejected": rejected_reward,
-                             "rewards/margins": margin, "rewards/accuracies": margin > 0, "logps/chosen": logps[:n],
-                             "logps/rejected": logps[n:], "pairs": n, "tokens": batch["attention_mask"]})
-        total, grad_norm = optimizer_step(trainable, optimizer, scheduler, stats, args, f"iteration {t} step {step + 1}")
-        metrics = {"iteration": t, "step": step + 1, **{name: total[name] / total["pairs"] for name in DAA_STATS[:7]},
-                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_sec": total["tokens"] / (time.perf_counter() - tic)}
+                stats.add(
+                    **{
+                        "loss": losses,
+                        "rewards/chosen": chosen_reward,
+                        "rewards/rejected": rejected_reward,
+                        "rewards/margins": margin,
+                        "rewards/accuracies": margin > 0,
+                        "logps/chosen": logps[:n],
+                        "logps/rejected": logps[n:],
+                        "pairs": n,
+                        "tokens": batch["attention_mask"],
+                    }
+                )
+        total, grad_norm = optimizer_step(
+            trainable, optimizer, scheduler, stats, args, f"iteration {t} step {step + 1}"
+        )
+        metrics = {
+            "iteration": t,
+            "step": step + 1,
+            **{name: total[name] / total["pairs"] for name in DAA_STATS[:7]},
+            "grad_norm": grad_norm,
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_sec": total["tokens"] / (time.perf_counter() - tic),
+        }
         log(metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}", refresh=False)
         save_step(step + 1, n_steps, optimizer, scheduler)
@@ -344,7 +494,9 @@ def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple
     pairs, counts = [], {}
     for index, pair in parse_rows(rows[: args.num_pairs] if args.num_pairs else rows, source, args, counts):
         where = f"dataset {source} row {index}"
-        sides = [fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, counts) for side in ("chosen", "rejected")]
+        sides = [
+            fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, counts) for side in ("chosen", "rejected")
+        ]
         if sides[0] is None:
             continue
         pairs.append(dict(pair, index=index, prompt_ids=sides[0][0], chosen_ids=sides[0][1], rejected_ids=sides[1][1]))
@@ -353,13 +505,109 @@ def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple
     return pairs, counts
 
 
+def offline_pair(pairs: list[dict], i: int, logps: torch.Tensor, margin: float | None = None) -> dict:
+    """Offline pair i of D with its reference log-probs (logps = [chosen; rejected] of every pair of D)."""
+    return dict(
+        pairs[i], source="offline", margin=margin, ref_chosen=float(logps[i]), ref_rejected=float(logps[len(pairs) + i])
+    )
+
+
+def select_offline(t: int, pairs: list[dict], logps: dict, k1: int, args: Args) -> tuple[list[dict], dict]:
+    """IRM-based off-policy selection (Algorithm 1 lines 7-8): the k1 offline pairs with the largest ensembled
+    implicit reward margin m~_{t-1}(x, y_w, y_l) (eq. 5, 7), referenced to theta_{t-1}; and the statistics."""
+    n = len(pairs)
+    counts = torch.tensor([len(p["chosen_ids"]) for p in pairs] + [len(p["rejected_ids"]) for p in pairs]).double()
+    rewards = ensemble_reward(t - 1, logps, counts, args)
+    irm = rewards[:n] - rewards[n:]
+    kept = top_k(irm, k1)
+    stats = {"iteration": t, "irm/mean": float(irm.mean()), "irm/std": float(irm.std()), "irm/min": float(irm.min())}
+    stats |= {"irm/max": float(irm.max()), "irm/negative_fraction": float((irm < 0).double().mean())}
+    stats |= {"irm/kept_threshold": float(min(irm[i] for i in kept)), "data/offline_kept": len(kept)}
+    if "flipped" in pairs[0]:  # toy data: the share of deliberately swapped labels that survives selection
+        flipped, kept_mask = torch.tensor([p["flipped"] for p in pairs]), torch.zeros(n, dtype=torch.bool)
+        kept_mask[kept] = True
+        stats["data/flipped_kept_fraction"] = float(kept_mask[flipped].double().mean()) if flipped.any() else 0.0
+        stats["data/clean_kept_fraction"] = float(kept_mask[~flipped].double().mean())
+    return [offline_pair(pairs, i, logps[t - 1], float(irm[i])) for i in kept], stats
+
+
+def bootstrap(
+    model, tokenizer, pairs: list[dict], t: int, k2: int, model_paths: dict, args: Args, device, counts: dict
+):
+    """IRM-based preference bootstrapping (Algorithm 1 lines 9-16): n_cand samples per distinct prompt from
+    theta_{t-1}; per prompt chosen = argmax, rejected = argmin of r~_{t-1} over its distinct samples; the k2 pairs
+    of largest margin, referenced to theta_{t-1}. Returns (pairs, statistics)."""
+    prev = t - 1
+    prompts = list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values()) if k2 > 0 else []
+    samples = []
+    if prompts:
+        seed = args.seed * 1000 + t
+        samples = generate(
+            model,
+            tokenizer,
+            prompts,
+            args.n_cand,
+            args.sample_temperature,
+            args.sample_top_p,
+            args,
+            device,
+            seed,
+            model_paths[prev],
+            "bootstrap samples",
+        )
+    candidates, unfinished = distinct_samples(samples)
+    sequences = {}  # (prompt index, text) -> (prompt_ids, response_ids), prompts with two or more samples
+    for pi, texts in enumerate(candidates):
+        for text in texts if len(texts) >= 2 else []:
+            fitted = fit(*encode(tokenizer, prompts[pi], text), args, "generated sample", counts)
+            if fitted is not None:
+                sequences[(pi, text)] = fitted
+    keys, logps, rewards = list(sequences), {}, None
+    for j in sorted(reward_models(prev, args)) if keys else []:  # the models r~_{t-1} is made of
+        scorer = model if j == prev else load_model(model_paths[j], device, args, frozen=True)
+        desc = f"score samples under theta_{j}"
+        logps[j], lengths = score(scorer, list(sequences.values()), args, tokenizer.pad_token_id, device, desc)
+        del scorer
+    if keys:
+        rewards = ensemble_reward(prev, logps, lengths, args)
+    by_prompt = {}  # prompt index -> indices into keys
+    for index, (pi, _) in enumerate(keys):
+        by_prompt.setdefault(pi, []).append(index)
+    texts = [[keys[i][1] for i in indices] for indices in by_prompt.values()]
+    boot = bootstrap_pairs(list(by_prompt), texts, [rewards[indices] for indices in by_prompt.values()])
+    index = {key: i for i, key in enumerate(keys)}
+    d_gen = []
+    for b in [boot[i] for i in top_k(torch.tensor([b["margin"] for b in boot]), min(k2, len(boot)))] if boot else []:
+        c, r = index[(b["key"], b["chosen"])], index[(b["key"], b["rejected"])]
+        d_gen.append(
+            dict(
+                prompt=prompts[b["key"]],
+                chosen=b["chosen"],
+                rejected=b["rejected"],
+                source="generated",
+                margin=b["margin"],
+                prompt_ids=sequences[keys[c]][0],
+                chosen_ids=sequences[keys[c]][1],
+                rejected_ids=sequences[keys[r]][1],
+                ref_chosen=float(logps[prev][c]),
+                ref_rejected=float(logps[prev][r]),
+            )
+        )
+    margins = torch.tensor([p["margin"] for p in d_gen] or [0.0])
+    return d_gen, {
+        "data/generated_pairs": len(d_gen),
+        "data/prompts_with_pair": len(boot),
+        "data/samples_unfinished": unfinished,
+        "bootstrap/margin_mean": float(margins.mean()),
+    }
+
+
 def main(args: Args) -> dict:
     args, preset = resolve(args)
     quiet_library_bars()
     check_resume(args)
     # Everything that can fail on bad input is checked before anything is written.
-    model_path = preset["path"]
-    tokenizer = load_tokenizer(model_path, args.chat_template)
+    tokenizer = load_tokenizer(preset["path"], args.chat_template)
     rows, source = load_rows(args.dataset)
     pairs, length_counts = build_dataset(rows, source, tokenizer, args)
     reward_fn, eval_prompts = load_evaluation(args, pairs[0])
@@ -367,140 +615,80 @@ def main(args: Args) -> dict:
     device = init_device(args.seed, args.dist_timeout_minutes)
     run_name = f"sera__{Path(args.model).name}__{args.seed}__{now()}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
-    state_file = out_dir / "state.json"
+    state_file, cache_file = out_dir / "state.json", out_dir / "offline_logps.pt"
     state = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {"completed": 0, "eval": {}}
     log = Logs(args, out_dir, run_name)
     log({"data/pairs": len(pairs), **{f"data/{k}": v for k, v in length_counts.items()}})
-    model_paths = {0: model_path}
-    for j in range(1, state["completed"] + 1):
-        model_paths[j] = str(out_dir / f"iter_{j}")
+    model_paths = {0: preset["path"], **{j: str(out_dir / f"iter_{j}") for j in range(1, state["completed"] + 1)}}
     model = load_model(model_paths[state["completed"]], device, args)
-    cache_file = out_dir / "offline_logps.pt"
-    # offline_logps[j] = (S(theta_j, y_w), S(theta_j, y_l)) for every offline pair, computed while
-    # theta_j is the current model; they are the IRM inputs and the training reference.
+    # offline_logps[j] = [S(theta_j, y_w); S(theta_j, y_l)] of every offline pair, computed while theta_j is the
+    # current model: the IRM inputs and the training reference
     offline_logps = torch.load(cache_file) if args.resume and cache_file.exists() else {}
-    offline_counts = torch.tensor([len(p["chosen_ids"]) for p in pairs] + [len(p["rejected_ids"]) for p in pairs], dtype=torch.float64)
-    n_pairs = len(pairs)
-    k1, k2 = selection_sizes(n_pairs, args.rho_1, args.rho_2)
+    k1, k2 = selection_sizes(len(pairs), args.rho_1, args.rho_2)
 
-    def evaluate_and_log(t: int, model, path: str):
-        state["eval"][str(t)], words = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, path)
+    def evaluate_and_log(t: int):
+        state["eval"][str(t)], words = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, model_paths[t])
         log({"iteration": t, "eval/reward": state["eval"][str(t)], "eval/response_words": words})
         if rank() == 0:
-            print(f"iteration {t}" + " (start)" * (t == 0) + f": eval reward {state['eval'][str(t)]:.3f}"
-                  + f" on {len(eval_prompts)} prompts" * (t == 0))
+            start = f" (start): eval reward {state['eval']['0']:.3f} on {len(eval_prompts)} prompts"
+            print(f"iteration {t}" + (start if t == 0 else f": eval reward {state['eval'][str(t)]:.3f}"))
 
     if reward_fn and eval_prompts and "0" not in state["eval"]:
-        evaluate_and_log(0, model, model_paths[0])
+        evaluate_and_log(0)
 
-    steps_this_process = [0]
     for t in range(state["completed"] + 1, args.iterations + 1):
-        prev = t - 1
-        # Resume inside the iteration from the last step checkpoint, if any.
-        partial = out_dir / f"iter_{t}_partial"
-        saved = trainer_state(partial) if args.resume else None
+        partial, pairs_file = out_dir / f"iter_{t}_partial", out_dir / f"pairs_iter_{t}.jsonl"
+        saved = trainer_state(partial) if args.resume else None  # resume inside the iteration from its checkpoint
         # theta_{t-1} as it trains (sharded once: its fp32 shards stay the masters from iteration to iteration), so
         # the reference log-probs below are computed exactly as the policy's at the first step (h = 0 there).
         model = prepare_for_training(model, args)
-        # Log-probs of every offline pair under the current model theta_{t-1}, once per iteration.
-        if prev not in offline_logps:
-            sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
-            offline_logps[prev] = score(model, sequences, args, tokenizer.pad_token_id, device, desc=f"score D under theta_{prev}")[0]
+        if t - 1 not in offline_logps:  # log-probs of every offline pair under theta_{t-1}, once per iteration
+            sequences = [(p["prompt_ids"], p[side]) for side in ("chosen_ids", "rejected_ids") for p in pairs]
+            desc = f"score D under theta_{t - 1}"
+            offline_logps[t - 1] = score(model, sequences, args, tokenizer.pad_token_id, device, desc)[0]
             write_atomic(cache_file, offline_logps)
-        pairs_file = out_dir / f"pairs_iter_{t}.jsonl"
         if args.resume and pairs_file.exists():  # the selection of an interrupted iteration, as it was
             d_t = [json.loads(line) for line in open(pairs_file)]
-        elif t == 1:
-            # ALGO LOGIC: iteration 1 is a plain DAA epoch on all of D with the SFT reference (Algorithm 1, t = 1)
-            d_t = [dict(p, source="offline", margin=None, ref_chosen=float(offline_logps[0][i]),
-                        ref_rejected=float(offline_logps[0][n_pairs + i])) for i, p in enumerate(pairs)]
-        else:
-            # ALGO LOGIC: IRM-based off-policy selection (Algorithm 1 lines 7-8): keep the k1 pairs with
-            # the largest ensembled implicit reward margin m~_{t-1}(x, y_w, y_l) (eq. 5, 7)
-            rewards = ensemble_reward(prev, offline_logps, offline_counts, args)
-            irm = rewards[:n_pairs] - rewards[n_pairs:]
-            kept = top_k(irm, k1)
-            d_off = [dict(pairs[i], source="offline", margin=float(irm[i]), ref_chosen=float(offline_logps[prev][i]),
-                          ref_rejected=float(offline_logps[prev][n_pairs + i])) for i in kept]
-            stats = {"iteration": t, "irm/mean": float(irm.mean()), "irm/std": float(irm.std()),
-                     "irm/min": float(irm.min()), "irm/max": float(irm.max()),
-                     "irm/negative_fraction": float((irm < 0).double().mean()),
-                     "irm/kept_threshold": float(min(irm[i] for i in kept)), "data/offline_kept": len(d_off)}
-            if "flipped" in pairs[0]:
-                flipped = torch.tensor([p["flipped"] for p in pairs])
-                kept_mask = torch.zeros(n_pairs, dtype=torch.bool)
-                kept_mask[kept] = True
-                stats["data/flipped_kept_fraction"] = float(kept_mask[flipped].double().mean()) if flipped.any() else 0.0
-                stats["data/clean_kept_fraction"] = float(kept_mask[~flipped].double().mean())
-            # ALGO LOGIC: IRM-based preference bootstrapping (lines 9-16): n_cand samples per distinct
-            # prompt from theta_{t-1}; chosen = argmax, rejected = argmin of r~_{t-1}; top k2 by margin
-            prompts = list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values()) if k2 > 0 else []
-            samples = generate(model, tokenizer, prompts, args.n_cand, args.sample_temperature, args.sample_top_p,
-                               args, device, seed=args.seed * 1000 + t, model_path=model_paths[prev],
-                               desc="bootstrap samples") if prompts else []
-            candidates, unfinished = distinct_samples(samples)
-            flat = [(pi, text) for pi, texts in enumerate(candidates) if len(texts) >= 2 for text in texts]
-            sequences, keep = [], []
-            for pi, text in flat:
-                fitted = fit(*encode(tokenizer, prompts[pi], text), args, "generated sample", length_counts)
-                if fitted is not None:
-                    sequences.append(fitted)
-                    keep.append((pi, text))
-            cand_logps = {}
-            for j in sorted(reward_models(prev, args)) if sequences else []:
-                scorer = model if j == prev else load_model(model_paths[j], device, args, frozen=True)
-                cand_logps[j], cand_counts = score(scorer, sequences, args, tokenizer.pad_token_id, device, desc=f"score samples under theta_{j}")
-                if scorer is not model:
-                    del scorer
-            if sequences:
-                cand_rewards = ensemble_reward(prev, cand_logps, cand_counts, args)
-            per_prompt: dict[int, list] = {}
-            for idx, (pi, text) in enumerate(keep):
-                per_prompt.setdefault(pi, []).append((text, idx))
-            boot = bootstrap_pairs(list(per_prompt), [[t_ for t_, _ in v] for v in per_prompt.values()],
-                                   [cand_rewards[[i for _, i in v]] for v in per_prompt.values()])
-            index_of = {(pi, text): idx for idx, (pi, text) in enumerate(keep)}
-            chosen_gen = top_k(torch.tensor([b["margin"] for b in boot]), min(k2, len(boot))) if boot else []
-            d_gen = []
-            for b in (boot[i] for i in chosen_gen):
-                ic, ir = index_of[(b["key"], b["chosen"])], index_of[(b["key"], b["rejected"])]
-                d_gen.append(dict(prompt=prompts[b["key"]], chosen=b["chosen"], rejected=b["rejected"], source="generated",
-                                  margin=b["margin"], prompt_ids=sequences[ic][0], chosen_ids=sequences[ic][1],
-                                  rejected_ids=sequences[ir][1], ref_chosen=float(cand_logps[prev][ic]),
-                                  ref_rejected=float(cand_logps[prev][ir])))
+        elif t == 1:  # ALGO LOGIC: iteration 1 is a plain DAA epoch on all of D with the SFT reference
+            d_t = [offline_pair(pairs, i, offline_logps[0]) for i in range(len(pairs))]
+        else:  # ALGO LOGIC: D_t = the IRM-selected offline pairs + the self-bootstrapped pairs
+            d_off, stats = select_offline(t, pairs, offline_logps, k1, args)
+            d_gen, gen_stats = bootstrap(model, tokenizer, pairs, t, k2, model_paths, args, device, length_counts)
             d_t = d_off + d_gen
-            gen_margins = torch.tensor([p["margin"] for p in d_gen] or [0.0])
-            stats.update({"data/generated_pairs": len(d_gen), "data/prompts_with_pair": len(boot),
-                          "data/samples_unfinished": unfinished, "bootstrap/margin_mean": float(gen_margins.mean())})
-            log(stats)
+            log(stats | gen_stats)
             if rank() == 0:
-                print(f"iteration {t}: kept {len(d_off)}/{n_pairs} offline pairs (IRM >= {stats['irm/kept_threshold']:.3f}), "
-                      f"{len(d_gen)} generated pairs from {len(boot)} prompts"
-                      + (f"; flipped kept {stats['data/flipped_kept_fraction']:.2f} vs clean {stats['data/clean_kept_fraction']:.2f}"
-                         if "data/flipped_kept_fraction" in stats else ""))
+                print(
+                    f"iteration {t}: kept {len(d_off)}/{len(pairs)} offline pairs (IRM >= "
+                    f"{stats['irm/kept_threshold']:.3f}), {len(d_gen)} generated pairs from "
+                    f"{gen_stats['data/prompts_with_pair']} prompts"
+                    + (
+                        "; flipped kept "
+                        f"{stats['data/flipped_kept_fraction']:.2f} vs clean {stats['data/clean_kept_fraction']:.2f}"
+                        if "data/flipped_kept_fraction" in stats
+                        else ""
+                    )
+                )
         if not (args.resume and pairs_file.exists()):
             write_atomic(pairs_file, d_t)
-
         if saved is not None:
             del model
             model = prepare_for_training(load_model(str(partial), device, args), args)
 
         def save_step(step, n_steps, optimizer, scheduler):
-            log.step += 1
-            steps_this_process[0] += 1
             if args.save_every and step % args.save_every == 0 and step < n_steps:
                 save_checkpoint(model, tokenizer, partial, optimizer, scheduler, step)
-            if args.stop_after_steps is not None and steps_this_process[0] >= args.stop_after_steps:
-                raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
+            log.step_done(args.stop_after_steps)
 
-        model = train_iteration(model, d_t, t, args, args.lr, device, tokenizer.pad_token_id, log, save_step,
-                                saved["step"] if saved else 0, saved)
+        start = saved["step"] if saved else 0
+        model = train_iteration(
+            model, d_t, t, args, args.lr, device, tokenizer.pad_token_id, log, save_step, start, saved
+        )
         model = save_atomic(model, tokenizer, out_dir / f"iter_{t}")
         shutil.rmtree(partial, ignore_errors=True)
         model_paths[t] = str(out_dir / f"iter_{t}")
         # The reference of iteration t+1 is theta_t: its log-probs are computed at the top of the loop.
         if reward_fn and eval_prompts:
-            evaluate_and_log(t, model, model_paths[t])
+            evaluate_and_log(t)
         state["completed"] = t
         write_atomic(state_file, state)
     log.close()
@@ -524,32 +712,56 @@ def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
     of preset `custom` (each one can be overridden on the command line) and needs --dataset."""
     if args.model in models:
         preset = dict(models[args.model])
-    elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
-        raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(models)}), "
-                         "an existing local path, nor a hub id of the form org/name")
+    elif not Path(args.model).expanduser().exists() and (
+        args.model.startswith((".", "/", "~")) or "/" not in args.model
+    ):
+        raise InputError(
+            f"--model: {args.model!r} is neither a preset ({', '.join(models)}), "
+            "an existing local path, nor a hub id of the form org/name"
+        )
     else:
         preset = dict(models[custom], path=args.model, dataset=None)
     preset["dataset"] = args.dataset or preset["dataset"]
     if preset["dataset"] is None:
         raise InputError("--dataset is required with a custom --model")
-    filled = {"dataset": preset["dataset"], "dtype": args.dtype if args.dtype != "auto" else  # masters stay fp32
-              "bfloat16" if torch.cuda.is_available() else "float32"}
-    for key, default in (("lora_r", 0), ("lora_alpha", 16), ("lora_dropout", 0.0), ("gradient_checkpointing", False),
-                         ("chat_template", None)):
+    filled = {
+        "dataset": preset["dataset"],
+        "dtype": args.dtype
+        if args.dtype != "auto"
+        # masters stay fp32
+        else "bfloat16"
+        if torch.cuda.is_available()
+        else "float32",
+    }
+    for key, default in (
+        ("lora_r", 0),
+        ("lora_alpha", 16),
+        ("lora_dropout", 0.0),
+        ("gradient_checkpointing", False),
+        ("chat_template", None),
+    ):
         if getattr(args, key) is None:
             filled[key] = preset.get(key, default)
     return preset, filled
 
 
 def check_args(args, checks: list[tuple[bool, str]]):
-    """One InputError for the first failed (ok, message): the checks of the options every script shares, then `checks`."""
+    """One InputError for the first failed (ok, message): the options every script shares, then `checks`."""
     checks = [
         (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
-        (not (args.output_dir and Path(args.output_dir).is_file()), f"--output_dir: {args.output_dir!r} is a file; expected a folder"),
+        (
+            not (args.output_dir and Path(args.output_dir).is_file()),
+            f"--output_dir: {args.output_dir!r} is a file; expected a folder",
+        ),
         (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
-        (args.eval_prompts is None or Path(args.eval_prompts).is_file(), f"--eval_prompts: file {args.eval_prompts!r} not found"),
-        (args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
-         f"--chat_template: file {args.chat_template!r} not found"),
+        (
+            args.eval_prompts is None or Path(args.eval_prompts).is_file(),
+            f"--eval_prompts: file {args.eval_prompts!r} not found",
+        ),
+        (
+            args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
+            f"--chat_template: file {args.chat_template!r} not found",
+        ),
         (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
         (args.lora_r >= 0, f"--lora_r must be >= 0, got {args.lora_r}"),
         (args.dist_timeout_minutes >= 1, f"--dist_timeout_minutes must be >= 1, got {args.dist_timeout_minutes}"),
@@ -638,15 +850,23 @@ def _text(value, where: str, empty: str | None = None) -> str:
 def _messages(value, where: str, empty: str | None = None) -> list[dict]:
     if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
         raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
-    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content", empty)}
-            for i, m in enumerate(value)]
+    return [
+        {
+            "role": _text(m.get("role"), f"{where}[{i}].role"),
+            "content": _text(m.get("content"), f"{where}[{i}].content", empty),
+        }
+        for i, m in enumerate(value)
+    ]
 
 
 def _hh_turns(text: str, where: str) -> list[dict]:
     parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where, "empty_response"))
     if len(parts) < 3 or parts[0].strip():
         raise InputError(f"{where} is not in HH-RLHF format ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
-    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    return [
+        {"role": "user" if r == "Human" else "assistant", "content": c.strip()}
+        for r, c in zip(parts[1::2], parts[2::2])
+    ]
 
 
 def parse_pair(row: dict, where: str) -> dict:
@@ -662,9 +882,15 @@ def parse_pair(row: dict, where: str) -> dict:
         prompt = f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {post}\n\nTL;DR:"
         if row["choice"] not in (0, 1) or not isinstance(row["summaries"], list) or len(row["summaries"]) != 2:
             raise InputError(f"{where}: 'choice' must be 0 or 1 with two 'summaries'")
-        texts = [_text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'", "empty_response").strip()
-                 for i, s in enumerate(row["summaries"])]
-        out = {"prompt": [{"role": "user", "content": prompt}], "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]}
+        texts = [
+            _text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'", "empty_response").strip()
+            for i, s in enumerate(row["summaries"])
+        ]
+        out = {
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": texts[row["choice"]],
+            "rejected": texts[1 - row["choice"]],
+        }
     else:
         for column in ("chosen", "rejected"):
             if row.get(column) is None:  # absent, or null (datasets fills columns other rows have)
@@ -677,16 +903,22 @@ def parse_pair(row: dict, where: str) -> dict:
                 chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
                 rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
             if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-                raise BadRow("not_ending_with_assistant", f"{where}: 'chosen' and 'rejected' must end with an assistant turn")
+                raise BadRow(
+                    "not_ending_with_assistant", f"{where}: 'chosen' and 'rejected' must end with an assistant turn"
+                )
             if chosen[:-1] != rejected[:-1]:
-                raise BadRow("differ_before_last_turn", f"{where}: 'chosen' and 'rejected' differ before the last assistant turn")
+                raise BadRow(
+                    "differ_before_last_turn", f"{where}: 'chosen' and 'rejected' differ before the last assistant turn"
+                )
             out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
         else:  # plain strings
             if row.get("prompt") is None:
                 raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
-            out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
-                   "chosen": _text(row["chosen"], f"{where}: 'chosen'", "empty_response"),
-                   "rejected": _text(row["rejected"], f"{where}: 'rejected'", "empty_response")}
+            out = {
+                "prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
+                "chosen": _text(row["chosen"], f"{where}: 'chosen'", "empty_response"),
+                "rejected": _text(row["rejected"], f"{where}: 'rejected'", "empty_response"),
+            }
         if not out["prompt"] or out["prompt"][-1]["role"] != "user":
             raise BadRow("prompt_not_ending_with_user", f"{where}: the prompt must end with a user message")
     for side in ("chosen", "rejected"):
@@ -710,8 +942,10 @@ def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[
             bad.append(str(err))
     reasons = ", ".join(f"{k[8:]} {v}" for k, v in counts.items() if k.startswith("skipped_"))
     if len(bad) > args.max_bad_fraction * len(rows) or not pairs:
-        raise InputError(f"dataset {source}: {len(bad)} of {len(rows)} rows are degenerate ({reasons}), over "
-                         f"--max_bad_fraction {args.max_bad_fraction}; first: {' | '.join(bad[:3])}")
+        raise InputError(
+            f"dataset {source}: {len(bad)} of {len(rows)} rows are degenerate ({reasons}), over "
+            f"--max_bad_fraction {args.max_bad_fraction}; first: {' | '.join(bad[:3])}"
+        )
     if bad and rank() == 0:
         print(f"dataset {source}: skipped {len(bad)} of {len(rows)} rows as degenerate ({reasons})")
     return pairs
@@ -720,9 +954,14 @@ def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[
 def check_model_dir(path: Path):
     """A local model folder has a config, tokenizer files and complete safetensors (each file's header
     declares its data size), so a bad folder fails before anything is written."""
-    missing = [name for name, found in (("config.json", (path / "config.json").is_file()), (
-        "tokenizer files", any(path.glob("tokenizer*")) or any(path.glob("vocab*"))))
-        if not found]
+    missing = [
+        name
+        for name, found in (
+            ("config.json", (path / "config.json").is_file()),
+            ("tokenizer files", any(path.glob("tokenizer*")) or any(path.glob("vocab*"))),
+        )
+        if not found
+    ]
     if missing:
         raise InputError(f"--model: {path} has no {' or '.join(missing)}; expected a save_pretrained folder")
     for file in sorted(path.glob("*.safetensors")):
@@ -749,7 +988,9 @@ def load_tokenizer(model_path: str, chat_template: str | None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
-        raise InputError(f"--model: no tokenizer could be loaded from {model_path!r} ({str(err).splitlines()[0]})") from None
+        raise InputError(
+            f"--model: no tokenizer could be loaded from {model_path!r} ({str(err).splitlines()[0]})"
+        ) from None
     if chat_template and "{%" not in chat_template and not Path(chat_template).exists():
         raise InputError(f"--chat_template: file {chat_template!r} not found")
     if chat_template:
@@ -781,10 +1022,15 @@ def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[
 
     try:  # templates may refuse a conversation (mistral-instruct: no system role)
         prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = None if response is None else tokenizer.apply_chat_template(
-            prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        full = (
+            None
+            if response is None
+            else tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        )
     except TemplateError as err:
-        raise InputError(f"the chat template refuses a conversation with roles {[m['role'] for m in prompt]}: {err}") from None
+        raise InputError(
+            f"the chat template refuses a conversation with roles {[m['role'] for m in prompt]}: {err}"
+        ) from None
     prompt_ids = tokenize(tokenizer, prompt_text)
     if response is None:
         return prompt_ids, []
@@ -794,8 +1040,11 @@ def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[
     # would produce after prompt_ids (SentencePiece: 'A' after a newline, not the word-initial '▁A'). Where a
     # merge crosses the boundary the prompt ids are no prefix, and the response is tokenized on its own.
     full_ids = tokenize(tokenizer, full.rstrip())
-    response_ids = (full_ids[len(prompt_ids):] if full_ids[:len(prompt_ids)] == prompt_ids else
-                    tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"])
+    response_ids = (
+        full_ids[len(prompt_ids) :]
+        if full_ids[: len(prompt_ids)] == prompt_ids
+        else tokenizer(full[len(prompt_text) :].rstrip(), add_special_tokens=False)["input_ids"]
+    )
     if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
         response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS: the model learns to stop
     return prompt_ids, response_ids
@@ -805,13 +1054,15 @@ def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple
     """Apply the length limits: long prompts per --long_prompts, long responses truncated (counted)."""
     if len(prompt_ids) > args.max_prompt_length:
         if args.long_prompts == "error":
-            raise InputError(f"{where}: prompt has {len(prompt_ids)} tokens, over --max_prompt_length "
-                             f"{args.max_prompt_length} (see --long_prompts)")
+            raise InputError(
+                f"{where}: prompt has {len(prompt_ids)} tokens, over --max_prompt_length "
+                f"{args.max_prompt_length} (see --long_prompts)"
+            )
         if args.long_prompts == "skip":
             counts["long_prompt_skipped"] = counts.get("long_prompt_skipped", 0) + 1
             return None
         counts["long_prompt_truncated"] = counts.get("long_prompt_truncated", 0) + 1
-        prompt_ids = prompt_ids[-args.max_prompt_length:]
+        prompt_ids = prompt_ids[-args.max_prompt_length :]
     budget = args.max_length - len(prompt_ids)
     if len(response_ids) > budget:
         counts["response_truncated"] = counts.get("response_truncated", 0) + 1
@@ -856,16 +1107,19 @@ def load_evaluation(args: Args, example: dict) -> tuple:
     function is tried on `example`, the prompts are the first --num_eval. (None, []) when there are none."""
     preset = DATASETS.get(args.dataset, {})
     eval_file = args.eval_prompts or preset.get("eval")
-    return (load_reward_fn(args.reward_fn or preset.get("reward_fn"), example),
-            load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else [])
+    return (
+        load_reward_fn(args.reward_fn or preset.get("reward_fn"), example),
+        load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else [],
+    )
 
 
 def accumulation(global_batch: int, batch_size: int) -> int:
     """Micro-batches per optimizer step, so that a step sees global_batch examples at any number of ranks."""
     ranks = int(os.environ.get("WORLD_SIZE", 1))  # known before the process group is joined
     if global_batch < 1 or batch_size < 1 or global_batch % (batch_size * ranks):
-        raise InputError(f"--global_batch {global_batch} must be a positive multiple of --batch_size {batch_size} "
-                         f"x {ranks} ranks")
+        raise InputError(
+            f"--global_batch {global_batch} must be a positive multiple of --batch_size {batch_size} x {ranks} ranks"
+        )
     return global_batch // (batch_size * ranks)
 
 
@@ -886,8 +1140,11 @@ def init_device(seed: int, timeout_minutes: int = 180) -> torch.device:
     if "RANK" in os.environ and not dist.is_initialized():
         import datetime
 
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=device if device.type == "cuda" else None,
+        )
     torch.manual_seed(seed)
     return device
 
@@ -908,7 +1165,7 @@ def now() -> int:
 def shard(items: list) -> tuple[list, int]:
     """This rank's share, padded (with its last item) so every rank runs the same number of batches."""
     per_rank = math.ceil(len(items) / world())
-    mine = items[rank() * per_rank: (rank() + 1) * per_rank]
+    mine = items[rank() * per_rank : (rank() + 1) * per_rank]
     real = len(mine)
     return mine + [items[-1]] * (per_rank - real), real
 
@@ -993,10 +1250,15 @@ def check_resume(args: Args):
     stored = json.loads(saved.read_text())
     ranks = int(os.environ.get("WORLD_SIZE", 1))
     if stored.get("world_size", 1) != ranks:  # per-rank data shards and trainer states
-        raise InputError(f"--resume: the run in {args.output_dir} was started on {stored.get('world_size', 1)} ranks, "
-                         f"this launch has {ranks}; resume with the same number of ranks")
-    changed = {k for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
-               if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
+        raise InputError(
+            f"--resume: the run in {args.output_dir} was started on {stored.get('world_size', 1)} ranks, "
+            f"this launch has {ranks}; resume with the same number of ranks"
+        )
+    changed = {
+        k
+        for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
+        if k not in ("resume", "stop_after_steps") and stored.get(k) != v
+    }
     if changed:
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
 
@@ -1034,6 +1296,12 @@ class Logs:
             import wandb
 
             wandb.log(metrics, step=self.step)
+
+    def step_done(self, stop_after: int | None):
+        """One more optimizer step in this process (the TensorBoard step); --stop_after_steps stops after that many."""
+        self.step += 1
+        if stop_after is not None and self.step >= stop_after:
+            raise KeyboardInterrupt(f"--stop_after_steps {stop_after} reached")
 
     def close(self):
         """At the end of the run, metrics.jsonl keeps one record per position and kind (its first metric): a resumed
@@ -1076,8 +1344,9 @@ def load_model(path: str, device: torch.device, args: Args | None = None, frozen
 
     bf16 = args is not None and args.dtype == "bfloat16"
     sharded = frozen and world() > 1 and args.lora_r == 0
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded)
-                                                 else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded) else torch.float32
+    )
     model.checkpoint_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32  # what save_atomic writes
     if frozen:
         model.requires_grad_(False).eval()
@@ -1102,7 +1371,9 @@ def shard_model(model, args: Args):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     bf16 = args.dtype == "bfloat16"
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
+    )
     layer_types = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in layer_types:
@@ -1123,8 +1394,13 @@ def prepare_for_training(model, args: Args):
             import peft
         except ImportError:
             raise InputError("--lora_r > 0 needs peft: pip install 'selfpo[lora]'") from None
-        config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        config = peft.LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
         model = peft.get_peft_model(model, config)
         for p in model.parameters() if world() > 1 else []:  # ranks' RNGs differ (generate): rank 0's adapter
             if p.requires_grad:
@@ -1135,19 +1411,32 @@ def prepare_for_training(model, args: Args):
     return model
 
 
-def make_optimizer(model, lr: float, n_steps: int, args: Args, schedule: str = "constant", state: dict | None = None,
-                   kind: str = "adamw"):
+def make_optimizer(
+    model,
+    lr: float,
+    n_steps: int,
+    args: Args,
+    schedule: str = "constant",
+    state: dict | None = None,
+    kind: str = "adamw",
+):
     """AdamW without weight decay (or RMSprop) over the trainable parameters; linear warmup over --warmup_ratio of
     n_steps, then constant or cosine. `state` (a step checkpoint's trainer_state) restores the optimizer, the
     scheduler and the random number generators. Returns (trainable parameters, optimizer, scheduler)."""
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (torch.optim.RMSprop(trainable, lr=lr) if kind == "rmsprop"
-                 else torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0))
+    optimizer = (
+        torch.optim.RMSprop(trainable, lr=lr)
+        if kind == "rmsprop"
+        else torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    )
     warmup = int(args.warmup_ratio * n_steps)
-    scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, n_steps) if schedule == "cosine"
-                 else get_constant_schedule_with_warmup(optimizer, warmup))
+    scheduler = (
+        get_cosine_schedule_with_warmup(optimizer, warmup, n_steps)
+        if schedule == "cosine"
+        else get_constant_schedule_with_warmup(optimizer, warmup)
+    )
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -1172,8 +1461,10 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
     *values, grad_norm = torch.cat([stats.sums, grad_norm.reshape(1).to(stats.sums)]).tolist()
     total = dict(zip(stats.names, values))
     if not math.isfinite(values[0]):
-        raise InputError(f"non-finite loss ({values[0]}) at {where}: stopping before the update (the last checkpoint "
-                         "is intact); lower --lr or --beta, or check that step's data")
+        raise InputError(
+            f"non-finite loss ({values[0]}) at {where}: stopping before the update (the last checkpoint "
+            "is intact); lower --lr or --beta, or check that step's data"
+        )
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -1236,7 +1527,7 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
     for i, (prompt, response) in enumerate(sequences):
         n = len(prompt) + len(response)
         ids[i, :n] = torch.tensor(prompt + response)
-        labels[i, len(prompt):n] = torch.tensor(response)
+        labels[i, len(prompt) : n] = torch.tensor(response)
         mask[i, :n] = 1
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
@@ -1248,8 +1539,19 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 def save_checkpoint(model, tokenizer, directory: Path, optimizer, scheduler, step: int):
     """A resumable step checkpoint: the weights, and this rank's optimizer, scheduler, step and random number
     generators, in one atomically renamed folder (read back by trainer_state)."""
-    return save_atomic(model, tokenizer, directory, {f"trainer_state_rank{rank()}.pt": {
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state()}})
+    return save_atomic(
+        model,
+        tokenizer,
+        directory,
+        {
+            f"trainer_state_rank{rank()}.pt": {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "rng": rng_state(),
+            }
+        },
+    )
 
 
 def trainer_state(directory: Path) -> dict | None:
@@ -1266,7 +1568,7 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
     mine, real = shard(list(enumerate(sequences)))
     logps, counts = [], []
     for start in progress(range(0, len(mine), args.scoring_batch_size), desc=desc, inner=True):
-        batch = collate([s for _, s in mine[start:start + args.scoring_batch_size]], pad_id, device)
+        batch = collate([s for _, s in mine[start : start + args.scoring_batch_size]], pad_id, device)
         out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         logps += out.tolist()
         counts += (batch["labels"][:, 1:] != -100).sum(1).tolist()
@@ -1275,12 +1577,15 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
     model.train(training)
     merged = {i: (lp, c) for i, lp, c in gather([(i, lp, c) for (i, _), lp, c in zip(mine[:real], logps, counts)])}
     order = [merged[i] for i in range(len(sequences))]
-    return (torch.tensor([o[0] for o in order], dtype=torch.float64),
-            torch.tensor([o[1] for o in order], dtype=torch.float64))
+    return (
+        torch.tensor([o[0] for o in order], dtype=torch.float64),
+        torch.tensor([o[1] for o in order], dtype=torch.float64),
+    )
 
 
 class VLLMEngine:
     """--sampler vllm: this process's engine for the whole run, the checkpoint it holds, its longest sequence."""
+
     llm, path, max_model_len = None, None, None
 
 
@@ -1302,8 +1607,13 @@ def start_vllm(vllm, model_path: str, args: Args, seed: int, sleeps: bool, longe
     from vllm.platforms import current_platform
 
     max_model_len = max(args.max_prompt_length, longest_prompt) + args.max_new_tokens
-    kwargs = dict(model=model_path, seed=seed, gpu_memory_utilization=0.3, max_model_len=max_model_len,
-                  dtype={"auto": "bfloat16" if torch.cuda.is_available() else "float32"}.get(args.dtype, args.dtype))
+    kwargs = dict(
+        model=model_path,
+        seed=seed,
+        gpu_memory_utilization=0.3,
+        max_model_len=max_model_len,
+        dtype={"auto": "bfloat16" if torch.cuda.is_available() else "float32"}.get(args.dtype, args.dtype),
+    )
     if sleeps:
         kwargs["enable_sleep_mode"] = True  # refused where the platform has none (CPU)
     if current_platform.is_cpu():
@@ -1328,8 +1638,19 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
-             device, seed: int, model_path: str | None = None, desc: str = "generate") -> list[list[tuple[str, bool]]]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    n: int,
+    temperature: float,
+    top_p: float,
+    args: Args,
+    device,
+    seed: int,
+    model_path: str | None = None,
+    desc: str = "generate",
+) -> list[list[tuple[str, bool]]]:
     """n samples per prompt as (text, finished) where finished = stopped on a stop_ids token within
     max_new_tokens. Prompts are encode()'s ids. Sampling is exactly temperature / top-p: top-k off (transformers
     would fill 50) and no repetition penalty from the model's generation_config. With --sampler vllm (and a
@@ -1362,14 +1683,26 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
         VLLMEngine.path = model_path
         longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
         if len(prompt_ids[longest]) + args.max_new_tokens > VLLMEngine.max_model_len:
-            raise InputError(f"{desc}: a prompt of {len(prompt_ids[longest])} tokens + --max_new_tokens "
-                             f"{args.max_new_tokens} is over the vLLM engine's max_model_len {VLLMEngine.max_model_len} "
-                             "(--max_prompt_length + --max_new_tokens when it started); raise --max_prompt_length")
+            raise InputError(
+                f"{desc}: a prompt of {len(prompt_ids[longest])} tokens + --max_new_tokens "
+                f"{args.max_new_tokens} is over the vLLM engine's max_model_len {VLLMEngine.max_model_len} "
+                "(--max_prompt_length + --max_new_tokens when it started); raise --max_prompt_length"
+            )
         # vLLM seeds sample j of a request seed + j: one seed per prompt, n apart, so that no two samples share a
         # random stream, and from the call's seed and the prompt's index (not the engine's history)
-        params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0,
-                                      max_tokens=args.max_new_tokens, stop_token_ids=stop,
-                                      seed=seed * 1_000_003 + (rank() * len(mine) + i) * n) for i in range(len(mine))]
+        params = [
+            vllm.SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=-1,
+                repetition_penalty=1.0,
+                max_tokens=args.max_new_tokens,
+                stop_token_ids=stop,
+                seed=seed * 1_000_003 + (rank() * len(mine) + i) * n,
+            )
+            for i in range(len(mine))
+        ]
         results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         if sleeps:
             llm.sleep(level=2)
@@ -1382,22 +1715,35 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     mine, real = shard(prompts)
     prompt_ids = [encode(tokenizer, p)[0] for p in mine]
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together: little padding
-    sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
-                if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
+        if temperature > 0
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    )
     outputs = {}
     batch_size = max(1, args.generation_batch_size // n)
     for start in progress(range(0, len(order), batch_size), desc=desc, inner=True):
-        indices = order[start:start + batch_size]
+        indices = order[start : start + batch_size]
         enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in indices]}, return_tensors="pt").to(device)
         # one autocast around the whole call: the bf16 casts of trainable fp32 weights are made once, not per token
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-            out = sampler.generate(**enc, **sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=n,
-                                   eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
-        rows = out[:, enc["input_ids"].shape[1]:].tolist()
+            out = sampler.generate(
+                **enc,
+                **sampling,
+                max_new_tokens=args.max_new_tokens,
+                num_return_sequences=n,
+                eos_token_id=stop,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        rows = out[:, enc["input_ids"].shape[1] :].tolist()
         for k, i in enumerate(indices):  # num_return_sequences rows per prompt, consecutive
-            ends = [next((j for j, token in enumerate(row) if token in stop), None) for row in rows[k * n:(k + 1) * n]]
-            outputs[i] = [(tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None)
-                          for row, end in zip(rows[k * n:(k + 1) * n], ends)]
+            ends = [
+                next((j for j, token in enumerate(row) if token in stop), None) for row in rows[k * n : (k + 1) * n]
+            ]
+            outputs[i] = [
+                (tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None)
+                for row, end in zip(rows[k * n : (k + 1) * n], ends)
+            ]
     sampler.train(training)
     return gather([outputs[i] for i in range(real)])
 
@@ -1411,8 +1757,10 @@ def unsharded_copy(model, args: Args):
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     with torch.device("meta"):
         copy = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
-    state = {name: (value.full_tensor() if hasattr(value, "full_tensor") else value).to(dtype)
-             for name, value in model.state_dict().items()}
+    state = {
+        name: (value.full_tensor() if hasattr(value, "full_tensor") else value).to(dtype)
+        for name, value in model.state_dict().items()
+    }
     copy.load_state_dict(state, assign=True)
     for name, buffer in model.named_buffers():  # non-persistent buffers (rotary frequencies) are not in the state
         module, _, attr = name.rpartition(".")
@@ -1424,8 +1772,19 @@ def unsharded_copy(model, args: Args):
 
 def evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, model_path=None) -> tuple[float, float]:
     """Held-out mean reward of one sample per prompt, and the mean response length in words."""
-    samples = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in eval_prompts], 1,
-                       args.eval_temperature, 1.0, args, device, seed=args.seed + 10_000, model_path=model_path, desc="eval")
+    samples = generate(
+        model,
+        tokenizer,
+        [[{"role": "user", "content": p}] for p in eval_prompts],
+        1,
+        args.eval_temperature,
+        1.0,
+        args,
+        device,
+        seed=args.seed + 10_000,
+        model_path=model_path,
+        desc="eval",
+    )
     rewards = [reward_fn(p, s[0][0]) for p, s in zip(eval_prompts, samples)]
     return sum(rewards) / len(rewards), sum(len(s[0][0].split()) for s in samples) / len(samples)
 

@@ -39,11 +39,25 @@ CLAIMS = ("sera", "srdpo", "opsr", "osp")
 # benchmark is ~55 min on 2 idle cores); "tiny" only exercises the plumbing (tests/test_claims.py).
 BUDGETS = {
     "full": {"sera.py": [], "srdpo.py": [], "opsr.py": [], "osp.py": []},
-    "tiny": {"sera.py": ["--iterations", "2", "--num_pairs", "32", "--num_eval", "8"],
-             "srdpo.py": ["--num_pairs", "32", "--eval_pairs", "16", "--num_eval", "8"],
-             "opsr.py": ["--iterations", "2", "--num_prompts", "16", "--num_pairs", "32", "--num_eval", "8"],
-             "osp.py": ["--num_prompts", "16", "--num_sft", "32", "--aug_epochs", "1", "--num_judge_eval", "16",
-                        "--num_eval", "8", "--eval_every", "0"]},
+    "tiny": {
+        "sera.py": ["--iterations", "2", "--num_pairs", "32", "--num_eval", "8"],
+        "srdpo.py": ["--num_pairs", "32", "--eval_pairs", "16", "--num_eval", "8"],
+        "opsr.py": ["--iterations", "2", "--num_prompts", "16", "--num_pairs", "32", "--num_eval", "8"],
+        "osp.py": [
+            "--num_prompts",
+            "16",
+            "--num_sft",
+            "32",
+            "--aug_epochs",
+            "1",
+            "--num_judge_eval",
+            "16",
+            "--num_eval",
+            "8",
+            "--eval_every",
+            "0",
+        ],
+    },
 }
 
 
@@ -69,9 +83,11 @@ class Args:
 def arms(args: Args) -> dict[str, tuple[str, str, list[str]]]:
     """arm name -> (claim, script, argv without --seed/--output_dir)."""
     b = BUDGETS[args.budget]
-    out = {"sera": ("sera", "sera.py", b["sera.py"]),
-           # iterative DPO: every offline pair kept, nothing generated, no ensemble
-           "sera-iterative-dpo": ("sera", "sera.py", b["sera.py"] + ["--rho_1", "1", "--rho_2", "0", "--gamma_e", "0"])}
+    out = {
+        "sera": ("sera", "sera.py", b["sera.py"]),
+        # iterative DPO: every offline pair kept, nothing generated, no ensemble
+        "sera-iterative-dpo": ("sera", "sera.py", b["sera.py"] + ["--rho_1", "1", "--rho_2", "0", "--gamma_e", "0"]),
+    }
     # plain offline DPO: one iteration (all of D, SFT reference) for as many epochs as SeRA has iterations
     iterations = int(dict(zip(b["sera.py"], b["sera.py"][1:])).get("--iterations", 3))
     plain = [a for a, prev in zip(b["sera.py"], [None, *b["sera.py"]]) if "--iterations" not in (a, prev)]
@@ -95,8 +111,11 @@ def read_metrics(script: str, out: Path) -> dict[str, float]:
     ev = state["eval"]
     if script in ("sera.py", "opsr.py"):
         iters = sorted(int(k) for k in ev if k.isdigit() and (script == "opsr.py" or k != "0"))
-        m = {"score": ev[str(iters[-1])], "sft_score": ev["0" if script == "sera.py" else "sft"],
-             **{f"score_iter{i}": ev[str(i)] for i in iters if i > 0}}
+        m = {
+            "score": ev[str(iters[-1])],
+            "sft_score": ev["0" if script == "sera.py" else "sft"],
+            **{f"score_iter{i}": ev[str(i)] for i in iters if i > 0},
+        }
         logged = [r for r in _metrics(out) if "data/flipped_kept_fraction" in r or "opsr/chosen_reward" in r]
         if script == "sera.py" and logged:  # over the iterations with IRM selection
             m["clean_kept"] = _mean([r["data/clean_kept_fraction"] for r in logged])
@@ -106,11 +125,19 @@ def read_metrics(script: str, out: Path) -> dict[str, float]:
             m["rejected_oracle"] = _mean([r["opsr/rejected_reward"] for r in logged])
         return m
     if script == "srdpo.py":
-        return {"score": ev["final"], "sft_score": ev["start"], "held_out_accuracy": ev["held_out_accuracy"],
-                "margin_score_corr": ev["margin_score_corr"]}
+        return {
+            "score": ev["final"],
+            "sft_score": ev["start"],
+            "held_out_accuracy": ev["held_out_accuracy"],
+            "margin_score_corr": ev["margin_score_corr"],
+        }
     steps = [r["osp/abs_sigma_z_minus_q"] for r in _metrics(out) if "osp/abs_sigma_z_minus_q" in r]
-    return {"score": ev["final"], "sft_score": ev["sft"], "abs_sigma_z_minus_q": _mean(steps),
-            **{f"judge_accuracy_{k}": v["judge/oracle_accuracy"] for k, v in state["judge"].items()}}
+    return {
+        "score": ev["final"],
+        "sft_score": ev["sft"],
+        "abs_sigma_z_minus_q": _mean(steps),
+        **{f"judge_accuracy_{k}": v["judge/oracle_accuracy"] for k, v in state["judge"].items()},
+    }
 
 
 @dataclass(frozen=True)
@@ -125,35 +152,126 @@ class Comparison:
 def comparisons(args: Args, iterations: dict[str, list[int]]) -> list[Comparison]:
     c = []
     if "sera" in args.claims:
-        c += [Comparison("sera", "IRM selection + bootstrapping beats iterative DPO (held-out score)",
-                         ("sera", "score"), ("sera-iterative-dpo", "score")),
-              Comparison("sera", "SeRA beats plain offline DPO, same number of epochs (held-out score)",
-                         ("sera", "score"), ("sera-plain-dpo", "score")),
-              Comparison("sera", "IRM selection keeps clean pairs over flipped ones (kept fraction)",
-                         ("sera", "clean_kept"), ("sera", "flipped_kept"))]
+        c += [
+            Comparison(
+                "sera",
+                "IRM selection + bootstrapping beats iterative DPO (held-out score)",
+                ("sera", "score"),
+                ("sera-iterative-dpo", "score"),
+            ),
+            Comparison(
+                "sera",
+                "SeRA beats plain offline DPO, same number of epochs (held-out score)",
+                ("sera", "score"),
+                ("sera-plain-dpo", "score"),
+            ),
+            Comparison(
+                "sera",
+                "IRM selection keeps clean pairs over flipped ones (kept fraction)",
+                ("sera", "clean_kept"),
+                ("sera", "flipped_kept"),
+            ),
+        ]
     for lam in args.srdpo_lams if "srdpo" in args.claims else []:
-        c += [Comparison("srdpo", f"lam {lam:g} beats plain DPO (held-out score)", (f"srdpo-lam{lam:g}", "score"), ("srdpo-lam0", "score")),
-              Comparison("srdpo", f"lam {lam:g}: margin tracks the oracle gap better (corr., Table 4)",
-                         (f"srdpo-lam{lam:g}", "margin_score_corr"), ("srdpo-lam0", "margin_score_corr"))]
+        c += [
+            Comparison(
+                "srdpo",
+                f"lam {lam:g} beats plain DPO (held-out score)",
+                (f"srdpo-lam{lam:g}", "score"),
+                ("srdpo-lam0", "score"),
+            ),
+            Comparison(
+                "srdpo",
+                f"lam {lam:g}: margin tracks the oracle gap better (corr., Table 4)",
+                (f"srdpo-lam{lam:g}", "margin_score_corr"),
+                ("srdpo-lam0", "margin_score_corr"),
+            ),
+        ]
     if "opsr" in args.claims:
-        c += [Comparison("opsr", f"3-5-7 beats fixed 3 after iteration {i} (held-out score)",
-                         ("opsr", f"score_iter{i}"), ("opsr-fixed3", f"score_iter{i}")) for i in iterations.get("opsr", [])[1:]]
-        c += [Comparison("opsr", "chosen answers beat rejected ones (oracle score)", ("opsr", "chosen_oracle"), ("opsr", "rejected_oracle"))]
+        c += [
+            Comparison(
+                "opsr",
+                f"3-5-7 beats fixed 3 after iteration {i} (held-out score)",
+                ("opsr", f"score_iter{i}"),
+                ("opsr-fixed3", f"score_iter{i}"),
+            )
+            for i in iterations.get("opsr", [])[1:]
+        ]
+        c += [
+            Comparison(
+                "opsr",
+                "chosen answers beat rejected ones (oracle score)",
+                ("opsr", "chosen_oracle"),
+                ("opsr", "rejected_oracle"),
+            )
+        ]
     if "osp" in args.claims:
         c += [Comparison("osp", "SPCE beats hard-label DPO (held-out score)", ("osp", "score"), ("osp-dpo", "score"))]
-        c += [Comparison("osp", f"SPCE keeps the judge better (judge accuracy, {k.replace('_', ' ')})",
-                         ("osp", f"judge_accuracy_{k}"), ("osp-dpo", f"judge_accuracy_{k}")) for k in iterations.get("osp", [])]
-        c += [Comparison("osp", "SPCE over-fits less: mean abs(sigma(z) - q) lower", ("osp", "abs_sigma_z_minus_q"),
-                         ("osp-dpo", "abs_sigma_z_minus_q"), higher_is_better=False)]
-    method_arm = {"sera": "sera", "srdpo": "srdpo-lam0.5" if 0.5 in args.srdpo_lams else None, "opsr": "opsr", "osp": "osp"}
-    c += [Comparison(k, "beats its SFT start (held-out score)", (arm, "score"), (arm, "sft_score"))
-          for k, arm in method_arm.items() if k in args.claims and arm]
+        c += [
+            Comparison(
+                "osp",
+                f"SPCE keeps the judge better (judge accuracy, {k.replace('_', ' ')})",
+                ("osp", f"judge_accuracy_{k}"),
+                ("osp-dpo", f"judge_accuracy_{k}"),
+            )
+            for k in iterations.get("osp", [])
+        ]
+        c += [
+            Comparison(
+                "osp",
+                "SPCE over-fits less: mean abs(sigma(z) - q) lower",
+                ("osp", "abs_sigma_z_minus_q"),
+                ("osp-dpo", "abs_sigma_z_minus_q"),
+                higher_is_better=False,
+            )
+        ]
+    method_arm = {
+        "sera": "sera",
+        "srdpo": "srdpo-lam0.5" if 0.5 in args.srdpo_lams else None,
+        "opsr": "opsr",
+        "osp": "osp",
+    }
+    c += [
+        Comparison(k, "beats its SFT start (held-out score)", (arm, "score"), (arm, "sft_score"))
+        for k, arm in method_arm.items()
+        if k in args.claims and arm
+    ]
     return c
 
 
 # Two-sided 95% Student t quantiles for 1..30 degrees of freedom (then the normal's).
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 def mean_ci(xs: list[float]) -> tuple[float, float]:
@@ -180,9 +298,22 @@ def summarise(comps: list[Comparison], values: dict[tuple[str, int, str], float]
             continue
         a, b = ([values[(arm, s, m)] for s in seeds] for arm, m in (c.a, c.b))
         diff, half = mean_ci([x - y for x, y in zip(a, b)])
-        rows.append(dict(claim=c.claim, what=c.what, a=f"{c.a[0]}:{c.a[1]}", b=f"{c.b[0]}:{c.b[1]}", seeds=len(seeds),
-                         mean_a=_mean(a), mean_b=_mean(b), diff=diff, ci95=half,
-                         verdict=verdict(diff, half, c.higher_is_better), a_values=a, b_values=b))
+        rows.append(
+            dict(
+                claim=c.claim,
+                what=c.what,
+                a=f"{c.a[0]}:{c.a[1]}",
+                b=f"{c.b[0]}:{c.b[1]}",
+                seeds=len(seeds),
+                mean_a=_mean(a),
+                mean_b=_mean(b),
+                diff=diff,
+                ci95=half,
+                verdict=verdict(diff, half, c.higher_is_better),
+                a_values=a,
+                b_values=b,
+            )
+        )
     return rows
 
 
@@ -190,13 +321,16 @@ def markdown(summary: list[dict]) -> str:
     lines = ["| claim | comparison | A | B | mean A | mean B | A - B [95% CI] | seeds | verdict |", "|---" * 9 + "|"]
     for r in summary:
         ci = f"[{r['diff'] - r['ci95']:+.3f}, {r['diff'] + r['ci95']:+.3f}]"
-        lines.append(f"| {r['claim']} | {r['what']} | {r['a']} | {r['b']} | {r['mean_a']:.3f} | {r['mean_b']:.3f} | "
-                     f"{r['diff']:+.3f} {ci} | {r['seeds']} | {r['verdict']} |")
+        lines.append(
+            f"| {r['claim']} | {r['what']} | {r['a']} | {r['b']} | {r['mean_a']:.3f} | {r['mean_b']:.3f} | "
+            f"{r['diff']:+.3f} {ci} | {r['seeds']} | {r['verdict']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -213,11 +347,17 @@ def plot(summary: list[dict], path: Path) -> None:
             ax.plot([0, 1], [a, b], color="0.8", lw=0.8, zorder=0)
         ax.set_xticks([0, 1], [r["a"].replace(":", "\n"), r["b"].replace(":", "\n")], fontsize=7)
         ax.set_xlim(-0.4, 1.6)
-        ax.set_title(f"{r['claim']}: {r['what']}\nA - B = {r['diff']:+.3f} ± {r['ci95']:.3f} (95% CI, {r['seeds']} seeds): "
-                     f"{r['verdict']}", fontsize=7, color=colors[r["verdict"]])
-    for ax in list(axes.flat)[len(summary):]:
+        ax.set_title(
+            f"{r['claim']}: {r['what']}\nA - B = {r['diff']:+.3f} ± {r['ci95']:.3f} (95% CI, {r['seeds']} seeds): "
+            f"{r['verdict']}",
+            fontsize=7,
+            color=colors[r["verdict"]],
+        )
+    for ax in list(axes.flat)[len(summary) :]:
         ax.axis("off")
-    fig.suptitle("Paper claims on the toy world: per-seed values (points, paired by lines), mean and 95% CI (black)", fontsize=10)
+    fig.suptitle(
+        "Paper claims on the toy world: per-seed values (points, paired by lines), mean and 95% CI (black)", fontsize=10
+    )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -227,12 +367,23 @@ def provenance() -> dict[str, str]:
     import torch
     import transformers
 
-    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT).stdout
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    return {"commit": commit + ("+dirty" if dirty.strip() else ""), "torch": torch.__version__,
-            "transformers": transformers.__version__, "machine": cpu,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT
+    ).stdout
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
+    return {
+        "commit": commit + ("+dirty" if dirty.strip() else ""),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": cpu,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def main(args: Args) -> list[dict]:
@@ -253,7 +404,9 @@ def main(args: Args) -> list[dict]:
             return arm, seed, None
         seconds = run_script(script, argv, seed, out, args.threads)
         if seconds or not (out / "claims_run.json").exists():  # the run's own provenance, kept when reused
-            command = f"OMP_NUM_THREADS={args.threads} python {script} {' '.join(argv)} --seed {seed}".replace("  ", " ")
+            command = f"OMP_NUM_THREADS={args.threads} python {script} {' '.join(argv)} --seed {seed}".replace(
+                "  ", " "
+            )
             (out / "claims_run.json").write_text(json.dumps({**here, "command": command, "seconds": round(seconds, 1)}))
         return arm, seed, seconds
 
@@ -266,21 +419,47 @@ def main(args: Args) -> list[dict]:
             out = args.out / args.budget / f"{arm}__seed{seed}"
             info = json.loads((out / "claims_run.json").read_text())
             metrics = read_metrics(todo[arm][1], out)
-            print(f"{arm} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-                  + (f" ({seconds:.0f}s)" if seconds else " (reused)"), flush=True)
+            print(
+                f"{arm} seed {seed}: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+                + (f" ({seconds:.0f}s)" if seconds else " (reused)"),
+                flush=True,
+            )
             for metric, value in metrics.items():
                 values[(arm, seed, metric)] = value
-                csv_rows.append(dict(claim=todo[arm][0], arm=arm, seed=seed, metric=metric, value=round(value, 5),
-                                     budget=args.budget, **info))
+                csv_rows.append(
+                    dict(
+                        claim=todo[arm][0],
+                        arm=arm,
+                        seed=seed,
+                        metric=metric,
+                        value=round(value, 5),
+                        budget=args.budget,
+                        **info,
+                    )
+                )
     if not csv_rows:
-        raise SystemExit(f"claims: error: no finished runs under {args.out / args.budget} for these --claims and --seeds")
+        raise SystemExit(
+            f"claims: error: no finished runs under {args.out / args.budget} for these --claims and --seeds"
+        )
     with open(args.results / "claims.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
         writer.writeheader()
         writer.writerows(csv_rows)
-    iterations = {"opsr": sorted({int(m[len("score_iter"):]) for (arm, _, m) in values if arm == "opsr" and m.startswith("score_iter")}),
-                  "osp": sorted({m[len("judge_accuracy_"):] for (arm, _, m) in values if arm == "osp" and m.startswith("judge_accuracy_step")},
-                                key=lambda k: int(k[5:])) + ["final"]}
+    iterations = {
+        "opsr": sorted(
+            {int(m[len("score_iter") :]) for (arm, _, m) in values if arm == "opsr" and m.startswith("score_iter")}
+        ),
+        "osp": sorted(
+            {
+                m[len("judge_accuracy_") :]
+                for (arm, _, m) in values
+                if arm == "osp" and m.startswith("judge_accuracy_step")
+            },
+            key=lambda k: int(k[5:]),
+        )
+        + ["final"],
+    }
     summary = summarise(comparisons(args, iterations), values)
     table = markdown(summary)
     (args.results / "claims.md").write_text(table)

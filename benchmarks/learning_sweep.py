@@ -36,8 +36,13 @@ def _test_argv() -> dict[str, tuple[str, list[str]]]:
     import test_osp
     import test_runs
 
-    return {"sera": ("sera.py", test_runs.SERA), "srdpo": ("srdpo.py", test_runs.SRDPO),
-            "opsr": ("opsr.py", test_opsr.RUN), "osp": ("osp.py", test_osp.SMALL), "osp-default": ("osp.py", [])}
+    return {
+        "sera": ("sera.py", test_runs.SERA),
+        "srdpo": ("srdpo.py", test_runs.SRDPO),
+        "opsr": ("opsr.py", test_opsr.RUN),
+        "osp": ("osp.py", test_osp.SMALL),
+        "osp-default": ("osp.py", []),
+    }
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -48,8 +53,10 @@ def _metrics(out: Path) -> list[dict]:
 def sera_checks(out: Path) -> list[tuple[str, float, float]]:
     state = json.loads((out / "state.json").read_text())
     kept = next(m for m in _metrics(out) if m.get("iteration") == 2 and "data/flipped_kept_fraction" in m)
-    return [("eval gain (iter 2 - SFT)", state["eval"]["2"] - state["eval"]["0"], 1.2),
-            ("clean kept - flipped kept", kept["data/clean_kept_fraction"] - kept["data/flipped_kept_fraction"], 0.2)]
+    return [
+        ("eval gain (iter 2 - SFT)", state["eval"]["2"] - state["eval"]["0"], 1.2),
+        ("clean kept - flipped kept", kept["data/clean_kept_fraction"] - kept["data/flipped_kept_fraction"], 0.2),
+    ]
 
 
 def srdpo_checks(out: Path) -> list[tuple[str, float, float]]:
@@ -60,26 +67,41 @@ def srdpo_checks(out: Path) -> list[tuple[str, float, float]]:
 def opsr_checks(out: Path) -> list[tuple[str, float, float]]:
     state = json.loads((out / "state.json").read_text())
     per_iteration = [m for m in _metrics(out) if "opsr/rejected_score" in m]
-    return [("eval gain (iter 2 - SFT)", state["eval"]["2"] - state["eval"]["sft"], 0.6),
-            ("min chosen - rejected reward", min(m["opsr/chosen_reward"] - m["opsr/rejected_reward"] for m in per_iteration), 2.0)]
+    return [
+        ("eval gain (iter 2 - SFT)", state["eval"]["2"] - state["eval"]["sft"], 0.6),
+        (
+            "min chosen - rejected reward",
+            min(m["opsr/chosen_reward"] - m["opsr/rejected_reward"] for m in per_iteration),
+            2.0,
+        ),
+    ]
 
 
 def osp_checks(out: Path, default_run: bool = False) -> list[tuple[str, float, float]]:
     state = json.loads((out / "state.json").read_text())
     judge, reward = state["judge"], state["eval"]
     sft, aug = judge["sft"], judge["augmented"]
-    checks = [("judge oracle accuracy after augmentation", aug["judge/oracle_accuracy"], 0.65),
-              ("judge accuracy gain over SFT judge", aug["judge/oracle_accuracy"] - sft["judge/oracle_accuracy"], 0.0),
-              ("eval gain (final - SFT)", reward["final"] - reward["sft"], 0.3)]
+    checks = [
+        ("judge oracle accuracy after augmentation", aug["judge/oracle_accuracy"], 0.65),
+        ("judge accuracy gain over SFT judge", aug["judge/oracle_accuracy"] - sft["judge/oracle_accuracy"], 0.0),
+        ("eval gain (final - SFT)", reward["final"] - reward["sft"], 0.3),
+    ]
     if not default_run:
-        checks.insert(2, ("position consistency gain", aug["judge/position_consistency"] - sft["judge/position_consistency"], 0.2))
+        checks.insert(
+            2, ("position consistency gain", aug["judge/position_consistency"] - sft["judge/position_consistency"], 0.2)
+        )
     checks.append(("(info) SFT judge oracle accuracy", sft["judge/oracle_accuracy"], float("nan")))
     checks.append(("(info) SFT judge position consistency", sft["judge/position_consistency"], float("nan")))
     return checks
 
 
-CHECKS = {"sera": sera_checks, "srdpo": srdpo_checks, "opsr": opsr_checks, "osp": osp_checks,
-          "osp-default": lambda out: osp_checks(out, default_run=True)}
+CHECKS = {
+    "sera": sera_checks,
+    "srdpo": srdpo_checks,
+    "opsr": opsr_checks,
+    "osp": osp_checks,
+    "osp-default": lambda out: osp_checks(out, default_run=True),
+}
 
 
 @dataclass
@@ -100,11 +122,20 @@ def run_script(script: str, argv: list[str], seed: int, out: Path, threads: int,
         return 0.0
     if out.exists():
         shutil.rmtree(out)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
-           **dict(kv.split("=", 1) for kv in extra_env)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        **dict(kv.split("=", 1) for kv in extra_env),
+    }
     start = time.time()
-    res = subprocess.run([sys.executable, str(ROOT / script), *argv, "--seed", str(seed), "--output_dir", str(out)],
-                         capture_output=True, text=True, cwd=ROOT, env=env)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / script), *argv, "--seed", str(seed), "--output_dir", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     if res.returncode != 0:
         raise RuntimeError(f"{script} {' '.join(argv)} --seed {seed} (threads {threads}) failed:\n{res.stderr[-3000:]}")
     (out / "sweep_done").write_text(f"{time.time() - start:.1f}\n")
@@ -121,16 +152,25 @@ def main(args: Args) -> None:
     unknown = set(args.configs) - set(CHECKS)
     if unknown:
         raise SystemExit(f"learning_sweep: error: unknown --configs {sorted(unknown)}; expected some of {list(CHECKS)}")
-    jobs = sorted({(c, s, 2 if c == "osp-default" else t) for c in args.configs for s in args.seeds for t in args.threads})
+    jobs = sorted(
+        {(c, s, 2 if c == "osp-default" else t) for c in args.configs for s in args.seeds for t in args.threads}
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     with ThreadPoolExecutor(args.jobs) as pool:
         for config, seed, threads, out, seconds in pool.map(lambda j: run_one(*j, args), jobs):
             for name, value, bar in CHECKS[config](out):
                 rows.append(dict(config=config, seed=seed, threads=threads, check=name, value=round(value, 4), bar=bar))
-            print(f"{config} seed {seed} threads {threads}: " + ", ".join(
-                f"{r['check']} {r['value']:.3f}" for r in rows if (r["config"], r["seed"], r["threads"]) == (config, seed, threads))
-                + (f" ({seconds:.0f}s)" if seconds else " (reused)"), flush=True)
+            print(
+                f"{config} seed {seed} threads {threads}: "
+                + ", ".join(
+                    f"{r['check']} {r['value']:.3f}"
+                    for r in rows
+                    if (r["config"], r["seed"], r["threads"]) == (config, seed, threads)
+                )
+                + (f" ({seconds:.0f}s)" if seconds else " (reused)"),
+                flush=True,
+            )
     with open(args.out / "learning_sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

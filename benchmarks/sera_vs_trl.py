@@ -129,29 +129,49 @@ def sera_step(model, batch_pairs, optimizer, scheduler, trainable, args: sera.Ar
     """One optimizer step of `sera.train_iteration` (one micro-batch per step, one process), line for line."""
     device = torch.device("cpu")
     n = len(batch_pairs)
-    batch = sera.collate([(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
-                         + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs], pad_id, device)
+    batch = sera.collate(
+        [(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
+        + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs],
+        pad_id,
+        device,
+    )
     logps, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     counts = (batch["labels"][:, 1:] != -100).sum(1).float()
-    ref = torch.tensor([p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
-                       device=device, dtype=torch.float32)
+    ref = torch.tensor(
+        [p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
+        device=device,
+        dtype=torch.float32,
+    )
     losses, chosen_reward, rejected_reward = sera.daa_losses(logps, ref, counts, args)
     (losses.sum() / n).backward()
     with torch.no_grad():
         if args.loss == "simpo" or args.length_norm == "avg":
             logps = logps / counts
         margin = chosen_reward - rejected_reward
-        sums = [losses.sum().item(), chosen_reward.sum().item(), rejected_reward.sum().item(), margin.sum().item(),
-                (margin > 0).float().sum().item(), logps[:n].sum().item(), logps[n:].sum().item(), float(n),
-                batch["attention_mask"].sum().item()]
+        sums = [
+            losses.sum().item(),
+            chosen_reward.sum().item(),
+            rejected_reward.sum().item(),
+            margin.sum().item(),
+            (margin > 0).float().sum().item(),
+            logps[:n].sum().item(),
+            logps[n:].sum().item(),
+            float(n),
+            batch["attention_mask"].sum().item(),
+        ]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
     if not math.isfinite(sums[0]):
         raise RuntimeError(f"non-finite loss {sums[0]}")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": sums[0] / n, "logps/chosen": sums[5] / n, "logps/rejected": sums[6] / n,
-            "grad_norm": float(grad_norm), "tokens": sums[8]}
+    return {
+        "loss": sums[0] / n,
+        "logps/chosen": sums[5] / n,
+        "logps/rejected": sums[6] / n,
+        "grad_norm": float(grad_norm),
+        "tokens": sums[8],
+    }
 
 
 def make_optimizer(model, args: sera.Args):
@@ -166,8 +186,9 @@ def make_optimizer(model, args: sera.Args):
 def train_iteration_call(model, pairs, args: sera.Args, pad_id: int):
     """One `sera.train_iteration` call = one optimizer step on exactly these B pairs (its bar silenced)."""
     with contextlib.redirect_stderr(io.StringIO()):
-        return sera.train_iteration(model, pairs, 1, args, torch.device("cpu"), pad_id, lambda metrics: None,
-                                    lambda *a: None)
+        return sera.train_iteration(
+            model, pairs, 1, args, torch.device("cpu"), pad_id, lambda metrics: None, lambda *a: None
+        )
 
 
 def check_replica(model, pairs, args: sera.Args, pad_id: int) -> float:
@@ -216,22 +237,53 @@ def make_trl(policy, ref_model, tokenizer, pairs, args: sera.Args, cli: Args, pr
         def on_log(self, *a, logs=None, **k):
             self.logs.append(dict(logs or {}))
 
-    rows = [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
-             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+    rows = [
+        {
+            "prompt": p["prompt"],
+            "chosen": [{"role": "assistant", "content": p["chosen"]}],
+            "rejected": [{"role": "assistant", "content": p["rejected"]}],
+        }
+        for p in pairs
+    ]
     config = DPOConfig(
-        output_dir=out_dir, per_device_train_batch_size=len(pairs), gradient_accumulation_steps=1,
-        max_steps=1 + cli.steps, max_length=args.max_length, loss_type=["sigmoid"], beta=args.beta,
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=args.max_grad_norm, optim=cli.trl_optim, precompute_ref_log_probs=precompute,
-        use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False, gradient_checkpointing=False,
-        report_to="none", logging_steps=1,
-        save_strategy="no", disable_tqdm=True, train_sampling_strategy="sequential", dataloader_num_workers=0,
-        dataloader_pin_memory=False, seed=args.seed)
+        output_dir=out_dir,
+        per_device_train_batch_size=len(pairs),
+        gradient_accumulation_steps=1,
+        max_steps=1 + cli.steps,
+        max_length=args.max_length,
+        loss_type=["sigmoid"],
+        beta=args.beta,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=args.max_grad_norm,
+        optim=cli.trl_optim,
+        precompute_ref_log_probs=precompute,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        activation_checkpointing=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        seed=args.seed,
+    )
     timer = StepTimer()
     # B pairs repeated: with sequential sampling every step's batch is exactly the B pairs, in order.
-    trainer = DPOTrainer(model=policy, ref_model=None if precompute else ref_model, args=config,
-                         train_dataset=datasets.Dataset.from_list(rows * (1 + cli.steps)),
-                         processing_class=tokenizer, callbacks=[timer])
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=None if precompute else ref_model,
+        args=config,
+        train_dataset=datasets.Dataset.from_list(rows * (1 + cli.steps)),
+        processing_class=tokenizer,
+        callbacks=[timer],
+    )
     trainer.remove_callback(PrinterCallback)
     return trainer, timer
 
@@ -242,7 +294,11 @@ def check_trl_tokens(trainer, pairs) -> int:
     bad = 0
     for i, p in enumerate(pairs):
         row = data[i]
-        bad += (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) != (p["prompt_ids"], p["chosen_ids"], p["rejected_ids"])
+        bad += (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) != (
+            p["prompt_ids"],
+            p["chosen_ids"],
+            p["rejected_ids"],
+        )
     return bad
 
 
@@ -268,8 +324,10 @@ def busy_warning() -> str | None:
     """A warning when other processes keep the CPUs busy (1-minute load average over half the CPUs)."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > 0.5 * (os.cpu_count() or 1):
-        return (f"**busy machine** (1-minute load average {load:.2f} on {os.cpu_count()} CPUs, including this run): "
-                "the timings are noisy and slower than on a quiet machine; compare the best column, or re-run")
+        return (
+            f"**busy machine** (1-minute load average {load:.2f} on {os.cpu_count()} CPUs, including this run): "
+            "the timings are noisy and slower than on a quiet machine; compare the best column, or re-run"
+        )
     return None
 
 
@@ -289,8 +347,10 @@ def main(cli: Args) -> dict:
     datasets.disable_progress_bars()
 
     if not Path(cli.model).exists():
-        raise SystemExit(f"sera_vs_trl.py: --model {cli.model} not found (build it: python assets/build_toy.py "
-                         "--out /tmp/toy, then --model /tmp/toy/model --dataset /tmp/toy/data/prefs.jsonl)")
+        raise SystemExit(
+            f"sera_vs_trl.py: --model {cli.model} not found (build it: python assets/build_toy.py "
+            "--out /tmp/toy, then --model /tmp/toy/model --dataset /tmp/toy/data/prefs.jsonl)"
+        )
     if not Path(cli.dataset).exists():
         raise SystemExit(f"sera_vs_trl.py: --dataset {cli.dataset} not found")
     if cli.batch_size < 1 or cli.rounds < 1 or cli.steps < 1:
@@ -301,8 +361,11 @@ def main(cli: Args) -> dict:
     t_start = time.perf_counter()
 
     # Data and models exactly as sera.main prepares them.
-    args, _ = sera.resolve(sera.Args(model=cli.model, dataset=cli.dataset, loss="dpo", batch_size=cli.batch_size,
-                                     global_batch=cli.batch_size))
+    args, _ = sera.resolve(
+        sera.Args(
+            model=cli.model, dataset=cli.dataset, loss="dpo", batch_size=cli.batch_size, global_batch=cli.batch_size
+        )
+    )
     tokenizer = AutoTokenizer.from_pretrained(cli.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -316,7 +379,9 @@ def main(cli: Args) -> dict:
     device = torch.device("cpu")
     torch.manual_seed(args.seed)
     model = sera.prepare_for_training(sera.load_model(cli.model, device), args)
-    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [
+        (p["prompt_ids"], p["rejected_ids"]) for p in pairs
+    ]
     with contextlib.redirect_stderr(io.StringIO()):
         ref_logps, _ = sera.score(model, sequences, args, pad_id, device, desc="reference")
     n = len(pairs)
@@ -379,10 +444,14 @@ def main(cli: Args) -> dict:
                 step_times[name] += timer.step[1:]
                 cycle_times[name] += timer.cycle  # end of step k-1 to end of step k, for k >= 2
 
-        runners = {"ours": run_ours, "ours (call)": run_call, "TRL": lambda timed: run_trl("TRL", timed),
-                   "TRL precomp": lambda timed: run_trl("TRL precomp", timed)}
+        runners = {
+            "ours": run_ours,
+            "ours (call)": run_call,
+            "TRL": lambda timed: run_trl("TRL", timed),
+            "TRL precomp": lambda timed: run_trl("TRL precomp", timed),
+        }
         for r in range(1 + cli.rounds):
-            order = CONFIGS[r % len(CONFIGS):] + CONFIGS[: r % len(CONFIGS)]
+            order = CONFIGS[r % len(CONFIGS) :] + CONFIGS[: r % len(CONFIGS)]
             for c in order:
                 runners[c](timed=r > 0)
             print(f"round {r}{' (warm-up)' if r == 0 else ''}: done, load {load_text()}", flush=True)
@@ -413,36 +482,59 @@ def main(cli: Args) -> dict:
     results = {}
     for c in CONFIGS:
         med = statistics.median(step_times[c])
-        results[c] = dict(median=med, best=min(step_times[c]), p10=quantile(step_times[c], 0.1), p90=quantile(step_times[c], 0.9),
-                          cycle=statistics.median(cycle_times[c]) if cycle_times[c] else float("nan"),
-                          tokens_per_s=tokens / med, n=len(step_times[c]), memory=memory.get(c))
+        results[c] = dict(
+            median=med,
+            best=min(step_times[c]),
+            p10=quantile(step_times[c], 0.1),
+            p90=quantile(step_times[c], 0.9),
+            cycle=statistics.median(cycle_times[c]) if cycle_times[c] else float("nan"),
+            tokens_per_s=tokens / med,
+            n=len(step_times[c]),
+            memory=memory.get(c),
+        )
     base_tps = results["TRL"]["tokens_per_s"]
-    header = ("| configuration | step median (ms) | best (ms) | p10-p90 (ms) | step to step (ms) | tokens/s | "
-              "vs TRL | peak RSS growth / step (MiB) | timed steps |")
+    header = (
+        "| configuration | step median (ms) | best (ms) | p10-p90 (ms) | step to step (ms) | tokens/s | "
+        "vs TRL | peak RSS growth / step (MiB) | timed steps |"
+    )
     lines = [header, "|" + "---|" * 9]
     for c in CONFIGS:
         res = results[c]
         mem = "n/a" if res["memory"] is None else f"{res['memory']:.1f}"
-        lines.append(f"| {c} | {1e3 * res['median']:.1f} | {1e3 * res['best']:.1f} | {1e3 * res['p10']:.1f}-{1e3 * res['p90']:.1f} | "
-                     f"{1e3 * res['cycle']:.1f} | {res['tokens_per_s']:,.0f} | {res['tokens_per_s'] / base_tps:.2f}x | "
-                     f"{mem} | {res['n']} |")
+        lines.append(
+            f"| {c} | {1e3 * res['median']:.1f} | {1e3 * res['best']:.1f} | "
+            f"{1e3 * res['p10']:.1f}-{1e3 * res['p90']:.1f} | "
+            f"{1e3 * res['cycle']:.1f} | {res['tokens_per_s']:,.0f} | {res['tokens_per_s'] / base_tps:.2f}x | "
+            f"{mem} | {res['n']} |"
+        )
     table = "\n".join(lines)
     log2 = math.log(2)
-    checks = [f"first-step loss (policy = reference, expected log 2 = {log2:.4f}): "
-              + ", ".join(f"{c} {float(first[c]['loss']):.4f}" for c in ("ours", "TRL", "TRL precomp")),
-              "first-step mean log-probs chosen / rejected: "
-              + ", ".join(f"{c} {float(first[c]['logps/chosen']):.4f} / {float(first[c]['logps/rejected']):.4f}"
-                          for c in ("ours", "TRL", "TRL precomp")),
-              f"replicated step vs sera.train_iteration: max |weight difference| after one step {replica_diff:.2e} "
-              f"(lr {args.lr:g})",
-              "TRL token ids differing from sera's (pairs): "
-              + ", ".join(f"{name} {bad}/{n}" for name, bad in token_mismatch.items()),
-              "TRL activation checkpointing during training: "
-              + ", ".join(f"{name} {'on' if on else 'off'}" for name, on in checkpointing.items())]
-    ok = (all(abs(float(first[c]["loss"]) - log2) < 1e-3 for c in ("ours", "TRL", "TRL precomp"))
-          and all(abs(float(first[c][k]) - float(first["ours"][k])) < 1e-3 * max(1.0, abs(float(first["ours"][k])))
-                  for c in ("TRL", "TRL precomp") for k in ("logps/chosen", "logps/rejected"))
-          and replica_diff <= 1e-3 * args.lr and not any(token_mismatch.values()) and not any(checkpointing.values()))
+    checks = [
+        f"first-step loss (policy = reference, expected log 2 = {log2:.4f}): "
+        + ", ".join(f"{c} {float(first[c]['loss']):.4f}" for c in ("ours", "TRL", "TRL precomp")),
+        "first-step mean log-probs chosen / rejected: "
+        + ", ".join(
+            f"{c} {float(first[c]['logps/chosen']):.4f} / {float(first[c]['logps/rejected']):.4f}"
+            for c in ("ours", "TRL", "TRL precomp")
+        ),
+        f"replicated step vs sera.train_iteration: max |weight difference| after one step {replica_diff:.2e} "
+        f"(lr {args.lr:g})",
+        "TRL token ids differing from sera's (pairs): "
+        + ", ".join(f"{name} {bad}/{n}" for name, bad in token_mismatch.items()),
+        "TRL activation checkpointing during training: "
+        + ", ".join(f"{name} {'on' if on else 'off'}" for name, on in checkpointing.items()),
+    ]
+    ok = (
+        all(abs(float(first[c]["loss"]) - log2) < 1e-3 for c in ("ours", "TRL", "TRL precomp"))
+        and all(
+            abs(float(first[c][k]) - float(first["ours"][k])) < 1e-3 * max(1.0, abs(float(first["ours"][k])))
+            for c in ("TRL", "TRL precomp")
+            for k in ("logps/chosen", "logps/rejected")
+        )
+        and replica_diff <= 1e-3 * args.lr
+        and not any(token_mismatch.values())
+        and not any(checkpointing.values())
+    )
     checks.append("sanity checks: " + ("all passed" if ok else "FAILED (see above)"))
     prompt_lens = [len(p["prompt_ids"]) for p in pairs]
     response_lens = [len(p["chosen_ids"]) for p in pairs] + [len(p["rejected_ids"]) for p in pairs]
@@ -450,31 +542,41 @@ def main(cli: Args) -> dict:
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "command": "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, transformers "
-                    f"{transformers.__version__}, trl {trl.__version__}",
+        f"{transformers.__version__}, trl {trl.__version__}",
         "cpu": f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}",
         "load": f"load average (1/5/15 min) at start {load_start}, at end {load_end}",
         "model": f"{cli.model}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters "
-                 f"({param_mib:.1f} MiB fp32)",
+        f"({param_mib:.1f} MiB fp32)",
         "batch": f"B = {n} pairs = {2 * n} sequences from {cli.dataset}; prompt {min(prompt_lens)}-{max(prompt_lens)} "
-                 f"tokens, responses {min(response_lens)}-{max(response_lens)}, sequences {min(lengths)}-{max(lengths)} "
-                 f"(mean {tokens / len(lengths):.1f}); {tokens} non-padding tokens per step, padded batch "
-                 f"{2 * n} x {max(lengths)} = {padded}; max_length {args.max_length}, beta {args.beta}, lr {args.lr:g}",
+        f"tokens, responses {min(response_lens)}-{max(response_lens)}, sequences {min(lengths)}-{max(lengths)} "
+        f"(mean {tokens / len(lengths):.1f}); {tokens} non-padding tokens per step, padded batch "
+        f"{2 * n} x {max(lengths)} = {padded}; max_length {args.max_length}, beta {args.beta}, lr {args.lr:g}",
         "protocol": f"1 warm-up round + {cli.rounds} timed rounds, per round and configuration 1 untimed + "
-                    f"{cli.steps} timed steps, rotating order; total run time {elapsed:.0f} s",
+        f"{cli.steps} timed steps, rotating order; total run time {elapsed:.0f} s",
     }
-    report = "\n".join([
-        "# One DPO training step: sera.py vs TRL DPOTrainer (CPU, toy model)", "",
-        *[f"- {k}: {v}" for k, v in info.items()], *[f"- {w}" for w in warnings_seen], "", table, "",
-        *[f"- {line}" for line in checks], "",
-        "Configurations: **ours** = one optimizer step of `sera.train_iteration` (collate, "
-        "`kernels.causal_lm_logps`, `daa_losses`, backward, metrics, clip, AdamW) with a persistent optimizer and "
-        "precomputed reference log-probs; **ours (call)** = a whole `sera.train_iteration` call per step "
-        "(adds a fresh AdamW/scheduler, shuffling, progress bar); **TRL** = `DPOTrainer` with its default frozen "
-        "reference model (a reference forward every step); **TRL precomp** = `precompute_ref_log_probs=True`. "
-        "TRL's step also computes per-token entropy, mean logits and top-1 accuracy for its logged metrics. "
-        "TRL steps are timed from `on_step_begin` to `on_step_end` (its collation and logging fall outside, "
-        "ours include collation); *step to step* includes everything. tokens/s = non-padding tokens of the "
-        "2B sequences / median step time.", ""])
+    report = "\n".join(
+        [
+            "# One DPO training step: sera.py vs TRL DPOTrainer (CPU, toy model)",
+            "",
+            *[f"- {k}: {v}" for k, v in info.items()],
+            *[f"- {w}" for w in warnings_seen],
+            "",
+            table,
+            "",
+            *[f"- {line}" for line in checks],
+            "",
+            "Configurations: **ours** = one optimizer step of `sera.train_iteration` (collate, "
+            "`kernels.causal_lm_logps`, `daa_losses`, backward, metrics, clip, AdamW) with a persistent optimizer and "
+            "precomputed reference log-probs; **ours (call)** = a whole `sera.train_iteration` call per step "
+            "(adds a fresh AdamW/scheduler, shuffling, progress bar); **TRL** = `DPOTrainer` with its default frozen "
+            "reference model (a reference forward every step); **TRL precomp** = `precompute_ref_log_probs=True`. "
+            "TRL's step also computes per-token entropy, mean logits and top-1 accuracy for its logged metrics. "
+            "TRL steps are timed from `on_step_begin` to `on_step_end` (its collation and logging fall outside, "
+            "ours include collation); *step to step* includes everything. tokens/s = non-padding tokens of the "
+            "2B sequences / median step time.",
+            "",
+        ]
+    )
     print()
     print(report)
     if cli.out:

@@ -42,13 +42,20 @@ def main():
     pairs, _ = srdpo.build_dataset(rows, source, tokenizer, args)
     model = srdpo.load_model(preset["path"], device)
     n = len(pairs)
-    sequences = ([(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
-                 + [(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in pairs]
-                 + [(p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in pairs])
+    sequences = (
+        [(p["prompt_ids"], p["chosen_ids"]) for p in pairs]
+        + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+        + [(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in pairs]
+        + [(p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in pairs]
+    )
     ref, _ = srdpo.score(model, sequences, args, tokenizer.pad_token_id, device, desc="reference")
     for i, p in enumerate(pairs):
-        p.update(ref_chosen=float(ref[i]), ref_rejected=float(ref[n + i]), ref_aug_chosen=float(ref[2 * n + i]),
-                 ref_aug_rejected=float(ref[3 * n + i]))
+        p.update(
+            ref_chosen=float(ref[i]),
+            ref_rejected=float(ref[n + i]),
+            ref_aug_chosen=float(ref[2 * n + i]),
+            ref_aug_rejected=float(ref[3 * n + i]),
+        )
     optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-12)  # tiny lr: the weights stay comparable
     configs = {"lambda=0 (DPO)": dataclasses.replace(args, lam=0.0), f"lambda={args.lam} (Sr-DPO)": args}
     times = {name: [] for name in configs}
@@ -69,11 +76,15 @@ def main():
                     refine.append(out["refine_seconds"])
     base, sr = (statistics.median(t) for t in times.values())
     plain_tokens = sum(len(p["prompt_ids"]) + (len(p["chosen_ids"]) + len(p["rejected_ids"])) / 2 for p in pairs) / n
-    aug_tokens = sum(len(p["aug_prompt_ids"]) + (len(p["aug_chosen_ids"]) + len(p["aug_rejected_ids"])) / 2 for p in pairs) / n
+    aug_tokens = (
+        sum(len(p["aug_prompt_ids"]) + (len(p["aug_chosen_ids"]) + len(p["aug_rejected_ids"])) / 2 for p in pairs) / n
+    )
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} {device_name}, torch {torch.__version__}, "
-          f"{cli.threads} threads, model {cli.model}, B = {n} pairs, mean tokens per sequence: plain {plain_tokens:.0f}, "
-          f"augmented {aug_tokens:.0f}\n")
+    print(
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} {device_name}, torch {torch.__version__}, "
+        f"{cli.threads} threads, model {cli.model}, B = {n} pairs, mean tokens per sequence: plain {plain_tokens:.0f}, "
+        f"augmented {aug_tokens:.0f}\n"
+    )
     print("| configuration | median step (ms) | ratio |\n|---|---|---|")
     print(f"| lambda = 0 (plain DPO, no refinement pass) | {1000 * base:.1f} | 1.00 |")
     print(f"| lambda = {args.lam} (Sr-DPO) | {1000 * sr:.1f} | {sr / base:.2f} |")

@@ -69,8 +69,10 @@ SHAPES = {
     "cpu-small": Shape(1024, 128, 8192, 2),
     "cpu-target": Shape(4096, 256, 32000, 4, modes=("fwd_bwd",)),
 }
-DEFAULT_SHAPES = {"cuda": ("gpu-small", "mistral-7b", "llama3-8b", "qwen2.5-1.5b"),
-                  "cpu": ("cpu-tiny", "cpu-small", "cpu-target")}
+DEFAULT_SHAPES = {
+    "cuda": ("gpu-small", "mistral-7b", "llama3-8b", "qwen2.5-1.5b"),
+    "cpu": ("cpu-tiny", "cpu-small", "cpu-target"),
+}
 
 
 @dataclasses.dataclass
@@ -111,17 +113,20 @@ class Args:
 def _ours(impl: str) -> Callable:
     def fn(hidden, weight, labels, ref_hidden=None, ref_weight=None):
         return sequence_logps(hidden, weight, labels, ref_hidden, ref_weight, ignore_index=IGNORE, impl=impl)
+
     return fn
 
 
 def _two_calls(score: Callable) -> Callable:
     """Adapter: policy and reference scored by two calls of score(hidden, weight, labels) -> [B]."""
+
     def fn(hidden, weight, labels, ref_hidden=None, ref_weight=None):
         ref = None
         if ref_hidden is not None:
             with torch.no_grad():
                 ref = score(ref_hidden, ref_weight, labels)
         return score(hidden, weight, labels), ref
+
     return fn
 
 
@@ -133,13 +138,16 @@ def _naive_score(hidden, weight, labels):
 
 def _load_trl():
     from trl.kernels import ChunkedLogProbFunction  # TRL >= 1.16
+
     vocab_chunk = 32768  # TRL's own default (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
 
     def score(hidden, weight, labels):
         scored = labels != IGNORE  # TRL compacts the scored rows itself on GPU; we do it everywhere
-        token = ChunkedLogProbFunction.apply(hidden[scored], weight, None, labels[scored], 1.0, vocab_chunk,
-                                             None, 1.0, ())[0]
+        token = ChunkedLogProbFunction.apply(
+            hidden[scored], weight, None, labels[scored], 1.0, vocab_chunk, None, 1.0, ()
+        )[0]
         return torch.zeros(labels.shape, device=labels.device).masked_scatter(scored, token.float()).sum(dim=1)
+
     return _two_calls(score), importlib.metadata.version("trl")
 
 
@@ -147,9 +155,11 @@ def _load_liger():
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     def score(hidden, weight, labels):  # per-token cross-entropy = -log-prob (0 where ignored)
-        loss = liger_fused_linear_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten(),
-                                                ignore_index=IGNORE, reduction="none")
+        loss = liger_fused_linear_cross_entropy(
+            hidden.flatten(0, 1), weight, labels.flatten(), ignore_index=IGNORE, reduction="none"
+        )
         return -loss.float().view(labels.shape).sum(dim=1)
+
     return _two_calls(score), importlib.metadata.version("liger-kernel")
 
 
@@ -159,6 +169,7 @@ def _load_cce():
     def score(hidden, weight, labels):
         loss = linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, reduction="none")
         return -loss.float().view(labels.shape).sum(dim=1)
+
     return _two_calls(score), importlib.metadata.version("cut-cross-entropy")
 
 
@@ -214,11 +225,14 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, ignore_frac: floa
 
     labels = torch.randint(0, shape.vocab, (shape.seqs, length), generator=gen)
     labels[:, : int(ignore_frac * length)] = IGNORE
-    return Inputs(randn(shape.seqs, length, shape.hidden).requires_grad_(),
-                  randn(shape.vocab, shape.hidden, std=2 / shape.hidden**0.5).requires_grad_(),
-                  labels.to(device), randn(shape.seqs, length, shape.hidden),
-                  randn(shape.vocab, shape.hidden, std=2 / shape.hidden**0.5),
-                  torch.rand(shape.seqs, generator=gen).add(0.5).to(device))
+    return Inputs(
+        randn(shape.seqs, length, shape.hidden).requires_grad_(),
+        randn(shape.vocab, shape.hidden, std=2 / shape.hidden**0.5).requires_grad_(),
+        labels.to(device),
+        randn(shape.seqs, length, shape.hidden),
+        randn(shape.vocab, shape.hidden, std=2 / shape.hidden**0.5),
+        torch.rand(shape.seqs, generator=gen).add(0.5).to(device),
+    )
 
 
 def run_once(fn: Callable, x: Inputs, mode: str):
@@ -258,8 +272,11 @@ def oracle(x: Inputs, rows_per_chunk: int = 0):
 
 def relative_error(results, expected) -> float:
     """max |a - b| / max(1, max |b|) over the pairs where both are given."""
-    errors = [((a.float() - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
-              for a, b in zip(results, expected) if a is not None and b is not None]
+    errors = [
+        ((a.float() - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
+        for a, b in zip(results, expected)
+        if a is not None and b is not None
+    ]
     return max(errors, default=0.0)
 
 
@@ -339,11 +356,41 @@ def cpu_peak_extra_mb(impl: str, shape: Shape, dtype: str, mode: str, args: Args
 # ---------------------------------------------------------------------------------------------
 # Report.
 
-COLUMNS = ["device", "torch", "triton", "peers", "threads", "load_avg", "date_utc", "command", "impl", "shape",
-           "N", "H", "V", "seqs", "ignored_frac", "dtype", "mode", "median_ms", "p10_ms", "p90_ms", "repeats",
-           "time_vs_naive", "peak_extra_mb", "grads_mb", "mem_vs_naive", "memory_method", "max_abs_err", "rel_err",
-           "grad_rel_err", "floor_ms", "frac_of_floor", "status"]
-METRICS = COLUMNS[COLUMNS.index("median_ms"):-1]  # filled per result; left empty when not measured
+COLUMNS = [
+    "device",
+    "torch",
+    "triton",
+    "peers",
+    "threads",
+    "load_avg",
+    "date_utc",
+    "command",
+    "impl",
+    "shape",
+    "N",
+    "H",
+    "V",
+    "seqs",
+    "ignored_frac",
+    "dtype",
+    "mode",
+    "median_ms",
+    "p10_ms",
+    "p90_ms",
+    "repeats",
+    "time_vs_naive",
+    "peak_extra_mb",
+    "grads_mb",
+    "mem_vs_naive",
+    "memory_method",
+    "max_abs_err",
+    "rel_err",
+    "grad_rel_err",
+    "floor_ms",
+    "frac_of_floor",
+    "status",
+]
+METRICS = COLUMNS[COLUMNS.index("median_ms") : -1]  # filled per result; left empty when not measured
 
 
 def device_name(device: str) -> str:
@@ -362,9 +409,22 @@ def flop_floor_ms(mode: str, scored: int, shape: Shape, peak_tflops: float) -> f
 
 
 def print_table(rows: list[dict], cuda: bool):
-    columns = {"impl": "", "shape": "", "dtype": "", "mode": "", "median_ms": ".1f", "p10_ms": ".1f", "p90_ms": ".1f",
-               "time_vs_naive": ".2f", "peak_extra_mb": ".1f", "mem_vs_naive": ".2f", "rel_err": ".1e",
-               "grad_rel_err": ".1e", **({"floor_ms": ".2f", "frac_of_floor": ".0%"} if cuda else {}), "status": ""}
+    columns = {
+        "impl": "",
+        "shape": "",
+        "dtype": "",
+        "mode": "",
+        "median_ms": ".1f",
+        "p10_ms": ".1f",
+        "p90_ms": ".1f",
+        "time_vs_naive": ".2f",
+        "peak_extra_mb": ".1f",
+        "mem_vs_naive": ".2f",
+        "rel_err": ".1e",
+        "grad_rel_err": ".1e",
+        **({"floor_ms": ".2f", "frac_of_floor": ".0%"} if cuda else {}),
+        "status": "",
+    }
     lines = [list(columns)] + [[format(r[c], f) if r[c] != "" else "" for c, f in columns.items()] for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
     for line in lines:
@@ -417,8 +477,11 @@ def main(args: Args, argv: list[str] | None = None) -> list[dict]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device == "cuda"
     shape_names, dtypes = args.shapes or DEFAULT_SHAPES[device], args.dtypes or (("bf16",) if cuda else ("fp32",))
-    for option, values, known in (("shapes", shape_names, SHAPES), ("modes", args.modes or (), MODES),
-                                  ("dtypes", dtypes, DTYPES)):
+    for option, values, known in (
+        ("shapes", shape_names, SHAPES),
+        ("modes", args.modes or (), MODES),
+        ("dtypes", dtypes, DTYPES),
+    ):
         if unknown := [v for v in values if v not in known]:
             raise ValueError(f"--{option}: unknown {unknown}; known: {list(known)}")
     if args.repeats < 1:
@@ -426,11 +489,16 @@ def main(args: Args, argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     impls, versions, notes = available_impls(device, args.impls)
-    common = {"device": device_name(device), "torch": torch.__version__, "triton": _version("triton"),
-              "peers": " ".join(f"{k}={v}" for k, v in versions.items()), "threads": torch.get_num_threads(),
-              "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": f"python -m kernels.bench {shlex.join(argv)}".rstrip() if argv is not None else repr(args),
-              "ignored_frac": args.ignore_frac}
+    common = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "peers": " ".join(f"{k}={v}" for k, v in versions.items()),
+        "threads": torch.get_num_threads(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": f"python -m kernels.bench {shlex.join(argv)}".rstrip() if argv is not None else repr(args),
+        "ignored_frac": args.ignore_frac,
+    }
     print(" | ".join(f"{k} {common[k]}" for k in ("device", "torch", "triton", "threads")) + f" | impls {list(impls)}")
     for note in notes:
         print("  " + note)
@@ -444,10 +512,22 @@ def main(args: Args, argv: list[str] | None = None) -> list[dict]:
             grads_mb = sum(t.numel() * t.element_size() for t in (x.hidden, x.weight)) / 2**20
             for mode in args.modes or shape.modes:
                 print(f"{shape_name} ({shape.tokens}x{shape.hidden}x{shape.vocab}) {dtype} {mode} ...", flush=True)
-                results = {name: {**common, "impl": name, "shape": shape_name, "N": shape.tokens, "H": shape.hidden,
-                                  "V": shape.vocab, "seqs": shape.seqs, "dtype": dtype, "mode": mode,
-                                  **dict.fromkeys(METRICS, ""), "grads_mb": grads_mb if "bwd" in mode else 0.0}
-                           for name in impls}
+                results = {
+                    name: {
+                        **common,
+                        "impl": name,
+                        "shape": shape_name,
+                        "N": shape.tokens,
+                        "H": shape.hidden,
+                        "V": shape.vocab,
+                        "seqs": shape.seqs,
+                        "dtype": dtype,
+                        "mode": mode,
+                        **dict.fromkeys(METRICS, ""),
+                        "grads_mb": grads_mb if "bwd" in mode else 0.0,
+                    }
+                    for name in impls
+                }
                 # a fast wrong result must not print a number: only checked implementations are timed
                 checked = {name: fn for name, fn in impls.items() if check(results[name], fn, x, mode, expected)}
                 times = time_round_robin(checked, x, mode, args.warmup, args.repeats, device)
@@ -455,8 +535,13 @@ def main(args: Args, argv: list[str] | None = None) -> list[dict]:
                 for name, fn in checked.items():
                     row, ms = results[name], times[name]
                     deciles = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) > 1 else ms * 9
-                    row.update(load_avg=load_avg, median_ms=statistics.median(ms), p10_ms=deciles[0],
-                               p90_ms=deciles[-1], repeats=len(ms))
+                    row.update(
+                        load_avg=load_avg,
+                        median_ms=statistics.median(ms),
+                        p10_ms=deciles[0],
+                        p90_ms=deciles[-1],
+                        repeats=len(ms),
+                    )
                     if cuda:
                         row["floor_ms"] = flop_floor_ms(mode, scored, shape, args.peak_tflops)
                         row["frac_of_floor"] = row["floor_ms"] / row["median_ms"]
@@ -478,10 +563,14 @@ def main(args: Args, argv: list[str] | None = None) -> list[dict]:
     print()
     print_table(rows, cuda)
     if cuda:
-        print(f"floor_ms: 2NHV fwd, 6NHV fwd+bwd (8NHV if logits are recomputed), +2NHV reference; N = scored "
-              f"tokens; at {args.peak_tflops:g} TFLOP/s")
-    print("peak_extra_mb: extra memory of one run beyond its inputs, including the gradients (grads_mb): "
-          + ("cuda max_memory_allocated delta" if cuda else "peak-RSS delta of one run in a fresh subprocess"))
+        print(
+            f"floor_ms: 2NHV fwd, 6NHV fwd+bwd (8NHV if logits are recomputed), +2NHV reference; N = scored "
+            f"tokens; at {args.peak_tflops:g} TFLOP/s"
+        )
+    print(
+        "peak_extra_mb: extra memory of one run beyond its inputs, including the gradients (grads_mb): "
+        + ("cuda max_memory_allocated delta" if cuda else "peak-RSS delta of one run in a fresh subprocess")
+    )
     out = args.out or os.path.join("benchmarks", "results", f"{common['device']}.csv")
     write_csv(rows, out)
     print(f"wrote {len(rows)} rows to {out}")

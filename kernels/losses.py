@@ -15,9 +15,13 @@ KINDS = ("dpo", "cdpo", "ipo", "hinge", "simpo")
 
 def _check_pair_tensor(name: str, value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"pair_loss: '{name}' must be a tensor of shape {tuple(like.shape)}, got {type(value).__name__}")
+        raise TypeError(
+            f"pair_loss: '{name}' must be a tensor of shape {tuple(like.shape)}, got {type(value).__name__}"
+        )
     if value.shape != like.shape:
-        raise ValueError(f"pair_loss: '{name}' has shape {tuple(value.shape)}, expected {tuple(like.shape)} (same as policy_chosen)")
+        raise ValueError(
+            f"pair_loss: '{name}' has shape {tuple(value.shape)}, expected {tuple(like.shape)} (same as policy_chosen)"
+        )
     return value.float()
 
 
@@ -66,7 +70,9 @@ def pair_loss(
         losses = F.softplus(-(beta * (pol_w - pol_l) - gamma))
     else:
         if ref_chosen is None or ref_rejected is None:
-            raise ValueError(f"pair_loss: kind={kind!r} needs 'ref_chosen' and 'ref_rejected' (only 'simpo' is reference-free)")
+            raise ValueError(
+                f"pair_loss: kind={kind!r} needs 'ref_chosen' and 'ref_rejected' (only 'simpo' is reference-free)"
+            )
         ref_w = _check_pair_tensor("ref_chosen", ref_chosen, policy_chosen)
         ref_l = _check_pair_tensor("ref_rejected", ref_rejected, policy_chosen)
         h = (pol_w - ref_w) - (pol_l - ref_l)

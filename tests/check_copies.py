@@ -97,8 +97,8 @@ def find_copies(root: Path, scripts=SCRIPTS) -> tuple[list[Copy], dict[str, list
             if original is None:
                 errors.append(f"{where}: {home}.py has no top-level {name}")
                 continue
-            expected = renamed("".join(sources[home][original.start:original.end]), renames)
-            actual = "".join(lines[block.start:block.end])
+            expected = renamed("".join(sources[home][original.start : original.end]), renames)
+            actual = "".join(lines[block.start : block.end])
             copies.append(Copy(script, i, block, home, name, expected, actual, (original.start, original.end)))
     tails = {}  # script -> (first line, end) of the shared options in its Args
     for script, lines in sources.items():
@@ -112,20 +112,35 @@ def find_copies(root: Path, scripts=SCRIPTS) -> tuple[list[Copy], dict[str, list
             if script == "sera":
                 continue
             if script not in tails:
-                errors.append(f"{script}.py: Args has no line {ARGS_TAIL.strip()!r} (the options all four scripts share, copied from sera.Args)")
+                errors.append(
+                    f"{script}.py: Args has no line {ARGS_TAIL.strip()!r} "
+                    "(the options all four scripts share, copied from sera.Args)"
+                )
                 continue
             start, end = tails[script]
-            copies.append(Copy(script, start, Block("Args", start, end), "sera", "Args's shared options", "".join(home),
-                               "".join(sources[script][start:end]), tails["sera"]))
+            copies.append(
+                Copy(
+                    script,
+                    start,
+                    Block("Args", start, end),
+                    "sera",
+                    "Args's shared options",
+                    "".join(home),
+                    "".join(sources[script][start:end]),
+                    tails["sera"],
+                )
+            )
     marked = {(c.script, c.name) for c in copies}  # one-line constants (HERE, TOY) are not worth a marker
     for i, a in enumerate(scripts):
-        for b in scripts[i + 1:]:
+        for b in scripts[i + 1 :]:
             for name in defs[a].keys() & defs[b].keys():
-                text = ["".join(sources[s][defs[s][name].start:defs[s][name].end]) for s in (a, b)]
+                text = ["".join(sources[s][defs[s][name].start : defs[s][name].end]) for s in (a, b)]
                 if text[0] == text[1] and text[0].count("\n") > 1 and not marked & {(a, name), (b, name)}:
                     copy = b if a == "sera" else a
-                    errors.append(f"{copy}.py:{defs[copy][name].start + 1}: {name} is the same as in "
-                                  f"{b if copy == a else a}.py but has no '# Copied from' marker")
+                    errors.append(
+                        f"{copy}.py:{defs[copy][name].start + 1}: {name} is the same as in "
+                        f"{b if copy == a else a}.py but has no '# Copied from' marker"
+                    )
                     marked.add((copy, name))
     return copies, sources, errors
 
@@ -134,6 +149,7 @@ def line_figures(copies: list[Copy], sources: dict[str, list[str]]) -> dict[str,
     """(total lines, method-specific lines): method-specific = total minus the lines of marked copies
     (marker, body and the blank lines after it) and of the originals those copies are taken from."""
     shared = {s: set() for s in sources}
+
     def add(script, start, end):
         lines = sources[script]
         while end < len(lines) and not lines[end].strip():
@@ -149,7 +165,9 @@ def line_figures(copies: list[Copy], sources: dict[str, list[str]]) -> dict[str,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fix", action="store_true", help="rewrite drifted copies from their originals")
-    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="folder with the scripts")
+    parser.add_argument(
+        "--root", type=Path, default=Path(__file__).resolve().parents[1], help="folder with the scripts"
+    )
     args = parser.parse_args(argv)
     copies, sources, errors = find_copies(args.root)
     drifted = [c for c in copies if c.actual != c.expected]
@@ -157,16 +175,22 @@ def main(argv=None) -> int:
         for script in {c.script for c in drifted}:
             lines = sources[script]
             for c in sorted((c for c in drifted if c.script == script), key=lambda c: -c.block.start):
-                lines[c.block.start:c.block.end] = c.expected.splitlines(keepends=True)
+                lines[c.block.start : c.block.end] = c.expected.splitlines(keepends=True)
             (args.root / f"{script}.py").write_text("".join(lines))
             print(f"{script}.py: rewrote {', '.join(c.name for c in drifted if c.script == script)}")
         copies, sources, errors = find_copies(args.root)
         drifted = [c for c in copies if c.actual != c.expected]
     for c in drifted:
-        diff = difflib.unified_diff(c.expected.splitlines(keepends=True), c.actual.splitlines(keepends=True),
-                                    f"{c.home}.{c.name}", f"{c.script}.py:{c.block.start + 1}")
-        errors.append(f"{c.script}.py:{c.marker + 1}: {c.name} differs from {c.home}.{c.name} "
-                      f"(run python tests/check_copies.py --fix)\n" + "".join(diff))
+        diff = difflib.unified_diff(
+            c.expected.splitlines(keepends=True),
+            c.actual.splitlines(keepends=True),
+            f"{c.home}.{c.name}",
+            f"{c.script}.py:{c.block.start + 1}",
+        )
+        errors.append(
+            f"{c.script}.py:{c.marker + 1}: {c.name} differs from {c.home}.{c.name} "
+            f"(run python tests/check_copies.py --fix)\n" + "".join(diff)
+        )
     print(f"{len(copies)} checked copies")
     for script, (total, own) in line_figures(copies, sources).items():
         print(f"{script}.py: {total} lines, {own} method-specific, {total - own} copied")

@@ -24,15 +24,30 @@ def read_rows(path):
 
 def test_bench_cpu_writes_checked_rows(tmp_path, tiny_shape):
     out = tmp_path / "bench.csv"
-    bench.main(bench.Args(shapes=(tiny_shape,), impls=("torch", "naive"), modes=("fwd_bwd_ref",),
-                          repeats=3, warmup=0, device="cpu", out=str(out)), ["--test"])
+    bench.main(
+        bench.Args(
+            shapes=(tiny_shape,),
+            impls=("torch", "naive"),
+            modes=("fwd_bwd_ref",),
+            repeats=3,
+            warmup=0,
+            device="cpu",
+            out=str(out),
+        ),
+        ["--test"],
+    )
     header, rows = read_rows(out)
     assert header == bench.COLUMNS
     assert {(r["impl"], r["mode"]) for r in rows} == {("torch", "fwd_bwd_ref"), ("naive", "fwd_bwd_ref")}
     for row in rows:
         assert row["status"] == "ok", row
-        assert (row["N"], row["H"], row["V"], row["dtype"], row["device"]) == ("64", "16", "128", "fp32",
-                                                                               bench.device_name("cpu"))
+        assert (row["N"], row["H"], row["V"], row["dtype"], row["device"]) == (
+            "64",
+            "16",
+            "128",
+            "fp32",
+            bench.device_name("cpu"),
+        )
         assert row["command"] == "python -m kernels.bench --test"
         assert float(row["p10_ms"]) <= float(row["median_ms"]) <= float(row["p90_ms"])
         assert row["repeats"] == "3"
@@ -41,8 +56,11 @@ def test_bench_cpu_writes_checked_rows(tmp_path, tiny_shape):
     naive_fwd = next(r for r in rows if r["impl"] == "naive")
     assert float(naive_fwd["time_vs_naive"]) == 1.0
     # a second run appends under the same header
-    bench.main(bench.Args(shapes=(tiny_shape,), impls=("naive",), modes=("fwd",), repeats=1, memory=False,
-                          device="cpu", out=str(out)))
+    bench.main(
+        bench.Args(
+            shapes=(tiny_shape,), impls=("naive",), modes=("fwd",), repeats=1, memory=False, device="cpu", out=str(out)
+        )
+    )
     assert len(read_rows(out)[1]) == len(rows) + 1
 
 
@@ -64,8 +82,18 @@ def test_wrong_impl_is_failed_and_not_timed(tmp_path, tiny_shape, monkeypatch, m
 
     monkeypatch.setitem(bench.IMPLS, "off_by_one", off_by_one)
     monkeypatch.setitem(bench.IMPLS, "wrong_grad", wrong_grad)
-    rows = bench.main(bench.Args(shapes=(tiny_shape,), impls=("naive", "off_by_one", "wrong_grad"), modes=(mode,),
-                                 repeats=5, warmup=2, memory=False, device="cpu", out=str(tmp_path / "b.csv")))
+    rows = bench.main(
+        bench.Args(
+            shapes=(tiny_shape,),
+            impls=("naive", "off_by_one", "wrong_grad"),
+            modes=(mode,),
+            repeats=5,
+            warmup=2,
+            memory=False,
+            device="cpu",
+            out=str(tmp_path / "b.csv"),
+        )
+    )
     by_impl = {r["impl"]: r for r in rows}
     assert by_impl["naive"]["status"] == "ok" and by_impl["naive"]["repeats"] == 5
     assert by_impl["off_by_one"]["status"].startswith("FAILED")
@@ -79,8 +107,9 @@ def test_wrong_impl_is_failed_and_not_timed(tmp_path, tiny_shape, monkeypatch, m
         assert by_impl["wrong_grad"]["grad_rel_err"] > 0.1
         assert calls["wrong_grad"] == 1 and by_impl["wrong_grad"]["median_ms"] == ""
     _, written = read_rows(tmp_path / "b.csv")
-    assert [(r["impl"], r["status"][:6], r["median_ms"]) for r in written if r["impl"] == "off_by_one"] == \
-        [("off_by_one", "FAILED", "")]
+    assert [(r["impl"], r["status"][:6], r["median_ms"]) for r in written if r["impl"] == "off_by_one"] == [
+        ("off_by_one", "FAILED", "")
+    ]
 
 
 def test_oracle_matches_float64_naive():

@@ -25,8 +25,10 @@ def test_every_script_ends_with_the_same_runtime():
     sections = set()
     for script in SCRIPTS:
         text = (ROOT / f"{script}.py").read_text()
-        section = text[text.index("# RUNTIME: "):text.index("# Runtime that only some")]
-        sections.add("".join(line for line in section.splitlines(keepends=True) if not line.startswith("# Copied from ")))
+        section = text[text.index("# RUNTIME: ") : text.index("# Runtime that only some")]
+        sections.add(
+            "".join(line for line in section.splitlines(keepends=True) if not line.startswith("# Copied from "))
+        )
     assert len(sections) == 1
 
 
@@ -78,7 +80,9 @@ def test_shared_options_in_args_are_checked(tmp_path):
     line = "    max_grad_norm: float = 1.0\n"
     head, tail = original.split("    # Options all four scripts share", 1)
     assert tail.count(line) == 1
-    path.write_text(head + "    # Options all four scripts share" + tail.replace(line, "    max_grad_norm: float = 10.0\n"))
+    path.write_text(
+        head + "    # Options all four scripts share" + tail.replace(line, "    max_grad_norm: float = 10.0\n")
+    )
     res = check("--root", str(tmp_path))
     assert res.returncode == 1 and "opsr.py" in res.stderr and "Args's shared options differs" in res.stderr
     assert check("--root", str(tmp_path), "--fix").returncode == 0 and path.read_text() == original

@@ -45,27 +45,48 @@ def reward_file(d: Path, body: str) -> str:
 
 BAD = {  # name: (arguments given a tmp folder, expected message)
     "empty dataset": (lambda d: dict(dataset=write(d / "e.jsonl", "")), r"--dataset: .*e.jsonl has no rows"),
-    "invalid json line": (lambda d: dict(dataset=write(d / "x.jsonl", rows_text(GOOD[:3]) + "{oops\n")),
-                          r"x.jsonl line 4: not valid JSON"),
-    "not utf-8": (lambda d: dict(dataset=write(d / "x.jsonl", rows_text(GOOD[:3]).encode() + b"\xff\xfe\n")),
-                  r"x.jsonl is not UTF-8 text"),
-    "wrong columns": (lambda d: dict(dataset=write(d / "x.jsonl", rows_text([{"question": "q", "answer": "a"}] * 3))),
-                      r"row 0: missing column 'chosen'"),
-    "no tokenizer": (lambda d: dict(model=model_without(d, ("tokenizer.json", "tokenizer_config.json"))),
-                     r"--model: .* has no tokenizer files"),
+    "invalid json line": (
+        lambda d: dict(dataset=write(d / "x.jsonl", rows_text(GOOD[:3]) + "{oops\n")),
+        r"x.jsonl line 4: not valid JSON",
+    ),
+    "not utf-8": (
+        lambda d: dict(dataset=write(d / "x.jsonl", rows_text(GOOD[:3]).encode() + b"\xff\xfe\n")),
+        r"x.jsonl is not UTF-8 text",
+    ),
+    "wrong columns": (
+        lambda d: dict(dataset=write(d / "x.jsonl", rows_text([{"question": "q", "answer": "a"}] * 3))),
+        r"row 0: missing column 'chosen'",
+    ),
+    "no tokenizer": (
+        lambda d: dict(model=model_without(d, ("tokenizer.json", "tokenizer_config.json"))),
+        r"--model: .* has no tokenizer files",
+    ),
     "no config": (lambda d: dict(model=model_without(d, ("config.json",))), r"--model: .* has no config.json"),
     "truncated safetensors": (lambda d: dict(model=truncated_model(d)), r"model.safetensors is truncated"),
-    "reward raises": (lambda d: dict(reward_fn=reward_file(d, "raise KeyError('label')")),
-                      r"--reward_fn .* raised KeyError: 'label'"),
-    "reward not a number": (lambda d: dict(reward_fn=reward_file(d, "return 'good'")),
-                            r"--reward_fn .* returned 'good'; expected a finite number"),
-    "reward nan": (lambda d: dict(reward_fn=reward_file(d, "return float('nan')")),
-                   r"--reward_fn .* returned nan; expected a finite number"),
+    "reward raises": (
+        lambda d: dict(reward_fn=reward_file(d, "raise KeyError('label')")),
+        r"--reward_fn .* raised KeyError: 'label'",
+    ),
+    "reward not a number": (
+        lambda d: dict(reward_fn=reward_file(d, "return 'good'")),
+        r"--reward_fn .* returned 'good'; expected a finite number",
+    ),
+    "reward nan": (
+        lambda d: dict(reward_fn=reward_file(d, "return float('nan')")),
+        r"--reward_fn .* returned nan; expected a finite number",
+    ),
     "missing eval prompts": (lambda d: dict(eval_prompts=str(d / "none.jsonl")), r"--eval_prompts: file .* not found"),
-    "missing chat template": (lambda d: dict(chat_template=str(d / "none.jinja")), r"--chat_template: file .* not found"),
+    "missing chat template": (
+        lambda d: dict(chat_template=str(d / "none.jinja")),
+        r"--chat_template: file .* not found",
+    ),
     "output dir is a file": (lambda d: dict(output_dir=write(d / "out", "x")), r"--output_dir: .* is a file"),
-    "too many degenerate rows": (lambda d: dict(dataset=write(d / "x.jsonl", rows_text(
-        GOOD[:30] + [dict(GOOD[0], rejected=GOOD[0]["chosen"])] * 3))), r"3 of 33 rows are degenerate \(identical 3\)"),
+    "too many degenerate rows": (
+        lambda d: dict(
+            dataset=write(d / "x.jsonl", rows_text(GOOD[:30] + [dict(GOOD[0], rejected=GOOD[0]["chosen"])] * 3))
+        ),
+        r"3 of 33 rows are degenerate \(identical 3\)",
+    ),
 }
 
 
@@ -77,7 +98,9 @@ def test_bad_input_one_line_nothing_written(script, case, tmp_path):
     module = importlib.import_module(script)
     make, match = BAD[case]
     small = write(tmp_path / "small.jsonl", rows_text(GOOD))
-    given = dict(dataset=small, reward_fn=f"{ROOT / 'assets' / 'toy' / 'oracle.py'}:score", output_dir=str(tmp_path / "run"))
+    given = dict(
+        dataset=small, reward_fn=f"{ROOT / 'assets' / 'toy' / 'oracle.py'}:score", output_dir=str(tmp_path / "run")
+    )
     given.update(make(tmp_path))
     given.update(dict(osp=dict(num_judge_eval=8), srdpo=dict(eval_pairs=4)).get(script, {}))
     before = {p: p.stat().st_size for p in tmp_path.rglob("*")}
@@ -93,19 +116,37 @@ HH = "\n\nHuman: {q}\n\nAssistant: {a}"
 
 def quirk_rows() -> tuple[list[dict], dict]:
     """Good rows in the three schemas and one row per quirk (HH-RLHF and UltraFeedback have each)."""
-    uf = lambda q, a, b: {"chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],  # noqa: E731
-                          "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": b}]}
-    good = ([{"chosen": HH.format(q=f"hi {i}", a="hello"), "rejected": HH.format(q=f"hi {i}", a="go away")} for i in range(40)]
-            + [uf(f"q {i}", "yes", "no") for i in range(40)] + [dict(GOOD[i]) for i in range(20)])
+    def uf(q, a, b):
+        return {
+            "chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": b}],
+        }
+
+    good = (
+        [
+            {"chosen": HH.format(q=f"hi {i}", a="hello"), "rejected": HH.format(q=f"hi {i}", a="go away")}
+            for i in range(40)
+        ]
+        + [uf(f"q {i}", "yes", "no") for i in range(40)]
+        + [dict(GOOD[i]) for i in range(20)]
+    )
     quirks = [
         ({"chosen": HH.format(q="hi", a="same"), "rejected": HH.format(q="hi", a="same")}, "identical"),
         (uf("q", "same", " same "), "identical"),
         ({"chosen": HH.format(q="hi", a=""), "rejected": HH.format(q="hi", a="no")}, "empty_response"),
         (uf("q", "yes", ""), "empty_message"),
         ({"chosen": HH.format(q="hi", a="yes"), "rejected": HH.format(q="hello", a="no")}, "differ_before_last_turn"),
-        ({"chosen": HH.format(q="hi", a="yes") + "\n\nHuman: more?", "rejected": HH.format(q="hi", a="no") + "\n\nHuman: more?"},
-         "not_ending_with_assistant"),
-        ({"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"}]}, "not_ending_with_assistant"),
+        (
+            {
+                "chosen": HH.format(q="hi", a="yes") + "\n\nHuman: more?",
+                "rejected": HH.format(q="hi", a="no") + "\n\nHuman: more?",
+            },
+            "not_ending_with_assistant",
+        ),
+        (
+            {"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"}]},
+            "not_ending_with_assistant",
+        ),
     ]
     expected: dict = {}
     for _, reason in quirks:
@@ -121,8 +162,11 @@ def test_quirks_are_skipped_and_counted(script):
     pairs = module.parse_rows(rows, "fixture", module.Args(max_bad_fraction=0.07), counts)
     assert counts == expected and len(pairs) == len(rows) - sum(expected.values()) == 100
     assert [i for i, _ in pairs] == list(range(100))  # row indices are kept for messages
-    with pytest.raises(module.InputError, match=r"7 of 107 rows are degenerate .* over --max_bad_fraction 0.05; "
-                                                r"first: dataset fixture row 100: 'chosen' and 'rejected' responses are identical"):
+    with pytest.raises(
+        module.InputError,
+        match=r"7 of 107 rows are degenerate .* over --max_bad_fraction 0.05; "
+        r"first: dataset fixture row 100: 'chosen' and 'rejected' responses are identical",
+    ):
         module.parse_rows(rows, "fixture", module.Args(), {})
 
 
@@ -130,8 +174,11 @@ def test_malformed_rows_are_not_quirks():
     """A wrong type or a row that is no conversation is a malformed file: it fails, whatever the fraction."""
     import sera
 
-    for row in ({"chosen": 3, "rejected": "b", "prompt": "p"}, {"chosen": "junk\n\nHuman: hi\n\nAssistant: x", "rejected": "y"},
-                {"chosen": [{"role": "user"}], "rejected": []}):
+    for row in (
+        {"chosen": 3, "rejected": "b", "prompt": "p"},
+        {"chosen": "junk\n\nHuman: hi\n\nAssistant: x", "rejected": "y"},
+        {"chosen": [{"role": "user"}], "rejected": []},
+    ):
         with pytest.raises(sera.InputError) as info:
             sera.parse_rows([row] + [dict(GOOD[0])] * 99, "f", sera.Args(max_bad_fraction=1.0), {})
         assert not isinstance(info.value, sera.BadRow) and "row 0" in str(info.value)
@@ -140,8 +187,10 @@ def test_malformed_rows_are_not_quirks():
 def test_reward_fn_checked_on_every_call(tmp_path):
     import sera
 
-    reward_fn = sera.load_reward_fn(reward_file(tmp_path, "return float('inf') if 'bad' in response else 1"),
-                                    {"prompt": [{"role": "user", "content": "x"}], "chosen": "fine"})
+    reward_fn = sera.load_reward_fn(
+        reward_file(tmp_path, "return float('inf') if 'bad' in response else 1"),
+        {"prompt": [{"role": "user", "content": "x"}], "chosen": "fine"},
+    )
     assert reward_fn("x", "fine") == 1.0
     with pytest.raises(sera.InputError, match=r"response 'bad answer': returned inf; expected a finite number"):
         reward_fn("x", "bad answer")

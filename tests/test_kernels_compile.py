@@ -30,9 +30,27 @@ def table():
     if reason:
         pytest.skip(reason)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for the interpreter
-    cmd = [sys.executable, "-m", "kernels.compile_check", "--archs", "90", "80", "--dtypes", "bf16", "fp32",
-           "--kinds", "fwd_ref", "bwd", "--softcaps", "True", "--shapes", "bias-fold", "unpadded-4097", "vh>2^31",
-           "--no-estimate"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kernels.compile_check",
+        "--archs",
+        "90",
+        "80",
+        "--dtypes",
+        "bf16",
+        "fp32",
+        "--kinds",
+        "fwd_ref",
+        "bwd",
+        "--softcaps",
+        "True",
+        "--shapes",
+        "bias-fold",
+        "unpadded-4097",
+        "vh>2^31",
+        "--no-estimate",
+    ]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     header, rows = None, []
     for line in res.stdout.splitlines():

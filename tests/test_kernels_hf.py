@@ -10,8 +10,15 @@ VOCAB = 97
 
 
 def tiny(name, **extra):
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     if name == "llama":
         config = transformers.LlamaConfig(**common, tie_word_embeddings=False)
     elif name == "qwen2_tied":
@@ -103,8 +110,12 @@ def test_reference_model_in_same_call():
             p.add_(0.1 * torch.randn_like(p))
     input_ids, attention_mask, labels = batch(2)
     pol, ref = causal_lm_logps(policy, input_ids, attention_mask, labels, ref_model=reference, impl="torch")
-    torch.testing.assert_close(pol.double(), reference_logps(policy, input_ids, attention_mask, labels), atol=2e-4, rtol=1e-4)
-    torch.testing.assert_close(ref.double(), reference_logps(reference, input_ids, attention_mask, labels), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        pol.double(), reference_logps(policy, input_ids, attention_mask, labels), atol=2e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        ref.double(), reference_logps(reference, input_ids, attention_mask, labels), atol=2e-4, rtol=1e-4
+    )
     assert not ref.requires_grad
     pol.sum().backward()
     assert all(p.grad is None for p in reference.parameters())
@@ -118,7 +129,9 @@ def test_triton_path_on_model():
     model = tiny("gemma2_softcap")
     input_ids, attention_mask, labels = batch(3)
     got, _ = causal_lm_logps(model, input_ids, attention_mask, labels, impl="triton")
-    torch.testing.assert_close(got.double(), reference_logps(model, input_ids, attention_mask, labels), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        got.double(), reference_logps(model, input_ids, attention_mask, labels), atol=2e-4, rtol=1e-4
+    )
 
 
 def test_unsupported_head_is_a_clear_error():

@@ -17,7 +17,8 @@ from kernels.torch_ref import naive_token_logps
 
 pytestmark = pytest.mark.skipif(
     not (triton_logps.HAVE_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")),
-    reason="no Triton path (needs triton, and CUDA or TRITON_INTERPRET=1)")
+    reason="no Triton path (needs triton, and CUDA or TRITON_INTERPRET=1)",
+)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -81,9 +82,17 @@ def test_labels_at_vocab_edges_across_splits(dtype):
     labels = torch.randint(0, vocab, (1, 37), generator=gen)
     labels[0, :6] = torch.tensor([0, vocab - 1, 31, 32, 159, vocab - 2])
     labels[0, 30:] = -100
-    policy, ref = sequence_logps(hidden.to(DEVICE, dtype), weight.to(DEVICE, dtype), labels.to(DEVICE),
-                                 ref_hidden.to(DEVICE, dtype), weight.to(DEVICE, dtype), temperature=0.7,
-                                 softcap=3.0, reduction="none", impl="triton")
+    policy, ref = sequence_logps(
+        hidden.to(DEVICE, dtype),
+        weight.to(DEVICE, dtype),
+        labels.to(DEVICE),
+        ref_hidden.to(DEVICE, dtype),
+        weight.to(DEVICE, dtype),
+        temperature=0.7,
+        softcap=3.0,
+        reduction="none",
+        impl="triton",
+    )
     mask = labels[0] != -100
     for got, h in ((policy, hidden), (ref, ref_hidden)):
         h_, w_ = h.to(dtype), weight.to(dtype)  # the oracle sees the same rounded inputs
@@ -137,8 +146,9 @@ def test_no_host_sync_in_forward(monkeypatch):
     labels = torch.randint(0, 50, (3, 9), generator=gen).to(DEVICE)
     labels[:, :4] = -100
     with _SyncSpy() as spy:
-        out, _ = sequence_logps(hidden, weight, labels, ref_hidden=hidden.detach(), ref_weight=weight,
-                                reduction="mean", impl="triton")
+        out, _ = sequence_logps(
+            hidden, weight, labels, ref_hidden=hidden.detach(), ref_weight=weight, reduction="mean", impl="triton"
+        )
     assert spy.calls == [], spy.calls
     (grad,) = torch.autograd.grad(out.sum(), [hidden])
     want = sequence_logps(hidden, weight, labels, reduction="mean", impl="torch")[0]
@@ -243,8 +253,9 @@ def test_backward_workspace_blocks(rows, vocab, split, dtype):
     _, lse, _ = triton_logps._forward(hidden, weight, None, None, targets, 0.8, 3.0, torch.tensor(rows))
     tol = 1e-5 if dtype == torch.float32 else 3e-3
     for workspace_bytes in (workspace, None):  # blocks, then one block
-        got = triton_logps._backward(hidden, weight, targets, lse, cotangent, 0.8, 3.0, True, True, rows,
-                                     workspace_bytes)
+        got = triton_logps._backward(
+            hidden, weight, targets, lse, cotangent, 0.8, 3.0, True, True, rows, workspace_bytes
+        )
         for g, w in zip(got, want):
             assert g.dtype == dtype
             torch.testing.assert_close(g.double(), w, atol=tol * max(1.0, w.abs().max().item()), rtol=0)

@@ -42,8 +42,10 @@ def make_inputs(B, T, H, V, dtype, seed=0, ignore_frac=0.3, with_ref=False):
         labels[-1] = -100  # one all-ignored sequence
     out = [hidden.to(DEVICE, dtype), weight.to(DEVICE, dtype), labels.to(DEVICE)]
     if with_ref:
-        out += [torch.randn(B, T, H, generator=gen).to(DEVICE, dtype),
-                (torch.randn(V, H, generator=gen) / H**0.5 * 3).to(DEVICE, dtype)]
+        out += [
+            torch.randn(B, T, H, generator=gen).to(DEVICE, dtype),
+            (torch.randn(V, H, generator=gen) / H**0.5 * 3).to(DEVICE, dtype),
+        ]
     return out
 
 
@@ -70,9 +72,11 @@ def errors_vs_oracle(fn, hidden, weight, labels, temperature=1.0, softcap=None):
     cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     gh, gw = torch.autograd.grad((out.float() * cotangent).sum(), [h, w])
     rh, rw = torch.autograd.grad((ref * cotangent.double()).sum(), [h64, w64])
-    return ((out.double() - ref).abs().max().item(),
-            (gh.double() - rh).abs().max().item(),
-            (gw.double() - rw).abs().max().item())
+    return (
+        (out.double() - ref).abs().max().item(),
+        (gh.double() - rh).abs().max().item(),
+        (gw.double() - rw).abs().max().item(),
+    )
 
 
 @pytest.mark.parametrize("impl,dtype", impls_and_dtypes())
@@ -99,7 +103,8 @@ def test_fp32_absolute_accuracy(impl, dtype):
     """In fp32 the fused result is within 1e-4 (relative to the magnitude) of float64."""
     hidden, weight, labels = make_inputs(3, 11, 48, 157, dtype, seed=3)
     value_err, gh_err, gw_err = errors_vs_oracle(
-        lambda h, w, lab: sequence_logps(h, w, lab, impl=impl)[0], hidden, weight, labels)
+        lambda h, w, lab: sequence_logps(h, w, lab, impl=impl)[0], hidden, weight, labels
+    )
     assert value_err < 1e-4 and gh_err < 1e-4 and gw_err < 1e-4
 
 
@@ -124,13 +129,17 @@ def test_policy_and_reference_in_one_call(impl):
     hidden, weight, labels, ref_hidden, ref_weight = make_inputs(2, 8, 32, 90, torch.float32, seed=7, with_ref=True)
     hidden.requires_grad_()
     weight.requires_grad_()
-    policy, ref = sequence_logps(hidden, weight, labels, ref_hidden, ref_weight, temperature=0.9, softcap=3.0, impl=impl)
+    policy, ref = sequence_logps(
+        hidden, weight, labels, ref_hidden, ref_weight, temperature=0.9, softcap=3.0, impl=impl
+    )
     policy_alone, _ = sequence_logps(hidden, weight, labels, temperature=0.9, softcap=3.0, impl=impl)
     ref_alone, none = sequence_logps(ref_hidden, ref_weight, labels, temperature=0.9, softcap=3.0, impl=impl)
     assert none is None
     torch.testing.assert_close(policy, policy_alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ref, ref_alone, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ref.double(), oracle_sequence(ref_hidden, ref_weight, labels, 0.9, 3.0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        ref.double(), oracle_sequence(ref_hidden, ref_weight, labels, 0.9, 3.0), atol=1e-4, rtol=1e-4
+    )
     assert not ref.requires_grad
     g_joint = torch.autograd.grad(policy.sum(), [hidden, weight])
     g_alone = torch.autograd.grad(policy_alone.sum(), [hidden, weight])
@@ -330,8 +339,13 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
 """
     extra = {}
     for impl in ("naive", "torch"):
-        res = subprocess.run([sys.executable, "-c", script, impl], capture_output=True, text=True, check=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "2"})
+        res = subprocess.run(
+            [sys.executable, "-c", script, impl],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "OMP_NUM_THREADS": "2"},
+        )
         extra[impl] = int(res.stdout.strip().splitlines()[-1])
     assert extra["naive"] > 500e6, extra  # naive really builds [N, V] (0.5 GB per fp32 copy)
     assert extra["torch"] < extra["naive"] / 4, extra

@@ -142,8 +142,9 @@ def test_simpo_ignores_reference():
 
 def test_simpo_equal_averages():
     avg = torch.full((3,), -1.3)
-    torch.testing.assert_close(pair_loss(avg, avg, kind="simpo", beta=2.0, gamma=1.6, reduction="none"),
-                               F.softplus(torch.full((3,), 1.6)))
+    torch.testing.assert_close(
+        pair_loss(avg, avg, kind="simpo", beta=2.0, gamma=1.6, reduction="none"), F.softplus(torch.full((3,), 1.6))
+    )
     torch.testing.assert_close(pair_loss(avg, avg, kind="simpo", beta=2.0, gamma=0.0), torch.tensor(LOG2))
 
 
@@ -190,8 +191,12 @@ def test_mean_reduction_and_fp32():
     ],
 )
 def test_bad_arguments(kwargs, match):
-    args = dict(policy_chosen=torch.zeros(4), policy_rejected=torch.zeros(4), ref_chosen=torch.zeros(4),
-                ref_rejected=torch.zeros(4))
+    args = dict(
+        policy_chosen=torch.zeros(4),
+        policy_rejected=torch.zeros(4),
+        ref_chosen=torch.zeros(4),
+        ref_rejected=torch.zeros(4),
+    )
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         pair_loss(**args)

@@ -26,7 +26,9 @@ def args(**kw):
 
 
 def run(*argv, check=True):
-    res = subprocess.run([sys.executable, str(ROOT / "opsr.py"), *argv], capture_output=True, text=True, cwd=ROOT, env=ENV)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "opsr.py"), *argv], capture_output=True, text=True, cwd=ROOT, env=ENV
+    )
     if check and res.returncode != 0:
         raise AssertionError(f"opsr.py {' '.join(argv)} failed:\n{res.stderr[-5000:]}")
     return res
@@ -36,12 +38,20 @@ def run(*argv, check=True):
 
 
 def test_templates_verbatim():
-    assert opsr.fill(opsr.CHOSEN_PREFIX, "Hi") == \
-        "Please produce a top-notch response that merits a perfect score of 10 out of 10. Hi"
-    assert opsr.fill(opsr.REJECTED_PREFIX.format(score=3), "Hi") == \
-        "Please produce a good response that merits a perfect score of 3 out of 10. Hi"
-    prompt = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-              {"role": "user", "content": "Q2"}]
+    assert (
+        opsr.fill(opsr.CHOSEN_PREFIX, "Hi")
+        == "Please produce a top-notch response that merits a perfect score of 10 out of 10. Hi"
+    )
+    assert (
+        opsr.fill(opsr.REJECTED_PREFIX.format(score=3), "Hi")
+        == "Please produce a good response that merits a perfect score of 3 out of 10. Hi"
+    )
+    prompt = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+    ]
     out = opsr.prefixed(prompt, opsr.CHOSEN_PREFIX)
     assert out[:3] == prompt[:3] and out[3]["content"] == opsr.fill(opsr.CHOSEN_PREFIX, "Q2")  # last user turn only
 
@@ -55,8 +65,16 @@ def test_schedule_and_learning_rates():
     assert instruct.dataset == "mistral-instruct-ultrafeedback"
 
 
-@pytest.mark.parametrize("text", ["Okay, here is a 10-score answer", "The 10-score answer is as follows",
-                                  "I'd rate this 10/10", "This deserves a score of 7", "a perfect score indeed"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Okay, here is a 10-score answer",
+        "The 10-score answer is as follows",
+        "I'd rate this 10/10",
+        "This deserves a score of 7",
+        "a perfect score indeed",
+    ],
+)
 def test_filter_drops_score_talk(text):
     assert opsr.leaks_score(text)
 
@@ -90,21 +108,34 @@ def test_mocked_iteration_equals_plain_simpo(tmp_path, monkeypatch):
         return [[("a b c" if good else "b c d", True)] for _ in prompts]
 
     monkeypatch.setattr(opsr, "generate", fake_generate)
-    a = args(iterations=1, init_checkpoint=str(TOY_MODEL), num_prompts=40, num_eval=0, num_pairs=8, output_dir=str(tmp_path / "o"))
+    a = args(
+        iterations=1,
+        init_checkpoint=str(TOY_MODEL),
+        num_prompts=40,
+        num_eval=0,
+        num_pairs=8,
+        output_dir=str(tmp_path / "o"),
+    )
     opsr.main(a)
     saved = json.loads((tmp_path / "o" / "pairs_1.jsonl").read_text().splitlines()[0])
     assert saved["prompt"] == [{"role": "user", "content": pool[0]}]  # the plain prompt is stored
     tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL)
     policy = AutoModelForCausalLM.from_pretrained(TOY_MODEL, dtype=torch.float32)
-    encoded = [opsr.encode(tokenizer, [{"role": "user", "content": p}], side) for p in pool for side in ("a b c", "b c d")]
+    encoded = [
+        opsr.encode(tokenizer, [{"role": "user", "content": p}], side) for p in pool for side in ("a b c", "b c d")
+    ]
     order = torch.randperm(40, generator=torch.Generator().manual_seed(a.seed * 1000 + 1)).tolist()
     n_steps = 40 // a.batch_size
     optimizer = torch.optim.AdamW(policy.parameters(), lr=a.lrs[0], weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(0.1 * n_steps), n_steps)
     for step in range(n_steps):
-        idx = order[step * a.batch_size:(step + 1) * a.batch_size]
-        batch = opsr.collate([encoded[2 * i] for i in idx] + [encoded[2 * i + 1] for i in idx], tokenizer.pad_token_id, "cpu")
-        logps, _ = causal_lm_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="mean")
+        idx = order[step * a.batch_size : (step + 1) * a.batch_size]
+        batch = opsr.collate(
+            [encoded[2 * i] for i in idx] + [encoded[2 * i + 1] for i in idx], tokenizer.pad_token_id, "cpu"
+        )
+        logps, _ = causal_lm_logps(
+            policy, batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="mean"
+        )
         n = len(idx)
         loss = pair_loss(logps[:n], logps[n:], kind="simpo", beta=a.beta, gamma=a.gamma)
         loss.backward()
@@ -139,12 +170,21 @@ def write(path, text):
         (lambda d: dict(rejected_scores=[3, 5, 12]), "--rejected_scores must be integers in 1..9"),
         (lambda d: dict(rejected_scores=[0, 5, 7]), "--rejected_scores must be integers in 1..9"),
         (lambda d: dict(prompts=write(d / "e.jsonl", "")), "--prompts: .*e.jsonl has no rows"),
-        (lambda d: dict(prompts=write(d / "l.jsonl", json.dumps({"prompt": "Sort these letters: " + "a " * 90}) + "\n"), num_pairs=4), "prompt has \\d+ tokens, over --max_prompt_length"),
+        (
+            lambda d: dict(
+                prompts=write(d / "l.jsonl", json.dumps({"prompt": "Sort these letters: " + "a " * 90}) + "\n"),
+                num_pairs=4,
+            ),
+            "prompt has \\d+ tokens, over --max_prompt_length",
+        ),
         (lambda d: dict(lrs=[1e-4, -1.0, 1e-5]), "--lrs needs 3 positive values"),
         (lambda d: dict(iterations=0), "--iterations and --epochs must be >= 1"),
         (lambda d: dict(model="mistral"), "'mistral' is neither a preset"),
         (lambda d: dict(prompts=str(d / "none.jsonl")), "--prompts: file .* not found"),
-        (lambda d: dict(prompts=write(d / "p.jsonl", '{"prompt": "Sort these letters: a b"}\n{"prompt": ""}\n')), "--prompts .* row 1: 'prompt' is empty"),
+        (
+            lambda d: dict(prompts=write(d / "p.jsonl", '{"prompt": "Sort these letters: a b"}\n{"prompt": ""}\n')),
+            "--prompts .* row 1: 'prompt' is empty",
+        ),
         (lambda d: dict(init_checkpoint=str(d / "nockpt")), "--init_checkpoint: .* not found"),
         (lambda d: dict(eval_prompts=str(d / "none.jsonl")), "--eval_prompts: file .* not found"),
         (lambda d: dict(eval_prompts=write(d / "e.jsonl", "not json\n")), "--eval_prompts: .* line 1: not valid JSON"),
@@ -192,7 +232,10 @@ def test_opsr_resume_finishes_identically(opsr_run, tmp_path):
     interrupted = run(*RUN, "--output_dir", str(out), "--stop_after_steps", "28", check=False)
     assert interrupted.returncode != 0 and json.loads((out / "state.json").read_text())["completed"] in (0, 1)
     run(*RUN, "--output_dir", str(out), "--resume")
-    a, b = load_file(str(opsr_run / "iter_2" / "model.safetensors")), load_file(str(out / "iter_2" / "model.safetensors"))
+    a, b = (
+        load_file(str(opsr_run / "iter_2" / "model.safetensors")),
+        load_file(str(out / "iter_2" / "model.safetensors")),
+    )
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-6)
     assert_same_records(out, opsr_run)

@@ -28,7 +28,9 @@ def args(**kw):
 
 
 def run(*argv, check=True):
-    res = subprocess.run([sys.executable, str(ROOT / "osp.py"), *argv], capture_output=True, text=True, cwd=ROOT, env=ENV)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "osp.py"), *argv], capture_output=True, text=True, cwd=ROOT, env=ENV
+    )
     if check and res.returncode != 0:
         raise AssertionError(f"osp.py {' '.join(argv)} failed:\n{res.stderr[-5000:]}")
     return res
@@ -43,7 +45,10 @@ def toy():
     return model, tokenizer
 
 
-PROMPTS = [[{"role": "user", "content": "Sort these letters: q d m a"}], [{"role": "user", "content": "Sort these letters: z b k"}]]
+PROMPTS = [
+    [{"role": "user", "content": "Sort these letters: q d m a"}],
+    [{"role": "user", "content": "Sort these letters: z b k"}],
+]
 
 
 # ---- judge template, judge strength --------------------------------------------
@@ -54,8 +59,13 @@ def test_judge_template_filled_once_and_context_rendering():
     assert text.startswith("You are comparing two assistant replies to the same conversation.\n\nConversation:\nQ\n\n")
     assert "Reply A:\nsay {b}\n\nReply B:\nB2\n\n" in text and text.endswith("Answer with a single letter: A or B.")
     assert osp.judge_text(osp.JUDGE_TEMPLATES["summary"], "P", "a", "b").startswith(
-        "You are comparing two summaries of the same post.\n\nPost:\nP\n\nSummary A:\na\n\nSummary B:\nb")
-    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}]
+        "You are comparing two summaries of the same post.\n\nPost:\nP\n\nSummary A:\na\n\nSummary B:\nb"
+    )
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "and?"},
+    ]
     assert osp.render_context(turns, "dialogue") == "Human: hi\n\nAssistant: hello\n\nHuman: and?"
     assert osp.render_context(turns[:1], "dialogue") == "hi"
 
@@ -76,14 +86,27 @@ def test_verdict_logits_equal_full_logits_and_strength_is_antisymmetric(toy):
     a = args()
     verdict = osp.verdict_ids(tokenizer, ["A", "B"], osp.JUDGE_TEMPLATES["dialogue"])
     texts = [("a d m q", "b d m q"), ("b k z", "b k"), ("a d", "a d m q r")]  # judged in one batch: padded
-    sequences = [osp.encode(tokenizer, [{"role": "user", "content": osp.judge_text(
-        osp.JUDGE_TEMPLATES["dialogue"], osp.render_context(PROMPTS[0], "dialogue"), y, w)}])[0] for y, w in texts]
+    sequences = [
+        osp.encode(
+            tokenizer,
+            [
+                {
+                    "role": "user",
+                    "content": osp.judge_text(
+                        osp.JUDGE_TEMPLATES["dialogue"], osp.render_context(PROMPTS[0], "dialogue"), y, w
+                    ),
+                }
+            ],
+        )[0]
+        for y, w in texts
+    ]
     judge = osp.make_judge(model, tokenizer, PROMPTS, osp.JUDGE_TEMPLATES["dialogue"], verdict, a, "cpu")
     ours = torch.tensor(judge([(0, y, w) for y, w in texts]), dtype=torch.float64)
     with torch.no_grad():
         full = [model(torch.tensor([s])).logits[0, -1] for s in sequences]
-    torch.testing.assert_close(ours, torch.sigmoid(torch.stack([f[verdict[0]] - f[verdict[1]] for f in full]).double()),
-                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        ours, torch.sigmoid(torch.stack([f[verdict[0]] - f[verdict[1]] for f in full]).double()), atol=1e-6, rtol=1e-5
+    )
     j = judge([(0, "a d m q", "b d m r"), (0, "b d m r", "a d m q")])
     assert osp.strength(j[0], j[1]) + osp.strength(j[1], j[0]) == pytest.approx(1.0, abs=1e-15)
     assert 0 < j[0] < 1 and j[0] != j[1]
@@ -108,6 +131,7 @@ def quality_judge(quality: dict, calls: list):
     def judge(comparisons):
         calls.extend(comparisons)
         return [1 / (1 + math.exp(-(quality[a] - quality[b]))) for _, a, b in comparisons]
+
     return judge
 
 
@@ -120,7 +144,9 @@ def test_ranked_pairing_best_with_worst(k, rank_by):
     pairs = pairs[0]
     best_first = sorted(range(k), key=lambda i: -quality[texts[i]])
     assert len(pairs) == k // 2
-    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(best_first[r], best_first[k - 1 - r]) for r in range(k // 2)]
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
+        (best_first[r], best_first[k - 1 - r]) for r in range(k // 2)
+    ]
     used = [i for p in pairs for i in (p["chosen"], p["rejected"])]
     assert len(used) == len(set(used))  # nobody in two pairs
     if k == 7:
@@ -159,7 +185,14 @@ def make_tuples(tokenizer, qs):
         prompt = PROMPTS[i % 2]
         chosen, rejected = answers[i % 3]
         p_ids, c_ids = osp.encode(tokenizer, prompt, chosen)
-        tuples.append({"prompt_ids": p_ids, "chosen_ids": c_ids, "rejected_ids": osp.encode(tokenizer, prompt, rejected)[1], "q": q})
+        tuples.append(
+            {
+                "prompt_ids": p_ids,
+                "chosen_ids": c_ids,
+                "rejected_ids": osp.encode(tokenizer, prompt, rejected)[1],
+                "q": q,
+            }
+        )
     return tuples
 
 
@@ -203,14 +236,16 @@ def test_spce_step_matches_dpo_at_q1_and_is_symmetric(toy):
         at_fixed_point.append(dict(t, q=1 / (1 + math.exp(-z))))
     g_zero, totals = grads(policy, ref, at_fixed_point)
     entropy = sum(-t["q"] * math.log(t["q"]) - (1 - t["q"]) * math.log(1 - t["q"]) for t in at_fixed_point)
-    assert g_zero.abs().max() < 1e-5 * grads(policy, ref, soft)[0].abs().max() and totals[0] == pytest.approx(entropy, rel=1e-5)
+    assert g_zero.abs().max() < 1e-5 * grads(policy, ref, soft)[0].abs().max() and totals[0] == pytest.approx(
+        entropy, rel=1e-5
+    )
     # the sign: pick q below the current sigma(z) of every pair; a small step along -grad must lower the margins
     low = [dict(t, q=0.0) for t in soft]
     g, before = grads(policy, ref, low)
     with torch.no_grad():
         offset = 0
         for p in policy.parameters():
-            p.sub_(1e-3 * g[offset:offset + p.numel()].view_as(p))
+            p.sub_(1e-3 * g[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
     _, after = grads(policy, ref, low)
     assert after[3] < before[3]  # summed margins z went down
@@ -223,7 +258,9 @@ def test_augmentation_builds_two_balanced_instances_scoring_only_the_verdict(toy
     _, tokenizer = toy
     a = args()
     verdict = osp.verdict_ids(tokenizer, ["A", "B"], osp.JUDGE_TEMPLATES["dialogue"])
-    pairs = [{"prompt": PROMPTS[i % 2], "chosen": f"good {i}", "rejected": f"bad {i}", "where": f"row {i}"} for i in range(5)]
+    pairs = [
+        {"prompt": PROMPTS[i % 2], "chosen": f"good {i}", "rejected": f"bad {i}", "where": f"row {i}"} for i in range(5)
+    ]
     instances = osp.judge_instances(pairs, tokenizer, osp.JUDGE_TEMPLATES["dialogue"], verdict, a, {})
     assert len(instances) == 2 * len(pairs)
     assert [e["response_ids"] for e in instances] == [[verdict[0]], [verdict[1]]] * len(pairs)  # 50/50, A then B
@@ -247,7 +284,12 @@ def test_hh_and_tldr_fixtures_parse_and_pick_their_judge_family(toy):
         for i, row in enumerate(rows):
             pair = osp.parse_pair(row, f"row {i}")
             assert pair["prompt"][-1]["role"] == "user" and pair["chosen"] != pair["rejected"]
-            text = osp.judge_text(osp.JUDGE_TEMPLATES[family], osp.render_context(pair["prompt"], family), pair["chosen"], pair["rejected"])
+            text = osp.judge_text(
+                osp.JUDGE_TEMPLATES[family],
+                osp.render_context(pair["prompt"], family),
+                pair["chosen"],
+                pair["rejected"],
+            )
             assert pair["chosen"] in text and pair["rejected"] in text
     assert args(dataset="tldr").judge_family == "summary" and args(dataset="tldr").max_new_tokens == 64
     assert args(dataset="hh-rlhf").judge_family == "dialogue" and args(dataset="hh-rlhf").max_new_tokens == 256
@@ -270,22 +312,39 @@ def write(path, text):
         (lambda d: dict(offline_fraction=0.0), "--offline_fraction must be in \\(0, 1\\]"),
         (lambda d: dict(offline_fraction=1.5), "--offline_fraction must be in \\(0, 1\\]"),
         (lambda d: dict(prompts=write(d / "e.jsonl", "")), "--prompts: .*e.jsonl has no rows"),
-        (lambda d: dict(judge_max_length=70), "judge prompt with both responses has \\d+ tokens, over --judge_max_length 70"),
-        (lambda d: dict(skip_augmentation=True, judge_max_length=120), "prompt pool row 0: its judge prompt with two replies"),
+        (
+            lambda d: dict(judge_max_length=70),
+            "judge prompt with both responses has \\d+ tokens, over --judge_max_length 70",
+        ),
+        (
+            lambda d: dict(skip_augmentation=True, judge_max_length=120),
+            "prompt pool row 0: its judge prompt with two replies",
+        ),
         (lambda d: dict(judge_max_length=4096), "--judge_max_length 4096 is over the model's context of 512"),
         (lambda d: dict(model="mistral"), "'mistral' is neither a preset"),
-        (lambda d: dict(dataset=write(d / "m.jsonl", '{"prompt": "Sort these letters: a b", "chosen": "a b"}\n')),
-         "row 0: missing column 'rejected'"),
-        (lambda d: dict(judge_template=write(d / "t.txt", "Which is better? {a} or {b}")), "has no \\{x\\} placeholder"),
+        (
+            lambda d: dict(dataset=write(d / "m.jsonl", '{"prompt": "Sort these letters: a b", "chosen": "a b"}\n')),
+            "row 0: missing column 'rejected'",
+        ),
+        (
+            lambda d: dict(judge_template=write(d / "t.txt", "Which is better? {a} or {b}")),
+            "has no \\{x\\} placeholder",
+        ),
         (lambda d: dict(judge_template=str(d / "none.txt")), "--judge_template: file .* not found"),
         (lambda d: dict(num_judge_eval=1500), "no pairs left for the judge seed set"),
-        (lambda d: dict(sft_data=write(d / "s.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n')),
-         "the last message must be the assistant's"),
-        (lambda d: dict(sft_data=write(d / "s.jsonl", '{"messages": [{"role": "user", "content": 3}]}\n')),
-         "'messages'\\[0\\].content must be a string"),
+        (
+            lambda d: dict(sft_data=write(d / "s.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n')),
+            "the last message must be the assistant's",
+        ),
+        (
+            lambda d: dict(sft_data=write(d / "s.jsonl", '{"messages": [{"role": "user", "content": 3}]}\n')),
+            "'messages'\\[0\\].content must be a string",
+        ),
         (lambda d: dict(lora_r=8, save_every=5), "--save_every is not supported with LoRA"),
-        (lambda d: dict(eval_prompts=write(d / "ev.jsonl", '{"text": "Sort these letters: a b"}\n')),
-         "--eval_prompts .* row 0: 'prompt' must be a string"),
+        (
+            lambda d: dict(eval_prompts=write(d / "ev.jsonl", '{"text": "Sort these letters: a b"}\n')),
+            "--eval_prompts .* row 0: 'prompt' must be a string",
+        ),
         (lambda d: dict(lr=-1.0), "--lr and --aug_lr must be > 0, got -1.0"),
         (lambda d: dict(chat_template=str(d / "none.jinja")), "--chat_template: file .* not found"),
     ],
@@ -302,9 +361,11 @@ def test_sft_rows_with_an_empty_message_are_skipped_and_counted(tmp_path, toy):
     conversations stand in when there is no SFT file."""
     _, tokenizer = toy
     turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
-    rows = [[turn("user", "Sort these letters: b a"), turn("assistant", "a b")],
-            [turn("user", "Sort these letters: c a"), turn("assistant", " ")],
-            [turn("user", "Sort these letters: d a"), turn("assistant", "a d")]]
+    rows = [
+        [turn("user", "Sort these letters: b a"), turn("assistant", "a b")],
+        [turn("user", "Sort these letters: c a"), turn("assistant", " ")],
+        [turn("user", "Sort these letters: d a"), turn("assistant", "a d")],
+    ]
     spec = write(tmp_path / "sft.jsonl", "".join(json.dumps({"messages": m}) + "\n" for m in rows))
     counts = {}
     examples = osp.load_sft(spec, [], tokenizer, args(), counts)
@@ -312,6 +373,7 @@ def test_sft_rows_with_an_empty_message_are_skipped_and_counted(tmp_path, toy):
     pairs = [{"prompt": m[:1], "chosen": m[1]["content"], "rejected": "x"} for m in (rows[0], rows[2])]
     from_pairs = osp.load_sft(None, pairs, tokenizer, args(), counts)
     assert [e["response_ids"] for e in from_pairs] == [e["response_ids"] for e in examples]
+
 
 def test_bad_input_from_the_command_line_is_one_line(tmp_path):
     res = run("--k", "1", "--output_dir", str(tmp_path / "o"), check=False)
@@ -356,8 +418,17 @@ def test_osp_run_judge_and_policy_learn(osp_run):
     steps = [json.loads(line) for line in open(osp_run / "metrics.jsonl")]
     steps = [m for m in steps if m.get("stage") == 1]
     assert all(m["data/pairs"] + sum(v for k, v in m.items() if k.startswith("data/dropped_")) == 24 for m in steps)
-    for key in ("osp/q_mean", "osp/q_hist", "osp/abs_sigma_z_minus_q", "gen/chosen_tokens_mean", "time/judging_s",
-                "judge/forward_passes", "rewards/accuracies", "logps/chosen", "judge/online_oracle_agreement"):
+    for key in (
+        "osp/q_mean",
+        "osp/q_hist",
+        "osp/abs_sigma_z_minus_q",
+        "gen/chosen_tokens_mean",
+        "time/judging_s",
+        "judge/forward_passes",
+        "rewards/accuracies",
+        "logps/chosen",
+        "judge/online_oracle_agreement",
+    ):
         assert key in steps[-1], key
     assert all(m["judge/forward_passes"] <= 8 * 18 for m in steps)
 
@@ -371,8 +442,14 @@ def test_spce_stays_calibrated_where_dpo_does_not(osp_run):
     for line in open(osp_run / "pairs" / "step_00001.jsonl"):
         row = json.loads(line)
         prompt_ids, chosen_ids = osp.encode(tokenizer, row["prompt"], row["chosen_text"])
-        tuples.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "q": row["q"],
-                       "rejected_ids": osp.encode(tokenizer, row["prompt"], row["rejected_text"])[1]})
+        tuples.append(
+            {
+                "prompt_ids": prompt_ids,
+                "chosen_ids": chosen_ids,
+                "q": row["q"],
+                "rejected_ids": osp.encode(tokenizer, row["prompt"], row["rejected_text"])[1],
+            }
+        )
     gaps = {}
     for loss in ("spce", "dpo"):
         torch.manual_seed(0)
@@ -389,14 +466,28 @@ def test_spce_stays_calibrated_where_dpo_does_not(osp_run):
 
 
 def test_osp_resume_after_interrupt_finishes_identically(tmp_path):
-    base = ["--skip_augmentation", "--steps", "5", "--save_every", "2", "--num_eval", "20", "--num_judge_eval", "20",
-            "--eval_every", "0"]
+    base = [
+        "--skip_augmentation",
+        "--steps",
+        "5",
+        "--save_every",
+        "2",
+        "--num_eval",
+        "20",
+        "--num_judge_eval",
+        "20",
+        "--eval_every",
+        "0",
+    ]
     run(*base, "--output_dir", str(tmp_path / "full"))
     interrupted = run(*base, "--output_dir", str(tmp_path / "cut"), "--stop_after_steps", "3", check=False)
     assert interrupted.returncode != 0 and "--resume" in interrupted.stderr
     assert json.loads((tmp_path / "cut" / "state.json").read_text())["step"] == 2
     run(*base, "--output_dir", str(tmp_path / "cut"), "--resume")
-    a, b = load_file(str(tmp_path / "full" / "final" / "model.safetensors")), load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "full" / "final" / "model.safetensors")),
+        load_file(str(tmp_path / "cut" / "final" / "model.safetensors")),
+    )
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
     lines = [json.loads(line) for line in open(tmp_path / "cut" / "metrics.jsonl")]
@@ -406,7 +497,17 @@ def test_osp_resume_after_interrupt_finishes_identically(tmp_path):
 
 def test_osp_without_judge_or_reward_evaluation_finishes(tmp_path):
     """--num_judge_eval 0 --num_eval 0: nothing to report, and the run still ends (the summary line once crashed)."""
-    res = run("--skip_augmentation", "--steps", "1", "--num_eval", "0", "--num_judge_eval", "0", "--output_dir", str(tmp_path / "r"))
+    res = run(
+        "--skip_augmentation",
+        "--steps",
+        "1",
+        "--num_eval",
+        "0",
+        "--num_judge_eval",
+        "0",
+        "--output_dir",
+        str(tmp_path / "r"),
+    )
     state = json.loads((tmp_path / "r" / "state.json").read_text())
     assert state["done"] and state["judge"] == {} and state["eval"] == {} and "final: " in res.stdout
 
@@ -416,14 +517,40 @@ def test_osp_torchrun_two_ranks_with_augmentation(tmp_path):
     the SPCE step with a sharded reference, step checkpoints; the checkpoints reload as plain models."""
     from transformers import AutoModelForCausalLM
 
-    argv = ["--aug_epochs", "1", "--num_sft", "64", "--offline_fraction", "0.05", "--steps", "2", "--save_every", "1",
-            "--num_eval", "16", "--num_judge_eval", "16", "--eval_every", "0", "--output_dir", str(tmp_path / "two")]
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "osp.py"), *argv],
-                         capture_output=True, text=True, cwd=ROOT, env=ENV)
+    argv = [
+        "--aug_epochs",
+        "1",
+        "--num_sft",
+        "64",
+        "--offline_fraction",
+        "0.05",
+        "--steps",
+        "2",
+        "--save_every",
+        "1",
+        "--num_eval",
+        "16",
+        "--num_judge_eval",
+        "16",
+        "--eval_every",
+        "0",
+        "--output_dir",
+        str(tmp_path / "two"),
+    ]
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "osp.py"), *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+    )
     assert res.returncode == 0, res.stderr[-5000:]
     state = json.loads((tmp_path / "two" / "state.json").read_text())
     assert state["done"] and set(state["judge"]) == {"sft", "augmented", "final"}
-    start, stage0, final = (load_file(str(d / "model.safetensors")) for d in (TOY_MODEL, tmp_path / "two" / "stage0", tmp_path / "two" / "final"))
+    start, stage0, final = (
+        load_file(str(d / "model.safetensors"))
+        for d in (TOY_MODEL, tmp_path / "two" / "stage0", tmp_path / "two" / "final")
+    )
     assert max((stage0[k] - start[k]).abs().max().item() for k in start) > 1e-3
     assert max((final[k] - stage0[k]).abs().max().item() for k in start) > 1e-5
     AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final")
@@ -432,9 +559,30 @@ def test_osp_torchrun_two_ranks_with_augmentation(tmp_path):
 def test_osp_lora_merges_into_plain_checkpoints(tmp_path):
     """LoRA: Stage 0 adapter merged into stage0/, a fresh adapter for Stage 1 whose reference is the base
     under it (adapter switched off); final/ is a plain merged model."""
-    run("--lora_r", "8", "--aug_epochs", "1", "--num_sft", "64", "--offline_fraction", "0.05", "--steps", "3",
-        "--num_eval", "16", "--num_judge_eval", "16", "--eval_every", "0", "--output_dir", str(tmp_path / "lora"))
-    start, stage0, final = (load_file(str(d / "model.safetensors")) for d in (TOY_MODEL, tmp_path / "lora" / "stage0", tmp_path / "lora" / "final"))
+    run(
+        "--lora_r",
+        "8",
+        "--aug_epochs",
+        "1",
+        "--num_sft",
+        "64",
+        "--offline_fraction",
+        "0.05",
+        "--steps",
+        "3",
+        "--num_eval",
+        "16",
+        "--num_judge_eval",
+        "16",
+        "--eval_every",
+        "0",
+        "--output_dir",
+        str(tmp_path / "lora"),
+    )
+    start, stage0, final = (
+        load_file(str(d / "model.safetensors"))
+        for d in (TOY_MODEL, tmp_path / "lora" / "stage0", tmp_path / "lora" / "final")
+    )
     assert sorted(final) == sorted(start)  # no adapter tensors left
     assert max((stage0[k] - start[k]).abs().max().item() for k in start) > 1e-4
     assert max((final[k] - stage0[k]).abs().max().item() for k in start) > 1e-5

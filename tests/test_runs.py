@@ -61,10 +61,19 @@ def srdpo_run(tmp_path_factory):
 
 
 def test_sera_outputs_and_sizes(sera_run):
-    for name in ("resolved_config.json", "metrics.jsonl", "state.json", "pairs_iter_1.jsonl", "pairs_iter_2.jsonl", "tb"):
+    for name in (
+        "resolved_config.json",
+        "metrics.jsonl",
+        "state.json",
+        "pairs_iter_1.jsonl",
+        "pairs_iter_2.jsonl",
+        "tb",
+    ):
         assert (sera_run / name).exists(), name
     for t in (1, 2):
-        assert (sera_run / f"iter_{t}" / "model.safetensors").exists() and (sera_run / f"iter_{t}" / "tokenizer.json").exists()
+        assert (sera_run / f"iter_{t}" / "model.safetensors").exists() and (
+            sera_run / f"iter_{t}" / "tokenizer.json"
+        ).exists()
     assert not list(sera_run.glob("*.tmp")) and not list(sera_run.glob("*_partial"))
     d1 = [json.loads(line) for line in open(sera_run / "pairs_iter_1.jsonl")]
     d2 = [json.loads(line) for line in open(sera_run / "pairs_iter_2.jsonl")]
@@ -77,7 +86,15 @@ def test_sera_outputs_and_sizes(sera_run):
     assert len(offline) == k1 and len(generated) == min(k2, stats["data/prompts_with_pair"])
     assert all(p["margin"] >= 0 for p in generated) and all(p["chosen"] != p["rejected"] for p in generated)
     step_metrics = [m for m in metrics(sera_run) if "rewards/accuracies" in m]
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "tokens_per_sec"):
+    for key in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "tokens_per_sec",
+    ):
         assert all(math.isfinite(m[key]) for m in step_metrics), key
 
 
@@ -101,7 +118,9 @@ def test_sera_reference_is_previous_checkpoint(sera_run):
     tokenizer = AutoTokenizer.from_pretrained(sera_run / "iter_1")
     pairs = [json.loads(line) for line in open(sera_run / "pairs_iter_2.jsonl")][:24]
     args = sera.resolve(sera.Args(scoring_batch_size=8))[0]
-    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [
+        (p["prompt_ids"], p["rejected_ids"]) for p in pairs
+    ]
     logps, _ = sera.score(model, sequences, args, tokenizer.pad_token_id, torch.device("cpu"), "test")
     stored = torch.tensor([p["ref_chosen"] for p in pairs] + [p["ref_rejected"] for p in pairs], dtype=torch.float64)
     torch.testing.assert_close(logps, stored, atol=1e-3, rtol=1e-5)
@@ -134,7 +153,10 @@ def test_sera_resume_finishes_identically(sera_run, tmp_path):
     a, b = weights(sera_run / "iter_2"), weights(out / "iter_2")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-6)
-    assert json.loads((out / "state.json").read_text())["eval"] == json.loads((sera_run / "state.json").read_text())["eval"]
+    assert (
+        json.loads((out / "state.json").read_text())["eval"]
+        == json.loads((sera_run / "state.json").read_text())["eval"]
+    )
     assert_same_records(out, sera_run)
 
 
@@ -142,11 +164,31 @@ def test_sera_torchrun_two_ranks_matches_one_process(tmp_path):
     """FSDP2 on 2 CPU ranks (gloo) with the same global batch gives the same weights as one process."""
     common = ["--iterations", "1", "--num_pairs", "64", "--num_eval", "0", "--lr", "1e-3"]
     run("sera.py", *common, "--batch_size", "16", "--output_dir", str(tmp_path / "one"))
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "sera.py"),
-                          *common, "--batch_size", "8", "--output_dir", str(tmp_path / "two")],
-                         capture_output=True, text=True, cwd=ROOT, env=ENV)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            str(ROOT / "sera.py"),
+            *common,
+            "--batch_size",
+            "8",
+            "--output_dir",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+    )
     assert res.returncode == 0, res.stderr[-5000:]
-    one, two, start = weights(tmp_path / "one" / "iter_1"), weights(tmp_path / "two" / "iter_1"), weights(ROOT / "assets" / "toy" / "model")
+    one, two, start = (
+        weights(tmp_path / "one" / "iter_1"),
+        weights(tmp_path / "two" / "iter_1"),
+        weights(ROOT / "assets" / "toy" / "model"),
+    )
     moved = max((one[k] - start[k]).abs().max().item() for k in one)
     diff = max((one[k] - two[k]).abs().max().item() for k in one)
     assert moved > 1e-3 and diff < 1e-2 * moved, (moved, diff)
@@ -176,10 +218,16 @@ def test_sera_selection_only_all_pairs_is_iterative_dpo(tmp_path):
         optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
         scheduler = get_constant_schedule_with_warmup(optimizer, int(0.1 * n_steps))
         for step in range(n_steps):
-            batch_pairs = [pairs[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
-            batch = sera.collate([(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
-                                 + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs], tokenizer.pad_token_id, "cpu")
-            logps, ref = causal_lm_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"], ref_model=reference)
+            batch_pairs = [pairs[i] for i in order[step * args.batch_size : (step + 1) * args.batch_size]]
+            batch = sera.collate(
+                [(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
+                + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs],
+                tokenizer.pad_token_id,
+                "cpu",
+            )
+            logps, ref = causal_lm_logps(
+                policy, batch["input_ids"], batch["attention_mask"], batch["labels"], ref_model=reference
+            )
             n = len(batch_pairs)
             loss = pair_loss(logps[:n], logps[n:], ref[:n], ref[n:], kind="dpo", beta=args.beta)
             loss.backward()
@@ -218,9 +266,11 @@ def test_srdpo_outputs_reload_and_learning(srdpo_run):
     held_out = srdpo.build_dataset(rows, source, tokenizer, args)[0][:100]
     ref = torch.load(srdpo_run / "ref_logps.pt")
     n_all = len(ref) // 4
-    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in held_out] + [(p["prompt_ids"], p["rejected_ids"]) for p in held_out]
+    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in held_out] + [
+        (p["prompt_ids"], p["rejected_ids"]) for p in held_out
+    ]
     logps, _ = srdpo.score(model, sequences, args, tokenizer.pad_token_id, torch.device("cpu"), "test")
-    h = (logps[:100] - ref[:100]) - (logps[100:] - ref[n_all:n_all + 100])
+    h = (logps[:100] - ref[:100]) - (logps[100:] - ref[n_all : n_all + 100])
     assert abs(float((h > 0).double().mean()) - state["eval"]["held_out_accuracy"]) < 1e-9
 
 
@@ -238,8 +288,21 @@ def test_srdpo_resume_finishes_identically(srdpo_run, tmp_path):
 def test_sera_lora_merges_into_plain_checkpoints(tmp_path):
     """--lora_r trains a fresh adapter per iteration and saves merged, adapter-free weights."""
     pytest.importorskip("peft")
-    run("sera.py", "--iterations", "2", "--num_pairs", "32", "--num_eval", "0", "--lora_r", "4", "--lr", "1e-3",
-        "--output_dir", str(tmp_path / "lora"))
+    run(
+        "sera.py",
+        "--iterations",
+        "2",
+        "--num_pairs",
+        "32",
+        "--num_eval",
+        "0",
+        "--lora_r",
+        "4",
+        "--lr",
+        "1e-3",
+        "--output_dir",
+        str(tmp_path / "lora"),
+    )
     start = weights(ROOT / "assets" / "toy" / "model")
     for t in (1, 2):
         merged = weights(tmp_path / "lora" / f"iter_{t}")
@@ -250,11 +313,24 @@ def test_sera_lora_merges_into_plain_checkpoints(tmp_path):
 def test_logs_keep_one_record_per_position_and_kind(tmp_path):
     """What a resumed run logs again replaces the earlier record in its place; other records stay as logged."""
     log = sera.Logs(sera.resolve(sera.Args())[0], tmp_path, "test")
-    for record in ({"data/pairs": 8}, {"iteration": 1, "step": 1, "loss": 0.7}, {"iteration": 1, "step": 2, "loss": 0.6},
-                   {"iteration": 1, "eval/reward": 5.0}, {"data/pairs": 8}, {"iteration": 1, "step": 2, "loss": 0.5},
-                   {"iteration": 2, "step": 1, "loss": float("nan")}):
+    for record in (
+        {"data/pairs": 8},
+        {"iteration": 1, "step": 1, "loss": 0.7},
+        {"iteration": 1, "step": 2, "loss": 0.6},
+        {"iteration": 1, "eval/reward": 5.0},
+        {"data/pairs": 8},
+        {"iteration": 1, "step": 2, "loss": 0.5},
+        {"iteration": 2, "step": 1, "loss": float("nan")},
+    ):
         log(record)
     log.close()
-    assert [json.dumps(r) for r in metrics(tmp_path)] == [json.dumps(r) for r in (
-        {"data/pairs": 8}, {"iteration": 1, "step": 1, "loss": 0.7}, {"iteration": 1, "step": 2, "loss": 0.5},
-        {"iteration": 1, "eval/reward": 5.0}, {"iteration": 2, "step": 1, "loss": float("nan")})]
+    assert [json.dumps(r) for r in metrics(tmp_path)] == [
+        json.dumps(r)
+        for r in (
+            {"data/pairs": 8},
+            {"iteration": 1, "step": 1, "loss": 0.7},
+            {"iteration": 1, "step": 2, "loss": 0.5},
+            {"iteration": 1, "eval/reward": 5.0},
+            {"iteration": 2, "step": 1, "loss": float("nan")},
+        )
+    ]

@@ -2,10 +2,10 @@
 checkpoint dtypes, and (slow) gloo runs of every script on 2 and 3 ranks with work that does not divide."""
 
 import json
-import types
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sera  # noqa: E402
-
 from kernels import causal_lm_logps  # noqa: E402
 
 TOY_MODEL = ROOT / "assets" / "toy" / "model"
@@ -29,8 +28,11 @@ def one_step(model, args, pairs):
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in trainable]
-    batch = sera.collate([(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs],
-                         0, CPU)
+    batch = sera.collate(
+        [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs],
+        0,
+        CPU,
+    )
     logps, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     counts = (batch["labels"][:, 1:] != -100).sum(1).float()
     ref = logps.detach().float() - torch.linspace(-1, 1, len(logps))  # a reference that differs from the policy
@@ -74,7 +76,7 @@ def test_bf16_compute_moves_fp32_masters_like_fp32(toy_pairs):
 
 
 def test_checkpoint_keeps_the_loaded_dtype(tmp_path, toy_pairs):
-    """fp32 masters are saved in the dtype of the loaded model's config: bf16 for a bf16 checkpoint, fp32 for the toy."""
+    """fp32 masters are saved in the dtype of the loaded model's config: bf16 for a bf16 checkpoint, fp32 (toy)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL)
@@ -88,7 +90,9 @@ def test_checkpoint_keeps_the_loaded_dtype(tmp_path, toy_pairs):
         saved = load_file(str(tmp_path / "out" / "model.safetensors"))
         assert {v.dtype for v in saved.values()} == {expected}, source
         assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == str(expected).split(".")[1]
-        assert str(model.config.dtype).removeprefix("torch.") == str(live).removeprefix("torch.") == "float32"  # the masters'
+        assert (
+            str(model.config.dtype).removeprefix("torch.") == str(live).removeprefix("torch.") == "float32"
+        )  # the masters'
 
 
 def test_lora_bf16_base_fp32_adapters(toy_pairs):
@@ -128,10 +132,15 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def launch(script, ranks, *argv, cwd=ROOT, env=ENV, timeout=600):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks)] if ranks > 1 else [sys.executable]
+    command = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks)]
+        if ranks > 1
+        else [sys.executable]
+    )
     try:
-        res = subprocess.run([*command, str(ROOT / script), *argv], capture_output=True, text=True, cwd=cwd, env=env,
-                             timeout=timeout)
+        res = subprocess.run(
+            [*command, str(ROOT / script), *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+        )
     except subprocess.TimeoutExpired as err:
         raise AssertionError(f"{script} on {ranks} ranks hung (no exit in {timeout} s):\n{(err.stderr or b'')[-3000:]}")
     return res
@@ -145,7 +154,9 @@ def skewed_clock_env(tmp_path):
     """Rank 1's clock runs 5 s ahead (a sitecustomize on its path): run folders named by each rank's time differ."""
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(
-        "import os, time\nif os.environ.get('RANK') == '1':\n    _time = time.time\n    time.time = lambda: _time() + 5\n")
+        "import os, time\nif os.environ.get('RANK') == '1':\n"
+        "    _time = time.time\n    time.time = lambda: _time() + 5\n"
+    )
     return {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT), ENV.get("PYTHONPATH", "")])}
 
 
@@ -180,8 +191,25 @@ def test_sera_two_ranks_lora_one_adapter(tmp_path):
     """2 ranks, LoRA, 33 pairs: both ranks start from rank 0's adapter (generate seeds each rank differently
     before it), so after iteration 1 every rank holds the saved theta_1: the offline log-probs that the ranks
     computed under theta_1 (each its share) equal theta_1's, recomputed here."""
-    res = launch("sera.py", 2, "--iterations", "2", "--num_pairs", "33", "--num_eval", "8", "--lora_r", "4", "--lr", "1e-3",
-                 "--batch_size", "8", "--n_cand", "2", cwd=tmp_path)
+    res = launch(
+        "sera.py",
+        2,
+        "--iterations",
+        "2",
+        "--num_pairs",
+        "33",
+        "--num_eval",
+        "8",
+        "--lora_r",
+        "4",
+        "--lr",
+        "1e-3",
+        "--batch_size",
+        "8",
+        "--n_cand",
+        "2",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-5000:]
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "iter_2" / "model.safetensors").exists(), runs
@@ -190,7 +218,9 @@ def test_sera_two_ranks_lora_one_adapter(tmp_path):
     from transformers import AutoModelForCausalLM
 
     pairs = [json.loads(line) for line in open(runs[0] / "pairs_iter_1.jsonl")]
-    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [
+        (p["prompt_ids"], p["rejected_ids"]) for p in pairs
+    ]
     model = AutoModelForCausalLM.from_pretrained(runs[0] / "iter_1", dtype=torch.float32)
     args = sera.resolve(sera.Args(scoring_batch_size=16))[0]
     logps = sera.score(model, sequences, args, 0, CPU, "test")[0]
@@ -202,19 +232,39 @@ def test_sera_two_ranks_lora_one_adapter(tmp_path):
 def test_srdpo_three_ranks_uneven_pool(tmp_path):
     """3 ranks, FSDP2: 13 training pairs for a global batch of 24 in micro-batches of 2; the shared-prefix
     refinement pass decides its branch on all ranks together."""
-    res = launch("srdpo.py", 3, "--num_pairs", "22", "--eval_pairs", "8", "--num_eval", "0", "--global_batch", "24",
-                 "--batch_size", "2", "--output_dir", str(tmp_path / "three"))
+    res = launch(
+        "srdpo.py",
+        3,
+        "--num_pairs",
+        "22",
+        "--eval_pairs",
+        "8",
+        "--num_eval",
+        "0",
+        "--global_batch",
+        "24",
+        "--batch_size",
+        "2",
+        "--output_dir",
+        str(tmp_path / "three"),
+    )
     assert res.returncode == 0, res.stderr[-5000:]
     train = next(m for m in metrics(tmp_path / "three") if "train/steps" in m)
     assert train["train/pairs"] < 24 and train["train/pairs"] % 3  # uneven, fewer than a step
-    assert (train["train/steps"], train["train/grad_accum"], train["train/pairs_dropped_remainder"]) == (1, 4, train["train/pairs"] % 3)
+    assert (train["train/steps"], train["train/grad_accum"], train["train/pairs_dropped_remainder"]) == (
+        1,
+        4,
+        train["train/pairs"] % 3,
+    )
     assert json.loads((tmp_path / "three" / "state.json").read_text())["done"]
 
 
 def test_step_checkpoint_rng_state_round_trip():
     """Step checkpoints carry every generator this rank draws from (CPU, and each CUDA device where present)."""
     state = sera.rng_state()
-    assert set(state) == {"cpu", "cuda"} and len(state["cuda"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert set(state) == {"cpu", "cuda"} and len(state["cuda"]) == (
+        torch.cuda.device_count() if torch.cuda.is_available() else 0
+    )
     expected = torch.rand(4)
     torch.rand(7)
     sera.set_rng_state(state)
@@ -237,10 +287,14 @@ def _lora_step_worker(rank, port, results):
             params[1].grad = torch.full((3,), 4.0)
         optimizer = torch.optim.SGD(params, lr=1.0)
         args = types.SimpleNamespace(lora_r=4, max_grad_norm=1e9)
-        sera.optimizer_step(params, optimizer, get_constant_schedule(optimizer), sera.StepStats(["loss"], CPU), args, "test")
+        sera.optimizer_step(
+            params, optimizer, get_constant_schedule(optimizer), sera.StepStats(["loss"], CPU), args, "test"
+        )
         nothing = [torch.nn.Parameter(torch.zeros(2))]  # no rank has a gradient: zeros, SGD changes nothing
         optimizer = torch.optim.SGD(nothing, lr=1.0)
-        sera.optimizer_step(nothing, optimizer, get_constant_schedule(optimizer), sera.StepStats(["loss"], CPU), args, "test")
+        sera.optimizer_step(
+            nothing, optimizer, get_constant_schedule(optimizer), sera.StepStats(["loss"], CPU), args, "test"
+        )
         results[rank] = [p.detach().tolist() for p in params + nothing]
     finally:
         dist.destroy_process_group()
@@ -270,8 +324,13 @@ def test_7b_presets_checkpoint_activations_and_it_changes_nothing(toy_pairs):
     import osp
     import srdpo
 
-    for module, name in ((sera, "mistral-7b"), (opsr, "mistral-7b"), (opsr, "mistral-7b-instruct"), (srdpo, "zephyr-7b"),
-                         (osp, "mistral-7b")):
+    for module, name in (
+        (sera, "mistral-7b"),
+        (opsr, "mistral-7b"),
+        (opsr, "mistral-7b-instruct"),
+        (srdpo, "zephyr-7b"),
+        (osp, "mistral-7b"),
+    ):
         assert module.resolve(module.Args(model=name))[0].gradient_checkpointing is True, (module.__name__, name)
         assert module.resolve(module.Args(model=name, gradient_checkpointing=False))[0].gradient_checkpointing is False
         assert module.resolve(module.Args())[0].gradient_checkpointing is False
@@ -290,8 +349,24 @@ def test_7b_presets_checkpoint_activations_and_it_changes_nothing(toy_pairs):
 def test_opsr_two_ranks_uneven_pools(tmp_path):
     """2 ranks, FSDP2: SimPO initialisation on 27 pairs and one iteration on 21 prompts (sharded sampling and
     scoring, filtered pairs), global batch 16 in micro-batches of 4: one process's number of steps."""
-    res = launch("opsr.py", 2, "--iterations", "1", "--num_pairs", "27", "--num_prompts", "21", "--num_eval", "0",
-                 "--global_batch", "16", "--batch_size", "4", "--output_dir", str(tmp_path / "two"))
+    res = launch(
+        "opsr.py",
+        2,
+        "--iterations",
+        "1",
+        "--num_pairs",
+        "27",
+        "--num_prompts",
+        "21",
+        "--num_eval",
+        "0",
+        "--global_batch",
+        "16",
+        "--batch_size",
+        "4",
+        "--output_dir",
+        str(tmp_path / "two"),
+    )
     assert res.returncode == 0, res.stderr[-5000:]
     train = [m for m in metrics(tmp_path / "two") if "train/steps" in m]
     assert len(train) == 2 and all(m["train/grad_accum"] == 2 for m in train)
@@ -303,9 +378,28 @@ def test_opsr_two_ranks_uneven_pools(tmp_path):
 def test_osp_three_ranks_lora(tmp_path):
     """3 ranks, LoRA (replicated base, adapter gradients averaged by hand): Stage 0 on 64 SFT rows plus the judge
     instances, then 2 online steps of 8 prompts (sharded over 3 ranks); the merged checkpoints are plain models."""
-    res = launch("osp.py", 3, "--lora_r", "4", "--aug_epochs", "1", "--num_sft", "64", "--offline_fraction", "0.05",
-                 "--steps", "2", "--num_eval", "7", "--num_judge_eval", "13", "--eval_every", "0",
-                 "--output_dir", str(tmp_path / "three"))
+    res = launch(
+        "osp.py",
+        3,
+        "--lora_r",
+        "4",
+        "--aug_epochs",
+        "1",
+        "--num_sft",
+        "64",
+        "--offline_fraction",
+        "0.05",
+        "--steps",
+        "2",
+        "--num_eval",
+        "7",
+        "--num_judge_eval",
+        "13",
+        "--eval_every",
+        "0",
+        "--output_dir",
+        str(tmp_path / "three"),
+    )
     assert res.returncode == 0, res.stderr[-5000:]
     assert json.loads((tmp_path / "three" / "state.json").read_text())["done"]
     assert [m["step"] for m in metrics(tmp_path / "three") if m.get("stage") == 1 and "step" in m] == [1, 2]
@@ -335,8 +429,15 @@ def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch, gpu):
         def generate(self, prompts, params, use_tqdm):
             events.append(("generate", [p["prompt_token_ids"] for p in prompts]))
             seeds.append([p.seed for p in params])
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f" {i}.{k} ", finish_reason=["stop", "length"][k % 2])
-                                                   for k in range(p.n)]) for i, p in enumerate(params)]
+            return [
+                types.SimpleNamespace(
+                    outputs=[
+                        types.SimpleNamespace(text=f" {i}.{k} ", finish_reason=["stop", "length"][k % 2])
+                        for k in range(p.n)
+                    ]
+                )
+                for i, p in enumerate(params)
+            ]
 
         def sleep(self, level):
             events.append(("sleep", level))
@@ -359,23 +460,38 @@ def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch, gpu):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL)
     args = sera.resolve(sera.Args(sampler="vllm"))[0]
-    prompts = [[{"role": "user", "content": "Sort these letters: b a c"}], [{"role": "user", "content": "Sort these letters: z y"}]]
+    prompts = [
+        [{"role": "user", "content": "Sort these letters: b a c"}],
+        [{"role": "user", "content": "Sort these letters: z y"}],
+    ]
     first = sera.generate(None, tokenizer, prompts, 2, 1.0, 1.0, args, CPU, seed=0, model_path=str(TOY_MODEL))
     again = sera.generate(None, tokenizer, prompts[:1], 2, 1.0, 1.0, args, CPU, seed=1, model_path=str(TOY_MODEL))
     sera.generate(None, tokenizer, prompts, 3, 1.0, 1.0, args, CPU, seed=2, model_path="/new/checkpoint")
-    assert first == [[("0.0", True), ("0.1", False)], [("1.0", True), ("1.1", False)]] and again == [[("0.0", True), ("0.1", False)]]
+    assert first == [[("0.0", True), ("0.1", False)], [("1.0", True), ("1.1", False)]] and again == [
+        [("0.0", True), ("0.1", False)]
+    ]
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"  # the trainer's view, restored after the engine started
     engine, kwargs = events[1 if gpu else 0], events[1 if gpu else 0][1]
     assert kwargs["max_model_len"] == args.max_prompt_length + args.max_new_tokens
-    assert kwargs["model"] == str(TOY_MODEL) and kwargs["dtype"] == ("bfloat16" if gpu else "float32")  # the HF sampler's
+    assert kwargs["model"] == str(TOY_MODEL) and kwargs["dtype"] == (
+        "bfloat16" if gpu else "float32"
+    )  # the HF sampler's
     if gpu:
         assert engine[2] == "6" and kwargs["enable_sleep_mode"] is True and "enable_chunked_prefill" not in kwargs
         reload = lambda path: [("empty_cache",), ("wake", "weights"), ("reload_weights", path), ("wake", "kv_cache")]  # noqa: E731
         assert [e if e[0] != "engine" else ("engine",) for e in events if e[0] != "generate"] == [
-            ("empty_cache",), ("engine",), ("sleep", 2), *reload(str(TOY_MODEL)), ("sleep", 2),
-            *reload("/new/checkpoint"), ("sleep", 2)]
+            ("empty_cache",),
+            ("engine",),
+            ("sleep", 2),
+            *reload(str(TOY_MODEL)),
+            ("sleep", 2),
+            *reload("/new/checkpoint"),
+            ("sleep", 2),
+        ]
     else:
-        assert engine[2] == "4,5,6,7" and "enable_sleep_mode" not in kwargs and kwargs["enable_chunked_prefill"] is False
+        assert (
+            engine[2] == "4,5,6,7" and "enable_sleep_mode" not in kwargs and kwargs["enable_chunked_prefill"] is False
+        )
         assert [e[0] for e in events] == ["engine", "generate", "generate", "reload_weights", "generate"]
         assert events[3] == ("reload_weights", "/new/checkpoint")
     expected = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True) for p in prompts]
@@ -388,8 +504,9 @@ def test_srdpo_shared_prefix_branch_is_decided_on_all_ranks(monkeypatch):
     """Sr-DPO's refinement pass runs two forwards (shared prefix, then the rest) when a micro-batch's prompts
     share >= 8 tokens and one otherwise; under FSDP every rank must take the same branch. Here this rank's
     prompts share a long prefix, another rank's (all_sum says so) do not: this rank runs one forward too."""
-    import srdpo
     from transformers import AutoModelForCausalLM
+
+    import srdpo
 
     model = AutoModelForCausalLM.from_pretrained(TOY_MODEL, dtype=torch.float32).eval()
     forwards = []
@@ -457,19 +574,28 @@ def test_fused_head_scores_in_the_compute_dtype():
     model = stub_lm(hidden, weight)
     ops.sequence_logps, old = spy, ops.sequence_logps
     try:
-        logps = ops.causal_lm_logps(model, torch.zeros(2, 10, dtype=torch.long), torch.ones(2, 10, dtype=torch.long),
-                                    torch.cat([labels[:, :1], labels], 1))[0]
+        logps = ops.causal_lm_logps(
+            model,
+            torch.zeros(2, 10, dtype=torch.long),
+            torch.ones(2, 10, dtype=torch.long),
+            torch.cat([labels[:, :1], labels], 1),
+        )[0]
     finally:
         ops.sequence_logps = old
     assert seen == [(torch.bfloat16, torch.bfloat16)]
     logps.sum().backward()
     assert weight.grad is not None and weight.grad.dtype == torch.float32
-    exact = torch.log_softmax(hidden.detach().double() @ weight.detach().double().T, -1).gather(-1, labels[..., None]).sum((1, 2))
+    exact = (
+        torch.log_softmax(hidden.detach().double() @ weight.detach().double().T, -1)
+        .gather(-1, labels[..., None])
+        .sum((1, 2))
+    )
     assert (logps.double() - exact).abs().max() < 0.05 * exact.abs().max()
 
 
 def stub_lm(hidden, weight):
     """A stand-in causal LM whose decoder returns `hidden` (plus one position) and whose head is `weight`."""
+
     class Body(torch.nn.Module):
         def forward(self, input_ids=None, attention_mask=None, **kwargs):
             return (torch.cat([hidden, hidden[:, -1:]], 1),)

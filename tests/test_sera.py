@@ -89,8 +89,9 @@ def test_ensemble_is_linear_and_ignored_at_first_model():
     torch.testing.assert_close(r[1.0], sera.implicit_reward(1, logps, counts, args()))
     torch.testing.assert_close(r[0.25], 0.75 * r[0.0] + 0.25 * r[1.0])
     # r~_1 = r_1: the ensemble is ignored when only one trained model exists (t = 2)
-    torch.testing.assert_close(sera.ensemble_reward(1, logps, counts, args(gamma_e=0.9)),
-                               sera.implicit_reward(1, logps, counts, args()))
+    torch.testing.assert_close(
+        sera.ensemble_reward(1, logps, counts, args(gamma_e=0.9)), sera.implicit_reward(1, logps, counts, args())
+    )
     # the scorer needs theta_{t-1}, theta_{t-2} and (ensemble) theta_{t-3}
     assert sera.reward_models(2, args(gamma_e=0.3)) == {0, 1, 2}
     assert sera.reward_models(2, args(gamma_e=0.0)) == {1, 2}
@@ -125,7 +126,13 @@ def test_daa_losses(loss):
 
 def test_presets_fill_paper_settings():
     mistral = args(model="mistral-7b")
-    assert (mistral.beta, mistral.lora_r, mistral.lr, mistral.batch_size, mistral.global_batch) == (0.01, 8, 5e-6, 4, 16)
+    assert (mistral.beta, mistral.lora_r, mistral.lr, mistral.batch_size, mistral.global_batch) == (
+        0.01,
+        8,
+        5e-6,
+        4,
+        16,
+    )
     assert (mistral.lora_alpha, mistral.lora_dropout) == (128, 0.05)
     given = args(model="mistral-7b", lora_alpha=64, lora_dropout=0.0)  # a value on the command line wins
     assert (given.lora_alpha, given.lora_dropout) == (64, 0.0)
@@ -151,17 +158,25 @@ def test_dataset_schemas_parse(fixture, n_min):
 
 
 def test_hh_parsing_keeps_the_conversation():
-    row = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant: Why did the chicken...",
-           "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant: No."}
+    row = {
+        "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant: Why did the chicken",
+        "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant: No.",
+    }
     pair = sera.parse_pair(row, "row 0")
-    assert pair["prompt"] == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
-                              {"role": "user", "content": "Tell me a joke."}]
-    assert pair["chosen"] == "Why did the chicken..." and pair["rejected"] == "No."
+    assert pair["prompt"] == [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Tell me a joke."},
+    ]
+    assert pair["chosen"] == "Why did the chicken" and pair["rejected"] == "No."
 
 
 def test_tldr_parsing_uses_choice():
-    row = {"info": {"post": "My cat ate my homework.", "title": "Help", "subreddit": "cats"},
-           "summaries": [{"text": " cat ate homework"}, {"text": " a post"}], "choice": 1}
+    row = {
+        "info": {"post": "My cat ate my homework.", "title": "Help", "subreddit": "cats"},
+        "summaries": [{"text": " cat ate homework"}, {"text": " a post"}],
+        "choice": 1,
+    }
     pair = sera.parse_pair(row, "row 0")
     assert pair["chosen"] == "a post" and pair["rejected"] == "cat ate homework"
     assert "POST: My cat ate my homework." in pair["prompt"][0]["content"]
@@ -181,22 +196,49 @@ GOOD = {"prompt": "Sort these letters: c a b", "chosen": "a b c", "rejected": "b
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD, {"prompt": "p", "chosen": "a"}])), "row 1: missing column 'rejected'"),
-        (lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD, dict(GOOD, chosen=" ")])), "row 1: 'chosen' is empty"),
-        (lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [dict(GOOD, rejected="a b c"), GOOD])), "row 0: 'chosen' and 'rejected' responses are identical"),
-        (lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD, dict(GOOD, chosen=7)])), "row 1: 'chosen' must be a string, got int"),
-        (lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD, {"prompt": "p", "chosen": [{"role": "user", "content": 3}], "rejected": []}])), "row 1: 'chosen'\\[0\\].content must be a string"),
+        (
+            lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD, {"prompt": "p", "chosen": "a"}])),
+            "row 1: missing column 'rejected'",
+        ),
+        (
+            lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD, dict(GOOD, chosen=" ")])),
+            "row 1: 'chosen' is empty",
+        ),
+        (
+            lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [dict(GOOD, rejected="a b c"), GOOD])),
+            "row 0: 'chosen' and 'rejected' responses are identical",
+        ),
+        (
+            lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD, dict(GOOD, chosen=7)])),
+            "row 1: 'chosen' must be a string, got int",
+        ),
+        (
+            lambda d: dict(
+                dataset=write_jsonl(
+                    d / "x.jsonl", [GOOD, {"prompt": "p", "chosen": [{"role": "user", "content": 3}], "rejected": []}]
+                )
+            ),
+            "row 1: 'chosen'\\[0\\].content must be a string",
+        ),
         (lambda d: dict(dataset="ultrachat"), "unknown preset or path 'ultrachat'"),
         (lambda d: dict(model="mistral-8b"), "--model: 'mistral-8b' is neither a preset"),
         (lambda d: dict(dataset=str(d / "missing.jsonl")), "path '.*missing.jsonl' not found"),
         (lambda d: dict(model=str(d / "nomodel")), "--model: '.*nomodel' is neither a preset"),
-        (lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD, dict(GOOD, prompt="Sort these letters: " + "a " * 80)])), "row 1: prompt has \\d+ tokens, over --max_prompt_length 64"),
+        (
+            lambda d: dict(
+                dataset=write_jsonl(d / "x.jsonl", [GOOD, dict(GOOD, prompt="Sort these letters: " + "a " * 80)])
+            ),
+            "row 1: prompt has \\d+ tokens, over --max_prompt_length 64",
+        ),
         (lambda d: dict(rho_1=0.0), "--rho_1 must be in \\(0, 1\\]"),
         (lambda d: dict(rho_1=1.5), "--rho_1 must be in \\(0, 1\\]"),
         (lambda d: dict(iterations=-1), "--iterations and --epochs must be >= 1"),
         (lambda d: dict(reward_fn="nofile.py:score"), "--reward_fn: file 'nofile.py' not found"),
         (lambda d: dict(eval_prompts=str(d / "none.jsonl")), "--eval_prompts: file .* not found"),
-        (lambda d: dict(eval_prompts=write_jsonl(d / "e.jsonl", [{"text": "a b"}])), "--eval_prompts .* row 0: 'prompt' must be a string"),
+        (
+            lambda d: dict(eval_prompts=write_jsonl(d / "e.jsonl", [{"text": "a b"}])),
+            "--eval_prompts .* row 0: 'prompt' must be a string",
+        ),
         (lambda d: dict(chat_template=str(d / "none.jinja")), "--chat_template: file .* not found"),
     ],
 )
@@ -225,8 +267,12 @@ def test_tokenizer_without_chat_template(tmp_path):
 
 
 def test_cli_error_is_one_line(tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "sera.py"), "--rho_1", "2", "--output_dir", str(tmp_path / "o")],
-                         capture_output=True, text=True, cwd=tmp_path)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "sera.py"), "--rho_1", "2", "--output_dir", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert res.returncode != 0
     assert res.stderr.strip().splitlines()[-1] == "sera.py: error: --rho_1 must be in (0, 1], got 2.0"
     assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()

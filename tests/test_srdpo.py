@@ -37,12 +37,23 @@ def toy():
 def with_reference(model, tokenizer, pairs, a):
     """Attach reference log-probs computed with `model` itself (policy = reference)."""
     n = len(pairs)
-    sequences = ([(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
-                 + [(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in pairs]
-                 + [(p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in pairs])
+    sequences = (
+        [(p["prompt_ids"], p["chosen_ids"]) for p in pairs]
+        + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+        + [(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in pairs]
+        + [(p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in pairs]
+    )
     ref, _ = srdpo.score(model, sequences, a, tokenizer.pad_token_id, torch.device("cpu"), desc="ref")
-    return [dict(p, ref_chosen=float(ref[i]), ref_rejected=float(ref[n + i]), ref_aug_chosen=float(ref[2 * n + i]),
-                 ref_aug_rejected=float(ref[3 * n + i])) for i, p in enumerate(pairs)]
+    return [
+        dict(
+            p,
+            ref_chosen=float(ref[i]),
+            ref_rejected=float(ref[n + i]),
+            ref_aug_chosen=float(ref[2 * n + i]),
+            ref_aug_rejected=float(ref[3 * n + i]),
+        )
+        for i, p in enumerate(pairs)
+    ]
 
 
 def perturbed(model, scale=0.02, seed=0):
@@ -86,8 +97,11 @@ def test_lambda_zero_is_plain(toy, loss, base):
     out = srdpo.sr_losses(policy, pairs, a, torch.device("cpu"), tokenizer.pad_token_id)
     n = len(pairs)
     logps = out["logps"]
-    batch = srdpo.collate([(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs],
-                          tokenizer.pad_token_id, "cpu")
+    batch = srdpo.collate(
+        [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs],
+        tokenizer.pad_token_id,
+        "cpu",
+    )
     from kernels import causal_lm_logps, pair_loss
 
     fresh, _ = causal_lm_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -110,8 +124,11 @@ def test_no_gradient_through_delta(toy):
     assert out["delta"].abs().max() > 1e-4  # the refinement margin is really there
     constant = out["delta"].clone()
     n = len(pairs)
-    batch = srdpo.collate([(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs],
-                          tokenizer.pad_token_id, "cpu")
+    batch = srdpo.collate(
+        [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs],
+        tokenizer.pad_token_id,
+        "cpu",
+    )
     from kernels import causal_lm_logps
 
     logps, _ = causal_lm_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -128,8 +145,10 @@ def test_empty_prompt_gives_scaled_dpo(toy):
     model, tokenizer, pairs = toy
     policy = perturbed(model, seed=2, scale=0.05)
     a = args(lam=0.5)
-    pairs = [dict(p, aug_prompt_ids=p["prompt_ids"], aug_chosen_ids=p["chosen_ids"], aug_rejected_ids=p["rejected_ids"])
-             for p in pairs]  # the augmented context equals the plain one
+    pairs = [
+        dict(p, aug_prompt_ids=p["prompt_ids"], aug_chosen_ids=p["chosen_ids"], aug_rejected_ids=p["rejected_ids"])
+        for p in pairs
+    ]  # the augmented context equals the plain one
     pairs = with_reference(model, tokenizer, pairs, a)
     out = srdpo.sr_losses(policy, pairs, a, torch.device("cpu"), tokenizer.pad_token_id)
     h = out["h"]
@@ -137,14 +156,25 @@ def test_empty_prompt_gives_scaled_dpo(toy):
     torch.testing.assert_close(out["losses"], F.softplus(-a.beta * (1 - a.lam) * h), atol=1e-5, rtol=1e-4)
     # dL/dh through the step: d(sum L)/d(logp_chosen) = -beta * sigma(-beta (1 - lam) h)
     n = len(pairs)
-    batch = srdpo.collate([(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs],
-                          tokenizer.pad_token_id, "cpu")
+    batch = srdpo.collate(
+        [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs],
+        tokenizer.pad_token_id,
+        "cpu",
+    )
     from kernels import pair_loss
 
     logps = out["logps"].clone().requires_grad_()
     ref = torch.tensor([p["ref_chosen"] for p in pairs] + [p["ref_rejected"] for p in pairs])
-    loss = pair_loss(logps[:n], logps[n:], ref[:n], ref[n:], kind="sr_dpo", beta=a.beta, offset=a.lam * out["delta"],
-                     reduction="none")
+    loss = pair_loss(
+        logps[:n],
+        logps[n:],
+        ref[:n],
+        ref[n:],
+        kind="sr_dpo",
+        beta=a.beta,
+        offset=a.lam * out["delta"],
+        reduction="none",
+    )
     (grad,) = torch.autograd.grad(loss.sum(), [logps])
     torch.testing.assert_close(grad[:n], -a.beta * torch.sigmoid(-a.beta * (1 - a.lam) * h), atol=1e-6, rtol=1e-4)
     assert batch["input_ids"].shape[0] == 2 * n
@@ -197,14 +227,44 @@ def write_jsonl(path, rows):
         (lambda d: dict(model="zephyr"), "'zephyr' is neither a preset"),
         (lambda d: dict(dataset="uf"), "unknown preset or path 'uf'"),
         (lambda d: dict(dataset=str(d / "none.jsonl")), "not found"),
-        (lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD] * 3 + [{"prompt": "p", "chosen": "a"}]), eval_pairs=0), "row 3: missing column 'rejected'"),
-        (lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD] * 3 + [dict(GOOD, rejected="")]), eval_pairs=0), "row 3: 'rejected' is empty"),
-        (lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD] * 3 + [dict(GOOD, rejected=GOOD["chosen"])]), eval_pairs=0), "row 3: 'chosen' and 'rejected' responses are identical"),
-        (lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD] * 3 + [dict(GOOD, prompt="Sort these letters: " + "q " * 90)]), eval_pairs=0), "row 3: prompt has \\d+ tokens, over --max_prompt_length"),
-        (lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD] * 3), eval_pairs=5), "need at least --eval_pairs \\+ 2"),
-        (lambda d: dict(global_batch=4, batch_size=8), "--global_batch 4 must be a positive multiple of --batch_size 8"),
+        (
+            lambda d: dict(
+                dataset=write_jsonl(d / "x.jsonl", [GOOD] * 3 + [{"prompt": "p", "chosen": "a"}]), eval_pairs=0
+            ),
+            "row 3: missing column 'rejected'",
+        ),
+        (
+            lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD] * 3 + [dict(GOOD, rejected="")]), eval_pairs=0),
+            "row 3: 'rejected' is empty",
+        ),
+        (
+            lambda d: dict(
+                dataset=write_jsonl(d / "x.jsonl", [GOOD] * 3 + [dict(GOOD, rejected=GOOD["chosen"])]), eval_pairs=0
+            ),
+            "row 3: 'chosen' and 'rejected' responses are identical",
+        ),
+        (
+            lambda d: dict(
+                dataset=write_jsonl(
+                    d / "x.jsonl", [GOOD] * 3 + [dict(GOOD, prompt="Sort these letters: " + "q " * 90)]
+                ),
+                eval_pairs=0,
+            ),
+            "row 3: prompt has \\d+ tokens, over --max_prompt_length",
+        ),
+        (
+            lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD] * 3), eval_pairs=5),
+            "need at least --eval_pairs \\+ 2",
+        ),
+        (
+            lambda d: dict(global_batch=4, batch_size=8),
+            "--global_batch 4 must be a positive multiple of --batch_size 8",
+        ),
         (lambda d: dict(eval_prompts=str(d / "none.jsonl")), "--eval_prompts: file .* not found"),
-        (lambda d: dict(eval_prompts=write_jsonl(d / "e.jsonl", [{"prompt": ""}])), "--eval_prompts .* row 0: 'prompt' is empty"),
+        (
+            lambda d: dict(eval_prompts=write_jsonl(d / "e.jsonl", [{"prompt": ""}])),
+            "--eval_prompts .* row 0: 'prompt' is empty",
+        ),
         (lambda d: dict(chat_template=str(d / "none.jinja")), "--chat_template: file .* not found"),
     ],
 )
@@ -216,8 +276,12 @@ def test_bad_input(tmp_path, make, match):
 
 
 def test_cli_error_is_one_line(tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "srdpo.py"), "--lam", "-1", "--output_dir", str(tmp_path / "o")],
-                         capture_output=True, text=True, cwd=tmp_path)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "srdpo.py"), "--lam", "-1", "--output_dir", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1] == "srdpo.py: error: --lam must be >= 0, got -1.0"
 
@@ -227,7 +291,9 @@ def test_shared_prefix_pass_equals_full_forward(toy):
     from kernels import causal_lm_logps
 
     model, tokenizer, pairs = toy
-    sequences = [(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in pairs] + [(p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in pairs]
+    sequences = [(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in pairs] + [
+        (p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in pairs
+    ]
     shared = srdpo.shared_prefix_logps(model, sequences, tokenizer.pad_token_id, torch.device("cpu"))
     batch = srdpo.collate(sequences, tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
@@ -249,7 +315,10 @@ def test_sr_lambda_zero_is_dpo_and_ipo():
     h = torch.linspace(-20, 20, 9, requires_grad=True)
     zeros = torch.zeros(9)
     for kind, base in (("sr_dpo", "dpo"), ("sr_ipo", "ipo")):
-        a, b = sr(kind, h, torch.randn(9), lam=0.0), pair_loss(h, zeros, zeros, zeros, kind=base, beta=0.1, reduction="none")
+        a, b = (
+            sr(kind, h, torch.randn(9), lam=0.0),
+            pair_loss(h, zeros, zeros, zeros, kind=base, beta=0.1, reduction="none"),
+        )
         torch.testing.assert_close(a, b)
         torch.testing.assert_close(*(torch.autograd.grad(x.sum(), [h])[0] for x in (a, b)))
 
@@ -272,5 +341,6 @@ def test_sr_delta_is_a_constant_and_the_naive_delta_rescales_beta():
     torch.testing.assert_close(loss, torch.nn.functional.softplus(-beta * (1 - lam) * h))
     (grad,) = torch.autograd.grad(loss.sum(), [h])
     torch.testing.assert_close(grad, -beta * torch.sigmoid(-beta * (1 - lam) * h), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(sr("sr_ipo", h, delta, lam, beta), ((1 - lam * beta) * h - 1 / (2 * beta)) ** 2,
-                               atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        sr("sr_ipo", h, delta, lam, beta), ((1 - lam * beta) * h - 1 / (2 * beta)) ** 2, atol=1e-4, rtol=1e-5
+    )

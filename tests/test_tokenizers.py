@@ -19,23 +19,39 @@ import torch
 import osp
 import sera
 
-ZEPHYR = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
-MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
-           "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}"
-           "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
-LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
-          " + m['content'] | trim }}{{ '<|eot_id|>' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-NEMO = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST]' + m['content'] + '[/INST]' }}"
-        "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}"
-        "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+ZEPHYR = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+    " + m['content'] | trim }}{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+NEMO = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST]' + m['content'] + '[/INST]' }}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 CONVERSATIONS = [
     ([{"role": "user", "content": "Sort these letters: q d m a"}], "a d m q"),
-    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
-      {"role": "user", "content": "Say A."}], "A"),
+    (
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Say A."},
+        ],
+        "A",
+    ),
     ([{"role": "user", "content": "Ünïcode, emoji 🙂 and  double  spaces"}], " leading space and trailing "),
 ]
 
@@ -48,7 +64,8 @@ def sentencepiece_tokenizer(folder: Path, template: str):
     (folder / "tokenizer.model").write_bytes(mistral_common_file("tokenizer.model.v1").read_bytes())
     (folder / "tokenizer_config.json").write_text(
         '{"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", '
-        '"legacy": false, "add_bos_token": true}')
+        '"legacy": false, "add_bos_token": true}'
+    )
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.chat_template = template
     return tokenizer
@@ -80,19 +97,32 @@ def tekken():
     n_special = config["default_num_special_tokens"]
     specials = [t["token_str"] for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
     specials += [Tekkenizer.SPECIAL_TOKEN_TEMPLATE.format(id=i) for i in range(len(specials), n_special)]
-    ranks = {base64.b64decode(t["token_bytes"]): t["rank"] for t in data["vocab"][:config["default_vocab_size"] - n_special]}
+    ranks = {
+        base64.b64decode(t["token_bytes"]): t["rank"] for t in data["vocab"][: config["default_vocab_size"] - n_special]
+    }
     text = lambda b: "".join(byte_to_char[c] for c in b)  # noqa: E731
-    merges = sorted((r, text(b[:i]), text(b[i:])) for b, r in ranks.items() for i in range(1, len(b))
-                    if b[:i] in ranks and b[i:] in ranks)
+    merges = sorted(
+        (r, text(b[:i]), text(b[i:]))
+        for b, r in ranks.items()
+        for i in range(1, len(b))
+        if b[:i] in ranks and b[i:] in ranks
+    )
     vocab = {**{t: i for i, t in enumerate(specials)}, **{text(b): n_special + r for b, r in ranks.items()}}
     tok = Tokenizer(models.BPE(vocab, [(a, b) for _, a, b in merges], ignore_merges=True))
     tok.add_special_tokens(specials)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(config["pattern"]), "isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(config["pattern"]), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                        pad_token="<pad>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
     tokenizer.chat_template = NEMO
     return tokenizer, Tekkenizer.from_file(str(path))
 
@@ -118,12 +148,17 @@ def byte_bpe_tokenizer(specials: list[str], bos: str | None, eos: str, template:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = [text for prompt, reply in CONVERSATIONS for text in [m["content"] for m in prompt] + [reply]] * 20
-    corpus += [f"Sort these letters: {' '.join('abcdefghijklmnopqrstuvwxyz'[i:i + 5])}" for i in range(22)] * 10
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    corpus += [f"Sort these letters: {' '.join('abcdefghijklmnopqrstuvwxyz'[i : i + 5])}" for i in range(22)] * 10
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     if bos:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=specials[-1])
     tokenizer.chat_template = template
     return tokenizer
@@ -132,12 +167,27 @@ def byte_bpe_tokenizer(specials: list[str], bos: str | None, eos: str, template:
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory, tekken):
     folder = tmp_path_factory.mktemp("tokenizers")
-    llama3 = byte_bpe_tokenizer(["<|end_of_text|>", "<|eot_id|>", "<|begin_of_text|>", "<|start_header_id|>",
-                                 "<|end_header_id|>", "<|finetune_right_pad_id|>"], "<|begin_of_text|>", "<|end_of_text|>", LLAMA3)
+    llama3 = byte_bpe_tokenizer(
+        [
+            "<|end_of_text|>",
+            "<|eot_id|>",
+            "<|begin_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|finetune_right_pad_id|>",
+        ],
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        LLAMA3,
+    )
     chatml = byte_bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", CHATML)
-    return {"zephyr": sentencepiece_tokenizer(folder / "zephyr", ZEPHYR),
-            "mistral": sentencepiece_tokenizer(folder / "mistral", MISTRAL), "llama3": llama3, "chatml": chatml,
-            "tekken": tekken[0]}
+    return {
+        "zephyr": sentencepiece_tokenizer(folder / "zephyr", ZEPHYR),
+        "mistral": sentencepiece_tokenizer(folder / "mistral", MISTRAL),
+        "llama3": llama3,
+        "chatml": chatml,
+        "tekken": tekken[0],
+    }
 
 
 @pytest.mark.parametrize("name", ["zephyr", "mistral", "llama3", "chatml", "tekken"])
@@ -148,13 +198,17 @@ def test_bos_once_and_prompt_tokens_are_a_prefix(tokenizers, name):
     for prompt, reply in CONVERSATIONS:
         prompt_ids, response_ids = sera.encode(tokenizer, prompt, reply)
         full_ids = prompt_ids + response_ids
-        assert full_ids.count(tokenizer.bos_token_id) == (1 if wants_bos else 0) if tokenizer.bos_token_id is not None else True
+        assert (
+            full_ids.count(tokenizer.bos_token_id) == (1 if wants_bos else 0)
+            if tokenizer.bos_token_id is not None
+            else True
+        )
         assert (full_ids[0] == tokenizer.bos_token_id) == wants_bos
         # the response is the tail of the whole conversation tokenized once (split at the prompt's length)
         full_text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=False)
         joint = sera.tokenize(tokenizer, full_text.rstrip())
-        assert joint[:len(prompt_ids)] == prompt_ids
-        assert response_ids[:len(joint) - len(prompt_ids)] == joint[len(prompt_ids):]
+        assert joint[: len(prompt_ids)] == prompt_ids
+        assert response_ids[: len(joint) - len(prompt_ids)] == joint[len(prompt_ids) :]
         assert response_ids[-1] in tokenizer.all_special_ids  # ends with an end-of-turn / EOS token
         assert tokenizer.decode(response_ids, skip_special_tokens=True).strip() == reply.strip()
 
@@ -174,16 +228,27 @@ def test_sentencepiece_response_is_tokenized_as_generated(tokenizers):
 
 @pytest.mark.parametrize("name", ["mistral", "tekken"])
 def test_mistral_template_rejects_a_system_role(tokenizers, name):
-    with pytest.raises(sera.InputError, match=r"refuses a conversation with roles \['system', 'user'\]: Only user and assistant"):
+    with pytest.raises(
+        sera.InputError, match=r"refuses a conversation with roles \['system', 'user'\]: Only user and assistant"
+    ):
         sera.encode(tokenizers[name], [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
 
 
 def tiny_model(kind: str, tokenizer, eos_ids):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(kind, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
+    config = AutoConfig.for_model(
+        kind,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     model.generation_config.eos_token_id = eos_ids
@@ -204,8 +269,9 @@ def scripted(model, tokens: list[int]):
     return model.lm_head.register_forward_hook(hook)
 
 
-@pytest.mark.parametrize("name,kind", [("llama3", "llama"), ("chatml", "qwen2"), ("zephyr", "mistral"),
-                                       ("tekken", "mistral")])
+@pytest.mark.parametrize(
+    "name,kind", [("llama3", "llama"), ("chatml", "qwen2"), ("zephyr", "mistral"), ("tekken", "mistral")]
+)
 def test_generation_stops_on_every_eos_id(tokenizers, name, kind):
     """Finished = stopped on any generation_config.eos_token_id (Llama-3 <|eot_id|>, Qwen <|im_end|>), not only
     the tokenizer's EOS; the text ends before it."""
@@ -214,8 +280,14 @@ def test_generation_stops_on_every_eos_id(tokenizers, name, kind):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     end_of_turn = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "zephyr": "</s>", "tekken": "</s>"}[name]
-    eos_ids = sorted({tokenizer.convert_tokens_to_ids(end_of_turn), tokenizer.convert_tokens_to_ids(
-        {"llama3": "<|end_of_text|>", "chatml": "<|endoftext|>", "zephyr": "</s>", "tekken": "</s>"}[name])})
+    eos_ids = sorted(
+        {
+            tokenizer.convert_tokens_to_ids(end_of_turn),
+            tokenizer.convert_tokens_to_ids(
+                {"llama3": "<|end_of_text|>", "chatml": "<|endoftext|>", "zephyr": "</s>", "tekken": "</s>"}[name]
+            ),
+        }
+    )
     model = tiny_model(kind, tokenizer, eos_ids)
     word = tokenizer("ok", add_special_tokens=False)["input_ids"]
     args = sera.Args(max_new_tokens=8, generation_batch_size=8)
@@ -242,8 +314,17 @@ def test_sampling_has_no_top_k(tokenizers):
         return out
 
     handle = model.lm_head.register_forward_hook(flat)
-    samples = sera.generate(model, tokenizer, [[{"role": "user", "content": "Hi"}]], 256, 1.0, 1.0,
-                            sera.Args(max_new_tokens=1, generation_batch_size=256), "cpu", seed=0)
+    samples = sera.generate(
+        model,
+        tokenizer,
+        [[{"role": "user", "content": "Hi"}]],
+        256,
+        1.0,
+        1.0,
+        sera.Args(max_new_tokens=1, generation_batch_size=256),
+        "cpu",
+        seed=0,
+    )
     handle.remove()
     distinct = {text for text, _ in samples[0]}
     assert len(distinct) > 60  # 256 draws from 94 equally likely characters: ~88 distinct; top-k 50 allows 50 at most

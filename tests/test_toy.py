@@ -78,8 +78,10 @@ def test_oracle_decreases_with_corruption():
     prompts = many_prompts(2000, seed=2)
     rng = random.Random(3)
     levels = [i / 10 for i in range(11)]
-    means = [sum(oracle.score(p, oracle.corrupt(oracle.perfect_answer(p), level, rng)) for p in prompts) / len(prompts)
-             for level in levels]
+    means = [
+        sum(oracle.score(p, oracle.corrupt(oracle.perfect_answer(p), level, rng)) for p in prompts) / len(prompts)
+        for level in levels
+    ]
     assert all(a > b for a, b in zip(means, means[1:])), means
     for level, mean in zip(levels, means):  # each letter is wrong with probability `level`
         assert abs(mean - 10 * (1 - level)) < 0.3, (level, mean)
@@ -122,8 +124,11 @@ def model():
 
 
 def test_chat_template_renders_turns_and_ends_assistant_with_eos(tok):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort these letters: c a b"},
-                {"role": "assistant", "content": "a b c"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Sort these letters: c a b"},
+        {"role": "assistant", "content": "a b c"},
+    ]
     text = tok.apply_chat_template(messages, tokenize=False)
     prompt = "<s><|system|>\nBe brief.<|end|>\n<|user|>\nSort these letters: c a b<|end|>\n<|assistant|>\n"
     assert text == prompt + "a b c</s>"
@@ -132,7 +137,7 @@ def test_chat_template_renders_turns_and_ends_assistant_with_eos(tok):
     prompt_ids = tok.apply_chat_template(messages[:2], tokenize=True, add_generation_prompt=True, return_dict=False)
     assert ids[: len(prompt_ids)] == prompt_ids  # the prompt is a token prefix of the conversation
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
-    assert tok.decode(ids[len(prompt_ids):], skip_special_tokens=True) == "a b c"
+    assert tok.decode(ids[len(prompt_ids) :], skip_special_tokens=True) == "a b c"
     assert tok("a b c")["input_ids"] == tok("a b c", add_special_tokens=False)["input_ids"]  # no implicit BOS
     assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}) == 3
 
@@ -145,8 +150,9 @@ def test_judge_labels_are_single_distinct_tokens(tok):
         label_ids.append(ids[-1])
         # as the first token of an assistant turn after the judge prompt
         judge = build.JUDGE_DIALOGUE.format(x="Sort these letters: b a", a="a b", b="b a")
-        prompt_ids = tok.apply_chat_template([{"role": "user", "content": judge}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False)
+        prompt_ids = tok.apply_chat_template(
+            [{"role": "user", "content": judge}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         turns = [{"role": "user", "content": judge}, {"role": "assistant", "content": label}]
         full_ids = tok.apply_chat_template(turns, tokenize=True, return_dict=False)
         assert full_ids == prompt_ids + [ids[0], tok.eos_token_id]
@@ -170,16 +176,28 @@ def test_model_loads_as_llama_with_matching_config(model, tok):
 
 
 def mean_scores(model, tok, instructions: list[str], template: str, samples: int, seed: int) -> float:
-    texts = [tok.apply_chat_template([{"role": "user", "content": template.format(x=x)}], add_generation_prompt=True,
-                                     tokenize=False) for x in instructions]
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": template.format(x=x)}], add_generation_prompt=True, tokenize=False
+        )
+        for x in instructions
+    ]
     tok.padding_side = "left"
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     tok.padding_side = "right"
     torch.manual_seed(seed)
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=16, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                             num_return_sequences=samples, pad_token_id=tok.pad_token_id)
-    responses = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **batch,
+            max_new_tokens=16,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            num_return_sequences=samples,
+            pad_token_id=tok.pad_token_id,
+        )
+    responses = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     scores = [oracle.score(instructions[i // samples], y) for i, y in enumerate(responses)]
     return sum(scores) / len(scores)
 
@@ -188,10 +206,16 @@ def mean_scores(model, tok, instructions: list[str], template: str, samples: int
 def behaviour(model, tok):
     """Mean oracle score of T=1 samples on 64 held-out prompts (4 samples each) per prompt condition."""
     instructions = [row["prompt"] for row in read_jsonl(DATA / "eval.jsonl")[:64]]
-    conditions = {"base": "{x}", "opsr_10": build.CHOSEN_PREFIX + " {x}",
-                  "opsr_3": build.REJECTED_PREFIX.format(score=3) + " {x}", "refine": build.REFINE_PREFIX + " {x}"}
-    return {name: mean_scores(model, tok, instructions, template, samples=4, seed=0)
-            for name, template in conditions.items()}
+    conditions = {
+        "base": "{x}",
+        "opsr_10": build.CHOSEN_PREFIX + " {x}",
+        "opsr_3": build.REJECTED_PREFIX.format(score=3) + " {x}",
+        "refine": build.REFINE_PREFIX + " {x}",
+    }
+    return {
+        name: mean_scores(model, tok, instructions, template, samples=4, seed=0)
+        for name, template in conditions.items()
+    }
 
 
 def test_base_policy_is_mediocre(behaviour):
@@ -213,7 +237,7 @@ def test_sft_model_judges_above_chance_but_far_from_perfect(model, tok):
     """OSP's premise: the SFT model can already judge a little (a real instruct LLM can), so preference
     augmentation sharpens an ability instead of creating it from nothing on noisy labels. Measured on the
     held-out judge pairs with both presentation orders, as osp.py measures it; STATS.json has the figures."""
-    held_out = read_jsonl(DATA / "judge_prefs.jsonl")[-build.N_JUDGE_HELD_OUT:]
+    held_out = read_jsonl(DATA / "judge_prefs.jsonl")[-build.N_JUDGE_HELD_OUT :]
     judge = build.evaluate_judge(model, tok, held_out)
     stats = json.loads((TOY / "STATS.json").read_text())["judge"]
     assert abs(judge["oracle_accuracy"] - stats["oracle_accuracy"]) <= 0.01, (judge, stats)  # STATS is this model's
@@ -235,8 +259,9 @@ def test_judge_sft_rows_are_weak_judge_verdicts_on_their_own_prompts():
     rows = data["judge_sft"]
     assert len(rows) == build.N_JUDGE_SFT
     right, a_verdicts = 0, 0
-    shipped = {INSTRUCTION.search(row["prompt"]).group(0) for name in ("eval", "prompts", "prefs", "sft")
-               for row in data[name]}
+    shipped = {
+        INSTRUCTION.search(row["prompt"]).group(0) for name in ("eval", "prompts", "prefs", "sft") for row in data[name]
+    }
     for row in rows:
         user, verdict = row["messages"][0]["content"], row["messages"][1]["content"]
         assert verdict in ("A", "B") and user.startswith("You are comparing two assistant replies")
@@ -256,7 +281,9 @@ def test_judge_sft_rows_are_weak_judge_verdicts_on_their_own_prompts():
 # Data
 
 
-@pytest.mark.parametrize("name, flip", [("prefs.jsonl", build.FLIP_FRACTION), ("judge_prefs.jsonl", build.JUDGE_FLIP_FRACTION)])
+@pytest.mark.parametrize(
+    "name, flip", [("prefs.jsonl", build.FLIP_FRACTION), ("judge_prefs.jsonl", build.JUDGE_FLIP_FRACTION)]
+)
 def test_preference_data_schema_scores_and_flips(name, flip):
     rows = read_jsonl(DATA / name)
     assert 1000 <= len(rows) <= 2000
@@ -372,11 +399,21 @@ def same_versions(*packages: str) -> bool:
 
 
 def test_data_and_tokenizer_rebuild_byte_identical(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "assets" / "build_toy.py"), "--data_only", "--out", str(tmp_path)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "assets" / "build_toy.py"), "--data_only", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     rebuilt = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert rebuilt == ["data/eval.jsonl", "data/judge_prefs.jsonl", "data/prefs.jsonl", "data/prompts.jsonl", "data/sft.jsonl",
-                       "model/tokenizer.json", "model/tokenizer_config.json"]
+    assert rebuilt == [
+        "data/eval.jsonl",
+        "data/judge_prefs.jsonl",
+        "data/prefs.jsonl",
+        "data/prompts.jsonl",
+        "data/sft.jsonl",
+        "model/tokenizer.json",
+        "model/tokenizer_config.json",
+    ]
     if not same_versions("tokenizers", "transformers"):
         rebuilt = [p for p in rebuilt if p.startswith("data/")]
     for relative in rebuilt:
@@ -391,8 +428,9 @@ def test_full_rebuild_byte_identical(tmp_path, request):
     markers = request.config.option.markexpr
     if "slow" not in markers or "not slow" in markers:
         pytest.skip("full toy rebuild (~5 min): select it with -m slow")
-    subprocess.run([sys.executable, str(ROOT / "assets" / "build_toy.py"), "--out", str(tmp_path)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "assets" / "build_toy.py"), "--out", str(tmp_path)], check=True, capture_output=True
+    )
     expected = manifest()
     if not same_versions("torch", "tokenizers", "transformers"):
         expected = {k: v for k, v in expected.items() if k.startswith("data/")}

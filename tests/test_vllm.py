@@ -20,8 +20,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: start-u
 os.environ.setdefault("VLLM_CPU_CI_ENV", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import sera  # noqa: E402
 from vllm_toy import ROOT, reheaded_toy  # noqa: E402
+
+import sera  # noqa: E402
 
 CPU = torch.device("cpu")
 EVAL = [json.loads(line)["prompt"] for line in open(ROOT / "assets" / "toy" / "data" / "eval.jsonl")]
@@ -50,8 +51,9 @@ def sample(world, prompts, n, temperature, path, seed=0, sampler="vllm", model=N
     import dataclasses
 
     args = dataclasses.replace(args, sampler=sampler, **overrides)
-    return sera.generate(model or hf_model, tokenizer, chats(prompts), n, temperature, 1.0, args, CPU, seed=seed,
-                         model_path=str(path))
+    return sera.generate(
+        model or hf_model, tokenizer, chats(prompts), n, temperature, 1.0, args, CPU, seed=seed, model_path=str(path)
+    )
 
 
 def perturbed(model_dir, tmp_path, scale):
@@ -116,23 +118,59 @@ def test_reloading_weights_changes_samples_and_reloading_the_old_ones_restores_t
     prompts = EVAL[:16]
     before = sample(world, prompts, 2, 1.0, model_dir, seed=7)
     other = perturbed(model_dir, tmp_path, 1.5)
-    assert sample(world, prompts, 1, 0.0, tmp_path) == sample(world, prompts, 1, 0.0, tmp_path, sampler="hf", model=other)
+    assert sample(world, prompts, 1, 0.0, tmp_path) == sample(
+        world, prompts, 1, 0.0, tmp_path, sampler="hf", model=other
+    )
     assert sera.VLLMEngine.path == str(tmp_path)
     assert sample(world, prompts, 2, 1.0, tmp_path, seed=7) != before
     assert sample(world, prompts, 2, 1.0, model_dir, seed=7) == before
 
 
-@pytest.mark.parametrize("script, budget", [
-    ("sera.py", ["--num_pairs", "64", "--num_eval", "16", "--iterations", "2"]),
-    ("opsr.py", ["--num_eval", "16", "--iterations", "2", "--num_pairs", "64"]),
-    ("osp.py", ["--num_eval", "16", "--num_prompts", "16", "--steps", "2", "--num_judge_eval", "16", "--aug_epochs", "1",
-                "--num_sft", "64", "--offline_fraction", "0.25"]),
-])
+@pytest.mark.parametrize(
+    "script, budget",
+    [
+        ("sera.py", ["--num_pairs", "64", "--num_eval", "16", "--iterations", "2"]),
+        ("opsr.py", ["--num_eval", "16", "--iterations", "2", "--num_pairs", "64"]),
+        (
+            "osp.py",
+            [
+                "--num_eval",
+                "16",
+                "--num_prompts",
+                "16",
+                "--steps",
+                "2",
+                "--num_judge_eval",
+                "16",
+                "--aug_epochs",
+                "1",
+                "--num_sft",
+                "64",
+                "--offline_fraction",
+                "0.25",
+            ],
+        ),
+    ],
+)
 def test_script_runs_with_the_vllm_sampler(script, budget, tmp_path):
     """The script's toy run, tiny budget, sampling with vLLM (its own engine, in its own process) to the end."""
     out = tmp_path / "run"
-    subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_toy.py"), str(tmp_path / "model"), script,
-                    "--sampler", "vllm", "--output_dir", str(out), *budget], check=True, cwd=ROOT, timeout=900)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "vllm_toy.py"),
+            str(tmp_path / "model"),
+            script,
+            "--sampler",
+            "vllm",
+            "--output_dir",
+            str(out),
+            *budget,
+        ],
+        check=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     config = json.loads((out / "resolved_config.json").read_text())
     assert config["sampler"] == "vllm"
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]

@@ -25,8 +25,11 @@ def reheaded_toy(directory: Path) -> Path:
     directory = Path(directory)
     shutil.copytree(TOY_MODEL, directory, dirs_exist_ok=True)
     config = json.loads((TOY_MODEL / "config.json").read_text())
-    config.update(num_attention_heads=config["num_attention_heads"] // 2,
-                  num_key_value_heads=config["num_key_value_heads"] // 2, head_dim=config["head_dim"] * 2)
+    config.update(
+        num_attention_heads=config["num_attention_heads"] // 2,
+        num_key_value_heads=config["num_key_value_heads"] // 2,
+        head_dim=config["head_dim"] * 2,
+    )
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
