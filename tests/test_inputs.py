@@ -116,6 +116,7 @@ HH = "\n\nHuman: {q}\n\nAssistant: {a}"
 
 def quirk_rows() -> tuple[list[dict], dict]:
     """Good rows in the three schemas and one row per quirk (HH-RLHF and UltraFeedback have each)."""
+
     def uf(q, a, b):
         return {
             "chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],

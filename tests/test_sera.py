@@ -159,7 +159,7 @@ def test_dataset_schemas_parse(fixture, n_min):
 
 def test_hh_parsing_keeps_the_conversation():
     row = {
-        "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant: Why did the chicken",
+        "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant: Why did the hen",
         "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant: No.",
     }
     pair = sera.parse_pair(row, "row 0")
@@ -168,7 +168,7 @@ def test_hh_parsing_keeps_the_conversation():
         {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "Tell me a joke."},
     ]
-    assert pair["chosen"] == "Why did the chicken" and pair["rejected"] == "No."
+    assert pair["chosen"] == "Why did the hen" and pair["rejected"] == "No."
 
 
 def test_tldr_parsing_uses_choice():
