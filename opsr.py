@@ -513,13 +513,75 @@ def load_prompt_pool(
     return kept
 
 
+def online_pairs(model, tokenizer, pool: list, m: int, previous: str, args: Args, device, reward_fn):
+    """Iteration m's pairs from pi_{m-1} (paper §3.3-3.4): per prompt one sample under the "10/10" prefix
+    (chosen) and one under the "s_m/10" prefix (rejected), score leaks filtered, each trained on the plain
+    prompt x. Returns (pairs, statistics)."""
+    s_m = args.rejected_scores[m - 1]
+    prompts = pool if args.prompt_split == "full" else pool[(m - 1) * len(pool) // 3 : m * len(pool) // 3]
+    seed, tic = args.seed * 1000 + m, time.perf_counter()
+    sample = functools.partial(
+        generate,
+        model,
+        tokenizer,
+        n=1,
+        temperature=args.sample_temperature,
+        top_p=args.sample_top_p,
+        args=args,
+        device=device,
+        model_path=previous,
+    )
+    chosen = sample([prefixed(p, CHOSEN_PREFIX) for p in prompts], seed=seed, desc="chosen (10/10)")
+    rejected = [prefixed(p, REJECTED_PREFIX.format(score=s_m)) for p in prompts]
+    rejected = sample(rejected, seed=seed + 500, desc=f"rejected ({s_m}/10)")
+    generation_seconds, dropped, pairs = time.perf_counter() - tic, {}, []
+    for index, pair in enumerate(build_pairs(prompts, [c[0] for c in chosen], [r[0] for r in rejected], dropped)):
+        where = f"generated pair {index}"
+        sides = [
+            fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, dropped) for side in ("chosen", "rejected")
+        ]
+        if sides[0] is not None:
+            pairs.append(
+                dict(
+                    pair,
+                    iteration=m,
+                    rejected_score=s_m,
+                    prompt_ids=sides[0][0],
+                    chosen_ids=sides[0][1],
+                    rejected_ids=sides[1][1],
+                    ref_chosen=0.0,
+                    ref_rejected=0.0,
+                )
+            )
+    if not pairs:
+        raise InputError(
+            f"iteration {m}: all {len(prompts)} generated pairs were filtered ({dropped}); raise "
+            "--max_new_tokens if samples are unfinished ('truncated'), or start from a model that follows "
+            "the score prompts"
+        )
+    stats = {"iteration": m, "opsr/rejected_score": s_m, "data/pairs_generated": len(prompts), "data/pairs": len(pairs)}
+    stats |= {**{f"data/dropped_{k}": v for k, v in dropped.items()}, "time/generation_s": generation_seconds}
+    if reward_fn:  # the paper's Fig. 4: how well the two prefixes separate, as the reward function sees it
+        for p in pairs:
+            p["chosen_reward"] = reward_fn(p["prompt"][-1]["content"], p["chosen"])
+            p["rejected_reward"] = reward_fn(p["prompt"][-1]["content"], p["rejected"])
+        stats["opsr/chosen_reward"] = sum(p["chosen_reward"] for p in pairs) / len(pairs)
+        stats["opsr/rejected_reward"] = sum(p["rejected_reward"] for p in pairs) / len(pairs)
+    if rank() == 0:
+        rewards = f"; oracle chosen {stats['opsr/chosen_reward']:.2f} vs rejected {stats['opsr/rejected_reward']:.2f}"
+        print(
+            f"iteration {m}: {len(pairs)} pairs kept of {len(prompts)} (rejected score {s_m}; dropped {dropped})"
+            + (rewards if reward_fn else "")
+        )
+    return pairs, stats
+
+
 def main(args: Args) -> dict:
     args, preset = resolve(args)
     quiet_library_bars()
     check_resume(args)
     # Everything that can fail on bad input is checked before anything is written.
-    model_path = preset["path"]
-    tokenizer = load_tokenizer(model_path, args.chat_template)
+    tokenizer = load_tokenizer(preset["path"], args.chat_template)
     rows, source = load_rows(args.dataset)
     offline, length_counts = build_dataset(rows, source, tokenizer, args)
     pool = load_prompt_pool(args.prompts, offline, tokenizer, args, length_counts)
@@ -537,18 +599,14 @@ def main(args: Args) -> dict:
 
     def evaluate_and_log(name: str, model, path: str):
         state["eval"][name], words = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, path)
-        log(
-            {
-                "iteration": int(name) if name.isdigit() else -1,
-                "eval/reward": state["eval"][name],
-                "eval/response_words": words,
-            }
-        )
+        iteration = int(name) if name.isdigit() else -1
+        log({"iteration": iteration, "eval/reward": state["eval"][name], "eval/response_words": words})
         if rank() == 0:
+            where = f"iteration {name}" if name.isdigit() else f"start ({path})"
             print(
-                (f"iteration {name}" if name.isdigit() else f"start ({path})")
+                where
                 + f": eval reward {state['eval'][name]:.3f}"
-                + f" on {len(eval_prompts)} prompts" * (not name.isdigit())
+                + f" on {len(eval_prompts)} prompts" * (iteration < 0)
             )
 
     def finish_iteration(model, m: int):  # the policy stays in memory: its fp32 (shards) are the masters
@@ -566,152 +624,40 @@ def main(args: Args) -> dict:
             **{f"data/{k}": v for k, v in length_counts.items()},
         }
     )
-    start = args.init_checkpoint or model_path
-    model = load_model(
-        str(out_dir / f"iter_{state['completed']}")
-        if state["completed"] >= 0 and not (state["completed"] == 0 and args.init_checkpoint)
-        else start,
-        device,
-        args,
-    )
+    start = args.init_checkpoint or preset["path"]
+    resumed = state["completed"] >= 0 and not (state["completed"] == 0 and args.init_checkpoint)
+    model = load_model(str(out_dir / f"iter_{state['completed']}") if resumed else start, device, args)
     if reward_fn and eval_prompts and "sft" not in state["eval"] and state["completed"] < 0:
         evaluate_and_log("sft", model, start)
 
-    if state["completed"] < 0:
-        if args.init_checkpoint:
-            state["completed"] = 0
-        else:
-            # ALGO LOGIC: initialisation phase 2 (paper §3.2): one epoch of SimPO on the offline pairs
-            init = [dict(p, ref_chosen=0.0, ref_rejected=0.0) for p in offline]
-            model = prepare_for_training(model, args)
-            model = train_iteration(
-                model,
-                init,
-                0,
-                dataclasses.replace(args, loss="simpo"),
-                args.lrs[0],
-                device,
-                tokenizer.pad_token_id,
-                log,
-                save_step,
-            )
-            model = finish_iteration(model, 0)
+    if state["completed"] < 0 and args.init_checkpoint:
+        state["completed"] = 0
+    elif (
+        state["completed"] < 0
+    ):  # ALGO LOGIC: initialisation phase 2 (paper §3.2): one SimPO epoch on the offline pairs
+        init = [dict(p, ref_chosen=0.0, ref_rejected=0.0) for p in offline]
+        model, simpo = prepare_for_training(model, args), dataclasses.replace(args, loss="simpo")
+        model = train_iteration(model, init, 0, simpo, args.lrs[0], device, tokenizer.pad_token_id, log, save_step)
+        model = finish_iteration(model, 0)
 
     for m in range(state["completed"] + 1, args.iterations + 1):
         # ALGO LOGIC: iteration m (paper §3.3-3.4) from pi_{m-1}
-        s_m = args.rejected_scores[m - 1]
-        prompts = pool if args.prompt_split == "full" else pool[(m - 1) * len(pool) // 3 : m * len(pool) // 3]
-        seed = args.seed * 1000 + m
         previous = args.init_checkpoint if (m == 1 and args.init_checkpoint) else str(out_dir / f"iter_{m - 1}")
-        tic = time.perf_counter()
-        chosen = generate(
-            model,
-            tokenizer,
-            [prefixed(p, CHOSEN_PREFIX) for p in prompts],
-            1,
-            args.sample_temperature,
-            args.sample_top_p,
-            args,
-            device,
-            seed,
-            model_path=previous,
-            desc="chosen (10/10)",
-        )
-        rejected = generate(
-            model,
-            tokenizer,
-            [prefixed(p, REJECTED_PREFIX.format(score=s_m)) for p in prompts],
-            1,
-            args.sample_temperature,
-            args.sample_top_p,
-            args,
-            device,
-            seed + 500,
-            model_path=previous,
-            desc=f"rejected ({s_m}/10)",
-        )
-        generation_seconds = time.perf_counter() - tic
-        dropped: dict = {}
-        raw_pairs = build_pairs(prompts, [c[0] for c in chosen], [r[0] for r in rejected], dropped)
-        pairs = []
-        for index, pair in enumerate(raw_pairs):  # trained on the plain prompt x (never the prefixed one)
-            sides = [
-                fit(*encode(tokenizer, pair["prompt"], pair[side]), args, f"generated pair {index}", dropped)
-                for side in ("chosen", "rejected")
-            ]
-            if sides[0] is not None:
-                pairs.append(
-                    dict(
-                        pair,
-                        iteration=m,
-                        rejected_score=s_m,
-                        prompt_ids=sides[0][0],
-                        chosen_ids=sides[0][1],
-                        rejected_ids=sides[1][1],
-                        ref_chosen=0.0,
-                        ref_rejected=0.0,
-                    )
-                )
-        if not pairs:
-            raise InputError(
-                f"iteration {m}: all {len(prompts)} generated pairs were filtered ({dropped}); raise "
-                "--max_new_tokens if samples are unfinished ('truncated'), or start from a model that follows "
-                "the score prompts"
-            )
+        pairs, stats = online_pairs(model, tokenizer, pool, m, previous, args, device, reward_fn)
         model = prepare_for_training(model, args)  # sharded once; the reference below is scored as the policy trains
         if args.loss == "dpo":  # [ours, README] the reference is pi_{m-1}, the model that generated the pairs
-            sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [
-                (p["prompt_ids"], p["rejected_ids"]) for p in pairs
-            ]
+            sequences = [(p["prompt_ids"], p[side]) for side in ("chosen_ids", "rejected_ids") for p in pairs]
             ref, _ = score(model, sequences, args, tokenizer.pad_token_id, device, desc="reference log-probs")
             for i, p in enumerate(pairs):
                 p.update(ref_chosen=float(ref[i]), ref_rejected=float(ref[len(pairs) + i]))
-        stats = {
-            "iteration": m,
-            "opsr/rejected_score": s_m,
-            "data/pairs_generated": len(prompts),
-            "data/pairs": len(pairs),
-            **{f"data/dropped_{k}": v for k, v in dropped.items()},
-            "time/generation_s": generation_seconds,
-        }
-        if reward_fn:  # the paper's Fig. 4: how well the two prefixes separate, as the reward function sees it
-            for p in pairs:
-                p["chosen_reward"] = reward_fn(p["prompt"][-1]["content"], p["chosen"])
-                p["rejected_reward"] = reward_fn(p["prompt"][-1]["content"], p["rejected"])
-            stats["opsr/chosen_reward"] = sum(p["chosen_reward"] for p in pairs) / len(pairs)
-            stats["opsr/rejected_reward"] = sum(p["rejected_reward"] for p in pairs) / len(pairs)
-        if rank() == 0:
-            print(
-                f"iteration {m}: {len(pairs)} pairs kept of {len(prompts)} (rejected score {s_m}; dropped {dropped})"
-                + (
-                    f"; oracle chosen {stats['opsr/chosen_reward']:.2f} vs rejected {stats['opsr/rejected_reward']:.2f}"
-                    if reward_fn
-                    else ""
-                )
-            )
-        write_atomic(
-            out_dir / f"pairs_{m}.jsonl",
-            [
-                {
-                    k: p[k]
-                    for k in (
-                        "prompt",
-                        "chosen",
-                        "rejected",
-                        "rejected_score",
-                        "iteration",
-                        "chosen_reward",
-                        "rejected_reward",
-                    )
-                    if k in p
-                }
-                for p in pairs
-            ],
-        )
+        keys = ("prompt", "chosen", "rejected", "rejected_score", "iteration", "chosen_reward", "rejected_reward")
+        write_atomic(out_dir / f"pairs_{m}.jsonl", [{k: p[k] for k in keys if k in p} for p in pairs])
         tic = time.perf_counter()
         model = train_iteration(model, pairs, m, args, args.lrs[m - 1], device, tokenizer.pad_token_id, log, save_step)
         stats["time/training_s"] = time.perf_counter() - tic
-        stats["time/generation_share"] = generation_seconds / (generation_seconds + stats["time/training_s"])
+        stats["time/generation_share"] = stats["time/generation_s"] / (
+            stats["time/generation_s"] + stats["time/training_s"]
+        )
         log(stats)
         model = finish_iteration(model, m)
     log.close()
