@@ -715,15 +715,10 @@ def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_
 # ---------------------------------------------------------------------------------------------
 
 
-def main(args: Args) -> dict:
-    args, preset = resolve(args)
-    quiet_library_bars()
-    check_resume(args)
+def judge_setup(args: Args, tokenizer, model_path: str) -> tuple[str, list[int]]:
+    """The judge template (with its {x}, {a}, {b}) and the verdict token ids, checked against the model."""
     from transformers import AutoConfig
 
-    # Everything that can fail on bad input is checked before anything is written.
-    model_path = preset["path"]
-    tokenizer = load_tokenizer(model_path, args.chat_template)
     template = Path(args.judge_template).read_text() if args.judge_template else JUDGE_TEMPLATES[args.judge_family]
     missing = [f"{{{name}}}" for name in "xab" if f"{{{name}}}" not in template]
     if missing:
@@ -732,20 +727,18 @@ def main(args: Args) -> dict:
     context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
     if context is not None and args.judge_max_length > context:
         raise InputError(f"--judge_max_length {args.judge_max_length} is over the model's context of {context} tokens")
-    counts: dict = {}
+    return template, verdict
+
+
+def stage0_data(args: Args, tokenizer, template: str, verdict: list[int], counts: dict):
+    """The offline pairs, split into the held-out judge evaluation (the last --num_judge_eval) and the seed pool; the
+    seed set (--offline_fraction of the pool) and Stage 0's examples: its judge instances and the SFT data."""
     rows, source = load_rows(args.dataset)
     offline = [dict(pair, where=f"dataset {source} row {i}") for i, pair in parse_rows(rows, source, args, counts)]
     held_out = offline[len(offline) - args.num_judge_eval :] if args.num_judge_eval else []
     seed_pool = offline[: len(offline) - len(held_out)]
-    generator = torch.Generator().manual_seed(args.seed)
-    seed_pairs = [
-        seed_pool[i]
-        for i in sorted(
-            torch.randperm(len(seed_pool), generator=generator)[
-                : math.ceil(args.offline_fraction * len(seed_pool))
-            ].tolist()
-        )
-    ]
+    order = torch.randperm(len(seed_pool), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    seed_pairs = [seed_pool[i] for i in sorted(order[: math.ceil(args.offline_fraction * len(seed_pool))])]
     examples = []
     if not args.skip_augmentation:
         if not seed_pairs:
@@ -754,43 +747,164 @@ def main(args: Args) -> dict:
                 f"--num_judge_eval {args.num_judge_eval} of {len(offline)}"
             )
         examples = judge_instances(seed_pairs, tokenizer, template, verdict, args, counts)
-        examples += load_sft(
-            args.sft_data or DATASETS.get(args.dataset, {}).get("sft"), seed_pairs, tokenizer, args, counts
-        )
+        sft = args.sft_data or DATASETS.get(args.dataset, {}).get("sft")
+        examples += load_sft(sft, seed_pairs, tokenizer, args, counts)
         if not any(e["kind"] == "judge" for e in examples):
             raise InputError(
                 f"dataset {source}: every judge instance is over --judge_max_length {args.judge_max_length}"
             )
+    return offline, held_out, seed_pairs, examples
 
-    def judge_problem(prompt):  # its judge prompt with two replies of --max_new_tokens must fit the judge too
-        context = render_context(prompt, args.judge_family)
-        length = len(judge_ids(tokenizer, template, context, "", "")) + 2 * args.max_new_tokens + 9
-        return (
-            f"its judge prompt with two replies of --max_new_tokens {args.max_new_tokens} can reach {length} "
-            f"tokens, over --judge_max_length {args.judge_max_length}"
-            if length > args.judge_max_length
-            else None
-        )
 
-    pool = load_prompt_pool(
-        args.prompts or DATASETS.get(args.dataset, {}).get("prompts"), offline, tokenizer, args, counts, judge_problem
+def online_prompt_pool(args: Args, offline: list[dict], tokenizer, template: str, counts: dict) -> list:
+    """Stage 1's prompts: --prompts, else the dataset preset's, else the offline pairs'. A prompt whose judge prompt
+    with two replies of --max_new_tokens would be over --judge_max_length is a long prompt (--long_prompts)."""
+
+    def judge_problem(prompt):
+        length = len(judge_ids(tokenizer, template, render_context(prompt, args.judge_family), "", ""))
+        length += 2 * args.max_new_tokens + 9
+        if length > args.judge_max_length:
+            return (
+                f"its judge prompt with two replies of --max_new_tokens {args.max_new_tokens} can reach {length} "
+                f"tokens, over --judge_max_length {args.judge_max_length}"
+            )
+
+    prompts_file = args.prompts or DATASETS.get(args.dataset, {}).get("prompts")
+    return load_prompt_pool(prompts_file, offline, tokenizer, args, counts, judge_problem)
+
+
+PAIR_FIELDS = (
+    "prompt",
+    "chosen_text",
+    "rejected_text",
+    "q",
+    "rank",
+    "score_chosen",
+    "score_rejected",
+    "chosen_reward",
+    "rejected_reward",
+)  # what pairs/step_N.jsonl keeps of each tuple
+
+
+def online_step(model, ref_model, tokenizer, pool, step: int, judge, opt, args: Args, device, reward_fn, out_dir: Path):
+    """One Stage 1 update (paper §3.1): K samples per prompt from the current policy, which judges them itself;
+    ranked pairing with strength q; SPCE (or DPO) against the frozen pi_0; one optimizer step. Returns its
+    statistics; the step's tuples go to pairs/step_N.jsonl. judge = (template, verdict ids), opt = make_optimizer's."""
+    (template, verdict), (trainable, optimizer, scheduler) = judge, opt
+    epoch, offset = divmod(step, max(1, len(pool) // args.prompts_per_step))  # a fresh order of the pool per epoch
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
+    prompts = [pool[i] for i in order[offset * args.prompts_per_step : (offset + 1) * args.prompts_per_step]]
+    times, sampler_weights = [time.perf_counter()], None
+    # step 6: K samples per prompt from the current policy
+    if args.sampler == "vllm":  # vLLM takes no weights in memory from another process: they go through the run folder
+        save_atomic(model, tokenizer, out_dir / "sampler")  # (no LoRA with vLLM: the policy object is unchanged)
+        sampler_weights, VLLMEngine.path = str(out_dir / "sampler"), None  # new weights under the same path
+    seed = args.seed * 100_003 + step
+    samples = generate(
+        model,
+        tokenizer,
+        prompts,
+        args.k,
+        args.sample_temperature,
+        args.sample_top_p,
+        args,
+        device,
+        seed,
+        sampler_weights,
+        "sample",
     )
+    times.append(time.perf_counter())
+    # steps 7-9: the current policy judges; rank, pair best-with-worst, strength q of each formed pair
+    judge = make_judge(model, tokenizer, prompts, template, verdict, args, device)
+    formed, passes = rank_and_pair([[text for text, _ in group] for group in samples], judge, args.rank_by)
+    times.append(time.perf_counter())
+    tuples, dropped, truncated = [], {}, {}
+    for p, pair in ((p, pair) for p, pairs in enumerate(formed) for pair in pairs):
+        (y_h, done_h), (y_l, done_l) = samples[p][pair["chosen"]], samples[p][pair["rejected"]]
+        reason = "empty" if not y_h or not y_l else "unfinished" if not (done_h and done_l) else None
+        reason = reason or ("identical" if y_h == y_l else None)
+        if reason:
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
+        sides = [fit(*encode(tokenizer, prompts[p], y), args, f"step {step + 1} sample", truncated) for y in (y_h, y_l)]
+        tuples.append(
+            dict(
+                pair,
+                prompt=prompts[p],
+                chosen_text=y_h,
+                rejected_text=y_l,
+                prompt_ids=sides[0][0],
+                chosen_ids=sides[0][1],
+                rejected_ids=sides[1][1],
+            )
+        )
+    if not tuples:
+        raise InputError(
+            f"step {step + 1}: all {sum(dropped.values())} formed pairs were filtered ({dropped}); raise "
+            "--max_new_tokens if samples are 'unfinished', or use --k > 2 / a model whose samples differ"
+        )
+    qs = torch.tensor([t["q"] for t in tuples], dtype=torch.float64)
+    stats = {
+        "stage": 1,
+        "step": step + 1,
+        "data/pairs": len(tuples),
+        **{f"data/dropped_{k}": v for k, v in dropped.items()},
+    }
+    stats |= {**{f"data/{k}": v for k, v in truncated.items()}, "judge/forward_passes": passes}
+    stats |= {"osp/q_mean": float(qs.mean()), "osp/q_std": float(qs.std()) if len(qs) > 1 else 0.0}
+    stats["osp/q_hist"] = torch.histc(qs, bins=5, min=0, max=1).int().tolist()
+    for side in ("chosen", "rejected"):
+        stats[f"gen/{side}_tokens_mean"] = sum(len(t[f"{side}_ids"]) for t in tuples) / len(tuples)
+    if reward_fn:  # does the self-judge agree with the reward function on the pairs it formed?
+        for t in tuples:
+            t["chosen_reward"], t["rejected_reward"] = (
+                reward_fn(t["prompt"][-1]["content"], t[k]) for k in ("chosen_text", "rejected_text")
+            )
+        agree = [
+            t["chosen_reward"] > t["rejected_reward"] for t in tuples if t["chosen_reward"] != t["rejected_reward"]
+        ]
+        stats.update(
+            {f"osp/{k}": sum(t[k] for t in tuples) / len(tuples) for k in ("chosen_reward", "rejected_reward")}
+        )
+        stats["judge/online_oracle_agreement"] = sum(agree) / len(agree) if agree else float("nan")
+    # steps 10-11: SPCE (or DPO) against the frozen pi_0, one optimizer step
+    model.train()
+    sums = spce_backward(model, ref_model, tuples, args, device, tokenizer.pad_token_id)
+    lr = scheduler.get_last_lr()[0]  # this step's
+    total, grad_norm = optimizer_step(trainable, optimizer, scheduler, sums, args, f"step {step + 1}")
+    stats.update({name: total[name] / total["pairs"] for name in SPCE_STATS}, grad_norm=grad_norm, lr=lr)
+    stats |= {"time/generation_s": times[1] - times[0], "time/judging_s": times[2] - times[1]}
+    stats["time/training_s"] = time.perf_counter() - times[2]
+    (out_dir / "pairs").mkdir(exist_ok=True)
+    write_atomic(
+        out_dir / "pairs" / f"step_{step + 1:05d}.jsonl", [{k: t[k] for k in PAIR_FIELDS if k in t} for t in tuples]
+    )
+    return stats
+
+
+def main(args: Args) -> dict:
+    args, preset = resolve(args)
+    quiet_library_bars()
+    check_resume(args)
+    # Everything that can fail on bad input is checked before anything is written.
+    model_path, counts = preset["path"], {}
+    tokenizer = load_tokenizer(model_path, args.chat_template)
+    template, verdict = judge_setup(args, tokenizer, model_path)
+    offline, held_out, seed_pairs, examples = stage0_data(args, tokenizer, template, verdict, counts)
+
+    pool = online_prompt_pool(args, offline, tokenizer, template, counts)
     reward_fn, eval_prompts = load_evaluation(args, offline[0])
     n_steps = args.steps or max(1, len(pool) // args.prompts_per_step)
 
     device = init_device(args.seed, args.dist_timeout_minutes)
     run_name = f"osp__{Path(args.model).name}__{args.seed}__{now()}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
-    state_file = out_dir / "state.json"
-    state = (
-        json.loads(state_file.read_text())
-        if args.resume and state_file.exists()
-        else {"stage0_done": False, "step": 0, "eval": {}, "judge": {}}
-    )
+    state_file, checkpoint, stage0 = out_dir / "state.json", out_dir / "checkpoint", out_dir / "stage0"
+    state = {"stage0_done": False, "step": 0, "eval": {}, "judge": {}}
+    state = json.loads(state_file.read_text()) if args.resume and state_file.exists() else state
     if state.get("done"):
         print(f"{out_dir}: this run is complete (final/); nothing to resume")
         return state
-    checkpoint = out_dir / "checkpoint"
     saved = trainer_state(checkpoint) if args.resume and state["stage0_done"] else None
     state["step"] = saved["step"] if saved else state["step"]
     logs = Logs(args, out_dir, run_name)
@@ -807,31 +921,19 @@ def main(args: Args) -> dict:
         if reward_fn and eval_prompts and name not in state["eval"]:
             state["eval"][name], length = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device)
             log({"stage": name, "eval/reward": state["eval"][name], "eval/response_words": length})
-        if (
-            rank() == 0
-        ):  # what was measured: nothing of the judge without --num_judge_eval, no reward without --num_eval
-            shown = {
-                **state["judge"].get(name, {}),
-                **({"eval/reward": state["eval"][name]} if name in state["eval"] else {}),
-            }
+        # what was measured: nothing of the judge without --num_judge_eval, no reward without --num_eval
+        if rank() == 0:
+            shown = dict(
+                state["judge"].get(name, {}), **{"eval/reward": state["eval"][name]} if name in state["eval"] else {}
+            )
             print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if k != "judge/pairs"))
         write_atomic(state_file, state)
 
-    log(
-        {
-            "stage": "data",
-            "data/offline_pairs": len(offline),
-            "data/judge_eval_pairs": len(held_out),
-            "data/seed_pairs": len(seed_pairs) * (not args.skip_augmentation),
-            "data/prompt_pool": len(pool),
-            "data/stage0_examples": len(examples),
-            **{f"data/{k}": v for k, v in counts.items()},
-        }
-    )
-    lora = args.lora_r > 0
+    data = {"stage": "data", "data/offline_pairs": len(offline), "data/judge_eval_pairs": len(held_out)}
+    data |= {"data/seed_pairs": len(seed_pairs) * (not args.skip_augmentation), "data/prompt_pool": len(pool)}
+    log({**data, "data/stage0_examples": len(examples), **{f"data/{k}": v for k, v in counts.items()}})
 
     # ALGO LOGIC: Stage 0 — SFT + preference augmentation (paper §3.2); pi_0 is also the frozen reference
-    stage0 = out_dir / "stage0"
     model = None
     if not state["stage0_done"]:
         model = load_model(model_path, device, args)
@@ -847,156 +949,28 @@ def main(args: Args) -> dict:
     if model is None or saved:  # a resumed run: from the step checkpoint, else from pi_0's
         del model
         model = load_model(str(checkpoint) if saved else start, device, args)
-    ref_model = None
-    if (
-        not lora
-    ):  # frozen copy, computing as the policy does; with LoRA the base weights under the adapter are the reference
-        ref_model = load_model(start, device, args, frozen=True)
+    # a frozen copy, computing as the policy does; with LoRA the base weights under the adapter are the reference
+    ref_model = load_model(start, device, args, frozen=True) if args.lora_r == 0 else None
 
     # ALGO LOGIC: Stage 1 — online self-preferring (paper §3.1)
     model = prepare_for_training(model, args)
-    trainable, optimizer, scheduler = make_optimizer(model, args.lr, n_steps, args, "constant", saved)
-    per_epoch = max(1, len(pool) // args.prompts_per_step)
+    opt = make_optimizer(model, args.lr, n_steps, args, "constant", saved)  # (trainable, optimizer, scheduler)
+    judge, steps_this_process = (template, verdict), 0
     bar = progress(range(state["step"], n_steps), desc="stage 1 (online)")
     for step in bar:  # step is 0-based here, 1-based in logs and file names
-        epoch, offset = divmod(step, per_epoch)
-        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
-        prompts = [pool[i] for i in order[offset * args.prompts_per_step : (offset + 1) * args.prompts_per_step]]
-        times = [time.perf_counter()]
-        # step 6: K samples per prompt from the current policy
-        sampler_weights = None
-        if (
-            args.sampler == "vllm"
-        ):  # vLLM takes no weights in memory from another process: they go through the run folder
-            model = save_atomic(model, tokenizer, out_dir / "sampler")
-            sampler_weights, VLLMEngine.path = str(out_dir / "sampler"), None  # new weights under the same path
-        samples = generate(
-            model,
-            tokenizer,
-            prompts,
-            args.k,
-            args.sample_temperature,
-            args.sample_top_p,
-            args,
-            device,
-            seed=args.seed * 100_003 + step,
-            model_path=sampler_weights,
-            desc="sample",
-        )
-        times.append(time.perf_counter())
-        # steps 7-9: the current policy judges; rank, pair best-with-worst, strength q of each formed pair
-        judge = make_judge(model, tokenizer, prompts, template, verdict, args, device)
-        formed, passes = rank_and_pair([[text for text, _ in group] for group in samples], judge, args.rank_by)
-        times.append(time.perf_counter())
-        tuples, dropped, truncated = [], {}, {}
-        for p, pair in ((p, pair) for p, pairs in enumerate(formed) for pair in pairs):
-            (y_h, done_h), (y_l, done_l) = samples[p][pair["chosen"]], samples[p][pair["rejected"]]
-            reason = (
-                "empty"
-                if not y_h or not y_l
-                else "unfinished"
-                if not (done_h and done_l)
-                else "identical"
-                if y_h == y_l
-                else None
-            )
-            if reason:
-                dropped[reason] = dropped.get(reason, 0) + 1
-                continue
-            sides = [
-                fit(*encode(tokenizer, prompts[p], y), args, f"step {step + 1} sample", truncated) for y in (y_h, y_l)
-            ]
-            tuples.append(
-                dict(
-                    pair,
-                    prompt=prompts[p],
-                    chosen_text=y_h,
-                    rejected_text=y_l,
-                    prompt_ids=sides[0][0],
-                    chosen_ids=sides[0][1],
-                    rejected_ids=sides[1][1],
-                )
-            )
-        if not tuples:
-            raise InputError(
-                f"step {step + 1}: all {sum(dropped.values())} formed pairs were filtered ({dropped}); raise "
-                "--max_new_tokens if samples are 'unfinished', or use --k > 2 / a model whose samples differ"
-            )
-        qs = torch.tensor([t["q"] for t in tuples], dtype=torch.float64)
-        stats = {
-            "stage": 1,
-            "step": step + 1,
-            "data/pairs": len(tuples),
-            **{f"data/dropped_{k}": v for k, v in dropped.items()},
-            **{f"data/{k}": v for k, v in truncated.items()},
-            "judge/forward_passes": passes,
-            "osp/q_mean": float(qs.mean()),
-            "osp/q_std": float(qs.std()) if len(qs) > 1 else 0.0,
-            "osp/q_hist": torch.histc(qs, bins=5, min=0, max=1).int().tolist(),
-            "gen/chosen_tokens_mean": sum(len(t["chosen_ids"]) for t in tuples) / len(tuples),
-            "gen/rejected_tokens_mean": sum(len(t["rejected_ids"]) for t in tuples) / len(tuples),
-        }
-        if reward_fn:  # does the self-judge agree with the reward function on the pairs it formed?
-            for t in tuples:
-                t["chosen_reward"], t["rejected_reward"] = (
-                    reward_fn(t["prompt"][-1]["content"], t[k]) for k in ("chosen_text", "rejected_text")
-                )
-            agree = [
-                t["chosen_reward"] > t["rejected_reward"] for t in tuples if t["chosen_reward"] != t["rejected_reward"]
-            ]
-            stats.update(
-                {f"osp/{k}": sum(t[k] for t in tuples) / len(tuples) for k in ("chosen_reward", "rejected_reward")},
-                **{"judge/online_oracle_agreement": sum(agree) / len(agree) if agree else float("nan")},
-            )
-        # steps 10-11: SPCE (or DPO) against the frozen pi_0, one optimizer step
-        model.train()
-        sums = spce_backward(model, ref_model, tuples, args, device, tokenizer.pad_token_id)
-        lr = scheduler.get_last_lr()[0]  # this step's
-        total, grad_norm = optimizer_step(trainable, optimizer, scheduler, sums, args, f"step {step + 1}")
-        stats.update({name: total[name] / total["pairs"] for name in SPCE_STATS}, grad_norm=grad_norm, lr=lr)
-        stats.update(
-            {
-                "time/generation_s": times[1] - times[0],
-                "time/judging_s": times[2] - times[1],
-                "time/training_s": time.perf_counter() - times[2],
-            }
-        )
+        stats = online_step(model, ref_model, tokenizer, pool, step, judge, opt, args, device, reward_fn, out_dir)
         log(stats)
-        (out_dir / "pairs").mkdir(exist_ok=True)
-        write_atomic(
-            out_dir / "pairs" / f"step_{step + 1:05d}.jsonl",
-            [
-                {
-                    k: t[k]
-                    for k in (
-                        "prompt",
-                        "chosen_text",
-                        "rejected_text",
-                        "q",
-                        "rank",
-                        "score_chosen",
-                        "score_rejected",
-                        "chosen_reward",
-                        "rejected_reward",
-                    )
-                    if k in t
-                }
-                for t in tuples
-            ],
-        )
-        bar.set_postfix(
-            loss=f"{stats['loss']:.4f}",
-            q=f"{stats['osp/q_mean']:.2f}",
-            gap=f"{stats['osp/abs_sigma_z_minus_q']:.3f}",
-            refresh=False,
-        )
+        gap = stats["osp/abs_sigma_z_minus_q"]
+        bar.set_postfix_str(f"loss={stats['loss']:.4f}, q={stats['osp/q_mean']:.2f}, gap={gap:.3f}", refresh=False)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < n_steps:
             report(f"step_{step + 1}", model)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < n_steps:
-            model = save_checkpoint(model, tokenizer, checkpoint, optimizer, scheduler, step + 1)
+            model = save_checkpoint(model, tokenizer, checkpoint, *opt[1:], step + 1)
             state["step"] = step + 1
             write_atomic(state_file, state)
-        log.step_done(args.stop_after_steps)
+        steps_this_process += 1
+        if args.stop_after_steps is not None and steps_this_process >= args.stop_after_steps:
+            raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
     model = save_atomic(model, tokenizer, out_dir / "final")
     state["step"] = n_steps
     report("final", model)

@@ -494,6 +494,21 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
 # ---------------------------------------------------------------------------------------------
 
 
+def held_out_margins(model, held_out: list[dict], args: Args, pad_id: int, device) -> dict:
+    """Held-out pairs under the trained model: the share with margin h > 0, and h's correlation with the data's
+    score gap where the data has scores (the paper's Table 4 analogue)."""
+    sequences = [(p["prompt_ids"], p[side]) for side in ("chosen_ids", "rejected_ids") for p in held_out]
+    final, _ = score(model, sequences, args, pad_id, device, desc="held-out margins")
+    ref = torch.tensor([p[side] for side in ("ref_chosen", "ref_rejected") for p in held_out], dtype=torch.float64)
+    m = len(held_out)
+    h = (final[:m] - ref[:m]) - (final[m:] - ref[m:])
+    out = {"held_out_accuracy": float((h > 0).double().mean())}
+    if held_out[0]["score_gap"] is not None:
+        gap = torch.tensor([p["score_gap"] for p in held_out], dtype=torch.float64)
+        out["margin_score_corr"] = float(torch.corrcoef(torch.stack([h, gap]))[0, 1])
+    return out
+
+
 def main(args: Args) -> dict:
     args, preset = resolve(args)
     quiet_library_bars()
@@ -534,12 +549,9 @@ def main(args: Args) -> dict:
     if args.resume and cache_file.exists():
         ref = torch.load(cache_file)
     else:
-        sequences = (
-            [(p["prompt_ids"], p["chosen_ids"]) for p in everything]
-            + [(p["prompt_ids"], p["rejected_ids"]) for p in everything]
-            + [(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in everything]
-            + [(p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in everything]
-        )
+        sides = [("prompt_ids", "chosen_ids"), ("prompt_ids", "rejected_ids")]
+        sides += [("aug_prompt_ids", "aug_chosen_ids"), ("aug_prompt_ids", "aug_rejected_ids")]
+        sequences = [(p[prompt], p[response]) for prompt, response in sides for p in everything]
         ref, _ = score(model, sequences, args, tokenizer.pad_token_id, device, desc="reference log-probs")
         write_atomic(cache_file, ref)
     n = len(everything)
@@ -573,20 +585,8 @@ def main(args: Args) -> dict:
     model = save_atomic(model, tokenizer, out_dir / "final")
     shutil.rmtree(checkpoint, ignore_errors=True)
 
-    # Held-out pairs: final margin h vs the data's score gap (the paper's Table 4 analogue).
-    if held_out:
-        sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in held_out] + [
-            (p["prompt_ids"], p["rejected_ids"]) for p in held_out
-        ]
-        final, _ = score(model, sequences, args, tokenizer.pad_token_id, device, desc="held-out margins")
-        m = len(held_out)
-        h = (final[:m] - torch.tensor([p["ref_chosen"] for p in held_out], dtype=torch.float64)) - (
-            final[m:] - torch.tensor([p["ref_rejected"] for p in held_out], dtype=torch.float64)
-        )
-        state["eval"]["held_out_accuracy"] = float((h > 0).double().mean())
-        if held_out[0]["score_gap"] is not None:
-            gap = torch.tensor([p["score_gap"] for p in held_out], dtype=torch.float64)
-            state["eval"]["margin_score_corr"] = float(torch.corrcoef(torch.stack([h, gap]))[0, 1])
+    if held_out:  # final margin h vs the data's score gap (the paper's Table 4 analogue)
+        state["eval"] |= held_out_margins(model, held_out, args, tokenizer.pad_token_id, device)
     if reward_fn and eval_prompts:
         state["eval"]["final"], _ = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device)
     log({f"eval/{k}": v for k, v in state["eval"].items()})
