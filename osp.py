@@ -28,11 +28,14 @@ import functools
 import importlib.util
 import json
 import math
+import numbers
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -297,36 +300,45 @@ def resolve(args: Args) -> tuple[Args, dict]:
     if args.lora_r and args.save_every is None:
         filled["save_every"] = 0  # LoRA runs checkpoint at the end only (see the check below)
     args = dataclasses.replace(args, **filled)
+    domains = {
+        "k": ">= 2",
+        "offline_fraction": "(0, 1]",
+        "beta": "> 0",
+        "lr": "> 0",
+        "aug_lr": "> 0",
+        "prompts_per_step": ">= 1",
+        "micro_batch_size": ">= 1",
+        "aug_batch_size": ">= 1",
+        "steps": ">= 1",
+        "aug_epochs": ">= 1",
+        "num_judge_eval": ">= 0",
+        "save_every": ">= 0",
+        "eval_every": ">= 0",
+        "num_prompts": ">= 1",
+        "num_sft": ">= 0",
+        "judge_max_length": ">= 2",
+        "judge_batch_size": ">= 1",
+        "sample_temperature": ">= 0",
+        "sample_top_p": "(0, 1]",
+    }
     check_args(
         args,
         [
-            (args.k >= 2, f"--k must be >= 2 (samples per prompt), got {args.k}"),
-            (0 < args.offline_fraction <= 1, f"--offline_fraction must be in (0, 1], got {args.offline_fraction}"),
-            (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
-            (args.lr > 0 and args.aug_lr > 0, f"--lr and --aug_lr must be > 0, got {args.lr} and {args.aug_lr}"),
-            (
-                args.prompts_per_step >= 1 and args.micro_batch_size >= 1 and args.aug_batch_size >= 1,
-                f"--prompts_per_step, --micro_batch_size and --aug_batch_size must be >= 1, got "
-                f"{args.prompts_per_step}, {args.micro_batch_size} and {args.aug_batch_size}",
-            ),
-            (args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
-            (args.aug_epochs >= 1, f"--aug_epochs must be >= 1, got {args.aug_epochs}"),
             (len(args.verdict_tokens) == 2, f"--verdict_tokens needs two tokens, got {args.verdict_tokens}"),
-            (args.num_judge_eval >= 0 and args.num_eval >= 0, "--num_judge_eval and --num_eval must be >= 0"),
-            (args.save_every >= 0 and args.eval_every >= 0, "--save_every and --eval_every must be >= 0"),
             (
                 args.save_every == 0 or args.lora_r == 0,
-                "--save_every is not supported with LoRA (it checkpoints at the end)",
+                "--save_every is not supported with LoRA (it saves at the end)",
             ),
             (
                 args.sampler == "hf" or args.lora_r == 0,
-                "--sampler vllm is not supported with LoRA in osp (use --sampler hf)",
+                "--sampler vllm is not supported with LoRA in osp (use hf)",
             ),
             (
                 args.judge_template is None or Path(args.judge_template).exists(),
                 f"--judge_template: file {args.judge_template!r} not found",
             ),
         ],
+        domains,
     )
     return args, preset
 
@@ -907,6 +919,7 @@ def main(args: Args) -> dict:
         return state
     saved = trainer_state(checkpoint) if args.resume and state["stage0_done"] else None
     state["step"] = saved["step"] if saved else state["step"]
+    model = load_model(model_path, device, args) if not state["stage0_done"] else None  # Stage 0 starts from it
     logs = Logs(args, out_dir, run_name)
 
     def log(metrics: dict):  # one TensorBoard step per logged record
@@ -934,9 +947,7 @@ def main(args: Args) -> dict:
     log({**data, "data/stage0_examples": len(examples), **{f"data/{k}": v for k, v in counts.items()}})
 
     # ALGO LOGIC: Stage 0 — SFT + preference augmentation (paper §3.2); pi_0 is also the frozen reference
-    model = None
     if not state["stage0_done"]:
-        model = load_model(model_path, device, args)
         report("sft", model)
         if not args.skip_augmentation:
             model = prepare_for_training(model, args)
@@ -979,6 +990,8 @@ def main(args: Args) -> dict:
     shutil.rmtree(checkpoint, ignore_errors=True)
     shutil.rmtree(out_dir / "sampler", ignore_errors=True)
     logs.close()
+    if rank() == 0:
+        print(f"final model: {out_dir / 'final'}")
     return state
 
 
@@ -1034,11 +1047,50 @@ def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
     return preset, filled
 
 
+# Copied from sera.DOMAINS
+DOMAINS = {
+    "max_bad_fraction": "[0, 1]",
+    "warmup_ratio": "[0, 1]",
+    "max_grad_norm": "> 0",
+    "max_length": ">= 2",
+    "max_prompt_length": ">= 1",
+    "max_new_tokens": ">= 1",
+    "lora_r": ">= 0",
+    "lora_alpha": "> 0",
+    "lora_dropout": "[0, 1)",
+    "num_eval": ">= 0",
+    "eval_temperature": ">= 0",
+    "seed": ">= 0",
+    "stop_after_steps": ">= 1",
+    "dist_timeout_minutes": ">= 1",
+    "scoring_batch_size": ">= 1",
+    "generation_batch_size": ">= 1",
+}
+
+
+# Copied from sera.in_domain
+def in_domain(value: float, domain: str) -> bool:
+    """value in "[a, b]", "(a, b]", ... or satisfies "> x" / ">= x"."""
+    if domain[0] == ">":
+        op, bound = domain.split()
+        return value > float(bound) if op == ">" else value >= float(bound)
+    low, high = (float(x) for x in domain[1:-1].split(","))
+    return (low <= value if domain[0] == "[" else low < value) and (
+        value <= high if domain[-1] == "]" else value < high
+    )
+
+
 # Copied from sera.check_args
-def check_args(args, checks: list[tuple[bool, str]]):
-    """One InputError for the first failed (ok, message): the options every script shares, then `checks`."""
+def check_args(args, checks: list[tuple[bool, str]], domains: dict):
+    """One InputError for the first option outside its domain (DOMAINS, then the script's `domains`; a list
+    option element by element), then for the first failed (ok, message) of the shared checks and `checks`."""
+    for name, domain in {**DOMAINS, **domains}.items():
+        values = getattr(args, name)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if value is not None and not in_domain(value, domain):
+                given = values if isinstance(values, (list, tuple)) else value
+                raise InputError(f"--{name} must be {'in ' * (domain[0] != '>')}{domain}, got {given}")
     checks = [
-        (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
         (
             not (args.output_dir and Path(args.output_dir).is_file()),
             f"--output_dir: {args.output_dir!r} is a file; expected a folder",
@@ -1084,15 +1136,21 @@ def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
         if spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/", "~")):
             raise InputError(f"{what}: path {spec!r} not found (or use a preset: {', '.join(DATASETS)})")
         raise InputError(f"{what}: unknown preset or path {spec!r}; presets: {', '.join(DATASETS)}")
-    if path.is_dir():
-        data = datasets.load_from_disk(str(path))
-        data = list(data["train"] if isinstance(data, datasets.DatasetDict) else data)
-    elif path.suffix in (".jsonl", ".json"):
+    formats = "a .jsonl, .json or .parquet file, or a datasets save_to_disk folder"
+    if path.suffix in (".jsonl", ".json") and path.is_file():
         data = read_jsonl(path, what)
-    elif path.suffix == ".parquet":
-        data = list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+    elif path.is_dir() or path.suffix == ".parquet":
+        try:
+            if path.is_dir():
+                data = datasets.load_from_disk(str(path))
+                data = list(data["train"] if isinstance(data, datasets.DatasetDict) else data)
+            else:
+                data = list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+        except Exception as err:  # pyarrow's, datasets' own errors: one line, theirs first
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"{what}: {spec} cannot be read ({first[:200]}); expected {formats}") from None
     else:
-        raise InputError(f"{what}: {spec!r} is not a .jsonl, .json, .parquet file or a save_to_disk folder")
+        raise InputError(f"{what}: {spec!r} is not {formats}")
     if not data:
         raise InputError(f"{what}: {spec} has no rows")
     return data, str(path)
@@ -1252,8 +1310,10 @@ def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[
 
 # Copied from sera.check_model_dir
 def check_model_dir(path: Path):
-    """A local model folder has a config, tokenizer files and complete safetensors (each file's header
-    declares its data size), so a bad folder fails before anything is written."""
+    """A local model folder has a config, tokenizer files and complete safetensors (safetensors checks that each
+    file holds the data its header declares), so a bad folder fails before anything is written."""
+    from safetensors import SafetensorError, safe_open
+
     missing = [
         name
         for name, found in (
@@ -1265,16 +1325,10 @@ def check_model_dir(path: Path):
     if missing:
         raise InputError(f"--model: {path} has no {' or '.join(missing)}; expected a save_pretrained folder")
     for file in sorted(path.glob("*.safetensors")):
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            header_size = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-            try:
-                header = json.loads(f.read(header_size)) if 0 < header_size <= size - 8 else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                header = None
-        ends = [v["data_offsets"][1] for k, v in (header or {}).items() if k != "__metadata__"]
-        if header is None or 8 + header_size + max(ends, default=0) > size:
-            raise InputError(f"--model: {file} is truncated or not safetensors ({size} bytes)")
+        try:
+            safe_open(file, "pt").keys()
+        except SafetensorError as err:
+            raise InputError(f"--model: {file} is truncated or not safetensors ({err})") from None
 
 
 # Copied from sera.load_tokenizer
@@ -1383,11 +1437,17 @@ def load_reward_fn(spec: str | None, example: dict | None = None):
     path, _, name = spec.rpartition(":")
     if not path or not name:
         raise InputError(f"--reward_fn must look like path/to/file.py:function, got {spec!r}")
-    if not Path(path).exists():
-        raise InputError(f"--reward_fn: file {path!r} not found")
+    if not Path(path).is_file() or Path(path).suffix != ".py":
+        raise InputError(f"--reward_fn: {path!r} is not a .py file")
     module_spec = importlib.util.spec_from_file_location(Path(path).stem + "_reward", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:  # the module's own error, where it is: file:line: message
+        line = getattr(err, "lineno", None) or next(
+            (f.lineno for f in reversed(traceback.extract_tb(err.__traceback__)) if f.filename == str(Path(path))), "?"
+        )
+        raise InputError(f"--reward_fn: {path}:{line}: {type(err).__name__}: {err}") from None
     if not callable(getattr(module, name, None)):
         raise InputError(f"--reward_fn: {path!r} has no function {name!r}")
     function = getattr(module, name)
@@ -1398,7 +1458,7 @@ def load_reward_fn(spec: str | None, example: dict | None = None):
             value = function(prompt, response)
         except Exception as err:
             raise InputError(f"{where}: raised {type(err).__name__}: {err}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise InputError(f"{where}: returned {value!r}; expected a finite number")
         return float(value)
 
@@ -1527,12 +1587,15 @@ def micro_batches(model, batches: list):
 
 # Copied from sera._LogLines
 class _LogLines:
-    """tqdm's output as whole lines (no carriage returns), for log files."""
+    """tqdm's output as whole lines (no carriage returns, no repeat of the line before), for log files."""
+
+    last = None
 
     def write(self, text: str):
         text = text.strip("\r\n")
-        if text:
+        if text and text != self.last:
             sys.stderr.write(text + "\n")
+        self.last = text or self.last
 
     def flush(self):
         sys.stderr.flush()
@@ -1584,19 +1647,39 @@ def check_resume(args: Args):
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
 
 
+# Copied from sera.resume_hint
+def resume_hint(script: str) -> str:
+    """How to continue an interrupted run: the same command with --resume and its folder (Logs.run_dir)."""
+    if Logs.run_dir is None:
+        return "nothing was written yet"
+    argv, given = [], iter(sys.argv[1:])
+    for arg in given:  # the same arguments, less --resume, --output_dir and --stop_after_steps
+        name = arg.split("=")[0].replace("-", "_")
+        if name in ("__output_dir", "__stop_after_steps") and "=" not in arg:
+            next(given, None)
+        if name not in ("__resume", "__no_resume", "__output_dir", "__stop_after_steps"):
+            argv.append(arg)
+    launcher = "torchrun ... " if world() > 1 else "python "
+    return f"continue with: {launcher}{shlex.join([script, *argv, '--resume', '--output_dir', str(Logs.run_dir)])}"
+
+
 # Copied from sera.Logs
 class Logs:
     """Rank 0 prints and saves the resolved config, then logs to metrics.jsonl, TensorBoard (tb/) and, with
     --track, wandb. `step` is the TensorBoard/wandb step; counters and non-finite values stay in the jsonl."""
 
     POSITION = ("iteration", "stage", "step", "aug_step")  # where in the run a record was logged
+    run_dir = None  # this process's run folder, once made (resume_hint names it)
 
     def __init__(self, args: Args, out_dir: Path, run_name: str):
         self.out_dir, self.track, self.step, self.writer = out_dir, args.track, 0, None
         if rank() == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
             config = json.dumps({**dataclasses.asdict(args), "world_size": world()}, indent=2)
-            (out_dir / "resolved_config.json").write_text(config)
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                (out_dir / "resolved_config.json").write_text(config)
+            except OSError as err:
+                raise InputError(f"--output_dir: {out_dir} cannot be written ({err.strerror or err})") from None
             print(config)
             from torch.utils.tensorboard import SummaryWriter
 
@@ -1605,6 +1688,7 @@ class Logs:
                 import wandb
 
                 wandb.init(project="selfpo", name=run_name, config=dataclasses.asdict(args))
+        Logs.run_dir = out_dir
 
     def __call__(self, metrics: dict):
         if rank() != 0:
@@ -1668,9 +1752,18 @@ def load_model(path: str, device: torch.device, args: Args | None = None, frozen
 
     bf16 = args is not None and args.dtype == "bfloat16"
     sharded = frozen and world() > 1 and args.lora_r == 0
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded) else torch.float32
-    )
+    dtype = torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded) else torch.float32
+    try:  # a config of another architecture than the weights would otherwise train a randomly initialised model
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise InputError(f"--model: {path} does not load as a causal LM ({str(err).strip().splitlines()[0]})") from None
+    wrong = {kind: len(keys) for kind, keys in info.items() if keys and kind != "error_msgs"}
+    if wrong:
+        counts = ", ".join(f"{n} {kind.replace('_keys', '')}" for kind, n in wrong.items())
+        raise InputError(
+            f"--model: the weights in {path} do not fit its config ({counts} weights); expected the "
+            "save_pretrained folder of one causal LM"
+        )
     model.checkpoint_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32  # what save_atomic writes
     if frozen:
         model.requires_grad_(False).eval()
@@ -1750,7 +1843,7 @@ def make_optimizer(
     """AdamW without weight decay (or RMSprop) over the trainable parameters; linear warmup over --warmup_ratio of
     n_steps, then constant or cosine. `state` (a step checkpoint's trainer_state) restores the optimizer, the
     scheduler and the random number generators. Returns (trainable parameters, optimizer, scheduler)."""
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+    from transformers import get_scheduler
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = (
@@ -1758,12 +1851,8 @@ def make_optimizer(
         if kind == "rmsprop"
         else torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     )
-    warmup = int(args.warmup_ratio * n_steps)
-    scheduler = (
-        get_cosine_schedule_with_warmup(optimizer, warmup, n_steps)
-        if schedule == "cosine"
-        else get_constant_schedule_with_warmup(optimizer, warmup)
-    )
+    name = "cosine" if schedule == "cosine" else "constant_with_warmup"
+    scheduler = get_scheduler(name, optimizer, int(args.warmup_ratio * n_steps), n_steps)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -1829,6 +1918,9 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
     if world() > 1:
         dist.barrier()
     if rank() == 0:
+        mode = 0o666 & ~os.umask(os.umask(0))  # what open() gives the run's other files
+        for file in tmp.iterdir():
+            file.chmod(mode)
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
     if world() > 1:
@@ -1852,16 +1944,14 @@ def set_rng_state(state: dict):
 # Copied from sera.collate
 def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
     """Right-padded input_ids / attention_mask / labels (-100 on prompt and padding)."""
-    length = max(len(p) + len(r) for p, r in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    mask = torch.zeros_like(ids)
-    for i, (prompt, response) in enumerate(sequences):
-        n = len(prompt) + len(response)
-        ids[i, :n] = torch.tensor(prompt + response)
-        labels[i, len(prompt) : n] = torch.tensor(response)
-        mask[i, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    from torch.nn.utils.rnn import pad_sequence
+
+    ids = [torch.tensor(prompt + response) for prompt, response in sequences]
+    labels = [torch.tensor([-100] * len(prompt) + response) for prompt, response in sequences]
+    batch = {"input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id)}
+    batch["attention_mask"] = pad_sequence([torch.ones_like(i) for i in ids], batch_first=True)
+    batch["labels"] = pad_sequence(labels, batch_first=True, padding_value=-100)
+    return {name: value.to(device) for name, value in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2148,7 +2238,8 @@ if __name__ == "__main__":
     except InputError as err:
         sys.exit(f"osp.py: error: {err}")
     except KeyboardInterrupt as err:
-        sys.exit(f"osp.py: interrupted ({err}); continue with --resume --output_dir <same dir>")
+        print(f"osp.py: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint("osp.py"), file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

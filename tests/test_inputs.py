@@ -43,6 +43,18 @@ def reward_file(d: Path, body: str) -> str:
     return write(d / "reward.py", f"def score(prompt, response):\n    {body}\n") + ":score"
 
 
+def model_with_config(d: Path, **changes) -> str:
+    """The toy's weights under a config that does not describe them (another size, another architecture)."""
+    folder = Path(model_without(d, ()))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return str(folder)
+
+
+def reward_module(d: Path, name: str, text: str) -> str:
+    return write(d / name, text) + ":score"
+
+
 BAD = {  # name: (arguments given a tmp folder, expected message)
     "empty dataset": (lambda d: dict(dataset=write(d / "e.jsonl", "")), r"--dataset: .*e.jsonl has no rows"),
     "invalid json line": (
@@ -81,6 +93,45 @@ BAD = {  # name: (arguments given a tmp folder, expected message)
         r"--chat_template: file .* not found",
     ),
     "output dir is a file": (lambda d: dict(output_dir=write(d / "out", "x")), r"--output_dir: .* is a file"),
+    "dataset is text named .parquet": (
+        lambda d: dict(dataset=write(d / "x.parquet", "prompt,chosen\n")),
+        r"--dataset: .*x.parquet cannot be read \(.*\); expected a .jsonl, .json or .parquet file",
+    ),
+    "dataset is an empty folder": (
+        lambda d: dict(dataset=str((d / "empty").mkdir() or d / "empty")),
+        r"--dataset: .*empty cannot be read .*save_to_disk folder",
+    ),
+    "reward module does not import": (
+        lambda d: dict(reward_fn=reward_module(d, "r.py", "import math\ndef score(prompt, response:\n")),
+        r"--reward_fn: .*r.py:2: SyntaxError",
+    ),
+    "reward module raises on import": (
+        lambda d: dict(reward_fn=reward_module(d, "r.py", "x = 1\nraise RuntimeError('no GPU here')\n")),
+        r"--reward_fn: .*r.py:2: RuntimeError: no GPU here",
+    ),
+    "reward is not a .py file": (
+        lambda d: dict(reward_fn=reward_module(d, "r.txt", "def score(p, r):\n    return 1.0\n")),
+        r"--reward_fn: .*r.txt' is not a .py file",
+    ),
+    "weights of another size than the config": (
+        lambda d: dict(model=model_with_config(d, intermediate_size=512)),
+        r"--model: .*(do not fit its config|does not load as a causal LM)",
+    ),
+    "config of another architecture than the weights": (
+        lambda d: dict(model=model_with_config(d, model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=160)),
+        r"--model: the weights in .* do not fit its config \(\d+ missing, \d+ unexpected",
+    ),
+    "output dir cannot be written": (
+        lambda d: dict(output_dir=str(Path(write(d / "file", "x")) / "run")),
+        r"--output_dir: .*file/run cannot be written",
+    ),
+    "scoring batch of 0": (lambda d: dict(scoring_batch_size=0), r"--scoring_batch_size must be >= 1, got 0"),
+    "no new tokens": (lambda d: dict(max_new_tokens=0), r"--max_new_tokens must be >= 1, got 0"),
+    "negative number of eval prompts": (lambda d: dict(num_eval=-1), r"--num_eval must be >= 0, got -1"),
+    "warmup ratio over 1": (lambda d: dict(warmup_ratio=2.0), r"--warmup_ratio must be in \[0, 1\], got 2.0"),
+    "generation batch of 0": (lambda d: dict(generation_batch_size=0), r"--generation_batch_size must be >= 1, got 0"),
+    "negative temperature": (lambda d: dict(eval_temperature=-1.0), r"--eval_temperature must be >= 0, got -1.0"),
+    "clipping norm of 0": (lambda d: dict(max_grad_norm=0.0), r"--max_grad_norm must be > 0, got 0.0"),
     "too many degenerate rows": (
         lambda d: dict(
             dataset=write(d / "x.jsonl", rows_text(GOOD[:30] + [dict(GOOD[0], rejected=GOOD[0]["chosen"])] * 3))
@@ -101,8 +152,9 @@ def test_bad_input_one_line_nothing_written(script, case, tmp_path):
     given = dict(
         dataset=small, reward_fn=f"{ROOT / 'assets' / 'toy' / 'oracle.py'}:score", output_dir=str(tmp_path / "run")
     )
+    osp = dict(num_judge_eval=8, judge_max_length=512, max_new_tokens=24)  # fits the toy when --model is a path
+    given.update(dict(osp=osp, srdpo=dict(eval_pairs=4)).get(script, {}))
     given.update(make(tmp_path))
-    given.update(dict(osp=dict(num_judge_eval=8), srdpo=dict(eval_pairs=4)).get(script, {}))
     before = {p: p.stat().st_size for p in tmp_path.rglob("*")}
     with pytest.raises(module.InputError, match=match):
         module.main(module.Args(**given))
@@ -213,3 +265,12 @@ def test_non_finite_loss_stops_with_one_line_before_the_update(script):
         stats.add(loss=float("nan"), pairs=1)
         mod.optimizer_step([weight], optimizer, scheduler, stats, args, "step 7")
     assert torch.equal(weight.detach(), torch.ones(3))  # nothing was applied
+
+
+def test_reward_fn_takes_any_real_number(tmp_path):
+    """numpy scalars, fractions, ints: any numbers.Real but bool is a reward."""
+    sera = importlib.import_module("sera")
+    for body, expected in (("import numpy\n    return numpy.float32(9.0)", 9.0), ("return 3", 3.0)):
+        assert sera.load_reward_fn(reward_file(tmp_path, body))("p", "r") == expected
+    with pytest.raises(sera.InputError, match="returned True; expected a finite number"):
+        sera.load_reward_fn(reward_file(tmp_path, "return True"))("p", "r")

@@ -177,8 +177,8 @@ def write(path, text):
             ),
             "prompt has \\d+ tokens, over --max_prompt_length",
         ),
-        (lambda d: dict(lrs=[1e-4, -1.0, 1e-5]), "--lrs needs 3 positive values"),
-        (lambda d: dict(iterations=0), "--iterations and --epochs must be >= 1"),
+        (lambda d: dict(lrs=[1e-4, -1.0, 1e-5]), "--lrs must be > 0, got \\[0.0001, -1.0, 1e-05\\]"),
+        (lambda d: dict(iterations=0), "--iterations must be >= 1, got 0"),
         (lambda d: dict(model="mistral"), "'mistral' is neither a preset"),
         (lambda d: dict(prompts=str(d / "none.jsonl")), "--prompts: file .* not found"),
         (

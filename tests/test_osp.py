@@ -345,7 +345,7 @@ def write(path, text):
             lambda d: dict(eval_prompts=write(d / "ev.jsonl", '{"text": "Sort these letters: a b"}\n')),
             "--eval_prompts .* row 0: 'prompt' must be a string",
         ),
-        (lambda d: dict(lr=-1.0), "--lr and --aug_lr must be > 0, got -1.0"),
+        (lambda d: dict(lr=-1.0), "--lr must be > 0, got -1.0"),
         (lambda d: dict(chat_template=str(d / "none.jinja")), "--chat_template: file .* not found"),
     ],
 )
@@ -377,7 +377,7 @@ def test_sft_rows_with_an_empty_message_are_skipped_and_counted(tmp_path, toy):
 
 def test_bad_input_from_the_command_line_is_one_line(tmp_path):
     res = run("--k", "1", "--output_dir", str(tmp_path / "o"), check=False)
-    assert res.returncode != 0 and res.stderr.strip() == "osp.py: error: --k must be >= 2 (samples per prompt), got 1"
+    assert res.returncode != 0 and res.stderr.strip() == "osp.py: error: --k must be >= 2, got 1"
     assert not (tmp_path / "o").exists()
 
 

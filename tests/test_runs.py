@@ -146,10 +146,13 @@ def test_sera_learns_and_filters_noisy_pairs(sera_run):
 def test_sera_resume_finishes_identically(sera_run, tmp_path):
     out = tmp_path / "run"
     interrupted = run("sera.py", *SERA, "--output_dir", str(out), "--stop_after_steps", "22", check=False)
-    assert interrupted.returncode != 0 and "--resume" in interrupted.stderr
+    # the convention for an interrupted program, and the exact command that continues it
+    command = f"continue with: python sera.py {' '.join(SERA)} --resume --output_dir {out}"
+    assert interrupted.returncode == 130 and command in interrupted.stderr, interrupted.stderr
     state = json.loads((out / "state.json").read_text())
     assert state["completed"] == 1 and (out / "iter_2_partial").exists()  # stopped inside iteration 2
-    run("sera.py", *SERA, "--output_dir", str(out), "--resume")
+    resumed = run("sera.py", *SERA, "--output_dir", str(out), "--resume")
+    assert resumed.stdout.strip().splitlines()[-1] == f"final model: {out / 'iter_2'}"
     a, b = weights(sera_run / "iter_2"), weights(out / "iter_2")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-6)

@@ -87,6 +87,10 @@ def test_checkpoint_keeps_the_loaded_dtype(tmp_path, toy_pairs):
         one_step(model, args, toy_pairs)
         live = model.config.dtype
         sera.save_atomic(model, tokenizer, tmp_path / "out")
+        mode = 0o666 & ~os.umask(os.umask(0))  # the run's other files' (save_pretrained writes through 0600 files)
+        assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "out").iterdir()} == {
+            f.name: mode for f in (tmp_path / "out").iterdir()
+        }
         saved = load_file(str(tmp_path / "out" / "model.safetensors"))
         assert {v.dtype for v in saved.values()} == {expected}, source
         assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == str(expected).split(".")[1]

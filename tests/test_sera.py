@@ -232,7 +232,7 @@ GOOD = {"prompt": "Sort these letters: c a b", "chosen": "a b c", "rejected": "b
         ),
         (lambda d: dict(rho_1=0.0), "--rho_1 must be in \\(0, 1\\]"),
         (lambda d: dict(rho_1=1.5), "--rho_1 must be in \\(0, 1\\]"),
-        (lambda d: dict(iterations=-1), "--iterations and --epochs must be >= 1"),
+        (lambda d: dict(iterations=-1), "--iterations must be >= 1, got -1"),
         (lambda d: dict(reward_fn="nofile.py:score"), "--reward_fn: file 'nofile.py' not found"),
         (lambda d: dict(eval_prompts=str(d / "none.jsonl")), "--eval_prompts: file .* not found"),
         (
