@@ -754,9 +754,8 @@ def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
     return preset, filled
 
 
-# The domain of every numeric option all four scripts share; each script adds its own (check_args). An interval,
-# or a bound: ">= 1" for sizes and counts, ">= 0" where 0 means "off" or "none".
-DOMAINS = {
+DOMAINS = {  # the options all four scripts share (check_args; each script adds its own): an interval, or a bound
+    # (">= 1" for sizes and counts, ">= 0" where 0 means "off" or "none")
     "max_bad_fraction": "[0, 1]",
     "warmup_ratio": "[0, 1]",
     "max_grad_norm": "> 0",

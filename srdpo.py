@@ -661,7 +661,8 @@ def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
 
 
 # Copied from sera.DOMAINS
-DOMAINS = {
+DOMAINS = {  # the options all four scripts share (check_args; each script adds its own): an interval, or a bound
+    # (">= 1" for sizes and counts, ">= 0" where 0 means "off" or "none")
     "max_bad_fraction": "[0, 1]",
     "warmup_ratio": "[0, 1]",
     "max_grad_norm": "> 0",
