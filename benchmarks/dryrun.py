@@ -15,8 +15,8 @@ the peak of each phase, then the largest phase's peak by category, GiB per rank.
 or a phase over --limit_gib.
 
 Host reads of fake tensors (`.tolist()`, `.item()`, `bool()`: a sampled permutation, the step statistics, scored
-log-probs) have no values; here they read as ones (`host_reads_as_ones`), so control flow that depends on data
-takes one arbitrary branch. What the dry run does not see: numerics, kernel launch limits, NCCL hangs between
+log-probs) have no values; here they read as ones, booleans as False (`host_reads_as_ones`), so control flow that
+depends on data takes one arbitrary branch. What the dry run does not see: numerics, kernel launch limits, NCCL hangs between
 ranks (each process is alone), allocator fragmentation, the CUDA context and NCCL buffers (a few GB per GPU).
 """
 
@@ -56,6 +56,9 @@ CONFIGS = {
 PAD_ID = 2  # zephyr's and Mistral-Instruct's pad = eos
 REFINE_TOKENS = 64  # srdpo: the refinement prompt's tokens (the paper's text is ~40 words), added to the budget
 GIB = 1 << 30
+# Micro-batches per optimizer step in the training phase: 2 shows gradient accumulation (FSDP2 without gradient
+# sync before the last one holds unsharded gradients); the presets' own counts (up to 8) cost time, not memory.
+MICRO_BATCHES = int(os.environ.get("DRYRUN_MICRO_BATCHES", "2"))
 
 
 def presets() -> list[tuple[str, str, int]]:
@@ -101,8 +104,9 @@ def fake_runtime_env() -> dict:
 
 @contextlib.contextmanager
 def host_reads_as_ones():
-    """`.tolist()`, `.item()`, `bool/int/float()` of a fake tensor without a known value give ones instead of
-    raising (a fake tensor has no values); real tensors and fake ones with a known constant are untouched."""
+    """`.tolist()`, `.item()`, `bool/int/float()` of a fake tensor without a known value give ones (False for
+    booleans: no validation check fires) instead of raising (a fake tensor has no values); real tensors and fake
+    ones with a known constant are untouched."""
     import torch
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, is_fake
     from torch.utils._python_dispatch import _disable_current_modes
@@ -122,7 +126,8 @@ def host_reads_as_ones():
                     if not is_fake(self):
                         raise
                     with _disable_current_modes():  # no fake mode, no memory tracker: a plain CPU tensor
-                        return getattr(torch.ones(self.shape, dtype=self.dtype), _name)(*args)
+                        fill = torch.zeros if self.dtype == torch.bool else torch.ones
+                        return getattr(fill(self.shape, dtype=self.dtype), _name)(*args)
 
             setattr(cls, name, read)
     try:
@@ -225,18 +230,20 @@ class LiveMemory:
         from torch.utils._python_dispatch import TorchDispatchMode
 
         self.device, self.live, self.current, self.peak = device, {}, 0, 0
+        self.origin, self.at_peak = {}, {}  # storage -> the op that made it; bytes by op at the peak
+        self.collect, self.snapshot_peak = os.environ.get("DRYRUN_GC", "0") == "1", 0
         tracker = self
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
                 for leaf in torch.utils._pytree.tree_leaves(out):
-                    tracker.add(leaf)
+                    tracker.add(leaf, func.__name__.split(".")[0])
                 return out
 
         self.mode = Mode()
 
-    def add(self, tensor) -> int:
+    def add(self, tensor, origin: str = "resident") -> int:
         """Count `tensor`'s storage if new; returns the bytes added."""
         import weakref
 
@@ -253,13 +260,54 @@ class LiveMemory:
         if key in self.live:
             return 0
         self.live[key] = size = storage.nbytes()
+        self.origin[key] = origin
         self.current += size
-        self.peak = max(self.peak, self.current)
+        if self.current > self.peak + (1 << 30) and self.collect:
+            import gc
+
+            gc.collect()  # storages only in reference cycles are not live: count them out before a new peak
+        if self.current > self.peak:
+            if self.current > self.snapshot_peak + (256 << 20):  # a breakdown every 256 MB of new peak, not per op
+                self.at_peak, self.snapshot_peak = {}, self.current
+                for k, nbytes in self.live.items():
+                    self.at_peak[self.origin[k]] = self.at_peak.get(self.origin[k], 0) + nbytes
+            self.peak = self.current
         weakref.finalize(storage, self._free, key)
         return size
 
+    @contextlib.contextmanager
+    def storage_resizes(self):
+        """FSDP2 frees and re-allocates unsharded parameters by resizing their storages in place
+        (`untyped_storage().resize_(0)`), which no op output shows: count those resizes too."""
+        import torch
+
+        original = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(storage, size):
+            key, before = storage._cdata, storage.nbytes()
+            out = original(storage, size)
+            if key in tracker.live:
+                delta = storage.nbytes() - before
+                tracker.live[key] += delta
+                tracker.current += delta
+                tracker.peak = max(tracker.peak, tracker.current)
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+        try:
+            yield
+        finally:
+            torch.UntypedStorage.resize_ = original
+
     def _free(self, key):
         self.current -= self.live.pop(key, 0)
+        self.origin.pop(key, None)
+
+    def top(self, n: int = 4) -> str:
+        """The ops whose outputs held the most at (about) the peak."""
+        ranked = sorted(((v, k) for k, v in self.at_peak.items() if k != "resident"), reverse=True)[:n]
+        return ", ".join(f"{k} {v / GIB:.1f}" for v, k in ranked)
 
 
 def resident_tensors(obj):
@@ -282,6 +330,7 @@ class Phases:
         self.rank = rank
         self.peaks: dict[str, dict[str, float]] = {}
         self.notes: list[str] = []
+        self.top: dict[str, str] = {}
 
     def run(self, name: str, fn, resident=None):
         """fn() with live memory tracked; `resident` = {label: module or optimizer} made before it, counted by label.
@@ -294,10 +343,11 @@ class Phases:
             if obj is not None:
                 parts[label] = parts.get(label, 0) + sum(memory.add(t) for t in resident_tensors(obj)) / GIB
         tic = time.perf_counter()
-        with memory.mode:
+        with memory.mode, memory.storage_resizes():
             result = fn()
         peak = memory.peak / GIB
         self.peaks[name] = dict(parts, Total=peak, phase=peak - sum(parts.values()), seconds=time.perf_counter() - tic)
+        self.top[name] = memory.top()
         return result
 
 
@@ -321,8 +371,10 @@ def prefill(sampler, batch: int, length: int, device):
     import torch
 
     ids = torch.full((batch, length), 5, dtype=torch.long, device=device)
+    training, _ = sampler.training, sampler.eval()  # as generate() does
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         out = sampler(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+    sampler.train(training)
     return out.past_key_values
 
 
@@ -349,6 +401,24 @@ def same_optimizer(script, made):
         yield
     finally:
         script.make_optimizer = original
+
+
+@contextlib.contextmanager
+def one_host(script):
+    """score() shards its sequences over ranks and merges (index, log-prob) lists with all_gather_object, which a
+    fake process group cannot carry; give this rank one scoring batch of its own instead (the same device work per
+    rank; the host-side merge is not exercised)."""
+    world, rank = script.world, script.rank
+    script.world, script.rank = (lambda: 1), (lambda: 0)
+    try:
+        yield
+    finally:
+        script.world, script.rank = world, rank
+
+
+def scored(script, model, args, prompt, response, device):
+    with one_host(script):
+        return script.score(model, sequences(args.scoring_batch_size, prompt, response), args, PAD_ID, device, "score")
 
 
 def drive(script_name: str, preset_name: str, ranks: int, phases: Phases):
@@ -402,12 +472,10 @@ def drive(script_name: str, preset_name: str, ranks: int, phases: Phases):
         phases.run("sample", sample, {"weights": model, "ref": ref_model})
 
     if script_name in ("sera", "opsr", "srdpo"):  # reference log-probs, as the policy trains (scoring_batch_size)
-        batch = sequences(args.scoring_batch_size * world, prompt, response)
-        phases.run("score", lambda: S.score(model, batch, args, PAD_ID, device, "score"), {"weights": model})
+        phases.run("score", lambda: scored(S, model, args, prompt, response, device), {"weights": model})
     if script_name == "sera":  # candidates scored under an older model, loaded frozen next to the policy
         def frozen_score():
-            frozen = S.load_model(path, device, args, frozen=True)
-            S.score(frozen, sequences(args.scoring_batch_size * world, prompt, response), args, PAD_ID, device, "older")
+            scored(S, S.load_model(path, device, args, frozen=True), args, prompt, response, device)
 
         phases.run("score-older", frozen_score, {"weights": model})
     if script_name == "osp":  # the policy judges: decoder body once per batch, two verdict rows of the head
@@ -423,10 +491,10 @@ def drive(script_name: str, preset_name: str, ranks: int, phases: Phases):
 
         phases.run("judge", judge, {"weights": model, "ref": ref_model})
 
-    # training: two micro-batches per rank, one optimizer step with its reductions
+    # training: MICRO_BATCHES per rank, one optimizer step with its reductions
     if script_name == "osp":
         made = warmed_optimizer(S, model, args.lr, args, "constant")
-        tuples = pair_rows(2 * args.micro_batch_size * world, prompt, response)
+        tuples = pair_rows(MICRO_BATCHES * args.micro_batch_size * world, prompt, response)
 
         def step():
             sums = S.spce_backward(model, ref_model, tuples, args, device, PAD_ID)
@@ -435,7 +503,7 @@ def drive(script_name: str, preset_name: str, ranks: int, phases: Phases):
         phases.run("train", step, {"weights": model, "ref": ref_model, "opt": made[1]})
         return
     micro = args.batch_size
-    per_step = 2 * micro * world
+    per_step = MICRO_BATCHES * micro * world
     import dataclasses
 
     os.environ["WORLD_SIZE"] = str(world)
@@ -473,6 +541,12 @@ def child(script_name: str, preset_name: str, ranks: int, limit_gib: float) -> i
     torch.cuda.set_device(rank)
     if ranks > 1:
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=ranks)
+        # fully_shard's default mesh, made once here: building one under fake mode reads rank coordinates back
+        import torch.distributed.fsdp._fully_shard._fully_shard as fully_shard_module
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cuda", (ranks,))
+        fully_shard_module._init_default_mesh = lambda *args, **kwargs: mesh
     guard.install()
     NoConstantsOnDevice.install()
     phases = Phases(rank)
@@ -498,8 +572,11 @@ def child(script_name: str, preset_name: str, ranks: int, limit_gib: float) -> i
     per_phase = " ".join(f"{k} {v.get('Total', 0.0):.1f}" for k, v in phases.peaks.items())
     verdict = "fits" if total <= limit_gib else f"OVER {limit_gib:.0f}"
     notes = "".join(f" | note: {n}" for n in phases.notes)
-    print(f"{label}: peak {total:.1f} GiB/rank in {worst} ({categories(phases.peaks[worst])}) | phases: {per_phase} "
+    print(f"{label}: peak {total:.1f} GiB/rank in {worst} ({categories(phases.peaks[worst])}; phase's largest: "
+          f"{phases.top[worst]}) | phases: {per_phase} "
           f"| {verdict} | {time.perf_counter() - tic:.0f}s{notes}", flush=True)
+    for name, peak in phases.peaks.items():
+        print(f"    {label} {name}: {peak['Total']:.1f} GiB ({categories(peak)}); largest: {phases.top[name]}")
     return 0 if total <= limit_gib else 1
 
 
@@ -510,6 +587,8 @@ def main(argv=None) -> int:
                         help="per-rank budget of tracked tensors: 80 GB (74.5 GiB) less nothing; the CUDA context and "
                              "NCCL buffers (a few GiB) are not tracked")
     parser.add_argument("--list", action="store_true", help="print the (script, preset, ranks) runs and exit")
+    parser.add_argument("--phases", action="store_true", help="also a line per phase: its peak by part, and the ops "
+                                                              "whose outputs held the most at the peak")
     parser.add_argument("--child", nargs=3, metavar=("SCRIPT", "PRESET", "RANKS"), help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.child:
@@ -535,9 +614,11 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, "--child", script_name, preset_name, str(ranks), "--limit_gib",
                str(opts.limit_gib)]
         res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-        lines = [line for line in res.stdout.splitlines() if line.startswith(f"{script_name} {preset_name} ranks=")]
-        print(lines[-1] if lines else f"{script_name} {preset_name} ranks={ranks}: FAILED (exit {res.returncode}) "
-              f"without a result line", flush=True)
+        label = f"{script_name} {preset_name} ranks={ranks}"
+        lines = [line for line in res.stdout.splitlines() if line.startswith(label)]
+        print(lines[-1] if lines else f"{label}: FAILED (exit {res.returncode}) without a result line", flush=True)
+        if opts.phases:
+            print("\n".join(line for line in res.stdout.splitlines() if line.startswith(f"    {label}")), flush=True)
         if res.returncode != 0:
             failed += 1
             sys.stderr.write(res.stderr[-4000:])
