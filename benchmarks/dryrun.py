@@ -445,7 +445,7 @@ def drive(script_name: str, preset_name: str, ranks: int, phases: Phases):
     path, world, lora = preset["path"], S.world(), args.lora_r > 0
     assert world == ranks, (world, ranks)
     prompt, response = args.max_prompt_length, args.max_length - args.max_prompt_length
-    no_log = lambda *a, **k: None  # noqa: E731
+    no_log = lambda *a, **k: None
 
     model = phases.run("load", lambda: S.prepare_for_training(S.load_model(path, device, args), args))
     sharded = isinstance(model, FSDPModule)
@@ -548,6 +548,12 @@ def child(script_name: str, preset_name: str, ranks: int, limit_gib: float) -> i
         mesh = init_device_mesh("cuda", (ranks,))
         fully_shard_module._init_default_mesh = lambda *args, **kwargs: mesh
     guard.install()
+    if ranks > 1:  # the rule is in force: a CPU tensor in a collective fails
+        try:
+            dist.all_reduce(torch.zeros(1))
+            raise AssertionError("the NCCL device guard let a CPU tensor through")
+        except guard.CollectiveDeviceError:
+            guard.CHECKED.clear()
     NoConstantsOnDevice.install()
     phases = Phases(rank)
     label = f"{script_name} {preset_name} ranks={ranks}"
@@ -571,6 +577,9 @@ def child(script_name: str, preset_name: str, ranks: int, limit_gib: float) -> i
     total = phases.peaks[worst].get("Total", 0.0)
     per_phase = " ".join(f"{k} {v.get('Total', 0.0):.1f}" for k, v in phases.peaks.items())
     verdict = "fits" if total <= limit_gib else f"OVER {limit_gib:.0f}"
+    if ranks > 1:
+        checked = ", ".join(f"{k} {v}" for k, v in sorted(guard.CHECKED.items()))
+        phases.notes.append(f"collectives checked on cuda:{rank}: {checked}")
     notes = "".join(f" | note: {n}" for n in phases.notes)
     print(f"{label}: peak {total:.1f} GiB/rank in {worst} ({categories(phases.peaks[worst])}; phase's largest: "
           f"{phases.top[worst]}) | phases: {per_phase} "
@@ -613,7 +622,7 @@ def main(argv=None) -> int:
     for script_name, preset_name, ranks in runs:
         cmd = [sys.executable, __file__, "--child", script_name, preset_name, str(ranks), "--limit_gib",
                str(opts.limit_gib)]
-        res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
         label = f"{script_name} {preset_name} ranks={ranks}"
         lines = [line for line in res.stdout.splitlines() if line.startswith(label)]
         print(lines[-1] if lines else f"{label}: FAILED (exit {res.returncode}) without a result line", flush=True)

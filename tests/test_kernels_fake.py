@@ -10,9 +10,7 @@ import transformers
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import kernels.logps as triton_logps
-import kernels.ops as ops
-import kernels.torch_ref as torch_ref
-from kernels import causal_lm_logps, sequence_logps
+from kernels import causal_lm_logps, ops, sequence_logps, torch_ref
 
 TRITON = triton_logps.HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="needs Triton's interpreter"))]

@@ -20,8 +20,10 @@ import torch.distributed as dist
 TENSOR_COLLECTIVES = ("all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
                       "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv",
                       "scatter", "gather", "barrier", "all_gather_single", "reduce_scatter_single")
-FUNCTIONAL_COLLECTIVES = ("all_reduce", "all_gather_tensor", "reduce_scatter_tensor", "all_to_all_single", "broadcast",
-                          "all_reduce_coalesced", "all_gather_into_tensor_coalesced")
+FUNCTIONAL_COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather_tensor", "all_gather_tensor_autograd",
+                          "reduce_scatter_single", "reduce_scatter_tensor", "reduce_scatter_tensor_autograd",
+                          "all_to_all_single", "all_to_all_single_autograd", "broadcast", "all_reduce_coalesced",
+                          "all_gather_into_tensor_coalesced", "reduce_scatter_tensor_coalesced")
 
 
 class CollectiveDeviceError(RuntimeError):
@@ -44,8 +46,12 @@ def caller() -> str:
     return "?"
 
 
+CHECKED: dict[str, int] = {}  # collective -> calls checked
+
+
 def check_devices(name: str, args, kwargs):
     """Raise unless every tensor argument (a DTensor's local shard) is on cuda:current_device()."""
+    CHECKED[name] = CHECKED.get(name, 0) + 1
     wanted = torch.device("cuda", torch.cuda.current_device())
     for path, tensor in _tensors(list(args) + list(kwargs.values())):
         local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
