@@ -1,23 +1,26 @@
 """A fake-GPU dry run of every 7B preset: the scripts' own GPU-path functions at the presets' real settings, with
 fake CUDA tensors, a fake process group as strict as NCCL, and the per-rank peak memory of each phase.
 
-    python -m venv /work/venv-fakegpu   # once: the CUDA build of torch (about 5 GB), see README "GPUs and many ranks"
+    python3 -m venv /work/venv-fakegpu  # once: the CUDA build of torch (about 5 GB), see README "GPUs and many ranks"
     env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null /work/venv-fakegpu/bin/pip install torch==2.13.0
-    /work/venv-fakegpu/bin/pip install transformers peft safetensors tyro datasets && pip install -e . --no-deps
-    /work/venv-fakegpu/bin/python benchmarks/dryrun.py            # all presets; --only sera:mistral-7b:8 for one
+    /work/venv-fakegpu/bin/pip install transformers peft safetensors tyro datasets
+    /work/venv-fakegpu/bin/pip install -e . --no-deps
+    /work/venv-fakegpu/bin/python benchmarks/dryrun.py --phases   # all presets; --only sera:mistral-7b:8 for one
 
 Each (script, preset, ranks) runs in its own process as the last rank of `ranks` (a FakeTensorMode process: no
 weights, no values, no kernels; benchmarks/fakegpu/fakecudart.c answers torch's device queries, built on first
 use). The model is built on the meta device and materialised on the fake GPU by the script's own `load_model`
 (from_pretrained is replaced by the preset's config, see CONFIGS). Every tensor collective must get tensors on
-cuda:current_device(), as NCCL requires (benchmarks/fakegpu/guard.py). One line per (script, preset, ranks):
-the peak of each phase, then the largest phase's peak by category, GiB per rank. Exit status 1 on any failure
-or a phase over --limit_gib.
+cuda:current_device(), as NCCL requires (benchmarks/fakegpu/guard.py). One line per (script, preset, ranks): the
+largest phase's peak (what was resident before it + what the phase added, and the ops whose outputs held the
+most), the peak of every phase, the collectives checked; GiB per rank. Exit status 1 on any failure or a peak
+over --limit_gib.
 
 Host reads of fake tensors (`.tolist()`, `.item()`, `bool()`: a sampled permutation, the step statistics, scored
 log-probs) have no values; here they read as ones, booleans as False (`host_reads_as_ones`), so control flow that
-depends on data takes one arbitrary branch. What the dry run does not see: numerics, kernel launch limits, NCCL hangs between
-ranks (each process is alone), allocator fragmentation, the CUDA context and NCCL buffers (a few GB per GPU).
+depends on data takes one arbitrary branch. What the dry run does not see: numerics, kernel launch limits, NCCL
+hangs between ranks (each process is alone), allocator fragmentation, the CUDA context and NCCL buffers (a few GB
+per GPU).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ CONFIGS = {
     "mistralai/Mistral-7B-Instruct-v0.2": ("mistral", dict(MISTRAL_7B, rope_theta=1e6, sliding_window=None)),
 }
 PAD_ID = 2  # zephyr's and Mistral-Instruct's pad = eos
-REFINE_TOKENS = 64  # srdpo: the refinement prompt's tokens (the paper's text is ~40 words), added to the budget
+REFINE_TOKENS = 64  # srdpo: the refinement prompt's tokens (the paper's ~45 words), added to the length budget
 GIB = 1 << 30
 # Micro-batches per optimizer step in the training phase: 2 shows gradient accumulation (FSDP2 without gradient
 # sync before the last one holds unsharded gradients); the presets' own counts (up to 8) cost time, not memory.
@@ -80,7 +83,7 @@ def load_script(name: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The fake device and process group (used inside the child processes only)
+# The fake device, the host reads of fake tensors, the model without weights
 
 
 def fake_runtime_env() -> dict:
