@@ -619,8 +619,15 @@ def main(argv=None) -> int:
 
     if torch.version.cuda is None:
         sys.exit(f"dryrun.py: needs the CUDA build of torch (this is {torch.__version__}); see the README")
-    print(f"# dry run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, fake CUDA, "
-          f"{os.cpu_count()} CPUs; GiB per rank of tracked tensors (context and NCCL buffers not included)", flush=True)
+    import platform
+
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    print(f"# dry run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, fake CUDA, {os.cpu_count()} x {cpu}; GiB per rank of tracked tensors (context "
+          "and NCCL buffers not included)", flush=True)
     env, failed = fake_runtime_env(), 0
     for script_name, preset_name, ranks in runs:
         cmd = [sys.executable, __file__, "--child", script_name, preset_name, str(ranks), "--limit_gib",
