@@ -49,9 +49,19 @@ SCRIPT_API = {
 SCRIPTS = ("sera", "srdpo", "opsr", "osp")
 
 # Model configs of the presets' hub ids (no download here), from their config.json.
-MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5,
-                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+MISTRAL_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 CONFIGS = {
     "alignment-handbook/zephyr-7b-sft-full": ("mistral", dict(MISTRAL_7B, rope_theta=10000.0, sliding_window=4096)),
     "mistralai/Mistral-7B-Instruct-v0.2": ("mistral", dict(MISTRAL_7B, rope_theta=1e6, sliding_window=None)),
@@ -96,8 +106,9 @@ def fake_runtime_env() -> dict:
 
         include = Path(triton.__file__).parent / "backends" / "nvidia" / "include"
         build.mkdir(exist_ok=True)
-        subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-I", str(include), "-o", str(library), str(source)],
-                       check=True)
+        subprocess.run(
+            ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-I", str(include), "-o", str(library), str(source)], check=True
+        )
         (build / "libcuda.so.1").unlink(missing_ok=True)
         (build / "libcuda.so.1").symlink_to(library.name)  # the driver library torch dlopens: the same stand-in
     env = dict(os.environ, LD_PRELOAD=str(library), LD_LIBRARY_PATH=f"{build}:{os.environ.get('LD_LIBRARY_PATH', '')}")
@@ -359,13 +370,17 @@ def categories(peak: dict[str, float]) -> str:
 
 
 def sequences(count: int, prompt: int, response: int, offset: int = 3) -> list[tuple[list[int], list[int]]]:
-    return [([offset + (i + t) % 1000 for t in range(prompt)], [offset + (i * 7 + t) % 1000 for t in range(response)])
-            for i in range(count)]
+    return [
+        ([offset + (i + t) % 1000 for t in range(prompt)], [offset + (i * 7 + t) % 1000 for t in range(response)])
+        for i in range(count)
+    ]
 
 
 def pair_rows(count: int, prompt: int, response: int) -> list[dict]:
-    return [dict(prompt_ids=p, chosen_ids=c, rejected_ids=list(reversed(c)), ref_chosen=-1.0, ref_rejected=-2.0, q=0.7)
-            for p, c in sequences(count, prompt, response)]
+    return [
+        dict(prompt_ids=p, chosen_ids=c, rejected_ids=list(reversed(c)), ref_chosen=-1.0, ref_rejected=-2.0, q=0.7)
+        for p, c in sequences(count, prompt, response)
+    ]
 
 
 def prefill(sampler, batch: int, length: int, device):
@@ -438,8 +453,10 @@ def drive(script_name: str, preset_name: str, ranks: int, phases: Phases):
         # the preset's global batch does not split into its micro-batch on this many ranks: the largest that does
         per_rank = preset["global_batch"] // ranks
         overrides["batch_size"] = max(b for b in range(1, preset["batch_size"] + 1) if per_rank % b == 0)
-        phases.notes.append(f"--batch_size {overrides['batch_size']} (global_batch {preset['global_batch']} is not a "
-                            f"multiple of the preset's {preset['batch_size']} x {ranks} ranks)")
+        phases.notes.append(
+            f"--batch_size {overrides['batch_size']} (global_batch {preset['global_batch']} is not a "
+            f"multiple of the preset's {preset['batch_size']} x {ranks} ranks)"
+        )
     args, preset = S.resolve(S.Args(model=preset_name, **overrides))
     device = torch.device("cuda", torch.cuda.current_device())
     impl = kernels.resolve_impl("auto", device)
@@ -448,21 +465,29 @@ def drive(script_name: str, preset_name: str, ranks: int, phases: Phases):
     path, world, lora = preset["path"], S.world(), args.lora_r > 0
     assert world == ranks, (world, ranks)
     prompt, response = args.max_prompt_length, args.max_length - args.max_prompt_length
-    no_log = lambda *a, **k: None
+    def no_log(*a, **k):
+        return None
 
     model = phases.run("load", lambda: S.prepare_for_training(S.load_model(path, device, args), args))
     sharded = isinstance(model, FSDPModule)
     ref_model = None
     if script_name == "osp":
         made = warmed_optimizer(S, model, args.aug_lr, args, "cosine")
-        examples = [dict(prompt_ids=p, response_ids=r, kind="judge") for p, r in
-                    sequences(args.aug_batch_size, args.judge_max_length - 8, 8)]  # stage 0's longest: judge instances
+        examples = [
+            dict(prompt_ids=p, response_ids=r, kind="judge")
+            for p, r in sequences(args.aug_batch_size, args.judge_max_length - 8, 8)
+        ]  # stage 0's longest: judge instances
         with same_optimizer(S, made):
-            phases.run("augment", lambda: S.augment(model, examples, args, device, PAD_ID, no_log),
-                       {"weights": model, "opt": made[1]})
+            phases.run(
+                "augment",
+                lambda: S.augment(model, examples, args, device, PAD_ID, no_log),
+                {"weights": model, "opt": made[1]},
+            )
         del made
         if not lora:
-            ref_model = phases.run("load-ref", lambda: S.load_model(path, device, args, frozen=True), {"weights": model})
+            ref_model = phases.run(
+                "load-ref", lambda: S.load_model(path, device, args, frozen=True), {"weights": model}
+            )
 
     if script_name != "srdpo":  # sampling: HF generate on the policy, or on an unsharded bf16 copy of it
         n = {"sera": getattr(args, "n_cand", 1), "opsr": 1, "osp": getattr(args, "k", 1)}[script_name]
@@ -477,6 +502,7 @@ def drive(script_name: str, preset_name: str, ranks: int, phases: Phases):
     if script_name in ("sera", "opsr", "srdpo"):  # reference log-probs, as the policy trains (scoring_batch_size)
         phases.run("score", lambda: scored(S, model, args, prompt, response, device), {"weights": model})
     if script_name == "sera":  # candidates scored under an older model, loaded frozen next to the policy
+
         def frozen_score():
             scored(S, S.load_model(path, device, args, frozen=True), args, prompt, response, device)
 
@@ -515,18 +541,29 @@ def drive(script_name: str, preset_name: str, ranks: int, phases: Phases):
     if script_name == "srdpo":
         aug = prompt + REFINE_TOKENS + 4
         for p in pairs:
-            p.update(aug_prompt_ids=[9] * 8 + p["prompt_ids"][: aug - 8], aug_chosen_ids=p["chosen_ids"],
-                     aug_rejected_ids=p["rejected_ids"], ref_aug_chosen=-1.0, ref_aug_rejected=-2.0)
+            p.update(
+                aug_prompt_ids=[9] * 8 + p["prompt_ids"][: aug - 8],
+                aug_chosen_ids=p["chosen_ids"],
+                aug_rejected_ids=p["rejected_ids"],
+                ref_aug_chosen=-1.0,
+                ref_aug_rejected=-2.0,
+            )
         made = warmed_optimizer(S, model, args.lr, args, "constant", args.optimizer)
         with same_optimizer(S, made):
-            phases.run("train", lambda: S.train(model, pairs, args, device, PAD_ID, no_log, no_log),
-                       {"weights": model, "opt": made[1]})
+            phases.run(
+                "train",
+                lambda: S.train(model, pairs, args, device, PAD_ID, no_log, no_log),
+                {"weights": model, "opt": made[1]},
+            )
     else:
         lr = args.lr if script_name == "sera" else args.lrs[0]
         made = warmed_optimizer(S, model, lr, args, args.scheduler)
         with same_optimizer(S, made):
-            phases.run("train", lambda: S.train_iteration(model, pairs, 1, args, lr, device, PAD_ID, no_log, no_log),
-                       {"weights": model, "opt": made[1]})
+            phases.run(
+                "train",
+                lambda: S.train_iteration(model, pairs, 1, args, lr, device, PAD_ID, no_log, no_log),
+                {"weights": model, "opt": made[1]},
+            )
 
 
 def child(script_name: str, preset_name: str, ranks: int, limit_gib: float) -> int:
@@ -562,16 +599,23 @@ def child(script_name: str, preset_name: str, ranks: int, limit_gib: float) -> i
     label = f"{script_name} {preset_name} ranks={ranks}"
     tic = time.perf_counter()
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True), host_reads_as_ones(), configs_for_from_pretrained(), \
-                rebinding_module_apply():
+        with (
+            FakeTensorMode(allow_non_fake_inputs=True),
+            host_reads_as_ones(),
+            configs_for_from_pretrained(),
+            rebinding_module_apply(),
+        ):
             drive(script_name, preset_name, ranks, phases)
     except Exception as err:  # noqa: BLE001 - reported, and the run fails
         import traceback
 
         traceback.print_exc()
         done = " ".join(f"{k} {v['Total']:.1f}" for k, v in phases.peaks.items() if "Total" in v)
-        print(f"{label}: FAILED in phase {len(phases.peaks) + 1} after [{done}]: {type(err).__name__}: "
-              f"{str(err).splitlines()[0][:300]}", flush=True)
+        print(
+            f"{label}: FAILED in phase {len(phases.peaks) + 1} after [{done}]: {type(err).__name__}: "
+            f"{str(err).splitlines()[0][:300]}",
+            flush=True,
+        )
         return 1
     finally:
         if dist.is_initialized():
@@ -584,9 +628,12 @@ def child(script_name: str, preset_name: str, ranks: int, limit_gib: float) -> i
         checked = ", ".join(f"{k} {v}" for k, v in sorted(guard.CHECKED.items()))
         phases.notes.append(f"collectives checked on cuda:{rank}: {checked}")
     notes = "".join(f" | note: {n}" for n in phases.notes)
-    print(f"{label}: peak {total:.1f} GiB/rank in {worst} ({categories(phases.peaks[worst])}; phase's largest: "
-          f"{phases.top[worst]}) | phases: {per_phase} "
-          f"| {verdict} | {time.perf_counter() - tic:.0f}s{notes}", flush=True)
+    print(
+        f"{label}: peak {total:.1f} GiB/rank in {worst} ({categories(phases.peaks[worst])}; phase's largest: "
+        f"{phases.top[worst]}) | phases: {per_phase} "
+        f"| {verdict} | {time.perf_counter() - tic:.0f}s{notes}",
+        flush=True,
+    )
     for name, peak in phases.peaks.items():
         print(f"    {label} {name}: {peak['Total']:.1f} GiB ({categories(peak)}); largest: {phases.top[name]}")
     return 0 if total <= limit_gib else 1
@@ -595,12 +642,19 @@ def child(script_name: str, preset_name: str, ranks: int, limit_gib: float) -> i
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", default=None, help="script:preset:ranks (e.g. sera:mistral-7b:8)")
-    parser.add_argument("--limit_gib", type=float, default=74.5,
-                        help="per-rank budget of tracked tensors: 80 GB (74.5 GiB) less nothing; the CUDA context and "
-                             "NCCL buffers (a few GiB) are not tracked")
+    parser.add_argument(
+        "--limit_gib",
+        type=float,
+        default=74.5,
+        help="per-rank budget of tracked tensors: 80 GB (74.5 GiB) less nothing; the CUDA context and "
+        "NCCL buffers (a few GiB) are not tracked",
+    )
     parser.add_argument("--list", action="store_true", help="print the (script, preset, ranks) runs and exit")
-    parser.add_argument("--phases", action="store_true", help="also a line per phase: its peak by part, and the ops "
-                                                              "whose outputs held the most at the peak")
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="also a line per phase: its peak by part, and the ops whose outputs held the most at the peak",
+    )
     parser.add_argument("--child", nargs=3, metavar=("SCRIPT", "PRESET", "RANKS"), help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.child:
@@ -610,7 +664,9 @@ def main(argv=None) -> int:
         wanted = [tuple(x.split(":")) for x in opts.only]
         runs = [r for r in runs if (r[0], r[1], str(r[2])) in wanted]
         if len(runs) != len(wanted):
-            parser.error(f"--only: {opts.only} are not all 7B runs; they are {[':'.join(map(str, r)) for r in presets()]}")
+            parser.error(
+                f"--only: {opts.only} are not all 7B runs; they are {[':'.join(map(str, r)) for r in presets()]}"
+            )
     if opts.list:
         for run in runs:
             print(":".join(map(str, run)))
@@ -623,15 +679,32 @@ def main(argv=None) -> int:
 
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    print(f"# dry run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, fake CUDA, {os.cpu_count()} x {cpu}; GiB per rank of tracked tensors (context "
-          "and NCCL buffers not included)", flush=True)
+    cpu = (
+        next(
+            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
+    print(
+        f"# dry run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, fake CUDA, {os.cpu_count()} x {cpu}; GiB per rank of tracked tensors (context "
+        "and NCCL buffers not included)",
+        flush=True,
+    )
     env, failed = fake_runtime_env(), 0
     for script_name, preset_name, ranks in runs:
-        cmd = [sys.executable, __file__, "--child", script_name, preset_name, str(ranks), "--limit_gib",
-               str(opts.limit_gib)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            script_name,
+            preset_name,
+            str(ranks),
+            "--limit_gib",
+            str(opts.limit_gib),
+        ]
         res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
         label = f"{script_name} {preset_name} ranks={ranks}"
         lines = [line for line in res.stdout.splitlines() if line.startswith(label)]

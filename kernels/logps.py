@@ -91,9 +91,24 @@ if HAVE_TRITON:
         return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
     @triton.jit
-    def _logit_tile(h_ptr, w_ptr, stride_h, stride_w, offs_m, offs_v, mask_m, mask_v, H,
-                    inv_temp, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    def _logit_tile(
+        h_ptr,
+        w_ptr,
+        stride_h,
+        stride_w,
+        offs_m,
+        offs_v,
+        mask_m,
+        mask_v,
+        H,
+        inv_temp,
+        softcap,
+        HAS_SOFTCAP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
         # int64 row offsets: offs * stride passes 2^31 for large V*H or N*H
         h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * stride_h
         w_rows = w_ptr + offs_v.to(tl.int64)[:, None] * stride_w
@@ -111,12 +126,33 @@ if HAVE_TRITON:
         return acc * inv_temp, tanh
 
     @triton.jit
-    def _forward_kernel(h_ptr, w_ptr, ref_h_ptr, ref_w_ptr, targets_ptr, count_ptr,
-                        max_ptr, sum_ptr, label_ptr,
-                        M, V, H, stride_h, stride_w, stride_rh, stride_rw,
-                        vocab_per_split, n_splits, inv_temp, softcap,
-                        HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _forward_kernel(
+        h_ptr,
+        w_ptr,
+        ref_h_ptr,
+        ref_w_ptr,
+        targets_ptr,
+        count_ptr,
+        max_ptr,
+        sum_ptr,
+        label_ptr,
+        M,
+        V,
+        H,
+        stride_h,
+        stride_w,
+        stride_rh,
+        stride_rw,
+        vocab_per_split,
+        n_splits,
+        inv_temp,
+        softcap,
+        HAS_SOFTCAP: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         pid_split = tl.program_id(0)  # fastest axis: neighbouring programs share the row block
         pid_m = tl.program_id(1)
         pid_model = tl.program_id(2)  # 0 = policy, 1 = reference
@@ -142,8 +178,24 @@ if HAVE_TRITON:
         for v0 in range(v_start, v_end, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
             mask_v = offs_v < v_end
-            logits, _ = _logit_tile(hp, wp, sh, sw, offs_m, offs_v, mask_m, mask_v, H, inv_temp, softcap,
-                                    HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+            logits, _ = _logit_tile(
+                hp,
+                wp,
+                sh,
+                sw,
+                offs_m,
+                offs_v,
+                mask_m,
+                mask_v,
+                H,
+                inv_temp,
+                softcap,
+                HAS_SOFTCAP,
+                BLOCK_M,
+                BLOCK_V,
+                BLOCK_K,
+                DOT_PRECISION,
+            )
             logits = tl.where(mask_v[None, :], logits, float("-inf"))
             new_max = tl.maximum(run_max, tl.max(logits, axis=1))
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
@@ -168,10 +220,28 @@ if HAVE_TRITON:
             tl.store(label_ptr + pid_model * M + offs_m, label * inv_temp, mask=offs_m < M)
 
     @triton.jit
-    def _grad_logits_kernel(h_ptr, w_ptr, targets_ptr, lse_ptr, grad_ptr, out_ptr,
-                            M, V, H, stride_h, stride_w, stride_out, inv_temp, softcap,
-                            HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _grad_logits_kernel(
+        h_ptr,
+        w_ptr,
+        targets_ptr,
+        lse_ptr,
+        grad_ptr,
+        out_ptr,
+        M,
+        V,
+        H,
+        stride_h,
+        stride_w,
+        stride_out,
+        inv_temp,
+        softcap,
+        HAS_SOFTCAP: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         # 1-D grid swizzled in groups of GROUP row blocks: programs resident together cover
         # GROUP row blocks x (#SMs / GROUP) vocab tiles, so their h and W tiles stay in L2.
         pid = tl.program_id(0)
@@ -185,8 +255,24 @@ if HAVE_TRITON:
         offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         mask_m = offs_m < M
         mask_v = offs_v < V
-        logits, tanh = _logit_tile(h_ptr, w_ptr, stride_h, stride_w, offs_m, offs_v, mask_m, mask_v, H,
-                                   inv_temp, softcap, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        logits, tanh = _logit_tile(
+            h_ptr,
+            w_ptr,
+            stride_h,
+            stride_w,
+            offs_m,
+            offs_v,
+            mask_m,
+            mask_v,
+            H,
+            inv_temp,
+            softcap,
+            HAS_SOFTCAP,
+            BLOCK_M,
+            BLOCK_V,
+            BLOCK_K,
+            DOT_PRECISION,
+        )
         targets = tl.load(targets_ptr + offs_m, mask=mask_m, other=-1)
         lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
         g = tl.load(grad_ptr + offs_m, mask=mask_m, other=0.0)
@@ -208,18 +294,47 @@ def forward_plan(rows: int, vocab: int, n_models: int, dtype: torch.dtype, arch:
     n_splits = max(1, min(triton.cdiv(vocab, block_v), wanted))
     vocab_per_split = triton.cdiv(triton.cdiv(vocab, n_splits), block_v) * block_v
     n_splits = triton.cdiv(vocab, vocab_per_split)  # every split holds at least one column
-    return dict(grid=(n_splits, row_blocks, n_models), n_splits=n_splits, vocab_per_split=vocab_per_split,
-                meta=dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
-                          num_stages=num_stages, DOT_PRECISION=_dot_precision(dtype)))
+    return dict(
+        grid=(n_splits, row_blocks, n_models),
+        n_splits=n_splits,
+        vocab_per_split=vocab_per_split,
+        meta=dict(
+            BLOCK_M=block_m,
+            BLOCK_V=block_v,
+            BLOCK_K=block_k,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            DOT_PRECISION=_dot_precision(dtype),
+        ),
+    )
 
 
-def forward_args(plan, hidden, weight, ref_hidden, ref_weight, targets, count, stat_max, stat_sum, label,
-                 temperature, softcap) -> list:
+def forward_args(
+    plan, hidden, weight, ref_hidden, ref_weight, targets, count, stat_max, stat_sum, label, temperature, softcap
+) -> list:
     rows, hidden_size = hidden.shape
-    return [hidden, weight, ref_hidden, ref_weight, targets, count, stat_max, stat_sum, label,
-            rows, weight.shape[0], hidden_size, hidden.stride(0), weight.stride(0), ref_hidden.stride(0),
-            ref_weight.stride(0), plan["vocab_per_split"], plan["n_splits"], 1.0 / temperature,
-            1.0 if softcap is None else float(softcap)]
+    return [
+        hidden,
+        weight,
+        ref_hidden,
+        ref_weight,
+        targets,
+        count,
+        stat_max,
+        stat_sum,
+        label,
+        rows,
+        weight.shape[0],
+        hidden_size,
+        hidden.stride(0),
+        weight.stride(0),
+        ref_hidden.stride(0),
+        ref_weight.stride(0),
+        plan["vocab_per_split"],
+        plan["n_splits"],
+        1.0 / temperature,
+        1.0 if softcap is None else float(softcap),
+    ]
 
 
 def backward_plan(rows: int, vocab: int, dtype: torch.dtype, arch: int | None, workspace_bytes: int) -> dict:
@@ -234,9 +349,21 @@ def backward_plan(rows: int, vocab: int, dtype: torch.dtype, arch: int | None, w
         chunk_vocab = min(vocab, max(block_v, elements // rows // block_v * block_v))
     elif rows * vocab > elements:
         chunk_rows = min(rows, max(block_m, elements // vocab // block_m * block_m))
-    return dict(chunk_rows=chunk_rows, chunk_vocab=chunk_vocab, block_m=block_m, block_v=block_v,
-                meta=dict(BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
-                          num_stages=num_stages, DOT_PRECISION=_dot_precision(dtype), GROUP=GROUP_M))
+    return dict(
+        chunk_rows=chunk_rows,
+        chunk_vocab=chunk_vocab,
+        block_m=block_m,
+        block_v=block_v,
+        meta=dict(
+            BLOCK_M=block_m,
+            BLOCK_V=block_v,
+            BLOCK_K=block_k,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            DOT_PRECISION=_dot_precision(dtype),
+            GROUP=GROUP_M,
+        ),
+    )
 
 
 def backward_grid(plan, rows: int, vocab: int) -> tuple[int]:
@@ -245,15 +372,30 @@ def backward_grid(plan, rows: int, vocab: int) -> tuple[int]:
 
 def backward_args(hidden, weight, targets, lse, grad, out, temperature, softcap) -> list:
     rows, hidden_size = hidden.shape
-    return [hidden, weight, targets, lse, grad, out, rows, weight.shape[0], hidden_size, hidden.stride(0),
-            weight.stride(0), out.stride(0), 1.0 / temperature, 1.0 if softcap is None else float(softcap)]
+    return [
+        hidden,
+        weight,
+        targets,
+        lse,
+        grad,
+        out,
+        rows,
+        weight.shape[0],
+        hidden_size,
+        hidden.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        1.0 / temperature,
+        1.0 if softcap is None else float(softcap),
+    ]
 
 
 def _forward(hidden, weight, ref_hidden, ref_weight, targets, temperature, softcap, count):
     """Returns (policy logps [M], policy lse [M], reference logps [M] or None), all fp32; 0 at rows >= count."""
     rows = hidden.shape[0]
-    if ref_hidden is not None and (ref_hidden.dtype != hidden.dtype or ref_weight.dtype != weight.dtype
-                                   or ref_hidden.shape != hidden.shape):
+    if ref_hidden is not None and (
+        ref_hidden.dtype != hidden.dtype or ref_weight.dtype != weight.dtype or ref_hidden.shape != hidden.shape
+    ):
         # One launch needs one element type and hidden size; otherwise score the reference apart.
         logps, lse, _ = _forward(hidden, weight, None, None, targets, temperature, softcap, count)
         return logps, lse, _forward(ref_hidden, ref_weight, None, None, targets, temperature, softcap, count)[0]
@@ -265,8 +407,9 @@ def _forward(hidden, weight, ref_hidden, ref_weight, targets, temperature, softc
     plan = forward_plan(rows, weight.shape[0], n_models, hidden.dtype, arch, sms)
     stats = torch.empty((2, n_models, plan["n_splits"], rows), dtype=torch.float32, device=hidden.device)
     label = torch.empty((n_models, rows), dtype=torch.float32, device=hidden.device)
-    args = forward_args(plan, hidden, weight, ref_hidden, ref_weight, targets, count, stats[0], stats[1], label,
-                        temperature, softcap)
+    args = forward_args(
+        plan, hidden, weight, ref_hidden, ref_weight, targets, count, stats[0], stats[1], label, temperature, softcap
+    )
     _forward_kernel[plan["grid"]](*args, HAS_SOFTCAP=softcap is not None, **plan["meta"])
     split_max, split_sum = stats
     top = split_max.amax(dim=1)  # [models, M]
@@ -277,12 +420,18 @@ def _forward(hidden, weight, ref_hidden, ref_weight, targets, temperature, softc
     return logps[0], lse[0], (logps[1] if n_models == 2 else None)
 
 
-def _backward(hidden, weight, targets, lse, grad_logps, temperature, softcap, need_hidden, need_weight, rows,
-              workspace_bytes=None):
+def _backward(
+    hidden, weight, targets, lse, grad_logps, temperature, softcap, need_hidden, need_weight, rows, workspace_bytes=None
+):
     """Gradients for the first `rows` rows (the scored ones); later rows get a zero gradient."""
     vocab = weight.shape[0]
-    plan = backward_plan(rows, vocab, hidden.dtype, device_arch(hidden.device),
-                         WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes)
+    plan = backward_plan(
+        rows,
+        vocab,
+        hidden.dtype,
+        device_arch(hidden.device),
+        WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes,
+    )
     step_rows, step_vocab = plan["chunk_rows"], plan["chunk_vocab"]
     by_rows, by_vocab = step_rows < rows, step_vocab < vocab
     # A gradient summed over chunks accumulates in fp32; one written once per chunk stays in its dtype.
@@ -293,8 +442,7 @@ def _backward(hidden, weight, targets, lse, grad_logps, temperature, softcap, ne
         if by_vocab:
             hidden_acc = torch.zeros((rows, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
     if need_weight:
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32 if by_rows else weight.dtype,
-                                  device=weight.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32 if by_rows else weight.dtype, device=weight.device)
     workspace = torch.empty((min(step_rows, rows), step_vocab), dtype=hidden.dtype, device=hidden.device)
     grad_logps = grad_logps.float().contiguous()
     for start in range(0, rows, step_rows):
@@ -304,10 +452,12 @@ def _backward(hidden, weight, targets, lse, grad_logps, temperature, softcap, ne
             v1 = min(v0 + step_vocab, vocab)
             w = weight[v0:v1]
             dz = workspace[: end - start, : v1 - v0]
-            args = backward_args(h, w, targets[start:end] - v0, lse[start:end], grad_logps[start:end], dz,
-                                 temperature, softcap)
-            _grad_logits_kernel[backward_grid(plan, end - start, v1 - v0)](*args, HAS_SOFTCAP=softcap is not None,
-                                                                            **plan["meta"])
+            args = backward_args(
+                h, w, targets[start:end] - v0, lse[start:end], grad_logps[start:end], dz, temperature, softcap
+            )
+            _grad_logits_kernel[backward_grid(plan, end - start, v1 - v0)](
+                *args, HAS_SOFTCAP=softcap is not None, **plan["meta"]
+            )
             if need_hidden and by_vocab:
                 add_matmul_fp32_(hidden_acc[start:end], dz, w)
             elif need_hidden:
@@ -356,9 +506,17 @@ def tracing(tensor: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("selfpo::triton_token_logps_fwd", mutates_args=())
-def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor | None,
-                ref_weight: torch.Tensor | None, targets: torch.Tensor, count: torch.Tensor, temperature: float,
-                softcap: float | None, workspace_bytes: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor | None,
+    ref_weight: torch.Tensor | None,
+    targets: torch.Tensor,
+    count: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    workspace_bytes: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(policy logps [M], policy lse [M], reference logps [M] or [0]); `workspace_bytes` is the backward's."""
     logps, lse, ref_logps = _forward(hidden, weight, ref_hidden, ref_weight, targets, temperature, softcap, count)
     if ref_logps is None:
@@ -371,37 +529,77 @@ def _(hidden, weight, ref_hidden, ref_weight, targets, count, temperature, softc
     _check_devices("triton_token_logps", hidden, weight, ref_hidden, ref_weight, targets, count)
     rows = hidden.shape[0]
     ref_rows = 0 if ref_hidden is None else rows
-    return (hidden.new_empty(rows, dtype=torch.float32), hidden.new_empty(rows, dtype=torch.float32),
-            hidden.new_empty(ref_rows, dtype=torch.float32))
+    return (
+        hidden.new_empty(rows, dtype=torch.float32),
+        hidden.new_empty(rows, dtype=torch.float32),
+        hidden.new_empty(ref_rows, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("selfpo::triton_token_logps_bwd", mutates_args=())
-def _backward_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                 grad_logps: torch.Tensor, count: torch.Tensor, temperature: float, softcap: float | None, rows: int,
-                 need_hidden: bool, need_weight: bool, workspace_bytes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logps: torch.Tensor,
+    count: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    rows: int,
+    need_hidden: bool,
+    need_weight: bool,
+    workspace_bytes: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad hidden, grad weight), each [0] when not needed. rows < 0: read `count` here (one host read; the
     eager path passes the count copied to the host during the forward)."""
     rows = int(count) if rows < 0 else rows
-    grad_hidden, grad_weight = _backward(hidden, weight, targets, lse, grad_logps, temperature, softcap, need_hidden,
-                                         need_weight, rows, workspace_bytes)
-    return (hidden.new_empty(0) if grad_hidden is None else grad_hidden,
-            weight.new_empty(0) if grad_weight is None else grad_weight)
+    grad_hidden, grad_weight = _backward(
+        hidden, weight, targets, lse, grad_logps, temperature, softcap, need_hidden, need_weight, rows, workspace_bytes
+    )
+    return (
+        hidden.new_empty(0) if grad_hidden is None else grad_hidden,
+        weight.new_empty(0) if grad_weight is None else grad_weight,
+    )
 
 
 @_backward_op.register_fake
-def _(hidden, weight, targets, lse, grad_logps, count, temperature, softcap, rows, need_hidden, need_weight,
-      workspace_bytes):
+def _(
+    hidden,
+    weight,
+    targets,
+    lse,
+    grad_logps,
+    count,
+    temperature,
+    softcap,
+    rows,
+    need_hidden,
+    need_weight,
+    workspace_bytes,
+):
     _check_devices("triton_token_logps backward", hidden, weight, targets, lse, grad_logps, count)
     # the transient workspace (and fp32 accumulator) as the real backward allocates it, so memory trackers see it
-    plan = backward_plan(hidden.shape[0], weight.shape[0], hidden.dtype, 90,
-                         WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes)
+    plan = backward_plan(
+        hidden.shape[0],
+        weight.shape[0],
+        hidden.dtype,
+        90,
+        WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes,
+    )
     workspace = hidden.new_empty((plan["chunk_rows"], plan["chunk_vocab"]))
-    accumulator = (hidden.new_empty(hidden.shape, dtype=torch.float32) if plan["chunk_vocab"] < weight.shape[0]
-                   else weight.new_empty(weight.shape, dtype=torch.float32) if plan["chunk_rows"] < hidden.shape[0]
-                   else None)
+    accumulator = (
+        hidden.new_empty(hidden.shape, dtype=torch.float32)
+        if plan["chunk_vocab"] < weight.shape[0]
+        else weight.new_empty(weight.shape, dtype=torch.float32)
+        if plan["chunk_rows"] < hidden.shape[0]
+        else None
+    )
     del workspace, accumulator
-    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else weight.new_empty(0))
+    return (
+        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if need_weight else weight.new_empty(0),
+    )
 
 
 def _check_devices(name: str, *tensors):
@@ -424,17 +622,47 @@ def _backward_formula(ctx, grad_logps, _grad_lse, _grad_ref):
     temperature, softcap, host_count, workspace_bytes = ctx.config
     rows = -1 if host_count is None else host_count.get()
     need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_hidden, grad_weight = _backward_op(hidden, weight, targets, lse, grad_logps, count, temperature, softcap,
-                                            rows, need_hidden, need_weight, workspace_bytes)
-    return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
-            None, None, None, None, None, None, None)
+    grad_hidden, grad_weight = _backward_op(
+        hidden,
+        weight,
+        targets,
+        lse,
+        grad_logps,
+        count,
+        temperature,
+        softcap,
+        rows,
+        need_hidden,
+        need_weight,
+        workspace_bytes,
+    )
+    return (
+        grad_hidden if need_hidden else None,
+        grad_weight if need_weight else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _forward_op.register_autograd(_backward_formula, setup_context=_setup_backward)
 
 
-def triton_token_logps(hidden, weight, targets, ref_hidden=None, ref_weight=None, temperature=1.0, softcap=None,
-                       count=None, workspace_bytes=None):
+def triton_token_logps(
+    hidden,
+    weight,
+    targets,
+    ref_hidden=None,
+    ref_weight=None,
+    temperature=1.0,
+    softcap=None,
+    count=None,
+    workspace_bytes=None,
+):
     """Token log-probs of M rows; with `count` (an int64 device scalar) only the first `count` rows are
     scored and the others get 0, so the caller need not know the number of scored rows on the host."""
     if not HAVE_TRITON:
@@ -445,6 +673,7 @@ def triton_token_logps(hidden, weight, targets, ref_hidden=None, ref_weight=None
     if ref_hidden is not None:
         ref_hidden, ref_weight = ref_hidden.detach().contiguous(), ref_weight.detach().contiguous()
     softcap = None if softcap is None else float(softcap)
-    logps, _, ref_logps = _forward_op(hidden, weight, ref_hidden, ref_weight, targets, count, float(temperature), softcap,
-                                      workspace_bytes)
+    logps, _, ref_logps = _forward_op(
+        hidden, weight, ref_hidden, ref_weight, targets, count, float(temperature), softcap, workspace_bytes
+    )
     return logps, (ref_logps if ref_hidden is not None else None)

@@ -24,8 +24,10 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl == "auto":
         impl = "triton" if (device.type == "cuda" and HAVE_TRITON) else "torch"
     if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError(f"impl='triton' needs CUDA tensors (got {device.type}); use impl='torch' on CPU, "
-                         "or set TRITON_INTERPRET=1 to run the Triton kernels in the interpreter")
+        raise ValueError(
+            f"impl='triton' needs CUDA tensors (got {device.type}); use impl='torch' on CPU, "
+            "or set TRITON_INTERPRET=1 to run the Triton kernels in the interpreter"
+        )
     return impl
 
 
@@ -35,7 +37,9 @@ def _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, reduction):
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"sequence_logps: 'weight' must be [V, H={hidden.shape[2]}], got shape {tuple(weight.shape)}")
     if labels.shape != hidden.shape[:2]:
-        raise ValueError(f"sequence_logps: 'labels' must be [B, T]={tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"sequence_logps: 'labels' must be [B, T]={tuple(hidden.shape[:2])}, got {tuple(labels.shape)}"
+        )
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"sequence_logps: 'labels' must be an integer tensor, got {labels.dtype}")
     if hidden.dtype != weight.dtype:
@@ -44,11 +48,15 @@ def _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, reduction):
         raise ValueError("sequence_logps: pass both 'ref_hidden' and 'ref_weight', or neither")
     if ref_hidden is not None:
         if ref_hidden.shape[:2] != hidden.shape[:2]:
-            raise ValueError(f"sequence_logps: 'ref_hidden' must be [B, T, H'] with B, T = {tuple(hidden.shape[:2])}, "
-                             f"got {tuple(ref_hidden.shape)}")
+            raise ValueError(
+                f"sequence_logps: 'ref_hidden' must be [B, T, H'] with B, T = {tuple(hidden.shape[:2])}, "
+                f"got {tuple(ref_hidden.shape)}"
+            )
         if ref_weight.shape != (weight.shape[0], ref_hidden.shape[2]):
-            raise ValueError(f"sequence_logps: 'ref_weight' must be [V={weight.shape[0]}, {ref_hidden.shape[2]}], "
-                             f"got {tuple(ref_weight.shape)}")
+            raise ValueError(
+                f"sequence_logps: 'ref_weight' must be [V={weight.shape[0]}, {ref_hidden.shape[2]}], "
+                f"got {tuple(ref_weight.shape)}"
+            )
         if ref_hidden.dtype != ref_weight.dtype:
             raise ValueError("sequence_logps: 'ref_hidden' and 'ref_weight' must share a dtype")
     if reduction not in REDUCTIONS:
@@ -95,8 +103,7 @@ def sequence_logps(
     flat_labels = labels.reshape(-1).long()
     mask = flat_labels != ignore_index
     out_of_range = mask & ((flat_labels < 0) | (flat_labels >= vocab))
-    bad_label = (f"sequence_logps: a label is outside the vocabulary [0, {vocab}) "
-                 f"and is not ignore_index={ignore_index}")
+    bad_label = f"sequence_logps: a label is outside the vocabulary [0, {vocab}) and is not ignore_index={ignore_index}"
     # Under FakeTensorMode or torch.compile there are no values to read: both paths then take the scored-first
     # order with a device-side count, the label check is skipped, and so is the self-check (it launches kernels).
     traced = tracing(hidden)
@@ -126,8 +133,9 @@ def sequence_logps(
         ref_weight = ref_weight.detach()
 
     if impl == "triton":
-        token_logps, ref_token_logps = triton_token_logps(rows, weight, targets, ref_rows, ref_weight, temperature,
-                                                          softcap, count=count)
+        token_logps, ref_token_logps = triton_token_logps(
+            rows, weight, targets, ref_rows, ref_weight, temperature, softcap, count=count
+        )
     else:
         token_logps = chunked_token_logps(rows, weight, targets, temperature, softcap)
         ref_token_logps = None
@@ -188,17 +196,23 @@ def self_check(device: torch.device, dtype: torch.dtype) -> None:
         w = weight.to(dtype_).requires_grad_()
         policy, ref = fn(h, w, ref_hidden.to(dtype_), w.detach())
         policy = torch.where(scored, policy.to(torch.float64), 0.0)
-        return [policy, torch.where(scored, ref.to(torch.float64), 0.0),
-                *torch.autograd.grad((policy * cotangent.to(torch.float64)).sum(), [h, w])]
+        return [
+            policy,
+            torch.where(scored, ref.to(torch.float64), 0.0),
+            *torch.autograd.grad((policy * cotangent.to(torch.float64)).sum(), [h, w]),
+        ]
 
     def naive(h, w, rh, rw):  # float64 inputs: the oracle; otherwise naive torch at that dtype
         upcast = torch.float64 if h.dtype == torch.float64 else None
-        return (naive_token_logps(h, w, targets, temperature, softcap, upcast),
-                naive_token_logps(rh, rw, targets, temperature, softcap, upcast))
+        return (
+            naive_token_logps(h, w, targets, temperature, softcap, upcast),
+            naive_token_logps(rh, rw, targets, temperature, softcap, upcast),
+        )
 
     def fused(h, w, rh, rw):  # a workspace of 16 rows: several backward chunks
-        return triton_token_logps(h, w, targets, rh, rw, temperature, softcap, count=count,
-                                  workspace_bytes=16 * vocab * dtype.itemsize)
+        return triton_token_logps(
+            h, w, targets, rh, rw, temperature, softcap, count=count, workspace_bytes=16 * vocab * dtype.itemsize
+        )
 
     name_dev = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     way_out = "Set KERNELS_IMPL=torch to use the PyTorch path instead."
@@ -208,8 +222,10 @@ def self_check(device: torch.device, dtype: torch.dtype) -> None:
         try:
             got = run(fused, dtype)
         except Exception as err:  # e.g. a compiler error for this GPU
-            raise RuntimeError(f"kernels: self-check failed: the Triton kernels do not run on {name_dev} ({dtype}): "
-                               f"{type(err).__name__}: {err}. {way_out}") from err
+            raise RuntimeError(
+                f"kernels: self-check failed: the Triton kernels do not run on {name_dev} ({dtype}): "
+                f"{type(err).__name__}: {err}. {way_out}"
+            ) from err
     floor = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 2e-2)
     for name, g, b, o in zip(("policy logps", "reference logps", "grad hidden", "grad weight"), got, budget, oracle):
         err, allowed = (g.double() - o).abs().max().item(), 2 * (b.double() - o).abs().max().item() + floor
@@ -217,7 +233,8 @@ def self_check(device: torch.device, dtype: torch.dtype) -> None:
             raise RuntimeError(
                 f"kernels: self-check failed: the Triton kernels' {name} on {name_dev} ({dtype}) are off by "
                 f"{err:.3g} from float64 (allowed {allowed:.3g}); this Triton/GPU combination is not supported. "
-                + way_out)
+                + way_out
+            )
     _SELF_CHECKED.add(key)
 
 
@@ -236,7 +253,8 @@ def lm_head_config(model) -> dict:
     if not isinstance(head, torch.nn.Linear):
         raise NotImplementedError(
             f"causal_lm_logps: {type(model).__name__} has no plain nn.Linear output embedding "
-            f"(got {type(head).__name__}); score it with model(...).logits instead")
+            f"(got {type(head).__name__}); score it with model(...).logits instead"
+        )
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     softcap = getattr(text_config, "final_logit_softcapping", None)
@@ -246,8 +264,10 @@ def lm_head_config(model) -> dict:
     if getattr(text_config, "logits_scaling", None) is not None:
         scale /= float(text_config.logits_scaling)
     if softcap is not None and scale != 1.0:
-        raise NotImplementedError(f"causal_lm_logps: {type(model).__name__} combines logit scaling with "
-                                  "soft-capping; this combination is not supported")
+        raise NotImplementedError(
+            f"causal_lm_logps: {type(model).__name__} combines logit scaling with "
+            "soft-capping; this combination is not supported"
+        )
     return {"weight": head.weight, "bias": head.bias, "softcap": softcap, "scale": scale}
 
 
@@ -267,6 +287,7 @@ def head_logits(model, hidden: torch.Tensor, rows: list[int] | None = None) -> t
     if head["softcap"] is not None:
         logits = head["softcap"] * torch.tanh(logits / head["softcap"])
     return logits
+
 
 def decoder_hidden_states(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
     """Final hidden states [B, T, H] (after the final norm).
@@ -343,9 +364,18 @@ def causal_lm_logps(
             ref_hidden, ref_weight = _fold_bias(ref_hidden, ref_weight, ref_head["bias"])
     if head["bias"] is not None:
         hidden, weight = _fold_bias(hidden, weight, head["bias"])
-    return sequence_logps(hidden, weight, shifted, ref_hidden, ref_weight,
-                          temperature=temperature / head["scale"], softcap=head["softcap"],
-                          ignore_index=ignore_index, reduction=reduction, impl=impl)
+    return sequence_logps(
+        hidden,
+        weight,
+        shifted,
+        ref_hidden,
+        ref_weight,
+        temperature=temperature / head["scale"],
+        softcap=head["softcap"],
+        ignore_index=ignore_index,
+        reduction=reduction,
+        impl=impl,
+    )
 
 
 def _common_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

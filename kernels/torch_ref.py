@@ -81,8 +81,9 @@ def _forward_chunks(hidden, weight, targets, temperature, softcap, chunk_element
     return logps, lse
 
 
-def _backward_chunks(hidden, weight, targets, lse, grad_logps, temperature, softcap, chunk_elements, need_hidden,
-                     need_weight):
+def _backward_chunks(
+    hidden, weight, targets, lse, grad_logps, temperature, softcap, chunk_elements, need_hidden, need_weight
+):
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
     # dW accumulates over chunks: keep it in fp32 so low-precision weights do not lose sums.
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
@@ -119,8 +120,14 @@ def _backward_chunks(hidden, weight, targets, lse, grad_logps, temperature, soft
 
 
 @torch.library.custom_op("selfpo::chunked_token_logps_fwd", mutates_args=())
-def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
-                softcap: float | None, chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    chunk_elements: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(token logps [M], lse [M]), fp32."""
     return _forward_chunks(hidden, weight, targets, temperature, softcap, chunk_elements)
 
@@ -135,20 +142,34 @@ def _(hidden, weight, targets, temperature, softcap, chunk_elements):
 
 
 @torch.library.custom_op("selfpo::chunked_token_logps_bwd", mutates_args=())
-def _backward_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                 grad_logps: torch.Tensor, temperature: float, softcap: float | None, chunk_elements: int,
-                 need_hidden: bool, need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logps: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    chunk_elements: int,
+    need_hidden: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad hidden, grad weight), each [0] when not needed."""
-    grad_hidden, grad_weight = _backward_chunks(hidden, weight, targets, lse, grad_logps, temperature, softcap,
-                                                chunk_elements, need_hidden, need_weight)
-    return (hidden.new_empty(0) if grad_hidden is None else grad_hidden,
-            weight.new_empty(0) if grad_weight is None else grad_weight)
+    grad_hidden, grad_weight = _backward_chunks(
+        hidden, weight, targets, lse, grad_logps, temperature, softcap, chunk_elements, need_hidden, need_weight
+    )
+    return (
+        hidden.new_empty(0) if grad_hidden is None else grad_hidden,
+        weight.new_empty(0) if grad_weight is None else grad_weight,
+    )
 
 
 @_backward_op.register_fake
 def _(hidden, weight, targets, lse, grad_logps, temperature, softcap, chunk_elements, need_hidden, need_weight):
-    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else weight.new_empty(0))
+    return (
+        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if need_weight else weight.new_empty(0),
+    )
 
 
 def _setup_backward(ctx, inputs, output):
@@ -161,8 +182,9 @@ def _setup_backward(ctx, inputs, output):
 def _backward_formula(ctx, grad_logps, _grad_lse):
     hidden, weight, targets, lse = ctx.saved_tensors
     need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_hidden, grad_weight = _backward_op(hidden, weight, targets, lse, grad_logps, *ctx.config, need_hidden,
-                                            need_weight)
+    grad_hidden, grad_weight = _backward_op(
+        hidden, weight, targets, lse, grad_logps, *ctx.config, need_hidden, need_weight
+    )
     return grad_hidden if need_hidden else None, grad_weight if need_weight else None, None, None, None, None
 
 

@@ -34,8 +34,13 @@ def test_every_7b_preset_is_driven_with_a_7b_config():
                 lora = preset.get("lora_r", 0) > 0
                 assert [r for s, n, r in runs if (s, n) == (script, name)] == ([1, 8] if lora else [8]), (script, name)
                 assert preset["path"] in dryrun.CONFIGS, f"{script} {name}: no model config for {preset['path']}"
-    assert {(s, n) for s, n, _ in runs} >= {("sera", "mistral-7b"), ("srdpo", "zephyr-7b"), ("opsr", "mistral-7b"),
-                                             ("opsr", "mistral-7b-instruct"), ("osp", "mistral-7b")}
+    assert {(s, n) for s, n, _ in runs} >= {
+        ("sera", "mistral-7b"),
+        ("srdpo", "zephyr-7b"),
+        ("opsr", "mistral-7b"),
+        ("opsr", "mistral-7b-instruct"),
+        ("osp", "mistral-7b"),
+    }
     for path, (_, config) in dryrun.CONFIGS.items():
         assert 7.2e9 < parameter_count(config) < 7.3e9, path  # Mistral-7B: 7.24B
 
@@ -61,9 +66,12 @@ def fake_group(monkeypatch):
 
 
 def test_guard_rejects_a_cpu_tensor_and_names_the_caller(fake_group):
-    with pytest.raises(guard.CollectiveDeviceError, match=r"dist\.all_reduce: arg\[0\] is on cpu \(shape \(3,\), "
-                                                          r"torch\.float32\); NCCL needs cuda:0; called from "
-                                                          r".*test_dryrun\.py"):
+    with pytest.raises(
+        guard.CollectiveDeviceError,
+        match=r"dist\.all_reduce: arg\[0\] is on cpu \(shape \(3,\), "
+        r"torch\.float32\); NCCL needs cuda:0; called from "
+        r".*test_dryrun\.py",
+    ):
         dist.all_reduce(torch.zeros(3))
     with pytest.raises(guard.CollectiveDeviceError, match=r"dist\.all_gather: arg\[0\]\[0\] is on meta"):
         dist.all_gather([torch.zeros(2, device="meta")] * 2, torch.zeros(2, device="meta"))

@@ -65,8 +65,9 @@ def test_fake_op_rejects_mixed_devices():
         h = mode.from_tensor(rows)
         w = mode.from_tensor(weight).to("meta")
         with pytest.raises(RuntimeError, match="different devices"):
-            triton_logps._forward_op(h, w, None, None, mode.from_tensor(targets), mode.from_tensor(torch.tensor(3)),
-                                     1.0, None, None)
+            triton_logps._forward_op(
+                h, w, None, None, mode.from_tensor(targets), mode.from_tensor(torch.tensor(3)), 1.0, None, None
+            )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -77,8 +78,17 @@ def test_compiled_equals_eager(impl, reduction):
     hidden, weight, labels = problem(seed=1)
 
     def loss(h, w):
-        policy, ref = sequence_logps(h, w, labels, ref_hidden=h.detach() * 0.5, ref_weight=w.detach(),
-                                     temperature=0.9, softcap=4.0, reduction=reduction, impl=impl)
+        policy, ref = sequence_logps(
+            h,
+            w,
+            labels,
+            ref_hidden=h.detach() * 0.5,
+            ref_weight=w.detach(),
+            temperature=0.9,
+            softcap=4.0,
+            reduction=reduction,
+            impl=impl,
+        )
         return (policy * torch.linspace(-1, 1, 3)).sum() + ref.sum(), policy
 
     results = []
@@ -100,8 +110,10 @@ def test_opcheck_chunked_ops():
     for args in [(hidden, weight, targets, 1.0, None, 64), (hidden, weight, targets, 0.8, 3.0, 1 << 20)]:
         torch.library.opcheck(torch_ref._forward_op, args)
     _, lse = torch_ref._forward_op(hidden.detach(), weight.detach(), targets, 1.0, None, 64)
-    torch.library.opcheck(torch_ref._backward_op, (hidden.detach(), weight.detach(), targets, lse, torch.randn(9),
-                                                   1.0, None, 64, True, False))
+    torch.library.opcheck(
+        torch_ref._backward_op,
+        (hidden.detach(), weight.detach(), targets, lse, torch.randn(9), 1.0, None, 64, True, False),
+    )
 
 
 @pytest.mark.skipif(not TRITON, reason="needs Triton's interpreter")
@@ -112,15 +124,23 @@ def test_opcheck_triton_ops():
     targets = torch.randint(0, 40, (12,), generator=gen)
     count = torch.tensor(10)
     torch.library.opcheck(triton_logps._forward_op, (hidden, weight, None, None, targets, count, 1.0, None, None))
-    torch.library.opcheck(triton_logps._forward_op, (hidden, weight, hidden.detach() * 2, weight.detach(), targets,
-                                                     count, 0.7, 5.0, None))
+    torch.library.opcheck(
+        triton_logps._forward_op, (hidden, weight, hidden.detach() * 2, weight.detach(), targets, count, 0.7, 5.0, None)
+    )
 
 
 def test_causal_lm_logps_on_a_fake_model():
     """A transformers model built on the meta device and materialised under fake mode (no weights), scored with
     its reference in one call, backward through the decoder: what the dry run does at 7B."""
-    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
         reference = transformers.LlamaForCausalLM(config).requires_grad_(False)

@@ -17,13 +17,41 @@ import traceback
 import torch
 import torch.distributed as dist
 
-TENSOR_COLLECTIVES = ("all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-                      "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv",
-                      "scatter", "gather", "barrier", "all_gather_single", "reduce_scatter_single")
-FUNCTIONAL_COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather_tensor", "all_gather_tensor_autograd",
-                          "reduce_scatter_single", "reduce_scatter_tensor", "reduce_scatter_tensor_autograd",
-                          "all_to_all_single", "all_to_all_single_autograd", "broadcast", "all_reduce_coalesced",
-                          "all_gather_into_tensor_coalesced", "reduce_scatter_tensor_coalesced")
+TENSOR_COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "all_to_all_single",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "scatter",
+    "gather",
+    "barrier",
+    "all_gather_single",
+    "reduce_scatter_single",
+)
+FUNCTIONAL_COLLECTIVES = (
+    "all_reduce",
+    "all_gather_single",
+    "all_gather_tensor",
+    "all_gather_tensor_autograd",
+    "reduce_scatter_single",
+    "reduce_scatter_tensor",
+    "reduce_scatter_tensor_autograd",
+    "all_to_all_single",
+    "all_to_all_single_autograd",
+    "broadcast",
+    "all_reduce_coalesced",
+    "all_gather_into_tensor_coalesced",
+    "reduce_scatter_tensor_coalesced",
+)
 
 
 class CollectiveDeviceError(RuntimeError):
@@ -58,7 +86,8 @@ def check_devices(name: str, args, kwargs):
         if local.device != wanted:
             raise CollectiveDeviceError(
                 f"{name}: {path} is on {local.device} (shape {tuple(local.shape)}, {local.dtype}); NCCL needs "
-                f"{wanted}; called from {caller()}")
+                f"{wanted}; called from {caller()}"
+            )
 
 
 def _guarded(name, fn):
@@ -84,14 +113,19 @@ def gather_object(obj, object_gather_list=None, dst=None, group=None, group_dst=
         object_gather_list[:] = [obj] * len(object_gather_list)
 
 
-def scatter_object_list(scatter_object_output_list, scatter_object_input_list=None, src=None, group=None,
-                        group_src=None):
+def scatter_object_list(
+    scatter_object_output_list, scatter_object_input_list=None, src=None, group=None, group_src=None
+):
     if scatter_object_input_list:
         scatter_object_output_list[0] = scatter_object_input_list[0]
 
 
-LOCAL_OBJECT_COLLECTIVES = dict(all_gather_object=all_gather_object, broadcast_object_list=broadcast_object_list,
-                                gather_object=gather_object, scatter_object_list=scatter_object_list)
+LOCAL_OBJECT_COLLECTIVES = dict(
+    all_gather_object=all_gather_object,
+    broadcast_object_list=broadcast_object_list,
+    gather_object=gather_object,
+    scatter_object_list=scatter_object_list,
+)
 
 
 def install():
@@ -101,7 +135,9 @@ def install():
 
     c10d = dist.distributed_c10d
     names = set(TENSOR_COLLECTIVES) | set(LOCAL_OBJECT_COLLECTIVES)
-    saved = [(module, name, getattr(module, name)) for module in (dist, c10d) for name in names if hasattr(module, name)]
+    saved = [
+        (module, name, getattr(module, name)) for module in (dist, c10d) for name in names if hasattr(module, name)
+    ]
     saved += [(funcol, name, getattr(funcol, name)) for name in FUNCTIONAL_COLLECTIVES if hasattr(funcol, name)]
     for name in TENSOR_COLLECTIVES:
         original = getattr(c10d, name, None)
