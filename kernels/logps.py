@@ -491,38 +491,165 @@ class _HostCount:
         return int(self.count)
 
 
-class TritonTokenLogps(torch.autograd.Function):
-    """(policy logps [M], reference logps [M] or empty) for M rows, the first `count` of them scored;
-    grads for the policy only."""
+def tracing(tensor: torch.Tensor) -> bool:
+    """True under FakeTensorMode (fake tensors carry no values) or while torch.compile traces: no host reads,
+    no pinned copies or events, no kernel launches outside the custom ops' real implementations."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import is_fake
 
-    @staticmethod
-    def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, temperature, softcap, count, workspace_bytes):
-        logps, lse, ref_logps = _forward(hidden, weight, ref_hidden, ref_weight, targets, temperature, softcap, count)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.config = (temperature, softcap, _HostCount(count), workspace_bytes)
-        if ref_logps is None:
-            ref_logps = logps.new_empty(0)
-        ctx.mark_non_differentiable(ref_logps)
-        return logps, ref_logps
+    # is_fake also sees through the functional wrappers of AOT autograd's tracing
+    return torch.compiler.is_compiling() or is_fake(tensor) or detect_fake_mode(tensor) is not None
 
-    @staticmethod
-    def backward(ctx, grad_logps, _grad_ref):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        temperature, softcap, count, workspace_bytes = ctx.config
-        grad_hidden, grad_weight = _backward(
-            hidden,
-            weight,
-            targets,
-            lse,
-            grad_logps,
-            temperature,
-            softcap,
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
-            count.get(),
-            workspace_bytes,
-        )
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+# The kernels as torch.library custom ops: opaque to torch.compile and FakeTensorMode, which see only the
+# shapes given by the register_fake functions below (a Triton launch cannot run on fake tensors).
+
+
+@torch.library.custom_op("selfpo::triton_token_logps_fwd", mutates_args=())
+def _forward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor | None,
+    ref_weight: torch.Tensor | None,
+    targets: torch.Tensor,
+    count: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    workspace_bytes: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(policy logps [M], policy lse [M], reference logps [M] or [0]); `workspace_bytes` is the backward's."""
+    logps, lse, ref_logps = _forward(hidden, weight, ref_hidden, ref_weight, targets, temperature, softcap, count)
+    if ref_logps is None:
+        return logps, lse, logps.new_empty(0)
+    return logps.clone(), lse, ref_logps.clone()  # views of one [2, M] buffer: outputs must not share storage
+
+
+@_forward_op.register_fake
+def _(hidden, weight, ref_hidden, ref_weight, targets, count, temperature, softcap, workspace_bytes):
+    _check_devices("triton_token_logps", hidden, weight, ref_hidden, ref_weight, targets, count)
+    rows = hidden.shape[0]
+    ref_rows = 0 if ref_hidden is None else rows
+    return (
+        hidden.new_empty(rows, dtype=torch.float32),
+        hidden.new_empty(rows, dtype=torch.float32),
+        hidden.new_empty(ref_rows, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("selfpo::triton_token_logps_bwd", mutates_args=())
+def _backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logps: torch.Tensor,
+    count: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    rows: int,
+    need_hidden: bool,
+    need_weight: bool,
+    workspace_bytes: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad hidden, grad weight), each [0] when not needed. rows < 0: read `count` here (one host read; the
+    eager path passes the count copied to the host during the forward)."""
+    rows = int(count) if rows < 0 else rows
+    grad_hidden, grad_weight = _backward(
+        hidden, weight, targets, lse, grad_logps, temperature, softcap, need_hidden, need_weight, rows, workspace_bytes
+    )
+    return (
+        hidden.new_empty(0) if grad_hidden is None else grad_hidden,
+        weight.new_empty(0) if grad_weight is None else grad_weight,
+    )
+
+
+@_backward_op.register_fake
+def _(
+    hidden,
+    weight,
+    targets,
+    lse,
+    grad_logps,
+    count,
+    temperature,
+    softcap,
+    rows,
+    need_hidden,
+    need_weight,
+    workspace_bytes,
+):
+    _check_devices("triton_token_logps backward", hidden, weight, targets, lse, grad_logps, count)
+    # the transient workspace (and fp32 accumulator) as the real backward allocates it, so memory trackers see it
+    plan = backward_plan(
+        hidden.shape[0],
+        weight.shape[0],
+        hidden.dtype,
+        90,
+        WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes,
+    )
+    workspace = hidden.new_empty((plan["chunk_rows"], plan["chunk_vocab"]))
+    accumulator = (
+        hidden.new_empty(hidden.shape, dtype=torch.float32)
+        if plan["chunk_vocab"] < weight.shape[0]
+        else weight.new_empty(weight.shape, dtype=torch.float32)
+        if plan["chunk_rows"] < hidden.shape[0]
+        else None
+    )
+    del workspace, accumulator
+    return (
+        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if need_weight else weight.new_empty(0),
+    )
+
+
+def _check_devices(name: str, *tensors):
+    """Every input on one device, as a kernel launch needs (a fake tensor on the wrong device fails here)."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise RuntimeError(f"{name}: inputs are on different devices {sorted(map(str, devices))}")
+
+
+def _setup_backward(ctx, inputs, output):
+    hidden, weight, _, _, targets, count, temperature, softcap, workspace_bytes = inputs
+    ctx.save_for_backward(hidden, weight, targets, output[1], count)
+    host_count = None if tracing(count) else _HostCount(count)
+    ctx.config = (temperature, softcap, host_count, workspace_bytes)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward_formula(ctx, grad_logps, _grad_lse, _grad_ref):
+    hidden, weight, targets, lse, count = ctx.saved_tensors
+    temperature, softcap, host_count, workspace_bytes = ctx.config
+    rows = -1 if host_count is None else host_count.get()
+    need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_hidden, grad_weight = _backward_op(
+        hidden,
+        weight,
+        targets,
+        lse,
+        grad_logps,
+        count,
+        temperature,
+        softcap,
+        rows,
+        need_hidden,
+        need_weight,
+        workspace_bytes,
+    )
+    return (
+        grad_hidden if need_hidden else None,
+        grad_weight if need_weight else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_forward_op.register_autograd(_backward_formula, setup_context=_setup_backward)
 
 
 def triton_token_logps(
@@ -545,10 +672,8 @@ def triton_token_logps(
         count = torch.tensor(hidden.shape[0], device=hidden.device)
     if ref_hidden is not None:
         ref_hidden, ref_weight = ref_hidden.detach().contiguous(), ref_weight.detach().contiguous()
-    if hidden.requires_grad or weight.requires_grad:
-        logps, ref_logps = TritonTokenLogps.apply(
-            hidden, weight, ref_hidden, ref_weight, targets, temperature, softcap, count, workspace_bytes
-        )
-    else:
-        logps, _, ref_logps = _forward(hidden, weight, ref_hidden, ref_weight, targets, temperature, softcap, count)
+    softcap = None if softcap is None else float(softcap)
+    logps, _, ref_logps = _forward_op(
+        hidden, weight, ref_hidden, ref_weight, targets, count, float(temperature), softcap, workspace_bytes
+    )
     return logps, (ref_logps if ref_hidden is not None else None)

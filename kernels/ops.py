@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .logps import HAVE_TRITON, triton_token_logps
+from .logps import HAVE_TRITON, tracing, triton_token_logps
 from .torch_ref import chunked_token_logps, naive_token_logps
 
 IMPLS = ("auto", "triton", "torch")
@@ -104,15 +104,19 @@ def sequence_logps(
     mask = flat_labels != ignore_index
     out_of_range = mask & ((flat_labels < 0) | (flat_labels >= vocab))
     bad_label = f"sequence_logps: a label is outside the vocabulary [0, {vocab}) and is not ignore_index={ignore_index}"
-    if impl == "triton":
+    # Under FakeTensorMode or torch.compile there are no values to read: both paths then take the scored-first
+    # order with a device-side count, the label check is skipped, and so is the self-check (it launches kernels).
+    traced = tracing(hidden)
+    count = None
+    if impl == "triton" or traced:
         # No host synchronisation on this path: scored rows are sorted first (not compacted by
         # `nonzero`) and the kernels skip rows past their count, a device scalar; labels are
         # checked on the device (KERNELS_DEBUG=1: on the host, naming the label).
-        if _device_side_checks(hidden.device):
+        if not traced and _device_side_checks(hidden.device):
             torch._assert_async(~out_of_range.any(), bad_label)
-        else:
+        elif not traced:
             _check_labels_on_host(flat_labels, out_of_range, bad_label)
-        if _needs_self_check(hidden.device):
+        if impl == "triton" and not traced and _needs_self_check(hidden.device):
             self_check(hidden.device, hidden.dtype)
         positions = torch.argsort((~mask).to(torch.uint8), stable=True)  # scored first, in order
         count = mask.sum()
@@ -138,6 +142,11 @@ def sequence_logps(
         if ref_rows is not None:
             with torch.no_grad():
                 ref_token_logps = chunked_token_logps(ref_rows, ref_weight, targets, temperature, softcap)
+        if count is not None:  # traced: every row was scored, the unscored ones (past count) count 0
+            scored = torch.arange(rows.shape[0], device=rows.device) < count
+            token_logps = torch.where(scored, token_logps, 0.0)
+            if ref_token_logps is not None:
+                ref_token_logps = torch.where(scored, ref_token_logps, 0.0)
 
     policy = _reduce(token_logps, positions, mask, batch, length, reduction)
     ref = None if ref_token_logps is None else _reduce(ref_token_logps, positions, mask, batch, length, reduction)

@@ -81,53 +81,117 @@ def _forward_chunks(hidden, weight, targets, temperature, softcap, chunk_element
     return logps, lse
 
 
-class ChunkedTokenLogps(torch.autograd.Function):
-    """Token log-likelihoods [M] fp32 for M scored rows; gradients w.r.t. hidden and weight."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, softcap, chunk_elements):
-        logps, lse = _forward_chunks(hidden, weight, targets, temperature, softcap, chunk_elements)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.config = (temperature, softcap, chunk_elements)
-        return logps
-
-    @staticmethod
-    def backward(ctx, grad_logps):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        temperature, softcap, chunk_elements = ctx.config
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # dW accumulates over chunks: keep it in fp32 so low-precision weights do not lose sums.
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        scale = grad_logps.float() / temperature
-        rows = hidden.shape[0]
-        step = _chunk_rows(rows, weight.shape[0], chunk_elements)
-        for start in range(0, rows, step):
-            end = min(start + step, rows)
-            h = hidden[start:end]
-            logits = (h @ weight.T).float()
-            # d logp / d z = onehot - softmax(z), chained through temperature and soft-cap.
-            if softcap is not None:
-                tanh = torch.tanh(logits / softcap)
-                logits = softcap * tanh
-            if temperature != 1.0:
-                logits /= temperature
-            grad = logits.sub_(lse[start:end, None]).exp_().mul_(-scale[start:end, None])  # in place
-            idx = torch.arange(end - start, device=h.device)
-            grad[idx, targets[start:end]] += scale[start:end]
-            if softcap is not None:
-                grad *= 1.0 - tanh * tanh
-            grad = grad.to(hidden.dtype)
-            if need_hidden:
-                torch.mm(grad, weight, out=grad_hidden[start:end])
-            if need_weight:
-                add_matmul_fp32_(grad_weight, grad.T, h)
+def _backward_chunks(
+    hidden, weight, targets, lse, grad_logps, temperature, softcap, chunk_elements, need_hidden, need_weight
+):
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    # dW accumulates over chunks: keep it in fp32 so low-precision weights do not lose sums.
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    scale = grad_logps.float() / temperature
+    rows = hidden.shape[0]
+    step = _chunk_rows(rows, weight.shape[0], chunk_elements)
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        h = hidden[start:end]
+        logits = (h @ weight.T).float()
+        # d logp / d z = onehot - softmax(z), chained through temperature and soft-cap.
+        if softcap is not None:
+            tanh = torch.tanh(logits / softcap)
+            logits = softcap * tanh
+        if temperature != 1.0:
+            logits /= temperature
+        grad = logits.sub_(lse[start:end, None]).exp_().mul_(-scale[start:end, None])  # in place
+        idx = torch.arange(end - start, device=h.device)
+        grad[idx, targets[start:end]] += scale[start:end]
+        if softcap is not None:
+            grad *= 1.0 - tanh * tanh
+        grad = grad.to(hidden.dtype)
+        if need_hidden:
+            torch.mm(grad, weight, out=grad_hidden[start:end])
         if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+            add_matmul_fp32_(grad_weight, grad.T, h)
+    if need_weight:
+        grad_weight = grad_weight.to(weight.dtype)
+    return grad_hidden, grad_weight
+
+
+# The chunked path as torch.library custom ops, so that it traces under FakeTensorMode and torch.compile
+# (which see the register_fake shapes only) exactly as the Triton path does.
+
+
+@torch.library.custom_op("selfpo::chunked_token_logps_fwd", mutates_args=())
+def _forward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    chunk_elements: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token logps [M], lse [M]), fp32."""
+    return _forward_chunks(hidden, weight, targets, temperature, softcap, chunk_elements)
+
+
+@_forward_op.register_fake
+def _(hidden, weight, targets, temperature, softcap, chunk_elements):
+    rows = hidden.shape[0]
+    # one chunk's fp32 logits, the transient the real forward holds
+    chunk = hidden.new_empty((_chunk_rows(rows, weight.shape[0], chunk_elements), weight.shape[0]), dtype=torch.float32)
+    del chunk
+    return hidden.new_empty(rows, dtype=torch.float32), hidden.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("selfpo::chunked_token_logps_bwd", mutates_args=())
+def _backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logps: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    chunk_elements: int,
+    need_hidden: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad hidden, grad weight), each [0] when not needed."""
+    grad_hidden, grad_weight = _backward_chunks(
+        hidden, weight, targets, lse, grad_logps, temperature, softcap, chunk_elements, need_hidden, need_weight
+    )
+    return (
+        hidden.new_empty(0) if grad_hidden is None else grad_hidden,
+        weight.new_empty(0) if grad_weight is None else grad_weight,
+    )
+
+
+@_backward_op.register_fake
+def _(hidden, weight, targets, lse, grad_logps, temperature, softcap, chunk_elements, need_hidden, need_weight):
+    return (
+        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if need_weight else weight.new_empty(0),
+    )
+
+
+def _setup_backward(ctx, inputs, output):
+    hidden, weight, targets, temperature, softcap, chunk_elements = inputs
+    ctx.save_for_backward(hidden, weight, targets, output[1])
+    ctx.config = (temperature, softcap, chunk_elements)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward_formula(ctx, grad_logps, _grad_lse):
+    hidden, weight, targets, lse = ctx.saved_tensors
+    need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_hidden, grad_weight = _backward_op(
+        hidden, weight, targets, lse, grad_logps, *ctx.config, need_hidden, need_weight
+    )
+    return grad_hidden if need_hidden else None, grad_weight if need_weight else None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward_formula, setup_context=_setup_backward)
 
 
 def chunked_token_logps(hidden, weight, targets, temperature=1.0, softcap=None, chunk_elements=DEFAULT_CHUNK_ELEMENTS):
-    if hidden.requires_grad or weight.requires_grad:
-        return ChunkedTokenLogps.apply(hidden, weight, targets, temperature, softcap, chunk_elements)
-    return _forward_chunks(hidden, weight, targets, temperature, softcap, chunk_elements)[0]
+    """Token log-likelihoods [M] fp32 for M scored rows; gradients w.r.t. hidden and weight (chunks recomputed)."""
+    softcap = None if softcap is None else float(softcap)
+    return _forward_op(hidden, weight, targets, float(temperature), softcap, int(chunk_elements))[0]
