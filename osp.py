@@ -36,6 +36,7 @@ import shutil
 import sys
 import time
 import traceback
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -184,6 +185,7 @@ class Args:
     """SFT conversations ('messages' column) mixed into Stage 0 (default: the toy SFT file, or the chosen
     answers of the seed pairs)"""
     num_sft: int | None = None
+    """SFT conversations mixed into Stage 0"""
     offline_fraction: float = 1.0
     """share of the offline pairs (after the held-out judge pairs) used as the judge seed set, e.g. 0.02"""
     num_judge_eval: int | None = None
@@ -191,8 +193,11 @@ class Args:
     skip_augmentation: bool = False
     """skip Stage 0: self-improvement mode for a model that already judges well"""
     aug_epochs: int | None = None
+    """epochs of Stage 0 (SFT + preference augmentation)"""
     aug_lr: float | None = None
+    """learning rate of Stage 0"""
     aug_batch_size: int | None = None
+    """examples per device per micro-batch in Stage 0"""
     k: int = 7
     """samples per prompt (floor(K/2) pairs)"""
     rank_by: Literal["baseline", "roundrobin"] = "baseline"
@@ -200,59 +205,74 @@ class Args:
     loss: Literal["spce", "dpo"] = "spce"
     """SPCE with the judged strengths, or DPO on the same pairs with hard labels (ablation)"""
     beta: float = 0.1
+    """KL strength beta of SPCE / DPO"""
     lr: float | None = None
+    """learning rate of Stage 1"""
     steps: int | None = None
     """online steps (default: one pass over the prompt pool)"""
     prompts_per_step: int | None = None
+    """prompts per Stage 1 update (the paper: 8)"""
     micro_batch_size: int | None = None
     """pairs per forward/backward (gradient accumulation inside a step)"""
     judge_template: str | None = None
     """text file with {x}, {a}, {b} placeholders (default: ours, README "OSP", by dataset family)"""
     judge_family: Literal["dialogue", "summary"] | None = None
+    """which judge template: dialogue (HH-RLHF style) or summary (TL;DR; unset: the dataset's)"""
     verdict_tokens: list[str] = field(default_factory=lambda: ["A", "B"])
+    """the judge's two verdict tokens, for 'first reply better' and 'second reply better'"""
     judge_max_length: int | None = None
     """longest judge prompt (conversation + two replies + template) in tokens"""
     long_prompts: Literal["error", "skip"] | None = None
+    """prompts over max_prompt_length (or whose judge prompt would not fit): fail, or drop them (counted)"""
     sample_temperature: float = 1.0
+    """sampling temperature of the K samples per prompt"""
     sample_top_p: float = 1.0
+    """nucleus (top-p) of the K samples, in (0, 1]"""
     sampler: Literal["hf", "vllm"] = "hf"
     """who samples the K answers: HF generate on the policy, or a vLLM engine holding the policy's current weights"""
     eval_every: int | None = None
+    """also evaluate every N Stage 1 steps (0 = only at the stages' ends)"""
     save_every: int | None = None
     """Stage 1 checkpoint (weights + optimizer) every N steps; 0 = only at the end"""
     judge_batch_size: int | None = None
+    """judge prompts per no-grad forward"""
     # Options all four scripts share (checked copies of sera.Args's; tests/check_copies.py)
     max_bad_fraction: float = 0.05
-    """stop when more of --dataset's rows than this are degenerate (identical or empty replies, conversations
-    that differ before the last turn or do not end with the assistant); fewer are skipped and counted"""
+    """stop when more of --dataset's rows than this are degenerate (the README's quirks); fewer are skipped, counted"""
     warmup_ratio: float = 0.1
+    """linear learning-rate warmup over this share of the steps, in [0, 1]"""
     max_grad_norm: float = 1.0
+    """clip the gradient norm to this before each optimizer step (> 0)"""
     max_length: int | None = None
+    """most tokens of prompt + response"""
     max_prompt_length: int | None = None
+    """most prompt tokens (see --long_prompts)"""
     max_new_tokens: int | None = None
+    """most tokens a sample may have"""
     lora_r: int | None = None
-    """0 = full fine-tuning; > 0 trains a LoRA adapter, merged into every saved checkpoint (needs peft)"""
+    """0 = full fine-tuning; > 0 trains a LoRA adapter, merged into each saved checkpoint"""
     lora_alpha: int | None = None
-    """LoRA scaling numerator; default: the preset's, else 16 (a value given here always wins)"""
+    """LoRA scaling numerator (16 where the preset sets none)"""
     lora_dropout: float | None = None
-    """default: the preset's, else 0.0"""
+    """LoRA dropout (0.0 where the preset sets none)"""
     gradient_checkpointing: bool | None = None
-    """recompute activations in the backward pass (default: on in the 7B presets)"""
+    """recompute activations in the backward pass (unset: on in the 7B presets)"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """compute dtype; master weights and optimizer state stay fp32. auto = bfloat16 on CUDA, float32 on CPU"""
     chat_template: str | None = None
     """jinja file (or the template itself) for tokenizers without a chat template"""
     reward_fn: str | None = None
-    """path/to/file.py:function(prompt, response) -> float, the evaluation score (toy oracle by default)"""
+    """path/to/file.py:function(prompt, response) -> float, the evaluation score (unset: the dataset preset's)"""
     eval_prompts: str | None = None
-    """jsonl with a 'prompt' column; default: the dataset preset's held-out prompts"""
+    """jsonl with a 'prompt' column (unset: the dataset preset's held-out prompts)"""
     num_eval: int | None = None
     """evaluate on the first N of them (0 = no evaluation)"""
     eval_temperature: float = 1.0
     """sampling temperature of the evaluation samples"""
     output_dir: str | None = None
-    """the run's folder (default: runs/<script>__<model>__<seed>__<time>)"""
+    """the run's folder (unset: runs/<script>__<model>__<seed>__<time>)"""
     seed: int = 0
+    """random seed of data order, sampling and initialisation"""
     resume: bool = False
     """continue the run in --output_dir from its last checkpoint (same arguments, same number of ranks)"""
     stop_after_steps: int | None = None
@@ -1648,6 +1668,20 @@ def check_resume(args: Args):
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
 
 
+# Copied from sera.cli
+def cli(args_type, models: dict, doc: str):
+    """The command line (tyro), its --help opening with the script's docstring; an option a --model preset fills
+    when it is left unset shows each preset's value instead of tyro's "(default: None)"."""
+    hints = typing.get_type_hints(args_type, include_extras=True)
+    for option in (f.name for f in dataclasses.fields(args_type) if f.default is None):
+        values = {name: preset[option] for name, preset in models.items() if option in preset}
+        if values:
+            shown = "; ".join(f"{name} {value}" for name, value in values.items())
+            hint = tyro.conf.arg(help_behavior_hint=f"(unset: the --model preset's: {shown})")
+            args_type.__annotations__[option] = typing.Annotated[hints[option], hint]
+    return tyro.cli(args_type, description=doc)
+
+
 # Copied from sera.resume_hint
 def resume_hint(script: str) -> str:
     """How to continue an interrupted run: the same command with --resume and its folder (Logs.run_dir)."""
@@ -2235,7 +2269,7 @@ def evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, model_path
 # Copied from sera.__main__ with sera->osp
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(cli(Args, MODELS, __doc__))
     except InputError as err:
         sys.exit(f"osp.py: error: {err}")
     except KeyboardInterrupt as err:

@@ -31,6 +31,7 @@ import shutil
 import sys
 import time
 import traceback
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -141,17 +142,21 @@ class Args:
     lam: float = 0.5
     """lambda, weight of the refinement margin; 0 gives plain DPO / IPO [ours: middle of the paper's grid]"""
     beta: float = 0.1
+    """KL strength beta of Sr-DPO / Sr-IPO (paper §4.1: 0.1)"""
     refine_prompt: str = REFINE_PROMPT
     """the refinement prompt p (the paper's text by default)"""
     length_norm: Literal["sum", "avg"] = "sum"
     """log-prob convention; the paper sums for both losses"""
     lr: float | None = None
+    """peak learning rate"""
     optimizer: Literal["rmsprop", "adamw"] | None = None
+    """RMSprop as the paper (§4.1), or AdamW without weight decay"""
     global_batch: int | None = None
     """pairs per optimizer step over all ranks (the paper: 64)"""
     batch_size: int | None = None
     """pairs per device per micro-batch; gradient accumulation = global_batch / (batch_size x ranks), must divide"""
     epochs: int = 1
+    """passes over the pairs"""
     long_prompts: Literal["error", "skip", "truncate"] | None = None
     """prompts over max_prompt_length: fail, drop the pair (counted), or keep the prompt's end"""
     num_pairs: int | None = None
@@ -162,36 +167,41 @@ class Args:
     """save a resumable checkpoint every N optimizer steps (0 = only at the end)"""
     # Options all four scripts share (checked copies of sera.Args's; tests/check_copies.py)
     max_bad_fraction: float = 0.05
-    """stop when more of --dataset's rows than this are degenerate (identical or empty replies, conversations
-    that differ before the last turn or do not end with the assistant); fewer are skipped and counted"""
+    """stop when more of --dataset's rows than this are degenerate (the README's quirks); fewer are skipped, counted"""
     warmup_ratio: float = 0.1
+    """linear learning-rate warmup over this share of the steps, in [0, 1]"""
     max_grad_norm: float = 1.0
+    """clip the gradient norm to this before each optimizer step (> 0)"""
     max_length: int | None = None
+    """most tokens of prompt + response"""
     max_prompt_length: int | None = None
+    """most prompt tokens (see --long_prompts)"""
     max_new_tokens: int | None = None
+    """most tokens a sample may have"""
     lora_r: int | None = None
-    """0 = full fine-tuning; > 0 trains a LoRA adapter, merged into every saved checkpoint (needs peft)"""
+    """0 = full fine-tuning; > 0 trains a LoRA adapter, merged into each saved checkpoint"""
     lora_alpha: int | None = None
-    """LoRA scaling numerator; default: the preset's, else 16 (a value given here always wins)"""
+    """LoRA scaling numerator (16 where the preset sets none)"""
     lora_dropout: float | None = None
-    """default: the preset's, else 0.0"""
+    """LoRA dropout (0.0 where the preset sets none)"""
     gradient_checkpointing: bool | None = None
-    """recompute activations in the backward pass (default: on in the 7B presets)"""
+    """recompute activations in the backward pass (unset: on in the 7B presets)"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """compute dtype; master weights and optimizer state stay fp32. auto = bfloat16 on CUDA, float32 on CPU"""
     chat_template: str | None = None
     """jinja file (or the template itself) for tokenizers without a chat template"""
     reward_fn: str | None = None
-    """path/to/file.py:function(prompt, response) -> float, the evaluation score (toy oracle by default)"""
+    """path/to/file.py:function(prompt, response) -> float, the evaluation score (unset: the dataset preset's)"""
     eval_prompts: str | None = None
-    """jsonl with a 'prompt' column; default: the dataset preset's held-out prompts"""
+    """jsonl with a 'prompt' column (unset: the dataset preset's held-out prompts)"""
     num_eval: int | None = None
     """evaluate on the first N of them (0 = no evaluation)"""
     eval_temperature: float = 1.0
     """sampling temperature of the evaluation samples"""
     output_dir: str | None = None
-    """the run's folder (default: runs/<script>__<model>__<seed>__<time>)"""
+    """the run's folder (unset: runs/<script>__<model>__<seed>__<time>)"""
     seed: int = 0
+    """random seed of data order, sampling and initialisation"""
     resume: bool = False
     """continue the run in --output_dir from its last checkpoint (same arguments, same number of ranks)"""
     stop_after_steps: int | None = None
@@ -1261,6 +1271,20 @@ def check_resume(args: Args):
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
 
 
+# Copied from sera.cli
+def cli(args_type, models: dict, doc: str):
+    """The command line (tyro), its --help opening with the script's docstring; an option a --model preset fills
+    when it is left unset shows each preset's value instead of tyro's "(default: None)"."""
+    hints = typing.get_type_hints(args_type, include_extras=True)
+    for option in (f.name for f in dataclasses.fields(args_type) if f.default is None):
+        values = {name: preset[option] for name, preset in models.items() if option in preset}
+        if values:
+            shown = "; ".join(f"{name} {value}" for name, value in values.items())
+            hint = tyro.conf.arg(help_behavior_hint=f"(unset: the --model preset's: {shown})")
+            args_type.__annotations__[option] = typing.Annotated[hints[option], hint]
+    return tyro.cli(args_type, description=doc)
+
+
 # Copied from sera.resume_hint
 def resume_hint(script: str) -> str:
     """How to continue an interrupted run: the same command with --resume and its folder (Logs.run_dir)."""
@@ -1838,7 +1862,7 @@ def evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, model_path
 # Copied from sera.__main__ with sera->srdpo
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(cli(Args, MODELS, __doc__))
     except InputError as err:
         sys.exit(f"srdpo.py: error: {err}")
     except KeyboardInterrupt as err:

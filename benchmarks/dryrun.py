@@ -465,6 +465,7 @@ def drive(script_name: str, preset_name: str, ranks: int, phases: Phases):
     path, world, lora = preset["path"], S.world(), args.lora_r > 0
     assert world == ranks, (world, ranks)
     prompt, response = args.max_prompt_length, args.max_length - args.max_prompt_length
+
     def no_log(*a, **k):
         return None
 

@@ -274,3 +274,30 @@ def test_reward_fn_takes_any_real_number(tmp_path):
         assert sera.load_reward_fn(reward_file(tmp_path, body))("p", "r") == expected
     with pytest.raises(sera.InputError, match="returned True; expected a finite number"):
         sera.load_reward_fn(reward_file(tmp_path, "return True"))("p", "r")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_describes_the_script_and_every_option(script):
+    """--help opens with the script's docstring; every option has a help text; a value a preset fills is shown."""
+    import ast
+    import subprocess
+    import sys
+
+    module = importlib.import_module(script)
+    tree = ast.parse((ROOT / f"{script}.py").read_text())
+    body = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args").body
+    undocumented = [
+        node.target.id
+        for node, after in zip(body, body[1:] + [None])
+        if isinstance(node, ast.AnnAssign)
+        and not (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant))
+    ]
+    assert undocumented == []
+    env = {"COLUMNS": "200", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / f"{script}.py"), "--help"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert module.__doc__.splitlines()[0] in out.stdout
+    lr = module.MODELS["toy"].get("lr") or module.MODELS["toy"].get("lrs")
+    assert f"toy {lr}" in " ".join(out.stdout.split()), out.stdout  # the toy's learning rate is not hidden
