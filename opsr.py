@@ -185,6 +185,8 @@ class Args:
     """use only the first N offline pairs for the initialisation phase"""
     sampler: Literal["hf", "vllm"] = "hf"
     """HF generate, or vLLM (pip install 'selfpo[vllm]') for the online pairs and evaluation samples"""
+    save_every: int = 0
+    """also save a resumable checkpoint every N optimizer steps (0 = only at iteration ends)"""
     # Options all four scripts share (checked copies of sera.Args's; tests/check_copies.py)
     max_bad_fraction: float = 0.05
     """stop when more of --dataset's rows than this are degenerate (the README's quirks); fewer are skipped, counted"""
@@ -274,6 +276,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
         "sample_temperature": ">= 0",
         "sample_top_p": "(0, 1]",
         "lrs": "> 0",
+        "save_every": ">= 0",
     }
     check_args(
         args,
@@ -288,6 +291,10 @@ def resolve(args: Args) -> tuple[Args, dict]:
             ),
             (len(args.lrs) >= args.iterations, f"--lrs needs {args.iterations} positive values, got {args.lrs}"),
             (accumulation(args.global_batch, args.batch_size) >= 1, "--global_batch must be >= 1"),
+            (
+                args.save_every == 0 or args.lora_r == 0,
+                "--save_every is not supported with LoRA (per-iteration checkpoints)",
+            ),
             (
                 args.init_checkpoint is None
                 or Path(args.init_checkpoint).expanduser().exists()
@@ -618,6 +625,8 @@ def main(args: Args) -> dict:
     log = Logs(args, out_dir, run_name)
 
     def save_step(step, n_steps, optimizer, scheduler):
+        if args.save_every and step % args.save_every == 0 and step < n_steps:
+            save_checkpoint(model, tokenizer, partial, optimizer, scheduler, step)
         log.step_done(args.stop_after_steps)
 
     def evaluate_and_log(name: str, model, path: str):
@@ -627,9 +636,7 @@ def main(args: Args) -> dict:
         if rank() == 0:
             where = f"iteration {name}" if name.isdigit() else f"start ({path})"
             print(
-                where
-                + f": eval reward {state['eval'][name]:.3f}"
-                + f" on {len(eval_prompts)} prompts" * (iteration < 0)
+                f"{where}: eval reward {state['eval'][name]:.3f}" + f" on {len(eval_prompts)} prompts" * (iteration < 0)
             )
 
     def finish_iteration(model, m: int):  # the policy stays in memory: its fp32 (shards) are the masters
@@ -641,45 +648,52 @@ def main(args: Args) -> dict:
         return model
 
     log(
-        {
-            "data/offline_pairs": len(offline),
-            "data/prompt_pool": len(pool),
-            **{f"data/{k}": v for k, v in length_counts.items()},
-        }
+        {"data/offline_pairs": len(offline), "data/prompt_pool": len(pool)}
+        | {f"data/{k}": v for k, v in length_counts.items()}
     )
     if reward_fn and eval_prompts and "sft" not in state["eval"] and state["completed"] < 0:
         evaluate_and_log("sft", model, start)
 
     if state["completed"] < 0 and args.init_checkpoint:
         state["completed"] = 0
-    elif (
-        state["completed"] < 0
-    ):  # ALGO LOGIC: initialisation phase 2 (paper §3.2): one SimPO epoch on the offline pairs
-        init = [dict(p, ref_chosen=0.0, ref_rejected=0.0) for p in offline]
-        model, simpo = prepare_for_training(model, args), dataclasses.replace(args, loss="simpo")
-        model = train_iteration(model, init, 0, simpo, args.lrs[0], device, tokenizer.pad_token_id, log, save_step)
-        model = finish_iteration(model, 0)
-
     for m in range(state["completed"] + 1, args.iterations + 1):
-        # ALGO LOGIC: iteration m (paper §3.3-3.4) from pi_{m-1}
-        previous = args.init_checkpoint if (m == 1 and args.init_checkpoint) else str(out_dir / f"iter_{m - 1}")
-        pairs, stats = online_pairs(model, tokenizer, pool, m, previous, args, device, reward_fn)
+        # ALGO LOGIC: m = 0 is initialisation phase 2 (paper §3.2), one SimPO epoch on the offline pairs; iteration
+        # m >= 1 (paper §3.3-3.4) trains on online pairs from pi_{m-1}
+        partial, pairs_file = out_dir / f"iter_{m}_partial", out_dir / f"pairs_{m}.jsonl"
+        saved, stats = trainer_state(partial) if args.resume else None, {"iteration": m}
+        if m == 0:
+            pairs = [dict(p, ref_chosen=0.0, ref_rejected=0.0) for p in offline]
+        elif saved is not None:  # the interrupted iteration's pairs, as they were
+            pairs = [json.loads(line) for line in open(pairs_file)]
+        else:
+            previous = args.init_checkpoint if (m == 1 and args.init_checkpoint) else str(out_dir / f"iter_{m - 1}")
+            pairs, stats = online_pairs(model, tokenizer, pool, m, previous, args, device, reward_fn)
+        if saved is not None:  # and its weights from the step checkpoint
+            del model
+            model = load_model(str(partial), device, args)
         model = prepare_for_training(model, args)  # sharded once; the reference below is scored as the policy trains
-        if args.loss == "dpo":  # [ours, README] the reference is pi_{m-1}, the model that generated the pairs
+        if m > 0 and saved is None and args.loss == "dpo":  # [ours, README] the reference is pi_{m-1}, their sampler
             sequences = [(p["prompt_ids"], p[side]) for side in ("chosen_ids", "rejected_ids") for p in pairs]
             ref, _ = score(model, sequences, args, tokenizer.pad_token_id, device, desc="reference log-probs")
             for i, p in enumerate(pairs):
                 p.update(ref_chosen=float(ref[i]), ref_rejected=float(ref[len(pairs) + i]))
-        keys = ("prompt", "chosen", "rejected", "rejected_score", "iteration", "chosen_reward", "rejected_reward")
-        write_atomic(out_dir / f"pairs_{m}.jsonl", [{k: p[k] for k in keys if k in p} for p in pairs])
-        tic = time.perf_counter()
-        model = train_iteration(model, pairs, m, args, args.lrs[m - 1], device, tokenizer.pad_token_id, log, save_step)
-        stats["time/training_s"] = time.perf_counter() - tic
-        stats["time/generation_share"] = stats["time/generation_s"] / (
-            stats["time/generation_s"] + stats["time/training_s"]
+        if m > 0 and saved is None:  # with token ids and references: a resumed iteration trains on them as they were
+            write_atomic(pairs_file, pairs)
+        tic, lr, m_args = (
+            time.perf_counter(),
+            args.lrs[max(m - 1, 0)],
+            dataclasses.replace(args, loss="simpo") if m == 0 else args,
         )
-        log(stats)
+        start_step, pad_id = saved["step"] if saved else 0, tokenizer.pad_token_id
+        model = train_iteration(model, pairs, m, m_args, lr, device, pad_id, log, save_step, start_step, saved)
+        if m > 0:
+            stats["time/training_s"] = time.perf_counter() - tic
+            if "time/generation_s" in stats:
+                generation = stats["time/generation_s"]
+                stats["time/generation_share"] = generation / (generation + stats["time/training_s"])
+            log(stats)
         model = finish_iteration(model, m)
+        shutil.rmtree(partial, ignore_errors=True)
     log.close()
     if rank() == 0:
         print(f"final model: {out_dir / f'iter_{args.iterations}'}")
@@ -1662,6 +1676,35 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 
 # ---------------------------------------------------------------------------------------------
 # Runtime that only some of the scripts use (checked copies too)
+
+
+# Copied from sera.save_checkpoint
+def save_checkpoint(model, tokenizer, directory: Path, optimizer, scheduler, step: int):
+    """A resumable step checkpoint: the weights, and this rank's optimizer, scheduler, step and random number
+    generators, in one atomically renamed folder (read back by trainer_state)."""
+    return save_atomic(
+        model,
+        tokenizer,
+        directory,
+        {
+            f"trainer_state_rank{rank()}.pt": {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "rng": rng_state(),
+            }
+        },
+    )
+
+
+# Copied from sera.trainer_state
+def trainer_state(directory: Path) -> dict | None:
+    """This rank's trainer state from save_checkpoint's folder, or None when there is none."""
+    file = directory / f"trainer_state_rank{rank()}.pt"
+    state = torch.load(file, weights_only=False) if file.exists() else None
+    if state is not None and rank() == 0:
+        print(f"resuming from the step checkpoint {directory} at step {state['step']}")
+    return state
 
 
 # Copied from sera.score

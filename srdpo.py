@@ -1619,7 +1619,10 @@ def save_checkpoint(model, tokenizer, directory: Path, optimizer, scheduler, ste
 def trainer_state(directory: Path) -> dict | None:
     """This rank's trainer state from save_checkpoint's folder, or None when there is none."""
     file = directory / f"trainer_state_rank{rank()}.pt"
-    return torch.load(file, weights_only=False) if file.exists() else None
+    state = torch.load(file, weights_only=False) if file.exists() else None
+    if state is not None and rank() == 0:
+        print(f"resuming from the step checkpoint {directory} at step {state['step']}")
+    return state
 
 
 # Copied from sera.score

@@ -229,9 +229,12 @@ def test_opsr_run_learns(opsr_run):
 @pytest.mark.slow
 def test_opsr_resume_finishes_identically(opsr_run, tmp_path):
     out = tmp_path / "run"
-    interrupted = run(*RUN, "--output_dir", str(out), "--stop_after_steps", "28", check=False)
-    assert interrupted.returncode != 0 and json.loads((out / "state.json").read_text())["completed"] in (0, 1)
-    run(*RUN, "--output_dir", str(out), "--resume")
+    every = ["--save_every", "4"]  # step checkpoints inside the iterations: the resumed run starts from one
+    interrupted = run(*RUN, *every, "--output_dir", str(out), "--stop_after_steps", "30", check=False)
+    assert interrupted.returncode == 130 and json.loads((out / "state.json").read_text())["completed"] in (0, 1)
+    assert list(out.glob("iter_*_partial"))
+    resumed = run(*RUN, *every, "--output_dir", str(out), "--resume")
+    assert "resuming from the step checkpoint" in resumed.stdout and not list(out.glob("iter_*_partial"))
     a, b = (
         load_file(str(opsr_run / "iter_2" / "model.safetensors")),
         load_file(str(out / "iter_2" / "model.safetensors")),
