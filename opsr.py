@@ -663,8 +663,8 @@ def main(args: Args) -> dict:
         saved, stats = trainer_state(partial) if args.resume else None, {"iteration": m}
         if m == 0:
             pairs = [dict(p, ref_chosen=0.0, ref_rejected=0.0) for p in offline]
-        elif saved is not None:  # the interrupted iteration's pairs, as they were
-            pairs = [json.loads(line) for line in open(pairs_file)]
+        elif saved is not None:  # the interrupted iteration's pairs and statistics, as they were
+            pairs, stats = [json.loads(line) for line in open(pairs_file)], state["pair_stats"][str(m)]
         else:
             previous = args.init_checkpoint if (m == 1 and args.init_checkpoint) else str(out_dir / f"iter_{m - 1}")
             pairs, stats = online_pairs(model, tokenizer, pool, m, previous, args, device, reward_fn)
@@ -679,6 +679,8 @@ def main(args: Args) -> dict:
                 p.update(ref_chosen=float(ref[i]), ref_rejected=float(ref[len(pairs) + i]))
         if m > 0 and saved is None:  # with token ids and references: a resumed iteration trains on them as they were
             write_atomic(pairs_file, pairs)
+            state.setdefault("pair_stats", {})[str(m)] = stats
+            write_atomic(state_file, state)
         tic, lr, m_args = (
             time.perf_counter(),
             args.lrs[max(m - 1, 0)],
