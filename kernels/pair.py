@@ -418,7 +418,7 @@ def _check_per_pair(loss_fn, losses, policy_seq, ref_seq, tokens, extras):
             ref_chosen=None if ref_seq is None else ref_seq[0::2],
             ref_rejected=None if ref_seq is None else ref_seq[1::2],
             chosen_tokens=tokens[0::2], rejected_tokens=tokens[1::2], **extras), losses.shape[0])
-    same = torch.isclose(whole.float(), losses, rtol=1e-5, atol=1e-6).all()
+    same = torch.isclose(whole.float(), losses, rtol=1e-5, atol=1e-6, equal_nan=True).all()
     message = ("pair_loss_from_hidden: loss_fn gives other losses on chunks of pairs than on the whole batch; "
                "each pair's loss must depend on that pair's inputs only")
     if losses.is_cuda:
