@@ -31,7 +31,7 @@ import torch
 import triton
 import tyro
 
-from . import logps
+from . import logps, pair
 from .ops import folded_width
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -44,7 +44,8 @@ SHAPES = {
     "vh>2^31": (8192, 16384, 152064),  # V*H = 2.5e9: a 405B-class width with a Qwen-size vocabulary
     "nh>2^31": (300001, 8192, 32000),  # N*H = 2.5e9: long contexts (and N not a multiple of 16)
 }
-KINDS = ("fwd", "fwd_ref", "bwd")
+KINDS = ("fwd", "fwd_ref", "bwd", "pair_stats", "pair_grad")
+MEMORY_BOUND = ("pair_stats", "pair_grad")  # no product inside: no MMA expected
 
 
 @dataclasses.dataclass
@@ -52,8 +53,9 @@ class Args:
     archs: tuple[int, ...] = (90, 80)
     """compute capabilities to compile for (90 = H100/H200, 80 = A100)"""
     dtypes: tuple[Literal["bf16", "fp16", "fp32"], ...] = ("bf16", "fp16", "fp32")
-    kinds: tuple[Literal["fwd", "fwd_ref", "bwd"], ...] = KINDS
-    """fwd = policy forward, fwd_ref = policy + reference forward (one launch), bwd = gradient kernel"""
+    kinds: tuple[Literal["fwd", "fwd_ref", "bwd", "pair_stats", "pair_grad"], ...] = KINDS
+    """fwd = policy forward, fwd_ref = policy + reference forward (one launch), bwd = gradient kernel;
+    pair_stats / pair_grad = the pair op's log-sum-exp and dZ kernels over a workspace of logits (with a bias)"""
     softcaps: tuple[bool, ...] = (False, True)
     shapes: tuple[Literal["llama3-8b", "bias-fold", "unpadded-4097", "vh>2^31", "nh>2^31"], ...] = tuple(SHAPES)
     extra_tiles: tuple[str, ...] = ()
@@ -88,6 +90,16 @@ def launch(kind, dtype, softcap, shape, arch, sms, tile=None):
         saved = dict(logps.TILES)
         logps.TILES.update({key: tile for key in logps.TILES})
     try:
+        if kind in MEMORY_BOUND:  # one workspace block of the pair op, as kernels.pair launches it
+            chunk = min(rows, pair.WORKSPACE_BYTES // (vocab * dtype.itemsize))
+            ws, vec = FakeTensor((chunk, vocab), dtype), FakeTensor((chunk,), torch.float32)
+            bias, targets = FakeTensor((vocab,), dtype), FakeTensor((chunk,), torch.int64)
+            meta = pair.kernel_meta(kind.removeprefix("pair_"), True, softcap is not None)
+            if kind == "pair_stats":
+                return (pair._pair_stats_kernel, pair.stats_args(ws, bias, targets, vec, vec, 1.0, softcap), meta,
+                        (chunk,))
+            return (pair._pair_grad_kernel, pair.grad_args(ws, bias, targets, vec, vec, 1.0, softcap), meta,
+                    pair.grad_grid(chunk, vocab, meta))
         if kind == "bwd":
             plan = logps.backward_plan(rows, vocab, dtype, arch, logps.WORKSPACE_BYTES)
             chunk, part = plan["chunk_rows"], plan["chunk_vocab"]  # one workspace block
@@ -157,7 +169,8 @@ def check_row(row, default) -> str:
     problems = []
     if default and row["spill"]:
         problems.append("spills at a default tile")
-    if row["arch"] >= 90 and row["dtype"] != "fp32" and "wgmma" not in row["mma"]:
+    if (row["arch"] >= 90 and row["dtype"] != "fp32" and "wgmma" not in row["mma"]
+            and row.get("kernel") not in MEMORY_BOUND):
         problems.append("16-bit kernel without wgmma on sm_90")
     if row["i32_offs"]:
         problems.append("int32 offset*stride products")
@@ -187,8 +200,8 @@ def run(args: Args) -> list[dict]:
         cap = 30.0 if softcap else None
         fn, kargs, meta, grid = launch(kind, DTYPES[dtype_name], cap, SHAPES[shape_name], arch, args.sms, tile)
         row = dict(kernel=kind, arch=arch, dtype=dtype_name, softcap=int(softcap), shape=shape_name,
-                   tile="x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K"))
-                   + f"/{meta['num_warps']}w/{meta['num_stages']}s",
+                   tile="x".join(str(meta.get(k, 1)) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K"))
+                   + f"/{meta['num_warps']}w/{meta.get('num_stages', 3)}s",
                    grid="x".join(map(str, grid)))
         # the binary depends on the specialisation only, not on the shape's values
         key = (fn.__name__, arch, str(meta), cap is not None, tuple(map(_specialisation, kargs)))
