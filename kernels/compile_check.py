@@ -91,7 +91,7 @@ def launch(kind, dtype, softcap, shape, arch, sms, tile=None):
         logps.TILES.update({key: tile for key in logps.TILES})
     try:
         if kind in MEMORY_BOUND:  # one workspace block of the pair op, as kernels.pair launches it
-            chunk = min(rows, pair.WORKSPACE_BYTES // (vocab * dtype.itemsize))
+            chunk = min(rows, pair.WORKSPACE_BYTES["triton"] // (vocab * dtype.itemsize))
             ws, vec = FakeTensor((chunk, vocab), dtype), FakeTensor((chunk,), torch.float32)
             bias, targets = FakeTensor((vocab,), dtype), FakeTensor((chunk,), torch.int64)
             meta = pair.kernel_meta(kind.removeprefix("pair_"), True, softcap is not None)

@@ -45,9 +45,10 @@ try:
 except ImportError:  # pragma: no cover - triton is a Linux dependency
     HAVE_TRITON = False
 
-# Bound on one chunk's logits (fp32 on the torch path, the input dtype on the Triton path). At V = 32000 fp32,
-# 128 MB is 1048 rows: tall enough for the dW GEMM (its inner dimension is the chunk's row count).
-WORKSPACE_BYTES = 128 << 20
+# Bound on one chunk's logits: fp32 on the torch path (128 MB = 1048 rows at V = 32000: tall enough for the dW
+# GEMM, whose inner dimension is the chunk's row count), the input dtype on the Triton path (256 MB = 1046 rows
+# at V = 128256 bf16: a pair of two 512-token sequences). A pair with more scored tokens is recomputed.
+WORKSPACE_BYTES = {"torch": 128 << 20, "triton": 256 << 20}
 STATS_BLOCK_V, GRAD_BLOCK_V, NUM_WARPS = 2048, 2048, 8  # the memory-bound kernels' tile (compile-checked)
 INTERPRETER_BLOCK_V = 32
 
@@ -316,7 +317,7 @@ def _pair_pass(hidden, weight, bias, labels, loss_fn, ref_hidden, ref_weight, re
     pair_tokens = seq_tokens.view(n_pairs, 2).sum(dim=1).tolist()  # the one host read: the chunk plan
 
     ws_dtype = backend.ws_dtype(hidden.dtype)
-    budget = max(1, (WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes)
+    budget = max(1, (WORKSPACE_BYTES[impl] if workspace_bytes is None else workspace_bytes)
                  // (vocab * ws_dtype.itemsize))
     groups = _plan_chunks(pair_tokens, budget)
     ws_rows = max(1, min(budget, max(end - start for _, _, start, end in groups)))

@@ -391,3 +391,27 @@ def test_pair_kernels_compile_for_sm90_sm80():
     assert len(rows) == 2 * 2 * 2 * 2, res.stdout  # archs x dtypes x kinds x shapes
     for row in rows:
         assert row["status"] == "ok" and row["spill"] == "0" and row["i32_offs"] == "0", row
+
+
+def test_bench_pair_mode(tmp_path, monkeypatch):
+    """`kernels.bench --modes pair` on a tiny shape: ours (fused and unfused) and naive are checked against the
+    fp32 oracle and timed, rows have mode=pair; a pair implementation with a wrong gradient is FAILED, untimed."""
+    from kernels import bench
+
+    monkeypatch.setitem(bench.SHAPES, "test-pair", bench.Shape(4 * bench.PAIR_SEQ_LEN // 16, 16, 128, 2))
+    monkeypatch.setattr(bench, "PAIR_SEQ_LEN", bench.PAIR_SEQ_LEN // 16)  # 4 sequences of 32 positions: 2 pairs
+
+    def wrong_grad(hidden, weight, labels, ref_hidden=None, ref_weight=None):
+        policy, ref = bench.IMPLS["torch"](hidden, weight, labels, ref_hidden, ref_weight)
+        return policy * 1.5 - policy.detach() * 0.5, ref  # right values, gradients scaled by 1.5
+
+    monkeypatch.setitem(bench.IMPLS, "wrong_grad", wrong_grad)
+    rows = bench.main(bench.Args(shapes=("test-pair",), impls=("torch", "naive", "wrong_grad"), modes=("pair",),
+                                 repeats=2, warmup=0, memory=False, device="cpu", out=str(tmp_path / "b.csv")))
+    by_impl = {r["impl"]: r for r in rows}
+    assert set(by_impl) == {"naive", "torch", "torch_logps", "wrong_grad"}
+    for name in ("naive", "torch", "torch_logps"):
+        row = by_impl[name]
+        assert row["status"] == "ok" and row["mode"] == "pair" and row["seqs"] == 4 and row["repeats"] == 2, row
+        assert row["rel_err"] < 1e-5 and row["grad_rel_err"] < 1e-5, row
+    assert by_impl["wrong_grad"]["status"].startswith("FAILED") and by_impl["wrong_grad"]["median_ms"] == ""
