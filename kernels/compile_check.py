@@ -263,6 +263,59 @@ def print_estimate(name, shape, sms):
     print(f"| total (sum of per-step max) | | | | | {total[2]:.1f} |")
 
 
+def pair_estimate(shape, frozen_head: bool = False, dtype=torch.bfloat16) -> list[tuple[str, float, float]]:
+    """(step, FLOPs, DRAM bytes) of `pair_loss_from_hidden`'s Triton path (cuBLAS logits into the workspace, two
+    Triton kernels): policy fwd+bwd + reference fwd + the pair loss. Model: per chunk of whole pairs, cuBLAS
+    reads each operand once per call and writes its output once (W once per chunk); the log-sum-exp kernel reads
+    the chunk's logits once, the dZ kernel reads and writes them; dW += dZ^T H reads and writes the fp32
+    accumulator once per chunk. The pair loss itself works on [B] tensors (nothing at this scale)."""
+    rows, hidden, vocab = shape
+    es, hv = dtype.itemsize, hidden * vocab
+    chunk = max(1, min(rows, pair.WORKSPACE_BYTES["triton"] // (vocab * es)))
+    chunks, logits, h_bytes = -(-rows // chunk), rows * vocab * es, rows * hidden * es
+    gemm = 2.0 * rows * hv
+    steps = [("reference logits (cuBLAS, into the workspace)", gemm, chunks * hv * es + h_bytes + logits),
+             ("reference log-sum-exp (Triton)", 0.0, logits),
+             ("policy logits, once (cuBLAS, into the workspace)", gemm, chunks * hv * es + h_bytes + logits),
+             ("policy log-sum-exp (Triton)", 0.0, logits),
+             ("dZ = g (onehot - softmax) in place (Triton)", 0.0, 2 * logits),
+             ("dH = dZ W (cuBLAS)", gemm, logits + chunks * hv * es + h_bytes)]
+    if not frozen_head:
+        steps.append(("dW += dZ^T H (cuBLAS, fp32 accumulator)", gemm, logits + h_bytes + chunks * 2 * hv * 4))
+    return steps
+
+
+def pair_memory_terms(shape, frozen_head: bool = False, dtype=torch.bfloat16) -> list[tuple[str, float]]:
+    """(term, bytes) of the pair op's extra memory beyond its inputs, outputs and gradients (Triton path)."""
+    rows, hidden, vocab = shape
+    es = dtype.itemsize
+    chunk = max(1, min(rows, pair.WORKSPACE_BYTES["triton"] // (vocab * es)))
+    terms = [("workspace (one chunk's logits, then its dZ)", chunk * vocab * es),
+             ("chunk rows of h and of the reference's h, the chunk's dH product", 3 * chunk * hidden * es),
+             ("per-token indices, targets, lse, label logits", rows * (5 * 8 + 3 * 4))]
+    if not frozen_head:
+        terms.append(("fp32 dW accumulator (row chunks sum dW; a bf16 head's grad is cast from it)", vocab * hidden * 4))
+    return terms
+
+
+def print_pair_estimate(name, shape):
+    print(f"\nStatic estimate (not a measurement) of pair_loss_from_hidden, Triton path, {name} N={shape[0]} "
+          f"H={shape[1]} V={shape[2]} bf16, workspace {pair.WORKSPACE_BYTES['triton'] >> 20} MB; "
+          f"bounds at {TFLOPS:.0f} TFLOP/s and {TBPS} TB/s")
+    for frozen in (False, True):
+        print(f"\n{'frozen' if frozen else 'trainable'} head:\n| step | GFLOP | DRAM GB (model) | compute-bound ms | "
+              "memory-bound ms |\n|---|---|---|---|---|")
+        total = 0.0
+        for step, flops, nbytes in pair_estimate(shape, frozen):
+            ms_c, ms_m = flops / TFLOPS / 1e9, nbytes / TBPS / 1e9
+            total += max(ms_c, ms_m)
+            print(f"| {step} | {flops / 1e9:.0f} | {nbytes / 1e9:.2f} | {ms_c:.2f} | {ms_m:.2f} |")
+        print(f"| total (sum of per-step max) | | | | {total:.1f} |")
+        terms = pair_memory_terms(shape, frozen)
+        print("extra memory: " + "; ".join(f"{t} {b / 2**20:.1f} MB" for t, b in terms)
+              + f"; total {sum(b for _, b in terms) / 2**20:.0f} MB")
+
+
 COLUMNS = ("kernel", "arch", "dtype", "softcap", "shape", "tile", "grid", "regs", "spill", "smem", "mma", "cp16",
            "i32_offs", "default", "status")
 
@@ -287,6 +340,8 @@ def main(args: Args) -> int:
         for name in args.shapes:
             if name in ("llama3-8b", "vh>2^31"):
                 print_estimate(name, SHAPES[name], args.sms)
+            if name == "llama3-8b":
+                print_pair_estimate(name, SHAPES[name])
     return 1 if failed else 0
 
 

@@ -36,6 +36,7 @@ import torch
 
 from .losses import pair_loss
 from .ops import resolve_impl
+from .torch_ref import _ADDMM_OUT_DTYPE, add_matmul_fp32_
 
 try:
     import triton
@@ -182,18 +183,19 @@ def grad_grid(rows: int, vocab: int, meta: dict) -> tuple[int, int]:
 
 
 def _logits_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """out[:] = h @ w^T, one GEMM; fp32 `out` from 16-bit inputs accumulates in fp32 (CUDA) or via a temporary."""
+    """out[:] = h @ w^T, one GEMM; an fp32 `out` from 16-bit inputs: fp32 output of the GEMM on CUDA
+    (`mm(out_dtype=float32)`, torch >= 2.8), else through a temporary."""
     if out.dtype == h.dtype:
         return torch.mm(h, w.T, out=out)
-    if h.is_cuda:
-        return torch.mm(h, w.T, out_dtype=out.dtype, out=out)
+    if h.is_cuda and out.dtype == torch.float32 and _ADDMM_OUT_DTYPE:
+        return torch.mm(h, w.T, out_dtype=torch.float32, out=out)
     return out.copy_(h @ w.T)
 
 
 class _TorchBackend:
     """fp32 workspace. After `stats` the workspace holds exp(logits - rowmax), and `grad` finishes softmax from it."""
 
-    ws_dtype = staticmethod(lambda dtype: torch.float32)
+    fp32_workspace = True
 
     def __init__(self, temperature, softcap):
         self.temperature, self.softcap = temperature, softcap
@@ -238,7 +240,7 @@ class _TorchBackend:
 class _TritonBackend:
     """Workspace in the input dtype (the cuBLAS GEMM's output); two Triton kernels read it."""
 
-    ws_dtype = staticmethod(lambda dtype: dtype)
+    fp32_workspace = False
 
     def __init__(self, temperature, softcap):
         if not HAVE_TRITON:
@@ -297,7 +299,7 @@ def _call_loss_fn(loss_fn, group_inputs, n_pairs):
 
 def _pair_pass(hidden, weight, bias, labels, loss_fn, ref_hidden, ref_weight, ref_bias, ref_logps, extras,
                temperature, softcap, ignore_index, impl, workspace_bytes, need_hidden, need_weight, need_bias):
-    n_seqs, length, hidden_size = hidden.shape
+    n_seqs, length, _ = hidden.shape
     n_pairs, vocab, device = n_seqs // 2, weight.shape[0], hidden.device
     backend = (_TritonBackend if impl == "triton" else _TorchBackend)(temperature, softcap)
 
@@ -311,21 +313,22 @@ def _pair_pass(hidden, weight, bias, labels, loss_fn, ref_hidden, ref_weight, re
     seq_order = torch.stack([torch.arange(n_pairs), torch.arange(n_pairs) + n_pairs], dim=1).reshape(-1).to(device)
     seq_mask = mask.view(n_seqs, length)[seq_order]
     positions = (seq_order[:, None] * length + torch.arange(length, device=device))[seq_mask]
+    # (sequence, position) of each scored token: rows are gathered chunk by chunk from the [2B, T, H] tensors
+    # as they are (a sliced hidden[:, :-1] is not copied whole)
+    row_index = (torch.div(positions, length, rounding_mode="floor"), positions % length)
     seq_tokens = seq_mask.sum(dim=1)  # pair-major
     token_seq = torch.repeat_interleave(torch.arange(2 * n_pairs, device=device), seq_tokens)
     targets_all = flat_labels.index_select(0, positions)
     pair_tokens = seq_tokens.view(n_pairs, 2).sum(dim=1).tolist()  # the one host read: the chunk plan
 
-    ws_dtype = backend.ws_dtype(hidden.dtype)
+    ws_dtype = torch.float32 if backend.fp32_workspace else hidden.dtype
     budget = max(1, (WORKSPACE_BYTES[impl] if workspace_bytes is None else workspace_bytes)
                  // (vocab * ws_dtype.itemsize))
     groups = _plan_chunks(pair_tokens, budget)
     ws_rows = max(1, min(budget, max(end - start for _, _, start, end in groups)))
     workspace = torch.empty((ws_rows, vocab), dtype=ws_dtype, device=device)
 
-    flat_hidden = hidden.reshape(-1, hidden_size)
-    flat_ref = None if ref_hidden is None else ref_hidden.reshape(-1, ref_hidden.shape[2])
-    grad_hidden = torch.zeros_like(flat_hidden) if need_hidden else None
+    grad_hidden = torch.zeros_like(hidden) if need_hidden else None
     # dW and dbias sum over chunks: fp32 accumulators
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else None
@@ -333,7 +336,7 @@ def _pair_pass(hidden, weight, bias, labels, loss_fn, ref_hidden, ref_weight, re
     ref_seq = None
     if ref_logps is not None:
         ref_seq = ref_logps.detach().float()[seq_order]
-    elif flat_ref is not None:
+    elif ref_hidden is not None:
         ref_seq = torch.zeros(2 * n_pairs, dtype=torch.float32, device=device)
     losses_all = torch.zeros(n_pairs, dtype=torch.float32, device=device)
     rewards_all = None
@@ -345,19 +348,20 @@ def _pair_pass(hidden, weight, bias, labels, loss_fn, ref_hidden, ref_weight, re
         local_seq = token_seq[first_token:end_token] - 2 * first_pair
         n_group = end_pair - first_pair
 
-        def rows_of(flat, start, end):
-            return flat.index_select(0, positions[start:end])
+        def rows_of(tensor, start, end):
+            return tensor[row_index[0][start:end], row_index[1][start:end]]
 
-        if flat_ref is not None:  # reference first: the policy's logits then stay in the workspace
+        if ref_hidden is not None:  # reference first: the policy's logits then stay in the workspace
             for start, end in subs:
                 ws = workspace[: end - start]
-                _logits_into(ws, rows_of(flat_ref, start, end), ref_weight)
+                _logits_into(ws, rows_of(ref_hidden, start, end), ref_weight)
                 ref_tok, _, _ = backend.stats(ws, ref_bias, targets_all[start:end], keep=False)
                 ref_seq.index_add_(0, token_seq[start:end], ref_tok)
-        lse_parts, state = [], None
+        lse_parts, state, kept_rows = [], None, None
         for start, end in subs:
             ws = workspace[: end - start]
-            _logits_into(ws, rows_of(flat_hidden, start, end), weight)
+            kept_rows = rows_of(hidden, start, end)
+            _logits_into(ws, kept_rows, weight)
             tok, lse, state = backend.stats(ws, bias, targets_all[start:end], keep)
             policy_seq.index_add_(0, token_seq[start:end], tok)
             lse_parts.append(lse)
@@ -389,22 +393,23 @@ def _pair_pass(hidden, weight, bias, labels, loss_fn, ref_hidden, ref_weight, re
         for (start, end), lse in zip(subs, lse_parts):
             ws = workspace[: end - start]
             if not keep:  # a pair larger than the workspace: its logits are recomputed
-                _logits_into(ws, rows_of(flat_hidden, start, end), weight)
+                kept_rows = rows_of(hidden, start, end)
+                _logits_into(ws, kept_rows, weight)
                 state = backend.recompute(ws, bias, lse)
             dz = backend.grad(ws, bias, targets_all[start:end], lse, state,
                               g_tok[start - first_token:end - first_token])
             dz = dz.to(hidden.dtype)
             if need_hidden:
-                grad_hidden.index_copy_(0, positions[start:end], torch.mm(dz, weight.detach()))
+                grad_hidden.index_put_((row_index[0][start:end], row_index[1][start:end]), torch.mm(dz, weight))
             if need_weight:
-                _add_matmul(grad_weight, dz.T, rows_of(flat_hidden, start, end))
+                add_matmul_fp32_(grad_weight, dz.T, kept_rows)
             if need_bias:
                 grad_bias += torch.sum(dz, dim=0, dtype=torch.float32)
 
     if len(groups) > 1:
         _check_per_pair(loss_fn, losses_all, policy_seq, ref_seq, tokens_f, extras)
     outputs = dict(losses=losses_all, policy=policy_seq, ref=ref_seq, tokens=seq_tokens, rewards=rewards_all)
-    grads = (None if grad_hidden is None else grad_hidden.view_as(hidden),
+    grads = (grad_hidden,
              None if grad_weight is None else grad_weight.to(weight.dtype),
              None if grad_bias is None else grad_bias.to(bias.dtype))
     return outputs, grads
@@ -426,15 +431,6 @@ def _check_per_pair(loss_fn, losses, policy_seq, ref_seq, tokens, extras):
         torch._assert_async(same, message)
     elif not same:
         raise ValueError(message)
-
-
-def _add_matmul(acc, a, b):
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif a.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc += (a @ b).float()
 
 
 class PairLossFromHidden(torch.autograd.Function):

@@ -213,8 +213,8 @@ def test_frozen_head_skips_the_weight_gemm(monkeypatch):
     """Under a frozen head the op runs two GEMMs per chunk (logits, dH) plus the reference's: no dW product."""
     case = make_case(seed=6)
     calls = []
-    real = pair_mod._add_matmul
-    monkeypatch.setattr(pair_mod, "_add_matmul", lambda *a: calls.append(1) or real(*a))
+    real = pair_mod.add_matmul_fp32_
+    monkeypatch.setattr(pair_mod, "add_matmul_fp32_", lambda *a: calls.append(1) or real(*a))
     ours(case, LOSSES["dpo"], {}, "torch", trainable=("hidden",), workspace_bytes=_workspace(12))
     assert calls == []
     ours(case, LOSSES["dpo"], {}, "torch", workspace_bytes=_workspace(12))
@@ -415,3 +415,20 @@ def test_bench_pair_mode(tmp_path, monkeypatch):
         assert row["status"] == "ok" and row["mode"] == "pair" and row["seqs"] == 4 and row["repeats"] == 2, row
         assert row["rel_err"] < 1e-5 and row["grad_rel_err"] < 1e-5, row
     assert by_impl["wrong_grad"]["status"].startswith("FAILED") and by_impl["wrong_grad"]["median_ms"] == ""
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sliced_hidden_states(impl):
+    """hidden[:, :-1] as a causal LM's scorer passes it (not contiguous): same results, gradient in its shape."""
+    case = make_case(seed=17, length=10)
+    full = case["hidden"].clone().requires_grad_()
+    labels = case["labels"][:, 1:]
+    sliced = dict(case, hidden=full.detach()[:, :-1], labels=labels, ref_hidden=case["ref_hidden"][:, :-1])
+    oracle = naive(sliced, LOSSES["dpo"], {}, torch.float64)
+    losses, _ = pair_loss_from_hidden(full[:, :-1], case["weight"], labels, LOSSES["dpo"],
+                                      ref_hidden=case["ref_hidden"][:, :-1], ref_weight=case["ref_weight"],
+                                      impl=impl, workspace_bytes=_workspace(12))
+    losses.sum().backward()
+    torch.testing.assert_close(losses.double(), oracle[0].double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full.grad[:, :-1].double(), oracle[2]["hidden"], rtol=1e-4, atol=1e-5)
+    assert (full.grad[:, -1] == 0).all()
