@@ -263,8 +263,9 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, ignore_frac: floa
 
     labels = torch.randint(0, shape.vocab, (shape.seqs, length), generator=gen)
     labels[:, : int(ignore_frac * length)] = IGNORE
-    hidden, weight = randn(shape.seqs, length, shape.hidden), randn(shape.vocab, shape.hidden, std=2 / shape.hidden**0.5)
-    ref_hidden, ref_weight = randn(shape.seqs, length, shape.hidden), randn(shape.vocab, shape.hidden, std=2 / shape.hidden**0.5)
+    head_std = 2 / shape.hidden**0.5
+    hidden, weight = randn(shape.seqs, length, shape.hidden), randn(shape.vocab, shape.hidden, std=head_std)
+    ref_hidden, ref_weight = randn(shape.seqs, length, shape.hidden), randn(shape.vocab, shape.hidden, std=head_std)
     if pair:
         ref_hidden, ref_weight = hidden + 0.01 * ref_hidden, weight + 0.01 * ref_weight
     return Inputs(hidden.requires_grad_(), weight.requires_grad_(), labels.to(device), ref_hidden, ref_weight,

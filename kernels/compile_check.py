@@ -294,7 +294,8 @@ def pair_memory_terms(shape, frozen_head: bool = False, dtype=torch.bfloat16) ->
              ("chunk rows of h and of the reference's h, the chunk's dH product", 3 * chunk * hidden * es),
              ("per-token indices, targets, lse, label logits", rows * (5 * 8 + 3 * 4))]
     if not frozen_head:
-        terms.append(("fp32 dW accumulator (row chunks sum dW; a bf16 head's grad is cast from it)", vocab * hidden * 4))
+        terms.append(("fp32 dW accumulator (row chunks sum dW; a bf16 head's grad is cast from it)",
+                      vocab * hidden * 4))
     return terms
 
 

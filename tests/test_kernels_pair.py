@@ -321,9 +321,9 @@ def test_loss_fn_mixing_pairs_is_caught():
 def test_no_grad_forward_matches():
     case = make_case(seed=14)
     with torch.no_grad():
-        losses, metrics = pair_loss_from_hidden(case["hidden"], case["weight"], case["labels"], LOSSES["dpo"],
-                                                ref_hidden=case["ref_hidden"], ref_weight=case["ref_weight"],
-                                                impl="torch", workspace_bytes=_workspace(5))
+        losses, _ = pair_loss_from_hidden(case["hidden"], case["weight"], case["labels"], LOSSES["dpo"],
+                                          ref_hidden=case["ref_hidden"], ref_weight=case["ref_weight"],
+                                          impl="torch", workspace_bytes=_workspace(5))
     oracle = naive(case, LOSSES["dpo"], {}, torch.float64, trainable=())
     torch.testing.assert_close(losses.double(), oracle[0].double(), rtol=1e-5, atol=1e-5)
     assert not losses.requires_grad
@@ -380,7 +380,7 @@ def test_pair_kernels_compile_for_sm90_sm80():
     cmd = [sys.executable, "-m", "kernels.compile_check", "--archs", "90", "80", "--dtypes", "bf16", "fp32",
            "--kinds", "pair_stats", "pair_grad", "--softcaps", "True", "--shapes", "llama3-8b", "vh>2^31",
            "--no-estimate"]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     header, rows = None, []
     for line in res.stdout.splitlines():
