@@ -297,6 +297,25 @@ def _call_loss_fn(loss_fn, group_inputs, n_pairs):
     return losses, rewards
 
 
+def _group_losses(loss_fn, policy_seq, ref_seq, tokens, extras):
+    """A group's pair losses [b], rewards [2, b] or None, and g = d sum(losses) / d sequence log-probs [2b]
+    (pair-major, like the inputs), by autograd on these small tensors."""
+    n_pairs = policy_seq.shape[0] // 2
+    with torch.enable_grad():
+        chosen = policy_seq[0::2].float().requires_grad_()
+        rejected = policy_seq[1::2].float().requires_grad_()
+        ref = None if ref_seq is None else ref_seq.float()
+        losses, rewards = _call_loss_fn(loss_fn, dict(
+            policy_chosen=chosen, policy_rejected=rejected, ref_chosen=None if ref is None else ref[0::2],
+            ref_rejected=None if ref is None else ref[1::2], chosen_tokens=tokens[0::2],
+            rejected_tokens=tokens[1::2], **extras), n_pairs)
+        grads = torch.autograd.grad(losses.sum(), [chosen, rejected], allow_unused=True)
+    g_seq = torch.stack([torch.zeros_like(chosen) if g is None else g.float() for g in grads], dim=1).reshape(-1)
+    if rewards is not None:
+        rewards = torch.stack([r.detach().float() for r in rewards])
+    return losses.detach().float(), rewards, g_seq
+
+
 def _pair_pass(hidden, weight, bias, labels, loss_fn, ref_hidden, ref_weight, ref_bias, ref_logps, extras,
                temperature, softcap, ignore_index, impl, workspace_bytes, need_hidden, need_weight, need_bias):
     n_seqs, length, _ = hidden.shape
@@ -348,7 +367,6 @@ def _pair_pass(hidden, weight, bias, labels, loss_fn, ref_hidden, ref_weight, re
         subs = [(s, min(s + budget, end_token)) for s in range(first_token, end_token, budget)] or [(first_token,) * 2]
         keep = len(subs) == 1  # the whole group's logits stay in the workspace until dZ
         local_seq = token_seq[first_token:end_token] - 2 * first_pair
-        n_group = end_pair - first_pair
 
         def rows_of(tensor, start, end):
             return tensor[row_index[0][start:end], row_index[1][start:end]]
@@ -368,29 +386,18 @@ def _pair_pass(hidden, weight, bias, labels, loss_fn, ref_hidden, ref_weight, re
             policy_seq.index_add_(0, token_seq[start:end], tok.double())
             lse_parts.append(lse)
 
-        # the pair losses and g = d sum(losses) / d sequence log-probs, by autograd on [n_group] tensors
         seqs = slice(2 * first_pair, 2 * end_pair)
-        with torch.enable_grad():
-            chosen = policy_seq[seqs][0::2].float().requires_grad_()
-            rejected = policy_seq[seqs][1::2].float().requires_grad_()
-            group_ref = None if ref_seq is None else ref_seq[seqs].float()
-            inputs = dict(policy_chosen=chosen, policy_rejected=rejected,
-                          ref_chosen=None if group_ref is None else group_ref[0::2],
-                          ref_rejected=None if group_ref is None else group_ref[1::2],
-                          chosen_tokens=tokens_f[seqs][0::2], rejected_tokens=tokens_f[seqs][1::2],
-                          **{k: v[first_pair:end_pair] for k, v in extras.items()})
-            losses, rewards = _call_loss_fn(loss_fn, inputs, n_group)
-            grads = torch.autograd.grad(losses.sum(), [chosen, rejected], allow_unused=True)
-        losses_all[first_pair:end_pair] = losses.detach().float()
+        losses, rewards, g_seq = _group_losses(
+            loss_fn, policy_seq[seqs], None if ref_seq is None else ref_seq[seqs], tokens_f[seqs],
+            {k: v[first_pair:end_pair] for k, v in extras.items()})
+        losses_all[first_pair:end_pair] = losses
         if rewards is not None:
             if rewards_all is None:
                 rewards_all = torch.zeros(2, n_pairs, dtype=torch.float32, device=device)
-            rewards_all[0, first_pair:end_pair] = rewards[0].detach().float()
-            rewards_all[1, first_pair:end_pair] = rewards[1].detach().float()
+            rewards_all[:, first_pair:end_pair] = rewards
         if not (need_hidden or need_weight or need_bias):
             continue
-        g_seq = torch.stack([torch.zeros(n_group, device=device) if g is None else g.float() for g in grads], dim=1)
-        g_tok = g_seq.reshape(-1)[local_seq]
+        g_tok = g_seq[local_seq]
 
         for (start, end), lse in zip(subs, lse_parts):
             ws = workspace[: end - start]

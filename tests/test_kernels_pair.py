@@ -329,10 +329,13 @@ def test_no_grad_forward_matches():
     assert not losses.requires_grad
 
 
-def test_bf16_torch_path():
-    """bf16 hidden states and head on the torch path (fp32 workspace): within the rule of naive bf16."""
+@pytest.mark.parametrize("impl", ["torch"] + (["triton"] if CUDA else []))
+def test_bf16(impl):
+    """bf16 hidden states and head (torch path: fp32 workspace; Triton path on CUDA: bf16 logits from cuBLAS,
+    fp32 reductions): within the rule of naive bf16. Not run in the interpreter (its bf16 is not trusted)."""
     case = make_case(dtype=torch.bfloat16, seed=15, bias=True)
-    check_against_oracle(case, "dpo", "torch", dtype=torch.bfloat16, workspace_bytes=_workspace(12))
+    check_against_oracle(case, "dpo", impl, dtype=torch.bfloat16,
+                         workspace_bytes=_workspace(12, dtype=torch.bfloat16, impl=impl))
 
 
 def test_bad_inputs_named():
