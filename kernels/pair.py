@@ -517,6 +517,8 @@ def pair_loss_from_hidden(
     extras = dict(extras or {})
     _check_inputs(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, ref_logps, extras)
     impl = resolve_impl(impl, hidden.device)
+    if impl == "triton" and hidden.device.type == "cuda":
+        self_check(hidden.device, hidden.dtype)
     config = dict(labels=labels, loss_fn=loss_fn, ref_hidden=None if ref_hidden is None else ref_hidden.detach(),
                   ref_weight=None if ref_weight is None else ref_weight.detach(),
                   ref_bias=None if ref_bias is None else ref_bias.detach(), ref_logps=ref_logps,
@@ -532,6 +534,85 @@ def pair_loss_from_hidden(
                                     need_bias=False)
         losses = outputs["losses"]
     return losses, _metrics(outputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# One-time check of the Triton path against float64 on the device it runs on, per (device, dtype).
+
+_SELF_CHECKED: set = set()
+
+
+def _naive_pair(hidden, weight, bias, labels, ref_hidden, loss_fn, softcap, temperature):
+    """Per-pair losses from naive logits -> log_softmax -> gather -> sums (at the inputs' dtype, fp32 softmax
+    unless float64)."""
+    def seq_logps(h):
+        logits = h @ weight.T + bias
+        logits = softcap * torch.tanh(logits / softcap) / temperature
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        return (logp * (labels != -100)).sum(dim=1)
+
+    policy = seq_logps(hidden)
+    with torch.no_grad():
+        ref = seq_logps(ref_hidden)
+    n = policy.shape[0] // 2
+    tokens = (labels != -100).sum(dim=1).to(policy.dtype)
+    return loss_fn(policy_chosen=policy[:n], policy_rejected=policy[n:], ref_chosen=ref[:n], ref_rejected=ref[n:],
+                   chosen_tokens=tokens[:n], rejected_tokens=tokens[n:])[0]
+
+
+def self_check(device: torch.device, dtype: torch.dtype) -> None:
+    """Run a small pair step (bias, soft-cap, temperature, chunk boundaries between and inside pairs) on the
+    Triton path and check losses and gradients against float64 by the tests' rule: error at most twice that of
+    naive torch at the same dtype, plus a small floor. Raises RuntimeError on a mismatch."""
+    key = (str(device), dtype)
+    if key in _SELF_CHECKED:
+        return
+    gen = torch.Generator().manual_seed(0)
+    pairs, length, hidden_size, vocab = 3, 12, 64, 300
+    hidden = torch.randn(2 * pairs, length, hidden_size, generator=gen)
+    weight = torch.randn(vocab, hidden_size, generator=gen) / 4
+    bias = torch.randn(vocab, generator=gen)
+    ref_hidden = hidden + 0.1 * torch.randn(hidden.shape, generator=gen)
+    labels = torch.randint(0, vocab, (2 * pairs, length), generator=gen)
+    labels[:, :3] = -100
+    labels[1, 8:] = -100  # unequal lengths
+    labels = labels.to(device)
+    loss_fn, softcap, temperature = daa_loss_fn("dpo", beta=0.5), 5.0, 0.9
+
+    def run(fn, dtype_):
+        h, w, b = (t.to(device, dtype_).requires_grad_() for t in (hidden, weight, bias))
+        losses = fn(h, w, b, ref_hidden.to(device, dtype_))
+        return [losses.double(), *torch.autograd.grad(losses.sum(), [h, w, b])]
+
+    def naive(h, w, b, rh):
+        return _naive_pair(h, w, b, labels, rh, loss_fn, softcap, temperature)
+
+    def fused(h, w, b, rh):  # 14 rows of workspace: pairs split and pairs grouped
+        return pair_loss_from_hidden(h, w, labels, loss_fn, bias=b, ref_hidden=rh, ref_weight=w.detach(),
+                                     ref_bias=b.detach(), temperature=temperature, softcap=softcap, impl="triton",
+                                     workspace_bytes=14 * vocab * dtype.itemsize)[0]
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    way_out = "Pass impl='torch' (or set KERNELS_IMPL=torch) to use the PyTorch path instead."
+    _SELF_CHECKED.add(key)  # the fused run below calls pair_loss_from_hidden, which calls this check
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            oracle, budget = run(naive, torch.float64), run(naive, dtype)
+            try:
+                got = run(fused, dtype)
+            except Exception as err:  # e.g. a compiler error for this GPU
+                raise RuntimeError(f"pair_loss_from_hidden: self-check failed: the Triton path does not run on "
+                                   f"{name} ({dtype}): {type(err).__name__}: {err}. {way_out}") from err
+        floor = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 2e-2)
+        for what, g, b, o in zip(("losses", "grad hidden", "grad weight", "grad bias"), got, budget, oracle):
+            err, allowed = (g.double() - o).abs().max().item(), 2 * (b.double() - o).abs().max().item() + floor
+            if not err <= allowed:
+                raise RuntimeError(f"pair_loss_from_hidden: self-check failed: the Triton path's {what} on {name} "
+                                   f"({dtype}) are off by {err:.3g} from float64 (allowed {allowed:.3g}). {way_out}")
+    except BaseException:
+        _SELF_CHECKED.discard(key)
+        raise
 
 
 def _metrics(outputs) -> dict[str, torch.Tensor]:

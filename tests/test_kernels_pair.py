@@ -435,3 +435,19 @@ def test_sliced_hidden_states(impl):
     torch.testing.assert_close(losses.double(), oracle[0].double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(full.grad[:, :-1].double(), oracle[2]["hidden"], rtol=1e-4, atol=1e-5)
     assert (full.grad[:, -1] == 0).all()
+
+
+@pytest.mark.skipif("triton" not in IMPLS, reason="no Triton path here (no CUDA, no interpreter)")
+def test_self_check(monkeypatch):
+    """The one-time check of the Triton path on its device passes, and catches a wrong dZ."""
+    device = torch.device(DEVICE)
+    monkeypatch.setattr(pair_mod, "_SELF_CHECKED", set())
+    pair_mod.self_check(device, torch.float32)
+    assert (str(device), torch.float32) in pair_mod._SELF_CHECKED
+
+    real = pair_mod._TritonBackend.grad
+    monkeypatch.setattr(pair_mod._TritonBackend, "grad", lambda self, *a: real(self, *a).mul_(1.01))
+    monkeypatch.setattr(pair_mod, "_SELF_CHECKED", set())
+    with pytest.raises(RuntimeError, match="self-check failed.*grad hidden"):
+        pair_mod.self_check(device, torch.float32)
+    assert not pair_mod._SELF_CHECKED
