@@ -4,8 +4,8 @@
 """
 
 from .losses import KINDS, pair_loss, pair_margin
-from .pair import daa_loss_fn, pair_loss_from_hidden
 from .ops import causal_lm_logps, decoder_hidden_states, head_logits, lm_head_config, resolve_impl, sequence_logps
+from .pair import daa_loss_fn, pair_loss_from_hidden
 
 __all__ = [
     "KINDS",

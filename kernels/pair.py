@@ -24,7 +24,10 @@ by the upstream gradient of the per-pair losses, which must be the same for ever
 
 Two implementations behind `impl=`: "torch" (chunked PyTorch, the CPU path) and "triton" (the chunk's
 logits by a cuBLAS GEMM into the workspace in the input dtype, log-sum-exp and dZ by two memory-bound
-Triton kernels, dZ written over the logits; compiled ahead of time by `python -m kernels.compile_check`).
+Triton kernels, dZ written over the logits; compiled ahead of time by `python -m kernels.compile_check`,
+and checked against float64 on first use per CUDA device and dtype by `self_check`).
+
+Host reads: the label range check and the chunk plan (tokens per pair), once per call.
 """
 
 from __future__ import annotations
