@@ -79,8 +79,10 @@ SHAPES = {
     "cpu-small": Shape(1024, 128, 8192, 2),
     "cpu-target": Shape(4096, 256, 32000, 4, modes=("fwd_bwd",)),
 }
-DEFAULT_SHAPES = {"cuda": ("gpu-small", "mistral-7b", "llama3-8b", "qwen2.5-1.5b"),
-                  "cpu": ("cpu-tiny", "cpu-small", "cpu-target")}
+DEFAULT_SHAPES = {
+    "cuda": ("gpu-small", "mistral-7b", "llama3-8b", "qwen2.5-1.5b"),
+    "cpu": ("cpu-tiny", "cpu-small", "cpu-target"),
+}
 
 
 @dataclasses.dataclass
@@ -121,17 +123,20 @@ class Args:
 def _ours(impl: str) -> Callable:
     def fn(hidden, weight, labels, ref_hidden=None, ref_weight=None):
         return sequence_logps(hidden, weight, labels, ref_hidden, ref_weight, ignore_index=IGNORE, impl=impl)
+
     return fn
 
 
 def _two_calls(score: Callable) -> Callable:
     """Adapter: policy and reference scored by two calls of score(hidden, weight, labels) -> [B]."""
+
     def fn(hidden, weight, labels, ref_hidden=None, ref_weight=None):
         ref = None
         if ref_hidden is not None:
             with torch.no_grad():
                 ref = score(ref_hidden, ref_weight, labels)
         return score(hidden, weight, labels), ref
+
     return fn
 
 
@@ -143,13 +148,16 @@ def _naive_score(hidden, weight, labels):
 
 def _load_trl():
     from trl.kernels import ChunkedLogProbFunction  # TRL >= 1.16
+
     vocab_chunk = 32768  # TRL's own default (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
 
     def score(hidden, weight, labels):
         scored = labels != IGNORE  # TRL compacts the scored rows itself on GPU; we do it everywhere
-        token = ChunkedLogProbFunction.apply(hidden[scored], weight, None, labels[scored], 1.0, vocab_chunk,
-                                             None, 1.0, ())[0]
+        token = ChunkedLogProbFunction.apply(
+            hidden[scored], weight, None, labels[scored], 1.0, vocab_chunk, None, 1.0, ()
+        )[0]
         return torch.zeros(labels.shape, device=labels.device).masked_scatter(scored, token.float()).sum(dim=1)
+
     return _two_calls(score), importlib.metadata.version("trl")
 
 
@@ -157,9 +165,11 @@ def _load_liger():
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     def score(hidden, weight, labels):  # per-token cross-entropy = -log-prob (0 where ignored)
-        loss = liger_fused_linear_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten(),
-                                                ignore_index=IGNORE, reduction="none")
+        loss = liger_fused_linear_cross_entropy(
+            hidden.flatten(0, 1), weight, labels.flatten(), ignore_index=IGNORE, reduction="none"
+        )
         return -loss.float().view(labels.shape).sum(dim=1)
+
     return _two_calls(score), importlib.metadata.version("liger-kernel")
 
 
@@ -169,6 +179,7 @@ def _load_cce():
     def score(hidden, weight, labels):
         loss = linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, reduction="none")
         return -loss.float().view(labels.shape).sum(dim=1)
+
     return _two_calls(score), importlib.metadata.version("cut-cross-entropy")
 
 
@@ -182,17 +193,28 @@ def _ours_pair(impl: str) -> Callable:
     loss_fn = daa_loss_fn("dpo", beta=PAIR_BETA)
 
     def fn(hidden, weight, labels, ref_hidden, ref_weight):
-        return pair_loss_from_hidden(hidden, weight, labels, loss_fn, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                                     ignore_index=IGNORE, impl=impl)[0]
+        return pair_loss_from_hidden(
+            hidden,
+            weight,
+            labels,
+            loss_fn,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ignore_index=IGNORE,
+            impl=impl,
+        )[0]
+
     return fn
 
 
 def _pair_from_logps(score: Callable) -> Callable:
     """Pair mode from a log-prob implementation: policy and reference log-probs, then the DPO loss (autograd)."""
+
     def fn(hidden, weight, labels, ref_hidden, ref_weight):
         policy, ref = score(hidden, weight, labels, ref_hidden, ref_weight)
         n = policy.shape[0] // 2
         return pair_loss(policy[:n], policy[n:], ref[:n], ref[n:], kind="dpo", beta=PAIR_BETA, reduction="none")
+
     return fn
 
 
@@ -249,8 +271,9 @@ class Inputs:
     upstream: torch.Tensor  # d loss / d policy[b]: not all ones, so per-sequence grad scaling is checked
 
 
-def make_inputs(shape: Shape, dtype: torch.dtype, device: str, ignore_frac: float, seed: int,
-                pair: bool = False) -> Inputs:
+def make_inputs(
+    shape: Shape, dtype: torch.dtype, device: str, ignore_frac: float, seed: int, pair: bool = False
+) -> Inputs:
     """pair: the reference is the policy plus 1 % noise (as a reference near its policy in DPO), so that DPO's
     margins are O(1) and its gradient does not vanish; otherwise independent."""
     if shape.tokens % shape.seqs:
@@ -268,8 +291,14 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, ignore_frac: floa
     ref_hidden, ref_weight = randn(shape.seqs, length, shape.hidden), randn(shape.vocab, shape.hidden, std=head_std)
     if pair:
         ref_hidden, ref_weight = hidden + 0.01 * ref_hidden, weight + 0.01 * ref_weight
-    return Inputs(hidden.requires_grad_(), weight.requires_grad_(), labels.to(device), ref_hidden, ref_weight,
-                  torch.rand(shape.seqs, generator=gen).add(0.5).to(device))
+    return Inputs(
+        hidden.requires_grad_(),
+        weight.requires_grad_(),
+        labels.to(device),
+        ref_hidden,
+        ref_weight,
+        torch.rand(shape.seqs, generator=gen).add(0.5).to(device),
+    )
 
 
 def run_once(fn: Callable, x: Inputs, mode: str):
@@ -329,8 +358,11 @@ def pair_oracle(x: Inputs):
 
 def relative_error(results, expected) -> float:
     """max |a - b| / max(1, max |b|) over the pairs where both are given."""
-    errors = [((a.float() - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
-              for a, b in zip(results, expected) if a is not None and b is not None]
+    errors = [
+        ((a.float() - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
+        for a, b in zip(results, expected)
+        if a is not None and b is not None
+    ]
     return max(errors, default=0.0)
 
 
@@ -381,8 +413,9 @@ def child_peak_rss_mb(impl: str, dims: str, dtype: str, mode: str, ignore_frac: 
     torch.set_num_threads(int(threads))
     fn = mode_impls(available_impls("cpu", (impl.removesuffix("_logps"),))[0], mode)[impl]
     run_once(fn, make_inputs(pair_shape(SHAPES["cpu-tiny"]), DTYPES[dtype], "cpu", 0.1, 0), mode)  # load libraries
-    x = make_inputs(Shape(*map(int, dims.split(","))), DTYPES[dtype], "cpu", float(ignore_frac), int(seed),
-                    pair=mode == "pair")
+    x = make_inputs(
+        Shape(*map(int, dims.split(","))), DTYPES[dtype], "cpu", float(ignore_frac), int(seed), pair=mode == "pair"
+    )
     gc.collect()
     try:  # Linux >= 4.0: writing 5 resets the peak RSS (VmHWM) to the current RSS
         with open("/proc/self/clear_refs", "w") as clear:
@@ -411,11 +444,41 @@ def cpu_peak_extra_mb(impl: str, shape: Shape, dtype: str, mode: str, args: Args
 # ---------------------------------------------------------------------------------------------
 # Report.
 
-COLUMNS = ["device", "torch", "triton", "peers", "threads", "load_avg", "date_utc", "command", "impl", "shape",
-           "N", "H", "V", "seqs", "ignored_frac", "dtype", "mode", "median_ms", "p10_ms", "p90_ms", "repeats",
-           "time_vs_naive", "peak_extra_mb", "grads_mb", "mem_vs_naive", "memory_method", "max_abs_err", "rel_err",
-           "grad_rel_err", "floor_ms", "frac_of_floor", "status"]
-METRICS = COLUMNS[COLUMNS.index("median_ms"):-1]  # filled per result; left empty when not measured
+COLUMNS = [
+    "device",
+    "torch",
+    "triton",
+    "peers",
+    "threads",
+    "load_avg",
+    "date_utc",
+    "command",
+    "impl",
+    "shape",
+    "N",
+    "H",
+    "V",
+    "seqs",
+    "ignored_frac",
+    "dtype",
+    "mode",
+    "median_ms",
+    "p10_ms",
+    "p90_ms",
+    "repeats",
+    "time_vs_naive",
+    "peak_extra_mb",
+    "grads_mb",
+    "mem_vs_naive",
+    "memory_method",
+    "max_abs_err",
+    "rel_err",
+    "grad_rel_err",
+    "floor_ms",
+    "frac_of_floor",
+    "status",
+]
+METRICS = COLUMNS[COLUMNS.index("median_ms") : -1]  # filled per result; left empty when not measured
 
 
 def device_name(device: str) -> str:
@@ -434,9 +497,22 @@ def flop_floor_ms(mode: str, scored: int, shape: Shape, peak_tflops: float) -> f
 
 
 def print_table(rows: list[dict], cuda: bool):
-    columns = {"impl": "", "shape": "", "dtype": "", "mode": "", "median_ms": ".1f", "p10_ms": ".1f", "p90_ms": ".1f",
-               "time_vs_naive": ".2f", "peak_extra_mb": ".1f", "mem_vs_naive": ".2f", "rel_err": ".1e",
-               "grad_rel_err": ".1e", **({"floor_ms": ".2f", "frac_of_floor": ".0%"} if cuda else {}), "status": ""}
+    columns = {
+        "impl": "",
+        "shape": "",
+        "dtype": "",
+        "mode": "",
+        "median_ms": ".1f",
+        "p10_ms": ".1f",
+        "p90_ms": ".1f",
+        "time_vs_naive": ".2f",
+        "peak_extra_mb": ".1f",
+        "mem_vs_naive": ".2f",
+        "rel_err": ".1e",
+        "grad_rel_err": ".1e",
+        **({"floor_ms": ".2f", "frac_of_floor": ".0%"} if cuda else {}),
+        "status": "",
+    }
     lines = [list(columns)] + [[format(r[c], f) if r[c] != "" else "" for c, f in columns.items()] for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
     for line in lines:
@@ -489,8 +565,11 @@ def main(args: Args, argv: list[str] | None = None) -> list[dict]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device == "cuda"
     shape_names, dtypes = args.shapes or DEFAULT_SHAPES[device], args.dtypes or (("bf16",) if cuda else ("fp32",))
-    for option, values, known in (("shapes", shape_names, SHAPES), ("modes", args.modes or (), MODES),
-                                  ("dtypes", dtypes, DTYPES)):
+    for option, values, known in (
+        ("shapes", shape_names, SHAPES),
+        ("modes", args.modes or (), MODES),
+        ("dtypes", dtypes, DTYPES),
+    ):
         if unknown := [v for v in values if v not in known]:
             raise ValueError(f"--{option}: unknown {unknown}; known: {list(known)}")
     if args.repeats < 1:
@@ -498,11 +577,16 @@ def main(args: Args, argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     impls, versions, notes = available_impls(device, args.impls)
-    common = {"device": device_name(device), "torch": torch.__version__, "triton": _version("triton"),
-              "peers": " ".join(f"{k}={v}" for k, v in versions.items()), "threads": torch.get_num_threads(),
-              "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": f"python -m kernels.bench {shlex.join(argv)}".rstrip() if argv is not None else repr(args),
-              "ignored_frac": args.ignore_frac}
+    common = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "peers": " ".join(f"{k}={v}" for k, v in versions.items()),
+        "threads": torch.get_num_threads(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": f"python -m kernels.bench {shlex.join(argv)}".rstrip() if argv is not None else repr(args),
+        "ignored_frac": args.ignore_frac,
+    }
     print(" | ".join(f"{k} {common[k]}" for k in ("device", "torch", "triton", "threads")) + f" | impls {list(impls)}")
     for note in notes:
         print("  " + note)
@@ -526,11 +610,22 @@ def main(args: Args, argv: list[str] | None = None) -> list[dict]:
                 grads_mb = sum(t.numel() * t.element_size() for t in (x.hidden, x.weight)) / 2**20
                 fns = mode_impls(impls, mode)
                 print(f"{shape_name} ({shape.tokens}x{shape.hidden}x{shape.vocab}) {dtype} {mode} ...", flush=True)
-                results = {name: {**common, "impl": name, "shape": shape_name, "N": shape.tokens, "H": shape.hidden,
-                                  "V": shape.vocab, "seqs": layout.seqs, "dtype": dtype, "mode": mode,
-                                  **dict.fromkeys(METRICS, ""),
-                                  "grads_mb": grads_mb if "bwd" in mode or mode == "pair" else 0.0}
-                           for name in fns}
+                results = {
+                    name: {
+                        **common,
+                        "impl": name,
+                        "shape": shape_name,
+                        "N": shape.tokens,
+                        "H": shape.hidden,
+                        "V": shape.vocab,
+                        "seqs": layout.seqs,
+                        "dtype": dtype,
+                        "mode": mode,
+                        **dict.fromkeys(METRICS, ""),
+                        "grads_mb": grads_mb if "bwd" in mode or mode == "pair" else 0.0,
+                    }
+                    for name in fns
+                }
                 # a fast wrong result must not print a number: only checked implementations are timed
                 checked = {name: fn for name, fn in fns.items() if check(results[name], fn, x, mode, expected)}
                 times = time_round_robin(checked, x, mode, args.warmup, args.repeats, device)
@@ -538,8 +633,13 @@ def main(args: Args, argv: list[str] | None = None) -> list[dict]:
                 for name, fn in checked.items():
                     row, ms = results[name], times[name]
                     deciles = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) > 1 else ms * 9
-                    row.update(load_avg=load_avg, median_ms=statistics.median(ms), p10_ms=deciles[0],
-                               p90_ms=deciles[-1], repeats=len(ms))
+                    row.update(
+                        load_avg=load_avg,
+                        median_ms=statistics.median(ms),
+                        p10_ms=deciles[0],
+                        p90_ms=deciles[-1],
+                        repeats=len(ms),
+                    )
                     if cuda:
                         row["floor_ms"] = flop_floor_ms(mode, scored, shape, args.peak_tflops)
                         row["frac_of_floor"] = row["floor_ms"] / row["median_ms"]
@@ -561,10 +661,14 @@ def main(args: Args, argv: list[str] | None = None) -> list[dict]:
     print()
     print_table(rows, cuda)
     if cuda:
-        print(f"floor_ms: 2NHV fwd, 6NHV fwd+bwd (8NHV if logits are recomputed), +2NHV reference; N = scored "
-              f"tokens; at {args.peak_tflops:g} TFLOP/s")
-    print("peak_extra_mb: extra memory of one run beyond its inputs, including the gradients (grads_mb): "
-          + ("cuda max_memory_allocated delta" if cuda else "peak-RSS delta of one run in a fresh subprocess"))
+        print(
+            f"floor_ms: 2NHV fwd, 6NHV fwd+bwd (8NHV if logits are recomputed), +2NHV reference; N = scored "
+            f"tokens; at {args.peak_tflops:g} TFLOP/s"
+        )
+    print(
+        "peak_extra_mb: extra memory of one run beyond its inputs, including the gradients (grads_mb): "
+        + ("cuda max_memory_allocated delta" if cuda else "peak-RSS delta of one run in a fresh subprocess")
+    )
     out = args.out or os.path.join("benchmarks", "results", f"{common['device']}.csv")
     write_csv(rows, out)
     print(f"wrote {len(rows)} rows to {out}")

@@ -24,7 +24,6 @@ import re
 import subprocess
 import sys
 import tempfile
-
 from typing import Literal
 
 import torch
@@ -74,7 +73,7 @@ class FakeTensor:
 
     def __init__(self, shape, dtype, offset_bytes=0):
         self.shape, self.dtype, self._ptr = tuple(shape), dtype, (1 << 32) + offset_bytes
-        self._strides = tuple(int(torch.tensor(shape[i + 1:]).prod()) for i in range(len(shape)))
+        self._strides = tuple(int(torch.tensor(shape[i + 1 :]).prod()) for i in range(len(shape)))
 
     def stride(self, dim):
         return self._strides[dim]
@@ -96,25 +95,51 @@ def launch(kind, dtype, softcap, shape, arch, sms, tile=None):
             bias, targets = FakeTensor((vocab,), dtype), FakeTensor((chunk,), torch.int64)
             meta = pair.kernel_meta(kind.removeprefix("pair_"), True, softcap is not None)
             if kind == "pair_stats":
-                return (pair._pair_stats_kernel, pair.stats_args(ws, bias, targets, vec, vec, 1.0, softcap), meta,
-                        (chunk,))
-            return (pair._pair_grad_kernel, pair.grad_args(ws, bias, targets, vec, vec, 1.0, softcap), meta,
-                    pair.grad_grid(chunk, vocab, meta))
+                return (
+                    pair._pair_stats_kernel,
+                    pair.stats_args(ws, bias, targets, vec, vec, 1.0, softcap),
+                    meta,
+                    (chunk,),
+                )
+            return (
+                pair._pair_grad_kernel,
+                pair.grad_args(ws, bias, targets, vec, vec, 1.0, softcap),
+                meta,
+                pair.grad_grid(chunk, vocab, meta),
+            )
         if kind == "bwd":
             plan = logps.backward_plan(rows, vocab, dtype, arch, logps.WORKSPACE_BYTES)
             chunk, part = plan["chunk_rows"], plan["chunk_vocab"]  # one workspace block
             h = FakeTensor((chunk, hidden), dtype)
-            args = logps.backward_args(h, FakeTensor((part, hidden), dtype), FakeTensor((chunk,), torch.int64),
-                                       FakeTensor((chunk,), torch.float32), FakeTensor((chunk,), torch.float32),
-                                       FakeTensor((chunk, part), dtype), 1.0, softcap)
+            args = logps.backward_args(
+                h,
+                FakeTensor((part, hidden), dtype),
+                FakeTensor((chunk,), torch.int64),
+                FakeTensor((chunk,), torch.float32),
+                FakeTensor((chunk,), torch.float32),
+                FakeTensor((chunk, part), dtype),
+                1.0,
+                softcap,
+            )
             return logps._grad_logits_kernel, args, plan["meta"], logps.backward_grid(plan, chunk, part)
         models = 2 if kind == "fwd_ref" else 1
         plan = logps.forward_plan(rows, vocab, models, dtype, arch, sms)
         stat_bytes = 4 * models * plan["n_splits"] * rows  # stats[1] follows stats[0] in one buffer
         h, w = FakeTensor((rows, hidden), dtype), FakeTensor((vocab, hidden), dtype)
-        args = logps.forward_args(plan, h, w, h, w, FakeTensor((rows,), torch.int64), FakeTensor((), torch.int64),
-                                  FakeTensor((rows,), torch.float32), FakeTensor((rows,), torch.float32, stat_bytes),
-                                  FakeTensor((models, rows), torch.float32), 1.0, softcap)
+        args = logps.forward_args(
+            plan,
+            h,
+            w,
+            h,
+            w,
+            FakeTensor((rows,), torch.int64),
+            FakeTensor((), torch.int64),
+            FakeTensor((rows,), torch.float32),
+            FakeTensor((rows,), torch.float32, stat_bytes),
+            FakeTensor((models, rows), torch.float32),
+            1.0,
+            softcap,
+        )
         return logps._forward_kernel, args, plan["meta"], plan["grid"]
     finally:
         if tile is not None:
@@ -139,18 +164,24 @@ def compile_one(fn, args, meta, arch, softcap):
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
-        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", f.name,
-                              "-o", os.devnull], capture_output=True, text=True, check=True).stderr
+        log = subprocess.run(
+            [get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", f.name, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     finally:
         os.unlink(f.name)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     mma = sorted(set(re.findall(r"(wgmma\.mma_async\.sync|mma\.sync)\.aligned\.(m\d+n\d+k\d+)", ptx)))
-    return dict(regs=int(re.search(r"Used (\d+) registers", log).group(1)),
-                spill=int(spills.group(1)) + int(spills.group(2)),
-                smem=kernel.metadata.shared,
-                mma=" ".join(f"{'wgmma' if a.startswith('wgmma') else 'mma'}.{s}" for a, s in mma) or "FMA",
-                cp16=ptx.count("], 0x10"),
-                i32_offs=len(re.findall(r"arith\.muli [^\n]*: tensor<[0-9x]+xi32>", ttir)))
+    return dict(
+        regs=int(re.search(r"Used (\d+) registers", log).group(1)),
+        spill=int(spills.group(1)) + int(spills.group(2)),
+        smem=kernel.metadata.shared,
+        mma=" ".join(f"{'wgmma' if a.startswith('wgmma') else 'mma'}.{s}" for a, s in mma) or "FMA",
+        cp16=ptx.count("], 0x10"),
+        i32_offs=len(re.findall(r"arith\.muli [^\n]*: tensor<[0-9x]+xi32>", ttir)),
+    )
 
 
 def _specialisation(arg):
@@ -169,8 +200,12 @@ def check_row(row, default) -> str:
     problems = []
     if default and row["spill"]:
         problems.append("spills at a default tile")
-    if (row["arch"] >= 90 and row["dtype"] != "fp32" and "wgmma" not in row["mma"]
-            and row.get("kernel") not in MEMORY_BOUND):
+    if (
+        row["arch"] >= 90
+        and row["dtype"] != "fp32"
+        and "wgmma" not in row["mma"]
+        and row.get("kernel") not in MEMORY_BOUND
+    ):
         problems.append("16-bit kernel without wgmma on sm_90")
     if row["i32_offs"]:
         problems.append("int32 offset*stride products")
@@ -183,26 +218,37 @@ def _parse_tile(text: str) -> tuple[int, ...]:
     except ValueError:
         tile = ()
     if len(tile) != 5:
-        raise SystemExit(f"kernels.compile_check: error: --extra-tiles: {text!r} is not "
-                         "BLOCK_M,BLOCK_V,BLOCK_K,num_warps,num_stages (five integers)")
+        raise SystemExit(
+            f"kernels.compile_check: error: --extra-tiles: {text!r} is not "
+            "BLOCK_M,BLOCK_V,BLOCK_K,num_warps,num_stages (five integers)"
+        )
     return tile
 
 
 def run(args: Args) -> list[dict]:
     if not isinstance(logps._forward_kernel, triton.runtime.jit.JITFunction):
-        raise SystemExit("kernels.compile_check: error: the kernels were built for Triton's interpreter "
-                         "(TRITON_INTERPRET=1 is set); unset it to compile them")
+        raise SystemExit(
+            "kernels.compile_check: error: the kernels were built for Triton's interpreter "
+            "(TRITON_INTERPRET=1 is set); unset it to compile them"
+        )
     logps.FP32_DOT = args.fp32_dot
     tiles = [None] + [_parse_tile(t) for t in args.extra_tiles]
     cache, rows = {}, []
     for arch, kind, dtype_name, softcap, shape_name, tile in itertools.product(
-            args.archs, args.kinds, args.dtypes, args.softcaps, args.shapes, tiles):
+        args.archs, args.kinds, args.dtypes, args.softcaps, args.shapes, tiles
+    ):
         cap = 30.0 if softcap else None
         fn, kargs, meta, grid = launch(kind, DTYPES[dtype_name], cap, SHAPES[shape_name], arch, args.sms, tile)
-        row = dict(kernel=kind, arch=arch, dtype=dtype_name, softcap=int(softcap), shape=shape_name,
-                   tile="x".join(str(meta.get(k, 1)) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K"))
-                   + f"/{meta['num_warps']}w/{meta.get('num_stages', 3)}s",
-                   grid="x".join(map(str, grid)))
+        row = dict(
+            kernel=kind,
+            arch=arch,
+            dtype=dtype_name,
+            softcap=int(softcap),
+            shape=shape_name,
+            tile="x".join(str(meta.get(k, 1)) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K"))
+            + f"/{meta['num_warps']}w/{meta.get('num_stages', 3)}s",
+            grid="x".join(map(str, grid)),
+        )
         # the binary depends on the specialisation only, not on the shape's values
         key = (fn.__name__, arch, str(meta), cap is not None, tuple(map(_specialisation, kargs)))
         if key not in cache:
@@ -242,17 +288,25 @@ def estimate(shape, sms: int, dtype=torch.bfloat16, arch: int = 90) -> list[tupl
     dz, h_reads = rows * vocab * es, vocab_chunks * rows * hidden * es
     kernel = (2.0 * rows * hv, row_groups * hv * es + h_reads + dz)
     # the gradient split across workspace blocks accumulates in fp32: read + written per block
-    d_hidden = (2.0 * rows * hv, dz + row_chunks * hv * es
-                + (vocab_chunks * 2 * rows * hidden * 4 if vocab_chunks > 1 else rows * hidden * es))
+    d_hidden = (
+        2.0 * rows * hv,
+        dz + row_chunks * hv * es + (vocab_chunks * 2 * rows * hidden * 4 if vocab_chunks > 1 else rows * hidden * es),
+    )
     d_weight = (2.0 * rows * hv, dz + h_reads + (row_chunks * 2 * hv * 4 if row_chunks > 1 else hv * es))
-    return [("forward, policy", *fwd), ("forward, reference (same launch)", *fwd),
-            ("backward: dZ kernel (recomputes logits)", *kernel), ("backward: dH = dZ W (cuBLAS)", *d_hidden),
-            ("backward: dW = dZ^T H (cuBLAS)", *d_weight)]
+    return [
+        ("forward, policy", *fwd),
+        ("forward, reference (same launch)", *fwd),
+        ("backward: dZ kernel (recomputes logits)", *kernel),
+        ("backward: dH = dZ W (cuBLAS)", *d_hidden),
+        ("backward: dW = dZ^T H (cuBLAS)", *d_weight),
+    ]
 
 
 def print_estimate(name, shape, sms):
-    print(f"\nStatic estimate (not a measurement), {name} N={shape[0]} H={shape[1]} V={shape[2]} bf16, sm_90 tiles, "
-          f"{sms} SMs; bounds at {TFLOPS:.0f} TFLOP/s and {TBPS} TB/s")
+    print(
+        f"\nStatic estimate (not a measurement), {name} N={shape[0]} H={shape[1]} V={shape[2]} bf16, sm_90 tiles, "
+        f"{sms} SMs; bounds at {TFLOPS:.0f} TFLOP/s and {TBPS} TB/s"
+    )
     print("| step | GFLOP | DRAM GB (model) | FLOP/byte | compute-bound ms | memory-bound ms |")
     print("|---|---|---|---|---|---|")
     total = [0.0, 0.0, 0.0]
@@ -274,12 +328,14 @@ def pair_estimate(shape, frozen_head: bool = False, dtype=torch.bfloat16) -> lis
     chunk = max(1, min(rows, pair.WORKSPACE_BYTES["triton"] // (vocab * es)))
     chunks, logits, h_bytes = -(-rows // chunk), rows * vocab * es, rows * hidden * es
     gemm = 2.0 * rows * hv
-    steps = [("reference logits (cuBLAS, into the workspace)", gemm, chunks * hv * es + h_bytes + logits),
-             ("reference log-sum-exp (Triton)", 0.0, logits),
-             ("policy logits, once (cuBLAS, into the workspace)", gemm, chunks * hv * es + h_bytes + logits),
-             ("policy log-sum-exp (Triton)", 0.0, logits),
-             ("dZ = g (onehot - softmax) in place (Triton)", 0.0, 2 * logits),
-             ("dH = dZ W (cuBLAS)", gemm, logits + chunks * hv * es + h_bytes)]
+    steps = [
+        ("reference logits (cuBLAS, into the workspace)", gemm, chunks * hv * es + h_bytes + logits),
+        ("reference log-sum-exp (Triton)", 0.0, logits),
+        ("policy logits, once (cuBLAS, into the workspace)", gemm, chunks * hv * es + h_bytes + logits),
+        ("policy log-sum-exp (Triton)", 0.0, logits),
+        ("dZ = g (onehot - softmax) in place (Triton)", 0.0, 2 * logits),
+        ("dH = dZ W (cuBLAS)", gemm, logits + chunks * hv * es + h_bytes),
+    ]
     if not frozen_head:
         steps.append(("dW += dZ^T H (cuBLAS, fp32 accumulator)", gemm, logits + h_bytes + chunks * 2 * hv * 4))
     return steps
@@ -290,22 +346,29 @@ def pair_memory_terms(shape, frozen_head: bool = False, dtype=torch.bfloat16) ->
     rows, hidden, vocab = shape
     es = dtype.itemsize
     chunk = max(1, min(rows, pair.WORKSPACE_BYTES["triton"] // (vocab * es)))
-    terms = [("workspace (one chunk's logits, then its dZ)", chunk * vocab * es),
-             ("chunk rows of h and of the reference's h, the chunk's dH product", 3 * chunk * hidden * es),
-             ("per-token indices, targets, lse, label logits", rows * (5 * 8 + 3 * 4))]
+    terms = [
+        ("workspace (one chunk's logits, then its dZ)", chunk * vocab * es),
+        ("chunk rows of h and of the reference's h, the chunk's dH product", 3 * chunk * hidden * es),
+        ("per-token indices, targets, lse, label logits", rows * (5 * 8 + 3 * 4)),
+    ]
     if not frozen_head:
-        terms.append(("fp32 dW accumulator (row chunks sum dW; a bf16 head's grad is cast from it)",
-                      vocab * hidden * 4))
+        terms.append(
+            ("fp32 dW accumulator (row chunks sum dW; a bf16 head's grad is cast from it)", vocab * hidden * 4)
+        )
     return terms
 
 
 def print_pair_estimate(name, shape):
-    print(f"\nStatic estimate (not a measurement) of pair_loss_from_hidden, Triton path, {name} N={shape[0]} "
-          f"H={shape[1]} V={shape[2]} bf16, workspace {pair.WORKSPACE_BYTES['triton'] >> 20} MB; "
-          f"bounds at {TFLOPS:.0f} TFLOP/s and {TBPS} TB/s")
+    print(
+        f"\nStatic estimate (not a measurement) of pair_loss_from_hidden, Triton path, {name} N={shape[0]} "
+        f"H={shape[1]} V={shape[2]} bf16, workspace {pair.WORKSPACE_BYTES['triton'] >> 20} MB; "
+        f"bounds at {TFLOPS:.0f} TFLOP/s and {TBPS} TB/s"
+    )
     for frozen in (False, True):
-        print(f"\n{'frozen' if frozen else 'trainable'} head:\n| step | GFLOP | DRAM GB (model) | compute-bound ms | "
-              "memory-bound ms |\n|---|---|---|---|---|")
+        print(
+            f"\n{'frozen' if frozen else 'trainable'} head:\n| step | GFLOP | DRAM GB (model) | compute-bound ms | "
+            "memory-bound ms |\n|---|---|---|---|---|"
+        )
         total = 0.0
         for step, flops, nbytes in pair_estimate(shape, frozen):
             ms_c, ms_m = flops / TFLOPS / 1e9, nbytes / TBPS / 1e9
@@ -313,12 +376,30 @@ def print_pair_estimate(name, shape):
             print(f"| {step} | {flops / 1e9:.0f} | {nbytes / 1e9:.2f} | {ms_c:.2f} | {ms_m:.2f} |")
         print(f"| total (sum of per-step max) | | | | {total:.1f} |")
         terms = pair_memory_terms(shape, frozen)
-        print("extra memory: " + "; ".join(f"{t} {b / 2**20:.1f} MB" for t, b in terms)
-              + f"; total {sum(b for _, b in terms) / 2**20:.0f} MB")
+        print(
+            "extra memory: "
+            + "; ".join(f"{t} {b / 2**20:.1f} MB" for t, b in terms)
+            + f"; total {sum(b for _, b in terms) / 2**20:.0f} MB"
+        )
 
 
-COLUMNS = ("kernel", "arch", "dtype", "softcap", "shape", "tile", "grid", "regs", "spill", "smem", "mma", "cp16",
-           "i32_offs", "default", "status")
+COLUMNS = (
+    "kernel",
+    "arch",
+    "dtype",
+    "softcap",
+    "shape",
+    "tile",
+    "grid",
+    "regs",
+    "spill",
+    "smem",
+    "mma",
+    "cp16",
+    "i32_offs",
+    "default",
+    "status",
+)
 
 
 def format_row(row) -> str:
@@ -330,8 +411,10 @@ def format_row(row) -> str:
 def main(args: Args) -> int:
     from triton import knobs
 
-    print(f"triton {triton.__version__}, ptxas {knobs.nvidia.ptxas.version} / {knobs.nvidia.ptxas_blackwell.version}, "
-          f"SMs assumed {args.sms}, workspace {logps.WORKSPACE_BYTES >> 20} MB")
+    print(
+        f"triton {triton.__version__}, ptxas {knobs.nvidia.ptxas.version} / {knobs.nvidia.ptxas_blackwell.version}, "
+        f"SMs assumed {args.sms}, workspace {logps.WORKSPACE_BYTES >> 20} MB"
+    )
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     rows = run(args)

@@ -59,22 +59,32 @@ INTERPRETER_BLOCK_V = 32
 LossFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
 
 
-def daa_loss_fn(kind: str = "dpo", beta: float = 0.1, gamma: float = 0.0, label_smoothing: float = 0.0,
-                length_norm: bool = False) -> LossFn:
+def daa_loss_fn(
+    kind: str = "dpo", beta: float = 0.1, gamma: float = 0.0, label_smoothing: float = 0.0, length_norm: bool = False
+) -> LossFn:
     """A `loss_fn` for `pair_loss_from_hidden` from `kernels.pair_loss`, returning (losses, chosen rewards,
     rejected rewards) with the implicit rewards beta * (policy - reference), or beta * the averaged
     log-probs for SimPO (Meng et al. 2024, eq. 4). kind="simpo" or length_norm=True divides the sequence
     log-probs by their token counts first. Per-pair extras (`soft_label` for spce, `offset` for
     sr_dpo / sr_ipo) pass through to `pair_loss`."""
 
-    def loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens,
-                **extras):
+    def loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, **extras):
         if kind == "simpo" or length_norm:
             policy_chosen, policy_rejected = policy_chosen / chosen_tokens, policy_rejected / rejected_tokens
             if ref_chosen is not None:
                 ref_chosen, ref_rejected = ref_chosen / chosen_tokens, ref_rejected / rejected_tokens
-        losses = pair_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, kind=kind, beta=beta,
-                           gamma=gamma, label_smoothing=label_smoothing, reduction="none", **extras)
+        losses = pair_loss(
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            kind=kind,
+            beta=beta,
+            gamma=gamma,
+            label_smoothing=label_smoothing,
+            reduction="none",
+            **extras,
+        )
         with torch.no_grad():
             if kind == "simpo":
                 return losses, beta * policy_chosen, beta * policy_rejected
@@ -93,8 +103,7 @@ if HAVE_TRITON:
         return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
     @triton.jit
-    def _transform(z, bias_ptr, offs_v, mask_v, inv_temp, softcap, HAS_BIAS: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr):
+    def _transform(z, bias_ptr, offs_v, mask_v, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
         """(logits, tanh) of raw products z: + bias, soft-cap, / temperature, in fp32."""
         if HAS_BIAS:
             z += tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)
@@ -105,8 +114,20 @@ if HAVE_TRITON:
         return z * inv_temp, tanh
 
     @triton.jit
-    def _pair_stats_kernel(ws_ptr, bias_ptr, targets_ptr, lse_ptr, label_ptr, V, stride_ws, inv_temp, softcap,
-                           HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _pair_stats_kernel(
+        ws_ptr,
+        bias_ptr,
+        targets_ptr,
+        lse_ptr,
+        label_ptr,
+        V,
+        stride_ws,
+        inv_temp,
+        softcap,
+        HAS_BIAS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
         # one program per row: online log-sum-exp over the row's logits, and the label's logit
         row = tl.program_id(0).to(tl.int64)
         base = ws_ptr + row * stride_ws
@@ -120,8 +141,9 @@ if HAVE_TRITON:
             logits = tl.where(mask_v, logits, float("-inf"))
             new_max = tl.maximum(run_max, logits)
             # lanes still at -inf (a short last tile) keep a zero sum, not exp(nan)
-            run_sum = tl.where(new_max == float("-inf"), 0.0,
-                               run_sum * tl.exp(run_max - new_max) + tl.exp(logits - new_max))
+            run_sum = tl.where(
+                new_max == float("-inf"), 0.0, run_sum * tl.exp(run_max - new_max) + tl.exp(logits - new_max)
+            )
             run_max = new_max
         top = tl.max(run_max, axis=0)
         lse = top + tl.log(tl.sum(run_sum * tl.exp(run_max - top), axis=0))
@@ -135,8 +157,20 @@ if HAVE_TRITON:
         tl.store(label_ptr + row, z * inv_temp)
 
     @triton.jit
-    def _pair_grad_kernel(ws_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr, V, stride_ws, inv_temp, softcap,
-                          HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _pair_grad_kernel(
+        ws_ptr,
+        bias_ptr,
+        targets_ptr,
+        lse_ptr,
+        grad_ptr,
+        V,
+        stride_ws,
+        inv_temp,
+        softcap,
+        HAS_BIAS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
         # dZ = g / T * (onehot - softmax) (* (1 - tanh^2)), written over the logits it reads
         row = tl.program_id(0).to(tl.int64)
         offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -168,13 +202,31 @@ def kernel_meta(kind: str, bias: bool, softcap: bool) -> dict:
 
 
 def stats_args(ws, bias, targets, lse, label, temperature, softcap) -> list:
-    return [ws, ws if bias is None else bias, targets, lse, label, ws.shape[1], ws.stride(0), 1.0 / temperature,
-            1.0 if softcap is None else float(softcap)]
+    return [
+        ws,
+        ws if bias is None else bias,
+        targets,
+        lse,
+        label,
+        ws.shape[1],
+        ws.stride(0),
+        1.0 / temperature,
+        1.0 if softcap is None else float(softcap),
+    ]
 
 
 def grad_args(ws, bias, targets, lse, grad, temperature, softcap) -> list:
-    return [ws, ws if bias is None else bias, targets, lse, grad, ws.shape[1], ws.stride(0), 1.0 / temperature,
-            1.0 if softcap is None else float(softcap)]
+    return [
+        ws,
+        ws if bias is None else bias,
+        targets,
+        lse,
+        grad,
+        ws.shape[1],
+        ws.stride(0),
+        1.0 / temperature,
+        1.0 if softcap is None else float(softcap),
+    ]
 
 
 def grad_grid(rows: int, vocab: int, meta: dict) -> tuple[int, int]:
@@ -258,8 +310,9 @@ class _TritonBackend:
         lse = torch.empty(rows, dtype=torch.float32, device=ws.device)
         label = torch.empty(rows, dtype=torch.float32, device=ws.device)
         if rows:
-            _pair_stats_kernel[(rows,)](*stats_args(ws, bias, targets, lse, label, self.temperature, self.softcap),
-                                        **self._meta("stats", bias))
+            _pair_stats_kernel[(rows,)](
+                *stats_args(ws, bias, targets, lse, label, self.temperature, self.softcap), **self._meta("stats", bias)
+            )
         return label - lse, lse, True
 
     def recompute(self, ws, bias, lse):
@@ -269,7 +322,8 @@ class _TritonBackend:
         if ws.shape[0]:
             meta = self._meta("grad", bias)
             _pair_grad_kernel[grad_grid(ws.shape[0], ws.shape[1], meta)](
-                *grad_args(ws, bias, targets, lse, g.float().contiguous(), self.temperature, self.softcap), **meta)
+                *grad_args(ws, bias, targets, lse, g.float().contiguous(), self.temperature, self.softcap), **meta
+            )
         return ws
 
 
@@ -295,8 +349,10 @@ def _call_loss_fn(loss_fn, group_inputs, n_pairs):
     losses, rewards = (out, None) if isinstance(out, torch.Tensor) else (out[0], tuple(out[1:3]))
     if not isinstance(losses, torch.Tensor) or losses.shape != (n_pairs,):
         got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise ValueError(f"pair_loss_from_hidden: loss_fn must return per-pair losses of shape ({n_pairs},) "
-                         f"(or a tuple (losses, chosen_rewards, rejected_rewards)), got {got}")
+        raise ValueError(
+            f"pair_loss_from_hidden: loss_fn must return per-pair losses of shape ({n_pairs},) "
+            f"(or a tuple (losses, chosen_rewards, rejected_rewards)), got {got}"
+        )
     return losses, rewards
 
 
@@ -308,10 +364,19 @@ def _group_losses(loss_fn, policy_seq, ref_seq, tokens, extras):
         chosen = policy_seq[0::2].float().requires_grad_()
         rejected = policy_seq[1::2].float().requires_grad_()
         ref = None if ref_seq is None else ref_seq.float()
-        losses, rewards = _call_loss_fn(loss_fn, dict(
-            policy_chosen=chosen, policy_rejected=rejected, ref_chosen=None if ref is None else ref[0::2],
-            ref_rejected=None if ref is None else ref[1::2], chosen_tokens=tokens[0::2],
-            rejected_tokens=tokens[1::2], **extras), n_pairs)
+        losses, rewards = _call_loss_fn(
+            loss_fn,
+            dict(
+                policy_chosen=chosen,
+                policy_rejected=rejected,
+                ref_chosen=None if ref is None else ref[0::2],
+                ref_rejected=None if ref is None else ref[1::2],
+                chosen_tokens=tokens[0::2],
+                rejected_tokens=tokens[1::2],
+                **extras,
+            ),
+            n_pairs,
+        )
         grads = torch.autograd.grad(losses.sum(), [chosen, rejected], allow_unused=True)
     g_seq = torch.stack([torch.zeros_like(chosen) if g is None else g.float() for g in grads], dim=1).reshape(-1)
     if rewards is not None:
@@ -319,8 +384,26 @@ def _group_losses(loss_fn, policy_seq, ref_seq, tokens, extras):
     return losses.detach().float(), rewards, g_seq
 
 
-def _pair_pass(hidden, weight, bias, labels, loss_fn, ref_hidden, ref_weight, ref_bias, ref_logps, extras,
-               temperature, softcap, ignore_index, impl, workspace_bytes, need_hidden, need_weight, need_bias):
+def _pair_pass(
+    hidden,
+    weight,
+    bias,
+    labels,
+    loss_fn,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
+    ref_logps,
+    extras,
+    temperature,
+    softcap,
+    ignore_index,
+    impl,
+    workspace_bytes,
+    need_hidden,
+    need_weight,
+    need_bias,
+):
     n_seqs, length, _ = hidden.shape
     n_pairs, vocab, device = n_seqs // 2, weight.shape[0], hidden.device
     backend = (_TritonBackend if impl == "triton" else _TorchBackend)(temperature, softcap)
@@ -330,8 +413,10 @@ def _pair_pass(hidden, weight, bias, labels, loss_fn, ref_hidden, ref_weight, re
     mask = flat_labels != ignore_index
     bad = mask & ((flat_labels < 0) | (flat_labels >= vocab))
     if bad.any():
-        raise ValueError(f"pair_loss_from_hidden: label {flat_labels[bad][0].item()} is outside the vocabulary "
-                         f"[0, {vocab}) and is not ignore_index={ignore_index}")
+        raise ValueError(
+            f"pair_loss_from_hidden: label {flat_labels[bad][0].item()} is outside the vocabulary "
+            f"[0, {vocab}) and is not ignore_index={ignore_index}"
+        )
     seq_order = torch.stack([torch.arange(n_pairs), torch.arange(n_pairs) + n_pairs], dim=1).reshape(-1).to(device)
     seq_mask = mask.view(n_seqs, length)[seq_order]
     positions = (seq_order[:, None] * length + torch.arange(length, device=device))[seq_mask]
@@ -344,8 +429,9 @@ def _pair_pass(hidden, weight, bias, labels, loss_fn, ref_hidden, ref_weight, re
     pair_tokens = seq_tokens.view(n_pairs, 2).sum(dim=1).tolist()  # host read: the chunk plan
 
     ws_dtype = torch.float32 if backend.fp32_workspace else hidden.dtype
-    budget = max(1, (WORKSPACE_BYTES[impl] if workspace_bytes is None else workspace_bytes)
-                 // (vocab * ws_dtype.itemsize))
+    budget = max(
+        1, (WORKSPACE_BYTES[impl] if workspace_bytes is None else workspace_bytes) // (vocab * ws_dtype.itemsize)
+    )
     groups = _plan_chunks(pair_tokens, budget)
     ws_rows = max(1, min(budget, max(end - start for _, _, start, end in groups)))
     workspace = torch.empty((ws_rows, vocab), dtype=ws_dtype, device=device)
@@ -391,8 +477,12 @@ def _pair_pass(hidden, weight, bias, labels, loss_fn, ref_hidden, ref_weight, re
 
         seqs = slice(2 * first_pair, 2 * end_pair)
         losses, rewards, g_seq = _group_losses(
-            loss_fn, policy_seq[seqs], None if ref_seq is None else ref_seq[seqs], tokens_f[seqs],
-            {k: v[first_pair:end_pair] for k, v in extras.items()})
+            loss_fn,
+            policy_seq[seqs],
+            None if ref_seq is None else ref_seq[seqs],
+            tokens_f[seqs],
+            {k: v[first_pair:end_pair] for k, v in extras.items()},
+        )
         losses_all[first_pair:end_pair] = losses
         if rewards is not None:
             if rewards_all is None:
@@ -408,8 +498,9 @@ def _pair_pass(hidden, weight, bias, labels, loss_fn, ref_hidden, ref_weight, re
                 kept_rows = rows_of(hidden, start, end)
                 _logits_into(ws, kept_rows, weight)
                 state = backend.recompute(ws, bias, lse)
-            dz = backend.grad(ws, bias, targets_all[start:end], lse, state,
-                              g_tok[start - first_token:end - first_token])
+            dz = backend.grad(
+                ws, bias, targets_all[start:end], lse, state, g_tok[start - first_token : end - first_token]
+            )
             dz = dz.to(hidden.dtype)
             if need_hidden:
                 grad_hidden.index_put_((row_index[0][start:end], row_index[1][start:end]), torch.mm(dz, weight))
@@ -422,9 +513,11 @@ def _pair_pass(hidden, weight, bias, labels, loss_fn, ref_hidden, ref_weight, re
     if len(groups) > 1:
         _check_per_pair(loss_fn, losses_all, policy_seq, ref_seq, tokens_f, extras)
     outputs = dict(losses=losses_all, policy=policy_seq, ref=ref_seq, tokens=seq_tokens, rewards=rewards_all)
-    grads = (grad_hidden,
-             None if grad_weight is None else grad_weight.to(weight.dtype),
-             None if grad_bias is None else grad_bias.to(bias.dtype))
+    grads = (
+        grad_hidden,
+        None if grad_weight is None else grad_weight.to(weight.dtype),
+        None if grad_bias is None else grad_bias.to(bias.dtype),
+    )
     return outputs, grads
 
 
@@ -432,14 +525,24 @@ def _check_per_pair(loss_fn, losses, policy_seq, ref_seq, tokens, extras):
     """The losses evaluated chunk by chunk must be those of one call on all pairs: else loss_fn mixes pairs
     (a batch statistic) and the chunked gradient would be wrong."""
     with torch.no_grad():
-        whole, _ = _call_loss_fn(loss_fn, dict(
-            policy_chosen=policy_seq[0::2], policy_rejected=policy_seq[1::2],
-            ref_chosen=None if ref_seq is None else ref_seq[0::2],
-            ref_rejected=None if ref_seq is None else ref_seq[1::2],
-            chosen_tokens=tokens[0::2], rejected_tokens=tokens[1::2], **extras), losses.shape[0])
+        whole, _ = _call_loss_fn(
+            loss_fn,
+            dict(
+                policy_chosen=policy_seq[0::2],
+                policy_rejected=policy_seq[1::2],
+                ref_chosen=None if ref_seq is None else ref_seq[0::2],
+                ref_rejected=None if ref_seq is None else ref_seq[1::2],
+                chosen_tokens=tokens[0::2],
+                rejected_tokens=tokens[1::2],
+                **extras,
+            ),
+            losses.shape[0],
+        )
     same = torch.isclose(whole.float(), losses, rtol=1e-5, atol=1e-6, equal_nan=True).all()
-    message = ("pair_loss_from_hidden: loss_fn gives other losses on chunks of pairs than on the whole batch; "
-               "each pair's loss must depend on that pair's inputs only")
+    message = (
+        "pair_loss_from_hidden: loss_fn gives other losses on chunks of pairs than on the whole batch; "
+        "each pair's loss must depend on that pair's inputs only"
+    )
     if losses.is_cuda:
         torch._assert_async(same, message)
     elif not same:
@@ -451,9 +554,15 @@ class PairLossFromHidden(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, config, sink):
-        outputs, grads = _pair_pass(hidden, weight, bias, **config, need_hidden=ctx.needs_input_grad[0],
-                                    need_weight=ctx.needs_input_grad[1],
-                                    need_bias=bias is not None and ctx.needs_input_grad[2])
+        outputs, grads = _pair_pass(
+            hidden,
+            weight,
+            bias,
+            **config,
+            need_hidden=ctx.needs_input_grad[0],
+            need_weight=ctx.needs_input_grad[1],
+            need_bias=bias is not None and ctx.needs_input_grad[2],
+        )
         ctx.grads = grads
         sink.update(outputs)  # the metrics, returned beside the autograd output
         return outputs["losses"].clone()
@@ -461,14 +570,18 @@ class PairLossFromHidden(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses):
         if ctx.grads is None:
-            raise RuntimeError("pair_loss_from_hidden: backward ran twice through the same call; its gradients "
-                               "were computed in forward and are used once (run the op again instead)")
+            raise RuntimeError(
+                "pair_loss_from_hidden: backward ran twice through the same call; its gradients "
+                "were computed in forward and are used once (run the op again instead)"
+            )
         grads, ctx.grads = ctx.grads, None
         scale = grad_losses[:1]
         uniform = (grad_losses == scale).all()
-        message = ("pair_loss_from_hidden: the upstream gradient must be the same for every pair "
-                   "(backpropagate losses.sum() or losses.mean(), scaled as you like): dW is summed over pairs "
-                   "before the upstream gradient is known")
+        message = (
+            "pair_loss_from_hidden: the upstream gradient must be the same for every pair "
+            "(backpropagate losses.sum() or losses.mean(), scaled as you like): dW is summed over pairs "
+            "before the upstream gradient is known"
+        )
         if grad_losses.is_cuda:
             torch._assert_async(uniform, message)
         elif not uniform:
@@ -522,19 +635,29 @@ def pair_loss_from_hidden(
     impl = resolve_impl(impl, hidden.device)
     if impl == "triton" and hidden.device.type == "cuda":
         self_check(hidden.device, hidden.dtype)
-    config = dict(labels=labels, loss_fn=loss_fn, ref_hidden=None if ref_hidden is None else ref_hidden.detach(),
-                  ref_weight=None if ref_weight is None else ref_weight.detach(),
-                  ref_bias=None if ref_bias is None else ref_bias.detach(), ref_logps=ref_logps,
-                  extras={k: v.detach().float() for k, v in extras.items()}, temperature=temperature,
-                  softcap=softcap, ignore_index=ignore_index, impl=impl, workspace_bytes=workspace_bytes)
+    config = dict(
+        labels=labels,
+        loss_fn=loss_fn,
+        ref_hidden=None if ref_hidden is None else ref_hidden.detach(),
+        ref_weight=None if ref_weight is None else ref_weight.detach(),
+        ref_bias=None if ref_bias is None else ref_bias.detach(),
+        ref_logps=ref_logps,
+        extras={k: v.detach().float() for k, v in extras.items()},
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=ignore_index,
+        impl=impl,
+        workspace_bytes=workspace_bytes,
+    )
     tracked = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
     if tracked and torch.is_grad_enabled():
         outputs = {}
         losses = PairLossFromHidden.apply(hidden, weight, bias, config, outputs)
     else:
         with torch.no_grad():
-            outputs, _ = _pair_pass(hidden, weight, bias, **config, need_hidden=False, need_weight=False,
-                                    need_bias=False)
+            outputs, _ = _pair_pass(
+                hidden, weight, bias, **config, need_hidden=False, need_weight=False, need_bias=False
+            )
         losses = outputs["losses"]
     return losses, _metrics(outputs)
 
@@ -548,6 +671,7 @@ _SELF_CHECKED: set = set()
 def _naive_pair(hidden, weight, bias, labels, ref_hidden, loss_fn, softcap, temperature):
     """Per-pair losses from naive logits -> log_softmax -> gather -> sums (at the inputs' dtype, fp32 softmax
     unless float64)."""
+
     def seq_logps(h):
         logits = h @ weight.T + bias
         logits = softcap * torch.tanh(logits / softcap) / temperature
@@ -560,8 +684,14 @@ def _naive_pair(hidden, weight, bias, labels, ref_hidden, loss_fn, softcap, temp
         ref = seq_logps(ref_hidden)
     n = policy.shape[0] // 2
     tokens = (labels != -100).sum(dim=1).to(policy.dtype)
-    return loss_fn(policy_chosen=policy[:n], policy_rejected=policy[n:], ref_chosen=ref[:n], ref_rejected=ref[n:],
-                   chosen_tokens=tokens[:n], rejected_tokens=tokens[n:])[0]
+    return loss_fn(
+        policy_chosen=policy[:n],
+        policy_rejected=policy[n:],
+        ref_chosen=ref[:n],
+        ref_rejected=ref[n:],
+        chosen_tokens=tokens[:n],
+        rejected_tokens=tokens[n:],
+    )[0]
 
 
 def self_check(device: torch.device, dtype: torch.dtype) -> None:
@@ -592,9 +722,20 @@ def self_check(device: torch.device, dtype: torch.dtype) -> None:
         return _naive_pair(h, w, b, labels, rh, loss_fn, softcap, temperature)
 
     def fused(h, w, b, rh):  # 14 rows of workspace: pairs split and pairs grouped
-        return pair_loss_from_hidden(h, w, labels, loss_fn, bias=b, ref_hidden=rh, ref_weight=w.detach(),
-                                     ref_bias=b.detach(), temperature=temperature, softcap=softcap, impl="triton",
-                                     workspace_bytes=14 * vocab * dtype.itemsize)[0]
+        return pair_loss_from_hidden(
+            h,
+            w,
+            labels,
+            loss_fn,
+            bias=b,
+            ref_hidden=rh,
+            ref_weight=w.detach(),
+            ref_bias=b.detach(),
+            temperature=temperature,
+            softcap=softcap,
+            impl="triton",
+            workspace_bytes=14 * vocab * dtype.itemsize,
+        )[0]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     way_out = "Pass impl='torch' (or set KERNELS_IMPL=torch) to use the PyTorch path instead."
@@ -605,14 +746,18 @@ def self_check(device: torch.device, dtype: torch.dtype) -> None:
             try:
                 got = run(fused, dtype)
             except Exception as err:  # e.g. a compiler error for this GPU
-                raise RuntimeError(f"pair_loss_from_hidden: self-check failed: the Triton path does not run on "
-                                   f"{name} ({dtype}): {type(err).__name__}: {err}. {way_out}") from err
+                raise RuntimeError(
+                    f"pair_loss_from_hidden: self-check failed: the Triton path does not run on "
+                    f"{name} ({dtype}): {type(err).__name__}: {err}. {way_out}"
+                ) from err
         floor = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 2e-2)
         for what, g, b, o in zip(("losses", "grad hidden", "grad weight", "grad bias"), got, budget, oracle):
             err, allowed = (g.double() - o).abs().max().item(), 2 * (b.double() - o).abs().max().item() + floor
             if not err <= allowed:
-                raise RuntimeError(f"pair_loss_from_hidden: self-check failed: the Triton path's {what} on {name} "
-                                   f"({dtype}) are off by {err:.3g} from float64 (allowed {allowed:.3g}). {way_out}")
+                raise RuntimeError(
+                    f"pair_loss_from_hidden: self-check failed: the Triton path's {what} on {name} "
+                    f"({dtype}) are off by {err:.3g} from float64 (allowed {allowed:.3g}). {way_out}"
+                )
     except BaseException:
         _SELF_CHECKED.discard(key)
         raise
@@ -620,29 +765,44 @@ def self_check(device: torch.device, dtype: torch.dtype) -> None:
 
 def _metrics(outputs) -> dict[str, torch.Tensor]:
     policy, ref, tokens, rewards = outputs["policy"], outputs["ref"], outputs["tokens"].float(), outputs["rewards"]
-    metrics = {"loss": outputs["losses"], "logps/chosen": policy[0::2], "logps/rejected": policy[1::2],
-               "tokens/chosen": tokens[0::2], "tokens/rejected": tokens[1::2]}
+    metrics = {
+        "loss": outputs["losses"],
+        "logps/chosen": policy[0::2],
+        "logps/rejected": policy[1::2],
+        "tokens/chosen": tokens[0::2],
+        "tokens/rejected": tokens[1::2],
+    }
     if ref is not None:
         metrics.update({"ref_logps/chosen": ref[0::2], "ref_logps/rejected": ref[1::2]})
     if rewards is not None:
         margins = rewards[0] - rewards[1]
-        metrics.update({"rewards/chosen": rewards[0], "rewards/rejected": rewards[1], "rewards/margins": margins,
-                        "rewards/accuracies": (margins > 0).float()})
+        metrics.update(
+            {
+                "rewards/chosen": rewards[0],
+                "rewards/rejected": rewards[1],
+                "rewards/margins": margins,
+                "rewards/accuracies": (margins > 0).float(),
+            }
+        )
     return metrics
 
 
 def _check_inputs(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, ref_logps, extras):
     name = "pair_loss_from_hidden"
     if hidden.dim() != 3 or hidden.shape[0] % 2:
-        raise ValueError(f"{name}: 'hidden' must be [2B, T, H] (B chosen rows, then their B rejected rows), "
-                         f"got shape {tuple(hidden.shape)}")
+        raise ValueError(
+            f"{name}: 'hidden' must be [2B, T, H] (B chosen rows, then their B rejected rows), "
+            f"got shape {tuple(hidden.shape)}"
+        )
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"{name}: 'weight' must be [V, H={hidden.shape[2]}], got shape {tuple(weight.shape)}")
     if hidden.dtype != weight.dtype:
         raise ValueError(f"{name}: 'hidden' ({hidden.dtype}) and 'weight' ({weight.dtype}) must share a dtype")
     if labels.shape != hidden.shape[:2] or labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{name}: 'labels' must be an integer tensor [2B, T]={tuple(hidden.shape[:2])}, "
-                         f"got {labels.dtype} {tuple(labels.shape)}")
+        raise ValueError(
+            f"{name}: 'labels' must be an integer tensor [2B, T]={tuple(hidden.shape[:2])}, "
+            f"got {labels.dtype} {tuple(labels.shape)}"
+        )
     for bias_name, b, w in (("bias", bias, weight), ("ref_bias", ref_bias, ref_weight)):
         if b is not None and (w is None or b.shape != (w.shape[0],)):
             raise ValueError(f"{name}: '{bias_name}' must be [V] next to its weight, got {tuple(b.shape)}")
@@ -652,9 +812,11 @@ def _check_inputs(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias
         raise ValueError(f"{name}: pass the reference as 'ref_hidden'/'ref_weight' or as 'ref_logps', not both")
     if ref_hidden is not None:
         if ref_hidden.shape[:2] != hidden.shape[:2] or ref_weight.shape != (weight.shape[0], ref_hidden.shape[2]):
-            raise ValueError(f"{name}: 'ref_hidden' must be [2B, T, H'] with 2B, T = {tuple(hidden.shape[:2])} and "
-                             f"'ref_weight' [V={weight.shape[0]}, H'], got {tuple(ref_hidden.shape)} and "
-                             f"{tuple(ref_weight.shape)}")
+            raise ValueError(
+                f"{name}: 'ref_hidden' must be [2B, T, H'] with 2B, T = {tuple(hidden.shape[:2])} and "
+                f"'ref_weight' [V={weight.shape[0]}, H'], got {tuple(ref_hidden.shape)} and "
+                f"{tuple(ref_weight.shape)}"
+            )
         if ref_hidden.dtype != ref_weight.dtype:
             raise ValueError(f"{name}: 'ref_hidden' and 'ref_weight' must share a dtype")
     if ref_logps is not None and ref_logps.shape != (hidden.shape[0],):

@@ -53,8 +53,18 @@ LOSSES = {
 }
 
 
-def make_case(pairs=4, length=9, hidden=24, vocab=53, dtype=torch.float32, seed=0, ignore_frac=0.2, bias=False,
-              ref="hidden", empty_last=True):
+def make_case(
+    pairs=4,
+    length=9,
+    hidden=24,
+    vocab=53,
+    dtype=torch.float32,
+    seed=0,
+    ignore_frac=0.2,
+    bias=False,
+    ref="hidden",
+    empty_last=True,
+):
     """Pairs of unequal lengths (right padding), a prompt of ignored labels, scattered ignored tokens, one
     all-ignored rejected sequence (not for length-normalised losses: 0/0), and a reference from another weight."""
     gen = torch.Generator().manual_seed(seed)
@@ -68,13 +78,18 @@ def make_case(pairs=4, length=9, hidden=24, vocab=53, dtype=torch.float32, seed=
         labels[-1] = -100
     else:  # every sequence scores at least one token
         labels[:, 2] = torch.randint(0, vocab, (seqs,), generator=gen)
-    case = dict(hidden=torch.randn(seqs, length, hidden, generator=gen),
-                weight=torch.randn(vocab, hidden, generator=gen) * 2 / hidden**0.5, labels=labels,
-                bias=torch.randn(vocab, generator=gen) if bias else None)
+    case = dict(
+        hidden=torch.randn(seqs, length, hidden, generator=gen),
+        weight=torch.randn(vocab, hidden, generator=gen) * 2 / hidden**0.5,
+        labels=labels,
+        bias=torch.randn(vocab, generator=gen) if bias else None,
+    )
     if ref == "hidden":
-        case.update(ref_hidden=torch.randn(seqs, length, hidden, generator=gen),
-                    ref_weight=torch.randn(vocab, hidden, generator=gen) * 2 / hidden**0.5,
-                    ref_bias=torch.randn(vocab, generator=gen) if bias else None)
+        case.update(
+            ref_hidden=torch.randn(seqs, length, hidden, generator=gen),
+            ref_weight=torch.randn(vocab, hidden, generator=gen) * 2 / hidden**0.5,
+            ref_bias=torch.randn(vocab, generator=gen) if bias else None,
+        )
     elif ref == "logps":
         case["ref_logps"] = -10 * torch.rand(seqs, generator=gen)
     case["extras"] = dict(soft_label=torch.rand(pairs, generator=gen), offset=torch.rand(pairs, generator=gen))
@@ -96,11 +111,15 @@ def _extras_for(loss_name, extras):
     return {}
 
 
-def naive(case, loss_fn, extras, dtype, trainable=("hidden", "weight", "bias"), temperature=1.0, softcap=None,
-          upstream=1.0):
+def naive(
+    case, loss_fn, extras, dtype, trainable=("hidden", "weight", "bias"), temperature=1.0, softcap=None, upstream=1.0
+):
     """(losses, policy seq logps, grads by name) of the naive computation at `dtype` (float64: the oracle)."""
-    leaves = {k: case[k].detach().to(dtype).requires_grad_(k in trainable) for k in ("hidden", "weight", "bias")
-              if case.get(k) is not None}
+    leaves = {
+        k: case[k].detach().to(dtype).requires_grad_(k in trainable)
+        for k in ("hidden", "weight", "bias")
+        if case.get(k) is not None
+    }
     labels = case["labels"]
     mask = labels != -100
 
@@ -116,15 +135,25 @@ def naive(case, loss_fn, extras, dtype, trainable=("hidden", "weight", "bias"), 
     ref = None
     if case.get("ref_hidden") is not None:
         with torch.no_grad():
-            ref = seq_logps(*(case[k].to(dtype) if case.get(k) is not None else None
-                              for k in ("ref_hidden", "ref_weight", "ref_bias")))
+            ref = seq_logps(
+                *(
+                    case[k].to(dtype) if case.get(k) is not None else None
+                    for k in ("ref_hidden", "ref_weight", "ref_bias")
+                )
+            )
     elif case.get("ref_logps") is not None:
         ref = case["ref_logps"].to(dtype)
     n = policy.shape[0] // 2
     tokens = mask.sum(dim=1).to(dtype)
-    out = loss_fn(policy_chosen=policy[:n], policy_rejected=policy[n:],
-                  ref_chosen=None if ref is None else ref[:n], ref_rejected=None if ref is None else ref[n:],
-                  chosen_tokens=tokens[:n], rejected_tokens=tokens[n:], **extras)
+    out = loss_fn(
+        policy_chosen=policy[:n],
+        policy_rejected=policy[n:],
+        ref_chosen=None if ref is None else ref[:n],
+        ref_rejected=None if ref is None else ref[n:],
+        chosen_tokens=tokens[:n],
+        rejected_tokens=tokens[n:],
+        **extras,
+    )
     losses = out if isinstance(out, torch.Tensor) else out[0]
     wanted = [leaves[k] for k in leaves if leaves[k].requires_grad]
     grads = torch.autograd.grad(losses.sum() * upstream, wanted) if wanted else ()
@@ -132,12 +161,25 @@ def naive(case, loss_fn, extras, dtype, trainable=("hidden", "weight", "bias"), 
 
 
 def ours(case, loss_fn, extras, impl, trainable=("hidden", "weight", "bias"), upstream=1.0, **kwargs):
-    leaves = {k: case[k].detach().clone().requires_grad_(k in trainable) for k in ("hidden", "weight", "bias")
-              if case.get(k) is not None}
+    leaves = {
+        k: case[k].detach().clone().requires_grad_(k in trainable)
+        for k in ("hidden", "weight", "bias")
+        if case.get(k) is not None
+    }
     losses, metrics = pair_loss_from_hidden(
-        leaves["hidden"], leaves["weight"], case["labels"], loss_fn, bias=leaves.get("bias"),
-        ref_hidden=case.get("ref_hidden"), ref_weight=case.get("ref_weight"), ref_bias=case.get("ref_bias"),
-        ref_logps=case.get("ref_logps"), extras=extras, impl=impl, **kwargs)
+        leaves["hidden"],
+        leaves["weight"],
+        case["labels"],
+        loss_fn,
+        bias=leaves.get("bias"),
+        ref_hidden=case.get("ref_hidden"),
+        ref_weight=case.get("ref_weight"),
+        ref_bias=case.get("ref_bias"),
+        ref_logps=case.get("ref_logps"),
+        extras=extras,
+        impl=impl,
+        **kwargs,
+    )
     wanted = [k for k in leaves if leaves[k].requires_grad]
     grads = torch.autograd.grad(losses.sum() * upstream, [leaves[k] for k in wanted]) if wanted else ()
     return losses.detach(), metrics, dict(zip(wanted, grads))
@@ -149,8 +191,9 @@ def assert_close_by_rule(got, budget, oracle, dtype, what):
     assert err <= allowed, f"{what}: error {err:.3g} vs float64, allowed {allowed:.3g}"
 
 
-def check_against_oracle(case, loss_name, impl, dtype=torch.float32, trainable=("hidden", "weight", "bias"),
-                         upstream=1.0, **kwargs):
+def check_against_oracle(
+    case, loss_name, impl, dtype=torch.float32, trainable=("hidden", "weight", "bias"), upstream=1.0, **kwargs
+):
     loss_fn, extras = LOSSES[loss_name], _extras_for(loss_name, case["extras"])
     transform = {k: kwargs[k] for k in ("temperature", "softcap") if k in kwargs}
     oracle = naive(case, loss_fn, extras, torch.float64, trainable, upstream=upstream, **transform)
@@ -184,8 +227,11 @@ def _workspace(rows, vocab=53, dtype=torch.float32, impl="torch"):
 @pytest.mark.parametrize("loss_name", list(LOSSES))
 @pytest.mark.parametrize("workspace", list(WORKSPACES))
 def test_losses_and_grads_match_oracle(impl, loss_name, workspace):
-    case = make_case(seed=list(LOSSES).index(loss_name), ref="none" if loss_name == "simpo" else "hidden",
-                     empty_last=loss_name not in ("simpo", "cdpo-avg"))
+    case = make_case(
+        seed=list(LOSSES).index(loss_name),
+        ref="none" if loss_name == "simpo" else "hidden",
+        empty_last=loss_name not in ("simpo", "cdpo-avg"),
+    )
     check_against_oracle(case, loss_name, impl, workspace_bytes=_workspace(WORKSPACES[workspace]))
 
 
@@ -194,8 +240,9 @@ def test_losses_and_grads_match_oracle(impl, loss_name, workspace):
 @pytest.mark.parametrize("workspace", ["between-pairs", "inside-pairs"])
 def test_bias_softcap_temperature(impl, temperature, softcap, workspace):
     case = make_case(bias=True, seed=3)
-    _, _, grads = check_against_oracle(case, "dpo", impl, temperature=temperature, softcap=softcap,
-                                       workspace_bytes=_workspace(WORKSPACES[workspace]))
+    _, _, grads = check_against_oracle(
+        case, "dpo", impl, temperature=temperature, softcap=softcap, workspace_bytes=_workspace(WORKSPACES[workspace])
+    )
     assert set(grads) == {"hidden", "weight", "bias"}
 
 
@@ -240,8 +287,7 @@ def test_logits_computed_once_per_chunk(monkeypatch):
 
 
 def test_plan_chunks_holds_whole_pairs():
-    assert pair_mod._plan_chunks([3, 4, 2, 5, 9, 1], 7) == [(0, 2, 0, 7), (2, 4, 7, 14), (4, 5, 14, 23),
-                                                             (5, 6, 23, 24)]
+    assert pair_mod._plan_chunks([3, 4, 2, 5, 9, 1], 7) == [(0, 2, 0, 7), (2, 4, 7, 14), (4, 5, 14, 23), (5, 6, 23, 24)]
     assert pair_mod._plan_chunks([0, 0], 4) == [(0, 2, 0, 0)]
 
 
@@ -267,11 +313,17 @@ def test_metrics(impl):
     logp = torch.log_softmax(case["ref_hidden"].double() @ case["ref_weight"].double().T, dim=-1)
     ref = (logp.gather(-1, case["labels"].clamp(min=0)[..., None])[..., 0] * mask).sum(dim=1)
     tokens = mask.sum(1).float()
-    expected = {"loss": oracle_losses, "logps/chosen": oracle_policy[:n], "logps/rejected": oracle_policy[n:],
-                "ref_logps/chosen": ref[:n], "ref_logps/rejected": ref[n:], "tokens/chosen": tokens[:n],
-                "tokens/rejected": tokens[n:],
-                "rewards/chosen": 0.5 * (oracle_policy[:n] - ref[:n]),
-                "rewards/rejected": 0.5 * (oracle_policy[n:] - ref[n:])}
+    expected = {
+        "loss": oracle_losses,
+        "logps/chosen": oracle_policy[:n],
+        "logps/rejected": oracle_policy[n:],
+        "ref_logps/chosen": ref[:n],
+        "ref_logps/rejected": ref[n:],
+        "tokens/chosen": tokens[:n],
+        "tokens/rejected": tokens[n:],
+        "rewards/chosen": 0.5 * (oracle_policy[:n] - ref[:n]),
+        "rewards/rejected": 0.5 * (oracle_policy[n:] - ref[n:]),
+    }
     expected["rewards/margins"] = expected["rewards/chosen"] - expected["rewards/rejected"]
     expected["rewards/accuracies"] = (expected["rewards/margins"] > 0).float()
     assert set(metrics) == set(expected)
@@ -290,8 +342,15 @@ def test_uniform_upstream_scaling(impl):
 def test_non_uniform_upstream_raises():
     case = make_case(seed=12)
     hidden = case["hidden"].clone().requires_grad_()
-    losses, _ = pair_loss_from_hidden(hidden, case["weight"], case["labels"], LOSSES["dpo"],
-                                      ref_hidden=case["ref_hidden"], ref_weight=case["ref_weight"], impl="torch")
+    losses, _ = pair_loss_from_hidden(
+        hidden,
+        case["weight"],
+        case["labels"],
+        LOSSES["dpo"],
+        ref_hidden=case["ref_hidden"],
+        ref_weight=case["ref_weight"],
+        impl="torch",
+    )
     with pytest.raises(RuntimeError, match="same for every pair"):
         (losses * torch.arange(losses.shape[0], dtype=torch.float32)).sum().backward()
 
@@ -299,8 +358,15 @@ def test_non_uniform_upstream_raises():
 def test_backward_twice_raises():
     case = make_case(seed=12)
     hidden = case["hidden"].clone().requires_grad_()
-    losses, _ = pair_loss_from_hidden(hidden, case["weight"], case["labels"], LOSSES["dpo"],
-                                      ref_hidden=case["ref_hidden"], ref_weight=case["ref_weight"], impl="torch")
+    losses, _ = pair_loss_from_hidden(
+        hidden,
+        case["weight"],
+        case["labels"],
+        LOSSES["dpo"],
+        ref_hidden=case["ref_hidden"],
+        ref_weight=case["ref_weight"],
+        impl="torch",
+    )
     losses.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         losses.sum().backward()
@@ -321,9 +387,16 @@ def test_loss_fn_mixing_pairs_is_caught():
 def test_no_grad_forward_matches():
     case = make_case(seed=14)
     with torch.no_grad():
-        losses, _ = pair_loss_from_hidden(case["hidden"], case["weight"], case["labels"], LOSSES["dpo"],
-                                          ref_hidden=case["ref_hidden"], ref_weight=case["ref_weight"],
-                                          impl="torch", workspace_bytes=_workspace(5))
+        losses, _ = pair_loss_from_hidden(
+            case["hidden"],
+            case["weight"],
+            case["labels"],
+            LOSSES["dpo"],
+            ref_hidden=case["ref_hidden"],
+            ref_weight=case["ref_weight"],
+            impl="torch",
+            workspace_bytes=_workspace(5),
+        )
     oracle = naive(case, LOSSES["dpo"], {}, torch.float64, trainable=())
     torch.testing.assert_close(losses.double(), oracle[0].double(), rtol=1e-5, atol=1e-5)
     assert not losses.requires_grad
@@ -334,8 +407,9 @@ def test_bf16(impl):
     """bf16 hidden states and head (torch path: fp32 workspace; Triton path on CUDA: bf16 logits from cuBLAS,
     fp32 reductions): within the rule of naive bf16. Not run in the interpreter (its bf16 is not trusted)."""
     case = make_case(dtype=torch.bfloat16, seed=15, bias=True)
-    check_against_oracle(case, "dpo", impl, dtype=torch.bfloat16,
-                         workspace_bytes=_workspace(12, dtype=torch.bfloat16, impl=impl))
+    check_against_oracle(
+        case, "dpo", impl, dtype=torch.bfloat16, workspace_bytes=_workspace(12, dtype=torch.bfloat16, impl=impl)
+    )
 
 
 def test_bad_inputs_named():
@@ -380,9 +454,26 @@ def test_pair_kernels_compile_for_sm90_sm80():
     if reason := _compiler_missing():
         pytest.skip(reason)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "kernels.compile_check", "--archs", "90", "80", "--dtypes", "bf16", "fp32",
-           "--kinds", "pair_stats", "pair_grad", "--softcaps", "True", "--shapes", "llama3-8b", "vh>2^31",
-           "--no-estimate"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kernels.compile_check",
+        "--archs",
+        "90",
+        "80",
+        "--dtypes",
+        "bf16",
+        "fp32",
+        "--kinds",
+        "pair_stats",
+        "pair_grad",
+        "--softcaps",
+        "True",
+        "--shapes",
+        "llama3-8b",
+        "vh>2^31",
+        "--no-estimate",
+    ]
     res = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     header, rows = None, []
@@ -409,8 +500,18 @@ def test_bench_pair_mode(tmp_path, monkeypatch):
         return policy * 1.5 - policy.detach() * 0.5, ref  # right values, gradients scaled by 1.5
 
     monkeypatch.setitem(bench.IMPLS, "wrong_grad", wrong_grad)
-    rows = bench.main(bench.Args(shapes=("test-pair",), impls=("torch", "naive", "wrong_grad"), modes=("pair",),
-                                 repeats=2, warmup=0, memory=False, device="cpu", out=str(tmp_path / "b.csv")))
+    rows = bench.main(
+        bench.Args(
+            shapes=("test-pair",),
+            impls=("torch", "naive", "wrong_grad"),
+            modes=("pair",),
+            repeats=2,
+            warmup=0,
+            memory=False,
+            device="cpu",
+            out=str(tmp_path / "b.csv"),
+        )
+    )
     by_impl = {r["impl"]: r for r in rows}
     assert set(by_impl) == {"naive", "torch", "torch_logps", "wrong_grad"}
     for name in ("naive", "torch", "torch_logps"):
@@ -428,9 +529,16 @@ def test_sliced_hidden_states(impl):
     labels = case["labels"][:, 1:]
     sliced = dict(case, hidden=full.detach()[:, :-1], labels=labels, ref_hidden=case["ref_hidden"][:, :-1])
     oracle = naive(sliced, LOSSES["dpo"], {}, torch.float64)
-    losses, _ = pair_loss_from_hidden(full[:, :-1], case["weight"], labels, LOSSES["dpo"],
-                                      ref_hidden=case["ref_hidden"][:, :-1], ref_weight=case["ref_weight"],
-                                      impl=impl, workspace_bytes=_workspace(12))
+    losses, _ = pair_loss_from_hidden(
+        full[:, :-1],
+        case["weight"],
+        labels,
+        LOSSES["dpo"],
+        ref_hidden=case["ref_hidden"][:, :-1],
+        ref_weight=case["ref_weight"],
+        impl=impl,
+        workspace_bytes=_workspace(12),
+    )
     losses.sum().backward()
     torch.testing.assert_close(losses.double(), oracle[0].double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(full.grad[:, :-1].double(), oracle[2]["hidden"], rtol=1e-4, atol=1e-5)
