@@ -15,7 +15,11 @@ subprocess (VmHWM after resetting it, or ru_maxrss). Both include the gradients 
 
 Modes: fwd (policy forward, no grad), fwd_bwd (policy forward + backward w.r.t. hidden and
 weight), fwd_bwd_ref (fwd_bwd plus the reference forward: one `sequence_logps` call for ours,
-two calls for everyone else). Rows are appended to benchmarks/results/<device>.csv.
+two calls for everyone else), pair (the DPO step: policy fwd+bwd + reference fwd + the DPO loss
+over pairs of PAIR_SEQ_LEN-token sequences, backpropagating the sum of the per-pair losses: ours
+`torch`/`triton` = one `pair_loss_from_hidden` call, `torch_logps`/`triton_logps` = our
+`sequence_logps` then the loss, the others = their log-probs then the loss with autograd).
+Rows are appended to benchmarks/results/<device>.csv.
 """
 
 from __future__ import annotations
@@ -39,14 +43,20 @@ from typing import Callable, Literal
 import torch
 import tyro
 
+from .losses import pair_loss
 from .ops import sequence_logps
+from .pair import daa_loss_fn, pair_loss_from_hidden
 from .torch_ref import naive_token_logps
 
 IGNORE = -100
-MODES = ("fwd", "fwd_bwd", "fwd_bwd_ref")
+MODES = ("fwd", "fwd_bwd", "fwd_bwd_ref", "pair")
+PAIR_SEQ_LEN, PAIR_BETA = 512, 0.1  # pair mode: sequences of 512 positions (chosen, rejected), DPO's beta
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Relative tolerances against the naive fp32 result: (per-sequence log-probs, gradients).
 TOLERANCES = {"fp32": (1e-4, 1e-3), "bf16": (2e-3, 5e-2), "fp16": (1e-3, 2e-2)}
+# Pair mode, against float64: (per-pair losses, gradients). The loss is as precise as the margin, a difference of
+# four sums of hundreds of log-probs (~5e3 nats at V = 32000): fp32 rounds each at ~5e-4, times beta.
+PAIR_TOLERANCES = {"fp32": (1e-3, 1e-3), "bf16": (5e-2, 5e-2), "fp16": (2e-2, 2e-2)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +91,8 @@ class Args:
     """shape names from SHAPES; default: the PERF.md shapes + a small one on CUDA, small ones on CPU"""
     impls: tuple[str, ...] | None = None
     """implementations to run (default: all that run on this device; naive is always included)"""
-    modes: tuple[Literal["fwd", "fwd_bwd", "fwd_bwd_ref"], ...] | None = None
-    """default: each shape's own list (all three, fwd_bwd only for cpu-target)"""
+    modes: tuple[Literal["fwd", "fwd_bwd", "fwd_bwd_ref", "pair"], ...] | None = None
+    """default: each shape's own list (all four, fwd_bwd only for cpu-target)"""
     dtypes: tuple[Literal["fp32", "bf16", "fp16"], ...] | None = None
     """default: bf16 on CUDA, fp32 on CPU"""
     repeats: int = 20
@@ -173,6 +183,53 @@ def _load_cce():
     return _two_calls(score), importlib.metadata.version("cut-cross-entropy")
 
 
+def pair_shape(shape: Shape) -> Shape:
+    """The pair mode's layout of a shape: B chosen then B rejected sequences of PAIR_SEQ_LEN positions."""
+    return dataclasses.replace(shape, seqs=max(2, 2 * (shape.tokens // (2 * PAIR_SEQ_LEN))))
+
+
+def _ours_pair(impl: str) -> Callable:
+    """Pair mode, ours: fn(hidden, weight, labels, ref_hidden, ref_weight) -> per-pair DPO losses, one call."""
+    loss_fn = daa_loss_fn("dpo", beta=PAIR_BETA)
+
+    def fn(hidden, weight, labels, ref_hidden, ref_weight):
+        return pair_loss_from_hidden(
+            hidden,
+            weight,
+            labels,
+            loss_fn,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ignore_index=IGNORE,
+            impl=impl,
+        )[0]
+
+    return fn
+
+
+def _pair_from_logps(score: Callable) -> Callable:
+    """Pair mode from a log-prob implementation: policy and reference log-probs, then the DPO loss (autograd)."""
+
+    def fn(hidden, weight, labels, ref_hidden, ref_weight):
+        policy, ref = score(hidden, weight, labels, ref_hidden, ref_weight)
+        n = policy.shape[0] // 2
+        return pair_loss(policy[:n], policy[n:], ref[:n], ref[n:], kind="dpo", beta=PAIR_BETA, reduction="none")
+
+    return fn
+
+
+def mode_impls(impls: dict[str, Callable], mode: str) -> dict[str, Callable]:
+    """The implementations run in `mode`: in pair mode ours fused (torch, triton) and unfused (*_logps)."""
+    if mode != "pair":
+        return impls
+    fns = {}
+    for name, fn in impls.items():
+        fns[name] = _ours_pair(name) if name in ("torch", "triton") else _pair_from_logps(fn)
+        if name in ("torch", "triton"):
+            fns[f"{name}_logps"] = _pair_from_logps(fn)
+    return fns
+
+
 IMPLS: dict[str, Callable] = {"triton": _ours("triton"), "torch": _ours("torch"), "naive": _two_calls(_naive_score)}
 PEERS = {"trl": _load_trl, "liger": _load_liger, "cce": _load_cce}
 CUDA_ONLY = ("triton", "liger", "cce")  # Triton kernels; on CPU only the (far too slow) interpreter
@@ -214,7 +271,11 @@ class Inputs:
     upstream: torch.Tensor  # d loss / d policy[b]: not all ones, so per-sequence grad scaling is checked
 
 
-def make_inputs(shape: Shape, dtype: torch.dtype, device: str, ignore_frac: float, seed: int) -> Inputs:
+def make_inputs(
+    shape: Shape, dtype: torch.dtype, device: str, ignore_frac: float, seed: int, pair: bool = False
+) -> Inputs:
+    """pair: the reference is the policy plus 1 % noise (as a reference near its policy in DPO), so that DPO's
+    margins are O(1) and its gradient does not vanish; otherwise independent."""
     if shape.tokens % shape.seqs:
         raise ValueError(f"shape {shape}: tokens must be a multiple of seqs")
     gen = torch.Generator().manual_seed(seed)
@@ -225,18 +286,28 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, ignore_frac: floa
 
     labels = torch.randint(0, shape.vocab, (shape.seqs, length), generator=gen)
     labels[:, : int(ignore_frac * length)] = IGNORE
+    head_std = 2 / shape.hidden**0.5
+    hidden, weight = randn(shape.seqs, length, shape.hidden), randn(shape.vocab, shape.hidden, std=head_std)
+    ref_hidden, ref_weight = randn(shape.seqs, length, shape.hidden), randn(shape.vocab, shape.hidden, std=head_std)
+    if pair:
+        ref_hidden, ref_weight = hidden + 0.01 * ref_hidden, weight + 0.01 * ref_weight
     return Inputs(
-        randn(shape.seqs, length, shape.hidden).requires_grad_(),
-        randn(shape.vocab, shape.hidden, std=2 / shape.hidden**0.5).requires_grad_(),
+        hidden.requires_grad_(),
+        weight.requires_grad_(),
         labels.to(device),
-        randn(shape.seqs, length, shape.hidden),
-        randn(shape.vocab, shape.hidden, std=2 / shape.hidden**0.5),
+        ref_hidden,
+        ref_weight,
         torch.rand(shape.seqs, generator=gen).add(0.5).to(device),
     )
 
 
 def run_once(fn: Callable, x: Inputs, mode: str):
-    """-> (policy, reference or None, grad_hidden or None, grad_weight or None)."""
+    """-> (policy, reference or None, grad_hidden or None, grad_weight or None); pair mode: (losses, None, ...)."""
+    if mode == "pair":
+        x.hidden.grad = x.weight.grad = None
+        losses = fn(x.hidden, x.weight, x.labels, x.ref_hidden, x.ref_weight)
+        losses.sum().backward()
+        return losses.detach(), None, x.hidden.grad, x.weight.grad
     if mode == "fwd":
         with torch.no_grad():
             return *fn(x.hidden.detach(), x.weight.detach(), x.labels), None, None
@@ -247,27 +318,42 @@ def run_once(fn: Callable, x: Inputs, mode: str):
     return policy.detach(), ref, x.hidden.grad, x.weight.grad
 
 
-def oracle(x: Inputs, rows_per_chunk: int = 0):
+def oracle(x: Inputs, rows_per_chunk: int = 0, dtype: torch.dtype = torch.float32):
     """Naive fp32 results (policy, reference, grad_hidden, grad_weight) for all modes, computed in
-    row chunks so that the check itself stays within memory at the large GPU shapes."""
+    row chunks so that the check itself stays within memory at the large GPU shapes (`dtype`: float64
+    for the pair mode)."""
     batch, length, hidden_size = x.hidden.shape
-    rows_per_chunk = rows_per_chunk or max(1, (1 << 26) // x.weight.shape[0])
-    hidden = x.hidden.detach().float().flatten(0, 1).requires_grad_()
-    weight = x.weight.detach().float().requires_grad_()
-    ref_hidden, ref_weight = x.ref_hidden.float().flatten(0, 1), x.ref_weight.float()
+    rows_per_chunk = rows_per_chunk or max(1, (1 << 28) // (x.weight.shape[0] * dtype.itemsize))
+    hidden = x.hidden.detach().to(dtype).flatten(0, 1).requires_grad_()
+    weight = x.weight.detach().to(dtype).requires_grad_()
+    ref_hidden, ref_weight = x.ref_hidden.to(dtype).flatten(0, 1), x.ref_weight.to(dtype)
     labels = x.labels.flatten()
     seq_of_row = torch.arange(batch, device=labels.device).repeat_interleave(length)
-    policy = torch.zeros(batch, device=labels.device)
-    ref = torch.zeros(batch, device=labels.device)
+    policy = torch.zeros(batch, device=labels.device, dtype=dtype)
+    ref = torch.zeros(batch, device=labels.device, dtype=dtype)
     for start in range(0, batch * length, rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         scored, targets, seqs = labels[rows] != IGNORE, labels[rows].clamp(min=0), seq_of_row[rows]
-        token = naive_token_logps(hidden[rows], weight, targets) * scored
+        token = naive_token_logps(hidden[rows], weight, targets, dtype=dtype) * scored
         (token * x.upstream[seqs]).sum().backward()
         policy.index_add_(0, seqs, token.detach())
         with torch.no_grad():
-            ref.index_add_(0, seqs, naive_token_logps(ref_hidden[rows], ref_weight, targets) * scored)
+            ref.index_add_(0, seqs, naive_token_logps(ref_hidden[rows], ref_weight, targets, dtype=dtype) * scored)
     return policy, ref, hidden.grad.view(batch, length, hidden_size), weight.grad
+
+
+def pair_oracle(x: Inputs):
+    """Naive float64 (per-pair DPO losses, None, grad_hidden, grad_weight) of the pair mode: the sequence
+    log-probs, the loss softplus(-beta h) and its gradient g per sequence, then the log-probs' backward with g
+    as the upstream. float64, since the margin h is a difference of sums of hundreds of log-probs: in fp32 it
+    carries ~1e-3 nats of rounding, which every fp32 implementation shares (hence PAIR_TOLERANCES)."""
+    policy, ref, _, _ = oracle(x, dtype=torch.float64)
+    n = policy.shape[0] // 2
+    policy = policy.requires_grad_()
+    losses = torch.nn.functional.softplus(-PAIR_BETA * ((policy[:n] - ref[:n]) - (policy[n:] - ref[n:])))
+    (upstream,) = torch.autograd.grad(losses.sum(), [policy])
+    _, _, grad_hidden, grad_weight = oracle(dataclasses.replace(x, upstream=upstream), dtype=torch.float64)
+    return losses.detach(), None, grad_hidden, grad_weight
 
 
 def relative_error(results, expected) -> float:
@@ -325,9 +411,11 @@ def _rss_kb(field: str) -> int:
 def child_peak_rss_mb(impl: str, dims: str, dtype: str, mode: str, ignore_frac: str, seed: str, threads: str):
     """Run in a fresh interpreter: print the peak-RSS growth (MB) of one run of `impl` at N,H,V,B `dims`."""
     torch.set_num_threads(int(threads))
-    fn = available_impls("cpu", (impl,))[0][impl]
-    run_once(fn, make_inputs(SHAPES["cpu-tiny"], DTYPES[dtype], "cpu", 0.1, 0), mode)  # load libraries
-    x = make_inputs(Shape(*map(int, dims.split(","))), DTYPES[dtype], "cpu", float(ignore_frac), int(seed))
+    fn = mode_impls(available_impls("cpu", (impl.removesuffix("_logps"),))[0], mode)[impl]
+    run_once(fn, make_inputs(pair_shape(SHAPES["cpu-tiny"]), DTYPES[dtype], "cpu", 0.1, 0), mode)  # load libraries
+    x = make_inputs(
+        Shape(*map(int, dims.split(","))), DTYPES[dtype], "cpu", float(ignore_frac), int(seed), pair=mode == "pair"
+    )
     gc.collect()
     try:  # Linux >= 4.0: writing 5 resets the peak RSS (VmHWM) to the current RSS
         with open("/proc/self/clear_refs", "w") as clear:
@@ -404,7 +492,7 @@ def device_name(device: str) -> str:
 
 def flop_floor_ms(mode: str, scored: int, shape: Shape, peak_tflops: float) -> float:
     """PERF.md: 2NHV forward, + 4NHV backward (no recompute), + 2NHV for the reference forward."""
-    flops = {"fwd": 2, "fwd_bwd": 6, "fwd_bwd_ref": 8}[mode] * scored * shape.hidden * shape.vocab
+    flops = {"fwd": 2, "fwd_bwd": 6, "fwd_bwd_ref": 8, "pair": 8}[mode] * scored * shape.hidden * shape.vocab
     return flops / (peak_tflops * 1e12) * 1e3
 
 
@@ -463,7 +551,7 @@ def check(row: dict, fn: Callable, x: Inputs, mode: str, expected) -> bool:
     row["max_abs_err"] = max((a.float() - b).abs().max().item() for a, b in zip(got, expected[:2]) if a is not None)
     row["rel_err"] = relative_error(got, expected[:2])
     row["grad_rel_err"] = relative_error((grad_hidden, grad_weight), expected[2:])
-    log_tol, grad_tol = TOLERANCES[row["dtype"]]
+    log_tol, grad_tol = (PAIR_TOLERANCES if mode == "pair" else TOLERANCES)[row["dtype"]]
     if mode == "fwd_bwd_ref" and ref is None:
         row["status"] = "FAILED: no reference log-probs returned"
     elif row["rel_err"] > log_tol or row["grad_rel_err"] > grad_tol:
@@ -507,10 +595,20 @@ def main(args: Args, argv: list[str] | None = None) -> list[dict]:
     for shape_name in shape_names:
         shape = SHAPES[shape_name]
         for dtype in dtypes:
-            x = make_inputs(shape, DTYPES[dtype], device, args.ignore_frac, args.seed)
-            expected, scored = oracle(x), int((x.labels != IGNORE).sum())
-            grads_mb = sum(t.numel() * t.element_size() for t in (x.hidden, x.weight)) / 2**20
+            inputs = {}  # by layout: the pair mode has its own (pairs of PAIR_SEQ_LEN-token sequences)
             for mode in args.modes or shape.modes:
+                layout = pair_shape(shape) if mode == "pair" else shape
+                if layout not in inputs:
+                    inputs.clear()  # one layout's tensors at a time
+                    x = make_inputs(layout, DTYPES[dtype], device, args.ignore_frac, args.seed, pair=mode == "pair")
+                    inputs[layout] = x, {}, int((x.labels != IGNORE).sum())
+                x, expected_by_mode, scored = inputs[layout]
+                kind = "pair" if mode == "pair" else "logps"
+                if kind not in expected_by_mode:
+                    expected_by_mode[kind] = pair_oracle(x) if mode == "pair" else oracle(x)
+                expected = expected_by_mode[kind]
+                grads_mb = sum(t.numel() * t.element_size() for t in (x.hidden, x.weight)) / 2**20
+                fns = mode_impls(impls, mode)
                 print(f"{shape_name} ({shape.tokens}x{shape.hidden}x{shape.vocab}) {dtype} {mode} ...", flush=True)
                 results = {
                     name: {
@@ -520,16 +618,16 @@ def main(args: Args, argv: list[str] | None = None) -> list[dict]:
                         "N": shape.tokens,
                         "H": shape.hidden,
                         "V": shape.vocab,
-                        "seqs": shape.seqs,
+                        "seqs": layout.seqs,
                         "dtype": dtype,
                         "mode": mode,
                         **dict.fromkeys(METRICS, ""),
-                        "grads_mb": grads_mb if "bwd" in mode else 0.0,
+                        "grads_mb": grads_mb if "bwd" in mode or mode == "pair" else 0.0,
                     }
-                    for name in impls
+                    for name in fns
                 }
                 # a fast wrong result must not print a number: only checked implementations are timed
-                checked = {name: fn for name, fn in impls.items() if check(results[name], fn, x, mode, expected)}
+                checked = {name: fn for name, fn in fns.items() if check(results[name], fn, x, mode, expected)}
                 times = time_round_robin(checked, x, mode, args.warmup, args.repeats, device)
                 load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else ""  # other jobs skew CPU times
                 for name, fn in checked.items():
@@ -549,7 +647,7 @@ def main(args: Args, argv: list[str] | None = None) -> list[dict]:
                         row["peak_extra_mb"] = cuda_peak_extra_mb(fn, x, mode)
                         row["memory_method"] = "cuda max_memory_allocated delta"
                     elif args.memory:
-                        megabytes, row["memory_method"] = cpu_peak_extra_mb(name, shape, dtype, mode, args)
+                        megabytes, row["memory_method"] = cpu_peak_extra_mb(name, layout, dtype, mode, args)
                         row["peak_extra_mb"] = "" if megabytes is None else megabytes
                 naive = results["naive"]
                 for row in results.values():
@@ -558,7 +656,7 @@ def main(args: Args, argv: list[str] | None = None) -> list[dict]:
                     if row["peak_extra_mb"] != "" and naive["peak_extra_mb"] not in ("", 0.0):
                         row["mem_vs_naive"] = row["peak_extra_mb"] / naive["peak_extra_mb"]
                 rows.extend(results.values())
-            del x, expected
+            del x, expected, inputs
 
     print()
     print_table(rows, cuda)

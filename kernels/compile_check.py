@@ -30,7 +30,7 @@ import torch
 import triton
 import tyro
 
-from . import logps
+from . import logps, pair
 from .ops import folded_width
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -43,7 +43,8 @@ SHAPES = {
     "vh>2^31": (8192, 16384, 152064),  # V*H = 2.5e9: a 405B-class width with a Qwen-size vocabulary
     "nh>2^31": (300001, 8192, 32000),  # N*H = 2.5e9: long contexts (and N not a multiple of 16)
 }
-KINDS = ("fwd", "fwd_ref", "bwd")
+KINDS = ("fwd", "fwd_ref", "bwd", "pair_stats", "pair_grad")
+MEMORY_BOUND = ("pair_stats", "pair_grad")  # no product inside: no MMA expected
 
 
 @dataclasses.dataclass
@@ -51,8 +52,9 @@ class Args:
     archs: tuple[int, ...] = (90, 80)
     """compute capabilities to compile for (90 = H100/H200, 80 = A100)"""
     dtypes: tuple[Literal["bf16", "fp16", "fp32"], ...] = ("bf16", "fp16", "fp32")
-    kinds: tuple[Literal["fwd", "fwd_ref", "bwd"], ...] = KINDS
-    """fwd = policy forward, fwd_ref = policy + reference forward (one launch), bwd = gradient kernel"""
+    kinds: tuple[Literal["fwd", "fwd_ref", "bwd", "pair_stats", "pair_grad"], ...] = KINDS
+    """fwd = policy forward, fwd_ref = policy + reference forward (one launch), bwd = gradient kernel;
+    pair_stats / pair_grad = the pair op's log-sum-exp and dZ kernels over a workspace of logits (with a bias)"""
     softcaps: tuple[bool, ...] = (False, True)
     shapes: tuple[Literal["llama3-8b", "bias-fold", "unpadded-4097", "vh>2^31", "nh>2^31"], ...] = tuple(SHAPES)
     extra_tiles: tuple[str, ...] = ()
@@ -87,6 +89,24 @@ def launch(kind, dtype, softcap, shape, arch, sms, tile=None):
         saved = dict(logps.TILES)
         logps.TILES.update({key: tile for key in logps.TILES})
     try:
+        if kind in MEMORY_BOUND:  # one workspace block of the pair op, as kernels.pair launches it
+            chunk = min(rows, pair.WORKSPACE_BYTES["triton"] // (vocab * dtype.itemsize))
+            ws, vec = FakeTensor((chunk, vocab), dtype), FakeTensor((chunk,), torch.float32)
+            bias, targets = FakeTensor((vocab,), dtype), FakeTensor((chunk,), torch.int64)
+            meta = pair.kernel_meta(kind.removeprefix("pair_"), True, softcap is not None)
+            if kind == "pair_stats":
+                return (
+                    pair._pair_stats_kernel,
+                    pair.stats_args(ws, bias, targets, vec, vec, 1.0, softcap),
+                    meta,
+                    (chunk,),
+                )
+            return (
+                pair._pair_grad_kernel,
+                pair.grad_args(ws, bias, targets, vec, vec, 1.0, softcap),
+                meta,
+                pair.grad_grid(chunk, vocab, meta),
+            )
         if kind == "bwd":
             plan = logps.backward_plan(rows, vocab, dtype, arch, logps.WORKSPACE_BYTES)
             chunk, part = plan["chunk_rows"], plan["chunk_vocab"]  # one workspace block
@@ -180,7 +200,12 @@ def check_row(row, default) -> str:
     problems = []
     if default and row["spill"]:
         problems.append("spills at a default tile")
-    if row["arch"] >= 90 and row["dtype"] != "fp32" and "wgmma" not in row["mma"]:
+    if (
+        row["arch"] >= 90
+        and row["dtype"] != "fp32"
+        and "wgmma" not in row["mma"]
+        and row.get("kernel") not in MEMORY_BOUND
+    ):
         problems.append("16-bit kernel without wgmma on sm_90")
     if row["i32_offs"]:
         problems.append("int32 offset*stride products")
@@ -220,8 +245,8 @@ def run(args: Args) -> list[dict]:
             dtype=dtype_name,
             softcap=int(softcap),
             shape=shape_name,
-            tile="x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K"))
-            + f"/{meta['num_warps']}w/{meta['num_stages']}s",
+            tile="x".join(str(meta.get(k, 1)) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K"))
+            + f"/{meta['num_warps']}w/{meta.get('num_stages', 3)}s",
             grid="x".join(map(str, grid)),
         )
         # the binary depends on the specialisation only, not on the shape's values
@@ -292,6 +317,72 @@ def print_estimate(name, shape, sms):
     print(f"| total (sum of per-step max) | | | | | {total[2]:.1f} |")
 
 
+def pair_estimate(shape, frozen_head: bool = False, dtype=torch.bfloat16) -> list[tuple[str, float, float]]:
+    """(step, FLOPs, DRAM bytes) of `pair_loss_from_hidden`'s Triton path (cuBLAS logits into the workspace, two
+    Triton kernels): policy fwd+bwd + reference fwd + the pair loss. Model: per chunk of whole pairs, cuBLAS
+    reads each operand once per call and writes its output once (W once per chunk); the log-sum-exp kernel reads
+    the chunk's logits once, the dZ kernel reads and writes them; dW += dZ^T H reads and writes the fp32
+    accumulator once per chunk. The pair loss itself works on [B] tensors (nothing at this scale)."""
+    rows, hidden, vocab = shape
+    es, hv = dtype.itemsize, hidden * vocab
+    chunk = max(1, min(rows, pair.WORKSPACE_BYTES["triton"] // (vocab * es)))
+    chunks, logits, h_bytes = -(-rows // chunk), rows * vocab * es, rows * hidden * es
+    gemm = 2.0 * rows * hv
+    steps = [
+        ("reference logits (cuBLAS, into the workspace)", gemm, chunks * hv * es + h_bytes + logits),
+        ("reference log-sum-exp (Triton)", 0.0, logits),
+        ("policy logits, once (cuBLAS, into the workspace)", gemm, chunks * hv * es + h_bytes + logits),
+        ("policy log-sum-exp (Triton)", 0.0, logits),
+        ("dZ = g (onehot - softmax) in place (Triton)", 0.0, 2 * logits),
+        ("dH = dZ W (cuBLAS)", gemm, logits + chunks * hv * es + h_bytes),
+    ]
+    if not frozen_head:
+        steps.append(("dW += dZ^T H (cuBLAS, fp32 accumulator)", gemm, logits + h_bytes + chunks * 2 * hv * 4))
+    return steps
+
+
+def pair_memory_terms(shape, frozen_head: bool = False, dtype=torch.bfloat16) -> list[tuple[str, float]]:
+    """(term, bytes) of the pair op's extra memory beyond its inputs, outputs and gradients (Triton path)."""
+    rows, hidden, vocab = shape
+    es = dtype.itemsize
+    chunk = max(1, min(rows, pair.WORKSPACE_BYTES["triton"] // (vocab * es)))
+    terms = [
+        ("workspace (one chunk's logits, then its dZ)", chunk * vocab * es),
+        ("chunk rows of h and of the reference's h, the chunk's dH product", 3 * chunk * hidden * es),
+        ("per-token indices, targets, lse, label logits", rows * (5 * 8 + 3 * 4)),
+    ]
+    if not frozen_head:
+        terms.append(
+            ("fp32 dW accumulator (row chunks sum dW; a bf16 head's grad is cast from it)", vocab * hidden * 4)
+        )
+    return terms
+
+
+def print_pair_estimate(name, shape):
+    print(
+        f"\nStatic estimate (not a measurement) of pair_loss_from_hidden, Triton path, {name} N={shape[0]} "
+        f"H={shape[1]} V={shape[2]} bf16, workspace {pair.WORKSPACE_BYTES['triton'] >> 20} MB; "
+        f"bounds at {TFLOPS:.0f} TFLOP/s and {TBPS} TB/s"
+    )
+    for frozen in (False, True):
+        print(
+            f"\n{'frozen' if frozen else 'trainable'} head:\n| step | GFLOP | DRAM GB (model) | compute-bound ms | "
+            "memory-bound ms |\n|---|---|---|---|---|"
+        )
+        total = 0.0
+        for step, flops, nbytes in pair_estimate(shape, frozen):
+            ms_c, ms_m = flops / TFLOPS / 1e9, nbytes / TBPS / 1e9
+            total += max(ms_c, ms_m)
+            print(f"| {step} | {flops / 1e9:.0f} | {nbytes / 1e9:.2f} | {ms_c:.2f} | {ms_m:.2f} |")
+        print(f"| total (sum of per-step max) | | | | {total:.1f} |")
+        terms = pair_memory_terms(shape, frozen)
+        print(
+            "extra memory: "
+            + "; ".join(f"{t} {b / 2**20:.1f} MB" for t, b in terms)
+            + f"; total {sum(b for _, b in terms) / 2**20:.0f} MB"
+        )
+
+
 COLUMNS = (
     "kernel",
     "arch",
@@ -333,6 +424,8 @@ def main(args: Args) -> int:
         for name in args.shapes:
             if name in ("llama3-8b", "vh>2^31"):
                 print_estimate(name, SHAPES[name], args.sms)
+            if name == "llama3-8b":
+                print_pair_estimate(name, SHAPES[name])
     return 1 if failed else 0
 
 
