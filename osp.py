@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from kernels import causal_lm_logps, decoder_hidden_states, head_logits
+from kernels import causal_lm_logps, causal_lm_pair_loss, decoder_hidden_states, head_logits
 
 HERE = Path(__file__).resolve().parent
 TOY = HERE / "assets" / "toy"
@@ -684,6 +684,11 @@ def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_
     SPCE: -[q log sigma(z) + (1-q) log sigma(-z)]; --loss dpo: -log sigma(z) on the same pairs."""
     local, real = shard(tuples)
     stats = StepStats(SPCE_STATS + ("pairs",), device)
+
+    def loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, q, weight):
+        chosen, rejected = args.beta * (policy_chosen - ref_chosen), args.beta * (policy_rejected - ref_rejected)
+        return spce_loss(chosen - rejected, q) * weight, chosen.detach(), rejected.detach()
+
     chunks = [
         list(enumerate(local))[start : start + args.micro_batch_size]
         for start in range(0, len(local), args.micro_batch_size)
@@ -696,51 +701,29 @@ def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_
             pad_id,
             device,
         )
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        ref_hidden = None
         if ref_model is None:  # LoRA: the reference is the base weights
             with torch.no_grad(), model.disable_adapter():
-                ref_hidden = decoder_hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
-            logps, ref = causal_lm_logps(
-                model,
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["labels"],
-                ref_model=model,
-                ref_hidden=ref_hidden,
-            )
-        else:
-            logps, ref = causal_lm_logps(
-                model, batch["input_ids"], batch["attention_mask"], batch["labels"], ref_model=ref_model
-            )
+                ref_hidden = decoder_hidden_states(model, ids, mask)[:, :-1]
         q = torch.tensor([t["q"] for t in chunk], device=device, dtype=torch.float32)
-        z = args.beta * ((logps[:n].float() - ref[:n].float()) - (logps[n:].float() - ref[n:].float()))
-        losses = spce_loss(z, q if args.loss == "spce" else torch.ones_like(q))  # --loss dpo: q = 1
-        weights = torch.tensor([1.0 if start + i < real else 0.0 for i in range(n)], device=device)
-        ((losses * weights).sum() * world() / len(tuples)).backward()  # FSDP averages over ranks
+        q = q if args.loss == "spce" else torch.ones_like(q)  # --loss dpo: q = 1
+        weights = torch.tensor([1.0 if start + i < real else 0.0 for i in range(n)], device=device)  # shard padding
+        losses, out = causal_lm_pair_loss(
+            model,
+            ids,
+            mask,
+            labels,
+            loss_fn,
+            ref_model=ref_model if ref_model is not None else model,
+            ref_hidden=ref_hidden,
+            extras={"q": q, "weight": weights},
+        )
+        (losses.sum() * world() / len(tuples)).backward()  # FSDP averages over ranks
         with torch.no_grad():
-            chosen_reward = args.beta * (logps[:n] - ref[:n]).float()
-            rejected_reward = args.beta * (logps[n:] - ref[n:]).float()
-            z = chosen_reward - rejected_reward
-            gap = (torch.sigmoid(z) - q).abs()
-            stats.add(
-                **{
-                    name: value * weights
-                    for name, value in zip(
-                        stats.names,
-                        [
-                            losses,
-                            chosen_reward,
-                            rejected_reward,
-                            z,
-                            (z > 0).float(),
-                            logps[:n].float(),
-                            logps[n:].float(),
-                            gap,
-                            torch.sigmoid(z),
-                            torch.ones_like(z),
-                        ],
-                    )
-                }
-            )
+            z, q = out["rewards/margins"], torch.tensor([t["q"] for t in chunk], device=device)
+            values = [out[name] for name in SPCE_STATS[:7]] + [(torch.sigmoid(z) - q).abs(), torch.sigmoid(z), 1.0]
+            stats.add(**{name: value * weights for name, value in zip(stats.names, values)})
     return stats
 
 
@@ -1458,7 +1441,9 @@ def load_reward_fn(spec: str | None, example: dict | None = None):
     path, _, name = spec.rpartition(":")
     if not path or not name:
         raise InputError(f"--reward_fn must look like path/to/file.py:function, got {spec!r}")
-    if not Path(path).is_file() or Path(path).suffix != ".py":
+    if not Path(path).is_file():
+        raise InputError(f"--reward_fn: file {path!r} not found")
+    if Path(path).suffix != ".py":
         raise InputError(f"--reward_fn: {path!r} is not a .py file")
     module_spec = importlib.util.spec_from_file_location(Path(path).stem + "_reward", path)
     module = importlib.util.module_from_spec(module_spec)

@@ -43,7 +43,7 @@ import torch.distributed as dist
 import tyro
 from tqdm import tqdm
 
-from kernels import causal_lm_logps, pair_loss
+from kernels import causal_lm_logps, causal_lm_pair_loss, pair_loss
 
 HERE = Path(__file__).resolve().parent
 TOY = HERE / "assets" / "toy"
@@ -375,28 +375,25 @@ def bootstrap_pairs(prompt_keys: list, candidates: list[list[str]], rewards: lis
 # ALGO LOGIC: one DAA epoch on D_t (reference log-probs precomputed: no reference model in memory)
 
 
-def daa_losses(logps, ref_logps, counts, args: Args):
-    """Per-pair DAA loss and implicit rewards for [chosen; rejected] summed log-probs (SeRA eq. 6, 8, 9, 18).
+def daa_loss(args: Args):
+    """The DAA loss of --loss on each pair's sequence log-probs (SeRA eq. 6, 8, 9, 18), as the fused pair op calls
+    it: per-pair losses and implicit rewards. DPO softplus(-beta h), IPO (h - 1/(2 beta))^2, SLiC-HF
+    max(0, 1 - beta h); SimPO (and --length_norm avg) on averaged log-probs."""
 
-    DPO softplus(-beta h), IPO (h - 1/(2 beta))^2, SLiC-HF max(0, 1 - beta h), SimPO on averaged log-probs.
-    """
-    n = len(logps) // 2
-    if args.loss == "simpo" or args.length_norm == "avg":
-        logps, ref_logps = logps / counts, ref_logps / counts
-    losses = pair_loss(
-        logps[:n],
-        logps[n:],
-        ref_logps[:n],
-        ref_logps[n:],
-        kind=args.loss,
-        beta=args.beta,
-        gamma=args.gamma,
-        reduction="none",
-    )
-    with torch.no_grad():
-        if args.loss == "simpo":
-            return losses, args.beta * logps[:n], args.beta * logps[n:]
-        return losses, args.beta * (logps[:n] - ref_logps[:n]), args.beta * (logps[n:] - ref_logps[n:])
+    def loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens):
+        if args.loss == "simpo" or args.length_norm == "avg":
+            policy_chosen, policy_rejected = policy_chosen / chosen_tokens, policy_rejected / rejected_tokens
+            ref_chosen, ref_rejected = ref_chosen / chosen_tokens, ref_rejected / rejected_tokens
+        kind, beta = args.loss, args.beta
+        losses = pair_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, kind, beta, args.gamma, reduction="none"
+        )
+        with torch.no_grad():
+            if args.loss == "simpo":
+                return losses, beta * policy_chosen, beta * policy_rejected
+            return losses, beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+
+    return loss_fn
 
 
 DAA_STATS = (
@@ -449,7 +446,7 @@ def train_iteration(
             "train/grad_accum": grad_accum,
         }
     )
-    use_avg = args.loss == "simpo" or args.length_norm == "avg"
+    use_avg, loss_fn = args.loss == "simpo" or args.length_norm == "avg", daa_loss(args)
     bar = progress(range(start_step, n_steps), desc=f"iteration {t}")
     for step in bar:
         tic, stats = time.perf_counter(), StepStats(DAA_STATS, device)
@@ -462,32 +459,16 @@ def train_iteration(
                 pad_id,
                 device,
             )
-            logps, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            counts = (batch["labels"][:, 1:] != -100).sum(1).float()
-            ref = torch.tensor(
-                [p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
-                device=device,
-                dtype=torch.float32,
-            )
-            losses, chosen_reward, rejected_reward = daa_losses(logps, ref, counts, args)
+            ref = [p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs]
+            ref = torch.tensor(ref, device=device, dtype=torch.float32)
+            # log-probs, the pair losses and their gradients in one pass over the head (kernels.causal_lm_pair_loss)
+            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            losses, out = causal_lm_pair_loss(model, ids, mask, labels, loss_fn, ref_logps=ref)
             (losses.sum() / (micro * grad_accum)).backward()
             with torch.no_grad():
-                if use_avg:
-                    logps = logps / counts
-                margin = chosen_reward - rejected_reward
-                stats.add(
-                    **{
-                        "loss": losses,
-                        "rewards/chosen": chosen_reward,
-                        "rewards/rejected": rejected_reward,
-                        "rewards/margins": margin,
-                        "rewards/accuracies": margin > 0,
-                        "logps/chosen": logps[:n],
-                        "logps/rejected": logps[n:],
-                        "pairs": n,
-                        "tokens": batch["attention_mask"],
-                    }
-                )
+                for side in ("chosen", "rejected"):  # the logged log-probs in the loss's convention
+                    out[f"logps/{side}"] = out[f"logps/{side}"] / (out[f"tokens/{side}"] if use_avg else 1)
+                stats.add(**{name: out[name] for name in DAA_STATS[:7]}, pairs=n, tokens=batch["attention_mask"])
         total, grad_norm = optimizer_step(
             trainable, optimizer, scheduler, stats, args, f"iteration {t} step {step + 1}"
         )
@@ -1139,7 +1120,9 @@ def load_reward_fn(spec: str | None, example: dict | None = None):
     path, _, name = spec.rpartition(":")
     if not path or not name:
         raise InputError(f"--reward_fn must look like path/to/file.py:function, got {spec!r}")
-    if not Path(path).is_file() or Path(path).suffix != ".py":
+    if not Path(path).is_file():
+        raise InputError(f"--reward_fn: file {path!r} not found")
+    if Path(path).suffix != ".py":
         raise InputError(f"--reward_fn: {path!r} is not a .py file")
     module_spec = importlib.util.spec_from_file_location(Path(path).stem + "_reward", path)
     module = importlib.util.module_from_spec(module_spec)

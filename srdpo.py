@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from kernels import causal_lm_logps
+from kernels import causal_lm_logps, causal_lm_pair_loss
 
 HERE = Path(__file__).resolve().parent
 TOY = HERE / "assets" / "toy"
@@ -399,30 +399,25 @@ def sr_losses(model, batch_pairs: list[dict], args: Args, device, pad_id: int) -
         model.train()
     refine_seconds = time.perf_counter() - tic
     delta = args.beta * aug_h
-    # line 6: h(x) on the plain context, with grad (chosen and rejected in one forward)
-    batch = collate(
-        [(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
-        + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs],
-        pad_id,
-        device,
-    )
-    logps, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+    # lines 6-7: h(x) on the plain context, with grad (chosen and rejected in one forward), and the Sr-DPO / Sr-IPO
+    # loss with Delta a constant, in one pass over the head (kernels.causal_lm_pair_loss)
+    def loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, delta):
+        if args.length_norm == "avg":
+            policy_chosen, policy_rejected = policy_chosen / chosen_tokens, policy_rejected / rejected_tokens
+            ref_chosen, ref_rejected = ref_chosen / chosen_tokens, ref_rejected / rejected_tokens
+        chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+        return sr_loss(chosen - rejected, delta, args), args.beta * chosen.detach(), args.beta * rejected.detach()
+
+    sequences = [(p["prompt_ids"], p[side]) for side in ("chosen_ids", "rejected_ids") for p in batch_pairs]
+    batch = collate(sequences, pad_id, device)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    losses, out = causal_lm_pair_loss(model, ids, mask, labels, loss_fn, ref_logps=ref, extras={"delta": delta})
+    logps = torch.cat([out["logps/chosen"], out["logps/rejected"]])
     if args.length_norm == "avg":
-        counts = (batch["labels"][:, 1:] != -100).sum(1)
-        logps, ref = logps / counts, ref / counts
-    # line 7: Sr-DPO softplus(-(beta h - lambda Delta)) / Sr-IPO (h - lambda Delta - 1/(2 beta))^2, Delta constant
-    h = (logps[:n].float() - ref[:n].float()) - (logps[n:].float() - ref[n:].float())
-    losses = sr_loss(h, delta, args)
-    h = h.detach()
-    return {
-        "losses": losses,
-        "h": h,
-        "delta": delta,
-        "aug_h": aug_h,
-        "logps": logps.detach(),
-        "refine_seconds": refine_seconds,
-        "tokens": batch["attention_mask"],
-    }
+        logps = logps / torch.cat([out["tokens/chosen"], out["tokens/rejected"]])
+    out |= {"losses": losses, "h": out["rewards/margins"] / args.beta, "delta": delta, "aug_h": aug_h, "logps": logps}
+    return out | {"refine_seconds": refine_seconds, "tokens": batch["attention_mask"]}
 
 
 SR_STATS = (
@@ -469,15 +464,9 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
             out = sr_losses(model, batch_pairs, args, device, pad_id)
             (out["losses"].sum() / (micro * grad_accum)).backward()
             n, h, logps = len(batch_pairs), out["h"], out["logps"]
-            chosen_reward = args.beta * (
-                logps[:n] - torch.tensor([p["ref_chosen"] for p in batch_pairs], device=device)
-            )
             stats.add(
+                **{name: out[name] for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins")},
                 **{
-                    "loss": out["losses"],
-                    "rewards/chosen": chosen_reward,
-                    "rewards/rejected": chosen_reward - args.beta * h,
-                    "rewards/margins": args.beta * h,
                     "rewards/accuracies": h > 0,
                     "logps/chosen": logps[:n],
                     "logps/rejected": logps[n:],
@@ -487,7 +476,7 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
                     "pairs": n,
                     "tokens": out["tokens"],
                     "refine_s": out["refine_seconds"],
-                }
+                },
             )
         step_seconds = (
             time.perf_counter() - tic
@@ -1061,7 +1050,9 @@ def load_reward_fn(spec: str | None, example: dict | None = None):
     path, _, name = spec.rpartition(":")
     if not path or not name:
         raise InputError(f"--reward_fn must look like path/to/file.py:function, got {spec!r}")
-    if not Path(path).is_file() or Path(path).suffix != ".py":
+    if not Path(path).is_file():
+        raise InputError(f"--reward_fn: file {path!r} not found")
+    if Path(path).suffix != ".py":
         raise InputError(f"--reward_fn: {path!r} is not a .py file")
     module_spec = importlib.util.spec_from_file_location(Path(path).stem + "_reward", path)
     module = importlib.util.module_from_spec(module_spec)

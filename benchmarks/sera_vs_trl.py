@@ -9,7 +9,7 @@ dataset), tokenized once by `sera.build_dataset`, in fp32 with `torch.set_num_th
 
   ours         the body of `sera.train_iteration` for one optimizer step (batch_size = B,
                global_batch = batch_size), replicated here with a persistent AdamW and constant schedule:
-               `sera.collate` of chosen + rejected, `kernels.causal_lm_logps`, `sera.daa_losses`,
+               `sera.collate` of chosen + rejected, `kernels.causal_lm_pair_loss` with `sera.daa_loss`,
                backward, sera's per-step metric reductions, `clip_grad_norm_`, AdamW, scheduler,
                zero_grad. Reference log-probs are precomputed once with `sera.score`, as sera does
                once per iteration. Before timing, one replicated step is checked against one call
@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sera  # noqa: E402  (the repository root's single-file implementation)
-from kernels import causal_lm_logps  # noqa: E402
+from kernels import causal_lm_pair_loss  # noqa: E402
 
 CONFIGS = ("ours", "ours (call)", "TRL", "TRL precomp")
 
@@ -135,27 +135,27 @@ def sera_step(model, batch_pairs, optimizer, scheduler, trainable, args: sera.Ar
         pad_id,
         device,
     )
-    logps, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    counts = (batch["labels"][:, 1:] != -100).sum(1).float()
     ref = torch.tensor(
         [p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
         device=device,
         dtype=torch.float32,
     )
-    losses, chosen_reward, rejected_reward = sera.daa_losses(logps, ref, counts, args)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    losses, out = causal_lm_pair_loss(model, ids, mask, labels, sera.daa_loss(args), ref_logps=ref)
     (losses.sum() / n).backward()
     with torch.no_grad():
-        if args.loss == "simpo" or args.length_norm == "avg":
-            logps = logps / counts
-        margin = chosen_reward - rejected_reward
+        use_avg = args.loss == "simpo" or args.length_norm == "avg"
+        logps = {
+            side: out[f"logps/{side}"] / (out[f"tokens/{side}"] if use_avg else 1) for side in ("chosen", "rejected")
+        }
         sums = [
             losses.sum().item(),
-            chosen_reward.sum().item(),
-            rejected_reward.sum().item(),
-            margin.sum().item(),
-            (margin > 0).float().sum().item(),
-            logps[:n].sum().item(),
-            logps[n:].sum().item(),
+            out["rewards/chosen"].sum().item(),
+            out["rewards/rejected"].sum().item(),
+            out["rewards/margins"].sum().item(),
+            out["rewards/accuracies"].sum().item(),
+            logps["chosen"].sum().item(),
+            logps["rejected"].sum().item(),
             float(n),
             batch["attention_mask"].sum().item(),
         ]
@@ -566,7 +566,7 @@ def main(cli: Args) -> dict:
             *[f"- {line}" for line in checks],
             "",
             "Configurations: **ours** = one optimizer step of `sera.train_iteration` (collate, "
-            "`kernels.causal_lm_logps`, `daa_losses`, backward, metrics, clip, AdamW) with a persistent optimizer and "
+            "`kernels.causal_lm_pair_loss`, backward, metrics, clip, AdamW) with a persistent optimizer and "
             "precomputed reference log-probs; **ours (call)** = a whole `sera.train_iteration` call per step "
             "(adds a fresh AdamW/scheduler, shuffling, progress bar); **TRL** = `DPOTrainer` with its default frozen "
             "reference model (a reference forward every step); **TRL precomp** = `precompute_ref_log_probs=True`. "

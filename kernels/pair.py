@@ -823,3 +823,53 @@ def _check_inputs(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias
     for key, value in extras.items():
         if not isinstance(value, torch.Tensor) or value.shape != (hidden.shape[0] // 2,):
             raise ValueError(f"{name}: extras['{key}'] must be a per-pair tensor [B={hidden.shape[0] // 2}]")
+
+
+def causal_lm_pair_loss(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: LossFn,
+    ref_model=None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    extras: dict[str, torch.Tensor] | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`pair_loss_from_hidden` for a transformers causal LM, as `causal_lm_logps` scores one: rows 0..B-1 of
+    the batch are the chosen sequences, B..2B-1 their rejected ones; labels unshifted (the causal shift is
+    applied here). The reference: a frozen `ref_model` (its decoder under no_grad, the head from the same
+    pass), its precomputed hidden states `ref_hidden` [2B, T-1, H] with `ref_model`'s head, or summed
+    log-probs `ref_logps` [2B]."""
+    from .ops import _common_dtype, decoder_hidden_states, lm_head_config
+
+    hidden = decoder_hidden_states(model, input_ids, attention_mask)[:, :-1]
+    head = lm_head_config(model)  # after the forward: FSDP2 has gathered the weight by now
+    hidden, weight = _common_dtype(hidden, head["weight"])  # the product in the compute dtype, fp32 accumulation
+    bias = None if head["bias"] is None else head["bias"].to(weight.dtype)
+    ref_weight = ref_bias = None
+    if ref_model is not None:
+        if ref_hidden is None:
+            with torch.no_grad():
+                ref_hidden = decoder_hidden_states(ref_model, input_ids, attention_mask)[:, :-1]
+        ref_head = lm_head_config(ref_model)
+        if (ref_head["softcap"], ref_head["scale"]) != (head["softcap"], head["scale"]):
+            raise ValueError("causal_lm_pair_loss: policy and reference apply different logit transforms")
+        ref_hidden, ref_weight = _common_dtype(ref_hidden, ref_head["weight"].detach())
+        ref_bias = None if ref_head["bias"] is None else ref_head["bias"].detach().to(ref_weight.dtype)
+    return pair_loss_from_hidden(
+        hidden,
+        weight,
+        labels[:, 1:],
+        loss_fn,
+        bias=bias,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+        ref_logps=ref_logps,
+        extras=extras,
+        temperature=1.0 / head["scale"],
+        softcap=head["softcap"],
+        impl=impl,
+    )

@@ -106,7 +106,7 @@ def test_daa_losses(loss):
     logps, ref = -10 * torch.rand(8, generator=g), -10 * torch.rand(8, generator=g)
     counts = torch.randint(1, 6, (8,), generator=g).float()
     a = args(loss=loss, beta=1.0 if loss == "ipo" else 0.5)
-    losses, chosen, rejected = sera.daa_losses(logps, ref, counts, a)
+    losses, chosen, rejected = sera.daa_loss(a)(logps[:4], logps[4:], ref[:4], ref[4:], counts[:4], counts[4:])
     h = (logps[:4] - ref[:4]) - (logps[4:] - ref[4:])
     if loss == "ipo":  # beta = 1 -> (h - 0.5)^2
         torch.testing.assert_close(losses, (h - 0.5) ** 2)
