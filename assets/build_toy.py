@@ -653,7 +653,7 @@ generate in batches.
 
 **Rebuild**: `python assets/build_toy.py` ({cpu_minutes:.1f} min of CPU time on {threads} thread,
 {minutes:.1f} min wall clock here); `--data_only` rewrites data and tokenizer only (seconds);
-`--reward_model_only` rebuilds `reward_model/` from the data and the tokenizer in place (about {rm_seconds:.0f} s);
+`--reward_model_only` rebuilds `reward_model/` from the data and the tokenizer in place (under a minute);
 `--out DIR` builds elsewhere. Everything is seeded: data and tokenizer files are byte-identical
 across runs, and so are the weights with the same torch build and CPU (torch {torch},
 deterministic algorithms, one thread); compare with `MANIFEST.sha256`.
@@ -677,7 +677,7 @@ def write_readme(out: Path, stats: dict, args) -> None:
         n_judge_sft=N_JUDGE_SFT, judge_letters=JUDGE_SFT_MAX_LETTERS, judge_gap=JUDGE_SFT_RELIABLE_GAP, n_judge_held_out=N_JUDGE_HELD_OUT, judge=stats["judge"],
         n_prefs=N_PREFS, flip=FLIP_FRACTION, judge_flip=JUDGE_FLIP_FRACTION, n_pool=N_POOL, n_eval=N_EVAL, n_sft_shipped=N_SFT_SHIPPED, n_sft=N_SFT,
         table=table, minutes=stats["build_seconds"] / 60, cpu_minutes=stats["build_cpu_seconds"] / 60,
-        threads=args.threads, torch=stats["torch"], rm=rm, rm_seconds=rm["build_seconds"]))
+        threads=args.threads, torch=stats["torch"], rm=rm))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -238,3 +238,28 @@ def test_srdpo_logs_reward_model_score_and_win_rate(tmp_path):
     for stage in ("start", "final"):  # the oracle's numbers do not depend on --reward_model
         assert records["plain"][stage]["eval/reward"] == records["rm"][stage]["eval/reward"]
         assert "eval/rm_score" not in records["plain"][stage] and "eval/win_rate" in records["plain"][stage]
+
+
+@pytest.mark.slow
+def test_toy_reward_model_rebuilds_byte_identical(tmp_path):
+    """`build_toy.py --reward_model_only` from the shipped data and tokenizer: the same files as MANIFEST.sha256 lists
+    (weights bit-exact with the same torch build and CPU kind, one thread)."""
+    import hashlib
+
+    shutil.copytree(TOY / "model", tmp_path / "model")
+    shutil.copy(TOY / "STATS.json", tmp_path / "STATS.json")
+    subprocess.run([sys.executable, str(ROOT / "assets" / "build_toy.py"), "--reward_model_only", "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    manifest = dict(reversed(line.split("  ", 1)) for line in (TOY / "MANIFEST.sha256").read_text().splitlines())
+    shipped = {path for path in manifest if path.startswith("reward_model/")}
+    assert shipped == {"reward_model/config.json", "reward_model/model.safetensors", "reward_model/tokenizer.json",
+                       "reward_model/tokenizer_config.json"}
+    stats = json.loads((TOY / "STATS.json").read_text())
+    import tokenizers
+    import transformers
+
+    if (torch.__version__, transformers.__version__, tokenizers.__version__) != (stats["torch"], stats["transformers"], stats["tokenizers"]):
+        pytest.skip("serialised weights depend on the library versions that wrote them")
+    for path in shipped:
+        assert hashlib.sha256((tmp_path / path).read_bytes()).hexdigest() == manifest[path], path
+    assert (tmp_path / "README.md").read_text() == (TOY / "README.md").read_text()
