@@ -392,7 +392,7 @@ def main(args: Args) -> dict:
 
     if scorers and eval_prompts and "start" not in state["eval"]:
         state["eval"]["start"], metrics = evaluate(model, tokenizer, eval_prompts, scorers, args, device,
-                                                   start_file=out_dir / "eval_start.json")
+                                                   start_file=out_dir / "eval_start.json", is_start=True)
         log({"stage": "start", **metrics})
         if rank() == 0:
             print(f"start: eval reward {state['eval']['start']:.3f} on {len(eval_prompts)} prompts")
@@ -431,7 +431,7 @@ def main(args: Args) -> dict:
         state["eval"]["final"], metrics = evaluate(model, tokenizer, eval_prompts, scorers, args, device,
                                                    start_file=out_dir / "eval_start.json")
         log({"stage": "final", **metrics})
-        state["eval"].update({k.replace("eval/", ""): metrics[k] for k in ("eval/win_rate", "eval/win_rate_lo", "eval/win_rate_hi")})
+        state["eval"].update({k[5:]: v for k, v in metrics.items() if k.startswith("eval/win_rate")})
     log({f"eval/{k}": v for k, v in state["eval"].items()})
     if rank() == 0:
         print("final: " + ", ".join(f"{k} {v:.3f}" for k, v in state["eval"].items()))
@@ -1519,31 +1519,33 @@ def pairwise_agreement(scores, start_scores, gold, gold_start) -> float:
 
 
 # Copied from sera.evaluate
-def evaluate(model, tokenizer, eval_prompts, scorers, args, device, model_path=None, start_file=None) -> tuple[float, dict]:
+def evaluate(model, tokenizer, eval_prompts, scorers, args, device, model_path=None, start_file=None,
+             is_start=False) -> tuple[float, dict]:
     """One sample per held-out prompt, scored by every scorer of load_evaluation: the first scorer's mean and the
     metrics (eval/reward, eval/rm_score; eval/win_rate with its interval against the starting model's samples, by
     the reward model where there is one; the reward model's agreement with --reward_fn; both mean lengths in
-    words). The first call's samples are the starting model's (every script evaluates it first, and every call
-    samples with the same seed and settings): start_file keeps them and their scores, so --resume compares with
-    the same ones."""
+    words). The starting model's evaluation (is_start) keeps its samples and scores in start_file; every later one
+    (same seed and settings) is compared with them, in a resumed run too."""
     samples = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in eval_prompts], 1,
                        args.eval_temperature, 1.0, args, device, seed=args.seed + 10_000, model_path=model_path, desc="eval")
     responses = [s[0][0] for s in samples]
     scores = {name: scorer(eval_prompts, responses) for name, scorer in scorers.items()}
-    start = json.loads(start_file.read_text()) if start_file is not None and start_file.exists() else None
-    if start is None:
-        start = {"responses": responses, "scores": scores}
-        if start_file is not None:
-            write_atomic(start_file, start)
     metrics = {f"eval/{name}": sum(values) / len(values) for name, values in scores.items()}
-    judge = "rm_score" if "rm_score" in scores else next(iter(scores))
-    metrics.update(zip(("eval/win_rate", "eval/win_rate_lo", "eval/win_rate_hi"), win_rate(scores[judge], start["scores"][judge])))
-    if "rm_score" in scores and "reward" in scores:  # proxy against gold on the run's own samples
-        metrics["eval/reward_win_rate"] = win_rate(scores["reward"], start["scores"]["reward"])[0]
-        metrics["eval/rm_oracle_agreement"] = pairwise_agreement(scores["rm_score"], start["scores"]["rm_score"],
-                                                                 scores["reward"], start["scores"]["reward"])
+    if is_start and start_file is not None:
+        write_atomic(start_file, {"responses": responses, "scores": scores})
+    start = ({"responses": responses, "scores": scores} if is_start else
+             json.loads(start_file.read_text()) if start_file is not None and start_file.exists() else None)
+    if start is not None:
+        judge = "rm_score" if "rm_score" in scores else next(iter(scores))
+        metrics.update(zip(("eval/win_rate", "eval/win_rate_lo", "eval/win_rate_hi"),
+                           win_rate(scores[judge], start["scores"][judge])))
+        if "rm_score" in scores and "reward" in scores:  # proxy against gold on the run's own samples
+            metrics["eval/reward_win_rate"] = win_rate(scores["reward"], start["scores"]["reward"])[0]
+            metrics["eval/rm_oracle_agreement"] = pairwise_agreement(scores["rm_score"], start["scores"]["rm_score"],
+                                                                     scores["reward"], start["scores"]["reward"])
     metrics["eval/response_words"] = sum(len(r.split()) for r in responses) / len(responses)
-    metrics["eval/start_response_words"] = sum(len(r.split()) for r in start["responses"]) / len(start["responses"])
+    if start is not None:
+        metrics["eval/start_response_words"] = sum(len(r.split()) for r in start["responses"]) / len(start["responses"])
     return metrics[f"eval/{next(iter(scores))}"], metrics
 
 

@@ -20,6 +20,7 @@ rm_vs_oracle.md (the numbers).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def plot(runs: dict[str, list[dict]], path: Path):
         axes[1].plot(x, [r["eval/reward_win_rate"] for r in rows], "-o", color=c, label=f"{script} oracle")
         axes[1].plot(x, [r["eval/win_rate"] for r in rows], "--s", color=c, alpha=0.7, label=f"{script} RM")
         axes[1].fill_between(x, [r["eval/win_rate_lo"] for r in rows], [r["eval/win_rate_hi"] for r in rows], color=c, alpha=0.1)
-        agreement = [(i, r["eval/rm_oracle_agreement"]) for i, r in enumerate(rows) if r["eval/rm_oracle_agreement"] == r["eval/rm_oracle_agreement"]]
+        agreement = [(i, r["eval/rm_oracle_agreement"]) for i, r in enumerate(rows) if not math.isnan(r["eval/rm_oracle_agreement"])]
         axes[2].plot([i for i, _ in agreement], [a for _, a in agreement], "-o", color=c, label=script)
     axes[0].set(title="held-out score, change from the start", xlabel="evaluation (0 = starting model)",
                 ylabel="oracle (solid, /10) and RM (dashed, logit)")
