@@ -269,3 +269,23 @@ def test_toy_reward_model_rebuilds_byte_identical(tmp_path):
     for path in shipped:
         assert hashlib.sha256((tmp_path / path).read_bytes()).hexdigest() == manifest[path], path
     assert (tmp_path / "README.md").read_text() == (TOY / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_resume_reuses_the_starting_samples(tmp_path):
+    """The start's samples are drawn once: a run interrupted in iteration 2 and resumed compares iteration 2 with
+    the file the first process wrote, unchanged."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    argv = [sys.executable, str(ROOT / "sera.py"), "--iterations", "2", "--num_pairs", "32", "--num_eval", "8",
+            "--reward_model", "assets/toy/reward_model", "--output_dir", str(tmp_path / "run")]
+    first = subprocess.run([*argv, "--stop_after_steps", "3"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert first.returncode != 0 and "interrupted" in first.stderr, first.stderr[-2000:]
+    kept = (tmp_path / "run" / "eval_start.json").read_bytes()
+    second = subprocess.run([*argv, "--resume"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (tmp_path / "run" / "eval_start.json").read_bytes() == kept
+    records = {r["iteration"]: r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "eval/rm_score" in r}
+    start = json.loads(kept)
+    assert sorted(records) == [0, 1, 2] and records[0]["eval/win_rate"] == 0.5
+    assert records[2]["eval/start_response_words"] == sum(len(r.split()) for r in start["responses"]) / 8
+    assert records[0]["eval/rm_score"] == pytest.approx(sum(start["scores"]["rm_score"]) / 8)
