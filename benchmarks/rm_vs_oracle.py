@@ -97,9 +97,12 @@ def plot(runs: dict[str, list[dict]], path: Path):
     axes[2].axhline(accuracy, color="gray", lw=0.8, ls=":")
     axes[2].text(0.02, accuracy + 0.006, "RM's held-out accuracy on its own kind of pairs", fontsize=7, color="gray",
                  transform=axes[2].get_yaxis_transform())
+    longest = max(len(rows) for rows in runs.values())
     for ax in axes:
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
         ax.grid(alpha=0.3)
+        ax.set_xticks(range(longest))
+        ax.set_xlim(-0.3, longest - 0.7)
     fig.suptitle("Toy reward model (proxy) against the toy oracle (gold), default toy runs with --reward_model")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -116,6 +119,34 @@ def table(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def length_probe() -> str:
+    """The reward model on the 200 eval prompts' perfect answers against the same answers without their last
+    letter: the oracle takes credit off for a missing letter; pairs of equal length are all the RM was trained on."""
+    import types
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "assets" / "toy"))
+    import oracle
+    import sera
+
+    prompts = [json.loads(line)["prompt"] for line in open(ROOT / "assets" / "toy" / "data" / "eval.jsonl")]
+    full = [oracle.perfect_answer(p) for p in prompts]
+    short = [" ".join(a.split()[:-1]) for a in full]
+    path = str(ROOT / "assets" / "toy" / "reward_model")
+    tokenizer = sera.load_reward_model(path, None)
+    args = types.SimpleNamespace(scoring_batch_size=64, dtype="float32")
+    rm_full, rm_short = (sera.reward_model_scores(path, tokenizer, prompts, answers, args, torch.device("cpu"))
+                         for answers in (full, short))
+    n = len(prompts)
+    return (f"Length probe ({n} eval prompts, perfect answer vs the same without its last letter): oracle "
+            f"{sum(oracle.score(p, a) for p, a in zip(prompts, full)) / n:.2f} vs "
+            f"{sum(oracle.score(p, a) for p, a in zip(prompts, short)) / n:.2f}; RM {sum(rm_full) / n:.2f} vs "
+            f"{sum(rm_short) / n:.2f}, full answer preferred by the RM on {sum(a > b for a, b in zip(rm_full, rm_short)) / n:.3f} "
+            "of the prompts.\n")
+
+
 def main(cfg: Config):
     runs = {}
     for script in cfg.scripts:
@@ -128,7 +159,7 @@ def main(cfg: Config):
     plot(runs, cfg.results / "rm_vs_oracle.png")
     text = table(runs)
     (cfg.results / "rm_vs_oracle.md").write_text(
-        "# Toy reward model vs the toy oracle (`python benchmarks/rm_vs_oracle.py`)\n\n" + text)
+        "# Toy reward model vs the toy oracle (`python benchmarks/rm_vs_oracle.py`)\n\n" + text + "\n" + length_probe())
     print(text)
 
 
