@@ -52,11 +52,13 @@ JUDGE_TEMPLATES = {
     "dialogue": (
         "You are comparing two assistant replies to the same conversation.\n\nConversation:\n{x}\n\n"
         "Reply A:\n{a}\n\nReply B:\n{b}\n\n"
-        "Which reply is more helpful, honest and harmless? Answer with a single letter: A or B."),
+        "Which reply is more helpful, honest and harmless? Answer with a single letter: A or B."
+    ),
     "summary": (
         "You are comparing two summaries of the same post.\n\nPost:\n{x}\n\n"
         "Summary A:\n{a}\n\nSummary B:\n{b}\n\n"
-        "Which summary is more accurate, complete and concise? Answer with a single letter: A or B."),
+        "Which summary is more accurate, complete and concise? Answer with a single letter: A or B."
+    ),
 }
 
 # Human/Assistant format for base models without a chat template (HH-RLHF style) [ours].
@@ -72,31 +74,95 @@ HH_TEMPLATE = (
 # learning rates are [2nd]/[ours]; Stage 0 (augmentation) settings are ours throughout.
 MODELS = {
     "toy": dict(  # the shipped tiny model; learning rates scaled to it [ours]
-        path=str(TOY / "model"), dataset="toy", lr=2e-4, prompts_per_step=8, micro_batch_size=24, lora_r=0,
-        max_length=96, max_prompt_length=64, max_new_tokens=24, judge_max_length=192, long_prompts="error",
-        aug_epochs=6, aug_lr=1e-3, aug_batch_size=32, num_sft=1000, num_judge_eval=200, num_eval=200, eval_every=20,
-        save_every=10, scoring_batch_size=128, generation_batch_size=256, judge_batch_size=128),
+        path=str(TOY / "model"),
+        dataset="toy",
+        lr=2e-4,
+        prompts_per_step=8,
+        micro_batch_size=24,
+        lora_r=0,
+        max_length=96,
+        max_prompt_length=64,
+        max_new_tokens=24,
+        judge_max_length=192,
+        long_prompts="error",
+        aug_epochs=6,
+        aug_lr=1e-3,
+        aug_batch_size=32,
+        num_sft=1000,
+        num_judge_eval=200,
+        num_eval=200,
+        eval_every=20,
+        save_every=10,
+        scoring_batch_size=128,
+        generation_batch_size=256,
+        judge_batch_size=128,
+    ),
     "pythia-2.8b": dict(  # base model: give it the HH format; SFT it first (pass --model ./sft)
-        path="EleutherAI/pythia-2.8b", dataset="hh-rlhf", chat_template=HH_TEMPLATE, lr=5e-7, prompts_per_step=8,
-        micro_batch_size=4, lora_r=0, max_length=768, max_prompt_length=512, max_new_tokens=256, judge_max_length=2048,
-        long_prompts="skip", aug_epochs=1, aug_lr=1e-5, aug_batch_size=16, num_sft=None, num_judge_eval=500,
-        num_eval=0, eval_every=0, save_every=50, scoring_batch_size=16, generation_batch_size=64, judge_batch_size=16),
+        path="EleutherAI/pythia-2.8b",
+        dataset="hh-rlhf",
+        chat_template=HH_TEMPLATE,
+        lr=5e-7,
+        prompts_per_step=8,
+        micro_batch_size=4,
+        lora_r=0,
+        max_length=768,
+        max_prompt_length=512,
+        max_new_tokens=256,
+        judge_max_length=2048,
+        long_prompts="skip",
+        aug_epochs=1,
+        aug_lr=1e-5,
+        aug_batch_size=16,
+        num_sft=None,
+        num_judge_eval=500,
+        num_eval=0,
+        eval_every=0,
+        save_every=50,
+        scoring_batch_size=16,
+        generation_batch_size=64,
+        judge_batch_size=16,
+    ),
     "mistral-7b": dict(  # zephyr SFT start, full fine-tuning (shard with torchrun)
-        path="alignment-handbook/zephyr-7b-sft-full", dataset="hh-rlhf", lr=5e-7, prompts_per_step=8, gradient_checkpointing=True,
-        micro_batch_size=4, lora_r=0, max_length=768, max_prompt_length=512, max_new_tokens=256,
-        judge_max_length=2048, long_prompts="skip", aug_epochs=1, aug_lr=1e-6, aug_batch_size=16, num_sft=None,
-        num_judge_eval=500, num_eval=0, eval_every=0, save_every=50, scoring_batch_size=8, generation_batch_size=64,
-        judge_batch_size=16),
+        path="alignment-handbook/zephyr-7b-sft-full",
+        dataset="hh-rlhf",
+        lr=5e-7,
+        prompts_per_step=8,
+        gradient_checkpointing=True,
+        micro_batch_size=4,
+        lora_r=0,
+        max_length=768,
+        max_prompt_length=512,
+        max_new_tokens=256,
+        judge_max_length=2048,
+        long_prompts="skip",
+        aug_epochs=1,
+        aug_lr=1e-6,
+        aug_batch_size=16,
+        num_sft=None,
+        num_judge_eval=500,
+        num_eval=0,
+        eval_every=0,
+        save_every=50,
+        scoring_batch_size=8,
+        generation_batch_size=64,
+        judge_batch_size=16,
+    ),
 }
 
 DATASETS = {  # family: which judge template; max_new_tokens per §4.4 (HH 256, TL;DR 64)
     "hh-rlhf": dict(path="Anthropic/hh-rlhf", split="train", family="dialogue", max_new_tokens=256),
-    "tldr": dict(path="openai/summarize_from_feedback", name="comparisons", split="train", family="summary",
-                 max_new_tokens=64),
+    "tldr": dict(
+        path="openai/summarize_from_feedback", name="comparisons", split="train", family="summary", max_new_tokens=64
+    ),
     "ultrafeedback": dict(path="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs", family="dialogue"),
-    "toy": dict(path=str(TOY / "data" / "judge_prefs.jsonl"), family="dialogue", eval=str(TOY / "data" / "eval.jsonl"),
-                prompts=str(TOY / "data" / "prompts.jsonl"), sft=str(TOY / "data" / "sft.jsonl"),
-                reward_fn=f"{TOY / 'oracle.py'}:score"),
+    "toy": dict(
+        path=str(TOY / "data" / "judge_prefs.jsonl"),
+        family="dialogue",
+        eval=str(TOY / "data" / "eval.jsonl"),
+        prompts=str(TOY / "data" / "prompts.jsonl"),
+        sft=str(TOY / "data" / "sft.jsonl"),
+        reward_fn=f"{TOY / 'oracle.py'}:score",
+    ),
 }
 
 
@@ -205,33 +271,67 @@ class Args:
 def resolve(args: Args) -> tuple[Args, dict]:
     preset, filled = model_preset(args, MODELS, "mistral-7b")  # a custom model: mistral-7b's settings
     dataset_preset = DATASETS.get(preset["dataset"], {})
-    filled |= {k: dataset_preset.get(k, preset[k]) for k in (
-        "lr", "prompts_per_step", "micro_batch_size", "max_length", "max_prompt_length", "max_new_tokens", "judge_max_length",
-        "long_prompts", "aug_epochs", "aug_lr", "aug_batch_size", "num_sft", "num_judge_eval", "num_eval", "eval_every",
-        "save_every", "scoring_batch_size", "generation_batch_size", "judge_batch_size") if getattr(args, k) is None}
+    filled |= {
+        k: dataset_preset.get(k, preset[k])
+        for k in (
+            "lr",
+            "prompts_per_step",
+            "micro_batch_size",
+            "max_length",
+            "max_prompt_length",
+            "max_new_tokens",
+            "judge_max_length",
+            "long_prompts",
+            "aug_epochs",
+            "aug_lr",
+            "aug_batch_size",
+            "num_sft",
+            "num_judge_eval",
+            "num_eval",
+            "eval_every",
+            "save_every",
+            "scoring_batch_size",
+            "generation_batch_size",
+            "judge_batch_size",
+        )
+        if getattr(args, k) is None
+    }
     if args.judge_family is None:
         filled["judge_family"] = dataset_preset.get("family", "dialogue")
     if args.lora_r and args.save_every is None:
         filled["save_every"] = 0  # LoRA runs checkpoint at the end only (see the check below)
     args = dataclasses.replace(args, **filled)
-    check_args(args, [
-        (args.k >= 2, f"--k must be >= 2 (samples per prompt), got {args.k}"),
-        (0 < args.offline_fraction <= 1, f"--offline_fraction must be in (0, 1], got {args.offline_fraction}"),
-        (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
-        (args.lr > 0 and args.aug_lr > 0, f"--lr and --aug_lr must be > 0, got {args.lr} and {args.aug_lr}"),
-        (args.prompts_per_step >= 1 and args.micro_batch_size >= 1 and args.aug_batch_size >= 1,
-         f"--prompts_per_step, --micro_batch_size and --aug_batch_size must be >= 1, got {args.prompts_per_step}, "
-         f"{args.micro_batch_size} and {args.aug_batch_size}"),
-        (args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
-        (args.aug_epochs >= 1, f"--aug_epochs must be >= 1, got {args.aug_epochs}"),
-        (len(args.verdict_tokens) == 2, f"--verdict_tokens needs two tokens, got {args.verdict_tokens}"),
-        (args.num_judge_eval >= 0 and args.num_eval >= 0, "--num_judge_eval and --num_eval must be >= 0"),
-        (args.save_every >= 0 and args.eval_every >= 0, "--save_every and --eval_every must be >= 0"),
-        (args.save_every == 0 or args.lora_r == 0, "--save_every is not supported with LoRA (it checkpoints at the end)"),
-        (args.sampler == "hf" or args.lora_r == 0, "--sampler vllm is not supported with LoRA in osp (use --sampler hf)"),
-        (args.judge_template is None or Path(args.judge_template).exists(),
-         f"--judge_template: file {args.judge_template!r} not found"),
-    ])
+    check_args(
+        args,
+        [
+            (args.k >= 2, f"--k must be >= 2 (samples per prompt), got {args.k}"),
+            (0 < args.offline_fraction <= 1, f"--offline_fraction must be in (0, 1], got {args.offline_fraction}"),
+            (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
+            (args.lr > 0 and args.aug_lr > 0, f"--lr and --aug_lr must be > 0, got {args.lr} and {args.aug_lr}"),
+            (
+                args.prompts_per_step >= 1 and args.micro_batch_size >= 1 and args.aug_batch_size >= 1,
+                f"--prompts_per_step, --micro_batch_size and --aug_batch_size must be >= 1, got {args.prompts_per_step}, "
+                f"{args.micro_batch_size} and {args.aug_batch_size}",
+            ),
+            (args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}"),
+            (args.aug_epochs >= 1, f"--aug_epochs must be >= 1, got {args.aug_epochs}"),
+            (len(args.verdict_tokens) == 2, f"--verdict_tokens needs two tokens, got {args.verdict_tokens}"),
+            (args.num_judge_eval >= 0 and args.num_eval >= 0, "--num_judge_eval and --num_eval must be >= 0"),
+            (args.save_every >= 0 and args.eval_every >= 0, "--save_every and --eval_every must be >= 0"),
+            (
+                args.save_every == 0 or args.lora_r == 0,
+                "--save_every is not supported with LoRA (it checkpoints at the end)",
+            ),
+            (
+                args.sampler == "hf" or args.lora_r == 0,
+                "--sampler vllm is not supported with LoRA in osp (use --sampler hf)",
+            ),
+            (
+                args.judge_template is None or Path(args.judge_template).exists(),
+                f"--judge_template: file {args.judge_template!r} not found",
+            ),
+        ],
+    )
     return args, preset
 
 
@@ -269,8 +369,10 @@ def verdict_ids(tokenizer, tokens: list[str], template: str) -> list[int]:
     for token in tokens:
         response = encode(tokenizer, judge_prompt, token)[1]
         if len(response) < 1 or any(i not in tokenizer.all_special_ids for i in response[1:]):
-            raise InputError(f"--verdict_tokens: {token!r} is {tokenizer.convert_ids_to_tokens(response)} after the judge "
-                             "prompt with this tokenizer; the judge reads one verdict token")
+            raise InputError(
+                f"--verdict_tokens: {token!r} is {tokenizer.convert_ids_to_tokens(response)} after the judge "
+                "prompt with this tokenizer; the judge reads one verdict token"
+            )
         ids.append(response[0])
     if ids[0] == ids[1]:
         raise InputError(f"--verdict_tokens: {tokens} map to the same token id {ids[0]}")
@@ -317,11 +419,28 @@ def rank_and_pair(samples: list[list[str]], judge, rank_by: str) -> tuple[list[l
             scores = [sum(q(p, ys[i], ys[j]) for j in range(k) if j != i) / (k - 1) for i in range(k)]
         order = sorted(range(k), key=lambda i: (-scores[i], i))
         ranked.append((scores, [(order[r], order[k - 1 - r]) for r in range(k // 2)]))
-    passes += ask([c for p, (_, pairs) in enumerate(ranked) for i, j in pairs
-                   for c in ((p, samples[p][i], samples[p][j]), (p, samples[p][j], samples[p][i]))])
-    out = [[{"chosen": i, "rejected": j, "rank": r + 1, "q": q(p, samples[p][i], samples[p][j]),
-             "score_chosen": scores[i], "score_rejected": scores[j]} for r, (i, j) in enumerate(pairs)]
-           for p, (scores, pairs) in enumerate(ranked)]
+    passes += ask(
+        [
+            c
+            for p, (_, pairs) in enumerate(ranked)
+            for i, j in pairs
+            for c in ((p, samples[p][i], samples[p][j]), (p, samples[p][j], samples[p][i]))
+        ]
+    )
+    out = [
+        [
+            {
+                "chosen": i,
+                "rejected": j,
+                "rank": r + 1,
+                "q": q(p, samples[p][i], samples[p][j]),
+                "score_chosen": scores[i],
+                "score_rejected": scores[j],
+            }
+            for r, (i, j) in enumerate(pairs)
+        ]
+        for p, (scores, pairs) in enumerate(ranked)
+    ]
     return out, passes
 
 
@@ -329,8 +448,9 @@ def rank_and_pair(samples: list[list[str]], judge, rank_by: str) -> tuple[list[l
 # ALGO LOGIC: the Stage 0 examples (judge instances + SFT) and the online prompt pool
 
 
-def judge_instances(pairs: list[dict], tokenizer, template: str, verdict: list[int], args: Args,
-                    counts: dict) -> list[dict]:
+def judge_instances(
+    pairs: list[dict], tokenizer, template: str, verdict: list[int], args: Args, counts: dict
+) -> list[dict]:
     """§4.3 step 1 / §7.9.6: two judge instances per offline pair, (y_w, y_l) -> "A" and (y_l, y_w) -> "B";
     only the verdict token is scored. Instances over --judge_max_length follow --long_prompts."""
     out = []
@@ -341,8 +461,10 @@ def judge_instances(pairs: list[dict], tokenizer, template: str, verdict: list[i
         longest = max(len(ids) for ids, _ in encoded) + 1
         if longest > args.judge_max_length:
             if args.long_prompts == "error":
-                raise InputError(f"{pair['where']}: the judge prompt with both responses has {longest} tokens, over "
-                                 f"--judge_max_length {args.judge_max_length} (see --long_prompts skip)")
+                raise InputError(
+                    f"{pair['where']}: the judge prompt with both responses has {longest} tokens, over "
+                    f"--judge_max_length {args.judge_max_length} (see --long_prompts skip)"
+                )
             counts["judge_instance_too_long"] = counts.get("judge_instance_too_long", 0) + 1
             continue
         out += [{"prompt_ids": ids, "response_ids": [target], "kind": "judge"} for ids, target in encoded]
@@ -352,14 +474,22 @@ def judge_instances(pairs: list[dict], tokenizer, template: str, verdict: list[i
 def load_sft(spec: str | None, seed_pairs: list[dict], tokenizer, args: Args, counts: dict) -> list[dict]:
     """Stage 0's SFT examples: the 'messages' conversations of --sft_data, else [ours] the seed pairs' chosen
     conversations; the first --num_sft, those over the length limits skipped and counted."""
-    rows, source = (load_rows(spec, "--sft_data") if spec else ([
-        {"messages": p["prompt"] + [{"role": "assistant", "content": p["chosen"]}]} for p in seed_pairs], "(seed pairs)"))
+    rows, source = (
+        load_rows(spec, "--sft_data")
+        if spec
+        else (
+            [{"messages": p["prompt"] + [{"role": "assistant", "content": p["chosen"]}]} for p in seed_pairs],
+            "(seed pairs)",
+        )
+    )
     out, skipped = [], {}
     args = dataclasses.replace(args, long_prompts="skip")  # SFT rows over the limits are skipped, counted
     for index, row in enumerate(rows[: args.num_sft] if args.num_sft else rows):
         where = f"--sft_data {source} row {index}"
         try:  # an empty message is a quirk of real SFT data: skipped, counted
-            messages = _messages(row.get("messages") if isinstance(row, dict) else None, f"{where}: 'messages'", "empty_message")
+            messages = _messages(
+                row.get("messages") if isinstance(row, dict) else None, f"{where}: 'messages'", "empty_message"
+            )
         except BadRow as err:
             skipped[err.reason] = skipped.get(err.reason, 0) + 1
             continue
@@ -376,8 +506,16 @@ def load_sft(spec: str | None, seed_pairs: list[dict], tokenizer, args: Args, co
 # ALGO LOGIC: judging with the policy itself (one forward, two verdict logits)
 
 
-def make_judge(model, tokenizer, prompts: list[list[dict]], template: str, verdict: list[int], args: Args, device,
-               desc: str = "judge"):
+def make_judge(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    template: str,
+    verdict: list[int],
+    args: Args,
+    device,
+    desc: str = "judge",
+):
     """J(a, b) for (p, a, b) comparisons: sigma(logit["A"] - logit["B"]) of the policy's next token after
     judge_prompt(x_p, a, b) (§4.1b), all ranks. The decoder body runs once per batch (sorted by length); only the
     last hidden state of each row is projected, onto the two verdict rows: no vocabulary-wide softmax (§6)."""
@@ -387,14 +525,18 @@ def make_judge(model, tokenizer, prompts: list[list[dict]], template: str, verdi
     def judge(comparisons) -> list[float]:
         training, _ = model.training, model.eval()
         mine, _ = shard(list(enumerate(comparisons)))
-        mine = sorted(((i, judge_ids(tokenizer, template, contexts[p], a, b)) for i, (p, a, b) in mine),
-                      key=lambda item: len(item[1]))
+        mine = sorted(
+            ((i, judge_ids(tokenizer, template, contexts[p], a, b)) for i, (p, a, b) in mine),
+            key=lambda item: len(item[1]),
+        )
         results = []
         for start in progress(range(0, len(mine), args.judge_batch_size), desc=desc, inner=True):
-            chunk = mine[start:start + args.judge_batch_size]
+            chunk = mine[start : start + args.judge_batch_size]
             batch = collate([(ids, []) for _, ids in chunk], tokenizer.pad_token_id, device)
             hidden = decoder_hidden_states(model, batch["input_ids"], batch["attention_mask"])
-            logits = head_logits(model, hidden[torch.arange(len(chunk), device=device), batch["attention_mask"].sum(1) - 1], verdict)
+            logits = head_logits(
+                model, hidden[torch.arange(len(chunk), device=device), batch["attention_mask"].sum(1) - 1], verdict
+            )
             results += [(i, value) for (i, _), value in zip(chunk, (logits[:, 0] - logits[:, 1]).tolist())]
         model.train(training)
         merged = dict(gather(results))
@@ -412,17 +554,27 @@ def judge_report(model, tokenizer, pairs: list[dict], template, verdict, args, d
     if not pairs:
         return {}
     judge = make_judge(model, tokenizer, [p["prompt"] for p in pairs], template, verdict, args, device, "judge eval")
-    values = judge([c for i, p in enumerate(pairs) for c in ((i, p["chosen"], p["rejected"]), (i, p["rejected"], p["chosen"]))])
+    values = judge(
+        [c for i, p in enumerate(pairs) for c in ((i, p["chosen"], p["rejected"]), (i, p["rejected"], p["chosen"]))]
+    )
     j_wl, j_lw = values[0::2], values[1::2]
     q = [strength(a, b) for a, b in zip(j_wl, j_lw)]
-    report = {"judge/human_accuracy": sum((x > 0.5) + 0.5 * (x == 0.5) for x in q) / len(q),
-              "judge/position_consistency": sum((a > 0.5) == (b < 0.5) for a, b in zip(j_wl, j_lw)) / len(q),
-              "judge/q_mean": sum(q) / len(q), "judge/pairs": len(q)}
+    report = {
+        "judge/human_accuracy": sum((x > 0.5) + 0.5 * (x == 0.5) for x in q) / len(q),
+        "judge/position_consistency": sum((a > 0.5) == (b < 0.5) for a, b in zip(j_wl, j_lw)) / len(q),
+        "judge/q_mean": sum(q) / len(q),
+        "judge/pairs": len(q),
+    }
     for name, scorer in scorers.items():
-        values = scorer([p["prompt"][-1]["content"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
-        scored = [(x, c - r) for x, c, r in zip(q, values[:len(pairs)], values[len(pairs):]) if c != r]
+        values = scorer(
+            [p["prompt"][-1]["content"] for p in pairs] * 2,
+            [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+        )
+        scored = [(x, c - r) for x, c, r in zip(q, values[: len(pairs)], values[len(pairs) :]) if c != r]
         if scored:
-            report[f"judge/{SCORER_NAMES[name]}_accuracy"] = sum((x > 0.5) == (gap > 0) for x, gap in scored) / len(scored)
+            report[f"judge/{SCORER_NAMES[name]}_accuracy"] = sum((x > 0.5) == (gap > 0) for x, gap in scored) / len(
+                scored
+            )
     return report
 
 
@@ -438,12 +590,16 @@ def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
     trainable, optimizer, scheduler = make_optimizer(model, args.aug_lr, n_steps, args, "cosine")
     bar = progress(total=n_steps, desc="stage 0 (augmentation)")
     for epoch in range(args.aug_epochs):
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
+        order = torch.randperm(
+            len(examples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        ).tolist()
         for step in range(per_epoch):
-            batch_examples = [examples[i] for i in order[step * args.aug_batch_size:(step + 1) * args.aug_batch_size]]
+            batch_examples = [examples[i] for i in order[step * args.aug_batch_size : (step + 1) * args.aug_batch_size]]
             local, real = shard(batch_examples)
             batch = collate([(e["prompt_ids"], e["response_ids"]) for e in local], pad_id, device)
-            logps, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="mean")
+            logps, _ = causal_lm_logps(
+                model, batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="mean"
+            )
             weights = torch.tensor([1.0] * real + [0.0] * (len(local) - real), device=device)
             (-(logps * weights).sum() * world() / len(batch_examples)).backward()  # FSDP averages over ranks
             judge_mask = torch.tensor([e["kind"] == "judge" for e in local[:real]], device=device)
@@ -451,12 +607,20 @@ def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
             stats.add(nll=nll, examples=real, judge_nll=nll * judge_mask, judge_examples=judge_mask)
             total, grad_norm = optimizer_step(trainable, optimizer, scheduler, stats, args, "stage 0")
             total = list(total.values())
-            metrics = {"stage": 0, "aug_step": epoch * per_epoch + step + 1, "aug/loss": total[0] / total[1],
-                       "aug/judge_nll": total[2] / max(total[3], 1), "aug/sft_nll": (total[0] - total[2]) / max(total[1] - total[3], 1),
-                       "aug/grad_norm": grad_norm, "aug/lr": scheduler.get_last_lr()[0]}
+            metrics = {
+                "stage": 0,
+                "aug_step": epoch * per_epoch + step + 1,
+                "aug/loss": total[0] / total[1],
+                "aug/judge_nll": total[2] / max(total[3], 1),
+                "aug/sft_nll": (total[0] - total[2]) / max(total[1] - total[3], 1),
+                "aug/grad_norm": grad_norm,
+                "aug/lr": scheduler.get_last_lr()[0],
+            }
             log(metrics)
             bar.update()
-            bar.set_postfix(judge_nll=f"{metrics['aug/judge_nll']:.3f}", sft_nll=f"{metrics['aug/sft_nll']:.3f}", refresh=False)
+            bar.set_postfix(
+                judge_nll=f"{metrics['aug/judge_nll']:.3f}", sft_nll=f"{metrics['aug/sft_nll']:.3f}", refresh=False
+            )
     bar.close()
     return model
 
@@ -465,8 +629,17 @@ def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
 # Stage 1: the SPCE update on a step's self-judged tuples (x, y_h, y_l, q) (§1.7, §4.1d)
 
 
-SPCE_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-              "logps/rejected", "osp/abs_sigma_z_minus_q", "osp/sigma_z_mean")  # spce_backward's means (and the count)
+SPCE_STATS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "osp/abs_sigma_z_minus_q",
+    "osp/sigma_z_mean",
+)  # spce_backward's means (and the count)
 
 
 def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_id: int) -> StepStats:
@@ -477,22 +650,44 @@ def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_
     SPCE: -[q log sigma(z) + (1-q) log sigma(-z)]; --loss dpo: -log sigma(z) on the same pairs."""
     local, real = shard(tuples)
     stats = StepStats(SPCE_STATS + ("pairs",), device)
-    chunks = [list(enumerate(local))[start:start + args.micro_batch_size] for start in range(0, len(local), args.micro_batch_size)]
+    chunks = [
+        list(enumerate(local))[start : start + args.micro_batch_size]
+        for start in range(0, len(local), args.micro_batch_size)
+    ]
     for indexed in micro_batches(model, chunks):
         chunk, start = [t for _, t in indexed], indexed[0][0]
         n = len(chunk)
-        batch = collate([(t["prompt_ids"], t["chosen_ids"]) for t in chunk] + [(t["prompt_ids"], t["rejected_ids"]) for t in chunk],
-                        pad_id, device)
+        batch = collate(
+            [(t["prompt_ids"], t["chosen_ids"]) for t in chunk] + [(t["prompt_ids"], t["rejected_ids"]) for t in chunk],
+            pad_id,
+            device,
+        )
         if ref_model is None:  # LoRA: the reference is the base weights
             with torch.no_grad(), model.disable_adapter():
                 ref_hidden = decoder_hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
-            logps, ref = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                         ref_model=model, ref_hidden=ref_hidden)
+            logps, ref = causal_lm_logps(
+                model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["labels"],
+                ref_model=model,
+                ref_hidden=ref_hidden,
+            )
         else:
-            logps, ref = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], ref_model=ref_model)
+            logps, ref = causal_lm_logps(
+                model, batch["input_ids"], batch["attention_mask"], batch["labels"], ref_model=ref_model
+            )
         q = torch.tensor([t["q"] for t in chunk], device=device, dtype=torch.float32)
-        losses = pair_loss(logps[:n], logps[n:], ref[:n], ref[n:], kind=args.loss, beta=args.beta,
-                           soft_label=q if args.loss == "spce" else None, reduction="none")
+        losses = pair_loss(
+            logps[:n],
+            logps[n:],
+            ref[:n],
+            ref[n:],
+            kind=args.loss,
+            beta=args.beta,
+            soft_label=q if args.loss == "spce" else None,
+            reduction="none",
+        )
         weights = torch.tensor([1.0 if start + i < real else 0.0 for i in range(n)], device=device)
         ((losses * weights).sum() * world() / len(tuples)).backward()  # FSDP averages over ranks
         with torch.no_grad():
@@ -500,9 +695,26 @@ def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_
             rejected_reward = args.beta * (logps[n:] - ref[n:]).float()
             z = chosen_reward - rejected_reward
             gap = (torch.sigmoid(z) - q).abs()
-            stats.add(**{name: value * weights for name, value in zip(stats.names, [
-                losses, chosen_reward, rejected_reward, z, (z > 0).float(), logps[:n].float(), logps[n:].float(), gap,
-                torch.sigmoid(z), torch.ones_like(z)])})
+            stats.add(
+                **{
+                    name: value * weights
+                    for name, value in zip(
+                        stats.names,
+                        [
+                            losses,
+                            chosen_reward,
+                            rejected_reward,
+                            z,
+                            (z > 0).float(),
+                            logps[:n].float(),
+                            logps[n:].float(),
+                            gap,
+                            torch.sigmoid(z),
+                            torch.ones_like(z),
+                        ],
+                    )
+                }
+            )
     return stats
 
 
@@ -529,29 +741,46 @@ def main(args: Args) -> dict:
     counts: dict = {}
     rows, source = load_rows(args.dataset)
     offline = [dict(pair, where=f"dataset {source} row {i}") for i, pair in parse_rows(rows, source, args, counts)]
-    held_out = offline[len(offline) - args.num_judge_eval:] if args.num_judge_eval else []
+    held_out = offline[len(offline) - args.num_judge_eval :] if args.num_judge_eval else []
     seed_pool = offline[: len(offline) - len(held_out)]
     generator = torch.Generator().manual_seed(args.seed)
-    seed_pairs = [seed_pool[i] for i in sorted(torch.randperm(len(seed_pool), generator=generator)
-                                               [: math.ceil(args.offline_fraction * len(seed_pool))].tolist())]
+    seed_pairs = [
+        seed_pool[i]
+        for i in sorted(
+            torch.randperm(len(seed_pool), generator=generator)[
+                : math.ceil(args.offline_fraction * len(seed_pool))
+            ].tolist()
+        )
+    ]
     examples = []
     if not args.skip_augmentation:
         if not seed_pairs:
-            raise InputError(f"dataset {source}: no pairs left for the judge seed set after holding out "
-                             f"--num_judge_eval {args.num_judge_eval} of {len(offline)}")
+            raise InputError(
+                f"dataset {source}: no pairs left for the judge seed set after holding out "
+                f"--num_judge_eval {args.num_judge_eval} of {len(offline)}"
+            )
         examples = judge_instances(seed_pairs, tokenizer, template, verdict, args, counts)
-        examples += load_sft(args.sft_data or DATASETS.get(args.dataset, {}).get("sft"), seed_pairs, tokenizer, args, counts)
+        examples += load_sft(
+            args.sft_data or DATASETS.get(args.dataset, {}).get("sft"), seed_pairs, tokenizer, args, counts
+        )
         if not any(e["kind"] == "judge" for e in examples):
-            raise InputError(f"dataset {source}: every judge instance is over --judge_max_length {args.judge_max_length}")
+            raise InputError(
+                f"dataset {source}: every judge instance is over --judge_max_length {args.judge_max_length}"
+            )
 
     def judge_problem(prompt):  # its judge prompt with two replies of --max_new_tokens must fit the judge too
         context = render_context(prompt, args.judge_family)
         length = len(judge_ids(tokenizer, template, context, "", "")) + 2 * args.max_new_tokens + 9
-        return (f"its judge prompt with two replies of --max_new_tokens {args.max_new_tokens} can reach {length} "
-                f"tokens, over --judge_max_length {args.judge_max_length}" if length > args.judge_max_length else None)
+        return (
+            f"its judge prompt with two replies of --max_new_tokens {args.max_new_tokens} can reach {length} "
+            f"tokens, over --judge_max_length {args.judge_max_length}"
+            if length > args.judge_max_length
+            else None
+        )
 
-    pool = load_prompt_pool(args.prompts or DATASETS.get(args.dataset, {}).get("prompts"), offline, tokenizer, args,
-                            counts, judge_problem)
+    pool = load_prompt_pool(
+        args.prompts or DATASETS.get(args.dataset, {}).get("prompts"), offline, tokenizer, args, counts, judge_problem
+    )
     scorers, eval_prompts = load_evaluation(args, offline[0])
     n_steps = args.steps or max(1, len(pool) // args.prompts_per_step)
 
@@ -559,8 +788,11 @@ def main(args: Args) -> dict:
     run_name = f"osp__{Path(args.model).name}__{args.seed}__{now()}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
     state_file = out_dir / "state.json"
-    state = (json.loads(state_file.read_text()) if args.resume and state_file.exists()
-             else {"stage0_done": False, "step": 0, "eval": {}, "judge": {}})
+    state = (
+        json.loads(state_file.read_text())
+        if args.resume and state_file.exists()
+        else {"stage0_done": False, "step": 0, "eval": {}, "judge": {}}
+    )
     if state.get("done"):
         print(f"{out_dir}: this run is complete (final/); nothing to resume")
         return state
@@ -579,17 +811,38 @@ def main(args: Args) -> dict:
             state["judge"][name] = judge_report(model, tokenizer, held_out, template, verdict, args, device, scorers)
             log({"stage": name, **state["judge"][name]})
         if scorers and eval_prompts and name not in state["eval"]:
-            state["eval"][name], metrics = evaluate(model, tokenizer, eval_prompts, scorers, args, device,
-                                                    start_file=out_dir / "eval_start.json", is_start=name == "sft")
+            state["eval"][name], metrics = evaluate(
+                model,
+                tokenizer,
+                eval_prompts,
+                scorers,
+                args,
+                device,
+                start_file=out_dir / "eval_start.json",
+                is_start=name == "sft",
+            )
             log({"stage": name, **metrics})
-        if rank() == 0:  # what was measured: nothing of the judge without --num_judge_eval, no reward without --num_eval
-            shown = {**state["judge"].get(name, {}), **({"eval/reward": state["eval"][name]} if name in state["eval"] else {})}
+        if (
+            rank() == 0
+        ):  # what was measured: nothing of the judge without --num_judge_eval, no reward without --num_eval
+            shown = {
+                **state["judge"].get(name, {}),
+                **({"eval/reward": state["eval"][name]} if name in state["eval"] else {}),
+            }
             print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if k != "judge/pairs"))
         write_atomic(state_file, state)
 
-    log({"stage": "data", "data/offline_pairs": len(offline), "data/judge_eval_pairs": len(held_out),
-         "data/seed_pairs": len(seed_pairs) * (not args.skip_augmentation), "data/prompt_pool": len(pool),
-         "data/stage0_examples": len(examples), **{f"data/{k}": v for k, v in counts.items()}})
+    log(
+        {
+            "stage": "data",
+            "data/offline_pairs": len(offline),
+            "data/judge_eval_pairs": len(held_out),
+            "data/seed_pairs": len(seed_pairs) * (not args.skip_augmentation),
+            "data/prompt_pool": len(pool),
+            "data/stage0_examples": len(examples),
+            **{f"data/{k}": v for k, v in counts.items()},
+        }
+    )
     lora = args.lora_r > 0
 
     # ALGO LOGIC: Stage 0 — SFT + preference augmentation (§4.3 steps 1-3); pi_0 is also the frozen reference
@@ -610,7 +863,9 @@ def main(args: Args) -> dict:
         del model
         model = load_model(str(checkpoint) if saved else start, device, args)
     ref_model = None
-    if not lora:  # frozen copy, computing as the policy does; with LoRA the base weights under the adapter are the reference
+    if (
+        not lora
+    ):  # frozen copy, computing as the policy does; with LoRA the base weights under the adapter are the reference
         ref_model = load_model(start, device, args, frozen=True)
 
     # ALGO LOGIC: Stage 1 — online self-preferring (§4.3 steps 4-11)
@@ -622,15 +877,28 @@ def main(args: Args) -> dict:
     for step in bar:  # step is 0-based here, 1-based in logs and file names
         epoch, offset = divmod(step, per_epoch)
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
-        prompts = [pool[i] for i in order[offset * args.prompts_per_step:(offset + 1) * args.prompts_per_step]]
+        prompts = [pool[i] for i in order[offset * args.prompts_per_step : (offset + 1) * args.prompts_per_step]]
         times = [time.perf_counter()]
         # step 6: K samples per prompt from the current policy
         sampler_weights = None
-        if args.sampler == "vllm":  # vLLM takes no weights in memory from another process: they go through the run folder
+        if (
+            args.sampler == "vllm"
+        ):  # vLLM takes no weights in memory from another process: they go through the run folder
             model = save_atomic(model, tokenizer, out_dir / "sampler")
             sampler_weights, VLLMEngine.path = str(out_dir / "sampler"), None  # new weights under the same path
-        samples = generate(model, tokenizer, prompts, args.k, args.sample_temperature, args.sample_top_p, args, device,
-                           seed=args.seed * 100_003 + step, model_path=sampler_weights, desc="sample")
+        samples = generate(
+            model,
+            tokenizer,
+            prompts,
+            args.k,
+            args.sample_temperature,
+            args.sample_top_p,
+            args,
+            device,
+            seed=args.seed * 100_003 + step,
+            model_path=sampler_weights,
+            desc="sample",
+        )
         times.append(time.perf_counter())
         # steps 7-9: the current policy judges; rank, pair best-with-worst, strength q of each formed pair
         judge = make_judge(model, tokenizer, prompts, template, verdict, args, device)
@@ -639,46 +907,114 @@ def main(args: Args) -> dict:
         tuples, dropped, truncated = [], {}, {}
         for p, pair in ((p, pair) for p, pairs in enumerate(formed) for pair in pairs):
             (y_h, done_h), (y_l, done_l) = samples[p][pair["chosen"]], samples[p][pair["rejected"]]
-            reason = "empty" if not y_h or not y_l else "unfinished" if not (done_h and done_l) else "identical" if y_h == y_l else None
+            reason = (
+                "empty"
+                if not y_h or not y_l
+                else "unfinished"
+                if not (done_h and done_l)
+                else "identical"
+                if y_h == y_l
+                else None
+            )
             if reason:
                 dropped[reason] = dropped.get(reason, 0) + 1
                 continue
-            sides = [fit(*encode(tokenizer, prompts[p], y), args, f"step {step + 1} sample", truncated) for y in (y_h, y_l)]
-            tuples.append(dict(pair, prompt=prompts[p], chosen_text=y_h, rejected_text=y_l, prompt_ids=sides[0][0],
-                               chosen_ids=sides[0][1], rejected_ids=sides[1][1]))
+            sides = [
+                fit(*encode(tokenizer, prompts[p], y), args, f"step {step + 1} sample", truncated) for y in (y_h, y_l)
+            ]
+            tuples.append(
+                dict(
+                    pair,
+                    prompt=prompts[p],
+                    chosen_text=y_h,
+                    rejected_text=y_l,
+                    prompt_ids=sides[0][0],
+                    chosen_ids=sides[0][1],
+                    rejected_ids=sides[1][1],
+                )
+            )
         if not tuples:
-            raise InputError(f"step {step + 1}: all {sum(dropped.values())} formed pairs were filtered ({dropped}); raise "
-                             "--max_new_tokens if samples are 'unfinished', or use --k > 2 / a model whose samples differ")
+            raise InputError(
+                f"step {step + 1}: all {sum(dropped.values())} formed pairs were filtered ({dropped}); raise "
+                "--max_new_tokens if samples are 'unfinished', or use --k > 2 / a model whose samples differ"
+            )
         qs = torch.tensor([t["q"] for t in tuples], dtype=torch.float64)
-        stats = {"stage": 1, "step": step + 1, "data/pairs": len(tuples), **{f"data/dropped_{k}": v for k, v in dropped.items()},
-                 **{f"data/{k}": v for k, v in truncated.items()}, "judge/forward_passes": passes,
-                 "osp/q_mean": float(qs.mean()), "osp/q_std": float(qs.std()) if len(qs) > 1 else 0.0,
-                 "osp/q_hist": torch.histc(qs, bins=5, min=0, max=1).int().tolist(),
-                 "gen/chosen_tokens_mean": sum(len(t["chosen_ids"]) for t in tuples) / len(tuples),
-                 "gen/rejected_tokens_mean": sum(len(t["rejected_ids"]) for t in tuples) / len(tuples)}
+        stats = {
+            "stage": 1,
+            "step": step + 1,
+            "data/pairs": len(tuples),
+            **{f"data/dropped_{k}": v for k, v in dropped.items()},
+            **{f"data/{k}": v for k, v in truncated.items()},
+            "judge/forward_passes": passes,
+            "osp/q_mean": float(qs.mean()),
+            "osp/q_std": float(qs.std()) if len(qs) > 1 else 0.0,
+            "osp/q_hist": torch.histc(qs, bins=5, min=0, max=1).int().tolist(),
+            "gen/chosen_tokens_mean": sum(len(t["chosen_ids"]) for t in tuples) / len(tuples),
+            "gen/rejected_tokens_mean": sum(len(t["rejected_ids"]) for t in tuples) / len(tuples),
+        }
         for name, scorer in scorers.items():  # does the self-judge agree with the reward function (model) on its pairs?
-            values = scorer([t["prompt"][-1]["content"] for t in tuples] * 2,
-                            [t["chosen_text"] for t in tuples] + [t["rejected_text"] for t in tuples])
-            for t, chosen_value, rejected_value in zip(tuples, values[:len(tuples)], values[len(tuples):]):
+            values = scorer(
+                [t["prompt"][-1]["content"] for t in tuples] * 2,
+                [t["chosen_text"] for t in tuples] + [t["rejected_text"] for t in tuples],
+            )
+            for t, chosen_value, rejected_value in zip(tuples, values[: len(tuples)], values[len(tuples) :]):
                 t[f"chosen_{name}"], t[f"rejected_{name}"] = chosen_value, rejected_value
-            agree = [t[f"chosen_{name}"] > t[f"rejected_{name}"] for t in tuples if t[f"chosen_{name}"] != t[f"rejected_{name}"]]
-            stats.update({f"osp/{k}_{name}": sum(t[f"{k}_{name}"] for t in tuples) / len(tuples) for k in ("chosen", "rejected")},
-                         **{f"judge/online_{SCORER_NAMES[name]}_agreement": sum(agree) / len(agree) if agree else float("nan")})
+            agree = [
+                t[f"chosen_{name}"] > t[f"rejected_{name}"]
+                for t in tuples
+                if t[f"chosen_{name}"] != t[f"rejected_{name}"]
+            ]
+            stats.update(
+                {
+                    f"osp/{k}_{name}": sum(t[f"{k}_{name}"] for t in tuples) / len(tuples)
+                    for k in ("chosen", "rejected")
+                },
+                **{f"judge/online_{SCORER_NAMES[name]}_agreement": sum(agree) / len(agree) if agree else float("nan")},
+            )
         # steps 10-11: SPCE (or DPO) against the frozen pi_0, one optimizer step
         model.train()
         sums = spce_backward(model, ref_model, tuples, args, device, tokenizer.pad_token_id)
         lr = scheduler.get_last_lr()[0]  # this step's
         total, grad_norm = optimizer_step(trainable, optimizer, scheduler, sums, args, f"step {step + 1}")
         stats.update({name: total[name] / total["pairs"] for name in SPCE_STATS}, grad_norm=grad_norm, lr=lr)
-        stats.update({"time/generation_s": times[1] - times[0], "time/judging_s": times[2] - times[1],
-                      "time/training_s": time.perf_counter() - times[2]})
+        stats.update(
+            {
+                "time/generation_s": times[1] - times[0],
+                "time/judging_s": times[2] - times[1],
+                "time/training_s": time.perf_counter() - times[2],
+            }
+        )
         log(stats)
         (out_dir / "pairs").mkdir(exist_ok=True)
-        write_atomic(out_dir / "pairs" / f"step_{step + 1:05d}.jsonl", [{k: t[k] for k in (
-            "prompt", "chosen_text", "rejected_text", "q", "rank", "score_chosen", "score_rejected", "chosen_reward",
-            "rejected_reward", "chosen_rm_score", "rejected_rm_score") if k in t} for t in tuples])
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", q=f"{stats['osp/q_mean']:.2f}",
-                        gap=f"{stats['osp/abs_sigma_z_minus_q']:.3f}", refresh=False)
+        write_atomic(
+            out_dir / "pairs" / f"step_{step + 1:05d}.jsonl",
+            [
+                {
+                    k: t[k]
+                    for k in (
+                        "prompt",
+                        "chosen_text",
+                        "rejected_text",
+                        "q",
+                        "rank",
+                        "score_chosen",
+                        "score_rejected",
+                        "chosen_reward",
+                        "rejected_reward",
+                        "chosen_rm_score",
+                        "rejected_rm_score",
+                    )
+                    if k in t
+                }
+                for t in tuples
+            ],
+        )
+        bar.set_postfix(
+            loss=f"{stats['loss']:.4f}",
+            q=f"{stats['osp/q_mean']:.2f}",
+            gap=f"{stats['osp/abs_sigma_z_minus_q']:.3f}",
+            refresh=False,
+        )
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < n_steps:
             report(f"step_{step + 1}", model)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < n_steps:
@@ -718,18 +1054,34 @@ def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
     of preset `custom` (each one can be overridden on the command line) and needs --dataset."""
     if args.model in models:
         preset = dict(models[args.model])
-    elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
-        raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(models)}), "
-                         "an existing local path, nor a hub id of the form org/name")
+    elif not Path(args.model).expanduser().exists() and (
+        args.model.startswith((".", "/", "~")) or "/" not in args.model
+    ):
+        raise InputError(
+            f"--model: {args.model!r} is neither a preset ({', '.join(models)}), "
+            "an existing local path, nor a hub id of the form org/name"
+        )
     else:
         preset = dict(models[custom], path=args.model, dataset=None)
     preset["dataset"] = args.dataset or preset["dataset"]
     if preset["dataset"] is None:
         raise InputError("--dataset is required with a custom --model")
-    filled = {"dataset": preset["dataset"], "dtype": args.dtype if args.dtype != "auto" else  # masters stay fp32
-              "bfloat16" if torch.cuda.is_available() else "float32"}
-    for key, default in (("lora_r", 0), ("lora_alpha", 16), ("lora_dropout", 0.0), ("gradient_checkpointing", False),
-                         ("chat_template", None)):
+    filled = {
+        "dataset": preset["dataset"],
+        "dtype": args.dtype
+        if args.dtype != "auto"
+        # masters stay fp32
+        else "bfloat16"
+        if torch.cuda.is_available()
+        else "float32",
+    }
+    for key, default in (
+        ("lora_r", 0),
+        ("lora_alpha", 16),
+        ("lora_dropout", 0.0),
+        ("gradient_checkpointing", False),
+        ("chat_template", None),
+    ):
         if getattr(args, key) is None:
             filled[key] = preset.get(key, default)
     return preset, filled
@@ -740,11 +1092,19 @@ def check_args(args, checks: list[tuple[bool, str]]):
     """One InputError for the first failed (ok, message): the checks of the options every script shares, then `checks`."""
     checks = [
         (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
-        (not (args.output_dir and Path(args.output_dir).is_file()), f"--output_dir: {args.output_dir!r} is a file; expected a folder"),
+        (
+            not (args.output_dir and Path(args.output_dir).is_file()),
+            f"--output_dir: {args.output_dir!r} is a file; expected a folder",
+        ),
         (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
-        (args.eval_prompts is None or Path(args.eval_prompts).is_file(), f"--eval_prompts: file {args.eval_prompts!r} not found"),
-        (args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
-         f"--chat_template: file {args.chat_template!r} not found"),
+        (
+            args.eval_prompts is None or Path(args.eval_prompts).is_file(),
+            f"--eval_prompts: file {args.eval_prompts!r} not found",
+        ),
+        (
+            args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
+            f"--chat_template: file {args.chat_template!r} not found",
+        ),
         (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
         (args.lora_r >= 0, f"--lora_r must be >= 0, got {args.lora_r}"),
         (args.dist_timeout_minutes >= 1, f"--dist_timeout_minutes must be >= 1, got {args.dist_timeout_minutes}"),
@@ -839,8 +1199,13 @@ def _text(value, where: str, empty: str | None = None) -> str:
 def _messages(value, where: str, empty: str | None = None) -> list[dict]:
     if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
         raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
-    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content", empty)}
-            for i, m in enumerate(value)]
+    return [
+        {
+            "role": _text(m.get("role"), f"{where}[{i}].role"),
+            "content": _text(m.get("content"), f"{where}[{i}].content", empty),
+        }
+        for i, m in enumerate(value)
+    ]
 
 
 # Copied from sera._hh_turns
@@ -848,7 +1213,10 @@ def _hh_turns(text: str, where: str) -> list[dict]:
     parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where, "empty_response"))
     if len(parts) < 3 or parts[0].strip():
         raise InputError(f"{where} is not in HH-RLHF format ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
-    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    return [
+        {"role": "user" if r == "Human" else "assistant", "content": c.strip()}
+        for r, c in zip(parts[1::2], parts[2::2])
+    ]
 
 
 # Copied from sera.parse_pair
@@ -865,9 +1233,15 @@ def parse_pair(row: dict, where: str) -> dict:
         prompt = f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {post}\n\nTL;DR:"
         if row["choice"] not in (0, 1) or not isinstance(row["summaries"], list) or len(row["summaries"]) != 2:
             raise InputError(f"{where}: 'choice' must be 0 or 1 with two 'summaries'")
-        texts = [_text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'", "empty_response").strip()
-                 for i, s in enumerate(row["summaries"])]
-        out = {"prompt": [{"role": "user", "content": prompt}], "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]}
+        texts = [
+            _text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'", "empty_response").strip()
+            for i, s in enumerate(row["summaries"])
+        ]
+        out = {
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": texts[row["choice"]],
+            "rejected": texts[1 - row["choice"]],
+        }
     else:
         for column in ("chosen", "rejected"):
             if row.get(column) is None:  # absent, or null (datasets fills columns other rows have)
@@ -880,16 +1254,22 @@ def parse_pair(row: dict, where: str) -> dict:
                 chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
                 rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
             if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-                raise BadRow("not_ending_with_assistant", f"{where}: 'chosen' and 'rejected' must end with an assistant turn")
+                raise BadRow(
+                    "not_ending_with_assistant", f"{where}: 'chosen' and 'rejected' must end with an assistant turn"
+                )
             if chosen[:-1] != rejected[:-1]:
-                raise BadRow("differ_before_last_turn", f"{where}: 'chosen' and 'rejected' differ before the last assistant turn")
+                raise BadRow(
+                    "differ_before_last_turn", f"{where}: 'chosen' and 'rejected' differ before the last assistant turn"
+                )
             out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
         else:  # plain strings
             if row.get("prompt") is None:
                 raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
-            out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
-                   "chosen": _text(row["chosen"], f"{where}: 'chosen'", "empty_response"),
-                   "rejected": _text(row["rejected"], f"{where}: 'rejected'", "empty_response")}
+            out = {
+                "prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
+                "chosen": _text(row["chosen"], f"{where}: 'chosen'", "empty_response"),
+                "rejected": _text(row["rejected"], f"{where}: 'rejected'", "empty_response"),
+            }
         if not out["prompt"] or out["prompt"][-1]["role"] != "user":
             raise BadRow("prompt_not_ending_with_user", f"{where}: the prompt must end with a user message")
     for side in ("chosen", "rejected"):
@@ -914,8 +1294,10 @@ def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[
             bad.append(str(err))
     reasons = ", ".join(f"{k[8:]} {v}" for k, v in counts.items() if k.startswith("skipped_"))
     if len(bad) > args.max_bad_fraction * len(rows) or not pairs:
-        raise InputError(f"dataset {source}: {len(bad)} of {len(rows)} rows are degenerate ({reasons}), over "
-                         f"--max_bad_fraction {args.max_bad_fraction}; first: {' | '.join(bad[:3])}")
+        raise InputError(
+            f"dataset {source}: {len(bad)} of {len(rows)} rows are degenerate ({reasons}), over "
+            f"--max_bad_fraction {args.max_bad_fraction}; first: {' | '.join(bad[:3])}"
+        )
     if bad and rank() == 0:
         print(f"dataset {source}: skipped {len(bad)} of {len(rows)} rows as degenerate ({reasons})")
     return pairs
@@ -925,9 +1307,14 @@ def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[
 def check_model_dir(path: Path):
     """A local model folder has a config, tokenizer files and complete safetensors (each file's header
     declares its data size), so a bad folder fails before anything is written."""
-    missing = [name for name, found in (("config.json", (path / "config.json").is_file()), (
-        "tokenizer files", any(path.glob("tokenizer*")) or any(path.glob("vocab*"))))
-        if not found]
+    missing = [
+        name
+        for name, found in (
+            ("config.json", (path / "config.json").is_file()),
+            ("tokenizer files", any(path.glob("tokenizer*")) or any(path.glob("vocab*"))),
+        )
+        if not found
+    ]
     if missing:
         raise InputError(f"--model: {path} has no {' or '.join(missing)}; expected a save_pretrained folder")
     for file in sorted(path.glob("*.safetensors")):
@@ -955,7 +1342,9 @@ def load_tokenizer(model_path: str, chat_template: str | None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
-        raise InputError(f"--model: no tokenizer could be loaded from {model_path!r} ({str(err).splitlines()[0]})") from None
+        raise InputError(
+            f"--model: no tokenizer could be loaded from {model_path!r} ({str(err).splitlines()[0]})"
+        ) from None
     if chat_template and "{%" not in chat_template and not Path(chat_template).exists():
         raise InputError(f"--chat_template: file {chat_template!r} not found")
     if chat_template:
@@ -989,10 +1378,15 @@ def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[
 
     try:  # templates may refuse a conversation (mistral-instruct: no system role)
         prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = None if response is None else tokenizer.apply_chat_template(
-            prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        full = (
+            None
+            if response is None
+            else tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        )
     except TemplateError as err:
-        raise InputError(f"the chat template refuses a conversation with roles {[m['role'] for m in prompt]}: {err}") from None
+        raise InputError(
+            f"the chat template refuses a conversation with roles {[m['role'] for m in prompt]}: {err}"
+        ) from None
     prompt_ids = tokenize(tokenizer, prompt_text)
     if response is None:
         return prompt_ids, []
@@ -1002,8 +1396,11 @@ def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[
     # would produce after prompt_ids (SentencePiece: 'A' after a newline, not the word-initial '▁A'). Where a
     # merge crosses the boundary the prompt ids are no prefix, and the response is tokenized on its own.
     full_ids = tokenize(tokenizer, full.rstrip())
-    response_ids = (full_ids[len(prompt_ids):] if full_ids[:len(prompt_ids)] == prompt_ids else
-                    tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"])
+    response_ids = (
+        full_ids[len(prompt_ids) :]
+        if full_ids[: len(prompt_ids)] == prompt_ids
+        else tokenizer(full[len(prompt_text) :].rstrip(), add_special_tokens=False)["input_ids"]
+    )
     if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
         response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
     return prompt_ids, response_ids
@@ -1014,13 +1411,15 @@ def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple
     """Apply the length limits: long prompts per --long_prompts, long responses truncated (counted)."""
     if len(prompt_ids) > args.max_prompt_length:
         if args.long_prompts == "error":
-            raise InputError(f"{where}: prompt has {len(prompt_ids)} tokens, over --max_prompt_length "
-                             f"{args.max_prompt_length} (see --long_prompts)")
+            raise InputError(
+                f"{where}: prompt has {len(prompt_ids)} tokens, over --max_prompt_length "
+                f"{args.max_prompt_length} (see --long_prompts)"
+            )
         if args.long_prompts == "skip":
             counts["long_prompt_skipped"] = counts.get("long_prompt_skipped", 0) + 1
             return None
         counts["long_prompt_truncated"] = counts.get("long_prompt_truncated", 0) + 1
-        prompt_ids = prompt_ids[-args.max_prompt_length:]
+        prompt_ids = prompt_ids[-args.max_prompt_length :]
     budget = args.max_length - len(prompt_ids)
     if len(response_ids) > budget:
         counts["response_truncated"] = counts.get("response_truncated", 0) + 1
@@ -1069,7 +1468,11 @@ def load_evaluation(args: Args, example: dict) -> tuple:
     preset = DATASETS.get(args.dataset, {})
     eval_file = args.eval_prompts or preset.get("eval")
     reward_fn = load_reward_fn(args.reward_fn or preset.get("reward_fn"), example)
-    scorers = {"reward": lambda prompts, responses: [reward_fn(p, r) for p, r in zip(prompts, responses)]} if reward_fn else {}
+    scorers = (
+        {"reward": lambda prompts, responses: [reward_fn(p, r) for p, r in zip(prompts, responses)]}
+        if reward_fn
+        else {}
+    )
     if args.reward_model:
         scorers["rm_score"] = reward_model_scorer(args, example)
     return scorers, load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
@@ -1080,8 +1483,9 @@ def accumulation(global_batch: int, batch_size: int) -> int:
     """Micro-batches per optimizer step, so that a step sees global_batch examples at any number of ranks."""
     ranks = int(os.environ.get("WORLD_SIZE", 1))  # known before the process group is joined
     if global_batch < 1 or batch_size < 1 or global_batch % (batch_size * ranks):
-        raise InputError(f"--global_batch {global_batch} must be a positive multiple of --batch_size {batch_size} "
-                         f"x {ranks} ranks")
+        raise InputError(
+            f"--global_batch {global_batch} must be a positive multiple of --batch_size {batch_size} x {ranks} ranks"
+        )
     return global_batch // (batch_size * ranks)
 
 
@@ -1105,8 +1509,11 @@ def init_device(seed: int, timeout_minutes: int = 180) -> torch.device:
     if "RANK" in os.environ and not dist.is_initialized():
         import datetime
 
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=device if device.type == "cuda" else None,
+        )
     torch.manual_seed(seed)
     return device
 
@@ -1130,7 +1537,7 @@ def now() -> int:
 def shard(items: list) -> tuple[list, int]:
     """This rank's share, padded (with its last item) so every rank runs the same number of batches."""
     per_rank = math.ceil(len(items) / world())
-    mine = items[rank() * per_rank: (rank() + 1) * per_rank]
+    mine = items[rank() * per_rank : (rank() + 1) * per_rank]
     real = len(mine)
     return mine + [items[-1]] * (per_rank - real), real
 
@@ -1223,10 +1630,15 @@ def check_resume(args: Args):
     stored = json.loads(saved.read_text())
     ranks = int(os.environ.get("WORLD_SIZE", 1))
     if stored.get("world_size", 1) != ranks:  # per-rank data shards and trainer states
-        raise InputError(f"--resume: the run in {args.output_dir} was started on {stored.get('world_size', 1)} ranks, "
-                         f"this launch has {ranks}; resume with the same number of ranks")
-    changed = {k for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
-               if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
+        raise InputError(
+            f"--resume: the run in {args.output_dir} was started on {stored.get('world_size', 1)} ranks, "
+            f"this launch has {ranks}; resume with the same number of ranks"
+        )
+    changed = {
+        k
+        for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
+        if k not in ("resume", "stop_after_steps") and stored.get(k) != v
+    }
     if changed:
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
 
@@ -1309,8 +1721,9 @@ def load_model(path: str, device: torch.device, args: Args | None = None, frozen
 
     bf16 = args is not None and args.dtype == "bfloat16"
     sharded = frozen and world() > 1 and args.lora_r == 0
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded)
-                                                 else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded) else torch.float32
+    )
     model.checkpoint_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32  # what save_atomic writes
     if frozen:
         model.requires_grad_(False).eval()
@@ -1336,7 +1749,9 @@ def shard_model(model, args: Args):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     bf16 = args.dtype == "bfloat16"
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
+    )
     layer_types = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in layer_types:
@@ -1358,8 +1773,13 @@ def prepare_for_training(model, args: Args):
             import peft
         except ImportError:
             raise InputError("--lora_r > 0 needs peft: pip install 'selfpo[lora]'") from None
-        config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        config = peft.LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
         model = peft.get_peft_model(model, config)
         for p in model.parameters() if world() > 1 else []:  # ranks' RNGs differ (generate): rank 0's adapter
             if p.requires_grad:
@@ -1371,19 +1791,32 @@ def prepare_for_training(model, args: Args):
 
 
 # Copied from sera.make_optimizer
-def make_optimizer(model, lr: float, n_steps: int, args: Args, schedule: str = "constant", state: dict | None = None,
-                   kind: str = "adamw"):
+def make_optimizer(
+    model,
+    lr: float,
+    n_steps: int,
+    args: Args,
+    schedule: str = "constant",
+    state: dict | None = None,
+    kind: str = "adamw",
+):
     """AdamW without weight decay (or RMSprop) over the trainable parameters; linear warmup over --warmup_ratio of
     n_steps, then constant or cosine. `state` (a step checkpoint's trainer_state) restores the optimizer, the
     scheduler and the random number generators. Returns (trainable parameters, optimizer, scheduler)."""
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (torch.optim.RMSprop(trainable, lr=lr) if kind == "rmsprop"
-                 else torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0))
+    optimizer = (
+        torch.optim.RMSprop(trainable, lr=lr)
+        if kind == "rmsprop"
+        else torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    )
     warmup = int(args.warmup_ratio * n_steps)
-    scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, n_steps) if schedule == "cosine"
-                 else get_constant_schedule_with_warmup(optimizer, warmup))
+    scheduler = (
+        get_cosine_schedule_with_warmup(optimizer, warmup, n_steps)
+        if schedule == "cosine"
+        else get_constant_schedule_with_warmup(optimizer, warmup)
+    )
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -1409,8 +1842,10 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
     *values, grad_norm = torch.cat([stats.sums, grad_norm.reshape(1).to(stats.sums)]).tolist()
     total = dict(zip(stats.names, values))
     if not math.isfinite(values[0]):
-        raise InputError(f"non-finite loss ({values[0]}) at {where}: stopping before the update (the last checkpoint "
-                         "is intact); lower --lr or --beta, or check that step's data")
+        raise InputError(
+            f"non-finite loss ({values[0]}) at {where}: stopping before the update (the last checkpoint "
+            "is intact); lower --lr or --beta, or check that step's data"
+        )
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -1477,7 +1912,7 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
     for i, (prompt, response) in enumerate(sequences):
         n = len(prompt) + len(response)
         ids[i, :n] = torch.tensor(prompt + response)
-        labels[i, len(prompt):n] = torch.tensor(response)
+        labels[i, len(prompt) : n] = torch.tensor(response)
         mask[i, :n] = 1
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
@@ -1487,19 +1922,28 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 
 
 # Copied from opsr.load_prompt_pool
-def load_prompt_pool(spec: str | None, pairs: list[dict], tokenizer, args: Args, counts: dict,
-                     problem=None) -> list[list[dict]]:
+def load_prompt_pool(
+    spec: str | None, pairs: list[dict], tokenizer, args: Args, counts: dict, problem=None
+) -> list[list[dict]]:
     """The online prompt pool X: the 'prompt' rows of `spec` (--prompts), else the distinct prompts of the offline
     pairs; the first --num_prompts. A prompt over --max_prompt_length (pairs are trained on it), or one for which
     `problem(prompt)` names another limit, stops the run, or with --long_prompts skip is dropped and counted."""
-    pool = ([[{"role": "user", "content": prompt}] for prompt in load_prompts(spec, "--prompts")] if spec else
-            list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values()))
+    pool = (
+        [[{"role": "user", "content": prompt}] for prompt in load_prompts(spec, "--prompts")]
+        if spec
+        else list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values())
+    )
     pool = pool[: args.num_prompts] if args.num_prompts else pool
     kept = []
     for index, prompt in enumerate(pool):
         length = len(encode(tokenizer, prompt)[0])
-        issue = (f"prompt has {length} tokens, over --max_prompt_length {args.max_prompt_length}"
-                 if length > args.max_prompt_length else problem(prompt) if problem else None)
+        issue = (
+            f"prompt has {length} tokens, over --max_prompt_length {args.max_prompt_length}"
+            if length > args.max_prompt_length
+            else problem(prompt)
+            if problem
+            else None
+        )
         if issue is None:
             kept.append(prompt)
         elif args.long_prompts == "error":
@@ -1515,8 +1959,19 @@ def load_prompt_pool(spec: str | None, pairs: list[dict], tokenizer, args: Args,
 def save_checkpoint(model, tokenizer, directory: Path, optimizer, scheduler, step: int):
     """A resumable step checkpoint: the weights, and this rank's optimizer, scheduler, step and random number
     generators, in one atomically renamed folder (read back by trainer_state)."""
-    return save_atomic(model, tokenizer, directory, {f"trainer_state_rank{rank()}.pt": {
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state()}})
+    return save_atomic(
+        model,
+        tokenizer,
+        directory,
+        {
+            f"trainer_state_rank{rank()}.pt": {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "rng": rng_state(),
+            }
+        },
+    )
 
 
 # Copied from sera.trainer_state
@@ -1529,6 +1984,7 @@ def trainer_state(directory: Path) -> dict | None:
 # Copied from sera.VLLMEngine
 class VLLMEngine:
     """--sampler vllm: this process's engine for the whole run, the checkpoint it holds, its longest sequence."""
+
     llm, path, max_model_len = None, None, None
 
 
@@ -1552,8 +2008,13 @@ def start_vllm(vllm, model_path: str, args: Args, seed: int, sleeps: bool, longe
     from vllm.platforms import current_platform
 
     max_model_len = max(args.max_prompt_length, longest_prompt) + args.max_new_tokens
-    kwargs = dict(model=model_path, seed=seed, gpu_memory_utilization=0.3, max_model_len=max_model_len,
-                  dtype={"auto": "bfloat16" if torch.cuda.is_available() else "float32"}.get(args.dtype, args.dtype))
+    kwargs = dict(
+        model=model_path,
+        seed=seed,
+        gpu_memory_utilization=0.3,
+        max_model_len=max_model_len,
+        dtype={"auto": "bfloat16" if torch.cuda.is_available() else "float32"}.get(args.dtype, args.dtype),
+    )
     if sleeps:
         kwargs["enable_sleep_mode"] = True  # refused where the platform has none (CPU)
     if current_platform.is_cpu():
@@ -1580,8 +2041,19 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 # Copied from sera.generate
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
-             device, seed: int, model_path: str | None = None, desc: str = "generate") -> list[list[tuple[str, bool]]]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    n: int,
+    temperature: float,
+    top_p: float,
+    args: Args,
+    device,
+    seed: int,
+    model_path: str | None = None,
+    desc: str = "generate",
+) -> list[list[tuple[str, bool]]]:
     """n samples per prompt as (text, finished) where finished = stopped on a stop_ids token within
     max_new_tokens. Prompts are encode()'s ids. Sampling is exactly temperature / top-p: top-k off (transformers
     would fill 50) and no repetition penalty from the model's generation_config. With --sampler vllm (and a
@@ -1614,14 +2086,26 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
         VLLMEngine.path = model_path
         longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
         if len(prompt_ids[longest]) + args.max_new_tokens > VLLMEngine.max_model_len:
-            raise InputError(f"{desc}: a prompt of {len(prompt_ids[longest])} tokens + --max_new_tokens "
-                             f"{args.max_new_tokens} is over the vLLM engine's max_model_len {VLLMEngine.max_model_len} "
-                             "(--max_prompt_length + --max_new_tokens when it started); raise --max_prompt_length")
+            raise InputError(
+                f"{desc}: a prompt of {len(prompt_ids[longest])} tokens + --max_new_tokens "
+                f"{args.max_new_tokens} is over the vLLM engine's max_model_len {VLLMEngine.max_model_len} "
+                "(--max_prompt_length + --max_new_tokens when it started); raise --max_prompt_length"
+            )
         # vLLM seeds sample j of a request seed + j: one seed per prompt, n apart, so that no two samples share a
         # random stream, and from the call's seed and the prompt's index (not the engine's history)
-        params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0,
-                                      max_tokens=args.max_new_tokens, stop_token_ids=stop,
-                                      seed=seed * 1_000_003 + (rank() * len(mine) + i) * n) for i in range(len(mine))]
+        params = [
+            vllm.SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=-1,
+                repetition_penalty=1.0,
+                max_tokens=args.max_new_tokens,
+                stop_token_ids=stop,
+                seed=seed * 1_000_003 + (rank() * len(mine) + i) * n,
+            )
+            for i in range(len(mine))
+        ]
         results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         if sleeps:
             llm.sleep(level=2)
@@ -1634,22 +2118,35 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     mine, real = shard(prompts)
     prompt_ids = [encode(tokenizer, p)[0] for p in mine]
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together: little padding
-    sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
-                if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
+        if temperature > 0
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    )
     outputs = {}
     batch_size = max(1, args.generation_batch_size // n)
     for start in progress(range(0, len(order), batch_size), desc=desc, inner=True):
-        indices = order[start:start + batch_size]
+        indices = order[start : start + batch_size]
         enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in indices]}, return_tensors="pt").to(device)
         # one autocast around the whole call: the bf16 casts of trainable fp32 weights are made once, not per token
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-            out = sampler.generate(**enc, **sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=n,
-                                   eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
-        rows = out[:, enc["input_ids"].shape[1]:].tolist()
+            out = sampler.generate(
+                **enc,
+                **sampling,
+                max_new_tokens=args.max_new_tokens,
+                num_return_sequences=n,
+                eos_token_id=stop,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        rows = out[:, enc["input_ids"].shape[1] :].tolist()
         for k, i in enumerate(indices):  # num_return_sequences rows per prompt, consecutive
-            ends = [next((j for j, token in enumerate(row) if token in stop), None) for row in rows[k * n:(k + 1) * n]]
-            outputs[i] = [(tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None)
-                          for row, end in zip(rows[k * n:(k + 1) * n], ends)]
+            ends = [
+                next((j for j, token in enumerate(row) if token in stop), None) for row in rows[k * n : (k + 1) * n]
+            ]
+            outputs[i] = [
+                (tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None)
+                for row, end in zip(rows[k * n : (k + 1) * n], ends)
+            ]
     sampler.train(training)
     return gather([outputs[i] for i in range(real)])
 
@@ -1664,8 +2161,10 @@ def unsharded_copy(model, args: Args):
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     with torch.device("meta"):
         copy = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
-    state = {name: (value.full_tensor() if hasattr(value, "full_tensor") else value).to(dtype)
-             for name, value in model.state_dict().items()}
+    state = {
+        name: (value.full_tensor() if hasattr(value, "full_tensor") else value).to(dtype)
+        for name, value in model.state_dict().items()
+    }
     copy.load_state_dict(state, assign=True)
     for name, buffer in model.named_buffers():  # non-persistent buffers (rotary frequencies) are not in the state
         module, _, attr = name.rpartition(".")
@@ -1688,17 +2187,22 @@ def load_reward_model(path: str, chat_template: str | None):
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise InputError(f"--reward_model: no model could be loaded from {path!r} ({str(err).splitlines()[0]})") from None
+        raise InputError(
+            f"--reward_model: no model could be loaded from {path!r} ({str(err).splitlines()[0]})"
+        ) from None
     if config.num_labels != 1:
-        raise InputError(f"--reward_model: {path!r} has {config.num_labels} outputs (num_labels); expected a sequence "
-                         "classifier with one (AutoModelForSequenceClassification, num_labels=1)")
+        raise InputError(
+            f"--reward_model: {path!r} has {config.num_labels} outputs (num_labels); expected a sequence "
+            "classifier with one (AutoModelForSequenceClassification, num_labels=1)"
+        )
     if chat_template and "{%" not in chat_template and not Path(chat_template).is_file():
         raise InputError(f"--reward_chat_template: file {chat_template!r} not found")
     if chat_template:
         tokenizer.chat_template = chat_template if "{%" in chat_template else Path(chat_template).read_text()
     if not tokenizer.chat_template:
-        raise InputError(f"--reward_model: the tokenizer of {path!r} has no chat template; pass --reward_chat_template "
-                         "file.jinja")
+        raise InputError(
+            f"--reward_model: the tokenizer of {path!r} has no chat template; pass --reward_chat_template file.jinja"
+        )
     return tokenizer
 
 
@@ -1708,8 +2212,12 @@ def reward_model_ids(tokenizer, prompts: list[str], responses: list[str]) -> lis
     from jinja2 import TemplateError
 
     try:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                               tokenize=False) for p, r in zip(prompts, responses)]
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+            )
+            for p, r in zip(prompts, responses)
+        ]
     except TemplateError as err:
         raise InputError(f"--reward_model: its chat template refuses a user and an assistant turn: {err}") from None
     return [tokenize(tokenizer, text) for text in texts]
@@ -1721,13 +2229,16 @@ def reward_model_scorer(args: Args, example: dict | None = None):
     tokenizer = load_reward_model(args.reward_model, args.reward_chat_template)
     if example is not None:
         reward_model_ids(tokenizer, [example["prompt"][-1]["content"]], [example["chosen"]])
-    return lambda prompts, responses: reward_model_scores(args.reward_model, tokenizer, prompts, responses, args,
-                                                          comm_device())
+    return lambda prompts, responses: reward_model_scores(
+        args.reward_model, tokenizer, prompts, responses, args, comm_device()
+    )
 
 
 # Copied from sera.reward_model_scores
 @torch.no_grad()
-def reward_model_scores(path: str, tokenizer, prompts: list[str], responses: list[str], args: Args, device) -> list[float]:
+def reward_model_scores(
+    path: str, tokenizer, prompts: list[str], responses: list[str], args: Args, device
+) -> list[float]:
     """The reward model's score of each (prompt, response), on all ranks: each rank scores its share in batches
     sorted by length, in the compute dtype; the model is loaded for this call and freed after it (at 7B it
     would otherwise hold a second model's memory through training). Batches are padded on the right, so every
@@ -1738,20 +2249,27 @@ def reward_model_scores(path: str, tokenizer, prompts: list[str], responses: lis
     ids = reward_model_ids(tokenizer, prompts, responses)
     mine, real = shard(list(range(len(ids))))
     with torch.random.fork_rng(devices=[]):  # loading draws nothing from the run's random numbers
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32).to(device).eval()
+        model = (
+            AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+            )
+            .to(device)
+            .eval()
+        )
     pad_id = getattr(model.config, "pad_token_id", None)
     order = sorted(range(len(mine)), key=lambda k: len(ids[mine[k]]))
     scores = {}
     for start in progress(range(0, len(order), args.scoring_batch_size), desc="reward model", inner=True):
-        batch = [ids[mine[k]] for k in order[start:start + args.scoring_batch_size]]
+        batch = [ids[mine[k]] for k in order[start : start + args.scoring_batch_size]]
         if pad_id is None:  # without a pad id the model reads the last token: pad with one no sequence here ends on
             model.config.pad_token_id = min(set(range(len(batch) + 1)) - {seq[-1] for seq in batch})
         width = max(map(len, batch))
-        input_ids = torch.tensor([seq + [model.config.pad_token_id] * (width - len(seq)) for seq in batch], device=device)
+        input_ids = torch.tensor(
+            [seq + [model.config.pad_token_id] * (width - len(seq)) for seq in batch], device=device
+        )
         attention_mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in batch], device=device)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        scores.update(zip(order[start:start + args.scoring_batch_size], logits[:, 0].float().tolist()))
+        scores.update(zip(order[start : start + args.scoring_batch_size], logits[:, 0].float().tolist()))
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -1780,30 +2298,52 @@ def pairwise_agreement(scores, start_scores, gold, gold_start) -> float:
 
 
 # Copied from sera.evaluate
-def evaluate(model, tokenizer, eval_prompts, scorers, args, device, model_path=None, start_file=None,
-             is_start=False) -> tuple[float, dict]:
+def evaluate(
+    model, tokenizer, eval_prompts, scorers, args, device, model_path=None, start_file=None, is_start=False
+) -> tuple[float, dict]:
     """One sample per held-out prompt, scored by every scorer of load_evaluation: the first scorer's mean and the
     metrics (eval/reward, eval/rm_score; eval/win_rate with its interval against the starting model's samples, by
     the reward model where there is one; the reward model's agreement with --reward_fn; both mean lengths in
     words). The starting model's evaluation (is_start) keeps its samples and scores in start_file; every later one
     (same seed and settings) is compared with them, in a resumed run too."""
-    samples = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in eval_prompts], 1,
-                       args.eval_temperature, 1.0, args, device, seed=args.seed + 10_000, model_path=model_path, desc="eval")
+    samples = generate(
+        model,
+        tokenizer,
+        [[{"role": "user", "content": p}] for p in eval_prompts],
+        1,
+        args.eval_temperature,
+        1.0,
+        args,
+        device,
+        seed=args.seed + 10_000,
+        model_path=model_path,
+        desc="eval",
+    )
     responses = [s[0][0] for s in samples]
     scores = {name: scorer(eval_prompts, responses) for name, scorer in scorers.items()}
     metrics = {f"eval/{name}": sum(values) / len(values) for name, values in scores.items()}
     if is_start and start_file is not None:
         write_atomic(start_file, {"responses": responses, "scores": scores})
-    start = ({"responses": responses, "scores": scores} if is_start else
-             json.loads(start_file.read_text()) if start_file is not None and start_file.exists() else None)
+    start = (
+        {"responses": responses, "scores": scores}
+        if is_start
+        else json.loads(start_file.read_text())
+        if start_file is not None and start_file.exists()
+        else None
+    )
     if start is not None:
         judge = "rm_score" if "rm_score" in scores else next(iter(scores))
-        metrics.update(zip(("eval/win_rate", "eval/win_rate_lo", "eval/win_rate_hi"),
-                           win_rate(scores[judge], start["scores"][judge])))
+        metrics.update(
+            zip(
+                ("eval/win_rate", "eval/win_rate_lo", "eval/win_rate_hi"),
+                win_rate(scores[judge], start["scores"][judge]),
+            )
+        )
         if "rm_score" in scores and "reward" in scores:  # proxy against gold on the run's own samples
             metrics["eval/reward_win_rate"] = win_rate(scores["reward"], start["scores"]["reward"])[0]
-            metrics["eval/rm_oracle_agreement"] = pairwise_agreement(scores["rm_score"], start["scores"]["rm_score"],
-                                                                     scores["reward"], start["scores"]["reward"])
+            metrics["eval/rm_oracle_agreement"] = pairwise_agreement(
+                scores["rm_score"], start["scores"]["rm_score"], scores["reward"], start["scores"]["reward"]
+            )
     metrics["eval/response_words"] = sum(len(r.split()) for r in responses) / len(responses)
     if start is not None:
         metrics["eval/start_response_words"] = sum(len(r.split()) for r in start["responses"]) / len(start["responses"])

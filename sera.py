@@ -55,33 +55,93 @@ HH_TEMPLATE = (
 # Per-model settings (ALGORITHMS.md §3.3). beta is per loss; None fields of Args are filled from here.
 MODELS = {
     "toy": dict(  # the shipped tiny model; learning rate and beta scaled to it [ours]
-        path=str(TOY / "model"), dataset="toy", beta=dict(dpo=0.1, ipo=1.0, hinge=0.2, simpo=2.0), gamma=1.0,
-        lr=2e-5, batch_size=16, global_batch=16, lora_r=0, max_length=96, max_prompt_length=64, max_new_tokens=24,
-        scheduler="constant", long_prompts="error", num_eval=200, scoring_batch_size=128, generation_batch_size=256),
+        path=str(TOY / "model"),
+        dataset="toy",
+        beta=dict(dpo=0.1, ipo=1.0, hinge=0.2, simpo=2.0),
+        gamma=1.0,
+        lr=2e-5,
+        batch_size=16,
+        global_batch=16,
+        lora_r=0,
+        max_length=96,
+        max_prompt_length=64,
+        max_new_tokens=24,
+        scheduler="constant",
+        long_prompts="error",
+        num_eval=200,
+        scoring_batch_size=128,
+        generation_batch_size=256,
+    ),
     "tinyllama": dict(  # [ours] public stand-in, already DPO-aligned on UltraFeedback; the paper SFTs TinyLlama on
         # UltraChat itself (pass that SFT checkpoint with --model ./sft)
-        path="TinyLlama/TinyLlama-1.1B-Chat-v1.0", dataset="ultrafeedback",
-        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-7, batch_size=8, global_batch=16,
-        lora_r=0, max_length=1024, max_prompt_length=512, max_new_tokens=512, scheduler="cosine",
-        long_prompts="skip", num_eval=500, scoring_batch_size=16, generation_batch_size=64),
+        path="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        dataset="ultrafeedback",
+        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0),
+        gamma=1.6,
+        lr=5e-7,
+        batch_size=8,
+        global_batch=16,
+        lora_r=0,
+        max_length=1024,
+        max_prompt_length=512,
+        max_new_tokens=512,
+        scheduler="cosine",
+        long_prompts="skip",
+        num_eval=500,
+        scoring_batch_size=16,
+        generation_batch_size=64,
+    ),
     "pythia-2.8b": dict(  # base model: give it the HH format [ours]; the paper SFTs it first (pass --model ./sft)
-        path="EleutherAI/pythia-2.8b", dataset="ultrafeedback", chat_template=HH_TEMPLATE,
-        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-7, batch_size=4, global_batch=16,
-        lora_r=0, max_length=1024, max_prompt_length=512, max_new_tokens=512, scheduler="cosine",
-        long_prompts="skip", num_eval=500, scoring_batch_size=16, generation_batch_size=64),
+        path="EleutherAI/pythia-2.8b",
+        dataset="ultrafeedback",
+        chat_template=HH_TEMPLATE,
+        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0),
+        gamma=1.6,
+        lr=5e-7,
+        batch_size=4,
+        global_batch=16,
+        lora_r=0,
+        max_length=1024,
+        max_prompt_length=512,
+        max_new_tokens=512,
+        scheduler="cosine",
+        long_prompts="skip",
+        num_eval=500,
+        scoring_batch_size=16,
+        generation_batch_size=64,
+    ),
     "mistral-7b": dict(  # alignment-handbook Zephyr DPO LoRA recipe with rank 8 (SeRA App. B.2, Table 4)
-        path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback", gradient_checkpointing=True,
-        beta=dict(dpo=0.01, hinge=0.01, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-6, batch_size=4, global_batch=16,
-        lora_r=8, lora_alpha=128, lora_dropout=0.05, max_length=1024, max_prompt_length=512, max_new_tokens=512,
-        scheduler="cosine", long_prompts="skip", num_eval=500, scoring_batch_size=8, generation_batch_size=64),
+        path="alignment-handbook/zephyr-7b-sft-full",
+        dataset="ultrafeedback",
+        gradient_checkpointing=True,
+        beta=dict(dpo=0.01, hinge=0.01, ipo=1.0, simpo=2.0),
+        gamma=1.6,
+        lr=5e-6,
+        batch_size=4,
+        global_batch=16,
+        lora_r=8,
+        lora_alpha=128,
+        lora_dropout=0.05,
+        max_length=1024,
+        max_prompt_length=512,
+        max_new_tokens=512,
+        scheduler="cosine",
+        long_prompts="skip",
+        num_eval=500,
+        scoring_batch_size=8,
+        generation_batch_size=64,
+    ),
 }
 
 DATASETS = {
     "ultrafeedback": dict(path="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs"),
     "hh-rlhf": dict(path="Anthropic/hh-rlhf", split="train"),
     "tldr": dict(path="openai/summarize_from_feedback", name="comparisons", split="train"),
-    "toy": dict(path=str(TOY / "data" / "prefs.jsonl"), eval=str(TOY / "data" / "eval.jsonl"),
-                reward_fn=f"{TOY / 'oracle.py'}:score"),
+    "toy": dict(
+        path=str(TOY / "data" / "prefs.jsonl"),
+        eval=str(TOY / "data" / "eval.jsonl"),
+        reward_fn=f"{TOY / 'oracle.py'}:score",
+    ),
 }
 
 
@@ -180,28 +240,52 @@ class Args:
 
 def resolve(args: Args) -> tuple[Args, dict]:
     preset, filled = model_preset(args, MODELS, "tinyllama")  # a custom model: tinyllama's settings
-    filled |= {k: preset[k] for k in ("lr", "batch_size", "global_batch", "max_length", "max_prompt_length",
-                                      "max_new_tokens", "scheduler", "long_prompts", "num_eval", "scoring_batch_size",
-                                      "generation_batch_size")
-              if getattr(args, k) is None}
+    filled |= {
+        k: preset[k]
+        for k in (
+            "lr",
+            "batch_size",
+            "global_batch",
+            "max_length",
+            "max_prompt_length",
+            "max_new_tokens",
+            "scheduler",
+            "long_prompts",
+            "num_eval",
+            "scoring_batch_size",
+            "generation_batch_size",
+        )
+        if getattr(args, k) is None
+    }
     if args.beta is None:
         filled["beta"] = preset["beta"][args.loss]
     if args.gamma is None:
         filled["gamma"] = preset.get("gamma", 1.0)
     args = dataclasses.replace(args, **filled)
-    check_args(args, [
-        (args.iterations >= 1 and args.epochs >= 1,
-         f"--iterations and --epochs must be >= 1, got {args.iterations} and {args.epochs}"),
-        (0 < args.rho_1 <= 1, f"--rho_1 must be in (0, 1], got {args.rho_1}"),
-        (args.rho_2 is None or args.rho_2 >= 0, f"--rho_2 must be >= 0, got {args.rho_2}"),
-        (0 <= args.gamma_e <= 1, f"--gamma_e must be in [0, 1], got {args.gamma_e}"),
-        (args.n_cand >= 2, f"--n_cand must be >= 2, got {args.n_cand}"),
-        (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
-        (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
-        (args.batch_size >= 1 and accumulation(args.global_batch, args.batch_size) >= 1, "--batch_size must be >= 1"),
-        (args.num_pairs is None or args.num_pairs >= 2, "--num_pairs must be >= 2"),
-        (args.save_every == 0 or args.lora_r == 0, "--save_every is not supported with LoRA (checkpoints are per iteration)"),
-    ])
+    check_args(
+        args,
+        [
+            (
+                args.iterations >= 1 and args.epochs >= 1,
+                f"--iterations and --epochs must be >= 1, got {args.iterations} and {args.epochs}",
+            ),
+            (0 < args.rho_1 <= 1, f"--rho_1 must be in (0, 1], got {args.rho_1}"),
+            (args.rho_2 is None or args.rho_2 >= 0, f"--rho_2 must be >= 0, got {args.rho_2}"),
+            (0 <= args.gamma_e <= 1, f"--gamma_e must be in [0, 1], got {args.gamma_e}"),
+            (args.n_cand >= 2, f"--n_cand must be >= 2, got {args.n_cand}"),
+            (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
+            (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+            (
+                args.batch_size >= 1 and accumulation(args.global_batch, args.batch_size) >= 1,
+                "--batch_size must be >= 1",
+            ),
+            (args.num_pairs is None or args.num_pairs >= 2, "--num_pairs must be >= 2"),
+            (
+                args.save_every == 0 or args.lora_r == 0,
+                "--save_every is not supported with LoRA (checkpoints are per iteration)",
+            ),
+        ],
+    )
     return args, preset
 
 
@@ -266,7 +350,9 @@ def bootstrap_pairs(prompt_keys: list, candidates: list[list[str]], rewards: lis
         if len(texts) < 2:
             continue
         best, worst = int(torch.argmax(reward)), int(torch.argmin(reward))
-        pairs.append({"key": key, "chosen": texts[best], "rejected": texts[worst], "margin": float(reward[best] - reward[worst])})
+        pairs.append(
+            {"key": key, "chosen": texts[best], "rejected": texts[worst], "margin": float(reward[best] - reward[worst])}
+        )
     return pairs
 
 
@@ -282,59 +368,122 @@ def daa_losses(logps, ref_logps, counts, args: Args):
     n = len(logps) // 2
     if args.loss == "simpo" or args.length_norm == "avg":
         logps, ref_logps = logps / counts, ref_logps / counts
-    losses = pair_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], kind=args.loss, beta=args.beta,
-                       gamma=args.gamma, reduction="none")
+    losses = pair_loss(
+        logps[:n],
+        logps[n:],
+        ref_logps[:n],
+        ref_logps[n:],
+        kind=args.loss,
+        beta=args.beta,
+        gamma=args.gamma,
+        reduction="none",
+    )
     with torch.no_grad():
         if args.loss == "simpo":
             return losses, args.beta * logps[:n], args.beta * logps[n:]
         return losses, args.beta * (logps[:n] - ref_logps[:n]), args.beta * (logps[n:] - ref_logps[n:])
 
 
-DAA_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-             "logps/rejected", "pairs", "tokens")  # train_iteration's sums per step; the first seven are per-pair means
+DAA_STATS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "pairs",
+    "tokens",
+)  # train_iteration's sums per step; the first seven are per-pair means
 
 
-def train_iteration(model, pairs: list[dict], t: int, args: Args, lr: float, device, pad_id: int, log, save_step,
-                    start_step=0, saved=None):
-    order = [i for epoch in range(args.epochs)  # a fresh permutation of D_t per epoch
-             for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(
-                 args.seed * 1000 + t + 100_000 * epoch)).tolist()]
+def train_iteration(
+    model,
+    pairs: list[dict],
+    t: int,
+    args: Args,
+    lr: float,
+    device,
+    pad_id: int,
+    log,
+    save_step,
+    start_step=0,
+    saved=None,
+):
+    order = [
+        i
+        for epoch in range(args.epochs)  # a fresh permutation of D_t per epoch
+        for i in torch.randperm(
+            len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + t + 100_000 * epoch)
+        ).tolist()
+    ]
     grad_accum, per_step = accumulation(args.global_batch, args.batch_size), args.global_batch
     n_steps = max(1, len(order) // per_step)
     # every rank runs the same micro-batches (FSDP collectives): the remainder is dropped, counted
     used = order[: n_steps * per_step] if len(order) >= per_step else order[: len(order) - len(order) % world()]
     dropped = len(order) - len(used)
-    local = used[rank()::world()]
+    local = used[rank() :: world()]
     micro = max(1, math.ceil(len(local) / (n_steps * grad_accum)))
     trainable, optimizer, scheduler = make_optimizer(model, lr, n_steps, args, args.scheduler, saved)
-    log({"iteration": t, "train/pairs": len(pairs), "train/pairs_dropped_remainder": dropped, "train/steps": n_steps,
-         "train/grad_accum": grad_accum})
+    log(
+        {
+            "iteration": t,
+            "train/pairs": len(pairs),
+            "train/pairs_dropped_remainder": dropped,
+            "train/steps": n_steps,
+            "train/grad_accum": grad_accum,
+        }
+    )
     use_avg = args.loss == "simpo" or args.length_norm == "avg"
     bar = progress(range(start_step, n_steps), desc=f"iteration {t}")
     for step in bar:
         tic, stats = time.perf_counter(), StepStats(DAA_STATS, device)
         offsets = [(step * grad_accum + accum) * micro for accum in range(grad_accum)]
-        for batch_pairs in micro_batches(model, [[pairs[i] for i in local[o: o + micro]] for o in offsets]):
+        for batch_pairs in micro_batches(model, [[pairs[i] for i in local[o : o + micro]] for o in offsets]):
             n = len(batch_pairs)
-            batch = collate([(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
-                            + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs], pad_id, device)
+            batch = collate(
+                [(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
+                + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs],
+                pad_id,
+                device,
+            )
             logps, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             counts = (batch["labels"][:, 1:] != -100).sum(1).float()
-            ref = torch.tensor([p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
-                               device=device, dtype=torch.float32)
+            ref = torch.tensor(
+                [p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
+                device=device,
+                dtype=torch.float32,
+            )
             losses, chosen_reward, rejected_reward = daa_losses(logps, ref, counts, args)
             (losses.sum() / (micro * grad_accum)).backward()
             with torch.no_grad():
                 if use_avg:
                     logps = logps / counts
                 margin = chosen_reward - rejected_reward
-                stats.add(**{"loss": losses, "rewards/chosen": chosen_reward, "rewards/rejected": rejected_reward,
-                             "rewards/margins": margin, "rewards/accuracies": margin > 0, "logps/chosen": logps[:n],
-                             "logps/rejected": logps[n:], "pairs": n, "tokens": batch["attention_mask"]})
-        total, grad_norm = optimizer_step(trainable, optimizer, scheduler, stats, args, f"iteration {t} step {step + 1}")
-        metrics = {"iteration": t, "step": step + 1, **{name: total[name] / total["pairs"] for name in DAA_STATS[:7]},
-                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_sec": total["tokens"] / (time.perf_counter() - tic)}
+                stats.add(
+                    **{
+                        "loss": losses,
+                        "rewards/chosen": chosen_reward,
+                        "rewards/rejected": rejected_reward,
+                        "rewards/margins": margin,
+                        "rewards/accuracies": margin > 0,
+                        "logps/chosen": logps[:n],
+                        "logps/rejected": logps[n:],
+                        "pairs": n,
+                        "tokens": batch["attention_mask"],
+                    }
+                )
+        total, grad_norm = optimizer_step(
+            trainable, optimizer, scheduler, stats, args, f"iteration {t} step {step + 1}"
+        )
+        metrics = {
+            "iteration": t,
+            "step": step + 1,
+            **{name: total[name] / total["pairs"] for name in DAA_STATS[:7]},
+            "grad_norm": grad_norm,
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_sec": total["tokens"] / (time.perf_counter() - tic),
+        }
         log(metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}", refresh=False)
         save_step(step + 1, n_steps, optimizer, scheduler)
@@ -349,7 +498,9 @@ def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple
     pairs, counts = [], {}
     for index, pair in parse_rows(rows[: args.num_pairs] if args.num_pairs else rows, source, args, counts):
         where = f"dataset {source} row {index}"
-        sides = [fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, counts) for side in ("chosen", "rejected")]
+        sides = [
+            fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, counts) for side in ("chosen", "rejected")
+        ]
         if sides[0] is None:
             continue
         pairs.append(dict(pair, index=index, prompt_ids=sides[0][0], chosen_ids=sides[0][1], rejected_ids=sides[1][1]))
@@ -384,18 +535,30 @@ def main(args: Args) -> dict:
     # offline_logps[j] = (S(theta_j, y_w), S(theta_j, y_l)) for every offline pair, computed while
     # theta_j is the current model; they are the IRM inputs and the training reference.
     offline_logps = torch.load(cache_file) if args.resume and cache_file.exists() else {}
-    offline_counts = torch.tensor([len(p["chosen_ids"]) for p in pairs] + [len(p["rejected_ids"]) for p in pairs], dtype=torch.float64)
+    offline_counts = torch.tensor(
+        [len(p["chosen_ids"]) for p in pairs] + [len(p["rejected_ids"]) for p in pairs], dtype=torch.float64
+    )
     n_pairs = len(pairs)
     k1, k2 = selection_sizes(n_pairs, args.rho_1, args.rho_2)
 
     def evaluate_and_log(t: int, model, path: str):
-        state["eval"][str(t)], metrics = evaluate(model, tokenizer, eval_prompts, scorers, args, device, path,
-                                                  out_dir / "eval_start.json", is_start=t == 0)
+        state["eval"][str(t)], metrics = evaluate(
+            model, tokenizer, eval_prompts, scorers, args, device, path, out_dir / "eval_start.json", is_start=t == 0
+        )
         log({"iteration": t, **metrics})
         if rank() == 0:
-            print(f"iteration {t}" + " (start)" * (t == 0) + f": eval reward {state['eval'][str(t)]:.3f}"
-                  + f" on {len(eval_prompts)} prompts" * (t == 0) + (f", win rate {metrics['eval/win_rate']:.3f} "
-                  f"[{metrics['eval/win_rate_lo']:.3f}, {metrics['eval/win_rate_hi']:.3f}]" if "eval/win_rate" in metrics else ""))
+            print(
+                f"iteration {t}"
+                + " (start)" * (t == 0)
+                + f": eval reward {state['eval'][str(t)]:.3f}"
+                + f" on {len(eval_prompts)} prompts" * (t == 0)
+                + (
+                    f", win rate {metrics['eval/win_rate']:.3f} "
+                    f"[{metrics['eval/win_rate_lo']:.3f}, {metrics['eval/win_rate_hi']:.3f}]"
+                    if "eval/win_rate" in metrics
+                    else ""
+                )
+            )
 
     if scorers and eval_prompts and "0" not in state["eval"]:
         evaluate_and_log(0, model, model_paths[0])
@@ -411,40 +574,82 @@ def main(args: Args) -> dict:
         model = prepare_for_training(model, args)
         # Log-probs of every offline pair under the current model theta_{t-1}, once per iteration.
         if prev not in offline_logps:
-            sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
-            offline_logps[prev] = score(model, sequences, args, tokenizer.pad_token_id, device, desc=f"score D under theta_{prev}")[0]
+            sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [
+                (p["prompt_ids"], p["rejected_ids"]) for p in pairs
+            ]
+            offline_logps[prev] = score(
+                model, sequences, args, tokenizer.pad_token_id, device, desc=f"score D under theta_{prev}"
+            )[0]
             write_atomic(cache_file, offline_logps)
         pairs_file = out_dir / f"pairs_iter_{t}.jsonl"
         if args.resume and pairs_file.exists():  # the selection of an interrupted iteration, as it was
             d_t = [json.loads(line) for line in open(pairs_file)]
         elif t == 1:
             # ALGO LOGIC: iteration 1 is a plain DAA epoch on all of D with the SFT reference (§3.4.9)
-            d_t = [dict(p, source="offline", margin=None, ref_chosen=float(offline_logps[0][i]),
-                        ref_rejected=float(offline_logps[0][n_pairs + i])) for i, p in enumerate(pairs)]
+            d_t = [
+                dict(
+                    p,
+                    source="offline",
+                    margin=None,
+                    ref_chosen=float(offline_logps[0][i]),
+                    ref_rejected=float(offline_logps[0][n_pairs + i]),
+                )
+                for i, p in enumerate(pairs)
+            ]
         else:
             # ALGO LOGIC: IRM-based off-policy selection (Algorithm 1 lines 7-8): keep the k1 pairs with
             # the largest ensembled implicit reward margin m~_{t-1}(x, y_w, y_l) (eq. 5, 7)
             rewards = ensemble_reward(prev, offline_logps, offline_counts, args)
             irm = rewards[:n_pairs] - rewards[n_pairs:]
             kept = top_k(irm, k1)
-            d_off = [dict(pairs[i], source="offline", margin=float(irm[i]), ref_chosen=float(offline_logps[prev][i]),
-                          ref_rejected=float(offline_logps[prev][n_pairs + i])) for i in kept]
-            stats = {"iteration": t, "irm/mean": float(irm.mean()), "irm/std": float(irm.std()),
-                     "irm/min": float(irm.min()), "irm/max": float(irm.max()),
-                     "irm/negative_fraction": float((irm < 0).double().mean()),
-                     "irm/kept_threshold": float(min(irm[i] for i in kept)), "data/offline_kept": len(d_off)}
+            d_off = [
+                dict(
+                    pairs[i],
+                    source="offline",
+                    margin=float(irm[i]),
+                    ref_chosen=float(offline_logps[prev][i]),
+                    ref_rejected=float(offline_logps[prev][n_pairs + i]),
+                )
+                for i in kept
+            ]
+            stats = {
+                "iteration": t,
+                "irm/mean": float(irm.mean()),
+                "irm/std": float(irm.std()),
+                "irm/min": float(irm.min()),
+                "irm/max": float(irm.max()),
+                "irm/negative_fraction": float((irm < 0).double().mean()),
+                "irm/kept_threshold": float(min(irm[i] for i in kept)),
+                "data/offline_kept": len(d_off),
+            }
             if "flipped" in pairs[0]:
                 flipped = torch.tensor([p["flipped"] for p in pairs])
                 kept_mask = torch.zeros(n_pairs, dtype=torch.bool)
                 kept_mask[kept] = True
-                stats["data/flipped_kept_fraction"] = float(kept_mask[flipped].double().mean()) if flipped.any() else 0.0
+                stats["data/flipped_kept_fraction"] = (
+                    float(kept_mask[flipped].double().mean()) if flipped.any() else 0.0
+                )
                 stats["data/clean_kept_fraction"] = float(kept_mask[~flipped].double().mean())
             # ALGO LOGIC: IRM-based preference bootstrapping (lines 9-16): n_cand samples per distinct
             # prompt from theta_{t-1}; chosen = argmax, rejected = argmin of r~_{t-1}; top k2 by margin
             prompts = list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values()) if k2 > 0 else []
-            samples = generate(model, tokenizer, prompts, args.n_cand, args.sample_temperature, args.sample_top_p,
-                               args, device, seed=args.seed * 1000 + t, model_path=model_paths[prev],
-                               desc="bootstrap samples") if prompts else []
+            samples = (
+                generate(
+                    model,
+                    tokenizer,
+                    prompts,
+                    args.n_cand,
+                    args.sample_temperature,
+                    args.sample_top_p,
+                    args,
+                    device,
+                    seed=args.seed * 1000 + t,
+                    model_path=model_paths[prev],
+                    desc="bootstrap samples",
+                )
+                if prompts
+                else []
+            )
             candidates, unfinished = distinct_samples(samples)
             flat = [(pi, text) for pi, texts in enumerate(candidates) if len(texts) >= 2 for text in texts]
             sequences, keep = [], []
@@ -456,7 +661,9 @@ def main(args: Args) -> dict:
             cand_logps = {}
             for j in sorted(reward_models(prev, args)) if sequences else []:
                 scorer = model if j == prev else load_model(model_paths[j], device, args, frozen=True)
-                cand_logps[j], cand_counts = score(scorer, sequences, args, tokenizer.pad_token_id, device, desc=f"score samples under theta_{j}")
+                cand_logps[j], cand_counts = score(
+                    scorer, sequences, args, tokenizer.pad_token_id, device, desc=f"score samples under theta_{j}"
+                )
                 if scorer is not model:
                     del scorer
             if sequences:
@@ -464,27 +671,51 @@ def main(args: Args) -> dict:
             per_prompt: dict[int, list] = {}
             for idx, (pi, text) in enumerate(keep):
                 per_prompt.setdefault(pi, []).append((text, idx))
-            boot = bootstrap_pairs(list(per_prompt), [[t_ for t_, _ in v] for v in per_prompt.values()],
-                                   [cand_rewards[[i for _, i in v]] for v in per_prompt.values()])
+            boot = bootstrap_pairs(
+                list(per_prompt),
+                [[t_ for t_, _ in v] for v in per_prompt.values()],
+                [cand_rewards[[i for _, i in v]] for v in per_prompt.values()],
+            )
             index_of = {(pi, text): idx for idx, (pi, text) in enumerate(keep)}
             chosen_gen = top_k(torch.tensor([b["margin"] for b in boot]), min(k2, len(boot))) if boot else []
             d_gen = []
             for b in (boot[i] for i in chosen_gen):
                 ic, ir = index_of[(b["key"], b["chosen"])], index_of[(b["key"], b["rejected"])]
-                d_gen.append(dict(prompt=prompts[b["key"]], chosen=b["chosen"], rejected=b["rejected"], source="generated",
-                                  margin=b["margin"], prompt_ids=sequences[ic][0], chosen_ids=sequences[ic][1],
-                                  rejected_ids=sequences[ir][1], ref_chosen=float(cand_logps[prev][ic]),
-                                  ref_rejected=float(cand_logps[prev][ir])))
+                d_gen.append(
+                    dict(
+                        prompt=prompts[b["key"]],
+                        chosen=b["chosen"],
+                        rejected=b["rejected"],
+                        source="generated",
+                        margin=b["margin"],
+                        prompt_ids=sequences[ic][0],
+                        chosen_ids=sequences[ic][1],
+                        rejected_ids=sequences[ir][1],
+                        ref_chosen=float(cand_logps[prev][ic]),
+                        ref_rejected=float(cand_logps[prev][ir]),
+                    )
+                )
             d_t = d_off + d_gen
             gen_margins = torch.tensor([p["margin"] for p in d_gen] or [0.0])
-            stats.update({"data/generated_pairs": len(d_gen), "data/prompts_with_pair": len(boot),
-                          "data/samples_unfinished": unfinished, "bootstrap/margin_mean": float(gen_margins.mean())})
+            stats.update(
+                {
+                    "data/generated_pairs": len(d_gen),
+                    "data/prompts_with_pair": len(boot),
+                    "data/samples_unfinished": unfinished,
+                    "bootstrap/margin_mean": float(gen_margins.mean()),
+                }
+            )
             log(stats)
             if rank() == 0:
-                print(f"iteration {t}: kept {len(d_off)}/{n_pairs} offline pairs (IRM >= {stats['irm/kept_threshold']:.3f}), "
-                      f"{len(d_gen)} generated pairs from {len(boot)} prompts"
-                      + (f"; flipped kept {stats['data/flipped_kept_fraction']:.2f} vs clean {stats['data/clean_kept_fraction']:.2f}"
-                         if "data/flipped_kept_fraction" in stats else ""))
+                print(
+                    f"iteration {t}: kept {len(d_off)}/{n_pairs} offline pairs (IRM >= {stats['irm/kept_threshold']:.3f}), "
+                    f"{len(d_gen)} generated pairs from {len(boot)} prompts"
+                    + (
+                        f"; flipped kept {stats['data/flipped_kept_fraction']:.2f} vs clean {stats['data/clean_kept_fraction']:.2f}"
+                        if "data/flipped_kept_fraction" in stats
+                        else ""
+                    )
+                )
         if not (args.resume and pairs_file.exists()):
             write_atomic(pairs_file, d_t)
 
@@ -500,8 +731,19 @@ def main(args: Args) -> dict:
             if args.stop_after_steps is not None and steps_this_process[0] >= args.stop_after_steps:
                 raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
 
-        model = train_iteration(model, d_t, t, args, args.lr, device, tokenizer.pad_token_id, log, save_step,
-                                saved["step"] if saved else 0, saved)
+        model = train_iteration(
+            model,
+            d_t,
+            t,
+            args,
+            args.lr,
+            device,
+            tokenizer.pad_token_id,
+            log,
+            save_step,
+            saved["step"] if saved else 0,
+            saved,
+        )
         model = save_atomic(model, tokenizer, out_dir / f"iter_{t}")
         shutil.rmtree(partial, ignore_errors=True)
         model_paths[t] = str(out_dir / f"iter_{t}")
@@ -531,18 +773,34 @@ def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
     of preset `custom` (each one can be overridden on the command line) and needs --dataset."""
     if args.model in models:
         preset = dict(models[args.model])
-    elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
-        raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(models)}), "
-                         "an existing local path, nor a hub id of the form org/name")
+    elif not Path(args.model).expanduser().exists() and (
+        args.model.startswith((".", "/", "~")) or "/" not in args.model
+    ):
+        raise InputError(
+            f"--model: {args.model!r} is neither a preset ({', '.join(models)}), "
+            "an existing local path, nor a hub id of the form org/name"
+        )
     else:
         preset = dict(models[custom], path=args.model, dataset=None)
     preset["dataset"] = args.dataset or preset["dataset"]
     if preset["dataset"] is None:
         raise InputError("--dataset is required with a custom --model")
-    filled = {"dataset": preset["dataset"], "dtype": args.dtype if args.dtype != "auto" else  # masters stay fp32
-              "bfloat16" if torch.cuda.is_available() else "float32"}
-    for key, default in (("lora_r", 0), ("lora_alpha", 16), ("lora_dropout", 0.0), ("gradient_checkpointing", False),
-                         ("chat_template", None)):
+    filled = {
+        "dataset": preset["dataset"],
+        "dtype": args.dtype
+        if args.dtype != "auto"
+        # masters stay fp32
+        else "bfloat16"
+        if torch.cuda.is_available()
+        else "float32",
+    }
+    for key, default in (
+        ("lora_r", 0),
+        ("lora_alpha", 16),
+        ("lora_dropout", 0.0),
+        ("gradient_checkpointing", False),
+        ("chat_template", None),
+    ):
         if getattr(args, key) is None:
             filled[key] = preset.get(key, default)
     return preset, filled
@@ -552,11 +810,19 @@ def check_args(args, checks: list[tuple[bool, str]]):
     """One InputError for the first failed (ok, message): the checks of the options every script shares, then `checks`."""
     checks = [
         (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
-        (not (args.output_dir and Path(args.output_dir).is_file()), f"--output_dir: {args.output_dir!r} is a file; expected a folder"),
+        (
+            not (args.output_dir and Path(args.output_dir).is_file()),
+            f"--output_dir: {args.output_dir!r} is a file; expected a folder",
+        ),
         (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
-        (args.eval_prompts is None or Path(args.eval_prompts).is_file(), f"--eval_prompts: file {args.eval_prompts!r} not found"),
-        (args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
-         f"--chat_template: file {args.chat_template!r} not found"),
+        (
+            args.eval_prompts is None or Path(args.eval_prompts).is_file(),
+            f"--eval_prompts: file {args.eval_prompts!r} not found",
+        ),
+        (
+            args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
+            f"--chat_template: file {args.chat_template!r} not found",
+        ),
         (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
         (args.lora_r >= 0, f"--lora_r must be >= 0, got {args.lora_r}"),
         (args.dist_timeout_minutes >= 1, f"--dist_timeout_minutes must be >= 1, got {args.dist_timeout_minutes}"),
@@ -645,15 +911,23 @@ def _text(value, where: str, empty: str | None = None) -> str:
 def _messages(value, where: str, empty: str | None = None) -> list[dict]:
     if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
         raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
-    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content", empty)}
-            for i, m in enumerate(value)]
+    return [
+        {
+            "role": _text(m.get("role"), f"{where}[{i}].role"),
+            "content": _text(m.get("content"), f"{where}[{i}].content", empty),
+        }
+        for i, m in enumerate(value)
+    ]
 
 
 def _hh_turns(text: str, where: str) -> list[dict]:
     parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where, "empty_response"))
     if len(parts) < 3 or parts[0].strip():
         raise InputError(f"{where} is not in HH-RLHF format ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
-    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    return [
+        {"role": "user" if r == "Human" else "assistant", "content": c.strip()}
+        for r, c in zip(parts[1::2], parts[2::2])
+    ]
 
 
 def parse_pair(row: dict, where: str) -> dict:
@@ -669,9 +943,15 @@ def parse_pair(row: dict, where: str) -> dict:
         prompt = f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {post}\n\nTL;DR:"
         if row["choice"] not in (0, 1) or not isinstance(row["summaries"], list) or len(row["summaries"]) != 2:
             raise InputError(f"{where}: 'choice' must be 0 or 1 with two 'summaries'")
-        texts = [_text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'", "empty_response").strip()
-                 for i, s in enumerate(row["summaries"])]
-        out = {"prompt": [{"role": "user", "content": prompt}], "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]}
+        texts = [
+            _text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'", "empty_response").strip()
+            for i, s in enumerate(row["summaries"])
+        ]
+        out = {
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": texts[row["choice"]],
+            "rejected": texts[1 - row["choice"]],
+        }
     else:
         for column in ("chosen", "rejected"):
             if row.get(column) is None:  # absent, or null (datasets fills columns other rows have)
@@ -684,16 +964,22 @@ def parse_pair(row: dict, where: str) -> dict:
                 chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
                 rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
             if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-                raise BadRow("not_ending_with_assistant", f"{where}: 'chosen' and 'rejected' must end with an assistant turn")
+                raise BadRow(
+                    "not_ending_with_assistant", f"{where}: 'chosen' and 'rejected' must end with an assistant turn"
+                )
             if chosen[:-1] != rejected[:-1]:
-                raise BadRow("differ_before_last_turn", f"{where}: 'chosen' and 'rejected' differ before the last assistant turn")
+                raise BadRow(
+                    "differ_before_last_turn", f"{where}: 'chosen' and 'rejected' differ before the last assistant turn"
+                )
             out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
         else:  # plain strings
             if row.get("prompt") is None:
                 raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
-            out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
-                   "chosen": _text(row["chosen"], f"{where}: 'chosen'", "empty_response"),
-                   "rejected": _text(row["rejected"], f"{where}: 'rejected'", "empty_response")}
+            out = {
+                "prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
+                "chosen": _text(row["chosen"], f"{where}: 'chosen'", "empty_response"),
+                "rejected": _text(row["rejected"], f"{where}: 'rejected'", "empty_response"),
+            }
         if not out["prompt"] or out["prompt"][-1]["role"] != "user":
             raise BadRow("prompt_not_ending_with_user", f"{where}: the prompt must end with a user message")
     for side in ("chosen", "rejected"):
@@ -717,8 +1003,10 @@ def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[
             bad.append(str(err))
     reasons = ", ".join(f"{k[8:]} {v}" for k, v in counts.items() if k.startswith("skipped_"))
     if len(bad) > args.max_bad_fraction * len(rows) or not pairs:
-        raise InputError(f"dataset {source}: {len(bad)} of {len(rows)} rows are degenerate ({reasons}), over "
-                         f"--max_bad_fraction {args.max_bad_fraction}; first: {' | '.join(bad[:3])}")
+        raise InputError(
+            f"dataset {source}: {len(bad)} of {len(rows)} rows are degenerate ({reasons}), over "
+            f"--max_bad_fraction {args.max_bad_fraction}; first: {' | '.join(bad[:3])}"
+        )
     if bad and rank() == 0:
         print(f"dataset {source}: skipped {len(bad)} of {len(rows)} rows as degenerate ({reasons})")
     return pairs
@@ -727,9 +1015,14 @@ def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[
 def check_model_dir(path: Path):
     """A local model folder has a config, tokenizer files and complete safetensors (each file's header
     declares its data size), so a bad folder fails before anything is written."""
-    missing = [name for name, found in (("config.json", (path / "config.json").is_file()), (
-        "tokenizer files", any(path.glob("tokenizer*")) or any(path.glob("vocab*"))))
-        if not found]
+    missing = [
+        name
+        for name, found in (
+            ("config.json", (path / "config.json").is_file()),
+            ("tokenizer files", any(path.glob("tokenizer*")) or any(path.glob("vocab*"))),
+        )
+        if not found
+    ]
     if missing:
         raise InputError(f"--model: {path} has no {' or '.join(missing)}; expected a save_pretrained folder")
     for file in sorted(path.glob("*.safetensors")):
@@ -756,7 +1049,9 @@ def load_tokenizer(model_path: str, chat_template: str | None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
-        raise InputError(f"--model: no tokenizer could be loaded from {model_path!r} ({str(err).splitlines()[0]})") from None
+        raise InputError(
+            f"--model: no tokenizer could be loaded from {model_path!r} ({str(err).splitlines()[0]})"
+        ) from None
     if chat_template and "{%" not in chat_template and not Path(chat_template).exists():
         raise InputError(f"--chat_template: file {chat_template!r} not found")
     if chat_template:
@@ -788,10 +1083,15 @@ def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[
 
     try:  # templates may refuse a conversation (mistral-instruct: no system role)
         prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = None if response is None else tokenizer.apply_chat_template(
-            prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        full = (
+            None
+            if response is None
+            else tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        )
     except TemplateError as err:
-        raise InputError(f"the chat template refuses a conversation with roles {[m['role'] for m in prompt]}: {err}") from None
+        raise InputError(
+            f"the chat template refuses a conversation with roles {[m['role'] for m in prompt]}: {err}"
+        ) from None
     prompt_ids = tokenize(tokenizer, prompt_text)
     if response is None:
         return prompt_ids, []
@@ -801,8 +1101,11 @@ def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[
     # would produce after prompt_ids (SentencePiece: 'A' after a newline, not the word-initial '▁A'). Where a
     # merge crosses the boundary the prompt ids are no prefix, and the response is tokenized on its own.
     full_ids = tokenize(tokenizer, full.rstrip())
-    response_ids = (full_ids[len(prompt_ids):] if full_ids[:len(prompt_ids)] == prompt_ids else
-                    tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"])
+    response_ids = (
+        full_ids[len(prompt_ids) :]
+        if full_ids[: len(prompt_ids)] == prompt_ids
+        else tokenizer(full[len(prompt_text) :].rstrip(), add_special_tokens=False)["input_ids"]
+    )
     if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
         response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
     return prompt_ids, response_ids
@@ -812,13 +1115,15 @@ def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple
     """Apply the length limits: long prompts per --long_prompts, long responses truncated (counted)."""
     if len(prompt_ids) > args.max_prompt_length:
         if args.long_prompts == "error":
-            raise InputError(f"{where}: prompt has {len(prompt_ids)} tokens, over --max_prompt_length "
-                             f"{args.max_prompt_length} (see --long_prompts)")
+            raise InputError(
+                f"{where}: prompt has {len(prompt_ids)} tokens, over --max_prompt_length "
+                f"{args.max_prompt_length} (see --long_prompts)"
+            )
         if args.long_prompts == "skip":
             counts["long_prompt_skipped"] = counts.get("long_prompt_skipped", 0) + 1
             return None
         counts["long_prompt_truncated"] = counts.get("long_prompt_truncated", 0) + 1
-        prompt_ids = prompt_ids[-args.max_prompt_length:]
+        prompt_ids = prompt_ids[-args.max_prompt_length :]
     budget = args.max_length - len(prompt_ids)
     if len(response_ids) > budget:
         counts["response_truncated"] = counts.get("response_truncated", 0) + 1
@@ -865,7 +1170,11 @@ def load_evaluation(args: Args, example: dict) -> tuple:
     preset = DATASETS.get(args.dataset, {})
     eval_file = args.eval_prompts or preset.get("eval")
     reward_fn = load_reward_fn(args.reward_fn or preset.get("reward_fn"), example)
-    scorers = {"reward": lambda prompts, responses: [reward_fn(p, r) for p, r in zip(prompts, responses)]} if reward_fn else {}
+    scorers = (
+        {"reward": lambda prompts, responses: [reward_fn(p, r) for p, r in zip(prompts, responses)]}
+        if reward_fn
+        else {}
+    )
     if args.reward_model:
         scorers["rm_score"] = reward_model_scorer(args, example)
     return scorers, load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
@@ -875,8 +1184,9 @@ def accumulation(global_batch: int, batch_size: int) -> int:
     """Micro-batches per optimizer step, so that a step sees global_batch examples at any number of ranks."""
     ranks = int(os.environ.get("WORLD_SIZE", 1))  # known before the process group is joined
     if global_batch < 1 or batch_size < 1 or global_batch % (batch_size * ranks):
-        raise InputError(f"--global_batch {global_batch} must be a positive multiple of --batch_size {batch_size} "
-                         f"x {ranks} ranks")
+        raise InputError(
+            f"--global_batch {global_batch} must be a positive multiple of --batch_size {batch_size} x {ranks} ranks"
+        )
     return global_batch // (batch_size * ranks)
 
 
@@ -897,8 +1207,11 @@ def init_device(seed: int, timeout_minutes: int = 180) -> torch.device:
     if "RANK" in os.environ and not dist.is_initialized():
         import datetime
 
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=device if device.type == "cuda" else None,
+        )
     torch.manual_seed(seed)
     return device
 
@@ -919,7 +1232,7 @@ def now() -> int:
 def shard(items: list) -> tuple[list, int]:
     """This rank's share, padded (with its last item) so every rank runs the same number of batches."""
     per_rank = math.ceil(len(items) / world())
-    mine = items[rank() * per_rank: (rank() + 1) * per_rank]
+    mine = items[rank() * per_rank : (rank() + 1) * per_rank]
     real = len(mine)
     return mine + [items[-1]] * (per_rank - real), real
 
@@ -1004,10 +1317,15 @@ def check_resume(args: Args):
     stored = json.loads(saved.read_text())
     ranks = int(os.environ.get("WORLD_SIZE", 1))
     if stored.get("world_size", 1) != ranks:  # per-rank data shards and trainer states
-        raise InputError(f"--resume: the run in {args.output_dir} was started on {stored.get('world_size', 1)} ranks, "
-                         f"this launch has {ranks}; resume with the same number of ranks")
-    changed = {k for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
-               if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
+        raise InputError(
+            f"--resume: the run in {args.output_dir} was started on {stored.get('world_size', 1)} ranks, "
+            f"this launch has {ranks}; resume with the same number of ranks"
+        )
+    changed = {
+        k
+        for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
+        if k not in ("resume", "stop_after_steps") and stored.get(k) != v
+    }
     if changed:
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
 
@@ -1087,8 +1405,9 @@ def load_model(path: str, device: torch.device, args: Args | None = None, frozen
 
     bf16 = args is not None and args.dtype == "bfloat16"
     sharded = frozen and world() > 1 and args.lora_r == 0
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded)
-                                                 else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded) else torch.float32
+    )
     model.checkpoint_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32  # what save_atomic writes
     if frozen:
         model.requires_grad_(False).eval()
@@ -1113,7 +1432,9 @@ def shard_model(model, args: Args):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     bf16 = args.dtype == "bfloat16"
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
+    )
     layer_types = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in layer_types:
@@ -1134,8 +1455,13 @@ def prepare_for_training(model, args: Args):
             import peft
         except ImportError:
             raise InputError("--lora_r > 0 needs peft: pip install 'selfpo[lora]'") from None
-        config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        config = peft.LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
         model = peft.get_peft_model(model, config)
         for p in model.parameters() if world() > 1 else []:  # ranks' RNGs differ (generate): rank 0's adapter
             if p.requires_grad:
@@ -1146,19 +1472,32 @@ def prepare_for_training(model, args: Args):
     return model
 
 
-def make_optimizer(model, lr: float, n_steps: int, args: Args, schedule: str = "constant", state: dict | None = None,
-                   kind: str = "adamw"):
+def make_optimizer(
+    model,
+    lr: float,
+    n_steps: int,
+    args: Args,
+    schedule: str = "constant",
+    state: dict | None = None,
+    kind: str = "adamw",
+):
     """AdamW without weight decay (or RMSprop) over the trainable parameters; linear warmup over --warmup_ratio of
     n_steps, then constant or cosine. `state` (a step checkpoint's trainer_state) restores the optimizer, the
     scheduler and the random number generators. Returns (trainable parameters, optimizer, scheduler)."""
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (torch.optim.RMSprop(trainable, lr=lr) if kind == "rmsprop"
-                 else torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0))
+    optimizer = (
+        torch.optim.RMSprop(trainable, lr=lr)
+        if kind == "rmsprop"
+        else torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    )
     warmup = int(args.warmup_ratio * n_steps)
-    scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, n_steps) if schedule == "cosine"
-                 else get_constant_schedule_with_warmup(optimizer, warmup))
+    scheduler = (
+        get_cosine_schedule_with_warmup(optimizer, warmup, n_steps)
+        if schedule == "cosine"
+        else get_constant_schedule_with_warmup(optimizer, warmup)
+    )
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -1183,8 +1522,10 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
     *values, grad_norm = torch.cat([stats.sums, grad_norm.reshape(1).to(stats.sums)]).tolist()
     total = dict(zip(stats.names, values))
     if not math.isfinite(values[0]):
-        raise InputError(f"non-finite loss ({values[0]}) at {where}: stopping before the update (the last checkpoint "
-                         "is intact); lower --lr or --beta, or check that step's data")
+        raise InputError(
+            f"non-finite loss ({values[0]}) at {where}: stopping before the update (the last checkpoint "
+            "is intact); lower --lr or --beta, or check that step's data"
+        )
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -1247,7 +1588,7 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
     for i, (prompt, response) in enumerate(sequences):
         n = len(prompt) + len(response)
         ids[i, :n] = torch.tensor(prompt + response)
-        labels[i, len(prompt):n] = torch.tensor(response)
+        labels[i, len(prompt) : n] = torch.tensor(response)
         mask[i, :n] = 1
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
@@ -1259,8 +1600,19 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 def save_checkpoint(model, tokenizer, directory: Path, optimizer, scheduler, step: int):
     """A resumable step checkpoint: the weights, and this rank's optimizer, scheduler, step and random number
     generators, in one atomically renamed folder (read back by trainer_state)."""
-    return save_atomic(model, tokenizer, directory, {f"trainer_state_rank{rank()}.pt": {
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state()}})
+    return save_atomic(
+        model,
+        tokenizer,
+        directory,
+        {
+            f"trainer_state_rank{rank()}.pt": {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "rng": rng_state(),
+            }
+        },
+    )
 
 
 def trainer_state(directory: Path) -> dict | None:
@@ -1277,7 +1629,7 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
     mine, real = shard(list(enumerate(sequences)))
     logps, counts = [], []
     for start in progress(range(0, len(mine), args.scoring_batch_size), desc=desc, inner=True):
-        batch = collate([s for _, s in mine[start:start + args.scoring_batch_size]], pad_id, device)
+        batch = collate([s for _, s in mine[start : start + args.scoring_batch_size]], pad_id, device)
         out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         logps += out.tolist()
         counts += (batch["labels"][:, 1:] != -100).sum(1).tolist()
@@ -1286,12 +1638,15 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
     model.train(training)
     merged = {i: (lp, c) for i, lp, c in gather([(i, lp, c) for (i, _), lp, c in zip(mine[:real], logps, counts)])}
     order = [merged[i] for i in range(len(sequences))]
-    return (torch.tensor([o[0] for o in order], dtype=torch.float64),
-            torch.tensor([o[1] for o in order], dtype=torch.float64))
+    return (
+        torch.tensor([o[0] for o in order], dtype=torch.float64),
+        torch.tensor([o[1] for o in order], dtype=torch.float64),
+    )
 
 
 class VLLMEngine:
     """--sampler vllm: this process's engine for the whole run, the checkpoint it holds, its longest sequence."""
+
     llm, path, max_model_len = None, None, None
 
 
@@ -1313,8 +1668,13 @@ def start_vllm(vllm, model_path: str, args: Args, seed: int, sleeps: bool, longe
     from vllm.platforms import current_platform
 
     max_model_len = max(args.max_prompt_length, longest_prompt) + args.max_new_tokens
-    kwargs = dict(model=model_path, seed=seed, gpu_memory_utilization=0.3, max_model_len=max_model_len,
-                  dtype={"auto": "bfloat16" if torch.cuda.is_available() else "float32"}.get(args.dtype, args.dtype))
+    kwargs = dict(
+        model=model_path,
+        seed=seed,
+        gpu_memory_utilization=0.3,
+        max_model_len=max_model_len,
+        dtype={"auto": "bfloat16" if torch.cuda.is_available() else "float32"}.get(args.dtype, args.dtype),
+    )
     if sleeps:
         kwargs["enable_sleep_mode"] = True  # refused where the platform has none (CPU)
     if current_platform.is_cpu():
@@ -1339,8 +1699,19 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
-             device, seed: int, model_path: str | None = None, desc: str = "generate") -> list[list[tuple[str, bool]]]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    n: int,
+    temperature: float,
+    top_p: float,
+    args: Args,
+    device,
+    seed: int,
+    model_path: str | None = None,
+    desc: str = "generate",
+) -> list[list[tuple[str, bool]]]:
     """n samples per prompt as (text, finished) where finished = stopped on a stop_ids token within
     max_new_tokens. Prompts are encode()'s ids. Sampling is exactly temperature / top-p: top-k off (transformers
     would fill 50) and no repetition penalty from the model's generation_config. With --sampler vllm (and a
@@ -1373,14 +1744,26 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
         VLLMEngine.path = model_path
         longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
         if len(prompt_ids[longest]) + args.max_new_tokens > VLLMEngine.max_model_len:
-            raise InputError(f"{desc}: a prompt of {len(prompt_ids[longest])} tokens + --max_new_tokens "
-                             f"{args.max_new_tokens} is over the vLLM engine's max_model_len {VLLMEngine.max_model_len} "
-                             "(--max_prompt_length + --max_new_tokens when it started); raise --max_prompt_length")
+            raise InputError(
+                f"{desc}: a prompt of {len(prompt_ids[longest])} tokens + --max_new_tokens "
+                f"{args.max_new_tokens} is over the vLLM engine's max_model_len {VLLMEngine.max_model_len} "
+                "(--max_prompt_length + --max_new_tokens when it started); raise --max_prompt_length"
+            )
         # vLLM seeds sample j of a request seed + j: one seed per prompt, n apart, so that no two samples share a
         # random stream, and from the call's seed and the prompt's index (not the engine's history)
-        params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0,
-                                      max_tokens=args.max_new_tokens, stop_token_ids=stop,
-                                      seed=seed * 1_000_003 + (rank() * len(mine) + i) * n) for i in range(len(mine))]
+        params = [
+            vllm.SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=-1,
+                repetition_penalty=1.0,
+                max_tokens=args.max_new_tokens,
+                stop_token_ids=stop,
+                seed=seed * 1_000_003 + (rank() * len(mine) + i) * n,
+            )
+            for i in range(len(mine))
+        ]
         results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         if sleeps:
             llm.sleep(level=2)
@@ -1393,22 +1776,35 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     mine, real = shard(prompts)
     prompt_ids = [encode(tokenizer, p)[0] for p in mine]
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together: little padding
-    sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
-                if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
+        if temperature > 0
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    )
     outputs = {}
     batch_size = max(1, args.generation_batch_size // n)
     for start in progress(range(0, len(order), batch_size), desc=desc, inner=True):
-        indices = order[start:start + batch_size]
+        indices = order[start : start + batch_size]
         enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in indices]}, return_tensors="pt").to(device)
         # one autocast around the whole call: the bf16 casts of trainable fp32 weights are made once, not per token
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-            out = sampler.generate(**enc, **sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=n,
-                                   eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
-        rows = out[:, enc["input_ids"].shape[1]:].tolist()
+            out = sampler.generate(
+                **enc,
+                **sampling,
+                max_new_tokens=args.max_new_tokens,
+                num_return_sequences=n,
+                eos_token_id=stop,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        rows = out[:, enc["input_ids"].shape[1] :].tolist()
         for k, i in enumerate(indices):  # num_return_sequences rows per prompt, consecutive
-            ends = [next((j for j, token in enumerate(row) if token in stop), None) for row in rows[k * n:(k + 1) * n]]
-            outputs[i] = [(tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None)
-                          for row, end in zip(rows[k * n:(k + 1) * n], ends)]
+            ends = [
+                next((j for j, token in enumerate(row) if token in stop), None) for row in rows[k * n : (k + 1) * n]
+            ]
+            outputs[i] = [
+                (tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None)
+                for row, end in zip(rows[k * n : (k + 1) * n], ends)
+            ]
     sampler.train(training)
     return gather([outputs[i] for i in range(real)])
 
@@ -1422,8 +1818,10 @@ def unsharded_copy(model, args: Args):
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     with torch.device("meta"):
         copy = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
-    state = {name: (value.full_tensor() if hasattr(value, "full_tensor") else value).to(dtype)
-             for name, value in model.state_dict().items()}
+    state = {
+        name: (value.full_tensor() if hasattr(value, "full_tensor") else value).to(dtype)
+        for name, value in model.state_dict().items()
+    }
     copy.load_state_dict(state, assign=True)
     for name, buffer in model.named_buffers():  # non-persistent buffers (rotary frequencies) are not in the state
         module, _, attr = name.rpartition(".")
@@ -1448,17 +1846,22 @@ def load_reward_model(path: str, chat_template: str | None):
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise InputError(f"--reward_model: no model could be loaded from {path!r} ({str(err).splitlines()[0]})") from None
+        raise InputError(
+            f"--reward_model: no model could be loaded from {path!r} ({str(err).splitlines()[0]})"
+        ) from None
     if config.num_labels != 1:
-        raise InputError(f"--reward_model: {path!r} has {config.num_labels} outputs (num_labels); expected a sequence "
-                         "classifier with one (AutoModelForSequenceClassification, num_labels=1)")
+        raise InputError(
+            f"--reward_model: {path!r} has {config.num_labels} outputs (num_labels); expected a sequence "
+            "classifier with one (AutoModelForSequenceClassification, num_labels=1)"
+        )
     if chat_template and "{%" not in chat_template and not Path(chat_template).is_file():
         raise InputError(f"--reward_chat_template: file {chat_template!r} not found")
     if chat_template:
         tokenizer.chat_template = chat_template if "{%" in chat_template else Path(chat_template).read_text()
     if not tokenizer.chat_template:
-        raise InputError(f"--reward_model: the tokenizer of {path!r} has no chat template; pass --reward_chat_template "
-                         "file.jinja")
+        raise InputError(
+            f"--reward_model: the tokenizer of {path!r} has no chat template; pass --reward_chat_template file.jinja"
+        )
     return tokenizer
 
 
@@ -1467,8 +1870,12 @@ def reward_model_ids(tokenizer, prompts: list[str], responses: list[str]) -> lis
     from jinja2 import TemplateError
 
     try:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                               tokenize=False) for p, r in zip(prompts, responses)]
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+            )
+            for p, r in zip(prompts, responses)
+        ]
     except TemplateError as err:
         raise InputError(f"--reward_model: its chat template refuses a user and an assistant turn: {err}") from None
     return [tokenize(tokenizer, text) for text in texts]
@@ -1479,12 +1886,15 @@ def reward_model_scorer(args: Args, example: dict | None = None):
     tokenizer = load_reward_model(args.reward_model, args.reward_chat_template)
     if example is not None:
         reward_model_ids(tokenizer, [example["prompt"][-1]["content"]], [example["chosen"]])
-    return lambda prompts, responses: reward_model_scores(args.reward_model, tokenizer, prompts, responses, args,
-                                                          comm_device())
+    return lambda prompts, responses: reward_model_scores(
+        args.reward_model, tokenizer, prompts, responses, args, comm_device()
+    )
 
 
 @torch.no_grad()
-def reward_model_scores(path: str, tokenizer, prompts: list[str], responses: list[str], args: Args, device) -> list[float]:
+def reward_model_scores(
+    path: str, tokenizer, prompts: list[str], responses: list[str], args: Args, device
+) -> list[float]:
     """The reward model's score of each (prompt, response), on all ranks: each rank scores its share in batches
     sorted by length, in the compute dtype; the model is loaded for this call and freed after it (at 7B it
     would otherwise hold a second model's memory through training). Batches are padded on the right, so every
@@ -1495,20 +1905,27 @@ def reward_model_scores(path: str, tokenizer, prompts: list[str], responses: lis
     ids = reward_model_ids(tokenizer, prompts, responses)
     mine, real = shard(list(range(len(ids))))
     with torch.random.fork_rng(devices=[]):  # loading draws nothing from the run's random numbers
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32).to(device).eval()
+        model = (
+            AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+            )
+            .to(device)
+            .eval()
+        )
     pad_id = getattr(model.config, "pad_token_id", None)
     order = sorted(range(len(mine)), key=lambda k: len(ids[mine[k]]))
     scores = {}
     for start in progress(range(0, len(order), args.scoring_batch_size), desc="reward model", inner=True):
-        batch = [ids[mine[k]] for k in order[start:start + args.scoring_batch_size]]
+        batch = [ids[mine[k]] for k in order[start : start + args.scoring_batch_size]]
         if pad_id is None:  # without a pad id the model reads the last token: pad with one no sequence here ends on
             model.config.pad_token_id = min(set(range(len(batch) + 1)) - {seq[-1] for seq in batch})
         width = max(map(len, batch))
-        input_ids = torch.tensor([seq + [model.config.pad_token_id] * (width - len(seq)) for seq in batch], device=device)
+        input_ids = torch.tensor(
+            [seq + [model.config.pad_token_id] * (width - len(seq)) for seq in batch], device=device
+        )
         attention_mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in batch], device=device)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        scores.update(zip(order[start:start + args.scoring_batch_size], logits[:, 0].float().tolist()))
+        scores.update(zip(order[start : start + args.scoring_batch_size], logits[:, 0].float().tolist()))
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -1534,34 +1951,57 @@ def pairwise_agreement(scores, start_scores, gold, gold_start) -> float:
     return sum((d > 0) == (gd > 0) if d != 0 else 0.5 for d, gd in pairs) / len(pairs) if pairs else float("nan")
 
 
-def evaluate(model, tokenizer, eval_prompts, scorers, args, device, model_path=None, start_file=None,
-             is_start=False) -> tuple[float, dict]:
+def evaluate(
+    model, tokenizer, eval_prompts, scorers, args, device, model_path=None, start_file=None, is_start=False
+) -> tuple[float, dict]:
     """One sample per held-out prompt, scored by every scorer of load_evaluation: the first scorer's mean and the
     metrics (eval/reward, eval/rm_score; eval/win_rate with its interval against the starting model's samples, by
     the reward model where there is one; the reward model's agreement with --reward_fn; both mean lengths in
     words). The starting model's evaluation (is_start) keeps its samples and scores in start_file; every later one
     (same seed and settings) is compared with them, in a resumed run too."""
-    samples = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in eval_prompts], 1,
-                       args.eval_temperature, 1.0, args, device, seed=args.seed + 10_000, model_path=model_path, desc="eval")
+    samples = generate(
+        model,
+        tokenizer,
+        [[{"role": "user", "content": p}] for p in eval_prompts],
+        1,
+        args.eval_temperature,
+        1.0,
+        args,
+        device,
+        seed=args.seed + 10_000,
+        model_path=model_path,
+        desc="eval",
+    )
     responses = [s[0][0] for s in samples]
     scores = {name: scorer(eval_prompts, responses) for name, scorer in scorers.items()}
     metrics = {f"eval/{name}": sum(values) / len(values) for name, values in scores.items()}
     if is_start and start_file is not None:
         write_atomic(start_file, {"responses": responses, "scores": scores})
-    start = ({"responses": responses, "scores": scores} if is_start else
-             json.loads(start_file.read_text()) if start_file is not None and start_file.exists() else None)
+    start = (
+        {"responses": responses, "scores": scores}
+        if is_start
+        else json.loads(start_file.read_text())
+        if start_file is not None and start_file.exists()
+        else None
+    )
     if start is not None:
         judge = "rm_score" if "rm_score" in scores else next(iter(scores))
-        metrics.update(zip(("eval/win_rate", "eval/win_rate_lo", "eval/win_rate_hi"),
-                           win_rate(scores[judge], start["scores"][judge])))
+        metrics.update(
+            zip(
+                ("eval/win_rate", "eval/win_rate_lo", "eval/win_rate_hi"),
+                win_rate(scores[judge], start["scores"][judge]),
+            )
+        )
         if "rm_score" in scores and "reward" in scores:  # proxy against gold on the run's own samples
             metrics["eval/reward_win_rate"] = win_rate(scores["reward"], start["scores"]["reward"])[0]
-            metrics["eval/rm_oracle_agreement"] = pairwise_agreement(scores["rm_score"], start["scores"]["rm_score"],
-                                                                     scores["reward"], start["scores"]["reward"])
+            metrics["eval/rm_oracle_agreement"] = pairwise_agreement(
+                scores["rm_score"], start["scores"]["rm_score"], scores["reward"], start["scores"]["reward"]
+            )
     metrics["eval/response_words"] = sum(len(r.split()) for r in responses) / len(responses)
     if start is not None:
         metrics["eval/start_response_words"] = sum(len(r.split()) for r in start["responses"]) / len(start["responses"])
     return metrics[f"eval/{next(iter(scores))}"], metrics
+
 
 if __name__ == "__main__":
     try:

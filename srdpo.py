@@ -62,17 +62,55 @@ HH_TEMPLATE = (
 # Epochs, schedule and warmup are not stated: 1 epoch, constant after 10% linear warmup [ours].
 MODELS = {
     "toy": dict(  # the shipped tiny model; learning rate scaled to it [ours]
-        path=str(TOY / "model"), dataset="toy", lr=1e-4, optimizer="rmsprop", global_batch=16, batch_size=16,
-        max_length=96, max_prompt_length=64, max_new_tokens=24, long_prompts="error", num_eval=200, eval_pairs=200, scoring_batch_size=128,
-        generation_batch_size=256),
+        path=str(TOY / "model"),
+        dataset="toy",
+        lr=1e-4,
+        optimizer="rmsprop",
+        global_batch=16,
+        batch_size=16,
+        max_length=96,
+        max_prompt_length=64,
+        max_new_tokens=24,
+        long_prompts="error",
+        num_eval=200,
+        eval_pairs=200,
+        scoring_batch_size=128,
+        generation_batch_size=256,
+    ),
     "pythia-2.8b": dict(  # setting A: the paper SFTs Pythia-2.8B on HH-RLHF first (pass it with --model ./sft)
-        path="EleutherAI/pythia-2.8b", dataset="hh-rlhf", chat_template=HH_TEMPLATE, lr=5e-7, optimizer="rmsprop",
-        global_batch=64, batch_size=4, max_length=512, max_prompt_length=256, max_new_tokens=256,
-        long_prompts="skip", num_eval=0, eval_pairs=0, scoring_batch_size=16, generation_batch_size=64),
+        path="EleutherAI/pythia-2.8b",
+        dataset="hh-rlhf",
+        chat_template=HH_TEMPLATE,
+        lr=5e-7,
+        optimizer="rmsprop",
+        global_batch=64,
+        batch_size=4,
+        max_length=512,
+        max_prompt_length=256,
+        max_new_tokens=256,
+        long_prompts="skip",
+        num_eval=0,
+        eval_pairs=0,
+        scoring_batch_size=16,
+        generation_batch_size=64,
+    ),
     "zephyr-7b": dict(  # setting B
-        path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback", lr=5e-7, optimizer="rmsprop", gradient_checkpointing=True,
-        global_batch=64, batch_size=4, max_length=512, max_prompt_length=256, max_new_tokens=256,
-        long_prompts="skip", num_eval=0, eval_pairs=0, scoring_batch_size=8, generation_batch_size=64),
+        path="alignment-handbook/zephyr-7b-sft-full",
+        dataset="ultrafeedback",
+        lr=5e-7,
+        optimizer="rmsprop",
+        gradient_checkpointing=True,
+        global_batch=64,
+        batch_size=4,
+        max_length=512,
+        max_prompt_length=256,
+        max_new_tokens=256,
+        long_prompts="skip",
+        num_eval=0,
+        eval_pairs=0,
+        scoring_batch_size=8,
+        generation_batch_size=64,
+    ),
 }
 
 # Copied from sera.DATASETS
@@ -80,8 +118,11 @@ DATASETS = {
     "ultrafeedback": dict(path="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs"),
     "hh-rlhf": dict(path="Anthropic/hh-rlhf", split="train"),
     "tldr": dict(path="openai/summarize_from_feedback", name="comparisons", split="train"),
-    "toy": dict(path=str(TOY / "data" / "prefs.jsonl"), eval=str(TOY / "data" / "eval.jsonl"),
-                reward_fn=f"{TOY / 'oracle.py'}:score"),
+    "toy": dict(
+        path=str(TOY / "data" / "prefs.jsonl"),
+        eval=str(TOY / "data" / "eval.jsonl"),
+        reward_fn=f"{TOY / 'oracle.py'}:score",
+    ),
 }
 
 
@@ -168,22 +209,39 @@ class Args:
 
 def resolve(args: Args) -> tuple[Args, dict]:
     preset, filled = model_preset(args, MODELS, "zephyr-7b")  # a custom model: zephyr-7b's settings
-    filled |= {k: preset[k] for k in ("lr", "optimizer", "global_batch", "batch_size", "max_length", "max_prompt_length",
-                                      "max_new_tokens", "long_prompts", "num_eval", "eval_pairs", "scoring_batch_size",
-                                      "generation_batch_size")
-              if getattr(args, k) is None}
+    filled |= {
+        k: preset[k]
+        for k in (
+            "lr",
+            "optimizer",
+            "global_batch",
+            "batch_size",
+            "max_length",
+            "max_prompt_length",
+            "max_new_tokens",
+            "long_prompts",
+            "num_eval",
+            "eval_pairs",
+            "scoring_batch_size",
+            "generation_batch_size",
+        )
+        if getattr(args, k) is None
+    }
     args = dataclasses.replace(args, **filled)
-    check_args(args, [
-        (args.lam >= 0, f"--lam must be >= 0, got {args.lam}"),
-        (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
-        (args.refine_prompt.strip() != "", "--refine_prompt is empty; use --lam 0 for plain DPO / IPO"),
-        (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
-        (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
-        (accumulation(args.global_batch, args.batch_size) >= 1, "--global_batch must be >= 1"),
-        (args.num_pairs is None or args.num_pairs >= 2, "--num_pairs must be >= 2"),
-        (args.eval_pairs >= 0, "--eval_pairs must be >= 0"),
-        (args.save_every == 0 or args.lora_r == 0, "--save_every is not supported with LoRA"),
-    ])
+    check_args(
+        args,
+        [
+            (args.lam >= 0, f"--lam must be >= 0, got {args.lam}"),
+            (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
+            (args.refine_prompt.strip() != "", "--refine_prompt is empty; use --lam 0 for plain DPO / IPO"),
+            (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+            (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
+            (accumulation(args.global_batch, args.batch_size) >= 1, "--global_batch must be >= 1"),
+            (args.num_pairs is None or args.num_pairs >= 2, "--num_pairs must be >= 2"),
+            (args.eval_pairs >= 0, "--eval_pairs must be >= 0"),
+            (args.save_every == 0 or args.lora_r == 0, "--save_every is not supported with LoRA"),
+        ],
+    )
     return args, preset
 
 
@@ -202,8 +260,12 @@ def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple
     pairs, counts = [], {}
     refine_tokens = len(tokenizer(args.refine_prompt + " ", add_special_tokens=False)["input_ids"])
     # The refinement prompt's tokens are added to the length budget instead of cutting the query (§5.5.3).
-    aug_args = dataclasses.replace(args, max_prompt_length=args.max_prompt_length + refine_tokens + 4,
-                                   max_length=args.max_length + refine_tokens + 4, long_prompts="truncate")
+    aug_args = dataclasses.replace(
+        args,
+        max_prompt_length=args.max_prompt_length + refine_tokens + 4,
+        max_length=args.max_length + refine_tokens + 4,
+        long_prompts="truncate",
+    )
     limit = args.eval_pairs + args.num_pairs if args.num_pairs else None
     for index, pair in parse_rows(rows[:limit], source, args, counts):
         where, row = f"dataset {source} row {index}", rows[index]
@@ -212,19 +274,34 @@ def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple
             plain = fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, counts)
             if plain is None:
                 break
-            aug = fit(*encode(tokenizer, augment(pair["prompt"], args.refine_prompt), pair[side]), aug_args,
-                      where + " (with the refinement prompt)", counts)
+            aug = fit(
+                *encode(tokenizer, augment(pair["prompt"], args.refine_prompt), pair[side]),
+                aug_args,
+                where + " (with the refinement prompt)",
+                counts,
+            )
             encoded[side] = (plain, aug)
         if len(encoded) < 2:
             continue
         gap = row.get("score_chosen", 0) - row.get("score_rejected", 0) if "score_chosen" in row else None
-        pairs.append(dict(pair, index=index, score_gap=gap, prompt_ids=encoded["chosen"][0][0],
-                          chosen_ids=encoded["chosen"][0][1], rejected_ids=encoded["rejected"][0][1],
-                          aug_prompt_ids=encoded["chosen"][1][0], aug_chosen_ids=encoded["chosen"][1][1],
-                          aug_rejected_ids=encoded["rejected"][1][1]))
+        pairs.append(
+            dict(
+                pair,
+                index=index,
+                score_gap=gap,
+                prompt_ids=encoded["chosen"][0][0],
+                chosen_ids=encoded["chosen"][0][1],
+                rejected_ids=encoded["rejected"][0][1],
+                aug_prompt_ids=encoded["chosen"][1][0],
+                aug_chosen_ids=encoded["chosen"][1][1],
+                aug_rejected_ids=encoded["rejected"][1][1],
+            )
+        )
     if len(pairs) < args.eval_pairs + 2:
-        raise InputError(f"dataset {source}: {len(pairs)} usable pairs, need at least --eval_pairs + 2 = "
-                         f"{args.eval_pairs + 2} ({counts})")
+        raise InputError(
+            f"dataset {source}: {len(pairs)} usable pairs, need at least --eval_pairs + 2 = "
+            f"{args.eval_pairs + 2} ({counts})"
+        )
     return pairs, counts
 
 
@@ -254,16 +331,21 @@ def shared_prefix_logps(model, sequences: list[tuple[list[int], list[int]]], pad
     cache = DynamicCache()
     model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(len(sequences))
-    rest = collate([(prompt[len(prefix):], response) for prompt, response in sequences], pad_id, device)
-    mask = torch.cat([torch.ones(len(sequences), len(prefix), dtype=torch.long, device=device), rest["attention_mask"]], 1)
+    rest = collate([(prompt[len(prefix) :], response) for prompt, response in sequences], pad_id, device)
+    mask = torch.cat(
+        [torch.ones(len(sequences), len(prefix), dtype=torch.long, device=device), rest["attention_mask"]], 1
+    )
     return causal_lm_logps(model, rest["input_ids"], mask, rest["labels"], past_key_values=cache)[0]
 
 
 def sr_losses(model, batch_pairs: list[dict], args: Args, device, pad_id: int) -> dict:
     """Per-pair losses (with grad) and the step's diagnostics for a micro-batch of pairs."""
     n = len(batch_pairs)
-    ref = torch.tensor([p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
-                       dtype=torch.float32, device=device)
+    ref = torch.tensor(
+        [p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
+        dtype=torch.float32,
+        device=device,
+    )
     tic = time.perf_counter()
     aug_h = torch.zeros(n, device=device)
     if args.lam > 0:
@@ -271,35 +353,77 @@ def sr_losses(model, batch_pairs: list[dict], args: Args, device, pad_id: int) -
         # Delta = beta * [(a_w - S_ref(y_w | p(+)x)) - (a_l - S_ref(y_l | p(+)x))]   (eq. 12)
         model.eval()
         with torch.no_grad():
-            aug = shared_prefix_logps(model, [(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in batch_pairs]
-                                      + [(p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in batch_pairs], pad_id, device)
-            aug_ref = torch.tensor([p["ref_aug_chosen"] for p in batch_pairs] + [p["ref_aug_rejected"] for p in batch_pairs],
-                                   dtype=torch.float32, device=device)
+            aug = shared_prefix_logps(
+                model,
+                [(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in batch_pairs]
+                + [(p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in batch_pairs],
+                pad_id,
+                device,
+            )
+            aug_ref = torch.tensor(
+                [p["ref_aug_chosen"] for p in batch_pairs] + [p["ref_aug_rejected"] for p in batch_pairs],
+                dtype=torch.float32,
+                device=device,
+            )
             if args.length_norm == "avg":
-                aug_counts = torch.tensor([len(p["aug_chosen_ids"]) for p in batch_pairs]
-                                          + [len(p["aug_rejected_ids"]) for p in batch_pairs], device=device)
+                aug_counts = torch.tensor(
+                    [len(p["aug_chosen_ids"]) for p in batch_pairs] + [len(p["aug_rejected_ids"]) for p in batch_pairs],
+                    device=device,
+                )
                 aug, aug_ref = aug / aug_counts, aug_ref / aug_counts
             aug_h = (aug[:n] - aug_ref[:n]) - (aug[n:] - aug_ref[n:])
         model.train()
     refine_seconds = time.perf_counter() - tic
     delta = args.beta * aug_h
     # line 6: h(x) on the plain context, with grad (chosen and rejected in one forward)
-    batch = collate([(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
-                    + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs], pad_id, device)
+    batch = collate(
+        [(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
+        + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs],
+        pad_id,
+        device,
+    )
     logps, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     if args.length_norm == "avg":
         counts = (batch["labels"][:, 1:] != -100).sum(1)
         logps, ref = logps / counts, ref / counts
     # line 7: Sr-DPO softplus(-(beta h - lambda Delta)) / Sr-IPO (h - lambda Delta - 1/(2 beta))^2, Delta constant
-    losses = pair_loss(logps[:n], logps[n:], ref[:n], ref[n:], kind=args.loss, beta=args.beta,
-                       offset=args.lam * delta, reduction="none")
+    losses = pair_loss(
+        logps[:n],
+        logps[n:],
+        ref[:n],
+        ref[n:],
+        kind=args.loss,
+        beta=args.beta,
+        offset=args.lam * delta,
+        reduction="none",
+    )
     h = ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:])).detach()
-    return {"losses": losses, "h": h, "delta": delta, "aug_h": aug_h, "logps": logps.detach(),
-            "refine_seconds": refine_seconds, "tokens": batch["attention_mask"]}
+    return {
+        "losses": losses,
+        "h": h,
+        "delta": delta,
+        "aug_h": aug_h,
+        "logps": logps.detach(),
+        "refine_seconds": refine_seconds,
+        "tokens": batch["attention_mask"],
+    }
 
 
-SR_STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-            "logps/rejected", "h", "delta", "aug_accuracy", "pairs", "tokens", "refine_s")  # per step; the first ten are means
+SR_STATS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "h",
+    "delta",
+    "aug_accuracy",
+    "pairs",
+    "tokens",
+    "refine_s",
+)  # per step; the first ten are means
 
 
 def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_step, start_step=0, saved=None):
@@ -310,31 +434,56 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
     n_steps = max(1, len(order) // per_step)
     # every rank runs the same micro-batches (FSDP collectives): the remainder is dropped, counted
     used = order[: n_steps * per_step] if len(order) >= per_step else order[: len(order) - len(order) % world()]
-    local = used[rank()::world()]
+    local = used[rank() :: world()]
     micro = max(1, math.ceil(len(local) / (n_steps * grad_accum)))
     trainable, optimizer, scheduler = make_optimizer(model, args.lr, n_steps, args, "constant", saved, args.optimizer)
-    log({"train/pairs": len(pairs), "train/steps": n_steps, "train/grad_accum": grad_accum,
-         "train/pairs_dropped_remainder": len(order) - len(used)})
+    log(
+        {
+            "train/pairs": len(pairs),
+            "train/steps": n_steps,
+            "train/grad_accum": grad_accum,
+            "train/pairs_dropped_remainder": len(order) - len(used),
+        }
+    )
     bar = progress(range(start_step, n_steps), desc="train")
     for step in bar:
         tic, stats = time.perf_counter(), StepStats(SR_STATS, device)
         offsets = [(step * grad_accum + accum) * micro for accum in range(grad_accum)]
-        for batch_pairs in micro_batches(model, [[pairs[i] for i in local[o: o + micro]] for o in offsets]):
+        for batch_pairs in micro_batches(model, [[pairs[i] for i in local[o : o + micro]] for o in offsets]):
             out = sr_losses(model, batch_pairs, args, device, pad_id)
             (out["losses"].sum() / (micro * grad_accum)).backward()
             n, h, logps = len(batch_pairs), out["h"], out["logps"]
-            chosen_reward = args.beta * (logps[:n] - torch.tensor([p["ref_chosen"] for p in batch_pairs], device=device))
-            stats.add(**{"loss": out["losses"], "rewards/chosen": chosen_reward,
-                         "rewards/rejected": chosen_reward - args.beta * h, "rewards/margins": args.beta * h,
-                         "rewards/accuracies": h > 0, "logps/chosen": logps[:n], "logps/rejected": logps[n:], "h": h,
-                         "delta": out["delta"], "aug_accuracy": out["aug_h"] > 0, "pairs": n,
-                         "tokens": out["tokens"], "refine_s": out["refine_seconds"]})
+            chosen_reward = args.beta * (
+                logps[:n] - torch.tensor([p["ref_chosen"] for p in batch_pairs], device=device)
+            )
+            stats.add(
+                **{
+                    "loss": out["losses"],
+                    "rewards/chosen": chosen_reward,
+                    "rewards/rejected": chosen_reward - args.beta * h,
+                    "rewards/margins": args.beta * h,
+                    "rewards/accuracies": h > 0,
+                    "logps/chosen": logps[:n],
+                    "logps/rejected": logps[n:],
+                    "h": h,
+                    "delta": out["delta"],
+                    "aug_accuracy": out["aug_h"] > 0,
+                    "pairs": n,
+                    "tokens": out["tokens"],
+                    "refine_s": out["refine_seconds"],
+                }
+            )
         step_seconds = time.perf_counter() - tic  # "gradient normalization" (§4.1) is the clipping in optimizer_step
         total, grad_norm = optimizer_step(trainable, optimizer, scheduler, stats, args, f"step {step + 1}")
-        metrics = {"step": step + 1, **{name: total[name] / total["pairs"] for name in SR_STATS[:10]},
-                   "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_sec": total["tokens"] / step_seconds, "time/step_s": step_seconds,
-                   "time/refine_s": total["refine_s"] / world()}
+        metrics = {
+            "step": step + 1,
+            **{name: total[name] / total["pairs"] for name in SR_STATS[:10]},
+            "grad_norm": grad_norm,
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_sec": total["tokens"] / step_seconds,
+            "time/step_s": step_seconds,
+            "time/refine_s": total["refine_s"] / world(),
+        }
         if args.lam == 0:
             metrics["aug_accuracy"] = float("nan")
         log(metrics)
@@ -355,7 +504,7 @@ def main(args: Args) -> dict:
     tokenizer = load_tokenizer(model_path, args.chat_template)
     rows, source = load_rows(args.dataset)
     pairs, length_counts = build_dataset(rows, source, tokenizer, args)
-    held_out, pairs = pairs[: args.eval_pairs], pairs[args.eval_pairs:]
+    held_out, pairs = pairs[: args.eval_pairs], pairs[args.eval_pairs :]
     scorers, eval_prompts = load_evaluation(args, pairs[0])
 
     device = init_device(args.seed, args.dist_timeout_minutes)
@@ -369,7 +518,13 @@ def main(args: Args) -> dict:
         return state
     log = Logs(args, out_dir, run_name)
 
-    log({"data/pairs": len(pairs), "data/held_out_pairs": len(held_out), **{f"data/{k}": v for k, v in length_counts.items()}})
+    log(
+        {
+            "data/pairs": len(pairs),
+            "data/held_out_pairs": len(held_out),
+            **{f"data/{k}": v for k, v in length_counts.items()},
+        }
+    )
     # Prepared (sharded) before the reference pass: the reference is scored exactly as the policy computes at
     # its first step, so h and Delta start at 0 (Alg. 1 line 1: pi_0 = pi_ref).
     model = prepare_for_training(load_model(model_path, device, args), args)
@@ -380,19 +535,27 @@ def main(args: Args) -> dict:
     if args.resume and cache_file.exists():
         ref = torch.load(cache_file)
     else:
-        sequences = ([(p["prompt_ids"], p["chosen_ids"]) for p in everything] + [(p["prompt_ids"], p["rejected_ids"]) for p in everything]
-                     + [(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in everything]
-                     + [(p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in everything])
+        sequences = (
+            [(p["prompt_ids"], p["chosen_ids"]) for p in everything]
+            + [(p["prompt_ids"], p["rejected_ids"]) for p in everything]
+            + [(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in everything]
+            + [(p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in everything]
+        )
         ref, _ = score(model, sequences, args, tokenizer.pad_token_id, device, desc="reference log-probs")
         write_atomic(cache_file, ref)
     n = len(everything)
     for i, p in enumerate(everything):
-        p.update(ref_chosen=float(ref[i]), ref_rejected=float(ref[n + i]),
-                 ref_aug_chosen=float(ref[2 * n + i]), ref_aug_rejected=float(ref[3 * n + i]))
+        p.update(
+            ref_chosen=float(ref[i]),
+            ref_rejected=float(ref[n + i]),
+            ref_aug_chosen=float(ref[2 * n + i]),
+            ref_aug_rejected=float(ref[3 * n + i]),
+        )
 
     if scorers and eval_prompts and "start" not in state["eval"]:
-        state["eval"]["start"], metrics = evaluate(model, tokenizer, eval_prompts, scorers, args, device,
-                                                   start_file=out_dir / "eval_start.json", is_start=True)
+        state["eval"]["start"], metrics = evaluate(
+            model, tokenizer, eval_prompts, scorers, args, device, start_file=out_dir / "eval_start.json", is_start=True
+        )
         log({"stage": "start", **metrics})
         if rank() == 0:
             print(f"start: eval reward {state['eval']['start']:.3f} on {len(eval_prompts)} prompts")
@@ -412,24 +575,30 @@ def main(args: Args) -> dict:
         if args.stop_after_steps is not None and steps_this_process[0] >= args.stop_after_steps:
             raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
 
-    model = train(model, pairs, args, device, tokenizer.pad_token_id, log, save_step, saved["step"] if saved else 0, saved)
+    model = train(
+        model, pairs, args, device, tokenizer.pad_token_id, log, save_step, saved["step"] if saved else 0, saved
+    )
     model = save_atomic(model, tokenizer, out_dir / "final")
     shutil.rmtree(checkpoint, ignore_errors=True)
 
     # Held-out pairs: final margin h vs the data's score gap (the paper's Table 4 analogue).
     if held_out:
-        sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in held_out] + [(p["prompt_ids"], p["rejected_ids"]) for p in held_out]
+        sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in held_out] + [
+            (p["prompt_ids"], p["rejected_ids"]) for p in held_out
+        ]
         final, _ = score(model, sequences, args, tokenizer.pad_token_id, device, desc="held-out margins")
         m = len(held_out)
-        h = (final[:m] - torch.tensor([p["ref_chosen"] for p in held_out], dtype=torch.float64)) - \
-            (final[m:] - torch.tensor([p["ref_rejected"] for p in held_out], dtype=torch.float64))
+        h = (final[:m] - torch.tensor([p["ref_chosen"] for p in held_out], dtype=torch.float64)) - (
+            final[m:] - torch.tensor([p["ref_rejected"] for p in held_out], dtype=torch.float64)
+        )
         state["eval"]["held_out_accuracy"] = float((h > 0).double().mean())
         if held_out[0]["score_gap"] is not None:
             gap = torch.tensor([p["score_gap"] for p in held_out], dtype=torch.float64)
             state["eval"]["margin_score_corr"] = float(torch.corrcoef(torch.stack([h, gap]))[0, 1])
     if scorers and eval_prompts:
-        state["eval"]["final"], metrics = evaluate(model, tokenizer, eval_prompts, scorers, args, device,
-                                                   start_file=out_dir / "eval_start.json")
+        state["eval"]["final"], metrics = evaluate(
+            model, tokenizer, eval_prompts, scorers, args, device, start_file=out_dir / "eval_start.json"
+        )
         log({"stage": "final", **metrics})
         state["eval"].update({k[5:]: v for k, v in metrics.items() if k.startswith("eval/win_rate")})
     log({f"eval/{k}": v for k, v in state["eval"].items()})
@@ -460,18 +629,34 @@ def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
     of preset `custom` (each one can be overridden on the command line) and needs --dataset."""
     if args.model in models:
         preset = dict(models[args.model])
-    elif not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or "/" not in args.model):
-        raise InputError(f"--model: {args.model!r} is neither a preset ({', '.join(models)}), "
-                         "an existing local path, nor a hub id of the form org/name")
+    elif not Path(args.model).expanduser().exists() and (
+        args.model.startswith((".", "/", "~")) or "/" not in args.model
+    ):
+        raise InputError(
+            f"--model: {args.model!r} is neither a preset ({', '.join(models)}), "
+            "an existing local path, nor a hub id of the form org/name"
+        )
     else:
         preset = dict(models[custom], path=args.model, dataset=None)
     preset["dataset"] = args.dataset or preset["dataset"]
     if preset["dataset"] is None:
         raise InputError("--dataset is required with a custom --model")
-    filled = {"dataset": preset["dataset"], "dtype": args.dtype if args.dtype != "auto" else  # masters stay fp32
-              "bfloat16" if torch.cuda.is_available() else "float32"}
-    for key, default in (("lora_r", 0), ("lora_alpha", 16), ("lora_dropout", 0.0), ("gradient_checkpointing", False),
-                         ("chat_template", None)):
+    filled = {
+        "dataset": preset["dataset"],
+        "dtype": args.dtype
+        if args.dtype != "auto"
+        # masters stay fp32
+        else "bfloat16"
+        if torch.cuda.is_available()
+        else "float32",
+    }
+    for key, default in (
+        ("lora_r", 0),
+        ("lora_alpha", 16),
+        ("lora_dropout", 0.0),
+        ("gradient_checkpointing", False),
+        ("chat_template", None),
+    ):
         if getattr(args, key) is None:
             filled[key] = preset.get(key, default)
     return preset, filled
@@ -482,11 +667,19 @@ def check_args(args, checks: list[tuple[bool, str]]):
     """One InputError for the first failed (ok, message): the checks of the options every script shares, then `checks`."""
     checks = [
         (0 <= args.max_bad_fraction <= 1, f"--max_bad_fraction must be in [0, 1], got {args.max_bad_fraction}"),
-        (not (args.output_dir and Path(args.output_dir).is_file()), f"--output_dir: {args.output_dir!r} is a file; expected a folder"),
+        (
+            not (args.output_dir and Path(args.output_dir).is_file()),
+            f"--output_dir: {args.output_dir!r} is a file; expected a folder",
+        ),
         (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
-        (args.eval_prompts is None or Path(args.eval_prompts).is_file(), f"--eval_prompts: file {args.eval_prompts!r} not found"),
-        (args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
-         f"--chat_template: file {args.chat_template!r} not found"),
+        (
+            args.eval_prompts is None or Path(args.eval_prompts).is_file(),
+            f"--eval_prompts: file {args.eval_prompts!r} not found",
+        ),
+        (
+            args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
+            f"--chat_template: file {args.chat_template!r} not found",
+        ),
         (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
         (args.lora_r >= 0, f"--lora_r must be >= 0, got {args.lora_r}"),
         (args.dist_timeout_minutes >= 1, f"--dist_timeout_minutes must be >= 1, got {args.dist_timeout_minutes}"),
@@ -581,8 +774,13 @@ def _text(value, where: str, empty: str | None = None) -> str:
 def _messages(value, where: str, empty: str | None = None) -> list[dict]:
     if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
         raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
-    return [{"role": _text(m.get("role"), f"{where}[{i}].role"), "content": _text(m.get("content"), f"{where}[{i}].content", empty)}
-            for i, m in enumerate(value)]
+    return [
+        {
+            "role": _text(m.get("role"), f"{where}[{i}].role"),
+            "content": _text(m.get("content"), f"{where}[{i}].content", empty),
+        }
+        for i, m in enumerate(value)
+    ]
 
 
 # Copied from sera._hh_turns
@@ -590,7 +788,10 @@ def _hh_turns(text: str, where: str) -> list[dict]:
     parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where, "empty_response"))
     if len(parts) < 3 or parts[0].strip():
         raise InputError(f"{where} is not in HH-RLHF format ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
-    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    return [
+        {"role": "user" if r == "Human" else "assistant", "content": c.strip()}
+        for r, c in zip(parts[1::2], parts[2::2])
+    ]
 
 
 # Copied from sera.parse_pair
@@ -607,9 +808,15 @@ def parse_pair(row: dict, where: str) -> dict:
         prompt = f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {post}\n\nTL;DR:"
         if row["choice"] not in (0, 1) or not isinstance(row["summaries"], list) or len(row["summaries"]) != 2:
             raise InputError(f"{where}: 'choice' must be 0 or 1 with two 'summaries'")
-        texts = [_text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'", "empty_response").strip()
-                 for i, s in enumerate(row["summaries"])]
-        out = {"prompt": [{"role": "user", "content": prompt}], "chosen": texts[row["choice"]], "rejected": texts[1 - row["choice"]]}
+        texts = [
+            _text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'", "empty_response").strip()
+            for i, s in enumerate(row["summaries"])
+        ]
+        out = {
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": texts[row["choice"]],
+            "rejected": texts[1 - row["choice"]],
+        }
     else:
         for column in ("chosen", "rejected"):
             if row.get(column) is None:  # absent, or null (datasets fills columns other rows have)
@@ -622,16 +829,22 @@ def parse_pair(row: dict, where: str) -> dict:
                 chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
                 rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
             if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-                raise BadRow("not_ending_with_assistant", f"{where}: 'chosen' and 'rejected' must end with an assistant turn")
+                raise BadRow(
+                    "not_ending_with_assistant", f"{where}: 'chosen' and 'rejected' must end with an assistant turn"
+                )
             if chosen[:-1] != rejected[:-1]:
-                raise BadRow("differ_before_last_turn", f"{where}: 'chosen' and 'rejected' differ before the last assistant turn")
+                raise BadRow(
+                    "differ_before_last_turn", f"{where}: 'chosen' and 'rejected' differ before the last assistant turn"
+                )
             out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
         else:  # plain strings
             if row.get("prompt") is None:
                 raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
-            out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
-                   "chosen": _text(row["chosen"], f"{where}: 'chosen'", "empty_response"),
-                   "rejected": _text(row["rejected"], f"{where}: 'rejected'", "empty_response")}
+            out = {
+                "prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
+                "chosen": _text(row["chosen"], f"{where}: 'chosen'", "empty_response"),
+                "rejected": _text(row["rejected"], f"{where}: 'rejected'", "empty_response"),
+            }
         if not out["prompt"] or out["prompt"][-1]["role"] != "user":
             raise BadRow("prompt_not_ending_with_user", f"{where}: the prompt must end with a user message")
     for side in ("chosen", "rejected"):
@@ -656,8 +869,10 @@ def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[
             bad.append(str(err))
     reasons = ", ".join(f"{k[8:]} {v}" for k, v in counts.items() if k.startswith("skipped_"))
     if len(bad) > args.max_bad_fraction * len(rows) or not pairs:
-        raise InputError(f"dataset {source}: {len(bad)} of {len(rows)} rows are degenerate ({reasons}), over "
-                         f"--max_bad_fraction {args.max_bad_fraction}; first: {' | '.join(bad[:3])}")
+        raise InputError(
+            f"dataset {source}: {len(bad)} of {len(rows)} rows are degenerate ({reasons}), over "
+            f"--max_bad_fraction {args.max_bad_fraction}; first: {' | '.join(bad[:3])}"
+        )
     if bad and rank() == 0:
         print(f"dataset {source}: skipped {len(bad)} of {len(rows)} rows as degenerate ({reasons})")
     return pairs
@@ -667,9 +882,14 @@ def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[
 def check_model_dir(path: Path):
     """A local model folder has a config, tokenizer files and complete safetensors (each file's header
     declares its data size), so a bad folder fails before anything is written."""
-    missing = [name for name, found in (("config.json", (path / "config.json").is_file()), (
-        "tokenizer files", any(path.glob("tokenizer*")) or any(path.glob("vocab*"))))
-        if not found]
+    missing = [
+        name
+        for name, found in (
+            ("config.json", (path / "config.json").is_file()),
+            ("tokenizer files", any(path.glob("tokenizer*")) or any(path.glob("vocab*"))),
+        )
+        if not found
+    ]
     if missing:
         raise InputError(f"--model: {path} has no {' or '.join(missing)}; expected a save_pretrained folder")
     for file in sorted(path.glob("*.safetensors")):
@@ -697,7 +917,9 @@ def load_tokenizer(model_path: str, chat_template: str | None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
-        raise InputError(f"--model: no tokenizer could be loaded from {model_path!r} ({str(err).splitlines()[0]})") from None
+        raise InputError(
+            f"--model: no tokenizer could be loaded from {model_path!r} ({str(err).splitlines()[0]})"
+        ) from None
     if chat_template and "{%" not in chat_template and not Path(chat_template).exists():
         raise InputError(f"--chat_template: file {chat_template!r} not found")
     if chat_template:
@@ -731,10 +953,15 @@ def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[
 
     try:  # templates may refuse a conversation (mistral-instruct: no system role)
         prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = None if response is None else tokenizer.apply_chat_template(
-            prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        full = (
+            None
+            if response is None
+            else tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        )
     except TemplateError as err:
-        raise InputError(f"the chat template refuses a conversation with roles {[m['role'] for m in prompt]}: {err}") from None
+        raise InputError(
+            f"the chat template refuses a conversation with roles {[m['role'] for m in prompt]}: {err}"
+        ) from None
     prompt_ids = tokenize(tokenizer, prompt_text)
     if response is None:
         return prompt_ids, []
@@ -744,8 +971,11 @@ def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[
     # would produce after prompt_ids (SentencePiece: 'A' after a newline, not the word-initial '▁A'). Where a
     # merge crosses the boundary the prompt ids are no prefix, and the response is tokenized on its own.
     full_ids = tokenize(tokenizer, full.rstrip())
-    response_ids = (full_ids[len(prompt_ids):] if full_ids[:len(prompt_ids)] == prompt_ids else
-                    tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"])
+    response_ids = (
+        full_ids[len(prompt_ids) :]
+        if full_ids[: len(prompt_ids)] == prompt_ids
+        else tokenizer(full[len(prompt_text) :].rstrip(), add_special_tokens=False)["input_ids"]
+    )
     if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
         response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS (ALGORITHMS.md §0)
     return prompt_ids, response_ids
@@ -756,13 +986,15 @@ def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple
     """Apply the length limits: long prompts per --long_prompts, long responses truncated (counted)."""
     if len(prompt_ids) > args.max_prompt_length:
         if args.long_prompts == "error":
-            raise InputError(f"{where}: prompt has {len(prompt_ids)} tokens, over --max_prompt_length "
-                             f"{args.max_prompt_length} (see --long_prompts)")
+            raise InputError(
+                f"{where}: prompt has {len(prompt_ids)} tokens, over --max_prompt_length "
+                f"{args.max_prompt_length} (see --long_prompts)"
+            )
         if args.long_prompts == "skip":
             counts["long_prompt_skipped"] = counts.get("long_prompt_skipped", 0) + 1
             return None
         counts["long_prompt_truncated"] = counts.get("long_prompt_truncated", 0) + 1
-        prompt_ids = prompt_ids[-args.max_prompt_length:]
+        prompt_ids = prompt_ids[-args.max_prompt_length :]
     budget = args.max_length - len(prompt_ids)
     if len(response_ids) > budget:
         counts["response_truncated"] = counts.get("response_truncated", 0) + 1
@@ -811,7 +1043,11 @@ def load_evaluation(args: Args, example: dict) -> tuple:
     preset = DATASETS.get(args.dataset, {})
     eval_file = args.eval_prompts or preset.get("eval")
     reward_fn = load_reward_fn(args.reward_fn or preset.get("reward_fn"), example)
-    scorers = {"reward": lambda prompts, responses: [reward_fn(p, r) for p, r in zip(prompts, responses)]} if reward_fn else {}
+    scorers = (
+        {"reward": lambda prompts, responses: [reward_fn(p, r) for p, r in zip(prompts, responses)]}
+        if reward_fn
+        else {}
+    )
     if args.reward_model:
         scorers["rm_score"] = reward_model_scorer(args, example)
     return scorers, load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
@@ -822,8 +1058,9 @@ def accumulation(global_batch: int, batch_size: int) -> int:
     """Micro-batches per optimizer step, so that a step sees global_batch examples at any number of ranks."""
     ranks = int(os.environ.get("WORLD_SIZE", 1))  # known before the process group is joined
     if global_batch < 1 or batch_size < 1 or global_batch % (batch_size * ranks):
-        raise InputError(f"--global_batch {global_batch} must be a positive multiple of --batch_size {batch_size} "
-                         f"x {ranks} ranks")
+        raise InputError(
+            f"--global_batch {global_batch} must be a positive multiple of --batch_size {batch_size} x {ranks} ranks"
+        )
     return global_batch // (batch_size * ranks)
 
 
@@ -847,8 +1084,11 @@ def init_device(seed: int, timeout_minutes: int = 180) -> torch.device:
     if "RANK" in os.environ and not dist.is_initialized():
         import datetime
 
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=device if device.type == "cuda" else None,
+        )
     torch.manual_seed(seed)
     return device
 
@@ -872,7 +1112,7 @@ def now() -> int:
 def shard(items: list) -> tuple[list, int]:
     """This rank's share, padded (with its last item) so every rank runs the same number of batches."""
     per_rank = math.ceil(len(items) / world())
-    mine = items[rank() * per_rank: (rank() + 1) * per_rank]
+    mine = items[rank() * per_rank : (rank() + 1) * per_rank]
     real = len(mine)
     return mine + [items[-1]] * (per_rank - real), real
 
@@ -965,10 +1205,15 @@ def check_resume(args: Args):
     stored = json.loads(saved.read_text())
     ranks = int(os.environ.get("WORLD_SIZE", 1))
     if stored.get("world_size", 1) != ranks:  # per-rank data shards and trainer states
-        raise InputError(f"--resume: the run in {args.output_dir} was started on {stored.get('world_size', 1)} ranks, "
-                         f"this launch has {ranks}; resume with the same number of ranks")
-    changed = {k for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
-               if k not in ("resume", "stop_after_steps") and stored.get(k) != v}
+        raise InputError(
+            f"--resume: the run in {args.output_dir} was started on {stored.get('world_size', 1)} ranks, "
+            f"this launch has {ranks}; resume with the same number of ranks"
+        )
+    changed = {
+        k
+        for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
+        if k not in ("resume", "stop_after_steps") and stored.get(k) != v
+    }
     if changed:
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
 
@@ -1051,8 +1296,9 @@ def load_model(path: str, device: torch.device, args: Args | None = None, frozen
 
     bf16 = args is not None and args.dtype == "bfloat16"
     sharded = frozen and world() > 1 and args.lora_r == 0
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded)
-                                                 else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded) else torch.float32
+    )
     model.checkpoint_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32  # what save_atomic writes
     if frozen:
         model.requires_grad_(False).eval()
@@ -1078,7 +1324,9 @@ def shard_model(model, args: Args):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     bf16 = args.dtype == "bfloat16"
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
+    )
     layer_types = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in layer_types:
@@ -1100,8 +1348,13 @@ def prepare_for_training(model, args: Args):
             import peft
         except ImportError:
             raise InputError("--lora_r > 0 needs peft: pip install 'selfpo[lora]'") from None
-        config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        config = peft.LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
         model = peft.get_peft_model(model, config)
         for p in model.parameters() if world() > 1 else []:  # ranks' RNGs differ (generate): rank 0's adapter
             if p.requires_grad:
@@ -1113,19 +1366,32 @@ def prepare_for_training(model, args: Args):
 
 
 # Copied from sera.make_optimizer
-def make_optimizer(model, lr: float, n_steps: int, args: Args, schedule: str = "constant", state: dict | None = None,
-                   kind: str = "adamw"):
+def make_optimizer(
+    model,
+    lr: float,
+    n_steps: int,
+    args: Args,
+    schedule: str = "constant",
+    state: dict | None = None,
+    kind: str = "adamw",
+):
     """AdamW without weight decay (or RMSprop) over the trainable parameters; linear warmup over --warmup_ratio of
     n_steps, then constant or cosine. `state` (a step checkpoint's trainer_state) restores the optimizer, the
     scheduler and the random number generators. Returns (trainable parameters, optimizer, scheduler)."""
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (torch.optim.RMSprop(trainable, lr=lr) if kind == "rmsprop"
-                 else torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0))
+    optimizer = (
+        torch.optim.RMSprop(trainable, lr=lr)
+        if kind == "rmsprop"
+        else torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    )
     warmup = int(args.warmup_ratio * n_steps)
-    scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, n_steps) if schedule == "cosine"
-                 else get_constant_schedule_with_warmup(optimizer, warmup))
+    scheduler = (
+        get_cosine_schedule_with_warmup(optimizer, warmup, n_steps)
+        if schedule == "cosine"
+        else get_constant_schedule_with_warmup(optimizer, warmup)
+    )
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -1151,8 +1417,10 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
     *values, grad_norm = torch.cat([stats.sums, grad_norm.reshape(1).to(stats.sums)]).tolist()
     total = dict(zip(stats.names, values))
     if not math.isfinite(values[0]):
-        raise InputError(f"non-finite loss ({values[0]}) at {where}: stopping before the update (the last checkpoint "
-                         "is intact); lower --lr or --beta, or check that step's data")
+        raise InputError(
+            f"non-finite loss ({values[0]}) at {where}: stopping before the update (the last checkpoint "
+            "is intact); lower --lr or --beta, or check that step's data"
+        )
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -1219,7 +1487,7 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
     for i, (prompt, response) in enumerate(sequences):
         n = len(prompt) + len(response)
         ids[i, :n] = torch.tensor(prompt + response)
-        labels[i, len(prompt):n] = torch.tensor(response)
+        labels[i, len(prompt) : n] = torch.tensor(response)
         mask[i, :n] = 1
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
@@ -1232,8 +1500,19 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 def save_checkpoint(model, tokenizer, directory: Path, optimizer, scheduler, step: int):
     """A resumable step checkpoint: the weights, and this rank's optimizer, scheduler, step and random number
     generators, in one atomically renamed folder (read back by trainer_state)."""
-    return save_atomic(model, tokenizer, directory, {f"trainer_state_rank{rank()}.pt": {
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state()}})
+    return save_atomic(
+        model,
+        tokenizer,
+        directory,
+        {
+            f"trainer_state_rank{rank()}.pt": {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "rng": rng_state(),
+            }
+        },
+    )
 
 
 # Copied from sera.trainer_state
@@ -1252,7 +1531,7 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
     mine, real = shard(list(enumerate(sequences)))
     logps, counts = [], []
     for start in progress(range(0, len(mine), args.scoring_batch_size), desc=desc, inner=True):
-        batch = collate([s for _, s in mine[start:start + args.scoring_batch_size]], pad_id, device)
+        batch = collate([s for _, s in mine[start : start + args.scoring_batch_size]], pad_id, device)
         out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         logps += out.tolist()
         counts += (batch["labels"][:, 1:] != -100).sum(1).tolist()
@@ -1261,13 +1540,16 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
     model.train(training)
     merged = {i: (lp, c) for i, lp, c in gather([(i, lp, c) for (i, _), lp, c in zip(mine[:real], logps, counts)])}
     order = [merged[i] for i in range(len(sequences))]
-    return (torch.tensor([o[0] for o in order], dtype=torch.float64),
-            torch.tensor([o[1] for o in order], dtype=torch.float64))
+    return (
+        torch.tensor([o[0] for o in order], dtype=torch.float64),
+        torch.tensor([o[1] for o in order], dtype=torch.float64),
+    )
 
 
 # Copied from sera.VLLMEngine
 class VLLMEngine:
     """--sampler vllm: this process's engine for the whole run, the checkpoint it holds, its longest sequence."""
+
     llm, path, max_model_len = None, None, None
 
 
@@ -1291,8 +1573,13 @@ def start_vllm(vllm, model_path: str, args: Args, seed: int, sleeps: bool, longe
     from vllm.platforms import current_platform
 
     max_model_len = max(args.max_prompt_length, longest_prompt) + args.max_new_tokens
-    kwargs = dict(model=model_path, seed=seed, gpu_memory_utilization=0.3, max_model_len=max_model_len,
-                  dtype={"auto": "bfloat16" if torch.cuda.is_available() else "float32"}.get(args.dtype, args.dtype))
+    kwargs = dict(
+        model=model_path,
+        seed=seed,
+        gpu_memory_utilization=0.3,
+        max_model_len=max_model_len,
+        dtype={"auto": "bfloat16" if torch.cuda.is_available() else "float32"}.get(args.dtype, args.dtype),
+    )
     if sleeps:
         kwargs["enable_sleep_mode"] = True  # refused where the platform has none (CPU)
     if current_platform.is_cpu():
@@ -1319,8 +1606,19 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 # Copied from sera.generate
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: float, top_p: float, args: Args,
-             device, seed: int, model_path: str | None = None, desc: str = "generate") -> list[list[tuple[str, bool]]]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    n: int,
+    temperature: float,
+    top_p: float,
+    args: Args,
+    device,
+    seed: int,
+    model_path: str | None = None,
+    desc: str = "generate",
+) -> list[list[tuple[str, bool]]]:
     """n samples per prompt as (text, finished) where finished = stopped on a stop_ids token within
     max_new_tokens. Prompts are encode()'s ids. Sampling is exactly temperature / top-p: top-k off (transformers
     would fill 50) and no repetition penalty from the model's generation_config. With --sampler vllm (and a
@@ -1353,14 +1651,26 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
         VLLMEngine.path = model_path
         longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
         if len(prompt_ids[longest]) + args.max_new_tokens > VLLMEngine.max_model_len:
-            raise InputError(f"{desc}: a prompt of {len(prompt_ids[longest])} tokens + --max_new_tokens "
-                             f"{args.max_new_tokens} is over the vLLM engine's max_model_len {VLLMEngine.max_model_len} "
-                             "(--max_prompt_length + --max_new_tokens when it started); raise --max_prompt_length")
+            raise InputError(
+                f"{desc}: a prompt of {len(prompt_ids[longest])} tokens + --max_new_tokens "
+                f"{args.max_new_tokens} is over the vLLM engine's max_model_len {VLLMEngine.max_model_len} "
+                "(--max_prompt_length + --max_new_tokens when it started); raise --max_prompt_length"
+            )
         # vLLM seeds sample j of a request seed + j: one seed per prompt, n apart, so that no two samples share a
         # random stream, and from the call's seed and the prompt's index (not the engine's history)
-        params = [vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0,
-                                      max_tokens=args.max_new_tokens, stop_token_ids=stop,
-                                      seed=seed * 1_000_003 + (rank() * len(mine) + i) * n) for i in range(len(mine))]
+        params = [
+            vllm.SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=-1,
+                repetition_penalty=1.0,
+                max_tokens=args.max_new_tokens,
+                stop_token_ids=stop,
+                seed=seed * 1_000_003 + (rank() * len(mine) + i) * n,
+            )
+            for i in range(len(mine))
+        ]
         results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         if sleeps:
             llm.sleep(level=2)
@@ -1373,22 +1683,35 @@ def generate(model, tokenizer, prompts: list[list[dict]], n: int, temperature: f
     mine, real = shard(prompts)
     prompt_ids = [encode(tokenizer, p)[0] for p in mine]
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together: little padding
-    sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
-                if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
+        if temperature > 0
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    )
     outputs = {}
     batch_size = max(1, args.generation_batch_size // n)
     for start in progress(range(0, len(order), batch_size), desc=desc, inner=True):
-        indices = order[start:start + batch_size]
+        indices = order[start : start + batch_size]
         enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in indices]}, return_tensors="pt").to(device)
         # one autocast around the whole call: the bf16 casts of trainable fp32 weights are made once, not per token
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-            out = sampler.generate(**enc, **sampling, max_new_tokens=args.max_new_tokens, num_return_sequences=n,
-                                   eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
-        rows = out[:, enc["input_ids"].shape[1]:].tolist()
+            out = sampler.generate(
+                **enc,
+                **sampling,
+                max_new_tokens=args.max_new_tokens,
+                num_return_sequences=n,
+                eos_token_id=stop,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        rows = out[:, enc["input_ids"].shape[1] :].tolist()
         for k, i in enumerate(indices):  # num_return_sequences rows per prompt, consecutive
-            ends = [next((j for j, token in enumerate(row) if token in stop), None) for row in rows[k * n:(k + 1) * n]]
-            outputs[i] = [(tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None)
-                          for row, end in zip(rows[k * n:(k + 1) * n], ends)]
+            ends = [
+                next((j for j, token in enumerate(row) if token in stop), None) for row in rows[k * n : (k + 1) * n]
+            ]
+            outputs[i] = [
+                (tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None)
+                for row, end in zip(rows[k * n : (k + 1) * n], ends)
+            ]
     sampler.train(training)
     return gather([outputs[i] for i in range(real)])
 
@@ -1403,8 +1726,10 @@ def unsharded_copy(model, args: Args):
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     with torch.device("meta"):
         copy = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
-    state = {name: (value.full_tensor() if hasattr(value, "full_tensor") else value).to(dtype)
-             for name, value in model.state_dict().items()}
+    state = {
+        name: (value.full_tensor() if hasattr(value, "full_tensor") else value).to(dtype)
+        for name, value in model.state_dict().items()
+    }
     copy.load_state_dict(state, assign=True)
     for name, buffer in model.named_buffers():  # non-persistent buffers (rotary frequencies) are not in the state
         module, _, attr = name.rpartition(".")
@@ -1427,17 +1752,22 @@ def load_reward_model(path: str, chat_template: str | None):
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise InputError(f"--reward_model: no model could be loaded from {path!r} ({str(err).splitlines()[0]})") from None
+        raise InputError(
+            f"--reward_model: no model could be loaded from {path!r} ({str(err).splitlines()[0]})"
+        ) from None
     if config.num_labels != 1:
-        raise InputError(f"--reward_model: {path!r} has {config.num_labels} outputs (num_labels); expected a sequence "
-                         "classifier with one (AutoModelForSequenceClassification, num_labels=1)")
+        raise InputError(
+            f"--reward_model: {path!r} has {config.num_labels} outputs (num_labels); expected a sequence "
+            "classifier with one (AutoModelForSequenceClassification, num_labels=1)"
+        )
     if chat_template and "{%" not in chat_template and not Path(chat_template).is_file():
         raise InputError(f"--reward_chat_template: file {chat_template!r} not found")
     if chat_template:
         tokenizer.chat_template = chat_template if "{%" in chat_template else Path(chat_template).read_text()
     if not tokenizer.chat_template:
-        raise InputError(f"--reward_model: the tokenizer of {path!r} has no chat template; pass --reward_chat_template "
-                         "file.jinja")
+        raise InputError(
+            f"--reward_model: the tokenizer of {path!r} has no chat template; pass --reward_chat_template file.jinja"
+        )
     return tokenizer
 
 
@@ -1447,8 +1777,12 @@ def reward_model_ids(tokenizer, prompts: list[str], responses: list[str]) -> lis
     from jinja2 import TemplateError
 
     try:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                               tokenize=False) for p, r in zip(prompts, responses)]
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+            )
+            for p, r in zip(prompts, responses)
+        ]
     except TemplateError as err:
         raise InputError(f"--reward_model: its chat template refuses a user and an assistant turn: {err}") from None
     return [tokenize(tokenizer, text) for text in texts]
@@ -1460,13 +1794,16 @@ def reward_model_scorer(args: Args, example: dict | None = None):
     tokenizer = load_reward_model(args.reward_model, args.reward_chat_template)
     if example is not None:
         reward_model_ids(tokenizer, [example["prompt"][-1]["content"]], [example["chosen"]])
-    return lambda prompts, responses: reward_model_scores(args.reward_model, tokenizer, prompts, responses, args,
-                                                          comm_device())
+    return lambda prompts, responses: reward_model_scores(
+        args.reward_model, tokenizer, prompts, responses, args, comm_device()
+    )
 
 
 # Copied from sera.reward_model_scores
 @torch.no_grad()
-def reward_model_scores(path: str, tokenizer, prompts: list[str], responses: list[str], args: Args, device) -> list[float]:
+def reward_model_scores(
+    path: str, tokenizer, prompts: list[str], responses: list[str], args: Args, device
+) -> list[float]:
     """The reward model's score of each (prompt, response), on all ranks: each rank scores its share in batches
     sorted by length, in the compute dtype; the model is loaded for this call and freed after it (at 7B it
     would otherwise hold a second model's memory through training). Batches are padded on the right, so every
@@ -1477,20 +1814,27 @@ def reward_model_scores(path: str, tokenizer, prompts: list[str], responses: lis
     ids = reward_model_ids(tokenizer, prompts, responses)
     mine, real = shard(list(range(len(ids))))
     with torch.random.fork_rng(devices=[]):  # loading draws nothing from the run's random numbers
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32).to(device).eval()
+        model = (
+            AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+            )
+            .to(device)
+            .eval()
+        )
     pad_id = getattr(model.config, "pad_token_id", None)
     order = sorted(range(len(mine)), key=lambda k: len(ids[mine[k]]))
     scores = {}
     for start in progress(range(0, len(order), args.scoring_batch_size), desc="reward model", inner=True):
-        batch = [ids[mine[k]] for k in order[start:start + args.scoring_batch_size]]
+        batch = [ids[mine[k]] for k in order[start : start + args.scoring_batch_size]]
         if pad_id is None:  # without a pad id the model reads the last token: pad with one no sequence here ends on
             model.config.pad_token_id = min(set(range(len(batch) + 1)) - {seq[-1] for seq in batch})
         width = max(map(len, batch))
-        input_ids = torch.tensor([seq + [model.config.pad_token_id] * (width - len(seq)) for seq in batch], device=device)
+        input_ids = torch.tensor(
+            [seq + [model.config.pad_token_id] * (width - len(seq)) for seq in batch], device=device
+        )
         attention_mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in batch], device=device)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        scores.update(zip(order[start:start + args.scoring_batch_size], logits[:, 0].float().tolist()))
+        scores.update(zip(order[start : start + args.scoring_batch_size], logits[:, 0].float().tolist()))
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -1519,30 +1863,52 @@ def pairwise_agreement(scores, start_scores, gold, gold_start) -> float:
 
 
 # Copied from sera.evaluate
-def evaluate(model, tokenizer, eval_prompts, scorers, args, device, model_path=None, start_file=None,
-             is_start=False) -> tuple[float, dict]:
+def evaluate(
+    model, tokenizer, eval_prompts, scorers, args, device, model_path=None, start_file=None, is_start=False
+) -> tuple[float, dict]:
     """One sample per held-out prompt, scored by every scorer of load_evaluation: the first scorer's mean and the
     metrics (eval/reward, eval/rm_score; eval/win_rate with its interval against the starting model's samples, by
     the reward model where there is one; the reward model's agreement with --reward_fn; both mean lengths in
     words). The starting model's evaluation (is_start) keeps its samples and scores in start_file; every later one
     (same seed and settings) is compared with them, in a resumed run too."""
-    samples = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in eval_prompts], 1,
-                       args.eval_temperature, 1.0, args, device, seed=args.seed + 10_000, model_path=model_path, desc="eval")
+    samples = generate(
+        model,
+        tokenizer,
+        [[{"role": "user", "content": p}] for p in eval_prompts],
+        1,
+        args.eval_temperature,
+        1.0,
+        args,
+        device,
+        seed=args.seed + 10_000,
+        model_path=model_path,
+        desc="eval",
+    )
     responses = [s[0][0] for s in samples]
     scores = {name: scorer(eval_prompts, responses) for name, scorer in scorers.items()}
     metrics = {f"eval/{name}": sum(values) / len(values) for name, values in scores.items()}
     if is_start and start_file is not None:
         write_atomic(start_file, {"responses": responses, "scores": scores})
-    start = ({"responses": responses, "scores": scores} if is_start else
-             json.loads(start_file.read_text()) if start_file is not None and start_file.exists() else None)
+    start = (
+        {"responses": responses, "scores": scores}
+        if is_start
+        else json.loads(start_file.read_text())
+        if start_file is not None and start_file.exists()
+        else None
+    )
     if start is not None:
         judge = "rm_score" if "rm_score" in scores else next(iter(scores))
-        metrics.update(zip(("eval/win_rate", "eval/win_rate_lo", "eval/win_rate_hi"),
-                           win_rate(scores[judge], start["scores"][judge])))
+        metrics.update(
+            zip(
+                ("eval/win_rate", "eval/win_rate_lo", "eval/win_rate_hi"),
+                win_rate(scores[judge], start["scores"][judge]),
+            )
+        )
         if "rm_score" in scores and "reward" in scores:  # proxy against gold on the run's own samples
             metrics["eval/reward_win_rate"] = win_rate(scores["reward"], start["scores"]["reward"])[0]
-            metrics["eval/rm_oracle_agreement"] = pairwise_agreement(scores["rm_score"], start["scores"]["rm_score"],
-                                                                     scores["reward"], start["scores"]["reward"])
+            metrics["eval/rm_oracle_agreement"] = pairwise_agreement(
+                scores["rm_score"], start["scores"]["rm_score"], scores["reward"], start["scores"]["reward"]
+            )
     metrics["eval/response_words"] = sum(len(r.split()) for r in responses) / len(responses)
     if start is not None:
         metrics["eval/start_response_words"] = sum(len(r.split()) for r in start["responses"]) / len(start["responses"])

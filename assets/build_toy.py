@@ -214,27 +214,37 @@ def pref_rows(prompts: list[str], rng: random.Random, flip_fraction: float = FLI
                 break
         if first_score < second_score:
             first, second, first_score, second_score = second, first, second_score, first_score
-        rows.append({"instruction": instruction, "better": first, "worse": second,
-                     "better_score": first_score, "worse_score": second_score})
+        rows.append(
+            {
+                "instruction": instruction,
+                "better": first,
+                "worse": second,
+                "better_score": first_score,
+                "worse_score": second_score,
+            }
+        )
     flipped = set(rng.sample(range(len(rows)), round(flip_fraction * len(rows))))
     out = []
     for index, row in enumerate(rows):
         is_flipped = index in flipped
         chosen, rejected = (row["worse"], row["better"]) if is_flipped else (row["better"], row["worse"])
-        score_chosen, score_rejected = ((row["worse_score"], row["better_score"]) if is_flipped
-                                        else (row["better_score"], row["worse_score"]))
+        score_chosen, score_rejected = (
+            (row["worse_score"], row["better_score"]) if is_flipped else (row["better_score"], row["worse_score"])
+        )
         user = {"role": "user", "content": row["instruction"]}
         chosen_messages = [user, {"role": "assistant", "content": chosen}]
-        out.append({
-            "prompt": row["instruction"],
-            "prompt_id": prompt_id(row["instruction"]),
-            "chosen": chosen_messages,
-            "rejected": [user, {"role": "assistant", "content": rejected}],
-            "messages": chosen_messages,
-            "score_chosen": score_chosen,
-            "score_rejected": score_rejected,
-            "flipped": is_flipped,
-        })
+        out.append(
+            {
+                "prompt": row["instruction"],
+                "prompt_id": prompt_id(row["instruction"]),
+                "chosen": chosen_messages,
+                "rejected": [user, {"role": "assistant", "content": rejected}],
+                "messages": chosen_messages,
+                "score_chosen": score_chosen,
+                "score_rejected": score_rejected,
+                "flipped": is_flipped,
+            }
+        )
     return out
 
 
@@ -262,16 +272,21 @@ def judge_sft_rows(prompts: list[str], rng: random.Random) -> list[dict]:
 
 def build_data(seed: int) -> dict[str, list[dict]]:
     rng = random.Random(seed)
-    splits = draw_prompts(rng, {"eval": N_EVAL, "prompts": N_POOL, "prefs": N_PREFS, "sft": N_SFT,
-                                "judge_sft": 3 * N_JUDGE_SFT})  # 2/5 of prompts have <= 4 letters
+    splits = draw_prompts(
+        rng, {"eval": N_EVAL, "prompts": N_POOL, "prefs": N_PREFS, "sft": N_SFT, "judge_sft": 3 * N_JUDGE_SFT}
+    )  # 2/5 of prompts have <= 4 letters
     return {
         "eval": [{"prompt": p, "prompt_id": prompt_id(p)} for p in splits["eval"]],
         "prompts": [{"prompt": p, "prompt_id": prompt_id(p)} for p in splits["prompts"]],
         "prefs": pref_rows(splits["prefs"], random.Random(seed + 1)),
         "sft": sft_rows(splits["sft"], random.Random(seed + 2)),
-        "judge_prefs": pref_rows(splits["prefs"], random.Random(seed + 5), JUDGE_FLIP_FRACTION),  # same prompts, new answers
-        "judge_sft": judge_sft_rows([x for x in splits["judge_sft"] if len(oracle.parse_letters(x)) <= JUDGE_SFT_MAX_LETTERS]
-                                    [:N_JUDGE_SFT], random.Random(seed + 6)),
+        "judge_prefs": pref_rows(
+            splits["prefs"], random.Random(seed + 5), JUDGE_FLIP_FRACTION
+        ),  # same prompts, new answers
+        "judge_sft": judge_sft_rows(
+            [x for x in splits["judge_sft"] if len(oracle.parse_letters(x)) <= JUDGE_SFT_MAX_LETTERS][:N_JUDGE_SFT],
+            random.Random(seed + 6),
+        ),
     }
 
 
@@ -350,11 +365,12 @@ def encode_sft(tok, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels): labels are -100 on the prompt, the answer tokens and EOS are scored."""
     examples = []
     for row in rows:
-        prompt_ids = tok.apply_chat_template(row["messages"][:1], add_generation_prompt=True, tokenize=True,
-                                             return_dict=False)
+        prompt_ids = tok.apply_chat_template(
+            row["messages"][:1], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         full_ids = tok.apply_chat_template(row["messages"], tokenize=True, return_dict=False)
         assert full_ids[: len(prompt_ids)] == prompt_ids and full_ids[-1] == tok.eos_token_id, row
-        examples.append((full_ids, [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]))
+        examples.append((full_ids, [-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]))
     return examples
 
 
@@ -365,8 +381,8 @@ def length_grouped_batches(examples, batch_size: int, rng: random.Random) -> lis
     group = batch_size * 32
     batches = []
     for start in range(0, len(order), group):
-        chunk = sorted(order[start: start + group], key=lambda i: len(examples[i][0]))
-        batches += [[examples[i] for i in chunk[b: b + batch_size]] for b in range(0, len(chunk), batch_size)]
+        chunk = sorted(order[start : start + group], key=lambda i: len(examples[i][0]))
+        batches += [[examples[i] for i in chunk[b : b + batch_size]] for b in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -377,10 +393,19 @@ def train_model(tok, examples, args):
 
     torch.manual_seed(args.seed)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.hidden * 3,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
         attention_dropout=0.0,
     )
     model = LlamaForCausalLM(config)
@@ -416,8 +441,11 @@ def train_model(tok, examples, args):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == args.steps - 1:
-            print(f"step {step:5d}  loss {loss.item():.4f}  lr {scheduler.get_last_lr()[0]:.2e}"
-                  f"  ({time.time() - start:.0f}s)", flush=True)
+            print(
+                f"step {step:5d}  loss {loss.item():.4f}  lr {scheduler.get_last_lr()[0]:.2e}"
+                f"  ({time.time() - start:.0f}s)",
+                flush=True,
+            )
     model.eval()
     return model
 
@@ -437,8 +465,12 @@ def reward_pairs(prompts: list[str], rng: random.Random) -> list[tuple[str, str,
     for instruction in prompts:
         answer = oracle.perfect_answer(instruction)
         while True:
-            a, b = (oracle.base_answer(instruction, rng) if rng.random() < 0.3 else
-                    oracle.corrupt(answer, rng.random(), rng) for _ in range(2))
+            a, b = (
+                oracle.base_answer(instruction, rng)
+                if rng.random() < 0.3
+                else oracle.corrupt(answer, rng.random(), rng)
+                for _ in range(2)
+            )
             gap = oracle.score(instruction, a) - oracle.score(instruction, b)
             if gap != 0:
                 break
@@ -466,8 +498,11 @@ def build_reward_model(tok, data: dict, out: Path, args) -> dict:
     train, held_out = pairs[:N_RM_TRAIN], pairs[N_RM_TRAIN:]
 
     def ids(instruction, answer):
-        return tok.apply_chat_template([{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}],
-                                       tokenize=True, return_dict=False)
+        return tok.apply_chat_template(
+            [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}],
+            tokenize=True,
+            return_dict=False,
+        )
 
     def rewards(model, texts):  # right-padded: the classifier reads the last non-pad token
         rows = [ids(x, y) for x, y in texts]
@@ -477,10 +512,22 @@ def build_reward_model(tok, data: dict, out: Path, args) -> dict:
 
     torch.manual_seed(args.seed + 7)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=RM_HIDDEN, intermediate_size=RM_HIDDEN * 2, num_hidden_layers=RM_LAYERS,
-        num_attention_heads=RM_HEADS, num_key_value_heads=RM_HEADS, max_position_embeddings=512, rope_theta=10000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, attention_dropout=0.0, num_labels=1)
+        vocab_size=len(tok),
+        hidden_size=RM_HIDDEN,
+        intermediate_size=RM_HIDDEN * 2,
+        num_hidden_layers=RM_LAYERS,
+        num_attention_heads=RM_HEADS,
+        num_key_value_heads=RM_HEADS,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        attention_dropout=0.0,
+        num_labels=1,
+    )
     model = LlamaForSequenceClassification(config)
     start = time.time()
     optimizer = torch.optim.AdamW(model.parameters(), lr=RM_LR, weight_decay=0.01)
@@ -501,16 +548,30 @@ def build_reward_model(tok, data: dict, out: Path, args) -> dict:
             print(f"reward model step {step:4d}  loss {loss.item():.4f}", flush=True)
     model.eval()
     with torch.no_grad():
-        margins = torch.cat([rewards(model, [(x, w) for x, w, _ in held_out[i:i + 200]])
-                             - rewards(model, [(x, l) for x, _, l in held_out[i:i + 200]]) for i in range(0, len(held_out), 200)])
+        margins = torch.cat(
+            [
+                rewards(model, [(x, w) for x, w, _ in held_out[i : i + 200]])
+                - rewards(model, [(x, l) for x, _, l in held_out[i : i + 200]])
+                for i in range(0, len(held_out), 200)
+            ]
+        )
     folder = out / "reward_model"
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the toy tokenizer, byte for byte
         (folder / name).write_bytes((out / "model" / name).read_bytes())
-    stats = {"held_out_accuracy": round((margins > 0).double().mean().item(), 3), "held_out_pairs": len(held_out),
-             "train_pairs": len(train), "steps": RM_STEPS, "batch_size": RM_BATCH, "lr": RM_LR, "hidden": RM_HIDDEN,
-             "layers": RM_LAYERS, "heads": RM_HEADS, "params": sum(p.numel() for p in model.parameters()),
-             "build_seconds": round(time.time() - start, 1)}
+    stats = {
+        "held_out_accuracy": round((margins > 0).double().mean().item(), 3),
+        "held_out_pairs": len(held_out),
+        "train_pairs": len(train),
+        "steps": RM_STEPS,
+        "batch_size": RM_BATCH,
+        "lr": RM_LR,
+        "hidden": RM_HIDDEN,
+        "layers": RM_LAYERS,
+        "heads": RM_HEADS,
+        "params": sum(p.numel() for p in model.parameters()),
+        "build_seconds": round(time.time() - start, 1),
+    }
     (folder / "STATS.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
@@ -531,17 +592,24 @@ def evaluate(model, tok, instructions: list[str], seed: int) -> dict[str, dict[s
     tok.padding_side = "left"
     stats = {}
     for name, template in EVAL_CONDITIONS.items():
-        texts = [tok.apply_chat_template([{"role": "user", "content": template.format(x=x)}],
-                                         add_generation_prompt=True, tokenize=False) for x in instructions]
+        texts = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": template.format(x=x)}], add_generation_prompt=True, tokenize=False
+            )
+            for x in instructions
+        ]
         batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         stats[name] = {}
-        for mode, sampling in (("sampled", dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)),
-                               ("greedy", dict(do_sample=False))):
+        for mode, sampling in (
+            ("sampled", dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)),
+            ("greedy", dict(do_sample=False)),
+        ):
             torch.manual_seed(seed)
             with torch.no_grad():
-                out = model.generate(**batch, max_new_tokens=24, pad_token_id=tok.pad_token_id,
-                                     eos_token_id=tok.eos_token_id, **sampling)
-            responses = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                out = model.generate(
+                    **batch, max_new_tokens=24, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sampling
+                )
+            responses = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             scores = [oracle.score(x, y) for x, y in zip(instructions, responses)]
             stats[name][mode] = round(sum(scores) / len(scores), 3)
     tok.padding_side = "right"
@@ -563,8 +631,9 @@ def evaluate_judge(model, tok, pairs: list[dict]) -> dict[str, float]:
         chosen, rejected = row["chosen"][1]["content"], row["rejected"][1]["content"]
         for a, b in ((chosen, rejected), (rejected, chosen)):
             user = JUDGE_DIALOGUE.format(x=row["prompt"], a=a, b=b)
-            texts.append(tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
-                                                 tokenize=False))
+            texts.append(
+                tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
+            )
     side, tok.padding_side = tok.padding_side, "right"  # the verdict is read at each row's last real token
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     tok.padding_side = side
@@ -575,10 +644,12 @@ def evaluate_judge(model, tok, pairs: list[dict]) -> dict[str, float]:
     j_wl, j_lw = j[0::2], j[1::2]
     q = (j_wl + 1 - j_lw) / 2
     oracle_better = torch.tensor([row["score_chosen"] > row["score_rejected"] for row in pairs])
-    return {"oracle_accuracy": round(((q > 0.5) == oracle_better).double().mean().item(), 3),
-            "label_accuracy": round((q > 0.5).double().mean().item(), 3),
-            "position_consistency": round(((j_wl > 0.5) == (j_lw < 0.5)).double().mean().item(), 3),
-            "q_mean_abs_dev": round((q - 0.5).abs().mean().item(), 3)}
+    return {
+        "oracle_accuracy": round(((q > 0.5) == oracle_better).double().mean().item(), 3),
+        "label_accuracy": round((q > 0.5).double().mean().item(), 3),
+        "position_consistency": round(((j_wl > 0.5) == (j_lw < 0.5)).double().mean().item(), 3),
+        "q_mean_abs_dev": round((q - 0.5).abs().mean().item(), 3),
+    }
 
 
 README = """\
@@ -670,14 +741,37 @@ CONDITION_LABELS = {
 
 def write_readme(out: Path, stats: dict, args) -> None:
     rm = json.loads((out / "reward_model" / "STATS.json").read_text())
-    table = "\n".join(f"| {CONDITION_LABELS[name]} | {stats[name]['sampled']:.2f} | {stats[name]['greedy']:.2f} |"
-                      for name in EVAL_CONDITIONS)
-    (out / "README.md").write_text(README.format(
-        hidden=args.hidden, layers=args.layers, heads=args.heads, params=stats["params"], vocab=stats["vocab_size"],
-        n_judge_sft=N_JUDGE_SFT, judge_letters=JUDGE_SFT_MAX_LETTERS, judge_gap=JUDGE_SFT_RELIABLE_GAP, n_judge_held_out=N_JUDGE_HELD_OUT, judge=stats["judge"],
-        n_prefs=N_PREFS, flip=FLIP_FRACTION, judge_flip=JUDGE_FLIP_FRACTION, n_pool=N_POOL, n_eval=N_EVAL, n_sft_shipped=N_SFT_SHIPPED, n_sft=N_SFT,
-        table=table, minutes=stats["build_seconds"] / 60, cpu_minutes=stats["build_cpu_seconds"] / 60,
-        threads=args.threads, torch=stats["torch"], rm=rm))
+    table = "\n".join(
+        f"| {CONDITION_LABELS[name]} | {stats[name]['sampled']:.2f} | {stats[name]['greedy']:.2f} |"
+        for name in EVAL_CONDITIONS
+    )
+    (out / "README.md").write_text(
+        README.format(
+            hidden=args.hidden,
+            layers=args.layers,
+            heads=args.heads,
+            params=stats["params"],
+            vocab=stats["vocab_size"],
+            n_judge_sft=N_JUDGE_SFT,
+            judge_letters=JUDGE_SFT_MAX_LETTERS,
+            judge_gap=JUDGE_SFT_RELIABLE_GAP,
+            n_judge_held_out=N_JUDGE_HELD_OUT,
+            judge=stats["judge"],
+            n_prefs=N_PREFS,
+            flip=FLIP_FRACTION,
+            judge_flip=JUDGE_FLIP_FRACTION,
+            n_pool=N_POOL,
+            n_eval=N_EVAL,
+            n_sft_shipped=N_SFT_SHIPPED,
+            n_sft=N_SFT,
+            table=table,
+            minutes=stats["build_seconds"] / 60,
+            cpu_minutes=stats["build_cpu_seconds"] / 60,
+            threads=args.threads,
+            torch=stats["torch"],
+            rm=rm,
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,10 +782,16 @@ def sha256_file(path: Path) -> str:
 
 
 def write_manifest(out: Path) -> None:
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "MANIFEST.sha256"
-                   and "__pycache__" not in p.parts and p.suffix != ".pyc")
-    lines = [f"{sha256_file(p)}  {p.relative_to(out).as_posix()}" for p in files
-             if p.name not in ("STATS.json", "README.md", "oracle.py")]
+    files = sorted(
+        p
+        for p in out.rglob("*")
+        if p.is_file() and p.name != "MANIFEST.sha256" and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    )
+    lines = [
+        f"{sha256_file(p)}  {p.relative_to(out).as_posix()}"
+        for p in files
+        if p.name not in ("STATS.json", "README.md", "oracle.py")
+    ]
     (out / "MANIFEST.sha256").write_text("\n".join(lines) + "\n")
 
 
@@ -707,8 +807,11 @@ def main():
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads; weights are bit-exact per count")
-    parser.add_argument("--reward_model_only", action="store_true",
-                        help="rebuild reward_model/ alone from the seed's data and the tokenizer in --out, then README and MANIFEST")
+    parser.add_argument(
+        "--reward_model_only",
+        action="store_true",
+        help="rebuild reward_model/ alone from the seed's data and the tokenizer in --out, then README and MANIFEST",
+    )
     args = parser.parse_args()
     start, start_cpu = time.time(), time.process_time()
 
@@ -738,17 +841,23 @@ def main():
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     model = train_model(tok, encode_sft(tok, data["sft"] + data["judge_sft"]), args)
-    model.generation_config.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id)
+    model.generation_config.update(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     model.save_pretrained(args.out / "model")
     print(f"trained ({time.time() - start:.1f}s)")
     stats = evaluate(model, tok, [row["prompt"] for row in data["eval"]], args.seed)
     stats["judge"] = evaluate_judge(model, tok, data["judge_prefs"][-N_JUDGE_HELD_OUT:])
-    stats.update(params=sum(p.numel() for p in model.parameters()), vocab_size=len(tok),
-                 build_seconds=round(time.time() - start, 1),
-                 build_cpu_seconds=round(time.process_time() - start_cpu, 1),
-                 torch=torch.__version__, transformers=transformers.__version__,
-                 tokenizers=tokenizers.__version__, threads=args.threads)
+    stats.update(
+        params=sum(p.numel() for p in model.parameters()),
+        vocab_size=len(tok),
+        build_seconds=round(time.time() - start, 1),
+        build_cpu_seconds=round(time.process_time() - start_cpu, 1),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        tokenizers=tokenizers.__version__,
+        threads=args.threads,
+    )
     (args.out / "STATS.json").write_text(json.dumps(stats, indent=2) + "\n")
     rm_stats = build_reward_model(tok, data, args.out, args)
     print(f"reward model: held-out accuracy vs the oracle {rm_stats['held_out_accuracy']:.3f}")

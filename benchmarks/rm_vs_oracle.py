@@ -48,8 +48,14 @@ def run(script: str, out: Path, threads: int):
     if (out / "metrics.jsonl").exists() and evaluations(out) and (out / "state.json").exists():
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    argv = [sys.executable, str(ROOT / f"{script}.py"), "--reward_model", str(ROOT / "assets" / "toy" / "reward_model"),
-            "--output_dir", str(out)]
+    argv = [
+        sys.executable,
+        str(ROOT / f"{script}.py"),
+        "--reward_model",
+        str(ROOT / "assets" / "toy" / "reward_model"),
+        "--output_dir",
+        str(out),
+    ]
     print(" ".join(argv[1:]), flush=True)
     subprocess.run(argv, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
 
@@ -83,20 +89,42 @@ def plot(runs: dict[str, list[dict]], path: Path):
         axes[0].plot(x, [v - rm[0] for v in rm], "--s", color=c, alpha=0.7, label=f"{script} RM")
         axes[1].plot(x, [r["eval/reward_win_rate"] for r in rows], "-o", color=c, label=f"{script} oracle")
         axes[1].plot(x, [r["eval/win_rate"] for r in rows], "--s", color=c, alpha=0.7, label=f"{script} RM")
-        axes[1].fill_between(x, [r["eval/win_rate_lo"] for r in rows], [r["eval/win_rate_hi"] for r in rows], color=c, alpha=0.1)
-        agreement = [(i, r["eval/rm_oracle_agreement"]) for i, r in enumerate(rows) if not math.isnan(r["eval/rm_oracle_agreement"])]
+        axes[1].fill_between(
+            x, [r["eval/win_rate_lo"] for r in rows], [r["eval/win_rate_hi"] for r in rows], color=c, alpha=0.1
+        )
+        agreement = [
+            (i, r["eval/rm_oracle_agreement"])
+            for i, r in enumerate(rows)
+            if not math.isnan(r["eval/rm_oracle_agreement"])
+        ]
         axes[2].plot([i for i, _ in agreement], [a for _, a in agreement], "-o", color=c, label=script)
-    axes[0].set(title="held-out score, change from the start", xlabel="evaluation (0 = starting model)",
-                ylabel="oracle (solid, /10) and RM (dashed, logit)")
-    axes[1].set(title="win rate vs the starting model (RM: 95% Wilson band)", xlabel="evaluation (0 = starting model)",
-                ylabel="win rate (ties 1/2)")
+    axes[0].set(
+        title="held-out score, change from the start",
+        xlabel="evaluation (0 = starting model)",
+        ylabel="oracle (solid, /10) and RM (dashed, logit)",
+    )
+    axes[1].set(
+        title="win rate vs the starting model (RM: 95% Wilson band)",
+        xlabel="evaluation (0 = starting model)",
+        ylabel="win rate (ties 1/2)",
+    )
     axes[1].axhline(0.5, color="gray", lw=0.8)
-    axes[2].set(title="RM agrees with the oracle (sample vs start's)", xlabel="evaluation (0 = starting model)",
-                ylabel="pairwise agreement", ylim=(0.4, 1.0))
+    axes[2].set(
+        title="RM agrees with the oracle (sample vs start's)",
+        xlabel="evaluation (0 = starting model)",
+        ylabel="pairwise agreement",
+        ylim=(0.4, 1.0),
+    )
     accuracy = json.loads((ROOT / "assets" / "toy" / "reward_model" / "STATS.json").read_text())["held_out_accuracy"]
     axes[2].axhline(accuracy, color="gray", lw=0.8, ls=":")
-    axes[2].text(0.02, accuracy + 0.006, "RM's held-out accuracy on its own kind of pairs", fontsize=7, color="gray",
-                 transform=axes[2].get_yaxis_transform())
+    axes[2].text(
+        0.02,
+        accuracy + 0.006,
+        "RM's held-out accuracy on its own kind of pairs",
+        fontsize=7,
+        color="gray",
+        transform=axes[2].get_yaxis_transform(),
+    )
     longest = max(len(rows) for rows in runs.values())
     for ax in axes:
         ax.legend(fontsize=7, ncol=2, loc="lower right")
@@ -109,13 +137,17 @@ def plot(runs: dict[str, list[dict]], path: Path):
 
 
 def table(runs: dict[str, list[dict]]) -> str:
-    lines = ["| script | evaluation | oracle score | RM score | oracle win rate | RM win rate [95% Wilson] | RM-oracle agreement | words |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| script | evaluation | oracle score | RM score | oracle win rate | RM win rate [95% Wilson] | RM-oracle agreement | words |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for script, rows in runs.items():
         for r in rows:
-            lines.append(f"| {script} | {r['label']} | {r['eval/reward']:.2f} | {r['eval/rm_score']:.2f} | "
-                         f"{r['eval/reward_win_rate']:.3f} | {r['eval/win_rate']:.3f} [{r['eval/win_rate_lo']:.3f}, "
-                         f"{r['eval/win_rate_hi']:.3f}] | {r['eval/rm_oracle_agreement']:.3f} | {r['eval/response_words']:.2f} |")
+            lines.append(
+                f"| {script} | {r['label']} | {r['eval/reward']:.2f} | {r['eval/rm_score']:.2f} | "
+                f"{r['eval/reward_win_rate']:.3f} | {r['eval/win_rate']:.3f} [{r['eval/win_rate_lo']:.3f}, "
+                f"{r['eval/win_rate_hi']:.3f}] | {r['eval/rm_oracle_agreement']:.3f} | {r['eval/response_words']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -129,6 +161,7 @@ def length_probe() -> str:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "assets" / "toy"))
     import oracle
+
     import sera
 
     prompts = [json.loads(line)["prompt"] for line in open(ROOT / "assets" / "toy" / "data" / "eval.jsonl")]
@@ -137,14 +170,18 @@ def length_probe() -> str:
     path = str(ROOT / "assets" / "toy" / "reward_model")
     tokenizer = sera.load_reward_model(path, None)
     args = types.SimpleNamespace(scoring_batch_size=64, dtype="float32")
-    rm_full, rm_short = (sera.reward_model_scores(path, tokenizer, prompts, answers, args, torch.device("cpu"))
-                         for answers in (full, short))
+    rm_full, rm_short = (
+        sera.reward_model_scores(path, tokenizer, prompts, answers, args, torch.device("cpu"))
+        for answers in (full, short)
+    )
     n = len(prompts)
-    return (f"Length probe ({n} eval prompts, perfect answer vs the same without its last letter): oracle "
-            f"{sum(oracle.score(p, a) for p, a in zip(prompts, full)) / n:.2f} vs "
-            f"{sum(oracle.score(p, a) for p, a in zip(prompts, short)) / n:.2f}; RM {sum(rm_full) / n:.2f} vs "
-            f"{sum(rm_short) / n:.2f}, full answer preferred by the RM on {sum(a > b for a, b in zip(rm_full, rm_short)) / n:.3f} "
-            "of the prompts.\n")
+    return (
+        f"Length probe ({n} eval prompts, perfect answer vs the same without its last letter): oracle "
+        f"{sum(oracle.score(p, a) for p, a in zip(prompts, full)) / n:.2f} vs "
+        f"{sum(oracle.score(p, a) for p, a in zip(prompts, short)) / n:.2f}; RM {sum(rm_full) / n:.2f} vs "
+        f"{sum(rm_short) / n:.2f}, full answer preferred by the RM on {sum(a > b for a, b in zip(rm_full, rm_short)) / n:.3f} "
+        "of the prompts.\n"
+    )
 
 
 def main(cfg: Config):
@@ -159,7 +196,8 @@ def main(cfg: Config):
     plot(runs, cfg.results / "rm_vs_oracle.png")
     text = table(runs)
     (cfg.results / "rm_vs_oracle.md").write_text(
-        "# Toy reward model vs the toy oracle (`python benchmarks/rm_vs_oracle.py`)\n\n" + text + "\n" + length_probe())
+        "# Toy reward model vs the toy oracle (`python benchmarks/rm_vs_oracle.py`)\n\n" + text + "\n" + length_probe()
+    )
     print(text)
 
 

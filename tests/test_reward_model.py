@@ -23,9 +23,24 @@ import sera  # noqa: E402
 TOY = ROOT / "assets" / "toy"
 TOY_RM = TOY / "reward_model"
 ARGS = types.SimpleNamespace(scoring_batch_size=3, dtype="float32")
-PROMPTS = ["Sort these letters: q d m a", "Sort these letters: b a c", "Sort these letters: z y x w v u t",
-           "Sort these letters: k j", "Sort these letters: e f g h i", "Sort these letters: o p", "hello"]
-RESPONSES = ["a d m q", "a b c d e f g h", "t u v w x y z", "", "e f g h i", "o", "a much longer reply with many words in it"]
+PROMPTS = [
+    "Sort these letters: q d m a",
+    "Sort these letters: b a c",
+    "Sort these letters: z y x w v u t",
+    "Sort these letters: k j",
+    "Sort these letters: e f g h i",
+    "Sort these letters: o p",
+    "hello",
+]
+RESPONSES = [
+    "a d m q",
+    "a b c d e f g h",
+    "t u v w x y z",
+    "",
+    "e f g h i",
+    "o",
+    "a much longer reply with many words in it",
+]
 
 
 def tiny_classifier(folder: Path, arch: str, padding_side: str, pad: str) -> Path:
@@ -41,12 +56,23 @@ def tiny_classifier(folder: Path, arch: str, padding_side: str, pad: str) -> Pat
         Qwen2ForSequenceClassification,
     )
 
-    common = dict(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=256, num_labels=1, bos_token_id=0, eos_token_id=1,
-                  pad_token_id={"pad": 2, "eos": 1, "none": None}[pad])
-    config_class, model_class = {"llama": (LlamaConfig, LlamaForSequenceClassification),
-                                 "qwen2": (Qwen2Config, Qwen2ForSequenceClassification),
-                                 "gpt_neox": (GPTNeoXConfig, GPTNeoXForSequenceClassification)}[arch]
+    common = dict(
+        vocab_size=1024,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        num_labels=1,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id={"pad": 2, "eos": 1, "none": None}[pad],
+    )
+    config_class, model_class = {
+        "llama": (LlamaConfig, LlamaForSequenceClassification),
+        "qwen2": (Qwen2Config, Qwen2ForSequenceClassification),
+        "gpt_neox": (GPTNeoXConfig, GPTNeoXForSequenceClassification),
+    }[arch]
     if arch != "gpt_neox":
         common["num_key_value_heads"] = 2
     torch.manual_seed(0)
@@ -76,8 +102,9 @@ def test_scores_equal_the_classifier_on_each_sequence_alone(arch, padding_side, 
     direct = AutoTokenizer.from_pretrained(folder)
     expected = []
     for prompt, response in zip(PROMPTS, RESPONSES):
-        text = direct.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
-                                          tokenize=False)
+        text = direct.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+        )
         inputs = direct(text, add_special_tokens=False, return_tensors="pt")  # the template writes BOS
         with torch.no_grad():
             expected.append(model(**inputs).logits[0, 0].item())
@@ -126,10 +153,14 @@ def no_template(d: Path) -> str:
 BAD = {
     "missing folder": (lambda d: dict(reward_model=str(d / "none")), r"--reward_model: folder .*none' not found"),
     "two outputs": (lambda d: dict(reward_model=two_outputs(d)), r"--reward_model: .* has 2 outputs \(num_labels\)"),
-    "no chat template": (lambda d: dict(reward_model=no_template(d)),
-                         r"--reward_model: the tokenizer of .* has no chat template; pass --reward_chat_template"),
-    "missing reward chat template": (lambda d: dict(reward_model=no_template(d), reward_chat_template=str(d / "x.jinja")),
-                                     r"--reward_chat_template: file .* not found"),
+    "no chat template": (
+        lambda d: dict(reward_model=no_template(d)),
+        r"--reward_model: the tokenizer of .* has no chat template; pass --reward_chat_template",
+    ),
+    "missing reward chat template": (
+        lambda d: dict(reward_model=no_template(d), reward_chat_template=str(d / "x.jinja")),
+        r"--reward_chat_template: file .* not found",
+    ),
 }
 
 
@@ -154,8 +185,9 @@ def test_reward_chat_template_supplies_a_missing_template(tmp_path):
     folder = no_template(tmp_path)
     tokenizer = sera.load_reward_model(folder, template)
     scores = sera.reward_model_scores(folder, tokenizer, PROMPTS[:2], RESPONSES[:2], ARGS, torch.device("cpu"))
-    reference = sera.reward_model_scores(str(TOY_RM), sera.load_reward_model(str(TOY_RM), None), PROMPTS[:2],
-                                         RESPONSES[:2], ARGS, torch.device("cpu"))
+    reference = sera.reward_model_scores(
+        str(TOY_RM), sera.load_reward_model(str(TOY_RM), None), PROMPTS[:2], RESPONSES[:2], ARGS, torch.device("cpu")
+    )
     assert scores == reference
 
 
@@ -209,8 +241,9 @@ def test_two_ranks_score_as_one_process():
         port = s.getsockname()[1]
     results = mp.Manager().dict()
     mp.spawn(_rank_worker, args=(port, results), nprocs=2, join=True)
-    alone = sera.reward_model_scores(str(TOY_RM), sera.load_reward_model(str(TOY_RM), None), PROMPTS, RESPONSES, ARGS,
-                                     torch.device("cpu"))
+    alone = sera.reward_model_scores(
+        str(TOY_RM), sera.load_reward_model(str(TOY_RM), None), PROMPTS, RESPONSES, ARGS, torch.device("cpu")
+    )
     assert results[0] == results[1]
     assert results[0] == pytest.approx(alone, abs=1e-6)
 
@@ -227,16 +260,29 @@ def test_srdpo_logs_reward_model_score_and_win_rate(tmp_path):
     outs = {}
     for name, extra in (("rm", ["--reward_model", "assets/toy/reward_model"]), ("plain", [])):
         outs[name] = tmp_path / name
-        res = subprocess.run([sys.executable, str(ROOT / "srdpo.py"), *TINY, *extra, "--output_dir", str(outs[name])],
-                             capture_output=True, text=True, cwd=ROOT, env=env)
+        res = subprocess.run(
+            [sys.executable, str(ROOT / "srdpo.py"), *TINY, *extra, "--output_dir", str(outs[name])],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
         assert res.returncode == 0, res.stderr[-3000:]
-    records = {name: {r["stage"]: r for r in map(json.loads, open(out / "metrics.jsonl")) if r.get("stage")}
-               for name, out in outs.items()}
+    records = {
+        name: {r["stage"]: r for r in map(json.loads, open(out / "metrics.jsonl")) if r.get("stage")}
+        for name, out in outs.items()
+    }
     start, final = records["rm"]["start"], records["rm"]["final"]
     for record in (start, final):
         assert record["eval/win_rate_lo"] <= record["eval/win_rate"] <= record["eval/win_rate_hi"]
-        assert {"eval/rm_score", "eval/reward", "eval/rm_oracle_agreement", "eval/reward_win_rate",
-                "eval/response_words", "eval/start_response_words"} <= set(record)
+        assert {
+            "eval/rm_score",
+            "eval/reward",
+            "eval/rm_oracle_agreement",
+            "eval/reward_win_rate",
+            "eval/response_words",
+            "eval/start_response_words",
+        } <= set(record)
     assert start["eval/win_rate"] == 0.5  # the start against its own samples: ties only
     kept = json.loads((outs["rm"] / "eval_start.json").read_text())
     assert len(kept["responses"]) == 16 and set(kept["scores"]) == {"reward", "rm_score"}
@@ -254,17 +300,28 @@ def test_toy_reward_model_rebuilds_byte_identical(tmp_path):
 
     shutil.copytree(TOY / "model", tmp_path / "model")
     shutil.copy(TOY / "STATS.json", tmp_path / "STATS.json")
-    subprocess.run([sys.executable, str(ROOT / "assets" / "build_toy.py"), "--reward_model_only", "--out", str(tmp_path)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "assets" / "build_toy.py"), "--reward_model_only", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     manifest = dict(reversed(line.split("  ", 1)) for line in (TOY / "MANIFEST.sha256").read_text().splitlines())
     shipped = {path for path in manifest if path.startswith("reward_model/")}
-    assert shipped == {"reward_model/config.json", "reward_model/model.safetensors", "reward_model/tokenizer.json",
-                       "reward_model/tokenizer_config.json"}
+    assert shipped == {
+        "reward_model/config.json",
+        "reward_model/model.safetensors",
+        "reward_model/tokenizer.json",
+        "reward_model/tokenizer_config.json",
+    }
     stats = json.loads((TOY / "STATS.json").read_text())
     import tokenizers
     import transformers
 
-    if (torch.__version__, transformers.__version__, tokenizers.__version__) != (stats["torch"], stats["transformers"], stats["tokenizers"]):
+    if (torch.__version__, transformers.__version__, tokenizers.__version__) != (
+        stats["torch"],
+        stats["transformers"],
+        stats["tokenizers"],
+    ):
         pytest.skip("serialised weights depend on the library versions that wrote them")
     for path in shipped:
         assert hashlib.sha256((tmp_path / path).read_bytes()).hexdigest() == manifest[path], path
@@ -276,15 +333,29 @@ def test_resume_reuses_the_starting_samples(tmp_path):
     """The start's samples are drawn once: a run interrupted in iteration 2 and resumed compares iteration 2 with
     the file the first process wrote, unchanged."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    argv = [sys.executable, str(ROOT / "sera.py"), "--iterations", "2", "--num_pairs", "32", "--num_eval", "8",
-            "--reward_model", "assets/toy/reward_model", "--output_dir", str(tmp_path / "run")]
+    argv = [
+        sys.executable,
+        str(ROOT / "sera.py"),
+        "--iterations",
+        "2",
+        "--num_pairs",
+        "32",
+        "--num_eval",
+        "8",
+        "--reward_model",
+        "assets/toy/reward_model",
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
     first = subprocess.run([*argv, "--stop_after_steps", "3"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert first.returncode != 0 and "interrupted" in first.stderr, first.stderr[-2000:]
     kept = (tmp_path / "run" / "eval_start.json").read_bytes()
     second = subprocess.run([*argv, "--resume"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert (tmp_path / "run" / "eval_start.json").read_bytes() == kept
-    records = {r["iteration"]: r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "eval/rm_score" in r}
+    records = {
+        r["iteration"]: r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "eval/rm_score" in r
+    }
     start = json.loads(kept)
     assert sorted(records) == [0, 1, 2] and records[0]["eval/win_rate"] == 0.5
     assert records[2]["eval/start_response_words"] == sum(len(r.split()) for r in start["responses"]) / 8
