@@ -263,6 +263,11 @@ class Args:
     """jinja file (or the template itself) for tokenizers without a chat template"""
     reward_fn: str | None = None
     """path/to/file.py:function(prompt, response) -> float, the evaluation score (unset: the dataset preset's)"""
+    reward_model: str | None = None
+    """folder (or hub id) of an AutoModelForSequenceClassification with one output: it scores the held-out samples
+    too (eval/rm_score), and the win rate against the starting model is its verdict"""
+    reward_chat_template: str | None = None
+    """jinja file (or the template itself) for a --reward_model tokenizer without a chat template"""
     eval_prompts: str | None = None
     """jsonl with a 'prompt' column (unset: the dataset preset's held-out prompts)"""
     num_eval: int | None = None
@@ -573,9 +578,12 @@ def make_judge(
     return judge
 
 
-def judge_report(model, tokenizer, pairs: list[dict], template, verdict, args, device, reward_fn) -> dict:
-    """Judge quality on held-out offline pairs: agreement with the human label, with the reward function
-    (pairs it scores differently) and position consistency (the verdict survives swapping A and B)."""
+SCORER_NAMES = {"reward": "oracle", "rm_score": "rm"}  # judge/oracle_accuracy (--reward_fn), judge/rm_accuracy
+
+
+def judge_report(model, tokenizer, pairs: list[dict], template, verdict, args, device, scorers: dict) -> dict:
+    """Judge quality on held-out offline pairs: agreement with the human label, with the reward function and the
+    reward model (pairs each scores differently) and position consistency (the verdict survives swapping A and B)."""
     if not pairs:
         return {}
     judge = make_judge(model, tokenizer, [p["prompt"] for p in pairs], template, verdict, args, device, "judge eval")
@@ -590,23 +598,21 @@ def judge_report(model, tokenizer, pairs: list[dict], template, verdict, args, d
         "judge/q_mean": sum(q) / len(q),
         "judge/pairs": len(q),
     }
-    if reward_fn:
-        scored = [
-            (
-                x,
-                reward_fn(p["prompt"][-1]["content"], p["chosen"])
-                - reward_fn(p["prompt"][-1]["content"], p["rejected"]),
-            )
-            for x, p in zip(q, pairs)
-        ]
-        scored = [(x, gap) for x, gap in scored if gap != 0]
+    for name, scorer in scorers.items():
+        values = scorer(
+            [p["prompt"][-1]["content"] for p in pairs] * 2,
+            [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+        )
+        scored = [(x, c - r) for x, c, r in zip(q, values[: len(pairs)], values[len(pairs) :]) if c != r]
         if scored:
-            report["judge/oracle_accuracy"] = sum((x > 0.5) == (gap > 0) for x, gap in scored) / len(scored)
+            report[f"judge/{SCORER_NAMES[name]}_accuracy"] = sum((x > 0.5) == (gap > 0) for x, gap in scored) / len(
+                scored
+            )
     return report
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 0: SFT + preference augmentation (paper §3.2)
+# Stage 0: SFT + preference augmentation (§4.3 steps 1-3)
 
 
 def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
@@ -798,10 +804,12 @@ PAIR_FIELDS = (
     "score_rejected",
     "chosen_reward",
     "rejected_reward",
+    "chosen_rm_score",
+    "rejected_rm_score",
 )  # what pairs/step_N.jsonl keeps of each tuple
 
 
-def online_step(model, ref_model, tokenizer, pool, step: int, judge, opt, args: Args, device, reward_fn, out_dir: Path):
+def online_step(model, ref_model, tokenizer, pool, step: int, judge, opt, args: Args, device, scorers, out_dir: Path):
     """One Stage 1 update (paper §3.1): K samples per prompt from the current policy, which judges them itself;
     ranked pairing with strength q; SPCE (or DPO) against the frozen pi_0; one optimizer step. Returns its
     statistics; the step's tuples go to pairs/step_N.jsonl. judge = (template, verdict ids), opt = make_optimizer's."""
@@ -870,18 +878,20 @@ def online_step(model, ref_model, tokenizer, pool, step: int, judge, opt, args: 
     stats["osp/q_hist"] = torch.histc(qs, bins=5, min=0, max=1).int().tolist()
     for side in ("chosen", "rejected"):
         stats[f"gen/{side}_tokens_mean"] = sum(len(t[f"{side}_ids"]) for t in tuples) / len(tuples)
-    if reward_fn:  # does the self-judge agree with the reward function on the pairs it formed?
-        for t in tuples:
-            t["chosen_reward"], t["rejected_reward"] = (
-                reward_fn(t["prompt"][-1]["content"], t[k]) for k in ("chosen_text", "rejected_text")
-            )
-        agree = [
-            t["chosen_reward"] > t["rejected_reward"] for t in tuples if t["chosen_reward"] != t["rejected_reward"]
-        ]
-        stats.update(
-            {f"osp/{k}": sum(t[k] for t in tuples) / len(tuples) for k in ("chosen_reward", "rejected_reward")}
+    for name, scorer in scorers.items():  # does the self-judge agree with the reward function (model) on its pairs?
+        prompts_, texts = (
+            [t["prompt"][-1]["content"] for t in tuples] * 2,
+            [t[f"{k}_text"] for k in ("chosen", "rejected") for t in tuples],
         )
-        stats["judge/online_oracle_agreement"] = sum(agree) / len(agree) if agree else float("nan")
+        values = scorer(prompts_, texts)
+        for t, chosen_value, rejected_value in zip(tuples, values[: len(tuples)], values[len(tuples) :]):
+            t[f"chosen_{name}"], t[f"rejected_{name}"] = chosen_value, rejected_value
+        agree = [
+            t[f"chosen_{name}"] > t[f"rejected_{name}"] for t in tuples if t[f"chosen_{name}"] != t[f"rejected_{name}"]
+        ]
+        for k in ("chosen", "rejected"):
+            stats[f"osp/{k}_{name}"] = sum(t[f"{k}_{name}"] for t in tuples) / len(tuples)
+        stats[f"judge/online_{SCORER_NAMES[name]}_agreement"] = sum(agree) / len(agree) if agree else float("nan")
     # steps 10-11: SPCE (or DPO) against the frozen pi_0, one optimizer step
     model.train()
     sums = spce_backward(model, ref_model, tuples, args, device, tokenizer.pad_token_id)
@@ -906,9 +916,8 @@ def main(args: Args) -> dict:
     tokenizer = load_tokenizer(model_path, args.chat_template)
     template, verdict = judge_setup(args, tokenizer, model_path)
     offline, held_out, seed_pairs, examples = stage0_data(args, tokenizer, template, verdict, counts)
-
     pool = online_prompt_pool(args, offline, tokenizer, template, counts)
-    reward_fn, eval_prompts = load_evaluation(args, offline[0])
+    scorers, eval_prompts = load_evaluation(args, offline[0])
     n_steps = args.steps or max(1, len(pool) // args.prompts_per_step)
 
     device = init_device(args.seed, args.dist_timeout_minutes)
@@ -929,20 +938,24 @@ def main(args: Args) -> dict:
         logs.step += 1
         logs(metrics)
 
-    def report(name: str, model):
-        """Judge accuracy on held-out human labels (and the reward function) + held-out policy reward."""
+    def report(name: str, model):  # judge accuracy on held-out labels; held-out policy reward and win rate
         if held_out and name not in state["judge"]:
-            state["judge"][name] = judge_report(model, tokenizer, held_out, template, verdict, args, device, reward_fn)
+            state["judge"][name] = judge_report(model, tokenizer, held_out, template, verdict, args, device, scorers)
             log({"stage": name, **state["judge"][name]})
-        if reward_fn and eval_prompts and name not in state["eval"]:
-            state["eval"][name], length = evaluate(model, tokenizer, eval_prompts, reward_fn, args, device)
-            log({"stage": name, "eval/reward": state["eval"][name], "eval/response_words": length})
-        # what was measured: nothing of the judge without --num_judge_eval, no reward without --num_eval
-        if rank() == 0:
-            shown = dict(
-                state["judge"].get(name, {}), **{"eval/reward": state["eval"][name]} if name in state["eval"] else {}
+        metrics, start, first = {}, out_dir / "eval_start.json", name == "sft"  # the win rates' other side
+        if scorers and eval_prompts and name not in state["eval"]:
+            state["eval"][name], metrics = evaluate(
+                model, tokenizer, eval_prompts, scorers, args, device, None, start, first
             )
-            print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if k != "judge/pairs"))
+            log({"stage": name, **metrics})
+        shown = {
+            **state["judge"].get(name, {}),
+            **({"eval/reward": state["eval"][name]} if name in state["eval"] else {}),
+        }
+        if rank() == 0:  # what was measured: no judge without --num_judge_eval, no reward without --num_eval
+            print(
+                f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if k != "judge/pairs") + wins(metrics)
+            )
         write_atomic(state_file, state)
 
     data = {"stage": "data", "data/offline_pairs": len(offline), "data/judge_eval_pairs": len(held_out)}
@@ -969,10 +982,9 @@ def main(args: Args) -> dict:
     # ALGO LOGIC: Stage 1 — online self-preferring (paper §3.1)
     model = prepare_for_training(model, args)
     opt = make_optimizer(model, args.lr, n_steps, args, "constant", saved)  # (trainable, optimizer, scheduler)
-    judge, steps_this_process = (template, verdict), 0
-    bar = progress(range(state["step"], n_steps), desc="stage 1 (online)")
-    for step in bar:  # step is 0-based here, 1-based in logs and file names
-        stats = online_step(model, ref_model, tokenizer, pool, step, judge, opt, args, device, reward_fn, out_dir)
+    judge, bar = (template, verdict), progress(range(state["step"], n_steps), desc="stage 1 (online)")
+    for done, step in enumerate(bar, 1):  # step is 0-based here, 1-based in logs and file names
+        stats = online_step(model, ref_model, tokenizer, pool, step, judge, opt, args, device, scorers, out_dir)
         log(stats)
         gap = stats["osp/abs_sigma_z_minus_q"]
         bar.set_postfix_str(f"loss={stats['loss']:.4f}, q={stats['osp/q_mean']:.2f}, gap={gap:.3f}", refresh=False)
@@ -982,11 +994,9 @@ def main(args: Args) -> dict:
             model = save_checkpoint(model, tokenizer, checkpoint, *opt[1:], step + 1)
             state["step"] = step + 1
             write_atomic(state_file, state)
-        steps_this_process += 1
-        if args.stop_after_steps is not None and steps_this_process >= args.stop_after_steps:
+        if args.stop_after_steps is not None and done >= args.stop_after_steps:  # steps done in this process
             raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
-    model = save_atomic(model, tokenizer, out_dir / "final")
-    state["step"] = n_steps
+    model, state["step"] = save_atomic(model, tokenizer, out_dir / "final"), n_steps
     report("final", model)
     state["done"] = True
     write_atomic(state_file, state)
@@ -1475,14 +1485,20 @@ def load_reward_fn(spec: str | None, example: dict | None = None):
 
 # Copied from sera.load_evaluation
 def load_evaluation(args: Args, example: dict) -> tuple:
-    """(reward function, held-out prompts): --reward_fn and --eval_prompts, else the dataset preset's; the reward
-    function is tried on `example`, the prompts are the first --num_eval. (None, []) when there are none."""
+    """(scorers, held-out prompts). Scorers map a metric name to score(prompts, responses) -> list[float] (all
+    ranks): "reward" for --reward_fn (else the dataset preset's), "rm_score" for --reward_model; each is tried on
+    `example`. The prompts: --eval_prompts (else the preset's), the first --num_eval. ({}, []) when there are none."""
     preset = DATASETS.get(args.dataset, {})
     eval_file = args.eval_prompts or preset.get("eval")
-    return (
-        load_reward_fn(args.reward_fn or preset.get("reward_fn"), example),
-        load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else [],
+    reward_fn = load_reward_fn(args.reward_fn or preset.get("reward_fn"), example)
+    scorers = (
+        {"reward": lambda prompts, responses: [reward_fn(p, r) for p, r in zip(prompts, responses)]}
+        if reward_fn
+        else {}
     )
+    if args.reward_model:
+        scorers["rm_score"] = reward_model_scorer(args, example)
+    return scorers, load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
 
 
 # Copied from sera.accumulation
@@ -2234,9 +2250,149 @@ def unsharded_copy(model, args: Args):
     return copy.requires_grad_(False).eval()
 
 
+# --reward_model: a trained sequence classifier scores the held-out samples; win rates against the start
+
+
+# Copied from sera.load_reward_model
+def load_reward_model(path: str, chat_template: str | None):
+    """--reward_model's tokenizer with its chat template (or --reward_chat_template), checked before anything is
+    written: a folder (or hub id) whose config has one output (num_labels 1) and whose tokenizer loads."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not Path(path).expanduser().is_dir() and not hub_id:
+        raise InputError(f"--reward_model: folder {path!r} not found")
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise InputError(
+            f"--reward_model: no model could be loaded from {path!r} ({str(err).splitlines()[0]})"
+        ) from None
+    if config.num_labels != 1:
+        raise InputError(
+            f"--reward_model: {path!r} has {config.num_labels} outputs (num_labels); expected a sequence "
+            "classifier with one (AutoModelForSequenceClassification, num_labels=1)"
+        )
+    if chat_template and "{%" not in chat_template and not Path(chat_template).is_file():
+        raise InputError(f"--reward_chat_template: file {chat_template!r} not found")
+    if chat_template:
+        tokenizer.chat_template = chat_template if "{%" in chat_template else Path(chat_template).read_text()
+    if not tokenizer.chat_template:
+        raise InputError(
+            f"--reward_model: the tokenizer of {path!r} has no chat template; pass --reward_chat_template file.jinja"
+        )
+    return tokenizer
+
+
+# Copied from sera.reward_model_ids
+def reward_model_ids(tokenizer, prompts: list[str], responses: list[str]) -> list[list[int]]:
+    """Each (prompt, response) as a user and an assistant turn in the reward model's own chat template."""
+    from jinja2 import TemplateError
+
+    try:
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+            )
+            for p, r in zip(prompts, responses)
+        ]
+    except TemplateError as err:
+        raise InputError(f"--reward_model: its chat template refuses a user and an assistant turn: {err}") from None
+    return [tokenize(tokenizer, text) for text in texts]
+
+
+# Copied from sera.reward_model_scorer
+def reward_model_scorer(args: Args, example: dict | None = None):
+    """score(prompts, responses) -> list[float] by --reward_model (all ranks); its template is tried on `example`."""
+    tokenizer = load_reward_model(args.reward_model, args.reward_chat_template)
+    if example is not None:
+        reward_model_ids(tokenizer, [example["prompt"][-1]["content"]], [example["chosen"]])
+    return lambda prompts, responses: reward_model_scores(
+        args.reward_model, tokenizer, prompts, responses, args, comm_device()
+    )
+
+
+# Copied from sera.reward_model_scores
+@torch.no_grad()
+def reward_model_scores(
+    path: str, tokenizer, prompts: list[str], responses: list[str], args: Args, device
+) -> list[float]:
+    """The reward model's score of each (prompt, response), on all ranks: each rank scores its share in batches
+    sorted by length, in the compute dtype; the model is loaded for this call and freed after it (at 7B it
+    would otherwise hold a second model's memory through training). Batches are padded on the right, so every
+    position is where it is in an unpadded forward and the classifier's own rule (the last token that is not
+    its pad id) picks the same token as it does on the sequence alone."""
+    from transformers import AutoModelForSequenceClassification
+
+    ids = reward_model_ids(tokenizer, prompts, responses)
+    mine, real = shard(list(range(len(ids))))
+    with torch.random.fork_rng(devices=[]):  # loading draws nothing from the run's random numbers
+        model = (
+            AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+            )
+            .to(device)
+            .eval()
+        )
+    pad_id = getattr(model.config, "pad_token_id", None)
+    order = sorted(range(len(mine)), key=lambda k: len(ids[mine[k]]))
+    scores = {}
+    for start in progress(range(0, len(order), args.scoring_batch_size), desc="reward model", inner=True):
+        batch = [ids[mine[k]] for k in order[start : start + args.scoring_batch_size]]
+        if pad_id is None:  # without a pad id the model reads the last token: pad with one no sequence here ends on
+            model.config.pad_token_id = min(set(range(len(batch) + 1)) - {seq[-1] for seq in batch})
+        width = max(map(len, batch))
+        input_ids = torch.tensor(
+            [seq + [model.config.pad_token_id] * (width - len(seq)) for seq in batch], device=device
+        )
+        attention_mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in batch], device=device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        scores.update(zip(order[start : start + args.scoring_batch_size], logits[:, 0].float().tolist()))
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    merged = dict(gather([(mine[k], scores[k]) for k in range(real)]))
+    return [merged[i] for i in range(len(ids))]
+
+
+# Copied from sera.win_rate
+def win_rate(scores: list[float], start_scores: list[float]) -> tuple[float, float, float]:
+    """The share of prompts whose sample out-scores the starting model's (a tie counts 1/2) and its 95% Wilson
+    score interval, with ties as half wins: an outcome in {0, 1/2, 1} with mean p has a variance of at most
+    p(1 - p), so the interval is exact without ties and conservative with them."""
+    n, z = len(scores), 1.959964  # the normal distribution's 97.5% quantile
+    p = sum((a > b) + 0.5 * (a == b) for a, b in zip(scores, start_scores)) / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return p, max(0.0, center - half), min(1.0, center + half)
+
+
+# Copied from sera.pairwise_agreement
+def pairwise_agreement(scores, start_scores, gold, gold_start) -> float:
+    """How often `scores` order a prompt's sample and the start's sample as `gold` does (a tie in `scores` counts
+    1/2), over the prompts where `gold` scores the two differently; NaN where there are none."""
+    pairs = [(a - b, g - h) for a, b, g, h in zip(scores, start_scores, gold, gold_start) if g != h]
+    return sum((d > 0) == (gd > 0) if d != 0 else 0.5 for d, gd in pairs) / len(pairs) if pairs else float("nan")
+
+
+# Copied from sera.wins
+def wins(metrics: dict) -> str:
+    """ ", win rate p [lo, hi]" of an evaluation's metrics, or nothing without a win rate."""
+    if "eval/win_rate" not in metrics:
+        return ""
+    return ", win rate {:.3f} [{:.3f}, {:.3f}]".format(*(metrics[f"eval/win_rate{k}"] for k in ("", "_lo", "_hi")))
+
+
 # Copied from sera.evaluate
-def evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, model_path=None) -> tuple[float, float]:
-    """Held-out mean reward of one sample per prompt, and the mean response length in words."""
+def evaluate(
+    model, tokenizer, eval_prompts, scorers, args, device, model_path=None, start_file=None, is_start=False
+) -> tuple[float, dict]:
+    """One sample per held-out prompt, scored by every scorer of load_evaluation: the first scorer's mean and the
+    metrics (eval/reward, eval/rm_score; eval/win_rate with its interval against the starting model's samples, by
+    the reward model where there is one; the reward model's agreement with --reward_fn; both mean lengths in
+    words). The starting model's evaluation (is_start) keeps its samples and scores in start_file; every later one
+    (same seed and settings) is compared with them, in a resumed run too."""
     samples = generate(
         model,
         tokenizer,
@@ -2250,8 +2406,35 @@ def evaluate(model, tokenizer, eval_prompts, reward_fn, args, device, model_path
         model_path=model_path,
         desc="eval",
     )
-    rewards = [reward_fn(p, s[0][0]) for p, s in zip(eval_prompts, samples)]
-    return sum(rewards) / len(rewards), sum(len(s[0][0].split()) for s in samples) / len(samples)
+    responses = [s[0][0] for s in samples]
+    scores = {name: scorer(eval_prompts, responses) for name, scorer in scorers.items()}
+    metrics = {f"eval/{name}": sum(values) / len(values) for name, values in scores.items()}
+    if is_start and start_file is not None:
+        write_atomic(start_file, {"responses": responses, "scores": scores})
+    start = (
+        {"responses": responses, "scores": scores}
+        if is_start
+        else json.loads(start_file.read_text())
+        if start_file is not None and start_file.exists()
+        else None
+    )
+    if start is not None:
+        judge = "rm_score" if "rm_score" in scores else next(iter(scores))
+        metrics.update(
+            zip(
+                ("eval/win_rate", "eval/win_rate_lo", "eval/win_rate_hi"),
+                win_rate(scores[judge], start["scores"][judge]),
+            )
+        )
+        if "rm_score" in scores and "reward" in scores:  # proxy against gold on the run's own samples
+            metrics["eval/reward_win_rate"] = win_rate(scores["reward"], start["scores"]["reward"])[0]
+            metrics["eval/rm_oracle_agreement"] = pairwise_agreement(
+                scores["rm_score"], start["scores"]["rm_score"], scores["reward"], start["scores"]["reward"]
+            )
+    metrics["eval/response_words"] = sum(len(r.split()) for r in responses) / len(responses)
+    if start is not None:
+        metrics["eval/start_response_words"] = sum(len(r.split()) for r in start["responses"]) / len(start["responses"])
+    return metrics[f"eval/{next(iter(scores))}"], metrics
 
 
 # Copied from sera.__main__ with sera->osp

@@ -14,6 +14,7 @@ so every method in this repository has something to learn and a way to find it, 
     python assets/build_toy.py                 # everything: ~4 min of CPU time, one thread
     python assets/build_toy.py --data_only     # data/*.jsonl + tokenizer only, seconds, no training
     python assets/build_toy.py --out /tmp/toy  # build elsewhere (compare with MANIFEST.sha256)
+    python assets/build_toy.py --reward_model_only  # reward_model/ alone (the data and tokenizer in place), ~30 s
 
 Every output is a function of the seed: data and tokenizer files are byte-identical across runs;
 the weights are too with the same torch build, CPU and thread count (deterministic algorithms,
@@ -449,6 +450,132 @@ def train_model(tok, examples, args):
     return model
 
 
+# ---------------------------------------------------------------------------------------------
+# Reward model: a tiny sequence classifier trained Bradley-Terry on oracle-labelled pairs
+
+
+N_RM_TRAIN, N_RM_HELD_OUT = 3000, 1000  # pairs on prompts of their own (drawn after every other split)
+RM_HIDDEN, RM_LAYERS, RM_HEADS, RM_STEPS, RM_BATCH, RM_LR = 48, 2, 4, 600, 32, 3e-3
+
+
+def reward_pairs(prompts: list[str], rng: random.Random) -> list[tuple[str, str, str]]:
+    """(instruction, better, worse) by the oracle: two answers of the toy world's kinds (the plain model's
+    mediocre answer, or a corruption at a random error level), never equal in score."""
+    pairs = []
+    for instruction in prompts:
+        answer = oracle.perfect_answer(instruction)
+        while True:
+            a, b = (
+                oracle.base_answer(instruction, rng)
+                if rng.random() < 0.3
+                else oracle.corrupt(answer, rng.random(), rng)
+                for _ in range(2)
+            )
+            gap = oracle.score(instruction, a) - oracle.score(instruction, b)
+            if gap != 0:
+                break
+        pairs.append((instruction, a, b) if gap > 0 else (instruction, b, a))
+    return pairs
+
+
+def build_reward_model(tok, data: dict, out: Path, args) -> dict:
+    """assets/toy/reward_model: a LlamaForSequenceClassification with one output, trained for a few hundred
+    Bradley-Terry steps (-log sigmoid(r(better) - r(worse))) on oracle-labelled pairs, scored on the chat
+    template's rendering of (instruction, answer) at its last token (EOS). Deliberately short training: it
+    ranks held-out pairs mostly, not always, as the oracle does, like a real reward model. Returns its stats."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    taken = {row["prompt"] for name in ("eval", "prompts", "prefs") for row in data[name]}
+    rng = random.Random(args.seed + 7)
+    prompts = []
+    while len(prompts) < N_RM_TRAIN + N_RM_HELD_OUT:
+        prompt = oracle.make_prompt(rng)
+        if prompt not in taken:
+            taken.add(prompt)
+            prompts.append(prompt)
+    pairs = reward_pairs(prompts, random.Random(args.seed + 8))
+    train, held_out = pairs[:N_RM_TRAIN], pairs[N_RM_TRAIN:]
+
+    def ids(instruction, answer):
+        return tok.apply_chat_template(
+            [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}],
+            tokenize=True,
+            return_dict=False,
+        )
+
+    def rewards(model, texts):  # right-padded: the classifier reads the last non-pad token
+        rows = [ids(x, y) for x, y in texts]
+        width = max(map(len, rows))
+        input_ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+        return model(input_ids=input_ids, attention_mask=(input_ids != tok.pad_token_id).long()).logits[:, 0]
+
+    torch.manual_seed(args.seed + 7)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=RM_HIDDEN,
+        intermediate_size=RM_HIDDEN * 2,
+        num_hidden_layers=RM_LAYERS,
+        num_attention_heads=RM_HEADS,
+        num_key_value_heads=RM_HEADS,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        attention_dropout=0.0,
+        num_labels=1,
+    )
+    model = LlamaForSequenceClassification(config)
+    start = time.time()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=RM_LR, weight_decay=0.01)
+    order_rng = random.Random(args.seed + 9)
+    order = []
+    for step in range(RM_STEPS):
+        if len(order) < RM_BATCH:
+            order = list(range(len(train)))
+            order_rng.shuffle(order)
+        batch = [train[order.pop()] for _ in range(RM_BATCH)]
+        scores = rewards(model, [(x, w) for x, w, _ in batch] + [(x, worse) for x, _, worse in batch])
+        loss = torch.nn.functional.softplus(scores[RM_BATCH:] - scores[:RM_BATCH]).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == RM_STEPS - 1:
+            print(f"reward model step {step:4d}  loss {loss.item():.4f}", flush=True)
+    model.eval()
+    with torch.no_grad():
+        margins = torch.cat(
+            [
+                rewards(model, [(x, w) for x, w, _ in held_out[i : i + 200]])
+                - rewards(model, [(x, worse) for x, _, worse in held_out[i : i + 200]])
+                for i in range(0, len(held_out), 200)
+            ]
+        )
+    folder = out / "reward_model"
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the toy tokenizer, byte for byte
+        (folder / name).write_bytes((out / "model" / name).read_bytes())
+    stats = {
+        "held_out_accuracy": round((margins > 0).double().mean().item(), 3),
+        "held_out_pairs": len(held_out),
+        "train_pairs": len(train),
+        "steps": RM_STEPS,
+        "batch_size": RM_BATCH,
+        "lr": RM_LR,
+        "hidden": RM_HIDDEN,
+        "layers": RM_LAYERS,
+        "heads": RM_HEADS,
+        "params": sum(p.numel() for p in model.parameters()),
+        "build_seconds": round(time.time() - start, 1),
+    }
+    (folder / "STATS.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
 EVAL_CONDITIONS = {  # user-turn templates of the measured prompt conditions
     "base": "{x}",
     "opsr_10": CHOSEN_PREFIX + " {x}",
@@ -555,6 +682,7 @@ evaluation prompts come from `assets/toy/data/eval.jsonl`.
 | `data/eval.jsonl` | {n_eval} held-out prompts, disjoint from all other files |
 | `data/sft.jsonl` | first {n_sft_shipped} of the {n_sft} UltraChat-schema SFT conversations the model was trained on (the task, under every prompt condition) |
 | (not shipped) | {n_judge_sft} judge-format SFT conversations on prompts of their own (3-{judge_letters} letters only), regenerated from the seed: OSP's dialogue judge question about two answers, verdict right with probability 0.5 + 0.5 min(1, gap / {judge_gap:g}) for an oracle score gap `gap` (a weak judge, no position bias) |
+| `reward_model/` | `LlamaForSequenceClassification` with one output (below), the toy tokenizer, `STATS.json` (how it was built, its accuracy) |
 | `STATS.json`, `MANIFEST.sha256` | measured behaviour; sha256 of every generated file |
 
 Special tokens: `<s>` (BOS), `</s>` (EOS), `<pad>`, `<|end|>`, `<|system|>`, `<|user|>`,
@@ -579,12 +707,24 @@ Chat template (assistant turns end with EOS, the generation prompt is `<|assista
 Real instruct models judge above chance before any judge training; OSP's preference augmentation
 sharpens that ability, it does not have to create it from nothing.
 
+**Reward model** (`reward_model/`, for the scripts' `--reward_model`): a `LlamaForSequenceClassification`
+with one output (hidden {rm[hidden]}, {rm[layers]} layers, {rm[heads]} heads, {rm[params]:,} parameters, fp32; the toy
+tokenizer and chat template), read at the last token (EOS) of the chat template's rendering of the user
+instruction and the answer. `build_reward_model` trains it for {rm[steps]} Bradley-Terry steps
+(`-log sigmoid(r(better) - r(worse))`, batch {rm[batch_size]}, AdamW lr {rm[lr]:g}) on {rm[train_pairs]:,} pairs on
+prompts of their own, disjoint from every data file: two answers per prompt, each the plain model's kind of
+answer (30%) or a corruption at a uniformly random error level, never equal in oracle score, the better one by
+the oracle. It is stopped early on purpose: on {rm[held_out_pairs]:,} held-out pairs of the same kind it orders
+**{rm[held_out_accuracy]:.3f}** as the oracle does, an imperfect proxy like a real reward model, so that how far
+its verdicts can be trusted as a policy moves away from its training data can be measured against the oracle.
+
 **Use**: `AutoTokenizer.from_pretrained("assets/toy/model")` and `AutoModelForCausalLM.from_pretrained(...)`
 (transformers 4.x and 5.x); the tokenizer pads on the right, so set `padding_side = "left"` to
 generate in batches.
 
 **Rebuild**: `python assets/build_toy.py` ({cpu_minutes:.1f} min of CPU time on {threads} thread,
 {minutes:.1f} min wall clock here); `--data_only` rewrites data and tokenizer only (seconds);
+`--reward_model_only` rebuilds `reward_model/` from the data and the tokenizer in place (under a minute);
 `--out DIR` builds elsewhere. Everything is seeded: data and tokenizer files are byte-identical
 across runs, and so are the weights with the same torch build and CPU (torch {torch},
 deterministic algorithms, one thread); compare with `MANIFEST.sha256`.
@@ -600,6 +740,7 @@ CONDITION_LABELS = {
 
 
 def write_readme(out: Path, stats: dict, args) -> None:
+    rm = json.loads((out / "reward_model" / "STATS.json").read_text())
     table = "\n".join(
         f"| {CONDITION_LABELS[name]} | {stats[name]['sampled']:.2f} | {stats[name]['greedy']:.2f} |"
         for name in EVAL_CONDITIONS
@@ -628,6 +769,7 @@ def write_readme(out: Path, stats: dict, args) -> None:
             cpu_minutes=stats["build_cpu_seconds"] / 60,
             threads=args.threads,
             torch=stats["torch"],
+            rm=rm,
         )
     )
 
@@ -665,10 +807,25 @@ def main():
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads; weights are bit-exact per count")
+    parser.add_argument(
+        "--reward_model_only",
+        action="store_true",
+        help="rebuild reward_model/ alone from the seed's data and the tokenizer in --out, then README and MANIFEST",
+    )
     args = parser.parse_args()
     start, start_cpu = time.time(), time.process_time()
 
     data = build_data(args.seed)
+    if args.reward_model_only:
+        import torch
+        from transformers import AutoTokenizer
+
+        torch.set_num_threads(args.threads)
+        torch.use_deterministic_algorithms(True)
+        build_reward_model(AutoTokenizer.from_pretrained(args.out / "model"), data, args.out, args)
+        write_readme(args.out, json.loads((args.out / "STATS.json").read_text()), args)
+        write_manifest(args.out)
+        return
     for name in ("prefs", "judge_prefs", "prompts", "eval"):
         write_jsonl(args.out / "data" / f"{name}.jsonl", data[name])
     write_jsonl(args.out / "data" / "sft.jsonl", data["sft"][:N_SFT_SHIPPED])
@@ -702,6 +859,8 @@ def main():
         threads=args.threads,
     )
     (args.out / "STATS.json").write_text(json.dumps(stats, indent=2) + "\n")
+    rm_stats = build_reward_model(tok, data, args.out, args)
+    print(f"reward model: held-out accuracy vs the oracle {rm_stats['held_out_accuracy']:.3f}")
     write_readme(args.out, stats, args)
     write_manifest(args.out)
     print(json.dumps(stats, indent=2))
