@@ -15,14 +15,14 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sera  # noqa: E402
-from kernels import causal_lm_logps  # noqa: E402
+from kernels import causal_lm_logps, causal_lm_pair_loss  # noqa: E402
 
 TOY_MODEL = ROOT / "assets" / "toy" / "model"
 CPU = torch.device("cpu")
 
 
 def one_step(model, args, pairs):
-    """One DPO step of the script's pieces (collate, fused log-probs, daa_losses, optimizer_step); returns
+    """One DPO step of the script's pieces (collate, the fused pair op with daa_loss, optimizer_step); returns
     the change of every trainable parameter, flattened."""
     from transformers import get_constant_schedule
 
@@ -33,10 +33,11 @@ def one_step(model, args, pairs):
         0,
         CPU,
     )
-    logps, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    counts = (batch["labels"][:, 1:] != -100).sum(1).float()
-    ref = logps.detach().float() - torch.linspace(-1, 1, len(logps))  # a reference that differs from the policy
-    losses = sera.daa_losses(logps.float(), ref, counts, args)[0]
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    with torch.no_grad():
+        logps, _ = causal_lm_logps(model, ids, mask, labels)
+    ref = logps.float() - torch.linspace(-1, 1, len(logps))  # a reference that differs from the policy
+    losses, _ = causal_lm_pair_loss(model, ids, mask, labels, sera.daa_loss(args), ref_logps=ref)
     losses.mean().backward()
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     stats = sera.StepStats(["loss"], CPU)
@@ -679,3 +680,60 @@ def test_step_statistics_stay_on_the_device_until_the_step(monkeypatch):
     sera.train_iteration(model, pairs, 1, args, args.lr, CPU, 0, lambda m: None, lambda *a: None)
     in_loop = [r for r in reads if r[1] in ("train_iteration", "add")]
     assert len(in_loop) <= 1, in_loop  # 4 micro-batches, one step: at most the permutation's tolist
+
+
+@pytest.mark.slow
+def test_sera_two_bf16_ranks_from_a_bf16_checkpoint(tmp_path):
+    """Two FSDP2 ranks under bf16 autocast, from a bf16 checkpoint (as the paper models are saved):
+    - the first step's margin is 0: the reference log-probs are scored by the prepared policy, as it trains
+      (scored on the unsharded fp32 copy they differed from the training forward by 0.68 nats per pair);
+    - no rank reloads the policy from iteration 1's bf16 checkpoint for iteration 2: the fp32 masters stay in
+      memory (a reload drops every update under half a bf16 step). Every from_pretrained is logged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(TOY_MODEL, dtype=torch.bfloat16).save_pretrained(start)
+    AutoTokenizer.from_pretrained(TOY_MODEL).save_pretrained(start)
+    site, loads = tmp_path / "site", tmp_path / "loads.txt"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\nimport transformers\n"
+        "original = transformers.PreTrainedModel.from_pretrained.__func__\n"
+        "def logged(cls, path, *a, **k):\n"
+        "    with open(os.environ['LOADS'], 'a') as f:\n"
+        "        f.write(f\"{os.environ.get('RANK', '0')} {path}\\n\")\n"
+        "    return original(cls, path, *a, **k)\n"
+        "transformers.PreTrainedModel.from_pretrained = classmethod(logged)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "LOADS": str(loads)}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    common = ["--model", str(start), "--dataset", "toy", "--iterations", "2", "--rho_1", "1", "--rho_2", "0"]
+    common += ["--num_pairs", "64", "--num_eval", "0", "--lr", "1e-4", "--dtype", "bfloat16", "--beta", "0.1"]
+    common += ["--max_length", "96", "--max_prompt_length", "64", "--global_batch", "16", "--batch_size", "8"]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            str(ROOT / "sera.py"),
+            *common,
+            "--output_dir",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    records = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
+    # the first steps of iterations 1 and 2, where the policy is its reference: exactly 0 here (before: 4e-4, 8e-4)
+    firsts = [m for m in records if m.get("step") == 1]
+    assert len(firsts) == 2 and all(
+        abs(m["rewards/margins"]) < 1e-5 and abs(m["loss"] - 0.6931472) < 1e-5 for m in firsts
+    )
+    loaded = loads.read_text().split("\n")[:-1]
+    assert sorted(loaded) == [f"0 {start}", f"1 {start}"], loaded  # the start, once per rank; never iter_1
+    assert (tmp_path / "two" / "iter_2" / "model.safetensors").exists()

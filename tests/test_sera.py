@@ -101,7 +101,7 @@ def test_ensemble_is_linear_and_ignored_at_first_model():
 
 
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "hinge", "simpo"])
-def test_daa_losses(loss):
+def test_daa_loss(loss):
     g = torch.Generator().manual_seed(3)
     logps, ref = -10 * torch.rand(8, generator=g), -10 * torch.rand(8, generator=g)
     counts = torch.randint(1, 6, (8,), generator=g).float()
