@@ -611,7 +611,7 @@ def main(args: Args) -> dict:
     run_name = f"opsr__{Path(args.model).name}__{args.seed}__{now()}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
     state_file = out_dir / "state.json"
-    state = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {"completed": -1, "eval": {}}
+    state = run_state(state_file, args, {"completed": -1, "eval": {}})
     start = args.init_checkpoint or preset["path"]
     resumed = state["completed"] >= 0 and not (state["completed"] == 0 and args.init_checkpoint)
     model = load_model(str(out_dir / f"iter_{state['completed']}") if resumed else start, device, args)
@@ -1373,6 +1373,18 @@ def cli(args_type, models: dict, doc: str):
     return tyro.cli(args_type, description=doc)
 
 
+# Copied from sera.run_state
+def run_state(state_file: Path, args, fresh: dict) -> dict:
+    """The run's progress (state.json) when --resume finds one, else `fresh`; a resumed run says where it stands."""
+    if not (args.resume and state_file.exists()):
+        return fresh
+    state = json.loads(state_file.read_text())
+    where = {k: v for k, v in state.items() if k in ("completed", "stage0_done", "step", "done")}
+    if rank() == 0:
+        print(f"resuming {state_file.parent}: " + ", ".join(f"{k} {v}" for k, v in where.items()))
+    return state
+
+
 # Copied from sera.resume_hint
 def resume_hint(script: str) -> str:
     """How to continue an interrupted run: the same command with --resume and its folder (Logs.run_dir)."""
@@ -1483,6 +1495,8 @@ def load_model(path: str, device: torch.device, args: Args | None = None, frozen
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as err:
         raise InputError(f"--model: {path} does not load as a causal LM ({str(err).strip().splitlines()[0]})") from None
+    if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
+        raise InputError(f"--model: {path} has no linear output embedding (lm_head) for the fused log-prob kernels")
     wrong = {kind: len(keys) for kind, keys in info.items() if keys and kind != "error_msgs"}
     if wrong:
         counts = ", ".join(f"{n} {kind.replace('_keys', '')}" for kind, n in wrong.items())
