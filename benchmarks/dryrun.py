@@ -165,10 +165,13 @@ def configs_for_from_pretrained():
         config.dtype = torch.bfloat16
         return config
 
-    def model_from_pretrained(path, dtype=torch.float32, **kwargs):
+    def model_from_pretrained(path, dtype=torch.float32, output_loading_info=False, **kwargs):
         with unset_fake_temporarily(), torch.device("meta"):  # plain meta: to_empty then swaps in fake tensors
             model = transformers.AutoModelForCausalLM.from_config(config(path), dtype=dtype)
-        return model.to_empty(device=torch.device("cuda", torch.cuda.current_device()))
+        model = model.to_empty(device=torch.device("cuda", torch.cuda.current_device()))
+        if output_loading_info:  # every weight "loaded": the config is the checkpoint's own
+            return model, dict(missing_keys=[], unexpected_keys=[], mismatched_keys=[], error_msgs=[])
+        return model
 
     auto_model, auto_config = transformers.AutoModelForCausalLM.from_pretrained, transformers.AutoConfig.from_pretrained
     transformers.AutoModelForCausalLM.from_pretrained = staticmethod(model_from_pretrained)
