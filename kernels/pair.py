@@ -592,16 +592,24 @@ def _ws_rows(hidden, weight, impl, workspace_bytes) -> tuple[int, torch.dtype]:
     return max(1, min(budget, hidden.shape[0] * hidden.shape[1])), dtype
 
 
-def _transients(hidden, weight, softcap, impl, workspace_bytes, grad: bool) -> list[torch.Tensor]:
-    """What the real pass holds during a chunk: the workspace (and the torch path's soft-cap buffer, and dZ in the
-    input dtype in backward), the chunk's gathered hidden rows; so memory trackers see them."""
+def _held_by_the_pass(hidden, weight, bias, softcap, impl, workspace_bytes, need_weight, need_bias) -> list:
+    """Empty tensors of what the real pass holds beside its inputs and outputs: the workspace (its most rows),
+    the torch path's soft-cap buffer and dZ in the input dtype, a chunk's gathered hidden rows, the fp32 dW and
+    dbias accumulators (when the weights are not fp32). Allocated by `_traced_pass` under FakeTensorMode, outside
+    the ops, so that a memory tracker (a dispatch mode above FakeTensorMode, which sees the ops' outputs and not
+    what their fake implementations allocate) counts them."""
     rows, dtype = _ws_rows(hidden, weight, impl, workspace_bytes)
-    out = [hidden.new_empty((rows, weight.shape[0]), dtype=dtype), hidden.new_empty((rows, hidden.shape[2]))]
+    vocab = weight.shape[0]
+    held = [hidden.new_empty((rows, vocab), dtype=dtype), hidden.new_empty((rows, hidden.shape[2]))]
     if impl != "triton" and softcap is not None:
-        out.append(hidden.new_empty((rows, weight.shape[0]), dtype=torch.float32))
-    if grad and dtype != hidden.dtype:
-        out.append(hidden.new_empty((rows, weight.shape[0])))
-    return out
+        held.append(hidden.new_empty((rows, vocab), dtype=torch.float32))
+    if dtype != hidden.dtype:
+        held.append(hidden.new_empty((rows, vocab)))
+    if need_weight and weight.dtype != torch.float32:
+        held.append(weight.new_empty(weight.shape, dtype=torch.float32))
+    if need_bias and bias is not None and bias.dtype != torch.float32:
+        held.append(bias.new_empty(vocab, dtype=torch.float32))
+    return held
 
 
 def _rows_to_pairs(t: torch.Tensor) -> torch.Tensor:
@@ -649,8 +657,6 @@ def _seq_logps_op(
 
 @_seq_logps_op.register_fake
 def _(hidden, weight, bias, labels, temperature, softcap, ignore_index, impl, workspace_bytes):
-    transients = _transients(hidden, weight, softcap, impl, workspace_bytes, grad=False)
-    del transients
     return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
 
 
@@ -713,18 +719,11 @@ def _(
     need_bias,
 ):
     need_bias = need_bias and bias is not None
-    grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
-    # dW and dbias accumulate in fp32 next to the chunk's transients, then leave in the weights' dtype
-    accumulators = [
-        weight.new_empty(weight.shape, dtype=torch.float32) if need_weight else None,
-        weight.new_empty(weight.shape[0], dtype=torch.float32) if need_bias else None,
-    ]
-    transients = _transients(hidden, weight, softcap, impl, workspace_bytes, grad=True)
-    del transients
-    grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
-    grad_bias = torch.empty_like(bias) if need_bias else weight.new_empty(0)
-    del accumulators
-    return grad_hidden, grad_weight, grad_bias
+    return (
+        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if need_weight else weight.new_empty(0),
+        torch.empty_like(bias) if need_bias else weight.new_empty(0),
+    )
 
 
 def _traced_pass(
@@ -750,6 +749,9 @@ def _traced_pass(
     """`_pair_pass` without host reads: sequence log-probs by one op (the reference's by another call), loss_fn on
     the whole batch, the gradients by a second op. The label check runs in the ops' real implementations."""
     scalars = (temperature, None if softcap is None else float(softcap), ignore_index, impl, workspace_bytes)
+    held = []  # under FakeTensorMode: what the real pass holds, for memory trackers (nothing to trace in compile)
+    if not torch.compiler.is_compiling():
+        held = _held_by_the_pass(hidden, weight, bias, softcap, impl, workspace_bytes, need_weight, need_bias)
     policy = _seq_logps_op(hidden.detach(), weight.detach(), _detach(bias), labels, *scalars)
     ref = None
     if ref_logps is not None:
@@ -772,6 +774,7 @@ def _traced_pass(
             need_bias,
         )
         grads = tuple(g if need else None for g, need in zip(grads, (need_hidden, need_weight, need_bias)))
+    del held
     outputs = dict(losses=losses, policy=policy, ref=ref, tokens=tokens, rewards=rewards)
     return outputs, grads
 
