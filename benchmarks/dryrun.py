@@ -40,7 +40,7 @@ FAKEGPU = Path(__file__).resolve().parent / "fakegpu"
 # The scripts' names this dry run calls (a refactor of the runtime section should keep them, or update this list).
 SCRIPT_API = {
     "all": ("MODELS", "Args", "resolve", "load_model", "prepare_for_training", "make_optimizer", "world"),
-    # -> micro_batches, collate, causal_lm_logps, daa_losses, StepStats, optimizer_step (its all-reduces)
+    # -> micro_batches, collate, causal_lm_pair_loss, daa_loss, StepStats, optimizer_step (its all-reduces)
     "sera": ("train_iteration", "score", "unsharded_copy"),
     "opsr": ("train_iteration", "score", "unsharded_copy"),
     "srdpo": ("train", "score"),  # -> sr_losses, shared_prefix_logps, all_sum, micro_batches, optimizer_step
