@@ -29,8 +29,9 @@ and checked against float64 on first use per CUDA device and dtype by `self_chec
 
 Host reads: the label range check and the chunk plan (tokens per pair), once per call. Under FakeTensorMode or
 torch.compile (no values to read) the pass is two `torch.library` custom ops instead, the sequence log-probs and
-the gradients for given d loss / d log-probs, with fake implementations that allocate what the real pass does;
-`loss_fn` runs on the whole batch between them (`_traced_pass`).
+the gradients for given d loss / d log-probs (each the chunked pass inside, so a compiled step computes the
+policy's logits twice), with `loss_fn` on the whole batch between them (`_traced_pass`); under FakeTensorMode
+the workspace and accumulators the real pass holds are allocated beside them, for memory trackers.
 """
 
 from __future__ import annotations
