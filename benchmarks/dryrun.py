@@ -40,7 +40,7 @@ FAKEGPU = Path(__file__).resolve().parent / "fakegpu"
 # The scripts' names this dry run calls (a refactor of the runtime section should keep them, or update this list).
 SCRIPT_API = {
     "all": ("MODELS", "Args", "resolve", "load_model", "prepare_for_training", "make_optimizer", "world"),
-    # -> micro_batches, collate, causal_lm_logps, daa_losses, StepStats, optimizer_step (its all-reduces)
+    # -> micro_batches, collate, causal_lm_pair_loss, daa_loss, StepStats, optimizer_step (its all-reduces)
     "sera": ("train_iteration", "score", "unsharded_copy"),
     "opsr": ("train_iteration", "score", "unsharded_copy"),
     "srdpo": ("train", "score"),  # -> sr_losses, shared_prefix_logps, all_sum, micro_batches, optimizer_step
@@ -165,10 +165,13 @@ def configs_for_from_pretrained():
         config.dtype = torch.bfloat16
         return config
 
-    def model_from_pretrained(path, dtype=torch.float32, **kwargs):
+    def model_from_pretrained(path, dtype=torch.float32, output_loading_info=False, **kwargs):
         with unset_fake_temporarily(), torch.device("meta"):  # plain meta: to_empty then swaps in fake tensors
             model = transformers.AutoModelForCausalLM.from_config(config(path), dtype=dtype)
-        return model.to_empty(device=torch.device("cuda", torch.cuda.current_device()))
+        model = model.to_empty(device=torch.device("cuda", torch.cuda.current_device()))
+        if output_loading_info:  # every weight "loaded": the config is the checkpoint's own
+            return model, dict(missing_keys=[], unexpected_keys=[], mismatched_keys=[], error_msgs=[])
+        return model
 
     auto_model, auto_config = transformers.AutoModelForCausalLM.from_pretrained, transformers.AutoConfig.from_pretrained
     transformers.AutoModelForCausalLM.from_pretrained = staticmethod(model_from_pretrained)

@@ -27,7 +27,11 @@ logits by a cuBLAS GEMM into the workspace in the input dtype, log-sum-exp and d
 Triton kernels, dZ written over the logits; compiled ahead of time by `python -m kernels.compile_check`,
 and checked against float64 on first use per CUDA device and dtype by `self_check`).
 
-Host reads: the label range check and the chunk plan (tokens per pair), once per call.
+Host reads: the label range check and the chunk plan (tokens per pair), once per call. Under FakeTensorMode or
+torch.compile (no values to read) the pass is two `torch.library` custom ops instead, the sequence log-probs and
+the gradients for given d loss / d log-probs (each the chunked pass inside, so a compiled step computes the
+policy's logits twice), with `loss_fn` on the whole batch between them (`_traced_pass`); under FakeTensorMode
+the workspace and accumulators the real pass holds are allocated beside them, for memory trackers.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from collections.abc import Callable
 
 import torch
 
+from .logps import tracing
 from .losses import pair_loss
 from .ops import resolve_impl
 from .torch_ref import _ADDMM_OUT_DTYPE, add_matmul_fp32_
@@ -402,7 +407,31 @@ def _pair_pass(
     need_hidden,
     need_weight,
     need_bias,
+    grad_logps=None,
 ):
+    """loss_fn=None (the traced path's ops): no losses; the gradient is that of sum(grad_logps * log-probs) for the
+    given pair-major grad_logps [2B] (or none)."""
+    if tracing(hidden):
+        return _traced_pass(
+            hidden,
+            weight,
+            bias,
+            labels,
+            loss_fn,
+            ref_hidden,
+            ref_weight,
+            ref_bias,
+            ref_logps,
+            extras,
+            temperature,
+            softcap,
+            ignore_index,
+            impl,
+            workspace_bytes,
+            need_hidden,
+            need_weight,
+            need_bias,
+        )
     n_seqs, length, _ = hidden.shape
     n_pairs, vocab, device = n_seqs // 2, weight.shape[0], hidden.device
     backend = (_TritonBackend if impl == "triton" else _TorchBackend)(temperature, softcap)
@@ -475,14 +504,17 @@ def _pair_pass(
             lse_parts.append(lse)
 
         seqs = slice(2 * first_pair, 2 * end_pair)
-        losses, rewards, g_seq = _group_losses(
-            loss_fn,
-            policy_seq[seqs],
-            None if ref_seq is None else ref_seq[seqs],
-            tokens_f[seqs],
-            {k: v[first_pair:end_pair] for k, v in extras.items()},
-        )
-        losses_all[first_pair:end_pair] = losses
+        if loss_fn is None:
+            rewards, g_seq = None, None if grad_logps is None else grad_logps[seqs].float()
+        else:
+            losses, rewards, g_seq = _group_losses(
+                loss_fn,
+                policy_seq[seqs],
+                None if ref_seq is None else ref_seq[seqs],
+                tokens_f[seqs],
+                {k: v[first_pair:end_pair] for k, v in extras.items()},
+            )
+            losses_all[first_pair:end_pair] = losses
         if rewards is not None:
             if rewards_all is None:
                 rewards_all = torch.zeros(2, n_pairs, dtype=torch.float32, device=device)
@@ -509,7 +541,7 @@ def _pair_pass(
                 grad_bias += torch.sum(dz, dim=0, dtype=torch.float32)
 
     policy_seq, ref_seq = policy_seq.float(), None if ref_seq is None else ref_seq.float()
-    if len(groups) > 1:
+    if len(groups) > 1 and loss_fn is not None:
         _check_per_pair(loss_fn, losses_all, policy_seq, ref_seq, tokens_f, extras)
     outputs = dict(losses=losses_all, policy=policy_seq, ref=ref_seq, tokens=seq_tokens, rewards=rewards_all)
     grads = (
@@ -548,6 +580,210 @@ def _check_per_pair(loss_fn, losses, policy_seq, ref_seq, tokens, extras):
         raise ValueError(message)
 
 
+# ---------------------------------------------------------------------------------------------
+# Traced (FakeTensorMode, torch.compile): the pass as two custom ops, opaque to the tracer, around loss_fn.
+
+
+def _ws_rows(hidden, weight, impl, workspace_bytes) -> tuple[int, torch.dtype]:
+    """The workspace's rows at most (the chunk plan's are known only from the labels' values) and its dtype."""
+    dtype = torch.float32 if impl != "triton" else hidden.dtype
+    budget = (WORKSPACE_BYTES[impl] if workspace_bytes is None else workspace_bytes) // (
+        weight.shape[0] * dtype.itemsize
+    )
+    return max(1, min(budget, hidden.shape[0] * hidden.shape[1])), dtype
+
+
+def _held_by_the_pass(hidden, weight, bias, softcap, impl, workspace_bytes, need_weight, need_bias) -> list:
+    """Empty tensors of what the real pass holds beside its inputs and outputs: the workspace (its most rows),
+    the torch path's soft-cap buffer and dZ in the input dtype, a chunk's gathered hidden rows, the fp32 dW and
+    dbias accumulators (when the weights are not fp32). Allocated by `_traced_pass` under FakeTensorMode, outside
+    the ops, so that a memory tracker (a dispatch mode above FakeTensorMode, which sees the ops' outputs and not
+    what their fake implementations allocate) counts them."""
+    rows, dtype = _ws_rows(hidden, weight, impl, workspace_bytes)
+    vocab = weight.shape[0]
+    held = [hidden.new_empty((rows, vocab), dtype=dtype), hidden.new_empty((rows, hidden.shape[2]))]
+    if impl != "triton" and softcap is not None:
+        held.append(hidden.new_empty((rows, vocab), dtype=torch.float32))
+    if dtype != hidden.dtype:
+        held.append(hidden.new_empty((rows, vocab)))
+    if need_weight and weight.dtype != torch.float32:
+        held.append(weight.new_empty(weight.shape, dtype=torch.float32))
+    if need_bias and bias is not None and bias.dtype != torch.float32:
+        held.append(bias.new_empty(vocab, dtype=torch.float32))
+    return held
+
+
+def _rows_to_pairs(t: torch.Tensor) -> torch.Tensor:
+    """[2B] in row order (B chosen, then B rejected) -> pair-major (chosen 0, rejected 0, chosen 1, ...)."""
+    n = t.shape[0] // 2
+    return torch.stack([t[:n], t[n:]], dim=1).reshape(-1)
+
+
+@torch.library.custom_op("selfpo::pair_seq_logps", mutates_args=())
+def _seq_logps_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    ignore_index: int,
+    impl: str,
+    workspace_bytes: int | None,
+) -> torch.Tensor:
+    """Summed log-probs [2B] fp32 of the rows of `labels`, pair-major (chosen 0, rejected 0, chosen 1, ...), by the
+    chunked pass without a loss_fn (no gradients)."""
+    outputs, _ = _pair_pass(
+        hidden,
+        weight,
+        bias,
+        labels,
+        None,
+        None,
+        None,
+        None,
+        None,
+        {},
+        temperature,
+        softcap,
+        ignore_index,
+        impl,
+        workspace_bytes,
+        need_hidden=False,
+        need_weight=False,
+        need_bias=False,
+    )
+    return outputs["policy"]
+
+
+@_seq_logps_op.register_fake
+def _(hidden, weight, bias, labels, temperature, softcap, ignore_index, impl, workspace_bytes):
+    return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("selfpo::pair_grads", mutates_args=())
+def _grads_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    grad_logps: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    ignore_index: int,
+    impl: str,
+    workspace_bytes: int | None,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d hidden, d weight, d bias) of sum(grad_logps * summed log-probs), grad_logps [2B] pair-major as
+    `_seq_logps_op` returns them; [0] for each gradient not needed. The chunked pass, without a loss_fn."""
+    _, grads = _pair_pass(
+        hidden,
+        weight,
+        bias,
+        labels,
+        None,
+        None,
+        None,
+        None,
+        None,
+        {},
+        temperature,
+        softcap,
+        ignore_index,
+        impl,
+        workspace_bytes,
+        need_hidden=need_hidden,
+        need_weight=need_weight,
+        need_bias=need_bias and bias is not None,
+        grad_logps=grad_logps,
+    )
+    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+
+
+@_grads_op.register_fake
+def _(
+    hidden,
+    weight,
+    bias,
+    labels,
+    grad_logps,
+    temperature,
+    softcap,
+    ignore_index,
+    impl,
+    workspace_bytes,
+    need_hidden,
+    need_weight,
+    need_bias,
+):
+    need_bias = need_bias and bias is not None
+    return (
+        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if need_weight else weight.new_empty(0),
+        torch.empty_like(bias) if need_bias else weight.new_empty(0),
+    )
+
+
+def _traced_pass(
+    hidden,
+    weight,
+    bias,
+    labels,
+    loss_fn,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
+    ref_logps,
+    extras,
+    temperature,
+    softcap,
+    ignore_index,
+    impl,
+    workspace_bytes,
+    need_hidden,
+    need_weight,
+    need_bias,
+):
+    """`_pair_pass` without host reads: sequence log-probs by one op (the reference's by another call), loss_fn on
+    the whole batch, the gradients by a second op. The label check runs in the ops' real implementations."""
+    scalars = (temperature, None if softcap is None else float(softcap), ignore_index, impl, workspace_bytes)
+    held = []  # under FakeTensorMode: what the real pass holds, for memory trackers (nothing to trace in compile)
+    if not torch.compiler.is_compiling():
+        held = _held_by_the_pass(hidden, weight, bias, softcap, impl, workspace_bytes, need_weight, need_bias)
+    policy = _seq_logps_op(hidden.detach(), weight.detach(), _detach(bias), labels, *scalars)
+    ref = None
+    if ref_logps is not None:
+        ref = _rows_to_pairs(ref_logps.detach().float())
+    elif ref_hidden is not None:
+        ref = _seq_logps_op(ref_hidden, ref_weight, ref_bias, labels, *scalars)
+    tokens = _rows_to_pairs((labels != ignore_index).sum(dim=1))
+    losses, rewards, g_seq = _group_losses(loss_fn, policy, ref, tokens.float(), extras)
+    grads = (None, None, None)
+    if need_hidden or need_weight or need_bias:
+        grads = _grads_op(
+            hidden.detach(),
+            weight.detach(),
+            _detach(bias),
+            labels,
+            g_seq,
+            *scalars,
+            need_hidden,
+            need_weight,
+            need_bias,
+        )
+        grads = tuple(g if need else None for g, need in zip(grads, (need_hidden, need_weight, need_bias)))
+    del held
+    outputs = dict(losses=losses, policy=policy, ref=ref, tokens=tokens, rewards=rewards)
+    return outputs, grads
+
+
+def _detach(t):
+    return None if t is None else t.detach()
+
+
 class PairLossFromHidden(torch.autograd.Function):
     """Per-pair losses with the gradients computed in forward; backward scales them by the (uniform) upstream."""
 
@@ -581,7 +817,7 @@ class PairLossFromHidden(torch.autograd.Function):
             "(backpropagate losses.sum() or losses.mean(), scaled as you like): dW is summed over pairs "
             "before the upstream gradient is known"
         )
-        if grad_losses.is_cuda:
+        if grad_losses.is_cuda or tracing(grad_losses):
             torch._assert_async(uniform, message)
         elif not uniform:
             raise RuntimeError(message)
@@ -632,7 +868,7 @@ def pair_loss_from_hidden(
     extras = dict(extras or {})
     _check_inputs(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, ref_logps, extras)
     impl = resolve_impl(impl, hidden.device)
-    if impl == "triton" and hidden.device.type == "cuda":
+    if impl == "triton" and hidden.device.type == "cuda" and not tracing(hidden):
         self_check(hidden.device, hidden.dtype)
     config = dict(
         labels=labels,

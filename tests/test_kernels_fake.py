@@ -1,6 +1,7 @@
 """The kernels as torch.library custom ops: they trace under FakeTensorMode (shapes only, no values: what the
 fake-GPU dry run needs) and under torch.compile, and pass torch.library.opcheck's schema, fake and autograd
-checks. The CUDA-only parts (self-check, pinned host count) must not run on fake tensors."""
+checks. The CUDA-only parts (self-check, pinned host count) must not run on fake tensors. The fused pair op
+(kernels.pair) traces under FakeTensorMode through two custom ops of its own, with loss_fn between them."""
 
 import os
 
@@ -10,7 +11,16 @@ import transformers
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import kernels.logps as triton_logps
-from kernels import causal_lm_logps, ops, sequence_logps, torch_ref
+import kernels.pair as pair_mod
+from kernels import (
+    causal_lm_logps,
+    causal_lm_pair_loss,
+    daa_loss_fn,
+    ops,
+    pair_loss_from_hidden,
+    sequence_logps,
+    torch_ref,
+)
 
 TRITON = triton_logps.HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="needs Triton's interpreter"))]
@@ -153,5 +163,135 @@ def test_causal_lm_logps_on_a_fake_model():
         policy, ref = causal_lm_logps(model, ids, torch.ones_like(ids), labels, ref_model=reference, impl="torch")
         assert policy.shape == ref.shape == (4,)
         policy.sum().backward()
+        assert model.lm_head.weight.grad.shape == (50, 32)
+        assert model.model.layers[0].mlp.up_proj.weight.grad is not None
+
+
+def pair_problem(seed=4, pairs=3, length=7, hidden_size=16, vocab=40):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2 * pairs, length, hidden_size, generator=gen)
+    weight = torch.randn(vocab, hidden_size, generator=gen) / 3
+    bias = torch.randn(vocab, generator=gen)
+    labels = torch.randint(0, vocab, (2 * pairs, length), generator=gen)
+    labels[:, :2] = -100
+    labels[1, -3:] = -100  # unequal lengths
+    return hidden, weight, bias, labels
+
+
+def sr_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, offset, **_):
+    """A loss_fn with an extra, as the scripts pass (Sr-DPO's Delta, OSP's soft label)."""
+    z = 0.5 * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    return -torch.nn.functional.logsigmoid(z - offset)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reference", ["hidden", "logps"])
+def test_pair_loss_from_hidden_under_fake_mode(impl, reference, monkeypatch):
+    """Forward and backward on fake tensors: [B] fp32 losses and metrics, gradients of the inputs' shapes and
+    dtypes, through the two custom ops (the eager pass, with its host reads, never sees a fake tensor)."""
+    monkeypatch.setattr(pair_mod, "self_check", lambda *a: pytest.fail("self-check ran on fake tensors"))
+    monkeypatch.setattr(pair_mod, "_plan_chunks", lambda *a: pytest.fail("the eager pass ran on fake tensors"))
+    hidden, weight, bias, labels = pair_problem()
+    with FakeTensorMode() as mode:
+        h, w, b, y = (mode.from_tensor(t).requires_grad_(t.is_floating_point()) for t in (hidden, weight, bias, labels))
+        ref = dict(ref_hidden=h.detach() * 0.5, ref_weight=w.detach(), ref_bias=b.detach())
+        if reference == "logps":
+            ref = dict(ref_logps=mode.from_tensor(torch.randn(6)))
+        extras = dict(offset=mode.from_tensor(torch.rand(3)))
+        losses, metrics = pair_loss_from_hidden(h, w, y, sr_loss, bias=b, extras=extras, softcap=4.0, impl=impl, **ref)
+        assert isinstance(losses, FakeTensor) and losses.shape == (3,) and losses.dtype == torch.float32
+        assert metrics["logps/chosen"].shape == metrics["ref_logps/rejected"].shape == (3,)
+        losses.mean().backward()
+        assert h.grad.shape == hidden.shape and w.grad.shape == weight.shape and b.grad.shape == bias.shape
+        assert h.grad.dtype == w.grad.dtype == torch.float32
+        with torch.no_grad():  # the metrics-only call
+            losses, metrics = pair_loss_from_hidden(h, w, y, daa_loss_fn("dpo"), bias=b, impl=impl, **ref)
+        assert losses.shape == (3,) and metrics["rewards/margins"].shape == (3,)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_traced_pass_equals_eager(impl, monkeypatch):
+    """The traced formulation (what torch.compile runs: the two ops' real implementations around loss_fn on the
+    whole batch) gives the eager pass's losses, metrics and gradients, a workspace that splits pairs included."""
+    hidden, weight, bias, labels = pair_problem(seed=5)
+    offset = torch.rand(3)
+
+    def run():
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        losses, metrics = pair_loss_from_hidden(
+            h,
+            w,
+            labels,
+            sr_loss,
+            bias=b,
+            ref_hidden=hidden * 0.5,
+            ref_weight=weight,
+            ref_bias=bias,
+            extras=dict(offset=offset),
+            temperature=0.9,
+            softcap=4.0,
+            impl=impl,
+            workspace_bytes=7 * 40 * 4,
+        )
+        (2 * losses.sum()).backward()
+        return [losses.detach(), metrics["logps/rejected"], metrics["ref_logps/chosen"], h.grad, w.grad, b.grad]
+
+    eager = run()
+    traced_pass, calls = pair_mod._traced_pass, []
+
+    def traced_with_real_ops(*args):  # the ops' real implementations, called on real tensors, see no tracing
+        calls.append(1)
+        monkeypatch.setattr(pair_mod, "tracing", lambda tensor: False)
+        try:
+            return traced_pass(*args)
+        finally:
+            monkeypatch.setattr(pair_mod, "tracing", lambda tensor: True)
+
+    monkeypatch.setattr(pair_mod, "tracing", lambda tensor: True)
+    monkeypatch.setattr(pair_mod, "_traced_pass", traced_with_real_ops)
+    for got, want in zip(run(), eager):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_opcheck_pair_ops(impl):
+    """Schema and fake implementations of the pair op's two custom ops against their real ones."""
+    hidden, weight, bias, labels = pair_problem(seed=6)
+    scalars = (0.8, 3.0, -100, impl, 12 * 40 * 4)
+    torch.library.opcheck(pair_mod._seq_logps_op, (hidden, weight, bias, labels, *scalars))
+    torch.library.opcheck(pair_mod._seq_logps_op, (hidden, weight, None, labels, 1.0, None, -100, impl, None))
+    grad = torch.randn(6)
+    for need in [(True, True, True), (True, False, False)]:
+        torch.library.opcheck(pair_mod._grads_op, (hidden, weight, bias, labels, grad, *scalars, *need))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_causal_lm_pair_loss_on_a_fake_model(impl):
+    """causal_lm_pair_loss on a meta-built model materialised under fake mode, with its frozen reference model:
+    what the scripts' training steps do in the dry run at 7B."""
+    config = transformers.LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+        reference = transformers.LlamaForCausalLM(config).requires_grad_(False)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        reference.to_empty(device="cpu")
+        ids = torch.randint(0, 50, (4, 12))
+        labels = ids.clone()
+        labels[:, :5] = -100
+        losses, metrics = causal_lm_pair_loss(
+            model, ids, torch.ones_like(ids), labels, daa_loss_fn("dpo"), ref_model=reference, impl=impl
+        )
+        assert losses.shape == metrics["rewards/chosen"].shape == (2,) and losses.dtype == torch.float32
+        losses.sum().backward()
         assert model.lm_head.weight.grad.shape == (50, 32)
         assert model.model.layers[0].mlp.up_proj.weight.grad is not None
