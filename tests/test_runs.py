@@ -205,7 +205,7 @@ def test_sera_selection_only_all_pairs_is_iterative_dpo(tmp_path):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_constant_schedule_with_warmup
 
-    from kernels import causal_lm_logps, pair_loss
+    from kernels import causal_lm_logps, causal_lm_pair_loss, daa_loss_fn
 
     argv = ["--iterations", "2", "--rho_1", "1", "--rho_2", "0", "--num_pairs", "48", "--num_eval", "0", "--lr", "1e-3"]
     run("sera.py", *argv, "--output_dir", str(tmp_path / "sera"))
@@ -228,12 +228,13 @@ def test_sera_selection_only_all_pairs_is_iterative_dpo(tmp_path):
                 tokenizer.pad_token_id,
                 "cpu",
             )
-            logps, ref = causal_lm_logps(
-                policy, batch["input_ids"], batch["attention_mask"], batch["labels"], ref_model=reference
-            )
-            n = len(batch_pairs)
-            loss = pair_loss(logps[:n], logps[n:], ref[:n], ref[n:], kind="dpo", beta=args.beta)
-            loss.backward()
+            # the reference recomputed by the frozen copy; the step as the script takes it (the fused pair op)
+            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            with torch.no_grad():
+                ref, _ = causal_lm_logps(reference, ids, mask, labels)
+            dpo = daa_loss_fn("dpo", beta=args.beta)
+            losses, _ = causal_lm_pair_loss(policy, ids, mask, labels, dpo, ref_logps=ref)
+            losses.mean().backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             optimizer.step()
             scheduler.step()
