@@ -1,11 +1,11 @@
 """A fake-GPU dry run of every 7B preset: the scripts' own GPU-path functions at the presets' real settings, with
 fake CUDA tensors, a fake process group as strict as NCCL, and the per-rank peak memory of each phase.
 
-    python3 -m venv /work/venv-fakegpu  # once: the CUDA build of torch (about 5 GB), see README "GPUs and many ranks"
-    env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null /work/venv-fakegpu/bin/pip install torch==2.13.0
-    /work/venv-fakegpu/bin/pip install transformers peft safetensors tyro datasets
-    /work/venv-fakegpu/bin/pip install -e . --no-deps
-    /work/venv-fakegpu/bin/python benchmarks/dryrun.py --phases   # all presets; --only sera:mistral-7b:8 for one
+    python3 -m venv .venv-fakegpu  # once: the CUDA build of torch (about 5 GB), see README "GPUs and many ranks"
+    env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null .venv-fakegpu/bin/pip install torch==2.13.0
+    .venv-fakegpu/bin/pip install transformers peft safetensors tyro datasets
+    .venv-fakegpu/bin/pip install -e . --no-deps
+    .venv-fakegpu/bin/python benchmarks/dryrun.py --phases   # all presets; --only sera:mistral-7b:8 for one
 
 Each (script, preset, ranks) runs in its own process as the last rank of `ranks` (a FakeTensorMode process: no
 weights, no values, no kernels; benchmarks/fakegpu/fakecudart.c answers torch's device queries, built on first
