@@ -1337,19 +1337,14 @@ def quiet_library_bars():
 
 # Copied from sera.check_resume
 def check_resume(args: Args):
-    """--resume continues the run in --output_dir only with the arguments it was started with."""
+    """--resume continues the run in --output_dir only with the arguments it was started with, on any number of
+    ranks (every step covers the same global batch; step checkpoints are resharded)."""
     if not args.resume:
         return
     saved = Path(args.output_dir) / "resolved_config.json"
     if not saved.exists():
         raise InputError(f"--resume: {saved} not found; nothing to resume")
     stored = json.loads(saved.read_text())
-    ranks = int(os.environ.get("WORLD_SIZE", 1))
-    if stored.get("world_size", 1) != ranks:  # per-rank data shards and trainer states
-        raise InputError(
-            f"--resume: the run in {args.output_dir} was started on {stored.get('world_size', 1)} ranks, "
-            f"this launch has {ranks}; resume with the same number of ranks"
-        )
     changed = {
         k
         for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
@@ -1593,10 +1588,16 @@ def make_optimizer(
     )
     name = "cosine" if schedule == "cosine" else "constant_with_warmup"
     scheduler = get_scheduler(name, optimizer, int(args.warmup_ratio * n_steps), n_steps)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:  # a step checkpoint's (trainer_state): resharded to this run's ranks by DCP
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        saved = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(saved, checkpoint_id=state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        if state["rng"] is not None:
+            set_rng_state(state["rng"])
     return trainable, optimizer, scheduler
 
 
@@ -1629,9 +1630,9 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
 
 
 # Copied from sera.save_atomic
-def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
+def save_atomic(model, tokenizer, directory: Path, extra=None):
     """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint.
-    `extra` = {file name: object} is torch.save'd into the same folder (per-rank trainer state)."""
+    `extra(folder)`, called on every rank, writes more into the same folder first (a step checkpoint's state)."""
     if hasattr(model, "peft_config"):
         model = model.merge_and_unload()
         state = model.state_dict()
@@ -1653,8 +1654,8 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
         tokenizer.save_pretrained(tmp)
     if world() > 1:
         dist.barrier()
-    for name, obj in (extra or {}).items():
-        torch.save(obj, tmp / name)
+    if extra is not None:
+        extra(tmp)
     if world() > 1:
         dist.barrier()
     if rank() == 0:
@@ -1670,15 +1671,17 @@ def save_atomic(model, tokenizer, directory: Path, extra: dict | None = None):
 
 # Copied from sera.rng_state
 def rng_state() -> dict:
-    """This rank's random number generators, CUDA's included (sampling draws from them), for step checkpoints."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """This rank's random number generators as tensors, CUDA's included (sampling draws from them)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"cpu": torch.get_rng_state(), **{f"cuda{i}": state for i, state in enumerate(cuda)}}
 
 
 # Copied from sera.set_rng_state
 def set_rng_state(state: dict):
     torch.set_rng_state(state["cpu"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = [state[f"cuda{i}"] for i in range(len(state) - 1)]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 # Copied from sera.collate
@@ -1700,30 +1703,40 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 
 # Copied from sera.save_checkpoint
 def save_checkpoint(model, tokenizer, directory: Path, optimizer, scheduler, step: int):
-    """A resumable step checkpoint: the weights, and this rank's optimizer, scheduler, step and random number
-    generators, in one atomically renamed folder (read back by trainer_state)."""
-    return save_atomic(
-        model,
-        tokenizer,
-        directory,
-        {
-            f"trainer_state_rank{rank()}.pt": {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "rng": rng_state(),
-            }
-        },
-    )
+    """A resumable step checkpoint in one atomically renamed folder: the weights; the optimizer state by
+    torch.distributed.checkpoint (each rank its shards; read back at any number of ranks); the step and the
+    scheduler as JSON and each rank's random number generators as safetensors. No pickle: resuming a run folder
+    from elsewhere cannot run code."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    def extra(folder: Path):
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder / "optimizer"))
+        if rank() == 0:
+            state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": world()}
+            (folder / "trainer_state.json").write_text(json.dumps(state))
+        save_file(rng_state(), str(folder / f"rng_rank{rank()}.safetensors"))
+
+    return save_atomic(model, tokenizer, directory, extra)
 
 
 # Copied from sera.trainer_state
 def trainer_state(directory: Path) -> dict | None:
-    """This rank's trainer state from save_checkpoint's folder, or None when there is none."""
-    file = directory / f"trainer_state_rank{rank()}.pt"
-    state = torch.load(file, weights_only=False) if file.exists() else None
-    if state is not None and rank() == 0:
-        print(f"resuming from the step checkpoint {directory} at step {state['step']}")
+    """save_checkpoint's step, scheduler, optimizer folder and this rank's generators (None for a rank the run
+    did not have: it keeps its seed's), or None when there is no step checkpoint."""
+    from safetensors.torch import load_file
+
+    file, generators = directory / "trainer_state.json", directory / f"rng_rank{rank()}.safetensors"
+    if not file.exists():
+        return None
+    state = json.loads(file.read_text()) | {"optimizer": str(directory / "optimizer")}
+    state["rng"] = load_file(str(generators)) if generators.exists() else None
+    if rank() == 0:
+        print(
+            f"resuming from the step checkpoint {directory} at step {state['step']} (saved on {state['world_size']} "
+            f"ranks, resumed on {world()})"
+        )
     return state
 
 

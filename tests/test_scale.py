@@ -170,7 +170,7 @@ def test_sera_three_ranks_uneven_pool_bf16_one_folder_and_resume_world_check(tmp
     """3 ranks, FSDP2, --dtype bfloat16: 14 pairs for a global batch of 24 in micro-batches of 2 (4 per rank per
     step). Before, ranks held 5, 5 and 4 pairs and ran 3, 3 and 4 micro-batches: FSDP hung. Now the remainder is
     dropped (counted), the run finishes with one process's number of steps. Without --output_dir and with rank 1's
-    clock ahead, all ranks use rank 0's folder (each reloads iter_1 from it). A resume on 1 rank is refused."""
+    clock ahead, all ranks use rank 0's folder. A resume on 1 rank is accepted."""
     argv = ["--iterations", "1", "--num_pairs", "14", "--num_eval", "0", "--global_batch", "24", "--dtype", "bfloat16"]
     res = launch("sera.py", 3, *argv, "--batch_size", "2", cwd=tmp_path, env=skewed_clock_env(tmp_path))
     assert res.returncode == 0, res.stderr[-5000:]
@@ -186,7 +186,7 @@ def test_sera_three_ranks_uneven_pool_bf16_one_folder_and_resume_world_check(tmp
     start = load_file(str(TOY_MODEL / "model.safetensors"))
     assert all(v.dtype == torch.float32 for v in saved.values()) and any((saved[k] != start[k]).any() for k in start)
     res = launch("sera.py", 1, *argv, "--batch_size", "2", "--output_dir", str(tmp_path / "three"), "--resume")
-    assert res.returncode != 0 and "started on 3 ranks, this launch has 1" in res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 0 and "resuming" in res.stdout  # another number of ranks may resume (nothing left here)
     res = launch("sera.py", 1, *argv, "--batch_size", "5")  # 24 pairs per step do not split into micro-batches of 5
     assert res.returncode != 0 and "--global_batch 24 must be a positive multiple of --batch_size 5" in res.stderr
 
@@ -267,9 +267,9 @@ def test_srdpo_three_ranks_uneven_pool(tmp_path):
 def test_step_checkpoint_rng_state_round_trip():
     """Step checkpoints carry every generator this rank draws from (CPU, and each CUDA device where present)."""
     state = sera.rng_state()
-    assert set(state) == {"cpu", "cuda"} and len(state["cuda"]) == (
-        torch.cuda.device_count() if torch.cuda.is_available() else 0
-    )
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert set(state) == {"cpu", *(f"cuda{i}" for i in range(devices))}
+    assert all(isinstance(value, torch.Tensor) for value in state.values())  # saved as safetensors, not a pickle
     expected = torch.rand(4)
     torch.rand(7)
     sera.set_rng_state(state)
@@ -737,3 +737,30 @@ def test_sera_two_bf16_ranks_from_a_bf16_checkpoint(tmp_path):
     loaded = loads.read_text().split("\n")[:-1]
     assert sorted(loaded) == [f"0 {start}", f"1 {start}"], loaded  # the start, once per rank; never iter_1
     assert (tmp_path / "two" / "iter_2" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_sera_step_checkpoint_of_two_ranks_resumes_on_one(tmp_path):
+    """A step checkpoint written by two FSDP2 ranks resumes on one process (torch.distributed.checkpoint reshards
+    the optimizer state; the trainer state is JSON and safetensors, no pickle) and ends where the uninterrupted
+    two-rank run ends, up to the numerics of one process against two."""
+    argv = ["--iterations", "1", "--num_pairs", "96", "--num_eval", "0", "--lr", "1e-3", "--global_batch", "16"]
+    argv += ["--save_every", "2"]
+    full = launch("sera.py", 2, *argv, "--batch_size", "8", "--output_dir", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    cut = launch(
+        "sera.py", 2, *argv, "--batch_size", "8", "--output_dir", str(tmp_path / "cut"), "--stop_after_steps", "3"
+    )
+    assert cut.returncode != 0 and (tmp_path / "cut" / "iter_1_partial" / "optimizer").is_dir(), cut.stderr[-3000:]
+    assert not list((tmp_path / "cut" / "iter_1_partial").glob("*.pt"))  # nothing read back through pickle
+    resumed = launch("sera.py", 1, *argv, "--batch_size", "8", "--output_dir", str(tmp_path / "cut"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 2 (saved on 2 ranks, resumed on 1)" in resumed.stdout
+    start, a, b = (
+        load_file(str(d / "model.safetensors"))
+        for d in (TOY_MODEL, tmp_path / "full" / "iter_1", tmp_path / "cut" / "iter_1")
+    )
+    moved = max((a[k] - start[k]).abs().max().item() for k in a)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"moved {moved:.2e}, resumed on one process vs two ranks {diff:.2e}")
+    assert moved > 1e-3 and diff < 1e-2 * moved, (moved, diff)
