@@ -301,3 +301,13 @@ def test_help_describes_the_script_and_every_option(script):
     assert module.__doc__.splitlines()[0] in out.stdout
     lr = module.MODELS["toy"].get("lr") or module.MODELS["toy"].get("lrs")
     assert f"toy {lr}" in " ".join(out.stdout.split()), out.stdout  # the toy's learning rate is not hidden
+
+
+def test_log_file_progress_lines_do_not_repeat(capsys):
+    """In a log file (stderr not a terminal) tqdm's refreshes are whole lines, and the final refresh that repeats
+    the last periodic line is not printed twice."""
+    sera = importlib.import_module("sera")
+    lines = sera._LogLines()
+    for text in ("\rstage 1:  50%| 31/62", "\r", "\rstage 1:  50%| 31/62", "\rstage 1: 100%| 62/62", "\n"):
+        lines.write(text)
+    assert capsys.readouterr().err == "stage 1:  50%| 31/62\nstage 1: 100%| 62/62\n"
