@@ -1270,7 +1270,7 @@ def check_resume(args: Args):
     changed = {
         k
         for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
-        if k not in ("resume", "stop_after_steps") and stored.get(k) != v
+        if k not in ("resume", "stop_after_steps", "output_dir") and stored.get(k) != v  # a moved folder resumes too
     }
     if changed:
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
