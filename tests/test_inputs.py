@@ -4,6 +4,7 @@ before anything is written; the known quirks of real preference data are skipped
 import importlib
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -311,3 +312,14 @@ def test_log_file_progress_lines_do_not_repeat(capsys):
     for text in ("\rstage 1:  50%| 31/62", "\r", "\rstage 1:  50%| 31/62", "\rstage 1: 100%| 62/62", "\n"):
         lines.write(text)
     assert capsys.readouterr().err == "stage 1:  50%| 31/62\nstage 1: 100%| 62/62\n"
+
+
+@pytest.mark.parametrize("script", ["sera", "opsr", "osp"])
+@pytest.mark.parametrize(
+    "option,value,domain", [("sample_top_p", 0.0, "in (0, 1]"), ("sample_temperature", -0.5, ">= 0")]
+)
+def test_sampling_options_outside_their_domain(script, option, value, domain):
+    """The scripts that sample refuse a top-p of 0 and a negative temperature, naming option, value and domain."""
+    module = importlib.import_module(script)
+    with pytest.raises(module.InputError, match=re.escape(f"--{option} must be {domain}, got {value}")):
+        module.resolve(module.Args(**{option: value}))
