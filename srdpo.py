@@ -1582,8 +1582,9 @@ def save_atomic(model, tokenizer, directory: Path, extra=None):
         dist.barrier()
     if rank() == 0:
         mode = 0o666 & ~os.umask(os.umask(0))  # what open() gives the run's other files
-        for file in tmp.iterdir():
-            file.chmod(mode)
+        for file in tmp.rglob("*"):  # files only: the optimizer folder keeps its execute bit
+            if file.is_file():
+                file.chmod(mode)
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
     if world() > 1:

@@ -753,6 +753,7 @@ def test_sera_step_checkpoint_of_two_ranks_resumes_on_one(tmp_path):
     )
     assert cut.returncode != 0 and (tmp_path / "cut" / "iter_1_partial" / "optimizer").is_dir(), cut.stderr[-3000:]
     assert not list((tmp_path / "cut" / "iter_1_partial").glob("*.pt"))  # nothing read back through pickle
+    assert (tmp_path / "cut" / "iter_1_partial" / "optimizer").stat().st_mode & 0o700 == 0o700  # still a usable folder
     resumed = launch("sera.py", 1, *argv, "--batch_size", "8", "--output_dir", str(tmp_path / "cut"), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at step 2 (saved on 2 ranks, resumed on 1)" in resumed.stdout
