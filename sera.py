@@ -43,7 +43,7 @@ import torch.distributed as dist
 import tyro
 from tqdm import tqdm
 
-from kernels import causal_lm_logps, causal_lm_pair_loss, pair_loss
+from kernels import causal_lm_logps, causal_lm_pair_loss, daa_loss_fn
 
 HERE = Path(__file__).resolve().parent
 TOY = HERE / "assets" / "toy"
@@ -383,22 +383,8 @@ def bootstrap_pairs(prompt_keys: list, candidates: list[list[str]], rewards: lis
 def daa_loss(args: Args):
     """The DAA loss of --loss on each pair's sequence log-probs (SeRA eq. 6, 8, 9, 18), as the fused pair op calls
     it: per-pair losses and implicit rewards. DPO softplus(-beta h), IPO (h - 1/(2 beta))^2, SLiC-HF
-    max(0, 1 - beta h); SimPO (and --length_norm avg) on averaged log-probs."""
-
-    def loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens):
-        if args.loss == "simpo" or args.length_norm == "avg":
-            policy_chosen, policy_rejected = policy_chosen / chosen_tokens, policy_rejected / rejected_tokens
-            ref_chosen, ref_rejected = ref_chosen / chosen_tokens, ref_rejected / rejected_tokens
-        kind, beta = args.loss, args.beta
-        losses = pair_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, kind, beta, args.gamma, reduction="none"
-        )
-        with torch.no_grad():
-            if args.loss == "simpo":
-                return losses, beta * policy_chosen, beta * policy_rejected
-            return losses, beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
-
-    return loss_fn
+    max(0, 1 - beta h); SimPO (and --length_norm avg) on averaged log-probs (kernels.daa_loss_fn)."""
+    return daa_loss_fn(args.loss, beta=args.beta, gamma=args.gamma, length_norm=args.length_norm == "avg")
 
 
 DAA_STATS = (
