@@ -17,7 +17,8 @@ Modes: fwd (policy forward, no grad), fwd_bwd (policy forward + backward w.r.t. 
 weight), fwd_bwd_ref (fwd_bwd plus the reference forward: one `sequence_logps` call for ours,
 two calls for everyone else), pair (the DPO step: policy fwd+bwd + reference fwd + the DPO loss
 over pairs of PAIR_SEQ_LEN-token sequences, backpropagating the sum of the per-pair losses: ours
-`torch`/`triton` = one `pair_loss_from_hidden` call, `torch_logps`/`triton_logps` = our
+`torch`/`triton` = one `pair_loss_from_hidden` call (`triton_wsums`: dW summed in the weight's dtype,
+`accum_dtype`), `torch_logps`/`triton_logps` = our
 `sequence_logps` then the loss, the others = their log-probs then the loss with autograd).
 Rows are appended to benchmarks/results/<device>.csv.
 """
@@ -188,8 +189,9 @@ def pair_shape(shape: Shape) -> Shape:
     return dataclasses.replace(shape, seqs=max(2, 2 * (shape.tokens // (2 * PAIR_SEQ_LEN))))
 
 
-def _ours_pair(impl: str) -> Callable:
-    """Pair mode, ours: fn(hidden, weight, labels, ref_hidden, ref_weight) -> per-pair DPO losses, one call."""
+def _ours_pair(impl: str, weight_sums: bool = False) -> Callable:
+    """Pair mode, ours: fn(hidden, weight, labels, ref_hidden, ref_weight) -> per-pair DPO losses, one call;
+    weight_sums: dW summed in the weight's dtype (accum_dtype), not in an fp32 accumulator."""
     loss_fn = daa_loss_fn("dpo", beta=PAIR_BETA)
 
     def fn(hidden, weight, labels, ref_hidden, ref_weight):
@@ -202,6 +204,7 @@ def _ours_pair(impl: str) -> Callable:
             ref_weight=ref_weight,
             ignore_index=IGNORE,
             impl=impl,
+            accum_dtype=weight.dtype if weight_sums else None,
         )[0]
 
     return fn
@@ -219,12 +222,15 @@ def _pair_from_logps(score: Callable) -> Callable:
 
 
 def mode_impls(impls: dict[str, Callable], mode: str) -> dict[str, Callable]:
-    """The implementations run in `mode`: in pair mode ours fused (torch, triton) and unfused (*_logps)."""
+    """The implementations run in `mode`: in pair mode ours fused (torch, triton; triton_wsums: dW summed in the
+    weight's dtype) and unfused (*_logps)."""
     if mode != "pair":
         return impls
     fns = {}
     for name, fn in impls.items():
         fns[name] = _ours_pair(name) if name in ("torch", "triton") else _pair_from_logps(fn)
+        if name == "triton":
+            fns["triton_wsums"] = _ours_pair(name, weight_sums=True)
         if name in ("torch", "triton"):
             fns[f"{name}_logps"] = _pair_from_logps(fn)
     return fns

@@ -317,12 +317,22 @@ def print_estimate(name, shape, sms):
     print(f"| total (sum of per-step max) | | | | | {total[2]:.1f} |")
 
 
-def pair_estimate(shape, frozen_head: bool = False, dtype=torch.bfloat16) -> list[tuple[str, float, float]]:
+# The head as the pair op sees it: (trainable, weight bytes per element, dW accumulator bytes per element or 0)
+PAIR_HEADS = {
+    "trainable bf16 head, fp32 dW accumulator (default)": (True, 2, 4),
+    "trainable bf16 head, accum_dtype=bf16": (True, 2, 0),
+    "trainable fp32 master head, bf16 hidden states": (True, 4, 0),
+    "frozen head (LoRA)": (False, 2, 0),
+}
+
+
+def pair_estimate(shape, head: str, dtype=torch.bfloat16) -> list[tuple[str, float, float]]:
     """(step, FLOPs, DRAM bytes) of `pair_loss_from_hidden`'s Triton path (cuBLAS logits into the workspace, two
     Triton kernels): policy fwd+bwd + reference fwd + the pair loss. Model: per chunk of whole pairs, cuBLAS
     reads each operand once per call and writes its output once (W once per chunk); the log-sum-exp kernel reads
-    the chunk's logits once, the dZ kernel reads and writes them; dW += dZ^T H reads and writes the fp32
-    accumulator once per chunk. The pair loss itself works on [B] tensors (nothing at this scale)."""
+    the chunk's logits once, the dZ kernel reads and writes them; dW += dZ^T H reads and writes its accumulator
+    (the fp32 one, or the gradient itself) once per chunk. The pair loss itself works on [B] tensors."""
+    trainable, weight_es, _ = PAIR_HEADS[head]
     rows, hidden, vocab = shape
     es, hv = dtype.itemsize, hidden * vocab
     chunk = max(1, min(rows, pair.WORKSPACE_BYTES["triton"] // (vocab * es)))
@@ -336,13 +346,19 @@ def pair_estimate(shape, frozen_head: bool = False, dtype=torch.bfloat16) -> lis
         ("dZ = g (onehot - softmax) in place (Triton)", 0.0, 2 * logits),
         ("dH = dZ W (cuBLAS)", gemm, logits + chunks * hv * es + h_bytes),
     ]
-    if not frozen_head:
-        steps.append(("dW += dZ^T H (cuBLAS, fp32 accumulator)", gemm, logits + h_bytes + chunks * 2 * hv * 4))
+    if weight_es != es:
+        steps.insert(0, ("bf16 copy of the fp32 master head, once", 0.0, hv * (weight_es + es)))
+    if trainable:
+        accum = PAIR_HEADS[head][2] or weight_es
+        steps.append(
+            (f"dW += dZ^T H (cuBLAS, into {accum * 8}-bit sums)", gemm, logits + h_bytes + chunks * 2 * hv * accum)
+        )
     return steps
 
 
-def pair_memory_terms(shape, frozen_head: bool = False, dtype=torch.bfloat16) -> list[tuple[str, float]]:
+def pair_memory_terms(shape, head: str, dtype=torch.bfloat16) -> list[tuple[str, float]]:
     """(term, bytes) of the pair op's extra memory beyond its inputs, outputs and gradients (Triton path)."""
+    _, weight_es, accum_es = PAIR_HEADS[head]
     rows, hidden, vocab = shape
     es = dtype.itemsize
     chunk = max(1, min(rows, pair.WORKSPACE_BYTES["triton"] // (vocab * es)))
@@ -351,9 +367,17 @@ def pair_memory_terms(shape, frozen_head: bool = False, dtype=torch.bfloat16) ->
         ("chunk rows of h and of the reference's h, the chunk's dH product", 3 * chunk * hidden * es),
         ("per-token indices, targets, lse, label logits", rows * (5 * 8 + 3 * 4)),
     ]
-    if not frozen_head:
+    if weight_es != es:
         terms.append(
-            ("fp32 dW accumulator (row chunks sum dW; a bf16 head's grad is cast from it)", vocab * hidden * 4)
+            (
+                "bf16 copy of the fp32 head for the products, as autocast makes for a linear layer "
+                "(one more for an fp32 reference head)",
+                vocab * hidden * es,
+            )
+        )
+    if accum_es:
+        terms.append(
+            ("fp32 dW accumulator (row chunks sum dW; the bf16 gradient is cast from it)", vocab * hidden * accum_es)
         )
     return terms
 
@@ -364,18 +388,17 @@ def print_pair_estimate(name, shape):
         f"H={shape[1]} V={shape[2]} bf16, workspace {pair.WORKSPACE_BYTES['triton'] >> 20} MB; "
         f"bounds at {TFLOPS:.0f} TFLOP/s and {TBPS} TB/s"
     )
-    for frozen in (False, True):
+    for head in PAIR_HEADS:
         print(
-            f"\n{'frozen' if frozen else 'trainable'} head:\n| step | GFLOP | DRAM GB (model) | compute-bound ms | "
-            "memory-bound ms |\n|---|---|---|---|---|"
+            f"\n{head}:\n| step | GFLOP | DRAM GB (model) | compute-bound ms | memory-bound ms |\n|---|---|---|---|---|"
         )
         total = 0.0
-        for step, flops, nbytes in pair_estimate(shape, frozen):
+        for step, flops, nbytes in pair_estimate(shape, head):
             ms_c, ms_m = flops / TFLOPS / 1e9, nbytes / TBPS / 1e9
             total += max(ms_c, ms_m)
             print(f"| {step} | {flops / 1e9:.0f} | {nbytes / 1e9:.2f} | {ms_c:.2f} | {ms_m:.2f} |")
         print(f"| total (sum of per-step max) | | | | {total:.1f} |")
-        terms = pair_memory_terms(shape, frozen)
+        terms = pair_memory_terms(shape, head)
         print(
             "extra memory: "
             + "; ".join(f"{t} {b / 2**20:.1f} MB" for t, b in terms)

@@ -297,6 +297,10 @@ def decoder_hidden_states(model, input_ids, attention_mask, **kwargs) -> torch.T
     from a forward hook: unlike `output_hidden_states=True`, no other layer's output is kept alive
     (under no_grad, about 8.6 GB for a 16 x 2048 batch of a 7B model). Models without
     `logits_to_keep` fall back to calling the decoder body.
+
+    Under an autocast the model's forward enters (fp32 masters computing in bf16), the states come in the
+    autocast dtype, as its lm_head would take them: the residual stream of such a model stays fp32, and the
+    head's products would otherwise run in fp32.
     """
     body = model.get_decoder() if hasattr(model, "get_decoder") else None
     if body is None or body is model:
@@ -306,7 +310,7 @@ def decoder_hidden_states(model, input_ids, attention_mask, **kwargs) -> torch.T
     captured = []
 
     def keep(module, args, out):
-        captured.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+        captured.append(_autocast_input(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]))
 
     handle = body.register_forward_hook(keep)
     try:
@@ -319,6 +323,15 @@ def decoder_hidden_states(model, input_ids, attention_mask, **kwargs) -> torch.T
         handle.remove()
     out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _autocast_input(hidden: torch.Tensor) -> torch.Tensor:
+    """`hidden` as a matmul under the current autocast would read it: cast to the autocast dtype when narrower."""
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device) or not hidden.is_floating_point():
+        return hidden
+    dtype = torch.get_autocast_dtype(device)
+    return hidden.to(dtype) if dtype.itemsize < hidden.dtype.itemsize else hidden
 
 
 def causal_lm_logps(

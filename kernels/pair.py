@@ -43,7 +43,7 @@ import torch
 
 from .logps import tracing
 from .losses import pair_loss
-from .ops import resolve_impl
+from .ops import _common_dtype, resolve_impl
 from .torch_ref import _ADDMM_OUT_DTYPE, add_matmul_fp32_
 
 try:
@@ -408,6 +408,7 @@ def _pair_pass(
     need_weight,
     need_bias,
     grad_logps=None,
+    accum_dtype=None,
 ):
     """loss_fn=None (the traced path's ops): no losses; the gradient is that of sum(grad_logps * log-probs) for the
     given pair-major grad_logps [2B] (or none)."""
@@ -431,9 +432,10 @@ def _pair_pass(
             need_hidden,
             need_weight,
             need_bias,
+            accum_dtype,
         )
     n_seqs, length, _ = hidden.shape
-    n_pairs, vocab, device = n_seqs // 2, weight.shape[0], hidden.device
+    n_pairs, vocab, device, weight_dtype = n_seqs // 2, weight.shape[0], hidden.device, weight.dtype
     backend = (_TritonBackend if impl == "triton" else _TorchBackend)(temperature, softcap)
 
     # Scored tokens in pair-major order: pair 0 chosen, pair 0 rejected, pair 1 chosen, ...
@@ -465,9 +467,13 @@ def _pair_pass(
     workspace = torch.empty((ws_rows, vocab), dtype=ws_dtype, device=device)
 
     grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-    # dW and dbias sum over chunks: fp32 accumulators
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_weight else None
-    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else None
+    # dW and dbias sum over chunks, in fp32 unless told otherwise; for an fp32 (master) weight the accumulator is
+    # the gradient returned, and for a 16-bit one accum_dtype=weight.dtype sums straight into the gradient
+    accum = _accum_dtype(weight, accum_dtype)
+    grad_weight = torch.zeros(weight.shape, dtype=accum, device=device) if need_weight else None
+    grad_bias = torch.zeros(vocab, dtype=_accum_dtype(bias, accum_dtype), device=device) if need_bias else None
+    # the products run in the hidden states' dtype: a wider (fp32 master) weight is cast once, for this pass only
+    weight, ref_weight = _compute_copy(weight, hidden), _compute_copy(ref_weight, ref_hidden)
     # Sequence sums in float64: a margin is a difference of sums of hundreds of log-probs, and a serial fp32
     # index_add rounds each partial sum (measured: 3x naive's error at 460 tokens); they leave as fp32.
     policy_seq = torch.zeros(2 * n_pairs, dtype=torch.float64, device=device)
@@ -536,9 +542,9 @@ def _pair_pass(
             if need_hidden:
                 grad_hidden.index_put_((row_index[0][start:end], row_index[1][start:end]), torch.mm(dz, weight))
             if need_weight:
-                add_matmul_fp32_(grad_weight, dz.T, kept_rows)
+                _add_matmul_(grad_weight, dz.T, kept_rows)
             if need_bias:
-                grad_bias += torch.sum(dz, dim=0, dtype=torch.float32)
+                grad_bias += torch.sum(dz, dim=0, dtype=grad_bias.dtype)
 
     policy_seq, ref_seq = policy_seq.float(), None if ref_seq is None else ref_seq.float()
     if len(groups) > 1 and loss_fn is not None:
@@ -546,10 +552,32 @@ def _pair_pass(
     outputs = dict(losses=losses_all, policy=policy_seq, ref=ref_seq, tokens=seq_tokens, rewards=rewards_all)
     grads = (
         grad_hidden,
-        None if grad_weight is None else grad_weight.to(weight.dtype),
+        None if grad_weight is None else grad_weight.to(weight_dtype),
         None if grad_bias is None else grad_bias.to(bias.dtype),
     )
     return outputs, grads
+
+
+def _accum_dtype(param: torch.Tensor | None, accum_dtype: torch.dtype | None) -> torch.dtype:
+    """What a parameter's gradient is summed in over chunks: accum_dtype, by default fp32; never narrower than
+    the parameter (an fp32 weight's gradient is its own accumulator)."""
+    accum = accum_dtype or torch.float32
+    return accum if param is None or accum.itemsize >= param.dtype.itemsize else param.dtype
+
+
+def _compute_copy(weight: torch.Tensor | None, hidden: torch.Tensor | None) -> torch.Tensor | None:
+    return weight if weight is None or weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+
+
+def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b: one GEMM in acc's dtype, or into an fp32 accumulator from 16-bit factors (on CPU, factors
+    cast to fp32: chunk-sized temporaries rather than a [V, H] product to add)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        add_matmul_fp32_(acc, a, b)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def _check_per_pair(loss_fn, losses, policy_seq, ref_seq, tokens, extras):
@@ -593,12 +621,15 @@ def _ws_rows(hidden, weight, impl, workspace_bytes) -> tuple[int, torch.dtype]:
     return max(1, min(budget, hidden.shape[0] * hidden.shape[1])), dtype
 
 
-def _held_by_the_pass(hidden, weight, bias, softcap, impl, workspace_bytes, need_weight, need_bias) -> list:
+def _held_by_the_pass(
+    hidden, weight, bias, ref_weight, softcap, impl, workspace_bytes, need_weight, need_bias, accum_dtype
+) -> list:
     """Empty tensors of what the real pass holds beside its inputs and outputs: the workspace (its most rows),
-    the torch path's soft-cap buffer and dZ in the input dtype, a chunk's gathered hidden rows, the fp32 dW and
-    dbias accumulators (when the weights are not fp32). Allocated by `_traced_pass` under FakeTensorMode, outside
-    the ops, so that a memory tracker (a dispatch mode above FakeTensorMode, which sees the ops' outputs and not
-    what their fake implementations allocate) counts them."""
+    the torch path's soft-cap buffer and dZ in the input dtype, a chunk's gathered hidden rows, the weights' copies
+    in the hidden dtype (of a wider, fp32 master weight), the dW and dbias accumulators (when wider than the
+    weights: fp32 for 16-bit weights, unless accum_dtype is theirs). Allocated by `_traced_pass` under
+    FakeTensorMode, outside the ops, so that a memory tracker (a dispatch mode above FakeTensorMode, which sees the
+    ops' outputs and not what their fake implementations allocate) counts them."""
     rows, dtype = _ws_rows(hidden, weight, impl, workspace_bytes)
     vocab = weight.shape[0]
     held = [hidden.new_empty((rows, vocab), dtype=dtype), hidden.new_empty((rows, hidden.shape[2]))]
@@ -606,10 +637,12 @@ def _held_by_the_pass(hidden, weight, bias, softcap, impl, workspace_bytes, need
         held.append(hidden.new_empty((rows, vocab), dtype=torch.float32))
     if dtype != hidden.dtype:
         held.append(hidden.new_empty((rows, vocab)))
-    if need_weight and weight.dtype != torch.float32:
-        held.append(weight.new_empty(weight.shape, dtype=torch.float32))
-    if need_bias and bias is not None and bias.dtype != torch.float32:
-        held.append(bias.new_empty(vocab, dtype=torch.float32))
+    for w in (weight, ref_weight):
+        if w is not None and w.dtype != hidden.dtype:
+            held.append(w.new_empty(w.shape, dtype=hidden.dtype))
+    for param, need in ((weight, need_weight), (bias, need_bias)):
+        if need and param is not None and _accum_dtype(param, accum_dtype) != param.dtype:
+            held.append(param.new_empty(param.shape, dtype=_accum_dtype(param, accum_dtype)))
     return held
 
 
@@ -676,6 +709,7 @@ def _grads_op(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    accum_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d hidden, d weight, d bias) of sum(grad_logps * summed log-probs), grad_logps [2B] pair-major as
     `_seq_logps_op` returns them; [0] for each gradient not needed. The chunked pass, without a loss_fn."""
@@ -699,6 +733,7 @@ def _grads_op(
         need_weight=need_weight,
         need_bias=need_bias and bias is not None,
         grad_logps=grad_logps,
+        accum_dtype=accum_dtype,
     )
     return tuple(hidden.new_empty(0) if g is None else g for g in grads)
 
@@ -718,6 +753,7 @@ def _(
     need_hidden,
     need_weight,
     need_bias,
+    accum_dtype,
 ):
     need_bias = need_bias and bias is not None
     return (
@@ -746,13 +782,16 @@ def _traced_pass(
     need_hidden,
     need_weight,
     need_bias,
+    accum_dtype,
 ):
     """`_pair_pass` without host reads: sequence log-probs by one op (the reference's by another call), loss_fn on
     the whole batch, the gradients by a second op. The label check runs in the ops' real implementations."""
     scalars = (temperature, None if softcap is None else float(softcap), ignore_index, impl, workspace_bytes)
     held = []  # under FakeTensorMode: what the real pass holds, for memory trackers (nothing to trace in compile)
     if not torch.compiler.is_compiling():
-        held = _held_by_the_pass(hidden, weight, bias, softcap, impl, workspace_bytes, need_weight, need_bias)
+        held = _held_by_the_pass(
+            hidden, weight, bias, ref_weight, softcap, impl, workspace_bytes, need_weight, need_bias, accum_dtype
+        )
     policy = _seq_logps_op(hidden.detach(), weight.detach(), _detach(bias), labels, *scalars)
     ref = None
     if ref_logps is not None:
@@ -773,6 +812,7 @@ def _traced_pass(
             need_hidden,
             need_weight,
             need_bias,
+            accum_dtype,
         )
         grads = tuple(g if need else None for g, need in zip(grads, (need_hidden, need_weight, need_bias)))
     del held
@@ -840,6 +880,7 @@ def pair_loss_from_hidden(
     ignore_index: int = -100,
     impl: str = "auto",
     workspace_bytes: int | None = None,
+    accum_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair preference losses of `loss_fn` over sequence log-probs, with no [tokens, vocab] logits kept.
 
@@ -847,7 +888,13 @@ def pair_loss_from_hidden(
     (rows B..2B-1), as when chosen and rejected are concatenated in one forward; weight [V, H] and bias [V]
     the head (a frozen head, requires_grad=False, costs no dW GEMM); labels [2B, T], labels[b, t] predicted
     from hidden[b, t], `ignore_index` where not scored (prompt, padding: unequal lengths are padding).
-    Logits are softcap * tanh((h W^T + b) / softcap), then / temperature.
+    Logits are softcap * tanh((h W^T + b) / softcap), then / temperature. The products run in hidden's dtype:
+    weight (and ref_weight) share it, or are fp32 masters of 16-bit hidden states, cast once for the call.
+
+    accum_dtype: what dW and dbias are summed in over chunks of rows (default fp32; never narrower than the
+    parameter). For an fp32 weight the sum is its gradient, with no further buffer; for a 16-bit weight, fp32
+    costs a [V, H] fp32 accumulator (2 GB at 128256 x 4096) and rounds once, while the weight's own dtype sums
+    straight into its gradient (no extra memory; rounds once per chunk).
 
     The reference, with no gradient: ref_hidden [2B, T, H'] with ref_weight [V, H'] (and ref_bias), scored in
     the same pass, or precomputed ref_logps [2B] (summed sequence log-probs, same layout), or none.
@@ -883,6 +930,7 @@ def pair_loss_from_hidden(
         ignore_index=ignore_index,
         impl=impl,
         workspace_bytes=workspace_bytes,
+        accum_dtype=accum_dtype,
     )
     tracked = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
     if tracked and torch.is_grad_enabled():
@@ -1022,6 +1070,10 @@ def _metrics(outputs) -> dict[str, torch.Tensor]:
     return metrics
 
 
+def _dtypes_fit(hidden: torch.dtype, weight: torch.dtype) -> bool:
+    return hidden == weight or (weight == torch.float32 and hidden in (torch.bfloat16, torch.float16))
+
+
 def _check_inputs(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, ref_logps, extras):
     name = "pair_loss_from_hidden"
     if hidden.dim() != 3 or hidden.shape[0] % 2:
@@ -1031,8 +1083,15 @@ def _check_inputs(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias
         )
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"{name}: 'weight' must be [V, H={hidden.shape[2]}], got shape {tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"{name}: 'hidden' ({hidden.dtype}) and 'weight' ({weight.dtype}) must share a dtype")
+    for h, w, what in (
+        (hidden, weight, "'hidden' and 'weight'"),
+        (ref_hidden, ref_weight, "'ref_hidden' and 'ref_weight'"),
+    ):
+        if h is not None and w is not None and not _dtypes_fit(h.dtype, w.dtype):
+            raise ValueError(
+                f"{name}: {what} must share a dtype, or the weight be an fp32 master of 16-bit hidden states; "
+                f"got {h.dtype} and {w.dtype}"
+            )
     if labels.shape != hidden.shape[:2] or labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(
             f"{name}: 'labels' must be an integer tensor [2B, T]={tuple(hidden.shape[:2])}, "
@@ -1052,13 +1111,17 @@ def _check_inputs(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias
                 f"'ref_weight' [V={weight.shape[0]}, H'], got {tuple(ref_hidden.shape)} and "
                 f"{tuple(ref_weight.shape)}"
             )
-        if ref_hidden.dtype != ref_weight.dtype:
-            raise ValueError(f"{name}: 'ref_hidden' and 'ref_weight' must share a dtype")
     if ref_logps is not None and ref_logps.shape != (hidden.shape[0],):
         raise ValueError(f"{name}: 'ref_logps' must be [2B={hidden.shape[0]}], got {tuple(ref_logps.shape)}")
     for key, value in extras.items():
         if not isinstance(value, torch.Tensor) or value.shape != (hidden.shape[0] // 2,):
             raise ValueError(f"{name}: extras['{key}'] must be a per-pair tensor [B={hidden.shape[0] // 2}]")
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (bf16 under autocast) and an fp32 master head stay as they are: the pass casts the weight
+    for its products and sums dW into its fp32 gradient. Otherwise both in the narrower dtype."""
+    return (hidden, weight) if _dtypes_fit(hidden.dtype, weight.dtype) else _common_dtype(hidden, weight)
 
 
 def causal_lm_pair_loss(
@@ -1078,11 +1141,11 @@ def causal_lm_pair_loss(
     applied here). The reference: a frozen `ref_model` (its decoder under no_grad, the head from the same
     pass), its precomputed hidden states `ref_hidden` [2B, T-1, H] with `ref_model`'s head, or summed
     log-probs `ref_logps` [2B]."""
-    from .ops import _common_dtype, decoder_hidden_states, lm_head_config
+    from .ops import decoder_hidden_states, lm_head_config
 
     hidden = decoder_hidden_states(model, input_ids, attention_mask)[:, :-1]
     head = lm_head_config(model)  # after the forward: FSDP2 has gathered the weight by now
-    hidden, weight = _common_dtype(hidden, head["weight"])  # the product in the compute dtype, fp32 accumulation
+    hidden, weight = _compute_dtype(hidden, head["weight"])
     bias = None if head["bias"] is None else head["bias"].to(weight.dtype)
     ref_weight = ref_bias = None
     if ref_model is not None:
@@ -1092,7 +1155,7 @@ def causal_lm_pair_loss(
         ref_head = lm_head_config(ref_model)
         if (ref_head["softcap"], ref_head["scale"]) != (head["softcap"], head["scale"]):
             raise ValueError("causal_lm_pair_loss: policy and reference apply different logit transforms")
-        ref_hidden, ref_weight = _common_dtype(ref_hidden, ref_head["weight"].detach())
+        ref_hidden, ref_weight = _compute_dtype(ref_hidden, ref_head["weight"].detach())
         ref_bias = None if ref_head["bias"] is None else ref_head["bias"].detach().to(ref_weight.dtype)
     return pair_loss_from_hidden(
         hidden,

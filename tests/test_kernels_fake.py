@@ -262,8 +262,8 @@ def test_opcheck_pair_ops(impl):
     torch.library.opcheck(pair_mod._seq_logps_op, (hidden, weight, bias, labels, *scalars))
     torch.library.opcheck(pair_mod._seq_logps_op, (hidden, weight, None, labels, 1.0, None, -100, impl, None))
     grad = torch.randn(6)
-    for need in [(True, True, True), (True, False, False)]:
-        torch.library.opcheck(pair_mod._grads_op, (hidden, weight, bias, labels, grad, *scalars, *need))
+    for need, accum in [((True, True, True), None), ((True, False, False), None), ((False, True, True), torch.float32)]:
+        torch.library.opcheck(pair_mod._grads_op, (hidden, weight, bias, labels, grad, *scalars, *need, accum))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -258,8 +258,8 @@ def test_frozen_head_skips_the_weight_gemm(monkeypatch):
     """Under a frozen head the op runs two GEMMs per chunk (logits, dH) plus the reference's: no dW product."""
     case = make_case(seed=6)
     calls = []
-    real = pair_mod.add_matmul_fp32_
-    monkeypatch.setattr(pair_mod, "add_matmul_fp32_", lambda *a: calls.append(1) or real(*a))
+    real = pair_mod._add_matmul_
+    monkeypatch.setattr(pair_mod, "_add_matmul_", lambda *a: calls.append(1) or real(*a))
     ours(case, LOSSES["dpo"], {}, "torch", trainable=("hidden",), workspace_bytes=_workspace(12))
     assert calls == []
     ours(case, LOSSES["dpo"], {}, "torch", workspace_bytes=_workspace(12))
@@ -557,3 +557,111 @@ def test_self_check(monkeypatch):
     with pytest.raises(RuntimeError, match="self-check failed.*grad hidden"):
         pair_mod.self_check(device, torch.float32)
     assert not pair_mod._SELF_CHECKED
+
+
+def _mixed_case(seed):
+    """bf16 hidden states (as autocast gives them) with an fp32 master head and reference head."""
+    case = make_case(seed=seed, bias=True)
+    for key in ("hidden", "ref_hidden"):
+        case[key] = case[key].to(torch.bfloat16)
+    return case
+
+
+@pytest.mark.parametrize("impl", ["torch"] + (["triton"] if CUDA else []))
+def test_fp32_master_head_with_bf16_hidden(impl):
+    """An fp32 weight beside bf16 hidden states: the products run in bf16 (the weight cast once inside the call)
+    and dW sums straight into the fp32 gradient. Budget: the same step with the weight cast to bf16 outside (as
+    autocast does), dW rounded to bf16 by the cast's backward; both against float64."""
+    case = _mixed_case(seed=21)
+    loss_fn = LOSSES["dpo"]
+    oracle = naive(case, loss_fn, {}, torch.float64)
+    leaves = {k: case[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")}
+    cast = {k: v.to(torch.bfloat16) for k, v in leaves.items()}
+    budget_case = dict(case, **cast, ref_weight=case["ref_weight"].to(torch.bfloat16))
+    budget_case["ref_bias"] = case["ref_bias"].to(torch.bfloat16)
+    budget_losses = pair_loss_from_hidden(
+        cast["hidden"],
+        cast["weight"],
+        case["labels"],
+        loss_fn,
+        bias=cast["bias"],
+        ref_hidden=budget_case["ref_hidden"],
+        ref_weight=budget_case["ref_weight"],
+        ref_bias=budget_case["ref_bias"],
+        impl=impl,
+    )[0]
+    budget = torch.autograd.grad(budget_losses.sum(), [leaves[k] for k in ("hidden", "weight", "bias")])
+    losses, _, grads = ours(case, loss_fn, {}, impl, workspace_bytes=_workspace(12, dtype=torch.bfloat16, impl=impl))
+    assert grads["weight"].dtype == torch.float32 and grads["bias"].dtype == torch.float32
+    assert grads["hidden"].dtype == torch.bfloat16
+    assert_close_by_rule(losses, budget_losses, oracle[0], torch.bfloat16, "losses")
+    for name, b in zip(("hidden", "weight", "bias"), budget):
+        assert_close_by_rule(grads[name], b, oracle[2][name], torch.bfloat16, f"grad {name}")
+    # no bf16 rounding of dW: the fp32 gradient is closer to float64 than the bf16-cast one
+    err = (grads["weight"].double() - oracle[2]["weight"]).abs().max()
+    assert err < (budget[1].double() - oracle[2]["weight"]).abs().max()
+
+
+@pytest.mark.parametrize("impl", ["torch"] + (["triton"] if CUDA else []))
+def test_accum_dtype_of_the_weight(impl):
+    """accum_dtype=bf16 for a bf16 head: dW summed straight into the bf16 gradient over several chunks (boundaries
+    between and inside pairs), within the rule of naive bf16 against float64."""
+    for rows in (12, 5):
+        case = make_case(dtype=torch.bfloat16, seed=22 + rows, bias=True)
+        check_against_oracle(
+            case,
+            "dpo",
+            impl,
+            dtype=torch.bfloat16,
+            workspace_bytes=_workspace(rows, dtype=torch.bfloat16, impl=impl),
+            accum_dtype=torch.bfloat16,
+        )
+
+
+class _VocabByHiddenTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts, per dtype, the distinct [V, H] tensors that ops create (in-place ops create none)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.seen = tuple(shape), {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._schema.name.endswith("_") or "out" in (kwargs or {}):
+            return out
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape and t.data_ptr():
+                self.seen.setdefault(t.dtype, set()).add(t.untyped_storage().data_ptr())
+        return out
+
+
+@pytest.mark.parametrize(
+    "weight_dtype, accum_dtype, expected",
+    [
+        # a bf16 head: the fp32 accumulator, then the bf16 gradient cast from it
+        (torch.bfloat16, None, {torch.float32: 1, torch.bfloat16: 1}),
+        # a bf16 head summed in its dtype: the gradient only
+        (torch.bfloat16, torch.bfloat16, {torch.bfloat16: 1}),
+        # an fp32 master head: its bf16 copy for the products, and the fp32 gradient (its own accumulator)
+        (torch.float32, None, {torch.float32: 1, torch.bfloat16: 1}),
+    ],
+)
+def test_weight_sized_buffers(weight_dtype, accum_dtype, expected):
+    """What the pass allocates at the head's size [V, H], forward and backward, over several chunks."""
+    case = make_case(dtype=torch.bfloat16, seed=30, ref="logps")
+    weight = case["weight"].to(weight_dtype).requires_grad_()
+    hidden = case["hidden"].detach().requires_grad_()
+    with _VocabByHiddenTensors(weight.shape) as mode:
+        losses, _ = pair_loss_from_hidden(
+            hidden,
+            weight,
+            case["labels"],
+            LOSSES["dpo"],
+            ref_logps=case["ref_logps"],
+            impl="torch",
+            workspace_bytes=_workspace(12),
+            accum_dtype=accum_dtype,
+        )
+        (grad,) = torch.autograd.grad(losses.sum(), [weight])
+    assert grad.dtype == weight_dtype
+    assert {dtype: len(ptrs) for dtype, ptrs in mode.seen.items()} == expected

@@ -559,6 +559,29 @@ def test_frozen_copy_computes_as_the_policy():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+def test_one_process_bf16_runs_the_head_in_bf16(monkeypatch):
+    """One process, --dtype bfloat16, full fine-tuning of the real toy Llama: its residual stream stays fp32 under
+    autocast (fp32 embeddings plus bf16 layer outputs), so its final hidden states come out fp32. The fused pair
+    step must still run the head's products in bf16, as the model's own lm_head would under the autocast, on the
+    fp32 master weight (whose gradient arrives fp32); before, they ran in fp32."""
+    import kernels.pair as pair_mod
+
+    args = sera.resolve(sera.Args(dtype="bfloat16"))[0]
+    model = sera.load_model(str(TOY_MODEL), CPU, args)
+    seen = []
+    real = pair_mod._logits_into
+    monkeypatch.setattr(pair_mod, "_logits_into", lambda out, h, w: seen.append((h.dtype, w.dtype)) or real(out, h, w))
+    ids = torch.randint(3, 30, (4, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    loss_fn = sera.daa_loss(args)
+    losses, _ = causal_lm_pair_loss(model, ids, torch.ones_like(ids), labels, loss_fn, ref_logps=torch.zeros(4))
+    losses.sum().backward()
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    head = model.get_output_embeddings().weight
+    assert head.dtype == torch.float32 and head.grad is not None and head.grad.dtype == torch.float32
+
+
 def test_fused_head_scores_in_the_compute_dtype():
     """One process, full fine-tuning, bf16: the final hidden states are bf16 and the head's master weight fp32;
     the head runs in bf16 (as autocast runs every other matmul; before: in fp32, ~3x the cost), accumulates in
