@@ -571,9 +571,21 @@ def build_reward_model(tok, data: dict, out: Path, args) -> dict:
         "heads": RM_HEADS,
         "params": sum(p.numel() for p in model.parameters()),
         "build_seconds": round(time.time() - start, 1),
+        "cpu": cpu_name(),  # the weights are bit-exact only on the same kind of CPU
     }
     (folder / "STATS.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's processor string."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
 
 
 EVAL_CONDITIONS = {  # user-turn templates of the measured prompt conditions
