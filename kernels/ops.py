@@ -322,7 +322,7 @@ def decoder_hidden_states(model, input_ids, attention_mask, **kwargs) -> torch.T
     finally:
         handle.remove()
     out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return _autocast_input(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
 
 
 def _autocast_input(hidden: torch.Tensor) -> torch.Tensor:

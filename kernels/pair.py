@@ -622,7 +622,7 @@ def _ws_rows(hidden, weight, impl, workspace_bytes) -> tuple[int, torch.dtype]:
 
 
 def _held_by_the_pass(
-    hidden, weight, bias, ref_weight, softcap, impl, workspace_bytes, need_weight, need_bias, accum_dtype
+    hidden, weight, bias, ref_hidden, ref_weight, softcap, impl, workspace_bytes, need_weight, need_bias, accum_dtype
 ) -> list:
     """Empty tensors of what the real pass holds beside its inputs and outputs: the workspace (its most rows),
     the torch path's soft-cap buffer and dZ in the input dtype, a chunk's gathered hidden rows, the weights' copies
@@ -637,9 +637,9 @@ def _held_by_the_pass(
         held.append(hidden.new_empty((rows, vocab), dtype=torch.float32))
     if dtype != hidden.dtype:
         held.append(hidden.new_empty((rows, vocab)))
-    for w in (weight, ref_weight):
-        if w is not None and w.dtype != hidden.dtype:
-            held.append(w.new_empty(w.shape, dtype=hidden.dtype))
+    for w, h in ((weight, hidden), (ref_weight, ref_hidden)):
+        if w is not None and w.dtype != h.dtype:
+            held.append(w.new_empty(w.shape, dtype=h.dtype))
     for param, need in ((weight, need_weight), (bias, need_bias)):
         if need and param is not None and _accum_dtype(param, accum_dtype) != param.dtype:
             held.append(param.new_empty(param.shape, dtype=_accum_dtype(param, accum_dtype)))
@@ -790,7 +790,17 @@ def _traced_pass(
     held = []  # under FakeTensorMode: what the real pass holds, for memory trackers (nothing to trace in compile)
     if not torch.compiler.is_compiling():
         held = _held_by_the_pass(
-            hidden, weight, bias, ref_weight, softcap, impl, workspace_bytes, need_weight, need_bias, accum_dtype
+            hidden,
+            weight,
+            bias,
+            ref_hidden,
+            ref_weight,
+            softcap,
+            impl,
+            workspace_bytes,
+            need_weight,
+            need_bias,
+            accum_dtype,
         )
     policy = _seq_logps_op(hidden.detach(), weight.detach(), _detach(bias), labels, *scalars)
     ref = None
@@ -914,6 +924,11 @@ def pair_loss_from_hidden(
     """
     extras = dict(extras or {})
     _check_inputs(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, ref_logps, extras)
+    if accum_dtype not in (None, torch.float32, weight.dtype):
+        raise ValueError(
+            f"pair_loss_from_hidden: 'accum_dtype' must be None, torch.float32 or the weight's dtype "
+            f"({weight.dtype}), got {accum_dtype}"
+        )
     impl = resolve_impl(impl, hidden.device)
     if impl == "triton" and hidden.device.type == "cuda" and not tracing(hidden):
         self_check(hidden.device, hidden.dtype)

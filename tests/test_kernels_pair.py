@@ -421,6 +421,8 @@ def test_bad_inputs_named():
         pair_loss_from_hidden(case["hidden"], case["weight"], labels, LOSSES["dpo"], ref_logps=torch.zeros(8))
     with pytest.raises(ValueError, match=r"extras\['offset'\]"):
         pair_loss_from_hidden(*args, ref_logps=torch.zeros(8), extras={"offset": torch.zeros(3)})
+    with pytest.raises(ValueError, match="'accum_dtype' must be None, torch.float32 or the weight's dtype"):
+        pair_loss_from_hidden(*args, ref_logps=torch.zeros(8), accum_dtype=torch.float64)
     with pytest.raises(ValueError, match="loss_fn must return per-pair losses"):
         pair_loss_from_hidden(*args[:3], lambda **_: torch.zeros(()), ref_logps=torch.zeros(8))
 
