@@ -570,14 +570,11 @@ def _compute_copy(weight: torch.Tensor | None, hidden: torch.Tensor | None) -> t
 
 
 def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b: one GEMM in acc's dtype, or into an fp32 accumulator from 16-bit factors (on CPU, factors
-    cast to fp32: chunk-sized temporaries rather than a [V, H] product to add)."""
+    """acc += a @ b: one GEMM in acc's dtype, or into an fp32 accumulator from 16-bit factors."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-    elif a.is_cuda:
-        add_matmul_fp32_(acc, a, b)
     else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        add_matmul_fp32_(acc, a, b)
 
 
 def _check_per_pair(loss_fn, losses, policy_seq, ref_seq, tokens, extras):

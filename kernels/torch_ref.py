@@ -40,11 +40,14 @@ def naive_token_logps(hidden, weight, targets, temperature=1.0, softcap=None, dt
 
 def add_matmul_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b. bf16/fp16 on CUDA: one GEMM accumulating into acc (`addmm(out_dtype=float32)`,
-    torch >= 2.8), no [V, H] low-precision temporary; elsewhere (CPU, older torch) via a temporary."""
+    torch >= 2.8), no [V, H] low-precision temporary; on CPU the factors cast to fp32 (temporaries of their size,
+    not of acc's); older torch on CUDA via a temporary product."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
     elif a.is_cuda and _ADDMM_OUT_DTYPE:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif not a.is_cuda:
+        acc.addmm_(a.float(), b.float())
     else:
         acc += (a @ b).float()
 

@@ -178,7 +178,7 @@ def test_label_check_on_device_and_debug(monkeypatch):
 
 def test_weight_grad_accumulates_in_fp32(monkeypatch):
     """dW over several chunks: fp32 accumulation of 16-bit products (torch's addmm(out_dtype=float32) on
-    CUDA, checked here on the meta device; a converted temporary elsewhere), error vs float64 below
+    CUDA, checked here on the meta device; fp32 factors on CPU), error vs float64 below
     a single 16-bit rounding."""
     gen = torch.Generator().manual_seed(5)
     parts = [(torch.randn(64, 96, generator=gen).half(), torch.randn(64, 40, generator=gen).half()) for _ in range(8)]
