@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from kernels import causal_lm_logps, causal_lm_pair_loss, decoder_hidden_states, head_logits
+from selfpo_kernels import causal_lm_logps, causal_lm_pair_loss, decoder_hidden_states, head_logits
 
 HERE = Path(__file__).resolve().parent
 TOY = HERE / "assets" / "toy"
@@ -259,6 +259,9 @@ class Args:
     """recompute activations in the backward pass (unset: on in the 7B presets)"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """compute dtype; master weights and optimizer state stay fp32. auto = bfloat16 on CUDA, float32 on CPU"""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto = this rank's GPU; the CPU only where nothing needs a GPU (the toy on a machine without one).
+    cpu = the CPU on purpose"""
     chat_template: str | None = None
     """jinja file (or the template itself) for tokenizers without a chat template"""
     reward_fn: str | None = None
@@ -920,7 +923,7 @@ def main(args: Args) -> dict:
     scorers, eval_prompts = load_evaluation(args, offline[0])
     n_steps = args.steps or max(1, len(pool) // args.prompts_per_step)
 
-    device = init_device(args.seed, args.dist_timeout_minutes)
+    device = init_device(args.seed, args.dist_timeout_minutes, args.device)
     run_name = f"osp__{Path(args.model).name}__{args.seed}__{now()}"
     out_dir = Path(args.output_dir or f"runs/{run_name}")
     state_file, checkpoint, stage0 = out_dir / "state.json", out_dir / "checkpoint", out_dir / "stage0"
@@ -1038,14 +1041,12 @@ def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
     preset["dataset"] = args.dataset or preset["dataset"]
     if preset["dataset"] is None:
         raise InputError("--dataset is required with a custom --model")
+    paper_preset = f"--model {args.model} (a paper preset)" if args.model in models and args.model != "toy" else None
+    device = choose_device(args.device, paper_preset)
     filled = {
         "dataset": preset["dataset"],
-        "dtype": args.dtype
-        if args.dtype != "auto"
-        # masters stay fp32
-        else "bfloat16"
-        if torch.cuda.is_available()
-        else "float32",
+        "device": device,
+        "dtype": args.dtype if args.dtype != "auto" else "bfloat16" if device == "cuda" else "float32",  # masters fp32
     }
     for key, default in (
         ("lora_r", 0),
@@ -1500,6 +1501,15 @@ def load_evaluation(args: Args, example: dict) -> tuple:
     return scorers, load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
 
 
+# Copied from sera.micro_batch
+def micro_batch(global_batch: int, most: int) -> int:
+    """The largest micro-batch up to `most` (a preset's --batch_size) that divides --global_batch over this run's
+    ranks, so that a preset runs as it is on any number of ranks that divides its global batch."""
+    ranks = int(os.environ.get("WORLD_SIZE", 1))
+    fits = [b for b in range(most, 0, -1) if global_batch % (b * ranks) == 0]
+    return fits[0] if fits else most  # none: accumulation() says why
+
+
 # Copied from sera.accumulation
 def accumulation(global_batch: int, batch_size: int) -> int:
     """Micro-batches per optimizer step, so that a step sees global_batch examples at any number of ranks."""
@@ -1521,11 +1531,41 @@ def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+# Copied from sera.nvidia_driver
+def nvidia_driver() -> bool:
+    """An NVIDIA driver is loaded on this machine (whether or not this torch build can use it)."""
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()
+
+
+# Copied from sera.choose_device
+def choose_device(requested: str, needs_gpu: str | None) -> str:
+    """--device as "cuda" or "cpu", decided before anything is written. A GPU for each rank on this node where torch
+    sees them; the CPU only when nothing asks for a GPU: not `needs_gpu` (a paper preset), not --device cuda, and
+    no NVIDIA driver on the machine (a CUDA build of torch newer than the driver sees no GPU: a 7B run would
+    otherwise "train" on the CPU for weeks). Under torchrun with more ranks on a node than GPUs: refused."""
+    if requested == "cpu":
+        return "cpu"
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    if gpus >= ranks and gpus > 0:
+        return "cuda"
+    driver = "an NVIDIA driver is loaded on this machine" if nvidia_driver() else None
+    why = f"{ranks} ranks on this node" if gpus else "--device cuda" if requested == "cuda" else needs_gpu or driver
+    if why is None:
+        return "cpu"
+    raise InputError(
+        f"--device: {why} needs {max(ranks, 1)} GPU(s), but torch {torch.__version__} (CUDA "
+        f"{torch.version.cuda or 'none: a CPU build'}) sees {gpus} (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); install the torch build for this node's driver "
+        "(nvidia-smi shows its CUDA version; https://pytorch.org/get-started/locally), or pass --device cpu"
+    )
+
+
 # Copied from sera.init_device
-def init_device(seed: int, timeout_minutes: int = 180) -> torch.device:
-    """This rank's GPU (else the CPU), then the process group under torchrun (NCCL on GPUs: every tensor handed
-    to a collective must be on this device, see comm_device); seeds torch."""
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+def init_device(seed: int, timeout_minutes: int = 180, kind: str = "cpu") -> torch.device:
+    """This rank's GPU (kind "cuda", from choose_device) or the CPU, then the process group under torchrun (NCCL on
+    GPUs: every tensor handed to a collective must be on this device, see comm_device); seeds torch."""
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if kind == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "RANK" in os.environ and not dist.is_initialized():
@@ -1543,7 +1583,14 @@ def init_device(seed: int, timeout_minutes: int = 180) -> torch.device:
 # Copied from sera.comm_device
 def comm_device() -> torch.device:
     """Where the tensors of collectives live: NCCL has no CPU backend, so this rank's GPU; the CPU under gloo."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+
+# Copied from sera.run_device
+def run_device(args: Args) -> torch.device:
+    """This rank's device as choose_device decided it (init_device has set the current GPU)."""
+    return torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
 
 
 # Copied from sera.now
@@ -1647,7 +1694,7 @@ def quiet_library_bars():
 # Copied from sera.check_resume
 def check_resume(args: Args):
     """--resume continues the run in --output_dir only with the arguments it was started with, on any number of
-    ranks (every step covers the same global batch; step checkpoints are resharded)."""
+    ranks (every step covers the same global batch, whatever the micro-batch; step checkpoints are resharded)."""
     if not args.resume:
         return
     saved = Path(args.output_dir) / "resolved_config.json"
@@ -1657,7 +1704,8 @@ def check_resume(args: Args):
     changed = {
         k
         for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
-        if k not in ("resume", "stop_after_steps", "output_dir") and stored.get(k) != v  # a moved folder resumes too
+        # a moved folder resumes too; the micro-batch and the device follow the machine and the number of ranks
+        if k not in ("resume", "stop_after_steps", "output_dir", "batch_size", "device") and stored.get(k) != v
     }
     if changed:
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
@@ -1779,6 +1827,13 @@ def write_atomic(path: Path, obj):
         os.replace(tmp, path)
 
 
+# transformers' own layers on every machine, the ones this project tests: no layer swapped for a kernel fetched from
+# the Hub at load time (transformers >= 5.25 does that by default where the `kernels` package is installed, and an
+# offline node fails). Every from_pretrained of a model passes it; transformers >= 4.56 (our floor) accepts it.
+# Copied from sera.NO_HUB_KERNELS
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
 # Copied from sera.load_model
 def load_model(path: str, device: torch.device, args: Args | None = None, frozen: bool = False):
     """fp32 master weights; --dtype bfloat16 computes in bf16 by autocast around the forward. With LoRA the
@@ -1796,7 +1851,9 @@ def load_model(path: str, device: torch.device, args: Args | None = None, frozen
     sharded = frozen and world() > 1 and args.lora_r == 0
     dtype = torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded) else torch.float32
     try:  # a config of another architecture than the weights would otherwise train a randomly initialised model
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, output_loading_info=True, **NO_HUB_KERNELS
+        )
     except (OSError, ValueError, RuntimeError) as err:
         raise InputError(f"--model: {path} does not load as a causal LM ({str(err).strip().splitlines()[0]})") from None
     if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
@@ -2336,7 +2393,7 @@ def reward_model_scorer(args: Args, example: dict | None = None):
     if example is not None:
         reward_model_ids(tokenizer, [example["prompt"][-1]["content"]], [example["chosen"]])
     return lambda prompts, responses: reward_model_scores(
-        args.reward_model, tokenizer, prompts, responses, args, comm_device()
+        args.reward_model, tokenizer, prompts, responses, args, run_device(args)
     )
 
 
@@ -2357,7 +2414,7 @@ def reward_model_scores(
     with torch.random.fork_rng(devices=[]):  # loading draws nothing from the run's random numbers
         model = (
             AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+                path, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32, **NO_HUB_KERNELS
             )
             .to(device)
             .eval()

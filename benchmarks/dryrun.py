@@ -447,7 +447,7 @@ def drive(script_name: str, preset_name: str, ranks: int, phases: Phases):
     import torch
     from torch.distributed.fsdp import FSDPModule
 
-    import kernels
+    import selfpo_kernels
 
     S = load_script(script_name)
     overrides = {}
@@ -462,7 +462,7 @@ def drive(script_name: str, preset_name: str, ranks: int, phases: Phases):
         )
     args, preset = S.resolve(S.Args(model=preset_name, **overrides))
     device = torch.device("cuda", torch.cuda.current_device())
-    impl = kernels.resolve_impl("auto", device)
+    impl = selfpo_kernels.resolve_impl("auto", device)
     if impl != "triton":
         raise RuntimeError(f"the kernels would take impl={impl!r} on the GPU, not the Triton path")
     path, world, lora = preset["path"], S.world(), args.lora_r > 0
@@ -512,7 +512,7 @@ def drive(script_name: str, preset_name: str, ranks: int, phases: Phases):
 
         phases.run("score-older", frozen_score, {"weights": model})
     if script_name == "osp":  # the policy judges: decoder body once per batch, two verdict rows of the head
-        from kernels import decoder_hidden_states, head_logits
+        from selfpo_kernels import decoder_hidden_states, head_logits
 
         def judge():
             ids = torch.full((args.judge_batch_size, args.judge_max_length), 5, dtype=torch.long, device=device)

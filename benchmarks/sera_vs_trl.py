@@ -9,7 +9,7 @@ dataset), tokenized once by `sera.build_dataset`, in fp32 with `torch.set_num_th
 
   ours         the body of `sera.train_iteration` for one optimizer step (batch_size = B,
                global_batch = batch_size), replicated here with a persistent AdamW and constant schedule:
-               `sera.collate` of chosen + rejected, `kernels.causal_lm_pair_loss` with `sera.daa_loss`,
+               `sera.collate` of chosen + rejected, `selfpo_kernels.causal_lm_pair_loss` with `sera.daa_loss`,
                backward, sera's per-step metric reductions, `clip_grad_norm_`, AdamW, scheduler,
                zero_grad. Reference log-probs are precomputed once with `sera.score`, as sera does
                once per iteration. Before timing, one replicated step is checked against one call
@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sera  # noqa: E402  (the repository root's single-file implementation)
-from kernels import causal_lm_pair_loss  # noqa: E402
+from selfpo_kernels import causal_lm_pair_loss  # noqa: E402
 
 CONFIGS = ("ours", "ours (call)", "TRL", "TRL precomp")
 
@@ -566,7 +566,7 @@ def main(cli: Args) -> dict:
             *[f"- {line}" for line in checks],
             "",
             "Configurations: **ours** = one optimizer step of `sera.train_iteration` (collate, "
-            "`kernels.causal_lm_pair_loss`, backward, metrics, clip, AdamW) with a persistent optimizer and "
+            "`selfpo_kernels.causal_lm_pair_loss`, backward, metrics, clip, AdamW) with a persistent optimizer and "
             "precomputed reference log-probs; **ours (call)** = a whole `sera.train_iteration` call per step "
             "(adds a fresh AdamW/scheduler, shuffling, progress bar); **TRL** = `DPOTrainer` with its default frozen "
             "reference model (a reference forward every step); **TRL precomp** = `precompute_ref_log_probs=True`. "

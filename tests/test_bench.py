@@ -1,11 +1,11 @@
-"""kernels.bench: runs end to end on CPU, and never times a wrong implementation."""
+"""selfpo_kernels.bench: runs end to end on CPU, and never times a wrong implementation."""
 
 import csv
 
 import pytest
 import torch
 
-from kernels import bench
+from selfpo_kernels import bench
 
 TINY = bench.Shape(64, 16, 128, 2)
 
@@ -48,7 +48,7 @@ def test_bench_cpu_writes_checked_rows(tmp_path, tiny_shape):
             "fp32",
             bench.device_name("cpu"),
         )
-        assert row["command"] == "python -m kernels.bench --test"
+        assert row["command"] == "python -m selfpo_kernels.bench --test"
         assert float(row["p10_ms"]) <= float(row["median_ms"]) <= float(row["p90_ms"])
         assert row["repeats"] == "3"
         assert float(row["peak_extra_mb"]) >= 0 and "subprocess" in row["memory_method"]

@@ -1,4 +1,4 @@
-"""`python -m kernels.compile_check` on a fast subset: the Triton kernels compile ahead of time for
+"""`python -m selfpo_kernels.compile_check` on a fast subset: the Triton kernels compile ahead of time for
 sm_90 and sm_80 (no GPU needed; Triton's wheel ships ptxas) with the launcher's exact arguments."""
 
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton", reason="triton is not installed (it is a Linux-only dependency)")
-from kernels.compile_check import check_row  # noqa: E402
+from selfpo_kernels.compile_check import check_row  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def table():
     cmd = [
         sys.executable,
         "-m",
-        "kernels.compile_check",
+        "selfpo_kernels.compile_check",
         "--archs",
         "90",
         "80",

@@ -1,7 +1,7 @@
 """The kernels as torch.library custom ops: they trace under FakeTensorMode (shapes only, no values: what the
 fake-GPU dry run needs) and under torch.compile, and pass torch.library.opcheck's schema, fake and autograd
 checks. The CUDA-only parts (self-check, pinned host count) must not run on fake tensors. The fused pair op
-(kernels.pair) traces under FakeTensorMode through two custom ops of its own, with loss_fn between them."""
+(selfpo_kernels.pair) traces under FakeTensorMode through two custom ops of its own, with loss_fn between them."""
 
 import os
 
@@ -10,9 +10,9 @@ import torch
 import transformers
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-import kernels.logps as triton_logps
-import kernels.pair as pair_mod
-from kernels import (
+import selfpo_kernels.logps as triton_logps
+import selfpo_kernels.pair as pair_mod
+from selfpo_kernels import (
     causal_lm_logps,
     causal_lm_pair_loss,
     daa_loss_fn,

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from kernels import causal_lm_logps, decoder_hidden_states, head_logits
+from selfpo_kernels import causal_lm_logps, decoder_hidden_states, head_logits
 
 VOCAB = 97
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-import kernels.logps as triton_logps
-import kernels.ops as ops
-import kernels.torch_ref as torch_ref
-from kernels import causal_lm_logps, sequence_logps
-from kernels.torch_ref import naive_token_logps
+import selfpo_kernels.logps as triton_logps
+import selfpo_kernels.ops as ops
+import selfpo_kernels.torch_ref as torch_ref
+from selfpo_kernels import causal_lm_logps, sequence_logps
+from selfpo_kernels.torch_ref import naive_token_logps
 
 pytestmark = pytest.mark.skipif(
     not (triton_logps.HAVE_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")),

@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 
-import kernels.logps as triton_logps
-from kernels import sequence_logps
-from kernels.torch_ref import chunked_token_logps, naive_token_logps
+import selfpo_kernels.logps as triton_logps
+from selfpo_kernels import sequence_logps
+from selfpo_kernels.torch_ref import chunked_token_logps, naive_token_logps
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -309,7 +309,7 @@ def test_env_override(monkeypatch):
     with pytest.raises(ValueError, match="KERNELS_IMPL"):
         sequence_logps(torch.zeros(1, 2, 4), torch.zeros(5, 4), torch.zeros(1, 2, dtype=torch.long))
     monkeypatch.setenv("KERNELS_IMPL", "torch")
-    from kernels import resolve_impl
+    from selfpo_kernels import resolve_impl
 
     assert resolve_impl("auto", torch.device("cuda")) == "torch"
 
@@ -327,13 +327,13 @@ N, H, V = 4096, 256, 32000
 h = torch.randn(1, N, H).requires_grad_(); w = (torch.randn(V, H) / 16).requires_grad_()
 lab = torch.randint(0, V, (1, N))
 gh = torch.empty_like(h); gw = torch.empty_like(w)  # room for the grads, part of the baseline
-import kernels
-from kernels.torch_ref import naive_token_logps
+import selfpo_kernels
+from selfpo_kernels.torch_ref import naive_token_logps
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if sys.argv[1] == "naive":
     out = naive_token_logps(h[0], w, lab[0]).sum()
 else:
-    out = kernels.sequence_logps(h, w, lab, impl="torch")[0].sum()
+    out = selfpo_kernels.sequence_logps(h, w, lab, impl="torch")[0].sum()
 out.backward()
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
 """

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import pair_loss
+from selfpo_kernels import pair_loss
 
 LOG2 = math.log(2.0)
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.pair as pair_mod
-from kernels import daa_loss_fn, pair_loss, pair_loss_from_hidden
-from kernels.torch_ref import transform_logits
+import selfpo_kernels.pair as pair_mod
+from selfpo_kernels import daa_loss_fn, pair_loss, pair_loss_from_hidden
+from selfpo_kernels.torch_ref import transform_logits
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -428,7 +428,7 @@ def test_bad_inputs_named():
 
 
 def test_pair_loss_kinds_reused_not_reimplemented():
-    """daa_loss_fn is kernels.pair_loss on the op's inputs (same numbers as calling it directly)."""
+    """daa_loss_fn is selfpo_kernels.pair_loss on the op's inputs (same numbers as calling it directly)."""
     gen = torch.Generator().manual_seed(0)
     pc, pr, rc, rr = (torch.randn(5, generator=gen) for _ in range(4))
     tok = torch.full((5,), 3.0)
@@ -448,7 +448,7 @@ def _compiler_missing() -> str:
 
 
 def test_pair_kernels_compile_for_sm90_sm80():
-    """`python -m kernels.compile_check --kinds pair_stats pair_grad`: both kernels compile ahead of time for
+    """`python -m selfpo_kernels.compile_check --kinds pair_stats pair_grad`: both kernels compile ahead of time for
     sm_90 and sm_80, bf16 and fp32, bias and soft-cap on, with no spills and int64 offsets."""
     pytest.importorskip("triton")
     if reason := _compiler_missing():
@@ -457,7 +457,7 @@ def test_pair_kernels_compile_for_sm90_sm80():
     cmd = [
         sys.executable,
         "-m",
-        "kernels.compile_check",
+        "selfpo_kernels.compile_check",
         "--archs",
         "90",
         "80",
@@ -488,9 +488,9 @@ def test_pair_kernels_compile_for_sm90_sm80():
 
 
 def test_bench_pair_mode(tmp_path, monkeypatch):
-    """`kernels.bench --modes pair` on a tiny shape: ours (fused and unfused) and naive are checked against the
+    """`selfpo_kernels.bench --modes pair` on a tiny shape: ours (fused and unfused) and naive are checked against the
     fp32 oracle and timed, rows have mode=pair; a pair implementation with a wrong gradient is FAILED, untimed."""
-    from kernels import bench
+    from selfpo_kernels import bench
 
     monkeypatch.setitem(bench.SHAPES, "test-pair", bench.Shape(4 * bench.PAIR_SEQ_LEN // 16, 16, 128, 2))
     monkeypatch.setattr(bench, "PAIR_SEQ_LEN", bench.PAIR_SEQ_LEN // 16)  # 4 sequences of 32 positions: 2 pairs

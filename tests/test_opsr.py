@@ -21,8 +21,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
 RUN = ["--iterations", "2", "--num_prompts", "160", "--num_pairs", "256", "--num_eval", "100"]
 
 
-def args(**kw):
-    return opsr.resolve(opsr.Args(**kw))[0]
+def args(**kw):  # the paper presets need a GPU unless --device cpu: resolved as on a GPU-less machine
+    return opsr.resolve(opsr.Args(**{"device": "cpu", **kw}))[0]
 
 
 def run(*argv, check=True):
@@ -99,7 +99,7 @@ def test_mocked_iteration_equals_plain_simpo(tmp_path, monkeypatch):
     parameters as a plain SimPO epoch on those pairs under the plain prompt (independent loop)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
-    from kernels import causal_lm_logps, pair_loss
+    from selfpo_kernels import causal_lm_logps, pair_loss
 
     pool = [json.loads(line)["prompt"] for line in open(ROOT / "assets" / "toy" / "data" / "prompts.jsonl")][:40]
 

@@ -599,7 +599,7 @@ def spce_and_grad(z, q):
 
 
 def test_spce_at_q1_is_dpo_and_at_q_below_1_is_conservative_dpo():
-    from kernels import pair_loss
+    from selfpo_kernels import pair_loss
 
     h = torch.linspace(-6, 6, 13)
     zeros = torch.zeros(13)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sera  # noqa: E402
-from kernels import causal_lm_logps, causal_lm_pair_loss  # noqa: E402
+from selfpo_kernels import causal_lm_logps, causal_lm_pair_loss  # noqa: E402
 
 TOY_MODEL = ROOT / "assets" / "toy" / "model"
 CPU = torch.device("cpu")
@@ -117,7 +117,7 @@ def test_final_hidden_state_from_a_hook():
     hidden_states[-1]) without asking the model for every layer's output."""
     from transformers import AutoModelForCausalLM
 
-    from kernels.ops import decoder_hidden_states
+    from selfpo_kernels.ops import decoder_hidden_states
 
     model = AutoModelForCausalLM.from_pretrained(TOY_MODEL, dtype=torch.float32)
     seen = []
@@ -336,8 +336,9 @@ def test_7b_presets_checkpoint_activations_and_it_changes_nothing(toy_pairs):
         (srdpo, "zephyr-7b"),
         (osp, "mistral-7b"),
     ):
-        assert module.resolve(module.Args(model=name))[0].gradient_checkpointing is True, (module.__name__, name)
-        assert module.resolve(module.Args(model=name, gradient_checkpointing=False))[0].gradient_checkpointing is False
+        gpu_less = dict(model=name, device="cpu")
+        assert module.resolve(module.Args(**gpu_less))[0].gradient_checkpointing is True, (module.__name__, name)
+        assert module.resolve(module.Args(**gpu_less, gradient_checkpointing=False))[0].gradient_checkpointing is False
         assert module.resolve(module.Args())[0].gradient_checkpointing is False
     for lora_r in (0, 4):
         deltas = []
@@ -564,7 +565,7 @@ def test_one_process_bf16_runs_the_head_in_bf16(monkeypatch):
     autocast (fp32 embeddings plus bf16 layer outputs), so its final hidden states come out fp32. The fused pair
     step must still run the head's products in bf16, as the model's own lm_head would under the autocast, on the
     fp32 master weight (whose gradient arrives fp32); before, they ran in fp32."""
-    import kernels.pair as pair_mod
+    import selfpo_kernels.pair as pair_mod
 
     args = sera.resolve(sera.Args(dtype="bfloat16"))[0]
     model = sera.load_model(str(TOY_MODEL), CPU, args)
@@ -586,7 +587,7 @@ def test_fused_head_scores_in_the_compute_dtype():
     """One process, full fine-tuning, bf16: the final hidden states are bf16 and the head's master weight fp32;
     the head runs in bf16 (as autocast runs every other matmul; before: in fp32, ~3x the cost), accumulates in
     fp32, its gradient reaches the fp32 weight, and the log-probs stay within bf16 rounding of fp32's."""
-    import kernels.ops as ops
+    import selfpo_kernels.ops as ops
 
     generator = torch.Generator().manual_seed(0)
     hidden = (torch.randn(2, 9, 64, generator=generator) * 0.5).to(torch.bfloat16).requires_grad_()

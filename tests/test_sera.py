@@ -17,8 +17,8 @@ FIXTURES = ROOT / "tests" / "fixtures"
 TOY_MODEL = ROOT / "assets" / "toy" / "model"
 
 
-def args(**kw):
-    return sera.resolve(sera.Args(**kw))[0]
+def args(**kw):  # the paper presets need a GPU unless --device cpu: resolved as on a GPU-less machine
+    return sera.resolve(sera.Args(**{"device": "cpu", **kw}))[0]
 
 
 # ---- invariants on the script's functions --------------------------------------------

@@ -19,8 +19,8 @@ TOY_MODEL = ROOT / "assets" / "toy" / "model"
 GOOD = {"prompt": "Sort these letters: c a b", "chosen": "a b c", "rejected": "b a c"}
 
 
-def args(**kw):
-    return srdpo.resolve(srdpo.Args(**kw))[0]
+def args(**kw):  # the paper presets need a GPU unless --device cpu: resolved as on a GPU-less machine
+    return srdpo.resolve(srdpo.Args(**{"device": "cpu", **kw}))[0]
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +102,13 @@ def test_lambda_zero_is_plain(toy, loss, base):
         tokenizer.pad_token_id,
         "cpu",
     )
-    from kernels import causal_lm_logps, pair_loss
+    from selfpo_kernels import causal_lm_logps, pair_loss
 
     fresh, _ = causal_lm_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
     ref = torch.tensor([p["ref_chosen"] for p in pairs] + [p["ref_rejected"] for p in pairs])
     plain = pair_loss(fresh[:n], fresh[n:], ref[:n], ref[n:], kind=base, beta=a.beta, reduction="none")
     torch.testing.assert_close(out["losses"], plain)
-    # the step's gradients come from the fused pair op (kernels.causal_lm_pair_loss), the plain ones from autograd
+    # the step's gradients come from the fused pair op (causal_lm_pair_loss), the plain ones from autograd
     # through causal_lm_logps: the same in fp32 up to summation order (measured: 3e-6 of the largest entry)
     for g1, g2 in zip(grads(policy, out["losses"].sum()), grads(policy, plain.sum())):
         torch.testing.assert_close(g1, g2, atol=2e-5 * g2.abs().max().item(), rtol=1e-4)
@@ -131,7 +131,7 @@ def test_no_gradient_through_delta(toy):
         tokenizer.pad_token_id,
         "cpu",
     )
-    from kernels import causal_lm_logps
+    from selfpo_kernels import causal_lm_logps
 
     logps, _ = causal_lm_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
     ref = torch.tensor([p["ref_chosen"] for p in pairs] + [p["ref_rejected"] for p in pairs])
@@ -279,7 +279,7 @@ def test_cli_error_is_one_line(tmp_path):
 
 def test_shared_prefix_pass_equals_full_forward(toy):
     """The prompted pass shares the refinement prompt's KV cache; log-probs equal a full forward."""
-    from kernels import causal_lm_logps
+    from selfpo_kernels import causal_lm_logps
 
     model, tokenizer, pairs = toy
     sequences = [(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in pairs] + [
@@ -301,7 +301,7 @@ def sr(kind, h, delta, lam=0.5, beta=0.1):
 
 
 def test_sr_lambda_zero_is_dpo_and_ipo():
-    from kernels import pair_loss
+    from selfpo_kernels import pair_loss
 
     h = torch.linspace(-20, 20, 9, requires_grad=True)
     zeros = torch.zeros(9)

@@ -20,7 +20,7 @@ rows and vocabulary, so the gradient accumulated (in fp32) across blocks is the 
 bf16/fp16 inputs are multiplied with fp32 accumulation; fp32 inputs use tf32x3 tensor-core dots
 (`FP32_DOT`). Address arithmetic is int64: V*H passes 2^31 near Llama-405B's head, N*H at long
 contexts. Every tile configuration below is compiled for sm_90 and sm_80 by
-`python -m kernels.compile_check` (registers, spills, MMA instructions).
+`python -m selfpo_kernels.compile_check` (registers, spills, MMA instructions).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ GROUP_M = 8  # backward: row blocks per swizzle group
 FP32_DOT = "tf32x3"
 
 # (BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) by (arch, kernel, 16-bit inputs?). Chosen with
-# `python -m kernels.compile_check` (no spills; wgmma on sm_90); timing them needs a GPU.
+# `python -m selfpo_kernels.compile_check` (no spills; wgmma on sm_90); timing them needs a GPU.
 TILES = {
     (90, "fwd", True): (128, 128, 64, 8, 3),
     (90, "bwd", True): (128, 128, 64, 8, 3),
@@ -286,7 +286,7 @@ if HAVE_TRITON:
 
 
 def forward_plan(rows: int, vocab: int, n_models: int, dtype: torch.dtype, arch: int | None, sms: int) -> dict:
-    """Tile, vocabulary split and grid of the forward launch (shared with kernels.compile_check)."""
+    """Tile, vocabulary split and grid of the forward launch (shared with selfpo_kernels.compile_check)."""
     block_m, block_v, block_k, num_warps, num_stages = tile_config(arch, "fwd", dtype)
     row_blocks = triton.cdiv(rows, block_m)
     # Enough splits to fill the GPU (4 programs per SM), and at least VOCAB_SPLITS.

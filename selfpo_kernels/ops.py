@@ -223,7 +223,7 @@ def self_check(device: torch.device, dtype: torch.dtype) -> None:
             got = run(fused, dtype)
         except Exception as err:  # e.g. a compiler error for this GPU
             raise RuntimeError(
-                f"kernels: self-check failed: the Triton kernels do not run on {name_dev} ({dtype}): "
+                f"selfpo_kernels: self-check failed: the Triton kernels do not run on {name_dev} ({dtype}): "
                 f"{type(err).__name__}: {err}. {way_out}"
             ) from err
     floor = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 2e-2)
@@ -231,7 +231,7 @@ def self_check(device: torch.device, dtype: torch.dtype) -> None:
         err, allowed = (g.double() - o).abs().max().item(), 2 * (b.double() - o).abs().max().item() + floor
         if not err <= allowed:
             raise RuntimeError(
-                f"kernels: self-check failed: the Triton kernels' {name} on {name_dev} ({dtype}) are off by "
+                f"selfpo_kernels: self-check failed: the Triton kernels' {name} on {name_dev} ({dtype}) are off by "
                 f"{err:.3g} from float64 (allowed {allowed:.3g}); this Triton/GPU combination is not supported. "
                 + way_out
             )

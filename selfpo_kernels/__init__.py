@@ -1,6 +1,6 @@
 """selfpo kernels: fused sequence log-likelihoods (policy + reference) and pair losses.
 
-from kernels import sequence_logps, pair_loss, causal_lm_logps, pair_loss_from_hidden
+from selfpo_kernels import sequence_logps, pair_loss, causal_lm_logps, pair_loss_from_hidden
 """
 
 from .losses import KINDS, pair_loss, pair_margin

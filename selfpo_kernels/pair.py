@@ -24,7 +24,7 @@ by the upstream gradient of the per-pair losses, which must be the same for ever
 
 Two implementations behind `impl=`: "torch" (chunked PyTorch, the CPU path) and "triton" (the chunk's
 logits by a cuBLAS GEMM into the workspace in the input dtype, log-sum-exp and dZ by two memory-bound
-Triton kernels, dZ written over the logits; compiled ahead of time by `python -m kernels.compile_check`,
+Triton kernels, dZ written over the logits; compiled ahead of time by `python -m selfpo_kernels.compile_check`,
 and checked against float64 on first use per CUDA device and dtype by `self_check`).
 
 Host reads: the label range check and the chunk plan (tokens per pair), once per call. Under FakeTensorMode or
@@ -67,7 +67,7 @@ LossFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.T
 def daa_loss_fn(
     kind: str = "dpo", beta: float = 0.1, gamma: float = 0.0, label_smoothing: float = 0.0, length_norm: bool = False
 ) -> LossFn:
-    """A `loss_fn` for `pair_loss_from_hidden` from `kernels.pair_loss`, returning (losses, chosen rewards,
+    """A `loss_fn` for `pair_loss_from_hidden` from `selfpo_kernels.pair_loss`, returning (losses, chosen rewards,
     rejected rewards) with the implicit rewards beta * (policy - reference), or beta * the averaged
     log-probs for SimPO (Meng et al. 2024, eq. 4). kind="simpo" or length_norm=True divides the sequence
     log-probs by their token counts first. (The methods' own losses, SPCE in osp.py and Sr-DPO / Sr-IPO
@@ -197,7 +197,7 @@ def _interpreting() -> bool:
 
 
 def kernel_meta(kind: str, bias: bool, softcap: bool) -> dict:
-    """Launch constants of the pair kernels (shared with kernels.compile_check)."""
+    """Launch constants of the pair kernels (shared with selfpo_kernels.compile_check)."""
     block = INTERPRETER_BLOCK_V if _interpreting() else (STATS_BLOCK_V if kind == "stats" else GRAD_BLOCK_V)
     meta = dict(BLOCK_V=block, HAS_BIAS=bias)
     if not _interpreting():
@@ -911,7 +911,7 @@ def pair_loss_from_hidden(
     None without a reference), chosen_tokens, rejected_tokens (scored-token counts), and the chunk's slice of
     every tensor in `extras` (per-pair values [B] such as soft_label or offset; no gradient flows into them).
     It returns the per-pair losses [b], or (losses, chosen_rewards, rejected_rewards). Each pair's loss must
-    depend on that pair's inputs only (true of every pair loss in `kernels.losses`; `daa_loss_fn` wraps them).
+    depend on that pair's inputs only (true of every pair loss in `selfpo_kernels.losses`; `daa_loss_fn` wraps them).
 
     Returns (losses [B] fp32, differentiable w.r.t. hidden, weight and bias; metrics: per-pair fp32 tensors
     "loss", "logps/chosen", "logps/rejected" (summed policy log-probs), "tokens/chosen", "tokens/rejected",

@@ -1,4 +1,4 @@
-"""`python -m kernels.compile_check`: compile every Triton kernel ahead of time for sm_90 and sm_80, no GPU needed.
+"""`python -m selfpo_kernels.compile_check`: every Triton kernel compiled ahead of time for sm_90 and sm_80, no GPU.
 
 Each kernel is compiled exactly as the launcher would launch it (same tile table, same argument
 list and so the same specialisation: dtypes, 16-byte alignment, divisibility), through Triton's
@@ -10,9 +10,9 @@ int64 since V*H and N*H can pass 2^31).
 Exits non-zero on a compile failure, a spill at a default configuration, a 16-bit kernel on sm_90
 without wgmma, or an int32 offset*stride product. Static analysis only: no timing.
 
-    python -m kernels.compile_check                     # the full table (a few minutes on 2 cores)
-    python -m kernels.compile_check --archs 90 --dtypes bf16 --shapes llama3-8b
-    python -m kernels.compile_check --extra-tiles 128,128,64,8,3   # also try a candidate tile
+    python -m selfpo_kernels.compile_check                     # the full table (a few minutes on 2 cores)
+    python -m selfpo_kernels.compile_check --archs 90 --dtypes bf16 --shapes llama3-8b
+    python -m selfpo_kernels.compile_check --extra-tiles 128,128,64,8,3   # also try a candidate tile
 """
 
 from __future__ import annotations
@@ -83,13 +83,13 @@ class FakeTensor:
 
 
 def launch(kind, dtype, softcap, shape, arch, sms, tile=None):
-    """(kernel, args, meta, grid) exactly as kernels.logps builds them for this shape."""
+    """(kernel, args, meta, grid) exactly as selfpo_kernels.logps builds them for this shape."""
     rows, hidden, vocab = shape
     if tile is not None:
         saved = dict(logps.TILES)
         logps.TILES.update({key: tile for key in logps.TILES})
     try:
-        if kind in MEMORY_BOUND:  # one workspace block of the pair op, as kernels.pair launches it
+        if kind in MEMORY_BOUND:  # one workspace block of the pair op, as selfpo_kernels.pair launches it
             chunk = min(rows, pair.WORKSPACE_BYTES["triton"] // (vocab * dtype.itemsize))
             ws, vec = FakeTensor((chunk, vocab), dtype), FakeTensor((chunk,), torch.float32)
             bias, targets = FakeTensor((vocab,), dtype), FakeTensor((chunk,), torch.int64)
@@ -219,7 +219,7 @@ def _parse_tile(text: str) -> tuple[int, ...]:
         tile = ()
     if len(tile) != 5:
         raise SystemExit(
-            f"kernels.compile_check: error: --extra-tiles: {text!r} is not "
+            f"selfpo_kernels.compile_check: error: --extra-tiles: {text!r} is not "
             "BLOCK_M,BLOCK_V,BLOCK_K,num_warps,num_stages (five integers)"
         )
     return tile
@@ -228,7 +228,7 @@ def _parse_tile(text: str) -> tuple[int, ...]:
 def run(args: Args) -> list[dict]:
     if not isinstance(logps._forward_kernel, triton.runtime.jit.JITFunction):
         raise SystemExit(
-            "kernels.compile_check: error: the kernels were built for Triton's interpreter "
+            "selfpo_kernels.compile_check: error: the kernels were built for Triton's interpreter "
             "(TRITON_INTERPRET=1 is set); unset it to compile them"
         )
     logps.FP32_DOT = args.fp32_dot

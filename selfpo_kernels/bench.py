@@ -1,8 +1,8 @@
 """Benchmark of sequence log-likelihoods from hidden states: ours (triton, torch) vs naive and peers.
 
-    python -m kernels.bench                                   # default shapes for this device
-    python -m kernels.bench --shapes cpu-target --modes fwd_bwd --repeats 20
-    python -m kernels.bench --shapes llama3-8b --dtypes bf16 --impls triton naive trl liger cce
+    python -m selfpo_kernels.bench                                   # default shapes for this device
+    python -m selfpo_kernels.bench --shapes cpu-target --modes fwd_bwd --repeats 20
+    python -m selfpo_kernels.bench --shapes llama3-8b --dtypes bf16 --impls triton naive trl liger cce
 
 Protocol (shared/PERF.md): every (impl, shape, dtype, mode) is first checked against the naive
 float32 result (per-sequence log-probs, the reference log-probs, and for backward modes the
@@ -437,7 +437,7 @@ def child_peak_rss_mb(impl: str, dims: str, dtype: str, mode: str, ignore_frac: 
 
 def cpu_peak_extra_mb(impl: str, shape: Shape, dtype: str, mode: str, args: Args):
     """-> (MB or None, how it was measured): one run of `impl` in a fresh subprocess."""
-    code = "import sys, kernels.bench as b; b.child_peak_rss_mb(*sys.argv[1:])"
+    code = "import sys, selfpo_kernels.bench as b; b.child_peak_rss_mb(*sys.argv[1:])"
     dims = f"{shape.tokens},{shape.hidden},{shape.vocab},{shape.seqs}"
     argv = [impl, dims, dtype, mode, str(args.ignore_frac), str(args.seed), str(torch.get_num_threads())]
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
@@ -590,7 +590,7 @@ def main(args: Args, argv: list[str] | None = None) -> list[dict]:
         "peers": " ".join(f"{k}={v}" for k, v in versions.items()),
         "threads": torch.get_num_threads(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": f"python -m kernels.bench {shlex.join(argv)}".rstrip() if argv is not None else repr(args),
+        "command": f"python -m selfpo_kernels.bench {shlex.join(argv)}".rstrip() if argv is not None else repr(args),
         "ignored_frac": args.ignore_frac,
     }
     print(" | ".join(f"{k} {common[k]}" for k in ("device", "torch", "triton", "threads")) + f" | impls {list(impls)}")
