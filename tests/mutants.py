@@ -40,12 +40,18 @@ class Mutant:
 
 
 MUTANTS: list[Mutant] = [
-    # ---- Sr-DPO / Sr-IPO ----
-    # ---- SeRA ----
-    # ---- OPSR ----
-    # ---- OSP ----
-    # ---- shared losses and kernels ----
-    # ---- runtime ----
+    # ---- Sr-DPO / Sr-IPO (srdpo.py) ----
+    # (end of the Sr-DPO rows)
+    # ---- SeRA (sera.py) ----
+    # (end of the SeRA rows)
+    # ---- OPSR (opsr.py) ----
+    # (end of the OPSR rows)
+    # ---- OSP (osp.py) ----
+    # (end of the OSP rows)
+    # ---- shared losses and kernels (selfpo_kernels) ----
+    # (end of the losses and kernels rows)
+    # ---- runtime (the same in all four scripts: sera.py holds the originals) ----
+    # (end of the runtime rows)
 ]
 
 
