@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from selfpo_kernels import causal_lm_logps, decoder_hidden_states, head_logits
+from selfpo_kernels import causal_lm_logps, causal_lm_pair_loss, decoder_hidden_states, head_logits
 
 VOCAB = 97
 
@@ -44,9 +44,9 @@ def tiny(name, **extra):
     return model
 
 
-def batch(seed=0):
+def batch(seed=0, rows=3):
     g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, VOCAB, (3, 12), generator=g)
+    input_ids = torch.randint(0, VOCAB, (rows, 12), generator=g)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :4] = 0  # left padding
     attention_mask[2, -3:] = 0  # right padding
@@ -140,3 +140,73 @@ def test_unsupported_head_is_a_clear_error():
     input_ids, attention_mask, labels = batch()
     with pytest.raises(NotImplementedError, match="no plain nn.Linear output embedding"):
         causal_lm_logps(model, input_ids, attention_mask, labels)
+
+
+def _exact_and_naive_bf16(model, input_ids, attention_mask, labels):
+    """(float64 log-probs, the model's own bf16 log-probs, and their head-weight gradients) under a bf16 autocast.
+    float64: log_softmax of the head applied in float64 to the final hidden states the head reads (the decoder's
+    last output rounded to bf16, as autocast feeds a matmul) and to its fp32 master weight (and bias, soft-cap).
+    Naive: model(...).logits, the head's bf16 product, then log_softmax in float64."""
+    head = model.get_output_embeddings()
+    target = labels[:, 1:]
+    mask = target != -100
+
+    def seq(logits):
+        token = torch.log_softmax(logits.double(), -1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
+        return (token * mask).sum(1)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    assert out.logits.dtype == torch.bfloat16
+    naive = seq(out.logits[:, :-1])
+    (naive_grad,) = torch.autograd.grad(naive.sum(), [head.weight])
+    weight = head.weight.detach().double().requires_grad_()
+    logits = out.hidden_states[-1].detach().to(torch.bfloat16).double() @ weight.T
+    if head.bias is not None:
+        logits = logits + head.bias.detach().double()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    exact = seq(logits[:, :-1])
+    (exact_grad,) = torch.autograd.grad(exact.sum(), [weight])
+    return exact.detach(), naive.detach(), exact_grad, naive_grad
+
+
+def summed_logps_loss(policy_chosen, policy_rejected, **_):
+    """A per-pair 'loss' whose gradient is that of the pair's summed log-probs: the pair op's head gradient is then
+    causal_lm_logps's."""
+    return policy_chosen + policy_rejected
+
+
+@pytest.mark.parametrize("entry", ["causal_lm_logps", "causal_lm_pair_loss"])
+@pytest.mark.parametrize("arch", ["llama", "phi_bias", "gemma2_softcap"])
+def test_bf16_autocast_within_twice_the_naive_error(arch, entry):
+    """fp32 masters under a bf16 autocast: the fused head (the log-prob op, and the pair op the scripts train with)
+    reads the bf16 final states and runs its product in bf16 on the fp32 weight (bias, soft-cap). Rule (ALGORITHMS.md
+    §7.1, Cut Cross-Entropy's): the error of the sequence log-probs and of the head's gradient against float64 is at
+    most twice that of the model's own bf16 logits, plus a floor of 1e-3 of the largest value.
+
+    Measured here (batch seed 4, both entries), error against float64, fused / naive bf16 / the hidden states
+    shifted by one position: log-probs (|logps| up to 34, bar 0.037 to 0.043) llama 0.0022 / 0.0022 / 0.98, phi
+    0.0014-0.0030 / 0.0030 / 1.3, gemma2 0.0007 / 0.0050 / 0.61; head gradient (bar 0.023 to 0.040) llama
+    0.005-0.010 / 0.010 / 5.0, phi 0.012 / 0.012 / 3.6, gemma2 0.008-0.015 / 0.017 / 3.2. A one-position shift
+    misses the bar by 14x or more."""
+    model = tiny(arch, tie_word_embeddings=False)  # untied: the head's gradient is its own
+    input_ids, attention_mask, labels = batch(4, rows=4)  # two pairs: rows 0, 1 chosen, 2, 3 rejected
+    exact, naive, exact_grad, naive_grad = _exact_and_naive_bf16(model, input_ids, attention_mask, labels)
+    head = model.get_output_embeddings()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if entry == "causal_lm_logps":
+            got, _ = causal_lm_logps(model, input_ids, attention_mask, labels, impl="torch")
+            total = got.sum()
+        else:
+            losses, metrics = causal_lm_pair_loss(
+                model, input_ids, attention_mask, labels, summed_logps_loss, ref_logps=torch.zeros(4), impl="torch"
+            )
+            got, total = torch.cat([metrics["logps/chosen"], metrics["logps/rejected"]]), losses.sum()
+    (grad,) = torch.autograd.grad(total, [head.weight])
+    assert head.weight.dtype == torch.float32 and grad.dtype == torch.float32
+    for what, value, budget, oracle in (("logps", got, naive, exact), ("grad lm_head", grad, naive_grad, exact_grad)):
+        err = (value.double() - oracle).abs().max().item()
+        allowed = 2 * (budget.double() - oracle).abs().max().item() + 1e-3 * oracle.abs().max().item()
+        assert err <= allowed, f"{arch} {what}: error {err:.3g} vs float64, allowed {allowed:.3g}"
