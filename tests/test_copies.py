@@ -95,7 +95,9 @@ def test_readme_line_figures_are_the_checkers():
     """README "How the code is organised" states each script's figures as the checker prints them."""
     import re
 
-    printed = dict(re.findall(r"(\w+)\.py: (\d+ lines, \d+) method-specific", check().stdout))
+    out = check().stdout
+    printed = dict(re.findall(r"(\w+)\.py: (\d+ lines, \d+) method-specific", out))
     readme = (ROOT / "README.md").read_text()
     stated = {name: f"{total} lines, {own}" for name, total, own in re.findall(r"`(\w+)\.py` (\d+) / (\d+)", readme)}
+    assert set(printed) == set(SCRIPTS), out  # both patterns match, for every script: not {} == {}
     assert stated == printed

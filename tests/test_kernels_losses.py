@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfpo_kernels import pair_loss
+from selfpo_kernels import daa_loss_fn, pair_loss
 
 LOG2 = math.log(2.0)
 
@@ -149,15 +149,28 @@ def test_simpo_equal_averages():
 
 
 def test_simpo_length_normalisation():
-    """repeating a response's tokens (doubling length, same average) keeps the SimPO reward."""
-    token_logps = -torch.rand(9)
+    """SimPO's reward is beta * S / |y| (Meng et al. 2024, eq. 4; ALGORITHMS.md §7.5.3): fed summed log-probs and
+    token counts, as the fused op feeds them, repeating a response's tokens (twice the length, the same average)
+    keeps its reward and the loss, whereas the summed reward doubles; and the loss is the formula on S / |y|."""
+    beta, gamma = 2.0, 1.6
+    token_logps = -torch.rand(9, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     doubled = torch.cat([token_logps, token_logps])
-    assert math.isclose(doubled.mean().item(), token_logps.mean().item(), rel_tol=1e-6)
-    assert math.isclose(doubled.sum().item(), 2 * token_logps.sum().item(), rel_tol=1e-6)
-    other = torch.tensor([-0.9])
-    short = pair_loss(token_logps.mean().reshape(1), other, kind="simpo", beta=2.0, gamma=1.6)
-    long = pair_loss(doubled.mean().reshape(1), other, kind="simpo", beta=2.0, gamma=1.6)
-    torch.testing.assert_close(short, long)
+    rejected = torch.tensor([-0.9 * 5])  # 5 tokens of -0.9: a length unlike either chosen one
+    simpo = daa_loss_fn("simpo", beta=beta, gamma=gamma)
+    dpo_sum = daa_loss_fn("dpo", beta=beta)  # a summed-log-prob reward, reference 0
+    zero, five = torch.zeros(1), torch.tensor([5.0])
+    rewards, losses, summed = {}, {}, {}
+    for name, tokens in (("short", token_logps), ("long", doubled)):
+        total, count = tokens.sum().float().reshape(1), torch.tensor([float(len(tokens))])
+        losses[name], rewards[name], _ = simpo(total, rejected, None, None, count, five)
+        summed[name] = dpo_sum(total, rejected, zero, zero, count, five)[1]
+        average = tokens.sum().item() / len(tokens)
+        expected = math.log1p(math.exp(-(beta * (average - (-0.9)) - gamma)))  # softplus(-(beta (A_w - A_l) - gamma))
+        assert math.isclose(losses[name].item(), expected, rel_tol=1e-5), (name, losses[name].item(), expected)
+        assert math.isclose(rewards[name].item(), beta * average, rel_tol=1e-5)
+    torch.testing.assert_close(losses["long"], losses["short"])
+    torch.testing.assert_close(rewards["long"], rewards["short"])
+    torch.testing.assert_close(summed["long"], 2 * summed["short"])
 
 
 def test_simpo_official_form():

@@ -7,6 +7,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
 import random
 import re
 import subprocess
@@ -87,14 +88,43 @@ def test_oracle_decreases_with_corruption():
         assert abs(mean - 10 * (1 - level)) < 0.3, (level, mean)
 
 
+SCORE_IN_A_FRESH_PROCESS = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("toy_oracle", sys.argv[1])
+oracle = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(oracle)
+print(json.dumps([oracle.score(p, r) for p, r in json.load(sys.stdin)]))
+"""
+
+
 def test_oracle_is_deterministic_and_ignores_prefixes():
+    """The score is the per-position credit written out here (the successor of a letter is never the letter, so a
+    corrupted position earns nothing): 10 * (letters kept) / (letters); the same behind every prefix the methods
+    put before the task, and the same in fresh processes with other hash seeds (no dependence on set or dict order)."""
     rng = random.Random(4)
+    pairs, expected = [], []
     for prompt in many_prompts(200, seed=5):
-        response = oracle.corrupt(oracle.perfect_answer(prompt), 0.5, rng)
-        expected = oracle.score(prompt, response)
-        assert oracle.score(prompt, response) == expected
-        for prefix in PREFIXES:
-            assert oracle.score(f"{prefix} {prompt}", response) == expected
+        answer = sorted(prompt.split(": ", 1)[1].split())
+        wrong = {i for i in range(len(answer)) if rng.random() < 0.5}
+        response = " ".join(
+            chr((ord(c) - ord("a") + 1) % 26 + ord("a")) if i in wrong else c for i, c in enumerate(answer)
+        )
+        pairs.append((prompt, response))
+        expected.append(10.0 * (len(answer) - len(wrong)) / len(answer))
+    assert 0.0 in expected and 10.0 in expected and len(set(expected)) > 5  # the cases span the scale
+    assert [oracle.score(p, r) for p, r in pairs] == pytest.approx(expected, abs=1e-12)
+    for prefix in PREFIXES:
+        assert [oracle.score(f"{prefix} {p}", r) for p, r in pairs] == pytest.approx(expected, abs=1e-12)
+    for hash_seed in ("1", "2"):
+        res = subprocess.run(
+            [sys.executable, "-c", SCORE_IN_A_FRESH_PROCESS, str(TOY / "oracle.py")],
+            input=json.dumps(pairs),
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+            check=True,
+        )
+        assert json.loads(res.stdout) == pytest.approx(expected, abs=1e-12), hash_seed
     with pytest.raises(ValueError, match="no toy task"):
         oracle.score("What is the capital of France?", "Paris")
 
