@@ -17,6 +17,7 @@ import argparse
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -463,15 +464,59 @@ def copy_project(dest: Path):
         shutil.copy2(ROOT / name, target)
 
 
+def preload():
+    """Import the heavy libraries once, here: each mutant's tests run in a fork of this process (a second or two
+    each instead of a fresh interpreter's import of torch and transformers). The project's own modules are never
+    imported here, so every fork imports them from the mutated copy."""
+    os.environ.update(OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
+    import torch
+
+    if not torch.cuda.is_available():  # as tests/conftest.py, before anything imports triton
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import pytest  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import torch._dynamo  # noqa: F401  (what torch.library's custom ops pull in)
+    import torch.distributed.fsdp  # noqa: F401
+    import transformers  # noqa: F401
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+    import tyro  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
+
+
 def run_tests(copy: Path, tests: str, timeout: int) -> tuple[int, str, float]:
-    env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-    argv = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *shlex.split(tests)]
-    start = time.time()
-    try:
-        res = subprocess.run(argv, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
-        return res.returncode, res.stdout[-2000:] + res.stderr[-2000:], time.time() - start
-    except subprocess.TimeoutExpired:
-        return -1, f"timed out after {timeout} s", time.time() - start
+    """pytest on `tests` in a fork whose working folder and first import path are the copy; (exit code, output's
+    end, seconds). Scripts the tests start as subprocesses find the copy through PYTHONPATH."""
+    log, start = copy / ".mutant.log", time.time()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 3
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.chdir(copy)
+            sys.path.insert(0, str(copy))
+            os.environ["PYTHONPATH"] = str(copy)
+            import pytest
+
+            code = int(pytest.main(["-q", "-x", "-p", "no:cacheprovider", *shlex.split(tests)]))
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    deadline = start + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.time() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return -1, f"timed out after {timeout} s", time.time() - start
+        time.sleep(0.05)
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    return os.waitstatus_to_exitcode(status), tail, time.time() - start
 
 
 def main(argv=None) -> int:
@@ -496,6 +541,7 @@ def main(argv=None) -> int:
             sys.exit(f"tests/mutants.py: {m.name}: its `old` text stands {count} times in {m.file}, expected once")
     tmp = Path(tempfile.mkdtemp(prefix="selfpo-mutants-"))
     copy_project(tmp)
+    preload()
     survivors, errors, start = [], [], time.time()
     try:
         # the selections pass on the project as it is: a mutant is killed by its bug, not by a broken test
