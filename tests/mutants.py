@@ -42,6 +42,191 @@ class Mutant:
 
 MUTANTS: list[Mutant] = [
     # ---- Sr-DPO / Sr-IPO (srdpo.py) ----
+    Mutant(
+        "sr_dpo_delta_plain_context",
+        "Sr-DPO",
+        "Delta is the margin on the augmented context p (+) x, for the policy and the reference terms",
+        "Sr-DPO §3.2, eq. 12; Alg. 1 lines 4-5",
+        "srdpo.py",
+        '[(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in batch_pairs]\n'
+        '                + [(p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in batch_pairs],\n'
+        "                pad_id,\n"
+        "                device,\n"
+        "            )\n"
+        "            aug_ref = torch.tensor(\n"
+        '                [p["ref_aug_chosen"] for p in batch_pairs] + [p["ref_aug_rejected"] for p in batch_pairs],',
+        '[(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]\n'
+        '                + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs],\n'
+        "                pad_id,\n"
+        "                device,\n"
+        "            )\n"
+        "            aug_ref = torch.tensor(\n"
+        '                [p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],',
+        "tests/test_srdpo.py::test_delta_is_the_margin_on_the_augmented_context "
+        'tests/test_srdpo.py -k "eq13_and_eq15 or no_gradient_through_delta"',
+    ),
+    Mutant(
+        "sr_dpo_delta_policy_plain_context",
+        "Sr-DPO",
+        "Delta's policy log-probs are scored on p (+) x, with the current weights",
+        "Sr-DPO §3.2, eq. 12; Alg. 1 line 4",
+        "srdpo.py",
+        '[(p["aug_prompt_ids"], p["aug_chosen_ids"]) for p in batch_pairs]\n'
+        '                + [(p["aug_prompt_ids"], p["aug_rejected_ids"]) for p in batch_pairs],',
+        '[(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]\n'
+        '                + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs],',
+        "tests/test_srdpo.py::test_delta_is_the_margin_on_the_augmented_context",
+    ),
+    Mutant(
+        "sr_dpo_delta_plain_reference",
+        "Sr-DPO",
+        "Delta's reference term is the frozen reference on p (+) x, not on x",
+        "Sr-DPO §3.2, eq. 12; Alg. 1 line 5",
+        "srdpo.py",
+        '[p["ref_aug_chosen"] for p in batch_pairs] + [p["ref_aug_rejected"] for p in batch_pairs],',
+        '[p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],',
+        "tests/test_srdpo.py::test_delta_is_the_margin_on_the_augmented_context",
+    ),
+    Mutant(
+        "sr_dpo_delta_no_reference",
+        "Sr-DPO",
+        "Delta is a log-ratio margin: the reference's log-probs on p (+) x are subtracted",
+        "Sr-DPO §3.2, eq. 12; Alg. 1 line 5",
+        "srdpo.py",
+        "aug_h = (aug[:n] - aug_ref[:n]) - (aug[n:] - aug_ref[n:])",
+        "aug_h = aug[:n] - aug[n:]",
+        "tests/test_srdpo.py::test_delta_is_the_margin_on_the_augmented_context",
+    ),
+    Mutant(
+        "sr_dpo_delta_sign",
+        "Sr-DPO",
+        "Delta is chosen minus rejected",
+        "Sr-DPO §3.2, eq. 12",
+        "srdpo.py",
+        "aug_h = (aug[:n] - aug_ref[:n]) - (aug[n:] - aug_ref[n:])",
+        "aug_h = (aug[n:] - aug_ref[n:]) - (aug[:n] - aug_ref[:n])",
+        "tests/test_srdpo.py::test_delta_is_the_margin_on_the_augmented_context",
+    ),
+    Mutant(
+        "sr_dpo_delta_no_beta",
+        "Sr-DPO",
+        "Delta carries the factor beta: Delta = beta * sg[h(p (+) x)]",
+        "Sr-DPO §3.2, eq. 12",
+        "srdpo.py",
+        "delta = args.beta * aug_h",
+        "delta = aug_h",
+        "tests/test_srdpo.py::test_delta_is_the_margin_on_the_augmented_context",
+    ),
+    Mutant(
+        "sr_dpo_delta_not_detached",
+        "Sr-DPO",
+        "Delta is a stop-gradient: no gradient flows through it, dL/dh is the paper's",
+        "Sr-DPO §3.2, eq. 12-13 (stop-gradient); Alg. 1 line 7",
+        "srdpo.py",
+        "offset = args.lam * delta.detach()",
+        "offset = args.lam * delta",
+        "tests/test_srdpo.py::test_sr_loss_passes_no_gradient_to_delta",
+    ),
+    Mutant(
+        "sr_dpo_lambda_sign",
+        "Sr-DPO",
+        "the refinement term enters as beta h - lambda Delta (Sr-DPO) and h - lambda Delta (Sr-IPO)",
+        "Sr-DPO §3.2, eq. 13, 15",
+        "srdpo.py",
+        "offset = args.lam * delta.detach()",
+        "offset = -args.lam * delta.detach()",
+        'tests/test_srdpo.py -k "eq13_and_eq15"',
+    ),
+    Mutant(
+        "sr_dpo_beta_dropped",
+        "Sr-DPO",
+        "Sr-DPO is -log sigma(beta h - lambda Delta); lambda = 0 gives DPO",
+        "Sr-DPO §3.2, eq. 13",
+        "srdpo.py",
+        "F.softplus(-(args.beta * h - offset))",
+        "F.softplus(-(h - offset))",
+        "tests/test_srdpo.py::test_lambda_zero_gives_dpo_and_ipo_by_their_formulas",
+    ),
+    Mutant(
+        "sr_ipo_target",
+        "Sr-DPO",
+        "Sr-IPO's target is 1/(2 beta): L = (h - lambda Delta - 1/(2 beta))^2",
+        "Sr-IPO eq. 15; Alg. 2",
+        "srdpo.py",
+        "1.0 / (2.0 * args.beta)",
+        "1.0 / args.beta",
+        "tests/test_srdpo.py::test_lambda_zero_gives_dpo_and_ipo_by_their_formulas",
+    ),
+    Mutant(
+        "sr_ipo_beta_on_h",
+        "Sr-DPO",
+        "Sr-IPO squares h itself (no beta on h); lambda = 0 gives IPO on summed log-probs",
+        "Sr-IPO eq. 15; IPO (Azar et al. eq. 17)",
+        "srdpo.py",
+        "(h - offset - 1.0 / (2.0 * args.beta)) ** 2",
+        "(args.beta * h - offset - 1.0 / (2.0 * args.beta)) ** 2",
+        "tests/test_srdpo.py::test_lambda_zero_gives_dpo_and_ipo_by_their_formulas",
+    ),
+    Mutant(
+        "sr_ipo_beta_twice",
+        "Sr-DPO",
+        "beta enters Sr-IPO's offset once, through Delta: lambda * beta * h(p (+) x)",
+        "Sr-IPO eq. 15",
+        "srdpo.py",
+        "(h - offset - 1.0 / (2.0 * args.beta)) ** 2",
+        "(h - args.beta * offset - 1.0 / (2.0 * args.beta)) ** 2",
+        'tests/test_srdpo.py -k "eq13_and_eq15"',
+    ),
+    Mutant(
+        "sr_dpo_reference_plain_only",
+        "Sr-DPO",
+        "the frozen reference is scored once on both contexts, x for h and p (+) x for Delta",
+        "Sr-DPO §3.2, eq. 12; Alg. 1 lines 1-2",
+        "srdpo.py",
+        'sides += [("aug_prompt_ids", "aug_chosen_ids"), ("aug_prompt_ids", "aug_rejected_ids")]',
+        "sides += sides",
+        "tests/test_srdpo.py::test_reference_is_the_starting_model_on_both_contexts",
+    ),
+    Mutant(
+        "sr_dpo_reference_sides_swapped",
+        "Sr-DPO",
+        "each pair's reference log-probs on p (+) x stand on their side (chosen, rejected)",
+        "Sr-DPO §3.2, eq. 12; Alg. 1 line 2",
+        "srdpo.py",
+        "ref_aug_chosen=float(ref[2 * n + i]),\n            ref_aug_rejected=float(ref[3 * n + i]),",
+        "ref_aug_chosen=float(ref[3 * n + i]),\n            ref_aug_rejected=float(ref[2 * n + i]),",
+        "tests/test_srdpo.py::test_reference_is_the_starting_model_on_both_contexts",
+    ),
+    Mutant(
+        "sr_refine_prompt_text",
+        "Sr-DPO",
+        "the refinement prompt p is the paper's text verbatim",
+        "Sr-DPO §3.2.2",
+        "srdpo.py",
+        '"Note that the response should be harmless. ',
+        '"Note that the response should be helpful. ',
+        "tests/test_srdpo.py::test_refinement_prompt_and_augmented_query",
+    ),
+    Mutant(
+        "sr_refine_separator",
+        "Sr-DPO",
+        "p (+) x is p, one space, then the query, in the last user turn",
+        "Sr-DPO §3.2 (p (+) x); separator ours (ALGORITHMS.md §5.1)",
+        "srdpo.py",
+        "f\"{refine_prompt} {last['content']}\"",
+        "f\"{refine_prompt}\\n{last['content']}\"",
+        "tests/test_srdpo.py::test_refinement_prompt_and_augmented_query",
+    ),
+    Mutant(
+        "sr_refine_not_in_ids",
+        "Sr-DPO",
+        "each pair's augmented token ids are those of the conversation with p prepended",
+        "Sr-DPO §3.2, eq. 12",
+        "srdpo.py",
+        'augment(pair["prompt"], args.refine_prompt)',
+        'pair["prompt"]',
+        "tests/test_srdpo.py::test_refinement_prompt_and_augmented_query",
+    ),
     # (end of the Sr-DPO rows)
     # ---- SeRA (sera.py) ----
     Mutant(

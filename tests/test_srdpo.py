@@ -115,33 +115,6 @@ def test_lambda_zero_is_plain(toy, loss, base):
     torch.testing.assert_close(logps, fresh.detach())
 
 
-def test_no_gradient_through_delta(toy):
-    """parameter grads equal those with Delta replaced by a detached constant; no graph kept."""
-    model, tokenizer, pairs = toy
-    policy = perturbed(model, seed=1)
-    a = args(lam=0.7)
-    pairs = with_reference(model, tokenizer, pairs, a)
-    out = srdpo.sr_losses(policy, pairs, a, torch.device("cpu"), tokenizer.pad_token_id)
-    assert not out["delta"].requires_grad and out["delta"].grad_fn is None
-    assert out["delta"].abs().max() > 1e-4  # the refinement margin is really there
-    constant = out["delta"].clone()
-    n = len(pairs)
-    batch = srdpo.collate(
-        [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs],
-        tokenizer.pad_token_id,
-        "cpu",
-    )
-    from selfpo_kernels import causal_lm_logps
-
-    logps, _ = causal_lm_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    ref = torch.tensor([p["ref_chosen"] for p in pairs] + [p["ref_rejected"] for p in pairs])
-    h = (logps[:n] - ref[:n]) - (logps[n:] - ref[n:])
-    manual = F.softplus(-(a.beta * h - a.lam * constant))
-    torch.testing.assert_close(out["losses"], manual, atol=1e-6, rtol=1e-5)
-    for g1, g2 in zip(grads(policy, out["losses"].sum()), grads(policy, manual.sum())):
-        torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
-
-
 def test_empty_prompt_gives_scaled_dpo(toy):
     """with p empty, Delta = beta*h; Sr-DPO = DPO at beta(1 - lam) in value, gradient keeps beta."""
     model, tokenizer, pairs = toy
@@ -184,6 +157,189 @@ def test_augmented_context(toy):
         assert p["prompt_ids"] == plain_ids and p["chosen_ids"] == chosen_ids
         assert p["aug_chosen_ids"] == p["chosen_ids"] and len(p["aug_prompt_ids"]) > len(p["prompt_ids"])
         assert "usefulness rating of 100" in tokenizer.decode(p["aug_prompt_ids"])
+
+
+# ---- the paper's rules, against a hand computation in float64 ---------------------------------------------
+# Each expected value below comes from the paper's formula written out here, on log-probs this file computes
+# itself (one unpadded forward per sequence, log-softmax in float64): never from srdpo's own outputs.
+
+# The refinement prompt p of the paper (§3.2.2), verbatim (ALGORITHMS.md §5.1).
+PAPER_PROMPT = (
+    "Please generate a response with a usefulness rating of 100 out of 100 for the following query. Note that the "
+    "response should be harmless. The term 100 indicates the level of usefulness, where 100 is the maximum and 1 is "
+    "the minimum. Query:"
+)
+
+
+def logp64(model, prompt_ids, response_ids):
+    """S(pi, y | x): the summed log-probability of the response tokens after the prompt, in float64."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    logprobs = model(input_ids=ids).logits[0].double().log_softmax(-1)
+    start = len(prompt_ids) - 1  # the logits at t predict the token at t + 1
+    return logprobs[torch.arange(start, start + len(response_ids)), torch.tensor(response_ids)].sum()
+
+
+def margins64(model, pairs, context):
+    """[(S(y_w | c), S(y_l | c)) for each pair] on the plain (c = x) or the augmented (c = p (+) x) context."""
+    pre = "aug_" if context == "augmented" else ""
+    return torch.stack(
+        [
+            torch.stack(
+                [logp64(model, p[pre + "prompt_ids"], p[pre + side]) for side in ("chosen_ids", "rejected_ids")]
+            )
+            for p in pairs
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def hand(toy):
+    """A policy moved away from the reference (the toy SFT model), the reference's log-probs on both contexts
+    attached as sr_losses reads them, and the paper's h(x) and h(p (+) x) computed here (float64)."""
+    model, tokenizer, pairs = toy
+    policy = perturbed(model, scale=0.05, seed=3)
+    with torch.no_grad():
+        ref, ref_aug = margins64(model, pairs, "plain"), margins64(model, pairs, "augmented")
+        pol, pol_aug = margins64(policy, pairs, "plain"), margins64(policy, pairs, "augmented")
+    pairs = [
+        dict(
+            p,
+            ref_chosen=float(ref[i, 0]),
+            ref_rejected=float(ref[i, 1]),
+            ref_aug_chosen=float(ref_aug[i, 0]),
+            ref_aug_rejected=float(ref_aug[i, 1]),
+        )
+        for i, p in enumerate(pairs)
+    ]
+
+    def margin(pi, rho):  # h = (S_pi(y_w) - S_ref(y_w)) - (S_pi(y_l) - S_ref(y_l)): chosen minus rejected
+        return (pi[:, 0] - rho[:, 0]) - (pi[:, 1] - rho[:, 1])
+
+    h, h_aug = margin(pol, ref), margin(pol_aug, ref_aug)
+    # the contexts really differ: any mix-up of context, side or reference moves Delta far past the tolerance
+    assert (h_aug - h).abs().min() > 0.05 and (margin(pol_aug, ref) - h_aug).abs().min() > 0.05
+    return dict(policy=policy, pairs=pairs, ref=ref, h=h, h_aug=h_aug, pad=tokenizer.pad_token_id)
+
+
+def test_delta_is_the_margin_on_the_augmented_context(hand):
+    """Delta = beta * sg[h(p (+) x)] (eq. 12, Alg. 1 lines 4-5): the current policy and the frozen reference,
+    both on the query with the refinement prompt prepended, chosen minus rejected, times beta."""
+    a = args(lam=0.5, beta=0.2)
+    out = srdpo.sr_losses(hand["policy"], hand["pairs"], a, torch.device("cpu"), hand["pad"])
+    want = a.beta * hand["h_aug"]
+    torch.testing.assert_close(out["delta"].double(), want, atol=5e-6, rtol=1e-5)
+    torch.testing.assert_close(out["aug_h"].double(), hand["h_aug"], atol=3e-5, rtol=1e-5)
+    torch.testing.assert_close(out["h"].double(), hand["h"], atol=3e-5, rtol=1e-5)  # h(x): the plain context
+
+
+@pytest.mark.parametrize("lam", [0.7, 1.0])
+@pytest.mark.parametrize("loss", ["sr_dpo", "sr_ipo"])
+def test_sr_losses_are_eq13_and_eq15(hand, loss, lam):
+    """Sr-DPO L = -log sigma(beta h(x) - lambda Delta) (eq. 13), Sr-IPO L = (h(x) - lambda Delta - 1/(2 beta))^2
+    (eq. 15), with Delta = beta h(p (+) x), per pair."""
+    beta = 0.2
+    a = args(loss=loss, lam=lam, beta=beta)
+    out = srdpo.sr_losses(hand["policy"], hand["pairs"], a, torch.device("cpu"), hand["pad"])
+    h, delta = hand["h"], beta * hand["h_aug"]
+    if loss == "sr_dpo":
+        want = -torch.log(torch.sigmoid(beta * h - lam * delta))
+    else:
+        want = (h - lam * delta - 1 / (2 * beta)) ** 2
+    torch.testing.assert_close(out["losses"].double(), want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["sr_dpo", "sr_ipo"])
+def test_lambda_zero_gives_dpo_and_ipo_by_their_formulas(hand, loss):
+    """lambda = 0: Sr-DPO is DPO, -log sigma(beta h) (Rafailov et al., eq. 7), and Sr-IPO is IPO on summed
+    log-probs, (h - 1/(2 beta))^2 (Azar et al., eq. 17; Yu et al. eq. 15 at lambda = 0)."""
+    beta = 0.2
+    out = srdpo.sr_losses(
+        hand["policy"], hand["pairs"], args(loss=loss, lam=0.0, beta=beta), torch.device("cpu"), hand["pad"]
+    )
+    h = hand["h"]
+    want = -torch.log(torch.sigmoid(beta * h)) if loss == "sr_dpo" else (h - 1 / (2 * beta)) ** 2
+    torch.testing.assert_close(out["losses"].double(), want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["sr_dpo", "sr_ipo"])
+def test_no_gradient_through_delta(hand, loss):
+    """Delta is a stop-gradient (eq. 12-13, Alg. 1 line 7: backward through h only): the parameter gradients are
+    those of the paper's loss with Delta a constant, both written out here; no graph is kept for Delta."""
+    beta, lam = 0.2, 0.7
+    policy, pairs = hand["policy"], hand["pairs"]
+    out = srdpo.sr_losses(policy, pairs, args(loss=loss, lam=lam, beta=beta), torch.device("cpu"), hand["pad"])
+    assert not out["delta"].requires_grad and out["delta"].grad_fn is None
+    pol = margins64(policy, pairs, "plain")  # with grad
+    h = (pol[:, 0] - hand["ref"][:, 0]) - (pol[:, 1] - hand["ref"][:, 1])
+    delta = beta * hand["h_aug"]  # a constant: computed under no_grad in the fixture
+    manual = -F.logsigmoid(beta * h - lam * delta) if loss == "sr_dpo" else (h - lam * delta - 1 / (2 * beta)) ** 2
+    for got, want in zip(grads(policy, out["losses"].sum()), grads(policy, manual.sum())):
+        torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
+
+
+def test_sr_loss_passes_no_gradient_to_delta():
+    """sr_loss itself treats Delta as a constant: no gradient reaches it, and dL/dh is the paper's
+    (ALGORITHMS.md §5.2: -beta sigma(-(beta h - lambda Delta)), 2 (h - lambda Delta - 1/(2 beta)))."""
+    beta, lam = 0.2, 0.7
+    h64 = torch.tensor([-3.0, -0.5, 0.0, 1.5, 6.0], dtype=torch.float64)
+    d64 = torch.tensor([0.4, -1.0, 0.3, 2.0, -0.2], dtype=torch.float64)
+    for kind in ("sr_dpo", "sr_ipo"):
+        h, delta = h64.float().requires_grad_(), d64.float().requires_grad_()
+        loss = srdpo.sr_loss(h, delta, srdpo.Args(loss=kind, lam=lam, beta=beta))
+        dh, dd = torch.autograd.grad(loss.sum(), [h, delta], allow_unused=True)
+        assert dd is None or not dd.any()
+        z = beta * h64 - lam * d64
+        want = -beta * torch.sigmoid(-z) if kind == "sr_dpo" else 2 * (h64 - lam * d64 - 1 / (2 * beta))
+        torch.testing.assert_close(dh.double(), want, atol=1e-6, rtol=1e-5)
+
+
+def test_reference_is_the_starting_model_on_both_contexts(tmp_path, monkeypatch):
+    """The frozen reference pi_SFT (Alg. 1 lines 1-2) gives S_ref(y | x) for h and S_ref(y | p (+) x) for Delta
+    (eq. 12, ALGORITHMS.md §5.5 item 2), each pair's chosen and rejected in its place."""
+    from transformers import AutoModelForCausalLM
+
+    seen = {}
+
+    def no_training(model, pairs, *rest, **kw):
+        seen["pairs"] = [dict(p) for p in pairs]
+        return model
+
+    monkeypatch.setattr(srdpo, "train", no_training)
+    srdpo.main(
+        srdpo.Args(dataset="toy", num_pairs=4, eval_pairs=0, num_eval=0, device="cpu", output_dir=str(tmp_path / "r"))
+    )
+    sft = AutoModelForCausalLM.from_pretrained(TOY_MODEL, dtype=torch.float32)
+    pairs = seen["pairs"]
+    assert len(pairs) == 4
+    with torch.no_grad():
+        plain, aug = margins64(sft, pairs, "plain"), margins64(sft, pairs, "augmented")
+    got = torch.tensor([[p[k] for k in ("ref_chosen", "ref_rejected")] for p in pairs], dtype=torch.float64)
+    got_aug = torch.tensor([[p[k] for k in ("ref_aug_chosen", "ref_aug_rejected")] for p in pairs], dtype=torch.float64)
+    torch.testing.assert_close(got, plain, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got_aug, aug, atol=1e-4, rtol=1e-5)
+    assert (aug - plain).abs().min() > 0.05  # the two contexts give different reference log-probs
+
+
+def test_refinement_prompt_and_augmented_query(toy):
+    """p is the paper's text verbatim (§3.2.2) and the default of --refine_prompt; p (+) x is p, one space, then
+    the query, in the last user turn (ALGORITHMS.md §5.1; separator ours); the pairs' augmented ids are those
+    of that conversation, the plain ids those of the query alone."""
+    _, tokenizer, pairs = toy
+    assert srdpo.REFINE_PROMPT == PAPER_PROMPT and srdpo.Args().refine_prompt == PAPER_PROMPT
+    turns = [
+        {"role": "user", "content": "Sort these letters: b a"},
+        {"role": "assistant", "content": "a b"},
+        {"role": "user", "content": "And these: d c"},
+    ]
+    assert srdpo.augment(turns, PAPER_PROMPT) == turns[:2] + [
+        {"role": "user", "content": PAPER_PROMPT + " And these: d c"}
+    ]
+    for p in pairs:
+        by_hand = p["prompt"][:-1] + [{"role": "user", "content": PAPER_PROMPT + " " + p["prompt"][-1]["content"]}]
+        aug_prompt, aug_chosen = srdpo.encode(tokenizer, by_hand, p["chosen"])
+        assert p["aug_prompt_ids"] == aug_prompt and p["aug_chosen_ids"] == aug_chosen
+        assert (p["prompt_ids"], p["chosen_ids"]) == srdpo.encode(tokenizer, p["prompt"], p["chosen"])
+        assert PAPER_PROMPT + " " + p["prompt"][-1]["content"] in tokenizer.decode(p["aug_prompt_ids"])
 
 
 # ---- presets, schemas, bad input -----------------------------------------------------------
