@@ -20,6 +20,7 @@ import torch
 
 from selfpo_kernels import daa_loss_fn, pair_loss_from_hidden
 
+pytestmark = pytest.mark.smoke  # also in the newest-releases environment (.ci/run)
 BETA, GAMMA, EPS = 0.7, 0.4, 0.2
 KINDS = ["dpo", "cdpo", "ipo", "hinge", "simpo"]
 

@@ -98,6 +98,7 @@ def test_values_and_grads_vs_float64(impl, dtype, shape, temperature, softcap):
         assert g <= 2 * b + floor, f"{impl} {dtype} {name}: error {g:.3g} vs naive {b:.3g}"
 
 
+@pytest.mark.smoke  # also in the newest-releases environment (.ci/run)
 @pytest.mark.parametrize("impl,dtype", [c for c in impls_and_dtypes() if c[1] == torch.float32])
 def test_fp32_absolute_accuracy(impl, dtype):
     """In fp32 the fused result is within 1e-4 (relative to the magnitude) of float64."""
@@ -207,6 +208,7 @@ def test_gradient_rows_sum_to_zero(impl):
     assert gw[:, 0].abs().max().item() > 1e-2  # and it is not trivially zero
 
 
+@pytest.mark.smoke  # also in the newest-releases environment (.ci/run)
 @pytest.mark.parametrize("impl", [c[0] for c in impls_and_dtypes() if c[1] == torch.float32])
 def test_causal_alignment(impl):
     """logits putting all mass on labels[t] at position t give ~0; shifted by one they do not."""
@@ -253,6 +255,7 @@ def test_triton_multi_chunk_backward(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.smoke  # also in the newest-releases environment (.ci/run)
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_bf16_logits_fp32_accumulation(impl):
     """bf16 inputs, fp32 log-softmax: error below 1e-3 per token.

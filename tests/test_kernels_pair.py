@@ -221,6 +221,7 @@ def _workspace(rows, vocab=53, dtype=torch.float32, impl="torch"):
     return rows * vocab * itemsize
 
 
+@pytest.mark.smoke  # also in the newest-releases environment (.ci/run)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("loss_name", list(LOSSES))
 @pytest.mark.parametrize("workspace", list(WORKSPACES))
