@@ -59,6 +59,9 @@ def test_templates_verbatim():
 def test_schedule_and_learning_rates():
     base = args(model="mistral-7b")
     assert base.rejected_scores[:3] == [3, 5, 7] and base.lrs == [3e-7, 1e-7, 1e-8]
+    # M = 3 (paper §4.1); one epoch per iteration, cosine with warmup 0.1, global batch 128 (SimPO's settings)
+    assert (base.iterations, base.epochs, base.scheduler, base.warmup_ratio) == (3, 1, "cosine", 0.1)
+    assert base.global_batch == 128 and base.loss == "simpo"
     assert (base.beta, base.gamma) == (2.0, 1.6)
     instruct = args(model="mistral-7b-instruct")
     assert instruct.lrs == [5e-7, 1e-7, 1e-8] and (instruct.beta, instruct.gamma) == (2.5, 0.25)
@@ -73,6 +76,9 @@ def test_schedule_and_learning_rates():
         "I'd rate this 10/10",
         "This deserves a score of 7",
         "a perfect score indeed",
+        "Here is my top-notch answer:",
+        "This reply merits the highest score.",
+        "I think 3 out of 10 fits.",
     ],
 )
 def test_filter_drops_score_talk(text):
@@ -91,7 +97,160 @@ def test_pairs_are_dropped_whole_and_counted():
     counts = {}
     pairs = opsr.build_pairs(prompts, chosen, rejected, counts)
     assert [p["prompt"][0]["content"] for p in pairs] == ["q0"]
+    assert (pairs[0]["chosen"], pairs[0]["rejected"]) == ("good", "bad")  # the 10/10 sample is the chosen side
     assert counts == {"score_leak": 2, "identical": 1, "empty": 1, "truncated": 1}
+
+
+# the two prefixes of paper §3.3, written out: the 10/10 one gives the chosen answer, the s/10 one the rejected
+CHOSEN_TEXT = "Please produce a top-notch response that merits a perfect score of 10 out of 10. "
+REJECTED_TEXT = "Please produce a good response that merits a perfect score of {} out of 10. "
+
+
+def prefix_sampler(calls: list):
+    """A stand-in for generate(): one answer per prompt, "a b c" under the 10/10 prefix and "c b a <s>" under the
+    s/10 prefix (the prefix read back from the user turn's text); any other prompt is an error."""
+
+    def fake_generate(model, tokenizer, prompts, n, **kw):
+        calls.append((n, [p[-1]["content"] for p in prompts]))
+        out = []
+        for prompt in prompts:
+            content = prompt[-1]["content"]
+            if content.startswith(CHOSEN_TEXT):
+                out.append([("a b c", True)] * n)
+                continue
+            score = next(s for s in range(1, 10) if content.startswith(REJECTED_TEXT.format(s)))
+            out.append([(f"c b a {'x ' * score}".strip(), True)] * n)
+        return out
+
+    return fake_generate
+
+
+def test_online_pairs_take_chosen_from_the_10_prefix_and_rejected_from_s_m(monkeypatch):
+    """Iteration m (paper §3.3-3.4, Fig. 2): one sample per prefix, the 10/10 sample is chosen, the s_m/10 sample
+    rejected with s_m = 3, 5, 7 for m = 1, 2, 3; the pair is stored and encoded under the plain prompt x."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL)
+    pool = [[{"role": "user", "content": f"Sort these letters: {w}"}] for w in ("q d m", "z b", "k a e")]
+    calls = []
+    monkeypatch.setattr(opsr, "generate", prefix_sampler(calls))
+    a = args(iterations=3)
+    for m, s_m in ((1, 3), (2, 5), (3, 7)):
+        calls.clear()
+        pairs, stats = opsr.online_pairs(None, tokenizer, pool, m, "prev", a, "cpu", {})
+        asked = sorted(text for _, texts in calls for text in texts)
+        expected = [CHOSEN_TEXT + p[-1]["content"] for p in pool] + [
+            REJECTED_TEXT.format(s_m) + p[-1]["content"] for p in pool
+        ]
+        assert asked == sorted(expected) and all(n == 1 for n, _ in calls)  # one sample per prefix and prompt
+        rejected = " ".join(["c b a"] + ["x"] * s_m)
+        assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a b c", rejected)] * len(pool)
+        assert [p["prompt"] for p in pairs] == pool and stats["opsr/rejected_score"] == s_m
+        for p, prompt in zip(pairs, pool):
+            assert (p["iteration"], p["rejected_score"]) == (m, s_m)
+            assert p["prompt_ids"] == opsr.encode(tokenizer, prompt)[0]  # trained on x, never on the prefixed prompt
+            assert p["chosen_ids"] == opsr.encode(tokenizer, prompt, "a b c")[1]
+            assert p["rejected_ids"] == opsr.encode(tokenizer, prompt, rejected)[1]
+
+
+def sequence_logps_f64(model, prompt_ids, response_ids):
+    """S(pi, y | x) in float64: the log-softmax of the logits at t - 1 gathered at y_t, summed over the response."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    logits = model(ids).logits[0].double()
+    logps = torch.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None])[:, 0]
+    return logps[len(prompt_ids) - 1 :].sum()
+
+
+def test_simpo_step_is_the_length_normalised_reference_free_formula(monkeypatch):
+    """The iterations' loss (paper Table 1: SimPO; §4.1: length-normalised reward and target margin): one
+    training step's loss and gradient equal, in float64, mean softplus(-(beta*(A_w - A_l) - gamma)) with
+    A = S / |y|, whatever reference log-probs the pairs carry."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL)
+    policy = AutoModelForCausalLM.from_pretrained(TOY_MODEL, dtype=torch.float32)
+    oracle = AutoModelForCausalLM.from_pretrained(TOY_MODEL, dtype=torch.float64)
+    answers = [("a d m q", "b d"), ("b k", "b k z z y"), ("a d m q r", "q"), ("c", "c d e f g h")]
+    pairs = []
+    for i, (chosen, rejected) in enumerate(answers):  # chosen and rejected of different lengths
+        prompt = [{"role": "user", "content": f"Sort these letters: {chosen}"}]
+        p_ids, c_ids = opsr.encode(tokenizer, prompt, chosen)
+        r_ids = opsr.encode(tokenizer, prompt, rejected)[1]
+        pairs.append(
+            dict(
+                prompt_ids=p_ids,
+                chosen_ids=c_ids,
+                rejected_ids=r_ids,
+                ref_chosen=-3.0 * i - 7.0,
+                ref_rejected=5.0 * i - 1.0,
+            )
+        )  # SimPO has no reference: these must not matter
+    beta, gamma = 1.7, 0.9
+    a = args(beta=beta, gamma=gamma, batch_size=4, global_batch=4)
+    grads, logged = [], []
+    step = opsr.optimizer_step
+
+    def capture(trainable, *rest):
+        grads.append([p.grad.detach().clone() for p in trainable])
+        return step(trainable, *rest)
+
+    monkeypatch.setattr(opsr, "optimizer_step", capture)
+    opsr.train_iteration(policy, pairs, 1, a, 1e-4, "cpu", tokenizer.pad_token_id, logged.append, lambda *x: None)
+
+    losses = []
+    for p in pairs:
+        a_w = sequence_logps_f64(oracle, p["prompt_ids"], p["chosen_ids"]) / len(p["chosen_ids"])
+        a_l = sequence_logps_f64(oracle, p["prompt_ids"], p["rejected_ids"]) / len(p["rejected_ids"])
+        losses.append(torch.nn.functional.softplus(-(beta * (a_w - a_l) - gamma)))
+    loss = torch.stack(losses).mean()
+    loss.backward()
+    step_metrics = [m for m in logged if "loss" in m]
+    assert len(grads) == len(step_metrics) == 1
+    assert step_metrics[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    expected = [p.grad for p in oracle.parameters()]
+    assert len(expected) == len(grads[0])
+    for ours, want in zip(grads[0], expected):
+        torch.testing.assert_close(ours.double(), want, atol=1e-6, rtol=1e-4)
+
+
+def test_iterations_use_their_lr_rejected_score_and_reference(tmp_path, monkeypatch):
+    """main (paper §3.2-3.4, §4.1): iteration 0 is the SimPO initialisation on the offline pairs at the first lr;
+    iteration m >= 1 trains on pairs built with s_m at lr_m; with --loss dpo the reference of iteration m is
+    pi_{m-1}, the model iteration m-1 saved (Fig. 2: "the reference model for the next round")."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(opsr, "generate", prefix_sampler([]))
+    seen = []
+
+    def fake_train(model, pairs, t, m_args, lr, *rest, **kw):
+        seen.append((t, lr, m_args.loss, [dict(p) for p in pairs]))
+        with torch.no_grad():  # each "iteration" moves the weights: pi_m differs from pi_{m-1}
+            g = torch.Generator().manual_seed(t)
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        return model
+
+    monkeypatch.setattr(opsr, "train_iteration", fake_train)
+    lrs = [3e-4, 2e-4, 1e-4]
+    out = tmp_path / "o"
+    opsr.main(args(iterations=3, lrs=lrs, loss="dpo", num_prompts=4, num_pairs=6, num_eval=0, output_dir=str(out)))
+    assert [(t, lr, loss) for t, lr, loss, _ in seen] == [
+        (0, lrs[0], "simpo"),  # the initialisation phase is SimPO whatever --loss says
+        (1, lrs[0], "dpo"),
+        (2, lrs[1], "dpo"),
+        (3, lrs[2], "dpo"),
+    ]
+    assert len(seen[0][3]) == 6 and all("rejected_score" not in p for p in seen[0][3])  # the offline pairs
+    for t, s_m in ((1, 3), (2, 5), (3, 7)):
+        pairs = seen[t][3]
+        rejected = " ".join(["c b a"] + ["x"] * s_m)
+        assert pairs and all(p["rejected_score"] == s_m and p["rejected"] == rejected for p in pairs)
+        previous = AutoModelForCausalLM.from_pretrained(out / f"iter_{t - 1}", dtype=torch.float64)
+        with torch.no_grad():
+            for p in pairs:
+                for side in ("chosen", "rejected"):
+                    want = sequence_logps_f64(previous, p["prompt_ids"], p[f"{side}_ids"]).item()
+                    assert p[f"ref_{side}"] == pytest.approx(want, abs=1e-4), (t, side)
 
 
 def test_mocked_iteration_equals_plain_simpo(tmp_path, monkeypatch):
