@@ -8,8 +8,11 @@ to the test's bar, with the margin of the worst run. `--config osp-default` is `
     python benchmarks/learning_sweep.py                                   # all configs, seeds 0-4, 1 and 2 threads
     python benchmarks/learning_sweep.py --configs osp --seeds 0 1 --threads 2
     python benchmarks/learning_sweep.py --jobs 2 --threads 1              # two 1-thread runs side by side
+    python benchmarks/learning_sweep.py --budget tiny --configs srdpo --seeds 0 --threads 1   # plumbing only
 
 Finished runs are reused (their folders are kept under --out); CSV rows go to --out/learning_sweep.csv.
+`--budget tiny` runs benchmarks/claims.py's tiny argument lists instead of the tests' (tests/test_benchmarks.py):
+it checks that the runs, the checks and the table still work together; its numbers say nothing about the bars.
 """
 
 from __future__ import annotations
@@ -24,14 +27,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def _test_argv() -> dict[str, tuple[str, list[str]]]:
+def _test_argv(budget: str = "test") -> dict[str, tuple[str, list[str]]]:
+    if budget == "tiny":  # the plumbing only: each script on claims.py's tiny budget
+        from claims import BUDGETS
+
+        tiny = BUDGETS["tiny"]
+        scripts = {"sera": "sera.py", "srdpo": "srdpo.py", "opsr": "opsr.py", "osp": "osp.py", "osp-default": "osp.py"}
+        return {config: (script, tiny[script]) for config, script in scripts.items()}
     import test_opsr
     import test_osp
     import test_runs
@@ -114,6 +125,8 @@ class Args:
     out: Path = ROOT / "runs" / "learning_sweep"
     extra_env: list[str] = field(default_factory=list)
     """KEY=VALUE pairs for every run, e.g. ATEN_CPU_CAPABILITY=avx2 to take the AVX2 kernels on an AVX-512 CPU"""
+    budget: Literal["test", "tiny"] = "test"
+    """test: each learning test's configuration; tiny: claims.py's tiny budget (the plumbing only, own folders)"""
 
 
 def run_script(script: str, argv: list[str], seed: int, out: Path, threads: int, extra_env: list[str] = ()) -> float:
@@ -143,8 +156,8 @@ def run_script(script: str, argv: list[str], seed: int, out: Path, threads: int,
 
 
 def run_one(config: str, seed: int, threads: int, args: Args) -> tuple[str, int, int, Path, float]:
-    script, argv = _test_argv()[config]
-    out = args.out / f"{config}__seed{seed}__threads{threads}"
+    script, argv = _test_argv(args.budget)[config]
+    out = args.out / f"{config}__seed{seed}__threads{threads}{'__tiny' if args.budget == 'tiny' else ''}"
     return config, seed, threads, out, run_script(script, argv, seed, out, threads, args.extra_env)
 
 
@@ -160,7 +173,17 @@ def main(args: Args) -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         for config, seed, threads, out, seconds in pool.map(lambda j: run_one(*j, args), jobs):
             for name, value, bar in CHECKS[config](out):
-                rows.append(dict(config=config, seed=seed, threads=threads, check=name, value=round(value, 4), bar=bar))
+                rows.append(
+                    dict(
+                        config=config,
+                        seed=seed,
+                        threads=threads,
+                        check=name,
+                        value=round(value, 4),
+                        bar=bar,
+                        budget=args.budget,
+                    )
+                )
             print(
                 f"{config} seed {seed} threads {threads}: "
                 + ", ".join(

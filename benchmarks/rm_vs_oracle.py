@@ -12,9 +12,12 @@ agreement with the oracle on the run's own samples against the start's (`eval/rm
     python benchmarks/rm_vs_oracle.py                      # the four default runs (~10 min, 2 cores), the plot
     python benchmarks/rm_vs_oracle.py --scripts srdpo      # one of them
     python benchmarks/rm_vs_oracle.py --plot_only          # re-plot the runs kept under --out
+    python benchmarks/rm_vs_oracle.py --budget tiny --scripts srdpo --results /tmp/r   # the plumbing only
 
 Finished runs are reused (their folders are kept under --out). Writes benchmarks/results/rm_vs_oracle.png and
-rm_vs_oracle.md (the numbers).
+rm_vs_oracle.md (the numbers). `--budget tiny` (tests/test_benchmarks.py) adds benchmarks/claims.py's tiny
+arguments to each run, keeps its runs in their own folders and writes rm_vs_oracle_tiny.png / .md: it checks that
+the runs, the table, the plot and the length probe still work together; its numbers say nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import tyro
 
@@ -42,9 +46,26 @@ class Config:
     results: Path = ROOT / "benchmarks" / "results"
     threads: int = 2
     plot_only: bool = False
+    budget: Literal["full", "tiny"] = "full"
+    """full: each script's default toy run; tiny: claims.py's tiny budget (the plumbing only)"""
+    probe_prompts: int = 200
+    """eval prompts of the length probe (all 200 by default)"""
 
 
-def run(script: str, out: Path, threads: int):
+def run_dir(cfg: Config, script: str) -> Path:
+    return cfg.out / (script if cfg.budget == "full" else f"{script}__{cfg.budget}")
+
+
+def budget_argv(script: str, budget: str) -> list[str]:
+    if budget == "full":
+        return []
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from claims import BUDGETS
+
+    return BUDGETS[budget][f"{script}.py"]
+
+
+def run(script: str, out: Path, threads: int, extra: list[str] = ()):
     if (out / "metrics.jsonl").exists() and evaluations(out) and (out / "state.json").exists():
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
@@ -53,6 +74,7 @@ def run(script: str, out: Path, threads: int):
         str(ROOT / f"{script}.py"),
         "--reward_model",
         str(ROOT / "assets" / "toy" / "reward_model"),
+        *extra,
         "--output_dir",
         str(out),
     ]
@@ -152,9 +174,10 @@ def table(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def length_probe() -> str:
-    """The reward model on the 200 eval prompts' perfect answers against the same answers without their last
-    letter: the oracle takes credit off for a missing letter; pairs of equal length are all the RM was trained on."""
+def length_probe(limit: int = 200) -> str:
+    """The reward model on the first `limit` eval prompts' perfect answers (all 200 by default) against the same
+    answers without their last letter: the oracle takes credit off for a missing letter; pairs of equal length are
+    all the RM was trained on."""
     import types
 
     import torch
@@ -165,7 +188,7 @@ def length_probe() -> str:
 
     import sera
 
-    prompts = [json.loads(line)["prompt"] for line in open(ROOT / "assets" / "toy" / "data" / "eval.jsonl")]
+    prompts = [json.loads(line)["prompt"] for line in open(ROOT / "assets" / "toy" / "data" / "eval.jsonl")][:limit]
     full = [oracle.perfect_answer(p) for p in prompts]
     short = [" ".join(a.split()[:-1]) for a in full]
     path = str(ROOT / "assets" / "toy" / "reward_model")
@@ -189,16 +212,20 @@ def length_probe() -> str:
 def main(cfg: Config):
     runs = {}
     for script in cfg.scripts:
-        out = cfg.out / script
+        out = run_dir(cfg, script)
         if not cfg.plot_only:
-            run(script, out, cfg.threads)
+            run(script, out, cfg.threads, budget_argv(script, cfg.budget))
         runs[script] = evaluations(out)
     runs = {k: v for k, v in runs.items() if v}
+    if not runs:
+        raise SystemExit(f"rm_vs_oracle.py: no finished run under {cfg.out} for {list(cfg.scripts)}")
     cfg.results.mkdir(parents=True, exist_ok=True)
-    plot(runs, cfg.results / "rm_vs_oracle.png")
+    name = "rm_vs_oracle" if cfg.budget == "full" else f"rm_vs_oracle_{cfg.budget}"
+    plot(runs, cfg.results / f"{name}.png")
     text = table(runs)
-    (cfg.results / "rm_vs_oracle.md").write_text(
-        "# Toy reward model vs the toy oracle (`python benchmarks/rm_vs_oracle.py`)\n\n" + text + "\n" + length_probe()
+    command = "python benchmarks/rm_vs_oracle.py" + ("" if cfg.budget == "full" else f" --budget {cfg.budget}")
+    (cfg.results / f"{name}.md").write_text(
+        f"# Toy reward model vs the toy oracle (`{command}`)\n\n" + text + "\n" + length_probe(cfg.probe_prompts)
     )
     print(text)
 

@@ -3,6 +3,10 @@
     python benchmarks/sera_vs_trl.py                          # shipped toy model and pairs, B = 16
     python benchmarks/sera_vs_trl.py --model /tmp/toy/model --dataset /tmp/toy/data/prefs.jsonl
     python benchmarks/sera_vs_trl.py --batch_size 32 --rounds 5 --steps 4 --out ''   # print only
+    python benchmarks/sera_vs_trl.py --batch_size 2 --rounds 1 --steps 1 --threads 1 --out /tmp/r.md  # the test's
+
+The report goes to benchmarks/results/sera_vs_trl_cpu-<date>.md (sera_vs_trl_cpu.md is the 2026-11-23 run). It
+needs TRL (`pip install -e ".[bench]"`); exit status 1 when a sanity check below fails.
 
 Everything runs in one process on the same B preference pairs (the first B usable rows of the
 dataset), tokenized once by `sera.build_dataset`, in fp32 with `torch.set_num_threads(--threads)`:
@@ -83,8 +87,8 @@ class Args:
     """torch.set_num_threads for all configurations"""
     trl_optim: str = "adamw_torch"
     """TRL optimizer; adamw_torch = torch.optim.AdamW as sera uses (TRL's own default is adamw_torch_fused)"""
-    out: str = str(ROOT / "benchmarks" / "results" / "sera_vs_trl_cpu.md")
-    """markdown report to write ('' = print only)"""
+    out: str = str(ROOT / "benchmarks" / "results" / f"sera_vs_trl_cpu-{datetime.date.today():%Y-%m-%d}.md")
+    """markdown report to write ('' = print only); by default a new dated file, earlier results are kept"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,68 +130,52 @@ def _peak_growth_mib(base_kb: int | None) -> float | None:
 
 
 def sera_step(model, batch_pairs, optimizer, scheduler, trainable, args: sera.Args, pad_id: int) -> dict:
-    """One optimizer step of `sera.train_iteration` (one micro-batch per step, one process), line for line."""
+    """One optimizer step of `sera.train_iteration` (one micro-batch per step, one process), line for line: the
+    same collation, fused pair op, backward, `sera.StepStats` sums and `sera.optimizer_step` (clip, AdamW,
+    scheduler, zero_grad)."""
     device = torch.device("cpu")
     n = len(batch_pairs)
+    stats = sera.StepStats(sera.DAA_STATS, device)
     batch = sera.collate(
         [(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
         + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs],
         pad_id,
         device,
     )
-    ref = torch.tensor(
-        [p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs],
-        device=device,
-        dtype=torch.float32,
-    )
+    ref = [p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs]
+    ref = torch.tensor(ref, device=device, dtype=torch.float32)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     losses, out = causal_lm_pair_loss(model, ids, mask, labels, sera.daa_loss(args), ref_logps=ref)
     (losses.sum() / n).backward()
     with torch.no_grad():
         use_avg = args.loss == "simpo" or args.length_norm == "avg"
-        logps = {
-            side: out[f"logps/{side}"] / (out[f"tokens/{side}"] if use_avg else 1) for side in ("chosen", "rejected")
-        }
-        sums = [
-            losses.sum().item(),
-            out["rewards/chosen"].sum().item(),
-            out["rewards/rejected"].sum().item(),
-            out["rewards/margins"].sum().item(),
-            out["rewards/accuracies"].sum().item(),
-            logps["chosen"].sum().item(),
-            logps["rejected"].sum().item(),
-            float(n),
-            batch["attention_mask"].sum().item(),
-        ]
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-    if not math.isfinite(sums[0]):
-        raise RuntimeError(f"non-finite loss {sums[0]}")
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+        for side in ("chosen", "rejected"):
+            out[f"logps/{side}"] = out[f"logps/{side}"] / (out[f"tokens/{side}"] if use_avg else 1)
+        stats.add(**{name: out[name] for name in sera.DAA_STATS[:7]}, pairs=n, tokens=batch["attention_mask"])
+    total, grad_norm = sera.optimizer_step(trainable, optimizer, scheduler, stats, args, "benchmark step")
     return {
-        "loss": sums[0] / n,
-        "logps/chosen": sums[5] / n,
-        "logps/rejected": sums[6] / n,
-        "grad_norm": float(grad_norm),
-        "tokens": sums[8],
+        "loss": total["loss"] / total["pairs"],
+        "logps/chosen": total["logps/chosen"] / total["pairs"],
+        "logps/rejected": total["logps/rejected"] / total["pairs"],
+        "grad_norm": grad_norm,
+        "tokens": total["tokens"],
     }
 
 
 def make_optimizer(model, args: sera.Args):
-    """As `sera.train_iteration` builds them (its warm-up is int(0.1 * steps) = 0 for one-step calls)."""
-    from transformers import get_constant_schedule_with_warmup
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    return optimizer, get_constant_schedule_with_warmup(optimizer, 0), trainable
+    """`sera.make_optimizer` as `sera.train_iteration` calls it for a one-step call (AdamW, warm-up int(0.1 * 1) =
+    0), with a constant schedule (TRL's here too) so that it can be kept across the timed steps; its first step has
+    the full lr, as a one-step call's does whatever the schedule. Returns (optimizer, scheduler, trainable)."""
+    trainable, optimizer, scheduler = sera.make_optimizer(model, args.lr, 1, args, "constant")
+    return optimizer, scheduler, trainable
 
 
 def train_iteration_call(model, pairs, args: sera.Args, pad_id: int):
-    """One `sera.train_iteration` call = one optimizer step on exactly these B pairs (its bar silenced)."""
+    """One `sera.train_iteration` call = one optimizer step on exactly these B pairs (its bar silenced, nothing
+    logged or saved)."""
     with contextlib.redirect_stderr(io.StringIO()):
         return sera.train_iteration(
-            model, pairs, 1, args, torch.device("cpu"), pad_id, lambda metrics: None, lambda *a: None
+            model, pairs, 1, args, args.lr, torch.device("cpu"), pad_id, lambda metrics: None, lambda *a: None
         )
 
 
@@ -337,9 +325,12 @@ def quantile(values, q):
 
 
 def main(cli: Args) -> dict:
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit('sera_vs_trl.py: needs TRL (pip install -e ".[bench]", or pip install "trl>=1.16")') from None
     import datasets
     import transformers
-    import trl
     from transformers import AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()
