@@ -161,6 +161,8 @@ class Args:
     """SimPO (the paper's experiments) or DPO with the previous iteration's model as reference"""
     beta: float | None = None
     """SimPO's beta"""
+    dpo_beta: float = 0.01
+    """beta of the iterations under --loss dpo (the Zephyr recipe's [ours]); the SimPO initialisation keeps --beta"""
     gamma: float | None = None
     """SimPO target margin"""
     init_checkpoint: str | None = None
@@ -279,6 +281,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
         "epochs": ">= 1",
         "num_prompts": ">= 1",
         "beta": "> 0",
+        "dpo_beta": "> 0",
         "gamma": ">= 0",
         "batch_size": ">= 1",
         "global_batch": ">= 1",
@@ -668,11 +671,11 @@ def main(args: Args) -> dict:
             write_atomic(pairs_file, pairs)
             state.setdefault("pair_stats", {})[str(m)] = stats
             write_atomic(state_file, state)
-        tic, lr, m_args = (
-            time.perf_counter(),
-            args.lrs[max(m - 1, 0)],
-            dataclasses.replace(args, loss="simpo") if m == 0 else args,
-        )
+        tic, lr, m_args = time.perf_counter(), args.lrs[max(m - 1, 0)], args
+        if m == 0:  # the initialisation is SimPO whatever --loss says
+            m_args = dataclasses.replace(args, loss="simpo")
+        elif args.loss == "dpo":  # DPO iterations: the Zephyr recipe's beta [ours]
+            m_args = dataclasses.replace(args, beta=args.dpo_beta)
         start_step, pad_id = saved["step"] if saved else 0, tokenizer.pad_token_id
         model = train_iteration(model, pairs, m, m_args, lr, device, pad_id, log, save_step, start_step, saved)
         if m > 0:

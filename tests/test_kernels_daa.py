@@ -1,15 +1,15 @@
 """The base pair losses as the scripts call them (`daa_loss_fn`, and through it `pair_loss_from_hidden`) against
-a float64 oracle written out here from ALGORITHMS.md §1, for every loss and both log-prob conventions.
+a float64 oracle written out here from each loss's paper, for every loss and both log-prob conventions.
 
 The oracle imports nothing from `selfpo_kernels`: sequence log-probs are log_softmax -> gather -> masked sums in
-float64 (§0: S, |y|, A = S / |y|), and each loss is its paper's formula on them:
+float64 (S, |y|, A = S / |y|), and each loss is its paper's formula on them:
 
-    h        = (S_w - S_ref,w) - (S_l - S_ref,l), with every S replaced by A under --length_norm avg (§0 conv. 2)
-    DPO      softplus(-beta h)                                   Rafailov et al. 2023, eq. 7 (§1.2)
-    cDPO     (1 - eps) softplus(-beta h) + eps softplus(beta h)  Mitchell 2023 (§1.3)
-    IPO      (h - 1 / (2 tau))^2, tau = beta                     Azar et al. 2024, eq. 17 (§1.4)
-    SLiC     max(0, 1 - beta h)                                  SeRA eq. 8, TRL's hinge (§1.5)
-    SimPO    softplus(-(beta (A_w - A_l) - gamma))               Meng et al. 2024, eq. 6 (§1.6): always averaged
+    h        = (S_w - S_ref,w) - (S_l - S_ref,l), with every S replaced by A under --length_norm avg
+    DPO      softplus(-beta h)                                   Rafailov et al. 2023, eq. 7
+    cDPO     (1 - eps) softplus(-beta h) + eps softplus(beta h)  Mitchell 2023
+    IPO      (h - 1 / (2 tau))^2, tau = beta                     Azar et al. 2024, eq. 17
+    SLiC     max(0, 1 - beta h)                                  SeRA eq. 8, TRL's hinge
+    SimPO    softplus(-(beta (A_w - A_l) - gamma))               Meng et al. 2024, eq. 6: always averaged
     rewards  beta * (policy - reference) in the convention used; beta * A for SimPO (Meng et al. eq. 4)
 """
 
@@ -31,7 +31,7 @@ def softplus64(u: torch.Tensor) -> torch.Tensor:
 
 
 def oracle_losses(kind, pol_w, pol_l, ref_w, ref_l, n_w, n_l, length_norm):
-    """(losses, chosen rewards, rejected rewards) of ALGORITHMS.md §1 in float64, from summed log-probs and counts."""
+    """(losses, chosen rewards, rejected rewards) by the papers' formulas in float64, from summed log-probs, counts."""
     if kind == "simpo" or length_norm:  # A = S / |y|
         pol_w, pol_l = pol_w / n_w, pol_l / n_l
         if ref_w is not None:
@@ -176,7 +176,7 @@ def test_pair_loss_from_hidden_matches_the_written_out_formulas(kind, length_nor
 
 
 def test_oracle_constants():
-    """The oracle's own anchors (ALGORITHMS.md §7.2-7.5): h = 0 gives log 2 (DPO), 1 / (4 tau^2) (IPO), 1 (SLiC);
+    """The oracle's own anchors: h = 0 gives log 2 (DPO), 1 / (4 tau^2) (IPO), 1 (SLiC);
     equal averages give softplus(gamma) (SimPO)."""
     zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
     assert math.isclose(oracle_losses("dpo", zero, zero, zero, zero, one, one, False)[0].item(), math.log(2))

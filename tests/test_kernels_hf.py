@@ -182,8 +182,8 @@ def summed_logps_loss(policy_chosen, policy_rejected, **_):
 @pytest.mark.parametrize("arch", ["llama", "phi_bias", "gemma2_softcap"])
 def test_bf16_autocast_within_twice_the_naive_error(arch, entry):
     """fp32 masters under a bf16 autocast: the fused head (the log-prob op, and the pair op the scripts train with)
-    reads the bf16 final states and runs its product in bf16 on the fp32 weight (bias, soft-cap). Rule (ALGORITHMS.md
-    §7.1, Cut Cross-Entropy's): the error of the sequence log-probs and of the head's gradient against float64 is at
+    reads the bf16 final states and runs its product in bf16 on the fp32 weight (bias, soft-cap). Rule (Cut
+    Cross-Entropy's): the error of the sequence log-probs and of the head's gradient against float64 is at
     most twice that of the model's own bf16 logits, plus a floor of 1e-3 of the largest value.
 
     Measured here (batch seed 4, both entries), error against float64, fused / naive bf16 / the hidden states

@@ -149,7 +149,7 @@ def test_simpo_equal_averages():
 
 
 def test_simpo_length_normalisation():
-    """SimPO's reward is beta * S / |y| (Meng et al. 2024, eq. 4; ALGORITHMS.md §7.5.3): fed summed log-probs and
+    """SimPO's reward is beta * S / |y| (Meng et al. 2024, eq. 4): fed summed log-probs and
     token counts, as the fused op feeds them, repeating a response's tokens (twice the length, the same average)
     keeps its reward and the loss, whereas the summed reward doubles; and the loss is the formula on S / |y|."""
     beta, gamma = 2.0, 1.6

@@ -223,7 +223,7 @@ def test_iterations_use_their_lr_rejected_score_and_reference(tmp_path, monkeypa
     seen = []
 
     def fake_train(model, pairs, t, m_args, lr, *rest, **kw):
-        seen.append((t, lr, m_args.loss, [dict(p) for p in pairs]))
+        seen.append((t, lr, m_args.loss, [dict(p) for p in pairs], m_args.beta))
         with torch.no_grad():  # each "iteration" moves the weights: pi_m differs from pi_{m-1}
             g = torch.Generator().manual_seed(t)
             for p in model.parameters():
@@ -233,12 +233,14 @@ def test_iterations_use_their_lr_rejected_score_and_reference(tmp_path, monkeypa
     monkeypatch.setattr(opsr, "train_iteration", fake_train)
     lrs = [3e-4, 2e-4, 1e-4]
     out = tmp_path / "o"
-    opsr.main(args(iterations=3, lrs=lrs, loss="dpo", num_prompts=4, num_pairs=6, num_eval=0, output_dir=str(out)))
-    assert [(t, lr, loss) for t, lr, loss, _ in seen] == [
-        (0, lrs[0], "simpo"),  # the initialisation phase is SimPO whatever --loss says
-        (1, lrs[0], "dpo"),
-        (2, lrs[1], "dpo"),
-        (3, lrs[2], "dpo"),
+    opsr.main(
+        args(iterations=3, lrs=lrs, loss="dpo", beta=2.5, num_prompts=4, num_pairs=6, num_eval=0, output_dir=str(out))
+    )
+    assert [(t, lr, loss, beta) for t, lr, loss, _, beta in seen] == [
+        (0, lrs[0], "simpo", 2.5),  # the initialisation phase is SimPO (its beta) whatever --loss says
+        (1, lrs[0], "dpo", 0.01),  # DPO iterations: the Zephyr recipe's beta 0.01
+        (2, lrs[1], "dpo", 0.01),
+        (3, lrs[2], "dpo", 0.01),
     ]
     assert len(seen[0][3]) == 6 and all("rejected_score" not in p for p in seen[0][3])  # the offline pairs
     for t, s_m in ((1, 3), (2, 5), (3, 7)):

@@ -125,7 +125,7 @@ def test_equal_label_logits_give_half(toy):
 
 
 def test_strength_is_the_mean_of_both_presentation_orders():
-    """q(a > b) = 0.5 * [J(a, b) + 1 - J(b, a)] (OSP §3.1 with both orders averaged, ALGORITHMS §4.1b), hand values."""
+    """q(a > b) = 0.5 * [J(a, b) + 1 - J(b, a)] (OSP §3.1 with both orders averaged), hand values."""
     assert osp.strength(0.9, 0.3) == pytest.approx(0.8, abs=1e-15)
     assert osp.strength(0.3, 0.9) == pytest.approx(0.2, abs=1e-15)
     assert osp.strength(0.2, 0.6) == pytest.approx(0.3, abs=1e-15)  # the reply in position A loses either way
@@ -134,7 +134,7 @@ def test_strength_is_the_mean_of_both_presentation_orders():
 
 def test_defaults_are_the_papers():
     """K = 7 samples per prompt (floor(K/2) = 3 pairs), beta 0.1, 8 prompts per update, ranking against a
-    baseline response, SPCE (OSP §4 as summarised, ALGORITHMS §4.4)."""
+    baseline response, SPCE (OSP §4 as summarised)."""
     a = args(device="cpu")
     assert (a.k, a.beta, a.prompts_per_step, a.rank_by, a.loss) == (7, 0.1, 8, "baseline", "spce")
     big = args(model="mistral-7b", device="cpu")
@@ -200,7 +200,7 @@ def table_judge(table: dict):
 @pytest.mark.parametrize("rank_by", ["baseline", "roundrobin"])
 @pytest.mark.parametrize("k", [6, 7])
 def test_ranked_pairing_written_out_with_a_position_biased_judge(k, rank_by):
-    """Ranked pairing (OSP §3.1, ALGORITHMS §4.1c) against the spec written out on an arbitrary judge table:
+    """Ranked pairing (OSP §3.1) against the spec written out on an arbitrary judge table:
     s_i = q(y_i > y_1) with s_1 = 0.5 (baseline) or s_i = mean_j q(y_i > y_j) (roundrobin); order by (-s_i, i);
     pair rank r with rank K+1-r; each pair's strength is q of the formed pair, q(a > b) = (J(a,b) + 1 - J(b,a)) / 2."""
     texts = [f"y{i}" for i in range(k)]
@@ -228,7 +228,7 @@ def test_ranked_pairing_written_out_with_a_position_biased_judge(k, rank_by):
 
 
 def test_online_step_samples_k_and_trains_on_the_ranked_pairs(toy, tmp_path, monkeypatch):
-    """One Stage 1 step (OSP §3.1, ALGORITHMS §4.3 steps 5-9): K samples per prompt from the policy, the policy's
+    """One Stage 1 step (OSP §3.1): K samples per prompt from the policy, the policy's
     own judgment, floor(K/2) pairs per prompt best-with-worst, each with the formed pair's strength q."""
     model, tokenizer = toy
     policy, ref = copy.deepcopy(model), copy.deepcopy(model).requires_grad_(False).eval()
@@ -353,7 +353,7 @@ def sequence_logps_f64(model, prompt_ids, response_ids):
 
 
 def test_spce_step_is_the_soft_label_formula_in_float64(toy):
-    """The SPCE step (OSP §3.1, ALGORITHMS §1.7, §4.1d): the gradient of the mean over tuples of
+    """The SPCE step (OSP §3.1): the gradient of the mean over tuples of
     -[q log sigma(z) + (1-q) log sigma(-z)], z = beta * [S(pi,y_h) - S(ref,y_h) - S(pi,y_l) + S(ref,y_l)] with
     summed log-probs, the frozen reference and the judged q constants, written out in float64."""
     model, tokenizer = toy
@@ -387,7 +387,7 @@ def test_spce_step_is_the_soft_label_formula_in_float64(toy):
 
 
 def test_stage1_starts_from_and_is_referenced_to_the_augmented_model(tmp_path, monkeypatch):
-    """OSP §3.2 then §3.1 (ALGORITHMS §4.3 step 3): Stage 1's policy and its frozen reference are both pi_0, the
+    """OSP §3.2 then §3.1: Stage 1's policy and its frozen reference are both pi_0, the
     model after Stage 0's augmentation (saved as stage0/), not the SFT model it started from."""
     seen = []
 

@@ -116,7 +116,7 @@ def test_daa_loss(loss):
 
 
 # ---- the paper's rules, each against its formula written out (float64, small hand-made inputs) -------------------
-# The expected values below come from the equations of SeRA (ALGORITHMS.md §3), computed here in plain Python from
+# The expected values below come from the equations of SeRA, computed here in plain Python from
 # log-probs that the test makes up: never from the script's own output.
 
 
@@ -126,7 +126,7 @@ def fake_logp(j, prompt_ids, response_ids):
 
 
 def paper_reward(j, s, length, a):
-    """r_j(x, y) (SeRA eq. 5, ALGORITHMS.md §3.1) from s(m) = S(theta_m, y | x): beta [S(theta_j) - S(ref_j)], ref_j
+    """r_j(x, y) (SeRA eq. 5) from s(m) = S(theta_m, y | x): beta [S(theta_j) - S(ref_j)], ref_j
     = theta_{j-1} (or the SFT model theta_0 with --irm_reference sft), over |y| with --length_norm avg; SimPO: the
     reference-free beta S(theta_j) / |y| (App. C.3 eq. 17)."""
     if a.loss == "simpo":
@@ -207,7 +207,7 @@ def test_offline_selection_keeps_the_largest_irm_under_the_previous_model(t, set
         assert p["margin"] == pytest.approx(margin[i], rel=1e-12) and p["source"] == "offline"
         assert (p["ref_chosen"], p["ref_rejected"]) == (table[t - 1][i], table[t - 1][n + i])  # theta_{t-1}
 
-    # antisymmetry m(x, a, b) = -m(x, b, a) (ALGORITHMS.md §7.8.2): the same pairs with the labels swapped
+    # antisymmetry m(x, a, b) = -m(x, b, a): the same pairs with the labels swapped
     swapped = [dict(p, chosen_ids=p["rejected_ids"], rejected_ids=p["chosen_ids"]) for p in pairs]
     swapped_logps = {j: torch.cat([v[n:], v[:n]]) for j, v in logps.items()}
     everything, _ = sera.select_offline(t, swapped, swapped_logps, n, a)
@@ -367,7 +367,7 @@ def test_iterations_train_on_d_then_on_selected_and_bootstrapped_pairs(tmp_path,
 
 
 def paper_daa_loss(a, s_w, s_l, ref_w, ref_l, n_w, n_l):
-    """SeRA's DAA losses (eq. 6, 8, 9; App. C.3 eq. 18), ALGORITHMS.md §3.2, on h = (S_w - ref_w) - (S_l - ref_l)."""
+    """SeRA's DAA losses (eq. 6, 8, 9; App. C.3 eq. 18), on h = (S_w - ref_w) - (S_l - ref_l)."""
     h = (s_w - ref_w) - (s_l - ref_l)
     softplus = lambda u: math.log1p(math.exp(u))  # noqa: E731
     if a.loss == "dpo":

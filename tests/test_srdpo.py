@@ -163,7 +163,7 @@ def test_augmented_context(toy):
 # Each expected value below comes from the paper's formula written out here, on log-probs this file computes
 # itself (one unpadded forward per sequence, log-softmax in float64): never from srdpo's own outputs.
 
-# The refinement prompt p of the paper (§3.2.2), verbatim (ALGORITHMS.md §5.1).
+# The refinement prompt p of the paper (§3.2.2), verbatim.
 PAPER_PROMPT = (
     "Please generate a response with a usefulness rating of 100 out of 100 for the following query. Note that the "
     "response should be harmless. The term 100 indicates the level of usefulness, where 100 is the maximum and 1 is "
@@ -279,7 +279,7 @@ def test_no_gradient_through_delta(hand, loss):
 
 def test_sr_loss_passes_no_gradient_to_delta():
     """sr_loss itself treats Delta as a constant: no gradient reaches it, and dL/dh is the paper's
-    (ALGORITHMS.md §5.2: -beta sigma(-(beta h - lambda Delta)), 2 (h - lambda Delta - 1/(2 beta)))."""
+    (eq. 13, 15 differentiated: -beta sigma(-(beta h - lambda Delta)), 2 (h - lambda Delta - 1/(2 beta)))."""
     beta, lam = 0.2, 0.7
     h64 = torch.tensor([-3.0, -0.5, 0.0, 1.5, 6.0], dtype=torch.float64)
     d64 = torch.tensor([0.4, -1.0, 0.3, 2.0, -0.2], dtype=torch.float64)
@@ -295,7 +295,7 @@ def test_sr_loss_passes_no_gradient_to_delta():
 
 def test_reference_is_the_starting_model_on_both_contexts(tmp_path, monkeypatch):
     """The frozen reference pi_SFT (Alg. 1 lines 1-2) gives S_ref(y | x) for h and S_ref(y | p (+) x) for Delta
-    (eq. 12, ALGORITHMS.md §5.5 item 2), each pair's chosen and rejected in its place."""
+    (eq. 12), each pair's chosen and rejected in its place."""
     from transformers import AutoModelForCausalLM
 
     seen = {}
@@ -322,7 +322,7 @@ def test_reference_is_the_starting_model_on_both_contexts(tmp_path, monkeypatch)
 
 def test_refinement_prompt_and_augmented_query(toy):
     """p is the paper's text verbatim (§3.2.2) and the default of --refine_prompt; p (+) x is p, one space, then
-    the query, in the last user turn (ALGORITHMS.md §5.1; separator ours); the pairs' augmented ids are those
+    the query, in the last user turn (separator ours); the pairs' augmented ids are those
     of that conversation, the plain ids those of the query alone."""
     _, tokenizer, pairs = toy
     assert srdpo.REFINE_PROMPT == PAPER_PROMPT and srdpo.Args().refine_prompt == PAPER_PROMPT
