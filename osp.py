@@ -2025,7 +2025,7 @@ def save_atomic(model, tokenizer, directory: Path, extra=None):
     if world() > 1:
         dist.barrier()
     if rank() == 0:
-        mode = 0o666 & ~os.umask(os.umask(0))  # what open() gives the run's other files
+        mode = 0o666 & ~process_umask()  # what open() gives the run's other files
         for file in tmp.rglob("*"):  # files only: the optimizer folder keeps its execute bit
             if file.is_file():
                 file.chmod(mode)
@@ -2034,6 +2034,22 @@ def save_atomic(model, tokenizer, directory: Path, extra=None):
     if world() > 1:
         dist.barrier()
     return model
+
+
+# Copied from sera.process_umask
+def process_umask() -> int:
+    """This process's umask, read without changing it: Linux says it in /proc/self/status. Elsewhere the only way
+    to read it is to set it: to 0o077 for that instant, so a file another thread makes meanwhile is private."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 # Copied from sera.rng_state
