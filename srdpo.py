@@ -1642,10 +1642,11 @@ def save_atomic(model, tokenizer, directory: Path):
 
 # Copied from sera.write_folder
 def write_folder(directory: Path, write):
-    """`write(folder)`, called on every rank, fills a fresh temporary folder, which then takes `directory`'s place
-    by renames (the old one is moved aside first, then removed): a crash leaves the previous folder whole, or the
-    new one whole under its temporary name. Its files get the mode open() gives the run's other files (0o666 less
-    the umask; save_pretrained and DCP write some through private files), folders keep theirs."""
+    """`write(folder)`, called on every rank, fills a fresh temporary folder (.tmp), which then takes `directory`'s
+    place by renames (the previous one is moved aside to .old first, then removed): a crash leaves the previous
+    folder or the new one whole (between the two renames, an instant, under those names). Its files get the mode
+    open() gives the run's other files (0o666 less the umask; save_pretrained and DCP write some through private
+    files), folders keep theirs."""
     tmp, old = (directory.with_name(directory.name + suffix) for suffix in (".tmp", ".old"))
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
