@@ -669,13 +669,10 @@ def main(args: Args) -> dict:
                 )
         if not (args.resume and pairs_file.exists()):
             write_atomic(pairs_file, d_t)
-        if saved is not None:
-            del model
-            model = prepare_for_training(load_model(str(partial), device, args), args)
 
         def save_step(step, n_steps, optimizer, scheduler):
             if args.save_every and step % args.save_every == 0 and step < n_steps:
-                save_checkpoint(model, tokenizer, partial, optimizer, scheduler, step)
+                save_checkpoint(model, partial, optimizer, scheduler, step)
             log.step_done(args.stop_after_steps)
 
         start = saved["step"] if saved else 0
@@ -1578,8 +1575,9 @@ def make_optimizer(
     kind: str = "adamw",
 ):
     """AdamW without weight decay (or RMSprop) over the trainable parameters; linear warmup over --warmup_ratio of
-    n_steps, then constant or cosine. `state` (a step checkpoint's trainer_state) restores the optimizer, the
-    scheduler and the random number generators. Returns (trainable parameters, optimizer, scheduler)."""
+    n_steps, then constant or cosine. `state` (a step checkpoint's trainer_state) restores the weights as they
+    trained, the optimizer, the scheduler and the random number generators. Returns (trainable parameters,
+    optimizer, scheduler)."""
     from transformers import get_scheduler
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -1592,11 +1590,14 @@ def make_optimizer(
     scheduler = get_scheduler(name, optimizer, int(args.warmup_ratio * n_steps), n_steps)
     if state is not None:  # a step checkpoint's (trainer_state): resharded to this run's ranks by DCP
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint import state_dict as sd
 
-        saved = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        weights = {"model": sd.get_model_state_dict(model)}
+        dcp.load(weights, checkpoint_id=state["model"])
+        sd.set_model_state_dict(model, weights["model"])
+        saved = {"optimizer": sd.get_optimizer_state_dict(model, optimizer)}
         dcp.load(saved, checkpoint_id=state["optimizer"])
-        set_optimizer_state_dict(model, optimizer, saved["optimizer"])
+        sd.set_optimizer_state_dict(model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state["rng"] is not None:
             set_rng_state(state["rng"])
@@ -1630,9 +1631,10 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
     return total, grad_norm
 
 
-def save_atomic(model, tokenizer, directory: Path, extra=None):
-    """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint.
-    `extra(folder)`, called on every rank, writes more into the same folder first (a step checkpoint's state)."""
+def save_atomic(model, tokenizer, directory: Path):
+    """The model as a save_pretrained folder (safetensors in the loaded checkpoint's dtype, config, tokenizer),
+    loadable by from_pretrained and vLLM: an iteration's or the run's final model. With LoRA the adapter is merged
+    first (the merged model is returned). Written by write_folder: a crash never leaves half a model."""
     if hasattr(model, "peft_config"):
         model = model.merge_and_unload()
         state = model.state_dict()
@@ -1644,30 +1646,61 @@ def save_atomic(model, tokenizer, directory: Path, extra=None):
         state = model.state_dict()
     dtype = getattr(model, "checkpoint_dtype", torch.float32)  # the loaded checkpoint's, not the masters'
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    tmp = directory.with_name(directory.name + ".tmp")
+
+    def write(folder: Path):
+        if rank() == 0:
+            model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+            live, model.config.dtype = model.config.dtype, dtype  # save_pretrained recorded the masters' dtype
+            model.config.save_pretrained(folder)
+            model.config.dtype = live  # the weights in memory are still the masters
+            tokenizer.save_pretrained(folder)
+
+    write_folder(directory, write)
+    return model
+
+
+def write_folder(directory: Path, write):
+    """`write(folder)`, called on every rank, fills a fresh temporary folder (.tmp), which then takes `directory`'s
+    place by renames (the previous one is moved aside to .old first, then removed): a crash leaves the previous
+    folder or the new one whole (between the two renames, an instant, under those names). Its files get the mode
+    open() gives the run's other files (0o666 less the umask; save_pretrained and DCP write some through private
+    files), folders keep theirs."""
+    tmp, old = (directory.with_name(directory.name + suffix) for suffix in (".tmp", ".old"))
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        live, model.config.dtype = model.config.dtype, dtype  # save_pretrained recorded the masters' dtype
-        model.config.save_pretrained(tmp)
-        model.config.dtype = live  # the weights in memory are still the masters
-        tokenizer.save_pretrained(tmp)
+        tmp.mkdir(parents=True)
     if world() > 1:
         dist.barrier()
-    if extra is not None:
-        extra(tmp)
+    write(tmp)
     if world() > 1:
         dist.barrier()
     if rank() == 0:
-        mode = 0o666 & ~os.umask(os.umask(0))  # what open() gives the run's other files
-        for file in tmp.rglob("*"):  # files only: the optimizer folder keeps its execute bit
+        mode = 0o666 & ~process_umask()
+        for file in tmp.rglob("*"):
             if file.is_file():
                 file.chmod(mode)
-        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        if directory.exists():
+            os.replace(directory, old)
         os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
     if world() > 1:
         dist.barrier()
-    return model
+
+
+def process_umask() -> int:
+    """This process's umask, read without changing it: Linux says it in /proc/self/status. Elsewhere the only way
+    to read it is to set it: to 0o077 for that instant, so a file another thread makes meanwhile is private."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def rng_state() -> dict:
@@ -1699,34 +1732,39 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 # Runtime that only some of the scripts use (checked copies too)
 
 
-def save_checkpoint(model, tokenizer, directory: Path, optimizer, scheduler, step: int):
-    """A resumable step checkpoint in one atomically renamed folder: the weights; the optimizer state by
-    torch.distributed.checkpoint (each rank its shards; read back at any number of ranks); the step and the
-    scheduler as JSON and each rank's random number generators as safetensors. No pickle: resuming a run folder
-    from elsewhere cannot run code."""
+def save_checkpoint(model, directory: Path, optimizer, scheduler, step: int):
+    """A resumable step checkpoint holding the training state exactly, in one folder (write_folder): the weights as
+    they train (the fp32 masters, a LoRA model's base and adapter) and the optimizer state by
+    torch.distributed.checkpoint (each rank its shards; read back at any number of ranks), the step and the
+    scheduler as JSON, each rank's random number generators as safetensors. No pickle: resuming a run folder from
+    elsewhere cannot run code. (save_atomic's export, in the checkpoint's dtype, is for iteration and final models.)"""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    def extra(folder: Path):
+    def write(folder: Path):
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(folder / "model"))
         dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder / "optimizer"))
         if rank() == 0:
             state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": world()}
             (folder / "trainer_state.json").write_text(json.dumps(state))
         save_file(rng_state(), str(folder / f"rng_rank{rank()}.safetensors"))
 
-    return save_atomic(model, tokenizer, directory, extra)
+    write_folder(directory, write)
 
 
 def trainer_state(directory: Path) -> dict | None:
-    """save_checkpoint's step, scheduler, optimizer folder and this rank's generators (None for a rank the run
-    did not have: it keeps its seed's), or None when there is no step checkpoint."""
+    """save_checkpoint's step, scheduler, weights and optimizer folders and this rank's generators (None for a
+    rank the run did not have: it keeps its seed's), or None when there is no step checkpoint."""
     from safetensors.torch import load_file
 
     file, generators = directory / "trainer_state.json", directory / f"rng_rank{rank()}.safetensors"
     if not file.exists():
         return None
-    state = json.loads(file.read_text()) | {"optimizer": str(directory / "optimizer")}
+    state = json.loads(file.read_text()) | {
+        "model": str(directory / "model"),
+        "optimizer": str(directory / "optimizer"),
+    }
     state["rng"] = load_file(str(generators)) if generators.exists() else None
     if rank() == 0:
         print(

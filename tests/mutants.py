@@ -1110,6 +1110,78 @@ MUTANTS: list[Mutant] = [
     ),
     # (end of the losses and kernels rows)
     # ---- runtime (the same in all four scripts: sera.py holds the originals) ----
+    Mutant(
+        "runtime_umask_expression",
+        "runtime",
+        "checkpoint files get 0o666 less the process umask (0o600 under umask 077, 0o644 under 022)",
+        "README",
+        "sera.py",
+        "        mode = 0o666 & ~process_umask()\n",
+        "        mode = 0o666 & ~os.umask(os.umask(0))\n",
+        "tests/test_scale.py::test_checkpoint_files_get_the_umask_mode",
+    ),
+    Mutant(
+        "runtime_resume_generators_not_restored",
+        "runtime",
+        "resuming from a step checkpoint restores each rank's random number generators",
+        "README",
+        "sera.py",
+        '            set_rng_state(state["rng"])\n',
+        "            pass\n",
+        "tests/test_scale.py::test_step_checkpoint_resumes_bit_identically",
+    ),
+    Mutant(
+        "runtime_masters_saved_in_bf16",
+        "runtime",
+        "a step checkpoint holds the fp32 master weights as they train, not a copy in a 16-bit dtype",
+        "README",
+        "sera.py",
+        'dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(folder / "model"))',
+        'dcp.save({"model": {k: v.bfloat16() for k, v in get_model_state_dict(model).items()}}, '
+        'checkpoint_id=str(folder / "model"))',
+        "tests/test_scale.py::test_step_checkpoint_resumes_bit_identically",
+    ),
+    Mutant(
+        "runtime_resume_weights_not_restored",
+        "runtime",
+        "resuming from a step checkpoint restores the weights it holds",
+        "README",
+        "sera.py",
+        '        dcp.load(weights, checkpoint_id=state["model"])\n',
+        "",
+        "tests/test_scale.py::test_step_checkpoint_resumes_bit_identically",
+    ),
+    Mutant(
+        "runtime_resume_optimizer_not_restored",
+        "runtime",
+        "resuming from a step checkpoint restores the optimizer state (AdamW's moments and step)",
+        "README",
+        "sera.py",
+        '        dcp.load(saved, checkpoint_id=state["optimizer"])\n',
+        "",
+        "tests/test_scale.py::test_step_checkpoint_resumes_bit_identically",
+    ),
+    Mutant(
+        "runtime_resume_scheduler_not_restored",
+        "runtime",
+        "resuming from a step checkpoint restores the scheduler's step (the learning rate goes on where it was)",
+        "README",
+        "sera.py",
+        '        scheduler.load_state_dict(state["scheduler"])\n',
+        "",
+        "tests/test_scale.py::test_step_checkpoint_resumes_bit_identically",
+    ),
+    Mutant(
+        "runtime_checkpoint_not_atomic",
+        "runtime",
+        "a checkpoint folder is replaced in one rename: a save that fails half-way leaves the previous one whole",
+        "README",
+        "sera.py",
+        "        shutil.rmtree(tmp, ignore_errors=True)\n        tmp.mkdir(parents=True)\n",
+        "        shutil.rmtree(directory, ignore_errors=True)\n"
+        "        shutil.rmtree(tmp, ignore_errors=True)\n        tmp.mkdir(parents=True)\n",
+        "tests/test_scale.py::test_step_checkpoint_is_replaced_whole_or_not_at_all",
+    ),
     # (end of the runtime rows)
 ]
 

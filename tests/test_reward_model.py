@@ -343,7 +343,8 @@ def test_toy_reward_model_rebuilds_byte_identical(tmp_path):
 @pytest.mark.slow
 def test_resume_reuses_the_starting_samples(tmp_path):
     """The start's samples are drawn once: a run interrupted in iteration 2 and resumed compares iteration 2 with
-    the file the first process wrote, unchanged."""
+    the file the first process wrote, as it is then. The file is edited before the resume (other responses, other
+    scores), so a seeded redraw of the same samples would not pass: the resumed comparison uses the edited ones."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     argv = [
         sys.executable,
@@ -361,14 +362,22 @@ def test_resume_reuses_the_starting_samples(tmp_path):
     ]
     first = subprocess.run([*argv, "--stop_after_steps", "3"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert first.returncode != 0 and "interrupted" in first.stderr, first.stderr[-2000:]
-    kept = (tmp_path / "run" / "eval_start.json").read_bytes()
+    start_file = tmp_path / "run" / "eval_start.json"
+    drawn = json.loads(start_file.read_text())
+    assert sorted(drawn["scores"]) == ["reward", "rm_score"] and len(drawn["responses"]) == 8
+    # the edit: 3 words per response, and start scores every later sample beats (rm) or loses to (reward)
+    edited = {"responses": ["x y z"] * 8, "scores": {"reward": [1e9] * 8, "rm_score": [-1e9] * 8}}
+    start_file.write_text(json.dumps(edited))
+    kept = start_file.read_bytes()
     second = subprocess.run([*argv, "--resume"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert (tmp_path / "run" / "eval_start.json").read_bytes() == kept
+    assert start_file.read_bytes() == kept
     records = {
         r["iteration"]: r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "eval/rm_score" in r
     }
-    start = json.loads(kept)
     assert sorted(records) == [0, 1, 2] and records[0]["eval/win_rate"] == 0.5
-    assert records[2]["eval/start_response_words"] == sum(len(r.split()) for r in start["responses"]) / 8
-    assert records[0]["eval/rm_score"] == pytest.approx(sum(start["scores"]["rm_score"]) / 8)
+    # iterations 0 and 1 ran before the edit, against the drawn samples; iteration 2 after it, against the edited
+    assert records[0]["eval/rm_score"] == pytest.approx(sum(drawn["scores"]["rm_score"]) / 8)
+    assert records[1]["eval/start_response_words"] == sum(len(r.split()) for r in drawn["responses"]) / 8 != 3
+    assert records[2]["eval/start_response_words"] == 3
+    assert records[2]["eval/win_rate"] == 1.0 and records[2]["eval/reward_win_rate"] == 0.0

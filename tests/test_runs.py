@@ -163,6 +163,33 @@ def test_sera_resume_finishes_identically(sera_run, tmp_path):
     assert_same_records(out, sera_run)
 
 
+def test_sera_resume_from_a_bf16_checkpoint_with_dropout_is_bit_identical(tmp_path):
+    """A run from a bf16 checkpoint (as the paper models are saved) with --dtype bfloat16, interrupted after a step
+    checkpoint and resumed, ends with every weight equal to the uninterrupted run's: the step checkpoint holds the
+    fp32 masters (before, it held them cast to bf16 and the resume lost every update under half a bf16 step), the
+    optimizer, the cosine schedule's position and the generators (this copy of the toy has attention dropout)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = tmp_path / "bf16"
+    model = AutoModelForCausalLM.from_pretrained(ROOT / "assets" / "toy" / "model", dtype=torch.bfloat16)
+    model.config.attention_dropout = 0.2
+    model.save_pretrained(start)
+    AutoTokenizer.from_pretrained(ROOT / "assets" / "toy" / "model").save_pretrained(start)
+    argv = ["--model", str(start), "--dataset", "toy", "--iterations", "1", "--num_pairs", "64", "--num_eval", "0"]
+    argv += ["--global_batch", "16", "--batch_size", "8", "--save_every", "2", "--dtype", "bfloat16", "--lr", "1e-4"]
+    argv += ["--scheduler", "cosine", "--max_length", "96", "--max_prompt_length", "64"]  # 4 steps
+    run("sera.py", *argv, "--output_dir", str(tmp_path / "full"))
+    cut = run("sera.py", *argv, "--output_dir", str(tmp_path / "cut"), "--stop_after_steps", "3", check=False)
+    assert cut.returncode == 130 and (tmp_path / "cut" / "iter_1_partial").is_dir(), cut.stderr[-3000:]
+    resumed = run("sera.py", *argv, "--output_dir", str(tmp_path / "cut"), "--resume")
+    assert "resuming from the step checkpoint" in resumed.stdout and "at step 2" in resumed.stdout
+    a, b = weights(tmp_path / "full" / "iter_1"), weights(tmp_path / "cut" / "iter_1")
+    assert {v.dtype for v in a.values()} == {torch.bfloat16} and sorted(a) == sorted(b)
+    differ = {k: int((a[k] != b[k]).sum()) for k in a if not torch.equal(a[k], b[k])}
+    assert not differ, differ
+    assert_same_records(tmp_path / "cut", tmp_path / "full")
+
+
 def test_sera_torchrun_two_ranks_matches_one_process(tmp_path):
     """FSDP2 on 2 CPU ranks (gloo) with the same global batch gives the same weights as one process."""
     common = ["--iterations", "1", "--num_pairs", "64", "--num_eval", "0", "--lr", "1e-3"]

@@ -21,24 +21,33 @@ TOY_MODEL = ROOT / "assets" / "toy" / "model"
 CPU = torch.device("cpu")
 
 
-def one_step(model, args, pairs):
-    """One DPO step of the script's pieces (collate, the fused pair op with daa_loss, optimizer_step); returns
-    the change of every trainable parameter, flattened."""
-    from transformers import get_constant_schedule
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    start = [p.detach().clone() for p in trainable]
-    batch = sera.collate(
+def pair_batch(pairs):
+    """chosen then rejected sequences of `pairs`, collated as the scripts do."""
+    return sera.collate(
         [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs],
         0,
         CPU,
     )
+
+
+def one_step(model, args, pairs, ref=None, gradient=None):
+    """One DPO step of the script's pieces (collate, the fused pair op with daa_loss, optimizer_step) against the
+    reference log-probs `ref` (by default the policy's own, shifted); returns the change of every trainable
+    parameter, flattened. The gradient the step applies is appended to the list `gradient` (flattened, float64)."""
+    from transformers import get_constant_schedule
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in trainable]
+    batch = pair_batch(pairs)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    with torch.no_grad():
-        logps, _ = causal_lm_logps(model, ids, mask, labels)
-    ref = logps.float() - torch.linspace(-1, 1, len(logps))  # a reference that differs from the policy
-    losses, _ = causal_lm_pair_loss(model, ids, mask, labels, sera.daa_loss(args), ref_logps=ref)
+    if ref is None:
+        with torch.no_grad():
+            logps, _ = causal_lm_logps(model, ids, mask, labels)
+        ref = logps.float() - torch.linspace(-1, 1, len(logps))  # a reference that differs from the policy
+    losses, _ = causal_lm_pair_loss(model, ids, mask, labels, sera.daa_loss(args), ref_logps=ref.float())
     losses.mean().backward()
+    if gradient is not None:
+        gradient.append(torch.cat([p.grad.double().flatten() for p in trainable]))
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     stats = sera.StepStats(["loss"], CPU)
     stats.add(loss=losses)
@@ -55,16 +64,49 @@ def toy_pairs():
     return sera.build_dataset(rows, source, AutoTokenizer.from_pretrained(TOY_MODEL), args)[0]
 
 
+def dpo_gradient_float64(pairs, ref, beta):
+    """The DPO loss (SeRA eq. 6: mean of -log sigmoid(beta h), h = (log pi(y_w) - ref_w) - (log pi(y_l) - ref_l),
+    log pi summed over response tokens) written out on the toy model held in float64, and its gradient
+    (flattened, in model.parameters() order): the oracle, without the fused pair op."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(TOY_MODEL, dtype=torch.float64)
+    batch = pair_batch(pairs)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    token = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    logps = (token * (labels != -100)).sum(1)
+    n = len(pairs)
+    h = (logps[:n] - ref[:n]) - (logps[n:] - ref[n:])
+    (-torch.nn.functional.logsigmoid(beta * h)).mean().backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
 def test_bf16_compute_moves_fp32_masters_like_fp32(toy_pairs):
     """Issue: bf16 weights updated by AdamW at lr ~1e-6 barely move (bf16 spacing near |w| = 0.02 is 1.2e-4).
-    --dtype bfloat16 computes in bf16 (autocast, here on CPU) on fp32 masters: one step at lr 2e-6 moves the
-    masters like the fp32 step does (direction and size), while weights held in bf16 stay put."""
-    deltas = {}
+    --dtype bfloat16 computes in bf16 (autocast, here on CPU) on fp32 masters: the gradient it puts on the masters
+    is the float64 DPO gradient (SeRA eq. 6) to bf16's precision (1% here; a loss scaled by 10 or 0.1 is off by
+    900% or 90%), and one step at lr 2e-6 moves the masters like the fp32 step does (direction and size), while
+    weights held in bf16 stay put."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():  # the reference log-probs: the starting policy's in float64, shifted away from it
+        model = AutoModelForCausalLM.from_pretrained(TOY_MODEL, dtype=torch.float64)
+        batch = pair_batch(toy_pairs)
+        ref = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
+        ref = ref.double() - torch.linspace(-1, 1, len(ref), dtype=torch.float64)
+    deltas, gradients = {}, {}
     for dtype in ("float32", "bfloat16"):
         args = sera.resolve(sera.Args(dtype=dtype, lr=2e-6))[0]
         model = sera.prepare_for_training(sera.load_model(str(TOY_MODEL), CPU, args), args)
         assert all(p.dtype == torch.float32 for p in model.parameters())  # masters
-        deltas[dtype] = one_step(model, args, toy_pairs)
+        assert args.loss == "dpo" and args.length_norm == "sum"  # the oracle's loss
+        found = []
+        deltas[dtype] = one_step(model, args, toy_pairs, ref=ref, gradient=found)
+        gradients[dtype] = found[0]
+    expected = dpo_gradient_float64(toy_pairs, ref, args.beta)
+    error = {dtype: float((g - expected).norm() / expected.norm()) for dtype, g in gradients.items()}
+    assert error["float32"] < 1e-4 and error["bfloat16"] < 0.05, error
     full, half = deltas["float32"], deltas["bfloat16"]
     cosine = float(torch.nn.functional.cosine_similarity(full, half, dim=0))
     ratio = float(half.norm() / full.norm())
@@ -87,11 +129,9 @@ def test_checkpoint_keeps_the_loaded_dtype(tmp_path, toy_pairs):
         model = sera.prepare_for_training(sera.load_model(str(source), CPU, args), args)
         one_step(model, args, toy_pairs)
         live = model.config.dtype
-        sera.save_atomic(model, tokenizer, tmp_path / "out")
-        mode = 0o666 & ~os.umask(os.umask(0))  # the run's other files' (save_pretrained writes through 0600 files)
-        assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "out").iterdir()} == {
-            f.name: mode for f in (tmp_path / "out").iterdir()
-        }
+        sera.save_atomic(
+            model, tokenizer, tmp_path / "out"
+        )  # (its file modes: test_checkpoint_files_get_the_umask_mode)
         saved = load_file(str(tmp_path / "out" / "model.safetensors"))
         assert {v.dtype for v in saved.values()} == {expected}, source
         assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == str(expected).split(".")[1]
@@ -170,10 +210,21 @@ def test_sera_three_ranks_uneven_pool_bf16_one_folder_and_resume_world_check(tmp
     """3 ranks, FSDP2, --dtype bfloat16: 14 pairs for a global batch of 24 in micro-batches of 2 (4 per rank per
     step). Before, ranks held 5, 5 and 4 pairs and ran 3, 3 and 4 micro-batches: FSDP hung. Now the remainder is
     dropped (counted), the run finishes with one process's number of steps. Without --output_dir and with rank 1's
-    clock ahead, all ranks use rank 0's folder. A resume on 1 rank is accepted."""
-    argv = ["--iterations", "1", "--num_pairs", "14", "--num_eval", "0", "--global_batch", "24", "--dtype", "bfloat16"]
-    res = launch("sera.py", 3, *argv, "--batch_size", "2", cwd=tmp_path, env=skewed_clock_env(tmp_path))
-    assert res.returncode == 0, res.stderr[-5000:]
+    clock ahead, all ranks use rank 0's folder. The run, interrupted inside iteration 2, resumes on 1 rank."""
+    argv = ["--iterations", "2", "--rho_1", "1", "--rho_2", "0", "--num_pairs", "14", "--num_eval", "0"]
+    argv += ["--global_batch", "24", "--dtype", "bfloat16"]
+    res = launch(
+        "sera.py",
+        3,
+        *argv,
+        "--batch_size",
+        "2",
+        "--stop_after_steps",
+        "2",
+        cwd=tmp_path,
+        env=skewed_clock_env(tmp_path),
+    )
+    assert res.returncode != 0 and "interrupted" in res.stderr, res.stderr[-5000:]  # after iteration 2's one step
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1, runs
     runs[0].rename(tmp_path / "three")
@@ -181,12 +232,20 @@ def test_sera_three_ranks_uneven_pool_bf16_one_folder_and_resume_world_check(tmp
     assert config["dtype"] == "bfloat16" and config["world_size"] == 3 and config["global_batch"] == 24
     train = next(m for m in metrics(tmp_path / "three") if "train/steps" in m)
     assert (train["train/steps"], train["train/grad_accum"], train["train/pairs_dropped_remainder"]) == (1, 4, 2)
-    assert len([m for m in metrics(tmp_path / "three") if "loss" in m]) == 1  # one process: 14 // 24 -> 1 step too
+    losses = [m["iteration"] for m in metrics(tmp_path / "three") if "loss" in m]
+    assert losses == [1, 2]  # one process's 14 // 24 -> 1 step per iteration too
+    assert json.loads((tmp_path / "three" / "state.json").read_text())["completed"] == 1
+    assert not (tmp_path / "three" / "iter_2").exists()
     saved = load_file(str(tmp_path / "three" / "iter_1" / "model.safetensors"))
     start = load_file(str(TOY_MODEL / "model.safetensors"))
     assert all(v.dtype == torch.float32 for v in saved.values()) and any((saved[k] != start[k]).any() for k in start)
     res = launch("sera.py", 1, *argv, "--batch_size", "2", "--output_dir", str(tmp_path / "three"), "--resume")
-    assert res.returncode == 0 and "resuming" in res.stdout  # another number of ranks may resume (nothing left here)
+    assert res.returncode == 0, res.stderr[-3000:]  # another number of ranks may resume
+    assert f"resuming {tmp_path / 'three'}: completed 1" in res.stdout
+    assert json.loads((tmp_path / "three" / "state.json").read_text())["completed"] == 2
+    assert (tmp_path / "three" / "iter_2" / "model.safetensors").exists()
+    resumed = [m for m in metrics(tmp_path / "three") if "train/steps" in m]
+    assert [(m["iteration"], m["train/grad_accum"]) for m in resumed] == [(1, 4), (2, 12)]  # iteration 2 on 1 rank
     res = launch("sera.py", 1, *argv, "--batch_size", "5")  # 24 pairs per step do not split into micro-batches of 5
     assert res.returncode != 0 and "--global_batch 24 must be a positive multiple of --batch_size 5" in res.stderr
 
@@ -274,6 +333,118 @@ def test_step_checkpoint_rng_state_round_trip():
     torch.rand(7)
     sera.set_rng_state(state)
     assert torch.equal(torch.rand(4), expected)
+
+
+def dropout_net():
+    """A small model whose training draws from the generators (dropout)."""
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 1))
+
+
+def train_steps(model, optimizer, scheduler, steps):
+    """Plain optimizer steps on data fixed by the step number."""
+    for step in steps:
+        x = torch.linspace(-1, 1, 64).view(8, 8) * (step + 1)
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def checkpointed_run(folder: Path):
+    """4 AdamW steps of dropout_net under the cosine schedule with warmup, a step checkpoint after step 2 in
+    `folder`; returns the model and its weights after step 2 and after step 4."""
+    args = types.SimpleNamespace(warmup_ratio=0.25)
+    torch.manual_seed(0)
+    model = dropout_net()
+    _, optimizer, scheduler = sera.make_optimizer(model, 1e-2, 4, args, "cosine")
+    train_steps(model, optimizer, scheduler, range(2))
+    sera.save_checkpoint(model, folder, optimizer, scheduler, 2)
+    at_2 = {k: v.clone() for k, v in model.state_dict().items()}
+    train_steps(model, optimizer, scheduler, range(2, 4))
+    return model, optimizer, scheduler, at_2, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def resumed_model(folder: Path):
+    """A new process's model (other weights, other generator state) with the step checkpoint restored."""
+    torch.manual_seed(1)
+    model = dropout_net()
+    state = sera.trainer_state(folder)
+    _, optimizer, scheduler = sera.make_optimizer(
+        model, 1e-2, 4, types.SimpleNamespace(warmup_ratio=0.25), "cosine", state
+    )
+    return model, optimizer, scheduler, state
+
+
+def test_step_checkpoint_resumes_bit_identically(tmp_path):
+    """A step checkpoint holds the training state exactly (README, resume): from it, steps 3-4 end where the
+    uninterrupted run ends, every weight bit for bit. Each part of the state shows: the fp32 weights as they train
+    (not a copy in a checkpoint dtype), AdamW's moments, the position on the cosine schedule (a restart moves the
+    learning rate of step 4) and the generators (dropout masks)."""
+    _, _, _, _, full = checkpointed_run(tmp_path / "checkpoint")
+    model, optimizer, scheduler, state = resumed_model(tmp_path / "checkpoint")
+    assert state["step"] == 2 and not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.old"))
+    train_steps(model, optimizer, scheduler, range(2, 4))
+    resumed = model.state_dict()
+    assert all(torch.equal(full[k], resumed[k]) for k in full), {k: (full[k] - resumed[k]).abs().max() for k in full}
+
+
+def test_step_checkpoint_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A step checkpoint is written in one renamed folder: a save that fails half-way (here after the weights and
+    the optimizer state are written) leaves the previous checkpoint whole; the next save replaces it."""
+    model, optimizer, scheduler, at_2, _ = checkpointed_run(tmp_path / "checkpoint")
+
+    def crash():
+        raise RuntimeError("killed while saving")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sera, "rng_state", crash)
+        with pytest.raises(RuntimeError, match="killed while saving"):
+            sera.save_checkpoint(model, tmp_path / "checkpoint", optimizer, scheduler, 4)
+    restored, _, _, state = resumed_model(tmp_path / "checkpoint")
+    assert state["step"] == 2
+    assert all(torch.equal(at_2[k], v) for k, v in restored.state_dict().items())
+    sera.save_checkpoint(model, tmp_path / "checkpoint", optimizer, scheduler, 4)
+    assert sera.trainer_state(tmp_path / "checkpoint")["step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+MODES = """
+import json, os, sys
+from pathlib import Path
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+sys.path.insert(0, sys.argv[1])
+import sera
+toy, out, modes = Path(sys.argv[1]) / "assets" / "toy" / "model", Path(sys.argv[2]), {}
+model, tokenizer = AutoModelForCausalLM.from_pretrained(toy), AutoTokenizer.from_pretrained(toy)
+small = torch.nn.Linear(2, 2)
+optimizer = torch.optim.AdamW(small.parameters())
+small(torch.ones(1, 2)).sum().backward()
+optimizer.step()
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+for umask in (0o077, 0o022):
+    os.umask(umask)
+    folder = out / f"{umask:o}"
+    sera.save_atomic(model, tokenizer, folder / "iter_1")
+    sera.save_checkpoint(small, folder / "partial", optimizer, scheduler, 1)
+    modes[f"{umask:o}"] = {str(f.relative_to(out)): f.stat().st_mode & 0o777 for f in folder.rglob("*") if f.is_file()}
+print(json.dumps(modes))
+"""
+
+
+def test_checkpoint_files_get_the_umask_mode(tmp_path):
+    """Model and step checkpoint files get the mode open() gives the run's other files, 0o666 less the process
+    umask (README; save_pretrained and DCP write some through private files): 0o600 under umask 077, 0o644 under
+    022. In a child process, whose umask the test may set."""
+    res = subprocess.run(
+        [sys.executable, "-c", MODES, str(ROOT), str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    modes = json.loads(res.stdout.strip().splitlines()[-1])
+    for umask, expected in (("77", 0o600), ("22", 0o644)):
+        files = modes[umask]
+        assert any(f.endswith("model.safetensors") for f in files) and any(f.endswith(".distcp") for f in files)
+        assert {f: oct(m) for f, m in files.items()} == {f: oct(expected) for f in files}, umask
 
 
 def _lora_step_worker(rank, port, results):
