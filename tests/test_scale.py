@@ -790,7 +790,12 @@ def test_fused_head_scores_in_the_compute_dtype():
         .gather(-1, labels[..., None])
         .sum((1, 2))
     )
-    assert (logps.double() - exact).abs().max() < 0.05 * exact.abs().max()
+    # the rule of the kernels' bf16 tests: within twice the error of a plain bf16 product (plus 1e-3 of the largest
+    # value). Measured: error 0.0015, bar 0.041; labels shifted by one position 1.74 (the old bar, 5% of max: 1.89)
+    naive = torch.log_softmax((hidden.detach() @ weight.detach().bfloat16().T).double(), -1)
+    naive = naive.gather(-1, labels[..., None]).sum((1, 2))
+    error, bar = (logps.double() - exact).abs().max(), 2 * (naive - exact).abs().max() + 1e-3 * exact.abs().max()
+    assert error <= bar, (error, bar)
 
 
 def stub_lm(hidden, weight):
