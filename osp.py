@@ -2034,6 +2034,7 @@ def write_folder(directory: Path, write):
     folder or the new one whole (between the two renames, an instant, under those names). Its files get the mode
     open() gives the run's other files (0o666 less the umask; save_pretrained and DCP write some through private
     files), folders keep theirs."""
+    recover_folder(directory)
     tmp, old = (directory.with_name(directory.name + suffix) for suffix in (".tmp", ".old"))
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -2057,6 +2058,18 @@ def write_folder(directory: Path, write):
         dist.barrier()
 
 
+# Copied from sera.recover_folder
+def recover_folder(directory: Path):
+    """Finishes a swap of write_folder that a kill cut between its two renames: `directory` is gone, the previous
+    folder is whole under .old and the new one under .tmp (written, barriers passed), which takes its place."""
+    tmp, old = (directory.with_name(directory.name + suffix) for suffix in (".tmp", ".old"))
+    if rank() == 0 and not directory.exists() and old.exists():
+        os.replace(tmp if tmp.exists() else old, directory)
+        print(f"completed the interrupted replacement of {directory}")
+    if world() > 1:
+        dist.barrier()
+
+
 # Copied from sera.process_umask
 def process_umask() -> int:
     """This process's umask, read without changing it: Linux says it in /proc/self/status. Elsewhere the only way
@@ -2075,17 +2088,17 @@ def process_umask() -> int:
 
 # Copied from sera.rng_state
 def rng_state() -> dict:
-    """This rank's random number generators as tensors, CUDA's included (sampling draws from them)."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"cpu": torch.get_rng_state(), **{f"cuda{i}": state for i, state in enumerate(cuda)}}
+    """This rank's random number generators as tensors: the CPU's and, on a GPU run, its own GPU's (sampling draws
+    from it). One GPU per rank, so a run resumes on a node with another number of GPUs."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
 
 
 # Copied from sera.set_rng_state
 def set_rng_state(state: dict):
     torch.set_rng_state(state["cpu"])
-    cuda = [state[f"cuda{i}"] for i in range(len(state) - 1)]
-    if cuda:
-        torch.cuda.set_rng_state_all(cuda)
+    if "cuda" in state and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # Copied from sera.collate
@@ -2167,9 +2180,15 @@ def trainer_state(directory: Path) -> dict | None:
     rank the run did not have: it keeps its seed's), or None when there is no step checkpoint."""
     from safetensors.torch import load_file
 
+    recover_folder(directory)
     file, generators = directory / "trainer_state.json", directory / f"rng_rank{rank()}.safetensors"
     if not file.exists():
         return None
+    if not (directory / "model").is_dir():
+        raise InputError(
+            f"--resume: {directory} is a step checkpoint without its weights folder (model/); expected one "
+            "written by this version (earlier ones held bf16 exports): delete the folder to redo its steps"
+        )
     state = json.loads(file.read_text()) | {
         "model": str(directory / "model"),
         "optimizer": str(directory / "optimizer"),

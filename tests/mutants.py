@@ -1182,6 +1182,26 @@ MUTANTS: list[Mutant] = [
         "        shutil.rmtree(tmp, ignore_errors=True)\n        tmp.mkdir(parents=True)\n",
         "tests/test_scale.py::test_step_checkpoint_is_replaced_whole_or_not_at_all",
     ),
+    Mutant(
+        "runtime_swap_not_recovered",
+        "runtime",
+        "--resume completes a checkpoint swap that a kill cut between its two renames",
+        "README",
+        "sera.py",
+        "    recover_folder(directory)\n    file, generators = ",
+        "    file, generators = ",
+        "tests/test_scale.py::test_a_swap_cut_between_its_renames_is_completed_on_resume",
+    ),
+    Mutant(
+        "runtime_generators_of_every_gpu",
+        "runtime",
+        "a rank saves its own generators only, so a run resumes on a node with another number of GPUs",
+        "README",
+        "sera.py",
+        '    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}',
+        '    return {"cpu": torch.get_rng_state(), "cuda0": torch.get_rng_state()}',
+        "tests/test_scale.py::test_generators_of_a_cpu_run_name_no_gpu",
+    ),
     # (end of the runtime rows)
 ]
 

@@ -408,6 +408,35 @@ def test_step_checkpoint_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
 
 
+def test_a_swap_cut_between_its_renames_is_completed_on_resume(tmp_path, monkeypatch):
+    """A kill between write_folder's two renames leaves no `checkpoint`, the previous one in checkpoint.old and the
+    new one whole in checkpoint.tmp: --resume finishes the swap and continues from the new one (step 4), not from
+    step 0; the next save does not delete it."""
+    model, optimizer, scheduler, _, _ = checkpointed_run(tmp_path / "checkpoint")
+    real_replace = os.replace
+
+    def cut(src, dst):
+        real_replace(src, dst)
+        if str(src).endswith("checkpoint"):  # the first rename done: the process dies here
+            raise KeyboardInterrupt("killed between the renames")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sera.os, "replace", cut)
+        with pytest.raises(KeyboardInterrupt):
+            sera.save_checkpoint(model, tmp_path / "checkpoint", optimizer, scheduler, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.old", "checkpoint.tmp"]
+    assert sera.trainer_state(tmp_path / "checkpoint")["step"] == 4
+    sera.save_checkpoint(model, tmp_path / "checkpoint", optimizer, scheduler, 6)
+    assert sera.trainer_state(tmp_path / "checkpoint")["step"] == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_generators_of_a_cpu_run_name_no_gpu():
+    """A rank saves its own generators only (the CPU's; on a GPU run, its GPU's as "cuda"): a checkpoint then
+    resumes on a node with another number of GPUs."""
+    assert set(sera.rng_state()) == ({"cpu", "cuda"} if torch.cuda.is_initialized() else {"cpu"})
+
+
 MODES = """
 import json, os, sys
 from pathlib import Path
