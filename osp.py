@@ -932,7 +932,9 @@ def main(args: Args) -> dict:
         print(f"{out_dir}: this run is complete (final/); nothing to resume")
         return state
     saved = trainer_state(checkpoint) if args.resume and state["stage0_done"] else None
-    state["step"] = saved["step"] if saved else state["step"]
+    if state["step"] and saved is None:  # the state file counts steps whose weights are nowhere to be found
+        raise InputError(f"--resume: {state_file} says step {state['step']} but {checkpoint} holds no step checkpoint")
+    state["step"] = saved["step"] if saved else 0
     model = load_model(model_path, device, args) if not state["stage0_done"] else None  # Stage 0 starts from it
     logs = Logs(args, out_dir, run_name)
 
