@@ -1261,9 +1261,10 @@ def init_device(seed: int, timeout_minutes: int = 180, kind: str = "cpu") -> tor
 
 # Copied from sera.comm_device
 def comm_device() -> torch.device:
-    """Where the tensors of collectives live: NCCL has no CPU backend, so this rank's GPU; the CPU under gloo."""
-    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
-    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    """Where the tensors of collectives live: NCCL has no CPU backend, so this rank's GPU; the CPU under gloo (the
+    backend of --device cpu) and on one process."""
+    gpu = dist.is_initialized() and dist.get_backend() != dist.Backend.GLOO
+    return torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
 
 
 # Copied from sera.run_device

@@ -1202,6 +1202,16 @@ MUTANTS: list[Mutant] = [
         '    return {"cpu": torch.get_rng_state(), "cuda0": torch.get_rng_state()}',
         "tests/test_scale.py::test_generators_of_a_cpu_run_name_no_gpu",
     ),
+    Mutant(
+        "runtime_collectives_on_cpu_under_nccl",
+        "runtime",
+        "every tensor handed to a collective lives on this rank's GPU unless the backend is gloo (NCCL has no CPU)",
+        "README",
+        "sera.py",
+        "    gpu = dist.is_initialized() and dist.get_backend() != dist.Backend.GLOO",
+        '    gpu = dist.is_initialized() and dist.get_backend() == "nccl"',
+        "tests/test_scale.py::test_collectives_live_on_the_gpu_under_any_backend_but_gloo",
+    ),
     # (end of the runtime rows)
 ]
 

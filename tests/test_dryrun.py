@@ -65,7 +65,7 @@ def fake_group(monkeypatch):
     dist.destroy_process_group()
 
 
-def test_guard_rejects_a_cpu_tensor_and_names_the_caller(fake_group):
+def test_guard_rejects_a_cpu_tensor_and_names_the_caller(fake_group, monkeypatch):
     with pytest.raises(
         guard.CollectiveDeviceError,
         match=r"dist\.all_reduce: arg\[0\] is on cpu \(shape \(3,\), "
@@ -75,7 +75,9 @@ def test_guard_rejects_a_cpu_tensor_and_names_the_caller(fake_group):
         dist.all_reduce(torch.zeros(3))
     with pytest.raises(guard.CollectiveDeviceError, match=r"dist\.all_gather: arg\[0\]\[0\] is on meta"):
         dist.all_gather([torch.zeros(2, device="meta")] * 2, torch.zeros(2, device="meta"))
-    import sera  # a script's collective on the CPU: what NCCL refuses (here: no GPU, so comm_device is the CPU)
+    import sera  # a script's collective on the CPU (comm_device forced there, as before a fix): what NCCL refuses
+
+    monkeypatch.setattr(sera, "comm_device", lambda: torch.device("cpu"))
 
     with pytest.raises(guard.CollectiveDeviceError, match=r"float64.*sera\.py:\d+ \(all_sum\)"):
         sera.all_sum([1.0, 2.0])

@@ -827,6 +827,23 @@ def test_fused_head_scores_in_the_compute_dtype():
     assert error <= bar, (error, bar)
 
 
+def test_collectives_live_on_the_gpu_under_any_backend_but_gloo(monkeypatch):
+    """comm_device: this rank's GPU under NCCL (and under the dry run's fake NCCL backend, which checks it), the CPU
+    under gloo and on one process."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    assert sera.comm_device() == CPU
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    for backend, expected in (("fake", torch.device("cuda", 3)), ("gloo", CPU)):
+        store = FakeStore() if backend == "fake" else dist.HashStore()
+        dist.init_process_group(backend, store=store, rank=0, world_size=1 if backend == "gloo" else 2)
+        try:
+            assert sera.comm_device() == expected, backend
+        finally:
+            dist.destroy_process_group()
+
+
 def stub_lm(hidden, weight):
     """A stand-in causal LM whose decoder returns `hidden` (plus one position) and whose head is `weight`."""
 
