@@ -2100,7 +2100,7 @@ def rng_state() -> dict:
 # Copied from sera.set_rng_state
 def set_rng_state(state: dict):
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available() and torch.cuda.is_initialized():
+    if "cuda" in state and torch.cuda.is_available():  # saved by a GPU run: this rank's GPU (lazily, if need be)
         torch.cuda.set_rng_state(state["cuda"])
 
 
