@@ -49,9 +49,6 @@ from tqdm import tqdm
 
 from selfpo_kernels import causal_lm_logps, causal_lm_pair_loss, decoder_hidden_states, head_logits
 
-HERE = Path(__file__).resolve().parent
-TOY = HERE / "assets" / "toy"
-
 # Judge templates (paper §3.2: the policy as its own judge). OURS, not the paper's wording (not available to us).
 JUDGE_TEMPLATES = {
     "dialogue": (
@@ -63,110 +60,6 @@ JUDGE_TEMPLATES = {
         "You are comparing two summaries of the same post.\n\nPost:\n{x}\n\n"
         "Summary A:\n{a}\n\nSummary B:\n{b}\n\n"
         "Which summary is more accurate, complete and concise? Answer with a single letter: A or B."
-    ),
-}
-
-# Human/Assistant format for base models without a chat template (HH-RLHF style) [ours].
-# Copied from sera.HH_TEMPLATE
-HH_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] }}"
-    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
-)
-
-# The paper's settings (§4): K = 7, beta 0.1, 8 prompts x 3 pairs per update, AdamW without weight decay, warmup
-# 0.1 and the learning rates are [2nd]/[ours]; Stage 0 (augmentation) settings are ours throughout.
-MODELS = {
-    "toy": dict(  # the shipped tiny model; learning rates scaled to it [ours]
-        path=str(TOY / "model"),
-        dataset="toy",
-        lr=2e-4,
-        prompts_per_step=8,
-        micro_batch_size=24,
-        lora_r=0,
-        max_length=96,
-        max_prompt_length=64,
-        max_new_tokens=24,
-        judge_max_length=192,
-        long_prompts="error",
-        aug_epochs=6,
-        aug_lr=1e-3,
-        aug_batch_size=32,
-        num_sft=1000,
-        num_judge_eval=200,
-        num_eval=200,
-        eval_every=20,
-        save_every=10,
-        scoring_batch_size=128,
-        generation_batch_size=256,
-        judge_batch_size=128,
-    ),
-    "pythia-2.8b": dict(  # base model: give it the HH format; SFT it first (pass --model ./sft)
-        path="EleutherAI/pythia-2.8b",
-        dataset="hh-rlhf",
-        chat_template=HH_TEMPLATE,
-        lr=5e-7,
-        prompts_per_step=8,
-        micro_batch_size=4,
-        lora_r=0,
-        max_length=768,
-        max_prompt_length=512,
-        max_new_tokens=256,
-        judge_max_length=2048,
-        long_prompts="skip",
-        aug_epochs=1,
-        aug_lr=1e-5,
-        aug_batch_size=16,
-        num_sft=None,
-        num_judge_eval=500,
-        num_eval=0,
-        eval_every=0,
-        save_every=50,
-        scoring_batch_size=16,
-        generation_batch_size=64,
-        judge_batch_size=16,
-    ),
-    "mistral-7b": dict(  # zephyr SFT start, full fine-tuning (shard with torchrun)
-        path="alignment-handbook/zephyr-7b-sft-full",
-        dataset="hh-rlhf",
-        lr=5e-7,
-        prompts_per_step=8,
-        gradient_checkpointing=True,
-        micro_batch_size=4,
-        lora_r=0,
-        max_length=768,
-        max_prompt_length=512,
-        max_new_tokens=256,
-        judge_max_length=2048,
-        long_prompts="skip",
-        aug_epochs=1,
-        aug_lr=1e-6,
-        aug_batch_size=16,
-        num_sft=None,
-        num_judge_eval=500,
-        num_eval=0,
-        eval_every=0,
-        save_every=50,
-        scoring_batch_size=8,
-        generation_batch_size=64,
-        judge_batch_size=16,
-    ),
-}
-
-DATASETS = {  # family: which judge template; max_new_tokens as the paper's (HH 256, TL;DR 64)
-    "hh-rlhf": dict(path="Anthropic/hh-rlhf", split="train", family="dialogue", max_new_tokens=256),
-    "tldr": dict(
-        path="openai/summarize_from_feedback", name="comparisons", split="train", family="summary", max_new_tokens=64
-    ),
-    "ultrafeedback": dict(path="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs", family="dialogue"),
-    "toy": dict(
-        path=str(TOY / "data" / "judge_prefs.jsonl"),
-        family="dialogue",
-        eval=str(TOY / "data" / "eval.jsonl"),
-        prompts=str(TOY / "data" / "prompts.jsonl"),
-        sft=str(TOY / "data" / "sft.jsonl"),
-        reward_fn=f"{TOY / 'oracle.py'}:score",
     ),
 }
 
@@ -295,86 +188,81 @@ class Args:
     """sequences (prompts x samples) per generate call"""
 
 
-def resolve(args: Args) -> tuple[Args, dict]:
-    preset, filled = model_preset(args, MODELS, "mistral-7b")  # a custom model: mistral-7b's settings
-    dataset_preset = DATASETS.get(preset["dataset"], {})
-    filled |= {
-        k: dataset_preset.get(k, preset[k])
-        for k in (
-            "lr",
-            "prompts_per_step",
-            "micro_batch_size",
-            "max_length",
-            "max_prompt_length",
-            "max_new_tokens",
-            "judge_max_length",
-            "long_prompts",
-            "aug_epochs",
-            "aug_lr",
-            "aug_batch_size",
-            "num_sft",
-            "num_judge_eval",
-            "num_eval",
-            "eval_every",
-            "save_every",
-            "scoring_batch_size",
-            "generation_batch_size",
-            "judge_batch_size",
+# ---------------------------------------------------------------------------------------------
+# Stage 1: the SPCE update on a step's self-judged tuples (x, y_h, y_l, q) (paper §3.1)
+def spce_loss(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """OSP's soft-preference cross-entropy (Zhai et al. 2024, §3.1): -[q log sigma(z) + (1 - q) log sigma(-z)] per
+    pair, in the stable softplus form. z = beta * h is the pair's DPO logit, q the judged strength, a constant. Its
+    gradient in z is sigma(z) - q: a margin past the strength is pushed back, which DPO (q = 1) never does."""
+    return q * F.softplus(-z) + (1 - q) * F.softplus(z)
+
+
+SPCE_STATS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "osp/abs_sigma_z_minus_q",
+    "osp/sigma_z_mean",
+)  # spce_backward's means (and the count)
+
+
+def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_id: int) -> StepStats:
+    """Accumulate d(mean loss)/d(theta) over this step's tuples; returns this rank's summed statistics.
+
+    z = beta * [S(pi,y_h) - S(ref,y_h) - S(pi,y_l) + S(ref,y_l)] with summed log-probs; the reference is scored
+    in the same fused kernel call (a frozen copy, or the same weights with the LoRA adapter switched off).
+    SPCE: -[q log sigma(z) + (1-q) log sigma(-z)]; --loss dpo: -log sigma(z) on the same pairs."""
+    local, real = shard(tuples)
+    stats = StepStats(SPCE_STATS + ("pairs",), device)
+
+    def loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, q, weight):
+        chosen, rejected = args.beta * (policy_chosen - ref_chosen), args.beta * (policy_rejected - ref_rejected)
+        return spce_loss(chosen - rejected, q) * weight, chosen.detach(), rejected.detach()
+
+    chunks = [
+        list(enumerate(local))[start : start + args.micro_batch_size]
+        for start in range(0, len(local), args.micro_batch_size)
+    ]
+    for indexed in micro_batches(model, chunks):
+        chunk, start = [t for _, t in indexed], indexed[0][0]
+        n = len(chunk)
+        batch = collate(
+            [(t["prompt_ids"], t["chosen_ids"]) for t in chunk] + [(t["prompt_ids"], t["rejected_ids"]) for t in chunk],
+            pad_id,
+            device,
         )
-        if getattr(args, k) is None
-    }
-    if args.judge_family is None:
-        filled["judge_family"] = dataset_preset.get("family", "dialogue")
-    if args.lora_r and args.save_every is None:
-        filled["save_every"] = 0  # LoRA runs checkpoint at the end only (see the check below)
-    args = dataclasses.replace(args, **filled)
-    domains = {
-        "k": ">= 2",
-        "offline_fraction": "(0, 1]",
-        "beta": "> 0",
-        "lr": "> 0",
-        "aug_lr": "> 0",
-        "prompts_per_step": ">= 1",
-        "micro_batch_size": ">= 1",
-        "aug_batch_size": ">= 1",
-        "steps": ">= 1",
-        "aug_epochs": ">= 1",
-        "num_judge_eval": ">= 0",
-        "save_every": ">= 0",
-        "eval_every": ">= 0",
-        "num_prompts": ">= 1",
-        "num_sft": ">= 0",
-        "judge_max_length": ">= 2",
-        "judge_batch_size": ">= 1",
-        "sample_temperature": ">= 0",
-        "sample_top_p": "(0, 1]",
-    }
-    check_args(
-        args,
-        [
-            (len(args.verdict_tokens) == 2, f"--verdict_tokens needs two tokens, got {args.verdict_tokens}"),
-            (
-                args.save_every == 0 or args.lora_r == 0,
-                "--save_every is not supported with LoRA (it saves at the end)",
-            ),
-            (
-                args.sampler == "hf" or args.lora_r == 0,
-                "--sampler vllm is not supported with LoRA in osp (use hf)",
-            ),
-            (
-                args.judge_template is None or Path(args.judge_template).exists(),
-                f"--judge_template: file {args.judge_template!r} not found",
-            ),
-        ],
-        domains,
-    )
-    return args, preset
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        ref_hidden = None
+        if ref_model is None:  # LoRA: the reference is the base weights
+            with torch.no_grad(), model.disable_adapter():
+                ref_hidden = decoder_hidden_states(model, ids, mask)[:, :-1]
+        q = torch.tensor([t["q"] for t in chunk], device=device, dtype=torch.float32)
+        q = q if args.loss == "spce" else torch.ones_like(q)  # --loss dpo: q = 1
+        weights = torch.tensor([1.0 if start + i < real else 0.0 for i in range(n)], device=device)  # shard padding
+        losses, out = causal_lm_pair_loss(
+            model,
+            ids,
+            mask,
+            labels,
+            loss_fn,
+            ref_model=ref_model if ref_model is not None else model,
+            ref_hidden=ref_hidden,
+            extras={"q": q, "weight": weights},
+        )
+        (losses.sum() * world() / len(tuples)).backward()  # FSDP averages over ranks
+        with torch.no_grad():
+            z, q = out["rewards/margins"], torch.tensor([t["q"] for t in chunk], device=device)
+            values = [out[name] for name in SPCE_STATS[:7]] + [(torch.sigmoid(z) - q).abs(), torch.sigmoid(z), 1.0]
+            stats.add(**{name: value * weights for name, value in zip(stats.names, values)})
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------
 # ALGO LOGIC: the judge (paper §3.1-3.2)
-
-
 def render_context(prompt: list[dict], family: str) -> str:
     """{x} of the judge template [ours]: the post (summary family) or single user turn as is; a longer
     conversation as 'Human: ... / Assistant: ...' turns."""
@@ -482,8 +370,6 @@ def rank_and_pair(samples: list[list[str]], judge, rank_by: str) -> tuple[list[l
 
 # ---------------------------------------------------------------------------------------------
 # ALGO LOGIC: the Stage 0 examples (judge instances + SFT) and the online prompt pool
-
-
 def judge_instances(
     pairs: list[dict], tokenizer, template: str, verdict: list[int], args: Args, counts: dict
 ) -> list[dict]:
@@ -507,41 +393,8 @@ def judge_instances(
     return out
 
 
-def load_sft(spec: str | None, seed_pairs: list[dict], tokenizer, args: Args, counts: dict) -> list[dict]:
-    """Stage 0's SFT examples: the 'messages' conversations of --sft_data, else [ours] the seed pairs' chosen
-    conversations; the first --num_sft, those over the length limits skipped and counted."""
-    rows, source = (
-        load_rows(spec, "--sft_data")
-        if spec
-        else (
-            [{"messages": p["prompt"] + [{"role": "assistant", "content": p["chosen"]}]} for p in seed_pairs],
-            "(seed pairs)",
-        )
-    )
-    out, skipped = [], {}
-    args = dataclasses.replace(args, long_prompts="skip")  # SFT rows over the limits are skipped, counted
-    for index, row in enumerate(rows[: args.num_sft] if args.num_sft else rows):
-        where = f"--sft_data {source} row {index}"
-        try:  # an empty message is a quirk of real SFT data: skipped, counted
-            messages = _messages(
-                row.get("messages") if isinstance(row, dict) else None, f"{where}: 'messages'", "empty_message"
-            )
-        except BadRow as err:
-            skipped[err.reason] = skipped.get(err.reason, 0) + 1
-            continue
-        if messages[-1]["role"] != "assistant":
-            raise InputError(f"{where}: the last message must be the assistant's")
-        fitted = fit(*encode(tokenizer, messages[:-1], messages[-1]["content"]), args, where, skipped)
-        if fitted is not None:
-            out.append({"prompt_ids": fitted[0], "response_ids": fitted[1], "kind": "sft"})
-    counts.update({f"sft_{k}": v for k, v in skipped.items()})
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # ALGO LOGIC: judging with the policy itself (one forward, two verdict logits)
-
-
 def make_judge(
     model,
     tokenizer,
@@ -581,43 +434,8 @@ def make_judge(
     return judge
 
 
-SCORER_NAMES = {"reward": "oracle", "rm_score": "rm"}  # judge/oracle_accuracy (--reward_fn), judge/rm_accuracy
-
-
-def judge_report(model, tokenizer, pairs: list[dict], template, verdict, args, device, scorers: dict) -> dict:
-    """Judge quality on held-out offline pairs: agreement with the human label, with the reward function and the
-    reward model (pairs each scores differently) and position consistency (the verdict survives swapping A and B)."""
-    if not pairs:
-        return {}
-    judge = make_judge(model, tokenizer, [p["prompt"] for p in pairs], template, verdict, args, device, "judge eval")
-    values = judge(
-        [c for i, p in enumerate(pairs) for c in ((i, p["chosen"], p["rejected"]), (i, p["rejected"], p["chosen"]))]
-    )
-    j_wl, j_lw = values[0::2], values[1::2]
-    q = [strength(a, b) for a, b in zip(j_wl, j_lw)]
-    report = {
-        "judge/human_accuracy": sum((x > 0.5) + 0.5 * (x == 0.5) for x in q) / len(q),
-        "judge/position_consistency": sum((a > 0.5) == (b < 0.5) for a, b in zip(j_wl, j_lw)) / len(q),
-        "judge/q_mean": sum(q) / len(q),
-        "judge/pairs": len(q),
-    }
-    for name, scorer in scorers.items():
-        values = scorer(
-            [p["prompt"][-1]["content"] for p in pairs] * 2,
-            [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
-        )
-        scored = [(x, c - r) for x, c, r in zip(q, values[: len(pairs)], values[len(pairs) :]) if c != r]
-        if scored:
-            report[f"judge/{SCORER_NAMES[name]}_accuracy"] = sum((x > 0.5) == (gap > 0) for x, gap in scored) / len(
-                scored
-            )
-    return report
-
-
 # ---------------------------------------------------------------------------------------------
 # Stage 0: SFT + preference augmentation (§4.3 steps 1-3)
-
-
 def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
     """L_SFT on SFT data + judge instances, each example weighted equally (its mean token log-likelihood;
     a judge instance scores its verdict token only) [ours]. One optimizer step per --aug_batch_size examples."""
@@ -659,142 +477,6 @@ def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
             )
     bar.close()
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage 1: the SPCE update on a step's self-judged tuples (x, y_h, y_l, q) (paper §3.1)
-
-
-def spce_loss(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """OSP's soft-preference cross-entropy (Zhai et al. 2024, §3.1): -[q log sigma(z) + (1 - q) log sigma(-z)] per
-    pair, in the stable softplus form. z = beta * h is the pair's DPO logit, q the judged strength, a constant. Its
-    gradient in z is sigma(z) - q: a margin past the strength is pushed back, which DPO (q = 1) never does."""
-    return q * F.softplus(-z) + (1 - q) * F.softplus(z)
-
-
-SPCE_STATS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-    "osp/abs_sigma_z_minus_q",
-    "osp/sigma_z_mean",
-)  # spce_backward's means (and the count)
-
-
-def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_id: int) -> StepStats:
-    """Accumulate d(mean loss)/d(theta) over this step's tuples; returns this rank's summed statistics.
-
-    z = beta * [S(pi,y_h) - S(ref,y_h) - S(pi,y_l) + S(ref,y_l)] with summed log-probs; the reference is scored
-    in the same fused kernel call (a frozen copy, or the same weights with the LoRA adapter switched off).
-    SPCE: -[q log sigma(z) + (1-q) log sigma(-z)]; --loss dpo: -log sigma(z) on the same pairs."""
-    local, real = shard(tuples)
-    stats = StepStats(SPCE_STATS + ("pairs",), device)
-
-    def loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, q, weight):
-        chosen, rejected = args.beta * (policy_chosen - ref_chosen), args.beta * (policy_rejected - ref_rejected)
-        return spce_loss(chosen - rejected, q) * weight, chosen.detach(), rejected.detach()
-
-    chunks = [
-        list(enumerate(local))[start : start + args.micro_batch_size]
-        for start in range(0, len(local), args.micro_batch_size)
-    ]
-    for indexed in micro_batches(model, chunks):
-        chunk, start = [t for _, t in indexed], indexed[0][0]
-        n = len(chunk)
-        batch = collate(
-            [(t["prompt_ids"], t["chosen_ids"]) for t in chunk] + [(t["prompt_ids"], t["rejected_ids"]) for t in chunk],
-            pad_id,
-            device,
-        )
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        ref_hidden = None
-        if ref_model is None:  # LoRA: the reference is the base weights
-            with torch.no_grad(), model.disable_adapter():
-                ref_hidden = decoder_hidden_states(model, ids, mask)[:, :-1]
-        q = torch.tensor([t["q"] for t in chunk], device=device, dtype=torch.float32)
-        q = q if args.loss == "spce" else torch.ones_like(q)  # --loss dpo: q = 1
-        weights = torch.tensor([1.0 if start + i < real else 0.0 for i in range(n)], device=device)  # shard padding
-        losses, out = causal_lm_pair_loss(
-            model,
-            ids,
-            mask,
-            labels,
-            loss_fn,
-            ref_model=ref_model if ref_model is not None else model,
-            ref_hidden=ref_hidden,
-            extras={"q": q, "weight": weights},
-        )
-        (losses.sum() * world() / len(tuples)).backward()  # FSDP averages over ranks
-        with torch.no_grad():
-            z, q = out["rewards/margins"], torch.tensor([t["q"] for t in chunk], device=device)
-            values = [out[name] for name in SPCE_STATS[:7]] + [(torch.sigmoid(z) - q).abs(), torch.sigmoid(z), 1.0]
-            stats.add(**{name: value * weights for name, value in zip(stats.names, values)})
-    return stats
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def judge_setup(args: Args, tokenizer, model_path: str) -> tuple[str, list[int]]:
-    """The judge template (with its {x}, {a}, {b}) and the verdict token ids, checked against the model."""
-    from transformers import AutoConfig
-
-    template = Path(args.judge_template).read_text() if args.judge_template else JUDGE_TEMPLATES[args.judge_family]
-    missing = [f"{{{name}}}" for name in "xab" if f"{{{name}}}" not in template]
-    if missing:
-        raise InputError(f"--judge_template: the template has no {', '.join(missing)} placeholder")
-    verdict = verdict_ids(tokenizer, args.verdict_tokens, template)
-    context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
-    if context is not None and args.judge_max_length > context:
-        raise InputError(f"--judge_max_length {args.judge_max_length} is over the model's context of {context} tokens")
-    return template, verdict
-
-
-def stage0_data(args: Args, tokenizer, template: str, verdict: list[int], counts: dict):
-    """The offline pairs, split into the held-out judge evaluation (the last --num_judge_eval) and the seed pool; the
-    seed set (--offline_fraction of the pool) and Stage 0's examples: its judge instances and the SFT data."""
-    rows, source = load_rows(args.dataset)
-    offline = [dict(pair, where=f"dataset {source} row {i}") for i, pair in parse_rows(rows, source, args, counts)]
-    held_out = offline[len(offline) - args.num_judge_eval :] if args.num_judge_eval else []
-    seed_pool = offline[: len(offline) - len(held_out)]
-    order = torch.randperm(len(seed_pool), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    seed_pairs = [seed_pool[i] for i in sorted(order[: math.ceil(args.offline_fraction * len(seed_pool))])]
-    examples = []
-    if not args.skip_augmentation:
-        if not seed_pairs:
-            raise InputError(
-                f"dataset {source}: no pairs left for the judge seed set after holding out "
-                f"--num_judge_eval {args.num_judge_eval} of {len(offline)}"
-            )
-        examples = judge_instances(seed_pairs, tokenizer, template, verdict, args, counts)
-        sft = args.sft_data or DATASETS.get(args.dataset, {}).get("sft")
-        examples += load_sft(sft, seed_pairs, tokenizer, args, counts)
-        if not any(e["kind"] == "judge" for e in examples):
-            raise InputError(
-                f"dataset {source}: every judge instance is over --judge_max_length {args.judge_max_length}"
-            )
-    return offline, held_out, seed_pairs, examples
-
-
-def online_prompt_pool(args: Args, offline: list[dict], tokenizer, template: str, counts: dict) -> list:
-    """Stage 1's prompts: --prompts, else the dataset preset's, else the offline pairs'. A prompt whose judge prompt
-    with two replies of --max_new_tokens would be over --judge_max_length is a long prompt (--long_prompts)."""
-
-    def judge_problem(prompt):
-        length = len(judge_ids(tokenizer, template, render_context(prompt, args.judge_family), "", ""))
-        length += 2 * args.max_new_tokens + 9
-        if length > args.judge_max_length:
-            return (
-                f"its judge prompt with two replies of --max_new_tokens {args.max_new_tokens} can reach {length} "
-                f"tokens, over --judge_max_length {args.judge_max_length}"
-            )
-
-    prompts_file = args.prompts or DATASETS.get(args.dataset, {}).get("prompts")
-    return load_prompt_pool(prompts_file, offline, tokenizer, args, counts, judge_problem)
 
 
 PAIR_FIELDS = (
@@ -1011,19 +693,364 @@ def main(args: Args) -> dict:
     return state
 
 
+# ---------------------------------------------------------------------------------------------
+# Presets (the paper's settings per model; None fields of Args are filled from here) and their resolution
+
+HERE = Path(__file__).resolve().parent
+TOY = HERE / "assets" / "toy"
+
+
+# Human/Assistant format for base models without a chat template (HH-RLHF style) [ours].
+# Copied from sera.HH_TEMPLATE
+HH_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] }}"
+    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
+)
+
+
+# The paper's settings (§4): K = 7, beta 0.1, 8 prompts x 3 pairs per update, AdamW without weight decay, warmup
+# 0.1 and the learning rates are [2nd]/[ours]; Stage 0 (augmentation) settings are ours throughout.
+MODELS = {
+    "toy": dict(  # the shipped tiny model; learning rates scaled to it [ours]
+        path=str(TOY / "model"),
+        dataset="toy",
+        lr=2e-4,
+        prompts_per_step=8,
+        micro_batch_size=24,
+        lora_r=0,
+        max_length=96,
+        max_prompt_length=64,
+        max_new_tokens=24,
+        judge_max_length=192,
+        long_prompts="error",
+        aug_epochs=6,
+        aug_lr=1e-3,
+        aug_batch_size=32,
+        num_sft=1000,
+        num_judge_eval=200,
+        num_eval=200,
+        eval_every=20,
+        save_every=10,
+        scoring_batch_size=128,
+        generation_batch_size=256,
+        judge_batch_size=128,
+    ),
+    "pythia-2.8b": dict(  # base model: give it the HH format; SFT it first (pass --model ./sft)
+        path="EleutherAI/pythia-2.8b",
+        dataset="hh-rlhf",
+        chat_template=HH_TEMPLATE,
+        lr=5e-7,
+        prompts_per_step=8,
+        micro_batch_size=4,
+        lora_r=0,
+        max_length=768,
+        max_prompt_length=512,
+        max_new_tokens=256,
+        judge_max_length=2048,
+        long_prompts="skip",
+        aug_epochs=1,
+        aug_lr=1e-5,
+        aug_batch_size=16,
+        num_sft=None,
+        num_judge_eval=500,
+        num_eval=0,
+        eval_every=0,
+        save_every=50,
+        scoring_batch_size=16,
+        generation_batch_size=64,
+        judge_batch_size=16,
+    ),
+    "mistral-7b": dict(  # zephyr SFT start, full fine-tuning (shard with torchrun)
+        path="alignment-handbook/zephyr-7b-sft-full",
+        dataset="hh-rlhf",
+        lr=5e-7,
+        prompts_per_step=8,
+        gradient_checkpointing=True,
+        micro_batch_size=4,
+        lora_r=0,
+        max_length=768,
+        max_prompt_length=512,
+        max_new_tokens=256,
+        judge_max_length=2048,
+        long_prompts="skip",
+        aug_epochs=1,
+        aug_lr=1e-6,
+        aug_batch_size=16,
+        num_sft=None,
+        num_judge_eval=500,
+        num_eval=0,
+        eval_every=0,
+        save_every=50,
+        scoring_batch_size=8,
+        generation_batch_size=64,
+        judge_batch_size=16,
+    ),
+}
+
+
+DATASETS = {  # family: which judge template; max_new_tokens as the paper's (HH 256, TL;DR 64)
+    "hh-rlhf": dict(path="Anthropic/hh-rlhf", split="train", family="dialogue", max_new_tokens=256),
+    "tldr": dict(
+        path="openai/summarize_from_feedback", name="comparisons", split="train", family="summary", max_new_tokens=64
+    ),
+    "ultrafeedback": dict(path="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs", family="dialogue"),
+    "toy": dict(
+        path=str(TOY / "data" / "judge_prefs.jsonl"),
+        family="dialogue",
+        eval=str(TOY / "data" / "eval.jsonl"),
+        prompts=str(TOY / "data" / "prompts.jsonl"),
+        sft=str(TOY / "data" / "sft.jsonl"),
+        reward_fn=f"{TOY / 'oracle.py'}:score",
+    ),
+}
+
+
+def resolve(args: Args) -> tuple[Args, dict]:
+    preset, filled = model_preset(args, MODELS, "mistral-7b")  # a custom model: mistral-7b's settings
+    dataset_preset = DATASETS.get(preset["dataset"], {})
+    filled |= {
+        k: dataset_preset.get(k, preset[k])
+        for k in (
+            "lr",
+            "prompts_per_step",
+            "micro_batch_size",
+            "max_length",
+            "max_prompt_length",
+            "max_new_tokens",
+            "judge_max_length",
+            "long_prompts",
+            "aug_epochs",
+            "aug_lr",
+            "aug_batch_size",
+            "num_sft",
+            "num_judge_eval",
+            "num_eval",
+            "eval_every",
+            "save_every",
+            "scoring_batch_size",
+            "generation_batch_size",
+            "judge_batch_size",
+        )
+        if getattr(args, k) is None
+    }
+    if args.judge_family is None:
+        filled["judge_family"] = dataset_preset.get("family", "dialogue")
+    if args.lora_r and args.save_every is None:
+        filled["save_every"] = 0  # LoRA runs checkpoint at the end only (see the check below)
+    args = dataclasses.replace(args, **filled)
+    domains = {
+        "k": ">= 2",
+        "offline_fraction": "(0, 1]",
+        "beta": "> 0",
+        "lr": "> 0",
+        "aug_lr": "> 0",
+        "prompts_per_step": ">= 1",
+        "micro_batch_size": ">= 1",
+        "aug_batch_size": ">= 1",
+        "steps": ">= 1",
+        "aug_epochs": ">= 1",
+        "num_judge_eval": ">= 0",
+        "save_every": ">= 0",
+        "eval_every": ">= 0",
+        "num_prompts": ">= 1",
+        "num_sft": ">= 0",
+        "judge_max_length": ">= 2",
+        "judge_batch_size": ">= 1",
+        "sample_temperature": ">= 0",
+        "sample_top_p": "(0, 1]",
+    }
+    check_args(
+        args,
+        [
+            (len(args.verdict_tokens) == 2, f"--verdict_tokens needs two tokens, got {args.verdict_tokens}"),
+            (
+                args.save_every == 0 or args.lora_r == 0,
+                "--save_every is not supported with LoRA (it saves at the end)",
+            ),
+            (
+                args.sampler == "hf" or args.lora_r == 0,
+                "--sampler vllm is not supported with LoRA in osp (use hf)",
+            ),
+            (
+                args.judge_template is None or Path(args.judge_template).exists(),
+                f"--judge_template: file {args.judge_template!r} not found",
+            ),
+        ],
+        domains,
+    )
+    return args, preset
+
+
+def load_sft(spec: str | None, seed_pairs: list[dict], tokenizer, args: Args, counts: dict) -> list[dict]:
+    """Stage 0's SFT examples: the 'messages' conversations of --sft_data, else [ours] the seed pairs' chosen
+    conversations; the first --num_sft, those over the length limits skipped and counted."""
+    rows, source = (
+        load_rows(spec, "--sft_data")
+        if spec
+        else (
+            [{"messages": p["prompt"] + [{"role": "assistant", "content": p["chosen"]}]} for p in seed_pairs],
+            "(seed pairs)",
+        )
+    )
+    out, skipped = [], {}
+    args = dataclasses.replace(args, long_prompts="skip")  # SFT rows over the limits are skipped, counted
+    for index, row in enumerate(rows[: args.num_sft] if args.num_sft else rows):
+        where = f"--sft_data {source} row {index}"
+        try:  # an empty message is a quirk of real SFT data: skipped, counted
+            messages = _messages(
+                row.get("messages") if isinstance(row, dict) else None, f"{where}: 'messages'", "empty_message"
+            )
+        except BadRow as err:
+            skipped[err.reason] = skipped.get(err.reason, 0) + 1
+            continue
+        if messages[-1]["role"] != "assistant":
+            raise InputError(f"{where}: the last message must be the assistant's")
+        fitted = fit(*encode(tokenizer, messages[:-1], messages[-1]["content"]), args, where, skipped)
+        if fitted is not None:
+            out.append({"prompt_ids": fitted[0], "response_ids": fitted[1], "kind": "sft"})
+    counts.update({f"sft_{k}": v for k, v in skipped.items()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+def judge_setup(args: Args, tokenizer, model_path: str) -> tuple[str, list[int]]:
+    """The judge template (with its {x}, {a}, {b}) and the verdict token ids, checked against the model."""
+    from transformers import AutoConfig
+
+    template = Path(args.judge_template).read_text() if args.judge_template else JUDGE_TEMPLATES[args.judge_family]
+    missing = [f"{{{name}}}" for name in "xab" if f"{{{name}}}" not in template]
+    if missing:
+        raise InputError(f"--judge_template: the template has no {', '.join(missing)} placeholder")
+    verdict = verdict_ids(tokenizer, args.verdict_tokens, template)
+    context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    if context is not None and args.judge_max_length > context:
+        raise InputError(f"--judge_max_length {args.judge_max_length} is over the model's context of {context} tokens")
+    return template, verdict
+
+
+def stage0_data(args: Args, tokenizer, template: str, verdict: list[int], counts: dict):
+    """The offline pairs, split into the held-out judge evaluation (the last --num_judge_eval) and the seed pool; the
+    seed set (--offline_fraction of the pool) and Stage 0's examples: its judge instances and the SFT data."""
+    rows, source = load_rows(args.dataset)
+    offline = [dict(pair, where=f"dataset {source} row {i}") for i, pair in parse_rows(rows, source, args, counts)]
+    held_out = offline[len(offline) - args.num_judge_eval :] if args.num_judge_eval else []
+    seed_pool = offline[: len(offline) - len(held_out)]
+    order = torch.randperm(len(seed_pool), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    seed_pairs = [seed_pool[i] for i in sorted(order[: math.ceil(args.offline_fraction * len(seed_pool))])]
+    examples = []
+    if not args.skip_augmentation:
+        if not seed_pairs:
+            raise InputError(
+                f"dataset {source}: no pairs left for the judge seed set after holding out "
+                f"--num_judge_eval {args.num_judge_eval} of {len(offline)}"
+            )
+        examples = judge_instances(seed_pairs, tokenizer, template, verdict, args, counts)
+        sft = args.sft_data or DATASETS.get(args.dataset, {}).get("sft")
+        examples += load_sft(sft, seed_pairs, tokenizer, args, counts)
+        if not any(e["kind"] == "judge" for e in examples):
+            raise InputError(
+                f"dataset {source}: every judge instance is over --judge_max_length {args.judge_max_length}"
+            )
+    return offline, held_out, seed_pairs, examples
+
+
+def online_prompt_pool(args: Args, offline: list[dict], tokenizer, template: str, counts: dict) -> list:
+    """Stage 1's prompts: --prompts, else the dataset preset's, else the offline pairs'. A prompt whose judge prompt
+    with two replies of --max_new_tokens would be over --judge_max_length is a long prompt (--long_prompts)."""
+
+    def judge_problem(prompt):
+        length = len(judge_ids(tokenizer, template, render_context(prompt, args.judge_family), "", ""))
+        length += 2 * args.max_new_tokens + 9
+        if length > args.judge_max_length:
+            return (
+                f"its judge prompt with two replies of --max_new_tokens {args.max_new_tokens} can reach {length} "
+                f"tokens, over --judge_max_length {args.judge_max_length}"
+            )
+
+    prompts_file = args.prompts or DATASETS.get(args.dataset, {}).get("prompts")
+    return load_prompt_pool(prompts_file, offline, tokenizer, args, counts, judge_problem)
+
+
+# Copied from opsr.load_prompt_pool
+def load_prompt_pool(
+    spec: str | None, pairs: list[dict], tokenizer, args: Args, counts: dict, problem=None
+) -> list[list[dict]]:
+    """The online prompt pool X: the 'prompt' rows of `spec` (--prompts), else the distinct prompts of the offline
+    pairs; the first --num_prompts. A prompt over --max_prompt_length (pairs are trained on it), or one for which
+    `problem(prompt)` names another limit, stops the run, or with --long_prompts skip is dropped and counted."""
+    pool = (
+        [[{"role": "user", "content": prompt}] for prompt in load_prompts(spec, "--prompts")]
+        if spec
+        else list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values())
+    )
+    pool = pool[: args.num_prompts] if args.num_prompts else pool
+    kept = []
+    for index, prompt in enumerate(pool):
+        length = len(encode(tokenizer, prompt)[0])
+        issue = (
+            f"prompt has {length} tokens, over --max_prompt_length {args.max_prompt_length}"
+            if length > args.max_prompt_length
+            else problem(prompt)
+            if problem
+            else None
+        )
+        if issue is None:
+            kept.append(prompt)
+        elif args.long_prompts == "error":
+            raise InputError(f"prompt pool row {index}: {issue} (see --long_prompts skip)")
+        else:
+            counts["pool_prompt_too_long"] = counts.get("pool_prompt_too_long", 0) + 1
+    if not kept:
+        raise InputError(f"the online prompt pool is empty ({len(pool)} prompts before the length checks)")
+    return kept
+
+
+SCORER_NAMES = {"reward": "oracle", "rm_score": "rm"}  # judge/oracle_accuracy (--reward_fn), judge/rm_accuracy
+
+
+def judge_report(model, tokenizer, pairs: list[dict], template, verdict, args, device, scorers: dict) -> dict:
+    """Judge quality on held-out offline pairs: agreement with the human label, with the reward function and the
+    reward model (pairs each scores differently) and position consistency (the verdict survives swapping A and B)."""
+    if not pairs:
+        return {}
+    judge = make_judge(model, tokenizer, [p["prompt"] for p in pairs], template, verdict, args, device, "judge eval")
+    values = judge(
+        [c for i, p in enumerate(pairs) for c in ((i, p["chosen"], p["rejected"]), (i, p["rejected"], p["chosen"]))]
+    )
+    j_wl, j_lw = values[0::2], values[1::2]
+    q = [strength(a, b) for a, b in zip(j_wl, j_lw)]
+    report = {
+        "judge/human_accuracy": sum((x > 0.5) + 0.5 * (x == 0.5) for x in q) / len(q),
+        "judge/position_consistency": sum((a > 0.5) == (b < 0.5) for a, b in zip(j_wl, j_lw)) / len(q),
+        "judge/q_mean": sum(q) / len(q),
+        "judge/pairs": len(q),
+    }
+    for name, scorer in scorers.items():
+        values = scorer(
+            [p["prompt"][-1]["content"] for p in pairs] * 2,
+            [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+        )
+        scored = [(x, c - r) for x, c, r in zip(q, values[: len(pairs)], values[len(pairs) :]) if c != r]
+        if scored:
+            report[f"judge/{SCORER_NAMES[name]}_accuracy"] = sum((x > 0.5) == (gap > 0) for x, gap in scored) / len(
+                scored
+            )
+    return report
+
+
 # =============================================================================================
-# RUNTIME: data, distributed helpers, run files, models, batching. The same in all four scripts:
-# each function below is a checked copy of sera.py's ("# Copied from sera.<name>"). Change it in
-# sera.py, then `python tests/check_copies.py --fix` rewrites the copies (the tests fail on drift).
+# RUNTIME: written in sera.py, pasted unchanged into srdpo.py, opsr.py and osp.py (do not edit it in those):
+# edit it in sera.py, then run `python tests/check_copies.py --fix` (the tests fail while the four differ).
+# Data, argument checks, distributed helpers, run files and logging, models, sampling, evaluation.
 # =============================================================================================
 
 
-# Copied from sera.InputError
 class InputError(ValueError):
     """Bad user input: printed as one line, no traceback, nothing written."""
 
 
-# Copied from sera.model_preset
 def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
     """--model's preset, with "dataset" set to --dataset or the preset's, and the shared Args it fills (dataset,
     compute dtype, LoRA, gradient checkpointing, chat template). Any other hub id or local path gets the settings
@@ -1061,7 +1088,6 @@ def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
     return preset, filled
 
 
-# Copied from sera.DOMAINS
 DOMAINS = {  # the options all four scripts share (check_args; each script adds its own): an interval, or a bound
     # (">= 1" for sizes and counts, ">= 0" where 0 means "off" or "none")
     "max_bad_fraction": "[0, 1]",
@@ -1083,7 +1109,6 @@ DOMAINS = {  # the options all four scripts share (check_args; each script adds 
 }
 
 
-# Copied from sera.in_domain
 def in_domain(value: float, domain: str) -> bool:
     """value in "[a, b]", "(a, b]", ... or satisfies "> x" / ">= x"."""
     if domain[0] == ">":
@@ -1095,7 +1120,6 @@ def in_domain(value: float, domain: str) -> bool:
     )
 
 
-# Copied from sera.check_args
 def check_args(args, checks: list[tuple[bool, str]], domains: dict):
     """One InputError for the first option outside its domain (DOMAINS, then the script's `domains`; a list
     option element by element), then for the first failed (ok, message) of the shared checks and `checks`."""
@@ -1128,7 +1152,6 @@ def check_args(args, checks: list[tuple[bool, str]], domains: dict):
             raise InputError(message)
 
 
-# Copied from sera.BadRow
 class BadRow(InputError):
     """A degenerate row of real data (HH-RLHF has some): skipped and counted per reason by parse_rows."""
 
@@ -1137,7 +1160,6 @@ class BadRow(InputError):
         self.reason = reason
 
 
-# Copied from sera.load_rows
 def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
     import datasets
 
@@ -1171,7 +1193,6 @@ def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
     return data, str(path)
 
 
-# Copied from sera.read_jsonl
 def read_jsonl(path: Path, what: str) -> list[dict]:
     """JSON objects, one a line (or a .json list of them); not UTF-8, not JSON or not an object names the line."""
     try:
@@ -1194,7 +1215,6 @@ def read_jsonl(path: Path, what: str) -> list[dict]:
     return rows
 
 
-# Copied from sera.load_prompts
 def load_prompts(spec: str, what: str) -> list[str]:
     """The 'prompt' column of a jsonl file (--eval_prompts, --prompts), every row checked."""
     if not Path(spec).is_file():
@@ -1205,7 +1225,6 @@ def load_prompts(spec: str, what: str) -> list[str]:
     return [_text(row.get("prompt"), f"{what} {spec} row {index}: 'prompt'") for index, row in enumerate(rows)]
 
 
-# Copied from sera._text
 def _text(value, where: str, empty: str | None = None) -> str:
     """A non-empty string; an empty one is a BadRow(`empty`) when it is a known quirk of real data."""
     if not isinstance(value, str):
@@ -1215,7 +1234,6 @@ def _text(value, where: str, empty: str | None = None) -> str:
     return value
 
 
-# Copied from sera._messages
 def _messages(value, where: str, empty: str | None = None) -> list[dict]:
     if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
         raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
@@ -1228,7 +1246,6 @@ def _messages(value, where: str, empty: str | None = None) -> list[dict]:
     ]
 
 
-# Copied from sera._hh_turns
 def _hh_turns(text: str, where: str) -> list[dict]:
     parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where, "empty_response"))
     if len(parts) < 3 or parts[0].strip():
@@ -1239,7 +1256,6 @@ def _hh_turns(text: str, where: str) -> list[dict]:
     ]
 
 
-# Copied from sera.parse_pair
 def parse_pair(row: dict, where: str) -> dict:
     """UltraFeedback messages, HH-RLHF raw text, TL;DR comparisons, or prompt/chosen/rejected strings:
     {"prompt": [messages], "chosen": str, "rejected": str}. Malformed rows raise InputError; the quirks
@@ -1301,7 +1317,6 @@ def parse_pair(row: dict, where: str) -> dict:
     return out
 
 
-# Copied from sera.parse_rows
 def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[tuple[int, dict]]:
     """(row index, parse_pair) of every usable row. Degenerate rows (BadRow) are skipped and counted per
     reason in counts['skipped_<reason>']; over --max_bad_fraction of them stops with the first examples."""
@@ -1323,7 +1338,6 @@ def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[
     return pairs
 
 
-# Copied from sera.check_model_dir
 def check_model_dir(path: Path):
     """A local model folder has a config, tokenizer files and complete safetensors (safetensors checks that each
     file holds the data its header declares), so a bad folder fails before anything is written."""
@@ -1346,7 +1360,6 @@ def check_model_dir(path: Path):
             raise InputError(f"--model: {file} is truncated or not safetensors ({err})") from None
 
 
-# Copied from sera.load_tokenizer
 def load_tokenizer(model_path: str, chat_template: str | None):
     """The tokenizer with --chat_template (a jinja file, or the template itself) and a pad token."""
     from transformers import AutoTokenizer
@@ -1373,7 +1386,6 @@ def load_tokenizer(model_path: str, chat_template: str | None):
     return tokenizer
 
 
-# Copied from sera.tokenize
 def tokenize(tokenizer, text: str) -> list[int]:
     """Ids of rendered chat text. BOS exactly once when the tokenizer's own encoding starts with it, whether
     the template writes it (toy, Llama-3) or not (zephyr): never missing, never twice."""
@@ -1386,7 +1398,6 @@ def tokenize(tokenizer, text: str) -> list[int]:
     return ids
 
 
-# Copied from sera.encode
 def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the templated prompt (ending with the assistant header) and of the response
     (the rest of the templated conversation, ending with the end-of-turn token)."""
@@ -1422,7 +1433,6 @@ def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[
     return prompt_ids, response_ids
 
 
-# Copied from sera.fit
 def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple[list[int], list[int]] | None:
     """Apply the length limits: long prompts per --long_prompts, long responses truncated (counted)."""
     if len(prompt_ids) > args.max_prompt_length:
@@ -1443,7 +1453,6 @@ def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple
     return prompt_ids, response_ids
 
 
-# Copied from sera.load_reward_fn
 def load_reward_fn(spec: str | None, example: dict | None = None):
     """path/to/file.py:function -> the function, checked on every call (an exception, a non-number or
     NaN/inf stops the run naming the input) and tried once on `example` (a pair) now; None -> None."""
@@ -1484,7 +1493,6 @@ def load_reward_fn(spec: str | None, example: dict | None = None):
     return reward_fn
 
 
-# Copied from sera.load_evaluation
 def load_evaluation(args: Args, example: dict) -> tuple:
     """(scorers, held-out prompts). Scorers map a metric name to score(prompts, responses) -> list[float] (all
     ranks): "reward" for --reward_fn (else the dataset preset's), "rm_score" for --reward_model; each is tried on
@@ -1502,7 +1510,6 @@ def load_evaluation(args: Args, example: dict) -> tuple:
     return scorers, load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
 
 
-# Copied from sera.micro_batch
 def micro_batch(global_batch: int, most: int) -> int:
     """The largest micro-batch up to `most` (a preset's --batch_size) that divides --global_batch over this run's
     ranks, so that a preset runs as it is on any number of ranks that divides its global batch."""
@@ -1511,7 +1518,6 @@ def micro_batch(global_batch: int, most: int) -> int:
     return fits[0] if fits else most  # none: accumulation() says why
 
 
-# Copied from sera.accumulation
 def accumulation(global_batch: int, batch_size: int) -> int:
     """Micro-batches per optimizer step, so that a step sees global_batch examples at any number of ranks."""
     ranks = int(os.environ.get("WORLD_SIZE", 1))  # known before the process group is joined
@@ -1522,23 +1528,19 @@ def accumulation(global_batch: int, batch_size: int) -> int:
     return global_batch // (batch_size * ranks)
 
 
-# Copied from sera.rank
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-# Copied from sera.world
 def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-# Copied from sera.nvidia_driver
 def nvidia_driver() -> bool:
     """An NVIDIA driver is loaded on this machine (whether or not this torch build can use it)."""
     return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()
 
 
-# Copied from sera.choose_device
 def choose_device(requested: str, needs_gpu: str | None) -> str:
     """--device as "cuda" or "cpu", decided before anything is written. A GPU for each rank on this node where torch
     sees them; the CPU only when nothing asks for a GPU: not `needs_gpu` (a paper preset), not --device cuda, and
@@ -1562,7 +1564,6 @@ def choose_device(requested: str, needs_gpu: str | None) -> str:
     )
 
 
-# Copied from sera.init_device
 def init_device(seed: int, timeout_minutes: int = 180, kind: str = "cpu") -> torch.device:
     """This rank's GPU (kind "cuda", from choose_device) or the CPU, then the process group under torchrun (NCCL on
     GPUs: every tensor handed to a collective must be on this device, see comm_device); seeds torch."""
@@ -1581,7 +1582,6 @@ def init_device(seed: int, timeout_minutes: int = 180, kind: str = "cpu") -> tor
     return device
 
 
-# Copied from sera.comm_device
 def comm_device() -> torch.device:
     """Where the tensors of collectives live: NCCL has no CPU backend, so this rank's GPU; the CPU under gloo (the
     backend of --device cpu) and on one process."""
@@ -1589,13 +1589,11 @@ def comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
 
 
-# Copied from sera.run_device
 def run_device(args: Args) -> torch.device:
     """This rank's device as choose_device decided it (init_device has set the current GPU)."""
     return torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
 
 
-# Copied from sera.now
 def now() -> int:
     """Rank 0's clock in seconds: every rank names the same run folder."""
     stamp = [int(time.time())]
@@ -1604,7 +1602,6 @@ def now() -> int:
     return stamp[0]
 
 
-# Copied from sera.shard
 def shard(items: list) -> tuple[list, int]:
     """This rank's share, padded (with its last item) so every rank runs the same number of batches."""
     per_rank = math.ceil(len(items) / world())
@@ -1613,7 +1610,6 @@ def shard(items: list) -> tuple[list, int]:
     return mine + [items[-1]] * (per_rank - real), real
 
 
-# Copied from sera.gather
 def gather(values: list) -> list:
     if world() == 1:
         return values
@@ -1622,7 +1618,6 @@ def gather(values: list) -> list:
     return [v for part in out for v in part]
 
 
-# Copied from sera.all_sum
 def all_sum(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=comm_device())
     if world() > 1:
@@ -1630,7 +1625,6 @@ def all_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-# Copied from sera.StepStats
 class StepStats:
     """One optimizer step's statistics as a device tensor with named slots, summed over micro-batches on the
     device: one all-reduce and one host copy per step (optimizer_step), no `.item()` behind every backward."""
@@ -1644,7 +1638,6 @@ class StepStats:
             self.sums[self.names.index(name)] += value.detach().sum() if torch.is_tensor(value) else value
 
 
-# Copied from sera.micro_batches
 def micro_batches(model, batches: list):
     """The micro-batches of one optimizer step. FSDP2 reduce-scatters gradients after the last one only
     (every rank has the same number, so the collectives match)."""
@@ -1655,7 +1648,6 @@ def micro_batches(model, batches: list):
         yield batch
 
 
-# Copied from sera._LogLines
 class _LogLines:
     """tqdm's output as whole lines (no carriage returns, no repeat of the line before), for log files."""
 
@@ -1671,7 +1663,6 @@ class _LogLines:
         sys.stderr.flush()
 
 
-# Copied from sera.progress
 def progress(iterable=None, total: int | None = None, desc: str = "", inner: bool = False):
     """A progress bar on rank 0. On a terminal: tqdm bars (inner loops' bars vanish when done). When stderr
     is not a terminal (a cluster log): outer loops only, one plain line at most every 60 s and at the end."""
@@ -1682,7 +1673,6 @@ def progress(iterable=None, total: int | None = None, desc: str = "", inner: boo
     return tqdm(iterable, total=total, desc=desc, file=_LogLines(), mininterval=60, ascii=True, ncols=100)
 
 
-# Copied from sera.quiet_library_bars
 def quiet_library_bars():
     """In a log file the libraries' own bars (dataset preparation, weight loading and saving) are off too."""
     if not sys.stderr.isatty():
@@ -1693,7 +1683,6 @@ def quiet_library_bars():
         transformers.utils.logging.disable_progress_bar()
 
 
-# Copied from sera.check_resume
 def check_resume(args: Args):
     """--resume continues the run in --output_dir only with the arguments it was started with, on any number of
     ranks (every step covers the same global batch, whatever the micro-batch; step checkpoints are resharded)."""
@@ -1713,7 +1702,6 @@ def check_resume(args: Args):
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
 
 
-# Copied from sera.cli
 def cli(args_type, models: dict, doc: str):
     """The command line (tyro), its --help opening with the script's docstring; an option a --model preset fills
     when it is left unset shows each preset's value instead of tyro's "(default: None)"."""
@@ -1727,7 +1715,6 @@ def cli(args_type, models: dict, doc: str):
     return tyro.cli(args_type, description=doc)
 
 
-# Copied from sera.run_state
 def run_state(state_file: Path, args, fresh: dict) -> dict:
     """The run's progress (state.json) when --resume finds one, else `fresh`; a resumed run says where it stands."""
     if not (args.resume and state_file.exists()):
@@ -1739,7 +1726,6 @@ def run_state(state_file: Path, args, fresh: dict) -> dict:
     return state
 
 
-# Copied from sera.resume_hint
 def resume_hint(script: str) -> str:
     """How to continue an interrupted run: the same command with --resume and its folder (Logs.run_dir)."""
     if Logs.run_dir is None:
@@ -1755,7 +1741,6 @@ def resume_hint(script: str) -> str:
     return f"continue with: {launcher}{shlex.join([script, *argv, '--resume', '--output_dir', str(Logs.run_dir)])}"
 
 
-# Copied from sera.Logs
 class Logs:
     """Rank 0 prints and saves the resolved config, then logs to metrics.jsonl, TensorBoard (tb/) and, with
     --track, wandb. `step` is the TensorBoard/wandb step; counters and non-finite values stay in the jsonl."""
@@ -1815,7 +1800,6 @@ class Logs:
         write_atomic(path, list(records.values()))
 
 
-# Copied from sera.write_atomic
 def write_atomic(path: Path, obj):
     """Rank 0 writes .json, .jsonl (a list of rows) or torch.save's (.pt) to a temporary file, then renames it."""
     if rank() == 0:
@@ -1832,11 +1816,9 @@ def write_atomic(path: Path, obj):
 # transformers' own layers on every machine, the ones this project tests: no layer swapped for a kernel fetched from
 # the Hub at load time (transformers >= 5.25 does that by default where the `kernels` package is installed, and an
 # offline node fails). Every from_pretrained of a model passes it; transformers >= 4.56 (our floor) accepts it.
-# Copied from sera.NO_HUB_KERNELS
 NO_HUB_KERNELS = {"use_kernels": False}
 
 
-# Copied from sera.load_model
 def load_model(path: str, device: torch.device, args: Args | None = None, frozen: bool = False):
     """fp32 master weights; --dtype bfloat16 computes in bf16 by autocast around the forward. With LoRA the
     frozen base is held in the compute dtype (peft keeps the adapters fp32). Checkpoints keep `path`'s dtype.
@@ -1883,7 +1865,6 @@ def load_model(path: str, device: torch.device, args: Args | None = None, frozen
     return shard_model(model, args) if sharded else model
 
 
-# Copied from sera.shard_model
 def shard_model(model, args: Args):
     """FSDP2 under torchrun: each decoder layer, then the root. The root keeps embeddings, final norm and
     lm_head gathered from forward to backward: the fused log-prob kernel reads lm_head.weight after the
@@ -1903,7 +1884,6 @@ def shard_model(model, args: Args):
     return model
 
 
-# Copied from sera.prepare_for_training
 def prepare_for_training(model, args: Args):
     """LoRA adapter (--lora_r > 0), else FSDP2 under torchrun (once: a sharded policy stays sharded, its fp32
     shards are the masters for the whole run); gradient checkpointing on request."""
@@ -1933,7 +1913,6 @@ def prepare_for_training(model, args: Args):
     return model
 
 
-# Copied from sera.make_optimizer
 def make_optimizer(
     model,
     lr: float,
@@ -1973,7 +1952,6 @@ def make_optimizer(
     return trainable, optimizer, scheduler
 
 
-# Copied from sera.optimizer_step
 def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args: Args, where: str):
     """Average LoRA gradients over ranks (replicated base: one flat all-reduce, a rank without a gradient adds
     zeros), clip, sum the step's statistics over ranks (one all-reduce, one host copy with the gradient norm),
@@ -2001,7 +1979,6 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
     return total, grad_norm
 
 
-# Copied from sera.save_atomic
 def save_atomic(model, tokenizer, directory: Path):
     """The model as a save_pretrained folder (safetensors in the loaded checkpoint's dtype, config, tokenizer),
     loadable by from_pretrained and vLLM: an iteration's or the run's final model. With LoRA the adapter is merged
@@ -2030,7 +2007,6 @@ def save_atomic(model, tokenizer, directory: Path):
     return model
 
 
-# Copied from sera.write_folder
 def write_folder(directory: Path, write):
     """`write(folder)`, called on every rank, fills a fresh temporary folder (.tmp), which then takes `directory`'s
     place by renames (the previous one is moved aside to .old first, then removed): a crash leaves the previous
@@ -2061,7 +2037,6 @@ def write_folder(directory: Path, write):
         dist.barrier()
 
 
-# Copied from sera.recover_folder
 def recover_folder(directory: Path):
     """Finishes a swap of write_folder that a kill cut between its two renames: `directory` is gone, the previous
     folder is whole under .old and the new one under .tmp (written, barriers passed), which takes its place."""
@@ -2073,7 +2048,6 @@ def recover_folder(directory: Path):
         dist.barrier()
 
 
-# Copied from sera.process_umask
 def process_umask() -> int:
     """This process's umask, read without changing it: Linux says it in /proc/self/status. Elsewhere the only way
     to read it is to set it: to 0o077 for that instant, so a file another thread makes meanwhile is private."""
@@ -2089,7 +2063,6 @@ def process_umask() -> int:
     return mask
 
 
-# Copied from sera.rng_state
 def rng_state() -> dict:
     """This rank's random number generators as tensors: the CPU's and, on a GPU run, its own GPU's (sampling draws
     from it). One GPU per rank, so a run resumes on a node with another number of GPUs."""
@@ -2097,14 +2070,12 @@ def rng_state() -> dict:
     return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
 
 
-# Copied from sera.set_rng_state
 def set_rng_state(state: dict):
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():  # saved by a GPU run: this rank's GPU (lazily, if need be)
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# Copied from sera.collate
 def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
     """Right-padded input_ids / attention_mask / labels (-100 on prompt and padding)."""
     from torch.nn.utils.rnn import pad_sequence
@@ -2121,41 +2092,6 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 # Runtime that only some of the scripts use (checked copies too)
 
 
-# Copied from opsr.load_prompt_pool
-def load_prompt_pool(
-    spec: str | None, pairs: list[dict], tokenizer, args: Args, counts: dict, problem=None
-) -> list[list[dict]]:
-    """The online prompt pool X: the 'prompt' rows of `spec` (--prompts), else the distinct prompts of the offline
-    pairs; the first --num_prompts. A prompt over --max_prompt_length (pairs are trained on it), or one for which
-    `problem(prompt)` names another limit, stops the run, or with --long_prompts skip is dropped and counted."""
-    pool = (
-        [[{"role": "user", "content": prompt}] for prompt in load_prompts(spec, "--prompts")]
-        if spec
-        else list({json.dumps(p["prompt"]): p["prompt"] for p in pairs}.values())
-    )
-    pool = pool[: args.num_prompts] if args.num_prompts else pool
-    kept = []
-    for index, prompt in enumerate(pool):
-        length = len(encode(tokenizer, prompt)[0])
-        issue = (
-            f"prompt has {length} tokens, over --max_prompt_length {args.max_prompt_length}"
-            if length > args.max_prompt_length
-            else problem(prompt)
-            if problem
-            else None
-        )
-        if issue is None:
-            kept.append(prompt)
-        elif args.long_prompts == "error":
-            raise InputError(f"prompt pool row {index}: {issue} (see --long_prompts skip)")
-        else:
-            counts["pool_prompt_too_long"] = counts.get("pool_prompt_too_long", 0) + 1
-    if not kept:
-        raise InputError(f"the online prompt pool is empty ({len(pool)} prompts before the length checks)")
-    return kept
-
-
-# Copied from sera.save_checkpoint
 def save_checkpoint(model, directory: Path, optimizer, scheduler, step: int):
     """A resumable step checkpoint holding the training state exactly, in one folder (write_folder): the weights as
     they train (the fp32 masters, a LoRA model's base and adapter) and the optimizer state by
@@ -2177,7 +2113,6 @@ def save_checkpoint(model, directory: Path, optimizer, scheduler, step: int):
     write_folder(directory, write)
 
 
-# Copied from sera.trainer_state
 def trainer_state(directory: Path) -> dict | None:
     """save_checkpoint's step, scheduler, weights and optimizer folders and this rank's generators (None for a
     rank the run did not have: it keeps its seed's), or None when there is no step checkpoint."""
@@ -2205,14 +2140,35 @@ def trainer_state(directory: Path) -> dict | None:
     return state
 
 
-# Copied from sera.VLLMEngine
+@torch.no_grad()
+def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_id: int, device, desc: str):
+    """Summed log-probs and response lengths [n] of (prompt_ids, response_ids) under `model`, all ranks. A
+    sharded policy scores as it trains (the same FSDP2 precision): a reference from it matches at step 0."""
+    training, _ = model.training, model.eval()
+    mine, real = shard(list(enumerate(sequences)))
+    logps, counts = [], []
+    for start in progress(range(0, len(mine), args.scoring_batch_size), desc=desc, inner=True):
+        batch = collate([s for _, s in mine[start : start + args.scoring_batch_size]], pad_id, device)
+        out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logps += out.tolist()
+        counts += (batch["labels"][:, 1:] != -100).sum(1).tolist()
+    if hasattr(model, "reshard"):  # FSDP2: the root stays gathered after a forward without backward; left so, 2 ranks
+        model.reshard()  # trained away from one process (tests/test_runs.py, two ranks match one process)
+    model.train(training)
+    merged = {i: (lp, c) for i, lp, c in gather([(i, lp, c) for (i, _), lp, c in zip(mine[:real], logps, counts)])}
+    order = [merged[i] for i in range(len(sequences))]
+    return (
+        torch.tensor([o[0] for o in order], dtype=torch.float64),
+        torch.tensor([o[1] for o in order], dtype=torch.float64),
+    )
+
+
 class VLLMEngine:
     """--sampler vllm: this process's engine for the whole run, the checkpoint it holds, its longest sequence."""
 
     llm, path, max_model_len = None, None, None
 
 
-# Copied from sera.vllm_devices
 def vllm_devices() -> str | None:
     """CUDA_VISIBLE_DEVICES for this rank's vLLM engine: its own GPU alone. A single-GPU engine takes device 0 of
     what it sees, so under torchrun every rank's engine would otherwise land on GPU 0. None without CUDA."""
@@ -2223,7 +2179,6 @@ def vllm_devices() -> str | None:
     return ids[int(os.environ.get("LOCAL_RANK", 0))]
 
 
-# Copied from sera.start_vllm
 def start_vllm(vllm, model_path: str, args: Args, seed: int, sleeps: bool, longest_prompt: int):
     """The engine, started once per process in its own processes (so CUDA_VISIBLE_DEVICES set around the
     constructor pins it to this rank's GPU and leaves the trainer's view alone). It reserves KV cache for
@@ -2255,7 +2210,6 @@ def start_vllm(vllm, model_path: str, args: Args, seed: int, sleeps: bool, longe
     return llm
 
 
-# Copied from sera.stop_ids
 def stop_ids(model, tokenizer) -> list[int]:
     """Every id that ends a turn: generation_config.eos_token_id (often a list: Llama-3 <|eot_id|>, Gemma
     <end_of_turn>, Qwen <|im_end|>) and the tokenizer's EOS."""
@@ -2263,7 +2217,6 @@ def stop_ids(model, tokenizer) -> list[int]:
     return sorted({i for i in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id] if i is not None})
 
 
-# Copied from sera.generate
 @torch.no_grad()
 def generate(
     model,
@@ -2375,7 +2328,6 @@ def generate(
     return gather([outputs[i] for i in range(real)])
 
 
-# Copied from sera.unsharded_copy
 def unsharded_copy(model, args: Args):
     """An FSDP2-sharded policy as one plain frozen model per rank in the compute dtype, for sampling: HF generate
     on the sharded model would gather every layer for every decoded token. Gathered one tensor at a time (one
@@ -2401,7 +2353,6 @@ def unsharded_copy(model, args: Args):
 # --reward_model: a trained sequence classifier scores the held-out samples; win rates against the start
 
 
-# Copied from sera.load_reward_model
 def load_reward_model(path: str, chat_template: str | None):
     """--reward_model's tokenizer with its chat template (or --reward_chat_template), checked before anything is
     written: a folder (or hub id) whose config has one output (num_labels 1) and whose tokenizer loads."""
@@ -2433,7 +2384,6 @@ def load_reward_model(path: str, chat_template: str | None):
     return tokenizer
 
 
-# Copied from sera.reward_model_ids
 def reward_model_ids(tokenizer, prompts: list[str], responses: list[str]) -> list[list[int]]:
     """Each (prompt, response) as a user and an assistant turn in the reward model's own chat template."""
     from jinja2 import TemplateError
@@ -2450,7 +2400,6 @@ def reward_model_ids(tokenizer, prompts: list[str], responses: list[str]) -> lis
     return [tokenize(tokenizer, text) for text in texts]
 
 
-# Copied from sera.reward_model_scorer
 def reward_model_scorer(args: Args, example: dict | None = None):
     """score(prompts, responses) -> list[float] by --reward_model (all ranks); its template is tried on `example`."""
     tokenizer = load_reward_model(args.reward_model, args.reward_chat_template)
@@ -2461,7 +2410,6 @@ def reward_model_scorer(args: Args, example: dict | None = None):
     )
 
 
-# Copied from sera.reward_model_scores
 @torch.no_grad()
 def reward_model_scores(
     path: str, tokenizer, prompts: list[str], responses: list[str], args: Args, device
@@ -2504,7 +2452,6 @@ def reward_model_scores(
     return [merged[i] for i in range(len(ids))]
 
 
-# Copied from sera.win_rate
 def win_rate(scores: list[float], start_scores: list[float]) -> tuple[float, float, float]:
     """The share of prompts whose sample out-scores the starting model's (a tie counts 1/2) and its 95% Wilson
     score interval, with ties as half wins: an outcome in {0, 1/2, 1} with mean p has a variance of at most
@@ -2516,7 +2463,6 @@ def win_rate(scores: list[float], start_scores: list[float]) -> tuple[float, flo
     return p, max(0.0, center - half), min(1.0, center + half)
 
 
-# Copied from sera.pairwise_agreement
 def pairwise_agreement(scores, start_scores, gold, gold_start) -> float:
     """How often `scores` order a prompt's sample and the start's sample as `gold` does (a tie in `scores` counts
     1/2), over the prompts where `gold` scores the two differently; NaN where there are none."""
@@ -2524,7 +2470,6 @@ def pairwise_agreement(scores, start_scores, gold, gold_start) -> float:
     return sum((d > 0) == (gd > 0) if d != 0 else 0.5 for d, gd in pairs) / len(pairs) if pairs else float("nan")
 
 
-# Copied from sera.wins
 def wins(metrics: dict) -> str:
     """ ", win rate p [lo, hi]" of an evaluation's metrics, or nothing without a win rate."""
     if "eval/win_rate" not in metrics:
@@ -2532,7 +2477,6 @@ def wins(metrics: dict) -> str:
     return ", win rate {:.3f} [{:.3f}, {:.3f}]".format(*(metrics[f"eval/win_rate{k}"] for k in ("", "_lo", "_hi")))
 
 
-# Copied from sera.evaluate
 def evaluate(
     model, tokenizer, eval_prompts, scorers, args, device, model_path=None, start_file=None, is_start=False
 ) -> tuple[float, dict]:
@@ -2585,14 +2529,14 @@ def evaluate(
     return metrics[f"eval/{next(iter(scores))}"], metrics
 
 
-# Copied from sera.__main__ with sera->osp
 if __name__ == "__main__":
+    script = Path(__file__).name
     try:
         main(cli(Args, MODELS, __doc__))
     except InputError as err:
-        sys.exit(f"osp.py: error: {err}")
+        sys.exit(f"{script}: error: {err}")
     except KeyboardInterrupt as err:
-        print(f"osp.py: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint("osp.py"), file=sys.stderr)
+        print(f"{script}: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint(script), file=sys.stderr)
         sys.exit(130)
     finally:
         if dist.is_initialized():

@@ -45,110 +45,6 @@ from tqdm import tqdm
 
 from selfpo_kernels import causal_lm_logps, causal_lm_pair_loss, daa_loss_fn
 
-HERE = Path(__file__).resolve().parent
-TOY = HERE / "assets" / "toy"
-
-# Human/Assistant format for base models without a chat template (HH-RLHF style) [ours].
-HH_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] }}"
-    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
-)
-
-# Per-model settings (SeRA App. B.2, Table 4; README "What is the paper's and what is ours"). beta is per loss;
-# None fields of Args are filled from here.
-MODELS = {
-    "toy": dict(  # the shipped tiny model; learning rate and beta scaled to it [ours]
-        path=str(TOY / "model"),
-        dataset="toy",
-        beta=dict(dpo=0.1, ipo=1.0, hinge=0.2, simpo=2.0),
-        gamma=1.0,
-        lr=2e-5,
-        batch_size=16,
-        global_batch=16,
-        lora_r=0,
-        max_length=96,
-        max_prompt_length=64,
-        max_new_tokens=24,
-        scheduler="constant",
-        long_prompts="error",
-        num_eval=200,
-        scoring_batch_size=128,
-        generation_batch_size=256,
-    ),
-    "tinyllama": dict(  # [ours] public stand-in, already DPO-aligned on UltraFeedback; the paper SFTs TinyLlama on
-        # UltraChat itself (pass that SFT checkpoint with --model ./sft)
-        path="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-        dataset="ultrafeedback",
-        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0),
-        gamma=1.6,
-        lr=5e-7,
-        batch_size=8,
-        global_batch=16,
-        lora_r=0,
-        max_length=1024,
-        max_prompt_length=512,
-        max_new_tokens=512,
-        scheduler="cosine",
-        long_prompts="skip",
-        num_eval=500,
-        scoring_batch_size=16,
-        generation_batch_size=64,
-    ),
-    "pythia-2.8b": dict(  # base model: give it the HH format [ours]; the paper SFTs it first (pass --model ./sft)
-        path="EleutherAI/pythia-2.8b",
-        dataset="ultrafeedback",
-        chat_template=HH_TEMPLATE,
-        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0),
-        gamma=1.6,
-        lr=5e-7,
-        batch_size=4,
-        global_batch=16,
-        lora_r=0,
-        max_length=1024,
-        max_prompt_length=512,
-        max_new_tokens=512,
-        scheduler="cosine",
-        long_prompts="skip",
-        num_eval=500,
-        scoring_batch_size=16,
-        generation_batch_size=64,
-    ),
-    "mistral-7b": dict(  # alignment-handbook Zephyr DPO LoRA recipe with rank 8 (SeRA App. B.2, Table 4)
-        path="alignment-handbook/zephyr-7b-sft-full",
-        dataset="ultrafeedback",
-        gradient_checkpointing=True,
-        beta=dict(dpo=0.01, hinge=0.01, ipo=1.0, simpo=2.0),
-        gamma=1.6,
-        lr=5e-6,
-        batch_size=4,
-        global_batch=16,
-        lora_r=8,
-        lora_alpha=128,
-        lora_dropout=0.05,
-        max_length=1024,
-        max_prompt_length=512,
-        max_new_tokens=512,
-        scheduler="cosine",
-        long_prompts="skip",
-        num_eval=500,
-        scoring_batch_size=8,
-        generation_batch_size=64,
-    ),
-}
-
-DATASETS = {
-    "ultrafeedback": dict(path="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs"),
-    "hh-rlhf": dict(path="Anthropic/hh-rlhf", split="train"),
-    "tldr": dict(path="openai/summarize_from_feedback", name="comparisons", split="train"),
-    "toy": dict(
-        path=str(TOY / "data" / "prefs.jsonl"),
-        eval=str(TOY / "data" / "eval.jsonl"),
-        reward_fn=f"{TOY / 'oracle.py'}:score",
-    ),
-}
-
 
 @dataclass
 class Args:
@@ -257,67 +153,8 @@ class Args:
     """sequences (prompts x samples) per generate call"""
 
 
-def resolve(args: Args) -> tuple[Args, dict]:
-    preset, filled = model_preset(args, MODELS, "tinyllama")  # a custom model: tinyllama's settings
-    filled |= {
-        k: preset[k]
-        for k in (
-            "lr",
-            "batch_size",
-            "global_batch",
-            "max_length",
-            "max_prompt_length",
-            "max_new_tokens",
-            "scheduler",
-            "long_prompts",
-            "num_eval",
-            "scoring_batch_size",
-            "generation_batch_size",
-        )
-        if getattr(args, k) is None
-    }
-    if args.beta is None:
-        filled["beta"] = preset["beta"][args.loss]
-    if args.gamma is None:
-        filled["gamma"] = preset.get("gamma", 1.0)
-    args = dataclasses.replace(args, **filled)
-    if "batch_size" in filled:  # the preset's micro-batch, or the largest below it that fits this many ranks
-        args = dataclasses.replace(args, batch_size=micro_batch(args.global_batch, args.batch_size))
-    domains = {
-        "iterations": ">= 1",
-        "epochs": ">= 1",
-        "rho_1": "(0, 1]",
-        "rho_2": ">= 0",
-        "gamma_e": "[0, 1]",
-        "n_cand": ">= 2",
-        "beta": "> 0",
-        "gamma": ">= 0",
-        "lr": "> 0",
-        "batch_size": ">= 1",
-        "global_batch": ">= 1",
-        "num_pairs": ">= 2",
-        "save_every": ">= 0",
-        "sample_temperature": ">= 0",
-        "sample_top_p": "(0, 1]",
-    }
-    check_args(
-        args,
-        [
-            (accumulation(args.global_batch, args.batch_size) >= 1, "--global_batch must be >= 1"),
-            (
-                args.save_every == 0 or args.lora_r == 0,
-                "--save_every is not supported with LoRA (checkpoints are per iteration)",
-            ),
-        ],
-        domains,
-    )
-    return args, preset
-
-
 # ---------------------------------------------------------------------------------------------
 # ALGO LOGIC: implicit rewards, IRM selection and preference bootstrapping (SeRA §3.1-3.4)
-
-
 def reward_models(j: int, args: Args) -> set[int]:
     """Models whose log-probs r~_j needs: j, its reference, and j-1 (with its reference) for eq. 7."""
     needed = {j} if args.loss == "simpo" else {j, j - 1 if args.irm_reference == "previous" else 0}
@@ -379,126 +216,6 @@ def bootstrap_pairs(prompt_keys: list, candidates: list[list[str]], rewards: lis
             {"key": key, "chosen": texts[best], "rejected": texts[worst], "margin": float(reward[best] - reward[worst])}
         )
     return pairs
-
-
-# ---------------------------------------------------------------------------------------------
-# ALGO LOGIC: one DAA epoch on D_t (reference log-probs precomputed: no reference model in memory)
-
-
-def daa_loss(args: Args):
-    """The DAA loss of --loss on each pair's sequence log-probs (SeRA eq. 6, 8, 9, 18), as the fused pair op calls
-    it: per-pair losses and implicit rewards. DPO softplus(-beta h), IPO (h - 1/(2 beta))^2, SLiC-HF
-    max(0, 1 - beta h); SimPO (and --length_norm avg) on averaged log-probs (selfpo_kernels.daa_loss_fn)."""
-    return daa_loss_fn(args.loss, beta=args.beta, gamma=args.gamma, length_norm=args.length_norm == "avg")
-
-
-DAA_STATS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-    "pairs",
-    "tokens",
-)  # train_iteration's sums per step; the first seven are per-pair means
-
-
-def train_iteration(
-    model,
-    pairs: list[dict],
-    t: int,
-    args: Args,
-    lr: float,
-    device,
-    pad_id: int,
-    log,
-    save_step,
-    start_step=0,
-    saved=None,
-):
-    order = [
-        i
-        for epoch in range(args.epochs)  # a fresh permutation of D_t per epoch
-        for i in torch.randperm(
-            len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + t + 100_000 * epoch)
-        ).tolist()
-    ]
-    grad_accum, per_step = accumulation(args.global_batch, args.batch_size), args.global_batch
-    n_steps = max(1, len(order) // per_step)
-    # every rank runs the same micro-batches (FSDP collectives): the remainder is dropped, counted
-    used = order[: n_steps * per_step] if len(order) >= per_step else order[: len(order) - len(order) % world()]
-    dropped = len(order) - len(used)
-    local = used[rank() :: world()]
-    micro = max(1, math.ceil(len(local) / (n_steps * grad_accum)))
-    trainable, optimizer, scheduler = make_optimizer(model, lr, n_steps, args, args.scheduler, saved)
-    log(
-        {
-            "iteration": t,
-            "train/pairs": len(pairs),
-            "train/pairs_dropped_remainder": dropped,
-            "train/steps": n_steps,
-            "train/grad_accum": grad_accum,
-        }
-    )
-    use_avg, loss_fn = args.loss == "simpo" or args.length_norm == "avg", daa_loss(args)
-    bar = progress(range(start_step, n_steps), desc=f"iteration {t}")
-    for step in bar:
-        tic, stats = time.perf_counter(), StepStats(DAA_STATS, device)
-        offsets = [(step * grad_accum + accum) * micro for accum in range(grad_accum)]
-        for batch_pairs in micro_batches(model, [[pairs[i] for i in local[o : o + micro]] for o in offsets]):
-            n = len(batch_pairs)
-            batch = collate(
-                [(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
-                + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs],
-                pad_id,
-                device,
-            )
-            ref = [p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs]
-            ref = torch.tensor(ref, device=device, dtype=torch.float32)
-            # log-probs, the pair losses and their gradients in one pass over the head (causal_lm_pair_loss)
-            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-            losses, out = causal_lm_pair_loss(model, ids, mask, labels, loss_fn, ref_logps=ref)
-            (losses.sum() / (micro * grad_accum)).backward()
-            with torch.no_grad():
-                for side in ("chosen", "rejected"):  # the logged log-probs in the loss's convention
-                    out[f"logps/{side}"] = out[f"logps/{side}"] / (out[f"tokens/{side}"] if use_avg else 1)
-                stats.add(**{name: out[name] for name in DAA_STATS[:7]}, pairs=n, tokens=batch["attention_mask"])
-        total, grad_norm = optimizer_step(
-            trainable, optimizer, scheduler, stats, args, f"iteration {t} step {step + 1}"
-        )
-        metrics = {
-            "iteration": t,
-            "step": step + 1,
-            **{name: total[name] / total["pairs"] for name in DAA_STATS[:7]},
-            "grad_norm": grad_norm,
-            "lr": scheduler.get_last_lr()[0],
-            "tokens_per_sec": total["tokens"] / (time.perf_counter() - tic),
-        }
-        log(metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}", refresh=False)
-        save_step(step + 1, n_steps, optimizer, scheduler)
-    return model
-
-
-# ---------------------------------------------------------------------------------------------
-# The offline pairs D, tokenized (parse_pair reads every supported schema)
-
-
-def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple[list[dict], dict]:
-    pairs, counts = [], {}
-    for index, pair in parse_rows(rows[: args.num_pairs] if args.num_pairs else rows, source, args, counts):
-        where = f"dataset {source} row {index}"
-        sides = [
-            fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, counts) for side in ("chosen", "rejected")
-        ]
-        if sides[0] is None:
-            continue
-        pairs.append(dict(pair, index=index, prompt_ids=sides[0][0], chosen_ids=sides[0][1], rejected_ids=sides[1][1]))
-    if len(pairs) < 2:
-        raise InputError(f"dataset {source}: {len(pairs)} usable pairs, need at least 2 ({counts})")
-    return pairs, counts
 
 
 def offline_pair(pairs: list[dict], i: int, logps: torch.Tensor, margin: float | None = None) -> dict:
@@ -598,6 +315,105 @@ def bootstrap(
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# ALGO LOGIC: one DAA epoch on D_t (reference log-probs precomputed: no reference model in memory)
+def daa_loss(args: Args):
+    """The DAA loss of --loss on each pair's sequence log-probs (SeRA eq. 6, 8, 9, 18), as the fused pair op calls
+    it: per-pair losses and implicit rewards. DPO softplus(-beta h), IPO (h - 1/(2 beta))^2, SLiC-HF
+    max(0, 1 - beta h); SimPO (and --length_norm avg) on averaged log-probs (selfpo_kernels.daa_loss_fn)."""
+    return daa_loss_fn(args.loss, beta=args.beta, gamma=args.gamma, length_norm=args.length_norm == "avg")
+
+
+DAA_STATS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "pairs",
+    "tokens",
+)  # train_iteration's sums per step; the first seven are per-pair means
+
+
+def train_iteration(
+    model,
+    pairs: list[dict],
+    t: int,
+    args: Args,
+    lr: float,
+    device,
+    pad_id: int,
+    log,
+    save_step,
+    start_step=0,
+    saved=None,
+):
+    order = [
+        i
+        for epoch in range(args.epochs)  # a fresh permutation of D_t per epoch
+        for i in torch.randperm(
+            len(pairs), generator=torch.Generator().manual_seed(args.seed * 1000 + t + 100_000 * epoch)
+        ).tolist()
+    ]
+    grad_accum, per_step = accumulation(args.global_batch, args.batch_size), args.global_batch
+    n_steps = max(1, len(order) // per_step)
+    # every rank runs the same micro-batches (FSDP collectives): the remainder is dropped, counted
+    used = order[: n_steps * per_step] if len(order) >= per_step else order[: len(order) - len(order) % world()]
+    dropped = len(order) - len(used)
+    local = used[rank() :: world()]
+    micro = max(1, math.ceil(len(local) / (n_steps * grad_accum)))
+    trainable, optimizer, scheduler = make_optimizer(model, lr, n_steps, args, args.scheduler, saved)
+    log(
+        {
+            "iteration": t,
+            "train/pairs": len(pairs),
+            "train/pairs_dropped_remainder": dropped,
+            "train/steps": n_steps,
+            "train/grad_accum": grad_accum,
+        }
+    )
+    use_avg, loss_fn = args.loss == "simpo" or args.length_norm == "avg", daa_loss(args)
+    bar = progress(range(start_step, n_steps), desc=f"iteration {t}")
+    for step in bar:
+        tic, stats = time.perf_counter(), StepStats(DAA_STATS, device)
+        offsets = [(step * grad_accum + accum) * micro for accum in range(grad_accum)]
+        for batch_pairs in micro_batches(model, [[pairs[i] for i in local[o : o + micro]] for o in offsets]):
+            n = len(batch_pairs)
+            batch = collate(
+                [(p["prompt_ids"], p["chosen_ids"]) for p in batch_pairs]
+                + [(p["prompt_ids"], p["rejected_ids"]) for p in batch_pairs],
+                pad_id,
+                device,
+            )
+            ref = [p["ref_chosen"] for p in batch_pairs] + [p["ref_rejected"] for p in batch_pairs]
+            ref = torch.tensor(ref, device=device, dtype=torch.float32)
+            # log-probs, the pair losses and their gradients in one pass over the head (causal_lm_pair_loss)
+            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            losses, out = causal_lm_pair_loss(model, ids, mask, labels, loss_fn, ref_logps=ref)
+            (losses.sum() / (micro * grad_accum)).backward()
+            with torch.no_grad():
+                for side in ("chosen", "rejected"):  # the logged log-probs in the loss's convention
+                    out[f"logps/{side}"] = out[f"logps/{side}"] / (out[f"tokens/{side}"] if use_avg else 1)
+                stats.add(**{name: out[name] for name in DAA_STATS[:7]}, pairs=n, tokens=batch["attention_mask"])
+        total, grad_norm = optimizer_step(
+            trainable, optimizer, scheduler, stats, args, f"iteration {t} step {step + 1}"
+        )
+        metrics = {
+            "iteration": t,
+            "step": step + 1,
+            **{name: total[name] / total["pairs"] for name in DAA_STATS[:7]},
+            "grad_norm": grad_norm,
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_sec": total["tokens"] / (time.perf_counter() - tic),
+        }
+        log(metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}", refresh=False)
+        save_step(step + 1, n_steps, optimizer, scheduler)
+    return model
+
+
 def main(args: Args) -> dict:
     args, preset = resolve(args)
     quiet_library_bars()
@@ -693,10 +509,195 @@ def main(args: Args) -> dict:
     return state
 
 
+# ---------------------------------------------------------------------------------------------
+# Presets (the paper's settings per model; None fields of Args are filled from here) and their resolution
+
+HERE = Path(__file__).resolve().parent
+TOY = HERE / "assets" / "toy"
+
+
+# Human/Assistant format for base models without a chat template (HH-RLHF style) [ours].
+HH_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] }}"
+    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
+)
+
+
+# Per-model settings (SeRA App. B.2, Table 4; README "What is the paper's and what is ours"). beta is per loss;
+# None fields of Args are filled from here.
+MODELS = {
+    "toy": dict(  # the shipped tiny model; learning rate and beta scaled to it [ours]
+        path=str(TOY / "model"),
+        dataset="toy",
+        beta=dict(dpo=0.1, ipo=1.0, hinge=0.2, simpo=2.0),
+        gamma=1.0,
+        lr=2e-5,
+        batch_size=16,
+        global_batch=16,
+        lora_r=0,
+        max_length=96,
+        max_prompt_length=64,
+        max_new_tokens=24,
+        scheduler="constant",
+        long_prompts="error",
+        num_eval=200,
+        scoring_batch_size=128,
+        generation_batch_size=256,
+    ),
+    "tinyllama": dict(  # [ours] public stand-in, already DPO-aligned on UltraFeedback; the paper SFTs TinyLlama on
+        # UltraChat itself (pass that SFT checkpoint with --model ./sft)
+        path="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        dataset="ultrafeedback",
+        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0),
+        gamma=1.6,
+        lr=5e-7,
+        batch_size=8,
+        global_batch=16,
+        lora_r=0,
+        max_length=1024,
+        max_prompt_length=512,
+        max_new_tokens=512,
+        scheduler="cosine",
+        long_prompts="skip",
+        num_eval=500,
+        scoring_batch_size=16,
+        generation_batch_size=64,
+    ),
+    "pythia-2.8b": dict(  # base model: give it the HH format [ours]; the paper SFTs it first (pass --model ./sft)
+        path="EleutherAI/pythia-2.8b",
+        dataset="ultrafeedback",
+        chat_template=HH_TEMPLATE,
+        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0),
+        gamma=1.6,
+        lr=5e-7,
+        batch_size=4,
+        global_batch=16,
+        lora_r=0,
+        max_length=1024,
+        max_prompt_length=512,
+        max_new_tokens=512,
+        scheduler="cosine",
+        long_prompts="skip",
+        num_eval=500,
+        scoring_batch_size=16,
+        generation_batch_size=64,
+    ),
+    "mistral-7b": dict(  # alignment-handbook Zephyr DPO LoRA recipe with rank 8 (SeRA App. B.2, Table 4)
+        path="alignment-handbook/zephyr-7b-sft-full",
+        dataset="ultrafeedback",
+        gradient_checkpointing=True,
+        beta=dict(dpo=0.01, hinge=0.01, ipo=1.0, simpo=2.0),
+        gamma=1.6,
+        lr=5e-6,
+        batch_size=4,
+        global_batch=16,
+        lora_r=8,
+        lora_alpha=128,
+        lora_dropout=0.05,
+        max_length=1024,
+        max_prompt_length=512,
+        max_new_tokens=512,
+        scheduler="cosine",
+        long_prompts="skip",
+        num_eval=500,
+        scoring_batch_size=8,
+        generation_batch_size=64,
+    ),
+}
+
+
+DATASETS = {
+    "ultrafeedback": dict(path="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs"),
+    "hh-rlhf": dict(path="Anthropic/hh-rlhf", split="train"),
+    "tldr": dict(path="openai/summarize_from_feedback", name="comparisons", split="train"),
+    "toy": dict(
+        path=str(TOY / "data" / "prefs.jsonl"),
+        eval=str(TOY / "data" / "eval.jsonl"),
+        reward_fn=f"{TOY / 'oracle.py'}:score",
+    ),
+}
+
+
+def resolve(args: Args) -> tuple[Args, dict]:
+    preset, filled = model_preset(args, MODELS, "tinyllama")  # a custom model: tinyllama's settings
+    filled |= {
+        k: preset[k]
+        for k in (
+            "lr",
+            "batch_size",
+            "global_batch",
+            "max_length",
+            "max_prompt_length",
+            "max_new_tokens",
+            "scheduler",
+            "long_prompts",
+            "num_eval",
+            "scoring_batch_size",
+            "generation_batch_size",
+        )
+        if getattr(args, k) is None
+    }
+    if args.beta is None:
+        filled["beta"] = preset["beta"][args.loss]
+    if args.gamma is None:
+        filled["gamma"] = preset.get("gamma", 1.0)
+    args = dataclasses.replace(args, **filled)
+    if "batch_size" in filled:  # the preset's micro-batch, or the largest below it that fits this many ranks
+        args = dataclasses.replace(args, batch_size=micro_batch(args.global_batch, args.batch_size))
+    domains = {
+        "iterations": ">= 1",
+        "epochs": ">= 1",
+        "rho_1": "(0, 1]",
+        "rho_2": ">= 0",
+        "gamma_e": "[0, 1]",
+        "n_cand": ">= 2",
+        "beta": "> 0",
+        "gamma": ">= 0",
+        "lr": "> 0",
+        "batch_size": ">= 1",
+        "global_batch": ">= 1",
+        "num_pairs": ">= 2",
+        "save_every": ">= 0",
+        "sample_temperature": ">= 0",
+        "sample_top_p": "(0, 1]",
+    }
+    check_args(
+        args,
+        [
+            (accumulation(args.global_batch, args.batch_size) >= 1, "--global_batch must be >= 1"),
+            (
+                args.save_every == 0 or args.lora_r == 0,
+                "--save_every is not supported with LoRA (checkpoints are per iteration)",
+            ),
+        ],
+        domains,
+    )
+    return args, preset
+
+
+# ---------------------------------------------------------------------------------------------
+# The offline pairs D, tokenized (parse_pair reads every supported schema)
+def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple[list[dict], dict]:
+    pairs, counts = [], {}
+    for index, pair in parse_rows(rows[: args.num_pairs] if args.num_pairs else rows, source, args, counts):
+        where = f"dataset {source} row {index}"
+        sides = [
+            fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, counts) for side in ("chosen", "rejected")
+        ]
+        if sides[0] is None:
+            continue
+        pairs.append(dict(pair, index=index, prompt_ids=sides[0][0], chosen_ids=sides[0][1], rejected_ids=sides[1][1]))
+    if len(pairs) < 2:
+        raise InputError(f"dataset {source}: {len(pairs)} usable pairs, need at least 2 ({counts})")
+    return pairs, counts
+
+
 # =============================================================================================
-# RUNTIME: data, distributed helpers, run files, models, batching. The same in all four scripts:
-# each function below is a checked copy of sera.py's ("# Copied from sera.<name>"). Change it in
-# sera.py, then `python tests/check_copies.py --fix` rewrites the copies (the tests fail on drift).
+# RUNTIME: written in sera.py, pasted unchanged into srdpo.py, opsr.py and osp.py (do not edit it in those):
+# edit it in sera.py, then run `python tests/check_copies.py --fix` (the tests fail while the four differ).
+# Data, argument checks, distributed helpers, run files and logging, models, sampling, evaluation.
 # =============================================================================================
 
 
@@ -2183,12 +2184,13 @@ def evaluate(
 
 
 if __name__ == "__main__":
+    script = Path(__file__).name
     try:
         main(cli(Args, MODELS, __doc__))
     except InputError as err:
-        sys.exit(f"sera.py: error: {err}")
+        sys.exit(f"{script}: error: {err}")
     except KeyboardInterrupt as err:
-        print(f"sera.py: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint("sera.py"), file=sys.stderr)
+        print(f"{script}: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint(script), file=sys.stderr)
         sys.exit(130)
     finally:
         if dist.is_initialized():

@@ -44,91 +44,12 @@ from tqdm import tqdm
 
 from selfpo_kernels import causal_lm_logps, causal_lm_pair_loss
 
-HERE = Path(__file__).resolve().parent
-TOY = HERE / "assets" / "toy"
-
 # The paper's refinement prompt p, verbatim (paper §3.2). The augmented query is p, one space, x [ours].
 REFINE_PROMPT = (
     "Please generate a response with a usefulness rating of 100 out of 100 for the following query. "
     "Note that the response should be harmless. The term 100 indicates the level of usefulness, "
     "where 100 is the maximum and 1 is the minimum. Query:"
 )
-
-# Human/Assistant format for base models without a chat template (HH-RLHF style) [ours].
-# Copied from sera.HH_TEMPLATE
-HH_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] }}"
-    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
-)
-
-# §4.1 of the paper: beta 0.1, lr 5e-7, RMSprop, batch 64, gradient-norm clipping, max input 512.
-# Epochs, schedule and warmup are not stated: 1 epoch, constant after 10% linear warmup [ours].
-MODELS = {
-    "toy": dict(  # the shipped tiny model; learning rate scaled to it [ours]
-        path=str(TOY / "model"),
-        dataset="toy",
-        lr=1e-4,
-        optimizer="rmsprop",
-        global_batch=16,
-        batch_size=16,
-        max_length=96,
-        max_prompt_length=64,
-        max_new_tokens=24,
-        long_prompts="error",
-        num_eval=200,
-        eval_pairs=200,
-        scoring_batch_size=128,
-        generation_batch_size=256,
-    ),
-    "pythia-2.8b": dict(  # setting A: the paper SFTs Pythia-2.8B on HH-RLHF first (pass it with --model ./sft)
-        path="EleutherAI/pythia-2.8b",
-        dataset="hh-rlhf",
-        chat_template=HH_TEMPLATE,
-        lr=5e-7,
-        optimizer="rmsprop",
-        global_batch=64,
-        batch_size=4,
-        max_length=512,
-        max_prompt_length=256,
-        max_new_tokens=256,
-        long_prompts="skip",
-        num_eval=0,
-        eval_pairs=0,
-        scoring_batch_size=16,
-        generation_batch_size=64,
-    ),
-    "zephyr-7b": dict(  # setting B
-        path="alignment-handbook/zephyr-7b-sft-full",
-        dataset="ultrafeedback",
-        lr=5e-7,
-        optimizer="rmsprop",
-        gradient_checkpointing=True,
-        global_batch=64,
-        batch_size=4,
-        max_length=512,
-        max_prompt_length=256,
-        max_new_tokens=256,
-        long_prompts="skip",
-        num_eval=0,
-        eval_pairs=0,
-        scoring_batch_size=8,
-        generation_batch_size=64,
-    ),
-}
-
-# Copied from sera.DATASETS
-DATASETS = {
-    "ultrafeedback": dict(path="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs"),
-    "hh-rlhf": dict(path="Anthropic/hh-rlhf", split="train"),
-    "tldr": dict(path="openai/summarize_from_feedback", name="comparisons", split="train"),
-    "toy": dict(
-        path=str(TOY / "data" / "prefs.jsonl"),
-        eval=str(TOY / "data" / "eval.jsonl"),
-        reward_fn=f"{TOY / 'oracle.py'}:score",
-    ),
-}
 
 
 @dataclass
@@ -224,116 +145,17 @@ class Args:
     """sequences (prompts x samples) per generate call"""
 
 
-def resolve(args: Args) -> tuple[Args, dict]:
-    preset, filled = model_preset(args, MODELS, "zephyr-7b")  # a custom model: zephyr-7b's settings
-    filled |= {
-        k: preset[k]
-        for k in (
-            "lr",
-            "optimizer",
-            "global_batch",
-            "batch_size",
-            "max_length",
-            "max_prompt_length",
-            "max_new_tokens",
-            "long_prompts",
-            "num_eval",
-            "eval_pairs",
-            "scoring_batch_size",
-            "generation_batch_size",
-        )
-        if getattr(args, k) is None
-    }
-    args = dataclasses.replace(args, **filled)
-    if "batch_size" in filled:  # the preset's micro-batch, or the largest below it that fits this many ranks
-        args = dataclasses.replace(args, batch_size=micro_batch(args.global_batch, args.batch_size))
-    domains = {
-        "lam": ">= 0",
-        "beta": "> 0",
-        "lr": "> 0",
-        "epochs": ">= 1",
-        "batch_size": ">= 1",
-        "global_batch": ">= 1",
-        "num_pairs": ">= 2",
-        "eval_pairs": ">= 0",
-        "save_every": ">= 0",
-    }
-    check_args(
-        args,
-        [
-            (args.refine_prompt.strip() != "", "--refine_prompt is empty; use --lam 0 for plain DPO / IPO"),
-            (accumulation(args.global_batch, args.batch_size) >= 1, "--global_batch must be >= 1"),
-            (args.save_every == 0 or args.lora_r == 0, "--save_every is not supported with LoRA"),
-        ],
-        domains,
-    )
-    return args, preset
-
-
-# ---------------------------------------------------------------------------------------------
-# ALGO LOGIC: every pair on the plain context x and the augmented context p (+) x (paper eq. 12-15)
-
-
-def augment(prompt: list[dict], refine_prompt: str) -> list[dict]:
-    """p (+) x: the refinement prompt, one space, then the last user turn (paper §3.2; separator ours)."""
-    last = prompt[-1]
-    return prompt[:-1] + [{"role": last["role"], "content": f"{refine_prompt} {last['content']}"}]
-
-
-def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple[list[dict], dict]:
-    """Token ids of each pair on the plain context x and the augmented context p (+) x."""
-    pairs, counts = [], {}
-    refine_tokens = len(tokenizer(args.refine_prompt + " ", add_special_tokens=False)["input_ids"])
-    # The refinement prompt's tokens are added to the length budget instead of cutting the query [ours, README].
-    aug_args = dataclasses.replace(
-        args,
-        max_prompt_length=args.max_prompt_length + refine_tokens + 4,
-        max_length=args.max_length + refine_tokens + 4,
-        long_prompts="truncate",
-    )
-    limit = args.eval_pairs + args.num_pairs if args.num_pairs else None
-    for index, pair in parse_rows(rows[:limit], source, args, counts):
-        where, row = f"dataset {source} row {index}", rows[index]
-        encoded = {}
-        for side in ("chosen", "rejected"):
-            plain = fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, counts)
-            if plain is None:
-                break
-            aug = fit(
-                *encode(tokenizer, augment(pair["prompt"], args.refine_prompt), pair[side]),
-                aug_args,
-                where + " (with the refinement prompt)",
-                counts,
-            )
-            encoded[side] = (plain, aug)
-        if len(encoded) < 2:
-            continue
-        gap = row.get("score_chosen", 0) - row.get("score_rejected", 0) if "score_chosen" in row else None
-        pairs.append(
-            dict(
-                pair,
-                index=index,
-                score_gap=gap,
-                prompt_ids=encoded["chosen"][0][0],
-                chosen_ids=encoded["chosen"][0][1],
-                rejected_ids=encoded["rejected"][0][1],
-                aug_prompt_ids=encoded["chosen"][1][0],
-                aug_chosen_ids=encoded["chosen"][1][1],
-                aug_rejected_ids=encoded["rejected"][1][1],
-            )
-        )
-    if len(pairs) < args.eval_pairs + 2:
-        raise InputError(
-            f"dataset {source}: {len(pairs)} usable pairs, need at least --eval_pairs + 2 = "
-            f"{args.eval_pairs + 2} ({counts})"
-        )
-    return pairs, counts
+def sr_loss(h: torch.Tensor, delta: torch.Tensor, args: Args) -> torch.Tensor:
+    """Per-pair Sr-DPO softplus(-(beta h - lambda Delta)) (Yu et al. 2024, eq. 13) or Sr-IPO
+    (h - lambda Delta - 1/(2 beta))^2 (eq. 15). Delta, the refinement margin, is a constant (stop-gradient)."""
+    offset = args.lam * delta.detach()
+    if args.loss == "sr_dpo":
+        return F.softplus(-(args.beta * h - offset))
+    return (h - offset - 1.0 / (2.0 * args.beta)) ** 2
 
 
 # ---------------------------------------------------------------------------------------------
 # ALGO LOGIC: one Sr-DPO / Sr-IPO step (Algorithms 1-2, lines 4-7)
-
-
 @torch.no_grad()
 def shared_prefix_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> torch.Tensor:
     """Summed log-probs of (prompt_ids, response_ids) whose prompts share a long prefix (the
@@ -361,15 +183,6 @@ def shared_prefix_logps(model, sequences: list[tuple[list[int], list[int]]], pad
         [torch.ones(len(sequences), len(prefix), dtype=torch.long, device=device), rest["attention_mask"]], 1
     )
     return causal_lm_logps(model, rest["input_ids"], mask, rest["labels"], past_key_values=cache)[0]
-
-
-def sr_loss(h: torch.Tensor, delta: torch.Tensor, args: Args) -> torch.Tensor:
-    """Per-pair Sr-DPO softplus(-(beta h - lambda Delta)) (Yu et al. 2024, eq. 13) or Sr-IPO
-    (h - lambda Delta - 1/(2 beta))^2 (eq. 15). Delta, the refinement margin, is a constant (stop-gradient)."""
-    offset = args.lam * delta.detach()
-    if args.loss == "sr_dpo":
-        return F.softplus(-(args.beta * h - offset))
-    return (h - offset - 1.0 / (2.0 * args.beta)) ** 2
 
 
 def sr_losses(model, batch_pairs: list[dict], args: Args, device, pad_id: int) -> dict:
@@ -510,8 +323,64 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
 
 
 # ---------------------------------------------------------------------------------------------
+# ALGO LOGIC: every pair on the plain context x and the augmented context p (+) x (paper eq. 12-15)
+def augment(prompt: list[dict], refine_prompt: str) -> list[dict]:
+    """p (+) x: the refinement prompt, one space, then the last user turn (paper §3.2; separator ours)."""
+    last = prompt[-1]
+    return prompt[:-1] + [{"role": last["role"], "content": f"{refine_prompt} {last['content']}"}]
 
 
+def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple[list[dict], dict]:
+    """Token ids of each pair on the plain context x and the augmented context p (+) x."""
+    pairs, counts = [], {}
+    refine_tokens = len(tokenizer(args.refine_prompt + " ", add_special_tokens=False)["input_ids"])
+    # The refinement prompt's tokens are added to the length budget instead of cutting the query [ours, README].
+    aug_args = dataclasses.replace(
+        args,
+        max_prompt_length=args.max_prompt_length + refine_tokens + 4,
+        max_length=args.max_length + refine_tokens + 4,
+        long_prompts="truncate",
+    )
+    limit = args.eval_pairs + args.num_pairs if args.num_pairs else None
+    for index, pair in parse_rows(rows[:limit], source, args, counts):
+        where, row = f"dataset {source} row {index}", rows[index]
+        encoded = {}
+        for side in ("chosen", "rejected"):
+            plain = fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, counts)
+            if plain is None:
+                break
+            aug = fit(
+                *encode(tokenizer, augment(pair["prompt"], args.refine_prompt), pair[side]),
+                aug_args,
+                where + " (with the refinement prompt)",
+                counts,
+            )
+            encoded[side] = (plain, aug)
+        if len(encoded) < 2:
+            continue
+        gap = row.get("score_chosen", 0) - row.get("score_rejected", 0) if "score_chosen" in row else None
+        pairs.append(
+            dict(
+                pair,
+                index=index,
+                score_gap=gap,
+                prompt_ids=encoded["chosen"][0][0],
+                chosen_ids=encoded["chosen"][0][1],
+                rejected_ids=encoded["rejected"][0][1],
+                aug_prompt_ids=encoded["chosen"][1][0],
+                aug_chosen_ids=encoded["chosen"][1][1],
+                aug_rejected_ids=encoded["rejected"][1][1],
+            )
+        )
+    if len(pairs) < args.eval_pairs + 2:
+        raise InputError(
+            f"dataset {source}: {len(pairs)} usable pairs, need at least --eval_pairs + 2 = "
+            f"{args.eval_pairs + 2} ({counts})"
+        )
+    return pairs, counts
+
+
+# ---------------------------------------------------------------------------------------------
 def held_out_margins(model, held_out: list[dict], args: Args, pad_id: int, device) -> dict:
     """Held-out pairs under the trained model: the share with margin h > 0, and h's correlation with the data's
     score gap where the data has scores (the paper's Table 4 analogue)."""
@@ -622,19 +491,149 @@ def main(args: Args) -> dict:
     return state
 
 
+# ---------------------------------------------------------------------------------------------
+# Presets (the paper's settings per model; None fields of Args are filled from here) and their resolution
+
+HERE = Path(__file__).resolve().parent
+TOY = HERE / "assets" / "toy"
+
+
+# Human/Assistant format for base models without a chat template (HH-RLHF style) [ours].
+# Copied from sera.HH_TEMPLATE
+HH_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] }}"
+    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
+)
+
+
+# §4.1 of the paper: beta 0.1, lr 5e-7, RMSprop, batch 64, gradient-norm clipping, max input 512.
+# Epochs, schedule and warmup are not stated: 1 epoch, constant after 10% linear warmup [ours].
+MODELS = {
+    "toy": dict(  # the shipped tiny model; learning rate scaled to it [ours]
+        path=str(TOY / "model"),
+        dataset="toy",
+        lr=1e-4,
+        optimizer="rmsprop",
+        global_batch=16,
+        batch_size=16,
+        max_length=96,
+        max_prompt_length=64,
+        max_new_tokens=24,
+        long_prompts="error",
+        num_eval=200,
+        eval_pairs=200,
+        scoring_batch_size=128,
+        generation_batch_size=256,
+    ),
+    "pythia-2.8b": dict(  # setting A: the paper SFTs Pythia-2.8B on HH-RLHF first (pass it with --model ./sft)
+        path="EleutherAI/pythia-2.8b",
+        dataset="hh-rlhf",
+        chat_template=HH_TEMPLATE,
+        lr=5e-7,
+        optimizer="rmsprop",
+        global_batch=64,
+        batch_size=4,
+        max_length=512,
+        max_prompt_length=256,
+        max_new_tokens=256,
+        long_prompts="skip",
+        num_eval=0,
+        eval_pairs=0,
+        scoring_batch_size=16,
+        generation_batch_size=64,
+    ),
+    "zephyr-7b": dict(  # setting B
+        path="alignment-handbook/zephyr-7b-sft-full",
+        dataset="ultrafeedback",
+        lr=5e-7,
+        optimizer="rmsprop",
+        gradient_checkpointing=True,
+        global_batch=64,
+        batch_size=4,
+        max_length=512,
+        max_prompt_length=256,
+        max_new_tokens=256,
+        long_prompts="skip",
+        num_eval=0,
+        eval_pairs=0,
+        scoring_batch_size=8,
+        generation_batch_size=64,
+    ),
+}
+
+
+# Copied from sera.DATASETS
+DATASETS = {
+    "ultrafeedback": dict(path="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs"),
+    "hh-rlhf": dict(path="Anthropic/hh-rlhf", split="train"),
+    "tldr": dict(path="openai/summarize_from_feedback", name="comparisons", split="train"),
+    "toy": dict(
+        path=str(TOY / "data" / "prefs.jsonl"),
+        eval=str(TOY / "data" / "eval.jsonl"),
+        reward_fn=f"{TOY / 'oracle.py'}:score",
+    ),
+}
+
+
+def resolve(args: Args) -> tuple[Args, dict]:
+    preset, filled = model_preset(args, MODELS, "zephyr-7b")  # a custom model: zephyr-7b's settings
+    filled |= {
+        k: preset[k]
+        for k in (
+            "lr",
+            "optimizer",
+            "global_batch",
+            "batch_size",
+            "max_length",
+            "max_prompt_length",
+            "max_new_tokens",
+            "long_prompts",
+            "num_eval",
+            "eval_pairs",
+            "scoring_batch_size",
+            "generation_batch_size",
+        )
+        if getattr(args, k) is None
+    }
+    args = dataclasses.replace(args, **filled)
+    if "batch_size" in filled:  # the preset's micro-batch, or the largest below it that fits this many ranks
+        args = dataclasses.replace(args, batch_size=micro_batch(args.global_batch, args.batch_size))
+    domains = {
+        "lam": ">= 0",
+        "beta": "> 0",
+        "lr": "> 0",
+        "epochs": ">= 1",
+        "batch_size": ">= 1",
+        "global_batch": ">= 1",
+        "num_pairs": ">= 2",
+        "eval_pairs": ">= 0",
+        "save_every": ">= 0",
+    }
+    check_args(
+        args,
+        [
+            (args.refine_prompt.strip() != "", "--refine_prompt is empty; use --lam 0 for plain DPO / IPO"),
+            (accumulation(args.global_batch, args.batch_size) >= 1, "--global_batch must be >= 1"),
+            (args.save_every == 0 or args.lora_r == 0, "--save_every is not supported with LoRA"),
+        ],
+        domains,
+    )
+    return args, preset
+
+
 # =============================================================================================
-# RUNTIME: data, distributed helpers, run files, models, batching. The same in all four scripts:
-# each function below is a checked copy of sera.py's ("# Copied from sera.<name>"). Change it in
-# sera.py, then `python tests/check_copies.py --fix` rewrites the copies (the tests fail on drift).
+# RUNTIME: written in sera.py, pasted unchanged into srdpo.py, opsr.py and osp.py (do not edit it in those):
+# edit it in sera.py, then run `python tests/check_copies.py --fix` (the tests fail while the four differ).
+# Data, argument checks, distributed helpers, run files and logging, models, sampling, evaluation.
 # =============================================================================================
 
 
-# Copied from sera.InputError
 class InputError(ValueError):
     """Bad user input: printed as one line, no traceback, nothing written."""
 
 
-# Copied from sera.model_preset
 def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
     """--model's preset, with "dataset" set to --dataset or the preset's, and the shared Args it fills (dataset,
     compute dtype, LoRA, gradient checkpointing, chat template). Any other hub id or local path gets the settings
@@ -672,7 +671,6 @@ def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
     return preset, filled
 
 
-# Copied from sera.DOMAINS
 DOMAINS = {  # the options all four scripts share (check_args; each script adds its own): an interval, or a bound
     # (">= 1" for sizes and counts, ">= 0" where 0 means "off" or "none")
     "max_bad_fraction": "[0, 1]",
@@ -694,7 +692,6 @@ DOMAINS = {  # the options all four scripts share (check_args; each script adds 
 }
 
 
-# Copied from sera.in_domain
 def in_domain(value: float, domain: str) -> bool:
     """value in "[a, b]", "(a, b]", ... or satisfies "> x" / ">= x"."""
     if domain[0] == ">":
@@ -706,7 +703,6 @@ def in_domain(value: float, domain: str) -> bool:
     )
 
 
-# Copied from sera.check_args
 def check_args(args, checks: list[tuple[bool, str]], domains: dict):
     """One InputError for the first option outside its domain (DOMAINS, then the script's `domains`; a list
     option element by element), then for the first failed (ok, message) of the shared checks and `checks`."""
@@ -739,7 +735,6 @@ def check_args(args, checks: list[tuple[bool, str]], domains: dict):
             raise InputError(message)
 
 
-# Copied from sera.BadRow
 class BadRow(InputError):
     """A degenerate row of real data (HH-RLHF has some): skipped and counted per reason by parse_rows."""
 
@@ -748,7 +743,6 @@ class BadRow(InputError):
         self.reason = reason
 
 
-# Copied from sera.load_rows
 def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
     import datasets
 
@@ -782,7 +776,6 @@ def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
     return data, str(path)
 
 
-# Copied from sera.read_jsonl
 def read_jsonl(path: Path, what: str) -> list[dict]:
     """JSON objects, one a line (or a .json list of them); not UTF-8, not JSON or not an object names the line."""
     try:
@@ -805,7 +798,6 @@ def read_jsonl(path: Path, what: str) -> list[dict]:
     return rows
 
 
-# Copied from sera.load_prompts
 def load_prompts(spec: str, what: str) -> list[str]:
     """The 'prompt' column of a jsonl file (--eval_prompts, --prompts), every row checked."""
     if not Path(spec).is_file():
@@ -816,7 +808,6 @@ def load_prompts(spec: str, what: str) -> list[str]:
     return [_text(row.get("prompt"), f"{what} {spec} row {index}: 'prompt'") for index, row in enumerate(rows)]
 
 
-# Copied from sera._text
 def _text(value, where: str, empty: str | None = None) -> str:
     """A non-empty string; an empty one is a BadRow(`empty`) when it is a known quirk of real data."""
     if not isinstance(value, str):
@@ -826,7 +817,6 @@ def _text(value, where: str, empty: str | None = None) -> str:
     return value
 
 
-# Copied from sera._messages
 def _messages(value, where: str, empty: str | None = None) -> list[dict]:
     if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
         raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
@@ -839,7 +829,6 @@ def _messages(value, where: str, empty: str | None = None) -> list[dict]:
     ]
 
 
-# Copied from sera._hh_turns
 def _hh_turns(text: str, where: str) -> list[dict]:
     parts = re.split(r"\n\n(Human|Assistant): ?", _text(text, where, "empty_response"))
     if len(parts) < 3 or parts[0].strip():
@@ -850,7 +839,6 @@ def _hh_turns(text: str, where: str) -> list[dict]:
     ]
 
 
-# Copied from sera.parse_pair
 def parse_pair(row: dict, where: str) -> dict:
     """UltraFeedback messages, HH-RLHF raw text, TL;DR comparisons, or prompt/chosen/rejected strings:
     {"prompt": [messages], "chosen": str, "rejected": str}. Malformed rows raise InputError; the quirks
@@ -912,7 +900,6 @@ def parse_pair(row: dict, where: str) -> dict:
     return out
 
 
-# Copied from sera.parse_rows
 def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[tuple[int, dict]]:
     """(row index, parse_pair) of every usable row. Degenerate rows (BadRow) are skipped and counted per
     reason in counts['skipped_<reason>']; over --max_bad_fraction of them stops with the first examples."""
@@ -934,7 +921,6 @@ def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[
     return pairs
 
 
-# Copied from sera.check_model_dir
 def check_model_dir(path: Path):
     """A local model folder has a config, tokenizer files and complete safetensors (safetensors checks that each
     file holds the data its header declares), so a bad folder fails before anything is written."""
@@ -957,7 +943,6 @@ def check_model_dir(path: Path):
             raise InputError(f"--model: {file} is truncated or not safetensors ({err})") from None
 
 
-# Copied from sera.load_tokenizer
 def load_tokenizer(model_path: str, chat_template: str | None):
     """The tokenizer with --chat_template (a jinja file, or the template itself) and a pad token."""
     from transformers import AutoTokenizer
@@ -984,7 +969,6 @@ def load_tokenizer(model_path: str, chat_template: str | None):
     return tokenizer
 
 
-# Copied from sera.tokenize
 def tokenize(tokenizer, text: str) -> list[int]:
     """Ids of rendered chat text. BOS exactly once when the tokenizer's own encoding starts with it, whether
     the template writes it (toy, Llama-3) or not (zephyr): never missing, never twice."""
@@ -997,7 +981,6 @@ def tokenize(tokenizer, text: str) -> list[int]:
     return ids
 
 
-# Copied from sera.encode
 def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the templated prompt (ending with the assistant header) and of the response
     (the rest of the templated conversation, ending with the end-of-turn token)."""
@@ -1033,7 +1016,6 @@ def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[
     return prompt_ids, response_ids
 
 
-# Copied from sera.fit
 def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple[list[int], list[int]] | None:
     """Apply the length limits: long prompts per --long_prompts, long responses truncated (counted)."""
     if len(prompt_ids) > args.max_prompt_length:
@@ -1054,7 +1036,6 @@ def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple
     return prompt_ids, response_ids
 
 
-# Copied from sera.load_reward_fn
 def load_reward_fn(spec: str | None, example: dict | None = None):
     """path/to/file.py:function -> the function, checked on every call (an exception, a non-number or
     NaN/inf stops the run naming the input) and tried once on `example` (a pair) now; None -> None."""
@@ -1095,7 +1076,6 @@ def load_reward_fn(spec: str | None, example: dict | None = None):
     return reward_fn
 
 
-# Copied from sera.load_evaluation
 def load_evaluation(args: Args, example: dict) -> tuple:
     """(scorers, held-out prompts). Scorers map a metric name to score(prompts, responses) -> list[float] (all
     ranks): "reward" for --reward_fn (else the dataset preset's), "rm_score" for --reward_model; each is tried on
@@ -1113,7 +1093,6 @@ def load_evaluation(args: Args, example: dict) -> tuple:
     return scorers, load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
 
 
-# Copied from sera.micro_batch
 def micro_batch(global_batch: int, most: int) -> int:
     """The largest micro-batch up to `most` (a preset's --batch_size) that divides --global_batch over this run's
     ranks, so that a preset runs as it is on any number of ranks that divides its global batch."""
@@ -1122,7 +1101,6 @@ def micro_batch(global_batch: int, most: int) -> int:
     return fits[0] if fits else most  # none: accumulation() says why
 
 
-# Copied from sera.accumulation
 def accumulation(global_batch: int, batch_size: int) -> int:
     """Micro-batches per optimizer step, so that a step sees global_batch examples at any number of ranks."""
     ranks = int(os.environ.get("WORLD_SIZE", 1))  # known before the process group is joined
@@ -1133,23 +1111,19 @@ def accumulation(global_batch: int, batch_size: int) -> int:
     return global_batch // (batch_size * ranks)
 
 
-# Copied from sera.rank
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-# Copied from sera.world
 def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-# Copied from sera.nvidia_driver
 def nvidia_driver() -> bool:
     """An NVIDIA driver is loaded on this machine (whether or not this torch build can use it)."""
     return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()
 
 
-# Copied from sera.choose_device
 def choose_device(requested: str, needs_gpu: str | None) -> str:
     """--device as "cuda" or "cpu", decided before anything is written. A GPU for each rank on this node where torch
     sees them; the CPU only when nothing asks for a GPU: not `needs_gpu` (a paper preset), not --device cuda, and
@@ -1173,7 +1147,6 @@ def choose_device(requested: str, needs_gpu: str | None) -> str:
     )
 
 
-# Copied from sera.init_device
 def init_device(seed: int, timeout_minutes: int = 180, kind: str = "cpu") -> torch.device:
     """This rank's GPU (kind "cuda", from choose_device) or the CPU, then the process group under torchrun (NCCL on
     GPUs: every tensor handed to a collective must be on this device, see comm_device); seeds torch."""
@@ -1192,7 +1165,6 @@ def init_device(seed: int, timeout_minutes: int = 180, kind: str = "cpu") -> tor
     return device
 
 
-# Copied from sera.comm_device
 def comm_device() -> torch.device:
     """Where the tensors of collectives live: NCCL has no CPU backend, so this rank's GPU; the CPU under gloo (the
     backend of --device cpu) and on one process."""
@@ -1200,13 +1172,11 @@ def comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
 
 
-# Copied from sera.run_device
 def run_device(args: Args) -> torch.device:
     """This rank's device as choose_device decided it (init_device has set the current GPU)."""
     return torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
 
 
-# Copied from sera.now
 def now() -> int:
     """Rank 0's clock in seconds: every rank names the same run folder."""
     stamp = [int(time.time())]
@@ -1215,7 +1185,6 @@ def now() -> int:
     return stamp[0]
 
 
-# Copied from sera.shard
 def shard(items: list) -> tuple[list, int]:
     """This rank's share, padded (with its last item) so every rank runs the same number of batches."""
     per_rank = math.ceil(len(items) / world())
@@ -1224,7 +1193,6 @@ def shard(items: list) -> tuple[list, int]:
     return mine + [items[-1]] * (per_rank - real), real
 
 
-# Copied from sera.gather
 def gather(values: list) -> list:
     if world() == 1:
         return values
@@ -1233,7 +1201,6 @@ def gather(values: list) -> list:
     return [v for part in out for v in part]
 
 
-# Copied from sera.all_sum
 def all_sum(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=comm_device())
     if world() > 1:
@@ -1241,7 +1208,6 @@ def all_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-# Copied from sera.StepStats
 class StepStats:
     """One optimizer step's statistics as a device tensor with named slots, summed over micro-batches on the
     device: one all-reduce and one host copy per step (optimizer_step), no `.item()` behind every backward."""
@@ -1255,7 +1221,6 @@ class StepStats:
             self.sums[self.names.index(name)] += value.detach().sum() if torch.is_tensor(value) else value
 
 
-# Copied from sera.micro_batches
 def micro_batches(model, batches: list):
     """The micro-batches of one optimizer step. FSDP2 reduce-scatters gradients after the last one only
     (every rank has the same number, so the collectives match)."""
@@ -1266,7 +1231,6 @@ def micro_batches(model, batches: list):
         yield batch
 
 
-# Copied from sera._LogLines
 class _LogLines:
     """tqdm's output as whole lines (no carriage returns, no repeat of the line before), for log files."""
 
@@ -1282,7 +1246,6 @@ class _LogLines:
         sys.stderr.flush()
 
 
-# Copied from sera.progress
 def progress(iterable=None, total: int | None = None, desc: str = "", inner: bool = False):
     """A progress bar on rank 0. On a terminal: tqdm bars (inner loops' bars vanish when done). When stderr
     is not a terminal (a cluster log): outer loops only, one plain line at most every 60 s and at the end."""
@@ -1293,7 +1256,6 @@ def progress(iterable=None, total: int | None = None, desc: str = "", inner: boo
     return tqdm(iterable, total=total, desc=desc, file=_LogLines(), mininterval=60, ascii=True, ncols=100)
 
 
-# Copied from sera.quiet_library_bars
 def quiet_library_bars():
     """In a log file the libraries' own bars (dataset preparation, weight loading and saving) are off too."""
     if not sys.stderr.isatty():
@@ -1304,7 +1266,6 @@ def quiet_library_bars():
         transformers.utils.logging.disable_progress_bar()
 
 
-# Copied from sera.check_resume
 def check_resume(args: Args):
     """--resume continues the run in --output_dir only with the arguments it was started with, on any number of
     ranks (every step covers the same global batch, whatever the micro-batch; step checkpoints are resharded)."""
@@ -1324,7 +1285,6 @@ def check_resume(args: Args):
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
 
 
-# Copied from sera.cli
 def cli(args_type, models: dict, doc: str):
     """The command line (tyro), its --help opening with the script's docstring; an option a --model preset fills
     when it is left unset shows each preset's value instead of tyro's "(default: None)"."""
@@ -1338,7 +1298,6 @@ def cli(args_type, models: dict, doc: str):
     return tyro.cli(args_type, description=doc)
 
 
-# Copied from sera.run_state
 def run_state(state_file: Path, args, fresh: dict) -> dict:
     """The run's progress (state.json) when --resume finds one, else `fresh`; a resumed run says where it stands."""
     if not (args.resume and state_file.exists()):
@@ -1350,7 +1309,6 @@ def run_state(state_file: Path, args, fresh: dict) -> dict:
     return state
 
 
-# Copied from sera.resume_hint
 def resume_hint(script: str) -> str:
     """How to continue an interrupted run: the same command with --resume and its folder (Logs.run_dir)."""
     if Logs.run_dir is None:
@@ -1366,7 +1324,6 @@ def resume_hint(script: str) -> str:
     return f"continue with: {launcher}{shlex.join([script, *argv, '--resume', '--output_dir', str(Logs.run_dir)])}"
 
 
-# Copied from sera.Logs
 class Logs:
     """Rank 0 prints and saves the resolved config, then logs to metrics.jsonl, TensorBoard (tb/) and, with
     --track, wandb. `step` is the TensorBoard/wandb step; counters and non-finite values stay in the jsonl."""
@@ -1426,7 +1383,6 @@ class Logs:
         write_atomic(path, list(records.values()))
 
 
-# Copied from sera.write_atomic
 def write_atomic(path: Path, obj):
     """Rank 0 writes .json, .jsonl (a list of rows) or torch.save's (.pt) to a temporary file, then renames it."""
     if rank() == 0:
@@ -1443,11 +1399,9 @@ def write_atomic(path: Path, obj):
 # transformers' own layers on every machine, the ones this project tests: no layer swapped for a kernel fetched from
 # the Hub at load time (transformers >= 5.25 does that by default where the `kernels` package is installed, and an
 # offline node fails). Every from_pretrained of a model passes it; transformers >= 4.56 (our floor) accepts it.
-# Copied from sera.NO_HUB_KERNELS
 NO_HUB_KERNELS = {"use_kernels": False}
 
 
-# Copied from sera.load_model
 def load_model(path: str, device: torch.device, args: Args | None = None, frozen: bool = False):
     """fp32 master weights; --dtype bfloat16 computes in bf16 by autocast around the forward. With LoRA the
     frozen base is held in the compute dtype (peft keeps the adapters fp32). Checkpoints keep `path`'s dtype.
@@ -1494,7 +1448,6 @@ def load_model(path: str, device: torch.device, args: Args | None = None, frozen
     return shard_model(model, args) if sharded else model
 
 
-# Copied from sera.shard_model
 def shard_model(model, args: Args):
     """FSDP2 under torchrun: each decoder layer, then the root. The root keeps embeddings, final norm and
     lm_head gathered from forward to backward: the fused log-prob kernel reads lm_head.weight after the
@@ -1514,7 +1467,6 @@ def shard_model(model, args: Args):
     return model
 
 
-# Copied from sera.prepare_for_training
 def prepare_for_training(model, args: Args):
     """LoRA adapter (--lora_r > 0), else FSDP2 under torchrun (once: a sharded policy stays sharded, its fp32
     shards are the masters for the whole run); gradient checkpointing on request."""
@@ -1544,7 +1496,6 @@ def prepare_for_training(model, args: Args):
     return model
 
 
-# Copied from sera.make_optimizer
 def make_optimizer(
     model,
     lr: float,
@@ -1584,7 +1535,6 @@ def make_optimizer(
     return trainable, optimizer, scheduler
 
 
-# Copied from sera.optimizer_step
 def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args: Args, where: str):
     """Average LoRA gradients over ranks (replicated base: one flat all-reduce, a rank without a gradient adds
     zeros), clip, sum the step's statistics over ranks (one all-reduce, one host copy with the gradient norm),
@@ -1612,7 +1562,6 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
     return total, grad_norm
 
 
-# Copied from sera.save_atomic
 def save_atomic(model, tokenizer, directory: Path):
     """The model as a save_pretrained folder (safetensors in the loaded checkpoint's dtype, config, tokenizer),
     loadable by from_pretrained and vLLM: an iteration's or the run's final model. With LoRA the adapter is merged
@@ -1641,7 +1590,6 @@ def save_atomic(model, tokenizer, directory: Path):
     return model
 
 
-# Copied from sera.write_folder
 def write_folder(directory: Path, write):
     """`write(folder)`, called on every rank, fills a fresh temporary folder (.tmp), which then takes `directory`'s
     place by renames (the previous one is moved aside to .old first, then removed): a crash leaves the previous
@@ -1672,7 +1620,6 @@ def write_folder(directory: Path, write):
         dist.barrier()
 
 
-# Copied from sera.recover_folder
 def recover_folder(directory: Path):
     """Finishes a swap of write_folder that a kill cut between its two renames: `directory` is gone, the previous
     folder is whole under .old and the new one under .tmp (written, barriers passed), which takes its place."""
@@ -1684,7 +1631,6 @@ def recover_folder(directory: Path):
         dist.barrier()
 
 
-# Copied from sera.process_umask
 def process_umask() -> int:
     """This process's umask, read without changing it: Linux says it in /proc/self/status. Elsewhere the only way
     to read it is to set it: to 0o077 for that instant, so a file another thread makes meanwhile is private."""
@@ -1700,7 +1646,6 @@ def process_umask() -> int:
     return mask
 
 
-# Copied from sera.rng_state
 def rng_state() -> dict:
     """This rank's random number generators as tensors: the CPU's and, on a GPU run, its own GPU's (sampling draws
     from it). One GPU per rank, so a run resumes on a node with another number of GPUs."""
@@ -1708,14 +1653,12 @@ def rng_state() -> dict:
     return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
 
 
-# Copied from sera.set_rng_state
 def set_rng_state(state: dict):
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():  # saved by a GPU run: this rank's GPU (lazily, if need be)
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# Copied from sera.collate
 def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
     """Right-padded input_ids / attention_mask / labels (-100 on prompt and padding)."""
     from torch.nn.utils.rnn import pad_sequence
@@ -1732,7 +1675,6 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 # Runtime that only some of the scripts use (checked copies too)
 
 
-# Copied from sera.save_checkpoint
 def save_checkpoint(model, directory: Path, optimizer, scheduler, step: int):
     """A resumable step checkpoint holding the training state exactly, in one folder (write_folder): the weights as
     they train (the fp32 masters, a LoRA model's base and adapter) and the optimizer state by
@@ -1754,7 +1696,6 @@ def save_checkpoint(model, directory: Path, optimizer, scheduler, step: int):
     write_folder(directory, write)
 
 
-# Copied from sera.trainer_state
 def trainer_state(directory: Path) -> dict | None:
     """save_checkpoint's step, scheduler, weights and optimizer folders and this rank's generators (None for a
     rank the run did not have: it keeps its seed's), or None when there is no step checkpoint."""
@@ -1782,7 +1723,6 @@ def trainer_state(directory: Path) -> dict | None:
     return state
 
 
-# Copied from sera.score
 @torch.no_grad()
 def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_id: int, device, desc: str):
     """Summed log-probs and response lengths [n] of (prompt_ids, response_ids) under `model`, all ranks. A
@@ -1806,14 +1746,12 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
     )
 
 
-# Copied from sera.VLLMEngine
 class VLLMEngine:
     """--sampler vllm: this process's engine for the whole run, the checkpoint it holds, its longest sequence."""
 
     llm, path, max_model_len = None, None, None
 
 
-# Copied from sera.vllm_devices
 def vllm_devices() -> str | None:
     """CUDA_VISIBLE_DEVICES for this rank's vLLM engine: its own GPU alone. A single-GPU engine takes device 0 of
     what it sees, so under torchrun every rank's engine would otherwise land on GPU 0. None without CUDA."""
@@ -1824,7 +1762,6 @@ def vllm_devices() -> str | None:
     return ids[int(os.environ.get("LOCAL_RANK", 0))]
 
 
-# Copied from sera.start_vllm
 def start_vllm(vllm, model_path: str, args: Args, seed: int, sleeps: bool, longest_prompt: int):
     """The engine, started once per process in its own processes (so CUDA_VISIBLE_DEVICES set around the
     constructor pins it to this rank's GPU and leaves the trainer's view alone). It reserves KV cache for
@@ -1856,7 +1793,6 @@ def start_vllm(vllm, model_path: str, args: Args, seed: int, sleeps: bool, longe
     return llm
 
 
-# Copied from sera.stop_ids
 def stop_ids(model, tokenizer) -> list[int]:
     """Every id that ends a turn: generation_config.eos_token_id (often a list: Llama-3 <|eot_id|>, Gemma
     <end_of_turn>, Qwen <|im_end|>) and the tokenizer's EOS."""
@@ -1864,7 +1800,6 @@ def stop_ids(model, tokenizer) -> list[int]:
     return sorted({i for i in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id] if i is not None})
 
 
-# Copied from sera.generate
 @torch.no_grad()
 def generate(
     model,
@@ -1976,7 +1911,6 @@ def generate(
     return gather([outputs[i] for i in range(real)])
 
 
-# Copied from sera.unsharded_copy
 def unsharded_copy(model, args: Args):
     """An FSDP2-sharded policy as one plain frozen model per rank in the compute dtype, for sampling: HF generate
     on the sharded model would gather every layer for every decoded token. Gathered one tensor at a time (one
@@ -2002,7 +1936,6 @@ def unsharded_copy(model, args: Args):
 # --reward_model: a trained sequence classifier scores the held-out samples; win rates against the start
 
 
-# Copied from sera.load_reward_model
 def load_reward_model(path: str, chat_template: str | None):
     """--reward_model's tokenizer with its chat template (or --reward_chat_template), checked before anything is
     written: a folder (or hub id) whose config has one output (num_labels 1) and whose tokenizer loads."""
@@ -2034,7 +1967,6 @@ def load_reward_model(path: str, chat_template: str | None):
     return tokenizer
 
 
-# Copied from sera.reward_model_ids
 def reward_model_ids(tokenizer, prompts: list[str], responses: list[str]) -> list[list[int]]:
     """Each (prompt, response) as a user and an assistant turn in the reward model's own chat template."""
     from jinja2 import TemplateError
@@ -2051,7 +1983,6 @@ def reward_model_ids(tokenizer, prompts: list[str], responses: list[str]) -> lis
     return [tokenize(tokenizer, text) for text in texts]
 
 
-# Copied from sera.reward_model_scorer
 def reward_model_scorer(args: Args, example: dict | None = None):
     """score(prompts, responses) -> list[float] by --reward_model (all ranks); its template is tried on `example`."""
     tokenizer = load_reward_model(args.reward_model, args.reward_chat_template)
@@ -2062,7 +1993,6 @@ def reward_model_scorer(args: Args, example: dict | None = None):
     )
 
 
-# Copied from sera.reward_model_scores
 @torch.no_grad()
 def reward_model_scores(
     path: str, tokenizer, prompts: list[str], responses: list[str], args: Args, device
@@ -2105,7 +2035,6 @@ def reward_model_scores(
     return [merged[i] for i in range(len(ids))]
 
 
-# Copied from sera.win_rate
 def win_rate(scores: list[float], start_scores: list[float]) -> tuple[float, float, float]:
     """The share of prompts whose sample out-scores the starting model's (a tie counts 1/2) and its 95% Wilson
     score interval, with ties as half wins: an outcome in {0, 1/2, 1} with mean p has a variance of at most
@@ -2117,7 +2046,6 @@ def win_rate(scores: list[float], start_scores: list[float]) -> tuple[float, flo
     return p, max(0.0, center - half), min(1.0, center + half)
 
 
-# Copied from sera.pairwise_agreement
 def pairwise_agreement(scores, start_scores, gold, gold_start) -> float:
     """How often `scores` order a prompt's sample and the start's sample as `gold` does (a tie in `scores` counts
     1/2), over the prompts where `gold` scores the two differently; NaN where there are none."""
@@ -2125,7 +2053,6 @@ def pairwise_agreement(scores, start_scores, gold, gold_start) -> float:
     return sum((d > 0) == (gd > 0) if d != 0 else 0.5 for d, gd in pairs) / len(pairs) if pairs else float("nan")
 
 
-# Copied from sera.wins
 def wins(metrics: dict) -> str:
     """ ", win rate p [lo, hi]" of an evaluation's metrics, or nothing without a win rate."""
     if "eval/win_rate" not in metrics:
@@ -2133,7 +2060,6 @@ def wins(metrics: dict) -> str:
     return ", win rate {:.3f} [{:.3f}, {:.3f}]".format(*(metrics[f"eval/win_rate{k}"] for k in ("", "_lo", "_hi")))
 
 
-# Copied from sera.evaluate
 def evaluate(
     model, tokenizer, eval_prompts, scorers, args, device, model_path=None, start_file=None, is_start=False
 ) -> tuple[float, dict]:
@@ -2186,14 +2112,14 @@ def evaluate(
     return metrics[f"eval/{next(iter(scores))}"], metrics
 
 
-# Copied from sera.__main__ with sera->srdpo
 if __name__ == "__main__":
+    script = Path(__file__).name
     try:
         main(cli(Args, MODELS, __doc__))
     except InputError as err:
-        sys.exit(f"srdpo.py: error: {err}")
+        sys.exit(f"{script}: error: {err}")
     except KeyboardInterrupt as err:
-        print(f"srdpo.py: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint("srdpo.py"), file=sys.stderr)
+        print(f"{script}: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint(script), file=sys.stderr)
         sys.exit(130)
     finally:
         if dist.is_initialized():
