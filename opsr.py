@@ -175,6 +175,8 @@ class Args:
 
 # ---------------------------------------------------------------------------------------------
 # ALGO LOGIC: prompts, score-leak filter and pair construction (paper §3.3-3.4)
+
+
 def fill(prefix: str, instruction: str) -> str:
     """The prefix, one space, the raw instruction (paper §3.3; separator ours)."""
     return f"{prefix} {instruction}"
@@ -1741,7 +1743,7 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Runtime that only some of the scripts use (checked copies too)
+# Step checkpoints, scoring, sampling and evaluation
 
 
 def save_checkpoint(model, directory: Path, optimizer, scheduler, step: int):

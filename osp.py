@@ -190,6 +190,8 @@ class Args:
 
 # ---------------------------------------------------------------------------------------------
 # Stage 1: the SPCE update on a step's self-judged tuples (x, y_h, y_l, q) (paper §3.1)
+
+
 def spce_loss(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """OSP's soft-preference cross-entropy (Zhai et al. 2024, §3.1): -[q log sigma(z) + (1 - q) log sigma(-z)] per
     pair, in the stable softplus form. z = beta * h is the pair's DPO logit, q the judged strength, a constant. Its
@@ -263,6 +265,8 @@ def spce_backward(model, ref_model, tuples: list[dict], args: Args, device, pad_
 
 # ---------------------------------------------------------------------------------------------
 # ALGO LOGIC: the judge (paper §3.1-3.2)
+
+
 def render_context(prompt: list[dict], family: str) -> str:
     """{x} of the judge template [ours]: the post (summary family) or single user turn as is; a longer
     conversation as 'Human: ... / Assistant: ...' turns."""
@@ -370,6 +374,8 @@ def rank_and_pair(samples: list[list[str]], judge, rank_by: str) -> tuple[list[l
 
 # ---------------------------------------------------------------------------------------------
 # ALGO LOGIC: the Stage 0 examples (judge instances + SFT) and the online prompt pool
+
+
 def judge_instances(
     pairs: list[dict], tokenizer, template: str, verdict: list[int], args: Args, counts: dict
 ) -> list[dict]:
@@ -395,6 +401,8 @@ def judge_instances(
 
 # ---------------------------------------------------------------------------------------------
 # ALGO LOGIC: judging with the policy itself (one forward, two verdict logits)
+
+
 def make_judge(
     model,
     tokenizer,
@@ -436,6 +444,8 @@ def make_judge(
 
 # ---------------------------------------------------------------------------------------------
 # Stage 0: SFT + preference augmentation (§4.3 steps 1-3)
+
+
 def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
     """L_SFT on SFT data + judge instances, each example weighted equally (its mean token log-likelihood;
     a judge instance scores its verdict token only) [ours]. One optimizer step per --aug_batch_size examples."""
@@ -915,6 +925,8 @@ def load_sft(spec: str | None, seed_pairs: list[dict], tokenizer, args: Args, co
 
 
 # ---------------------------------------------------------------------------------------------
+
+
 def judge_setup(args: Args, tokenizer, model_path: str) -> tuple[str, list[int]]:
     """The judge template (with its {x}, {a}, {b}) and the verdict token ids, checked against the model."""
     from transformers import AutoConfig
@@ -2089,7 +2101,7 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Runtime that only some of the scripts use (checked copies too)
+# Step checkpoints, scoring, sampling and evaluation
 
 
 def save_checkpoint(model, directory: Path, optimizer, scheduler, step: int):

@@ -155,6 +155,8 @@ class Args:
 
 # ---------------------------------------------------------------------------------------------
 # ALGO LOGIC: implicit rewards, IRM selection and preference bootstrapping (SeRA §3.1-3.4)
+
+
 def reward_models(j: int, args: Args) -> set[int]:
     """Models whose log-probs r~_j needs: j, its reference, and j-1 (with its reference) for eq. 7."""
     needed = {j} if args.loss == "simpo" else {j, j - 1 if args.irm_reference == "previous" else 0}
@@ -317,6 +319,8 @@ def bootstrap(
 
 # ---------------------------------------------------------------------------------------------
 # ALGO LOGIC: one DAA epoch on D_t (reference log-probs precomputed: no reference model in memory)
+
+
 def daa_loss(args: Args):
     """The DAA loss of --loss on each pair's sequence log-probs (SeRA eq. 6, 8, 9, 18), as the fused pair op calls
     it: per-pair losses and implicit rewards. DPO softplus(-beta h), IPO (h - 1/(2 beta))^2, SLiC-HF
@@ -679,6 +683,8 @@ def resolve(args: Args) -> tuple[Args, dict]:
 
 # ---------------------------------------------------------------------------------------------
 # The offline pairs D, tokenized (parse_pair reads every supported schema)
+
+
 def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple[list[dict], dict]:
     pairs, counts = [], {}
     for index, pair in parse_rows(rows[: args.num_pairs] if args.num_pairs else rows, source, args, counts):
@@ -1743,7 +1749,7 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Runtime that only some of the scripts use (checked copies too)
+# Step checkpoints, scoring, sampling and evaluation
 
 
 def save_checkpoint(model, directory: Path, optimizer, scheduler, step: int):

@@ -156,6 +156,8 @@ def sr_loss(h: torch.Tensor, delta: torch.Tensor, args: Args) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # ALGO LOGIC: one Sr-DPO / Sr-IPO step (Algorithms 1-2, lines 4-7)
+
+
 @torch.no_grad()
 def shared_prefix_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> torch.Tensor:
     """Summed log-probs of (prompt_ids, response_ids) whose prompts share a long prefix (the
@@ -324,6 +326,8 @@ def train(model, pairs: list[dict], args: Args, device, pad_id: int, log, save_s
 
 # ---------------------------------------------------------------------------------------------
 # ALGO LOGIC: every pair on the plain context x and the augmented context p (+) x (paper eq. 12-15)
+
+
 def augment(prompt: list[dict], refine_prompt: str) -> list[dict]:
     """p (+) x: the refinement prompt, one space, then the last user turn (paper §3.2; separator ours)."""
     last = prompt[-1]
@@ -381,6 +385,8 @@ def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple
 
 
 # ---------------------------------------------------------------------------------------------
+
+
 def held_out_margins(model, held_out: list[dict], args: Args, pad_id: int, device) -> dict:
     """Held-out pairs under the trained model: the share with margin h > 0, and h's correlation with the data's
     score gap where the data has scores (the paper's Table 4 analogue)."""
@@ -1672,7 +1678,7 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Runtime that only some of the scripts use (checked copies too)
+# Step checkpoints, scoring, sampling and evaluation
 
 
 def save_checkpoint(model, directory: Path, optimizer, scheduler, step: int):
