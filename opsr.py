@@ -494,7 +494,14 @@ HERE = Path(__file__).resolve().parent
 TOY = HERE / "assets" / "toy"
 
 
-# SimPO settings (paper §4.1): beta, gamma and the first iteration's lr; then 1e-7 and 1e-8.
+# SimPO settings (paper §4.1): beta, gamma and the first iteration's lr; then 1e-7 and 1e-8. The Instruct preset
+# lists what differs from the Base one.
+BASE = dict(
+    path="alignment-handbook/zephyr-7b-sft-full", dataset="ultrafeedback", prompts=None, beta=2.0, gamma=1.6,
+    lrs=(3e-7, 1e-7, 1e-8), batch_size=2, global_batch=128, lora_r=0, max_length=1024, max_prompt_length=512,
+    max_new_tokens=512, scheduler="cosine", long_prompts="skip", num_eval=0, scoring_batch_size=16,
+    generation_batch_size=64, gradient_checkpointing=True,
+)  # fmt: skip
 MODELS = {
     "toy": dict(  # the shipped tiny model: the paper's shape (init + 3 iterations, decaying lr), lr scaled [ours]
         path=str(TOY / "model"),
@@ -514,49 +521,21 @@ MODELS = {
         num_eval=200,
         scoring_batch_size=128,
         generation_batch_size=256,
-    ),
-    "mistral-7b": dict(  # Mistral-Base: zephyr-7b-sft-full + UltraFeedback binarized
-        path="alignment-handbook/zephyr-7b-sft-full",
-        dataset="ultrafeedback",
-        prompts=None,
-        beta=2.0,
-        gamma=1.6,
-        lrs=(3e-7, 1e-7, 1e-8),
-        batch_size=2,
-        global_batch=128,
-        lora_r=0,
-        max_length=1024,
-        max_prompt_length=512,
-        max_new_tokens=512,
-        scheduler="cosine",
-        long_prompts="skip",
-        num_eval=0,
-        scoring_batch_size=16,
-        generation_batch_size=64,
-        gradient_checkpointing=True,
-    ),
-    "mistral-7b-instruct": dict(  # Mistral-Instruct: gamma 0.25 (an older SimPO config used 0.3)
+    ),  # fmt: skip
+    "mistral-7b": BASE,  # Mistral-Base: zephyr-7b-sft-full + UltraFeedback binarized
+    "mistral-7b-instruct": BASE
+    | dict(  # Mistral-Instruct: gamma 0.25 (an older SimPO config used 0.3)
         path="mistralai/Mistral-7B-Instruct-v0.2",
         dataset="mistral-instruct-ultrafeedback",
-        prompts=None,
         beta=2.5,
         gamma=0.25,
         lrs=(5e-7, 1e-7, 1e-8),
-        batch_size=2,
-        global_batch=128,
-        lora_r=0,
         max_length=2048,
         max_prompt_length=1800,
         max_new_tokens=248,
-        scheduler="cosine",
-        long_prompts="skip",
-        num_eval=0,
         scoring_batch_size=8,
-        generation_batch_size=64,
-        gradient_checkpointing=True,
-    ),
+    ),  # fmt: skip
 }
-
 
 DATASETS = {
     "ultrafeedback": dict(path="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs"),
@@ -573,22 +552,10 @@ DATASETS = {
 
 def resolve(args: Args) -> tuple[Args, dict]:
     preset, filled = model_preset(args, MODELS, "mistral-7b")  # a custom model: mistral-7b's settings
+    fill = "batch_size global_batch max_length max_prompt_length max_new_tokens scheduler long_prompts num_eval beta"
     filled |= {
         k: preset[k]
-        for k in (
-            "batch_size",
-            "global_batch",
-            "max_length",
-            "max_prompt_length",
-            "max_new_tokens",
-            "scheduler",
-            "long_prompts",
-            "num_eval",
-            "scoring_batch_size",
-            "generation_batch_size",
-            "beta",
-            "gamma",
-        )
+        for k in fill.split() + ["scoring_batch_size", "generation_batch_size", "gamma"]
         if getattr(args, k) is None
     }
     if args.dataset is None and args.prompts is None and preset.get("prompts"):
@@ -599,21 +566,9 @@ def resolve(args: Args) -> tuple[Args, dict]:
     args = dataclasses.replace(args, **filled)
     if "batch_size" in filled:  # the preset's micro-batch, or the largest below it that fits this many ranks
         args = dataclasses.replace(args, batch_size=micro_batch(args.global_batch, args.batch_size))
-    domains = {
-        "iterations": ">= 1",
-        "epochs": ">= 1",
-        "num_prompts": ">= 1",
-        "beta": "> 0",
-        "dpo_beta": "> 0",
-        "gamma": ">= 0",
-        "batch_size": ">= 1",
-        "global_batch": ">= 1",
-        "num_pairs": ">= 2",
-        "sample_temperature": ">= 0",
-        "sample_top_p": "(0, 1]",
-        "lrs": "> 0",
-        "save_every": ">= 0",
-    }
+    domains = {"iterations": ">= 1", "epochs": ">= 1", "num_prompts": ">= 1", "num_pairs": ">= 2", "save_every": ">= 0"}
+    domains |= {"beta": "> 0", "dpo_beta": "> 0", "gamma": ">= 0", "batch_size": ">= 1", "global_batch": ">= 1"}
+    domains |= {"sample_temperature": ">= 0", "sample_top_p": "(0, 1]", "lrs": "> 0"}
     check_args(
         args,
         [
@@ -676,13 +631,8 @@ def load_prompt_pool(
     kept = []
     for index, prompt in enumerate(pool):
         length = len(encode(tokenizer, prompt)[0])
-        issue = (
-            f"prompt has {length} tokens, over --max_prompt_length {args.max_prompt_length}"
-            if length > args.max_prompt_length
-            else problem(prompt)
-            if problem
-            else None
-        )
+        too_long = f"prompt has {length} tokens, over --max_prompt_length {args.max_prompt_length}"
+        issue = too_long if length > args.max_prompt_length else problem(prompt) if problem else None
         if issue is None:
             kept.append(prompt)
         elif args.long_prompts == "error":

@@ -454,9 +454,8 @@ def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
     trainable, optimizer, scheduler = make_optimizer(model, args.aug_lr, n_steps, args, "cosine")
     bar = progress(total=n_steps, desc="stage 0 (augmentation)")
     for epoch in range(args.aug_epochs):
-        order = torch.randperm(
-            len(examples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        ).tolist()
+        generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        order = torch.randperm(len(examples), generator=generator).tolist()
         for step in range(per_epoch):
             batch_examples = [examples[i] for i in order[step * args.aug_batch_size : (step + 1) * args.aug_batch_size]]
             local, real = shard(batch_examples)
@@ -489,19 +488,10 @@ def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
     return model
 
 
-PAIR_FIELDS = (
-    "prompt",
-    "chosen_text",
-    "rejected_text",
-    "q",
-    "rank",
-    "score_chosen",
-    "score_rejected",
-    "chosen_reward",
-    "rejected_reward",
-    "chosen_rm_score",
-    "rejected_rm_score",
-)  # what pairs/step_N.jsonl keeps of each tuple
+PAIR_FIELDS = (  # what pairs/step_N.jsonl keeps of each tuple
+    "prompt chosen_text rejected_text q rank score_chosen score_rejected chosen_reward rejected_reward chosen_rm_score "
+    "rejected_rm_score"
+).split()
 
 
 def online_step(model, ref_model, tokenizer, pool, step: int, judge, opt, args: Args, device, scorers, out_dir: Path):
@@ -545,17 +535,8 @@ def online_step(model, ref_model, tokenizer, pool, step: int, judge, opt, args: 
             dropped[reason] = dropped.get(reason, 0) + 1
             continue
         sides = [fit(*encode(tokenizer, prompts[p], y), args, f"step {step + 1} sample", truncated) for y in (y_h, y_l)]
-        tuples.append(
-            dict(
-                pair,
-                prompt=prompts[p],
-                chosen_text=y_h,
-                rejected_text=y_l,
-                prompt_ids=sides[0][0],
-                chosen_ids=sides[0][1],
-                rejected_ids=sides[1][1],
-            )
-        )
+        ids = dict(prompt_ids=sides[0][0], chosen_ids=sides[0][1], rejected_ids=sides[1][1])
+        tuples.append(dict(pair, prompt=prompts[p], chosen_text=y_h, rejected_text=y_l, **ids))
     if not tuples:
         raise InputError(
             f"step {step + 1}: all {sum(dropped.values())} formed pairs were filtered ({dropped}); raise "
@@ -574,16 +555,12 @@ def online_step(model, ref_model, tokenizer, pool, step: int, judge, opt, args: 
     for side in ("chosen", "rejected"):
         stats[f"gen/{side}_tokens_mean"] = sum(len(t[f"{side}_ids"]) for t in tuples) / len(tuples)
     for name, scorer in scorers.items():  # does the self-judge agree with the reward function (model) on its pairs?
-        prompts_, texts = (
-            [t["prompt"][-1]["content"] for t in tuples] * 2,
-            [t[f"{k}_text"] for k in ("chosen", "rejected") for t in tuples],
-        )
-        values = scorer(prompts_, texts)
+        texts = [t[f"{k}_text"] for k in ("chosen", "rejected") for t in tuples]
+        values = scorer([t["prompt"][-1]["content"] for t in tuples] * 2, texts)
         for t, chosen_value, rejected_value in zip(tuples, values[: len(tuples)], values[len(tuples) :]):
             t[f"chosen_{name}"], t[f"rejected_{name}"] = chosen_value, rejected_value
-        agree = [
-            t[f"chosen_{name}"] > t[f"rejected_{name}"] for t in tuples if t[f"chosen_{name}"] != t[f"rejected_{name}"]
-        ]
+        gaps = [t[f"chosen_{name}"] - t[f"rejected_{name}"] for t in tuples]
+        agree = [gap > 0 for gap in gaps if gap != 0]
         for k in ("chosen", "rejected"):
             stats[f"osp/{k}_{name}"] = sum(t[f"{k}_{name}"] for t in tuples) / len(tuples)
         stats[f"judge/online_{SCORER_NAMES[name]}_agreement"] = sum(agree) / len(agree) if agree else float("nan")
@@ -644,10 +621,9 @@ def main(args: Args) -> dict:
                 model, tokenizer, eval_prompts, scorers, args, device, None, start, first
             )
             log({"stage": name, **metrics})
-        shown = {
-            **state["judge"].get(name, {}),
-            **({"eval/reward": state["eval"][name]} if name in state["eval"] else {}),
-        }
+        shown = dict(
+            state["judge"].get(name, {}), **{"eval/reward": state["eval"][name]} if name in state["eval"] else {}
+        )
         if rank() == 0:  # what was measured: no judge without --num_judge_eval, no reward without --num_eval
             print(
                 f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if k != "judge/pairs") + wins(metrics)
@@ -721,15 +697,21 @@ HH_TEMPLATE = (
 
 
 # The paper's settings (§4): K = 7, beta 0.1, 8 prompts x 3 pairs per update, AdamW without weight decay, warmup
-# 0.1 and the learning rates are [2nd]/[ours]; Stage 0 (augmentation) settings are ours throughout.
+# 0.1 and the learning rates are [2nd]/[ours]; Stage 0 (augmentation) settings are ours throughout. The paper models
+# share PAPER and list what differs.
+PAPER = dict(
+    dataset="hh-rlhf", lr=5e-7, prompts_per_step=8, micro_batch_size=4, lora_r=0, max_length=768,
+    max_prompt_length=512, max_new_tokens=256, judge_max_length=2048, long_prompts="skip", aug_epochs=1, aug_lr=1e-5,
+    aug_batch_size=16, num_sft=None, num_judge_eval=500, num_eval=0, eval_every=0, save_every=50,
+    scoring_batch_size=16, generation_batch_size=64, judge_batch_size=16,
+)  # fmt: skip
 MODELS = {
-    "toy": dict(  # the shipped tiny model; learning rates scaled to it [ours]
+    "toy": PAPER
+    | dict(  # the shipped tiny model; learning rates scaled to it [ours]
         path=str(TOY / "model"),
         dataset="toy",
         lr=2e-4,
-        prompts_per_step=8,
         micro_batch_size=24,
-        lora_r=0,
         max_length=96,
         max_prompt_length=64,
         max_new_tokens=24,
@@ -746,59 +728,14 @@ MODELS = {
         scoring_batch_size=128,
         generation_batch_size=256,
         judge_batch_size=128,
-    ),
-    "pythia-2.8b": dict(  # base model: give it the HH format; SFT it first (pass --model ./sft)
-        path="EleutherAI/pythia-2.8b",
-        dataset="hh-rlhf",
-        chat_template=HH_TEMPLATE,
-        lr=5e-7,
-        prompts_per_step=8,
-        micro_batch_size=4,
-        lora_r=0,
-        max_length=768,
-        max_prompt_length=512,
-        max_new_tokens=256,
-        judge_max_length=2048,
-        long_prompts="skip",
-        aug_epochs=1,
-        aug_lr=1e-5,
-        aug_batch_size=16,
-        num_sft=None,
-        num_judge_eval=500,
-        num_eval=0,
-        eval_every=0,
-        save_every=50,
-        scoring_batch_size=16,
-        generation_batch_size=64,
-        judge_batch_size=16,
-    ),
-    "mistral-7b": dict(  # zephyr SFT start, full fine-tuning (shard with torchrun)
-        path="alignment-handbook/zephyr-7b-sft-full",
-        dataset="hh-rlhf",
-        lr=5e-7,
-        prompts_per_step=8,
-        gradient_checkpointing=True,
-        micro_batch_size=4,
-        lora_r=0,
-        max_length=768,
-        max_prompt_length=512,
-        max_new_tokens=256,
-        judge_max_length=2048,
-        long_prompts="skip",
-        aug_epochs=1,
-        aug_lr=1e-6,
-        aug_batch_size=16,
-        num_sft=None,
-        num_judge_eval=500,
-        num_eval=0,
-        eval_every=0,
-        save_every=50,
-        scoring_batch_size=8,
-        generation_batch_size=64,
-        judge_batch_size=16,
+    ),  # fmt: skip
+    # base model: give it the HH format; SFT it first (pass --model ./sft)
+    "pythia-2.8b": PAPER | dict(path="EleutherAI/pythia-2.8b", chat_template=HH_TEMPLATE),
+    "mistral-7b": PAPER
+    | dict(  # zephyr SFT start, full fine-tuning (shard with torchrun)
+        path="alignment-handbook/zephyr-7b-sft-full", gradient_checkpointing=True, aug_lr=1e-6, scoring_batch_size=8
     ),
 }
-
 
 DATASETS = {  # family: which judge template; max_new_tokens as the paper's (HH 256, TL;DR 64)
     "hh-rlhf": dict(path="Anthropic/hh-rlhf", split="train", family="dialogue", max_new_tokens=256),
@@ -823,26 +760,10 @@ def resolve(args: Args) -> tuple[Args, dict]:
     filled |= {
         k: dataset_preset.get(k, preset[k])
         for k in (
-            "lr",
-            "prompts_per_step",
-            "micro_batch_size",
-            "max_length",
-            "max_prompt_length",
-            "max_new_tokens",
-            "judge_max_length",
-            "long_prompts",
-            "aug_epochs",
-            "aug_lr",
-            "aug_batch_size",
-            "num_sft",
-            "num_judge_eval",
-            "num_eval",
-            "eval_every",
-            "save_every",
-            "scoring_batch_size",
-            "generation_batch_size",
-            "judge_batch_size",
-        )
+            "lr prompts_per_step micro_batch_size max_length max_prompt_length max_new_tokens judge_max_length "
+            "long_prompts aug_epochs aug_lr aug_batch_size num_sft num_judge_eval num_eval eval_every save_every "
+            "scoring_batch_size generation_batch_size judge_batch_size"
+        ).split()
         if getattr(args, k) is None
     }
     if args.judge_family is None:
@@ -850,39 +771,17 @@ def resolve(args: Args) -> tuple[Args, dict]:
     if args.lora_r and args.save_every is None:
         filled["save_every"] = 0  # LoRA runs checkpoint at the end only (see the check below)
     args = dataclasses.replace(args, **filled)
-    domains = {
-        "k": ">= 2",
-        "offline_fraction": "(0, 1]",
-        "beta": "> 0",
-        "lr": "> 0",
-        "aug_lr": "> 0",
-        "prompts_per_step": ">= 1",
-        "micro_batch_size": ">= 1",
-        "aug_batch_size": ">= 1",
-        "steps": ">= 1",
-        "aug_epochs": ">= 1",
-        "num_judge_eval": ">= 0",
-        "save_every": ">= 0",
-        "eval_every": ">= 0",
-        "num_prompts": ">= 1",
-        "num_sft": ">= 0",
-        "judge_max_length": ">= 2",
-        "judge_batch_size": ">= 1",
-        "sample_temperature": ">= 0",
-        "sample_top_p": "(0, 1]",
-    }
+    domains = {"k": ">= 2", "offline_fraction": "(0, 1]", "beta": "> 0", "lr": "> 0", "aug_lr": "> 0", "steps": ">= 1"}
+    domains |= {"prompts_per_step": ">= 1", "micro_batch_size": ">= 1", "aug_batch_size": ">= 1", "aug_epochs": ">= 1"}
+    domains |= {"num_judge_eval": ">= 0", "save_every": ">= 0", "eval_every": ">= 0", "num_prompts": ">= 1"}
+    domains |= {"num_sft": ">= 0", "judge_max_length": ">= 2", "judge_batch_size": ">= 1", "sample_temperature": ">= 0"}
+    domains |= {"sample_top_p": "(0, 1]"}
     check_args(
         args,
         [
             (len(args.verdict_tokens) == 2, f"--verdict_tokens needs two tokens, got {args.verdict_tokens}"),
-            (
-                args.save_every == 0 or args.lora_r == 0,
-                "--save_every is not supported with LoRA (it saves at the end)",
-            ),
-            (
-                args.sampler == "hf" or args.lora_r == 0,
-                "--sampler vllm is not supported with LoRA in osp (use hf)",
-            ),
+            (args.save_every == 0 or args.lora_r == 0, "--save_every is not supported with LoRA (it saves at the end)"),
+            (args.sampler == "hf" or args.lora_r == 0, "--sampler vllm is not supported with LoRA in osp (use hf)"),
             (
                 args.judge_template is None or Path(args.judge_template).exists(),
                 f"--judge_template: file {args.judge_template!r} not found",
@@ -1001,13 +900,8 @@ def load_prompt_pool(
     kept = []
     for index, prompt in enumerate(pool):
         length = len(encode(tokenizer, prompt)[0])
-        issue = (
-            f"prompt has {length} tokens, over --max_prompt_length {args.max_prompt_length}"
-            if length > args.max_prompt_length
-            else problem(prompt)
-            if problem
-            else None
-        )
+        too_long = f"prompt has {length} tokens, over --max_prompt_length {args.max_prompt_length}"
+        issue = too_long if length > args.max_prompt_length else problem(prompt) if problem else None
         if issue is None:
             kept.append(prompt)
         elif args.long_prompts == "error":
@@ -1044,11 +938,9 @@ def judge_report(model, tokenizer, pairs: list[dict], template, verdict, args, d
             [p["prompt"][-1]["content"] for p in pairs] * 2,
             [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
         )
-        scored = [(x, c - r) for x, c, r in zip(q, values[: len(pairs)], values[len(pairs) :]) if c != r]
+        scored = [(x > 0.5) == (c > r) for x, c, r in zip(q, values[: len(pairs)], values[len(pairs) :]) if c != r]
         if scored:
-            report[f"judge/{SCORER_NAMES[name]}_accuracy"] = sum((x > 0.5) == (gap > 0) for x, gap in scored) / len(
-                scored
-            )
+            report[f"judge/{SCORER_NAMES[name]}_accuracy"] = sum(scored) / len(scored)
     return report
 
 

@@ -157,14 +157,6 @@ class Args:
 # ALGO LOGIC: implicit rewards, IRM selection and preference bootstrapping (SeRA §3.1-3.4)
 
 
-def reward_models(j: int, args: Args) -> set[int]:
-    """Models whose log-probs r~_j needs: j, its reference, and j-1 (with its reference) for eq. 7."""
-    needed = {j} if args.loss == "simpo" else {j, j - 1 if args.irm_reference == "previous" else 0}
-    if j >= 2 and args.gamma_e > 0:
-        needed |= reward_models(j - 1, dataclasses.replace(args, gamma_e=0.0))
-    return needed
-
-
 def implicit_reward(j: int, logps: dict, counts: torch.Tensor, args: Args) -> torch.Tensor:
     """r_j(x, y) = beta * [S(theta_j) - S(ref_j)] (eq. 5); SimPO: beta * A(theta_j) (App. C.3 eq. 17)."""
     if args.loss == "simpo":
@@ -180,6 +172,14 @@ def ensemble_reward(j: int, logps: dict, counts: torch.Tensor, args: Args) -> to
     if j >= 2 and args.gamma_e > 0:
         reward = (1 - args.gamma_e) * reward + args.gamma_e * implicit_reward(j - 1, logps, counts, args)
     return reward
+
+
+def reward_models(j: int, args: Args) -> set[int]:
+    """Models whose log-probs r~_j needs: j, its reference, and j-1 (with its reference) for eq. 7."""
+    needed = {j} if args.loss == "simpo" else {j, j - 1 if args.irm_reference == "previous" else 0}
+    if j >= 2 and args.gamma_e > 0:
+        needed |= reward_models(j - 1, dataclasses.replace(args, gamma_e=0.0))
+    return needed
 
 
 def selection_sizes(n_pairs: int, rho_1: float, rho_2: float | None) -> tuple[int, int]:
@@ -529,18 +529,22 @@ HH_TEMPLATE = (
 )
 
 
-# Per-model settings (SeRA App. B.2, Table 4; README "What is the paper's and what is ours"). beta is per loss;
-# None fields of Args are filled from here.
+# Per-model settings (SeRA App. B.2, Table 4; README "What is the paper's and what is ours"): the paper models share
+# PAPER and list what differs; beta is per loss. None fields of Args are filled from here.
+PAPER = dict(
+    dataset="ultrafeedback", beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0), gamma=1.6, lr=5e-7, batch_size=8,
+    global_batch=16, lora_r=0, max_length=1024, max_prompt_length=512, max_new_tokens=512, scheduler="cosine",
+    long_prompts="skip", num_eval=500, scoring_batch_size=16, generation_batch_size=64,
+)  # fmt: skip
 MODELS = {
-    "toy": dict(  # the shipped tiny model; learning rate and beta scaled to it [ours]
+    "toy": PAPER
+    | dict(  # the shipped tiny model; learning rate and beta scaled to it [ours]
         path=str(TOY / "model"),
         dataset="toy",
         beta=dict(dpo=0.1, ipo=1.0, hinge=0.2, simpo=2.0),
         gamma=1.0,
         lr=2e-5,
         batch_size=16,
-        global_batch=16,
-        lora_r=0,
         max_length=96,
         max_prompt_length=64,
         max_new_tokens=24,
@@ -549,68 +553,25 @@ MODELS = {
         num_eval=200,
         scoring_batch_size=128,
         generation_batch_size=256,
-    ),
-    "tinyllama": dict(  # [ours] public stand-in, already DPO-aligned on UltraFeedback; the paper SFTs TinyLlama on
-        # UltraChat itself (pass that SFT checkpoint with --model ./sft)
-        path="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-        dataset="ultrafeedback",
-        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0),
-        gamma=1.6,
-        lr=5e-7,
-        batch_size=8,
-        global_batch=16,
-        lora_r=0,
-        max_length=1024,
-        max_prompt_length=512,
-        max_new_tokens=512,
-        scheduler="cosine",
-        long_prompts="skip",
-        num_eval=500,
-        scoring_batch_size=16,
-        generation_batch_size=64,
-    ),
-    "pythia-2.8b": dict(  # base model: give it the HH format [ours]; the paper SFTs it first (pass --model ./sft)
-        path="EleutherAI/pythia-2.8b",
-        dataset="ultrafeedback",
-        chat_template=HH_TEMPLATE,
-        beta=dict(dpo=0.2, hinge=0.2, ipo=1.0, simpo=2.0),
-        gamma=1.6,
-        lr=5e-7,
-        batch_size=4,
-        global_batch=16,
-        lora_r=0,
-        max_length=1024,
-        max_prompt_length=512,
-        max_new_tokens=512,
-        scheduler="cosine",
-        long_prompts="skip",
-        num_eval=500,
-        scoring_batch_size=16,
-        generation_batch_size=64,
-    ),
-    "mistral-7b": dict(  # alignment-handbook Zephyr DPO LoRA recipe with rank 8 (SeRA App. B.2, Table 4)
+    ),  # fmt: skip
+    # [ours] public stand-in, already DPO-aligned on UltraFeedback; the paper SFTs TinyLlama on UltraChat itself
+    # (pass that SFT checkpoint with --model ./sft)
+    "tinyllama": PAPER | dict(path="TinyLlama/TinyLlama-1.1B-Chat-v1.0"),
+    # base model: give it the HH format [ours]; the paper SFTs it first (pass --model ./sft)
+    "pythia-2.8b": PAPER | dict(path="EleutherAI/pythia-2.8b", chat_template=HH_TEMPLATE, batch_size=4),
+    "mistral-7b": PAPER
+    | dict(  # alignment-handbook Zephyr DPO LoRA recipe with rank 8 (SeRA App. B.2, Table 4)
         path="alignment-handbook/zephyr-7b-sft-full",
-        dataset="ultrafeedback",
         gradient_checkpointing=True,
-        beta=dict(dpo=0.01, hinge=0.01, ipo=1.0, simpo=2.0),
-        gamma=1.6,
         lr=5e-6,
         batch_size=4,
-        global_batch=16,
+        beta=dict(dpo=0.01, hinge=0.01, ipo=1.0, simpo=2.0),
         lora_r=8,
         lora_alpha=128,
         lora_dropout=0.05,
-        max_length=1024,
-        max_prompt_length=512,
-        max_new_tokens=512,
-        scheduler="cosine",
-        long_prompts="skip",
-        num_eval=500,
         scoring_batch_size=8,
-        generation_batch_size=64,
-    ),
+    ),  # fmt: skip
 }
-
 
 DATASETS = {
     "ultrafeedback": dict(path="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs"),
@@ -626,22 +587,9 @@ DATASETS = {
 
 def resolve(args: Args) -> tuple[Args, dict]:
     preset, filled = model_preset(args, MODELS, "tinyllama")  # a custom model: tinyllama's settings
+    fill = "lr batch_size global_batch max_length max_prompt_length max_new_tokens scheduler long_prompts num_eval"
     filled |= {
-        k: preset[k]
-        for k in (
-            "lr",
-            "batch_size",
-            "global_batch",
-            "max_length",
-            "max_prompt_length",
-            "max_new_tokens",
-            "scheduler",
-            "long_prompts",
-            "num_eval",
-            "scoring_batch_size",
-            "generation_batch_size",
-        )
-        if getattr(args, k) is None
+        k: preset[k] for k in fill.split() + ["scoring_batch_size", "generation_batch_size"] if getattr(args, k) is None
     }
     if args.beta is None:
         filled["beta"] = preset["beta"][args.loss]
@@ -650,23 +598,9 @@ def resolve(args: Args) -> tuple[Args, dict]:
     args = dataclasses.replace(args, **filled)
     if "batch_size" in filled:  # the preset's micro-batch, or the largest below it that fits this many ranks
         args = dataclasses.replace(args, batch_size=micro_batch(args.global_batch, args.batch_size))
-    domains = {
-        "iterations": ">= 1",
-        "epochs": ">= 1",
-        "rho_1": "(0, 1]",
-        "rho_2": ">= 0",
-        "gamma_e": "[0, 1]",
-        "n_cand": ">= 2",
-        "beta": "> 0",
-        "gamma": ">= 0",
-        "lr": "> 0",
-        "batch_size": ">= 1",
-        "global_batch": ">= 1",
-        "num_pairs": ">= 2",
-        "save_every": ">= 0",
-        "sample_temperature": ">= 0",
-        "sample_top_p": "(0, 1]",
-    }
+    domains = {"iterations": ">= 1", "epochs": ">= 1", "n_cand": ">= 2", "num_pairs": ">= 2", "save_every": ">= 0"}
+    domains |= {"rho_1": "(0, 1]", "rho_2": ">= 0", "gamma_e": "[0, 1]", "beta": "> 0", "gamma": ">= 0", "lr": "> 0"}
+    domains |= {"batch_size": ">= 1", "global_batch": ">= 1", "sample_temperature": ">= 0", "sample_top_p": "(0, 1]"}
     check_args(
         args,
         [

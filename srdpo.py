@@ -145,6 +145,10 @@ class Args:
     """sequences (prompts x samples) per generate call"""
 
 
+# ---------------------------------------------------------------------------------------------
+# ALGO LOGIC: one Sr-DPO / Sr-IPO step (Algorithms 1-2, lines 4-7)
+
+
 def sr_loss(h: torch.Tensor, delta: torch.Tensor, args: Args) -> torch.Tensor:
     """Per-pair Sr-DPO softplus(-(beta h - lambda Delta)) (Yu et al. 2024, eq. 13) or Sr-IPO
     (h - lambda Delta - 1/(2 beta))^2 (eq. 15). Delta, the refinement margin, is a constant (stop-gradient)."""
@@ -152,10 +156,6 @@ def sr_loss(h: torch.Tensor, delta: torch.Tensor, args: Args) -> torch.Tensor:
     if args.loss == "sr_dpo":
         return F.softplus(-(args.beta * h - offset))
     return (h - offset - 1.0 / (2.0 * args.beta)) ** 2
-
-
-# ---------------------------------------------------------------------------------------------
-# ALGO LOGIC: one Sr-DPO / Sr-IPO step (Algorithms 1-2, lines 4-7)
 
 
 @torch.no_grad()
@@ -516,12 +516,18 @@ HH_TEMPLATE = (
 
 # §4.1 of the paper: beta 0.1, lr 5e-7, RMSprop, batch 64, gradient-norm clipping, max input 512.
 # Epochs, schedule and warmup are not stated: 1 epoch, constant after 10% linear warmup [ours].
+# The paper models share PAPER and list what differs.
+PAPER = dict(
+    dataset="hh-rlhf", lr=5e-7, optimizer="rmsprop", global_batch=64, batch_size=4, max_length=512,
+    max_prompt_length=256, max_new_tokens=256, long_prompts="skip", num_eval=0, eval_pairs=0, scoring_batch_size=16,
+    generation_batch_size=64,
+)  # fmt: skip
 MODELS = {
-    "toy": dict(  # the shipped tiny model; learning rate scaled to it [ours]
+    "toy": PAPER
+    | dict(  # the shipped tiny model; learning rate scaled to it [ours]
         path=str(TOY / "model"),
         dataset="toy",
         lr=1e-4,
-        optimizer="rmsprop",
         global_batch=16,
         batch_size=16,
         max_length=96,
@@ -532,43 +538,17 @@ MODELS = {
         eval_pairs=200,
         scoring_batch_size=128,
         generation_batch_size=256,
-    ),
-    "pythia-2.8b": dict(  # setting A: the paper SFTs Pythia-2.8B on HH-RLHF first (pass it with --model ./sft)
-        path="EleutherAI/pythia-2.8b",
-        dataset="hh-rlhf",
-        chat_template=HH_TEMPLATE,
-        lr=5e-7,
-        optimizer="rmsprop",
-        global_batch=64,
-        batch_size=4,
-        max_length=512,
-        max_prompt_length=256,
-        max_new_tokens=256,
-        long_prompts="skip",
-        num_eval=0,
-        eval_pairs=0,
-        scoring_batch_size=16,
-        generation_batch_size=64,
-    ),
-    "zephyr-7b": dict(  # setting B
+    ),  # fmt: skip
+    # setting A: the paper SFTs Pythia-2.8B on HH-RLHF first (pass it with --model ./sft)
+    "pythia-2.8b": PAPER | dict(path="EleutherAI/pythia-2.8b", chat_template=HH_TEMPLATE),
+    "zephyr-7b": PAPER
+    | dict(  # setting B
         path="alignment-handbook/zephyr-7b-sft-full",
         dataset="ultrafeedback",
-        lr=5e-7,
-        optimizer="rmsprop",
         gradient_checkpointing=True,
-        global_batch=64,
-        batch_size=4,
-        max_length=512,
-        max_prompt_length=256,
-        max_new_tokens=256,
-        long_prompts="skip",
-        num_eval=0,
-        eval_pairs=0,
         scoring_batch_size=8,
-        generation_batch_size=64,
     ),
 }
-
 
 # Copied from sera.DATASETS
 DATASETS = {
@@ -585,22 +565,10 @@ DATASETS = {
 
 def resolve(args: Args) -> tuple[Args, dict]:
     preset, filled = model_preset(args, MODELS, "zephyr-7b")  # a custom model: zephyr-7b's settings
+    fill = "lr optimizer global_batch batch_size max_length max_prompt_length max_new_tokens long_prompts num_eval"
     filled |= {
         k: preset[k]
-        for k in (
-            "lr",
-            "optimizer",
-            "global_batch",
-            "batch_size",
-            "max_length",
-            "max_prompt_length",
-            "max_new_tokens",
-            "long_prompts",
-            "num_eval",
-            "eval_pairs",
-            "scoring_batch_size",
-            "generation_batch_size",
-        )
+        for k in fill.split() + ["eval_pairs", "scoring_batch_size", "generation_batch_size"]
         if getattr(args, k) is None
     }
     args = dataclasses.replace(args, **filled)
@@ -613,10 +581,8 @@ def resolve(args: Args) -> tuple[Args, dict]:
         "epochs": ">= 1",
         "batch_size": ">= 1",
         "global_batch": ">= 1",
-        "num_pairs": ">= 2",
-        "eval_pairs": ">= 0",
-        "save_every": ">= 0",
     }
+    domains |= {"num_pairs": ">= 2", "eval_pairs": ">= 0", "save_every": ">= 0"}
     check_args(
         args,
         [
