@@ -2,6 +2,7 @@
 
     python benchmarks/cost.py                  # every non-toy preset of the four scripts, 1 and 8 GPUs, hf and vllm
     python benchmarks/cost.py --json           # the same rows as JSON (script, preset, gpus, sampler, hours, ...)
+    python benchmarks/cost.py --markdown       # one line per preset: the README's table
     python benchmarks/cost.py --only osp --gpus 8 --sampler vllm --set steps=2000   # one script, a what-if
 
 The work is counted from each script's own settings (`script.resolve(script.Args(model=preset))`, at the run's
@@ -551,6 +552,35 @@ def table(found: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(found: list[dict]) -> str:
+    """One line per (script, preset): hours on each GPU count with each sampler (a script without one in the HF
+    column), the dominant phase on the most GPUs, and whether it fits (GiB per rank)."""
+    gpus = sorted({r["gpus"] for r in found})
+    head = [f"{g}xH100 {s}" for g in gpus for s in ("HF", "vLLM")]
+    lines = [
+        "| script, preset | "
+        + " | ".join(head)
+        + f" | dominant phase on {gpus[-1]} (HF / vLLM) | fits: GiB per rank |",
+        "|---" * (len(head) + 3) + "|",
+    ]
+    for key in dict.fromkeys((r["script"], r["preset"]) for r in found):
+        mine = {(r["gpus"], r["sampler"] or "hf"): r for r in found if (r["script"], r["preset"]) == key}
+        cells, dominant, fits = [], [], {}
+        for g in gpus:
+            for sampler in ("hf", "vllm"):
+                r = mine.get((g, sampler))
+                if r is None:
+                    cells.append("-")
+                    continue
+                fits[g] = f"{g}: {r['fits']} ({r['memory']})"
+                cells.append("does not fit" if r["hours"] is None else f"{r['hours']:.1f} h")
+                if g == gpus[-1] and r["hours"] is not None:
+                    dominant.append(f"{r['dominant']} {r['phases'][r['dominant']] / r['hours']:.0%}")
+        row = f"| {' '.join(key)} | " + " | ".join(cells)
+        lines.append(f"{row} | {' / '.join(dominant) or '-'} | {'; '.join(fits.values())} |")
+    return "\n".join(lines)
+
+
 def sources() -> str:
     lines = ["throughput (Mistral-7B, bf16, one H100; other sizes: scaled):"]
     for name, f in {**THROUGHPUT, **SCALING}.items():
@@ -581,6 +611,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table, one line per preset")
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 8], help="H100 counts (default: 1 8)")
     parser.add_argument("--sampler", nargs="+", choices=["hf", "vllm"], default=["hf", "vllm"])
     parser.add_argument("--only", nargs="+", default=list(SCRIPTS), help="script or script:preset (default: all)")
@@ -607,6 +638,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"cost.py: {err}") from None
     if opts.json:
         print(json.dumps(found, indent=1))
+        return 0
+    if opts.markdown:
+        print(markdown(found))
         return 0
     print(table(found))
     print()

@@ -51,6 +51,17 @@ def test_text_output_has_one_line_per_row(capsys):
     assert "[published]" in out and "[assumed]" in out
 
 
+def test_markdown_has_one_line_per_preset(capsys):
+    assert cost.main(["--markdown", "--only", "sera", "srdpo"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 3 + 2  # header, rule; sera's three presets; srdpo's two
+    assert all(line.count("|") == 8 for line in lines)
+    (mistral,) = [line for line in lines if line.startswith("| sera mistral-7b |")]
+    assert "yes (dry run 31.7 GiB)" in mistral
+    (zephyr,) = [line for line in lines if line.startswith("| srdpo zephyr-7b |")]
+    assert zephyr.split(" | ")[1] == "does not fit" and zephyr.split(" | ")[2] == "-"
+
+
 def test_sampling_work_follows_n_cand_by_hand():
     """sera, 32 pairs, 2 iterations, 1 GPU, HF: one bootstrap of 32 prompts x n_cand samples; the HF batch is
     64 // n_cand prompts, each call decodes max_new_tokens (512) steps."""
