@@ -245,9 +245,9 @@ class Ledger:
         self.add(phase, seconds, sequences=sequences, tokens=sequences * tokens)
         self.add("padding", seconds * (self.r.pad - 1))
 
-    def sample(self, prompts: int, n: int, prompt_tokens: float, new_tokens: float, weights: str | None):
+    def sample(self, prompts: int, n: int, prompt_tokens: float, new_tokens: float, weight_bytes: float):
         """--sampler hf or vllm: n samples of each prompt, each rank its share. `weights` is the checkpoint the
-        vLLM engine loads (or reloads, every call: sleep mode drops the weights); HF samples the policy in memory,
+        vLLM engine reads, `weight_bytes` (every call: sleep mode drops the weights); HF samples the policy in memory,
         through an unsharded copy gathered from the FSDP2 shards on more than one rank (full fine-tuning)."""
         a, mine = self.args, self.per_rank(prompts)
         generated = prompts * n * new_tokens
@@ -255,7 +255,7 @@ class Ledger:
             if not self.vllm_started:
                 self.add("load", self.r.vllm_start, vllm_starts=1)
                 self.vllm_started = True
-            self.read("sync", weights)
+            self.read("sync", weight_bytes)
             seconds = max(mine * n * new_tokens / self.r.vllm, a.max_new_tokens * self.r.vllm_step)
             seconds += mine * prompt_tokens / self.r.forward  # prefill, shared by the n samples
             self.add("sample", seconds, generated_tokens=generated, samples=prompts * n)
