@@ -246,9 +246,9 @@ class Ledger:
         self.add("padding", seconds * (self.r.pad - 1))
 
     def sample(self, prompts: int, n: int, prompt_tokens: float, new_tokens: float, weight_bytes: float):
-        """--sampler hf or vllm: n samples of each prompt, each rank its share. `weights` is the checkpoint the
-        vLLM engine reads, `weight_bytes` (every call: sleep mode drops the weights); HF samples the policy in memory,
-        through an unsharded copy gathered from the FSDP2 shards on more than one rank (full fine-tuning)."""
+        """--sampler hf or vllm: n samples of each prompt, each rank its share. vLLM: the engine reads the checkpoint
+        (`weight_bytes`) at every call (sleep mode drops the weights). HF samples the policy in memory, through an
+        unsharded copy gathered from the FSDP2 shards on more than one rank (full fine-tuning)."""
         a, mine = self.args, self.per_rank(prompts)
         generated = prompts * n * new_tokens
         if a.sampler == "vllm":
