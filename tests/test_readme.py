@@ -240,7 +240,6 @@ def test_quickstart_test_command_is_what_ci_runs():
     assert QUICKSTART[1] in ci
 
 
-@pytest.mark.xfail(strict=True, reason=".ci/run installs and runs the smoke tests, not this line verbatim")
 def test_quickstart_run_command_is_what_ci_runs():
     assert QUICKSTART[0] in (ROOT / ".ci" / "run").read_text().splitlines()
 
