@@ -771,27 +771,26 @@ class BadRow(InputError):
 
 
 def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
-    """Rows of a DATASETS preset, a .jsonl/.json file, a .parquet file or a save_to_disk folder."""
+    """Rows of a DATASETS preset, a .jsonl file, or by `datasets` a .json or .parquet file or save_to_disk folder."""
     import datasets
 
-    if spec in DATASETS and not DATASETS[spec]["path"].endswith(".jsonl"):
-        info = DATASETS[spec]
+    info, formats = DATASETS.get(spec, {"path": spec}), "a .jsonl, .json or .parquet file, or a save_to_disk folder"
+    if spec in DATASETS and not info["path"].endswith(".jsonl"):  # on the hub
         return list(datasets.load_dataset(info["path"], info.get("name"), split=info["split"])), info["path"]
-    spec = DATASETS[spec]["path"] if spec in DATASETS else spec
-    path, formats = Path(spec).expanduser(), "a .jsonl, .json or .parquet file, or a datasets save_to_disk folder"
+    spec, path = info["path"], Path(info["path"]).expanduser()
+    if not path.exists() and (spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/", "~"))):
+        raise InputError(f"{what}: path {spec!r} not found (or use a preset: {', '.join(DATASETS)})")
     if not path.exists():
-        if spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/", "~")):
-            raise InputError(f"{what}: path {spec!r} not found (or use a preset: {', '.join(DATASETS)})")
         raise InputError(f"{what}: unknown preset or path {spec!r}; presets: {', '.join(DATASETS)}")
-    if path.suffix in (".jsonl", ".json") and path.is_file():
+    readers = {".json": datasets.Dataset.from_json, ".parquet": datasets.Dataset.from_parquet}
+    if path.is_file() and path.suffix == ".jsonl":
         data = read_jsonl(path, what)
-    elif path.is_dir() or path.suffix == ".parquet":
+    elif path.is_dir() or path.suffix in readers:
         try:
-            data = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_parquet(str(path))
+            data = datasets.load_from_disk(str(path)) if path.is_dir() else readers[path.suffix](str(path))
             data = list(data["train"] if isinstance(data, datasets.DatasetDict) else data)
         except Exception as err:  # pyarrow's, datasets' own errors: one line, theirs first
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InputError(f"{what}: {spec} cannot be read ({first[:200]}); expected {formats}") from None
+            raise InputError(f"{what}: {spec} cannot be read ({first_line(err)[:200]}); expected {formats}") from None
     else:
         raise InputError(f"{what}: {spec!r} is not {formats}")
     if not data:
@@ -800,23 +799,19 @@ def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
 
 
 def read_jsonl(path: Path, what: str) -> list[dict]:
-    """JSON objects, one a line (or a .json list of them); an error names its line (row, byte)."""
+    """JSON objects, one a line; an error names the line (or the byte that is not UTF-8)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise InputError(f"{what}: {path} is not UTF-8 text (byte {err.start}); expected JSON lines") from None
-    rows, number = [], 0
-    try:
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            for number, line in enumerate(text.splitlines(), 1):
-                rows += [json.loads(line)] if line.strip() else []
-    except json.JSONDecodeError as err:
-        raise InputError(f"{what}: {path} line {number or err.lineno}: not valid JSON ({err.msg})") from None
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise InputError(f"{what}: {path} row {index}: expected a JSON object, got {type(row).__name__}")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as err:
+            raise InputError(f"{what}: {path} line {number}: not valid JSON ({err.msg})") from None
+        if rows and not isinstance(rows[-1], dict):
+            raise InputError(f"{what}: {path} line {number}: expected a JSON object, got {type(rows[-1]).__name__}")
     return rows
 
 
@@ -857,8 +852,7 @@ def _hh_turns(text: str, where: str) -> list[dict]:
 
 
 def parse_pair(row: dict, where: str) -> dict:
-    """UltraFeedback messages, HH-RLHF text, TL;DR comparisons or prompt/chosen/rejected strings -> {prompt (messages),
-    chosen, rejected}; malformed rows raise InputError, the quirks of real data BadRow."""
+    """UltraFeedback, HH-RLHF, TL;DR or prompt/chosen/rejected rows -> {prompt (messages), chosen, rejected}."""
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected an object, got {type(row).__name__}")
     sides, columns, pair = ("chosen", "rejected"), ", ".join(sorted(row)), f"{where}: 'chosen' and 'rejected'"
@@ -942,14 +936,16 @@ def load_tokenizer(model_path: str, chat_template: str | None):
         AutoConfig.from_pretrained(model_path)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
-        raise InputError(
-            f"--model: no config and tokenizer load from {model_path!r} ({str(err).splitlines()[0]})"
-        ) from None
+        raise InputError(f"--model: no config and tokenizer load from {model_path!r} ({first_line(err)})") from None
     set_chat_template(tokenizer, chat_template, "--chat_template", f"--model: the tokenizer of {model_path!r}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def first_line(err: Exception) -> str:
+    return (str(err).strip() or type(err).__name__).splitlines()[0]
 
 
 def tokenize(tokenizer, text: str) -> list[int]:
@@ -972,9 +968,8 @@ def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[
         turn = [{"role": "assistant", "content": response}]
         full = None if response is None else tokenizer.apply_chat_template(prompt + turn, tokenize=False)
     except TemplateError as err:
-        raise InputError(
-            f"the chat template refuses a conversation with roles {[m['role'] for m in prompt]}: {err}"
-        ) from None
+        roles = [m["role"] for m in prompt]
+        raise InputError(f"the chat template refuses a conversation with roles {roles}: {err}") from None
     prompt_ids = tokenize(tokenizer, prompt_text)
     if response is None:
         return prompt_ids, []
@@ -983,11 +978,9 @@ def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[
     # The conversation tokenized once and split at the prompt's length: the tokens a sampler writes after prompt_ids
     # (SentencePiece: 'A' after a newline, not '▁A'); where a merge crosses the boundary, the response on its own.
     full_ids = tokenize(tokenizer, full.rstrip())
-    response_ids = (
-        full_ids[len(prompt_ids) :]
-        if full_ids[: len(prompt_ids)] == prompt_ids
-        else tokenizer(full[len(prompt_text) :].rstrip(), add_special_tokens=False)["input_ids"]
-    )
+    response_ids = full_ids[len(prompt_ids) :]
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        response_ids = tokenizer(full[len(prompt_text) :].rstrip(), add_special_tokens=False)["input_ids"]
     if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
         response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS: the model learns to stop
     return prompt_ids, response_ids
@@ -1089,8 +1082,7 @@ def nvidia_driver() -> bool:
 
 
 def choose_device(requested: str, needs_gpu: str | None) -> str:
-    """ "cuda" when torch sees a GPU per rank on this node; "cpu" only when nothing (`needs_gpu`, --device cuda, an
-    NVIDIA driver: a CUDA build newer than the driver sees none) asks for a GPU, so a 7B run never crawls on a CPU."""
+    """ "cuda" where torch sees a GPU per rank; "cpu" only where nothing (a preset, --device, a driver) asks for one."""
     if requested == "cpu":
         return "cpu"
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -1117,8 +1109,7 @@ def init_device(seed: int, timeout_minutes: int = 180, kind: str = "cpu") -> tor
     if "RANK" in os.environ and not dist.is_initialized():
         import datetime
 
-        gpu = device.type == "cuda"
-        timeout = datetime.timedelta(minutes=timeout_minutes)
+        gpu, timeout = device.type == "cuda", datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group("nccl" if gpu else "gloo", timeout=timeout, device_id=device if gpu else None)
     torch.manual_seed(seed)
     return device
@@ -1160,6 +1151,11 @@ def all_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def barrier():
+    if world() > 1:
+        dist.barrier()
+
+
 class StepStats:
     """A step's statistics summed in named slots of one device tensor: one all-reduce and host copy per step."""
 
@@ -1197,12 +1193,10 @@ class _LogLines:
 
 
 def progress(iterable=None, total: int | None = None, desc: str = "", inner: bool = False):
-    """Rank 0's bar: tqdm on a terminal (inner ones vanish); in a log outer bars only, a line per 60 s and at the end."""
-    if rank() != 0 or (inner and not sys.stderr.isatty()):
-        return tqdm(iterable, total=total, disable=True)
-    if sys.stderr.isatty():
-        return tqdm(iterable, total=total, desc=desc, leave=not inner)
-    return tqdm(iterable, total=total, desc=desc, file=_LogLines(), mininterval=60, ascii=True, ncols=100)
+    """Rank 0's bar: tqdm on a terminal (inner ones vanish); in a log outer bars only, a line per 60 s and at the end"""
+    tty = sys.stderr.isatty()
+    log = {} if tty else dict(file=_LogLines(), mininterval=60, ascii=True, ncols=100)
+    return tqdm(iterable, total=total, desc=desc, leave=not inner, disable=rank() != 0 or inner and not tty, **log)
 
 
 def quiet_library_bars():
@@ -1335,20 +1329,19 @@ NO_HUB_KERNELS = {"use_kernels": False}
 
 
 def load_model(path: str, device: torch.device, args: Args | None = None, frozen: bool = False):
-    """fp32 master weights, bf16 compute by autocast (a LoRA base and a sharded frozen copy held in bf16). frozen: a
-    copy that never trains (reference, older model) and computes as the policy does (bf16 weights alone do not)."""
+    """fp32 master weights under bf16 autocast; frozen: a copy that never trains and computes as the policy does."""
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     bf16 = args is not None and args.dtype == "bfloat16"
     sharded = frozen and world() > 1 and args.lora_r == 0
-    dtype = torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded) else torch.float32
+    dtype = torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded) else torch.float32  # a LoRA base, sharded copy
     try:  # a config of another architecture than the weights would otherwise train a randomly initialised model
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, output_loading_info=True, **NO_HUB_KERNELS
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        raise InputError(f"--model: {path} does not load as a causal LM ({str(err).strip().splitlines()[0]})") from None
+        raise InputError(f"--model: {path} does not load as a causal LM ({first_line(err)})") from None
     if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
         raise InputError(f"--model: {path} has no linear output embedding (lm_head) for the fused log-prob kernels")
     wrong = [f"{len(keys)} {kind.replace('_keys', '')}" for kind, keys in info.items() if keys and kind != "error_msgs"]
@@ -1377,15 +1370,11 @@ def shard_model(model, args: Args):
     """FSDP2: each decoder layer, then the root, which keeps lm_head gathered for the fused kernel after forward."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    bf16 = args.dtype == "bfloat16"  # fp32 shards are the masters: gathered in bf16, gradients reduced in fp32
-    policy = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    )
+    # the fp32 shards are the masters: gathered in bf16 and gradients reduced in fp32 under --dtype bfloat16
+    dtypes = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.dtype == "bfloat16" else {}
     layers = set(getattr(model, "_no_split_modules", None) or [])
-    for module in model.modules():
-        if type(module).__name__ in layers:
-            fully_shard(module, mp_policy=policy)
-    fully_shard(model, reshard_after_forward=False, mp_policy=policy)
+    for module in [m for m in model.modules() if type(m).__name__ in layers] + [model]:  # the root last
+        fully_shard(module, mp_policy=MixedPrecisionPolicy(**dtypes), reshard_after_forward=module is not model)
     return model
 
 
@@ -1407,13 +1396,11 @@ def prepare_for_training(model, args: Args):
                 dist.broadcast(p.data, 0)
     elif world() > 1 and not isinstance(model, FSDPModule):
         model = shard_model(model, args)
-    model.train()
-    return model
+    return model.train()
 
 
 def make_optimizer(model, lr, n_steps, args, schedule="constant", state=None, kind="adamw"):
-    """(trainable parameters, AdamW without weight decay or RMSprop, warmup then constant or cosine schedule);
-    `state` (trainer_state's) restores the weights, the optimizer, the scheduler and the generators."""
+    """AdamW (no weight decay) or RMSprop, warmup then a constant or cosine rate; `state` restores a checkpoint."""
     from transformers import get_scheduler
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -1438,8 +1425,7 @@ def make_optimizer(model, lr, n_steps, args, schedule="constant", state=None, ki
 
 
 def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args: Args, where: str):
-    """Average LoRA gradients over ranks, clip, sum the statistics over ranks, stop on a non-finite loss (the first
-    slot), step. Returns (summed statistics by name, gradient norm): one all-reduce and one host copy."""
+    """Average LoRA gradients, clip, sum the statistics over ranks, stop on a non-finite loss (first slot), step."""
     if world() > 1 and args.lora_r > 0:  # a replicated base: one flat all-reduce, a missing gradient adds zeros
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
         flat = torch.cat([g.flatten() for g in grads])
@@ -1463,14 +1449,12 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
 
 
 def save_atomic(model, tokenizer, directory: Path):
-    """The model as a save_pretrained folder in the loaded checkpoint's dtype (LoRA merged first: returned), written
-    by write_folder: an iteration's or the run's final model, for from_pretrained and vLLM."""
-    if hasattr(model, "peft_config"):
-        model = model.merge_and_unload()
-        state = model.state_dict()
-    elif world() > 1:  # FSDP2: gather the full weights (to the CPU)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """The model as a save_pretrained folder in its checkpoint's dtype (LoRA merged: returned), by write_folder."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    lora = hasattr(model, "peft_config")
+    model = model.merge_and_unload() if lora else model
+    if world() > 1 and not lora:  # FSDP2: gather the full weights (to the CPU)
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = model.state_dict()
@@ -1490,8 +1474,7 @@ def save_atomic(model, tokenizer, directory: Path):
 
 
 def write_folder(directory: Path, write):
-    """`write(folder)` on every rank fills a fresh .tmp folder, which replaces `directory` by renames (the old one
-    aside to .old first): a crash leaves one of them whole. Files get 0o666 less the umask, as open() gives."""
+    """`write(folder)` on every rank fills .tmp, which replaces `directory` by renames: a crash leaves one whole."""
     recover_folder(directory)
     tmp, old = (directory.with_name(directory.name + suffix) for suffix in (".tmp", ".old"))
     if rank() == 0:
@@ -1502,7 +1485,7 @@ def write_folder(directory: Path, write):
     barrier()
     if rank() == 0:
         mode = 0o666 & ~process_umask()
-        for file in tmp.rglob("*"):  # save_pretrained and DCP write some through private files
+        for file in tmp.rglob("*"):  # as open() gives (save_pretrained and DCP write some through private files)
             if file.is_file():
                 file.chmod(mode)
         shutil.rmtree(old, ignore_errors=True)
@@ -1520,11 +1503,6 @@ def recover_folder(directory: Path):
         os.replace(tmp if tmp.exists() else old, directory)
         print(f"completed the interrupted replacement of {directory}")
     barrier()
-
-
-def barrier():
-    if world() > 1:
-        dist.barrier()
 
 
 def process_umask() -> int:
@@ -1552,8 +1530,7 @@ def set_rng_state(state: dict):
 
 def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
     """Right-padded input_ids / attention_mask / labels (-100 on prompt and padding)."""
-    from torch.nn.utils.rnn import pad_sequence
-
+    pad_sequence = torch.nn.utils.rnn.pad_sequence
     ids = [torch.tensor(prompt + response) for prompt, response in sequences]
     labels = [torch.tensor([-100] * len(prompt) + response) for prompt, response in sequences]
     batch = {"input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id)}
@@ -1567,8 +1544,7 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 
 
 def save_checkpoint(model, directory: Path, optimizer, scheduler, step: int):
-    """A resumable step checkpoint (write_folder): weights as they train and optimizer state by DCP (resharded at any
-    number of ranks), step and scheduler as JSON, each rank's generators as safetensors; no pickle."""
+    """A resumable step checkpoint without pickle: weights, optimizer (DCP: any ranks), JSON state, generators."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -1600,17 +1576,14 @@ def trainer_state(directory: Path) -> dict | None:
     state = json.loads(file.read_text()) | {folder: str(directory / folder) for folder in ("model", "optimizer")}
     state["rng"] = load_file(str(generators)) if generators.exists() else None
     if rank() == 0:
-        print(
-            f"resuming from the step checkpoint {directory} at step {state['step']} (saved on {state['world_size']} "
-            f"ranks, resumed on {world()})"
-        )
+        saved = f"saved on {state['world_size']} ranks, resumed on {world()}"
+        print(f"resuming from the step checkpoint {directory} at step {state['step']} ({saved})")
     return state
 
 
 @torch.no_grad()
 def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_id: int, device, desc: str):
-    """Summed log-probs and response lengths [n] of (prompt_ids, response_ids) under `model`, all ranks. A sharded
-    policy scores as it trains (the same FSDP2 precision): a reference from it matches at step 0."""
+    """Summed log-probs and response lengths of (prompt_ids, response_ids) under `model`, as it trains; all ranks."""
     training, _ = model.training, model.eval()
     mine, real = shard(list(enumerate(sequences)))
     logps, counts = [], []
@@ -1626,33 +1599,28 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
     return tuple(torch.tensor([merged[i][k] for i in range(len(sequences))], dtype=torch.float64) for k in (0, 1))
 
 
-class VLLMEngine:
-    """--sampler vllm: this process's engine for the whole run, the checkpoint it holds, its longest sequence."""
-
+class VLLMEngine:  # --sampler vllm: this process's engine for the run, the checkpoint it holds, its longest sequence
     llm, path, max_model_len = None, None, None
 
 
-def vllm_generate(tokenizer, prompts, n, temperature, top_p, args, seed, model_path, desc, stop):
-    """generate() by vLLM: one engine per process on this rank's GPU alone, KV cache for --max_prompt_length +
-    --max_new_tokens. With sleep mode (CUDA) it sleeps between calls at level 2 (weights dropped, training has the
-    GPU) and reloads the checkpoint on waking; without (CPU) it reloads a checkpoint that changed."""
+def vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, desc, stop, first):
+    """generate() by vLLM: one engine per process on this rank's GPU, asleep between calls where it can sleep."""
     try:
         import vllm
         from vllm.platforms import current_platform
     except ImportError:
         raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
-    sleeps, cpu = current_platform.is_sleep_mode_available(), current_platform.is_cpu()
-    mine, real = shard(prompts)  # each rank samples its share
-    prompt_ids = [encode(tokenizer, p)[0] for p in mine]
-    longest = max(map(len, prompt_ids))
+    sleeps, longest = current_platform.is_sleep_mode_available(), max(map(len, prompt_ids))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # vLLM checks the free memory against gpu_memory_utilization
     if VLLMEngine.llm is None:
         VLLMEngine.max_model_len = max(args.max_prompt_length, longest) + args.max_new_tokens
         dtype = {"auto": "bfloat16" if torch.cuda.is_available() else "float32"}.get(args.dtype, args.dtype)
         kwargs = dict(model=model_path, seed=seed, gpu_memory_utilization=0.3, dtype=dtype)
-        kwargs |= {"enable_sleep_mode": True} if sleeps else {}  # refused where the platform has none (CPU)
-        kwargs |= {"enable_chunked_prefill": False} if cpu else {}  # a seeded request's split prefill crashes on CPU
+        # sleep mode (CUDA): asleep at level 2 between calls (weights dropped, the trainer has the GPU), every wake-up
+        # reloads the checkpoint; refused where the platform has none (CPU). A split seeded prefill crashes on CPU.
+        kwargs |= {"enable_sleep_mode": True} if sleeps else {}
+        kwargs |= {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
         before = dict(os.environ)
         if torch.cuda.is_available():  # a one-GPU engine takes the first it sees: under torchrun, every rank's GPU 0
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -1679,34 +1647,31 @@ def vllm_generate(tokenizer, prompts, n, temperature, top_p, args, seed, model_p
         )
     # vLLM seeds sample j of a request seed + j: one seed per prompt, n apart, from the call's seed and prompt index
     sampling = dict(n=n, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0, stop_token_ids=stop)
-    params = [
-        vllm.SamplingParams(
-            **sampling, max_tokens=args.max_new_tokens, seed=seed * 1_000_003 + (rank() * len(mine) + i) * n
-        )
-        for i in range(len(mine))
-    ]
+    sampling["max_tokens"] = args.max_new_tokens
+    params = [vllm.SamplingParams(**sampling, seed=seed * 1_000_003 + (first + i) * n) for i in range(len(prompt_ids))]
     results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
     if sleeps:
         llm.sleep(level=2)
-    return gather([[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results[:real]])
+    return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, n, temperature, top_p, args, device, seed, model_path=None, desc="generate"):
-    """n samples per prompt as (text, stopped on an end-of-turn id within max_new_tokens), on all ranks: exactly
-    temperature / top-p, no top-k or repetition penalty from the model's generation_config; by vLLM with
-    --sampler vllm and a saved model_path."""
+    """n samples per prompt as (text, stopped on an end-of-turn id), all ranks: exactly temperature and top-p."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # often a list: Llama-3, Qwen
     stop = sorted({i for i in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id] if i is not None})
+    mine, real = shard(prompts)  # each rank samples its share
+    prompt_ids = [encode(tokenizer, p)[0] for p in mine]
     if model_path is not None and args.sampler == "vllm":
-        return vllm_generate(tokenizer, prompts, n, temperature, top_p, args, seed, model_path, desc, stop)
+        samples = vllm_generate(
+            prompt_ids, n, temperature, top_p, args, seed, model_path, desc, stop, rank() * len(mine)
+        )
+        return gather(samples[:real])
     from torch.distributed.fsdp import FSDPModule
 
     sampler = unsharded_copy(model, args) if isinstance(model, FSDPModule) else model
     training, _ = sampler.training, sampler.eval()
     torch.manual_seed(seed + rank())
-    mine, real = shard(prompts)
-    prompt_ids = [encode(tokenizer, p)[0] for p in mine]
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together: little padding
     sampling = (  # transformers would fill top_k 50
         dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
@@ -1730,8 +1695,7 @@ def generate(model, tokenizer, prompts, n, temperature, top_p, args, device, see
 
 
 def unsharded_copy(model, args: Args):
-    """A sharded policy as a plain frozen copy per rank in the compute dtype, for sampling (HF generate on the sharded
-    model would gather every layer for every token); gathered a tensor at a time, the fp32 shards stay the masters."""
+    """A sharded policy as a plain frozen copy in the compute dtype: HF generate would gather layers per token."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
@@ -1759,17 +1723,14 @@ def load_reward_model(path: str, chat_template: str | None):
     try:
         config, tokenizer = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise InputError(
-            f"--reward_model: no model could be loaded from {path!r} ({str(err).splitlines()[0]})"
-        ) from None
+        raise InputError(f"--reward_model: no model could be loaded from {path!r} ({first_line(err)})") from None
     if config.num_labels != 1:
         raise InputError(
             f"--reward_model: {path!r} has {config.num_labels} outputs (num_labels); expected a sequence "
             "classifier with one (AutoModelForSequenceClassification, num_labels=1)"
         )
-    return set_chat_template(
-        tokenizer, chat_template, "--reward_chat_template", f"--reward_model: the tokenizer of {path!r}"
-    )
+    owner = f"--reward_model: the tokenizer of {path!r}"
+    return set_chat_template(tokenizer, chat_template, "--reward_chat_template", owner)
 
 
 def reward_model_ids(tokenizer, prompts: list[str], responses: list[str]) -> list[list[int]]:
@@ -1788,21 +1749,16 @@ def reward_model_scorer(args: Args, example: dict | None = None):
     tokenizer = load_reward_model(args.reward_model, args.reward_chat_template)
     if example is not None:
         reward_model_ids(tokenizer, [example["prompt"][-1]["content"]], [example["chosen"]])
-
-    def score(prompts, responses):  # on this rank's device, which init_device sets after this
-        device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-        return reward_model_scores(args.reward_model, tokenizer, prompts, responses, args, device)
-
-    return score
+    return functools.partial(reward_model_scores, args.reward_model, tokenizer, args=args)
 
 
 @torch.no_grad()
-def reward_model_scores(path: str, tokenizer, prompts: list[str], responses: list[str], args, device) -> list[float]:
-    """The reward model's scores, all ranks. Loaded for this call only (at 7B it would hold a second model's memory
-    through training); right-padded, so its rule (the last token that is not its pad id) picks the token it would
-    on the sequence alone."""
+def reward_model_scores(path, tokenizer, prompts: list[str], responses: list[str], args, device=None) -> list[float]:
+    """The reward model's scores, all ranks; loaded for this call only (at 7B it would hold memory in training)."""
     from transformers import AutoModelForSequenceClassification
 
+    if device is None:  # this rank's: init_device sets it after the scorer is made
+        device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     ids = reward_model_ids(tokenizer, prompts, responses)
     mine, real = shard(list(range(len(ids))))
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
@@ -1814,7 +1770,7 @@ def reward_model_scores(path: str, tokenizer, prompts: list[str], responses: lis
         batch = [ids[mine[k]] for k in order[start : start + args.scoring_batch_size]]
         if pad_id is None:  # without a pad id the model reads the last token: pad with one no sequence here ends on
             model.config.pad_token_id = min(set(range(len(batch) + 1)) - {seq[-1] for seq in batch})
-        width, pad = max(map(len, batch)), model.config.pad_token_id
+        width, pad = max(map(len, batch)), model.config.pad_token_id  # on the right: the classifier reads its token
         input_ids = torch.tensor([seq + [pad] * (width - len(seq)) for seq in batch], device=device)
         mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in batch], device=device)
         logits = model(input_ids=input_ids, attention_mask=mask).logits
@@ -1827,8 +1783,7 @@ def reward_model_scores(path: str, tokenizer, prompts: list[str], responses: lis
 
 
 def win_rate(scores: list[float], start_scores: list[float]) -> tuple[float, float, float]:
-    """The share of samples that out-score the start's (a tie counts 1/2) and its 95% Wilson interval (an outcome in
-    {0, 1/2, 1} with mean p has a variance of at most p(1 - p): exact without ties, conservative with them)."""
+    """The share of samples that beat the start's (a tie 1/2) and its 95% Wilson interval (conservative with ties)."""
     n, z = len(scores), 1.959964  # the normal distribution's 97.5% quantile
     p = sum((a > b) + 0.5 * (a == b) for a, b in zip(scores, start_scores)) / n
     center = (p + z * z / (2 * n)) / (1 + z * z / n)
@@ -1850,9 +1805,7 @@ def wins(metrics: dict) -> str:
 
 
 def evaluate(model, tokenizer, eval_prompts, scorers, args, device, model_path=None, start_file=None, is_start=False):
-    """One sample per held-out prompt, scored by every scorer: (the first scorer's mean, metrics). The starting
-    model's samples and scores (is_start) are kept in start_file; every later evaluation is compared with them
-    (win rate by the reward model where there is one, its agreement with --reward_fn), in a resumed run too."""
+    """(First scorer's mean, metrics) of one sample per held-out prompt, with win rates against the start's samples."""
     prompts, seed = [[{"role": "user", "content": p}] for p in eval_prompts], args.seed + 10_000
     samples = generate(model, tokenizer, prompts, 1, args.eval_temperature, 1.0, args, device, seed, model_path, "eval")
     responses = [s[0][0] for s in samples]
@@ -1865,14 +1818,12 @@ def evaluate(model, tokenizer, eval_prompts, scorers, args, device, model_path=N
         start = json.loads(start_file.read_text()) if start_file is not None and start_file.exists() else None
     if start is not None:
         judge, old = "rm_score" if "rm_score" in scores else next(iter(scores)), start["scores"]
-        metrics.update(
-            zip(("eval/win_rate", "eval/win_rate_lo", "eval/win_rate_hi"), win_rate(scores[judge], old[judge]))
-        )
+        rate = win_rate(scores[judge], old[judge])
+        metrics.update(zip(("eval/win_rate", "eval/win_rate_lo", "eval/win_rate_hi"), rate))
         if "rm_score" in scores and "reward" in scores:  # the proxy against gold on the run's own samples
             metrics["eval/reward_win_rate"] = win_rate(scores["reward"], old["reward"])[0]
-            metrics["eval/rm_oracle_agreement"] = pairwise_agreement(
-                scores["rm_score"], old["rm_score"], scores["reward"], old["reward"]
-            )
+            agreement = pairwise_agreement(scores["rm_score"], old["rm_score"], scores["reward"], old["reward"])
+            metrics["eval/rm_oracle_agreement"] = agreement
     metrics["eval/response_words"] = sum(len(r.split()) for r in responses) / len(responses)
     if start is not None:
         metrics["eval/start_response_words"] = sum(len(r.split()) for r in start["responses"]) / len(start["responses"])
