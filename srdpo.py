@@ -979,7 +979,9 @@ def load_evaluation(args: Args, example: dict) -> tuple:
     reward_fn = load_reward_fn(args.reward_fn or preset.get("reward_fn"), example)
     scorers = {"reward": lambda prompts, responses: list(map(reward_fn, prompts, responses))} if reward_fn else {}
     if args.reward_model:
-        scorers["rm_score"] = reward_model_scorer(args, example)
+        tokenizer = load_reward_model(args.reward_model, args.reward_chat_template)
+        reward_model_ids(tokenizer, [example["prompt"][-1]["content"]], [example["chosen"]])  # its template, tried now
+        scorers["rm_score"] = functools.partial(reward_model_scores, args.reward_model, tokenizer, args=args)
     return scorers, load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
 
 
@@ -1534,7 +1536,7 @@ class VLLMEngine:  # --sampler vllm: this process's engine for the run, the chec
     llm, path, max_model_len = None, None, None
 
 
-def vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, desc, stop, first):
+def vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, desc, stop):
     """generate() by vLLM: one engine per process on this rank's GPU, asleep between calls where it can sleep."""
     try:
         import vllm
@@ -1579,7 +1581,8 @@ def vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, des
     # vLLM seeds sample j of a request seed + j: one seed per prompt, n apart, from the call's seed and prompt index
     sampling = dict(n=n, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0, stop_token_ids=stop)
     sampling["max_tokens"] = args.max_new_tokens
-    params = [vllm.SamplingParams(**sampling, seed=seed * 1_000_003 + (first + i) * n) for i in range(len(prompt_ids))]
+    first = seed * 1_000_003 + rank() * len(prompt_ids) * n
+    params = [vllm.SamplingParams(**sampling, seed=first + i * n) for i in range(len(prompt_ids))]
     results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
     if sleeps:
         llm.sleep(level=2)
@@ -1594,21 +1597,16 @@ def generate(model, tokenizer, prompts, n, temperature, top_p, args, device, see
     mine, real = shard(prompts)  # each rank samples its share
     prompt_ids = [encode(tokenizer, p)[0] for p in mine]
     if model_path is not None and args.sampler == "vllm":
-        samples = vllm_generate(
-            prompt_ids, n, temperature, top_p, args, seed, model_path, desc, stop, rank() * len(mine)
-        )
-        return gather(samples[:real])
+        return gather(vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, desc, stop)[:real])
     from torch.distributed.fsdp import FSDPModule
 
     sampler = unsharded_copy(model, args) if isinstance(model, FSDPModule) else model
     training, _ = sampler.training, sampler.eval()
     torch.manual_seed(seed + rank())
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together: little padding
-    sampling = (  # transformers would fill top_k 50
-        dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
-        if temperature > 0
-        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    )
+    sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)  # greedy; transformers fills top_k 50
+    if temperature > 0:
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
     sampling |= dict(max_new_tokens=args.max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
     outputs, batch_size = {}, max(1, args.generation_batch_size // n)
     for start in progress(range(0, len(order), batch_size), desc=desc, inner=True):
@@ -1673,14 +1671,6 @@ def reward_model_ids(tokenizer, prompts: list[str], responses: list[str]) -> lis
         return [tokenize(tokenizer, tokenizer.apply_chat_template(turn, tokenize=False)) for turn in turns]
     except TemplateError as err:
         raise InputError(f"--reward_model: its chat template refuses a user and an assistant turn: {err}") from None
-
-
-def reward_model_scorer(args: Args, example: dict | None = None):
-    """score(prompts, responses) -> list[float] by --reward_model (all ranks); its template is tried on `example`."""
-    tokenizer = load_reward_model(args.reward_model, args.reward_chat_template)
-    if example is not None:
-        reward_model_ids(tokenizer, [example["prompt"][-1]["content"]], [example["chosen"]])
-    return functools.partial(reward_model_scores, args.reward_model, tokenizer, args=args)
 
 
 @torch.no_grad()
