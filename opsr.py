@@ -656,102 +656,60 @@ class InputError(ValueError):
 
 
 def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
-    """--model's preset, with "dataset" set to --dataset or the preset's, and the shared Args it fills (dataset,
-    compute dtype, LoRA, gradient checkpointing, chat template). Any other hub id or local path gets the settings
-    of preset `custom` (each one can be overridden on the command line) and needs --dataset."""
-    if args.model in models:
-        preset = dict(models[args.model])
-    elif not Path(args.model).expanduser().exists() and (
-        args.model.startswith((".", "/", "~")) or "/" not in args.model
-    ):
-        raise InputError(
-            f"--model: {args.model!r} is neither a preset ({', '.join(models)}), "
-            "an existing local path, nor a hub id of the form org/name"
-        )
-    else:
-        preset = dict(models[custom], path=args.model, dataset=None)
+    """--model's preset (another hub id or path: preset `custom`'s, with --dataset) and the shared Args it fills."""
+    if args.model not in models and not Path(args.model).expanduser().exists():
+        if args.model.startswith((".", "/", "~")) or "/" not in args.model:
+            raise InputError(
+                f"--model: {args.model!r} is neither a preset ({', '.join(models)}), "
+                "an existing local path, nor a hub id of the form org/name"
+            )
+    preset = dict(models[args.model]) if args.model in models else dict(models[custom], path=args.model, dataset=None)
     preset["dataset"] = args.dataset or preset["dataset"]
     if preset["dataset"] is None:
         raise InputError("--dataset is required with a custom --model")
-    paper_preset = f"--model {args.model} (a paper preset)" if args.model in models and args.model != "toy" else None
-    device = choose_device(args.device, paper_preset)
-    filled = {
-        "dataset": preset["dataset"],
-        "device": device,
-        "dtype": args.dtype if args.dtype != "auto" else "bfloat16" if device == "cuda" else "float32",  # masters fp32
-    }
-    for key, default in (
-        ("lora_r", 0),
-        ("lora_alpha", 16),
-        ("lora_dropout", 0.0),
-        ("gradient_checkpointing", False),
-        ("chat_template", None),
-    ):
-        if getattr(args, key) is None:
-            filled[key] = preset.get(key, default)
-    return preset, filled
+    paper = f"--model {args.model} (a paper preset)" if args.model in models and args.model != "toy" else None
+    device = choose_device(args.device, paper)
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device == "cuda" else "float32"  # masters fp32
+    filled = {"dataset": preset["dataset"], "device": device, "dtype": dtype}
+    shared = dict(lora_r=0, lora_alpha=16, lora_dropout=0.0, gradient_checkpointing=False, chat_template=None)
+    return preset, filled | {k: preset.get(k, v) for k, v in shared.items() if getattr(args, k) is None}
 
 
-DOMAINS = {  # the options all four scripts share (check_args; each script adds its own): an interval, or a bound
-    # (">= 1" for sizes and counts, ">= 0" where 0 means "off" or "none")
-    "max_bad_fraction": "[0, 1]",
-    "warmup_ratio": "[0, 1]",
-    "max_grad_norm": "> 0",
+DOMAINS = {  # the options all four scripts share (check_args; each script adds its own): an interval or a bound
+    **dict.fromkeys(("max_bad_fraction", "warmup_ratio"), "[0, 1]"),
+    **dict.fromkeys(("max_grad_norm", "lora_alpha"), "> 0"),
+    **dict.fromkeys(("lora_r", "num_eval", "eval_temperature", "seed"), ">= 0"),  # 0: "off" or "none"
+    **dict.fromkeys("max_prompt_length max_new_tokens stop_after_steps dist_timeout_minutes".split(), ">= 1"),
+    **dict.fromkeys(("scoring_batch_size", "generation_batch_size"), ">= 1"),
     "max_length": ">= 2",
-    "max_prompt_length": ">= 1",
-    "max_new_tokens": ">= 1",
-    "lora_r": ">= 0",
-    "lora_alpha": "> 0",
     "lora_dropout": "[0, 1)",
-    "num_eval": ">= 0",
-    "eval_temperature": ">= 0",
-    "seed": ">= 0",
-    "stop_after_steps": ">= 1",
-    "dist_timeout_minutes": ">= 1",
-    "scoring_batch_size": ">= 1",
-    "generation_batch_size": ">= 1",
 }
 
 
 def in_domain(value: float, domain: str) -> bool:
     """value in "[a, b]", "(a, b]", ... or satisfies "> x" / ">= x"."""
     if domain[0] == ">":
-        op, bound = domain.split()
-        return value > float(bound) if op == ">" else value >= float(bound)
+        return value > float(domain[2:]) if domain[1] == " " else value >= float(domain[3:])
     low, high = (float(x) for x in domain[1:-1].split(","))
-    return (low <= value if domain[0] == "[" else low < value) and (
-        value <= high if domain[-1] == "]" else value < high
-    )
+    return (low < value or domain[0] == "[" and low == value) and (value < high or domain[-1] == "]" and value == high)
 
 
 def check_args(args, checks: list[tuple[bool, str]], domains: dict):
-    """One InputError for the first option outside its domain (DOMAINS, then the script's `domains`; a list
-    option element by element), then for the first failed (ok, message) of the shared checks and `checks`."""
+    """InputError for the first option outside its domain (a list's elements each), then the first failed check."""
     for name, domain in {**DOMAINS, **domains}.items():
         values = getattr(args, name)
         for value in values if isinstance(values, (list, tuple)) else [values]:
             if value is not None and not in_domain(value, domain):
-                given = values if isinstance(values, (list, tuple)) else value
-                raise InputError(f"--{name} must be {'in ' * (domain[0] != '>')}{domain}, got {given}")
-    checks = [
-        (
-            not (args.output_dir and Path(args.output_dir).is_file()),
-            f"--output_dir: {args.output_dir!r} is a file; expected a folder",
-        ),
-        (args.resume is False or args.output_dir is not None, "--resume needs --output_dir of the run to continue"),
-        (
-            args.eval_prompts is None or Path(args.eval_prompts).is_file(),
-            f"--eval_prompts: file {args.eval_prompts!r} not found",
-        ),
-        (
-            args.chat_template is None or "{%" in args.chat_template or Path(args.chat_template).is_file(),
-            f"--chat_template: file {args.chat_template!r} not found",
-        ),
+                raise InputError(f"--{name} must be {'in ' * (domain[0] != '>')}{domain}, got {values}")
+    output, template, prompts = args.output_dir, args.chat_template, args.eval_prompts
+    for ok, message in [
+        (not (output and Path(output).is_file()), f"--output_dir: {output!r} is a file; expected a folder"),
+        (args.resume is False or output is not None, "--resume needs --output_dir of the run to continue"),
+        (prompts is None or Path(prompts).is_file(), f"--eval_prompts: file {prompts!r} not found"),
+        (not template or "{%" in template or Path(template).is_file(), f"--chat_template: file {template!r} not found"),
         (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
-        (args.lora_r >= 0, f"--lora_r must be >= 0, got {args.lora_r}"),
-        (args.dist_timeout_minutes >= 1, f"--dist_timeout_minutes must be >= 1, got {args.dist_timeout_minutes}"),
-    ] + checks
-    for ok, message in checks:
+        *checks,
+    ]:
         if not ok:
             raise InputError(message)
 
@@ -765,31 +723,26 @@ class BadRow(InputError):
 
 
 def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
+    """Rows of a DATASETS preset, a .jsonl file, or by `datasets` a .json or .parquet file or save_to_disk folder."""
     import datasets
 
-    if spec in DATASETS:
-        info = DATASETS[spec]
-        spec = info["path"]
-        if not spec.endswith(".jsonl"):
-            return list(datasets.load_dataset(spec, info.get("name"), split=info["split"])), spec
-    path = Path(spec).expanduser()
+    info, formats = DATASETS.get(spec, {"path": spec}), "a .jsonl, .json or .parquet file, or a save_to_disk folder"
+    if spec in DATASETS and not info["path"].endswith(".jsonl"):  # on the hub
+        return list(datasets.load_dataset(info["path"], info.get("name"), split=info["split"])), info["path"]
+    spec, path = info["path"], Path(info["path"]).expanduser()
+    if not path.exists() and (spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/", "~"))):
+        raise InputError(f"{what}: path {spec!r} not found (or use a preset: {', '.join(DATASETS)})")
     if not path.exists():
-        if spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/", "~")):
-            raise InputError(f"{what}: path {spec!r} not found (or use a preset: {', '.join(DATASETS)})")
         raise InputError(f"{what}: unknown preset or path {spec!r}; presets: {', '.join(DATASETS)}")
-    formats = "a .jsonl, .json or .parquet file, or a datasets save_to_disk folder"
-    if path.suffix in (".jsonl", ".json") and path.is_file():
+    readers = {".json": datasets.Dataset.from_json, ".parquet": datasets.Dataset.from_parquet}
+    if path.is_file() and path.suffix == ".jsonl":
         data = read_jsonl(path, what)
-    elif path.is_dir() or path.suffix == ".parquet":
+    elif path.is_dir() or path.suffix in readers:
         try:
-            if path.is_dir():
-                data = datasets.load_from_disk(str(path))
-                data = list(data["train"] if isinstance(data, datasets.DatasetDict) else data)
-            else:
-                data = list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+            data = datasets.load_from_disk(str(path)) if path.is_dir() else readers[path.suffix](str(path))
+            data = list(data["train"] if isinstance(data, datasets.DatasetDict) else data)
         except Exception as err:  # pyarrow's, datasets' own errors: one line, theirs first
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InputError(f"{what}: {spec} cannot be read ({first[:200]}); expected {formats}") from None
+            raise InputError(f"{what}: {spec} cannot be read ({first_line(err)[:200]}); expected {formats}") from None
     else:
         raise InputError(f"{what}: {spec!r} is not {formats}")
     if not data:
@@ -798,24 +751,19 @@ def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
 
 
 def read_jsonl(path: Path, what: str) -> list[dict]:
-    """JSON objects, one a line (or a .json list of them); not UTF-8, not JSON or not an object names the line."""
+    """JSON objects, one a line; an error names the line (or the byte that is not UTF-8)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise InputError(f"{what}: {path} is not UTF-8 text (byte {err.start}); expected JSON lines") from None
-    rows, line_number = [], 0
-    try:
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            for line_number, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    rows.append(json.loads(line))
-    except json.JSONDecodeError as err:
-        raise InputError(f"{what}: {path} line {line_number or err.lineno}: not valid JSON ({err.msg})") from None
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise InputError(f"{what}: {path} row {index}: expected a JSON object, got {type(row).__name__}")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as err:
+            raise InputError(f"{what}: {path} line {number}: not valid JSON ({err.msg})") from None
+        if rows and not isinstance(rows[-1], dict):
+            raise InputError(f"{what}: {path} line {number}: expected a JSON object, got {type(rows[-1]).__name__}")
     return rows
 
 
@@ -841,13 +789,9 @@ def _text(value, where: str, empty: str | None = None) -> str:
 def _messages(value, where: str, empty: str | None = None) -> list[dict]:
     if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
         raise InputError(f"{where} must be a non-empty list of {{role, content}} messages")
-    return [
-        {
-            "role": _text(m.get("role"), f"{where}[{i}].role"),
-            "content": _text(m.get("content"), f"{where}[{i}].content", empty),
-        }
-        for i, m in enumerate(value)
-    ]
+    for i, m in enumerate(value):
+        _text(m.get("role"), f"{where}[{i}].role"), _text(m.get("content"), f"{where}[{i}].content", empty)
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def _hh_turns(text: str, where: str) -> list[dict]:
@@ -855,75 +799,56 @@ def _hh_turns(text: str, where: str) -> list[dict]:
     if len(parts) < 3 or parts[0].strip():
         raise InputError(f"{where} is not in HH-RLHF format ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
     return [
-        {"role": "user" if r == "Human" else "assistant", "content": c.strip()}
-        for r, c in zip(parts[1::2], parts[2::2])
+        {"role": {"Human": "user"}.get(r, "assistant"), "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])
     ]
 
 
 def parse_pair(row: dict, where: str) -> dict:
-    """UltraFeedback messages, HH-RLHF raw text, TL;DR comparisons, or prompt/chosen/rejected strings:
-    {"prompt": [messages], "chosen": str, "rejected": str}. Malformed rows raise InputError; the quirks
-    of real data raise BadRow (identical or empty replies, conversations that differ before the last
-    turn or do not end with the assistant, prompts not ending with the user)."""
+    """UltraFeedback, HH-RLHF, TL;DR or prompt/chosen/rejected rows -> {prompt (messages), chosen, rejected}."""
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected an object, got {type(row).__name__}")
+    sides, columns, pair = ("chosen", "rejected"), ", ".join(sorted(row)), f"{where}: 'chosen' and 'rejected'"
     if "summaries" in row and "choice" in row:  # openai/summarize_from_feedback, comparisons
-        info = row.get("info") or {}
+        info, summaries, choice = row.get("info") or {}, row["summaries"], row["choice"]
         post = _text(info.get("post"), f"{where}: 'info.post'")
         prompt = f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\nPOST: {post}\n\nTL;DR:"
-        if row["choice"] not in (0, 1) or not isinstance(row["summaries"], list) or len(row["summaries"]) != 2:
+        if choice not in (0, 1) or not isinstance(summaries, list) or len(summaries) != 2:
             raise InputError(f"{where}: 'choice' must be 0 or 1 with two 'summaries'")
-        texts = [
-            _text((s or {}).get("text"), f"{where}: 'summaries[{i}].text'", "empty_response").strip()
-            for i, s in enumerate(row["summaries"])
-        ]
-        out = {
-            "prompt": [{"role": "user", "content": prompt}],
-            "chosen": texts[row["choice"]],
-            "rejected": texts[1 - row["choice"]],
-        }
+        texts = [(s or {}).get("text") for s in summaries]
+        texts = [_text(t, f"{where}: 'summaries[{i}].text'", "empty_response").strip() for i, t in enumerate(texts)]
+        out = dict(prompt=[{"role": "user", "content": prompt}], chosen=texts[choice], rejected=texts[1 - choice])
     else:
-        for column in ("chosen", "rejected"):
+        for column in sides:
             if row.get(column) is None:  # absent, or null (datasets fills columns other rows have)
-                raise InputError(f"{where}: missing column '{column}' (columns: {', '.join(sorted(row))})")
+                raise InputError(f"{where}: missing column '{column}' (columns: {columns})")
         if isinstance(row["chosen"], list) or "\n\nHuman:" in str(row["chosen"]):  # UltraFeedback / Anthropic/hh-rlhf
             if isinstance(row["chosen"], list):
-                chosen = _messages(row["chosen"], f"{where}: 'chosen'", "empty_message")
-                rejected = _messages(row["rejected"], f"{where}: 'rejected'", "empty_message")
+                chosen, rejected = (_messages(row[s], f"{where}: '{s}'", "empty_message") for s in sides)
             else:
-                chosen = _hh_turns(row["chosen"], f"{where}: 'chosen'")
-                rejected = _hh_turns(row["rejected"], f"{where}: 'rejected'")
+                chosen, rejected = (_hh_turns(row[s], f"{where}: '{s}'") for s in sides)
             if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-                raise BadRow(
-                    "not_ending_with_assistant", f"{where}: 'chosen' and 'rejected' must end with an assistant turn"
-                )
+                raise BadRow("not_ending_with_assistant", f"{pair} must end with an assistant turn")
             if chosen[:-1] != rejected[:-1]:
-                raise BadRow(
-                    "differ_before_last_turn", f"{where}: 'chosen' and 'rejected' differ before the last assistant turn"
-                )
+                raise BadRow("differ_before_last_turn", f"{pair} differ before the last assistant turn")
             out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+        elif row.get("prompt") is None:
+            raise InputError(f"{where}: missing column 'prompt' (columns: {columns})")
         else:  # plain strings
-            if row.get("prompt") is None:
-                raise InputError(f"{where}: missing column 'prompt' (columns: {', '.join(sorted(row))})")
-            out = {
-                "prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}],
-                "chosen": _text(row["chosen"], f"{where}: 'chosen'", "empty_response"),
-                "rejected": _text(row["rejected"], f"{where}: 'rejected'", "empty_response"),
-            }
+            out = {"prompt": [{"role": "user", "content": _text(row["prompt"], f"{where}: 'prompt'")}]}
+            out |= {side: _text(row[side], f"{where}: '{side}'", "empty_response") for side in sides}
         if not out["prompt"] or out["prompt"][-1]["role"] != "user":
             raise BadRow("prompt_not_ending_with_user", f"{where}: the prompt must end with a user message")
-    for side in ("chosen", "rejected"):
+    for side in sides:
         _text(out[side], f"{where}: '{side}' response", "empty_response")
     if out["chosen"].strip() == out["rejected"].strip():
-        raise BadRow("identical", f"{where}: 'chosen' and 'rejected' responses are identical")
+        raise BadRow("identical", f"{pair} responses are identical")
     if "flipped" in row:  # toy data: which labels were deliberately swapped
         out["flipped"] = bool(row["flipped"])
     return out
 
 
 def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[tuple[int, dict]]:
-    """(row index, parse_pair) of every usable row. Degenerate rows (BadRow) are skipped and counted per
-    reason in counts['skipped_<reason>']; over --max_bad_fraction of them stops with the first examples."""
+    """(row index, parse_pair) of the usable rows; BadRows counted in counts['skipped_<reason>'], at most a fraction."""
     pairs, bad = [], []
     for index, row in enumerate(rows):
         try:
@@ -942,60 +867,44 @@ def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[
     return pairs
 
 
-def check_model_dir(path: Path):
-    """A local model folder has a config, tokenizer files and complete safetensors (safetensors checks that each
-    file holds the data its header declares), so a bad folder fails before anything is written."""
-    from safetensors import SafetensorError, safe_open
-
-    missing = [
-        name
-        for name, found in (
-            ("config.json", (path / "config.json").is_file()),
-            ("tokenizer files", any(path.glob("tokenizer*")) or any(path.glob("vocab*"))),
-        )
-        if not found
-    ]
-    if missing:
-        raise InputError(f"--model: {path} has no {' or '.join(missing)}; expected a save_pretrained folder")
-    for file in sorted(path.glob("*.safetensors")):
-        try:
-            safe_open(file, "pt").keys()
-        except SafetensorError as err:
-            raise InputError(f"--model: {file} is truncated or not safetensors ({err})") from None
-
-
-def load_tokenizer(model_path: str, chat_template: str | None):
-    """The tokenizer with --chat_template (a jinja file, or the template itself) and a pad token."""
-    from transformers import AutoTokenizer
-
-    if model_path.startswith((".", "/", "~")) and not Path(model_path).expanduser().exists():
-        raise InputError(f"--model: {model_path!r} not found")
-    if Path(model_path).expanduser().is_dir():
-        check_model_dir(Path(model_path).expanduser())
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as err:
-        raise InputError(
-            f"--model: no tokenizer could be loaded from {model_path!r} ({str(err).splitlines()[0]})"
-        ) from None
-    if chat_template and "{%" not in chat_template and not Path(chat_template).exists():
-        raise InputError(f"--chat_template: file {chat_template!r} not found")
-    if chat_template:
-        tokenizer.chat_template = chat_template if "{%" in chat_template else Path(chat_template).read_text()
+def set_chat_template(tokenizer, template: str | None, option: str, owner: str):
+    """`template` (a jinja file or the template itself) set on `tokenizer`, which must end up with one."""
+    if template and "{%" not in template and not Path(template).is_file():
+        raise InputError(f"{option}: file {template!r} not found")
+    if template:
+        tokenizer.chat_template = template if "{%" in template else Path(template).read_text()
     if not tokenizer.chat_template:
-        raise InputError(f"tokenizer of {model_path!r} has no chat template; pass --chat_template file.jinja")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # for generation; training and scoring batches are padded by collate()
+        raise InputError(f"{owner} has no chat template; pass {option} file.jinja")
     return tokenizer
 
 
+def load_tokenizer(model_path: str, chat_template: str | None):
+    """The tokenizer with --chat_template and a pad token, left-padded for generation (collate pads the rest)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if model_path.startswith((".", "/", "~")) and not Path(model_path).expanduser().exists():
+        raise InputError(f"--model: {model_path!r} not found")
+    try:  # a folder without config.json or tokenizer files fails here, before the data is read
+        AutoConfig.from_pretrained(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as err:
+        raise InputError(f"--model: no config and tokenizer load from {model_path!r} ({first_line(err)})") from None
+    set_chat_template(tokenizer, chat_template, "--chat_template", f"--model: the tokenizer of {model_path!r}")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def first_line(err: Exception) -> str:
+    return (str(err).strip() or type(err).__name__).splitlines()[0]
+
+
 def tokenize(tokenizer, text: str) -> list[int]:
-    """Ids of rendered chat text. BOS exactly once when the tokenizer's own encoding starts with it, whether
-    the template writes it (toy, Llama-3) or not (zephyr): never missing, never twice."""
+    """Ids of rendered chat text with BOS exactly once where the tokenizer's own encoding starts with it."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
-    while bos is not None and ids[:2] == [bos, bos]:
+    while bos is not None and ids[:2] == [bos, bos]:  # templates that write BOS (toy, Llama-3) and those that do not
         ids = ids[1:]
     if bos is not None and ids[:1] != [bos] and tokenizer("a")["input_ids"][:1] == [bos]:
         ids = [bos] + ids
@@ -1003,35 +912,27 @@ def tokenize(tokenizer, text: str) -> list[int]:
 
 
 def encode(tokenizer, prompt: list[dict], response: str | None = None) -> tuple[list[int], list[int]]:
-    """Token ids of the templated prompt (ending with the assistant header) and of the response
-    (the rest of the templated conversation, ending with the end-of-turn token)."""
+    """Token ids of the templated prompt (up to the assistant header) and of the response (to its end-of-turn token)."""
     from jinja2 import TemplateError
 
     try:  # templates may refuse a conversation (mistral-instruct: no system role)
         prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = (
-            None
-            if response is None
-            else tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
-        )
+        turn = [{"role": "assistant", "content": response}]
+        full = None if response is None else tokenizer.apply_chat_template(prompt + turn, tokenize=False)
     except TemplateError as err:
-        raise InputError(
-            f"the chat template refuses a conversation with roles {[m['role'] for m in prompt]}: {err}"
-        ) from None
+        roles = [m["role"] for m in prompt]
+        raise InputError(f"the chat template refuses a conversation with roles {roles}: {err}") from None
     prompt_ids = tokenize(tokenizer, prompt_text)
     if response is None:
         return prompt_ids, []
     if not full.startswith(prompt_text):
         raise InputError("the chat template renders the prompt differently with and without the assistant turn")
-    # The whole conversation tokenized once and split at the prompt's length: the response tokens a sampler
-    # would produce after prompt_ids (SentencePiece: 'A' after a newline, not the word-initial '▁A'). Where a
-    # merge crosses the boundary the prompt ids are no prefix, and the response is tokenized on its own.
+    # The conversation tokenized once and split at the prompt's length: the tokens a sampler writes after prompt_ids
+    # (SentencePiece: 'A' after a newline, not '▁A'); where a merge crosses the boundary, the response on its own.
     full_ids = tokenize(tokenizer, full.rstrip())
-    response_ids = (
-        full_ids[len(prompt_ids) :]
-        if full_ids[: len(prompt_ids)] == prompt_ids
-        else tokenizer(full[len(prompt_text) :].rstrip(), add_special_tokens=False)["input_ids"]
-    )
+    response_ids = full_ids[len(prompt_ids) :]
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        response_ids = tokenizer(full[len(prompt_text) :].rstrip(), add_special_tokens=False)["input_ids"]
     if not response_ids or response_ids[-1] not in tokenizer.all_special_ids:
         response_ids.append(tokenizer.eos_token_id)  # y includes the final EOS: the model learns to stop
     return prompt_ids, response_ids
@@ -1045,21 +946,18 @@ def fit(prompt_ids, response_ids, args: Args, where: str, counts: dict) -> tuple
                 f"{where}: prompt has {len(prompt_ids)} tokens, over --max_prompt_length "
                 f"{args.max_prompt_length} (see --long_prompts)"
             )
+        key = "long_prompt_skipped" if args.long_prompts == "skip" else "long_prompt_truncated"
+        counts[key] = counts.get(key, 0) + 1
         if args.long_prompts == "skip":
-            counts["long_prompt_skipped"] = counts.get("long_prompt_skipped", 0) + 1
             return None
-        counts["long_prompt_truncated"] = counts.get("long_prompt_truncated", 0) + 1
         prompt_ids = prompt_ids[-args.max_prompt_length :]
-    budget = args.max_length - len(prompt_ids)
-    if len(response_ids) > budget:
+    if len(response_ids) > args.max_length - len(prompt_ids):
         counts["response_truncated"] = counts.get("response_truncated", 0) + 1
-        response_ids = response_ids[:budget]
-    return prompt_ids, response_ids
+    return prompt_ids, response_ids[: args.max_length - len(prompt_ids)]
 
 
 def load_reward_fn(spec: str | None, example: dict | None = None):
-    """path/to/file.py:function -> the function, checked on every call (an exception, a non-number or
-    NaN/inf stops the run naming the input) and tried once on `example` (a pair) now; None -> None."""
+    """path/to/file.py:function, checked on every call (an exception, a non-number, NaN) and tried on `example`."""
     if spec is None:
         return None
     path, _, name = spec.rpartition(":")
@@ -1074,13 +972,11 @@ def load_reward_fn(spec: str | None, example: dict | None = None):
     try:
         module_spec.loader.exec_module(module)
     except Exception as err:  # the module's own error, where it is: file:line: message
-        line = getattr(err, "lineno", None) or next(
-            (f.lineno for f in reversed(traceback.extract_tb(err.__traceback__)) if f.filename == str(Path(path))), "?"
-        )
+        frames = reversed(traceback.extract_tb(err.__traceback__))
+        line = getattr(err, "lineno", None) or next((f.lineno for f in frames if f.filename == str(Path(path))), "?")
         raise InputError(f"--reward_fn: {path}:{line}: {type(err).__name__}: {err}") from None
-    if not callable(getattr(module, name, None)):
+    if not callable(function := getattr(module, name, None)):
         raise InputError(f"--reward_fn: {path!r} has no function {name!r}")
-    function = getattr(module, name)
 
     def reward_fn(prompt: str, response: str) -> float:
         where = f"--reward_fn {spec} on prompt {prompt[:60]!r}, response {response[:60]!r}"
@@ -1098,28 +994,22 @@ def load_reward_fn(spec: str | None, example: dict | None = None):
 
 
 def load_evaluation(args: Args, example: dict) -> tuple:
-    """(scorers, held-out prompts). Scorers map a metric name to score(prompts, responses) -> list[float] (all
-    ranks): "reward" for --reward_fn (else the dataset preset's), "rm_score" for --reward_model; each is tried on
-    `example`. The prompts: --eval_prompts (else the preset's), the first --num_eval. ({}, []) when there are none."""
+    """(scorers: name -> score(prompts, responses), held-out prompts), each scorer tried on `example`."""
     preset = DATASETS.get(args.dataset, {})
     eval_file = args.eval_prompts or preset.get("eval")
     reward_fn = load_reward_fn(args.reward_fn or preset.get("reward_fn"), example)
-    scorers = (
-        {"reward": lambda prompts, responses: [reward_fn(p, r) for p, r in zip(prompts, responses)]}
-        if reward_fn
-        else {}
-    )
+    scorers = {"reward": lambda prompts, responses: list(map(reward_fn, prompts, responses))} if reward_fn else {}
     if args.reward_model:
-        scorers["rm_score"] = reward_model_scorer(args, example)
+        tokenizer = load_reward_model(args.reward_model, args.reward_chat_template)
+        reward_model_ids(tokenizer, [example["prompt"][-1]["content"]], [example["chosen"]])  # its template, tried now
+        scorers["rm_score"] = functools.partial(reward_model_scores, args.reward_model, tokenizer, args=args)
     return scorers, load_prompts(eval_file, "--eval_prompts")[: args.num_eval] if eval_file else []
 
 
 def micro_batch(global_batch: int, most: int) -> int:
-    """The largest micro-batch up to `most` (a preset's --batch_size) that divides --global_batch over this run's
-    ranks, so that a preset runs as it is on any number of ranks that divides its global batch."""
+    """The largest micro-batch up to `most` dividing --global_batch over the ranks (none: accumulation() says why)."""
     ranks = int(os.environ.get("WORLD_SIZE", 1))
-    fits = [b for b in range(most, 0, -1) if global_batch % (b * ranks) == 0]
-    return fits[0] if fits else most  # none: accumulation() says why
+    return next((b for b in range(most, 0, -1) if global_batch % (b * ranks) == 0), most)
 
 
 def accumulation(global_batch: int, batch_size: int) -> int:
@@ -1146,10 +1036,7 @@ def nvidia_driver() -> bool:
 
 
 def choose_device(requested: str, needs_gpu: str | None) -> str:
-    """--device as "cuda" or "cpu", decided before anything is written. A GPU for each rank on this node where torch
-    sees them; the CPU only when nothing asks for a GPU: not `needs_gpu` (a paper preset), not --device cuda, and
-    no NVIDIA driver on the machine (a CUDA build of torch newer than the driver sees no GPU: a 7B run would
-    otherwise "train" on the CPU for weeks). Under torchrun with more ranks on a node than GPUs: refused."""
+    """ "cuda" where torch sees a GPU per rank; "cpu" only where nothing (a preset, --device, a driver) asks for one."""
     if requested == "cpu":
         return "cpu"
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -1169,33 +1056,23 @@ def choose_device(requested: str, needs_gpu: str | None) -> str:
 
 
 def init_device(seed: int, timeout_minutes: int = 180, kind: str = "cpu") -> torch.device:
-    """This rank's GPU (kind "cuda", from choose_device) or the CPU, then the process group under torchrun (NCCL on
-    GPUs: every tensor handed to a collective must be on this device, see comm_device); seeds torch."""
+    """This rank's GPU (kind "cuda") or the CPU, the process group under torchrun (NCCL on GPUs), torch seeded."""
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if kind == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "RANK" in os.environ and not dist.is_initialized():
         import datetime
 
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-            device_id=device if device.type == "cuda" else None,
-        )
+        gpu, timeout = device.type == "cuda", datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group("nccl" if gpu else "gloo", timeout=timeout, device_id=device if gpu else None)
     torch.manual_seed(seed)
     return device
 
 
 def comm_device() -> torch.device:
-    """Where the tensors of collectives live: NCCL has no CPU backend, so this rank's GPU; the CPU under gloo (the
-    backend of --device cpu) and on one process."""
+    """Where collectives' tensors live: NCCL has no CPU, so this rank's GPU; the CPU under gloo and on one process."""
     gpu = dist.is_initialized() and dist.get_backend() != dist.Backend.GLOO
     return torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
-
-
-def run_device(args: Args) -> torch.device:
-    """This rank's device as choose_device decided it (init_device has set the current GPU)."""
-    return torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
 
 
 def now() -> int:
@@ -1210,8 +1087,7 @@ def shard(items: list) -> tuple[list, int]:
     """This rank's share, padded (with its last item) so every rank runs the same number of batches."""
     per_rank = math.ceil(len(items) / world())
     mine = items[rank() * per_rank : (rank() + 1) * per_rank]
-    real = len(mine)
-    return mine + [items[-1]] * (per_rank - real), real
+    return mine + [items[-1]] * (per_rank - len(mine)), len(mine)
 
 
 def gather(values: list) -> list:
@@ -1229,9 +1105,13 @@ def all_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def barrier():
+    if world() > 1:
+        dist.barrier()
+
+
 class StepStats:
-    """One optimizer step's statistics as a device tensor with named slots, summed over micro-batches on the
-    device: one all-reduce and one host copy per step (optimizer_step), no `.item()` behind every backward."""
+    """A step's statistics summed in named slots of one device tensor: one all-reduce and host copy per step."""
 
     def __init__(self, names, device):
         self.names = list(names)
@@ -1243,8 +1123,7 @@ class StepStats:
 
 
 def micro_batches(model, batches: list):
-    """The micro-batches of one optimizer step. FSDP2 reduce-scatters gradients after the last one only
-    (every rank has the same number, so the collectives match)."""
+    """The non-empty micro-batches of a step; FSDP2 reduce-scatters gradients after the last one only."""
     batches = [batch for batch in batches if batch]
     for index, batch in enumerate(batches):
         if hasattr(model, "set_requires_gradient_sync"):  # an FSDPModule
@@ -1253,13 +1132,13 @@ def micro_batches(model, batches: list):
 
 
 class _LogLines:
-    """tqdm's output as whole lines (no carriage returns, no repeat of the line before), for log files."""
+    """tqdm's output as whole lines for log files: tqdm has no line mode, only carriage-return refreshes."""
 
     last = None
 
     def write(self, text: str):
         text = text.strip("\r\n")
-        if text and text != self.last:
+        if text and text != self.last:  # the closing refresh repeats the last periodic line
             sys.stderr.write(text + "\n")
         self.last = text or self.last
 
@@ -1268,13 +1147,10 @@ class _LogLines:
 
 
 def progress(iterable=None, total: int | None = None, desc: str = "", inner: bool = False):
-    """A progress bar on rank 0. On a terminal: tqdm bars (inner loops' bars vanish when done). When stderr
-    is not a terminal (a cluster log): outer loops only, one plain line at most every 60 s and at the end."""
-    if rank() != 0 or (inner and not sys.stderr.isatty()):
-        return tqdm(iterable, total=total, disable=True)
-    if sys.stderr.isatty():
-        return tqdm(iterable, total=total, desc=desc, leave=not inner)
-    return tqdm(iterable, total=total, desc=desc, file=_LogLines(), mininterval=60, ascii=True, ncols=100)
+    """Rank 0's bar: tqdm on a terminal (inner ones vanish); in a log outer bars only, a line per 60 s and at the end"""
+    tty = sys.stderr.isatty()
+    log = {} if tty else dict(file=_LogLines(), mininterval=60, ascii=True, ncols=100)
+    return tqdm(iterable, total=total, desc=desc, leave=not inner, disable=rank() != 0 or inner and not tty, **log)
 
 
 def quiet_library_bars():
@@ -1288,72 +1164,62 @@ def quiet_library_bars():
 
 
 def check_resume(args: Args):
-    """--resume continues the run in --output_dir only with the arguments it was started with, on any number of
-    ranks (every step covers the same global batch, whatever the micro-batch; step checkpoints are resharded)."""
+    """--resume continues the run in --output_dir only with the arguments it started with (on any number of ranks)."""
     if not args.resume:
         return
     saved = Path(args.output_dir) / "resolved_config.json"
     if not saved.exists():
         raise InputError(f"--resume: {saved} not found; nothing to resume")
-    stored = json.loads(saved.read_text())
-    changed = {
-        k
-        for k, v in json.loads(json.dumps(dataclasses.asdict(args))).items()
-        # a moved folder resumes too; the micro-batch and the device follow the machine and the number of ranks
-        if k not in ("resume", "stop_after_steps", "output_dir", "batch_size", "device") and stored.get(k) != v
-    }
+    stored, given = json.loads(saved.read_text()), json.loads(json.dumps(dataclasses.asdict(args)))  # tuples as lists
+    ignored = ("resume", "stop_after_steps", "output_dir", "batch_size", "device")  # a moved folder, other ranks
+    changed = sorted(k for k, v in given.items() if k not in ignored and stored.get(k) != v)
     if changed:
-        raise InputError(f"--resume: arguments differ from the saved run: {', '.join(sorted(changed))}")
+        raise InputError(f"--resume: arguments differ from the saved run: {', '.join(changed)}")
 
 
 def cli(args_type, models: dict, doc: str):
-    """The command line (tyro), its --help opening with the script's docstring; an option a --model preset fills
-    when it is left unset shows each preset's value instead of tyro's "(default: None)"."""
+    """tyro's command line, --help opening with `doc`; an option a preset fills shows each preset's value."""
     hints = typing.get_type_hints(args_type, include_extras=True)
     for option in (f.name for f in dataclasses.fields(args_type) if f.default is None):
-        values = {name: preset[option] for name, preset in models.items() if option in preset}
-        if values:
-            shown = "; ".join(f"{name} {value}" for name, value in values.items())
+        if shown := "; ".join(f"{name} {preset[option]}" for name, preset in models.items() if option in preset):
             hint = tyro.conf.arg(help_behavior_hint=f"(unset: the --model preset's: {shown})")
             args_type.__annotations__[option] = typing.Annotated[hints[option], hint]
     return tyro.cli(args_type, description=doc)
 
 
 def run_state(state_file: Path, args, fresh: dict) -> dict:
-    """The run's progress (state.json) when --resume finds one, else `fresh`; a resumed run says where it stands."""
+    """The run's progress (state.json) when --resume finds one, else `fresh`."""
     if not (args.resume and state_file.exists()):
         return fresh
     state = json.loads(state_file.read_text())
-    where = {k: v for k, v in state.items() if k in ("completed", "stage0_done", "step", "done")}
     if rank() == 0:
-        print(f"resuming {state_file.parent}: " + ", ".join(f"{k} {v}" for k, v in where.items()))
+        where = [f"{k} {v}" for k, v in state.items() if k in ("completed", "stage0_done", "step", "done")]
+        print(f"resuming {state_file.parent}: " + ", ".join(where))
     return state
 
 
 def resume_hint(script: str) -> str:
-    """How to continue an interrupted run: the same command with --resume and its folder (Logs.run_dir)."""
+    """The command that continues an interrupted run: the same arguments with --resume and its folder."""
     if Logs.run_dir is None:
         return "nothing was written yet"
-    argv, given = [], iter(sys.argv[1:])
-    for arg in given:  # the same arguments, less --resume, --output_dir and --stop_after_steps
+    argv, given, dropped = [], iter(sys.argv[1:]), ("__resume", "__no_resume", "__output_dir", "__stop_after_steps")
+    for arg in given:
         name = arg.split("=")[0].replace("-", "_")
         if name in ("__output_dir", "__stop_after_steps") and "=" not in arg:
-            next(given, None)
-        if name not in ("__resume", "__no_resume", "__output_dir", "__stop_after_steps"):
-            argv.append(arg)
+            next(given, None)  # its value
+        argv += [] if name in dropped else [arg]
     launcher = "torchrun ... " if world() > 1 else "python "
     return f"continue with: {launcher}{shlex.join([script, *argv, '--resume', '--output_dir', str(Logs.run_dir)])}"
 
 
 class Logs:
-    """Rank 0 prints and saves the resolved config, then logs to metrics.jsonl, TensorBoard (tb/) and, with
-    --track, wandb. `step` is the TensorBoard/wandb step; counters and non-finite values stay in the jsonl."""
+    """Rank 0 saves the resolved config, then logs to metrics.jsonl, TensorBoard (tb/) and, with --track, wandb."""
 
     POSITION = ("iteration", "stage", "step", "aug_step")  # where in the run a record was logged
     run_dir = None  # this process's run folder, once made (resume_hint names it)
 
     def __init__(self, args: Args, out_dir: Path, run_name: str):
-        self.out_dir, self.track, self.step, self.writer = out_dir, args.track, 0, None
+        self.out_dir, self.step, self.writer, self.wandb = out_dir, 0, None, None
         if rank() == 0:
             config = json.dumps({**dataclasses.asdict(args), "world_size": world()}, indent=2)
             try:
@@ -1368,93 +1234,78 @@ class Logs:
             if args.track:
                 import wandb
 
+                self.wandb = wandb
                 wandb.init(project="selfpo", name=run_name, config=dataclasses.asdict(args))
         Logs.run_dir = out_dir
 
     def __call__(self, metrics: dict):
-        if rank() != 0:
-            return
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key not in self.POSITION and math.isfinite(value):
-                self.writer.add_scalar(key, value, self.step)
-        if self.track:
-            import wandb
-
-            wandb.log(metrics, step=self.step)
+        """One record; its finite numbers that are no position also to TensorBoard and wandb, at `step`."""
+        if rank() == 0:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and key not in self.POSITION and math.isfinite(value):
+                    self.writer.add_scalar(key, value, self.step)
+            if self.wandb:
+                self.wandb.log(metrics, step=self.step)
 
     def step_done(self, stop_after: int | None):
-        """One more optimizer step in this process (the TensorBoard step); --stop_after_steps stops after that many."""
+        """One more optimizer step in this process; --stop_after_steps stops after that many."""
         self.step += 1
         if stop_after is not None and self.step >= stop_after:
             raise KeyboardInterrupt(f"--stop_after_steps {stop_after} reached")
 
     def close(self):
-        """At the end of the run, metrics.jsonl keeps one record per position and kind (its first metric): a resumed
-        run logs what it redoes after its checkpoint again, and the newer record replaces the older in its place."""
-        if self.writer is None:
-            return
-        self.writer.close()
-        records, path = {}, self.out_dir / "metrics.jsonl"
-        for line in path.read_text().splitlines() if path.exists() else []:
-            record = json.loads(line)
-            kind = next((k for k in record if k not in self.POSITION), None)
-            records[json.dumps([record.get(k) for k in self.POSITION] + [kind])] = record
-        write_atomic(path, list(records.values()))
+        """metrics.jsonl keeps one record per position and kind: what a resumed run redid replaces the old in place."""
+        if self.writer is not None:
+            self.writer.close()
+            path, records = self.out_dir / "metrics.jsonl", {}
+            for record in map(json.loads, path.read_text().splitlines() if path.exists() else []):
+                kind = next((k for k in record if k not in self.POSITION), None)
+                records[json.dumps([record.get(k) for k in self.POSITION] + [kind])] = record
+            write_atomic(path, list(records.values()))
 
 
 def write_atomic(path: Path, obj):
     """Rank 0 writes .json, .jsonl (a list of rows) or torch.save's (.pt) to a temporary file, then renames it."""
     if rank() == 0:
         tmp = path.with_name(path.name + ".tmp")
-        if path.suffix == ".json":
-            tmp.write_text(json.dumps(obj))
-        elif path.suffix == ".jsonl":
-            tmp.write_text("".join(json.dumps(row) + "\n" for row in obj))
+        if path.suffix in (".json", ".jsonl"):
+            tmp.write_text(json.dumps(obj) if path.suffix == ".json" else "".join(json.dumps(r) + "\n" for r in obj))
         else:
             torch.save(obj, tmp)
         os.replace(tmp, path)
 
 
-# transformers' own layers on every machine, the ones this project tests: no layer swapped for a kernel fetched from
-# the Hub at load time (transformers >= 5.25 does that by default where the `kernels` package is installed, and an
-# offline node fails). Every from_pretrained of a model passes it; transformers >= 4.56 (our floor) accepts it.
+# transformers' own layers, the ones we test: no layer swapped for a Hub kernel at load time (transformers >= 5.25's
+# default where the `kernels` package is installed; an offline node fails). Every from_pretrained of a model passes it.
 NO_HUB_KERNELS = {"use_kernels": False}
 
 
 def load_model(path: str, device: torch.device, args: Args | None = None, frozen: bool = False):
-    """fp32 master weights; --dtype bfloat16 computes in bf16 by autocast around the forward. With LoRA the
-    frozen base is held in the compute dtype (peft keeps the adapters fp32). Checkpoints keep `path`'s dtype.
-
-    frozen=True: a copy that never trains (a reference, an older model), computing exactly as the policy does:
-    no gradients (autocast caches a cast of every weight that requires grad). Under FSDP2
-    it is held in the compute dtype (half the memory) and sharded like the policy, whose shards are gathered in
-    that dtype; on
-    one process it stays fp32 under autocast like the policy (bf16 linear layers alone did not give the same
-    log-probs on the toy: 0.11 nats per sequence)."""
+    """fp32 master weights under bf16 autocast; frozen: a copy that never trains and computes as the policy does."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     bf16 = args is not None and args.dtype == "bfloat16"
     sharded = frozen and world() > 1 and args.lora_r == 0
-    dtype = torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded) else torch.float32
+    dtype = torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded) else torch.float32  # a LoRA base, sharded copy
     try:  # a config of another architecture than the weights would otherwise train a randomly initialised model
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, output_loading_info=True, **NO_HUB_KERNELS
         )
-    except (OSError, ValueError, RuntimeError) as err:
-        raise InputError(f"--model: {path} does not load as a causal LM ({str(err).strip().splitlines()[0]})") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise InputError(f"--model: {path} does not load as a causal LM ({first_line(err)})") from None
     if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
         raise InputError(f"--model: {path} has no linear output embedding (lm_head) for the fused log-prob kernels")
-    wrong = {kind: len(keys) for kind, keys in info.items() if keys and kind != "error_msgs"}
+    wrong = [f"{len(keys)} {kind.replace('_keys', '')}" for kind, keys in info.items() if keys and kind != "error_msgs"]
     if wrong:
-        counts = ", ".join(f"{n} {kind.replace('_keys', '')}" for kind, n in wrong.items())
         raise InputError(
-            f"--model: the weights in {path} do not fit its config ({counts} weights); expected the "
+            f"--model: the weights in {path} do not fit its config ({', '.join(wrong)} weights); expected the "
             "save_pretrained folder of one causal LM"
         )
     model.checkpoint_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32  # what save_atomic writes
-    if frozen:
+    if frozen:  # no gradients: autocast caches a cast of every weight that requires grad
         model.requires_grad_(False).eval()
     if bf16:
         forward = model.forward
@@ -1470,27 +1321,19 @@ def load_model(path: str, device: torch.device, args: Args | None = None, frozen
 
 
 def shard_model(model, args: Args):
-    """FSDP2 under torchrun: each decoder layer, then the root. The root keeps embeddings, final norm and
-    lm_head gathered from forward to backward: the fused log-prob kernel reads lm_head.weight after the
-    model's forward returns. The shards are the fp32 masters; --dtype bfloat16 gathers them in bf16 and
-    reduces gradients in fp32."""
+    """FSDP2: each decoder layer, then the root, which keeps lm_head gathered for the fused kernel after forward."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    bf16 = args.dtype == "bfloat16"
-    policy = MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
-    )
-    layer_types = set(getattr(model, "_no_split_modules", None) or [])
-    for module in model.modules():
-        if type(module).__name__ in layer_types:
-            fully_shard(module, mp_policy=policy)
-    fully_shard(model, reshard_after_forward=False, mp_policy=policy)
+    # the fp32 shards are the masters: gathered in bf16 and gradients reduced in fp32 under --dtype bfloat16
+    dtypes = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.dtype == "bfloat16" else {}
+    layers = set(getattr(model, "_no_split_modules", None) or [])
+    for module in [m for m in model.modules() if type(m).__name__ in layers] + [model]:  # the root last
+        fully_shard(module, mp_policy=MixedPrecisionPolicy(**dtypes), reshard_after_forward=module is not model)
     return model
 
 
 def prepare_for_training(model, args: Args):
-    """LoRA adapter (--lora_r > 0), else FSDP2 under torchrun (once: a sharded policy stays sharded, its fp32
-    shards are the masters for the whole run); gradient checkpointing on request."""
+    """LoRA adapter (--lora_r > 0), else FSDP2 under torchrun (once); gradient checkpointing on request."""
     from torch.distributed.fsdp import FSDPModule
 
     if args.gradient_checkpointing:
@@ -1500,47 +1343,26 @@ def prepare_for_training(model, args: Args):
             import peft
         except ImportError:
             raise InputError("--lora_r > 0 needs peft: pip install 'selfpo[lora]'") from None
-        config = peft.LoraConfig(
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        )
-        model = peft.get_peft_model(model, config)
+        lora = dict(lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules="all-linear")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_r, task_type="CAUSAL_LM", **lora))
         for p in model.parameters() if world() > 1 else []:  # ranks' RNGs differ (generate): rank 0's adapter
             if p.requires_grad:
                 dist.broadcast(p.data, 0)
     elif world() > 1 and not isinstance(model, FSDPModule):
         model = shard_model(model, args)
-    model.train()
-    return model
+    return model.train()
 
 
-def make_optimizer(
-    model,
-    lr: float,
-    n_steps: int,
-    args: Args,
-    schedule: str = "constant",
-    state: dict | None = None,
-    kind: str = "adamw",
-):
-    """AdamW without weight decay (or RMSprop) over the trainable parameters; linear warmup over --warmup_ratio of
-    n_steps, then constant or cosine. `state` (a step checkpoint's trainer_state) restores the weights as they
-    trained, the optimizer, the scheduler and the random number generators. Returns (trainable parameters,
-    optimizer, scheduler)."""
+def make_optimizer(model, lr, n_steps, args, schedule="constant", state=None, kind="adamw"):
+    """AdamW (no weight decay) or RMSprop, warmup then a constant or cosine rate; `state` restores a checkpoint."""
     from transformers import get_scheduler
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (
-        torch.optim.RMSprop(trainable, lr=lr)
-        if kind == "rmsprop"
-        else torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    )
+    extra = {} if kind == "rmsprop" else {"weight_decay": 0.0}
+    optimizer = (torch.optim.RMSprop if kind == "rmsprop" else torch.optim.AdamW)(trainable, lr=lr, **extra)
     name = "cosine" if schedule == "cosine" else "constant_with_warmup"
     scheduler = get_scheduler(name, optimizer, int(args.warmup_ratio * n_steps), n_steps)
-    if state is not None:  # a step checkpoint's (trainer_state): resharded to this run's ranks by DCP
+    if state is not None:  # resharded to this run's ranks by DCP
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import state_dict as sd
 
@@ -1557,10 +1379,8 @@ def make_optimizer(
 
 
 def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args: Args, where: str):
-    """Average LoRA gradients over ranks (replicated base: one flat all-reduce, a rank without a gradient adds
-    zeros), clip, sum the step's statistics over ranks (one all-reduce, one host copy with the gradient norm),
-    stop on a non-finite loss (stats' first slot), step. Returns (summed statistics by name, gradient norm)."""
-    if world() > 1 and args.lora_r > 0:
+    """Average LoRA gradients, clip, sum the statistics over ranks, stop on a non-finite loss (first slot), step."""
+    if world() > 1 and args.lora_r > 0:  # a replicated base: one flat all-reduce, a missing gradient adds zeros
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat)
@@ -1571,7 +1391,6 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
     if world() > 1:
         dist.all_reduce(stats.sums)
     *values, grad_norm = torch.cat([stats.sums, grad_norm.reshape(1).to(stats.sums)]).tolist()
-    total = dict(zip(stats.names, values))
     if not math.isfinite(values[0]):
         raise InputError(
             f"non-finite loss ({values[0]}) at {where}: stopping before the update (the last checkpoint "
@@ -1580,19 +1399,16 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return total, grad_norm
+    return dict(zip(stats.names, values)), grad_norm
 
 
 def save_atomic(model, tokenizer, directory: Path):
-    """The model as a save_pretrained folder (safetensors in the loaded checkpoint's dtype, config, tokenizer),
-    loadable by from_pretrained and vLLM: an iteration's or the run's final model. With LoRA the adapter is merged
-    first (the merged model is returned). Written by write_folder: a crash never leaves half a model."""
-    if hasattr(model, "peft_config"):
-        model = model.merge_and_unload()
-        state = model.state_dict()
-    elif world() > 1:  # FSDP2: gather the full weights (to the CPU)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """The model as a save_pretrained folder in its checkpoint's dtype (LoRA merged: returned), by write_folder."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    lora = hasattr(model, "peft_config")
+    model = model.merge_and_unload() if lora else model
+    if world() > 1 and not lora:  # FSDP2: gather the full weights (to the CPU)
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = model.state_dict()
@@ -1604,7 +1420,7 @@ def save_atomic(model, tokenizer, directory: Path):
             model.save_pretrained(folder, state_dict=state, safe_serialization=True)
             live, model.config.dtype = model.config.dtype, dtype  # save_pretrained recorded the masters' dtype
             model.config.save_pretrained(folder)
-            model.config.dtype = live  # the weights in memory are still the masters
+            model.config.dtype = live
             tokenizer.save_pretrained(folder)
 
     write_folder(directory, write)
@@ -1612,24 +1428,18 @@ def save_atomic(model, tokenizer, directory: Path):
 
 
 def write_folder(directory: Path, write):
-    """`write(folder)`, called on every rank, fills a fresh temporary folder (.tmp), which then takes `directory`'s
-    place by renames (the previous one is moved aside to .old first, then removed): a crash leaves the previous
-    folder or the new one whole (between the two renames, an instant, under those names). Its files get the mode
-    open() gives the run's other files (0o666 less the umask; save_pretrained and DCP write some through private
-    files), folders keep theirs."""
+    """`write(folder)` on every rank fills .tmp, which replaces `directory` by renames: a crash leaves one whole."""
     recover_folder(directory)
     tmp, old = (directory.with_name(directory.name + suffix) for suffix in (".tmp", ".old"))
     if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    if world() > 1:
-        dist.barrier()
+    barrier()
     write(tmp)
-    if world() > 1:
-        dist.barrier()
+    barrier()
     if rank() == 0:
         mode = 0o666 & ~process_umask()
-        for file in tmp.rglob("*"):
+        for file in tmp.rglob("*"):  # as open() gives (save_pretrained and DCP write some through private files)
             if file.is_file():
                 file.chmod(mode)
         shutil.rmtree(old, ignore_errors=True)
@@ -1637,39 +1447,31 @@ def write_folder(directory: Path, write):
             os.replace(directory, old)
         os.replace(tmp, directory)
         shutil.rmtree(old, ignore_errors=True)
-    if world() > 1:
-        dist.barrier()
+    barrier()
 
 
 def recover_folder(directory: Path):
-    """Finishes a swap of write_folder that a kill cut between its two renames: `directory` is gone, the previous
-    folder is whole under .old and the new one under .tmp (written, barriers passed), which takes its place."""
+    """Finishes a write_folder swap that a kill cut between its renames: the new folder (.tmp) takes its place."""
     tmp, old = (directory.with_name(directory.name + suffix) for suffix in (".tmp", ".old"))
     if rank() == 0 and not directory.exists() and old.exists():
         os.replace(tmp if tmp.exists() else old, directory)
         print(f"completed the interrupted replacement of {directory}")
-    if world() > 1:
-        dist.barrier()
+    barrier()
 
 
 def process_umask() -> int:
-    """This process's umask, read without changing it: Linux says it in /proc/self/status. Elsewhere the only way
-    to read it is to set it: to 0o077 for that instant, so a file another thread makes meanwhile is private."""
+    """The umask, from /proc on Linux; elsewhere set to 0o077 for an instant to read it (a file made then is private)"""
     try:
         with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o077)
+        os.umask(mask)
+        return mask
 
 
 def rng_state() -> dict:
-    """This rank's random number generators as tensors: the CPU's and, on a GPU run, its own GPU's (sampling draws
-    from it). One GPU per rank, so a run resumes on a node with another number of GPUs."""
+    """This rank's generators: the CPU's and, on a GPU run, its own GPU's (so it resumes on any number of GPUs)."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
 
@@ -1682,8 +1484,7 @@ def set_rng_state(state: dict):
 
 def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
     """Right-padded input_ids / attention_mask / labels (-100 on prompt and padding)."""
-    from torch.nn.utils.rnn import pad_sequence
-
+    pad_sequence = torch.nn.utils.rnn.pad_sequence
     ids = [torch.tensor(prompt + response) for prompt, response in sequences]
     labels = [torch.tensor([-100] * len(prompt) + response) for prompt, response in sequences]
     batch = {"input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id)}
@@ -1693,15 +1494,11 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, device) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Step checkpoints, scoring, sampling and evaluation
+# Runtime that only some of the scripts use
 
 
 def save_checkpoint(model, directory: Path, optimizer, scheduler, step: int):
-    """A resumable step checkpoint holding the training state exactly, in one folder (write_folder): the weights as
-    they train (the fp32 masters, a LoRA model's base and adapter) and the optimizer state by
-    torch.distributed.checkpoint (each rank its shards; read back at any number of ranks), the step and the
-    scheduler as JSON, each rank's random number generators as safetensors. No pickle: resuming a run folder from
-    elsewhere cannot run code. (save_atomic's export, in the checkpoint's dtype, is for iteration and final models.)"""
+    """A resumable step checkpoint without pickle: weights, optimizer (DCP: any ranks), JSON state, generators."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -1718,8 +1515,7 @@ def save_checkpoint(model, directory: Path, optimizer, scheduler, step: int):
 
 
 def trainer_state(directory: Path) -> dict | None:
-    """save_checkpoint's step, scheduler, weights and optimizer folders and this rank's generators (None for a
-    rank the run did not have: it keeps its seed's), or None when there is no step checkpoint."""
+    """save_checkpoint's state for make_optimizer (rng None on a rank the run did not have), None without one."""
     from safetensors.torch import load_file
 
     recover_folder(directory)
@@ -1731,23 +1527,17 @@ def trainer_state(directory: Path) -> dict | None:
             f"--resume: {directory} is a step checkpoint without its weights folder (model/); expected one "
             "written by this version (earlier ones held bf16 exports): delete the folder to redo its steps"
         )
-    state = json.loads(file.read_text()) | {
-        "model": str(directory / "model"),
-        "optimizer": str(directory / "optimizer"),
-    }
+    state = json.loads(file.read_text()) | {folder: str(directory / folder) for folder in ("model", "optimizer")}
     state["rng"] = load_file(str(generators)) if generators.exists() else None
     if rank() == 0:
-        print(
-            f"resuming from the step checkpoint {directory} at step {state['step']} (saved on {state['world_size']} "
-            f"ranks, resumed on {world()})"
-        )
+        saved = f"saved on {state['world_size']} ranks, resumed on {world()}"
+        print(f"resuming from the step checkpoint {directory} at step {state['step']} ({saved})")
     return state
 
 
 @torch.no_grad()
 def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_id: int, device, desc: str):
-    """Summed log-probs and response lengths [n] of (prompt_ids, response_ids) under `model`, all ranks. A
-    sharded policy scores as it trains (the same FSDP2 precision): a reference from it matches at step 0."""
+    """Summed log-probs and response lengths of (prompt_ids, response_ids) under `model`, as it trains; all ranks."""
     training, _ = model.training, model.eval()
     mine, real = shard(list(enumerate(sequences)))
     logps, counts = [], []
@@ -1756,196 +1546,113 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
         out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         logps += out.tolist()
         counts += (batch["labels"][:, 1:] != -100).sum(1).tolist()
-    if hasattr(model, "reshard"):  # FSDP2: the root stays gathered after a forward without backward; left so, 2 ranks
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root gathered after a forward without backward: 2 ranks then
         model.reshard()  # trained away from one process (tests/test_runs.py, two ranks match one process)
     model.train(training)
-    merged = {i: (lp, c) for i, lp, c in gather([(i, lp, c) for (i, _), lp, c in zip(mine[:real], logps, counts)])}
-    order = [merged[i] for i in range(len(sequences))]
-    return (
-        torch.tensor([o[0] for o in order], dtype=torch.float64),
-        torch.tensor([o[1] for o in order], dtype=torch.float64),
-    )
+    merged = dict(gather([(i, (lp, c)) for (i, _), lp, c in zip(mine[:real], logps, counts)]))
+    return tuple(torch.tensor([merged[i][k] for i in range(len(sequences))], dtype=torch.float64) for k in (0, 1))
 
 
-class VLLMEngine:
-    """--sampler vllm: this process's engine for the whole run, the checkpoint it holds, its longest sequence."""
-
+class VLLMEngine:  # --sampler vllm: this process's engine for the run, the checkpoint it holds, its longest sequence
     llm, path, max_model_len = None, None, None
 
 
-def vllm_devices() -> str | None:
-    """CUDA_VISIBLE_DEVICES for this rank's vLLM engine: its own GPU alone. A single-GPU engine takes device 0 of
-    what it sees, so under torchrun every rank's engine would otherwise land on GPU 0. None without CUDA."""
-    if not torch.cuda.is_available():
-        return None
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    return ids[int(os.environ.get("LOCAL_RANK", 0))]
-
-
-def start_vllm(vllm, model_path: str, args: Args, seed: int, sleeps: bool, longest_prompt: int):
-    """The engine, started once per process in its own processes (so CUDA_VISIBLE_DEVICES set around the
-    constructor pins it to this rank's GPU and leaves the trainer's view alone). It reserves KV cache for
-    --max_prompt_length + --max_new_tokens tokens, not the model's whole context, and computes in the HF
-    sampler's dtype."""
-    from vllm.platforms import current_platform
-
-    max_model_len = max(args.max_prompt_length, longest_prompt) + args.max_new_tokens
-    kwargs = dict(
-        model=model_path,
-        seed=seed,
-        gpu_memory_utilization=0.3,
-        max_model_len=max_model_len,
-        dtype={"auto": "bfloat16" if torch.cuda.is_available() else "float32"}.get(args.dtype, args.dtype),
-    )
-    if sleeps:
-        kwargs["enable_sleep_mode"] = True  # refused where the platform has none (CPU)
-    if current_platform.is_cpu():
-        kwargs["enable_chunked_prefill"] = False  # a seeded request's prefill split across steps crashes on CPU
-    devices, before = vllm_devices(), dict(os.environ)
-    if devices is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+def vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, desc, stop):
+    """generate() by vLLM: one engine per process on this rank's GPU, asleep between calls where it can sleep."""
     try:
-        llm = vllm.LLM(**kwargs)
-    finally:
-        os.environ.clear()
-        os.environ.update(before)
-    VLLMEngine.llm, VLLMEngine.max_model_len = llm, max_model_len
-    return llm
-
-
-def stop_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a turn: generation_config.eos_token_id (often a list: Llama-3 <|eot_id|>, Gemma
-    <end_of_turn>, Qwen <|im_end|>) and the tokenizer's EOS."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return sorted({i for i in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id] if i is not None})
+        import vllm
+        from vllm.platforms import current_platform
+    except ImportError:
+        raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
+    sleeps, longest = current_platform.is_sleep_mode_available(), max(map(len, prompt_ids))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # vLLM checks the free memory against gpu_memory_utilization
+    if VLLMEngine.llm is None:
+        VLLMEngine.max_model_len = max(args.max_prompt_length, longest) + args.max_new_tokens
+        dtype = {"auto": "bfloat16" if torch.cuda.is_available() else "float32"}.get(args.dtype, args.dtype)
+        kwargs = dict(model=model_path, seed=seed, gpu_memory_utilization=0.3, dtype=dtype)
+        # sleep mode (CUDA): asleep at level 2 between calls (weights dropped, the trainer has the GPU), every wake-up
+        # reloads the checkpoint; refused where the platform has none (CPU). A split seeded prefill crashes on CPU.
+        kwargs |= {"enable_sleep_mode": True} if sleeps else {}
+        kwargs |= {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
+        before = dict(os.environ)
+        if torch.cuda.is_available():  # a one-GPU engine takes the first it sees: under torchrun, every rank's GPU 0
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ids[int(os.environ.get("LOCAL_RANK", 0))]
+        try:  # the engine runs in its own processes: the trainer's view is restored after
+            VLLMEngine.llm = vllm.LLM(**kwargs, max_model_len=VLLMEngine.max_model_len)
+        finally:
+            os.environ.clear()
+            os.environ.update(before)
+    else:
+        if sleeps:
+            VLLMEngine.llm.wake_up(tags=["weights"])
+        if sleeps or VLLMEngine.path != model_path:
+            VLLMEngine.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
+        if sleeps:
+            VLLMEngine.llm.wake_up(tags=["kv_cache"])
+    llm, VLLMEngine.path = VLLMEngine.llm, model_path
+    if longest + args.max_new_tokens > VLLMEngine.max_model_len:
+        raise InputError(
+            f"{desc}: a prompt of {longest} tokens + --max_new_tokens {args.max_new_tokens} is over the vLLM engine's "
+            f"max_model_len {VLLMEngine.max_model_len} (--max_prompt_length + --max_new_tokens when it started); "
+            "raise --max_prompt_length"
+        )
+    # vLLM seeds sample j of a request seed + j: one seed per prompt, n apart, from the call's seed and prompt index
+    sampling = dict(n=n, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0, stop_token_ids=stop)
+    sampling["max_tokens"] = args.max_new_tokens
+    first = seed * 1_000_003 + rank() * len(prompt_ids) * n
+    params = [vllm.SamplingParams(**sampling, seed=first + i * n) for i in range(len(prompt_ids))]
+    results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+    if sleeps:
+        llm.sleep(level=2)
+    return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
 
 
 @torch.no_grad()
-def generate(
-    model,
-    tokenizer,
-    prompts: list[list[dict]],
-    n: int,
-    temperature: float,
-    top_p: float,
-    args: Args,
-    device,
-    seed: int,
-    model_path: str | None = None,
-    desc: str = "generate",
-) -> list[list[tuple[str, bool]]]:
-    """n samples per prompt as (text, finished) where finished = stopped on a stop_ids token within
-    max_new_tokens. Prompts are encode()'s ids. Sampling is exactly temperature / top-p: top-k off (transformers
-    would fill 50) and no repetition penalty from the model's generation_config. With --sampler vllm (and a
-    saved model_path) vLLM samples instead of HF generate, with the same settings and stop ids."""
-    stop = stop_ids(model, tokenizer)
+def generate(model, tokenizer, prompts, n, temperature, top_p, args, device, seed, model_path=None, desc="generate"):
+    """n samples per prompt as (text, stopped on an end-of-turn id), all ranks: exactly temperature and top-p."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # often a list: Llama-3, Qwen
+    stop = sorted({i for i in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id] if i is not None})
+    mine, real = shard(prompts)  # each rank samples its share
+    prompt_ids = [encode(tokenizer, p)[0] for p in mine]
     if model_path is not None and args.sampler == "vllm":
-        try:
-            import vllm
-            from vllm.platforms import current_platform
-        except ImportError:
-            raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
-        # One engine per process for the whole run. Where the platform has sleep mode (CUDA) it sleeps between
-        # calls so that training has the GPU, at level 2 (weights dropped, not copied to CPU RAM): every wake-up
-        # reloads the checkpoint in place. Elsewhere (CPU) a new checkpoint is reloaded in place when it changes.
-        sleeps = current_platform.is_sleep_mode_available()
-        mine, real = shard(prompts)  # each rank samples its share
-        prompt_ids = [encode(tokenizer, p)[0] for p in mine]
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # vLLM checks the free memory against gpu_memory_utilization
-        llm = VLLMEngine.llm
-        if llm is None:
-            llm = start_vllm(vllm, model_path, args, seed, sleeps, max(map(len, prompt_ids)))
-        else:
-            if sleeps:
-                llm.wake_up(tags=["weights"])
-            if sleeps or VLLMEngine.path != model_path:
-                llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
-            if sleeps:
-                llm.wake_up(tags=["kv_cache"])
-        VLLMEngine.path = model_path
-        longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-        if len(prompt_ids[longest]) + args.max_new_tokens > VLLMEngine.max_model_len:
-            raise InputError(
-                f"{desc}: a prompt of {len(prompt_ids[longest])} tokens + --max_new_tokens "
-                f"{args.max_new_tokens} is over the vLLM engine's max_model_len {VLLMEngine.max_model_len} "
-                "(--max_prompt_length + --max_new_tokens when it started); raise --max_prompt_length"
-            )
-        # vLLM seeds sample j of a request seed + j: one seed per prompt, n apart, so that no two samples share a
-        # random stream, and from the call's seed and the prompt's index (not the engine's history)
-        params = [
-            vllm.SamplingParams(
-                n=n,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=-1,
-                repetition_penalty=1.0,
-                max_tokens=args.max_new_tokens,
-                stop_token_ids=stop,
-                seed=seed * 1_000_003 + (rank() * len(mine) + i) * n,
-            )
-            for i in range(len(mine))
-        ]
-        results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-        if sleeps:
-            llm.sleep(level=2)
-        return gather([[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results[:real]])
+        return gather(vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, desc, stop)[:real])
     from torch.distributed.fsdp import FSDPModule
 
     sampler = unsharded_copy(model, args) if isinstance(model, FSDPModule) else model
     training, _ = sampler.training, sampler.eval()
     torch.manual_seed(seed + rank())
-    mine, real = shard(prompts)
-    prompt_ids = [encode(tokenizer, p)[0] for p in mine]
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together: little padding
-    sampling = (
-        dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
-        if temperature > 0
-        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    )
-    outputs = {}
-    batch_size = max(1, args.generation_batch_size // n)
+    sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)  # greedy; transformers fills top_k 50
+    if temperature > 0:
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
+    sampling |= dict(max_new_tokens=args.max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+    outputs, batch_size = {}, max(1, args.generation_batch_size // n)
     for start in progress(range(0, len(order), batch_size), desc=desc, inner=True):
         indices = order[start : start + batch_size]
         enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in indices]}, return_tensors="pt").to(device)
         # one autocast around the whole call: the bf16 casts of trainable fp32 weights are made once, not per token
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-            out = sampler.generate(
-                **enc,
-                **sampling,
-                max_new_tokens=args.max_new_tokens,
-                num_return_sequences=n,
-                eos_token_id=stop,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        rows = out[:, enc["input_ids"].shape[1] :].tolist()
-        for k, i in enumerate(indices):  # num_return_sequences rows per prompt, consecutive
-            ends = [
-                next((j for j, token in enumerate(row) if token in stop), None) for row in rows[k * n : (k + 1) * n]
-            ]
-            outputs[i] = [
-                (tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None)
-                for row, end in zip(rows[k * n : (k + 1) * n], ends)
-            ]
+            out = sampler.generate(**enc, **sampling, num_return_sequences=n)
+        for row_index, row in enumerate(out[:, enc["input_ids"].shape[1] :].tolist()):  # n rows per prompt, in order
+            end = next((j for j, token in enumerate(row) if token in stop), None)
+            text = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+            outputs.setdefault(indices[row_index // n], []).append((text, end is not None))
     sampler.train(training)
     return gather([outputs[i] for i in range(real)])
 
 
 def unsharded_copy(model, args: Args):
-    """An FSDP2-sharded policy as one plain frozen model per rank in the compute dtype, for sampling: HF generate
-    on the sharded model would gather every layer for every decoded token. Gathered one tensor at a time (one
-    fp32 tensor beyond the copy at the peak); the policy's fp32 shards stay the masters."""
+    """A sharded policy as a plain frozen copy in the compute dtype: HF generate would gather layers per token."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     with torch.device("meta"):
         copy = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
-    state = {
-        name: (value.full_tensor() if hasattr(value, "full_tensor") else value).to(dtype)
-        for name, value in model.state_dict().items()
-    }
-    copy.load_state_dict(state, assign=True)
+    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).to(dtype) for k, v in model.state_dict().items()}
+    copy.load_state_dict(full, assign=True)
     for name, buffer in model.named_buffers():  # non-persistent buffers (rotary frequencies) are not in the state
         module, _, attr = name.rpartition(".")
         copy.get_submodule(module).register_buffer(attr, buffer, persistent=False)
@@ -1958,96 +1665,57 @@ def unsharded_copy(model, args: Args):
 
 
 def load_reward_model(path: str, chat_template: str | None):
-    """--reward_model's tokenizer with its chat template (or --reward_chat_template), checked before anything is
-    written: a folder (or hub id) whose config has one output (num_labels 1) and whose tokenizer loads."""
+    """--reward_model's tokenizer, checked before anything is written: one output (num_labels 1), a chat template."""
     from transformers import AutoConfig, AutoTokenizer
 
-    hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-    if not Path(path).expanduser().is_dir() and not hub_id:
-        raise InputError(f"--reward_model: folder {path!r} not found")
+    if not Path(path).expanduser().is_dir() and (path.count("/") != 1 or path.startswith((".", "/", "~"))):
+        raise InputError(f"--reward_model: folder {path!r} not found")  # (nor a hub id)
     try:
-        config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        config, tokenizer = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise InputError(
-            f"--reward_model: no model could be loaded from {path!r} ({str(err).splitlines()[0]})"
-        ) from None
+        raise InputError(f"--reward_model: no model could be loaded from {path!r} ({first_line(err)})") from None
     if config.num_labels != 1:
         raise InputError(
             f"--reward_model: {path!r} has {config.num_labels} outputs (num_labels); expected a sequence "
             "classifier with one (AutoModelForSequenceClassification, num_labels=1)"
         )
-    if chat_template and "{%" not in chat_template and not Path(chat_template).is_file():
-        raise InputError(f"--reward_chat_template: file {chat_template!r} not found")
-    if chat_template:
-        tokenizer.chat_template = chat_template if "{%" in chat_template else Path(chat_template).read_text()
-    if not tokenizer.chat_template:
-        raise InputError(
-            f"--reward_model: the tokenizer of {path!r} has no chat template; pass --reward_chat_template file.jinja"
-        )
-    return tokenizer
+    owner = f"--reward_model: the tokenizer of {path!r}"
+    return set_chat_template(tokenizer, chat_template, "--reward_chat_template", owner)
 
 
 def reward_model_ids(tokenizer, prompts: list[str], responses: list[str]) -> list[list[int]]:
     """Each (prompt, response) as a user and an assistant turn in the reward model's own chat template."""
     from jinja2 import TemplateError
 
+    turns = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
     try:
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
-            )
-            for p, r in zip(prompts, responses)
-        ]
+        return [tokenize(tokenizer, tokenizer.apply_chat_template(turn, tokenize=False)) for turn in turns]
     except TemplateError as err:
         raise InputError(f"--reward_model: its chat template refuses a user and an assistant turn: {err}") from None
-    return [tokenize(tokenizer, text) for text in texts]
-
-
-def reward_model_scorer(args: Args, example: dict | None = None):
-    """score(prompts, responses) -> list[float] by --reward_model (all ranks); its template is tried on `example`."""
-    tokenizer = load_reward_model(args.reward_model, args.reward_chat_template)
-    if example is not None:
-        reward_model_ids(tokenizer, [example["prompt"][-1]["content"]], [example["chosen"]])
-    return lambda prompts, responses: reward_model_scores(
-        args.reward_model, tokenizer, prompts, responses, args, run_device(args)
-    )
 
 
 @torch.no_grad()
-def reward_model_scores(
-    path: str, tokenizer, prompts: list[str], responses: list[str], args: Args, device
-) -> list[float]:
-    """The reward model's score of each (prompt, response), on all ranks: each rank scores its share in batches
-    sorted by length, in the compute dtype; the model is loaded for this call and freed after it (at 7B it
-    would otherwise hold a second model's memory through training). Batches are padded on the right, so every
-    position is where it is in an unpadded forward and the classifier's own rule (the last token that is not
-    its pad id) picks the same token as it does on the sequence alone."""
+def reward_model_scores(path, tokenizer, prompts: list[str], responses: list[str], args, device=None) -> list[float]:
+    """The reward model's scores, all ranks; loaded for this call only (at 7B it would hold memory in training)."""
     from transformers import AutoModelForSequenceClassification
 
+    if device is None:  # this rank's: init_device sets it after the scorer is made
+        device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     ids = reward_model_ids(tokenizer, prompts, responses)
     mine, real = shard(list(range(len(ids))))
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     with torch.random.fork_rng(devices=[]):  # loading draws nothing from the run's random numbers
-        model = (
-            AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32, **NO_HUB_KERNELS
-            )
-            .to(device)
-            .eval()
-        )
-    pad_id = getattr(model.config, "pad_token_id", None)
-    order = sorted(range(len(mine)), key=lambda k: len(ids[mine[k]]))
-    scores = {}
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **NO_HUB_KERNELS)
+    model, pad_id, scores = model.to(device).eval(), getattr(model.config, "pad_token_id", None), {}
+    order = sorted(range(len(mine)), key=lambda k: len(ids[mine[k]]))  # batches of similar lengths
     for start in progress(range(0, len(order), args.scoring_batch_size), desc="reward model", inner=True):
         batch = [ids[mine[k]] for k in order[start : start + args.scoring_batch_size]]
         if pad_id is None:  # without a pad id the model reads the last token: pad with one no sequence here ends on
             model.config.pad_token_id = min(set(range(len(batch) + 1)) - {seq[-1] for seq in batch})
-        width = max(map(len, batch))
-        input_ids = torch.tensor(
-            [seq + [model.config.pad_token_id] * (width - len(seq)) for seq in batch], device=device
-        )
-        attention_mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in batch], device=device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        width, pad = max(map(len, batch)), model.config.pad_token_id  # on the right: the classifier reads its token
+        input_ids = torch.tensor([seq + [pad] * (width - len(seq)) for seq in batch], device=device)
+        mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in batch], device=device)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
         scores.update(zip(order[start : start + args.scoring_batch_size], logits[:, 0].float().tolist()))
     del model
     if device.type == "cuda":
@@ -2057,9 +1725,7 @@ def reward_model_scores(
 
 
 def win_rate(scores: list[float], start_scores: list[float]) -> tuple[float, float, float]:
-    """The share of prompts whose sample out-scores the starting model's (a tie counts 1/2) and its 95% Wilson
-    score interval, with ties as half wins: an outcome in {0, 1/2, 1} with mean p has a variance of at most
-    p(1 - p), so the interval is exact without ties and conservative with them."""
+    """The share of samples that beat the start's (a tie 1/2) and its 95% Wilson interval (conservative with ties)."""
     n, z = len(scores), 1.959964  # the normal distribution's 97.5% quantile
     p = sum((a > b) + 0.5 * (a == b) for a, b in zip(scores, start_scores)) / n
     center = (p + z * z / (2 * n)) / (1 + z * z / n)
@@ -2068,8 +1734,7 @@ def win_rate(scores: list[float], start_scores: list[float]) -> tuple[float, flo
 
 
 def pairwise_agreement(scores, start_scores, gold, gold_start) -> float:
-    """How often `scores` order a prompt's sample and the start's sample as `gold` does (a tie in `scores` counts
-    1/2), over the prompts where `gold` scores the two differently; NaN where there are none."""
+    """How often `scores` order a sample and the start's as `gold` does (a tie 1/2), where gold differs; else NaN."""
     pairs = [(a - b, g - h) for a, b, g, h in zip(scores, start_scores, gold, gold_start) if g != h]
     return sum((d > 0) == (gd > 0) if d != 0 else 0.5 for d, gd in pairs) / len(pairs) if pairs else float("nan")
 
@@ -2081,52 +1746,26 @@ def wins(metrics: dict) -> str:
     return ", win rate {:.3f} [{:.3f}, {:.3f}]".format(*(metrics[f"eval/win_rate{k}"] for k in ("", "_lo", "_hi")))
 
 
-def evaluate(
-    model, tokenizer, eval_prompts, scorers, args, device, model_path=None, start_file=None, is_start=False
-) -> tuple[float, dict]:
-    """One sample per held-out prompt, scored by every scorer of load_evaluation: the first scorer's mean and the
-    metrics (eval/reward, eval/rm_score; eval/win_rate with its interval against the starting model's samples, by
-    the reward model where there is one; the reward model's agreement with --reward_fn; both mean lengths in
-    words). The starting model's evaluation (is_start) keeps its samples and scores in start_file; every later one
-    (same seed and settings) is compared with them, in a resumed run too."""
-    samples = generate(
-        model,
-        tokenizer,
-        [[{"role": "user", "content": p}] for p in eval_prompts],
-        1,
-        args.eval_temperature,
-        1.0,
-        args,
-        device,
-        seed=args.seed + 10_000,
-        model_path=model_path,
-        desc="eval",
-    )
+def evaluate(model, tokenizer, eval_prompts, scorers, args, device, model_path=None, start_file=None, is_start=False):
+    """(First scorer's mean, metrics) of one sample per held-out prompt, with win rates against the start's samples."""
+    prompts, seed = [[{"role": "user", "content": p}] for p in eval_prompts], args.seed + 10_000
+    samples = generate(model, tokenizer, prompts, 1, args.eval_temperature, 1.0, args, device, seed, model_path, "eval")
     responses = [s[0][0] for s in samples]
     scores = {name: scorer(eval_prompts, responses) for name, scorer in scorers.items()}
     metrics = {f"eval/{name}": sum(values) / len(values) for name, values in scores.items()}
+    start = {"responses": responses, "scores": scores}
     if is_start and start_file is not None:
-        write_atomic(start_file, {"responses": responses, "scores": scores})
-    start = (
-        {"responses": responses, "scores": scores}
-        if is_start
-        else json.loads(start_file.read_text())
-        if start_file is not None and start_file.exists()
-        else None
-    )
+        write_atomic(start_file, start)
+    elif not is_start:
+        start = json.loads(start_file.read_text()) if start_file is not None and start_file.exists() else None
     if start is not None:
-        judge = "rm_score" if "rm_score" in scores else next(iter(scores))
-        metrics.update(
-            zip(
-                ("eval/win_rate", "eval/win_rate_lo", "eval/win_rate_hi"),
-                win_rate(scores[judge], start["scores"][judge]),
-            )
-        )
-        if "rm_score" in scores and "reward" in scores:  # proxy against gold on the run's own samples
-            metrics["eval/reward_win_rate"] = win_rate(scores["reward"], start["scores"]["reward"])[0]
-            metrics["eval/rm_oracle_agreement"] = pairwise_agreement(
-                scores["rm_score"], start["scores"]["rm_score"], scores["reward"], start["scores"]["reward"]
-            )
+        judge, old = "rm_score" if "rm_score" in scores else next(iter(scores)), start["scores"]
+        rate = win_rate(scores[judge], old[judge])
+        metrics.update(zip(("eval/win_rate", "eval/win_rate_lo", "eval/win_rate_hi"), rate))
+        if "rm_score" in scores and "reward" in scores:  # the proxy against gold on the run's own samples
+            metrics["eval/reward_win_rate"] = win_rate(scores["reward"], old["reward"])[0]
+            agreement = pairwise_agreement(scores["rm_score"], old["rm_score"], scores["reward"], old["reward"])
+            metrics["eval/rm_oracle_agreement"] = agreement
     metrics["eval/response_words"] = sum(len(r.split()) for r in responses) / len(responses)
     if start is not None:
         metrics["eval/start_response_words"] = sum(len(r.split()) for r in start["responses"]) / len(start["responses"])

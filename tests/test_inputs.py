@@ -72,10 +72,16 @@ BAD = {  # name: (arguments given a tmp folder, expected message)
     ),
     "no tokenizer": (
         lambda d: dict(model=model_without(d, ("tokenizer.json", "tokenizer_config.json"))),
-        r"--model: .* has no tokenizer files",
+        r"--model: no config and tokenizer load from .*tokenizer",
     ),
-    "no config": (lambda d: dict(model=model_without(d, ("config.json",))), r"--model: .* has no config.json"),
-    "truncated safetensors": (lambda d: dict(model=truncated_model(d)), r"model.safetensors is truncated"),
+    "no config": (
+        lambda d: dict(model=model_without(d, ("config.json",))),
+        r"--model: no config and tokenizer load from .*config.json",
+    ),
+    "truncated safetensors": (
+        lambda d: dict(model=truncated_model(d)),
+        r"--model: .* does not load as a causal LM \(Error while deserializing header",
+    ),
     "reward raises": (
         lambda d: dict(reward_fn=reward_file(d, "raise KeyError('label')")),
         r"--reward_fn .* raised KeyError: 'label'",
