@@ -275,6 +275,24 @@ def test_bf16_logits_fp32_accumulation(impl):
     assert per_token < 1e-3, per_token
 
 
+@pytest.mark.parametrize("impl", [c[0] for c in impls_and_dtypes() if c[1] == torch.float32])
+def test_fp32_master_weight_of_16bit_hidden(impl):
+    """The one input rule of both ops: an fp32 master head beside fp16 hidden states is taken as it is, its products
+    run in fp16 (the values of the head cast outside), and its gradient comes back fp32, summed in fp32."""
+    hidden, weight, labels = make_inputs(2, 9, 32, 70, torch.float32, seed=18)
+    hidden = hidden.half().requires_grad_()
+    master = weight.clone().requires_grad_()
+    got = sequence_logps(hidden, master, labels, softcap=3.0, impl=impl, workspace_bytes=5 * 70 * 4)[0]
+    (grad,) = torch.autograd.grad(got.sum(), [master])
+    cast = weight.clone().requires_grad_()
+    want = sequence_logps(hidden, cast.half(), labels, softcap=3.0, impl=impl, workspace_bytes=5 * 70 * 4)[0]
+    (want_grad,) = torch.autograd.grad(want.sum(), [cast])
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    exact = torch.autograd.grad(oracle_sequence(hidden.detach(), cast, labels, softcap=3.0).sum(), [cast])[0]
+    assert (grad.double() - exact).abs().max() <= (want_grad.double() - exact).abs().max() + 1e-6
+
+
 def test_grad_flows_only_to_what_requires_it():
     hidden, weight, labels = make_inputs(2, 5, 16, 30, torch.float32, seed=17)
     hidden.requires_grad_()
