@@ -25,11 +25,6 @@ def _check_pair_tensor(name: str, value: torch.Tensor | None, like: torch.Tensor
     return value.float()
 
 
-def pair_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
-    """h = rho(y_w) - rho(y_l), the pair log-ratio margin."""
-    return (policy_chosen.float() - ref_chosen.float()) - (policy_rejected.float() - ref_rejected.float())
-
-
 def pair_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,

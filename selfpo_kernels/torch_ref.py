@@ -1,24 +1,12 @@
-"""Pure-PyTorch token log-likelihoods from hidden states and an lm_head weight.
+"""The pure-PyTorch pieces: the engine's CPU back end, the fp32 product-sum it uses, and the tests' naive oracle.
 
-Two implementations:
-* `chunked_token_logps` — the CPU path (and the fallback where Triton is absent): an
-  autograd.Function that walks the scored tokens in chunks and recomputes each chunk's
-  logits in backward, so extra memory is bounded by `chunk x V`, never `N x V`.
-* `naive_token_logps` — `logits -> log_softmax -> gather` with autograd, in any dtype; the
-  test oracle in float64 and the "naive" row of the benchmark.
-
-Logit transform shared by every path: z = h @ W^T, then Gemma-2
-soft-capping `cap * tanh(z / cap)` when `softcap` is set, then division by `temperature`.
+Logit transform shared by every path: z = h @ W^T (+ b), then Gemma-2 soft-capping `cap * tanh(z / cap)` when
+`softcap` is set, then division by `temperature`.
 """
 
 from __future__ import annotations
 
 import torch
-
-# Target size of one chunk's fp32 logits; the backward holds about two such buffers. Chunks must
-# be tall: the dW GEMM's inner dimension is the chunk's row count (131 rows at 4M/32000 ran 3x
-# slower than one big GEMM on CPU).
-DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 16M floats = 64 MB
 
 
 def transform_logits(logits: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
@@ -65,136 +53,48 @@ def _addmm_has_out_dtype() -> bool:
 _ADDMM_OUT_DTYPE = _addmm_has_out_dtype()
 
 
-def _chunk_rows(num_rows: int, vocab: int, chunk_elements: int) -> int:
-    return max(1, min(num_rows, chunk_elements // max(vocab, 1)))
+class TorchBackend:
+    """The engine's back end on CPU: an fp32 workspace, transformed in place. After `stats` it holds
+    exp(logits - rowmax), from which `grad` finishes the softmax (no second pass over the logits)."""
 
+    fp32_workspace = True
 
-@torch.no_grad()
-def _forward_chunks(hidden, weight, targets, temperature, softcap, chunk_elements):
-    rows = hidden.shape[0]
-    logps = torch.empty(rows, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(rows, dtype=torch.float32, device=hidden.device)
-    step = _chunk_rows(rows, weight.shape[0], chunk_elements)
-    for start in range(0, rows, step):
-        end = min(start + step, rows)
-        logits = transform_logits((hidden[start:end] @ weight.T).float(), temperature, softcap)
-        chunk_lse = torch.logsumexp(logits, dim=-1)
-        logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - chunk_lse
-        lse[start:end] = chunk_lse
-    return logps, lse
+    def __init__(self, temperature: float, softcap: float | None):
+        self.temperature, self.softcap = temperature, softcap
 
+    def _transform_(self, ws, bias):
+        if bias is not None:
+            ws += bias.float()
+        tanh = None
+        if self.softcap is not None:
+            tanh = torch.tanh(ws / self.softcap)  # kept for the soft-cap's derivative (a second buffer)
+            torch.mul(tanh, self.softcap, out=ws)
+        if self.temperature != 1.0:
+            ws /= self.temperature
+        return tanh
 
-def _backward_chunks(
-    hidden, weight, targets, lse, grad_logps, temperature, softcap, chunk_elements, need_hidden, need_weight
-):
-    grad_hidden = torch.empty_like(hidden) if need_hidden else None
-    # dW accumulates over chunks: keep it in fp32 so low-precision weights do not lose sums.
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-    scale = grad_logps.float() / temperature
-    rows = hidden.shape[0]
-    step = _chunk_rows(rows, weight.shape[0], chunk_elements)
-    for start in range(0, rows, step):
-        end = min(start + step, rows)
-        h = hidden[start:end]
-        logits = (h @ weight.T).float()
-        # d logp / d z = onehot - softmax(z), chained through temperature and soft-cap.
-        if softcap is not None:
-            tanh = torch.tanh(logits / softcap)
-            logits = softcap * tanh
-        if temperature != 1.0:
-            logits /= temperature
-        grad = logits.sub_(lse[start:end, None]).exp_().mul_(-scale[start:end, None])  # in place
-        idx = torch.arange(end - start, device=h.device)
-        grad[idx, targets[start:end]] += scale[start:end]
-        if softcap is not None:
-            grad *= 1.0 - tanh * tanh
-        grad = grad.to(hidden.dtype)
-        if need_hidden:
-            torch.mm(grad, weight, out=grad_hidden[start:end])
-        if need_weight:
-            add_matmul_fp32_(grad_weight, grad.T, h)
-    if need_weight:
-        grad_weight = grad_weight.to(weight.dtype)
-    return grad_hidden, grad_weight
+    def stats(self, ws, bias, targets, keep: bool):
+        """-> token log-probs, lse, and (when keep) the state `grad` forms dZ from."""
+        tanh = self._transform_(ws, bias)
+        label = ws.gather(1, targets[:, None]).squeeze(1)
+        top = ws.amax(dim=1)
+        ws.sub_(top[:, None]).exp_()
+        total = ws.sum(dim=1)
+        lse = top + total.log()
+        return label - lse, lse, (1.0 / total, tanh) if keep else None
 
+    def recompute(self, ws, bias, lse):
+        """Fresh logits in ws, with the log-sum-exp known: -> the state for `grad`."""
+        tanh = self._transform_(ws, bias)
+        ws.sub_(lse[:, None]).exp_()
+        return None, tanh
 
-# The chunked path as torch.library custom ops, so that it traces under FakeTensorMode and torch.compile
-# (which see the register_fake shapes only) exactly as the Triton path does.
-
-
-@torch.library.custom_op("selfpo::chunked_token_logps_fwd", mutates_args=())
-def _forward_op(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float,
-    softcap: float | None,
-    chunk_elements: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token logps [M], lse [M]), fp32."""
-    return _forward_chunks(hidden, weight, targets, temperature, softcap, chunk_elements)
-
-
-@_forward_op.register_fake
-def _(hidden, weight, targets, temperature, softcap, chunk_elements):
-    rows = hidden.shape[0]
-    # one chunk's fp32 logits, the transient the real forward holds
-    chunk = hidden.new_empty((_chunk_rows(rows, weight.shape[0], chunk_elements), weight.shape[0]), dtype=torch.float32)
-    del chunk
-    return hidden.new_empty(rows, dtype=torch.float32), hidden.new_empty(rows, dtype=torch.float32)
-
-
-@torch.library.custom_op("selfpo::chunked_token_logps_bwd", mutates_args=())
-def _backward_op(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    grad_logps: torch.Tensor,
-    temperature: float,
-    softcap: float | None,
-    chunk_elements: int,
-    need_hidden: bool,
-    need_weight: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad hidden, grad weight), each [0] when not needed."""
-    grad_hidden, grad_weight = _backward_chunks(
-        hidden, weight, targets, lse, grad_logps, temperature, softcap, chunk_elements, need_hidden, need_weight
-    )
-    return (
-        hidden.new_empty(0) if grad_hidden is None else grad_hidden,
-        weight.new_empty(0) if grad_weight is None else grad_weight,
-    )
-
-
-@_backward_op.register_fake
-def _(hidden, weight, targets, lse, grad_logps, temperature, softcap, chunk_elements, need_hidden, need_weight):
-    return (
-        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-        torch.empty_like(weight) if need_weight else weight.new_empty(0),
-    )
-
-
-def _setup_backward(ctx, inputs, output):
-    hidden, weight, targets, temperature, softcap, chunk_elements = inputs
-    ctx.save_for_backward(hidden, weight, targets, output[1])
-    ctx.config = (temperature, softcap, chunk_elements)
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward_formula(ctx, grad_logps, _grad_lse):
-    hidden, weight, targets, lse = ctx.saved_tensors
-    need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_hidden, grad_weight = _backward_op(
-        hidden, weight, targets, lse, grad_logps, *ctx.config, need_hidden, need_weight
-    )
-    return grad_hidden if need_hidden else None, grad_weight if need_weight else None, None, None, None, None
-
-
-_forward_op.register_autograd(_backward_formula, setup_context=_setup_backward)
-
-
-def chunked_token_logps(hidden, weight, targets, temperature=1.0, softcap=None, chunk_elements=DEFAULT_CHUNK_ELEMENTS):
-    """Token log-likelihoods [M] fp32 for M scored rows; gradients w.r.t. hidden and weight (chunks recomputed)."""
-    softcap = None if softcap is None else float(softcap)
-    return _forward_op(hidden, weight, targets, float(temperature), softcap, int(chunk_elements))[0]
+    def grad(self, ws, bias, targets, lse, state, g):
+        """ws holds exp(logits - c), softmax = ws * inv_total (1 after `recompute`); -> dZ in place (fp32)."""
+        inv_total, tanh = state
+        scale = g / self.temperature
+        ws.mul_((-scale if inv_total is None else -scale * inv_total)[:, None])
+        ws[torch.arange(ws.shape[0], device=ws.device), targets] += scale
+        if tanh is not None:
+            ws.mul_(tanh.square_().neg_().add_(1.0))
+        return ws

@@ -1,7 +1,7 @@
-"""The kernels as torch.library custom ops: they trace under FakeTensorMode (shapes only, no values: what the
-fake-GPU dry run needs) and under torch.compile, and pass torch.library.opcheck's schema, fake and autograd
-checks. The CUDA-only parts (self-check, pinned host count) must not run on fake tensors. The fused pair op
-(selfpo_kernels.pair) traces under FakeTensorMode through two custom ops of its own, with loss_fn between them."""
+"""The engine's token passes as torch.library custom ops: they trace under FakeTensorMode (shapes only, no values: what
+the fake-GPU dry run needs) and under torch.compile, and pass torch.library.opcheck's schema, fake and autograd
+checks. The self-check and the host reads must not run on fake tensors. The fused pair op traces under FakeTensorMode
+through the same two ops, with loss_fn on the whole batch between them."""
 
 import os
 
@@ -10,19 +10,10 @@ import torch
 import transformers
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-import selfpo_kernels.logps as triton_logps
 import selfpo_kernels.pair as pair_mod
-from selfpo_kernels import (
-    causal_lm_logps,
-    causal_lm_pair_loss,
-    daa_loss_fn,
-    ops,
-    pair_loss_from_hidden,
-    sequence_logps,
-    torch_ref,
-)
+from selfpo_kernels import causal_lm_logps, causal_lm_pair_loss, daa_loss_fn, pair_loss_from_hidden, sequence_logps
 
-TRITON = triton_logps.HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+TRITON = pair_mod.HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="needs Triton's interpreter"))]
 
 
@@ -40,8 +31,8 @@ def problem(seed=0, batch=3, length=7, hidden_size=16, vocab=40, dtype=torch.flo
 def test_sequence_logps_under_fake_mode(impl, monkeypatch):
     """Forward and backward on fake tensors: fp32 [B] outputs, gradients of the inputs' shapes, and neither the
     self-check nor a host read (both would raise on values a fake tensor does not have)."""
-    monkeypatch.setattr(ops, "_needs_self_check", lambda device: True)  # as on CUDA: must be skipped when fake
-    monkeypatch.setattr(ops, "self_check", lambda *a: pytest.fail("self-check ran on fake tensors"))
+    monkeypatch.setattr(pair_mod, "_self_check_due", lambda device: True)  # as on CUDA: must be skipped when fake
+    monkeypatch.setattr(pair_mod, "self_check", lambda *a: pytest.fail("self-check ran on fake tensors"))
     hidden, weight, labels = problem()
     with FakeTensorMode() as mode:
         h, w, y = (mode.from_tensor(t) for t in (hidden, weight, labels))
@@ -55,14 +46,14 @@ def test_sequence_logps_under_fake_mode(impl, monkeypatch):
 
 
 def test_fake_mode_routes_through_the_custom_ops(monkeypatch):
-    """The torch path's fake implementation is the registered one (a Python loop over chunks would not trace)."""
+    """The fake implementation is the registered one (a Python loop over chunks, with host reads, would not trace)."""
     calls = []
-    real = torch_ref._forward_chunks
-    monkeypatch.setattr(torch_ref, "_forward_chunks", lambda *a: calls.append(1) or real(*a))
+    real = pair_mod._token_logps
+    monkeypatch.setattr(pair_mod, "_token_logps", lambda *a: calls.append(1) or real(*a))
     hidden, weight, labels = problem()
     with FakeTensorMode() as mode:
         sequence_logps(mode.from_tensor(hidden), mode.from_tensor(weight), mode.from_tensor(labels), impl="torch")
-    assert calls == []  # the real kernel never saw the fake tensors
+    assert calls == []  # the real pass never saw the fake tensors
     sequence_logps(hidden, weight, labels, impl="torch")
     assert calls == [1]
 
@@ -70,14 +61,11 @@ def test_fake_mode_routes_through_the_custom_ops(monkeypatch):
 def test_fake_op_rejects_mixed_devices():
     """A wrong-device input fails in the fake implementation, naming the devices (as a launch would fail)."""
     hidden, weight, labels = problem()
-    targets, rows = labels.reshape(-1).clamp(min=0), hidden.reshape(-1, hidden.shape[-1])
     with FakeTensorMode() as mode:
-        h = mode.from_tensor(rows)
+        h, y = mode.from_tensor(hidden), mode.from_tensor(labels)
         w = mode.from_tensor(weight).to("meta")
         with pytest.raises(RuntimeError, match="different devices"):
-            triton_logps._forward_op(
-                h, w, None, None, mode.from_tensor(targets), mode.from_tensor(torch.tensor(3)), 1.0, None, None
-            )
+            pair_mod._logps_op(h, w, None, y, 1.0, None, -100, "torch", None, None)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -109,34 +97,6 @@ def test_compiled_equals_eager(impl, reduction):
         results.append((value.detach(), policy.detach(), h.grad, w.grad))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
-
-
-def test_opcheck_chunked_ops():
-    """Schema, fake implementation against the real one, autograd registration (torch.library.opcheck)."""
-    gen = torch.Generator().manual_seed(2)
-    hidden = torch.randn(9, 16, generator=gen, requires_grad=True)
-    weight = (torch.randn(30, 16, generator=gen) / 3).requires_grad_()
-    targets = torch.randint(0, 30, (9,), generator=gen)
-    for args in [(hidden, weight, targets, 1.0, None, 64), (hidden, weight, targets, 0.8, 3.0, 1 << 20)]:
-        torch.library.opcheck(torch_ref._forward_op, args)
-    _, lse = torch_ref._forward_op(hidden.detach(), weight.detach(), targets, 1.0, None, 64)
-    torch.library.opcheck(
-        torch_ref._backward_op,
-        (hidden.detach(), weight.detach(), targets, lse, torch.randn(9), 1.0, None, 64, True, False),
-    )
-
-
-@pytest.mark.skipif(not TRITON, reason="needs Triton's interpreter")
-def test_opcheck_triton_ops():
-    gen = torch.Generator().manual_seed(3)
-    hidden = torch.randn(12, 16, generator=gen, requires_grad=True)
-    weight = (torch.randn(40, 16, generator=gen) / 3).requires_grad_()
-    targets = torch.randint(0, 40, (12,), generator=gen)
-    count = torch.tensor(10)
-    torch.library.opcheck(triton_logps._forward_op, (hidden, weight, None, None, targets, count, 1.0, None, None))
-    torch.library.opcheck(
-        triton_logps._forward_op, (hidden, weight, hidden.detach() * 2, weight.detach(), targets, count, 0.7, 5.0, None)
-    )
 
 
 def test_causal_lm_logps_on_a_fake_model():
@@ -255,15 +215,22 @@ def test_traced_pass_equals_eager(impl, monkeypatch):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_opcheck_pair_ops(impl):
-    """Schema and fake implementations of the pair op's two custom ops against their real ones."""
+def test_opcheck_token_ops(impl):
+    """Schema, fake implementation against the real one, autograd registration of the engine's two custom ops
+    (torch.library.opcheck), with and without a bias, soft-cap and a workspace that splits the rows."""
     hidden, weight, bias, labels = pair_problem(seed=6)
-    scalars = (0.8, 3.0, -100, impl, 12 * 40 * 4)
-    torch.library.opcheck(pair_mod._seq_logps_op, (hidden, weight, bias, labels, *scalars))
-    torch.library.opcheck(pair_mod._seq_logps_op, (hidden, weight, None, labels, 1.0, None, -100, impl, None))
-    grad = torch.randn(6)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    bias.requires_grad_()
+    config = (0.8, 3.0, -100, impl, 12 * 40 * 4, None)
+    torch.library.opcheck(pair_mod._logps_op, (hidden, weight, bias, labels, *config))
+    torch.library.opcheck(pair_mod._logps_op, (hidden, weight, None, labels, 1.0, None, -100, impl, None, None))
+    detached = (hidden.detach(), weight.detach(), bias.detach(), labels)
+    lse = pair_mod._logps_op(*detached, *config)[1]
+    grad = torch.randn(labels.shape)
     for need, accum in [((True, True, True), None), ((True, False, False), None), ((False, True, True), torch.float32)]:
-        torch.library.opcheck(pair_mod._grads_op, (hidden, weight, bias, labels, grad, *scalars, *need, accum))
+        args = (*detached, lse, grad, *config[:-1], accum, *need)
+        torch.library.opcheck(pair_mod._grads_op, args)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

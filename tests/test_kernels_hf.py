@@ -210,3 +210,29 @@ def test_bf16_autocast_within_twice_the_naive_error(arch, entry):
         err = (value.double() - oracle).abs().max().item()
         allowed = 2 * (budget.double() - oracle).abs().max().item() + 1e-3 * oracle.abs().max().item()
         assert err <= allowed, f"{arch} {what}: error {err:.3g} vs float64, allowed {allowed:.3g}"
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_both_entries_handle_the_bias_alike(impl):
+    """One adapter: causal_lm_logps and causal_lm_pair_loss read the same head, the bias added to the logits (not
+    folded into the weight), and give the same log-probs and the same gradients of the head's weight and bias."""
+    import os
+
+    if impl == "triton" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("no Triton path")
+    model = tiny("phi_bias", tie_word_embeddings=False)
+    input_ids, attention_mask, labels = batch(5, rows=4)  # two pairs: rows 0, 1 chosen, 2, 3 rejected
+    head = model.get_output_embeddings()
+    assert head.bias is not None
+    logps, _ = causal_lm_logps(model, input_ids, attention_mask, labels, impl=impl)
+    want = torch.autograd.grad(logps.sum(), [head.weight, head.bias])
+    losses, metrics = causal_lm_pair_loss(
+        model, input_ids, attention_mask, labels, summed_logps_loss, ref_logps=torch.zeros(4), impl=impl
+    )
+    got = torch.autograd.grad(losses.sum(), [head.weight, head.bias])
+    torch.testing.assert_close(torch.cat([metrics["logps/chosen"], metrics["logps/rejected"]]), logps)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logps.double(), reference_logps(model, input_ids, attention_mask, labels), atol=2e-4, rtol=1e-4
+    )

@@ -10,14 +10,14 @@ import os
 import pytest
 import torch
 
-import selfpo_kernels.logps as triton_logps
+import selfpo_kernels.pair as pair_mod
 from selfpo_kernels import sequence_logps
-from selfpo_kernels.torch_ref import chunked_token_logps, naive_token_logps
+from selfpo_kernels.torch_ref import naive_token_logps
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAVE_TRITON_PATH = triton_logps.HAVE_TRITON and (CUDA or INTERPRET)
+HAVE_TRITON_PATH = pair_mod.HAVE_TRITON and (CUDA or INTERPRET)
 
 # (B, T, H, V): vocab sizes that are not multiples of any tile, one hidden size below BLOCK_K.
 SHAPES = [(2, 5, 16, 33), (3, 9, 40, 77), (2, 17, 64, 200), (1, 4, 24, 301)]
@@ -223,14 +223,15 @@ def test_causal_alignment(impl):
 
 
 def test_torch_path_chunking_is_exact():
-    """Many small chunks give the same values and grads as one chunk."""
+    """Many small chunks (a workspace of 64, 3 and 1 rows) give the same values and grads as one chunk."""
     hidden, weight, labels = make_inputs(1, 37, 24, 101, torch.float32, seed=14, ignore_frac=0.0)
-    rows, targets = hidden[0], labels[0]
     grads = []
-    for chunk_elements in (101 * 64, 101 * 3, 1):
-        h = rows.clone().requires_grad_()
+    for rows in (64, 3, 1):
+        h = hidden.clone().requires_grad_()
         w = weight.clone().requires_grad_()
-        out = chunked_token_logps(h, w, targets, 0.9, 3.0, chunk_elements=chunk_elements)
+        out = sequence_logps(
+            h, w, labels, temperature=0.9, softcap=3.0, reduction="none", impl="torch", workspace_bytes=rows * 101 * 4
+        )[0]
         grads.append((out, *torch.autograd.grad((out * torch.arange(37.0)).sum(), [h, w])))
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
@@ -249,7 +250,7 @@ def test_triton_multi_chunk_backward(monkeypatch):
         return (out, *torch.autograd.grad(out.sum(), [h, w]))
 
     one = run()
-    monkeypatch.setattr(triton_logps, "WORKSPACE_BYTES", 97 * 4 * 16)
+    monkeypatch.setitem(pair_mod.WORKSPACE_BYTES, "triton", 97 * 4 * 16)
     many = run()
     for a, b in zip(one, many):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -260,21 +261,36 @@ def test_triton_multi_chunk_backward(monkeypatch):
 def test_bf16_logits_fp32_accumulation(impl):
     """bf16 inputs, fp32 log-softmax: error below 1e-3 per token.
 
-    The torch path rounds the logits to bf16 like any bf16 matmul, so its oracle is float64
-    log-softmax of those same bf16 logits; the Triton path keeps fp32-accumulated logits, so its
-    oracle is float64 all the way from the bf16 inputs (CUDA only: the interpreter's bf16 dot is wrong).
+    Both paths round the logits to bf16 like any bf16 matmul (the Triton path's cuBLAS product writes them into
+    a bf16 workspace), so the oracle is float64 log-softmax of those same bf16 logits (Triton on CUDA only: the
+    interpreter's bf16 is not trusted).
     """
-    if impl == "triton" and not (CUDA and triton_logps.HAVE_TRITON):
+    if impl == "triton" and not (CUDA and pair_mod.HAVE_TRITON):
         pytest.skip("bf16 Triton needs a GPU")
     hidden, weight, labels = make_inputs(1, 32, 64, 300, torch.bfloat16, seed=16, ignore_frac=0.0)
     got = sequence_logps(hidden, weight, labels, reduction="none", impl=impl)[0]
-    if impl == "torch":
-        logits = (hidden @ weight.T).double()
-        want = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
-    else:
-        want = oracle_sequence(hidden, weight, labels, reduction="none")
+    logits = (hidden @ weight.T).double()
+    want = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
     per_token = (got.double() - want).abs().max().item()
     assert per_token < 1e-3, per_token
+
+
+@pytest.mark.parametrize("impl", [c[0] for c in impls_and_dtypes() if c[1] == torch.float32])
+def test_fp32_master_weight_of_16bit_hidden(impl):
+    """The one input rule of both ops: an fp32 master head beside fp16 hidden states is taken as it is, its products
+    run in fp16 (the values of the head cast outside), and its gradient comes back fp32, summed in fp32."""
+    hidden, weight, labels = make_inputs(2, 9, 32, 70, torch.float32, seed=18)
+    hidden = hidden.half().requires_grad_()
+    master = weight.clone().requires_grad_()
+    got = sequence_logps(hidden, master, labels, softcap=3.0, impl=impl, workspace_bytes=5 * 70 * 4)[0]
+    (grad,) = torch.autograd.grad(got.sum(), [master])
+    cast = weight.clone().requires_grad_()
+    want = sequence_logps(hidden, cast.half(), labels, softcap=3.0, impl=impl, workspace_bytes=5 * 70 * 4)[0]
+    (want_grad,) = torch.autograd.grad(want.sum(), [cast])
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    exact = torch.autograd.grad(oracle_sequence(hidden.detach(), cast, labels, softcap=3.0).sum(), [cast])[0]
+    assert (grad.double() - exact).abs().max() <= (want_grad.double() - exact).abs().max() + 1e-6
 
 
 def test_grad_flows_only_to_what_requires_it():
