@@ -1093,9 +1093,9 @@ MUTANTS: list[Mutant] = [
         "kernels",
         "The pair op's hidden state t scores the label at t+1 (bf16 autocast: within twice naive bf16's error)",
         "README: the selfpo_kernels package",
-        "selfpo_kernels/pair.py",
-        "    hidden = decoder_hidden_states(model, input_ids, attention_mask)[:, :-1]",
-        "    hidden = decoder_hidden_states(model, input_ids, attention_mask)[:, 1:]",
+        "selfpo_kernels/ops.py",
+        "        labels[:, 1:],\n        loss_fn,",
+        "        labels[:, :-1],\n        loss_fn,",
         'tests/test_kernels_hf.py -k "bf16_autocast and causal_lm_pair_loss"',
     ),
     Mutant(
