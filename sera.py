@@ -517,7 +517,9 @@ def main(args: Args) -> dict:
 # Presets (the paper's settings per model; None fields of Args are filled from here) and their resolution
 
 HERE = Path(__file__).resolve().parent
-TOY = HERE / "assets" / "toy"
+KIT = Path(sys.modules["selfpo_kernels"].__file__).parents[1]  # the checkout selfpo_kernels was installed from
+# the shipped toy world: next to this script, else (a copied script) in that checkout
+TOY = next((d / "assets" / "toy" for d in (HERE, KIT) if (d / "assets" / "toy").is_dir()), HERE / "assets" / "toy")
 
 
 # Human/Assistant format for base models without a chat template (HH-RLHF style) [ours].
@@ -654,6 +656,12 @@ def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
                 "an existing local path, nor a hub id of the form org/name"
             )
     preset = dict(models[args.model]) if args.model in models else dict(models[custom], path=args.model, dataset=None)
+    if args.model == "toy" and not Path(preset["path"]).exists():  # a copied script; selfpo not from a checkout
+        raise InputError(
+            f"--model toy: the toy world (assets/toy) is neither next to this script nor in {KIT}, where "
+            "selfpo_kernels is installed from; install selfpo from its checkout (pip install -e <checkout>), copy "
+            "the checkout's assets/ next to this script, or pass --model and --dataset"
+        )
     preset["dataset"] = args.dataset or preset["dataset"]
     if preset["dataset"] is None:
         raise InputError("--dataset is required with a custom --model")
