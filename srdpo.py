@@ -136,7 +136,11 @@ class Args:
     stop_after_steps: int | None = None
     """stop (as if interrupted) after this many training steps in this process; for testing --resume"""
     track: bool = False
-    """log to wandb"""
+    """also log to wandb (pip install 'selfpo[wandb]'): the resolved config, TensorBoard's records synced"""
+    wandb_project: str | None = None
+    """wandb project (unset: $WANDB_PROJECT, else selfpo)"""
+    wandb_entity: str | None = None
+    """wandb entity, a user or team (unset: $WANDB_ENTITY, else wandb's default)"""
     dist_timeout_minutes: int = 180
     """how long a rank waits in a collective for the others (ranks sample and judge at different speeds)"""
     scoring_batch_size: int | None = None
@@ -501,7 +505,9 @@ def main(args: Args) -> dict:
 # Presets (the paper's settings per model; None fields of Args are filled from here) and their resolution
 
 HERE = Path(__file__).resolve().parent
-TOY = HERE / "assets" / "toy"
+KIT = Path(sys.modules["selfpo_kernels"].__file__).parents[1]  # the checkout selfpo_kernels was installed from
+# the shipped toy world: next to this script, else (a copied script) in that checkout
+TOY = next((d / "assets" / "toy" for d in (HERE, KIT) if (d / "assets" / "toy").is_dir()), HERE / "assets" / "toy")
 
 
 # Human/Assistant format for base models without a chat template (HH-RLHF style) [ours].
@@ -615,6 +621,12 @@ def model_preset(args, models: dict, custom: str) -> tuple[dict, dict]:
                 "an existing local path, nor a hub id of the form org/name"
             )
     preset = dict(models[args.model]) if args.model in models else dict(models[custom], path=args.model, dataset=None)
+    if args.model == "toy" and not Path(preset["path"]).exists():  # a copied script; selfpo not from a checkout
+        raise InputError(
+            f"--model toy: the toy world (assets/toy) is neither next to this script nor in {KIT}, where "
+            "selfpo_kernels is installed from; install selfpo from its checkout (pip install -e <checkout>), copy "
+            "the checkout's assets/ next to this script, or pass --model and --dataset"
+        )
     preset["dataset"] = args.dataset or preset["dataset"]
     if preset["dataset"] is None:
         raise InputError("--dataset is required with a custom --model")
@@ -659,6 +671,7 @@ def check_args(args, checks: list[tuple[bool, str]], domains: dict):
         (prompts is None or Path(prompts).is_file(), f"--eval_prompts: file {prompts!r} not found"),
         (not template or "{%" in template or Path(template).is_file(), f"--chat_template: file {template!r} not found"),
         (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
+        (not args.track or importlib.util.find_spec("wandb"), "--track needs wandb: pip install 'selfpo[wandb]'"),
         *checks,
     ]:
         if not ok:
@@ -1083,14 +1096,14 @@ def micro_batches(model, batches: list):
 
 
 class _LogLines:
-    """tqdm's output as whole lines for log files: tqdm has no line mode, only carriage-return refreshes."""
+    """tqdm's output as whole timestamped lines for log files (tqdm has only carriage-return refreshes)."""
 
     last = None
 
     def write(self, text: str):
         text = text.strip("\r\n")
         if text and text != self.last:  # the closing refresh repeats the last periodic line
-            sys.stderr.write(text + "\n")
+            sys.stderr.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
         self.last = text or self.last
 
     def flush(self):
@@ -1098,10 +1111,11 @@ class _LogLines:
 
 
 def progress(iterable=None, total: int | None = None, desc: str = "", inner: bool = False):
-    """Rank 0's bar: tqdm on a terminal (inner ones vanish); in a log outer bars only, a line per 60 s and at the end"""
-    tty = sys.stderr.isatty()
-    log = {} if tty else dict(file=_LogLines(), mininterval=60, ascii=True, ncols=100)
-    return tqdm(iterable, total=total, desc=desc, leave=not inner, disable=rank() != 0 or inner and not tty, **log)
+    """Rank 0's bar: tqdm on a terminal (inner ones vanish); in a log a timestamped line with elapsed time and ETA at
+    the start, at most every 60 s ($SELFPO_LOG_INTERVAL) and at the end of every phase."""
+    tty, every = sys.stderr.isatty(), float(os.environ.get("SELFPO_LOG_INTERVAL", 60))
+    log = {} if tty else dict(file=_LogLines(), mininterval=every, maxinterval=max(every, 10), ascii=True, ncols=100)
+    return tqdm(iterable, total=total, desc=desc, leave=not inner or not tty, disable=rank() != 0, **log)
 
 
 def quiet_library_bars():
@@ -1123,6 +1137,7 @@ def check_resume(args: Args):
         raise InputError(f"--resume: {saved} not found; nothing to resume")
     stored, given = json.loads(saved.read_text()), json.loads(json.dumps(dataclasses.asdict(args)))  # tuples as lists
     ignored = ("resume", "stop_after_steps", "output_dir", "batch_size", "device")  # a moved folder, other ranks
+    ignored += ("track", "wandb_project", "wandb_entity")  # where the records also go
     changed = sorted(k for k, v in given.items() if k not in ignored and stored.get(k) != v)
     if changed:
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(changed)}")
@@ -1164,41 +1179,54 @@ def resume_hint(script: str) -> str:
 
 
 class Logs:
-    """Rank 0 saves the resolved config, then logs to metrics.jsonl, TensorBoard (tb/) and, with --track, wandb."""
+    """Rank 0 saves the resolved config, then logs to metrics.jsonl, TensorBoard (tb/) and, with --track, wandb. Every
+    record carries the run's global step (TensorBoard's and wandb's), the same for a step redone after --resume."""
 
     POSITION = ("iteration", "stage", "step", "aug_step")  # where in the run a record was logged
     run_dir = None  # this process's run folder, once made (resume_hint names it)
 
     def __init__(self, args: Args, out_dir: Path, run_name: str):
-        self.out_dir, self.step, self.writer, self.wandb = out_dir, 0, None, None
+        self.out_dir, self.step, self.writer, self.global_step, self.steps = out_dir, 0, None, 0, {}
         if rank() == 0:
-            config = json.dumps({**dataclasses.asdict(args), "world_size": world()}, indent=2)
+            config = {**dataclasses.asdict(args), "output_dir": str(out_dir), "world_size": world()}
+            path = out_dir / "metrics.jsonl"
+            for record in map(json.loads, path.read_text().splitlines() if args.resume and path.exists() else []):
+                if "global_step" in record and self.position(record):  # a resumed run numbers its steps as before
+                    self.steps[self.position(record)] = record["global_step"]
             try:
                 out_dir.mkdir(parents=True, exist_ok=True)
-                (out_dir / "resolved_config.json").write_text(config)
+                (out_dir / "resolved_config.json").write_text(json.dumps(config, indent=2))
             except OSError as err:
                 raise InputError(f"--output_dir: {out_dir} cannot be written ({err.strerror or err})") from None
-            print(config)
+            print(f"run folder: {out_dir} (its resolved_config.json, metrics.jsonl, tb/)", flush=True)
+            if args.track:  # before TensorBoard's writer: wandb mirrors its events (sync_tensorboard)
+                import wandb
+
+                project = args.wandb_project or os.environ.get("WANDB_PROJECT") or "selfpo"
+                wandb.init(project=project, entity=args.wandb_entity, name=run_name, config=config, dir=str(out_dir),
+                           sync_tensorboard=True)  # fmt: skip
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(out_dir / "tb"))
-            if args.track:
-                import wandb
-
-                self.wandb = wandb
-                wandb.init(project="selfpo", name=run_name, config=dataclasses.asdict(args))
+            self.writer.add_text("config", "```json\n" + json.dumps(config, indent=2) + "\n```")
         Logs.run_dir = out_dir
 
+    def position(self, record: dict) -> str | None:
+        """A training step's place in the run (iteration or stage, step), or None for another record."""
+        if "step" in record or "aug_step" in record:
+            return json.dumps([record.get(k) for k in self.POSITION])
+
     def __call__(self, metrics: dict):
-        """One record; its finite numbers that are no position also to TensorBoard and wandb, at `step`."""
+        """One record, with the global step: a training step's own (a new one for a new step), else the last one's.
+        Its finite numbers that are no position also go to TensorBoard (and through it to wandb)."""
         if rank() == 0:
+            if position := self.position(metrics):
+                self.global_step = self.steps.setdefault(position, max(self.steps.values(), default=0) + 1)
             with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+                f.write(json.dumps({**metrics, "global_step": self.global_step}) + "\n")
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and key not in self.POSITION and math.isfinite(value):
-                    self.writer.add_scalar(key, value, self.step)
-            if self.wandb:
-                self.wandb.log(metrics, step=self.step)
+                    self.writer.add_scalar(key, value, self.global_step)
 
     def step_done(self, stop_after: int | None):
         """One more optimizer step in this process; --stop_after_steps stops after that many."""
@@ -1215,6 +1243,8 @@ class Logs:
                 kind = next((k for k in record if k not in self.POSITION), None)
                 records[json.dumps([record.get(k) for k in self.POSITION] + [kind])] = record
             write_atomic(path, list(records.values()))
+            if getattr(sys.modules.get("wandb"), "run", None) is not None:  # --track: the run's last events synced
+                sys.modules["wandb"].finish()
 
 
 def write_atomic(path: Path, obj):

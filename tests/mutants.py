@@ -1212,6 +1212,26 @@ MUTANTS: list[Mutant] = [
         '    gpu = dist.is_initialized() and dist.get_backend() == "nccl"',
         "tests/test_scale.py::test_collectives_live_on_the_gpu_under_any_backend_but_gloo",
     ),
+    Mutant(
+        "runtime_resumed_steps_renumbered",
+        "runtime",
+        "a step redone after --resume keeps its global step in metrics.jsonl and TensorBoard",
+        "README",
+        "sera.py",
+        "self.global_step = self.steps.setdefault(position, max(self.steps.values(), default=0) + 1)",
+        "self.global_step = self.steps[position] = max(self.steps.values(), default=0) + 1",
+        "tests/test_logs.py::test_a_resumed_run_numbers_its_steps_as_the_uninterrupted_one",
+    ),
+    Mutant(
+        "runtime_silent_phases_in_a_log",
+        "runtime",
+        "in a non-TTY log every long phase (scoring, sampling, evaluation) prints timestamped progress lines",
+        "README",
+        "sera.py",
+        "leave=not inner or not tty, disable=rank() != 0,",
+        "leave=not inner or not tty, disable=rank() != 0 or inner and not tty,",
+        "tests/test_logs.py::test_every_long_phase_logs_timestamped_lines_with_elapsed_time_and_eta",
+    ),
     # (end of the runtime rows)
 ]
 

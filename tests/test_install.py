@@ -7,6 +7,7 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -187,14 +188,18 @@ TINY = {
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_default_toy_run_at_a_tiny_budget(tmp_path, script):
-    """Each script's default job (the shipped toy, from another working folder) ends with its final model: finite
-    weights that moved from the toy's, and no `kernels` module of ours on the way."""
+    """Each script's default job, run from a copy of the script alone in an empty folder (README "Copy a script into
+    your code": the toy world is found in the checkout selfpo_kernels is installed from), ends with its final model:
+    finite weights that moved from the toy's, and no `kernels` module of ours on the way."""
     from safetensors.torch import load_file
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    out = tmp_path / "run"
+    env.pop("PYTHONPATH", None)  # the installed package, as a user's copy finds it
+    out, copy = tmp_path / "run", tmp_path / "mine" / f"{script}.py"
+    copy.parent.mkdir()
+    shutil.copy(ROOT / f"{script}.py", copy)
     res = subprocess.run(
-        [sys.executable, str(ROOT / f"{script}.py"), *TINY[script], "--output_dir", str(out)],
+        [sys.executable, str(copy), *TINY[script], "--output_dir", str(out)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -208,3 +213,22 @@ def test_default_toy_run_at_a_tiny_budget(tmp_path, script):
     )
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert max((weights[k] - start[k]).abs().max().item() for k in start) > 0  # trained
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_copy_without_the_toy_world_says_where_to_find_it(tmp_path, script):
+    """A copied script whose selfpo_kernels comes from no checkout (no assets/ beside it) refuses --model toy in one
+    line saying what to do, before anything is written."""
+    (tmp_path / "site").mkdir()
+    shutil.copytree(ROOT / "selfpo_kernels", tmp_path / "site" / "selfpo_kernels")
+    shutil.copy(ROOT / f"{script}.py", tmp_path / f"{script}.py")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    res = subprocess.run(
+        [sys.executable, f"{script}.py", "--output_dir", "out"], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert res.returncode != 0 and not (tmp_path / "out").exists()
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"{script}.py: error: --model toy: the toy world (assets/toy) is neither next to this script"
+    )
+    assert str(tmp_path / "site") in last and "pip install -e <checkout>" in last
