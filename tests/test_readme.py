@@ -29,7 +29,7 @@ STAND_INS = {
     "uf_test.jsonl": "assets/toy/data/eval.jsonl",  # held-out UltraFeedback prompts (the README's one-liner writes it)
     "./simpo-ckpt": "assets/toy/model",  # a SimPO checkpoint (opsr --init_checkpoint)
 }
-PREFIX_STAND_INS = {"/path/to/selfpo/": ""}  # your checkout of this project -> this checkout
+PREFIX_STAND_INS = {}  # e.g. {"/path/to/selfpo/": ""}: a checkout of this project -> this checkout
 # Options whose value is a file or folder (or a preset of the script, or a hub id org/name).
 PATH_OPTIONS = (
     "model dataset eval_prompts init_checkpoint reward_model chat_template reward_chat_template sft_data prompts "
