@@ -575,29 +575,25 @@ def resolve(args: Args) -> tuple[Args, dict]:
     domains = {"iterations": ">= 1", "epochs": ">= 1", "num_prompts": ">= 1", "num_pairs": ">= 2", "save_every": ">= 0"}
     domains |= {"beta": "> 0", "dpo_beta": "> 0", "gamma": ">= 0", "batch_size": ">= 1", "global_batch": ">= 1"}
     domains |= {"sample_temperature": ">= 0", "sample_top_p": "(0, 1]", "lrs": "> 0"}
+    scores, n, init = args.rejected_scores, args.iterations, args.init_checkpoint
+    init_found = (
+        init is None or Path(init).expanduser().exists() or ("/" in init and not init.startswith((".", "/", "~")))
+    )
     check_args(
         args,
         [
+            (len(scores) >= n, f"--rejected_scores needs {n} values, got {scores}"),
             (
-                len(args.rejected_scores) >= args.iterations,
-                f"--rejected_scores needs {args.iterations} values, got {args.rejected_scores}",
+                all(isinstance(s, int) and 1 <= s <= 9 for s in scores),
+                f"--rejected_scores must be integers in 1..9, got {scores}",
             ),
-            (
-                all(isinstance(s, int) and 1 <= s <= 9 for s in args.rejected_scores),
-                f"--rejected_scores must be integers in 1..9, got {args.rejected_scores}",
-            ),
-            (len(args.lrs) >= args.iterations, f"--lrs needs {args.iterations} positive values, got {args.lrs}"),
+            (len(args.lrs) >= n, f"--lrs needs {n} positive values, got {args.lrs}"),
             (accumulation(args.global_batch, args.batch_size) >= 1, "--global_batch must be >= 1"),
             (
                 args.save_every == 0 or args.lora_r == 0,
                 "--save_every is not supported with LoRA (per-iteration checkpoints)",
             ),
-            (
-                args.init_checkpoint is None
-                or Path(args.init_checkpoint).expanduser().exists()
-                or ("/" in args.init_checkpoint and not args.init_checkpoint.startswith((".", "/", "~"))),
-                f"--init_checkpoint: {args.init_checkpoint!r} not found",
-            ),
+            (init_found, f"--init_checkpoint: {init!r} not found"),
         ],
         domains,
     )
