@@ -1463,8 +1463,27 @@ def progress(iterable=None, total: int | None = None, desc: str = "", inner: boo
     return tqdm(iterable, total=total, desc=desc, leave=not inner or not tty, disable=rank() != 0, **log)
 
 
+class _Stamped:
+    """A log file's stdout: each line starts with the time (a terminal gets the lines as they are)."""
+
+    def __init__(self, stream):
+        self.stream, self.fresh = stream, True
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines(keepends=True):
+            self.stream.write(time.strftime("%Y-%m-%d %H:%M:%S ") * self.fresh + line)
+            self.fresh = line.endswith("\n")
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def quiet_library_bars():
-    """In a log file the libraries' own bars (dataset preparation, weight loading and saving) are off too."""
+    """In a log file (no terminal): the run's lines timestamped, the libraries' own bars (dataset preparation, weight
+    loading and saving) off."""
+    if not sys.stdout.isatty() and not isinstance(sys.stdout, _Stamped):
+        sys.stdout = _Stamped(sys.stdout)
     if not sys.stderr.isatty():
         import datasets
         import transformers

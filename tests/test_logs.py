@@ -54,7 +54,9 @@ def logged_run(tmp_path_factory):
 
 def test_the_run_folder_comes_first_and_is_recorded(logged_run):
     out, res = logged_run
-    assert res.stdout.splitlines()[0].startswith(f"run folder: {out}")
+    first = res.stdout.splitlines()[0]
+    assert STAMP.match(first) and first[20:].startswith(f"run folder: {out}")
+    assert all(STAMP.match(line) for line in res.stdout.splitlines())  # every line of the log timestamped
     assert json.loads((out / "resolved_config.json").read_text())["output_dir"] == str(out)
 
 
