@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .pair import Head, _dtypes_fit, check_inputs, make_config, pair_loss_from_hidden, token_logps
+from .pair import Head, _dtypes_fit, check_inputs, make_config, pair_loss_from_hidden, sequence_sums, token_logps
 
 REDUCTIONS = ("sum", "mean", "none")
 
@@ -32,7 +32,9 @@ def sequence_logps(
     (ref_hidden, ref_weight, ref_bias) is scored in the same call and never receives gradients.
 
     reduction: "sum" -> [B]; "mean" -> [B] divided by the number of scored tokens (0 where none);
-    "none" -> [B, T] with 0 at ignored positions. Returns fp32 (policy, reference or None).
+    "none" -> [B, T] with 0 at ignored positions. Returns fp32 (policy, reference or None). Sums and means are
+    taken in float64 and rounded once, as `pair_loss_from_hidden` sums its sequence log-probs: of the same head,
+    the two give the same bits.
     """
     check_inputs("sequence_logps", hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias)
     if reduction not in REDUCTIONS:
@@ -44,7 +46,11 @@ def sequence_logps(
         with torch.no_grad():
             ref = token_logps(cfg, Head(ref_hidden, ref_weight, ref_bias), labels)
     counts = (labels != ignore_index).sum(dim=1).clamp(min=1)
-    reduce = {"none": lambda t: t, "sum": lambda t: t.sum(dim=1), "mean": lambda t: t.sum(dim=1) / counts}[reduction]
+    reduce = {
+        "none": lambda t: t,
+        "sum": lambda t: sequence_sums(t).float(),
+        "mean": lambda t: (sequence_sums(t) / counts).float(),
+    }[reduction]
     return reduce(policy), None if ref is None else reduce(ref)
 
 
