@@ -1108,6 +1108,16 @@ MUTANTS: list[Mutant] = [
         "answer = sorted(parse_letters(prompt), key=hash)",
         "tests/test_toy.py::test_oracle_is_deterministic_and_ignores_prefixes",
     ),
+    Mutant(
+        "kernels_logps_sums_in_fp32",
+        "kernels",
+        "A reference scored by the policy's own weights gives a margin of exactly 0 at the first step (bf16 autocast)",
+        "README: the selfpo_kernels package",
+        "selfpo_kernels/ops.py",
+        '"sum": lambda t: sequence_sums(t).float(),',
+        '"sum": lambda t: t.sum(dim=1),',
+        'tests/test_kernels_hf.py -k "margin_is_zero and torch"',
+    ),
     # (end of the losses and kernels rows)
     # ---- runtime (the same in all four scripts: sera.py holds the originals) ----
     Mutant(
