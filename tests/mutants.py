@@ -1212,6 +1212,47 @@ MUTANTS: list[Mutant] = [
         '    gpu = dist.is_initialized() and dist.get_backend() == "nccl"',
         "tests/test_scale.py::test_collectives_live_on_the_gpu_under_any_backend_but_gloo",
     ),
+    Mutant(
+        "runtime_every_rank_reads_the_weights",
+        "runtime",
+        "under FSDP2 only rank 0 reads the weights; every other rank builds the model on the meta device and "
+        "receives its shards (no rank but 0 holds the whole model)",
+        "README",
+        "sera.py",
+        "    if rank() == 0:\n        try:\n            full = read_model(path, dtype)\n",
+        "    if True:\n        try:\n            full = read_model(path, dtype)\n",
+        "tests/test_model_load.py -k sera",
+    ),
+    Mutant(
+        "runtime_sharded_buffers_not_sent",
+        "runtime",
+        "a model loaded for FSDP2 gets rank 0's non-persistent buffers (rotary frequencies) on every rank",
+        "README",
+        "sera.py",
+        "        dist.broadcast(buffer.copy_(full.get_buffer(name)) if rank() == 0 else buffer, 0)\n",
+        "        buffer.copy_(full.get_buffer(name)) if rank() == 0 else buffer\n",
+        "tests/test_model_load.py -k sera",
+    ),
+    Mutant(
+        "runtime_sharded_weights_not_sent",
+        "runtime",
+        "a model loaded for FSDP2 holds rank 0's weights on every rank, exactly",
+        "README",
+        "sera.py",
+        "    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)\n",
+        "    options = StateDictOptions(full_state_dict=True)\n",
+        "tests/test_model_load.py -k sera",
+    ),
+    Mutant(
+        "runtime_sharded_masters_in_bf16",
+        "runtime",
+        "the FSDP2 policy's masters are fp32 under --dtype bfloat16 (only a frozen sharded copy is held in bf16)",
+        "README",
+        "sera.py",
+        "    held_in_bf16 = bf16 and (args.lora_r > 0 or (frozen and sharded))",
+        "    held_in_bf16 = bf16 and (args.lora_r > 0 or sharded)",
+        "tests/test_model_load.py -k sera",
+    ),
     # (end of the runtime rows)
 ]
 
