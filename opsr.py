@@ -1329,12 +1329,30 @@ NO_HUB_KERNELS = {"use_kernels": False}
 
 def load_model(path: str, device: torch.device, args: Args | None = None, frozen: bool = False):
     """fp32 master weights under bf16 autocast; frozen: a copy that never trains and computes as the policy does."""
+    bf16 = args is not None and args.dtype == "bfloat16"
+    sharded = args is not None and world() > 1 and args.lora_r == 0  # FSDP2 (load_shards): policy and frozen copies
+    held_in_bf16 = bf16 and (args.lora_r > 0 or (frozen and sharded))  # a LoRA base, a sharded frozen copy
+    dtype = torch.bfloat16 if held_in_bf16 else torch.float32
+    model, full = meta_copy(path, dtype) if sharded else (read_model(path, dtype), None)
+    if frozen:  # no gradients: autocast caches a cast of every weight that requires grad
+        model.requires_grad_(False).eval()
+    if bf16:
+        forward = model.forward
+
+        @functools.wraps(forward)
+        def autocast_forward(*a, **k):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return forward(*a, **k)
+
+        model.forward = autocast_forward
+    return load_shards(shard_model(model, args), full, device) if sharded else model.to(device)
+
+
+def read_model(path: str, dtype: torch.dtype):
+    """The save_pretrained folder (or hub id) of one causal LM on the CPU, checked, or an InputError."""
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    bf16 = args is not None and args.dtype == "bfloat16"
-    sharded = frozen and world() > 1 and args.lora_r == 0
-    dtype = torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded) else torch.float32  # a LoRA base, sharded copy
     try:  # a config of another architecture than the weights would otherwise train a randomly initialised model
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, output_loading_info=True, **NO_HUB_KERNELS
@@ -1350,19 +1368,41 @@ def load_model(path: str, device: torch.device, args: Args | None = None, frozen
             "save_pretrained folder of one causal LM"
         )
     model.checkpoint_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32  # what save_atomic writes
-    if frozen:  # no gradients: autocast caches a cast of every weight that requires grad
-        model.requires_grad_(False).eval()
-    if bf16:
-        forward = model.forward
+    return model
 
-        @functools.wraps(forward)
-        def autocast_forward(*a, **k):
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                return forward(*a, **k)
 
-        model.forward = autocast_forward
-    model = model.to(device)
-    return shard_model(model, args) if sharded else model
+def meta_copy(path: str, dtype: torch.dtype):
+    """Rank 0 reads the model (its InputError raised on every rank); every rank builds it on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    full, sent = None, [None]
+    if rank() == 0:
+        try:
+            full = read_model(path, dtype)
+            sent = [(full.config, full.generation_config, full.checkpoint_dtype)]
+        except InputError as err:
+            sent = [err]
+    dist.broadcast_object_list(sent, 0)
+    if isinstance(sent[0], InputError):
+        raise sent[0]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(sent[0][0], dtype=dtype)
+    model.generation_config, model.checkpoint_dtype = sent[0][1:]
+    return model.eval(), full  # eval: as from_pretrained returns it
+
+
+def load_shards(model, full, device: torch.device):
+    """Rank 0's weights (`full`) sent tensor by tensor, each rank keeping its FSDP2 shards; rank 0's non-persistent
+    buffers (rotary frequencies: not in the state dict, uninitialised by to_empty) too."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full.state_dict() if rank() == 0 else {}, options=options)
+    persistent = set(model.state_dict())
+    for name, buffer in [(name, b) for name, b in model.named_buffers() if name not in persistent]:
+        dist.broadcast(buffer.copy_(full.get_buffer(name)) if rank() == 0 else buffer, 0)
+    return model
 
 
 def shard_model(model, args: Args):
