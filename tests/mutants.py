@@ -1241,6 +1241,8 @@ MUTANTS: list[Mutant] = [
         "leave=not inner or not tty, disable=rank() != 0,",
         "leave=not inner or not tty, disable=rank() != 0 or inner and not tty,",
         "tests/test_logs.py::test_every_long_phase_logs_timestamped_lines_with_elapsed_time_and_eta",
+    ),
+    Mutant(
         "runtime_every_rank_reads_the_weights",
         "runtime",
         "under FSDP2 only rank 0 reads the weights; every other rank builds the model on the meta device and "
