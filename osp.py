@@ -23,9 +23,11 @@ choice of baseline, how the formed pairs get their strength and every hyperparam
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import importlib.util
+import inspect
 import json
 import math
 import numbers
@@ -34,6 +36,7 @@ import re
 import shlex
 import shutil
 import sys
+import textwrap
 import time
 import traceback
 import typing
@@ -1507,14 +1510,52 @@ def check_resume(args: Args):
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(changed)}")
 
 
+HELP_GROUPS = {  # --help's sections beside the method's own options; every flag keeps its name
+    "data": "model dataset num_pairs prompts num_prompts prompt_split sft_data num_sft offline_fraction max_length "
+    "max_prompt_length max_new_tokens long_prompts max_bad_fraction chat_template",
+    "training": "lr lrs optimizer epochs batch_size global_batch micro_batch_size scheduler warmup_ratio max_grad_norm "
+    "lora_r lora_alpha lora_dropout gradient_checkpointing dtype device save_every",
+    "evaluation": "reward_fn reward_model reward_chat_template eval_prompts num_eval eval_temperature eval_every "
+    "eval_pairs num_judge_eval",
+    "run": "output_dir seed resume stop_after_steps track wandb_project wandb_entity dist_timeout_minutes "
+    "sampler scoring_batch_size generation_batch_size judge_batch_size",
+}
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (tyro's help text), read from its source."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    pairs = zip(body, body[1:])
+    return {a.target.id: b.value.value for a, b in pairs if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
+
+
 def cli(args_type, models: dict, doc: str):
-    """tyro's command line, --help opening with `doc`; an option a preset fills shows each preset's value."""
-    hints = typing.get_type_hints(args_type, include_extras=True)
-    for option in (f.name for f in dataclasses.fields(args_type) if f.default is None):
-        if shown := "; ".join(f"{name} {preset[option]}" for name, preset in models.items() if option in preset):
-            hint = tyro.conf.arg(help_behavior_hint=f"(unset: the --model preset's: {shown})")
-            args_type.__annotations__[option] = typing.Annotated[hints[option], hint]
-    return tyro.cli(args_type, description=doc)
+    """tyro's command line: --help opens with `doc` and shows the options in sections (the method's own, then
+    HELP_GROUPS'), flags under their own names, each option a preset fills with every preset's value; parsed into
+    the flat `args_type`."""
+    hints, docs = typing.get_type_hints(args_type, include_extras=True), field_docs(args_type)
+    groups = {title: [] for title in ("method", *HELP_GROUPS)}
+    for f in dataclasses.fields(args_type):
+        conf = dict(help=docs.get(f.name))
+        if f.default is None and (shown := "; ".join(f"{k} {p[f.name]}" for k, p in models.items() if f.name in p)):
+            conf["help_behavior_hint"] = f"(unset: the --model preset's: {shown})"
+        group = next((g for g, names in HELP_GROUPS.items() if f.name in names.split()), "method")
+        keep = (
+            dict(default=f.default)
+            if f.default_factory is dataclasses.MISSING
+            else dict(default_factory=f.default_factory)
+        )
+        option = typing.Annotated[hints[f.name], tyro.conf.arg(**conf)]
+        groups.setdefault(group, []).append((f.name, option, dataclasses.field(**keep)))
+    sections = {title: dataclasses.make_dataclass(title, fields) for title, fields in groups.items() if fields}
+    for section in sections.values():
+        section.__doc__ = ""  # tyro titles the section by its name
+    command = dataclasses.make_dataclass(
+        args_type.__name__,
+        [(name, tyro.conf.OmitArgPrefixes[s], dataclasses.field(default_factory=s)) for name, s in sections.items()],
+    )
+    parsed = tyro.cli(command, description=doc)
+    return args_type(**{k: v for name in sections for k, v in vars(getattr(parsed, name)).items()})
 
 
 def run_state(state_file: Path, args, fresh: dict) -> dict:
