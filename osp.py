@@ -598,7 +598,9 @@ def main(args: Args) -> dict:
     state_file, checkpoint, stage0 = out_dir / "state.json", out_dir / "checkpoint", out_dir / "stage0"
     state = run_state(state_file, args, {"stage0_done": False, "step": 0, "eval": {}, "judge": {}})
     if state.get("done"):
-        print(f"{out_dir}: this run is complete (final/); nothing to resume")
+        if rank() == 0:
+            print(f"{out_dir}: this run is complete (final/); nothing to resume")
+            print(f"final model: {out_dir / 'final'}")
         return state
     saved = trainer_state(checkpoint) if args.resume and state["stage0_done"] else None
     if state["step"] and saved is None:  # the state file counts steps whose weights are nowhere to be found

@@ -422,6 +422,7 @@ def main(args: Args) -> dict:
     if state["done"]:
         if rank() == 0:
             print(f"{out_dir} is complete: {state}")
+            print(f"final model: {out_dir / 'final'}")
         return state
     # Prepared (sharded) before the reference pass: the reference is scored exactly as the policy computes at
     # its first step, so h and Delta start at 0 (Alg. 1 line 1: pi_0 = pi_ref).
