@@ -1500,18 +1500,27 @@ def run_state(state_file: Path, args, fresh: dict) -> dict:
     return state
 
 
-def resume_hint(script: str) -> str:
-    """The command that continues an interrupted run: the same arguments with --resume and its folder."""
+def resume_hint() -> str:
+    """The command that continues an interrupted run: this interpreter (under torchrun, the launcher's command line)
+    and the script as invoked, the same arguments with --resume and its folder."""
     if Logs.run_dir is None:
         return "nothing was written yet"
-    argv, given, dropped = [], iter(sys.argv[1:]), ("__resume", "__no_resume", "__output_dir", "__stop_after_steps")
+    argv, given = [], iter(sys.argv[1:])
+    dropped = ("__resume", "__no_resume", "__output_dir", "__stop_after_steps")
     for arg in given:
         name = arg.split("=")[0].replace("-", "_")
         if name in ("__output_dir", "__stop_after_steps") and "=" not in arg:
             next(given, None)  # its value
         argv += [] if name in dropped else [arg]
-    launcher = "torchrun ... " if world() > 1 else "python "
-    return f"continue with: {launcher}{shlex.join([script, *argv, '--resume', '--output_dir', str(Logs.run_dir)])}"
+    launcher = [sys.executable]
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's options precede the script on its command line
+        try:
+            parent = Path(f"/proc/{os.getppid()}/cmdline").read_text().split("\0")
+            launcher = parent[: parent.index(sys.argv[0])]
+        except (OSError, ValueError):
+            launcher = ["torchrun", "..."]
+    command = [*launcher, sys.argv[0], *argv, "--resume", "--output_dir", str(Logs.run_dir)]
+    return f"continue with: {shlex.join(command)}"
 
 
 class Logs:
@@ -2081,7 +2090,7 @@ if __name__ == "__main__":
     except InputError as err:
         sys.exit(f"{script}: error: {err}")
     except KeyboardInterrupt as err:
-        print(f"{script}: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint(script), file=sys.stderr)
+        print(f"{script}: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint(), file=sys.stderr)
         sys.exit(130)
     finally:
         if dist.is_initialized():
