@@ -171,6 +171,8 @@ class Args:
     """sequences per no-grad scoring forward"""
     generation_batch_size: int | None = None
     """sequences (prompts x samples) per generate call"""
+    overwrite: bool = False
+    """start over in an --output_dir that holds a run: what it holds is deleted first (see --resume)"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,6 +409,7 @@ def main(args: Args) -> dict:
     start = args.init_checkpoint or preset["path"]
     resumed = state["completed"] >= 0 and not (state["completed"] == 0 and args.init_checkpoint)
     model = load_model(str(out_dir / f"iter_{state['completed']}") if resumed else start, device, args)
+    lock_run(out_dir, args)
     log = Logs(args, out_dir, run_name)
 
     def save_step(step, n_steps, optimizer, scheduler):
@@ -705,6 +708,7 @@ def check_args(args, checks: list[tuple[bool, str]], domains: dict):
     for ok, message in [
         (not (output and Path(output).is_file()), f"--output_dir: {output!r} is a file; expected a folder"),
         (args.resume is False or output is not None, "--resume needs --output_dir of the run to continue"),
+        (not (args.resume and args.overwrite), "--resume continues the run in --output_dir, --overwrite deletes it"),
         (prompts is None or Path(prompts).is_file(), f"--eval_prompts: file {prompts!r} not found"),
         (not template or "{%" in template or Path(template).is_file(), f"--chat_template: file {template!r} not found"),
         (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
@@ -1171,7 +1175,7 @@ def check_resume(args: Args):
     if not saved.exists():
         raise InputError(f"--resume: {saved} not found; nothing to resume")
     stored, given = json.loads(saved.read_text()), json.loads(json.dumps(dataclasses.asdict(args)))  # tuples as lists
-    ignored = ("resume", "stop_after_steps", "output_dir", "batch_size", "device")  # a moved folder, other ranks
+    ignored = ("resume", "overwrite", "stop_after_steps", "output_dir", "batch_size", "device")  # moved, other ranks
     changed = sorted(k for k, v in given.items() if k not in ignored and stored.get(k) != v)
     if changed:
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(changed)}")
@@ -1204,7 +1208,7 @@ def resume_hint() -> str:
     if Logs.run_dir is None:
         return "nothing was written yet"
     argv, given = [], iter(sys.argv[1:])
-    dropped = ("__resume", "__no_resume", "__output_dir", "__stop_after_steps")
+    dropped = ("__resume", "__no_resume", "__overwrite", "__no_overwrite", "__output_dir", "__stop_after_steps")
     for arg in given:
         name = arg.split("=")[0].replace("-", "_")
         if name in ("__output_dir", "__stop_after_steps") and "=" not in arg:
@@ -1221,11 +1225,58 @@ def resume_hint() -> str:
     return f"continue with: {shlex.join(command)}"
 
 
+def lock_run(out_dir: Path, args):
+    """Before anything is written in out_dir, rank 0 holds an flock on its run.lock for the run (the OS drops it when
+    the process ends): a second job there is refused, and so is a run without --resume into a folder holding a run
+    (--overwrite empties it). Every rank raises rank 0's refusal."""
+    import fcntl
+    import socket
+
+    error, Logs.lock = None, Logs.lock and Logs.lock.close()  # an earlier run of this process (tests call main())
+    if rank() == 0:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock = open(out_dir / "run.lock", "a+")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "another job"
+                error = f"--output_dir: {out_dir} is in use by {holder} (one job per folder)"
+                lock.close()
+            except OSError as err:  # a file system without locks (Lustre without -o flock): said, not refused
+                print(f"{lock.name}: no lock ({err.strerror}); a second job in this folder would go unseen")
+            if error is None:
+                lock.truncate(0)
+                lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                lock.flush()
+                Logs.lock = lock
+        except OSError as err:
+            error = f"--output_dir: {out_dir} cannot be written ({err.strerror or err})"
+        held = [name for name in ("resolved_config.json", "state.json") if (out_dir / name).exists()]
+        if error is None and held and not args.resume and not args.overwrite:
+            error = f"--output_dir: {out_dir} holds a run ({held[0]}); --resume continues it, --overwrite starts over"
+        elif error is None and held and args.overwrite:
+            for path in out_dir.iterdir():
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.name != "run.lock":
+                    path.unlink()
+            print(f"--overwrite: deleted the run in {out_dir}")
+    if world() > 1:
+        shared = [error]
+        dist.broadcast_object_list(shared, 0)
+        error = shared[0]
+    if error:
+        Logs.lock = Logs.lock and Logs.lock.close()
+        raise InputError(error)
+
+
 class Logs:
     """Rank 0 saves the resolved config, then logs to metrics.jsonl, TensorBoard (tb/) and, with --track, wandb."""
 
     POSITION = ("iteration", "stage", "step", "aug_step")  # where in the run a record was logged
-    run_dir = None  # this process's run folder, once made (resume_hint names it)
+    run_dir = lock = None  # this process's run folder, once made (resume_hint names it); its lock_run file
 
     def __init__(self, args: Args, out_dir: Path, run_name: str):
         self.out_dir, self.step, self.writer, self.wandb = out_dir, 0, None, None
@@ -1273,6 +1324,7 @@ class Logs:
                 kind = next((k for k in record if k not in self.POSITION), None)
                 records[json.dumps([record.get(k) for k in self.POSITION] + [kind])] = record
             write_atomic(path, list(records.values()))
+        Logs.lock = Logs.lock and Logs.lock.close()  # the run is over (a process that ends drops its lock anyway)
 
 
 def write_atomic(path: Path, obj):

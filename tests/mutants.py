@@ -1212,6 +1212,36 @@ MUTANTS: list[Mutant] = [
         '    gpu = dist.is_initialized() and dist.get_backend() == "nccl"',
         "tests/test_scale.py::test_collectives_live_on_the_gpu_under_any_backend_but_gloo",
     ),
+    Mutant(
+        "runtime_run_folder_not_locked",
+        "runtime",
+        "a second job on a run folder is refused, naming the pid and host holding it",
+        "README",
+        "sera.py",
+        "                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)\n",
+        "                fcntl.flock(lock, fcntl.LOCK_UN)\n",
+        "tests/test_signals.py -k 'sera and second_job'",
+    ),
+    Mutant(
+        "runtime_fresh_run_over_a_run",
+        "runtime",
+        "a run without --resume into a folder that holds a run is refused (--overwrite starts over)",
+        "README",
+        "sera.py",
+        "        if error is None and held and not args.resume and not args.overwrite:\n",
+        "        if error is None and held and not args.resume and not args.overwrite and False:\n",
+        "tests/test_signals.py -k 'sera and fresh_run'",
+    ),
+    Mutant(
+        "runtime_overwrite_keeps_the_old_run",
+        "runtime",
+        "--overwrite deletes what the run folder held before the new run writes",
+        "README",
+        "sera.py",
+        "                    shutil.rmtree(path)\n",
+        "                    pass\n",
+        "tests/test_signals.py -k 'sera and fresh_run'",
+    ),
     # (end of the runtime rows)
 ]
 
