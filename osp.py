@@ -33,6 +33,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -658,18 +659,22 @@ def main(args: Args) -> dict:
     # ALGO LOGIC: Stage 1 — online self-preferring (paper §3.1)
     model = prepare_for_training(model, args)
     opt = make_optimizer(model, args.lr, n_steps, args, "constant", saved)  # (trainable, optimizer, scheduler)
+    if args.eval_every and 0 < state["step"] < n_steps and state["step"] % args.eval_every == 0:
+        report(f"step_{state['step']}", model)  # a signal at that step skipped it (else it only prints it again)
     judge, bar = (template, verdict), progress(range(state["step"], n_steps), desc="stage 1 (online)")
-    for done, step in enumerate(bar, 1):  # step is 0-based here, 1-based in logs and file names
+    for done, step in enumerate(signal_safe_steps(bar), 1):  # step is 0-based here, 1-based in logs and file names
         stats = online_step(model, ref_model, tokenizer, pool, step, judge, opt, args, device, scorers, out_dir)
         log(stats)
         gap = stats["osp/abs_sigma_z_minus_q"]
         bar.set_postfix_str(f"loss={stats['loss']:.4f}, q={stats['osp/q_mean']:.2f}, gap={gap:.3f}", refresh=False)
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < n_steps:
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < n_steps and not Stop.where:
             report(f"step_{step + 1}", model)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < n_steps:
+        signalled = Stop.where and not args.lora_r  # this step's checkpoint, then the run ends
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < n_steps or signalled:
             save_checkpoint(model, checkpoint, *opt[1:], step + 1)
             state["step"] = step + 1
             write_atomic(state_file, state)
+        stop_after_step(args.lora_r > 0)
         if args.stop_after_steps is not None and done >= args.stop_after_steps:  # steps done in this process
             raise KeyboardInterrupt(f"--stop_after_steps {args.stop_after_steps} reached")
     model, state["step"] = save_atomic(model, tokenizer, out_dir / "final"), n_steps
@@ -1742,7 +1747,11 @@ def make_optimizer(model, lr, n_steps, args, schedule="constant", state=None, ki
 
 
 def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args: Args, where: str):
-    """Average LoRA gradients, clip, sum the statistics over ranks, stop on a non-finite loss (first slot), step."""
+    """Average LoRA gradients, clip, sum the statistics (and the ranks' pending signals) over ranks, stop on a
+    non-finite loss (first slot), step."""
+    Stop.steps += 1
+    if (hook := os.environ.get("SELFPO_SIGNAL_AT", "")).endswith(f"@{Stop.steps}"):  # tests: SIGTERM@3, in step 3
+        os.kill(os.getpid(), getattr(signal, hook.split("@")[0]))
     if world() > 1 and args.lora_r > 0:  # a replicated base: one flat all-reduce, a missing gradient adds zeros
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
         flat = torch.cat([g.flatten() for g in grads])
@@ -1751,9 +1760,11 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
             p.grad = g.view_as(p)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
-    if world() > 1:
-        dist.all_reduce(stats.sums)
-    *values, grad_norm = torch.cat([stats.sums, grad_norm.reshape(1).to(stats.sums)]).tolist()
+    sums = torch.cat([stats.sums, stats.sums.new_full((1,), float(Stop.signum is not None))])
+    if world() > 1:  # a signal reaches ranks at different times: every rank stops after the same step
+        dist.all_reduce(sums)
+    *values, signalled, grad_norm = torch.cat([sums, grad_norm.reshape(1).to(sums)]).tolist()
+    Stop.where = where if signalled and Stop.defer else Stop.where
     if not math.isfinite(values[0]):
         raise InputError(
             f"non-finite loss ({values[0]}) at {where}: stopping before the update (the last checkpoint "
@@ -1763,6 +1774,49 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return dict(zip(stats.names, values)), grad_norm
+
+
+class Stop:
+    """SIGTERM, SIGUSR1 (SLURM's --signal) or SIGINT: in a training loop the step finishes, the same one on every rank,
+    and a step checkpoint is written (stop_after_step); any other phase ends at once (it is redone on resume)."""
+
+    signum = at = where = None  # the first signal, when it came (time.monotonic), the step the run stops after
+    defer, steps = False, 0  # inside signal_safe_steps; this process's optimizer steps
+
+
+def on_signal(signum: int, frame):
+    """A repeat within a second is the same request (torchrun forwards what its process group got too); a later
+    one ends the process at once."""
+    if Stop.signum is None:
+        Stop.signum, Stop.at = signum, time.monotonic()
+        if not Stop.defer:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name}; what it cut short is redone on resume")
+    elif time.monotonic() - Stop.at > 1:
+        os.write(2, f"{Path(sys.argv[0]).name}: a second {signal.Signals(signum).name}: exiting now\n".encode())
+        os._exit(128 + signum)
+
+
+def signal_safe_steps(steps):
+    """A training loop's steps: a signal waits for the end of its step (stop_after_step). One that comes after the
+    last step's statistics ends the run when the loop does."""
+    Stop.defer = True
+    try:
+        yield from steps
+    finally:
+        Stop.defer = False
+    if Stop.signum is not None:
+        raise KeyboardInterrupt(
+            f"{signal.Signals(Stop.signum).name} after the loop's last step; it is redone on resume"
+        )
+
+
+def stop_after_step(lora: bool):
+    """Ends the run after the step a signal stopped (Stop.where), once its step checkpoint is written."""
+    if Stop.where is not None:
+        name = signal.Signals(Stop.signum).name if Stop.signum else "a signal to another rank"
+        Stop.signum, Stop.at = Stop.signum or signal.SIGTERM, Stop.at or time.monotonic()  # a later one: a second
+        kept = "no step checkpoints with LoRA: --resume redoes the steps since the last saved model"
+        raise KeyboardInterrupt(f"{name} after {Stop.where}: {kept if lora else 'step checkpoint written'}")
 
 
 def save_atomic(model, tokenizer, directory: Path):
@@ -2137,13 +2191,15 @@ def evaluate(model, tokenizer, eval_prompts, scorers, args, device, model_path=N
 
 if __name__ == "__main__":
     script = Path(__file__).name
+    for stop_signal in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(stop_signal, on_signal)
     try:
         main(cli(Args, MODELS, __doc__))
     except InputError as err:
         sys.exit(f"{script}: error: {err}")
     except KeyboardInterrupt as err:
         print(f"{script}: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint(), file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + (Stop.signum or signal.SIGINT))  # the shell's convention: SIGINT 130, SIGUSR1 138, SIGTERM 143
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

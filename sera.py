@@ -30,6 +30,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -382,7 +383,7 @@ def train_iteration(
     )
     use_avg, loss_fn = args.loss == "simpo" or args.length_norm == "avg", daa_loss(args)
     bar = progress(range(start_step, n_steps), desc=f"iteration {t}")
-    for step in bar:
+    for step in signal_safe_steps(bar):
         tic, stats = time.perf_counter(), StepStats(DAA_STATS, device)
         offsets = [(step * grad_accum + accum) * micro for accum in range(grad_accum)]
         for batch_pairs in micro_batches(model, [[pairs[i] for i in local[o : o + micro]] for o in offsets]):
@@ -494,8 +495,9 @@ def main(args: Args) -> dict:
             write_atomic(pairs_file, d_t)
 
         def save_step(step, n_steps, optimizer, scheduler):
-            if args.save_every and step % args.save_every == 0 and step < n_steps:
+            if args.save_every and step % args.save_every == 0 and step < n_steps or Stop.where and not args.lora_r:
                 save_checkpoint(model, partial, optimizer, scheduler, step)
+            stop_after_step(args.lora_r > 0)
             log.step_done(args.stop_after_steps)
 
         start = saved["step"] if saved else 0
@@ -1430,7 +1432,11 @@ def make_optimizer(model, lr, n_steps, args, schedule="constant", state=None, ki
 
 
 def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args: Args, where: str):
-    """Average LoRA gradients, clip, sum the statistics over ranks, stop on a non-finite loss (first slot), step."""
+    """Average LoRA gradients, clip, sum the statistics (and the ranks' pending signals) over ranks, stop on a
+    non-finite loss (first slot), step."""
+    Stop.steps += 1
+    if (hook := os.environ.get("SELFPO_SIGNAL_AT", "")).endswith(f"@{Stop.steps}"):  # tests: SIGTERM@3, in step 3
+        os.kill(os.getpid(), getattr(signal, hook.split("@")[0]))
     if world() > 1 and args.lora_r > 0:  # a replicated base: one flat all-reduce, a missing gradient adds zeros
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
         flat = torch.cat([g.flatten() for g in grads])
@@ -1439,9 +1445,11 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
             p.grad = g.view_as(p)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
-    if world() > 1:
-        dist.all_reduce(stats.sums)
-    *values, grad_norm = torch.cat([stats.sums, grad_norm.reshape(1).to(stats.sums)]).tolist()
+    sums = torch.cat([stats.sums, stats.sums.new_full((1,), float(Stop.signum is not None))])
+    if world() > 1:  # a signal reaches ranks at different times: every rank stops after the same step
+        dist.all_reduce(sums)
+    *values, signalled, grad_norm = torch.cat([sums, grad_norm.reshape(1).to(sums)]).tolist()
+    Stop.where = where if signalled and Stop.defer else Stop.where
     if not math.isfinite(values[0]):
         raise InputError(
             f"non-finite loss ({values[0]}) at {where}: stopping before the update (the last checkpoint "
@@ -1451,6 +1459,49 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return dict(zip(stats.names, values)), grad_norm
+
+
+class Stop:
+    """SIGTERM, SIGUSR1 (SLURM's --signal) or SIGINT: in a training loop the step finishes, the same one on every rank,
+    and a step checkpoint is written (stop_after_step); any other phase ends at once (it is redone on resume)."""
+
+    signum = at = where = None  # the first signal, when it came (time.monotonic), the step the run stops after
+    defer, steps = False, 0  # inside signal_safe_steps; this process's optimizer steps
+
+
+def on_signal(signum: int, frame):
+    """A repeat within a second is the same request (torchrun forwards what its process group got too); a later
+    one ends the process at once."""
+    if Stop.signum is None:
+        Stop.signum, Stop.at = signum, time.monotonic()
+        if not Stop.defer:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name}; what it cut short is redone on resume")
+    elif time.monotonic() - Stop.at > 1:
+        os.write(2, f"{Path(sys.argv[0]).name}: a second {signal.Signals(signum).name}: exiting now\n".encode())
+        os._exit(128 + signum)
+
+
+def signal_safe_steps(steps):
+    """A training loop's steps: a signal waits for the end of its step (stop_after_step). One that comes after the
+    last step's statistics ends the run when the loop does."""
+    Stop.defer = True
+    try:
+        yield from steps
+    finally:
+        Stop.defer = False
+    if Stop.signum is not None:
+        raise KeyboardInterrupt(
+            f"{signal.Signals(Stop.signum).name} after the loop's last step; it is redone on resume"
+        )
+
+
+def stop_after_step(lora: bool):
+    """Ends the run after the step a signal stopped (Stop.where), once its step checkpoint is written."""
+    if Stop.where is not None:
+        name = signal.Signals(Stop.signum).name if Stop.signum else "a signal to another rank"
+        Stop.signum, Stop.at = Stop.signum or signal.SIGTERM, Stop.at or time.monotonic()  # a later one: a second
+        kept = "no step checkpoints with LoRA: --resume redoes the steps since the last saved model"
+        raise KeyboardInterrupt(f"{name} after {Stop.where}: {kept if lora else 'step checkpoint written'}")
 
 
 def save_atomic(model, tokenizer, directory: Path):
@@ -1825,13 +1876,15 @@ def evaluate(model, tokenizer, eval_prompts, scorers, args, device, model_path=N
 
 if __name__ == "__main__":
     script = Path(__file__).name
+    for stop_signal in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(stop_signal, on_signal)
     try:
         main(cli(Args, MODELS, __doc__))
     except InputError as err:
         sys.exit(f"{script}: error: {err}")
     except KeyboardInterrupt as err:
         print(f"{script}: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint(), file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + (Stop.signum or signal.SIGINT))  # the shell's convention: SIGINT 130, SIGUSR1 138, SIGTERM 143
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
