@@ -30,6 +30,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import textwrap
 import time
@@ -178,6 +179,8 @@ class Args:
     """sequences per no-grad scoring forward"""
     generation_batch_size: int | None = None
     """sequences (prompts x samples) per generate call"""
+    overwrite: bool = False
+    """start over in an --output_dir that holds a run: what it holds is deleted first (see --resume)"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +360,7 @@ def train_iteration(
     )
     use_avg, loss_fn = args.loss == "simpo" or args.length_norm == "avg", daa_loss(args)
     bar = progress(range(start_step, n_steps), desc=f"iteration {t}")
-    for step in bar:
+    for step in signal_safe_steps(bar):
         tic, stats = time.perf_counter(), StepStats(DAA_STATS, device)
         offsets = [(step * grad_accum + accum) * micro for accum in range(grad_accum)]
         for batch_pairs in micro_batches(model, [[pairs[i] for i in local[o : o + micro]] for o in offsets]):
@@ -414,11 +417,13 @@ def main(args: Args) -> dict:
     start = args.init_checkpoint or preset["path"]
     resumed = state["completed"] >= 0 and not (state["completed"] == 0 and args.init_checkpoint)
     model = load_model(str(out_dir / f"iter_{state['completed']}") if resumed else start, device, args)
+    lock_run(out_dir, args)
     log = Logs(args, out_dir, run_name)
 
     def save_step(step, n_steps, optimizer, scheduler):
-        if args.save_every and step % args.save_every == 0 and step < n_steps:
+        if args.save_every and step % args.save_every == 0 and step < n_steps or Stop.where and not args.lora_r:
             save_checkpoint(model, partial, optimizer, scheduler, step)
+        stop_after_step(args.lora_r > 0)
         log.step_done(args.stop_after_steps)
 
     def evaluate_and_log(name: str, model, path: str):
@@ -716,6 +721,7 @@ def check_args(args, checks: list[tuple[bool, str]], domains: dict):
     for ok, message in [
         (not (output and Path(output).is_file()), f"--output_dir: {output!r} is a file; expected a folder"),
         (args.resume is False or output is not None, "--resume needs --output_dir of the run to continue"),
+        (not (args.resume and args.overwrite), "--resume continues the run in --output_dir, --overwrite deletes it"),
         (prompts is None or Path(prompts).is_file(), f"--eval_prompts: file {prompts!r} not found"),
         (not template or "{%" in template or Path(template).is_file(), f"--chat_template: file {template!r} not found"),
         (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
@@ -1203,7 +1209,7 @@ def check_resume(args: Args):
     if not saved.exists():
         raise InputError(f"--resume: {saved} not found; nothing to resume")
     stored, given = json.loads(saved.read_text()), json.loads(json.dumps(dataclasses.asdict(args)))  # tuples as lists
-    ignored = ("resume", "stop_after_steps", "output_dir", "batch_size", "device")  # a moved folder, other ranks
+    ignored = ("resume", "overwrite", "stop_after_steps", "output_dir", "batch_size", "device")  # moved, other ranks
     ignored += ("track", "wandb_project", "wandb_entity")  # where the records also go
     changed = sorted(k for k, v in given.items() if k not in ignored and stored.get(k) != v)
     if changed:
@@ -1269,18 +1275,74 @@ def run_state(state_file: Path, args, fresh: dict) -> dict:
     return state
 
 
-def resume_hint(script: str) -> str:
-    """The command that continues an interrupted run: the same arguments with --resume and its folder."""
+def resume_hint() -> str:
+    """The command that continues an interrupted run: this interpreter (under torchrun, the launcher's command line)
+    and the script as invoked, the same arguments with --resume and its folder."""
     if Logs.run_dir is None:
         return "nothing was written yet"
-    argv, given, dropped = [], iter(sys.argv[1:]), ("__resume", "__no_resume", "__output_dir", "__stop_after_steps")
+    argv, given = [], iter(sys.argv[1:])
+    dropped = ("__resume", "__no_resume", "__overwrite", "__no_overwrite", "__output_dir", "__stop_after_steps")
     for arg in given:
         name = arg.split("=")[0].replace("-", "_")
         if name in ("__output_dir", "__stop_after_steps") and "=" not in arg:
             next(given, None)  # its value
         argv += [] if name in dropped else [arg]
-    launcher = "torchrun ... " if world() > 1 else "python "
-    return f"continue with: {launcher}{shlex.join([script, *argv, '--resume', '--output_dir', str(Logs.run_dir)])}"
+    launcher = [sys.executable]
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's options precede the script on its command line
+        try:
+            parent = Path(f"/proc/{os.getppid()}/cmdline").read_text().split("\0")
+            launcher = parent[: parent.index(sys.argv[0])]
+        except (OSError, ValueError):
+            launcher = ["torchrun", "..."]
+    command = [*launcher, sys.argv[0], *argv, "--resume", "--output_dir", str(Logs.run_dir)]
+    return f"continue with: {shlex.join(command)}"
+
+
+def lock_run(out_dir: Path, args):
+    """Before anything is written in out_dir, rank 0 holds an flock on its run.lock for the run (the OS drops it when
+    the process ends): a second job there is refused, and so is a run without --resume into a folder holding a run
+    (--overwrite empties it). Every rank raises rank 0's refusal."""
+    import fcntl
+    import socket
+
+    error, Logs.lock = None, Logs.lock and Logs.lock.close()  # an earlier run of this process (tests call main())
+    if rank() == 0:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock = open(out_dir / "run.lock", "a+")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "another job"
+                error = f"--output_dir: {out_dir} is in use by {holder} (one job per folder)"
+                lock.close()
+            except OSError as err:  # a file system without locks (Lustre without -o flock): said, not refused
+                print(f"{lock.name}: no lock ({err.strerror}); a second job in this folder would go unseen")
+            if error is None:
+                lock.truncate(0)
+                lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                lock.flush()
+                Logs.lock = lock
+        except OSError as err:
+            error = f"--output_dir: {out_dir} cannot be written ({err.strerror or err})"
+        held = [name for name in ("resolved_config.json", "state.json") if (out_dir / name).exists()]
+        if error is None and held and not args.resume and not args.overwrite:
+            error = f"--output_dir: {out_dir} holds a run ({held[0]}); --resume continues it, --overwrite starts over"
+        elif error is None and held and args.overwrite:
+            for path in out_dir.iterdir():
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.name != "run.lock":
+                    path.unlink()
+            print(f"--overwrite: deleted the run in {out_dir}")
+    if world() > 1:
+        shared = [error]
+        dist.broadcast_object_list(shared, 0)
+        error = shared[0]
+    if error:
+        Logs.lock = Logs.lock and Logs.lock.close()
+        raise InputError(error)
 
 
 class Logs:
@@ -1288,7 +1350,7 @@ class Logs:
     record carries the run's global step (TensorBoard's and wandb's), the same for a step redone after --resume."""
 
     POSITION = ("iteration", "stage", "step", "aug_step")  # where in the run a record was logged
-    run_dir = None  # this process's run folder, once made (resume_hint names it)
+    run_dir = lock = None  # this process's run folder, once made (resume_hint names it); its lock_run file
 
     def __init__(self, args: Args, out_dir: Path, run_name: str):
         self.out_dir, self.step, self.writer, self.global_step, self.steps = out_dir, 0, None, 0, {}
@@ -1296,8 +1358,8 @@ class Logs:
             config = {**dataclasses.asdict(args), "output_dir": str(out_dir), "world_size": world()}
             path = out_dir / "metrics.jsonl"
             for record in map(json.loads, path.read_text().splitlines() if args.resume and path.exists() else []):
-                if "global_step" in record and self.position(record):  # a resumed run numbers its steps as before
-                    self.steps[self.position(record)] = record["global_step"]
+                if "global_step" in record:  # a resumed run numbers what it redoes as before, and goes on from there
+                    self.steps[self.key(record)] = self.global_step = record["global_step"]
             try:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 (out_dir / "resolved_config.json").write_text(json.dumps(config, indent=2))
@@ -1316,22 +1378,24 @@ class Logs:
             self.writer.add_text("config", "```json\n" + json.dumps(config, indent=2) + "\n```")
         Logs.run_dir = out_dir
 
-    def position(self, record: dict) -> str | None:
-        """A training step's place in the run (iteration or stage, step), or None for another record."""
-        if "step" in record or "aug_step" in record:
-            return json.dumps([record.get(k) for k in self.POSITION])
+    def key(self, record: dict) -> str:
+        """A record's place in the run and kind (its first metric): what a resumed run redoes has the same key."""
+        kind = next((k for k in record if k not in self.POSITION), None)
+        return json.dumps([record.get(k) for k in self.POSITION] + [kind])
 
     def __call__(self, metrics: dict):
-        """One record, with the global step: a training step's own (a new one for a new step), else the last one's.
-        Its finite numbers that are no position also go to TensorBoard (and through it to wandb)."""
+        """One record, with the global step: as logged before in this run (a record redone after --resume), a new one
+        for a new training step, else the last one. Its finite numbers that are no position also go to TensorBoard
+        (and through it to wandb)."""
         if rank() == 0:
-            if position := self.position(metrics):
-                self.global_step = self.steps.setdefault(position, max(self.steps.values(), default=0) + 1)
+            if "step" in metrics or "aug_step" in metrics:  # a training step: where later records are logged
+                self.global_step = self.steps.setdefault(self.key(metrics), max(self.steps.values(), default=0) + 1)
+            step = self.steps.get(self.key(metrics), self.global_step)
             with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({**metrics, "global_step": self.global_step}) + "\n")
+                f.write(json.dumps({**metrics, "global_step": step}) + "\n")
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and key not in self.POSITION and math.isfinite(value):
-                    self.writer.add_scalar(key, value, self.global_step)
+                    self.writer.add_scalar(key, value, step)
 
     def step_done(self, stop_after: int | None):
         """One more optimizer step in this process; --stop_after_steps stops after that many."""
@@ -1345,11 +1409,11 @@ class Logs:
             self.writer.close()
             path, records = self.out_dir / "metrics.jsonl", {}
             for record in map(json.loads, path.read_text().splitlines() if path.exists() else []):
-                kind = next((k for k in record if k not in self.POSITION), None)
-                records[json.dumps([record.get(k) for k in self.POSITION] + [kind])] = record
+                records[self.key(record)] = record
             write_atomic(path, list(records.values()))
             if getattr(sys.modules.get("wandb"), "run", None) is not None:  # --track: the run's last events synced
                 sys.modules["wandb"].finish()
+        Logs.lock = Logs.lock and Logs.lock.close()  # the run is over (a process that ends drops its lock anyway)
 
 
 def write_atomic(path: Path, obj):
@@ -1505,7 +1569,11 @@ def make_optimizer(model, lr, n_steps, args, schedule="constant", state=None, ki
 
 
 def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args: Args, where: str):
-    """Average LoRA gradients, clip, sum the statistics over ranks, stop on a non-finite loss (first slot), step."""
+    """Average LoRA gradients, clip, sum the statistics (and the ranks' pending signals) over ranks, stop on a
+    non-finite loss (first slot), step."""
+    Stop.steps += 1
+    if (hook := os.environ.get("SELFPO_SIGNAL_AT", "")).endswith(f"@{Stop.steps}"):  # tests: SIGTERM@3, in step 3
+        os.kill(os.getpid(), getattr(signal, hook.split("@")[0]))
     if world() > 1 and args.lora_r > 0:  # a replicated base: one flat all-reduce, a missing gradient adds zeros
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
         flat = torch.cat([g.flatten() for g in grads])
@@ -1514,9 +1582,11 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
             p.grad = g.view_as(p)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
-    if world() > 1:
-        dist.all_reduce(stats.sums)
-    *values, grad_norm = torch.cat([stats.sums, grad_norm.reshape(1).to(stats.sums)]).tolist()
+    sums = torch.cat([stats.sums, stats.sums.new_full((1,), float(Stop.signum is not None))])
+    if world() > 1:  # a signal reaches ranks at different times: every rank stops after the same step
+        dist.all_reduce(sums)
+    *values, signalled, grad_norm = torch.cat([sums, grad_norm.reshape(1).to(sums)]).tolist()
+    Stop.where = where if signalled and Stop.defer else Stop.where
     if not math.isfinite(values[0]):
         raise InputError(
             f"non-finite loss ({values[0]}) at {where}: stopping before the update (the last checkpoint "
@@ -1526,6 +1596,49 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return dict(zip(stats.names, values)), grad_norm
+
+
+class Stop:
+    """SIGTERM, SIGUSR1 (SLURM's --signal) or SIGINT: in a training loop the step finishes, the same one on every rank,
+    and a step checkpoint is written (stop_after_step); any other phase ends at once (it is redone on resume)."""
+
+    signum = at = where = None  # the first signal, when it came (time.monotonic), the step the run stops after
+    defer, steps = False, 0  # inside signal_safe_steps; this process's optimizer steps
+
+
+def on_signal(signum: int, frame):
+    """A repeat within a second is the same request (torchrun forwards what its process group got too); a later
+    one ends the process at once."""
+    if Stop.signum is None:
+        Stop.signum, Stop.at = signum, time.monotonic()
+        if not Stop.defer:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name}; what it cut short is redone on resume")
+    elif time.monotonic() - Stop.at > 1:
+        os.write(2, f"{Path(sys.argv[0]).name}: a second {signal.Signals(signum).name}: exiting now\n".encode())
+        os._exit(128 + signum)
+
+
+def signal_safe_steps(steps):
+    """A training loop's steps: a signal waits for the end of its step (stop_after_step). One that comes after the
+    last step's statistics ends the run when the loop does."""
+    Stop.defer = True
+    try:
+        yield from steps
+    finally:
+        Stop.defer = False
+    if Stop.signum is not None:
+        raise KeyboardInterrupt(
+            f"{signal.Signals(Stop.signum).name} after the loop's last step; it is redone on resume"
+        )
+
+
+def stop_after_step(lora: bool):
+    """Ends the run after the step a signal stopped (Stop.where), once its step checkpoint is written."""
+    if Stop.where is not None:
+        name = signal.Signals(Stop.signum).name if Stop.signum else "a signal to another rank"
+        Stop.signum, Stop.at = Stop.signum or signal.SIGTERM, Stop.at or time.monotonic()  # a later one: a second
+        kept = "no step checkpoints with LoRA: --resume redoes the steps since the last saved model"
+        raise KeyboardInterrupt(f"{name} after {Stop.where}: {kept if lora else 'step checkpoint written'}")
 
 
 def save_atomic(model, tokenizer, directory: Path):
@@ -1900,13 +2013,15 @@ def evaluate(model, tokenizer, eval_prompts, scorers, args, device, model_path=N
 
 if __name__ == "__main__":
     script = Path(__file__).name
+    for stop_signal in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(stop_signal, on_signal)
     try:
         main(cli(Args, MODELS, __doc__))
     except InputError as err:
         sys.exit(f"{script}: error: {err}")
     except KeyboardInterrupt as err:
-        print(f"{script}: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint(script), file=sys.stderr)
-        sys.exit(130)
+        print(f"{script}: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint(), file=sys.stderr)
+        sys.exit(128 + (Stop.signum or signal.SIGINT))  # the shell's convention: SIGINT 130, SIGUSR1 138, SIGTERM 143
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

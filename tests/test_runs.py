@@ -147,7 +147,7 @@ def test_sera_resume_finishes_identically(sera_run, tmp_path):
     out = tmp_path / "run"
     interrupted = run("sera.py", *SERA, "--output_dir", str(out), "--stop_after_steps", "22", check=False)
     # the convention for an interrupted program, and the exact command that continues it
-    command = f"continue with: python sera.py {' '.join(SERA)} --resume --output_dir {out}"
+    command = f"continue with: {sys.executable} {ROOT / 'sera.py'} {' '.join(SERA)} --resume --output_dir {out}"
     assert interrupted.returncode == 130 and command in interrupted.stderr, interrupted.stderr
     state = json.loads((out / "state.json").read_text())
     assert state["completed"] == 1 and (out / "iter_2_partial").exists()  # stopped inside iteration 2
