@@ -151,6 +151,8 @@ class Args:
     """sequences per no-grad scoring forward"""
     generation_batch_size: int | None = None
     """sequences (prompts x samples) per generate call"""
+    max_skipped_steps: int = 3
+    """stop when this many optimizer steps in a row have a non-finite loss or gradient norm (each is skipped)"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +411,7 @@ def train_iteration(
             "step": step + 1,
             **{name: total[name] / total["pairs"] for name in DAA_STATS[:7]},
             "grad_norm": grad_norm,
+            "train/skipped_nonfinite": total["skipped_nonfinite"],
             "lr": scheduler.get_last_lr()[0],
             "tokens_per_sec": total["tokens"] / (time.perf_counter() - tic),
         }
@@ -670,7 +673,7 @@ DOMAINS = {  # the options all four scripts share (check_args; each script adds 
     **dict.fromkeys(("max_grad_norm", "lora_alpha"), "> 0"),
     **dict.fromkeys(("lora_r", "num_eval", "eval_temperature", "seed"), ">= 0"),  # 0: "off" or "none"
     **dict.fromkeys("max_prompt_length max_new_tokens stop_after_steps dist_timeout_minutes".split(), ">= 1"),
-    **dict.fromkeys(("scoring_batch_size", "generation_batch_size"), ">= 1"),
+    **dict.fromkeys(("scoring_batch_size", "generation_batch_size", "max_skipped_steps"), ">= 1"),
     "max_length": ">= 2",
     "lora_dropout": "[0, 1)",
 }
@@ -1161,7 +1164,8 @@ def check_resume(args: Args):
     if not saved.exists():
         raise InputError(f"--resume: {saved} not found; nothing to resume")
     stored, given = json.loads(saved.read_text()), json.loads(json.dumps(dataclasses.asdict(args)))  # tuples as lists
-    ignored = ("resume", "stop_after_steps", "output_dir", "batch_size", "device")  # a moved folder, other ranks
+    # a moved folder, other ranks, another tolerance of non-finite steps
+    ignored = ("resume", "stop_after_steps", "output_dir", "batch_size", "device", "max_skipped_steps")
     changed = sorted(k for k, v in given.items() if k not in ignored and stored.get(k) != v)
     if changed:
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(changed)}")
@@ -1369,7 +1373,8 @@ def make_optimizer(model, lr, n_steps, args, schedule="constant", state=None, ki
 
 
 def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args: Args, where: str):
-    """Average LoRA gradients, clip, sum the statistics over ranks, stop on a non-finite loss (first slot), step."""
+    """Average LoRA gradients, clip, sum the statistics over ranks, step; a non-finite loss (first slot) or gradient
+    norm skips the step (skipped_nonfinite 1), --max_skipped_steps of them in a row stop the run before the update."""
     if world() > 1 and args.lora_r > 0:  # a replicated base: one flat all-reduce, a missing gradient adds zeros
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
         flat = torch.cat([g.flatten() for g in grads])
@@ -1381,15 +1386,21 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
     if world() > 1:
         dist.all_reduce(stats.sums)
     *values, grad_norm = torch.cat([stats.sums, grad_norm.reshape(1).to(stats.sums)]).tolist()
-    if not math.isfinite(values[0]):
+    checks = (("loss", values[0]), ("gradient norm", grad_norm))
+    bad = next((f"{name} ({value})" for name, value in checks if not math.isfinite(value)), "")
+    n = optimizer.skipped_in_a_row = getattr(optimizer, "skipped_in_a_row", 0) + 1 if bad else 0  # same on all ranks
+    if not bad:
+        optimizer.step()
+        scheduler.step()
+    elif n >= args.max_skipped_steps:
         raise InputError(
-            f"non-finite loss ({values[0]}) at {where}: stopping before the update (the last checkpoint "
-            "is intact); lower --lr or --beta, or check that step's data"
+            f"non-finite {bad} at {where}: stopping before the update ({n} in a row, --max_skipped_steps "
+            f"{args.max_skipped_steps}; the last checkpoint is intact); lower --lr or --beta, or check that step's data"
         )
-    optimizer.step()
-    scheduler.step()
+    elif rank() == 0:
+        print(f"non-finite {bad} at {where}: skipped the step ({n} of --max_skipped_steps {args.max_skipped_steps})")
     optimizer.zero_grad(set_to_none=True)
-    return dict(zip(stats.names, values)), grad_norm
+    return dict(zip(stats.names, values), skipped_nonfinite=int(bool(bad))), grad_norm
 
 
 def save_atomic(model, tokenizer, directory: Path):
@@ -1404,6 +1415,7 @@ def save_atomic(model, tokenizer, directory: Path):
         state = model.state_dict()
     dtype = getattr(model, "checkpoint_dtype", torch.float32)  # the loaded checkpoint's, not the masters'
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    check_finite(state, directory)
 
     def write(folder: Path):
         if rank() == 0:
@@ -1415,6 +1427,17 @@ def save_atomic(model, tokenizer, directory: Path):
 
     write_folder(directory, write)
     return model
+
+
+def check_finite(state: dict, directory: Path):
+    """Nothing non-finite is saved: a NaN or inf in any rank's tensors of `state` (nested) refuses the save."""
+    from torch.utils._pytree import tree_leaves
+
+    mine = [t.to_local() if hasattr(t, "to_local") else t for t in tree_leaves(state) if torch.is_tensor(t)]
+    if count := int(all_sum([sum(not t.isfinite().all() for t in mine if t.is_floating_point())])[0]):
+        raise InputError(
+            f"{directory}: not saved: {count} tensor(s) hold NaN or inf; the previous checkpoint is intact"
+        )
 
 
 def write_folder(directory: Path, write):
@@ -1493,9 +1516,12 @@ def save_checkpoint(model, directory: Path, optimizer, scheduler, step: int):
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+    weights, moments = get_model_state_dict(model), get_optimizer_state_dict(model, optimizer)
+    check_finite({"model": weights, "optimizer": moments}, directory)
+
     def write(folder: Path):
-        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(folder / "model"))
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder / "optimizer"))
+        dcp.save({"model": weights}, checkpoint_id=str(folder / "model"))
+        dcp.save({"optimizer": moments}, checkpoint_id=str(folder / "optimizer"))
         if rank() == 0:
             state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": world()}
             (folder / "trainer_state.json").write_text(json.dumps(state))

@@ -1136,9 +1136,8 @@ MUTANTS: list[Mutant] = [
         "a step checkpoint holds the fp32 master weights as they train, not a copy in a 16-bit dtype",
         "README",
         "sera.py",
-        'dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(folder / "model"))',
-        'dcp.save({"model": {k: v.bfloat16() for k, v in get_model_state_dict(model).items()}}, '
-        'checkpoint_id=str(folder / "model"))',
+        'dcp.save({"model": weights}, checkpoint_id=str(folder / "model"))',
+        'dcp.save({"model": {k: v.bfloat16() for k, v in weights.items()}}, checkpoint_id=str(folder / "model"))',
         "tests/test_scale.py::test_step_checkpoint_resumes_bit_identically",
     ),
     Mutant(
@@ -1211,6 +1210,36 @@ MUTANTS: list[Mutant] = [
         "    gpu = dist.is_initialized() and dist.get_backend() != dist.Backend.GLOO",
         '    gpu = dist.is_initialized() and dist.get_backend() == "nccl"',
         "tests/test_scale.py::test_collectives_live_on_the_gpu_under_any_backend_but_gloo",
+    ),
+    Mutant(
+        "runtime_nonfinite_gradient_applied",
+        "runtime",
+        "a step whose gradient norm is NaN or inf is skipped (no optimizer or scheduler update), and logged",
+        "README",
+        "sera.py",
+        '    checks = (("loss", values[0]), ("gradient norm", grad_norm))\n',
+        '    checks = (("loss", values[0]),)\n',
+        'tests/test_divergence.py -k "test_a_non_finite_gradient_norm_skips_the_step and sera"',
+    ),
+    Mutant(
+        "runtime_nonfinite_skips_not_in_a_row",
+        "runtime",
+        "--max_skipped_steps non-finite steps in a row (a finite step resets the count) stop the run, naming the step",
+        "README",
+        "sera.py",
+        'getattr(optimizer, "skipped_in_a_row", 0) + 1 if bad else 0',
+        'getattr(optimizer, "skipped_in_a_row", 0) + bool(bad)',
+        'tests/test_divergence.py -k "test_max_skipped_steps_in_a_row_stop_the_run_naming_the_step and sera"',
+    ),
+    Mutant(
+        "runtime_nonfinite_saved",
+        "runtime",
+        "nothing non-finite is saved: a NaN or inf in an export or step checkpoint refuses it, the previous one intact",
+        "README",
+        "sera.py",
+        "    if count := int(all_sum(",
+        "    if count := 0 * int(all_sum(",
+        'tests/test_divergence.py -k "test_nothing_non_finite_is_saved and sera"',
     ),
     # (end of the runtime rows)
 ]

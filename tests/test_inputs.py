@@ -266,7 +266,7 @@ def test_non_finite_loss_stops_with_one_line_before_the_update(script):
     weight.grad = torch.ones(3)
     optimizer = torch.optim.SGD([weight], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    args = mod.resolve(mod.Args())[0]
+    args = mod.resolve(mod.Args(max_skipped_steps=1))[0]  # the first non-finite step stops the run
     with pytest.raises(mod.InputError, match=r"non-finite loss \(nan\) at step 7: stopping before the update"):
         stats = mod.StepStats(("loss", "pairs"), torch.device("cpu"))
         stats.add(loss=float("nan"), pairs=1)

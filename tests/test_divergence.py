@@ -1,0 +1,144 @@
+"""Divergence, in all four scripts: a step whose loss or gradient norm is not finite is skipped (logged, and
+--max_skipped_steps of them in a row stop the run naming the step); nothing non-finite is saved."""
+
+import dataclasses
+import importlib
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from test_inputs import GOOD
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+TOY_MODEL = ROOT / "assets" / "toy" / "model"
+SCRIPTS = ("sera", "srdpo", "opsr", "osp")
+CPU = torch.device("cpu")
+
+
+def one_step(mod, weight, grad: float, loss=1.0, optimizer=None, max_skipped_steps=3, where="step 7"):
+    """optimizer_step on one 3-vector weight with this gradient and loss: (totals, optimizer, scheduler)."""
+    weight.grad = torch.full((3,), grad)
+    optimizer = optimizer or torch.optim.AdamW([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    stats = mod.StepStats(("loss", "pairs"), CPU)
+    stats.add(loss=loss, pairs=1)
+    args = types.SimpleNamespace(lora_r=0, max_grad_norm=1.0, max_skipped_steps=max_skipped_steps)
+    totals, _ = mod.optimizer_step([weight], optimizer, scheduler, stats, args, where)
+    return totals, optimizer, scheduler
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("grad", [float("nan"), float("inf")])
+def test_a_non_finite_gradient_norm_skips_the_step(script, grad, capsys):
+    """A finite loss with a NaN or inf gradient (the step was applied and the weights went NaN) changes nothing: no
+    optimizer or scheduler update, the gradients zeroed, skipped_nonfinite 1 and a line naming the step; the next
+    finite step is applied."""
+    mod = importlib.import_module(script)
+    weight = torch.nn.Parameter(torch.ones(3))
+    totals, optimizer, scheduler = one_step(mod, weight, grad)
+    assert torch.equal(weight.detach(), torch.ones(3)) and weight.grad is None
+    assert not optimizer.state and scheduler.last_epoch == 0  # AdamW never stepped, nor the schedule
+    assert totals["skipped_nonfinite"] == 1
+    line = r"^non-finite gradient norm \((nan|inf)\) at step 7: skipped the step \(1 of --max_skipped_steps 3\)$"
+    assert re.search(line, capsys.readouterr().out, re.M)
+    totals, _, _ = one_step(mod, weight, 1.0, optimizer=optimizer)
+    assert totals["skipped_nonfinite"] == 0 and not torch.equal(weight.detach(), torch.ones(3))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_max_skipped_steps_in_a_row_stop_the_run_naming_the_step(script):
+    """Skips in a row are counted (a finite step resets the count); the --max_skipped_steps-th stops the run before
+    its update, in one line naming the step, the value and the option; a non-finite loss counts as one too."""
+    mod = importlib.import_module(script)
+    weight = torch.nn.Parameter(torch.ones(3))
+    nan = float("nan")
+    _, optimizer, _ = one_step(mod, weight, nan, max_skipped_steps=2, where="step 1")
+    one_step(mod, weight, 1.0, optimizer=optimizer, max_skipped_steps=2, where="step 2")
+    after = weight.detach().clone()
+    one_step(mod, weight, nan, optimizer=optimizer, max_skipped_steps=2, where="step 3")  # one in a row again
+    with pytest.raises(
+        mod.InputError,
+        match=r"^non-finite loss \(nan\) at step 4: stopping before the update \(2 in a row, --max_skipped_steps 2;",
+    ):
+        one_step(mod, weight, 1.0, loss=nan, optimizer=optimizer, max_skipped_steps=2, where="step 4")
+    assert torch.equal(weight.detach(), after)
+
+
+def toy(mod):
+    """The toy model and tokenizer, and six of its pairs as every training loop's examples take them."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = mod.load_tokenizer(str(TOY_MODEL), None)
+    examples = []
+    for row in GOOD[:6]:
+        pair = mod.parse_pair(row, "row")
+        prompt, chosen = mod.encode(tokenizer, pair["prompt"], pair["chosen"])
+        rejected = mod.encode(tokenizer, pair["prompt"], pair["rejected"])[1]
+        ids = dict(prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected, response_ids=chosen, kind="sft")
+        refs = dict.fromkeys(("ref_chosen", "ref_rejected", "ref_aug_chosen", "ref_aug_rejected"), -30.0)
+        examples.append(ids | refs | {f"aug_{k}": v for k, v in ids.items() if k.endswith("_ids")})
+    return AutoModelForCausalLM.from_pretrained(TOY_MODEL).train(), tokenizer, examples
+
+
+WHERE = {"sera": "iteration 1 step", "opsr": "iteration 1 step", "srdpo": "step", "osp": "stage 0 step"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_training_loop_logs_a_skipped_step_and_stops_naming_it(script, capsys):
+    """The scripts' own loops (osp: Stage 0, whose message named no step) on the toy model, a NaN gradient in every
+    step: step 1 is logged with train/skipped_nonfinite 1 and a line, step 2 stops the run (--max_skipped_steps 2)
+    in one line naming it; no weight moved."""
+    mod = importlib.import_module(script)
+    model, tokenizer, examples = toy(mod)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.lm_head.weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    a = dataclasses.replace(mod.resolve(mod.Args(device="cpu"))[0], max_skipped_steps=2)
+    log, pad, steps = (logged := []).append, tokenizer.pad_token_id, dict(batch_size=2, global_batch=2)  # 3 steps
+    with pytest.raises(mod.InputError, match=rf"gradient norm \(nan\) at {WHERE[script]} 2: stopping before the upd"):
+        if script == "osp":
+            mod.augment(model, examples, dataclasses.replace(a, aug_batch_size=2, aug_epochs=1), CPU, pad, log)
+        elif script == "srdpo":
+            mod.train(model, examples, dataclasses.replace(a, lam=0.0, **steps), CPU, pad, log, lambda *_: None)
+        else:
+            mod.train_iteration(
+                model, examples, 1, dataclasses.replace(a, **steps), 1e-4, CPU, pad, log, lambda *_: None
+            )
+    steps = [record for record in logged if "train/skipped_nonfinite" in record]
+    assert [record["train/skipped_nonfinite"] for record in steps] == [1]
+    assert f"non-finite gradient norm (nan) at {WHERE[script]} 1: skipped the step" in capsys.readouterr().out
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_nothing_non_finite_is_saved(script, tmp_path):
+    """save_atomic (a model export) and save_checkpoint (weights and optimizer state) refuse a NaN or inf anywhere, in
+    one line, before writing: the previous checkpoint stays as it was and no .tmp is left."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    mod = importlib.import_module(script)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(TOY_MODEL), AutoTokenizer.from_pretrained(TOY_MODEL)
+    mod.save_atomic(model, tokenizer, tmp_path / "iter_1")
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "iter_1").iterdir()}
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    with pytest.raises(mod.InputError, match=r"iter_1: not saved: 1 tensor\(s\) hold NaN or inf; the previous check"):
+        mod.save_atomic(model, tokenizer, tmp_path / "iter_1")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "iter_1").iterdir()} == saved
+
+    small = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(small.parameters())
+    small(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    mod.save_checkpoint(small, tmp_path / "partial", optimizer, scheduler, 1)
+    for broken in (optimizer.state[small.bias]["exp_avg_sq"], small.weight.data):  # a moment, then a weight
+        broken[0] = float("inf")
+        with pytest.raises(mod.InputError, match=r"partial: not saved: 1 tensor\(s\) hold NaN or inf"):
+            mod.save_checkpoint(small, tmp_path / "partial", optimizer, scheduler, 2)
+        broken[0] = 0.0
+    assert mod.trainer_state(tmp_path / "partial")["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_1", "partial"]
