@@ -411,7 +411,7 @@ def main(args: Args) -> dict:
     check_resume(args)
     # Everything that can fail on bad input is checked before anything is written.
     model_path = preset["path"]
-    tokenizer = load_tokenizer(model_path, args.chat_template)
+    tokenizer = load_tokenizer(model_path, args.chat_template, args)
     rows, source = load_rows(args.dataset)
     pairs, length_counts = build_dataset(rows, source, tokenizer, args)
     held_out, pairs = pairs[: args.eval_pairs], pairs[args.eval_pairs :]
@@ -832,22 +832,36 @@ def set_chat_template(tokenizer, template: str | None, option: str, owner: str):
     return tokenizer
 
 
-def load_tokenizer(model_path: str, chat_template: str | None):
-    """The tokenizer with --chat_template and a pad token, left-padded for generation (collate pads the rest)."""
+def load_tokenizer(model_path: str, chat_template: str | None, args: Args | None = None):
+    """The tokenizer with --chat_template and a pad token, left-padded for generation (collate pads the rest); the
+    lengths in `args` checked against the model's context."""
     from transformers import AutoConfig, AutoTokenizer
 
     if model_path.startswith((".", "/", "~")) and not Path(model_path).expanduser().exists():
         raise InputError(f"--model: {model_path!r} not found")
     try:  # a folder without config.json or tokenizer files fails here, before the data is read
-        AutoConfig.from_pretrained(model_path)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        config, tokenizer = AutoConfig.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
         raise InputError(f"--model: no config and tokenizer load from {model_path!r} ({first_line(err)})") from None
     set_chat_template(tokenizer, chat_template, "--chat_template", f"--model: the tokenizer of {model_path!r}")
+    context, source = model_context(config, tokenizer)
+    if args is not None and max(args.max_prompt_length + args.max_new_tokens, args.max_length) > context:
+        raise InputError(
+            f"--max_prompt_length {args.max_prompt_length} + --max_new_tokens {args.max_new_tokens} and --max_length "
+            f"{args.max_length} must fit the context of --model {model_path}: {context} tokens ({source})"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def model_context(config, tokenizer=None) -> tuple[float, str]:
+    """The most tokens the model reads and who says so: its config, else its tokenizer where set, else none (inf)."""
+    if getattr(config, "max_position_embeddings", None):
+        return config.max_position_embeddings, "max_position_embeddings in its config.json"
+    longest = getattr(tokenizer, "model_max_length", None) or math.inf  # transformers' "unset" is 1e30
+    return (longest, "model_max_length of its tokenizer") if longest < 1e9 else (math.inf, "unknown")
 
 
 def first_line(err: Exception) -> str:
@@ -1545,7 +1559,10 @@ def vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, des
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # vLLM checks the free memory against gpu_memory_utilization
     if VLLMEngine.llm is None:
-        VLLMEngine.max_model_len = max(args.max_prompt_length, longest) + args.max_new_tokens
+        from transformers import AutoConfig
+
+        context = model_context(AutoConfig.from_pretrained(model_path))[0]  # never above the model's
+        VLLMEngine.max_model_len = min(max(args.max_prompt_length, longest) + args.max_new_tokens, context)
         dtype = {"auto": "bfloat16" if torch.cuda.is_available() else "float32"}.get(args.dtype, args.dtype)
         kwargs = dict(model=model_path, seed=seed, gpu_memory_utilization=0.3, dtype=dtype)
         # sleep mode (CUDA): asleep at level 2 between calls (weights dropped, the trainer has the GPU), every wake-up
@@ -1573,8 +1590,8 @@ def vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, des
     if longest + args.max_new_tokens > VLLMEngine.max_model_len:
         raise InputError(
             f"{desc}: a prompt of {longest} tokens + --max_new_tokens {args.max_new_tokens} is over the vLLM engine's "
-            f"max_model_len {VLLMEngine.max_model_len} (--max_prompt_length + --max_new_tokens when it started); "
-            "raise --max_prompt_length"
+            f"max_model_len {VLLMEngine.max_model_len} (--max_prompt_length + --max_new_tokens when it started, at "
+            "most the model's context); shorten the prompt or raise --max_prompt_length"
         )
     # vLLM seeds sample j of a request seed + j: one seed per prompt, n apart, from the call's seed and prompt index
     sampling = dict(n=n, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0, stop_token_ids=stop)

@@ -1241,6 +1241,26 @@ MUTANTS: list[Mutant] = [
         "    if count := 0 * int(all_sum(",
         'tests/test_divergence.py -k "test_nothing_non_finite_is_saved and sera"',
     ),
+    Mutant(
+        "runtime_context_unchecked",
+        "runtime",
+        "--max_prompt_length + --max_new_tokens and --max_length fit the model's context, checked before any write",
+        "README",
+        "sera.py",
+        "max(args.max_prompt_length + args.max_new_tokens, args.max_length) > context",
+        "args.max_prompt_length > context",
+        'tests/test_divergence.py -k "test_lengths_over_the_model_context_stop_before_anything_is_written and sera"',
+    ),
+    Mutant(
+        "runtime_vllm_past_context",
+        "runtime",
+        "the vLLM engine's max_model_len is never above the model's context",
+        "README",
+        "sera.py",
+        "        VLLMEngine.max_model_len = min(max(args.max_prompt_length, longest) + args.max_new_tokens, context)\n",
+        "        VLLMEngine.max_model_len = max(args.max_prompt_length, longest) + args.max_new_tokens\n",
+        'tests/test_divergence.py -k "test_the_vllm_engine_never_reads_past_the_model_context and sera"',
+    ),
     # (end of the runtime rows)
 ]
 

@@ -1,5 +1,6 @@
-"""Divergence, in all four scripts: a step whose loss or gradient norm is not finite is skipped (logged, and
---max_skipped_steps of them in a row stop the run naming the step); nothing non-finite is saved."""
+"""Divergence and the model's limits, in all four scripts: a step whose loss or gradient norm is not finite is skipped
+(logged, and --max_skipped_steps of them in a row stop the run naming the step); nothing non-finite is saved; the
+lengths must fit the model's context."""
 
 import dataclasses
 import importlib
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_inputs import GOOD
+from test_inputs import GOOD, model_with_config, rows_text, write
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -142,3 +143,50 @@ def test_nothing_non_finite_is_saved(script, tmp_path):
         broken[0] = 0.0
     assert mod.trainer_state(tmp_path / "partial")["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_1", "partial"]
+
+
+GIVEN = dict(osp=dict(num_judge_eval=8, judge_max_length=512), srdpo=dict(eval_pairs=4))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("context", [80, 90])  # 80: under 64 + 24; 90: under --max_length 96 only
+def test_lengths_over_the_model_context_stop_before_anything_is_written(script, context, tmp_path):
+    """A model whose max_position_embeddings is under --max_prompt_length + --max_new_tokens or --max_length (the
+    HF sampler ran past it without a word) ends in one line naming the numbers, before anything is written."""
+    mod = importlib.import_module(script)
+    model = model_with_config(tmp_path, max_position_embeddings=context)
+    given = dict(model=model, dataset=write(tmp_path / "x.jsonl", rows_text(GOOD)), output_dir=str(tmp_path / "run"))
+    given |= dict(max_prompt_length=64, max_new_tokens=24, max_length=96)  # a path gets a paper preset's otherwise
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(
+        mod.InputError,
+        match=rf"^--max_prompt_length 64 \+ --max_new_tokens 24 and --max_length 96 must fit the context of --model "
+        rf"{re.escape(model)}: {context} tokens \(max_position_embeddings in its config.json\)$",
+    ):
+        mod.main(mod.Args(**given, **GIVEN.get(script, {})))
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_vllm_engine_never_reads_past_the_model_context(script, tmp_path, monkeypatch):
+    """vLLM's max_model_len is at most the model's context (a longer one ended in vLLM's pydantic traceback), and a
+    prompt that does not fit is refused in one line. vLLM itself is faked: its engine records what it was given."""
+    mod = importlib.import_module(script)
+    made = {}
+
+    class LLM:
+        def __init__(self, **kwargs):
+            made.update(kwargs)
+
+    platform = types.SimpleNamespace(is_sleep_mode_available=lambda: False, is_cpu=lambda: True)
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM))
+    monkeypatch.setitem(sys.modules, "vllm.platforms", types.SimpleNamespace(current_platform=platform))
+    for name in ("llm", "path", "max_model_len"):
+        monkeypatch.setattr(mod.VLLMEngine, name, None)
+    a = mod.resolve(mod.Args(device="cpu"))[0]
+    model = model_with_config(tmp_path, max_position_embeddings=100)  # the toy's 64 + 24 fit; a 90-token prompt not
+    with pytest.raises(
+        mod.InputError, match=r"a prompt of 90 tokens \+ --max_new_tokens 24 is over the vLLM engine's "
+    ):
+        mod.vllm_generate([[5] * 90], 1, 1.0, 1.0, a, 0, model, "eval", [1])
+    assert made["max_model_len"] == 100

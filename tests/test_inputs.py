@@ -159,8 +159,9 @@ def test_bad_input_one_line_nothing_written(script, case, tmp_path):
     given = dict(
         dataset=small, reward_fn=f"{ROOT / 'assets' / 'toy' / 'oracle.py'}:score", output_dir=str(tmp_path / "run")
     )
-    osp = dict(num_judge_eval=8, judge_max_length=512, max_new_tokens=24)  # fits the toy when --model is a path
+    osp = dict(num_judge_eval=8, judge_max_length=512)  # fits the toy when --model is a path
     given.update(dict(osp=osp, srdpo=dict(eval_pairs=4)).get(script, {}))
+    given.update(max_prompt_length=64, max_new_tokens=24, max_length=96)  # the toy's context, not a paper preset's
     given.update(make(tmp_path))
     before = {p: p.stat().st_size for p in tmp_path.rglob("*")}
     with pytest.raises(module.InputError, match=match):
