@@ -811,7 +811,7 @@ def load_sft(spec: str | None, seed_pairs: list[dict], tokenizer, args: Args, co
     out, skipped = [], {}
     args = dataclasses.replace(args, long_prompts="skip")  # SFT rows over the limits are skipped, counted
     for index, row in enumerate(rows[: args.num_sft] if args.num_sft else rows):
-        where = f"--sft_data {source} row {index}"
+        where = f"--sft_data {row_name(source, index)}"
         try:  # an empty message is a quirk of real SFT data: skipped, counted
             messages = _messages(
                 row.get("messages") if isinstance(row, dict) else None, f"{where}: 'messages'", "empty_message"
@@ -850,7 +850,7 @@ def stage0_data(args: Args, tokenizer, template: str, verdict: list[int], counts
     """The offline pairs, split into the held-out judge evaluation (the last --num_judge_eval) and the seed pool; the
     seed set (--offline_fraction of the pool) and Stage 0's examples: its judge instances and the SFT data."""
     rows, source = load_rows(args.dataset)
-    offline = [dict(pair, where=f"dataset {source} row {i}") for i, pair in parse_rows(rows, source, args, counts)]
+    offline = [dict(pair, where=f"dataset {row_name(source, i)}") for i, pair in parse_rows(rows, source, args, counts)]
     held_out = offline[len(offline) - args.num_judge_eval :] if args.num_judge_eval else []
     seed_pool = offline[: len(offline) - len(held_out)]
     order = torch.randperm(len(seed_pool), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -910,7 +910,8 @@ def load_prompt_pool(
         if issue is None:
             kept.append(prompt)
         elif args.long_prompts == "error":
-            raise InputError(f"prompt pool row {index}: {issue} (see --long_prompts skip)")
+            where = row_name(spec, index) if spec else f"prompt pool row {index + 1}"
+            raise InputError(f"{where}: {issue} (see --long_prompts skip)")
         else:
             counts["pool_prompt_too_long"] = counts.get("pool_prompt_too_long", 0) + 1
     if not kept:
@@ -1056,12 +1057,12 @@ def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
 
 
 def read_jsonl(path: Path, what: str) -> list[dict]:
-    """JSON objects, one a line; an error names the line (or the byte that is not UTF-8)."""
+    """JSON objects, one a line; an error names the line (or the byte that is not UTF-8), as row_name does later."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise InputError(f"{what}: {path} is not UTF-8 text (byte {err.start}); expected JSON lines") from None
-    rows = []
+    rows, ROW_LINES[str(path)] = [], []
     for number, line in enumerate(lines, 1):
         try:
             rows += [json.loads(line)] if line.strip() else []
@@ -1069,7 +1070,17 @@ def read_jsonl(path: Path, what: str) -> list[dict]:
             raise InputError(f"{what}: {path} line {number}: not valid JSON ({err.msg})") from None
         if rows and not isinstance(rows[-1], dict):
             raise InputError(f"{what}: {path} line {number}: expected a JSON object, got {type(rows[-1]).__name__}")
+        ROW_LINES[str(path)] += [number] if line.strip() else []
     return rows
+
+
+ROW_LINES: dict[str, list[int]] = {}  # read_jsonl's files: each row's line (blank lines hold none)
+
+
+def row_name(source, index: int) -> str:
+    """Row `index` as an editor finds it: "line N" of a jsonl file, else "row N", both counted from 1."""
+    lines = ROW_LINES.get(str(Path(source)))
+    return f"{source} line {lines[index]}" if lines else f"{source} row {index + 1}"
 
 
 def load_prompts(spec: str, what: str) -> list[str]:
@@ -1079,7 +1090,7 @@ def load_prompts(spec: str, what: str) -> list[str]:
     rows = read_jsonl(Path(spec), what)
     if not rows:
         raise InputError(f"{what}: {spec} has no rows; expected JSON lines with a 'prompt'")
-    return [_text(row.get("prompt"), f"{what} {spec} row {index}: 'prompt'") for index, row in enumerate(rows)]
+    return [_text(row.get("prompt"), f"{what} {row_name(spec, i)}: 'prompt'") for i, row in enumerate(rows)]
 
 
 def _text(value, where: str, empty: str | None = None) -> str:
@@ -1153,11 +1164,17 @@ def parse_pair(row: dict, where: str) -> dict:
 
 
 def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[tuple[int, dict]]:
-    """(row index, parse_pair) of the usable rows; BadRows counted in counts['skipped_<reason>'], at most a fraction."""
-    pairs, bad = [], []
+    """(row index, parse_pair) of the usable rows; BadRows (a repeated row too) counted in counts['skipped_<reason>'],
+    at most a fraction."""
+    pairs, bad, seen = [], [], {}
     for index, row in enumerate(rows):
+        where = f"dataset {row_name(source, index)}"
         try:
-            pairs.append((index, parse_pair(row, f"dataset {source} row {index}")))
+            pair = parse_pair(row, where)
+            first = seen.setdefault(hash((json.dumps(pair["prompt"]), pair["chosen"], pair["rejected"])), where)
+            if first != where:
+                raise BadRow("duplicate", f"{where}: the same prompt, chosen and rejected as {first}")
+            pairs.append((index, pair))
         except BadRow as err:
             counts[f"skipped_{err.reason}"] = counts.get(f"skipped_{err.reason}", 0) + 1
             bad.append(str(err))

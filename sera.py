@@ -625,7 +625,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
 def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple[list[dict], dict]:
     pairs, counts = [], {}
     for index, pair in parse_rows(rows[: args.num_pairs] if args.num_pairs else rows, source, args, counts):
-        where = f"dataset {source} row {index}"
+        where = f"dataset {row_name(source, index)}"
         sides = [
             fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, counts) for side in ("chosen", "rejected")
         ]
@@ -744,12 +744,12 @@ def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
 
 
 def read_jsonl(path: Path, what: str) -> list[dict]:
-    """JSON objects, one a line; an error names the line (or the byte that is not UTF-8)."""
+    """JSON objects, one a line; an error names the line (or the byte that is not UTF-8), as row_name does later."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise InputError(f"{what}: {path} is not UTF-8 text (byte {err.start}); expected JSON lines") from None
-    rows = []
+    rows, ROW_LINES[str(path)] = [], []
     for number, line in enumerate(lines, 1):
         try:
             rows += [json.loads(line)] if line.strip() else []
@@ -757,7 +757,17 @@ def read_jsonl(path: Path, what: str) -> list[dict]:
             raise InputError(f"{what}: {path} line {number}: not valid JSON ({err.msg})") from None
         if rows and not isinstance(rows[-1], dict):
             raise InputError(f"{what}: {path} line {number}: expected a JSON object, got {type(rows[-1]).__name__}")
+        ROW_LINES[str(path)] += [number] if line.strip() else []
     return rows
+
+
+ROW_LINES: dict[str, list[int]] = {}  # read_jsonl's files: each row's line (blank lines hold none)
+
+
+def row_name(source, index: int) -> str:
+    """Row `index` as an editor finds it: "line N" of a jsonl file, else "row N", both counted from 1."""
+    lines = ROW_LINES.get(str(Path(source)))
+    return f"{source} line {lines[index]}" if lines else f"{source} row {index + 1}"
 
 
 def load_prompts(spec: str, what: str) -> list[str]:
@@ -767,7 +777,7 @@ def load_prompts(spec: str, what: str) -> list[str]:
     rows = read_jsonl(Path(spec), what)
     if not rows:
         raise InputError(f"{what}: {spec} has no rows; expected JSON lines with a 'prompt'")
-    return [_text(row.get("prompt"), f"{what} {spec} row {index}: 'prompt'") for index, row in enumerate(rows)]
+    return [_text(row.get("prompt"), f"{what} {row_name(spec, i)}: 'prompt'") for i, row in enumerate(rows)]
 
 
 def _text(value, where: str, empty: str | None = None) -> str:
@@ -841,11 +851,17 @@ def parse_pair(row: dict, where: str) -> dict:
 
 
 def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[tuple[int, dict]]:
-    """(row index, parse_pair) of the usable rows; BadRows counted in counts['skipped_<reason>'], at most a fraction."""
-    pairs, bad = [], []
+    """(row index, parse_pair) of the usable rows; BadRows (a repeated row too) counted in counts['skipped_<reason>'],
+    at most a fraction."""
+    pairs, bad, seen = [], [], {}
     for index, row in enumerate(rows):
+        where = f"dataset {row_name(source, index)}"
         try:
-            pairs.append((index, parse_pair(row, f"dataset {source} row {index}")))
+            pair = parse_pair(row, where)
+            first = seen.setdefault(hash((json.dumps(pair["prompt"]), pair["chosen"], pair["rejected"])), where)
+            if first != where:
+                raise BadRow("duplicate", f"{where}: the same prompt, chosen and rejected as {first}")
+            pairs.append((index, pair))
         except BadRow as err:
             counts[f"skipped_{err.reason}"] = counts.get(f"skipped_{err.reason}", 0) + 1
             bad.append(str(err))

@@ -1261,6 +1261,26 @@ MUTANTS: list[Mutant] = [
         "        VLLMEngine.max_model_len = max(args.max_prompt_length, longest) + args.max_new_tokens\n",
         'tests/test_divergence.py -k "test_the_vllm_engine_never_reads_past_the_model_context and sera"',
     ),
+    Mutant(
+        "runtime_duplicates_not_counted",
+        "runtime",
+        "a row repeating an earlier one's prompt, chosen and rejected is a quirk: skipped and counted",
+        "README",
+        "sera.py",
+        "            if first != where:\n",
+        "            if False:\n",
+        'tests/test_divergence.py -k "test_repeated_rows_are_a_counted_quirk_named_by_their_lines and sera"',
+    ),
+    Mutant(
+        "runtime_rows_counted_from_zero",
+        "runtime",
+        "messages name a jsonl row by its line in the file (from 1, blank lines counted), other rows from 1",
+        "README",
+        "sera.py",
+        '    return f"{source} line {lines[index]}" if lines else f"{source} row {index + 1}"\n',
+        '    return f"{source} row {index}"\n',
+        'tests/test_divergence.py -k "test_repeated_rows_are_a_counted_quirk_named_by_their_lines and sera"',
+    ),
     # (end of the runtime rows)
 ]
 

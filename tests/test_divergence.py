@@ -1,6 +1,6 @@
 """Divergence and the model's limits, in all four scripts: a step whose loss or gradient norm is not finite is skipped
 (logged, and --max_skipped_steps of them in a row stop the run naming the step); nothing non-finite is saved; the
-lengths must fit the model's context."""
+lengths must fit the model's context; repeated rows are a counted quirk, and messages name rows as editors do."""
 
 import dataclasses
 import importlib
@@ -190,3 +190,30 @@ def test_the_vllm_engine_never_reads_past_the_model_context(script, tmp_path, mo
     ):
         mod.vllm_generate([[5] * 90], 1, 1.0, 1.0, a, 0, model, "eval", [1])
     assert made["max_model_len"] == 100
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_repeated_rows_are_a_counted_quirk_named_by_their_lines(script, tmp_path):
+    """A row with the prompt, chosen and rejected of an earlier one is skipped and counted (skipped_duplicate) like
+    the other quirks, within --max_bad_fraction; messages name a jsonl row by its line in the file (blank lines
+    counted, from 1, as editors do) and other rows from 1."""
+    mod = importlib.import_module(script)
+    other = dict(GOOD[1], rejected=GOOD[1]["chosen"][:1] + [{"role": "assistant", "content": "x y z"}])
+    rows = [GOOD[1], other, dict(GOOD[0], score_chosen=9.0)]  # a repeat, another pair, a repeat with other scores
+    text = rows_text(GOOD[:3]) + "\n" + rows_text(rows)
+    rows, source = mod.load_rows(write(tmp_path / "x.jsonl", text))
+    at = f"dataset {re.escape(source)} line"
+    counts: dict = {}
+    pairs = mod.parse_rows(rows, source, mod.Args(max_bad_fraction=0.4), counts)
+    assert counts == {"skipped_duplicate": 2} and [i for i, _ in pairs] == [0, 1, 2, 4]  # row 3 (line 5) is GOOD[1]
+    with pytest.raises(
+        mod.InputError,
+        match=rf"2 of 6 rows are degenerate \(duplicate 2\), over --max_bad_fraction 0.05; first: {at} 5: the same "
+        rf"prompt, chosen and rejected as {at} 2 \| {at} 7: the same prompt, chosen and rejected as {at} 1$",
+    ):
+        mod.parse_rows(rows, source, mod.Args(), {})
+    with pytest.raises(mod.InputError, match=r"first: dataset fixture row 3: the same .* as dataset fixture row 1$"):
+        mod.parse_rows([GOOD[0], GOOD[1], GOOD[0]], "fixture", mod.Args(), {})
+    prompts = write(tmp_path / "p.jsonl", '{"prompt": "a"}\n\n{"prompt": ""}\n')
+    with pytest.raises(mod.InputError, match=r"^--eval_prompts .*p.jsonl line 3: 'prompt' is empty$"):
+        mod.load_prompts(prompts, "--eval_prompts")

@@ -68,7 +68,7 @@ BAD = {  # name: (arguments given a tmp folder, expected message)
     ),
     "wrong columns": (
         lambda d: dict(dataset=write(d / "x.jsonl", rows_text([{"question": "q", "answer": "a"}] * 3))),
-        r"row 0: missing column 'chosen'",
+        r"x.jsonl line 1: missing column 'chosen'",
     ),
     "no tokenizer": (
         lambda d: dict(model=model_without(d, ("tokenizer.json", "tokenizer_config.json"))),
@@ -226,7 +226,7 @@ def test_quirks_are_skipped_and_counted(script):
     with pytest.raises(
         module.InputError,
         match=r"7 of 107 rows are degenerate .* over --max_bad_fraction 0.05; "
-        r"first: dataset fixture row 100: 'chosen' and 'rejected' responses are identical",
+        r"first: dataset fixture row 101: 'chosen' and 'rejected' responses are identical",
     ):
         module.parse_rows(rows, "fixture", module.Args(), {})
 
@@ -242,7 +242,7 @@ def test_malformed_rows_are_not_quirks():
     ):
         with pytest.raises(sera.InputError) as info:
             sera.parse_rows([row] + [dict(GOOD[0])] * 99, "f", sera.Args(max_bad_fraction=1.0), {})
-        assert not isinstance(info.value, sera.BadRow) and "row 0" in str(info.value)
+        assert not isinstance(info.value, sera.BadRow) and "dataset f row 1:" in str(info.value)
 
 
 def test_reward_fn_checked_on_every_call(tmp_path):
