@@ -181,6 +181,8 @@ class Args:
     """sequences (prompts x samples) per generate call"""
     overwrite: bool = False
     """start over in an --output_dir that holds a run: what it holds is deleted first (see --resume)"""
+    max_skipped_steps: int = 3
+    """stop when this many optimizer steps in a row have a non-finite loss or gradient norm (each is skipped)"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,6 +391,7 @@ def train_iteration(
             "step": step + 1,
             **{name: total[name] / total["pairs"] for name in DAA_STATS[:7]},
             "grad_norm": grad_norm,
+            "train/skipped_nonfinite": total["skipped_nonfinite"],
             "lr": scheduler.get_last_lr()[0],
             "tokens_per_sec": total["tokens"] / (time.perf_counter() - tic),
         }
@@ -403,7 +406,7 @@ def main(args: Args) -> dict:
     quiet_library_bars()
     check_resume(args)
     # Everything that can fail on bad input is checked before anything is written.
-    tokenizer = load_tokenizer(preset["path"], args.chat_template)
+    tokenizer = load_tokenizer(preset["path"], args.chat_template, args)
     rows, source = load_rows(args.dataset)
     offline, length_counts = build_dataset(rows, source, tokenizer, args)
     pool = load_prompt_pool(args.prompts, offline, tokenizer, args, length_counts)
@@ -614,7 +617,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
 def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple[list[dict], dict]:
     pairs, counts = [], {}
     for index, pair in parse_rows(rows[: args.num_pairs] if args.num_pairs else rows, source, args, counts):
-        where = f"dataset {source} row {index}"
+        where = f"dataset {row_name(source, index)}"
         sides = [
             fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, counts) for side in ("chosen", "rejected")
         ]
@@ -646,7 +649,8 @@ def load_prompt_pool(
         if issue is None:
             kept.append(prompt)
         elif args.long_prompts == "error":
-            raise InputError(f"prompt pool row {index}: {issue} (see --long_prompts skip)")
+            where = row_name(spec, index) if spec else f"prompt pool row {index + 1}"
+            raise InputError(f"{where}: {issue} (see --long_prompts skip)")
         else:
             counts["pool_prompt_too_long"] = counts.get("pool_prompt_too_long", 0) + 1
     if not kept:
@@ -696,7 +700,7 @@ DOMAINS = {  # the options all four scripts share (check_args; each script adds 
     **dict.fromkeys(("max_grad_norm", "lora_alpha"), "> 0"),
     **dict.fromkeys(("lora_r", "num_eval", "eval_temperature", "seed"), ">= 0"),  # 0: "off" or "none"
     **dict.fromkeys("max_prompt_length max_new_tokens stop_after_steps dist_timeout_minutes".split(), ">= 1"),
-    **dict.fromkeys(("scoring_batch_size", "generation_batch_size"), ">= 1"),
+    **dict.fromkeys(("scoring_batch_size", "generation_batch_size", "max_skipped_steps"), ">= 1"),
     "max_length": ">= 2",
     "lora_dropout": "[0, 1)",
 }
@@ -769,12 +773,12 @@ def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
 
 
 def read_jsonl(path: Path, what: str) -> list[dict]:
-    """JSON objects, one a line; an error names the line (or the byte that is not UTF-8)."""
+    """JSON objects, one a line; an error names the line (or the byte that is not UTF-8), as row_name does later."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise InputError(f"{what}: {path} is not UTF-8 text (byte {err.start}); expected JSON lines") from None
-    rows = []
+    rows, ROW_LINES[str(path)] = [], []
     for number, line in enumerate(lines, 1):
         try:
             rows += [json.loads(line)] if line.strip() else []
@@ -782,7 +786,17 @@ def read_jsonl(path: Path, what: str) -> list[dict]:
             raise InputError(f"{what}: {path} line {number}: not valid JSON ({err.msg})") from None
         if rows and not isinstance(rows[-1], dict):
             raise InputError(f"{what}: {path} line {number}: expected a JSON object, got {type(rows[-1]).__name__}")
+        ROW_LINES[str(path)] += [number] if line.strip() else []
     return rows
+
+
+ROW_LINES: dict[str, list[int]] = {}  # read_jsonl's files: each row's line (blank lines hold none)
+
+
+def row_name(source, index: int) -> str:
+    """Row `index` as an editor finds it: "line N" of a jsonl file, else "row N", both counted from 1."""
+    lines = ROW_LINES.get(str(Path(source)))
+    return f"{source} line {lines[index]}" if lines else f"{source} row {index + 1}"
 
 
 def load_prompts(spec: str, what: str) -> list[str]:
@@ -792,7 +806,7 @@ def load_prompts(spec: str, what: str) -> list[str]:
     rows = read_jsonl(Path(spec), what)
     if not rows:
         raise InputError(f"{what}: {spec} has no rows; expected JSON lines with a 'prompt'")
-    return [_text(row.get("prompt"), f"{what} {spec} row {index}: 'prompt'") for index, row in enumerate(rows)]
+    return [_text(row.get("prompt"), f"{what} {row_name(spec, i)}: 'prompt'") for i, row in enumerate(rows)]
 
 
 def _text(value, where: str, empty: str | None = None) -> str:
@@ -866,11 +880,17 @@ def parse_pair(row: dict, where: str) -> dict:
 
 
 def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[tuple[int, dict]]:
-    """(row index, parse_pair) of the usable rows; BadRows counted in counts['skipped_<reason>'], at most a fraction."""
-    pairs, bad = [], []
+    """(row index, parse_pair) of the usable rows; BadRows (a repeated row too) counted in counts['skipped_<reason>'],
+    at most a fraction."""
+    pairs, bad, seen = [], [], {}
     for index, row in enumerate(rows):
+        where = f"dataset {row_name(source, index)}"
         try:
-            pairs.append((index, parse_pair(row, f"dataset {source} row {index}")))
+            pair = parse_pair(row, where)
+            first = seen.setdefault(hash((json.dumps(pair["prompt"]), pair["chosen"], pair["rejected"])), where)
+            if first != where:
+                raise BadRow("duplicate", f"{where}: the same prompt, chosen and rejected as {first}")
+            pairs.append((index, pair))
         except BadRow as err:
             counts[f"skipped_{err.reason}"] = counts.get(f"skipped_{err.reason}", 0) + 1
             bad.append(str(err))
@@ -896,22 +916,36 @@ def set_chat_template(tokenizer, template: str | None, option: str, owner: str):
     return tokenizer
 
 
-def load_tokenizer(model_path: str, chat_template: str | None):
-    """The tokenizer with --chat_template and a pad token, left-padded for generation (collate pads the rest)."""
+def load_tokenizer(model_path: str, chat_template: str | None, args: Args | None = None):
+    """The tokenizer with --chat_template and a pad token, left-padded for generation (collate pads the rest); the
+    lengths in `args` checked against the model's context."""
     from transformers import AutoConfig, AutoTokenizer
 
     if model_path.startswith((".", "/", "~")) and not Path(model_path).expanduser().exists():
         raise InputError(f"--model: {model_path!r} not found")
     try:  # a folder without config.json or tokenizer files fails here, before the data is read
-        AutoConfig.from_pretrained(model_path)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        config, tokenizer = AutoConfig.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
         raise InputError(f"--model: no config and tokenizer load from {model_path!r} ({first_line(err)})") from None
     set_chat_template(tokenizer, chat_template, "--chat_template", f"--model: the tokenizer of {model_path!r}")
+    context, source = model_context(config, tokenizer)
+    if args is not None and max(args.max_prompt_length + args.max_new_tokens, args.max_length) > context:
+        raise InputError(
+            f"--max_prompt_length {args.max_prompt_length} + --max_new_tokens {args.max_new_tokens} and --max_length "
+            f"{args.max_length} must fit the context of --model {model_path}: {context} tokens ({source})"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def model_context(config, tokenizer=None) -> tuple[float, str]:
+    """The most tokens the model reads and who says so: its config, else its tokenizer where set, else none (inf)."""
+    if getattr(config, "max_position_embeddings", None):
+        return config.max_position_embeddings, "max_position_embeddings in its config.json"
+    longest = getattr(tokenizer, "model_max_length", None) or math.inf  # transformers' "unset" is 1e30
+    return (longest, "model_max_length of its tokenizer") if longest < 1e9 else (math.inf, "unknown")
 
 
 def first_line(err: Exception) -> str:
@@ -1210,7 +1244,7 @@ def check_resume(args: Args):
         raise InputError(f"--resume: {saved} not found; nothing to resume")
     stored, given = json.loads(saved.read_text()), json.loads(json.dumps(dataclasses.asdict(args)))  # tuples as lists
     ignored = ("resume", "overwrite", "stop_after_steps", "output_dir", "batch_size", "device")  # moved, other ranks
-    ignored += ("track", "wandb_project", "wandb_entity")  # where the records also go
+    ignored += ("track", "wandb_project", "wandb_entity", "max_skipped_steps")  # where records go, a tolerance
     changed = sorted(k for k, v in given.items() if k not in ignored and stored.get(k) != v)
     if changed:
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(changed)}")
@@ -1569,8 +1603,9 @@ def make_optimizer(model, lr, n_steps, args, schedule="constant", state=None, ki
 
 
 def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args: Args, where: str):
-    """Average LoRA gradients, clip, sum the statistics (and the ranks' pending signals) over ranks, stop on a
-    non-finite loss (first slot), step."""
+    """Average LoRA gradients, clip, sum the statistics (and the ranks' pending signals) over ranks, step; a non-finite
+    loss (first slot) or gradient norm skips the step (skipped_nonfinite 1), --max_skipped_steps of them in a row stop
+    the run before the update."""
     Stop.steps += 1
     if (hook := os.environ.get("SELFPO_SIGNAL_AT", "")).endswith(f"@{Stop.steps}"):  # tests: SIGTERM@3, in step 3
         os.kill(os.getpid(), getattr(signal, hook.split("@")[0]))
@@ -1587,15 +1622,21 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
         dist.all_reduce(sums)
     *values, signalled, grad_norm = torch.cat([sums, grad_norm.reshape(1).to(sums)]).tolist()
     Stop.where = where if signalled and Stop.defer else Stop.where
-    if not math.isfinite(values[0]):
+    checks = (("loss", values[0]), ("gradient norm", grad_norm))
+    bad = next((f"{name} ({value})" for name, value in checks if not math.isfinite(value)), "")
+    n = optimizer.skipped_in_a_row = getattr(optimizer, "skipped_in_a_row", 0) + 1 if bad else 0  # same on all ranks
+    if not bad:
+        optimizer.step()
+        scheduler.step()
+    elif n >= args.max_skipped_steps:
         raise InputError(
-            f"non-finite loss ({values[0]}) at {where}: stopping before the update (the last checkpoint "
-            "is intact); lower --lr or --beta, or check that step's data"
+            f"non-finite {bad} at {where}: stopping before the update ({n} in a row, --max_skipped_steps "
+            f"{args.max_skipped_steps}; the last checkpoint is intact); lower --lr or --beta, or check that step's data"
         )
-    optimizer.step()
-    scheduler.step()
+    elif rank() == 0:
+        print(f"non-finite {bad} at {where}: skipped the step ({n} of --max_skipped_steps {args.max_skipped_steps})")
     optimizer.zero_grad(set_to_none=True)
-    return dict(zip(stats.names, values)), grad_norm
+    return dict(zip(stats.names, values), skipped_nonfinite=int(bool(bad))), grad_norm
 
 
 class Stop:
@@ -1653,6 +1694,7 @@ def save_atomic(model, tokenizer, directory: Path):
         state = model.state_dict()
     dtype = getattr(model, "checkpoint_dtype", torch.float32)  # the loaded checkpoint's, not the masters'
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    check_finite(state, directory)
 
     def write(folder: Path):
         if rank() == 0:
@@ -1664,6 +1706,17 @@ def save_atomic(model, tokenizer, directory: Path):
 
     write_folder(directory, write)
     return model
+
+
+def check_finite(state: dict, directory: Path):
+    """Nothing non-finite is saved: a NaN or inf in any rank's tensors of `state` (nested) refuses the save."""
+    from torch.utils._pytree import tree_leaves
+
+    mine = [t.to_local() if hasattr(t, "to_local") else t for t in tree_leaves(state) if torch.is_tensor(t)]
+    if count := int(all_sum([sum(not t.isfinite().all() for t in mine if t.is_floating_point())])[0]):
+        raise InputError(
+            f"{directory}: not saved: {count} tensor(s) hold NaN or inf; the previous checkpoint is intact"
+        )
 
 
 def write_folder(directory: Path, write):
@@ -1742,9 +1795,12 @@ def save_checkpoint(model, directory: Path, optimizer, scheduler, step: int):
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+    weights, moments = get_model_state_dict(model), get_optimizer_state_dict(model, optimizer)
+    check_finite({"model": weights, "optimizer": moments}, directory)
+
     def write(folder: Path):
-        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(folder / "model"))
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder / "optimizer"))
+        dcp.save({"model": weights}, checkpoint_id=str(folder / "model"))
+        dcp.save({"optimizer": moments}, checkpoint_id=str(folder / "optimizer"))
         if rank() == 0:
             state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": world()}
             (folder / "trainer_state.json").write_text(json.dumps(state))
@@ -1807,7 +1863,10 @@ def vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, des
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # vLLM checks the free memory against gpu_memory_utilization
     if VLLMEngine.llm is None:
-        VLLMEngine.max_model_len = max(args.max_prompt_length, longest) + args.max_new_tokens
+        from transformers import AutoConfig
+
+        context = model_context(AutoConfig.from_pretrained(model_path))[0]  # never above the model's
+        VLLMEngine.max_model_len = min(max(args.max_prompt_length, longest) + args.max_new_tokens, context)
         dtype = {"auto": "bfloat16" if torch.cuda.is_available() else "float32"}.get(args.dtype, args.dtype)
         kwargs = dict(model=model_path, seed=seed, gpu_memory_utilization=0.3, dtype=dtype)
         # sleep mode (CUDA): asleep at level 2 between calls (weights dropped, the trainer has the GPU), every wake-up
@@ -1835,8 +1894,8 @@ def vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, des
     if longest + args.max_new_tokens > VLLMEngine.max_model_len:
         raise InputError(
             f"{desc}: a prompt of {longest} tokens + --max_new_tokens {args.max_new_tokens} is over the vLLM engine's "
-            f"max_model_len {VLLMEngine.max_model_len} (--max_prompt_length + --max_new_tokens when it started); "
-            "raise --max_prompt_length"
+            f"max_model_len {VLLMEngine.max_model_len} (--max_prompt_length + --max_new_tokens when it started, at "
+            "most the model's context); shorten the prompt or raise --max_prompt_length"
         )
     # vLLM seeds sample j of a request seed + j: one seed per prompt, n apart, from the call's seed and prompt index
     sampling = dict(n=n, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0, stop_token_ids=stop)

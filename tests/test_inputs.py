@@ -68,7 +68,7 @@ BAD = {  # name: (arguments given a tmp folder, expected message)
     ),
     "wrong columns": (
         lambda d: dict(dataset=write(d / "x.jsonl", rows_text([{"question": "q", "answer": "a"}] * 3))),
-        r"row 0: missing column 'chosen'",
+        r"x.jsonl line 1: missing column 'chosen'",
     ),
     "no tokenizer": (
         lambda d: dict(model=model_without(d, ("tokenizer.json", "tokenizer_config.json"))),
@@ -159,8 +159,9 @@ def test_bad_input_one_line_nothing_written(script, case, tmp_path):
     given = dict(
         dataset=small, reward_fn=f"{ROOT / 'assets' / 'toy' / 'oracle.py'}:score", output_dir=str(tmp_path / "run")
     )
-    osp = dict(num_judge_eval=8, judge_max_length=512, max_new_tokens=24)  # fits the toy when --model is a path
+    osp = dict(num_judge_eval=8, judge_max_length=512)  # fits the toy when --model is a path
     given.update(dict(osp=osp, srdpo=dict(eval_pairs=4)).get(script, {}))
+    given.update(max_prompt_length=64, max_new_tokens=24, max_length=96)  # the toy's context, not a paper preset's
     given.update(make(tmp_path))
     before = {p: p.stat().st_size for p in tmp_path.rglob("*")}
     with pytest.raises(module.InputError, match=match):
@@ -225,7 +226,7 @@ def test_quirks_are_skipped_and_counted(script):
     with pytest.raises(
         module.InputError,
         match=r"7 of 107 rows are degenerate .* over --max_bad_fraction 0.05; "
-        r"first: dataset fixture row 100: 'chosen' and 'rejected' responses are identical",
+        r"first: dataset fixture row 101: 'chosen' and 'rejected' responses are identical",
     ):
         module.parse_rows(rows, "fixture", module.Args(), {})
 
@@ -241,7 +242,7 @@ def test_malformed_rows_are_not_quirks():
     ):
         with pytest.raises(sera.InputError) as info:
             sera.parse_rows([row] + [dict(GOOD[0])] * 99, "f", sera.Args(max_bad_fraction=1.0), {})
-        assert not isinstance(info.value, sera.BadRow) and "row 0" in str(info.value)
+        assert not isinstance(info.value, sera.BadRow) and "dataset f row 1:" in str(info.value)
 
 
 def test_reward_fn_checked_on_every_call(tmp_path):
@@ -266,7 +267,7 @@ def test_non_finite_loss_stops_with_one_line_before_the_update(script):
     weight.grad = torch.ones(3)
     optimizer = torch.optim.SGD([weight], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    args = mod.resolve(mod.Args())[0]
+    args = mod.resolve(mod.Args(max_skipped_steps=1))[0]  # the first non-finite step stops the run
     with pytest.raises(mod.InputError, match=r"non-finite loss \(nan\) at step 7: stopping before the update"):
         stats = mod.StepStats(("loss", "pairs"), torch.device("cpu"))
         stats.add(loss=float("nan"), pairs=1)
