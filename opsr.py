@@ -428,11 +428,12 @@ def main(args: Args) -> dict:
             )
 
     def finish_iteration(model, m: int):  # the policy stays in memory: its fp32 (shards) are the masters
-        model = save_atomic(model, tokenizer, out_dir / f"iter_{m}")
+        model = save_atomic(model, tokenizer, out_dir / f"iter_{m}", masters=m < args.iterations)
         if scorers and eval_prompts:
             evaluate_and_log(str(m), model, str(out_dir / f"iter_{m}"))
         state["completed"] = m
         write_atomic(state_file, state)
+        shutil.rmtree(out_dir / f"iter_{m - 1}" / "masters", ignore_errors=True)  # iter_m's resume from here
         return model
 
     log(
@@ -1331,7 +1332,19 @@ def load_model(path: str, device: torch.device, args: Args | None = None, frozen
 
         model.forward = autocast_forward
     model = model.to(device)
+    if not frozen and (Path(path) / "masters").is_dir():  # save_atomic's: a resume at an iteration or stage boundary
+        load_weights(model, Path(path) / "masters")
     return shard_model(model, args) if sharded else model
+
+
+def load_weights(model, folder: Path):
+    """DCP's weights (saved on any number of ranks) into `model`, in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as sd
+
+    weights = {"model": sd.get_model_state_dict(model)}
+    dcp.load(weights, checkpoint_id=str(folder))
+    sd.set_model_state_dict(model, weights["model"])
 
 
 def shard_model(model, args: Args):
@@ -1380,9 +1393,7 @@ def make_optimizer(model, lr, n_steps, args, schedule="constant", state=None, ki
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import state_dict as sd
 
-        weights = {"model": sd.get_model_state_dict(model)}
-        dcp.load(weights, checkpoint_id=state["model"])
-        sd.set_model_state_dict(model, weights["model"])
+        load_weights(model, Path(state["model"]))
         saved = {"optimizer": sd.get_optimizer_state_dict(model, optimizer)}
         dcp.load(saved, checkpoint_id=state["optimizer"])
         sd.set_optimizer_state_dict(model, optimizer, saved["optimizer"])
@@ -1416,8 +1427,10 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
     return dict(zip(stats.names, values)), grad_norm
 
 
-def save_atomic(model, tokenizer, directory: Path):
-    """The model as a save_pretrained folder in its checkpoint's dtype (LoRA merged: returned), by write_folder."""
+def save_atomic(model, tokenizer, directory: Path, masters: bool = False):
+    """The model as a save_pretrained folder in its checkpoint's dtype (LoRA merged: returned), by write_folder;
+    masters: with the weights that dtype rounds in masters/ (DCP), from which a resume at this boundary goes on."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     lora = hasattr(model, "peft_config")
@@ -1428,8 +1441,11 @@ def save_atomic(model, tokenizer, directory: Path):
         state = model.state_dict()
     dtype = getattr(model, "checkpoint_dtype", torch.float32)  # the loaded checkpoint's, not the masters'
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    masters = masters and any(p.dtype != dtype for p in model.parameters())
 
     def write(folder: Path):
+        if masters:
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(folder / "masters"))
         if rank() == 0:
             model.save_pretrained(folder, state_dict=state, safe_serialization=True)
             live, model.config.dtype = model.config.dtype, dtype  # save_pretrained recorded the masters' dtype
