@@ -376,17 +376,29 @@ def rank_and_pair(samples: list[list[str]], judge, rank_by: str) -> tuple[list[l
 # ALGO LOGIC: the Stage 0 examples (judge instances + SFT) and the online prompt pool
 
 
+class Example(dict):
+    """A Stage 0 example as its kind and `tokens`, a call that tokenizes it: prompt_ids and response_ids are made when
+    read, so a rank holds the ids of its share of a step only, not the whole set's (~10 GB at 480k pairs) [ours]."""
+
+    def __missing__(self, key):
+        return dict(zip(("prompt_ids", "response_ids"), self["tokens"]()))[key]
+
+
 def judge_instances(
     pairs: list[dict], tokenizer, template: str, verdict: list[int], args: Args, counts: dict
-) -> list[dict]:
+) -> list[Example]:
     """Preference augmentation (paper §3.2): two judge instances per offline pair, (y_w, y_l) -> "A" and
     (y_l, y_w) -> "B"; only the verdict token is scored. Instances over --judge_max_length follow --long_prompts."""
     out = []
     for pair in pairs:
-        context = render_context(pair["prompt"], args.judge_family)
-        both = [(pair["chosen"], pair["rejected"], verdict[0]), (pair["rejected"], pair["chosen"], verdict[1])]
-        encoded = [(judge_ids(tokenizer, template, context, a, b), target) for a, b, target in both]
-        longest = max(len(ids) for ids, _ in encoded) + 1
+
+        def tokens(swapped: bool, pair=pair):  # (y_w, y_l) -> "A", swapped (y_l, y_w) -> "B"
+            a, b = (pair["rejected"], pair["chosen"]) if swapped else (pair["chosen"], pair["rejected"])
+            context = render_context(pair["prompt"], args.judge_family)
+            return judge_ids(tokenizer, template, context, a, b), [verdict[swapped]]
+
+        encoded = [functools.partial(tokens, swapped) for swapped in (False, True)]
+        longest = max(len(tokens()[0]) for tokens in encoded) + 1
         if longest > args.judge_max_length:
             if args.long_prompts == "error":
                 raise InputError(
@@ -395,7 +407,7 @@ def judge_instances(
                 )
             counts["judge_instance_too_long"] = counts.get("judge_instance_too_long", 0) + 1
             continue
-        out += [{"prompt_ids": ids, "response_ids": [target], "kind": "judge"} for ids, target in encoded]
+        out += [Example(kind="judge", tokens=tokens) for tokens in encoded]
     return out
 
 
@@ -457,7 +469,7 @@ def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
         for step in range(per_epoch):
             batch_examples = [examples[i] for i in order[step * args.aug_batch_size : (step + 1) * args.aug_batch_size]]
             local, real = shard(batch_examples)
-            batch = collate([(e["prompt_ids"], e["response_ids"]) for e in local], pad_id, device)
+            batch = collate([e["tokens"]() for e in local], pad_id, device)  # this rank's share, tokenized now
             logps, _ = causal_lm_logps(
                 model, batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="mean"
             )
@@ -790,7 +802,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
     return args, preset
 
 
-def load_sft(spec: str | None, seed_pairs: list[dict], tokenizer, args: Args, counts: dict) -> list[dict]:
+def load_sft(spec: str | None, seed_pairs: list[dict], tokenizer, args: Args, counts: dict) -> list[Example]:
     """Stage 0's SFT examples: the 'messages' conversations of --sft_data, else [ours] the seed pairs' chosen
     conversations; the first --num_sft, those over the length limits skipped and counted."""
     rows, source = (
@@ -814,9 +826,12 @@ def load_sft(spec: str | None, seed_pairs: list[dict], tokenizer, args: Args, co
             continue
         if messages[-1]["role"] != "assistant":
             raise InputError(f"{where}: the last message must be the assistant's")
-        fitted = fit(*encode(tokenizer, messages[:-1], messages[-1]["content"]), args, where, skipped)
-        if fitted is not None:
-            out.append({"prompt_ids": fitted[0], "response_ids": fitted[1], "kind": "sft"})
+
+        def tokens(counts=None, m=messages, where=where):  # checked and counted now, tokenized again to train
+            return fit(*encode(tokenizer, m[:-1], m[-1]["content"]), args, where, {} if counts is None else counts)
+
+        if tokens(skipped) is not None:
+            out.append(Example(kind="sft", tokens=tokens))
     counts.update({f"sft_{k}": v for k, v in skipped.items()})
     return out
 
