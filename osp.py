@@ -388,17 +388,29 @@ def rank_and_pair(samples: list[list[str]], judge, rank_by: str) -> tuple[list[l
 # ALGO LOGIC: the Stage 0 examples (judge instances + SFT) and the online prompt pool
 
 
+class Example(dict):
+    """A Stage 0 example as its kind and `tokens`, a call that tokenizes it: prompt_ids and response_ids are made when
+    read, so a rank holds the ids of its share of a step only, not the whole set's (~10 GB at 480k pairs) [ours]."""
+
+    def __missing__(self, key):
+        return dict(zip(("prompt_ids", "response_ids"), self["tokens"]()))[key]
+
+
 def judge_instances(
     pairs: list[dict], tokenizer, template: str, verdict: list[int], args: Args, counts: dict
-) -> list[dict]:
+) -> list[Example]:
     """Preference augmentation (paper §3.2): two judge instances per offline pair, (y_w, y_l) -> "A" and
     (y_l, y_w) -> "B"; only the verdict token is scored. Instances over --judge_max_length follow --long_prompts."""
     out = []
     for pair in pairs:
-        context = render_context(pair["prompt"], args.judge_family)
-        both = [(pair["chosen"], pair["rejected"], verdict[0]), (pair["rejected"], pair["chosen"], verdict[1])]
-        encoded = [(judge_ids(tokenizer, template, context, a, b), target) for a, b, target in both]
-        longest = max(len(ids) for ids, _ in encoded) + 1
+
+        def tokens(swapped: bool, pair=pair):  # (y_w, y_l) -> "A", swapped (y_l, y_w) -> "B"
+            a, b = (pair["rejected"], pair["chosen"]) if swapped else (pair["chosen"], pair["rejected"])
+            context = render_context(pair["prompt"], args.judge_family)
+            return judge_ids(tokenizer, template, context, a, b), [verdict[swapped]]
+
+        encoded = [functools.partial(tokens, swapped) for swapped in (False, True)]
+        longest = max(len(tokens()[0]) for tokens in encoded) + 1
         if longest > args.judge_max_length:
             if args.long_prompts == "error":
                 raise InputError(
@@ -407,7 +419,7 @@ def judge_instances(
                 )
             counts["judge_instance_too_long"] = counts.get("judge_instance_too_long", 0) + 1
             continue
-        out += [{"prompt_ids": ids, "response_ids": [target], "kind": "judge"} for ids, target in encoded]
+        out += [Example(kind="judge", tokens=tokens) for tokens in encoded]
     return out
 
 
@@ -433,23 +445,21 @@ def make_judge(
     @torch.no_grad()
     def judge(comparisons) -> list[float]:
         training, _ = model.training, model.eval()
-        mine, _ = shard(list(enumerate(comparisons)))
-        mine = sorted(
-            ((i, judge_ids(tokenizer, template, contexts[p], a, b)) for i, (p, a, b) in mine),
-            key=lambda item: len(item[1]),
-        )
-        results = []
-        for start in progress(range(0, len(mine), args.judge_batch_size), desc=desc, inner=True):
-            chunk = mine[start : start + args.judge_batch_size]
-            batch = collate([(ids, []) for _, ids in chunk], tokenizer.pad_token_id, device)
+        # dealt by length in characters (a rank tokenizes its share only), then batched by length in tokens
+        mine, _ = shard_by_length([len(contexts[p]) + len(a) + len(b) for p, a, b in comparisons])
+        ids = [judge_ids(tokenizer, template, contexts[comparisons[i][0]], *comparisons[i][1:]) for i in mine]
+        order, results = sorted(range(len(mine)), key=lambda k: (len(ids[k]), mine[k])), []
+        for start in progress(range(0, len(order), args.judge_batch_size), desc=desc, inner=True):
+            chunk = order[start : start + args.judge_batch_size]
+            batch = collate([(ids[k], []) for k in chunk], tokenizer.pad_token_id, device)
             hidden = decoder_hidden_states(model, batch["input_ids"], batch["attention_mask"])
             logits = head_logits(
                 model, hidden[torch.arange(len(chunk), device=device), batch["attention_mask"].sum(1) - 1], verdict
             )
-            results += [(i, value) for (i, _), value in zip(chunk, (logits[:, 0] - logits[:, 1]).tolist())]
+            results += [(mine[k], value) for k, value in zip(chunk, (logits[:, 0] - logits[:, 1]).tolist())]
         model.train(training)
-        merged = dict(gather(results))
-        return torch.sigmoid(torch.tensor([merged[i] for i in range(len(comparisons))], dtype=torch.float64)).tolist()
+        merged = gather_in_order(results, len(comparisons))
+        return torch.sigmoid(torch.tensor(merged, dtype=torch.float64)).tolist()
 
     return judge
 
@@ -471,7 +481,7 @@ def augment(model, examples: list[dict], args: Args, device, pad_id: int, log):
         for step in range(per_epoch):
             batch_examples = [examples[i] for i in order[step * args.aug_batch_size : (step + 1) * args.aug_batch_size]]
             local, real = shard(batch_examples)
-            batch = collate([(e["prompt_ids"], e["response_ids"]) for e in local], pad_id, device)
+            batch = collate([e["tokens"]() for e in local], pad_id, device)  # this rank's share, tokenized now
             logps, _ = causal_lm_logps(
                 model, batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="mean"
             )
@@ -654,7 +664,7 @@ def main(args: Args) -> dict:
         if not args.skip_augmentation:
             model = prepare_for_training(model, args)
             model = augment(model, examples, args, device, tokenizer.pad_token_id, log)
-            model = save_atomic(model, tokenizer, stage0)  # the policy goes on in memory: its fp32 are the masters
+            model = save_atomic(model, tokenizer, stage0, masters=True)  # the policy goes on in memory (masters)
             report("augmented", model)
         state["stage0_done"] = True
         write_atomic(state_file, state)
@@ -689,8 +699,8 @@ def main(args: Args) -> dict:
     report("final", model)
     state["done"] = True
     write_atomic(state_file, state)
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    shutil.rmtree(out_dir / "sampler", ignore_errors=True)
+    for folder in (checkpoint, out_dir / "sampler", stage0 / "masters"):
+        shutil.rmtree(folder, ignore_errors=True)
     log.close()
     if rank() == 0:
         print(f"final model: {out_dir / 'final'}")
@@ -812,7 +822,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
     return args, preset
 
 
-def load_sft(spec: str | None, seed_pairs: list[dict], tokenizer, args: Args, counts: dict) -> list[dict]:
+def load_sft(spec: str | None, seed_pairs: list[dict], tokenizer, args: Args, counts: dict) -> list[Example]:
     """Stage 0's SFT examples: the 'messages' conversations of --sft_data, else [ours] the seed pairs' chosen
     conversations; the first --num_sft, those over the length limits skipped and counted."""
     rows, source = (
@@ -836,9 +846,12 @@ def load_sft(spec: str | None, seed_pairs: list[dict], tokenizer, args: Args, co
             continue
         if messages[-1]["role"] != "assistant":
             raise InputError(f"{where}: the last message must be the assistant's")
-        fitted = fit(*encode(tokenizer, messages[:-1], messages[-1]["content"]), args, where, skipped)
-        if fitted is not None:
-            out.append({"prompt_ids": fitted[0], "response_ids": fitted[1], "kind": "sft"})
+
+        def tokens(counts=None, m=messages, where=where):  # checked and counted now, tokenized again to train
+            return fit(*encode(tokenizer, m[:-1], m[-1]["content"]), args, where, {} if counts is None else counts)
+
+        if tokens(skipped) is not None:
+            out.append(Example(kind="sft", tokens=tokens))
     counts.update({f"sft_{k}": v for k, v in skipped.items()})
     return out
 
@@ -1449,12 +1462,26 @@ def shard(items: list) -> tuple[list, int]:
     return mine + [items[-1]] * (per_rank - len(mine)), len(mine)
 
 
+def shard_by_length(lengths: list[int]) -> tuple[list[int], int]:
+    """This rank's indices for work that pads to its longest: sorted by length (ties in input order), dealt round-robin
+    (ranks get like tokens and like batches), padded with the shortest as shard pads."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    mine = order[rank() :: world()]
+    return mine + order[:1] * (math.ceil(len(order) / world()) - len(mine)), len(mine)
+
+
 def gather(values: list) -> list:
     if world() == 1:
         return values
     out = [None] * world()
     dist.all_gather_object(out, values)
     return [v for part in out for v in part]
+
+
+def gather_in_order(results: list[tuple[int, object]], n: int) -> list:
+    """Every rank's (input index, result) pairs as one list in input order."""
+    merged = dict(gather(results))
+    return [merged[i] for i in range(n)]
 
 
 def all_sum(values: list[float]) -> list[float]:
@@ -1791,7 +1818,10 @@ def load_model(path: str, device: torch.device, args: Args | None = None, frozen
                 return forward(*a, **k)
 
         model.forward = autocast_forward
-    return load_shards(shard_model(model, args), full, device) if sharded else model.to(device)
+    model = load_shards(shard_model(model, args), full, device) if sharded else model.to(device)
+    if not frozen and (Path(path) / "masters").is_dir():  # save_atomic's: a resume at an iteration or stage boundary
+        load_weights(model, Path(path) / "masters")
+    return model
 
 
 def read_model(path: str, dtype: torch.dtype):
@@ -1851,6 +1881,16 @@ def load_shards(model, full, device: torch.device):
     return model
 
 
+def load_weights(model, folder: Path):
+    """DCP's weights (saved on any number of ranks) into `model`, in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as sd
+
+    weights = {"model": sd.get_model_state_dict(model)}
+    dcp.load(weights, checkpoint_id=str(folder))
+    sd.set_model_state_dict(model, weights["model"])
+
+
 def shard_model(model, args: Args):
     """FSDP2: each decoder layer, then the root, which keeps lm_head gathered for the fused kernel after forward."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -1897,9 +1937,7 @@ def make_optimizer(model, lr, n_steps, args, schedule="constant", state=None, ki
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import state_dict as sd
 
-        weights = {"model": sd.get_model_state_dict(model)}
-        dcp.load(weights, checkpoint_id=state["model"])
-        sd.set_model_state_dict(model, weights["model"])
+        load_weights(model, Path(state["model"]))
         saved = {"optimizer": sd.get_optimizer_state_dict(model, optimizer)}
         dcp.load(saved, checkpoint_id=state["optimizer"])
         sd.set_optimizer_state_dict(model, optimizer, saved["optimizer"])
@@ -1989,8 +2027,10 @@ def stop_after_step(lora: bool):
         raise KeyboardInterrupt(f"{name} after {Stop.where}: {kept if lora else 'step checkpoint written'}")
 
 
-def save_atomic(model, tokenizer, directory: Path):
-    """The model as a save_pretrained folder in its checkpoint's dtype (LoRA merged: returned), by write_folder."""
+def save_atomic(model, tokenizer, directory: Path, masters: bool = False):
+    """The model as a save_pretrained folder in its checkpoint's dtype (LoRA merged: returned), by write_folder;
+    masters: with the weights that dtype rounds in masters/ (DCP), from which a resume at this boundary goes on."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     lora = hasattr(model, "peft_config")
@@ -2002,8 +2042,11 @@ def save_atomic(model, tokenizer, directory: Path):
     dtype = getattr(model, "checkpoint_dtype", torch.float32)  # the loaded checkpoint's, not the masters'
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     check_finite(state, directory)
+    masters = masters and any(p.dtype != dtype for p in model.parameters())
 
     def write(folder: Path):
+        if masters:
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(folder / "masters"))
         if rank() == 0:
             model.save_pretrained(folder, state_dict=state, safe_serialization=True)
             live, model.config.dtype = model.config.dtype, dtype  # save_pretrained recorded the masters' dtype
@@ -2141,25 +2184,25 @@ def trainer_state(directory: Path) -> dict | None:
 def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_id: int, device, desc: str):
     """Summed log-probs and response lengths of (prompt_ids, response_ids) under `model`, as it trains; all ranks."""
     training, _ = model.training, model.eval()
-    mine, real = shard(list(enumerate(sequences)))
+    mine, real = shard_by_length([len(prompt) + len(response) for prompt, response in sequences])
     logps, counts = [], []
     for start in progress(range(0, len(mine), args.scoring_batch_size), desc=desc, inner=True):
-        batch = collate([s for _, s in mine[start : start + args.scoring_batch_size]], pad_id, device)
+        batch = collate([sequences[i] for i in mine[start : start + args.scoring_batch_size]], pad_id, device)
         out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         logps += out.tolist()
         counts += (batch["labels"][:, 1:] != -100).sum(1).tolist()
     if hasattr(model, "reshard"):  # FSDP2 keeps the root gathered after a forward without backward: 2 ranks then
         model.reshard()  # trained away from one process (tests/test_runs.py, two ranks match one process)
     model.train(training)
-    merged = dict(gather([(i, (lp, c)) for (i, _), lp, c in zip(mine[:real], logps, counts)]))
-    return tuple(torch.tensor([merged[i][k] for i in range(len(sequences))], dtype=torch.float64) for k in (0, 1))
+    merged = gather_in_order(list(zip(mine[:real], zip(logps, counts))), len(sequences))
+    return tuple(torch.tensor([values[k] for values in merged], dtype=torch.float64) for k in (0, 1))
 
 
 class VLLMEngine:  # --sampler vllm: this process's engine for the run, the checkpoint it holds, its longest sequence
     llm, path, max_model_len = None, None, None
 
 
-def vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, desc, stop):
+def vllm_generate(prompt_ids, indices, n, temperature, top_p, args, seed, model_path, desc, stop):
     """generate() by vLLM: one engine per process on this rank's GPU, asleep between calls where it can sleep."""
     try:
         import vllm
@@ -2207,8 +2250,7 @@ def vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, des
     # vLLM seeds sample j of a request seed + j: one seed per prompt, n apart, from the call's seed and prompt index
     sampling = dict(n=n, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0, stop_token_ids=stop)
     sampling["max_tokens"] = args.max_new_tokens
-    first = seed * 1_000_003 + rank() * len(prompt_ids) * n
-    params = [vllm.SamplingParams(**sampling, seed=first + i * n) for i in range(len(prompt_ids))]
+    params = [vllm.SamplingParams(**sampling, seed=seed * 1_000_003 + i * n) for i in indices]
     results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
     if sleeps:
         llm.sleep(level=2)
@@ -2220,16 +2262,20 @@ def generate(model, tokenizer, prompts, n, temperature, top_p, args, device, see
     """n samples per prompt as (text, stopped on an end-of-turn id), all ranks: exactly temperature and top-p."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # often a list: Llama-3, Qwen
     stop = sorted({i for i in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id] if i is not None})
-    mine, real = shard(prompts)  # each rank samples its share
-    prompt_ids = [encode(tokenizer, p)[0] for p in mine]
-    if model_path is not None and args.sampler == "vllm":
-        return gather(vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, desc, stop)[:real])
+    # each rank samples its share, dealt by length in characters: a rank encodes its own prompts only
+    mine, real = shard_by_length([sum(len(turn["content"]) for turn in prompt) for prompt in prompts])
+    if model_path is not None and args.sampler == "vllm":  # vLLM batches by itself: the share in input order
+        mine = sorted(mine)
+        prompt_ids = [encode(tokenizer, prompts[i])[0] for i in mine]
+        samples = vllm_generate(prompt_ids, mine, n, temperature, top_p, args, seed, model_path, desc, stop)
+        return gather_in_order(list(zip(mine, samples)), len(prompts))
+    prompt_ids = [encode(tokenizer, prompts[i])[0] for i in mine]
     from torch.distributed.fsdp import FSDPModule
 
     sampler = unsharded_copy(model, args) if isinstance(model, FSDPModule) else model
     training, _ = sampler.training, sampler.eval()
     torch.manual_seed(seed + rank())
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together: little padding
+    order = sorted(range(len(mine)), key=lambda k: (len(prompt_ids[k]), mine[k]))  # batches of like lengths
     sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)  # greedy; transformers fills top_k 50
     if temperature > 0:
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
@@ -2246,7 +2292,7 @@ def generate(model, tokenizer, prompts, n, temperature, top_p, args, device, see
             text = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
             outputs.setdefault(indices[row_index // n], []).append((text, end is not None))
     sampler.train(training)
-    return gather([outputs[i] for i in range(real)])
+    return gather_in_order([(mine[k], outputs[k]) for k in range(real)], len(prompts))
 
 
 def unsharded_copy(model, args: Args):
@@ -2307,26 +2353,24 @@ def reward_model_scores(path, tokenizer, prompts: list[str], responses: list[str
     if device is None:  # this rank's: init_device sets it after the scorer is made
         device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     ids = reward_model_ids(tokenizer, prompts, responses)
-    mine, real = shard(list(range(len(ids))))
+    mine, real = shard_by_length(list(map(len, ids)))  # batches of like lengths
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     with torch.random.fork_rng(devices=[]):  # loading draws nothing from the run's random numbers
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **NO_HUB_KERNELS)
-    model, pad_id, scores = model.to(device).eval(), getattr(model.config, "pad_token_id", None), {}
-    order = sorted(range(len(mine)), key=lambda k: len(ids[mine[k]]))  # batches of similar lengths
-    for start in progress(range(0, len(order), args.scoring_batch_size), desc="reward model", inner=True):
-        batch = [ids[mine[k]] for k in order[start : start + args.scoring_batch_size]]
+    model, pad_id, scores = model.to(device).eval(), getattr(model.config, "pad_token_id", None), []
+    for start in progress(range(0, len(mine), args.scoring_batch_size), desc="reward model", inner=True):
+        batch = [ids[i] for i in mine[start : start + args.scoring_batch_size]]
         if pad_id is None:  # without a pad id the model reads the last token: pad with one no sequence here ends on
             model.config.pad_token_id = min(set(range(len(batch) + 1)) - {seq[-1] for seq in batch})
         width, pad = max(map(len, batch)), model.config.pad_token_id  # on the right: the classifier reads its token
         input_ids = torch.tensor([seq + [pad] * (width - len(seq)) for seq in batch], device=device)
         mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in batch], device=device)
         logits = model(input_ids=input_ids, attention_mask=mask).logits
-        scores.update(zip(order[start : start + args.scoring_batch_size], logits[:, 0].float().tolist()))
+        scores += logits[:, 0].float().tolist()
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    merged = dict(gather([(mine[k], scores[k]) for k in range(real)]))
-    return [merged[i] for i in range(len(ids))]
+    return gather_in_order(list(zip(mine[:real], scores)), len(ids))
 
 
 def win_rate(scores: list[float], start_scores: list[float]) -> tuple[float, float, float]:
