@@ -100,7 +100,8 @@ def test_each_training_loop_logs_a_skipped_step_and_stops_naming_it(script, caps
     a = dataclasses.replace(mod.resolve(mod.Args(device="cpu"))[0], max_skipped_steps=2)
     log, pad, steps = (logged := []).append, tokenizer.pad_token_id, dict(batch_size=2, global_batch=2)  # 3 steps
     with pytest.raises(mod.InputError, match=rf"gradient norm \(nan\) at {WHERE[script]} 2: stopping before the upd"):
-        if script == "osp":
+        if script == "osp":  # Stage 0's examples are tokenized when trained on
+            examples = [dict(e, tokens=lambda e=e: (e["prompt_ids"], e["response_ids"])) for e in examples]
             mod.augment(model, examples, dataclasses.replace(a, aug_batch_size=2, aug_epochs=1), CPU, pad, log)
         elif script == "srdpo":
             mod.train(model, examples, dataclasses.replace(a, lam=0.0, **steps), CPU, pad, log, lambda *_: None)
@@ -188,7 +189,7 @@ def test_the_vllm_engine_never_reads_past_the_model_context(script, tmp_path, mo
     with pytest.raises(
         mod.InputError, match=r"a prompt of 90 tokens \+ --max_new_tokens 24 is over the vLLM engine's "
     ):
-        mod.vllm_generate([[5] * 90], 1, 1.0, 1.0, a, 0, model, "eval", [1])
+        mod.vllm_generate([[5] * 90], [0], 1, 1.0, 1.0, a, 0, model, "eval", [1])
     assert made["max_model_len"] == 100
 
 

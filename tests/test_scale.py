@@ -963,7 +963,18 @@ def test_sera_two_bf16_ranks_from_a_bf16_checkpoint(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")])
     common = ["--model", str(start), "--dataset", "toy", "--iterations", "2", "--rho_1", "1", "--rho_2", "0"]
     common += ["--num_pairs", "64", "--num_eval", "0", "--lr", "1e-4", "--dtype", "bfloat16", "--beta", "0.1"]
-    common += ["--max_length", "96", "--max_prompt_length", "64", "--global_batch", "16", "--batch_size", "8"]
+    common += [
+        "--max_length",
+        "96",
+        "--max_prompt_length",
+        "64",
+        "--max_new_tokens",
+        "24",
+        "--global_batch",
+        "16",
+        "--batch_size",
+        "8",
+    ]
     two = subprocess.run(
         [
             sys.executable,
