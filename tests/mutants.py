@@ -1246,7 +1246,7 @@ MUTANTS: list[Mutant] = [
         "sera.py",
         "        if found.get(name) != listed.get(name):\n",
         "        if name not in found:\n",
-        'tests/test_run_files.py -k "damaged_run_file and sera"',
+        'tests/test_run_files.py -k "damaged_step_checkpoint and sera"',
     ),
     Mutant(
         "runtime_run_files_not_verified",
@@ -1257,7 +1257,7 @@ MUTANTS: list[Mutant] = [
         "sera.py",
         '        if f"{len(data)} {hashlib.sha256(data).hexdigest()}" not in listed.get(path.name, []):\n',
         "        if path.name not in listed:\n",
-        'tests/test_run_files.py -k "damaged_run_file and sera or kill_between"',
+        "tests/test_run_files.py::test_a_kill_between_a_run_file_and_its_manifest_resumes",
     ),
     Mutant(
         "runtime_run_file_previous_version_dropped",
@@ -1278,7 +1278,7 @@ MUTANTS: list[Mutant] = [
         "sera.py",
         "    if started != digest and not RunFiles.allow_changed:\n",
         "    if False:\n",
-        'tests/test_run_files.py -k "changed_data and sera or changed_model"',
+        "tests/test_run_files.py::test_a_changed_model_is_refused_on_resume",
     ),
     Mutant(
         "runtime_write_fault_without_errno_kept",
@@ -1289,7 +1289,7 @@ MUTANTS: list[Mutant] = [
         "sera.py",
         '    probe = folder / f".write_probe_{os.getpid()}"\n',
         '    return None\n    probe = folder / f".write_probe_{os.getpid()}"\n',
-        'tests/test_run_files.py -k "full_disk and sera or no_write_fault"',
+        "tests/test_run_files.py::test_an_error_that_is_no_write_fault_stays_itself",
     ),
     Mutant(
         "runtime_resolved_config_rewritten",
@@ -1299,7 +1299,7 @@ MUTANTS: list[Mutant] = [
         "sera.py",
         "            if config != RunFiles.saved:\n",
         "            if True:\n",
-        'tests/test_run_files.py -k "not_rewritten and sera"',
+        'tests/test_run_files.py -k "config_once and sera"',
     ),
     Mutant(
         "runtime_tensorboard_thread_traceback",
@@ -1309,7 +1309,7 @@ MUTANTS: list[Mutant] = [
         "sera.py",
         '            threading.excepthook = lambda a: None if type(a.thread).__name__ == "_AsyncWriterThread"',
         "            threading.excepthook = lambda a: hook(a) if True",
-        'tests/test_run_files.py -k "full_disk and sera"',
+        'tests/test_run_files.py -k "config_once and sera"',
     ),
     # (end of the runtime rows)
 ]

@@ -4,6 +4,7 @@ disk (a write refused with an errno), corrupted or changed files on --resume, fi
 The runs are in-process at tiny budgets (a run stopped by --stop_after_steps, resumed by main()); the behaviours of a
 process (a real SIGKILL, the printed line, the exit code) are shown by one subprocess each."""
 
+import dataclasses
 import errno
 import importlib
 import json
@@ -64,29 +65,38 @@ def final_weights(module, out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Per script (made on first use): the toy data file the runs read, a run cut after STOP steps (its step
-    checkpoint, run files and model folder in place), and the weights the same run ends with uncut."""
+    """Per script, each made on first use: ("cut", script) the toy data file the runs read and a run cut after STOP
+    steps (its step checkpoint, run files and model folder in place); ("whole", script) the weights that run ends
+    with uncut."""
     made = {}
 
-    def get(script):
-        if script not in made:
-            module, folder = importlib.import_module(script), tmp_path_factory.mktemp(script)
-            data = folder / "prefs.jsonl"  # the toy's first 200 rows
-            data.write_text("".join(open(ROOT / "assets" / "toy" / "data" / "prefs.jsonl").readlines()[:200]))
-            module.main(args_for(module, data, folder / "whole"))
-            with pytest.raises(KeyboardInterrupt):
-                module.main(args_for(module, data, folder / "cut", stop_after_steps=STOP[script]))
-            assert (folder / "cut" / CHECKPOINT[script] / "manifest.json").exists()
-            made[script] = (module, data, folder / "cut", final_weights(module, folder / "whole"))
-        return made[script]
+    def get(kind, script):
+        if (kind, script) not in made:
+            module, folder = importlib.import_module(script), tmp_path_factory.mktemp(f"{script}_{kind}")
+            data = get("cut", script)[1] if kind == "whole" else folder / "prefs.jsonl"  # the toy's first 200 rows
+            if kind == "cut":
+                data.write_text("".join(open(ROOT / "assets" / "toy" / "data" / "prefs.jsonl").readlines()[:200]))
+                with pytest.raises(KeyboardInterrupt):
+                    module.main(args_for(module, data, folder / "run", stop_after_steps=STOP[script]))
+                assert (folder / "run" / CHECKPOINT[script] / "manifest.json").exists()
+            else:
+                module.main(args_for(module, data, folder / "run"))
+            made[kind, script] = (module, data, folder / "run")
+        return made[kind, script]
 
     return get
 
 
 def copy_run(runs, script, tmp_path):
-    module, data, cut, whole = runs(script)
+    """A copy of the cut run: (the script's module, the data file, the run folder)."""
+    module, data, cut = runs("cut", script)
     shutil.copytree(cut, tmp_path / "run")
-    return module, data, tmp_path / "run", whole
+    return module, data, tmp_path / "run"
+
+
+def uncut_weights(runs, script):
+    module, _, whole = runs("whole", script)
+    return final_weights(module, whole)
 
 
 def resume(module, data, out, **more):
@@ -166,14 +176,14 @@ def test_sigkill_inside_the_swap_then_resume_ends_as_the_uncut_run(script, runs,
     """A real kill -9 (SELFPO_KILL_AT=moved) between the two renames of the next checkpoint of a resumed run: the
     folder is gone, its previous version in .old and the new one in .tmp; --resume completes the swap, continues
     from the new checkpoint and ends with the weights of the run that was never cut, bit for bit."""
-    module, data, out, whole = copy_run(runs, script, tmp_path)
+    module, data, out = copy_run(runs, script, tmp_path)
     res = subprocess.run(argv_for(script, data, out), env={**ENV, "SELFPO_KILL_AT": "moved"}, capture_output=True)
     assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
     cut = [p.name for p in out.rglob("*.tmp") if p.is_dir()]
     assert len(cut) == 1 and not (out / cut[0][:-4]).exists(), cut
     resume(module, data, out)
     assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.old"))
-    weights = final_weights(module, out)
+    weights, whole = final_weights(module, out), uncut_weights(runs, script)
     assert all(torch.equal(weights[k], whole[k]) for k in whole)
 
 
@@ -207,7 +217,7 @@ def test_a_full_disk_ends_in_one_line_and_resumes_when_it_has_room(script, runs,
     found by a probe), the next checkpoint ends in one line naming it, the errno's words and that the previous
     checkpoint is intact, which it is; no .tmp is left (its space is freed). Resumed while nothing can be written,
     one line again (no TensorBoard traceback from its writer thread). With room, the run ends as the uncut one."""
-    module, data, out, whole = copy_run(runs, script, tmp_path)
+    module, data, out = copy_run(runs, script, tmp_path)
     checkpoint = out / CHECKPOINT[script]
     before = (checkpoint / "manifest.json").read_bytes()
     undo = limited_file_size(1 << 19)
@@ -229,7 +239,7 @@ def test_a_full_disk_ends_in_one_line_and_resumes_when_it_has_room(script, runs,
     assert str(full.value).startswith(f"cannot write {out / 'tb'}: {os.strerror(errno.EFBIG)}"), full.value
     assert "Traceback" not in capsys.readouterr().err
     resume(module, data, out)
-    weights = final_weights(module, out)
+    weights, whole = final_weights(module, out), uncut_weights(runs, script)
     assert all(torch.equal(weights[k], whole[k]) for k in whole)
 
 
@@ -313,10 +323,7 @@ def shard(folder: Path) -> Path:
 DAMAGE = {  # name: (the file, given the run folder and the script, or None where it has none; the damage)
     "resolved_config garbage": (lambda out, s: out / "resolved_config.json", garbage),
     "state.json garbage": (lambda out, s: out / "state.json" if s != "srdpo" else None, garbage),
-    "trainer_state step edited": (lambda out, s: out / CHECKPOINT[s] / "trainer_state.json", edit_step),
-    "rng file truncated": (lambda out, s: out / CHECKPOINT[s] / "rng_rank0.safetensors", truncate),
-    "DCP shard zeros": (lambda out, s: shard(out / CHECKPOINT[s]), zeros_inside),
-    "checkpoint manifest deleted": (lambda out, s: out / CHECKPOINT[s] / "manifest.json", Path.unlink),
+    "step checkpoint's DCP shard zeros": (lambda out, s: shard(out / CHECKPOINT[s]), zeros_inside),
     "model file zeros": (
         lambda out, s: out / MODEL_FOLDER[s] / "model.safetensors" if s in MODEL_FOLDER else None,
         zeros_inside,
@@ -326,14 +333,39 @@ DAMAGE = {  # name: (the file, given the run folder and the script, or None wher
 }
 
 
+STEP_DAMAGE = {  # a step checkpoint's files (trainer_state's checks, the same in every script)
+    "trainer_state step edited": (lambda folder: folder / "trainer_state.json", edit_step),
+    "rng file truncated": (lambda folder: folder / "rng_rank0.safetensors", truncate),
+    "DCP shard zeros": (shard, zeros_inside),
+    "optimizer shard truncated": (lambda folder: next((folder / "optimizer").glob("*.distcp")), truncate),
+    "manifest deleted": (lambda folder: folder / "manifest.json", Path.unlink),
+}
+
+
+@pytest.mark.parametrize("case", list(STEP_DAMAGE))
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_damaged_step_checkpoint_is_refused_in_one_line_naming_the_file(script, case, tmp_path):
+    """A step checkpoint whose trainer_state.json (an edited step), generators, weight or optimizer shard differs
+    from its manifest, or that has none: trainer_state refuses it in one line naming the file (before: a traceback,
+    or a silent resume at another step or with other weights)."""
+    module = importlib.import_module(script)
+    model, optimizer, scheduler = small_training(module)
+    module.save_checkpoint(model, tmp_path / "checkpoint", optimizer, scheduler, 2)
+    where, damage = STEP_DAMAGE[case]
+    damage(target := where(tmp_path / "checkpoint"))
+    with pytest.raises(module.InputError) as err:
+        module.trainer_state(tmp_path / "checkpoint")
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"--resume: {target} "), err.value
+
+
 @pytest.mark.parametrize("case", list(DAMAGE))
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_damaged_run_file_is_refused_in_one_line_naming_it(script, case, runs, tmp_path):
-    """Each file --resume reads (resolved_config.json, state.json, a step checkpoint's state, generators and DCP
-    shards, a model folder it loads, the cached reference log-probs and pairs) checked against the manifest that
-    lists its size and sha256: damaged, --resume stops in one line naming it, before anything is written."""
+    """Each file a resumed run reads (resolved_config.json, state.json, the step checkpoint, a model folder it
+    loads, the cached reference log-probs and pairs) checked against the manifest that lists its size and sha256:
+    damaged, --resume stops in one line naming it (before: tracebacks, or a silent resume with other data)."""
     where, damage = DAMAGE[case]
-    module, data, out, _ = copy_run(runs, script, tmp_path)
+    module, data, out = copy_run(runs, script, tmp_path)
     target = where(out, script)
     if target is None:
         pytest.skip(f"{script} has no such file")
@@ -354,7 +386,7 @@ def damage_own(path: Path, how: str):
 def test_resume_on_a_damaged_own_file_prints_one_line(script, runs, tmp_path):
     """The script's own file that --resume reads (sera's offline_logps.pt, srdpo's ref_logps.pt, opsr's pairs file,
     osp's Stage 0 model), damaged: `<script>.py: error: --resume: <file> ...`, exit 1, no traceback."""
-    _, data, out, _ = copy_run(runs, script, tmp_path)
+    _, data, out = copy_run(runs, script, tmp_path)
     name, how = OWN[script]
     damage_own(out / name, how)
     res = subprocess.run(argv_for(script, data, out), env=ENV, capture_output=True, text=True, timeout=300)
@@ -385,20 +417,40 @@ def test_a_kill_between_a_run_file_and_its_manifest_resumes(tmp_path, monkeypatc
         sera.read_run_file(tmp_path / "state.json")
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # TensorBoard's writer thread
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_resolved_config_is_not_rewritten_on_resume(script, runs, tmp_path):
-    module, data, out, _ = copy_run(runs, script, tmp_path)
-    config = out / "resolved_config.json"
+def test_logs_write_the_config_once_and_a_full_disk_in_one_line(script, tmp_path, capsys):
+    """Logs writes resolved_config.json (with the inputs' digests) when the run starts, and leaves it as it is on
+    --resume; a disk on which nothing can be written then ends in one line naming tb/ (TensorBoard's writer thread
+    meets it first: no traceback of that thread)."""
+    module = importlib.import_module(script)
+    args = module.resolve(module.Args(output_dir=str(tmp_path)))[0]
+    module.check_resume(args)
+    module.record_input("--dataset", "1 abc")
+    module.Logs(args, tmp_path, "run").close()
+    config = tmp_path / "resolved_config.json"
+    assert module.read_run_file(config)["inputs"] == {"--dataset": "1 abc"}
     before = (config.stat().st_ino, config.stat().st_mtime_ns, config.read_bytes())
-    resume(module, data, out)
+    module.check_resume(args := dataclasses.replace(args, resume=True))
+    module.record_input("--dataset", "1 abc")
+    undo = limited_file_size(0)
+    try:
+        with pytest.raises(module.InputError) as full:
+            module.Logs(args, tmp_path, "run")
+    finally:
+        undo()
+    one_line_write_error(full.value, tmp_path / "tb", os.strerror(errno.EFBIG))
     assert (config.stat().st_ino, config.stat().st_mtime_ns, config.read_bytes()) == before
+    module.Logs(args, tmp_path, "run").close()
+    assert (config.stat().st_ino, config.stat().st_mtime_ns, config.read_bytes()) == before
+    assert "Traceback" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_changed_data_is_refused_on_resume_unless_allowed(script, runs, tmp_path):
     """The same --dataset path with other rows: --resume stops in one line before anything is written (the run's
     cached reference log-probs and pairs are of the old rows); --allow_changed_inputs goes on."""
-    module, data, out, _ = copy_run(runs, script, tmp_path)
+    module, data, out = copy_run(runs, script, tmp_path)
     config, text = out / "resolved_config.json", data.read_text()
     started = module.read_run_file(config)["inputs"]["--dataset"]
     rows = text.splitlines(keepends=True)
