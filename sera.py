@@ -1198,8 +1198,7 @@ def record_input(what: str, digest: str):
 
 
 def model_digest(path: str) -> str:
-    """A hub model's commit, or a folder's file names, sizes and 64 KiB at 16 places in each (all of a small file):
-    cheap at 7B, and another training's weights differ there."""
+    """A hub model's commit, or a folder's names, sizes and 64 KiB at 16 places a file: cheap at 7B."""
     folder, digest = Path(path).expanduser(), hashlib.sha256()
     if not folder.is_dir():
         from huggingface_hub import try_to_load_from_cache
@@ -1308,15 +1307,18 @@ class Logs:
             with writing(self.out_dir / "tb"):
                 self.writer.close()
             path, records = self.out_dir / "metrics.jsonl", {}
-            for record in map(json.loads, path.read_text().splitlines() if path.exists() else []):
+            for line in path.read_text().splitlines() if path.exists() else []:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line a full disk cut short
+                    continue
                 kind = next((k for k in record if k not in self.POSITION), None)
                 records[json.dumps([record.get(k) for k in self.POSITION] + [kind])] = record
             write_atomic(path, list(records.values()))
 
 
 def write_atomic(path: Path, obj):
-    """Rank 0 writes .json, .jsonl (a list of rows) or torch.save's (.pt) to a temporary file, then renames it; its
-    size and sha256 join its folder's manifest.json first, beside the previous version's (a kill between resumes)."""
+    """Rank 0 writes .json, .jsonl (rows) or .pt to a .tmp renamed in once manifest.json lists it (and the last)."""
     if rank() == 0:
         if path.suffix in (".json", ".jsonl"):
             text = json.dumps(obj, indent=2) if path.suffix == ".json" else "".join(json.dumps(r) + "\n" for r in obj)
@@ -1346,15 +1348,14 @@ def read_run_file(path: Path):
         return json.loads(data) if path.suffix == ".json" else [json.loads(line) for line in data.splitlines()]
     except Exception as err:  # unreadable, not listed, or (listed by another version) not parsed
         raise InputError(
-            f"--resume: {path} is not as this run wrote it ({first_line(err)}): changed or damaged since (a full "
-            "disk, an edit, a copy); the run cannot go on from it"
+            f"--resume: {path} is not as this run wrote it ({first_line(err)}): changed or damaged since (an edit, "
+            "a copy, a disk fault); restore it, or start over in a new --output_dir"
         ) from None
 
 
 @contextlib.contextmanager
 def writing(path: Path, leftover: Path | None = None):
-    """A write fault in the block (a full disk, a quota, a read-only or foreign folder) as one line naming `path`;
-    the temporary `leftover` is removed."""
+    """A write fault (full disk, quota, read-only) in the block as one line naming `path`, `leftover` removed."""
     try:
         yield
     except BaseException as err:
@@ -1369,8 +1370,7 @@ def writing(path: Path, leftover: Path | None = None):
 
 
 def write_fault(err: BaseException, folder: Path) -> int | None:
-    """The errno behind a failed write: an OSError's, the one in the text safetensors and DCP wrap it in, or, where
-    none is left (torch.save's writer drops it), the one writing 1 MiB into `folder` meets now; None: no write fault."""
+    """The errno of a failed write: found in the error, else (torch.save drops it) met by 1 MiB written to `folder`."""
     while err is not None:
         if isinstance(err, OSError) and err.errno:
             return err.errno
@@ -1540,8 +1540,7 @@ def save_atomic(model, tokenizer, directory: Path):
 
 
 def write_folder(directory: Path, write, step: int | None = None):
-    """`write(folder)` on every rank fills .tmp, whose manifest.json (sizes, sha256, step, inputs) is written last;
-    .tmp then replaces `directory` by renames: a kill anywhere leaves one whole (recover_folder)."""
+    """`write` fills .tmp on every rank, then its manifest.json; renames swap it in: a kill leaves one whole."""
     recover_folder(directory)
     tmp, old = (directory.with_name(directory.name + suffix) for suffix in (".tmp", ".old"))
     with writing(directory, leftover=tmp):
@@ -1578,8 +1577,7 @@ def kill_point(window: str):
 
 
 def recover_folder(directory: Path):
-    """Finishes a write_folder swap that a kill cut: a missing folder is replaced by its .tmp where that is whole
-    (has its manifest), else by its .old; then the leftovers go."""
+    """Completes a swap a kill cut: a missing folder becomes its .tmp if whole (has a manifest), else its .old."""
     tmp, old = (directory.with_name(directory.name + suffix) for suffix in (".tmp", ".old"))
     if rank() == 0 and not directory.exists() and ((tmp / "manifest.json").exists() or old.exists()):
         os.replace(tmp if (tmp / "manifest.json").exists() else old, directory)
@@ -1605,7 +1603,8 @@ def verify_folder(directory: Path) -> dict:
         if found.get(name) != listed.get(name):
             raise InputError(
                 f"--resume: {directory / name} is {found.get(name, 'missing')} (size sha256), written as "
-                f"{listed.get(name, 'nothing')} ({file.name}): changed or damaged since; the run cannot go on from it"
+                f"{listed.get(name, 'nothing')} ({file.name}): changed or damaged since; restore it (a step checkpoint "
+                "may be deleted instead: its steps are redone)"
             )
     return manifest
 
