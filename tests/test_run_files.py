@@ -243,6 +243,20 @@ def test_a_full_disk_ends_in_one_line_and_resumes_when_it_has_room(script, runs,
     assert all(torch.equal(weights[k], whole[k]) for k in whole)
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_metrics_line_cut_by_a_full_disk_is_dropped_when_the_run_ends(script, tmp_path):
+    """An append to metrics.jsonl that a full disk cut short leaves a partial line: the resumed run's Logs.close
+    (which keeps one record per position) drops it instead of ending in a JSON traceback."""
+    module = importlib.import_module(script)
+    module.check_resume(args := module.resolve(module.Args(output_dir=str(tmp_path)))[0])
+    log = module.Logs(args, tmp_path, "run")
+    log({"step": 1, "loss": 0.5})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')
+    log.close()
+    assert module.read_run_file(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 0.5}]
+
+
 def test_no_space_left_names_the_file_and_keeps_the_previous_version(tmp_path, monkeypatch):
     """ENOSPC from a run file's write and from the safetensors writer of a step checkpoint (its text, errno 28):
     one line with the errno's words; the previous state.json and step checkpoint as they were, no temporary left."""
