@@ -334,16 +334,13 @@ def shard(folder: Path) -> Path:
     return next((folder / "model").glob("*.distcp"))
 
 
-DAMAGE = {  # name: (the file, given the run folder and the script, or None where it has none; the damage)
-    "resolved_config garbage": (lambda out, s: out / "resolved_config.json", garbage),
-    "state.json garbage": (lambda out, s: out / "state.json" if s != "srdpo" else None, garbage),
-    "step checkpoint's DCP shard zeros": (lambda out, s: shard(out / CHECKPOINT[s]), zeros_inside),
-    "model file zeros": (
-        lambda out, s: out / MODEL_FOLDER[s] / "model.safetensors" if s in MODEL_FOLDER else None,
-        zeros_inside,
-    ),
-    "own file truncated": (lambda out, s: out / OWN[s][0] if s != "osp" else None, truncate),
-    "own pairs a row short": (lambda out, s: out / "pairs_iter_2.jsonl" if s == "sera" else None, row_short),
+DAMAGE = {  # name: (the file in the run folder, given the script; the damage; the scripts that have it)
+    "resolved_config garbage": (lambda s: "resolved_config.json", garbage, SCRIPTS),
+    "state.json garbage": (lambda s: "state.json", garbage, ("sera", "opsr", "osp")),  # srdpo's: written at its end
+    "step checkpoint's DCP shard zeros": (lambda s: f"{CHECKPOINT[s]}/model/__0_0.distcp", zeros_inside, SCRIPTS),
+    "model file zeros": (lambda s: f"{MODEL_FOLDER[s]}/model.safetensors", zeros_inside, tuple(MODEL_FOLDER)),
+    "own file truncated": (lambda s: OWN[s][0], truncate, ("sera", "srdpo", "opsr")),
+    "own pairs a row short": (lambda s: "pairs_iter_2.jsonl", row_short, ("sera",)),
 }
 
 
@@ -372,18 +369,14 @@ def test_a_damaged_step_checkpoint_is_refused_in_one_line_naming_the_file(script
     assert "\n" not in str(err.value) and str(err.value).startswith(f"--resume: {target} "), err.value
 
 
-@pytest.mark.parametrize("case", list(DAMAGE))
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script,case", [(s, case) for case, (_, _, has) in DAMAGE.items() for s in has])
 def test_a_damaged_run_file_is_refused_in_one_line_naming_it(script, case, runs, tmp_path):
     """Each file a resumed run reads (resolved_config.json, state.json, the step checkpoint, a model folder it
     loads, the cached reference log-probs and pairs) checked against the manifest that lists its size and sha256:
     damaged, --resume stops in one line naming it (before: tracebacks, or a silent resume with other data)."""
-    where, damage = DAMAGE[case]
+    where, damage, _ = DAMAGE[case]
     module, data, out = copy_run(runs, script, tmp_path)
-    target = where(out, script)
-    if target is None:
-        pytest.skip(f"{script} has no such file")
-    damage(target)
+    damage(target := out / where(script))
     damaged = target.read_bytes() if target.exists() else None
     with pytest.raises(module.InputError) as err:
         resume(module, data, out)
