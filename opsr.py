@@ -19,10 +19,13 @@ pairs under the *plain* prompt, one epoch per iteration, with a decaying learnin
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import inspect
+import io
 import json
 import math
 import numbers
@@ -183,6 +186,8 @@ class Args:
     """start over in an --output_dir that holds a run: what it holds is deleted first (see --resume)"""
     max_skipped_steps: int = 3
     """stop when this many optimizer steps in a row have a non-finite loss or gradient norm (each is skipped)"""
+    allow_changed_inputs: bool = False
+    """--resume even where --model's or a data file's contents differ from those the run started with"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,7 +473,7 @@ def main(args: Args) -> dict:
         if m == 0:
             pairs = [dict(p, ref_chosen=0.0, ref_rejected=0.0) for p in offline]
         elif saved is not None:  # the interrupted iteration's pairs and statistics, as they were
-            pairs, stats = [json.loads(line) for line in open(pairs_file)], state["pair_stats"][str(m)]
+            pairs, stats = read_run_file(pairs_file), state["pair_stats"][str(m)]
         else:
             previous = args.init_checkpoint if (m == 1 and args.init_checkpoint) else str(out_dir / f"iter_{m - 1}")
             pairs, stats = online_pairs(model, tokenizer, pool, m, previous, args, device, scorers)
@@ -751,7 +756,9 @@ def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
 
     info, formats = DATASETS.get(spec, {"path": spec}), "a .jsonl, .json or .parquet file, or a save_to_disk folder"
     if spec in DATASETS and not info["path"].endswith(".jsonl"):  # on the hub
-        return list(datasets.load_dataset(info["path"], info.get("name"), split=info["split"])), info["path"]
+        data = datasets.load_dataset(info["path"], info.get("name"), split=info["split"])
+        record_input(what, hash_files(f["filename"] for f in data.cache_files))
+        return list(data), info["path"]
     spec, path = info["path"], Path(info["path"]).expanduser()
     if not path.exists() and (spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/", "~"))):
         raise InputError(f"{what}: path {spec!r} not found (or use a preset: {', '.join(DATASETS)})")
@@ -763,6 +770,7 @@ def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
     elif path.is_dir() or path.suffix in readers:
         try:
             data = datasets.load_from_disk(str(path)) if path.is_dir() else readers[path.suffix](str(path))
+            record_input(what, hash_files(sorted(f for f in path.rglob("*") if f.is_file()) or [path]))
             data = list(data["train"] if isinstance(data, datasets.DatasetDict) else data)
         except Exception as err:  # pyarrow's, datasets' own errors: one line, theirs first
             raise InputError(f"{what}: {spec} cannot be read ({first_line(err)[:200]}); expected {formats}") from None
@@ -776,9 +784,11 @@ def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
 def read_jsonl(path: Path, what: str) -> list[dict]:
     """JSON objects, one a line; an error names the line (or the byte that is not UTF-8), as row_name does later."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_bytes()
+        lines = raw.decode("utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise InputError(f"{what}: {path} is not UTF-8 text (byte {err.start}); expected JSON lines") from None
+    record_input(what, f"{len(raw)} {hashlib.sha256(raw).hexdigest()}")
     rows, ROW_LINES[str(path)] = [], []
     for number, line in enumerate(lines, 1):
         try:
@@ -928,6 +938,7 @@ def load_tokenizer(model_path: str, chat_template: str | None, args: Args | None
         config, tokenizer = AutoConfig.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
         raise InputError(f"--model: no config and tokenizer load from {model_path!r} ({first_line(err)})") from None
+    record_input("--model", model_digest(model_path))
     set_chat_template(tokenizer, chat_template, "--chat_template", f"--model: the tokenizer of {model_path!r}")
     context, source = model_context(config, tokenizer)
     if args is not None and max(args.max_prompt_length + args.max_new_tokens, args.max_length) > context:
@@ -1252,17 +1263,54 @@ def quiet_library_bars():
 
 def check_resume(args: Args):
     """--resume continues the run in --output_dir only with the arguments it started with (on any number of ranks)."""
+    RunFiles.saved, RunFiles.digests, RunFiles.allow_changed = None, {}, args.allow_changed_inputs
     if not args.resume:
         return
     saved = Path(args.output_dir) / "resolved_config.json"
     if not saved.exists():
         raise InputError(f"--resume: {saved} not found; nothing to resume")
-    stored, given = json.loads(saved.read_text()), json.loads(json.dumps(dataclasses.asdict(args)))  # tuples as lists
+    stored, given = read_run_file(saved), json.loads(json.dumps(dataclasses.asdict(args)))  # tuples as lists
     ignored = ("resume", "overwrite", "stop_after_steps", "output_dir", "batch_size", "device")  # moved, other ranks
-    ignored += ("track", "wandb_project", "wandb_entity", "max_skipped_steps")  # where records go, a tolerance
+    ignored += ("track", "wandb_project", "wandb_entity", "max_skipped_steps", "allow_changed_inputs")  # tolerances
     changed = sorted(k for k, v in given.items() if k not in ignored and stored.get(k) != v)
     if changed:
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(changed)}")
+    RunFiles.saved = stored
+
+
+class RunFiles:
+    """The run's resolved_config.json on --resume (None: a fresh run), the digests of this process's inputs."""
+
+    saved, digests, allow_changed = None, {}, False
+
+
+def record_input(what: str, digest: str):
+    """An input's digest, recorded at the start (resolved_config.json); on --resume a changed one is refused."""
+    RunFiles.digests[what] = digest
+    started = (RunFiles.saved or {}).get("inputs", {}).get(what, digest)
+    if started != digest and not RunFiles.allow_changed:
+        raise InputError(
+            f"--resume: {what}'s contents differ from those the run started with (digest {digest[:16]}, then "
+            f"{started[:16]}); pass --allow_changed_inputs to continue on them anyway"
+        )
+
+
+def model_digest(path: str) -> str:
+    """A hub model's commit, or a folder's names, sizes and 64 KiB at 16 places a file: cheap at 7B."""
+    folder, digest = Path(path).expanduser(), hashlib.sha256()
+    if not folder.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+        return f"{path}@{Path(cached).parent.name}" if isinstance(cached, str) else path
+    for file in sorted(f for f in folder.iterdir() if f.is_file() and f.name != "manifest.json"):
+        size = file.stat().st_size
+        digest.update(f"{file.name} {size}\n".encode())
+        with open(file, "rb") as f:
+            for offset in range(0, size, max(1, size // 16)):
+                f.seek(offset)
+                digest.update(f.read(1 << 16))
+    return digest.hexdigest()
 
 
 HELP_GROUPS = {  # --help's sections beside the method's own options; every flag keeps its name
@@ -1317,7 +1365,7 @@ def run_state(state_file: Path, args, fresh: dict) -> dict:
     """The run's progress (state.json) when --resume finds one, else `fresh`."""
     if not (args.resume and state_file.exists()):
         return fresh
-    state = json.loads(state_file.read_text())
+    state = read_run_file(state_file)
     if rank() == 0:
         where = [f"{k} {v}" for k, v in state.items() if k in ("completed", "stage0_done", "step", "done")]
         print(f"resuming {state_file.parent}: " + ", ".join(where))
@@ -1369,10 +1417,9 @@ def lock_run(out_dir: Path, args):
             except OSError as err:  # a file system without locks (Lustre without -o flock): said, not refused
                 print(f"{lock.name}: no lock ({err.strerror}); a second job in this folder would go unseen")
             if error is None:
-                lock.truncate(0)
-                lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-                lock.flush()
-                Logs.lock = lock
+                Logs.lock = lock  # (closed on a refusal: the lock goes with it)
+                os.ftruncate(lock.fileno(), 0)
+                os.write(lock.fileno(), f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         except OSError as err:
             error = f"--output_dir: {out_dir} cannot be written ({err.strerror or err})"
         held = [name for name in ("resolved_config.json", "state.json") if (out_dir / name).exists()]
@@ -1405,15 +1452,18 @@ class Logs:
         self.out_dir, self.step, self.writer, self.global_step, self.steps = out_dir, 0, None, 0, {}
         if rank() == 0:
             config = {**dataclasses.asdict(args), "output_dir": str(out_dir), "world_size": world()}
+            config = (RunFiles.saved or config) | {"inputs": RunFiles.digests}  # a resumed run's as it started
             path = out_dir / "metrics.jsonl"
-            for record in map(json.loads, path.read_text().splitlines() if args.resume and path.exists() else []):
-                if "global_step" in record:  # a resumed run numbers what it redoes as before, and goes on from there
-                    self.steps[self.key(record)] = self.global_step = record["global_step"]
+            for line in path.read_text().splitlines() if args.resume and path.exists() else []:
+                with contextlib.suppress(ValueError):  # (a line a full disk cut short is passed over)
+                    if "global_step" in (record := json.loads(line)):  # what a resumed run redoes keeps its number
+                        self.steps[self.key(record)] = self.global_step = record["global_step"]
             try:
                 out_dir.mkdir(parents=True, exist_ok=True)
-                (out_dir / "resolved_config.json").write_text(json.dumps(config, indent=2))
             except OSError as err:
                 raise InputError(f"--output_dir: {out_dir} cannot be written ({err.strerror or err})") from None
+            if config != RunFiles.saved:
+                write_atomic(out_dir / "resolved_config.json", config)
             print(f"run folder: {out_dir} (its resolved_config.json, metrics.jsonl, tb/)", flush=True)
             if args.track:  # before TensorBoard's writer: wandb mirrors its events (sync_tensorboard)
                 import wandb
@@ -1421,10 +1471,16 @@ class Logs:
                 project = args.wandb_project or os.environ.get("WANDB_PROJECT") or "selfpo"
                 wandb.init(project=project, entity=args.wandb_entity, name=run_name, config=config, dir=str(out_dir),
                            sync_tensorboard=True)  # fmt: skip
+            import threading
+
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out_dir / "tb"))
-            self.writer.add_text("config", "```json\n" + json.dumps(config, indent=2) + "\n```")
+            hook = threading.excepthook  # TensorBoard's writer thread's error comes again in __call__: one line there
+            threading.excepthook = lambda a: None if type(a.thread).__name__ == "_AsyncWriterThread" else hook(a)
+            with writing(out_dir / "tb"):  # flushed: a full disk shows here
+                self.writer = SummaryWriter(str(out_dir / "tb"))
+                self.writer.add_text("config", "```json\n" + json.dumps(config, indent=2) + "\n```")
+                self.writer.flush()
         Logs.run_dir = out_dir
 
     def key(self, record: dict) -> str:
@@ -1440,11 +1496,11 @@ class Logs:
             if "step" in metrics or "aug_step" in metrics:  # a training step: where later records are logged
                 self.global_step = self.steps.setdefault(self.key(metrics), max(self.steps.values(), default=0) + 1)
             step = self.steps.get(self.key(metrics), self.global_step)
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
+            with writing(self.out_dir / "metrics.jsonl"), open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({**metrics, "global_step": step}) + "\n")
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key not in self.POSITION and math.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)) and key not in self.POSITION and math.isfinite(value):
+                        self.writer.add_scalar(key, value, step)
 
     def step_done(self, stop_after: int | None):
         """One more optimizer step in this process; --stop_after_steps stops after that many."""
@@ -1455,9 +1511,14 @@ class Logs:
     def close(self):
         """metrics.jsonl keeps one record per position and kind: what a resumed run redid replaces the old in place."""
         if self.writer is not None:
-            self.writer.close()
+            with writing(self.out_dir / "tb"):
+                self.writer.close()
             path, records = self.out_dir / "metrics.jsonl", {}
-            for record in map(json.loads, path.read_text().splitlines() if path.exists() else []):
+            for line in path.read_text().splitlines() if path.exists() else []:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line a full disk cut short
+                    continue
                 records[self.key(record)] = record
             write_atomic(path, list(records.values()))
             if getattr(sys.modules.get("wandb"), "run", None) is not None:  # --track: the run's last events synced
@@ -1466,14 +1527,73 @@ class Logs:
 
 
 def write_atomic(path: Path, obj):
-    """Rank 0 writes .json, .jsonl (a list of rows) or torch.save's (.pt) to a temporary file, then renames it."""
+    """Rank 0 writes .json, .jsonl (rows) or .pt to a .tmp renamed in once manifest.json lists it (and the last)."""
     if rank() == 0:
-        tmp = path.with_name(path.name + ".tmp")
         if path.suffix in (".json", ".jsonl"):
-            tmp.write_text(json.dumps(obj) if path.suffix == ".json" else "".join(json.dumps(r) + "\n" for r in obj))
+            text = json.dumps(obj, indent=2) if path.suffix == ".json" else "".join(json.dumps(r) + "\n" for r in obj)
+            data = text.encode()
         else:
-            torch.save(obj, tmp)
-        os.replace(tmp, path)
+            torch.save(obj, buffer := io.BytesIO())
+            data = buffer.getvalue()
+        tmp, manifest = path.with_name(path.name + ".tmp"), path.parent / "manifest.json"
+        with writing(path, leftover=tmp):
+            tmp.write_bytes(data)
+            if path != manifest:
+                listed = json.loads(manifest.read_text()) if manifest.exists() else {}
+                versions = [f"{len(data)} {hashlib.sha256(data).hexdigest()}"] + listed.get(path.name, [])[:1]
+                write_atomic(manifest, listed | {path.name: versions})
+            os.replace(tmp, path)
+
+
+def read_run_file(path: Path):
+    """A file write_atomic wrote, parsed once its size and sha256 are found in its folder's manifest.json."""
+    manifest = path.parent / "manifest.json"
+    try:
+        data, listed = path.read_bytes(), json.loads(manifest.read_text())
+        if f"{len(data)} {hashlib.sha256(data).hexdigest()}" not in listed.get(path.name, []):
+            raise InputError(f"its size and sha256 are not those {manifest.name} lists")
+        if path.suffix == ".pt":
+            return torch.load(io.BytesIO(data))
+        return json.loads(data) if path.suffix == ".json" else [json.loads(line) for line in data.splitlines()]
+    except Exception as err:  # unreadable, not listed, or (listed by another version) not parsed
+        raise InputError(
+            f"--resume: {path} is not as this run wrote it ({first_line(err)}): changed or damaged since (an edit, "
+            "a copy, a disk fault); restore it, or start over in a new --output_dir"
+        ) from None
+
+
+@contextlib.contextmanager
+def writing(path: Path, leftover: Path | None = None):
+    """A write fault (full disk, quota, read-only) in the block as one line naming `path`, `leftover` removed."""
+    try:
+        yield
+    except BaseException as err:
+        if isinstance(err, (KeyboardInterrupt, SystemExit, InputError)) or not (code := write_fault(err, path.parent)):
+            raise
+        if leftover is not None:
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        raise InputError(
+            f"cannot write {path}: {os.strerror(code)}; the previous checkpoint is intact: --resume continues from "
+            "it once there is room (or the folder can be written)"
+        ) from None
+
+
+def write_fault(err: BaseException, folder: Path) -> int | None:
+    """The errno of a failed write: found in the error, else (torch.save drops it) met by 1 MiB written to `folder`."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno:
+            return err.errno
+        if found := re.search(r"\[Errno (\d+)\]|\(os error (\d+)\)", str(err)):
+            return int(found[1] or found[2])
+        err = err.__cause__ or err.__context__
+    probe = folder / f".write_probe_{os.getpid()}"
+    try:
+        probe.write_bytes(bytes(1 << 20))
+        probe.unlink()
+    except OSError as fault:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        return fault.errno
 
 
 # transformers' own layers, the ones we test: no layer swapped for a Hub kernel at load time (transformers >= 5.25's
@@ -1487,6 +1607,8 @@ def load_model(path: str, device: torch.device, args: Args | None = None, frozen
     sharded = args is not None and world() > 1 and args.lora_r == 0  # FSDP2 (load_shards): policy and frozen copies
     held_in_bf16 = bf16 and (args.lora_r > 0 or (frozen and sharded))  # a LoRA base, a sharded frozen copy
     dtype = torch.bfloat16 if held_in_bf16 else torch.float32
+    if args is not None and args.resume and Path(path).resolve().parent == Path(args.output_dir).resolve():
+        verify_folder(Path(path))  # the run's own model folder (iter_t, stage0), as it was written
     model, full = meta_copy(path, dtype) if sharded else (read_model(path, dtype), None)
     if frozen:  # no gradients: autocast caches a cast of every weight that requires grad
         model.requires_grad_(False).eval()
@@ -1750,36 +1872,128 @@ def check_finite(state: dict, directory: Path):
         )
 
 
-def write_folder(directory: Path, write):
-    """`write(folder)` on every rank fills .tmp, which replaces `directory` by renames: a crash leaves one whole."""
+def write_folder(directory: Path, write, step: int | None = None):
+    """`write` fills .tmp on every rank, then its manifest.json; renames swap it in: a kill leaves one whole."""
     recover_folder(directory)
     tmp, old = (directory.with_name(directory.name + suffix) for suffix in (".tmp", ".old"))
+    with writing(directory, leftover=tmp), write_lines(directory, tmp):
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        write(tmp)
+        barrier()
+        files = folder_hashes(tmp)
+        kill_point("files")
+        if rank() == 0:
+            manifest = {"files": files, "step": step, "inputs": RunFiles.digests}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            mode = 0o666 & ~process_umask()
+            for file in tmp.rglob("*"):  # as open() gives (save_pretrained and DCP write some through private files)
+                if file.is_file():
+                    file.chmod(mode)
+            kill_point("manifest")
+            shutil.rmtree(old, ignore_errors=True)
+            if directory.exists():
+                os.replace(directory, old)
+            kill_point("moved")
+            os.replace(tmp, directory)
+            kill_point("swapped")
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+@contextlib.contextmanager
+def write_lines(directory: Path, tmp: Path):
+    """Rank 0's log of a folder write: what .tmp holds every 60 s ($SELFPO_LOG_INTERVAL, >= 1) while it lasts, then
+    the size written and the time taken."""
+    import threading
+
+    start, done, every = (
+        time.perf_counter(),
+        threading.Event(),
+        max(1.0, float(os.environ.get("SELFPO_LOG_INTERVAL", 60))),
+    )
+
+    def size(folder: Path) -> str:
+        total = 0
+        for file in folder.rglob("*"):
+            with contextlib.suppress(OSError):  # (a file renamed as it is written)
+                total += file.stat().st_size if file.is_file() else 0
+        return f"{total / 2**30:.2f} GiB" if total >= 2**30 else f"{total / 2**20:.1f} MiB"
+
+    def beat():
+        while not done.wait(every):
+            print(f"writing {directory}: {size(tmp)} so far, {time.perf_counter() - start:.0f} s", flush=True)
+
     if rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    write(tmp)
-    barrier()
+        threading.Thread(target=beat, daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
     if rank() == 0:
-        mode = 0o666 & ~process_umask()
-        for file in tmp.rglob("*"):  # as open() gives (save_pretrained and DCP write some through private files)
-            if file.is_file():
-                file.chmod(mode)
-        shutil.rmtree(old, ignore_errors=True)
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    barrier()
+        print(f"wrote {directory} ({size(directory)}) in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def kill_point(window: str):
+    """Test hook: SELFPO_KILL_AT=<window> kills this process there, as a cluster can (tests/test_run_files.py)."""
+    if os.environ.get("SELFPO_KILL_AT") == window:
+        os.kill(os.getpid(), 9)
 
 
 def recover_folder(directory: Path):
-    """Finishes a write_folder swap that a kill cut between its renames: the new folder (.tmp) takes its place."""
+    """Completes a swap a kill cut: a missing folder becomes its .tmp if whole (has a manifest), else its .old."""
     tmp, old = (directory.with_name(directory.name + suffix) for suffix in (".tmp", ".old"))
-    if rank() == 0 and not directory.exists() and old.exists():
-        os.replace(tmp if tmp.exists() else old, directory)
+    if rank() == 0 and not directory.exists() and ((tmp / "manifest.json").exists() or old.exists()):
+        os.replace(tmp if (tmp / "manifest.json").exists() else old, directory)
         print(f"completed the interrupted replacement of {directory}")
+    if rank() == 0:
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
     barrier()
+
+
+def verify_folder(directory: Path) -> dict:
+    """The manifest of a folder write_folder wrote, once every file's size and sha256 are found as it lists them."""
+    file = directory / "manifest.json"
+    try:
+        manifest = json.loads(file.read_text())
+        listed = dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(
+            f"--resume: {file} cannot be read ({first_line(err)}): {directory} was not written whole by this version"
+        ) from None
+    found = folder_hashes(directory)
+    for name in sorted(listed.keys() | found.keys()):
+        if found.get(name) != listed.get(name):
+            raise InputError(
+                f"--resume: {directory / name} is {found.get(name, 'missing')} (size sha256), written as "
+                f"{listed.get(name, 'nothing')} ({file.name}): changed or damaged since; restore it (a step checkpoint "
+                "may be deleted instead: its steps are redone)"
+            )
+    return manifest
+
+
+def folder_hashes(folder: Path) -> dict:
+    """{file: "size sha256"} of a folder's files but its manifest, shared out over the ranks and 4 threads each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file() and f.name != "manifest.json")
+    mine = files[rank() :: world()]
+    with ThreadPoolExecutor(4) as pool:
+        return dict(sorted(gather(list(zip(mine, pool.map(lambda f: hash_files([folder / f]), mine))))))
+
+
+def hash_files(paths) -> str:
+    """ "size sha256" of the files' bytes one after the other, read in 16 MiB blocks (~1.7 GB/s a core, SHA-NI)."""
+    digest, size = hashlib.sha256(), 0
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+                size += len(block)
+    return f"{size} {digest.hexdigest()}"
 
 
 def process_umask() -> int:
@@ -1837,7 +2051,7 @@ def save_checkpoint(model, directory: Path, optimizer, scheduler, step: int):
             (folder / "trainer_state.json").write_text(json.dumps(state))
         save_file(rng_state(), str(folder / f"rng_rank{rank()}.safetensors"))
 
-    write_folder(directory, write)
+    write_folder(directory, write, step)
 
 
 def trainer_state(directory: Path) -> dict | None:
@@ -1846,13 +2060,9 @@ def trainer_state(directory: Path) -> dict | None:
 
     recover_folder(directory)
     file, generators = directory / "trainer_state.json", directory / f"rng_rank{rank()}.safetensors"
-    if not file.exists():
+    if not directory.exists():
         return None
-    if not (directory / "model").is_dir():
-        raise InputError(
-            f"--resume: {directory} is a step checkpoint without its weights folder (model/); expected one "
-            "written by this version (earlier ones held bf16 exports): delete the folder to redo its steps"
-        )
+    verify_folder(directory)
     state = json.loads(file.read_text()) | {folder: str(directory / folder) for folder in ("model", "optimizer")}
     state["rng"] = load_file(str(generators)) if generators.exists() else None
     if rank() == 0:
@@ -2087,7 +2297,7 @@ def evaluate(model, tokenizer, eval_prompts, scorers, args, device, model_path=N
     if is_start and start_file is not None:
         write_atomic(start_file, start)
     elif not is_start:
-        start = json.loads(start_file.read_text()) if start_file is not None and start_file.exists() else None
+        start = read_run_file(start_file) if start_file is not None and start_file.exists() else None
     if start is not None:
         judge, old = "rm_score" if "rm_score" in scores else next(iter(scores)), start["scores"]
         rate = win_rate(scores[judge], old[judge])

@@ -1196,9 +1196,9 @@ MUTANTS: list[Mutant] = [
         "a checkpoint folder is replaced in one rename: a save that fails half-way leaves the previous one whole",
         "README",
         "sera.py",
-        "        shutil.rmtree(tmp, ignore_errors=True)\n        tmp.mkdir(parents=True)\n",
-        "        shutil.rmtree(directory, ignore_errors=True)\n"
-        "        shutil.rmtree(tmp, ignore_errors=True)\n        tmp.mkdir(parents=True)\n",
+        "            shutil.rmtree(tmp, ignore_errors=True)\n            tmp.mkdir(parents=True)\n",
+        "            shutil.rmtree(directory, ignore_errors=True)\n"
+        "            shutil.rmtree(tmp, ignore_errors=True)\n            tmp.mkdir(parents=True)\n",
         "tests/test_scale.py::test_step_checkpoint_is_replaced_whole_or_not_at_all",
     ),
     Mutant(
@@ -1521,6 +1521,115 @@ MUTANTS: list[Mutant] = [
         '        shutil.rmtree(out_dir / f"iter_{t - 1}" / "masters", ignore_errors=True)',
         "        pass",
         'tests/test_paper_scale.py -k "boundary and sera"',
+    ),
+    Mutant(
+        "runtime_swap_whole_tmp_not_completed",
+        "runtime",
+        "a kill in any window of the checkpoint swap leaves one whole checkpoint: a whole .tmp (its manifest written "
+        "last) replaces a missing folder, also where there was none before",
+        "README",
+        "sera.py",
+        '    if rank() == 0 and not directory.exists() and ((tmp / "manifest.json").exists() or old.exists()):\n'
+        '        os.replace(tmp if (tmp / "manifest.json").exists() else old, directory)\n',
+        "    if rank() == 0 and not directory.exists() and old.exists():\n"
+        "        os.replace(tmp if tmp.exists() else old, directory)\n",
+        'tests/test_run_files.py -k "window and sera"',
+    ),
+    Mutant(
+        "runtime_swap_partial_tmp_taken",
+        "runtime",
+        "a .tmp cut before its manifest was written never replaces a checkpoint",
+        "README",
+        "sera.py",
+        '    if rank() == 0 and not directory.exists() and ((tmp / "manifest.json").exists() or old.exists()):\n'
+        '        os.replace(tmp if (tmp / "manifest.json").exists() else old, directory)\n',
+        "    if rank() == 0 and not directory.exists() and (tmp.exists() or old.exists()):\n"
+        "        os.replace(tmp if tmp.exists() else old, directory)\n",
+        'tests/test_run_files.py -k "window and sera and files"',
+    ),
+    Mutant(
+        "runtime_checkpoint_files_not_verified",
+        "runtime",
+        "--resume refuses, in one line naming it, a checkpoint or model file whose size or sha256 differs from its "
+        "folder's manifest",
+        "README",
+        "sera.py",
+        "        if found.get(name) != listed.get(name):\n",
+        "        if name not in found:\n",
+        'tests/test_run_files.py -k "damaged_step_checkpoint and sera"',
+    ),
+    Mutant(
+        "runtime_run_files_not_verified",
+        "runtime",
+        "--resume refuses, in one line naming it, a run file (state, config, cached log-probs, pairs) that is not "
+        "as the run wrote it",
+        "README",
+        "sera.py",
+        '        if f"{len(data)} {hashlib.sha256(data).hexdigest()}" not in listed.get(path.name, []):\n',
+        "        if path.name not in listed:\n",
+        "tests/test_run_files.py::test_a_kill_between_a_run_file_and_its_manifest_resumes",
+    ),
+    Mutant(
+        "runtime_run_file_previous_version_dropped",
+        "runtime",
+        "a kill between a run file's manifest entry and its rename resumes: the previous version stays listed",
+        "README",
+        "sera.py",
+        "+ listed.get(path.name, [])[:1]",
+        "+ []",
+        "tests/test_run_files.py::test_a_kill_between_a_run_file_and_its_manifest_resumes",
+    ),
+    Mutant(
+        "runtime_changed_inputs_accepted",
+        "runtime",
+        "--resume refuses a --dataset or --model whose contents changed since the run started, unless "
+        "--allow_changed_inputs",
+        "README",
+        "sera.py",
+        "    if started != digest and not RunFiles.allow_changed:\n",
+        "    if False:\n",
+        "tests/test_run_files.py::test_a_changed_model_is_refused_on_resume",
+    ),
+    Mutant(
+        "runtime_write_fault_without_errno_kept",
+        "runtime",
+        "a write the file system refuses ends in one line naming the path and the errno's words, also where the "
+        "writer drops the errno (torch.save's, inside DCP)",
+        "README",
+        "sera.py",
+        '    probe = folder / f".write_probe_{os.getpid()}"\n',
+        '    return None\n    probe = folder / f".write_probe_{os.getpid()}"\n',
+        "tests/test_run_files.py::test_an_error_that_is_no_write_fault_stays_itself",
+    ),
+    Mutant(
+        "runtime_resolved_config_rewritten",
+        "runtime",
+        "resolved_config.json is written when the run starts, not again on every --resume",
+        "README",
+        "sera.py",
+        "            if config != RunFiles.saved:\n",
+        "            if True:\n",
+        'tests/test_run_files.py -k "config_once and sera"',
+    ),
+    Mutant(
+        "runtime_tensorboard_thread_traceback",
+        "runtime",
+        "a write TensorBoard's writer thread cannot make ends in the one line of the main thread, no thread traceback",
+        "README",
+        "sera.py",
+        '            threading.excepthook = lambda a: None if type(a.thread).__name__ == "_AsyncWriterThread"',
+        "            threading.excepthook = lambda a: hook(a) if True",
+        'tests/test_run_files.py -k "config_once and sera"',
+    ),
+    Mutant(
+        "runtime_silent_checkpoint_write",
+        "runtime",
+        "a long checkpoint write prints what it has written every interval in a log, then its size and time",
+        "README",
+        "sera.py",
+        "        while not done.wait(every):\n",
+        "        while False:\n",
+        'tests/test_logs.py -k "checkpoint_write_gives"',
     ),
     # (end of the runtime rows)
 ]
