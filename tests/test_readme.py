@@ -7,8 +7,10 @@ import contextlib
 import importlib
 import io
 import json
+import os
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -307,3 +309,103 @@ def test_relative_links_lead_somewhere(doc):
         path = (doc.parent / file).resolve() if file else doc
         assert path.exists(), f"{doc.name}: link to {target}: no such file"
         assert not anchor or anchor in anchors(path), f"{doc.name}: link to {target}: no such heading"
+
+
+# ---- the commands that run on this machine, run ---------------------------------------------------------------------
+
+HUB_OPTIONS = ("model", "dataset", "reward_model", "init_checkpoint", "sft_data")  # what may name the hub
+
+
+def why_not_here(argv: list[str], ranks: int) -> str | None:
+    """Why a documented command cannot run on a CPU machine without the hub (None: it can): a hub preset or id
+    (after the stand-ins), more ranks than two, or vLLM on the toy (vLLM's CPU attention has no head size 40:
+    tests/test_vllm.py runs the scripts with --sampler vllm on a copy with 2 heads of 80)."""
+    if "--sampler" in argv and argv[argv.index("--sampler") + 1] == "vllm":
+        return "--sampler vllm needs a GPU for the toy"
+    for i, token in enumerate(argv[:-1]):
+        name = token.removeprefix("--")
+        if name in HUB_OPTIONS and not (ROOT / swap(argv[i + 1])).exists() and argv[i + 1] != "toy":
+            return f"--{name} {argv[i + 1]} is on the hub"
+    return f"{ranks} ranks" if ranks > 2 else None
+
+
+def runnable_commands():
+    """Each distinct documented command that runs here (the default job once, wherever it is written)."""
+    seen, out = set(), []
+    for command in COMMANDS:
+        script, argv, ranks = command.values
+        key = (script, tuple(swap(a) for a in argv), ranks)
+        if why_not_here(argv, ranks) is None and key not in seen:
+            seen.add(key)
+            out.append(pytest.param(script, argv, ranks, id=command.id))
+    return out
+
+
+RUNNABLE = runnable_commands()
+
+
+def run_documented(script: str, argv: list[str], ranks: int, out: Path, *extra: str):
+    """The command as a user runs it from the checkout, its files swapped for the stand-ins, in `out`."""
+    argv = [swap(a) for a in argv]
+    if "--output_dir" in argv:
+        argv[argv.index("--output_dir") + 1] = str(out)
+    elif "--help" not in argv:
+        argv += ["--output_dir", str(out)]
+    launch = [sys.executable, f"{script}.py"]
+    if ranks > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), f"{script}.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([*launch, *argv, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("script, argv, ranks", RUNNABLE)
+def test_documented_command_runs_here(script, argv, ranks, tmp_path):
+    """Every README and docs/ command that needs neither the hub nor more than two ranks runs: --help prints the
+    options; a training command runs to its first optimizer step (--stop_after_steps 1: the loading, data, scoring,
+    sampling, judging and OSP's Stage 0 before it, and one step; the default job runs to its end in CI), records it
+    and stops as an interrupted run does. A --resume command continues such a run by one more step."""
+    out = tmp_path / "run"
+    if "--help" in argv:
+        res = run_documented(script, argv, ranks, out)
+        assert res.returncode == 0 and "--output_dir" in res.stdout, res.stderr[-2000:]
+        return
+    if "--resume" in argv:  # a run to continue, as the user has one
+        first = run_documented(script, [a for a in argv if a != "--resume"], ranks, out, "--stop_after_steps", "1")
+        assert first.returncode == 130, first.stderr[-3000:]
+    res = run_documented(script, argv, ranks, out, "--stop_after_steps", "1")
+    assert res.returncode == 130 and "--stop_after_steps 1 reached" in res.stderr, res.stderr[-3000:]
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
+    assert steps and steps[-1]["step"] == 1 + ("--resume" in argv), steps[-3:]  # (OSP: Stage 1's, after Stage 0)
+
+
+def test_what_is_not_run_here_needs_the_hub_or_more_ranks():
+    """The commands left out are left out for the hub or the ranks, and most are run: the default job of each script,
+    a user's own files (the stand-ins), a resume, a torchrun line."""
+    left_out = {c.id: why_not_here(*c.values[1:]) for c in COMMANDS if why_not_here(*c.values[1:])}
+    assert all(
+        re.fullmatch(r"--\w+ \S+ is on the hub|\d+ ranks|--sampler vllm needs a GPU for the toy", why)
+        for why in left_out.values()
+    ), left_out
+    run = [c.values for c in RUNNABLE]
+    assert {s for s, argv, _ in run if not argv} == set(SCRIPTS)
+    assert any("./my-sft" in argv for _, argv, _ in run) and any("--resume" in argv for _, argv, _ in run)
+    assert any(ranks == 2 for _, _, ranks in run) and len(run) >= 15, len(run)
+
+
+# README lines that run something other than the four scripts, and where each is run (or why it is not)
+OTHER_COMMANDS = {
+    "python tests/check_copies.py": "tests/test_copies.py",
+    "python -c \"from datasets import load_dataset; load_dataset('HuggingFaceH4/": "the hub",
+}
+
+
+def test_every_other_readme_command_is_run_by_ci_or_a_test():
+    """A README line that is no script command is one of .ci/run's lines, a part of the test command (pytest on a
+    file or marker), or in OTHER_COMMANDS, whose test file runs it."""
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    for number, line in code_lines((ROOT / "README.md").read_text()):
+        if script_commands(line) or line in ci or line.startswith("python -m pytest -q "):
+            continue
+        where = next((v for k, v in OTHER_COMMANDS.items() if line.startswith(k)), None)
+        assert where, f"README.md:{number}: {line!r} is run neither by .ci/run nor by a test"
+        assert where == "the hub" or line.split()[1] in (ROOT / where).read_text(), (line, where)

@@ -344,7 +344,8 @@ def test_toy_reward_model_rebuilds_byte_identical(tmp_path):
 def test_resume_reuses_the_starting_samples(tmp_path):
     """The start's samples are drawn once: a run interrupted in iteration 2 and resumed compares iteration 2 with
     the file the first process wrote, as it is then. The file is edited before the resume (other responses, other
-    scores), so a seeded redraw of the same samples would not pass: the resumed comparison uses the edited ones."""
+    scores; written as the run writes its files, else --resume refuses it), so a seeded redraw of the same samples
+    would not pass: the resumed comparison uses the edited ones."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     argv = [
         sys.executable,
@@ -367,7 +368,7 @@ def test_resume_reuses_the_starting_samples(tmp_path):
     assert sorted(drawn["scores"]) == ["reward", "rm_score"] and len(drawn["responses"]) == 8
     # the edit: 3 words per response, and start scores every later sample beats (rm) or loses to (reward)
     edited = {"responses": ["x y z"] * 8, "scores": {"reward": [1e9] * 8, "rm_score": [-1e9] * 8}}
-    start_file.write_text(json.dumps(edited))
+    sera.write_atomic(start_file, edited)  # as the run writes it: listed in the folder's manifest.json
     kept = start_file.read_bytes()
     second = subprocess.run([*argv, "--resume"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
