@@ -1571,6 +1571,7 @@ def vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, des
             VLLMEngine.llm.wake_up(tags=["weights"])
         if sleeps or VLLMEngine.path != model_path:
             VLLMEngine.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
+            VLLMEngine.llm.reset_prefix_cache()  # its cached prompts' keys and values came from the old weights
         if sleeps:
             VLLMEngine.llm.wake_up(tags=["kv_cache"])
     llm, VLLMEngine.path = VLLMEngine.llm, model_path
