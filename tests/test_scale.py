@@ -622,7 +622,8 @@ def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch, gpu):
     mode (GPU) asleep at level 2 between calls and every wake-up reloading the checkpoint in place, without it
     (CPU) no sleep, chunked prefill off and a reload only when the checkpoint changes; the prefix cache reset after
     every reload; the prompts passed as the token ids HF generate gets; one seed per prompt, n apart; samples in
-    prompt order."""
+    prompt order. This is the engine in vLLM's own processes (VLLM_ENABLE_V1_MULTIPROCESSING=1); the default, in
+    this process, is tests/test_vllm_sync.py's."""
     import types
 
     from transformers import AutoTokenizer
@@ -667,6 +668,7 @@ def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch, gpu):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append(("empty_cache",)))
     monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL)
     args = sera.resolve(sera.Args(sampler="vllm"))[0]
