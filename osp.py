@@ -519,8 +519,9 @@ def online_step(model, ref_model, tokenizer, pool, step: int, judge, opt, args: 
         args,
         device,
         seed,
-        desc="sample",
-        push=True,
+        None,  # no checkpoint: the policy's weights are pushed (push=True)
+        "sample",
+        True,
     )
     times.append(time.perf_counter())
     # steps 7-9: the current policy judges; rank, pair best-with-worst, strength q of each formed pair

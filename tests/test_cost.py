@@ -126,10 +126,17 @@ def test_osp_vllm_cost_counts_the_in_memory_push_the_code_does():
     """The model counts an in-memory push of the policy in every vLLM sampling step, no file, because osp.py's step
     samples with push=True and writes no sampler checkpoint, and the runtime pushes through reload_weights'
     weights_iterator. When that changes, this fails: change osp_work (and this test) with it."""
-    source = (ROOT / "osp.py").read_text()
-    step = source[source.index("def online_step(") : source.index("def main(")]
-    assert "push=True" in step and "save_atomic" not in step, "osp.py's step no longer pushes the policy"
-    assert 'kwargs={"weights_iterator": ' in source[source.index("def vllm_generate(") :]
+    import ast
+    import inspect
+
+    osp = cost.load_script("osp")
+    step = ast.parse(inspect.getsource(osp.online_step))
+    (call,) = [n for n in ast.walk(step) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "generate"]
+    given = [ast.unparse(a) for a in call.args], {k.arg: ast.unparse(k.value) for k in call.keywords}
+    passed = inspect.signature(osp.generate).bind(*given[0], **given[1]).arguments
+    assert passed.get("push") == "True" and passed.get("model_path", "None") == "None", passed
+    assert "save_atomic" not in ast.unparse(step), "osp.py's step writes the policy again"
+    assert 'kwargs={"weights_iterator": ' in inspect.getsource(osp.vllm_generate)
     row = cost.estimate("osp", "mistral-7b", 8, "vllm")
     assert row["dominant"] != "sync" and row["phases"]["sync"] < 0.1 * row["hours"]
 
