@@ -18,9 +18,14 @@ pairs under the *plain* prompt, one epoch per iteration, with a decaying learnin
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import importlib.util
+import inspect
+import io
 import json
 import math
 import numbers
@@ -28,7 +33,9 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
+import textwrap
 import time
 import traceback
 import typing
@@ -175,6 +182,12 @@ class Args:
     """sequences per no-grad scoring forward"""
     generation_batch_size: int | None = None
     """sequences (prompts x samples) per generate call"""
+    overwrite: bool = False
+    """start over in an --output_dir that holds a run: what it holds is deleted first (see --resume)"""
+    max_skipped_steps: int = 3
+    """stop when this many optimizer steps in a row have a non-finite loss or gradient norm (each is skipped)"""
+    allow_changed_inputs: bool = False
+    """--resume even where --model's or a data file's contents differ from those the run started with"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +367,7 @@ def train_iteration(
     )
     use_avg, loss_fn = args.loss == "simpo" or args.length_norm == "avg", daa_loss(args)
     bar = progress(range(start_step, n_steps), desc=f"iteration {t}")
-    for step in bar:
+    for step in signal_safe_steps(bar):
         tic, stats = time.perf_counter(), StepStats(DAA_STATS, device)
         offsets = [(step * grad_accum + accum) * micro for accum in range(grad_accum)]
         for batch_pairs in micro_batches(model, [[pairs[i] for i in local[o : o + micro]] for o in offsets]):
@@ -383,6 +396,7 @@ def train_iteration(
             "step": step + 1,
             **{name: total[name] / total["pairs"] for name in DAA_STATS[:7]},
             "grad_norm": grad_norm,
+            "train/skipped_nonfinite": total["skipped_nonfinite"],
             "lr": scheduler.get_last_lr()[0],
             "tokens_per_sec": total["tokens"] / (time.perf_counter() - tic),
         }
@@ -397,7 +411,7 @@ def main(args: Args) -> dict:
     quiet_library_bars()
     check_resume(args)
     # Everything that can fail on bad input is checked before anything is written.
-    tokenizer = load_tokenizer(preset["path"], args.chat_template)
+    tokenizer = load_tokenizer(preset["path"], args.chat_template, args)
     rows, source = load_rows(args.dataset)
     offline, length_counts = build_dataset(rows, source, tokenizer, args)
     pool = load_prompt_pool(args.prompts, offline, tokenizer, args, length_counts)
@@ -411,11 +425,13 @@ def main(args: Args) -> dict:
     start = args.init_checkpoint or preset["path"]
     resumed = state["completed"] >= 0 and not (state["completed"] == 0 and args.init_checkpoint)
     model = load_model(str(out_dir / f"iter_{state['completed']}") if resumed else start, device, args)
+    lock_run(out_dir, args)
     log = Logs(args, out_dir, run_name)
 
     def save_step(step, n_steps, optimizer, scheduler):
-        if args.save_every and step % args.save_every == 0 and step < n_steps:
+        if args.save_every and step % args.save_every == 0 and step < n_steps or Stop.where and not args.lora_r:
             save_checkpoint(model, partial, optimizer, scheduler, step)
+        stop_after_step(args.lora_r > 0)
         log.step_done(args.stop_after_steps)
 
     def evaluate_and_log(name: str, model, path: str):
@@ -432,11 +448,12 @@ def main(args: Args) -> dict:
             )
 
     def finish_iteration(model, m: int):  # the policy stays in memory: its fp32 (shards) are the masters
-        model = save_atomic(model, tokenizer, out_dir / f"iter_{m}")
+        model = save_atomic(model, tokenizer, out_dir / f"iter_{m}", masters=m < args.iterations)
         if scorers and eval_prompts:
             evaluate_and_log(str(m), model, str(out_dir / f"iter_{m}"))
         state["completed"] = m
         write_atomic(state_file, state)
+        shutil.rmtree(out_dir / f"iter_{m - 1}" / "masters", ignore_errors=True)  # iter_m's resume from here
         return model
 
     log(
@@ -456,7 +473,7 @@ def main(args: Args) -> dict:
         if m == 0:
             pairs = [dict(p, ref_chosen=0.0, ref_rejected=0.0) for p in offline]
         elif saved is not None:  # the interrupted iteration's pairs and statistics, as they were
-            pairs, stats = [json.loads(line) for line in open(pairs_file)], state["pair_stats"][str(m)]
+            pairs, stats = read_run_file(pairs_file), state["pair_stats"][str(m)]
         else:
             previous = args.init_checkpoint if (m == 1 and args.init_checkpoint) else str(out_dir / f"iter_{m - 1}")
             pairs, stats = online_pairs(model, tokenizer, pool, m, previous, args, device, scorers)
@@ -606,7 +623,7 @@ def resolve(args: Args) -> tuple[Args, dict]:
 def build_dataset(rows: list[dict], source: str, tokenizer, args: Args) -> tuple[list[dict], dict]:
     pairs, counts = [], {}
     for index, pair in parse_rows(rows[: args.num_pairs] if args.num_pairs else rows, source, args, counts):
-        where = f"dataset {source} row {index}"
+        where = f"dataset {row_name(source, index)}"
         sides = [
             fit(*encode(tokenizer, pair["prompt"], pair[side]), args, where, counts) for side in ("chosen", "rejected")
         ]
@@ -638,7 +655,8 @@ def load_prompt_pool(
         if issue is None:
             kept.append(prompt)
         elif args.long_prompts == "error":
-            raise InputError(f"prompt pool row {index}: {issue} (see --long_prompts skip)")
+            where = row_name(spec, index) if spec else f"prompt pool row {index + 1}"
+            raise InputError(f"{where}: {issue} (see --long_prompts skip)")
         else:
             counts["pool_prompt_too_long"] = counts.get("pool_prompt_too_long", 0) + 1
     if not kept:
@@ -688,7 +706,7 @@ DOMAINS = {  # the options all four scripts share (check_args; each script adds 
     **dict.fromkeys(("max_grad_norm", "lora_alpha"), "> 0"),
     **dict.fromkeys(("lora_r", "num_eval", "eval_temperature", "seed"), ">= 0"),  # 0: "off" or "none"
     **dict.fromkeys("max_prompt_length max_new_tokens stop_after_steps dist_timeout_minutes".split(), ">= 1"),
-    **dict.fromkeys(("scoring_batch_size", "generation_batch_size"), ">= 1"),
+    **dict.fromkeys(("scoring_batch_size", "generation_batch_size", "max_skipped_steps"), ">= 1"),
     "max_length": ">= 2",
     "lora_dropout": "[0, 1)",
 }
@@ -713,6 +731,7 @@ def check_args(args, checks: list[tuple[bool, str]], domains: dict):
     for ok, message in [
         (not (output and Path(output).is_file()), f"--output_dir: {output!r} is a file; expected a folder"),
         (args.resume is False or output is not None, "--resume needs --output_dir of the run to continue"),
+        (not (args.resume and args.overwrite), "--resume continues the run in --output_dir, --overwrite deletes it"),
         (prompts is None or Path(prompts).is_file(), f"--eval_prompts: file {prompts!r} not found"),
         (not template or "{%" in template or Path(template).is_file(), f"--chat_template: file {template!r} not found"),
         (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be in (0, --max_length)"),
@@ -737,7 +756,9 @@ def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
 
     info, formats = DATASETS.get(spec, {"path": spec}), "a .jsonl, .json or .parquet file, or a save_to_disk folder"
     if spec in DATASETS and not info["path"].endswith(".jsonl"):  # on the hub
-        return list(datasets.load_dataset(info["path"], info.get("name"), split=info["split"])), info["path"]
+        data = datasets.load_dataset(info["path"], info.get("name"), split=info["split"])
+        record_input(what, hash_files(f["filename"] for f in data.cache_files))
+        return list(data), info["path"]
     spec, path = info["path"], Path(info["path"]).expanduser()
     if not path.exists() and (spec.endswith((".jsonl", ".json", ".parquet")) or spec.startswith((".", "/", "~"))):
         raise InputError(f"{what}: path {spec!r} not found (or use a preset: {', '.join(DATASETS)})")
@@ -749,6 +770,7 @@ def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
     elif path.is_dir() or path.suffix in readers:
         try:
             data = datasets.load_from_disk(str(path)) if path.is_dir() else readers[path.suffix](str(path))
+            record_input(what, hash_files(sorted(f for f in path.rglob("*") if f.is_file()) or [path]))
             data = list(data["train"] if isinstance(data, datasets.DatasetDict) else data)
         except Exception as err:  # pyarrow's, datasets' own errors: one line, theirs first
             raise InputError(f"{what}: {spec} cannot be read ({first_line(err)[:200]}); expected {formats}") from None
@@ -760,12 +782,14 @@ def load_rows(spec: str, what: str = "--dataset") -> tuple[list[dict], str]:
 
 
 def read_jsonl(path: Path, what: str) -> list[dict]:
-    """JSON objects, one a line; an error names the line (or the byte that is not UTF-8)."""
+    """JSON objects, one a line; an error names the line (or the byte that is not UTF-8), as row_name does later."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_bytes()
+        lines = raw.decode("utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise InputError(f"{what}: {path} is not UTF-8 text (byte {err.start}); expected JSON lines") from None
-    rows = []
+    record_input(what, f"{len(raw)} {hashlib.sha256(raw).hexdigest()}")
+    rows, ROW_LINES[str(path)] = [], []
     for number, line in enumerate(lines, 1):
         try:
             rows += [json.loads(line)] if line.strip() else []
@@ -773,7 +797,17 @@ def read_jsonl(path: Path, what: str) -> list[dict]:
             raise InputError(f"{what}: {path} line {number}: not valid JSON ({err.msg})") from None
         if rows and not isinstance(rows[-1], dict):
             raise InputError(f"{what}: {path} line {number}: expected a JSON object, got {type(rows[-1]).__name__}")
+        ROW_LINES[str(path)] += [number] if line.strip() else []
     return rows
+
+
+ROW_LINES: dict[str, list[int]] = {}  # read_jsonl's files: each row's line (blank lines hold none)
+
+
+def row_name(source, index: int) -> str:
+    """Row `index` as an editor finds it: "line N" of a jsonl file, else "row N", both counted from 1."""
+    lines = ROW_LINES.get(str(Path(source)))
+    return f"{source} line {lines[index]}" if lines else f"{source} row {index + 1}"
 
 
 def load_prompts(spec: str, what: str) -> list[str]:
@@ -783,7 +817,7 @@ def load_prompts(spec: str, what: str) -> list[str]:
     rows = read_jsonl(Path(spec), what)
     if not rows:
         raise InputError(f"{what}: {spec} has no rows; expected JSON lines with a 'prompt'")
-    return [_text(row.get("prompt"), f"{what} {spec} row {index}: 'prompt'") for index, row in enumerate(rows)]
+    return [_text(row.get("prompt"), f"{what} {row_name(spec, i)}: 'prompt'") for i, row in enumerate(rows)]
 
 
 def _text(value, where: str, empty: str | None = None) -> str:
@@ -857,11 +891,17 @@ def parse_pair(row: dict, where: str) -> dict:
 
 
 def parse_rows(rows: list[dict], source: str, args: Args, counts: dict) -> list[tuple[int, dict]]:
-    """(row index, parse_pair) of the usable rows; BadRows counted in counts['skipped_<reason>'], at most a fraction."""
-    pairs, bad = [], []
+    """(row index, parse_pair) of the usable rows; BadRows (a repeated row too) counted in counts['skipped_<reason>'],
+    at most a fraction."""
+    pairs, bad, seen = [], [], {}
     for index, row in enumerate(rows):
+        where = f"dataset {row_name(source, index)}"
         try:
-            pairs.append((index, parse_pair(row, f"dataset {source} row {index}")))
+            pair = parse_pair(row, where)
+            first = seen.setdefault(hash((json.dumps(pair["prompt"]), pair["chosen"], pair["rejected"])), where)
+            if first != where:
+                raise BadRow("duplicate", f"{where}: the same prompt, chosen and rejected as {first}")
+            pairs.append((index, pair))
         except BadRow as err:
             counts[f"skipped_{err.reason}"] = counts.get(f"skipped_{err.reason}", 0) + 1
             bad.append(str(err))
@@ -887,22 +927,37 @@ def set_chat_template(tokenizer, template: str | None, option: str, owner: str):
     return tokenizer
 
 
-def load_tokenizer(model_path: str, chat_template: str | None):
-    """The tokenizer with --chat_template and a pad token, left-padded for generation (collate pads the rest)."""
+def load_tokenizer(model_path: str, chat_template: str | None, args: Args | None = None):
+    """The tokenizer with --chat_template and a pad token, left-padded for generation (collate pads the rest); the
+    lengths in `args` checked against the model's context."""
     from transformers import AutoConfig, AutoTokenizer
 
     if model_path.startswith((".", "/", "~")) and not Path(model_path).expanduser().exists():
         raise InputError(f"--model: {model_path!r} not found")
     try:  # a folder without config.json or tokenizer files fails here, before the data is read
-        AutoConfig.from_pretrained(model_path)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        config, tokenizer = AutoConfig.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
         raise InputError(f"--model: no config and tokenizer load from {model_path!r} ({first_line(err)})") from None
+    record_input("--model", model_digest(model_path))
     set_chat_template(tokenizer, chat_template, "--chat_template", f"--model: the tokenizer of {model_path!r}")
+    context, source = model_context(config, tokenizer)
+    if args is not None and max(args.max_prompt_length + args.max_new_tokens, args.max_length) > context:
+        raise InputError(
+            f"--max_prompt_length {args.max_prompt_length} + --max_new_tokens {args.max_new_tokens} and --max_length "
+            f"{args.max_length} must fit the context of --model {model_path}: {context} tokens ({source})"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def model_context(config, tokenizer=None) -> tuple[float, str]:
+    """The most tokens the model reads and who says so: its config, else its tokenizer where set, else none (inf)."""
+    if getattr(config, "max_position_embeddings", None):
+        return config.max_position_embeddings, "max_position_embeddings in its config.json"
+    longest = getattr(tokenizer, "model_max_length", None) or math.inf  # transformers' "unset" is 1e30
+    return (longest, "model_max_length of its tokenizer") if longest < 1e9 else (math.inf, "unknown")
 
 
 def first_line(err: Exception) -> str:
@@ -1099,12 +1154,26 @@ def shard(items: list) -> tuple[list, int]:
     return mine + [items[-1]] * (per_rank - len(mine)), len(mine)
 
 
+def shard_by_length(lengths: list[int]) -> tuple[list[int], int]:
+    """This rank's indices for work that pads to its longest: sorted by length (ties in input order), dealt round-robin
+    (ranks get like tokens and like batches), padded with the shortest as shard pads."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    mine = order[rank() :: world()]
+    return mine + order[:1] * (math.ceil(len(order) / world()) - len(mine)), len(mine)
+
+
 def gather(values: list) -> list:
     if world() == 1:
         return values
     out = [None] * world()
     dist.all_gather_object(out, values)
     return [v for part in out for v in part]
+
+
+def gather_in_order(results: list[tuple[int, object]], n: int) -> list:
+    """Every rank's (input index, result) pairs as one list in input order."""
+    merged = dict(gather(results))
+    return [merged[i] for i in range(n)]
 
 
 def all_sum(values: list[float]) -> list[float]:
@@ -1163,8 +1232,27 @@ def progress(iterable=None, total: int | None = None, desc: str = "", inner: boo
     return tqdm(iterable, total=total, desc=desc, leave=not inner or not tty, disable=rank() != 0, **log)
 
 
+class _Stamped:
+    """A log file's stdout: each line starts with the time (a terminal gets the lines as they are)."""
+
+    def __init__(self, stream):
+        self.stream, self.fresh = stream, True
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines(keepends=True):
+            self.stream.write(time.strftime("%Y-%m-%d %H:%M:%S ") * self.fresh + line)
+            self.fresh = line.endswith("\n")
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def quiet_library_bars():
-    """In a log file the libraries' own bars (dataset preparation, weight loading and saving) are off too."""
+    """In a log file (no terminal): the run's lines timestamped, the libraries' own bars (dataset preparation, weight
+    loading and saving) off."""
+    if not sys.stdout.isatty() and not isinstance(sys.stdout, _Stamped):
+        sys.stdout = _Stamped(sys.stdout)
     if not sys.stderr.isatty():
         import datasets
         import transformers
@@ -1175,52 +1263,182 @@ def quiet_library_bars():
 
 def check_resume(args: Args):
     """--resume continues the run in --output_dir only with the arguments it started with (on any number of ranks)."""
+    RunFiles.saved, RunFiles.digests, RunFiles.allow_changed = None, {}, args.allow_changed_inputs
     if not args.resume:
         return
     saved = Path(args.output_dir) / "resolved_config.json"
     if not saved.exists():
         raise InputError(f"--resume: {saved} not found; nothing to resume")
-    stored, given = json.loads(saved.read_text()), json.loads(json.dumps(dataclasses.asdict(args)))  # tuples as lists
-    ignored = ("resume", "stop_after_steps", "output_dir", "batch_size", "device")  # a moved folder, other ranks
-    ignored += ("track", "wandb_project", "wandb_entity")  # where the records also go
+    stored, given = read_run_file(saved), json.loads(json.dumps(dataclasses.asdict(args)))  # tuples as lists
+    ignored = ("resume", "overwrite", "stop_after_steps", "output_dir", "batch_size", "device")  # moved, other ranks
+    ignored += ("track", "wandb_project", "wandb_entity", "max_skipped_steps", "allow_changed_inputs")  # tolerances
     changed = sorted(k for k, v in given.items() if k not in ignored and stored.get(k) != v)
     if changed:
         raise InputError(f"--resume: arguments differ from the saved run: {', '.join(changed)}")
+    RunFiles.saved = stored
+
+
+class RunFiles:
+    """The run's resolved_config.json on --resume (None: a fresh run), the digests of this process's inputs."""
+
+    saved, digests, allow_changed = None, {}, False
+
+
+def record_input(what: str, digest: str):
+    """An input's digest, recorded at the start (resolved_config.json); on --resume a changed one is refused."""
+    RunFiles.digests[what] = digest
+    started = (RunFiles.saved or {}).get("inputs", {}).get(what, digest)
+    if started != digest and not RunFiles.allow_changed:
+        raise InputError(
+            f"--resume: {what}'s contents differ from those the run started with (digest {digest[:16]}, then "
+            f"{started[:16]}); pass --allow_changed_inputs to continue on them anyway"
+        )
+
+
+def model_digest(path: str) -> str:
+    """A hub model's commit, or a folder's names, sizes and 64 KiB at 16 places a file: cheap at 7B."""
+    folder, digest = Path(path).expanduser(), hashlib.sha256()
+    if not folder.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+        return f"{path}@{Path(cached).parent.name}" if isinstance(cached, str) else path
+    for file in sorted(f for f in folder.iterdir() if f.is_file() and f.name != "manifest.json"):
+        size = file.stat().st_size
+        digest.update(f"{file.name} {size}\n".encode())
+        with open(file, "rb") as f:
+            for offset in range(0, size, max(1, size // 16)):
+                f.seek(offset)
+                digest.update(f.read(1 << 16))
+    return digest.hexdigest()
+
+
+HELP_GROUPS = {  # --help's sections beside the method's own options; every flag keeps its name
+    "data": "model dataset num_pairs prompts num_prompts prompt_split sft_data num_sft offline_fraction max_length "
+    "max_prompt_length max_new_tokens long_prompts max_bad_fraction chat_template",
+    "training": "lr lrs optimizer epochs batch_size global_batch micro_batch_size scheduler warmup_ratio max_grad_norm "
+    "lora_r lora_alpha lora_dropout gradient_checkpointing dtype device save_every",
+    "evaluation": "reward_fn reward_model reward_chat_template eval_prompts num_eval eval_temperature eval_every "
+    "eval_pairs num_judge_eval",
+    "run": "output_dir seed resume stop_after_steps track wandb_project wandb_entity dist_timeout_minutes "
+    "sampler scoring_batch_size generation_batch_size judge_batch_size",
+}
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (tyro's help text), read from its source."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    pairs = zip(body, body[1:])
+    return {a.target.id: b.value.value for a, b in pairs if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
 
 
 def cli(args_type, models: dict, doc: str):
-    """tyro's command line, --help opening with `doc`; an option a preset fills shows each preset's value."""
-    hints = typing.get_type_hints(args_type, include_extras=True)
-    for option in (f.name for f in dataclasses.fields(args_type) if f.default is None):
-        if shown := "; ".join(f"{name} {preset[option]}" for name, preset in models.items() if option in preset):
-            hint = tyro.conf.arg(help_behavior_hint=f"(unset: the --model preset's: {shown})")
-            args_type.__annotations__[option] = typing.Annotated[hints[option], hint]
-    return tyro.cli(args_type, description=doc)
+    """tyro's command line: --help opens with `doc` and shows the options in sections (the method's own, then
+    HELP_GROUPS'), flags under their own names, each option a preset fills with every preset's value; parsed into
+    the flat `args_type`."""
+    hints, docs = typing.get_type_hints(args_type, include_extras=True), field_docs(args_type)
+    groups = {title: [] for title in ("method", *HELP_GROUPS)}
+    for f in dataclasses.fields(args_type):
+        conf = dict(help=docs.get(f.name))
+        if f.default is None and (shown := "; ".join(f"{k} {p[f.name]}" for k, p in models.items() if f.name in p)):
+            conf["help_behavior_hint"] = f"(unset: the --model preset's: {shown})"
+        group = next((g for g, names in HELP_GROUPS.items() if f.name in names.split()), "method")
+        keep = (
+            dict(default=f.default)
+            if f.default_factory is dataclasses.MISSING
+            else dict(default_factory=f.default_factory)
+        )
+        option = typing.Annotated[hints[f.name], tyro.conf.arg(**conf)]
+        groups.setdefault(group, []).append((f.name, option, dataclasses.field(**keep)))
+    sections = {title: dataclasses.make_dataclass(title, fields) for title, fields in groups.items() if fields}
+    for section in sections.values():
+        section.__doc__ = ""  # tyro titles the section by its name
+    command = dataclasses.make_dataclass(
+        args_type.__name__,
+        [(name, tyro.conf.OmitArgPrefixes[s], dataclasses.field(default_factory=s)) for name, s in sections.items()],
+    )
+    parsed = tyro.cli(command, description=doc)
+    return args_type(**{k: v for name in sections for k, v in vars(getattr(parsed, name)).items()})
 
 
 def run_state(state_file: Path, args, fresh: dict) -> dict:
     """The run's progress (state.json) when --resume finds one, else `fresh`."""
     if not (args.resume and state_file.exists()):
         return fresh
-    state = json.loads(state_file.read_text())
+    state = read_run_file(state_file)
     if rank() == 0:
         where = [f"{k} {v}" for k, v in state.items() if k in ("completed", "stage0_done", "step", "done")]
         print(f"resuming {state_file.parent}: " + ", ".join(where))
     return state
 
 
-def resume_hint(script: str) -> str:
-    """The command that continues an interrupted run: the same arguments with --resume and its folder."""
+def resume_hint() -> str:
+    """The command that continues an interrupted run: this interpreter (under torchrun, the launcher's command line)
+    and the script as invoked, the same arguments with --resume and its folder."""
     if Logs.run_dir is None:
         return "nothing was written yet"
-    argv, given, dropped = [], iter(sys.argv[1:]), ("__resume", "__no_resume", "__output_dir", "__stop_after_steps")
+    argv, given = [], iter(sys.argv[1:])
+    dropped = ("__resume", "__no_resume", "__overwrite", "__no_overwrite", "__output_dir", "__stop_after_steps")
     for arg in given:
         name = arg.split("=")[0].replace("-", "_")
         if name in ("__output_dir", "__stop_after_steps") and "=" not in arg:
             next(given, None)  # its value
         argv += [] if name in dropped else [arg]
-    launcher = "torchrun ... " if world() > 1 else "python "
-    return f"continue with: {launcher}{shlex.join([script, *argv, '--resume', '--output_dir', str(Logs.run_dir)])}"
+    launcher = [sys.executable]
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's options precede the script on its command line
+        try:
+            parent = Path(f"/proc/{os.getppid()}/cmdline").read_text().split("\0")
+            launcher = parent[: parent.index(sys.argv[0])]
+        except (OSError, ValueError):
+            launcher = ["torchrun", "..."]
+    command = [*launcher, sys.argv[0], *argv, "--resume", "--output_dir", str(Logs.run_dir)]
+    return f"continue with: {shlex.join(command)}"
+
+
+def lock_run(out_dir: Path, args):
+    """Before anything is written in out_dir, rank 0 holds an flock on its run.lock for the run (the OS drops it when
+    the process ends): a second job there is refused, and so is a run without --resume into a folder holding a run
+    (--overwrite empties it). Every rank raises rank 0's refusal."""
+    import fcntl
+    import socket
+
+    error, Logs.lock = None, Logs.lock and Logs.lock.close()  # an earlier run of this process (tests call main())
+    if rank() == 0:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock = open(out_dir / "run.lock", "a+")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "another job"
+                error = f"--output_dir: {out_dir} is in use by {holder} (one job per folder)"
+                lock.close()
+            except OSError as err:  # a file system without locks (Lustre without -o flock): said, not refused
+                print(f"{lock.name}: no lock ({err.strerror}); a second job in this folder would go unseen")
+            if error is None:
+                Logs.lock = lock  # (closed on a refusal: the lock goes with it)
+                os.ftruncate(lock.fileno(), 0)
+                os.write(lock.fileno(), f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError as err:
+            error = f"--output_dir: {out_dir} cannot be written ({err.strerror or err})"
+        held = [name for name in ("resolved_config.json", "state.json") if (out_dir / name).exists()]
+        if error is None and held and not args.resume and not args.overwrite:
+            error = f"--output_dir: {out_dir} holds a run ({held[0]}); --resume continues it, --overwrite starts over"
+        elif error is None and held and args.overwrite:
+            for path in out_dir.iterdir():
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.name != "run.lock":
+                    path.unlink()
+            print(f"--overwrite: deleted the run in {out_dir}")
+    if world() > 1:
+        shared = [error]
+        dist.broadcast_object_list(shared, 0)
+        error = shared[0]
+    if error:
+        Logs.lock = Logs.lock and Logs.lock.close()
+        raise InputError(error)
 
 
 class Logs:
@@ -1228,21 +1446,24 @@ class Logs:
     record carries the run's global step (TensorBoard's and wandb's), the same for a step redone after --resume."""
 
     POSITION = ("iteration", "stage", "step", "aug_step")  # where in the run a record was logged
-    run_dir = None  # this process's run folder, once made (resume_hint names it)
+    run_dir = lock = None  # this process's run folder, once made (resume_hint names it); its lock_run file
 
     def __init__(self, args: Args, out_dir: Path, run_name: str):
         self.out_dir, self.step, self.writer, self.global_step, self.steps = out_dir, 0, None, 0, {}
         if rank() == 0:
             config = {**dataclasses.asdict(args), "output_dir": str(out_dir), "world_size": world()}
+            config = (RunFiles.saved or config) | {"inputs": RunFiles.digests}  # a resumed run's as it started
             path = out_dir / "metrics.jsonl"
-            for record in map(json.loads, path.read_text().splitlines() if args.resume and path.exists() else []):
-                if "global_step" in record and self.position(record):  # a resumed run numbers its steps as before
-                    self.steps[self.position(record)] = record["global_step"]
+            for line in path.read_text().splitlines() if args.resume and path.exists() else []:
+                with contextlib.suppress(ValueError):  # (a line a full disk cut short is passed over)
+                    if "global_step" in (record := json.loads(line)):  # what a resumed run redoes keeps its number
+                        self.steps[self.key(record)] = self.global_step = record["global_step"]
             try:
                 out_dir.mkdir(parents=True, exist_ok=True)
-                (out_dir / "resolved_config.json").write_text(json.dumps(config, indent=2))
             except OSError as err:
                 raise InputError(f"--output_dir: {out_dir} cannot be written ({err.strerror or err})") from None
+            if config != RunFiles.saved:
+                write_atomic(out_dir / "resolved_config.json", config)
             print(f"run folder: {out_dir} (its resolved_config.json, metrics.jsonl, tb/)", flush=True)
             if args.track:  # before TensorBoard's writer: wandb mirrors its events (sync_tensorboard)
                 import wandb
@@ -1250,28 +1471,36 @@ class Logs:
                 project = args.wandb_project or os.environ.get("WANDB_PROJECT") or "selfpo"
                 wandb.init(project=project, entity=args.wandb_entity, name=run_name, config=config, dir=str(out_dir),
                            sync_tensorboard=True)  # fmt: skip
+            import threading
+
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out_dir / "tb"))
-            self.writer.add_text("config", "```json\n" + json.dumps(config, indent=2) + "\n```")
+            hook = threading.excepthook  # TensorBoard's writer thread's error comes again in __call__: one line there
+            threading.excepthook = lambda a: None if type(a.thread).__name__ == "_AsyncWriterThread" else hook(a)
+            with writing(out_dir / "tb"):  # flushed: a full disk shows here
+                self.writer = SummaryWriter(str(out_dir / "tb"))
+                self.writer.add_text("config", "```json\n" + json.dumps(config, indent=2) + "\n```")
+                self.writer.flush()
         Logs.run_dir = out_dir
 
-    def position(self, record: dict) -> str | None:
-        """A training step's place in the run (iteration or stage, step), or None for another record."""
-        if "step" in record or "aug_step" in record:
-            return json.dumps([record.get(k) for k in self.POSITION])
+    def key(self, record: dict) -> str:
+        """A record's place in the run and kind (its first metric): what a resumed run redoes has the same key."""
+        kind = next((k for k in record if k not in self.POSITION), None)
+        return json.dumps([record.get(k) for k in self.POSITION] + [kind])
 
     def __call__(self, metrics: dict):
-        """One record, with the global step: a training step's own (a new one for a new step), else the last one's.
-        Its finite numbers that are no position also go to TensorBoard (and through it to wandb)."""
+        """One record, with the global step: as logged before in this run (a record redone after --resume), a new one
+        for a new training step, else the last one. Its finite numbers that are no position also go to TensorBoard
+        (and through it to wandb)."""
         if rank() == 0:
-            if position := self.position(metrics):
-                self.global_step = self.steps.setdefault(position, max(self.steps.values(), default=0) + 1)
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({**metrics, "global_step": self.global_step}) + "\n")
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key not in self.POSITION and math.isfinite(value):
-                    self.writer.add_scalar(key, value, self.global_step)
+            if "step" in metrics or "aug_step" in metrics:  # a training step: where later records are logged
+                self.global_step = self.steps.setdefault(self.key(metrics), max(self.steps.values(), default=0) + 1)
+            step = self.steps.get(self.key(metrics), self.global_step)
+            with writing(self.out_dir / "metrics.jsonl"), open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({**metrics, "global_step": step}) + "\n")
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)) and key not in self.POSITION and math.isfinite(value):
+                        self.writer.add_scalar(key, value, step)
 
     def step_done(self, stop_after: int | None):
         """One more optimizer step in this process; --stop_after_steps stops after that many."""
@@ -1282,25 +1511,89 @@ class Logs:
     def close(self):
         """metrics.jsonl keeps one record per position and kind: what a resumed run redid replaces the old in place."""
         if self.writer is not None:
-            self.writer.close()
+            with writing(self.out_dir / "tb"):
+                self.writer.close()
             path, records = self.out_dir / "metrics.jsonl", {}
-            for record in map(json.loads, path.read_text().splitlines() if path.exists() else []):
-                kind = next((k for k in record if k not in self.POSITION), None)
-                records[json.dumps([record.get(k) for k in self.POSITION] + [kind])] = record
+            for line in path.read_text().splitlines() if path.exists() else []:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line a full disk cut short
+                    continue
+                records[self.key(record)] = record
             write_atomic(path, list(records.values()))
             if getattr(sys.modules.get("wandb"), "run", None) is not None:  # --track: the run's last events synced
                 sys.modules["wandb"].finish()
+        Logs.lock = Logs.lock and Logs.lock.close()  # the run is over (a process that ends drops its lock anyway)
 
 
 def write_atomic(path: Path, obj):
-    """Rank 0 writes .json, .jsonl (a list of rows) or torch.save's (.pt) to a temporary file, then renames it."""
+    """Rank 0 writes .json, .jsonl (rows) or .pt to a .tmp renamed in once manifest.json lists it (and the last)."""
     if rank() == 0:
-        tmp = path.with_name(path.name + ".tmp")
         if path.suffix in (".json", ".jsonl"):
-            tmp.write_text(json.dumps(obj) if path.suffix == ".json" else "".join(json.dumps(r) + "\n" for r in obj))
+            text = json.dumps(obj, indent=2) if path.suffix == ".json" else "".join(json.dumps(r) + "\n" for r in obj)
+            data = text.encode()
         else:
-            torch.save(obj, tmp)
-        os.replace(tmp, path)
+            torch.save(obj, buffer := io.BytesIO())
+            data = buffer.getvalue()
+        tmp, manifest = path.with_name(path.name + ".tmp"), path.parent / "manifest.json"
+        with writing(path, leftover=tmp):
+            tmp.write_bytes(data)
+            if path != manifest:
+                listed = json.loads(manifest.read_text()) if manifest.exists() else {}
+                versions = [f"{len(data)} {hashlib.sha256(data).hexdigest()}"] + listed.get(path.name, [])[:1]
+                write_atomic(manifest, listed | {path.name: versions})
+            os.replace(tmp, path)
+
+
+def read_run_file(path: Path):
+    """A file write_atomic wrote, parsed once its size and sha256 are found in its folder's manifest.json."""
+    manifest = path.parent / "manifest.json"
+    try:
+        data, listed = path.read_bytes(), json.loads(manifest.read_text())
+        if f"{len(data)} {hashlib.sha256(data).hexdigest()}" not in listed.get(path.name, []):
+            raise InputError(f"its size and sha256 are not those {manifest.name} lists")
+        if path.suffix == ".pt":
+            return torch.load(io.BytesIO(data))
+        return json.loads(data) if path.suffix == ".json" else [json.loads(line) for line in data.splitlines()]
+    except Exception as err:  # unreadable, not listed, or (listed by another version) not parsed
+        raise InputError(
+            f"--resume: {path} is not as this run wrote it ({first_line(err)}): changed or damaged since (an edit, "
+            "a copy, a disk fault); restore it, or start over in a new --output_dir"
+        ) from None
+
+
+@contextlib.contextmanager
+def writing(path: Path, leftover: Path | None = None):
+    """A write fault (full disk, quota, read-only) in the block as one line naming `path`, `leftover` removed."""
+    try:
+        yield
+    except BaseException as err:
+        if isinstance(err, (KeyboardInterrupt, SystemExit, InputError)) or not (code := write_fault(err, path.parent)):
+            raise
+        if leftover is not None:
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        raise InputError(
+            f"cannot write {path}: {os.strerror(code)}; the previous checkpoint is intact: --resume continues from "
+            "it once there is room (or the folder can be written)"
+        ) from None
+
+
+def write_fault(err: BaseException, folder: Path) -> int | None:
+    """The errno of a failed write: found in the error, else (torch.save drops it) met by 1 MiB written to `folder`."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno:
+            return err.errno
+        if found := re.search(r"\[Errno (\d+)\]|\(os error (\d+)\)", str(err)):
+            return int(found[1] or found[2])
+        err = err.__cause__ or err.__context__
+    probe = folder / f".write_probe_{os.getpid()}"
+    try:
+        probe.write_bytes(bytes(1 << 20))
+        probe.unlink()
+    except OSError as fault:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        return fault.errno
 
 
 # transformers' own layers, the ones we test: no layer swapped for a Hub kernel at load time (transformers >= 5.25's
@@ -1310,12 +1603,35 @@ NO_HUB_KERNELS = {"use_kernels": False}
 
 def load_model(path: str, device: torch.device, args: Args | None = None, frozen: bool = False):
     """fp32 master weights under bf16 autocast; frozen: a copy that never trains and computes as the policy does."""
+    bf16 = args is not None and args.dtype == "bfloat16"
+    sharded = args is not None and world() > 1 and args.lora_r == 0  # FSDP2 (load_shards): policy and frozen copies
+    held_in_bf16 = bf16 and (args.lora_r > 0 or (frozen and sharded))  # a LoRA base, a sharded frozen copy
+    dtype = torch.bfloat16 if held_in_bf16 else torch.float32
+    if args is not None and args.resume and Path(path).resolve().parent == Path(args.output_dir).resolve():
+        verify_folder(Path(path))  # the run's own model folder (iter_t, stage0), as it was written
+    model, full = meta_copy(path, dtype) if sharded else (read_model(path, dtype), None)
+    if frozen:  # no gradients: autocast caches a cast of every weight that requires grad
+        model.requires_grad_(False).eval()
+    if bf16:
+        forward = model.forward
+
+        @functools.wraps(forward)
+        def autocast_forward(*a, **k):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return forward(*a, **k)
+
+        model.forward = autocast_forward
+    model = load_shards(shard_model(model, args), full, device) if sharded else model.to(device)
+    if not frozen and (Path(path) / "masters").is_dir():  # save_atomic's: a resume at an iteration or stage boundary
+        load_weights(model, Path(path) / "masters")
+    return model
+
+
+def read_model(path: str, dtype: torch.dtype):
+    """The save_pretrained folder (or hub id) of one causal LM on the CPU, checked, or an InputError."""
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    bf16 = args is not None and args.dtype == "bfloat16"
-    sharded = frozen and world() > 1 and args.lora_r == 0
-    dtype = torch.bfloat16 if bf16 and (args.lora_r > 0 or sharded) else torch.float32  # a LoRA base, sharded copy
     try:  # a config of another architecture than the weights would otherwise train a randomly initialised model
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, output_loading_info=True, **NO_HUB_KERNELS
@@ -1331,19 +1647,51 @@ def load_model(path: str, device: torch.device, args: Args | None = None, frozen
             "save_pretrained folder of one causal LM"
         )
     model.checkpoint_dtype = AutoConfig.from_pretrained(path).dtype or torch.float32  # what save_atomic writes
-    if frozen:  # no gradients: autocast caches a cast of every weight that requires grad
-        model.requires_grad_(False).eval()
-    if bf16:
-        forward = model.forward
+    return model
 
-        @functools.wraps(forward)
-        def autocast_forward(*a, **k):
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                return forward(*a, **k)
 
-        model.forward = autocast_forward
-    model = model.to(device)
-    return shard_model(model, args) if sharded else model
+def meta_copy(path: str, dtype: torch.dtype):
+    """Rank 0 reads the model (its InputError raised on every rank); every rank builds it on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    full, sent = None, [None]
+    if rank() == 0:
+        try:
+            full = read_model(path, dtype)
+            sent = [(full.config, full.generation_config, full.checkpoint_dtype)]
+        except InputError as err:
+            sent = [err]
+    dist.broadcast_object_list(sent, 0)
+    if isinstance(sent[0], InputError):
+        raise sent[0]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(sent[0][0], dtype=dtype)
+    model.generation_config, model.checkpoint_dtype = sent[0][1:]
+    return model.eval(), full  # eval: as from_pretrained returns it
+
+
+def load_shards(model, full, device: torch.device):
+    """Rank 0's weights (`full`) sent tensor by tensor, each rank keeping its FSDP2 shards; rank 0's non-persistent
+    buffers (rotary frequencies: not in the state dict, uninitialised by to_empty) too."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full.state_dict() if rank() == 0 else {}, options=options)
+    persistent = set(model.state_dict())
+    for name, buffer in [(name, b) for name, b in model.named_buffers() if name not in persistent]:
+        dist.broadcast(buffer.copy_(full.get_buffer(name)) if rank() == 0 else buffer, 0)
+    return model
+
+
+def load_weights(model, folder: Path):
+    """DCP's weights (saved on any number of ranks) into `model`, in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as sd
+
+    weights = {"model": sd.get_model_state_dict(model)}
+    dcp.load(weights, checkpoint_id=str(folder))
+    sd.set_model_state_dict(model, weights["model"])
 
 
 def shard_model(model, args: Args):
@@ -1392,9 +1740,7 @@ def make_optimizer(model, lr, n_steps, args, schedule="constant", state=None, ki
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import state_dict as sd
 
-        weights = {"model": sd.get_model_state_dict(model)}
-        dcp.load(weights, checkpoint_id=state["model"])
-        sd.set_model_state_dict(model, weights["model"])
+        load_weights(model, Path(state["model"]))
         saved = {"optimizer": sd.get_optimizer_state_dict(model, optimizer)}
         dcp.load(saved, checkpoint_id=state["optimizer"])
         sd.set_optimizer_state_dict(model, optimizer, saved["optimizer"])
@@ -1405,7 +1751,12 @@ def make_optimizer(model, lr, n_steps, args, schedule="constant", state=None, ki
 
 
 def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args: Args, where: str):
-    """Average LoRA gradients, clip, sum the statistics over ranks, stop on a non-finite loss (first slot), step."""
+    """Average LoRA gradients, clip, sum the statistics (and the ranks' pending signals) over ranks, step; a non-finite
+    loss (first slot) or gradient norm skips the step (skipped_nonfinite 1), --max_skipped_steps of them in a row stop
+    the run before the update."""
+    Stop.steps += 1
+    if (hook := os.environ.get("SELFPO_SIGNAL_AT", "")).endswith(f"@{Stop.steps}"):  # tests: SIGTERM@3, in step 3
+        os.kill(os.getpid(), getattr(signal, hook.split("@")[0]))
     if world() > 1 and args.lora_r > 0:  # a replicated base: one flat all-reduce, a missing gradient adds zeros
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
         flat = torch.cat([g.flatten() for g in grads])
@@ -1414,22 +1765,75 @@ def optimizer_step(trainable: list, optimizer, scheduler, stats: StepStats, args
             p.grad = g.view_as(p)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
-    if world() > 1:
-        dist.all_reduce(stats.sums)
-    *values, grad_norm = torch.cat([stats.sums, grad_norm.reshape(1).to(stats.sums)]).tolist()
-    if not math.isfinite(values[0]):
+    sums = torch.cat([stats.sums, stats.sums.new_full((1,), float(Stop.signum is not None))])
+    if world() > 1:  # a signal reaches ranks at different times: every rank stops after the same step
+        dist.all_reduce(sums)
+    *values, signalled, grad_norm = torch.cat([sums, grad_norm.reshape(1).to(sums)]).tolist()
+    Stop.where = where if signalled and Stop.defer else Stop.where
+    checks = (("loss", values[0]), ("gradient norm", grad_norm))
+    bad = next((f"{name} ({value})" for name, value in checks if not math.isfinite(value)), "")
+    n = optimizer.skipped_in_a_row = getattr(optimizer, "skipped_in_a_row", 0) + 1 if bad else 0  # same on all ranks
+    if not bad:
+        optimizer.step()
+        scheduler.step()
+    elif n >= args.max_skipped_steps:
         raise InputError(
-            f"non-finite loss ({values[0]}) at {where}: stopping before the update (the last checkpoint "
-            "is intact); lower --lr or --beta, or check that step's data"
+            f"non-finite {bad} at {where}: stopping before the update ({n} in a row, --max_skipped_steps "
+            f"{args.max_skipped_steps}; the last checkpoint is intact); lower --lr or --beta, or check that step's data"
         )
-    optimizer.step()
-    scheduler.step()
+    elif rank() == 0:
+        print(f"non-finite {bad} at {where}: skipped the step ({n} of --max_skipped_steps {args.max_skipped_steps})")
     optimizer.zero_grad(set_to_none=True)
-    return dict(zip(stats.names, values)), grad_norm
+    return dict(zip(stats.names, values), skipped_nonfinite=int(bool(bad))), grad_norm
 
 
-def save_atomic(model, tokenizer, directory: Path):
-    """The model as a save_pretrained folder in its checkpoint's dtype (LoRA merged: returned), by write_folder."""
+class Stop:
+    """SIGTERM, SIGUSR1 (SLURM's --signal) or SIGINT: in a training loop the step finishes, the same one on every rank,
+    and a step checkpoint is written (stop_after_step); any other phase ends at once (it is redone on resume)."""
+
+    signum = at = where = None  # the first signal, when it came (time.monotonic), the step the run stops after
+    defer, steps = False, 0  # inside signal_safe_steps; this process's optimizer steps
+
+
+def on_signal(signum: int, frame):
+    """A repeat within a second is the same request (torchrun forwards what its process group got too); a later
+    one ends the process at once."""
+    if Stop.signum is None:
+        Stop.signum, Stop.at = signum, time.monotonic()
+        if not Stop.defer:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name}; what it cut short is redone on resume")
+    elif time.monotonic() - Stop.at > 1:
+        os.write(2, f"{Path(sys.argv[0]).name}: a second {signal.Signals(signum).name}: exiting now\n".encode())
+        os._exit(128 + signum)
+
+
+def signal_safe_steps(steps):
+    """A training loop's steps: a signal waits for the end of its step (stop_after_step). One that comes after the
+    last step's statistics ends the run when the loop does."""
+    Stop.defer = True
+    try:
+        yield from steps
+    finally:
+        Stop.defer = False
+    if Stop.signum is not None:
+        raise KeyboardInterrupt(
+            f"{signal.Signals(Stop.signum).name} after the loop's last step; it is redone on resume"
+        )
+
+
+def stop_after_step(lora: bool):
+    """Ends the run after the step a signal stopped (Stop.where), once its step checkpoint is written."""
+    if Stop.where is not None:
+        name = signal.Signals(Stop.signum).name if Stop.signum else "a signal to another rank"
+        Stop.signum, Stop.at = Stop.signum or signal.SIGTERM, Stop.at or time.monotonic()  # a later one: a second
+        kept = "no step checkpoints with LoRA: --resume redoes the steps since the last saved model"
+        raise KeyboardInterrupt(f"{name} after {Stop.where}: {kept if lora else 'step checkpoint written'}")
+
+
+def save_atomic(model, tokenizer, directory: Path, masters: bool = False):
+    """The model as a save_pretrained folder in its checkpoint's dtype (LoRA merged: returned), by write_folder;
+    masters: with the weights that dtype rounds in masters/ (DCP), from which a resume at this boundary goes on."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     lora = hasattr(model, "peft_config")
@@ -1440,8 +1844,12 @@ def save_atomic(model, tokenizer, directory: Path):
         state = model.state_dict()
     dtype = getattr(model, "checkpoint_dtype", torch.float32)  # the loaded checkpoint's, not the masters'
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    check_finite(state, directory)
+    masters = masters and any(p.dtype != dtype for p in model.parameters())
 
     def write(folder: Path):
+        if masters:
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(folder / "masters"))
         if rank() == 0:
             model.save_pretrained(folder, state_dict=state, safe_serialization=True)
             live, model.config.dtype = model.config.dtype, dtype  # save_pretrained recorded the masters' dtype
@@ -1453,36 +1861,139 @@ def save_atomic(model, tokenizer, directory: Path):
     return model
 
 
-def write_folder(directory: Path, write):
-    """`write(folder)` on every rank fills .tmp, which replaces `directory` by renames: a crash leaves one whole."""
+def check_finite(state: dict, directory: Path):
+    """Nothing non-finite is saved: a NaN or inf in any rank's tensors of `state` (nested) refuses the save."""
+    from torch.utils._pytree import tree_leaves
+
+    mine = [t.to_local() if hasattr(t, "to_local") else t for t in tree_leaves(state) if torch.is_tensor(t)]
+    if count := int(all_sum([sum(not t.isfinite().all() for t in mine if t.is_floating_point())])[0]):
+        raise InputError(
+            f"{directory}: not saved: {count} tensor(s) hold NaN or inf; the previous checkpoint is intact"
+        )
+
+
+def write_folder(directory: Path, write, step: int | None = None):
+    """`write` fills .tmp on every rank, then its manifest.json; renames swap it in: a kill leaves one whole."""
     recover_folder(directory)
     tmp, old = (directory.with_name(directory.name + suffix) for suffix in (".tmp", ".old"))
+    with writing(directory, leftover=tmp), write_lines(directory, tmp):
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        write(tmp)
+        barrier()
+        files = folder_hashes(tmp)
+        kill_point("files")
+        if rank() == 0:
+            manifest = {"files": files, "step": step, "inputs": RunFiles.digests}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            mode = 0o666 & ~process_umask()
+            for file in tmp.rglob("*"):  # as open() gives (save_pretrained and DCP write some through private files)
+                if file.is_file():
+                    file.chmod(mode)
+            kill_point("manifest")
+            shutil.rmtree(old, ignore_errors=True)
+            if directory.exists():
+                os.replace(directory, old)
+            kill_point("moved")
+            os.replace(tmp, directory)
+            kill_point("swapped")
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+@contextlib.contextmanager
+def write_lines(directory: Path, tmp: Path):
+    """Rank 0's log of a folder write: what .tmp holds every 60 s ($SELFPO_LOG_INTERVAL, >= 1) while it lasts, then
+    the size written and the time taken."""
+    import threading
+
+    start, done, every = (
+        time.perf_counter(),
+        threading.Event(),
+        max(1.0, float(os.environ.get("SELFPO_LOG_INTERVAL", 60))),
+    )
+
+    def size(folder: Path) -> str:
+        total = 0
+        for file in folder.rglob("*"):
+            with contextlib.suppress(OSError):  # (a file renamed as it is written)
+                total += file.stat().st_size if file.is_file() else 0
+        return f"{total / 2**30:.2f} GiB" if total >= 2**30 else f"{total / 2**20:.1f} MiB"
+
+    def beat():
+        while not done.wait(every):
+            print(f"writing {directory}: {size(tmp)} so far, {time.perf_counter() - start:.0f} s", flush=True)
+
     if rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    write(tmp)
-    barrier()
+        threading.Thread(target=beat, daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
     if rank() == 0:
-        mode = 0o666 & ~process_umask()
-        for file in tmp.rglob("*"):  # as open() gives (save_pretrained and DCP write some through private files)
-            if file.is_file():
-                file.chmod(mode)
-        shutil.rmtree(old, ignore_errors=True)
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    barrier()
+        print(f"wrote {directory} ({size(directory)}) in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def kill_point(window: str):
+    """Test hook: SELFPO_KILL_AT=<window> kills this process there, as a cluster can (tests/test_run_files.py)."""
+    if os.environ.get("SELFPO_KILL_AT") == window:
+        os.kill(os.getpid(), 9)
 
 
 def recover_folder(directory: Path):
-    """Finishes a write_folder swap that a kill cut between its renames: the new folder (.tmp) takes its place."""
+    """Completes a swap a kill cut: a missing folder becomes its .tmp if whole (has a manifest), else its .old."""
     tmp, old = (directory.with_name(directory.name + suffix) for suffix in (".tmp", ".old"))
-    if rank() == 0 and not directory.exists() and old.exists():
-        os.replace(tmp if tmp.exists() else old, directory)
+    if rank() == 0 and not directory.exists() and ((tmp / "manifest.json").exists() or old.exists()):
+        os.replace(tmp if (tmp / "manifest.json").exists() else old, directory)
         print(f"completed the interrupted replacement of {directory}")
+    if rank() == 0:
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
     barrier()
+
+
+def verify_folder(directory: Path) -> dict:
+    """The manifest of a folder write_folder wrote, once every file's size and sha256 are found as it lists them."""
+    file = directory / "manifest.json"
+    try:
+        manifest = json.loads(file.read_text())
+        listed = dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(
+            f"--resume: {file} cannot be read ({first_line(err)}): {directory} was not written whole by this version"
+        ) from None
+    found = folder_hashes(directory)
+    for name in sorted(listed.keys() | found.keys()):
+        if found.get(name) != listed.get(name):
+            raise InputError(
+                f"--resume: {directory / name} is {found.get(name, 'missing')} (size sha256), written as "
+                f"{listed.get(name, 'nothing')} ({file.name}): changed or damaged since; restore it (a step checkpoint "
+                "may be deleted instead: its steps are redone)"
+            )
+    return manifest
+
+
+def folder_hashes(folder: Path) -> dict:
+    """{file: "size sha256"} of a folder's files but its manifest, shared out over the ranks and 4 threads each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file() and f.name != "manifest.json")
+    mine = files[rank() :: world()]
+    with ThreadPoolExecutor(4) as pool:
+        return dict(sorted(gather(list(zip(mine, pool.map(lambda f: hash_files([folder / f]), mine))))))
+
+
+def hash_files(paths) -> str:
+    """ "size sha256" of the files' bytes one after the other, read in 16 MiB blocks (~1.7 GB/s a core, SHA-NI)."""
+    digest, size = hashlib.sha256(), 0
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+                size += len(block)
+    return f"{size} {digest.hexdigest()}"
 
 
 def process_umask() -> int:
@@ -1529,15 +2040,18 @@ def save_checkpoint(model, directory: Path, optimizer, scheduler, step: int):
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+    weights, moments = get_model_state_dict(model), get_optimizer_state_dict(model, optimizer)
+    check_finite({"model": weights, "optimizer": moments}, directory)
+
     def write(folder: Path):
-        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(folder / "model"))
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder / "optimizer"))
+        dcp.save({"model": weights}, checkpoint_id=str(folder / "model"))
+        dcp.save({"optimizer": moments}, checkpoint_id=str(folder / "optimizer"))
         if rank() == 0:
             state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": world()}
             (folder / "trainer_state.json").write_text(json.dumps(state))
         save_file(rng_state(), str(folder / f"rng_rank{rank()}.safetensors"))
 
-    write_folder(directory, write)
+    write_folder(directory, write, step)
 
 
 def trainer_state(directory: Path) -> dict | None:
@@ -1546,13 +2060,9 @@ def trainer_state(directory: Path) -> dict | None:
 
     recover_folder(directory)
     file, generators = directory / "trainer_state.json", directory / f"rng_rank{rank()}.safetensors"
-    if not file.exists():
+    if not directory.exists():
         return None
-    if not (directory / "model").is_dir():
-        raise InputError(
-            f"--resume: {directory} is a step checkpoint without its weights folder (model/); expected one "
-            "written by this version (earlier ones held bf16 exports): delete the folder to redo its steps"
-        )
+    verify_folder(directory)
     state = json.loads(file.read_text()) | {folder: str(directory / folder) for folder in ("model", "optimizer")}
     state["rng"] = load_file(str(generators)) if generators.exists() else None
     if rank() == 0:
@@ -1565,25 +2075,27 @@ def trainer_state(directory: Path) -> dict | None:
 def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_id: int, device, desc: str):
     """Summed log-probs and response lengths of (prompt_ids, response_ids) under `model`, as it trains; all ranks."""
     training, _ = model.training, model.eval()
-    mine, real = shard(list(enumerate(sequences)))
+    mine, real = shard_by_length([len(prompt) + len(response) for prompt, response in sequences])
     logps, counts = [], []
     for start in progress(range(0, len(mine), args.scoring_batch_size), desc=desc, inner=True):
-        batch = collate([s for _, s in mine[start : start + args.scoring_batch_size]], pad_id, device)
+        batch = collate([sequences[i] for i in mine[start : start + args.scoring_batch_size]], pad_id, device)
         out, _ = causal_lm_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         logps += out.tolist()
         counts += (batch["labels"][:, 1:] != -100).sum(1).tolist()
     if hasattr(model, "reshard"):  # FSDP2 keeps the root gathered after a forward without backward: 2 ranks then
         model.reshard()  # trained away from one process (tests/test_runs.py, two ranks match one process)
     model.train(training)
-    merged = dict(gather([(i, (lp, c)) for (i, _), lp, c in zip(mine[:real], logps, counts)]))
-    return tuple(torch.tensor([merged[i][k] for i in range(len(sequences))], dtype=torch.float64) for k in (0, 1))
+    merged = gather_in_order(list(zip(mine[:real], zip(logps, counts))), len(sequences))
+    return tuple(torch.tensor([values[k] for values in merged], dtype=torch.float64) for k in (0, 1))
 
 
 class VLLMEngine:  # --sampler vllm: this process's engine for the run, the checkpoint it holds, its longest sequence
     llm, path, max_model_len, dtype, in_process, spill = None, None, None, None, True, None
 
 
-def vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, desc, stop, policy=None, tokenizer=None):
+def vllm_generate(
+    prompt_ids, indices, n, temperature, top_p, args, seed, model_path, desc, stop, policy=None, tokenizer=None
+):
     """generate() by vLLM: one engine per process on this rank's GPU, asleep between calls where it can sleep. New
     weights: `policy`'s pushed in memory where the engine runs in this process, else read from model_path."""
     import atexit
@@ -1598,9 +2110,13 @@ def vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, des
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # vLLM checks the free memory against gpu_memory_utilization
     if fresh:
-        VLLMEngine.max_model_len = max(args.max_prompt_length, longest) + args.max_new_tokens
+        from transformers import AutoConfig
+
+        start = model_path or policy.name_or_path  # its config and tokenizer (the weights pushed: model_path None)
+        context = model_context(AutoConfig.from_pretrained(start))[0]  # never above the model's
+        VLLMEngine.max_model_len = min(max(args.max_prompt_length, longest) + args.max_new_tokens, context)
         dtype = {"auto": "bfloat16" if torch.cuda.is_available() else "float32"}.get(args.dtype, args.dtype)
-        kwargs = dict(model=model_path or policy.name_or_path, seed=seed, gpu_memory_utilization=0.3, dtype=dtype)
+        kwargs = dict(model=start, seed=seed, gpu_memory_utilization=0.3, dtype=dtype)
         # sleep mode (CUDA): asleep at level 2 between calls (weights dropped, the trainer has the GPU), every wake-up
         # reloads the weights; refused where the platform has none (CPU). A split seeded prefill crashes on CPU.
         kwargs |= {"enable_sleep_mode": True} if sleeps else {}
@@ -1649,14 +2165,13 @@ def vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, des
     if longest + args.max_new_tokens > VLLMEngine.max_model_len:
         raise InputError(
             f"{desc}: a prompt of {longest} tokens + --max_new_tokens {args.max_new_tokens} is over the vLLM engine's "
-            f"max_model_len {VLLMEngine.max_model_len} (--max_prompt_length + --max_new_tokens when it started); "
-            "raise --max_prompt_length"
+            f"max_model_len {VLLMEngine.max_model_len} (--max_prompt_length + --max_new_tokens when it started, at "
+            "most the model's context); shorten the prompt or raise --max_prompt_length"
         )
     # vLLM seeds sample j of a request seed + j: one seed per prompt, n apart, from the call's seed and prompt index
     sampling = dict(n=n, temperature=temperature, top_p=top_p, top_k=-1, repetition_penalty=1.0, stop_token_ids=stop)
     sampling["max_tokens"] = args.max_new_tokens
-    first = seed * 1_000_003 + rank() * len(prompt_ids) * n
-    params = [vllm.SamplingParams(**sampling, seed=first + i * n) for i in range(len(prompt_ids))]
+    params = [vllm.SamplingParams(**sampling, seed=seed * 1_000_003 + i * n) for i in indices]
     results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
     if sleeps:
         llm.sleep(level=2)
@@ -1677,17 +2192,21 @@ def generate(
     samples model_path, which holds `model`'s weights, or (push) `model`'s weights as they train (OSP, every step)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # often a list: Llama-3, Qwen
     stop = sorted({i for i in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id] if i is not None})
-    mine, real = shard(prompts)  # each rank samples its share
-    prompt_ids = [encode(tokenizer, p)[0] for p in mine]
-    if args.sampler == "vllm" and (model_path is not None or push):
-        out = vllm_generate(prompt_ids, n, temperature, top_p, args, seed, model_path, desc, stop, model, tokenizer)
-        return gather(out[:real])
+    # each rank samples its share, dealt by length in characters: a rank encodes its own prompts only
+    mine, real = shard_by_length([sum(len(turn["content"]) for turn in prompt) for prompt in prompts])
+    if args.sampler == "vllm" and (model_path is not None or push):  # vLLM batches by itself: the share in order
+        mine = sorted(mine)
+        prompt_ids = [encode(tokenizer, prompts[i])[0] for i in mine]
+        vllm_args = (n, temperature, top_p, args, seed, model_path, desc, stop, model, tokenizer)
+        samples = vllm_generate(prompt_ids, mine, *vllm_args)
+        return gather_in_order(list(zip(mine, samples)), len(prompts))
+    prompt_ids = [encode(tokenizer, prompts[i])[0] for i in mine]
     from torch.distributed.fsdp import FSDPModule
 
     sampler = unsharded_copy(model, args) if isinstance(model, FSDPModule) else model
     training, _ = sampler.training, sampler.eval()
     torch.manual_seed(seed + rank())
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # similar lengths together: little padding
+    order = sorted(range(len(mine)), key=lambda k: (len(prompt_ids[k]), mine[k]))  # batches of like lengths
     sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)  # greedy; transformers fills top_k 50
     if temperature > 0:
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
@@ -1704,7 +2223,7 @@ def generate(
             text = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
             outputs.setdefault(indices[row_index // n], []).append((text, end is not None))
     sampler.train(training)
-    return gather([outputs[i] for i in range(real)])
+    return gather_in_order([(mine[k], outputs[k]) for k in range(real)], len(prompts))
 
 
 def unsharded_copy(model, args: Args):
@@ -1764,26 +2283,24 @@ def reward_model_scores(path, tokenizer, prompts: list[str], responses: list[str
     if device is None:  # this rank's: init_device sets it after the scorer is made
         device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     ids = reward_model_ids(tokenizer, prompts, responses)
-    mine, real = shard(list(range(len(ids))))
+    mine, real = shard_by_length(list(map(len, ids)))  # batches of like lengths
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     with torch.random.fork_rng(devices=[]):  # loading draws nothing from the run's random numbers
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **NO_HUB_KERNELS)
-    model, pad_id, scores = model.to(device).eval(), getattr(model.config, "pad_token_id", None), {}
-    order = sorted(range(len(mine)), key=lambda k: len(ids[mine[k]]))  # batches of similar lengths
-    for start in progress(range(0, len(order), args.scoring_batch_size), desc="reward model", inner=True):
-        batch = [ids[mine[k]] for k in order[start : start + args.scoring_batch_size]]
+    model, pad_id, scores = model.to(device).eval(), getattr(model.config, "pad_token_id", None), []
+    for start in progress(range(0, len(mine), args.scoring_batch_size), desc="reward model", inner=True):
+        batch = [ids[i] for i in mine[start : start + args.scoring_batch_size]]
         if pad_id is None:  # without a pad id the model reads the last token: pad with one no sequence here ends on
             model.config.pad_token_id = min(set(range(len(batch) + 1)) - {seq[-1] for seq in batch})
         width, pad = max(map(len, batch)), model.config.pad_token_id  # on the right: the classifier reads its token
         input_ids = torch.tensor([seq + [pad] * (width - len(seq)) for seq in batch], device=device)
         mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in batch], device=device)
         logits = model(input_ids=input_ids, attention_mask=mask).logits
-        scores.update(zip(order[start : start + args.scoring_batch_size], logits[:, 0].float().tolist()))
+        scores += logits[:, 0].float().tolist()
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    merged = dict(gather([(mine[k], scores[k]) for k in range(real)]))
-    return [merged[i] for i in range(len(ids))]
+    return gather_in_order(list(zip(mine[:real], scores)), len(ids))
 
 
 def win_rate(scores: list[float], start_scores: list[float]) -> tuple[float, float, float]:
@@ -1819,7 +2336,7 @@ def evaluate(model, tokenizer, eval_prompts, scorers, args, device, model_path=N
     if is_start and start_file is not None:
         write_atomic(start_file, start)
     elif not is_start:
-        start = json.loads(start_file.read_text()) if start_file is not None and start_file.exists() else None
+        start = read_run_file(start_file) if start_file is not None and start_file.exists() else None
     if start is not None:
         judge, old = "rm_score" if "rm_score" in scores else next(iter(scores)), start["scores"]
         rate = win_rate(scores[judge], old[judge])
@@ -1836,13 +2353,15 @@ def evaluate(model, tokenizer, eval_prompts, scorers, args, device, model_path=N
 
 if __name__ == "__main__":
     script = Path(__file__).name
+    for stop_signal in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(stop_signal, on_signal)
     try:
         main(cli(Args, MODELS, __doc__))
     except InputError as err:
         sys.exit(f"{script}: error: {err}")
     except KeyboardInterrupt as err:
-        print(f"{script}: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint(script), file=sys.stderr)
-        sys.exit(130)
+        print(f"{script}: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint(), file=sys.stderr)
+        sys.exit(128 + (Stop.signum or signal.SIGINT))  # the shell's convention: SIGINT 130, SIGUSR1 138, SIGTERM 143
     finally:
         if VLLMEngine.llm is not None:  # an engine in this process takes its process groups (and torch's) down first
             VLLMEngine.llm.llm_engine.engine_core.shutdown()

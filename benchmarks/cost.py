@@ -7,14 +7,15 @@
 
 The work is counted from each script's own settings (`script.resolve(script.Args(model=preset))`, at the run's
 number of ranks) and its main() loop, as the code runs today: samples x generated tokens, sequences x tokens scored
-or judged, tokens trained, bytes written by exports and step checkpoints, bytes read by loads and (LoRA) sampler
-reloads, bytes gathered to sample (HF under FSDP2; vLLM's in-memory weight push). The dataset sizes are the
-published row counts; the average token lengths are assumptions. The work is divided by THROUGHPUT, the one table of
-rates, each figure marked published, measured (on a GPU) or assumed, with its source. Phases run one after another
-(the scripts' ranks move in lockstep), the work of a phase split evenly over the ranks. Whether a preset fits: the
-fake-GPU dry run's per-rank peak where it has the (preset, ranks) pair (benchmarks/results/dryrun-*.txt, the
-newest), otherwise a lower bound (weights, gradients, optimizer state and a frozen reference, sharded by FSDP2 over
-the ranks): over 74.5 GiB is "no", under is "unchecked". Nothing here needs a GPU or the fake-GPU virtualenv.
+or judged, tokens trained, bytes written by exports, step checkpoints and the fp32 masters kept at iteration and
+stage boundaries, bytes read by loads and (LoRA) sampler reloads, bytes gathered to sample (HF under FSDP2; vLLM's
+in-memory weight push). The dataset sizes are the published row counts; the average token lengths are assumptions.
+The work is divided by THROUGHPUT, the one table of rates, each figure marked published, measured (on a GPU) or
+assumed, with its source. Phases run one after another (the scripts' ranks move in lockstep), the work of a phase
+split evenly over the ranks. Whether a preset fits: the fake-GPU dry run's per-rank peak where it has the (preset,
+ranks) pair (benchmarks/results/dryrun-*.txt, the newest), otherwise a lower bound (weights, gradients, optimizer
+state and a frozen reference, sharded by FSDP2 over the ranks): over 74.5 GiB is "no", under is "unchecked".
+Nothing here needs a GPU or the fake-GPU virtualenv.
 
 Not counted: evaluation (the paper presets run none: no held-out prompts or reward function for their datasets),
 the LoRA adapters' extra kernels in HF sampling, FSDP2's per-step collectives, data loading and tokenization.
@@ -107,8 +108,16 @@ THROUGHPUT = {
     "padding_factor": Figure(
         1.5,
         "assumed",
-        "sequences batched unsorted (score in input order, training micro-batches) pad to their longest member: "
-        "a planning estimate of 1.5-2x on UltraFeedback's length spread; the OSP judge sorts by length (no padding)",
+        "sequences batched unsorted (training micro-batches, Sr-DPO's refinement forward) pad to their longest "
+        "member: a planning estimate of 1.5-2x on UltraFeedback's length spread (1.57 for uniform 3-90 token "
+        "sequences in batches of 8, tests/test_paper_scale.py)",
+    ),
+    "sorted_padding_factor": Figure(
+        1.08,
+        "assumed",
+        "scoring, the reward model and the OSP judge batch each rank's share sorted by length (the shares dealt by "
+        "length across ranks): a planning estimate of 1.05-1.1x at the scripts' batch sizes on a large set "
+        "(1.07 for 160 toy sequences of 3-90 tokens in batches of 8 on 2 ranks, tests/test_paper_scale.py)",
     ),
 }
 
@@ -193,6 +202,7 @@ class Rates:
     gather: float
     lora: float
     pad: float
+    sorted_pad: float
 
     @classmethod
     def for_model(cls, path: str) -> Rates:
@@ -210,6 +220,7 @@ class Rates:
             gather=f["gather_bytes_per_s"],
             lora=f["lora_train_speedup"],
             pad=f["padding_factor"],
+            sorted_pad=f["sorted_padding_factor"],
         )
 
 
@@ -230,12 +241,12 @@ class Ledger:
     def per_rank(self, n: int) -> int:
         return math.ceil(n / self.g)
 
-    def forward(self, phase: str, sequences: int, tokens: float, padded: bool = True):
-        """No-grad forwards of `sequences` sequences of `tokens` tokens, split over the ranks."""
+    def forward(self, phase: str, sequences: int, tokens: float, sorted_by_length: bool = True):
+        """No-grad forwards of `sequences` sequences of `tokens` tokens, split over the ranks, padded in batches
+        sorted by length (score, the judge) or not (a training micro-batch's)."""
         seconds = self.per_rank(sequences) * tokens / self.r.forward
         self.add(phase, seconds, sequences=sequences, tokens=sequences * tokens)
-        if padded:
-            self.add("padding", seconds * (self.r.pad - 1))
+        self.add("padding", seconds * ((self.r.sorted_pad if sorted_by_length else self.r.pad) - 1))
 
     def train(self, phase: str, sequences: int, tokens: float, lora: bool, reference_forward: bool = False):
         """Forward + backward (with the scripts' gradient checkpointing) of `sequences` sequences, padded."""
@@ -281,12 +292,13 @@ class Ledger:
     def gather(self, phase: str, nbytes: float):
         self.add(phase, nbytes / self.r.gather, bytes_gathered=nbytes)
 
-    def export(self, phase: str = "save"):
+    def export(self, phase: str = "save", masters: bool = False):
         """save_atomic: the full weights to rank 0's host (from the FSDP2 shards: fp32), written in the checkpoint's
-        dtype (bf16/fp16 for every preset model)."""
+        dtype (bf16/fp16 for every preset model); at a boundary a later iteration or stage resumes from, a full
+        fine-tune's fp32 masters beside them (DCP, each rank its shard; a LoRA base is exact in bf16)."""
         sharded = self.g > 1 and self.args.lora_r == 0
         self.gather(phase, (4 if sharded else 2) * self.params)
-        self.write(phase, 2 * self.params)
+        self.write(phase, (2 + (4 if masters and self.args.lora_r == 0 else 0)) * self.params)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,7 +308,8 @@ class Ledger:
 def sera_work(led: Ledger, a, data: Data):
     """Iterations t = 1..T: score D (2N sequences) under theta_{t-1}; from t = 2 sample n_cand per distinct prompt
     from theta_{t-1}, score the samples under every model r~_{t-1} needs (the older ones loaded from their exports);
-    train one epoch (x --epochs) on D_t = k1 offline + k2 generated pairs; export iter_t."""
+    train one epoch (x --epochs) on D_t = k1 offline + k2 generated pairs; export iter_t (with the masters but
+    the last)."""
     n = min(data.rows, a.num_pairs) if a.num_pairs else data.rows
     k1 = math.ceil(a.rho_1 * n)
     k2 = n - k1 if a.rho_2 is None else math.ceil(a.rho_2 * n)
@@ -319,7 +332,7 @@ def sera_work(led: Ledger, a, data: Data):
             tokens = (k1 * offline + generated * (p + new)) / pairs
         used = pairs * a.epochs // a.global_batch * a.global_batch or pairs * a.epochs
         led.train("train", 2 * used, tokens, lora)
-        led.export()
+        led.export(masters=t < a.iterations)
 
 
 def reward_models(j: int, a) -> set[int]:
@@ -333,7 +346,8 @@ def reward_models(j: int, a) -> set[int]:
 def opsr_work(led: Ledger, a, data: Data):
     """m = 0: one SimPO epoch on the offline pairs (unless --init_checkpoint); m = 1..M: one chosen-prefix and one
     rejected-prefix sample per pool prompt from pi_{m-1} (pushed into the vLLM engine at each call), the
-    reference scored under --loss dpo, one epoch on the pairs (all kept: an upper bound); export iter_m."""
+    reference scored under --loss dpo, one epoch on the pairs (all kept: an upper bound); export iter_m (with the
+    masters but the last)."""
     n = min(data.rows, a.num_pairs) if a.num_pairs else data.rows
     pool = min(n, a.num_prompts) if a.num_prompts else n
     offline, new = data.prompt_tokens + data.response_tokens, sample_len(a, data)
@@ -350,7 +364,7 @@ def opsr_work(led: Ledger, a, data: Data):
                 led.forward("score", 2 * pairs, tokens)
         used = pairs * a.epochs // a.global_batch * a.global_batch or pairs * a.epochs
         led.train("train", 2 * used, tokens, a.lora_r > 0)
-        led.export()
+        led.export(masters=m < a.iterations)
 
 
 def srdpo_work(led: Ledger, a, data: Data):
@@ -367,7 +381,7 @@ def srdpo_work(led: Ledger, a, data: Data):
     led.forward("score", 2 * (n + held_out), plain + refine)
     used = n * a.epochs // a.global_batch * a.global_batch or n * a.epochs
     if a.lam > 0:
-        led.forward("refine", 2 * used, plain)
+        led.forward("refine", 2 * used, plain, sorted_by_length=False)
     led.train("train", 2 * used, plain, a.lora_r > 0)
     led.export()
     if held_out:
@@ -376,9 +390,9 @@ def srdpo_work(led: Ledger, a, data: Data):
 
 def osp_work(led: Ledger, a, data: Data):
     """Stage 0: one --aug_batch_size step per batch of judge instances (two per seed pair) and SFT examples, for
-    --aug_epochs; export stage0; the frozen reference loaded. Stage 1, every step: K samples of --prompts_per_step
-    prompts (vLLM: the policy's weights pushed from memory into every rank's engine, each step), the
-    policy judges its samples (sorted by length: no padding), SPCE on floor(K/2) pairs per prompt with the
+    --aug_epochs; export stage0 with the masters; the frozen reference loaded. Stage 1, every step: K samples of
+    --prompts_per_step prompts (vLLM: the policy's weights pushed from memory into every rank's engine, each step),
+    the policy judges its samples (in batches sorted by length), SPCE on floor(K/2) pairs per prompt with the
     reference in the same call; a step checkpoint (fp32 masters + AdamW state) every --save_every steps; export
     final. The judge report on the held-out pairs at sft, augmented and final."""
     p, new = data.prompt_tokens, sample_len(a, data)
@@ -388,14 +402,14 @@ def osp_work(led: Ledger, a, data: Data):
     led.read("load", 2 * led.params)
     reports = 2 if a.skip_augmentation else 3
     if held_out:
-        led.forward("judge", 2 * held_out * reports, judge_offline, padded=False)
+        led.forward("judge", 2 * held_out * reports, judge_offline)
     if not a.skip_augmentation:
         sft = min(seeds, a.num_sft) if a.num_sft else seeds
         examples = 2 * seeds + sft
         mean = (2 * seeds * judge_offline + sft * (p + data.response_tokens)) / examples
         used = examples // a.aug_batch_size * a.aug_batch_size * a.aug_epochs
         led.train("train", used, mean, lora)
-        led.export()
+        led.export(masters=True)
     if not lora:
         led.read("load", 2 * led.params)  # the frozen reference
     pool = min(data.rows, a.num_prompts) if a.num_prompts else data.rows
@@ -407,7 +421,7 @@ def osp_work(led: Ledger, a, data: Data):
         comparisons = a.k * (a.k - 1)
     for _ in range(steps):
         led.sample(pps, a.k, p, new, 2 * led.params)
-        led.forward("judge", round(pps * comparisons), JUDGE_TEMPLATE_TOKENS + p + 2 * new + 1, padded=False)
+        led.forward("judge", round(pps * comparisons), JUDGE_TEMPLATE_TOKENS + p + 2 * new + 1)
         led.train("train", 2 * pps * half, p + new, lora, reference_forward=True)
     if a.save_every:
         checkpoints = (steps - 1) // a.save_every

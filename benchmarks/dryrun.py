@@ -9,8 +9,10 @@ fake CUDA tensors, a fake process group as strict as NCCL, and the per-rank peak
 
 Each (script, preset, ranks) runs in its own process as the last rank of `ranks` (a FakeTensorMode process: no
 weights, no values, no kernels; benchmarks/fakegpu/fakecudart.c answers torch's device queries, built on first
-use). The model is built on the meta device and materialised on the fake GPU by the script's own `load_model`
-(from_pretrained is replaced by the preset's config, see CONFIGS). Every tensor collective must get tensors on
+use). from_pretrained is replaced by the preset's config (see CONFIGS), materialised on the fake host; the script's
+own `load_model` moves it to the fake GPU, or under FSDP2 sends each rank its shards from rank 0, which this
+process plays while a model loads (with no peers here; every rank's GPU work in that load is rank 0's: one full
+tensor in flight besides its shards). Every tensor collective must get tensors on
 cuda:current_device(), as NCCL requires (benchmarks/fakegpu/guard.py). One line per (script, preset, ranks): the
 largest phase's peak (what was resident before it + what the phase added, and the ops whose outputs held the
 most), the peak of every phase, the collectives checked; GiB per rank. Exit status 1 on any failure or a peak
@@ -154,7 +156,8 @@ def host_reads_as_ones():
 @contextlib.contextmanager
 def configs_for_from_pretrained():
     """transformers' from_pretrained -> the preset's config on the meta device, materialised (uninitialised) on
-    the current fake GPU inside the active FakeTensorMode; AutoConfig.from_pretrained -> that config."""
+    the fake host inside the active FakeTensorMode, as from_pretrained reads; AutoConfig.from_pretrained -> that
+    config."""
     import torch
     import transformers
     from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -168,7 +171,7 @@ def configs_for_from_pretrained():
     def model_from_pretrained(path, dtype=torch.float32, output_loading_info=False, **kwargs):
         with unset_fake_temporarily(), torch.device("meta"):  # plain meta: to_empty then swaps in fake tensors
             model = transformers.AutoModelForCausalLM.from_config(config(path), dtype=dtype)
-        model = model.to_empty(device=torch.device("cuda", torch.cuda.current_device()))
+        model = model.to_empty(device=torch.device("cpu"))
         if output_loading_info:  # every weight "loaded": the config is the checkpoint's own
             return model, dict(missing_keys=[], unexpected_keys=[], mismatched_keys=[], error_msgs=[])
         return model
@@ -219,6 +222,20 @@ def rebinding_module_apply():
         yield
     finally:
         torch.nn.Module._apply = original
+
+
+def as_rank_0(load):
+    """`load` (the script's load_model) with this process as rank 0, which reads the weights and sends them."""
+    import torch.distributed as dist
+
+    def loaded(*args, **kwargs):
+        get_rank, dist.get_rank = dist.get_rank, lambda group=None: 0
+        try:
+            return load(*args, **kwargs)
+        finally:
+            dist.get_rank = get_rank
+
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -472,7 +489,8 @@ def drive(script_name: str, preset_name: str, ranks: int, phases: Phases):
     def no_log(*a, **k):
         return None
 
-    model = phases.run("load", lambda: S.prepare_for_training(S.load_model(path, device, args), args))
+    load_model = as_rank_0(S.load_model)
+    model = phases.run("load", lambda: S.prepare_for_training(load_model(path, device, args), args))
     sharded = isinstance(model, FSDPModule)
     ref_model = None
     if script_name == "osp":
@@ -489,9 +507,7 @@ def drive(script_name: str, preset_name: str, ranks: int, phases: Phases):
             )
         del made
         if not lora:
-            ref_model = phases.run(
-                "load-ref", lambda: S.load_model(path, device, args, frozen=True), {"weights": model}
-            )
+            ref_model = phases.run("load-ref", lambda: load_model(path, device, args, frozen=True), {"weights": model})
 
     if script_name != "srdpo":  # sampling: HF generate on the policy, or on an unsharded bf16 copy of it
         n = {"sera": getattr(args, "n_cand", 1), "opsr": 1, "osp": getattr(args, "k", 1)}[script_name]
@@ -508,7 +524,7 @@ def drive(script_name: str, preset_name: str, ranks: int, phases: Phases):
     if script_name == "sera":  # candidates scored under an older model, loaded frozen next to the policy
 
         def frozen_score():
-            scored(S, S.load_model(path, device, args, frozen=True), args, prompt, response, device)
+            scored(S, load_model(path, device, args, frozen=True), args, prompt, response, device)
 
         phases.run("score-older", frozen_score, {"weights": model})
     if script_name == "osp":  # the policy judges: decoder body once per batch, two verdict rows of the head

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .pair import Head, _dtypes_fit, check_inputs, make_config, pair_loss_from_hidden, token_logps
+from .pair import Head, _dtypes_fit, check_inputs, make_config, pair_loss_from_hidden, sequence_sums, token_logps
 
 REDUCTIONS = ("sum", "mean", "none")
 
@@ -32,7 +32,9 @@ def sequence_logps(
     (ref_hidden, ref_weight, ref_bias) is scored in the same call and never receives gradients.
 
     reduction: "sum" -> [B]; "mean" -> [B] divided by the number of scored tokens (0 where none);
-    "none" -> [B, T] with 0 at ignored positions. Returns fp32 (policy, reference or None).
+    "none" -> [B, T] with 0 at ignored positions. Returns fp32 (policy, reference or None). Sums and means are
+    taken in float64 and rounded once, as `pair_loss_from_hidden` sums its sequence log-probs: of the same head,
+    the two give the same bits.
     """
     check_inputs("sequence_logps", hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias)
     if reduction not in REDUCTIONS:
@@ -44,7 +46,11 @@ def sequence_logps(
         with torch.no_grad():
             ref = token_logps(cfg, Head(ref_hidden, ref_weight, ref_bias), labels)
     counts = (labels != ignore_index).sum(dim=1).clamp(min=1)
-    reduce = {"none": lambda t: t, "sum": lambda t: t.sum(dim=1), "mean": lambda t: t.sum(dim=1) / counts}[reduction]
+    reduce = {
+        "none": lambda t: t,
+        "sum": lambda t: sequence_sums(t).float(),
+        "mean": lambda t: (sequence_sums(t) / counts).float(),
+    }[reduction]
     return reduce(policy), None if ref is None else reduce(ref)
 
 
@@ -143,9 +149,10 @@ def _autocast_input(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.to(dtype) if dtype.itemsize < hidden.dtype.itemsize else hidden
 
 
-def _model_heads(name, model, input_ids, attention_mask, ref_model, ref_hidden, keep_master, forward_kwargs):
-    """The one adapter: (policy Head, reference Head or None, the head's logit transform) of a causal LM, shifted:
-    hidden state t scores the token at t + 1. The bias stays its own term, added in fp32 to the logits."""
+def _model_heads(name, model, input_ids, attention_mask, ref_model, ref_hidden, forward_kwargs):
+    """The one adapter of both entry points: (policy Head, reference Head or None, the head's logit transform) of a
+    causal LM, shifted: hidden state t scores the token at t + 1. The bias stays its own term, added in fp32 to the
+    logits. Both ops get the heads in the same dtypes, so that the engine computes their log-probs alike."""
     hidden = decoder_hidden_states(model, input_ids, attention_mask, **forward_kwargs)[:, :-1]
     head = lm_head_config(model)  # after the forward: FSDP2 has gathered the weight by now
     ref = None
@@ -157,17 +164,18 @@ def _model_heads(name, model, input_ids, attention_mask, ref_model, ref_hidden, 
         if (ref_head["softcap"], ref_head["scale"]) != (head["softcap"], head["scale"]):
             raise ValueError(f"{name}: policy and reference apply different logit transforms")
         ref_bias = None if ref_head["bias"] is None else ref_head["bias"].detach()
-        ref = _in_dtype(Head(ref_hidden.detach(), ref_head["weight"].detach(), ref_bias), keep_master)
-    return _in_dtype(Head(hidden, head["weight"], head["bias"]), keep_master), ref, head
+        ref = _in_dtype(Head(ref_hidden.detach(), ref_head["weight"].detach(), ref_bias))
+    return _in_dtype(Head(hidden, head["weight"], head["bias"])), ref, head
 
 
-def _in_dtype(head: Head, keep_master: bool) -> Head:
+def _in_dtype(head: Head) -> Head:
     """Mixed precision (autocast, or bf16 hidden states from an fp32 master head): the products run in the narrower
-    dtype, as autocast runs every other matmul. keep_master: an fp32 master weight of 16-bit hidden states is passed
-    as it is (the pass casts it once and sums dW straight into its fp32 gradient); else it is cast here, and its
-    gradient flows back through the cast."""
+    dtype, as autocast runs every other matmul. An fp32 master weight of 16-bit hidden states is passed as it is, by
+    both entry points: the engine casts it for its products, a copy per pass that no backward keeps, computes the
+    logits into its workspace and their log-sum-exp in fp32 as for any head, and sums dW straight into the master's
+    fp32 gradient (not rounded to 16 bits on the way). Other mixes are cast here to the narrower dtype."""
     hidden, weight = head.hidden.dtype, head.weight.dtype
-    if hidden == weight or (keep_master and _dtypes_fit(hidden, weight)):
+    if _dtypes_fit(hidden, weight):
         return head
     dtype = min(hidden, weight, key=lambda d: d.itemsize)
     return head._replace(hidden=head.hidden.to(dtype), weight=head.weight.to(dtype))
@@ -193,8 +201,7 @@ def causal_lm_logps(
     runs its decoder under no_grad and is scored in the same call. `ref_hidden` may pass
     precomputed reference hidden states instead (already [B, T-1, H]).
     """
-    # an fp32 master head is cast here, before sequence_logps (as tests/test_scale.py pins), not passed in
-    args = (model, input_ids, attention_mask, ref_model, ref_hidden, False, forward_kwargs)
+    args = (model, input_ids, attention_mask, ref_model, ref_hidden, forward_kwargs)
     policy, ref, head = _model_heads("causal_lm_logps", *args)
     return sequence_logps(
         policy.hidden,
@@ -230,7 +237,7 @@ def causal_lm_pair_loss(
     pass), its precomputed hidden states `ref_hidden` [2B, T-1, H] with `ref_model`'s head, or summed
     log-probs `ref_logps` [2B]. An fp32 master head of 16-bit hidden states is passed as it is: the pass casts
     it once for its products and sums dW straight into its fp32 gradient."""
-    args = (model, input_ids, attention_mask, ref_model, ref_hidden, True, {})
+    args = (model, input_ids, attention_mask, ref_model, ref_hidden, {})
     policy, ref, head = _model_heads("causal_lm_pair_loss", *args)
     return pair_loss_from_hidden(
         policy.hidden,

@@ -353,6 +353,26 @@ def _compute(head: Head) -> Head:
     return head if head.weight.dtype == head.hidden.dtype else head._replace(weight=head.weight.to(head.hidden.dtype))
 
 
+def add_sequence_sums_(sums: torch.Tensor, sequence: torch.Tensor, token_logps: torch.Tensor) -> torch.Tensor:
+    """sums[sequence[i]] += token_logps[i], in float64, in token order: how both ops sum sequence log-probs.
+
+    A margin is a difference of sums of hundreds of log-probs, and a serial fp32 sum rounds each partial sum
+    (measured: 3x naive's error at 460 tokens); the callers round each float64 sum once, to fp32. The same token
+    log-probs added in the same order give the same bits in both ops: a reference scored by `sequence_logps` and
+    the pair step's policy, of the same weights, differ by exactly 0 (on CUDA, index_add_'s atomics may reorder
+    the float64 additions, far below one fp32 rounding)."""
+    return sums.index_add_(0, sequence, token_logps.double())
+
+
+def sequence_sums(token_logps: torch.Tensor) -> torch.Tensor:
+    """Per-row float64 sums of token log-probs [S, T] (0 where not scored, which adds nothing) by
+    `add_sequence_sums_`, row by row in position order, as the pair step adds its scored tokens."""
+    n_seqs, length = token_logps.shape
+    rows = torch.arange(n_seqs, device=token_logps.device).repeat_interleave(length)
+    sums = torch.zeros(n_seqs, dtype=torch.float64, device=token_logps.device)
+    return add_sequence_sums_(sums, rows, token_logps.reshape(-1))
+
+
 def _accum_dtype(param: torch.Tensor | None, accum_dtype: torch.dtype | None) -> torch.dtype:
     """What a parameter's gradient is summed in over chunks: accum_dtype, by default fp32; never narrower than
     the parameter (an fp32 weight's gradient is its own accumulator)."""
@@ -671,8 +691,7 @@ def _pair_pass(cfg: Config, policy: Head, labels, loss_fn, ref: Head | None, ref
     token_seq = torch.repeat_interleave(torch.arange(2 * n_pairs, device=device), plan.seq_tokens)
     groups = _plan_chunks(plan.seq_tokens.view(n_pairs, 2).sum(dim=1).tolist(), plan.budget)  # host read
     plan.allocate(max(end - start for _, _, start, end in groups))
-    # Sequence sums in float64: a margin is a difference of sums of hundreds of log-probs, and a serial fp32
-    # index_add rounds each partial sum (measured: 3x naive's error at 460 tokens); they leave as fp32.
+    # Sequence sums in float64 (add_sequence_sums_, as sequence_logps sums); they leave as fp32.
     policy_seq = torch.zeros(2 * n_pairs, dtype=torch.float64, device=device)
     ref_seq = None
     if ref_logps is not None:
@@ -690,11 +709,11 @@ def _pair_pass(cfg: Config, policy: Head, labels, loss_fn, ref: Head | None, ref
         if ref is not None:  # reference first: the policy's logits then stay in the workspace
             for start, end in subs:
                 ref_tok = plan.stats(ref, start, end)[0]
-                ref_seq.index_add_(0, token_seq[start:end], ref_tok.double())
+                add_sequence_sums_(ref_seq, token_seq[start:end], ref_tok)
         lse_parts = []
         for start, end in subs:
             tok, lse, state, ws, rows = plan.stats(policy, start, end, keep)
-            policy_seq.index_add_(0, token_seq[start:end], tok.double())
+            add_sequence_sums_(policy_seq, token_seq[start:end], tok)
             lse_parts.append(lse)
         seqs = slice(2 * first_pair, 2 * end_pair)
         losses, rewards, g_seq = _group_losses(
@@ -751,12 +770,12 @@ def _traced_pass(cfg: Config, policy: Head, labels, loss_fn, ref: Head | None, r
     order = _pair_order(labels.shape[0] // 2, labels.device)
     detached = Head(*(None if t is None else t.detach() for t in policy))
     logps, lse = _logps_op(*detached, labels, *cfg.fields())
-    seq = logps.sum(dim=1)[order]
+    seq = sequence_sums(logps).float()[order]
     ref_seq = None
     if ref_logps is not None:
         ref_seq = ref_logps.detach().float()[order]
     elif ref is not None:
-        ref_seq = _logps_op(*ref, labels, *cfg.fields())[0].sum(dim=1)[order]
+        ref_seq = sequence_sums(_logps_op(*ref, labels, *cfg.fields())[0]).float()[order]
     tokens = (labels != cfg.ignore_index).sum(dim=1)[order]
     losses, rewards, g_seq = _group_losses(loss_fn, seq, ref_seq, tokens.float(), extras)
     grads = (None, None, None)

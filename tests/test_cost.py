@@ -141,6 +141,28 @@ def test_osp_vllm_cost_counts_the_in_memory_push_the_code_does():
     assert row["dominant"] != "sync" and row["phases"]["sync"] < 0.1 * row["hours"]
 
 
+def test_sorted_scoring_pads_less_than_unsorted_training():
+    """score and the judge batch sequences sorted by length (the sorted factor); training micro-batches and Sr-DPO's
+    refinement forward do not (the unsorted one)."""
+    phases = cost.estimate("srdpo", "zephyr-7b", 8)["phases"]
+    sorted_pad, unsorted_pad = (cost.THROUGHPUT[k].value for k in ("sorted_padding_factor", "padding_factor"))
+    assert 1 < sorted_pad < unsorted_pad
+    expected = phases["score"] * (sorted_pad - 1) + (phases["refine"] + phases["train"]) * (unsorted_pad - 1)
+    assert phases["padding"] == pytest.approx(expected, abs=0.003)
+
+
+def test_boundaries_write_the_fp32_masters_of_a_full_fine_tune():
+    """An export a later iteration or stage resumes from carries the fp32 masters (4 bytes a parameter) beside the
+    bf16 weights (2) in a full fine-tune; a LoRA run's merged bf16 base is exact, the last export needs none."""
+    n_params = cost.params("alignment-handbook/zephyr-7b-sft-full")
+    opsr = cost.estimate("opsr", "mistral-7b", 8, "hf", {"iterations": 2})["work"]  # iter_0, iter_1, iter_2
+    assert opsr["save/bytes_written"] == round(3 * 2 * n_params + 2 * 4 * n_params)
+    sera = cost.estimate("sera", "mistral-7b", 8, "hf", {"iterations": 2})["work"]  # LoRA
+    assert sera["save/bytes_written"] == round(2 * 2 * n_params)
+    osp = cost.estimate("osp", "mistral-7b", 8, "hf", {"steps": 3})["work"]  # stage0 and final, no step checkpoint
+    assert osp["save/bytes_written"] == round(2 * 2 * n_params + 4 * n_params)
+
+
 def test_eight_gpus_are_faster_than_one_where_both_run(rows):
     both = 0
     for r in rows:

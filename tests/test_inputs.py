@@ -68,7 +68,7 @@ BAD = {  # name: (arguments given a tmp folder, expected message)
     ),
     "wrong columns": (
         lambda d: dict(dataset=write(d / "x.jsonl", rows_text([{"question": "q", "answer": "a"}] * 3))),
-        r"row 0: missing column 'chosen'",
+        r"x.jsonl line 1: missing column 'chosen'",
     ),
     "no tokenizer": (
         lambda d: dict(model=model_without(d, ("tokenizer.json", "tokenizer_config.json"))),
@@ -159,8 +159,9 @@ def test_bad_input_one_line_nothing_written(script, case, tmp_path):
     given = dict(
         dataset=small, reward_fn=f"{ROOT / 'assets' / 'toy' / 'oracle.py'}:score", output_dir=str(tmp_path / "run")
     )
-    osp = dict(num_judge_eval=8, judge_max_length=512, max_new_tokens=24)  # fits the toy when --model is a path
+    osp = dict(num_judge_eval=8, judge_max_length=512)  # fits the toy when --model is a path
     given.update(dict(osp=osp, srdpo=dict(eval_pairs=4)).get(script, {}))
+    given.update(max_prompt_length=64, max_new_tokens=24, max_length=96)  # the toy's context, not a paper preset's
     given.update(make(tmp_path))
     before = {p: p.stat().st_size for p in tmp_path.rglob("*")}
     with pytest.raises(module.InputError, match=match):
@@ -225,7 +226,7 @@ def test_quirks_are_skipped_and_counted(script):
     with pytest.raises(
         module.InputError,
         match=r"7 of 107 rows are degenerate .* over --max_bad_fraction 0.05; "
-        r"first: dataset fixture row 100: 'chosen' and 'rejected' responses are identical",
+        r"first: dataset fixture row 101: 'chosen' and 'rejected' responses are identical",
     ):
         module.parse_rows(rows, "fixture", module.Args(), {})
 
@@ -241,7 +242,7 @@ def test_malformed_rows_are_not_quirks():
     ):
         with pytest.raises(sera.InputError) as info:
             sera.parse_rows([row] + [dict(GOOD[0])] * 99, "f", sera.Args(max_bad_fraction=1.0), {})
-        assert not isinstance(info.value, sera.BadRow) and "row 0" in str(info.value)
+        assert not isinstance(info.value, sera.BadRow) and "dataset f row 1:" in str(info.value)
 
 
 def test_reward_fn_checked_on_every_call(tmp_path):
@@ -266,7 +267,7 @@ def test_non_finite_loss_stops_with_one_line_before_the_update(script):
     weight.grad = torch.ones(3)
     optimizer = torch.optim.SGD([weight], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    args = mod.resolve(mod.Args())[0]
+    args = mod.resolve(mod.Args(max_skipped_steps=1))[0]  # the first non-finite step stops the run
     with pytest.raises(mod.InputError, match=r"non-finite loss \(nan\) at step 7: stopping before the update"):
         stats = mod.StepStats(("loss", "pairs"), torch.device("cpu"))
         stats.add(loss=float("nan"), pairs=1)
@@ -300,14 +301,14 @@ def test_help_describes_the_script_and_every_option(script):
         and not (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant))
     ]
     assert undocumented == []
-    env = {"COLUMNS": "200", "PATH": "/usr/bin:/bin"}
+    env = {"COLUMNS": "100", "PATH": "/usr/bin:/bin"}  # one column of sections (wider: two, interleaved)
     out = subprocess.run(
         [sys.executable, str(ROOT / f"{script}.py"), "--help"], capture_output=True, text=True, env=env
     )
     assert out.returncode == 0, out.stderr
     assert module.__doc__.splitlines()[0] in out.stdout
     lr = module.MODELS["toy"].get("lr") or module.MODELS["toy"].get("lrs")
-    assert f"toy {lr}" in " ".join(out.stdout.split()), out.stdout  # the toy's learning rate is not hidden
+    assert f"toy {lr}" in " ".join(out.stdout.replace("│", " ").split()), out.stdout  # the toy's lr is not hidden
 
 
 def test_log_file_progress_lines_do_not_repeat(capsys):
@@ -317,7 +318,8 @@ def test_log_file_progress_lines_do_not_repeat(capsys):
     lines = sera._LogLines()
     for text in ("\rstage 1:  50%| 31/62", "\r", "\rstage 1:  50%| 31/62", "\rstage 1: 100%| 62/62", "\n"):
         lines.write(text)
-    assert capsys.readouterr().err == "stage 1:  50%| 31/62\nstage 1: 100%| 62/62\n"
+    err = re.sub(r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", "", capsys.readouterr().err)  # each line timestamped
+    assert err == "stage 1:  50%| 31/62\nstage 1: 100%| 62/62\n"
 
 
 @pytest.mark.parametrize("script", ["sera", "opsr", "osp"])

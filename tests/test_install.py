@@ -206,7 +206,7 @@ def test_default_toy_run_at_a_tiny_budget(tmp_path, script):
         env=env,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    final = Path(re.search(r"^final model: (.+)$", res.stdout, flags=re.M).group(1))
+    final = Path(re.search(r"^\S+ \S+ final model: (.+)$", res.stdout, flags=re.M).group(1))  # a timestamped line
     weights, start = (
         load_file(str(final / "model.safetensors")),
         load_file(str(ROOT / "assets/toy/model/model.safetensors")),

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from selfpo_kernels import causal_lm_logps, causal_lm_pair_loss, decoder_hidden_states, head_logits
+from selfpo_kernels import causal_lm_logps, causal_lm_pair_loss, daa_loss_fn, decoder_hidden_states, head_logits
 
 VOCAB = 97
 
@@ -236,3 +236,74 @@ def test_both_entries_handle_the_bias_alike(impl):
     torch.testing.assert_close(
         logps.double(), reference_logps(model, input_ids, attention_mask, labels), atol=2e-4, rtol=1e-4
     )
+
+
+def autocast_forward(model):
+    """The scripts' one-process --dtype bfloat16: fp32 master weights, the model's forward under a bf16 autocast
+    (the fused head runs outside it, on the bf16 final hidden states and the fp32 master head)."""
+    forward = model.forward
+
+    def wrapped(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    model.forward = wrapped
+    return model
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_bf16_margin_is_zero_at_step_zero(impl):
+    """The README's promise: a reference scored by the policy's own weights gives the margin
+    h = [logp(y_w) - ref(y_w)] - [logp(y_l) - ref(y_l)] = 0 at the first step. Under bf16 autocast over fp32 masters,
+    the reference log-probs as the scripts' `score` takes them (causal_lm_logps, eval mode, no grad) equal, to the
+    bit, those causal_lm_pair_loss computes for the same batch in training (the same head in the same dtypes, the
+    same float64 sequence sums rounded once), and rewards/margins is exactly 0.
+
+    Before: causal_lm_logps summed its fp32 token log-probs in fp32, the pair step in float64: two of the 8
+    sequence log-probs here differed by one fp32 ulp (1.5e-5 at -174 nats, 3.1e-5 at -270), margins of 1.5e-5 and
+    -3.1e-5 nats on both paths."""
+    import os
+
+    if impl == "triton" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("no Triton path")
+    model = autocast_forward(tiny("llama", tie_word_embeddings=False))
+    g = torch.Generator().manual_seed(7)
+    input_ids = torch.randint(0, VOCAB, (8, 64), generator=g)  # 4 pairs: rows 0-3 chosen, 4-7 rejected
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[5, -9:] = attention_mask[2, -20:] = 0  # right padding, as the scripts collate
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :6] = -100  # prompt
+    head = model.get_output_embeddings().weight
+    model.eval()
+    with torch.no_grad():
+        assert decoder_hidden_states(model, input_ids, attention_mask).dtype == torch.bfloat16
+        ref, _ = causal_lm_logps(model, input_ids, attention_mask, labels, impl=impl)
+    model.train()
+    loss_fn = daa_loss_fn("dpo", beta=0.1)
+    losses, metrics = causal_lm_pair_loss(model, input_ids, attention_mask, labels, loss_fn, ref_logps=ref, impl=impl)
+    losses.sum().backward()
+    assert head.dtype == torch.float32 and head.grad is not None and head.grad.dtype == torch.float32
+    policy = torch.cat([metrics["logps/chosen"], metrics["logps/rejected"]])
+    margin = (policy[:4] - ref[:4]) - (policy[4:] - ref[4:])
+    assert torch.equal(policy, ref), f"policy - reference log-probs {(policy - ref).tolist()}"
+    assert torch.equal(metrics["rewards/margins"], torch.zeros(4)), f"margins {margin.tolist()} nats at step 0"
+
+
+def test_bf16_both_entries_give_the_master_head_one_gradient():
+    """Both entry points pass an fp32 master head of bf16 hidden states to the engine as it is (the scripts' one-process
+    --dtype bfloat16; OSP's stage 0 trains through causal_lm_logps): the head's gradient is summed in fp32 into the
+    master's gradient by both, equal up to the order of the fp32 sums (pair-major rows in the pair step).
+    Measured: 1.0e-7 of the largest entry; before, 2.6e-3: causal_lm_logps cast the master to bf16 first, and its
+    gradient came back rounded to bf16."""
+    model = autocast_forward(tiny("llama", tie_word_embeddings=False))
+    input_ids, attention_mask, labels = batch(6, rows=4)  # two pairs: rows 0, 1 chosen, 2, 3 rejected
+    head = model.get_output_embeddings().weight
+    logps, _ = causal_lm_logps(model, input_ids, attention_mask, labels, impl="torch")
+    (want,) = torch.autograd.grad(logps.sum(), [head])
+    losses, _ = causal_lm_pair_loss(
+        model, input_ids, attention_mask, labels, summed_logps_loss, ref_logps=torch.zeros(4), impl="torch"
+    )
+    (got,) = torch.autograd.grad(losses.sum(), [head])
+    assert want.dtype == got.dtype == torch.float32
+    error = ((want - got).abs().max() / got.abs().max()).item()
+    assert error < 1e-6, error

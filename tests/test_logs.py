@@ -54,7 +54,9 @@ def logged_run(tmp_path_factory):
 
 def test_the_run_folder_comes_first_and_is_recorded(logged_run):
     out, res = logged_run
-    assert res.stdout.splitlines()[0].startswith(f"run folder: {out}")
+    first = res.stdout.splitlines()[0]
+    assert STAMP.match(first) and first[20:].startswith(f"run folder: {out}")
+    assert all(STAMP.match(line) for line in res.stdout.splitlines())  # every line of the log timestamped
     assert json.loads((out / "resolved_config.json").read_text())["output_dir"] == str(out)
 
 
@@ -69,6 +71,32 @@ def test_every_long_phase_logs_timestamped_lines_with_elapsed_time_and_eta(logge
         assert "100%" in mine[-1] and re.search(r"\[\d\d:\d\d<\d\d:\d\d", mine[-1])  # elapsed < remaining
     assert all(a[20:] != b[20:] for a, b in zip(bars, bars[1:]))  # no line repeated
     assert not any("\r" in line for line in lines)
+
+
+def test_every_checkpoint_write_says_what_it_wrote_and_how_long_it_took(logged_run):
+    out, res = logged_run
+    written = [line[20:] for line in res.stdout.splitlines() if line[20:].startswith("wrote ")]
+    for folder in ("iter_1", "iter_2"):
+        assert any(re.fullmatch(rf"wrote {out / folder} \(\d+\.\d (MiB|GiB)\) in \d+\.\d s", w) for w in written), (
+            written
+        )
+
+
+def test_a_long_checkpoint_write_gives_a_line_every_interval(tmp_path, monkeypatch, capsys):
+    """A write that takes 2.5 s with SELFPO_LOG_INTERVAL=1: lines with what .tmp holds so far, then the total."""
+    import time
+
+    monkeypatch.setenv("SELFPO_LOG_INTERVAL", "1")
+
+    def slow(folder):
+        (folder / "weights.bin").write_bytes(bytes(3 << 20))
+        time.sleep(2.5)
+
+    sera.write_folder(tmp_path / "checkpoint", slow)
+    lines = capsys.readouterr().out.splitlines()
+    beats = [line for line in lines if line.startswith(f"writing {tmp_path / 'checkpoint'}: 3.0 MiB so far, ")]
+    assert len(beats) >= 2, lines
+    assert re.fullmatch(rf"wrote {tmp_path / 'checkpoint'} \(3\.0 MiB\) in 2\.\d s", lines[-1]), lines
 
 
 def test_one_global_step_in_metrics_and_tensorboard(logged_run):

@@ -344,7 +344,7 @@ def write(path, text):
         (lambda d: dict(prompts=str(d / "none.jsonl")), "--prompts: file .* not found"),
         (
             lambda d: dict(prompts=write(d / "p.jsonl", '{"prompt": "Sort these letters: a b"}\n{"prompt": ""}\n')),
-            "--prompts .* row 1: 'prompt' is empty",
+            "--prompts .*p.jsonl line 2: 'prompt' is empty",
         ),
         (lambda d: dict(init_checkpoint=str(d / "nockpt")), "--init_checkpoint: .* not found"),
         (lambda d: dict(eval_prompts=str(d / "none.jsonl")), "--eval_prompts: file .* not found"),

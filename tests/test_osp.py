@@ -485,13 +485,13 @@ def write(path, text):
         ),
         (
             lambda d: dict(skip_augmentation=True, judge_max_length=120),
-            "prompt pool row 0: its judge prompt with two replies",
+            "prompts.jsonl line 1: its judge prompt with two replies",
         ),
         (lambda d: dict(judge_max_length=4096), "--judge_max_length 4096 is over the model's context of 512"),
         (lambda d: dict(model="mistral"), "'mistral' is neither a preset"),
         (
             lambda d: dict(dataset=write(d / "m.jsonl", '{"prompt": "Sort these letters: a b", "chosen": "a b"}\n')),
-            "row 0: missing column 'rejected'",
+            "m.jsonl line 1: missing column 'rejected'",
         ),
         (
             lambda d: dict(judge_template=write(d / "t.txt", "Which is better? {a} or {b}")),
@@ -510,7 +510,7 @@ def write(path, text):
         (lambda d: dict(lora_r=8, save_every=5), "--save_every is not supported with LoRA"),
         (
             lambda d: dict(eval_prompts=write(d / "ev.jsonl", '{"text": "Sort these letters: a b"}\n')),
-            "--eval_prompts .* row 0: 'prompt' must be a string",
+            "--eval_prompts .*ev.jsonl line 1: 'prompt' must be a string",
         ),
         (lambda d: dict(lr=-1.0), "--lr must be > 0, got -1.0"),
         (lambda d: dict(chat_template=str(d / "none.jinja")), "--chat_template: file .* not found"),

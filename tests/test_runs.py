@@ -6,6 +6,7 @@ The expensive runs are session fixtures shared by several tests.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,14 +100,16 @@ def test_sera_outputs_and_sizes(sera_run):
 
 
 def test_progress_in_a_log_file_is_plain_lines(sera_run):
-    """stderr is not a terminal here (as in a cluster job): no carriage-return updates, no inner bars
-    (scoring, generation, eval), one line when each iteration's bar opens and one when it closes."""
+    """stderr is not a terminal here (as in a cluster job): no carriage-return updates; every bar's line is whole and
+    timestamped; each iteration's bar has one line when it opens and one when it closes (tests/test_logs.py checks
+    the inner phases' lines)."""
     log = (sera_run.parent / "stderr.log").read_text()
     assert "\r" not in log and "\x1b[" not in log
     bars = [line for line in log.splitlines() if "%|" in line]
-    assert bars and all(line.startswith("iteration ") for line in bars), bars
-    assert sum("  0%|" in line for line in bars) == 2 and sum("100%|" in line for line in bars) == 2, bars
-    assert len(bars) <= 2 + 2 + 4, bars  # 2 iterations x (open, close), plus a line per 60 s of training
+    assert bars and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in bars), bars
+    outer = [line[20:] for line in bars if line[20:].startswith("iteration ")]
+    assert sum("  0%|" in line for line in outer) == 2 and sum("100%|" in line for line in outer) == 2, outer
+    assert len(outer) <= 2 + 2 + 4, outer  # 2 iterations x (open, close), plus a line per 60 s of training
 
 
 def test_sera_reference_is_previous_checkpoint(sera_run):
@@ -147,12 +150,12 @@ def test_sera_resume_finishes_identically(sera_run, tmp_path):
     out = tmp_path / "run"
     interrupted = run("sera.py", *SERA, "--output_dir", str(out), "--stop_after_steps", "22", check=False)
     # the convention for an interrupted program, and the exact command that continues it
-    command = f"continue with: python sera.py {' '.join(SERA)} --resume --output_dir {out}"
+    command = f"continue with: {sys.executable} {ROOT / 'sera.py'} {' '.join(SERA)} --resume --output_dir {out}"
     assert interrupted.returncode == 130 and command in interrupted.stderr, interrupted.stderr
     state = json.loads((out / "state.json").read_text())
     assert state["completed"] == 1 and (out / "iter_2_partial").exists()  # stopped inside iteration 2
     resumed = run("sera.py", *SERA, "--output_dir", str(out), "--resume")
-    assert resumed.stdout.strip().splitlines()[-1] == f"final model: {out / 'iter_2'}"
+    assert resumed.stdout.strip().splitlines()[-1][20:] == f"final model: {out / 'iter_2'}"  # after its timestamp
     a, b = weights(sera_run / "iter_2"), weights(out / "iter_2")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-6)
@@ -177,7 +180,16 @@ def test_sera_resume_from_a_bf16_checkpoint_with_dropout_is_bit_identical(tmp_pa
     AutoTokenizer.from_pretrained(ROOT / "assets" / "toy" / "model").save_pretrained(start)
     argv = ["--model", str(start), "--dataset", "toy", "--iterations", "1", "--num_pairs", "64", "--num_eval", "0"]
     argv += ["--global_batch", "16", "--batch_size", "8", "--save_every", "2", "--dtype", "bfloat16", "--lr", "1e-4"]
-    argv += ["--scheduler", "cosine", "--max_length", "96", "--max_prompt_length", "64"]  # 4 steps
+    argv += [
+        "--scheduler",
+        "cosine",
+        "--max_length",
+        "96",
+        "--max_prompt_length",
+        "64",
+        "--max_new_tokens",
+        "24",
+    ]  # 4 steps
     run("sera.py", *argv, "--output_dir", str(tmp_path / "full"))
     cut = run("sera.py", *argv, "--output_dir", str(tmp_path / "cut"), "--stop_after_steps", "3", check=False)
     assert cut.returncode == 130 and (tmp_path / "cut" / "iter_1_partial").is_dir(), cut.stderr[-3000:]
@@ -357,10 +369,10 @@ def test_logs_keep_one_record_per_position_and_kind(tmp_path):
     assert [json.dumps(r) for r in metrics(tmp_path)] == [
         json.dumps(r)
         for r in (
-            {"data/pairs": 8},
-            {"iteration": 1, "step": 1, "loss": 0.7},
-            {"iteration": 1, "step": 2, "loss": 0.5},
-            {"iteration": 1, "eval/reward": 5.0},
-            {"iteration": 2, "step": 1, "loss": float("nan")},
+            {"data/pairs": 8, "global_step": 2},  # the later record (logged after step 2) in the first place
+            {"iteration": 1, "step": 1, "loss": 0.7, "global_step": 1},
+            {"iteration": 1, "step": 2, "loss": 0.5, "global_step": 2},
+            {"iteration": 1, "eval/reward": 5.0, "global_step": 2},
+            {"iteration": 2, "step": 1, "loss": float("nan"), "global_step": 3},
         )
     ]

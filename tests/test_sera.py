@@ -501,19 +501,19 @@ GOOD = {"prompt": "Sort these letters: c a b", "chosen": "a b c", "rejected": "b
     [
         (
             lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD, {"prompt": "p", "chosen": "a"}])),
-            "row 1: missing column 'rejected'",
+            "x.jsonl line 2: missing column 'rejected'",
         ),
         (
             lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD, dict(GOOD, chosen=" ")])),
-            "row 1: 'chosen' is empty",
+            "x.jsonl line 2: 'chosen' is empty",
         ),
         (
             lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [dict(GOOD, rejected="a b c"), GOOD])),
-            "row 0: 'chosen' and 'rejected' responses are identical",
+            "x.jsonl line 1: 'chosen' and 'rejected' responses are identical",
         ),
         (
             lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD, dict(GOOD, chosen=7)])),
-            "row 1: 'chosen' must be a string, got int",
+            "x.jsonl line 2: 'chosen' must be a string, got int",
         ),
         (
             lambda d: dict(
@@ -521,7 +521,7 @@ GOOD = {"prompt": "Sort these letters: c a b", "chosen": "a b c", "rejected": "b
                     d / "x.jsonl", [GOOD, {"prompt": "p", "chosen": [{"role": "user", "content": 3}], "rejected": []}]
                 )
             ),
-            "row 1: 'chosen'\\[0\\].content must be a string",
+            "x.jsonl line 2: 'chosen'\\[0\\].content must be a string",
         ),
         (lambda d: dict(dataset="ultrachat"), "unknown preset or path 'ultrachat'"),
         (lambda d: dict(model="mistral-8b"), "--model: 'mistral-8b' is neither a preset"),
@@ -531,7 +531,7 @@ GOOD = {"prompt": "Sort these letters: c a b", "chosen": "a b c", "rejected": "b
             lambda d: dict(
                 dataset=write_jsonl(d / "x.jsonl", [GOOD, dict(GOOD, prompt="Sort these letters: " + "a " * 80)])
             ),
-            "row 1: prompt has \\d+ tokens, over --max_prompt_length 64",
+            "x.jsonl line 2: prompt has \\d+ tokens, over --max_prompt_length 64",
         ),
         (lambda d: dict(rho_1=0.0), "--rho_1 must be in \\(0, 1\\]"),
         (lambda d: dict(rho_1=1.5), "--rho_1 must be in \\(0, 1\\]"),
@@ -540,7 +540,7 @@ GOOD = {"prompt": "Sort these letters: c a b", "chosen": "a b c", "rejected": "b
         (lambda d: dict(eval_prompts=str(d / "none.jsonl")), "--eval_prompts: file .* not found"),
         (
             lambda d: dict(eval_prompts=write_jsonl(d / "e.jsonl", [{"text": "a b"}])),
-            "--eval_prompts .* row 0: 'prompt' must be a string",
+            "--eval_prompts .*e.jsonl line 1: 'prompt' must be a string",
         ),
         (lambda d: dict(chat_template=str(d / "none.jinja")), "--chat_template: file .* not found"),
     ],

@@ -17,6 +17,7 @@ import srdpo  # noqa: E402
 FIXTURES = ROOT / "tests" / "fixtures"
 TOY_MODEL = ROOT / "assets" / "toy" / "model"
 GOOD = {"prompt": "Sort these letters: c a b", "chosen": "a b c", "rejected": "b a c"}
+THREE = [dict(GOOD, rejected=rejected) for rejected in ("b a c", "c b a", "b c a")]  # a repeated row is a quirk
 
 
 def args(**kw):  # the paper presets need a GPU unless --device cpu: resolved as on a GPU-less machine
@@ -375,32 +376,28 @@ def write_jsonl(path, rows):
         (lambda d: dict(dataset="uf"), "unknown preset or path 'uf'"),
         (lambda d: dict(dataset=str(d / "none.jsonl")), "not found"),
         (
+            lambda d: dict(dataset=write_jsonl(d / "x.jsonl", THREE + [{"prompt": "p", "chosen": "a"}]), eval_pairs=0),
+            "x.jsonl line 4: missing column 'rejected'",
+        ),
+        (
+            lambda d: dict(dataset=write_jsonl(d / "x.jsonl", THREE + [dict(GOOD, rejected="")]), eval_pairs=0),
+            "x.jsonl line 4: 'rejected' is empty",
+        ),
+        (
             lambda d: dict(
-                dataset=write_jsonl(d / "x.jsonl", [GOOD] * 3 + [{"prompt": "p", "chosen": "a"}]), eval_pairs=0
+                dataset=write_jsonl(d / "x.jsonl", THREE + [dict(GOOD, rejected=GOOD["chosen"])]), eval_pairs=0
             ),
-            "row 3: missing column 'rejected'",
-        ),
-        (
-            lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD] * 3 + [dict(GOOD, rejected="")]), eval_pairs=0),
-            "row 3: 'rejected' is empty",
+            "x.jsonl line 4: 'chosen' and 'rejected' responses are identical",
         ),
         (
             lambda d: dict(
-                dataset=write_jsonl(d / "x.jsonl", [GOOD] * 3 + [dict(GOOD, rejected=GOOD["chosen"])]), eval_pairs=0
-            ),
-            "row 3: 'chosen' and 'rejected' responses are identical",
-        ),
-        (
-            lambda d: dict(
-                dataset=write_jsonl(
-                    d / "x.jsonl", [GOOD] * 3 + [dict(GOOD, prompt="Sort these letters: " + "q " * 90)]
-                ),
+                dataset=write_jsonl(d / "x.jsonl", THREE + [dict(GOOD, prompt="Sort these letters: " + "q " * 90)]),
                 eval_pairs=0,
             ),
-            "row 3: prompt has \\d+ tokens, over --max_prompt_length",
+            "x.jsonl line 4: prompt has \\d+ tokens, over --max_prompt_length",
         ),
         (
-            lambda d: dict(dataset=write_jsonl(d / "x.jsonl", [GOOD] * 3), eval_pairs=5),
+            lambda d: dict(dataset=write_jsonl(d / "x.jsonl", THREE), eval_pairs=5),
             "need at least --eval_pairs \\+ 2",
         ),
         (
@@ -410,7 +407,7 @@ def write_jsonl(path, rows):
         (lambda d: dict(eval_prompts=str(d / "none.jsonl")), "--eval_prompts: file .* not found"),
         (
             lambda d: dict(eval_prompts=write_jsonl(d / "e.jsonl", [{"prompt": ""}])),
-            "--eval_prompts .* row 0: 'prompt' is empty",
+            "--eval_prompts .*e.jsonl line 1: 'prompt' is empty",
         ),
         (lambda d: dict(chat_template=str(d / "none.jinja")), "--chat_template: file .* not found"),
     ],

@@ -253,7 +253,7 @@ def test_torchrun_ranks_start_their_engine_in_process_on_their_own_gpu(engine, m
     monkeypatch.setenv("LOCAL_RANK", "2")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     args = module.resolve(module.Args(sampler="vllm"))[0]
-    module.vllm_generate([[5, 6, 7]], 1, 1.0, 1.0, args, 0, str(TOY_MODEL), "eval", [1])
+    module.vllm_generate([[5, 6, 7]], [0], 1, 1.0, 1.0, args, 0, str(TOY_MODEL), "eval", [1])
     kwargs, env = events[0][1], events[0][2]
     assert kwargs["distributed_executor_backend"] == "external_launcher"
     assert env["CUDA_VISIBLE_DEVICES"] == "4,5,6,7" and env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
