@@ -531,11 +531,8 @@ def online_step(model, ref_model, tokenizer, pool, step: int, judge, opt, args: 
     epoch, offset = divmod(step, max(1, len(pool) // args.prompts_per_step))  # a fresh order of the pool per epoch
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
     prompts = [pool[i] for i in order[offset * args.prompts_per_step : (offset + 1) * args.prompts_per_step]]
-    times, sampler_weights = [time.perf_counter()], None
-    # step 6: K samples per prompt from the current policy
-    if args.sampler == "vllm":  # vLLM takes no weights in memory from another process: they go through the run folder
-        save_atomic(model, tokenizer, out_dir / "sampler")  # (no LoRA with vLLM: the policy object is unchanged)
-        sampler_weights, VLLMEngine.path = str(out_dir / "sampler"), None  # new weights under the same path
+    times = [time.perf_counter()]
+    # step 6: K samples per prompt from the current policy (--sampler vllm: its weights pushed into the engine)
     seed = args.seed * 100_003 + step
     samples = generate(
         model,
@@ -547,8 +544,9 @@ def online_step(model, ref_model, tokenizer, pool, step: int, judge, opt, args: 
         args,
         device,
         seed,
-        sampler_weights,
+        None,  # no checkpoint: the policy's weights are pushed (push=True)
         "sample",
+        True,
     )
     times.append(time.perf_counter())
     # steps 7-9: the current policy judges; rank, pair best-with-worst, strength q of each formed pair
@@ -704,7 +702,7 @@ def main(args: Args) -> dict:
     report("final", model)
     state["done"] = True
     write_atomic(state_file, state)
-    for folder in (checkpoint, out_dir / "sampler", stage0 / "masters"):
+    for folder in (checkpoint, stage0 / "masters"):
         shutil.rmtree(folder, ignore_errors=True)
     log.close()
     if rank() == 0:
@@ -2409,48 +2407,78 @@ def score(model, sequences: list[tuple[list[int], list[int]]], args: Args, pad_i
 
 
 class VLLMEngine:  # --sampler vllm: this process's engine for the run, the checkpoint it holds, its longest sequence
-    llm, path, max_model_len = None, None, None
+    llm, path, max_model_len, dtype, in_process, spill = None, None, None, None, True, None
 
 
-def vllm_generate(prompt_ids, indices, n, temperature, top_p, args, seed, model_path, desc, stop):
-    """generate() by vLLM: one engine per process on this rank's GPU, asleep between calls where it can sleep."""
+def vllm_generate(
+    prompt_ids, indices, n, temperature, top_p, args, seed, model_path, desc, stop, policy=None, tokenizer=None
+):
+    """generate() by vLLM: one engine per process on this rank's GPU, asleep between calls where it can sleep. New
+    weights: `policy`'s pushed in memory where the engine runs in this process, else read from model_path."""
+    import atexit
+
     try:
         import vllm
         from vllm.platforms import current_platform
     except ImportError:
         raise InputError("--sampler vllm needs vLLM: pip install 'selfpo[vllm]' (or use --sampler hf)") from None
     sleeps, longest = current_platform.is_sleep_mode_available(), max(map(len, prompt_ids))
+    fresh = VLLMEngine.llm is None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # vLLM checks the free memory against gpu_memory_utilization
-    if VLLMEngine.llm is None:
+    if fresh:
         from transformers import AutoConfig
 
-        context = model_context(AutoConfig.from_pretrained(model_path))[0]  # never above the model's
+        start = model_path or policy.name_or_path  # its config and tokenizer (the weights pushed: model_path None)
+        context = model_context(AutoConfig.from_pretrained(start))[0]  # never above the model's
         VLLMEngine.max_model_len = min(max(args.max_prompt_length, longest) + args.max_new_tokens, context)
         dtype = {"auto": "bfloat16" if torch.cuda.is_available() else "float32"}.get(args.dtype, args.dtype)
-        kwargs = dict(model=model_path, seed=seed, gpu_memory_utilization=0.3, dtype=dtype)
+        kwargs = dict(model=start, seed=seed, gpu_memory_utilization=0.3, dtype=dtype)
         # sleep mode (CUDA): asleep at level 2 between calls (weights dropped, the trainer has the GPU), every wake-up
-        # reloads the checkpoint; refused where the platform has none (CPU). A split seeded prefill crashes on CPU.
+        # reloads the weights; refused where the platform has none (CPU). A split seeded prefill crashes on CPU.
         kwargs |= {"enable_sleep_mode": True} if sleeps else {}
         kwargs |= {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
-        before = dict(os.environ)
-        if torch.cuda.is_available():  # a one-GPU engine takes the first it sees: under torchrun, every rank's GPU 0
+        before, threads, precision = dict(os.environ), torch.get_num_threads(), torch.get_float32_matmul_precision()
+        # in this process (TRL's colocate mode): new weights go in as tensors (~1 s at 7B), not as a 14.5 GB file
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # 1: vLLM's own processes, weights by tmpfs
+        VLLMEngine.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        VLLMEngine.dtype = getattr(torch, dtype)
+        if VLLMEngine.in_process and world() > 1:  # torchrun's ranks: each its own engine on its own GPU (LOCAL_RANK)
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        elif torch.cuda.is_available():  # a one-GPU engine in its own processes takes the first it sees: every rank's 0
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
             os.environ["CUDA_VISIBLE_DEVICES"] = ids[int(os.environ.get("LOCAL_RANK", 0))]
-        try:  # the engine runs in its own processes: the trainer's view is restored after
-            VLLMEngine.llm = vllm.LLM(**kwargs, max_model_len=VLLMEngine.max_model_len)
+        gpu = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        set_threads = torch.set_num_threads
+        try:  # the trainer's environment, random numbers (vLLM seeds torch), threads and matmul precision, kept
+            with torch.random.fork_rng(devices=gpu):
+                VLLMEngine.llm = vllm.LLM(**kwargs, max_model_len=VLLMEngine.max_model_len)
         finally:
             os.environ.clear()
             os.environ.update(before)
-    else:
-        if sleeps:
-            VLLMEngine.llm.wake_up(tags=["weights"])
-        if sleeps or VLLMEngine.path != model_path:
-            VLLMEngine.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
-        if sleeps:
-            VLLMEngine.llm.wake_up(tags=["kv_cache"])
-    llm, VLLMEngine.path = VLLMEngine.llm, model_path
+            torch.set_num_threads = set_threads  # vLLM's CPU worker replaces it
+            torch.set_num_threads(threads)
+            torch.set_float32_matmul_precision(precision)
+    elif sleeps:
+        VLLMEngine.llm.wake_up(tags=["weights"])
+    llm, plain = VLLMEngine.llm, policy is not None and not hasattr(policy, "peft_config")
+    if model_path is None or not fresh and (VLLMEngine.path != model_path or sleeps):
+        if plain and VLLMEngine.in_process:  # one tensor at a time, gathered from its shards, in the engine's dtype
+            weights = full_weights(policy, VLLMEngine.dtype)
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        else:
+            if model_path is None:  # an engine in other processes: via rank 0's tmpfs, never the run folder
+                if VLLMEngine.spill is None:  # removed at exit (14.5 GB of RAM at 7B)
+                    VLLMEngine.spill = Path("/dev/shm") / f"selfpo-vllm-{gather([os.getpid()])[0]}"
+                    atexit.register(shutil.rmtree, VLLMEngine.spill, True)
+                save_atomic(policy, tokenizer, VLLMEngine.spill)
+                model_path = str(VLLMEngine.spill)
+            llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
+        llm.reset_prefix_cache()  # its cached prompts' keys and values were computed with the old weights
+    VLLMEngine.path = model_path
+    if sleeps and not fresh:
+        llm.wake_up(tags=["kv_cache"])
     if longest + args.max_new_tokens > VLLMEngine.max_model_len:
         raise InputError(
             f"{desc}: a prompt of {longest} tokens + --max_new_tokens {args.max_new_tokens} is over the vLLM engine's "
@@ -2467,17 +2495,27 @@ def vllm_generate(prompt_ids, indices, n, temperature, top_p, args, seed, model_
     return [[(o.text.strip(), o.finish_reason == "stop") for o in r.outputs] for r in results]
 
 
+def full_weights(model, dtype):
+    """(name, weight) of the whole model in `dtype`, one at a time, each gathered from its FSDP2 shards (all ranks)."""
+    for name, value in model.state_dict().items():
+        yield name, (value.full_tensor() if hasattr(value, "full_tensor") else value).to(dtype)
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts, n, temperature, top_p, args, device, seed, model_path=None, desc="generate"):
-    """n samples per prompt as (text, stopped on an end-of-turn id), all ranks: exactly temperature and top-p."""
+def generate(
+    model, tokenizer, prompts, n, temperature, top_p, args, device, seed, model_path=None, desc="generate", push=False
+):
+    """n samples per prompt as (text, stopped on an end-of-turn id), all ranks: exactly temperature and top-p. vLLM
+    samples model_path, which holds `model`'s weights, or (push) `model`'s weights as they train (OSP, every step)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # often a list: Llama-3, Qwen
     stop = sorted({i for i in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id] if i is not None})
     # each rank samples its share, dealt by length in characters: a rank encodes its own prompts only
     mine, real = shard_by_length([sum(len(turn["content"]) for turn in prompt) for prompt in prompts])
-    if model_path is not None and args.sampler == "vllm":  # vLLM batches by itself: the share in input order
+    if args.sampler == "vllm" and (model_path is not None or push):  # vLLM batches by itself: the share in order
         mine = sorted(mine)
         prompt_ids = [encode(tokenizer, prompts[i])[0] for i in mine]
-        samples = vllm_generate(prompt_ids, mine, n, temperature, top_p, args, seed, model_path, desc, stop)
+        vllm_args = (n, temperature, top_p, args, seed, model_path, desc, stop, model, tokenizer)
+        samples = vllm_generate(prompt_ids, mine, *vllm_args)
         return gather_in_order(list(zip(mine, samples)), len(prompts))
     prompt_ids = [encode(tokenizer, prompts[i])[0] for i in mine]
     from torch.distributed.fsdp import FSDPModule
@@ -2512,8 +2550,7 @@ def unsharded_copy(model, args: Args):
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     with torch.device("meta"):
         copy = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
-    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).to(dtype) for k, v in model.state_dict().items()}
-    copy.load_state_dict(full, assign=True)
+    copy.load_state_dict(dict(full_weights(model, dtype)), assign=True)
     for name, buffer in model.named_buffers():  # non-persistent buffers (rotary frequencies) are not in the state
         module, _, attr = name.rpartition(".")
         copy.get_submodule(module).register_buffer(attr, buffer, persistent=False)
@@ -2643,5 +2680,7 @@ if __name__ == "__main__":
         print(f"{script}: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint(), file=sys.stderr)
         sys.exit(128 + (Stop.signum or signal.SIGINT))  # the shell's convention: SIGINT 130, SIGUSR1 138, SIGTERM 143
     finally:
+        if VLLMEngine.llm is not None:  # an engine in this process takes its process groups (and torch's) down first
+            VLLMEngine.llm.llm_engine.engine_core.shutdown()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -8,14 +8,14 @@
 The work is counted from each script's own settings (`script.resolve(script.Args(model=preset))`, at the run's
 number of ranks) and its main() loop, as the code runs today: samples x generated tokens, sequences x tokens scored
 or judged, tokens trained, bytes written by exports, step checkpoints and the fp32 masters kept at iteration and
-stage boundaries, bytes read by loads and sampler reloads,
-bytes gathered to sample under FSDP2. The dataset sizes are the published row counts; the average token lengths
-are assumptions. The work is divided by THROUGHPUT, the one table of rates, each figure marked published, measured
-(on a GPU) or assumed, with its source. Phases run one after another (the scripts' ranks move in lockstep), the
-work of a phase split evenly over the ranks. Whether a preset fits: the fake-GPU dry run's per-rank peak where it
-has the (preset, ranks) pair (benchmarks/results/dryrun-*.txt, the newest), otherwise a lower bound (weights,
-gradients, optimizer state and a frozen reference, sharded by FSDP2 over the ranks): over 74.5 GiB is "no", under is
-"unchecked". Nothing here needs a GPU or the fake-GPU virtualenv.
+stage boundaries, bytes read by loads and (LoRA) sampler reloads, bytes gathered to sample (HF under FSDP2; vLLM's
+in-memory weight push). The dataset sizes are the published row counts; the average token lengths are assumptions.
+The work is divided by THROUGHPUT, the one table of rates, each figure marked published, measured (on a GPU) or
+assumed, with its source. Phases run one after another (the scripts' ranks move in lockstep), the work of a phase
+split evenly over the ranks. Whether a preset fits: the fake-GPU dry run's per-rank peak where it has the (preset,
+ranks) pair (benchmarks/results/dryrun-*.txt, the newest), otherwise a lower bound (weights, gradients, optimizer
+state and a frozen reference, sharded by FSDP2 over the ranks): over 74.5 GiB is "no", under is "unchecked".
+Nothing here needs a GPU or the fake-GPU virtualenv.
 
 Not counted: evaluation (the paper presets run none: no held-out prompts or reward function for their datasets),
 the LoRA adapters' extra kernels in HF sampling, FSDP2's per-step collectives, data loading and tokenization.
@@ -257,16 +257,21 @@ class Ledger:
         self.add("padding", seconds * (self.r.pad - 1))
 
     def sample(self, prompts: int, n: int, prompt_tokens: float, new_tokens: float, weight_bytes: float):
-        """--sampler hf or vllm: n samples of each prompt, each rank its share. vLLM: the engine reads the checkpoint
-        (`weight_bytes`) at every call (sleep mode drops the weights). HF samples the policy in memory, through an
-        unsharded copy gathered from the FSDP2 shards on more than one rank (full fine-tuning)."""
+        """--sampler hf or vllm: n samples of each prompt, each rank its share. vLLM: new weights at every call (sleep
+        mode drops them), pushed from memory into the engine in the trainer's process, each fp32 master gathered from
+        its FSDP2 shards (one rank: cast in place); a LoRA policy's are read from its export (`weight_bytes`). HF
+        samples the policy in memory, through an unsharded copy gathered from the FSDP2 shards on more than one rank
+        (full fine-tuning)."""
         a, mine = self.args, self.per_rank(prompts)
         generated = prompts * n * new_tokens
         if a.sampler == "vllm":
             if not self.vllm_started:
                 self.add("load", self.r.vllm_start, vllm_starts=1)
                 self.vllm_started = True
-            self.read("sync", weight_bytes)
+            if a.lora_r == 0:
+                self.gather("sync", (4 if self.g > 1 else 2) * self.params)
+            else:
+                self.read("sync", weight_bytes)
             seconds = max(mine * n * new_tokens / self.r.vllm, a.max_new_tokens * self.r.vllm_step)
             seconds += mine * prompt_tokens / self.r.forward  # prefill, shared by the n samples
             self.add("sample", seconds, generated_tokens=generated, samples=prompts * n)
@@ -340,7 +345,7 @@ def reward_models(j: int, a) -> set[int]:
 
 def opsr_work(led: Ledger, a, data: Data):
     """m = 0: one SimPO epoch on the offline pairs (unless --init_checkpoint); m = 1..M: one chosen-prefix and one
-    rejected-prefix sample per pool prompt from pi_{m-1} (the vLLM engine reloads iter_{m-1} for each call), the
+    rejected-prefix sample per pool prompt from pi_{m-1} (pushed into the vLLM engine at each call), the
     reference scored under --loss dpo, one epoch on the pairs (all kept: an upper bound); export iter_m (with the
     masters but the last)."""
     n = min(data.rows, a.num_pairs) if a.num_pairs else data.rows
@@ -386,10 +391,10 @@ def srdpo_work(led: Ledger, a, data: Data):
 def osp_work(led: Ledger, a, data: Data):
     """Stage 0: one --aug_batch_size step per batch of judge instances (two per seed pair) and SFT examples, for
     --aug_epochs; export stage0 with the masters; the frozen reference loaded. Stage 1, every step: K samples of
-    --prompts_per_step prompts (vLLM: the policy exported to the run folder and reloaded in every rank's engine,
-    each step), the policy judges its samples (in batches sorted by length), SPCE on floor(K/2) pairs per prompt
-    with the reference in the same call; a step checkpoint (fp32 masters + AdamW state) every --save_every steps;
-    export final. The judge report on the held-out pairs at sft, augmented and final."""
+    --prompts_per_step prompts (vLLM: the policy's weights pushed from memory into every rank's engine, each step),
+    the policy judges its samples (in batches sorted by length), SPCE on floor(K/2) pairs per prompt with the
+    reference in the same call; a step checkpoint (fp32 masters + AdamW state) every --save_every steps; export
+    final. The judge report on the held-out pairs at sft, augmented and final."""
     p, new = data.prompt_tokens, sample_len(a, data)
     lora, held_out = a.lora_r > 0, a.num_judge_eval
     seeds = math.ceil(a.offline_fraction * (data.rows - held_out))
@@ -415,8 +420,6 @@ def osp_work(led: Ledger, a, data: Data):
     else:
         comparisons = a.k * (a.k - 1)
     for _ in range(steps):
-        if a.sampler == "vllm":
-            led.export("sync")  # save_atomic(model, tokenizer, out_dir / "sampler") in the sampling step
         led.sample(pps, a.k, p, new, 2 * led.params)
         led.forward("judge", round(pps * comparisons), JUDGE_TEMPLATE_TOKENS + p + 2 * new + 1)
         led.train("train", 2 * pps * half, p + new, lora, reference_forward=True)

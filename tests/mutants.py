@@ -1252,6 +1252,60 @@ MUTANTS: list[Mutant] = [
         "tests/test_logs.py::test_every_long_phase_logs_timestamped_lines_with_elapsed_time_and_eta",
     ),
     Mutant(
+        "runtime_vllm_weights_through_files",
+        "runtime",
+        "--sampler vllm: the policy's new weights go into the engine (in the trainer's process) from memory, one "
+        "gathered tensor at a time; no file, no tmpfs copy, nothing in the run folder",
+        "README",
+        "sera.py",
+        "        if plain and VLLMEngine.in_process:",
+        "        if False:",
+        "tests/test_vllm_sync.py -k 'push_sends or iteration_boundaries or osp_steps'",
+    ),
+    Mutant(
+        "runtime_vllm_engine_in_its_own_processes",
+        "runtime",
+        "--sampler vllm: the engine runs in the trainer's process unless VLLM_ENABLE_V1_MULTIPROCESSING=1 says not to",
+        "README",
+        "sera.py",
+        'os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")',
+        'os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")',
+        "tests/test_vllm_sync.py -k 'push_sends and sera'",
+    ),
+    Mutant(
+        "runtime_vllm_start_reseeds_the_trainer",
+        "runtime",
+        "starting the vLLM engine in the trainer's process leaves the trainer's random numbers as they were (vLLM "
+        "seeds torch): a resumed run samples and drops out as the uninterrupted one",
+        "README",
+        "sera.py",
+        "            with torch.random.fork_rng(devices=gpu):",
+        "            with torch.random.fork_rng(devices=gpu, enabled=False):",
+        "tests/test_vllm_sync.py -k 'push_sends and sera'",
+    ),
+    Mutant(
+        "runtime_vllm_prefix_cache_kept",
+        "runtime",
+        "--sampler vllm: the engine's prefix cache is reset after every weight change (no keys and values of the old "
+        "weights reused)",
+        "README",
+        "sera.py",
+        "        llm.reset_prefix_cache()  #",
+        "        pass  #",
+        "tests/test_vllm_sync.py -k 'push_sends and sera'",
+    ),
+    Mutant(
+        "runtime_vllm_torchrun_engine_pinned",
+        "runtime",
+        "under torchrun each rank's in-process vLLM engine joins torchrun's process group on its LOCAL_RANK GPU "
+        "(vLLM's external launcher)",
+        "README",
+        "sera.py",
+        "        if VLLMEngine.in_process and world() > 1:",
+        "        if False:",
+        "tests/test_vllm_sync.py::test_torchrun_ranks_start_their_engine_in_process_on_their_own_gpu",
+    ),
+    Mutant(
         "runtime_every_rank_reads_the_weights",
         "runtime",
         "under FSDP2 only rank 0 reads the weights; every other rank builds the model on the meta device and "

@@ -3,7 +3,6 @@
 import importlib
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -113,20 +112,33 @@ def test_osp_samples_and_sampler_sync_follow_k_and_steps_by_hand():
     two = cost.estimate("osp", "mistral-7b", 8, "vllm", {"steps": 3, "k": 14})["work"]
     assert one["sample/generated_tokens"] == 3 * 8 * 7 * new
     assert two["sample/generated_tokens"] == 2 * one["sample/generated_tokens"]
-    # every step exports the policy (bf16) for the engine and every rank's engine reads it back
-    assert one["sync/bytes_written"] == round(3 * 2 * n_params)
-    assert one["sync/bytes_read"] == round(3 * 2 * n_params)
+    # every step pushes the policy into the engine from memory: each fp32 master gathered from its shards, as HF's
+    # unsharded copy is; nothing written or read
+    assert one["sync/bytes_gathered"] == round(3 * 4 * n_params)
+    assert "sync/bytes_written" not in one and "sync/bytes_read" not in one
     hf = cost.estimate("osp", "mistral-7b", 8, "hf", {"steps": 3})["work"]
     assert "sync/bytes_written" not in hf and hf["sync/bytes_gathered"] == round(3 * 4 * n_params)
+    lora = cost.estimate("sera", "mistral-7b", 8, "vllm", {"num_pairs": 32, "iterations": 2, "lora_r": 8})["work"]
+    assert lora["sync/bytes_read"] == round(2 * n_params) and "sync/bytes_gathered" not in lora  # its export
 
 
-def test_osp_vllm_cost_counts_the_disk_sync_the_code_does():
-    """The model counts a save_atomic of the policy in every vLLM sampling step because osp.py does it today. When
-    osp.py stops writing the sampler checkpoint each step, this fails: change osp_work (and this test) with it."""
-    source = (ROOT / "osp.py").read_text()
-    assert re.search(r'save_atomic\([^)]*"sampler"', source), "osp.py no longer exports the sampler each step"
+def test_osp_vllm_cost_counts_the_in_memory_push_the_code_does():
+    """The model counts an in-memory push of the policy in every vLLM sampling step, no file, because osp.py's step
+    samples with push=True and writes no sampler checkpoint, and the runtime pushes through reload_weights'
+    weights_iterator. When that changes, this fails: change osp_work (and this test) with it."""
+    import ast
+    import inspect
+
+    osp = cost.load_script("osp")
+    step = ast.parse(inspect.getsource(osp.online_step))
+    (call,) = [n for n in ast.walk(step) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "generate"]
+    given = [ast.unparse(a) for a in call.args], {k.arg: ast.unparse(k.value) for k in call.keywords}
+    passed = inspect.signature(osp.generate).bind(*given[0], **given[1]).arguments
+    assert passed.get("push") == "True" and passed.get("model_path", "None") == "None", passed
+    assert "save_atomic" not in ast.unparse(step), "osp.py's step writes the policy again"
+    assert 'kwargs={"weights_iterator": ' in inspect.getsource(osp.vllm_generate)
     row = cost.estimate("osp", "mistral-7b", 8, "vllm")
-    assert row["dominant"] == "sync"
+    assert row["dominant"] != "sync" and row["phases"]["sync"] < 0.1 * row["hours"]
 
 
 def test_sorted_scoring_pads_less_than_unsorted_training():

@@ -620,8 +620,10 @@ def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch, gpu):
     alone (CUDA_VISIBLE_DEVICES for the engine only; torchrun's LOCAL_RANK 2 of GPUs 4-7 = GPU 6), the cache
     emptied before the engine starts or wakes, KV cache for --max_prompt_length + --max_new_tokens; with sleep
     mode (GPU) asleep at level 2 between calls and every wake-up reloading the checkpoint in place, without it
-    (CPU) no sleep, chunked prefill off and a reload only when the checkpoint changes; the prompts passed as the
-    token ids HF generate gets; one seed per prompt, n apart; samples in prompt order."""
+    (CPU) no sleep, chunked prefill off and a reload only when the checkpoint changes; the prefix cache reset after
+    every reload; the prompts passed as the token ids HF generate gets; one seed per prompt, n apart; samples in
+    prompt order. This is the engine in vLLM's own processes (VLLM_ENABLE_V1_MULTIPROCESSING=1); the default, in
+    this process, is tests/test_vllm_sync.py's."""
     import types
 
     from transformers import AutoTokenizer
@@ -654,6 +656,9 @@ def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch, gpu):
         def collective_rpc(self, method, kwargs):
             events.append((method, kwargs["weights_path"]))
 
+        def reset_prefix_cache(self):
+            events.append(("reset_prefix_cache",))
+
     platform = types.SimpleNamespace(is_sleep_mode_available=lambda: gpu, is_cpu=lambda: not gpu)
     stand_in = types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **k: types.SimpleNamespace(**k))
     monkeypatch.setitem(sys.modules, "vllm", stand_in)
@@ -663,6 +668,7 @@ def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch, gpu):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append(("empty_cache",)))
     monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     tokenizer = AutoTokenizer.from_pretrained(TOY_MODEL)
     args = sera.resolve(sera.Args(sampler="vllm"))[0]
@@ -684,7 +690,13 @@ def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch, gpu):
     )  # the HF sampler's
     if gpu:
         assert engine[2] == "6" and kwargs["enable_sleep_mode"] is True and "enable_chunked_prefill" not in kwargs
-        reload = lambda path: [("empty_cache",), ("wake", "weights"), ("reload_weights", path), ("wake", "kv_cache")]  # noqa: E731
+        reload = lambda path: [  # noqa: E731
+            ("empty_cache",),
+            ("wake", "weights"),
+            ("reload_weights", path),
+            ("reset_prefix_cache",),
+            ("wake", "kv_cache"),
+        ]
         assert [e if e[0] != "engine" else ("engine",) for e in events if e[0] != "generate"] == [
             ("empty_cache",),
             ("engine",),
@@ -698,7 +710,14 @@ def test_vllm_sampler_lifecycle_with_a_stand_in(monkeypatch, gpu):
         assert (
             engine[2] == "4,5,6,7" and "enable_sleep_mode" not in kwargs and kwargs["enable_chunked_prefill"] is False
         )
-        assert [e[0] for e in events] == ["engine", "generate", "generate", "reload_weights", "generate"]
+        assert [e[0] for e in events] == [
+            "engine",
+            "generate",
+            "generate",
+            "reload_weights",
+            "reset_prefix_cache",
+            "generate",
+        ]
         assert events[3] == ("reload_weights", "/new/checkpoint")
     expected = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True) for p in prompts]
     expected = [e if isinstance(e, list) else e["input_ids"] for e in expected]
