@@ -2187,7 +2187,7 @@ def generate(
     stop = sorted({i for i in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id] if i is not None})
     # each rank samples its share, dealt by length in characters: a rank encodes its own prompts only
     mine, real = shard_by_length([sum(len(turn["content"]) for turn in prompt) for prompt in prompts])
-    if args.sampler == "vllm" and (model_path is not None or push):  # vLLM batches by itself: the share in order
+    if (model_path is not None or push) and args.sampler == "vllm":  # vLLM batches by itself: the share in order
         mine = sorted(mine)
         prompt_ids = [encode(tokenizer, prompts[i])[0] for i in mine]
         vllm_args = (n, temperature, top_p, args, seed, model_path, desc, stop, model, tokenizer)
