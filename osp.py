@@ -1681,6 +1681,8 @@ def cli(args_type, models: dict, doc: str):
 def run_state(state_file: Path, args, fresh: dict) -> dict:
     """The run's progress (state.json) when --resume finds one, else `fresh`."""
     if not (args.resume and state_file.exists()):
+        if args.resume and rank() == 0:
+            print(f"resuming {state_file.parent}: nothing completed yet (no {state_file.name})")
         return fresh
     state = read_run_file(state_file)
     if rank() == 0:
@@ -2676,8 +2678,9 @@ if __name__ == "__main__":
         main(cli(Args, MODELS, __doc__))
     except InputError as err:
         sys.exit(f"{script}: error: {err}")
-    except KeyboardInterrupt as err:
-        print(f"{script}: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint(), file=sys.stderr)
+    except KeyboardInterrupt as err:  # (every rank stops at the same step: rank 0 says it)
+        if rank() == 0:
+            print(f"{script}: interrupted{f' ({err})' if str(err) else ''}; " + resume_hint(), file=sys.stderr)
         sys.exit(128 + (Stop.signum or signal.SIGINT))  # the shell's convention: SIGINT 130, SIGUSR1 138, SIGTERM 143
     finally:
         if VLLMEngine.llm is not None:  # an engine in this process takes its process groups (and torch's) down first
