@@ -81,7 +81,9 @@ def test_srdpo_overhead_lambda_zero_against_lambda_positive():
     ]
     base, sr = (number(r["median step (ms)"]) for r in rows)
     assert base > 0 and sr > 0 and rows[0]["ratio"] == "1.00"
-    assert number(rows[1]["ratio"]) == pytest.approx(sr / base, abs=0.01)
+    # the ratio is printed to 0.01 and the medians to 0.1 ms: their rounding bounds the ratio the table implies
+    rounding = 0.005 + 0.05 / base * (1 + sr / base)
+    assert number(rows[1]["ratio"]) == pytest.approx(sr / base, abs=rounding)
     refine = next(line for line in out.splitlines() if line.startswith("refinement pass alone: median "))
     assert number(refine.split("median ")[1].removesuffix(" ms")) > 0
 
