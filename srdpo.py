@@ -1218,6 +1218,7 @@ def quiet_library_bars():
 def check_resume(args: Args):
     """--resume continues the run in --output_dir only with the arguments it started with (on any number of ranks)."""
     RunFiles.saved, RunFiles.digests, RunFiles.allow_changed = None, {}, args.allow_changed_inputs
+    RunFiles.verified = set()
     if not args.resume:
         return
     saved = Path(args.output_dir) / "resolved_config.json"
@@ -1233,9 +1234,10 @@ def check_resume(args: Args):
 
 
 class RunFiles:
-    """The run's resolved_config.json on --resume (None: a fresh run), the digests of this process's inputs."""
+    """The run's resolved_config.json on --resume (None: a fresh run), the digests of this process's inputs, the
+    model folders verified (the policy and its reference load one folder: hashed once)."""
 
-    saved, digests, allow_changed = None, {}, False
+    saved, digests, allow_changed, verified = None, {}, False, set()
 
 
 def record_input(what: str, digest: str):
@@ -1564,7 +1566,9 @@ def load_model(path: str, device: torch.device, args: Args | None = None, frozen
     held_in_bf16 = bf16 and (args.lora_r > 0 or (frozen and sharded))  # a LoRA base, a sharded frozen copy
     dtype = torch.bfloat16 if held_in_bf16 else torch.float32
     if args is not None and args.resume and Path(path).resolve().parent == Path(args.output_dir).resolve():
-        verify_folder(Path(path))  # the run's own model folder (iter_t, stage0), as it was written
+        if Path(path).resolve() not in RunFiles.verified:  # the run's own model folder (iter_t, stage0), as written
+            verify_folder(Path(path))
+            RunFiles.verified.add(Path(path).resolve())
     model, full = meta_copy(path, dtype) if sharded else (read_model(path, dtype), None)
     if frozen:  # no gradients: autocast caches a cast of every weight that requires grad
         model.requires_grad_(False).eval()
